@@ -1,0 +1,29 @@
+-- config.lua: change one configuration field atomically, bump the version and append an
+-- audit entry, so every worker sees the change on its next decision and operators can see
+-- who changed what.
+--
+-- KEYS: config hash, audit stream, hash holding the scope's bucket state (or the config
+--       hash again when there is none)
+-- ARGV: op ("set" | "del"), field, value (for set), actor, audit length, bucket field ("" none)
+-- Reply: {version, old value or false}; for "del" of an absent field: {-1, false}
+local config_key, audit_key, bucket_key = KEYS[1], KEYS[2], KEYS[3]
+local op, field, value, actor, audit_len, bucket_field =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+
+local old = redis.call('HGET', config_key, field)
+if op == 'del' then
+  if not old then return {-1, false} end
+  redis.call('HDEL', config_key, field)
+  -- Forget the bucket too: a limit set again later starts from a full bucket.
+  if bucket_field ~= '' then redis.call('HDEL', bucket_key, bucket_field) end
+  value = ''
+else
+  if old == value then return {tonumber(redis.call('HGET', config_key, '_version') or 0), old} end
+  redis.call('HSET', config_key, field, value)
+end
+local version = redis.call('HINCRBY', config_key, '_version', 1)
+local t = redis.call('TIME')
+redis.call('XADD', audit_key, 'MAXLEN', '~', audit_len, '*',
+  'version', version, 'op', op, 'field', field, 'old', old or '', 'new', value,
+  'actor', actor, 'at_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+return {version, old}

@@ -1,0 +1,62 @@
+"""Distributed, Redis-backed rate limits for Celery and RQ job execution.
+
+The core needs only redis-py::
+
+    from queue_ratelimit import Limiter
+
+    limiter = Limiter.from_url("redis://localhost:6379/0")
+    limiter.set_limit("tenant:*", "50/s")
+    if limiter.acquire("acme", queue="emails").allowed:
+        ...
+
+Integrations live in submodules (``queue_ratelimit.celery``, ``queue_ratelimit.rq``) so that
+importing this package never imports Celery, RQ, Textual or prometheus_client.
+"""
+
+from ._async_limiter import AsyncLimiter
+from ._config import ConfigSpec, config_from_env, load_config_file, parse_config
+from ._core import AuditEntry
+from ._decision import Decision, ScopeLimit
+from ._errors import (
+    BackendUnavailable,
+    ConfigError,
+    CostExceedsBurst,
+    InvalidCost,
+    InvalidLimit,
+    InvalidName,
+    InvalidScope,
+    LimitNotFound,
+    RateLimited,
+    RateLimitError,
+)
+from ._keys import KeySpace
+from ._limit import Limit
+from ._limiter import Limiter
+from ._scopes import Scope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncLimiter",
+    "AuditEntry",
+    "BackendUnavailable",
+    "ConfigError",
+    "ConfigSpec",
+    "CostExceedsBurst",
+    "Decision",
+    "InvalidCost",
+    "InvalidLimit",
+    "InvalidName",
+    "InvalidScope",
+    "KeySpace",
+    "Limit",
+    "LimitNotFound",
+    "Limiter",
+    "RateLimitError",
+    "RateLimited",
+    "Scope",
+    "ScopeLimit",
+    "config_from_env",
+    "load_config_file",
+    "parse_config",
+]

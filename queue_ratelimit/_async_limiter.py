@@ -1,0 +1,126 @@
+"""``AsyncLimiter``: the asyncio twin of ``Limiter`` for async producers (redis.asyncio).
+
+It shares every rule with ``Limiter`` through ``LimiterCore``; only the waiting differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ._core import ExemptMode, FailMode, LimiterCore, Mode, ScriptCall
+from ._decision import Decision, ScopeLimit
+from ._errors import BackendUnavailable, LimitNotFound
+from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX
+from ._limit import Limit
+from ._limiter import UNREACHABLE
+from ._scopes import Scope, scope_name
+from ._scripts import script_source
+
+
+class AsyncLimiter:
+    """Like ``Limiter``, with coroutine methods.
+
+    >>> limiter = AsyncLimiter.from_url("redis://localhost:6379/0")
+    >>> decision = await limiter.acquire("acme", queue="emails")   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        prefix: str = DEFAULT_PREFIX,
+        fail_mode: FailMode = "raise",
+        closed_retry_ms: float = 1000.0,
+        counter_retention: float = 900.0,
+    ) -> None:
+        self._core = LimiterCore(
+            namespace=namespace,
+            prefix=prefix,
+            fail_mode=fail_mode,
+            closed_retry_ms=closed_retry_ms,
+            counter_retention=counter_retention,
+        )
+        self.client = client
+        self._acquire = client.register_script(script_source("acquire.lua"))
+        self._config = client.register_script(script_source("config.lua"))
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
+        return cls(aioredis.Redis.from_url(url), **options)
+
+    async def acquire(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """See ``Limiter.acquire``."""
+        return await self._decide("acquire", tenant, queue, priority, cost)
+
+    async def peek(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """See ``Limiter.peek``."""
+        return await self._decide("peek", tenant, queue, priority, cost)
+
+    async def refund(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """See ``Limiter.refund``."""
+        return await self._decide("refund", tenant, queue, priority, cost)
+
+    async def _decide(
+        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+    ) -> Decision:
+        call = self._core.decision_call(mode, tenant, queue, priority, cost)
+        try:
+            reply = await self._acquire(keys=call.keys, args=call.args)
+        except UNREACHABLE as exc:
+            fallback = self._core.unavailable(exc)
+            if fallback is None:
+                raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+            return fallback
+        return self._core.decision(reply, cost)
+
+    async def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
+        reply = await self._config(keys=call.keys, args=call.args)
+        return self._core.config_version(reply, str(call.args[1]), must_exist)
+
+    async def set_limit(
+        self, scope: str | Scope, limit: Limit | str, *, shadow: bool = False, actor: str = "api"
+    ) -> int:
+        """See ``Limiter.set_limit``."""
+        return await self._run_config(self._core.set_limit_call(scope, limit, shadow, actor))
+
+    async def get_limit(self, scope: str | Scope) -> ScopeLimit:
+        """See ``Limiter.get_limit``."""
+        name = scope_name(scope)
+        value = await self.client.hget(self._core.keys.config, name)
+        if value is None:
+            raise LimitNotFound(name)
+        return self._core.limits({name: value})[name]
+
+    async def delete_limit(self, scope: str | Scope, *, actor: str = "api") -> int:
+        """See ``Limiter.delete_limit``."""
+        call = self._core.config_call("del", scope_name(scope), "", actor)
+        return await self._run_config(call, True)
+
+    async def limits(self) -> dict[str, ScopeLimit]:
+        """See ``Limiter.limits``."""
+        return self._core.limits(await self.client.hgetall(self._core.keys.config))
+
+    async def set_exempt(
+        self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"
+    ) -> int:
+        """See ``Limiter.set_exempt``."""
+        return await self._run_config(self._core.set_exempt_call(tenant, mode, actor))
+
+    async def aclose(self) -> None:
+        """Close the Redis connection pool."""
+        await self.client.aclose()
+
+    async def __aenter__(self) -> AsyncLimiter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

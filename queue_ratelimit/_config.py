@@ -1,0 +1,104 @@
+"""Static configuration (a dict, a TOML file or environment variables) that seeds Redis.
+
+The accepted shape, in TOML::
+
+    shadow = false                      # whole namespace in dry-run mode
+    [limits]
+    "global" = "1000/s"
+    "tenant:*" = { rate = "50/s", burst = 100 }
+    "tenant:acme:queue:emails" = { rate = "10/s", shadow = true }
+    [exempt]
+    vip = "tenant"                      # skip tenant caps; "all" also skips queue/global
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._errors import ConfigError, InvalidLimit
+from ._limit import Limit
+from ._scopes import check_name, scope_name
+
+ENV_PREFIX = "QUEUE_RATELIMIT_"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSpec:
+    """Validated static configuration."""
+
+    limits: Mapping[str, tuple[Limit, bool]] = field(default_factory=dict)
+    exempt: Mapping[str, str] = field(default_factory=dict)
+    shadow: bool = False
+
+
+def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
+    if isinstance(value, str):
+        return Limit.parse(value), False
+    if isinstance(value, Limit):
+        return value, False
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"rate", "burst", "shadow"}
+        if unknown or "rate" not in value:
+            raise InvalidLimit(
+                f"limit for {scope!r} must have 'rate' and may have 'burst' and 'shadow'; "
+                f"got keys {sorted(value)}"
+            )
+        burst = value.get("burst")
+        if burst is not None and not isinstance(burst, (int, float)):
+            raise InvalidLimit(f"burst for {scope!r} must be a number, got {burst!r}")
+        rate = value["rate"]
+        if not isinstance(rate, str):
+            raise InvalidLimit(f"rate for {scope!r} must be a string like '100/s', got {rate!r}")
+        return Limit.parse(rate, burst=burst), bool(value.get("shadow", False))
+    raise InvalidLimit(f"limit for {scope!r} must be a string or a table, got {value!r}")
+
+
+def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
+    """Validate a configuration mapping; every problem raises a ``ConfigError`` naming it."""
+    unknown = set(raw) - {"limits", "exempt", "shadow"}
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration keys {sorted(unknown)}; expected limits, exempt, shadow"
+        )
+    limits_raw = raw.get("limits", {})
+    exempt_raw = raw.get("exempt", {})
+    if not isinstance(limits_raw, Mapping) or not isinstance(exempt_raw, Mapping):
+        raise ConfigError("'limits' and 'exempt' must be tables (mappings)")
+    limits = {scope_name(s): _limit_entry(s, v) for s, v in limits_raw.items()}
+    exempt = {}
+    for tenant, mode in exempt_raw.items():
+        if mode not in ("tenant", "all"):
+            raise ConfigError(f"exempt mode for {tenant!r} must be 'tenant' or 'all', got {mode!r}")
+        exempt[check_name("tenant", tenant)] = mode
+    return ConfigSpec(limits=limits, exempt=exempt, shadow=bool(raw.get("shadow", False)))
+
+
+def load_config_file(path: str | os.PathLike[str]) -> ConfigSpec:
+    """Read and validate a TOML configuration file."""
+    with Path(path).open("rb") as fh:
+        try:
+            return parse_config(tomllib.load(fh))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | None:
+    """Configuration from ``QUEUE_RATELIMIT_CONFIG`` (a TOML path) or
+    ``QUEUE_RATELIMIT_LIMITS`` (``"global=1000/s;tenant:*=50/s"``); None when neither is set."""
+    env = os.environ if environ is None else environ
+    if path := env.get(f"{ENV_PREFIX}CONFIG"):
+        return load_config_file(path)
+    text = env.get(f"{ENV_PREFIX}LIMITS")
+    if not text:
+        return None
+    limits: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        scope, sep, limit = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{ENV_PREFIX}LIMITS entry {item!r} must look like 'scope=100/s'")
+        limits[scope.strip()] = limit.strip()
+    return parse_config({"limits": limits})

@@ -1,0 +1,208 @@
+"""The I/O-free half of the limiter, shared by ``Limiter`` and ``AsyncLimiter``.
+
+Each operation is split into *build* (validate input, name keys, make script arguments) and
+*interpret* (turn the reply into a result or a typed error), so the sync and async classes
+only differ in how they wait for Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from ._decision import Decision, ScopeLimit, decode_limit, encode_limit, parse_reply
+from ._errors import CostExceedsBurst, InvalidCost, InvalidName, LimitNotFound
+from ._keys import KeySpace
+from ._limit import Limit
+from ._scopes import Scope, check_name, check_priority, scope_name
+
+log = logging.getLogger("queue_ratelimit")
+
+FailMode = Literal["raise", "open", "closed"]
+Mode = Literal["acquire", "peek", "refund"]
+ExemptMode = Literal["tenant", "all"]
+MAX_COST = 1e12
+AUDIT_LENGTH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    keys: list[str]
+    args: list[str | float | int]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One configuration change, as kept in the audit stream."""
+
+    id: str
+    version: int
+    op: str
+    field: str
+    old: str
+    new: str
+    actor: str
+    at_ms: int
+
+
+def check_cost(cost: object) -> float:
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
+        raise InvalidCost(f"cost must be a number, got {cost!r}")
+    value = float(cost)
+    if not math.isfinite(value) or value <= 0 or value > MAX_COST:
+        raise InvalidCost(f"cost must be a finite number in (0, {MAX_COST:g}], got {cost!r}")
+    return value
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LimiterCore:
+    """Validation, key naming and reply parsing for one namespace."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        prefix: str,
+        fail_mode: FailMode,
+        closed_retry_ms: float,
+        counter_retention: float,
+    ) -> None:
+        if fail_mode not in ("raise", "open", "closed"):
+            raise InvalidName(f"fail_mode must be 'raise', 'open' or 'closed', got {fail_mode!r}")
+        if not (math.isfinite(closed_retry_ms) and closed_retry_ms > 0):
+            raise InvalidCost(f"closed_retry_ms must be > 0, got {closed_retry_ms!r}")
+        if not (math.isfinite(counter_retention) and counter_retention > 0):
+            raise InvalidCost(f"counter_retention must be > 0 seconds, got {counter_retention!r}")
+        self.keys = KeySpace(prefix=prefix, namespace=namespace)
+        self.fail_mode: FailMode = fail_mode
+        self.closed_retry_ms = float(closed_retry_ms)
+        self.retention_ms = int(counter_retention * 1000)
+        self.backend_failures = 0
+        self._failing_since: float | None = None
+
+    # -- decisions ---------------------------------------------------------------------
+    def decision_call(
+        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+    ) -> ScriptCall:
+        check_name("tenant", tenant)
+        if queue is not None:
+            check_name("queue", queue)
+        if priority is not None:
+            check_priority(priority)
+        amount = check_cost(cost)
+        k = self.keys
+        return ScriptCall(
+            [k.config, k.tenant(tenant), k.shared],
+            [mode, tenant, queue or "", repr(amount), priority or "", self.retention_ms],
+        )
+
+    def decision(self, reply: list[object], cost: float) -> Decision:
+        if int(reply[0]) == -1:  # type: ignore[call-overload]
+            raise CostExceedsBurst(_text(reply[2]), float(cost), float(_text(reply[1])))
+        if self._failing_since is not None:
+            log.warning(
+                "queue-ratelimit: Redis reachable again after %.1fs; enforcing limits",
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+        return parse_reply(reply)
+
+    def unavailable(self, error: Exception) -> Decision | None:
+        """The fail-mode decision when Redis cannot be reached (None means re-raise)."""
+        self.backend_failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "queue-ratelimit: Redis unreachable (%s); failing %s until it returns",
+                error,
+                self.fail_mode.upper(),
+            )
+        if self.fail_mode == "open":
+            return Decision(allowed=True, degraded=True)
+        if self.fail_mode == "closed":
+            return Decision(allowed=False, wait_ms=self.closed_retry_ms, degraded=True)
+        return None
+
+    # -- configuration -----------------------------------------------------------------
+    def config_call(
+        self, op: Literal["set", "del"], field: str, value: str, actor: str
+    ) -> ScriptCall:
+        k = self.keys
+        bucket_key, bucket_field = k.config, ""
+        if not field.startswith(("exempt:", "mode:")):
+            location = k.bucket_location(Scope.parse(field))
+            if location is not None:
+                bucket_key, bucket_field = location
+        return ScriptCall(
+            [k.config, k.audit, bucket_key],
+            [op, field, value, actor, AUDIT_LENGTH, bucket_field],
+        )
+
+    def set_limit_call(
+        self, scope: str | Scope, limit: Limit | str, shadow: bool, actor: str
+    ) -> ScriptCall:
+        name = scope_name(scope)
+        parsed = Limit.parse(limit) if isinstance(limit, str) else limit
+        if not isinstance(parsed, Limit):
+            raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
+        return self.config_call("set", name, encode_limit(parsed, bool(shadow)), actor)
+
+    def set_exempt_call(self, tenant: str, mode: ExemptMode | None, actor: str) -> ScriptCall:
+        field = f"exempt:{check_name('tenant', tenant)}"
+        if mode is None:
+            return self.config_call("del", field, "", actor)
+        if mode not in ("tenant", "all"):
+            raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {mode!r}")
+        return self.config_call("set", field, mode, actor)
+
+    @staticmethod
+    def config_version(reply: list[object], field: str, must_exist: bool) -> int:
+        version: int = int(reply[0])  # type: ignore[call-overload]
+        if version == -1:
+            if must_exist:
+                raise LimitNotFound(field)
+            return 0
+        return version
+
+    @staticmethod
+    def limits(raw: dict[object, object]) -> dict[str, ScopeLimit]:
+        out = {}
+        for field, value in raw.items():
+            name = _text(field)
+            if name.startswith(("exempt:", "mode:", "_")):
+                continue
+            out[name] = decode_limit(name, _text(value))
+        return dict(sorted(out.items()))
+
+    @staticmethod
+    def exemptions(raw: dict[object, object]) -> dict[str, ExemptMode]:
+        return {
+            _text(f)[len("exempt:") :]: _text(v)  # type: ignore[misc]
+            for f, v in sorted(raw.items(), key=lambda kv: _text(kv[0]))
+            if _text(f).startswith("exempt:")
+        }
+
+    @staticmethod
+    def audit_entries(raw: list[tuple[object, dict[object, object]]]) -> list[AuditEntry]:
+        entries = []
+        for entry_id, fields in raw:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            entries.append(
+                AuditEntry(
+                    id=_text(entry_id),
+                    version=int(f["version"]),
+                    op=f["op"],
+                    field=f["field"],
+                    old=f["old"],
+                    new=f["new"],
+                    actor=f["actor"],
+                    at_ms=int(float(f["at_ms"])),
+                )
+            )
+        return entries

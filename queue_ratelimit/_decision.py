@@ -1,0 +1,77 @@
+"""What a decision returns: ``Decision``, and the configured limit of a scope."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ._limit import Limit
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of ``acquire`` / ``peek`` / ``refund``.
+
+    Attributes:
+        allowed: True when every enforced bucket admitted the cost.
+        wait_ms: 0 when allowed; otherwise how long until *every* applicable bucket holds
+            the cost (the longest of their waits), in milliseconds.
+        remaining: tokens left per scope after this decision (before it, for ``peek``).
+        denied_by: the scope whose wait is longest, or None when allowed.
+        would_deny: scopes in shadow (dry-run) mode that would have denied.
+        degraded: True when Redis was unreachable and the fail mode decided instead.
+    """
+
+    allowed: bool
+    wait_ms: float = 0.0
+    remaining: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    denied_by: str | None = None
+    would_deny: tuple[str, ...] = ()
+    degraded: bool = False
+
+    @property
+    def retry_after(self) -> float:
+        """``wait_ms`` in seconds, handy for ``countdown=`` or ``Retry-After``."""
+        return self.wait_ms / 1000.0
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeLimit:
+    """A limit as configured in Redis for one scope."""
+
+    scope: str
+    limit: Limit
+    shadow: bool = False
+
+
+def encode_limit(limit: Limit, shadow: bool) -> str:
+    """The config-hash value the Lua scripts parse: ``"<rate> <per> <burst> <flags>"``."""
+    return f"{limit.rate!r} {limit.per!r} {limit.capacity!r} {'s' if shadow else '-'}"
+
+
+def decode_limit(scope: str, value: str) -> ScopeLimit:
+    rate, per, burst, flags = value.split(" ")
+    return ScopeLimit(scope, Limit(float(rate), float(per), float(burst)), "s" in flags)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_reply(reply: list[object]) -> Decision:
+    """Turn the acquire script's reply into a ``Decision`` (status -1 is handled by callers)."""
+    status, wait, denied_by, pairs, would = reply
+    assert isinstance(pairs, list)
+    assert isinstance(would, list)
+    remaining = {_text(pairs[i]): float(_text(pairs[i + 1])) for i in range(0, len(pairs), 2)}
+    return Decision(
+        allowed=int(status) == 1,  # type: ignore[call-overload]
+        wait_ms=float(_text(wait)),
+        remaining=MappingProxyType(remaining),
+        denied_by=_text(denied_by) or None,
+        would_deny=tuple(_text(s) for s in would),
+    )

@@ -1,0 +1,84 @@
+"""The exception tree shared by every part of queue-ratelimit.
+
+::
+
+    RateLimitError                     root: catch this to catch everything we raise
+    ├── ConfigError (ValueError)       a value is out of bounds or malformed
+    │   ├── InvalidLimit               rate / per / burst not finite, <= 0 or absurd
+    │   ├── InvalidName                tenant, queue, priority or namespace name
+    │   ├── InvalidScope               a scope string that names no known scope
+    │   └── InvalidCost                cost not finite or <= 0
+    ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
+    ├── LimitNotFound (KeyError)       get/delete of a scope with no limit set
+    ├── BackendUnavailable             Redis could not be reached (fail mode "raise")
+    └── RateLimited                    raised only where a caller asked for "reject"
+
+Being throttled is normally a result (``Decision.allowed`` is False), not an exception;
+``RateLimited`` exists for producer policies that want to refuse work outright.
+"""
+
+from __future__ import annotations
+
+
+class RateLimitError(Exception):
+    """Root of every exception raised by queue-ratelimit."""
+
+
+class ConfigError(RateLimitError, ValueError):
+    """A value given to queue-ratelimit is malformed or out of bounds."""
+
+
+class InvalidLimit(ConfigError):
+    """A rate, period or burst is not a finite number within bounds."""
+
+
+class InvalidName(ConfigError):
+    """A tenant, queue, priority or namespace name cannot be used."""
+
+
+class InvalidScope(ConfigError):
+    """A scope string does not name a scope queue-ratelimit knows."""
+
+
+class InvalidCost(ConfigError):
+    """A cost is not a finite number greater than zero."""
+
+
+class CostExceedsBurst(RateLimitError):
+    """The cost asked for is larger than a bucket can ever hold.
+
+    Such a request would be denied forever, so it is refused loudly instead.
+    """
+
+    def __init__(self, scope: str, cost: float, burst: float) -> None:
+        self.scope = scope
+        self.cost = cost
+        self.burst = burst
+        super().__init__(
+            f"cost {cost:g} exceeds the burst {burst:g} of scope {scope!r}: it could never be "
+            f"admitted; raise that scope's burst or split the work into smaller costs"
+        )
+
+
+class LimitNotFound(RateLimitError, KeyError):
+    """No limit is set for the scope asked about."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        super().__init__(scope)
+
+    def __str__(self) -> str:
+        return f"no limit is set for scope {self.scope!r}"
+
+
+class BackendUnavailable(RateLimitError):
+    """The Redis server behind the limiter could not be reached."""
+
+
+class RateLimited(RateLimitError):
+    """Work was refused because a rate limit denied it (only under a ``reject`` policy)."""
+
+    def __init__(self, message: str, *, wait_ms: float, denied_by: str | None) -> None:
+        self.wait_ms = wait_ms
+        self.denied_by = denied_by
+        super().__init__(message)

@@ -1,0 +1,122 @@
+"""The ``Limit`` value object: a rate, its period and a burst, validated once."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ._errors import InvalidLimit
+
+# Bounds chosen so that every valid limit round-trips through the Lua script's doubles
+# with no loss that matters, and so that a typo ("1e12/s") is caught rather than obeyed.
+MAX_RATE_PER_SECOND = 1e9
+MIN_RATE_PER_SECOND = 1e-7  # about one token every 116 days
+MAX_PERIOD_SECONDS = 366 * 86400.0
+MAX_BURST = 1e12
+
+_UNITS = {
+    "ms": 0.001,
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+}  # fmt: skip
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_LIMIT_RE = re.compile(
+    rf"^\s*(?P<rate>{_NUMBER})\s*/\s*(?P<count>{_NUMBER})?\s*(?P<unit>[a-zA-Z]+)\s*$"
+)
+
+
+def _finite_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidLimit(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidLimit(f"{name} must be a finite number greater than 0, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``rate`` tokens every ``per`` seconds, with a bucket that holds ``burst`` tokens.
+
+    ``burst`` defaults to the tokens of one period (at least 1), so ``Limit(100)`` admits
+    100 jobs at once after a quiet spell and 100 per second after that.
+
+    >>> Limit(100)
+    Limit(rate=100.0, per=1.0, burst=100.0)
+    >>> Limit.parse("6000/m", burst=200).rate_per_second
+    100.0
+
+    Raises:
+        InvalidLimit: a value is not finite, is ``<= 0``, is absurdly large or small, or
+            ``burst`` is below 1.
+    """
+
+    rate: float
+    per: float = 1.0
+    burst: float | None = None
+
+    def __post_init__(self) -> None:
+        rate = _finite_positive("rate", self.rate)
+        per = _finite_positive("per", self.per)
+        if per > MAX_PERIOD_SECONDS:
+            raise InvalidLimit(f"per must be at most {MAX_PERIOD_SECONDS:g} seconds, got {per:g}")
+        per_second = rate / per
+        if per_second > MAX_RATE_PER_SECOND:
+            raise InvalidLimit(
+                f"rate {rate:g}/{per:g}s is {per_second:g} per second, above the maximum "
+                f"{MAX_RATE_PER_SECOND:g}/s"
+            )
+        if per_second < MIN_RATE_PER_SECOND:
+            raise InvalidLimit(
+                f"rate {rate:g}/{per:g}s is {per_second:g} per second, below the minimum "
+                f"{MIN_RATE_PER_SECOND:g}/s"
+            )
+        burst = max(1.0, rate) if self.burst is None else _finite_positive("burst", self.burst)
+        if burst < 1:
+            raise InvalidLimit(f"burst must be at least 1 token, got {burst:g}")
+        if burst > MAX_BURST:
+            raise InvalidLimit(f"burst must be at most {MAX_BURST:g}, got {burst:g}")
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "per", per)
+        object.__setattr__(self, "burst", burst)
+
+    @property
+    def rate_per_second(self) -> float:
+        """Tokens added to the bucket each second."""
+        return self.rate / self.per
+
+    @property
+    def capacity(self) -> float:
+        """The bucket size (``burst``), always set once the limit is built."""
+        assert self.burst is not None
+        return self.burst
+
+    @classmethod
+    def parse(cls, text: str, burst: float | None = None) -> Limit:
+        """Build a limit from ``"100/s"``, ``"6000/m"``, ``"10/h"``, ``"5/2s"`` or ``"1/d"``.
+
+        Raises:
+            InvalidLimit: the text is not ``<rate>/[<count>]<unit>`` or its values are out of
+                bounds.
+        """
+        if not isinstance(text, str):
+            raise InvalidLimit(f"a limit must be a string like '100/s', got {text!r}")
+        match = _LIMIT_RE.match(text)
+        if match is None:
+            raise InvalidLimit(
+                f"cannot parse limit {text!r}: expected '<rate>/<unit>' or '<rate>/<n><unit>' "
+                f"such as '100/s', '6000/m' or '5/2s'"
+            )
+        unit = match["unit"].lower()
+        if unit not in _UNITS:
+            raise InvalidLimit(
+                f"unknown time unit {match['unit']!r} in {text!r}; use ms, s, m, h or d"
+            )
+        count = float(match["count"]) if match["count"] else 1.0
+        return cls(float(match["rate"]), per=count * _UNITS[unit], burst=burst)
+
+    def __str__(self) -> str:
+        return f"{self.rate:g}/{self.per:g}s burst {self.capacity:g}"

@@ -1,0 +1,217 @@
+"""``Limiter``: the synchronous, Redis-backed entry point."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._config import ConfigSpec, parse_config
+from ._core import AuditEntry, ExemptMode, FailMode, LimiterCore, Mode, ScriptCall
+from ._decision import Decision, ScopeLimit
+from ._errors import BackendUnavailable, LimitNotFound
+from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX
+from ._limit import Limit
+from ._scopes import Scope, scope_name
+from ._scripts import script_source
+
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+
+
+class Limiter:
+    """Distributed token buckets per tenant, tenant-and-queue, queue and globally.
+
+    Every decision is one atomic ``EVALSHA`` on Redis's clock, so any number of processes
+    share the same buckets without overspending. Limits live in Redis: a ``set_limit`` in
+    one process applies to the next decision in all of them.
+
+    >>> limiter = Limiter.from_url("redis://localhost:6379/0", namespace="example")
+    >>> limiter.set_limit("tenant:*", "100/s")          # every tenant: 100 jobs per second
+    1
+    >>> decision = limiter.acquire("acme", queue="emails")
+    >>> decision.allowed, decision.remaining["tenant:acme"]
+    (True, 99.0)
+
+    Args:
+        client: a redis-py ``Redis`` or ``RedisCluster`` client.
+        namespace: isolates one deployment's keys (and is their Cluster hash tag).
+        prefix: the first part of every key.
+        fail_mode: when Redis is unreachable, ``"raise"`` ``BackendUnavailable``, ``"open"``
+            (allow, marked ``degraded``) or ``"closed"`` (deny for ``closed_retry_ms``).
+        closed_retry_ms: the wait reported by a fail-closed decision.
+        counter_retention: seconds an idle tenant's counters are kept before they expire.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        prefix: str = DEFAULT_PREFIX,
+        fail_mode: FailMode = "raise",
+        closed_retry_ms: float = 1000.0,
+        counter_retention: float = 900.0,
+    ) -> None:
+        self._core = LimiterCore(
+            namespace=namespace,
+            prefix=prefix,
+            fail_mode=fail_mode,
+            closed_retry_ms=closed_retry_ms,
+            counter_retention=counter_retention,
+        )
+        self.client = client
+        self._acquire = client.register_script(script_source("acquire.lua"))
+        self._config = client.register_script(script_source("config.lua"))
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Limiter:
+        """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``."""
+        return cls(redis.Redis.from_url(url), **options)
+
+    @property
+    def namespace(self) -> str:
+        return self._core.keys.namespace
+
+    @property
+    def keys(self) -> Any:
+        """The key layout of this limiter's namespace (a ``KeySpace``)."""
+        return self._core.keys
+
+    # -- decisions ---------------------------------------------------------------------
+    def acquire(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """Take ``cost`` tokens from every bucket that applies, or none if any lacks them.
+
+        Raises:
+            InvalidName: a malformed tenant, queue or priority.
+            InvalidCost: cost not finite or not positive.
+            CostExceedsBurst: cost is larger than an enforced bucket can ever hold.
+            BackendUnavailable: Redis is unreachable and ``fail_mode`` is ``"raise"``.
+        """
+        return self._decide("acquire", tenant, queue, priority, cost)
+
+    def peek(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """What ``acquire`` would decide now, without consuming anything."""
+        return self._decide("peek", tenant, queue, priority, cost)
+
+    def refund(
+        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+    ) -> Decision:
+        """Return ``cost`` tokens to every bucket that applies (never above its burst)."""
+        return self._decide("refund", tenant, queue, priority, cost)
+
+    def _decide(
+        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+    ) -> Decision:
+        call = self._core.decision_call(mode, tenant, queue, priority, cost)
+        try:
+            reply = self._acquire(keys=call.keys, args=call.args)
+        except UNREACHABLE as exc:
+            fallback = self._core.unavailable(exc)
+            if fallback is None:
+                raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+            return fallback
+        return self._core.decision(reply, cost)
+
+    # -- configuration -----------------------------------------------------------------
+    def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
+        reply = self._config(keys=call.keys, args=call.args)
+        return self._core.config_version(reply, str(call.args[1]), must_exist)
+
+    def set_limit(
+        self, scope: str | Scope, limit: Limit | str, *, shadow: bool = False, actor: str = "api"
+    ) -> int:
+        """Set a scope's limit; returns the new configuration version.
+
+        ``scope`` is ``"global"``, ``"queue:<q>"``, ``"tenant:<t>"``, ``"tenant:<t>:queue:<q>"``
+        or a default for every tenant (``"tenant:*"``, ``"tenant:*:queue:<q>"``). With
+        ``shadow=True`` the scope decides and counts but never denies.
+        """
+        return self._run_config(self._core.set_limit_call(scope, limit, shadow, actor))
+
+    def get_limit(self, scope: str | Scope) -> ScopeLimit:
+        """The limit configured for exactly this scope. Raises ``LimitNotFound``."""
+        name = scope_name(scope)
+        value = self.client.hget(self._core.keys.config, name)
+        if value is None:
+            raise LimitNotFound(name)
+        return self._core.limits({name: value})[name]
+
+    def delete_limit(self, scope: str | Scope, *, actor: str = "api") -> int:
+        """Remove a scope's limit (and its bucket). Raises ``LimitNotFound``."""
+        return self._run_config(self._core.config_call("del", scope_name(scope), "", actor), True)
+
+    def limits(self) -> dict[str, ScopeLimit]:
+        """Every configured limit, by scope name."""
+        return self._core.limits(self.client.hgetall(self._core.keys.config))
+
+    def set_exempt(
+        self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"
+    ) -> int:
+        """Exempt a VIP tenant from its tenant caps (``"tenant"``) or from every cap
+        (``"all"``); ``None`` ends the exemption."""
+        return self._run_config(self._core.set_exempt_call(tenant, mode, actor))
+
+    def exemptions(self) -> dict[str, ExemptMode]:
+        """Exempt tenants and their mode."""
+        return self._core.exemptions(self.client.hgetall(self._core.keys.config))
+
+    def set_shadow(self, enabled: bool, *, actor: str = "api") -> int:
+        """Put the whole namespace in shadow (dry-run) mode, or take it out."""
+        op: Literal["set", "del"] = "set" if enabled else "del"
+        return self._run_config(self._core.config_call(op, "mode:shadow", "1", actor))
+
+    def config_version(self) -> int:
+        """A number that grows with every configuration change."""
+        return int(self.client.hget(self._core.keys.config, "_version") or 0)
+
+    def audit_log(self, count: int = 100) -> list[AuditEntry]:
+        """The latest configuration changes, newest first."""
+        return self._core.audit_entries(self.client.xrevrange(self._core.keys.audit, count=count))
+
+    def apply_config(
+        self, config: ConfigSpec | dict[str, Any], *, overwrite: bool = False, actor: str = "config"
+    ) -> list[str]:
+        """Seed Redis from static configuration; returns the fields written.
+
+        Redis holds the truth: without ``overwrite`` a scope already set (by an operator at
+        run time, say) is left alone.
+        """
+        spec = config if isinstance(config, ConfigSpec) else parse_config(config)
+        present = {
+            f.decode() if isinstance(f, bytes) else f
+            for f in self.client.hkeys(self._core.keys.config)
+        }
+        written = []
+        for scope, (limit, shadow) in spec.limits.items():
+            if overwrite or scope not in present:
+                self.set_limit(scope, limit, shadow=shadow, actor=actor)
+                written.append(scope)
+        for tenant, mode in spec.exempt.items():
+            if overwrite or f"exempt:{tenant}" not in present:
+                self.set_exempt(tenant, mode, actor=actor)  # type: ignore[arg-type]
+                written.append(f"exempt:{tenant}")
+        if spec.shadow and (overwrite or "mode:shadow" not in present):
+            self.set_shadow(True, actor=actor)
+            written.append("mode:shadow")
+        return written
+
+    @property
+    def backend_failures(self) -> int:
+        """Decisions made by the fail mode because Redis was unreachable."""
+        return self._core.backend_failures
+
+    def close(self) -> None:
+        """Close the Redis connection pool."""
+        self.client.close()
+
+    def __enter__(self) -> Limiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,107 @@
+"""Scope names (``global``, ``tenant:<t>``, ``tenant:<t>:queue:<q>``, ``queue:<q>``) and the
+validation of every name that ends up inside a Redis key."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ._errors import InvalidName, InvalidScope
+
+# Colons separate key parts, braces are Redis Cluster hash tags, "*" marks a default scope,
+# and whitespace or control characters make keys unreadable in redis-cli: none may appear.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=\-/]{0,127}$")
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+_PRIORITY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+ANY_TENANT = "*"
+
+ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
+
+
+def check_name(kind: str, value: object) -> str:
+    """Return ``value`` if it is a usable tenant or queue name, else raise ``InvalidName``."""
+    if not isinstance(value, str):
+        raise InvalidName(f"{kind} name must be a string, got {type(value).__name__}")
+    if not _NAME_RE.match(value):
+        raise InvalidName(
+            f"invalid {kind} name {value!r}: use 1-128 characters from letters, digits and "
+            f"_ . @ + = - / (starting with a letter, digit or _; no ':', '{{', '}}', '*', spaces)"
+        )
+    return value
+
+
+def check_namespace(value: object) -> str:
+    """Return ``value`` if it is a usable namespace, else raise ``InvalidName``."""
+    if not isinstance(value, str) or not _NAMESPACE_RE.match(value):
+        raise InvalidName(
+            f"invalid namespace {value!r}: use 1-64 characters from letters, digits, _ . -"
+        )
+    return value
+
+
+def check_priority(value: object) -> str:
+    """Return ``value`` if it is a usable priority name (``high``, ``normal``...)."""
+    if not isinstance(value, str) or not _PRIORITY_RE.match(value):
+        raise InvalidName(
+            f"invalid priority {value!r}: use 1-32 lowercase letters, digits or _, "
+            f"starting with a letter"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A parsed scope. ``tenant`` is ``"*"`` for the default that applies to every tenant."""
+
+    kind: ScopeKind
+    tenant: str | None = None
+    queue: str | None = None
+
+    @classmethod
+    def parse(cls, text: object) -> Scope:
+        """Parse a scope string.
+
+        >>> Scope.parse("tenant:acme:queue:emails")
+        Scope(kind='tenant_queue', tenant='acme', queue='emails')
+
+        Raises:
+            InvalidScope: the text names no known scope.
+            InvalidName: a tenant or queue name inside it is malformed.
+        """
+        if not isinstance(text, str):
+            raise InvalidScope(f"a scope must be a string, got {type(text).__name__}")
+        parts = text.split(":")
+        if parts == ["global"]:
+            return cls("global")
+        if len(parts) == 2 and parts[0] == "queue":
+            return cls("queue", queue=check_name("queue", parts[1]))
+        if len(parts) in (2, 4) and parts[0] == "tenant":
+            tenant = parts[1] if parts[1] == ANY_TENANT else check_name("tenant", parts[1])
+            if len(parts) == 2:
+                return cls("tenant", tenant=tenant)
+            if parts[2] == "queue":
+                return cls("tenant_queue", tenant=tenant, queue=check_name("queue", parts[3]))
+        raise InvalidScope(
+            f"unknown scope {text!r}: expected 'global', 'queue:<q>', 'tenant:<t>', "
+            f"'tenant:<t>:queue:<q>' (use '*' for <t> to set every tenant's default)"
+        )
+
+    @property
+    def is_default(self) -> bool:
+        """True for ``tenant:*`` and ``tenant:*:queue:<q>``, the per-tenant defaults."""
+        return self.tenant == ANY_TENANT
+
+    def __str__(self) -> str:
+        if self.kind == "global":
+            return "global"
+        if self.kind == "queue":
+            return f"queue:{self.queue}"
+        if self.kind == "tenant":
+            return f"tenant:{self.tenant}"
+        return f"tenant:{self.tenant}:queue:{self.queue}"
+
+
+def scope_name(scope: str | Scope) -> str:
+    """Validate a scope given as text or ``Scope`` and return its canonical string."""
+    return str(scope if isinstance(scope, Scope) else Scope.parse(scope))
