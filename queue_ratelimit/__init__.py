@@ -32,6 +32,7 @@ from ._errors import (
 from ._keys import KeySpace
 from ._limit import Limit
 from ._limiter import Limiter
+from ._scheduler import Dispatch, DispatchedItem, FairScheduler
 from ._scopes import Scope
 
 __version__ = "0.1.0"
@@ -44,6 +45,9 @@ __all__ = [
     "ConfigSpec",
     "CostExceedsBurst",
     "Decision",
+    "Dispatch",
+    "DispatchedItem",
+    "FairScheduler",
     "InvalidCost",
     "InvalidLimit",
     "InvalidName",

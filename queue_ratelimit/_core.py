@@ -135,7 +135,7 @@ class LimiterCore:
     ) -> ScriptCall:
         k = self.keys
         bucket_key, bucket_field = k.config, ""
-        if not field.startswith(("exempt:", "mode:")):
+        if not field.startswith(("exempt:", "mode:", "weight:")):
             location = k.bucket_location(Scope.parse(field))
             if location is not None:
                 bucket_key, bucket_field = location
@@ -175,7 +175,7 @@ class LimiterCore:
         out = {}
         for field, value in raw.items():
             name = _text(field)
-            if name.startswith(("exempt:", "mode:", "_")):
+            if name.startswith(("exempt:", "mode:", "weight:", "_")):
                 continue
             out[name] = decode_limit(name, _text(value))
         return dict(sorted(out.items()))

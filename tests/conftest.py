@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from queue_ratelimit import Limiter
+
+REDIS_SERVER = shutil.which("redis-server")
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +47,113 @@ def limiter(redis_client: redis.Redis, namespace: str) -> Iterator[Limiter]:
     keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*", count=1000))
     if keys:
         redis_client.delete(*keys)
+
+
+def free_port(*, also_free: int | None = None) -> int:
+    """A loopback TCP port nobody listens on (and, with ``also_free``, port + that offset).
+
+    Args:
+        also_free: an offset whose port must be free too (Redis Cluster's bus is port + 10000).
+
+    Returns:
+        The port number.
+    """
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if also_free is None:
+            return port
+        if port + also_free > 65535:
+            continue
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", port + also_free))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port found")
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float, what: str) -> object:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` s.
+
+    Args:
+        condition: called repeatedly; exceptions count as "not yet".
+        timeout: seconds before the test fails.
+        what: says what was awaited, for the failure message.
+
+    Returns:
+        The first truthy value ``condition`` returned.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            result = condition()
+        except Exception as exc:  # the condition may fail while things come up
+            result, last = None, exc
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+        time.sleep(0.02)
+
+
+class RedisProcess:
+    """A ``redis-server`` of a test's own, on a loopback port, that the test may kill.
+
+    Args:
+        workdir: the server's working directory (its logs and cluster files go there).
+        port: the port to listen on; a free one when None.
+        extra: further ``redis-server`` arguments (``["--cluster-enabled", "yes"]``).
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+        self.workdir = workdir
+        self.port = port if port is not None else free_port()
+        self.extra = list(extra or [])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        """Start the server and wait until it answers PING."""
+        assert REDIS_SERVER is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        args += ["--logfile", str(self.workdir / "redis.log"), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        try:
+            wait_until(probe.ping, timeout=10, what=f"redis-server on port {self.port}")
+        finally:
+            probe.close()
+        return self
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL, by pid) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    """A factory of private ``redis-server`` processes, all killed when the test ends."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    started: list[RedisProcess] = []
+
+    def start(port: int | None = None, extra: list[str] | None = None) -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis-{len(started)}", port=port, extra=extra)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,247 @@
+-- scheduler.lua: weighted-fair backlogs under the token buckets. Prefixed with buckets.lua.
+--
+-- A lane is one queue. In a lane, each (tenant, priority) class has a FIFO backlog. Classes
+-- are served by two-level stride scheduling: the tenant with the lowest pass goes first, and
+-- inside it the priority with the lowest pass; serving `cost` advances the tenant's pass by
+-- cost / tenant_weight and the priority's by cost / priority_weight. A class that becomes
+-- backlogged joins at max(its own last pass, the current virtual time), so idle time banks
+-- no credit and leaving and rejoining gains nothing. A tenant denied by its own buckets is
+-- parked until its tokens return instead of being scanned on every call.
+--
+-- Keys (B = <prefix>:{ns}; every key shares the namespace's hash tag):
+--   B:s:<lane>:active       zset tenant -> pass (backlogged, not parked)
+--   B:s:<lane>:parked       zset tenant -> ms when its own buckets allow again
+--   B:s:<lane>:tp:<tenant>  zset priority -> pass (the tenant's backlogged priorities)
+--   B:s:<lane>:bl:<t>:<p>   list of item ids (the class backlog, oldest first)
+--   B:s:<lane>:n            hash tenant -> backlog size, ':total' -> lane backlog,
+--                           ':vt' -> lane virtual time (pass of the last tenant served)
+--   B:s:inflight            zset item id -> lease deadline (ms)
+--   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost>"
+--   B:s:payload             hash item id -> opaque payload
+--   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
+--   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
+--
+-- KEYS: config, shared, inflight, meta, payload.  ARGV[1] = mode, ARGV[2] = key base B,
+-- ARGV[3] = counter retention (ms); the rest depends on the mode (see each branch).
+
+local config_key, shared_key, inflight_key, meta_key, payload_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local mode, base, keep_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local DEFAULT_PRIORITY_WEIGHTS = {high = 3, normal = 2, low = 1}
+local REAP_BATCH, UNPARK_BATCH = 16, 32
+
+local function lane_key(lane, suffix) return base .. ':s:' .. lane .. ':' .. suffix end
+local function tenant_key(tenant) return base .. ':t:' .. tenant end
+local function backlog_key(lane, tenant, priority) return lane_key(lane, 'bl:' .. tenant .. ':' .. priority) end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+local function split_meta(meta)
+  local lane, tenant, priority, cost = string.match(meta, '^(%S+) (%S+) (%S+) (%S+)$')
+  return lane, tenant, priority, tonumber(cost)
+end
+
+-- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
+-- unless it is already active or parked.
+local function join_tenant(lane, tenant)
+  local active = lane_key(lane, 'active')
+  if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', lane_key(lane, 'parked'), tenant) then
+    return
+  end
+  local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
+  local vt = tonumber(redis.call('HGET', lane_key(lane, 'n'), ':vt')) or 0
+  redis.call('ZADD', active, math.max(own, vt), tenant)
+end
+
+-- Make sure `priority` is scheduled inside the tenant, joining at max(own, tenant vt).
+local function join_priority(lane, tenant, priority)
+  local tp = lane_key(lane, 'tp:' .. tenant)
+  if redis.call('ZSCORE', tp, priority) then return end
+  local v = redis.call('HMGET', tenant_key(tenant), 'pp:' .. lane .. ':' .. priority, 'pv:' .. lane)
+  redis.call('ZADD', tp, math.max(tonumber(v[1]) or 0, tonumber(v[2]) or 0), priority)
+end
+
+-- Put an item back into its class backlog: at the head (its old position) or the tail.
+local function enqueue(id, at_head)
+  local lane, tenant, priority = split_meta(redis.call('HGET', meta_key, id))
+  local push = at_head and 'LPUSH' or 'RPUSH'
+  redis.call(push, backlog_key(lane, tenant, priority), id)
+  local counts = lane_key(lane, 'n')
+  redis.call('HINCRBY', counts, tenant, 1)
+  redis.call('HINCRBY', counts, ':total', 1)
+  join_priority(lane, tenant, priority)
+  join_tenant(lane, tenant)
+end
+
+-- Return items whose lease ran out (their worker died) to the head of their backlog.
+-- Newest first: each goes to the head, so the oldest ends up in front, where it was.
+local function reap(now)
+  local expired = redis.call('ZREVRANGEBYSCORE', inflight_key, now, '-inf', 'LIMIT', 0, REAP_BATCH)
+  for _, id in ipairs(expired) do
+    redis.call('ZREM', inflight_key, id)
+    enqueue(id, true)
+  end
+  if #expired > 0 then redis.call('HINCRBY', shared_key, 'n:reaped', #expired) end
+  return #expired
+end
+
+local function weight(value, default)
+  local w = tonumber(value)
+  if w and w > 0 then return w end
+  return default
+end
+
+if mode == 'submit' then
+  -- ARGV: lane, tenant, priority, item id, cost, payload. Reply: 1 queued, 0 duplicate id,
+  -- -2 unknown priority.
+  local lane, tenant, priority, id, cost, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
+    return -2
+  end
+  if redis.call('HSETNX', meta_key, id, lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost) == 0 then
+    return 0
+  end
+  if payload ~= '' then redis.call('HSET', payload_key, id, payload) end
+  enqueue(id, false)
+  return 1
+end
+
+if mode == 'dispatch' then
+  -- ARGV: max items, lease ms, max tenants skipped per lane, want payload ("1"/"0"), lanes...
+  -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload}...}; wait_ms is "0" when
+  -- something was dispatched, "-1" when every lane is empty, else the ms until the earliest
+  -- moment something could be admitted.
+  local max_items, lease_ms, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+  local now = now_ms()
+  reap(now)
+  local items, wait, backlogged, stop_all = {}, false, false, false
+  local function note_wait(w)
+    if not wait or w < wait then wait = w end
+  end
+  for li = 8, #ARGV do
+    local lane = ARGV[li]
+    local active, parked, counts = lane_key(lane, 'active'), lane_key(lane, 'parked'), lane_key(lane, 'n')
+    -- Tenants whose own tokens are back rejoin at the current virtual time.
+    local woken = redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'LIMIT', 0, UNPARK_BATCH)
+    for _, tenant in ipairs(woken) do
+      redis.call('ZREM', parked, tenant)
+      join_tenant(lane, tenant)
+    end
+    local skips, blocked = 0, false
+    while #items < max_items and not blocked do
+      local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+      if #top == 0 then break end
+      backlogged = true
+      local tenant, pass = top[1], tonumber(top[2])
+      local tp = lane_key(lane, 'tp:' .. tenant)
+      local ptop = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
+      if #ptop == 0 then
+        redis.call('ZREM', active, tenant)  -- nothing left: defensive, keeps the set honest
+      else
+        local priority, ppass = ptop[1], tonumber(ptop[2])
+        local bl = backlog_key(lane, tenant, priority)
+        local id = redis.call('LINDEX', bl, 0)
+        if not id then
+          redis.call('ZREM', tp, priority)
+          if redis.call('ZCARD', tp) == 0 then redis.call('ZREM', active, tenant) end
+        else
+          local _, _, _, cost = split_meta(redis.call('HGET', meta_key, id))
+          local ctx = load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority,
+            {'weight:tenant:' .. tenant, 'weight:tenant:*', 'weight:priority:' .. priority}, {})
+          -- An item costlier than a bucket's burst (the limit was lowered after it was
+          -- queued) is admitted when that bucket is full, rather than never.
+          local charge = cost
+          for _, b in ipairs(ctx.buckets) do
+            if not b.shadow and b.burst < charge then charge = b.burst end
+          end
+          local status, wait_us, denied_by, would_deny = judge(ctx, charge)
+          if status == 1 then
+            redis.call('LPOP', bl)
+            redis.call('ZADD', inflight_key, now + lease_ms, id)
+            local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
+            local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
+            local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
+            if redis.call('LLEN', bl) == 0 then
+              redis.call('ZREM', tp, priority)
+            else
+              redis.call('ZADD', tp, new_ppass, priority)
+            end
+            if redis.call('EXISTS', tp) == 0 then
+              redis.call('ZREM', active, tenant)
+            else
+              redis.call('ZADD', active, new_pass, tenant)
+            end
+            if redis.call('HINCRBY', counts, tenant, -1) <= 0 then redis.call('HDEL', counts, tenant) end
+            redis.call('HINCRBY', counts, ':total', -1)
+            redis.call('HSET', counts, ':vt', fmt(pass))
+            admit(ctx, charge, would_deny, keep_ms,
+              {'sp:' .. lane, fmt(new_pass), 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
+            local payload = want_payload and redis.call('HGET', payload_key, id) or false
+            items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or ''}
+          elseif is_tenant_scope(denied_by) then
+            -- Held back by its own cap: park it so it costs nothing until its tokens return.
+            deny(ctx, denied_by, wait_us / 1000, keep_ms)
+            redis.call('ZREM', active, tenant)
+            redis.call('ZADD', parked, now + wait_us / 1000, tenant)
+            skips = skips + 1
+            if skips > max_skips then
+              note_wait(0)
+              blocked = true
+            end
+          else
+            -- A queue or global cap binds everyone in this lane (global: every lane).
+            deny(ctx, denied_by, wait_us / 1000, keep_ms)
+            note_wait(wait_us / 1000)
+            blocked = true
+            stop_all = denied_by == 'global'
+          end
+        end
+      end
+    end
+    local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
+    if #first > 0 then
+      backlogged = true
+      note_wait(math.max(0, tonumber(first[2]) - now))
+    end
+    if stop_all or #items >= max_items then break end
+  end
+  local head
+  if #items > 0 then head = '0' elseif wait then head = fmt(wait) elseif backlogged then head = '0' else head = '-1' end
+  local reply = {head}
+  for _, item in ipairs(items) do reply[#reply + 1] = item end
+  return reply
+end
+
+if mode == 'ack' or mode == 'nack' then
+  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"). Reply: 1 closed, 0 not in flight
+  -- (its lease expired and it was handed back, or the id is unknown).
+  local id, requeue, refund = ARGV[4], ARGV[5] == '1', ARGV[6] == '1'
+  if redis.call('ZREM', inflight_key, id) == 0 then return 0 end
+  if mode == 'nack' and refund then
+    local lane, tenant, priority, cost = split_meta(redis.call('HGET', meta_key, id))
+    credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority, {}, {}), cost, keep_ms)
+  end
+  if mode == 'nack' and requeue then
+    enqueue(id, true)
+  else
+    redis.call('HDEL', meta_key, id)
+    redis.call('HDEL', payload_key, id)
+  end
+  return 1
+end
+
+if mode == 'extend' then
+  -- ARGV: item id, lease ms. Reply: 1 extended, 0 not in flight.
+  local id, lease_ms = ARGV[4], tonumber(ARGV[5])
+  if not redis.call('ZSCORE', inflight_key, id) then return 0 end
+  redis.call('ZADD', inflight_key, now_ms() + lease_ms, id)
+  return 1
+end
+
+if mode == 'reap' then
+  return reap(now_ms())
+end
+
+return redis.error_reply('queue-ratelimit: unknown scheduler mode ' .. tostring(mode))

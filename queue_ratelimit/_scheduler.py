@@ -1,0 +1,239 @@
+"""``FairScheduler``: weighted-fair backlogs of work under the token buckets, in Redis."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._core import check_cost
+from ._errors import InvalidName
+from ._limiter import Limiter
+from ._scopes import check_name, check_priority
+from ._scripts import script_source
+
+DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
+MAX_WEIGHT = 1e6
+MAX_ITEM_ID = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchedItem:
+    """An item handed to a worker: run it, then ``ack`` (or ``nack``) its id."""
+
+    id: str
+    queue: str
+    tenant: str
+    priority: str
+    cost: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """The result of ``FairScheduler.dispatch``.
+
+    Attributes:
+        items: what was admitted, in fair order (possibly fewer than asked for).
+        wait_ms: 0 when something was dispatched or may be now; otherwise how long until the
+            earliest item could be admitted; None when every lane asked about is empty.
+    """
+
+    items: tuple[DispatchedItem, ...]
+    wait_ms: float | None
+
+
+def _check_item_id(item_id: object) -> str:
+    if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID or " " in item_id:
+        raise InvalidName(
+            f"item id must be a non-empty string of at most {MAX_ITEM_ID} characters without "
+            f"spaces, got {item_id!r}"
+        )
+    return item_id
+
+
+def _check_weight(weight: object) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise InvalidName(f"weight must be a number, got {weight!r}")
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0 or value > MAX_WEIGHT:
+        raise InvalidName(f"weight must be a finite number in (0, {MAX_WEIGHT:g}], got {weight!r}")
+    return value
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FairScheduler:
+    """Backlogs per (tenant, priority) in each queue, served in weighted-fair order.
+
+    ``dispatch`` picks the next class by two-level stride scheduling (tenants by tenant
+    weight, then priorities inside a tenant by priority weight), consumes the tokens of every
+    bucket that applies, and moves the item to an in-flight record with a lease, all in one
+    atomic script. Items whose worker dies come back to the head of their backlog when the
+    lease runs out; ``ack`` closes the record.
+
+    >>> scheduler = FairScheduler(Limiter.from_url("redis://localhost:6379/0"))
+    >>> scheduler.submit("acme", "job-1", queue="emails", priority="high")
+    True
+    >>> batch = scheduler.dispatch(["emails"], max_items=4)
+    >>> for item in batch.items:
+    ...     run(item)
+    ...     scheduler.ack(item.id)
+
+    Args:
+        limiter: supplies the Redis client, the namespace and the buckets.
+        lease: seconds a dispatched item may stay in flight before it is handed back.
+        max_skips: tenants parked (held back by their own caps) per lane in one dispatch
+            before it gives up for this call; bounds the cost of a call.
+    """
+
+    def __init__(self, limiter: Limiter, *, lease: float = 60.0, max_skips: int = 32) -> None:
+        self.limiter = limiter
+        self.client = limiter.client
+        self._core = limiter._core
+        self.lease_ms = int(_check_weight(lease) * 1000)
+        self.max_skips = max_skips
+        self._script = self.client.register_script(script_source("scheduler.lua"))
+        k = self._core.keys
+        self._keys = [
+            k.config,
+            k.shared,
+            f"{k.base}:s:inflight",
+            f"{k.base}:s:meta",
+            f"{k.base}:s:payload",
+        ]
+
+    def _run(self, mode: str, *args: str | int | float | bytes) -> object:
+        return self._script(
+            keys=self._keys, args=[mode, self._core.keys.base, self._core.retention_ms, *args]
+        )
+
+    def submit(
+        self,
+        tenant: str,
+        item_id: str,
+        *,
+        queue: str = "default",
+        priority: str = "normal",
+        cost: float = 1,
+        payload: bytes = b"",
+    ) -> bool:
+        """Add an item to the tail of its class backlog. False if the id is already known
+        (queued or in flight), which makes a redelivered submit harmless.
+
+        Raises:
+            InvalidName: malformed names, or a priority with no weight configured.
+        """
+        check_name("tenant", tenant)
+        check_name("queue", queue)
+        check_priority(priority)
+        amount = check_cost(cost)
+        reply = self._run(
+            "submit", queue, tenant, priority, _check_item_id(item_id), repr(amount), payload
+        )
+        if reply == -2:
+            raise InvalidName(
+                f"unknown priority {priority!r}: use high, normal or low, or give it a weight "
+                f"with set_priority_weight"
+            )
+        return reply == 1
+
+    def dispatch(
+        self, queues: Sequence[str], *, max_items: int = 1, with_payload: bool = True
+    ) -> Dispatch:
+        """Admit up to ``max_items`` items from ``queues`` (earlier queues first), fairly."""
+        if isinstance(queues, str):
+            queues = [queues]
+        for q in queues:
+            check_name("queue", q)
+        if not queues:
+            raise InvalidName("dispatch needs at least one queue")
+        if max_items < 1:
+            raise InvalidName(f"max_items must be at least 1, got {max_items}")
+        reply = self._run(
+            "dispatch",
+            max_items,
+            self.lease_ms,
+            self.max_skips,
+            "1" if with_payload else "0",
+            *queues,
+        )
+        assert isinstance(reply, list)
+        head = float(_text(reply[0]))
+        items = tuple(
+            DispatchedItem(
+                id=_text(i[0]),
+                queue=_text(i[1]),
+                tenant=_text(i[2]),
+                priority=_text(i[3]),
+                cost=float(_text(i[4])),
+                payload=i[5] if isinstance(i[5], bytes) else str(i[5]).encode(),
+            )
+            for i in reply[1:]
+        )
+        return Dispatch(items=items, wait_ms=None if head < 0 else head)
+
+    def ack(self, item_id: str) -> bool:
+        """Close an in-flight record after the work ran. False if it was not in flight."""
+        return self._run("ack", _check_item_id(item_id), "0", "0") == 1
+
+    def nack(self, item_id: str, *, requeue: bool = True, refund: bool = False) -> bool:
+        """Close an in-flight record without running the work: back to the head of its
+        backlog (``requeue``) or dropped, with its tokens returned if ``refund``."""
+        return (
+            self._run(
+                "nack", _check_item_id(item_id), "1" if requeue else "0", "1" if refund else "0"
+            )
+            == 1
+        )
+
+    def extend(self, item_id: str, lease: float | None = None) -> bool:
+        """Renew an item's lease (for work that runs longer than the lease)."""
+        lease_ms = self.lease_ms if lease is None else int(_check_weight(lease) * 1000)
+        return self._run("extend", _check_item_id(item_id), lease_ms) == 1
+
+    def reap(self) -> int:
+        """Hand back items whose lease expired (dispatch also does this as it goes)."""
+        reply = self._run("reap")
+        assert isinstance(reply, int)
+        return reply
+
+    def set_tenant_weight(self, tenant: str, weight: float | None, *, actor: str = "api") -> int:
+        """A tenant's share of contended budgets (default 1; ``"*"`` sets the default)."""
+        name = tenant if tenant == "*" else check_name("tenant", tenant)
+        return self._set_weight(f"weight:tenant:{name}", weight, actor)
+
+    def set_priority_weight(
+        self, priority: str, weight: float | None, *, actor: str = "api"
+    ) -> int:
+        """A priority's share inside each tenant (defaults: high 3, normal 2, low 1)."""
+        return self._set_weight(f"weight:priority:{check_priority(priority)}", weight, actor)
+
+    def _set_weight(self, field: str, weight: float | None, actor: str) -> int:
+        if weight is None:
+            call = self._core.config_call("del", field, "", actor)
+        else:
+            call = self._core.config_call("set", field, repr(_check_weight(weight)), actor)
+        return self.limiter._run_config(call, must_exist=weight is None)
+
+    def weights(self) -> dict[str, float]:
+        """Configured weights by config field (``weight:tenant:<t>``, ``weight:priority:<p>``)."""
+        raw = self.client.hgetall(self._core.keys.config)
+        return {
+            _text(f): float(_text(v))
+            for f, v in sorted(raw.items())
+            if _text(f).startswith("weight:")
+        }
+
+    def backlog(self, queue: str = "default", tenant: str | None = None) -> int:
+        """Items waiting in a queue's backlogs (of one tenant, or of all)."""
+        field = ":total" if tenant is None else check_name("tenant", tenant)
+        value = self.client.hget(f"{self._core.keys.base}:s:{check_name('queue', queue)}:n", field)
+        return int(value or 0)
+
+    def in_flight(self) -> int:
+        """Items dispatched and not yet acked or handed back."""
+        return int(self.client.zcard(self._keys[2]))
+
