@@ -183,22 +183,33 @@ local function expiry_fields(ctx, need_ms, keep_ms, targs)
   return false
 end
 
+-- When (ms since the epoch, at least now) every tenant bucket will be full again under the
+-- current limits. A limit changed since the last write can move this later, so a denial
+-- (which writes no bucket) must extend the hash's life too.
+local function tenant_full_ms(ctx)
+  local full_ms = ctx.now / 1000
+  for _, b in ipairs(ctx.buckets) do
+    if b.hash == 't' then
+      local full = (ctx.now + (b.burst - b.tokens) / b.rate) / 1000
+      if full > full_ms then full_ms = full end
+    end
+  end
+  return full_ms
+end
+
 -- Write the buckets (refilled, and debited or credited by the caller), plus `targs` extra
 -- tenant-hash fields and `sargs` shared-hash fields, and extend the tenant hash's life.
 local function write(ctx, keep_ms, targs, sargs)
   local now = ctx.now
-  local full_ms = now / 1000
   for _, b in ipairs(ctx.buckets) do
     local value = fmt(b.tokens) .. ' ' .. fmt(now)
     if b.hash == 't' then
       append(targs, {b.field, value})
-      local full = (now + (b.burst - b.tokens) / b.rate) / 1000
-      if full > full_ms then full_ms = full end
     else
       append(sargs, {b.field, value})
     end
   end
-  local x = expiry_fields(ctx, full_ms, keep_ms, targs)
+  local x = expiry_fields(ctx, tenant_full_ms(ctx), keep_ms, targs)
   if #targs > 0 then redis.call('HSET', ctx.tenant_key, unpack(targs)) end
   if x then redis.call('PEXPIREAT', ctx.tenant_key, x) end
   if #sargs > 0 then redis.call('HSET', ctx.shared_key, unpack(sargs)) end
@@ -233,7 +244,7 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
   local key = is_tenant_scope(denied_by) and ctx.tenant_key or ctx.shared_key
   redis.call('HINCRBY', key, 'd:' .. denied_by, 1)
   local targs = {}
-  local x = expiry_fields(ctx, ctx.now / 1000, keep_ms, targs)
+  local x = expiry_fields(ctx, tenant_full_ms(ctx), keep_ms, targs)
   if x then
     redis.call('HSET', ctx.tenant_key, unpack(targs))
     redis.call('PEXPIREAT', ctx.tenant_key, x)

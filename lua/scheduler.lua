@@ -14,9 +14,11 @@
 --   B:s:<lane>:tp:<tenant>  zset priority -> pass (the tenant's backlogged priorities)
 --   B:s:<lane>:bl:<t>:<p>   list of item ids (the class backlog, oldest first)
 --   B:s:<lane>:n            hash tenant -> backlog size, ':total' -> lane backlog,
---                           ':vt' -> lane virtual time (pass of the last tenant served)
+--                           ':vt' -> lane virtual time (pass of the last tenant served),
+--                           ':cv' -> config version the parked tenants were judged under
+--   B:s:<lane>:age          zset item id -> ms it was first queued (oldest waiting job)
 --   B:s:inflight            zset item id -> lease deadline (ms)
---   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost>"
+--   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>"
 --   B:s:payload             hash item id -> opaque payload
 --   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
 --   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
@@ -39,8 +41,8 @@ local function now_ms()
 end
 
 local function split_meta(meta)
-  local lane, tenant, priority, cost = string.match(meta, '^(%S+) (%S+) (%S+) (%S+)$')
-  return lane, tenant, priority, tonumber(cost)
+  local lane, tenant, priority, cost, queued = string.match(meta, '^(%S+) (%S+) (%S+) (%S+) ?(%S*)$')
+  return lane, tenant, priority, tonumber(cost), tonumber(queued) or 0
 end
 
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
@@ -65,9 +67,10 @@ end
 
 -- Put an item back into its class backlog: at the head (its old position) or the tail.
 local function enqueue(id, at_head)
-  local lane, tenant, priority = split_meta(redis.call('HGET', meta_key, id))
+  local lane, tenant, priority, _, queued = split_meta(redis.call('HGET', meta_key, id))
   local push = at_head and 'LPUSH' or 'RPUSH'
   redis.call(push, backlog_key(lane, tenant, priority), id)
+  redis.call('ZADD', lane_key(lane, 'age'), queued, id)
   local counts = lane_key(lane, 'n')
   redis.call('HINCRBY', counts, tenant, 1)
   redis.call('HINCRBY', counts, ':total', 1)
@@ -100,10 +103,12 @@ if mode == 'submit' then
   if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
     return -2
   end
-  if redis.call('HSETNX', meta_key, id, lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost) == 0 then
+  local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now_ms())
+  if redis.call('HSETNX', meta_key, id, meta) == 0 then
     return 0
   end
   if payload ~= '' then redis.call('HSET', payload_key, id, payload) end
+  redis.call('SADD', base .. ':s:lanes', lane)  -- so metrics find every lane without SCAN
   enqueue(id, false)
   return 1
 end
@@ -116,6 +121,7 @@ if mode == 'dispatch' then
   local max_items, lease_ms, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
   local now = now_ms()
   reap(now)
+  local version = redis.call('HGET', config_key, '_version') or '0'
   local items, wait, backlogged, stop_all = {}, false, false, false
   local function note_wait(w)
     if not wait or w < wait then wait = w end
@@ -123,6 +129,11 @@ if mode == 'dispatch' then
   for li = 8, #ARGV do
     local lane = ARGV[li]
     local active, parked, counts = lane_key(lane, 'active'), lane_key(lane, 'parked'), lane_key(lane, 'n')
+    -- A tenant is parked until its tokens return under the limits it was judged by; after
+    -- any configuration change (a raised cap, an exemption) every parked tenant is due now.
+    if redis.call('EXISTS', parked) == 1 and redis.call('HGET', counts, ':cv') ~= version then
+      redis.call('ZUNIONSTORE', parked, 1, parked, 'WEIGHTS', 0)
+    end
     -- Tenants whose own tokens are back rejoin at the current virtual time.
     local woken = redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'LIMIT', 0, UNPARK_BATCH)
     for _, tenant in ipairs(woken) do
@@ -159,7 +170,10 @@ if mode == 'dispatch' then
           local status, wait_us, denied_by, would_deny = judge(ctx, charge)
           if status == 1 then
             redis.call('LPOP', bl)
-            redis.call('ZADD', inflight_key, now + lease_ms, id)
+            redis.call('ZREM', lane_key(lane, 'age'), id)
+            -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
+            -- back by deadline, and equal deadlines would come back in id order instead.
+            redis.call('ZADD', inflight_key, now + lease_ms + #items / 1000, id)
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
@@ -185,6 +199,7 @@ if mode == 'dispatch' then
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             redis.call('ZREM', active, tenant)
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
+            redis.call('HSET', counts, ':cv', version)
             skips = skips + 1
             if skips > max_skips then
               note_wait(0)
@@ -215,10 +230,15 @@ if mode == 'dispatch' then
 end
 
 if mode == 'ack' or mode == 'nack' then
-  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"). Reply: 1 closed, 0 not in flight
-  -- (its lease expired and it was handed back, or the id is unknown).
-  local id, requeue, refund = ARGV[4], ARGV[5] == '1', ARGV[6] == '1'
+  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"), done-marker ttl ms ("0": none).
+  -- Reply: 1 closed, 0 not in flight (its lease expired and it was handed back, or the id
+  -- is unknown). The done marker lets gate.lua recognise a broker redelivery of work that
+  -- already ran through the backlog.
+  local id, requeue, refund, done_ms = ARGV[4], ARGV[5] == '1', ARGV[6] == '1', tonumber(ARGV[7] or '0')
   if redis.call('ZREM', inflight_key, id) == 0 then return 0 end
+  if done_ms and done_ms > 0 and not requeue then
+    redis.call('SET', base .. ':s:done:' .. id, '1', 'PX', done_ms)
+  end
   if mode == 'nack' and refund then
     local lane, tenant, priority, cost = split_meta(redis.call('HGET', meta_key, id))
     credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority, {}, {}), cost, keep_ms)

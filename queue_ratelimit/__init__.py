@@ -32,7 +32,7 @@ from ._errors import (
 from ._keys import KeySpace
 from ._limit import Limit
 from ._limiter import Limiter
-from ._scheduler import Dispatch, DispatchedItem, FairScheduler
+from ._scheduler import Dispatch, DispatchedItem, FairScheduler, GateVerdict, Hint
 from ._scopes import Scope
 
 __version__ = "0.1.0"
@@ -48,6 +48,8 @@ __all__ = [
     "Dispatch",
     "DispatchedItem",
     "FairScheduler",
+    "GateVerdict",
+    "Hint",
     "InvalidCost",
     "InvalidLimit",
     "InvalidName",

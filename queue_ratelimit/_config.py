@@ -35,6 +35,13 @@ class ConfigSpec:
     shadow: bool = False
 
 
+def _flag(where: str, value: object) -> bool:
+    # bool("false") is True: a string here is a mistake to report, not a truthy value.
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}shadow must be true or false, got {value!r}")
+    return value
+
+
 def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
     if isinstance(value, str):
         return Limit.parse(value), False
@@ -53,7 +60,8 @@ def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
         rate = value["rate"]
         if not isinstance(rate, str):
             raise InvalidLimit(f"rate for {scope!r} must be a string like '100/s', got {rate!r}")
-        return Limit.parse(rate, burst=burst), bool(value.get("shadow", False))
+        shadow = _flag(f"limit for {scope!r}: ", value.get("shadow", False))
+        return Limit.parse(rate, burst=burst), shadow
     raise InvalidLimit(f"limit for {scope!r} must be a string or a table, got {value!r}")
 
 
@@ -74,7 +82,7 @@ def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
         if mode not in ("tenant", "all"):
             raise ConfigError(f"exempt mode for {tenant!r} must be 'tenant' or 'all', got {mode!r}")
         exempt[check_name("tenant", tenant)] = mode
-    return ConfigSpec(limits=limits, exempt=exempt, shadow=bool(raw.get("shadow", False)))
+    return ConfigSpec(limits=limits, exempt=exempt, shadow=_flag("", raw.get("shadow", False)))
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ConfigSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ._core import check_cost
 from ._errors import InvalidName
@@ -27,6 +28,49 @@ class DispatchedItem:
     priority: str
     cost: float
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """Producer-side backpressure advice for one job, computed without consuming anything.
+
+    Attributes:
+        allowed: whether the job's buckets would admit it now.
+        wait_ms: how long until they would (0 when allowed).
+        denied_by: the binding scope, or None.
+        backlog: jobs of this tenant already waiting in the queue's fair backlog.
+    """
+
+    allowed: bool
+    wait_ms: float
+    denied_by: str | None
+    backlog: int
+
+    def as_header(self) -> dict[str, object]:
+        """A small JSON-able form, as carried in message headers."""
+        return {
+            "allowed": self.allowed,
+            "wait_ms": round(self.wait_ms, 3),
+            "denied_by": self.denied_by,
+            "backlog": self.backlog,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GateVerdict:
+    """What ``FairScheduler.gate`` decided for one arriving job.
+
+    Attributes:
+        action: ``"run"`` (tokens taken), ``"park"`` (submit it to the backlog) or
+            ``"duplicate"`` (already parked, in flight or done: drop this copy).
+        wait_ms: for ``"park"``, how long until its buckets would admit it (0 when it waits
+            only because others are queued ahead of it).
+        denied_by: for ``"park"``, the binding scope, or None when a backlog is the reason.
+    """
+
+    action: Literal["run", "park", "duplicate"]
+    wait_ms: float = 0.0
+    denied_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +140,7 @@ class FairScheduler:
         self.lease_ms = int(_check_weight(lease) * 1000)
         self.max_skips = max_skips
         self._script = self.client.register_script(script_source("scheduler.lua"))
+        self._gate = self.client.register_script(script_source("gate.lua"))
         k = self._core.keys
         self._keys = [
             k.config,
@@ -175,9 +220,72 @@ class FairScheduler:
         )
         return Dispatch(items=items, wait_ms=None if head < 0 else head)
 
-    def ack(self, item_id: str) -> bool:
-        """Close an in-flight record after the work ran. False if it was not in flight."""
-        return self._run("ack", _check_item_id(item_id), "0", "0") == 1
+    def ack(self, item_id: str, *, remember: float = 0) -> bool:
+        """Close an in-flight record after the work ran. False if it was not in flight.
+
+        With ``remember`` (seconds), ``gate`` treats the id as a duplicate for that long, so
+        a broker redelivery of work that already ran through the backlog is not run again.
+        """
+        done_ms = int(remember * 1000) if remember > 0 else 0
+        return self._run("ack", _check_item_id(item_id), "0", "0", done_ms) == 1
+
+    def hint(
+        self,
+        tenant: str,
+        *,
+        queue: str = "default",
+        priority: str = "normal",
+        cost: float = 1,
+    ) -> Hint:
+        """Peek at the job's buckets and its tenant's backlog in one round trip."""
+        call = self._core.decision_call("peek", tenant, queue, priority, cost)
+        pipe = self.client.pipeline(transaction=False)
+        self.limiter._acquire(keys=call.keys, args=call.args, client=pipe)
+        pipe.hget(f"{self._core.keys.base}:s:{queue}:n", tenant)
+        reply, backlog = pipe.execute()
+        decision = self._core.decision(reply, cost)
+        return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
+
+    def gate(
+        self,
+        tenant: str,
+        item_id: str,
+        *,
+        queue: str = "default",
+        priority: str = "normal",
+        cost: float = 1,
+    ) -> GateVerdict:
+        """The worker fast path: admit work arriving from a broker now, or say it must wait.
+
+        Work runs at once only when its lane has no fair backlog (it would overtake queued
+        work otherwise) and every bucket admits it; a ``"park"`` verdict means: ``submit`` it
+        with its payload, then acknowledge it to the broker. ``"duplicate"`` means the id is
+        already parked, in flight, or remembered as done by ``ack(remember=...)``.
+        """
+        check_name("tenant", tenant)
+        check_name("queue", queue)
+        check_priority(priority)
+        amount = check_cost(cost)
+        k = self._core.keys
+        reply = self._gate(
+            keys=[k.config, k.shared, self._keys[3]],
+            args=[
+                k.base,
+                self._core.retention_ms,
+                queue,
+                tenant,
+                priority,
+                _check_item_id(item_id),
+                repr(amount),
+            ],
+        )
+        assert isinstance(reply, list)
+        code = int(reply[0])
+        if code == 1:
+            return GateVerdict("run")
+        if code == 2:
+            return GateVerdict("duplicate")
+        return GateVerdict("park", float(_text(reply[1])), _text(reply[2]) or None)
 
     def nack(self, item_id: str, *, requeue: bool = True, refund: bool = False) -> bool:
         """Close an in-flight record without running the work: back to the head of its
@@ -236,4 +344,3 @@ class FairScheduler:
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""
         return int(self.client.zcard(self._keys[2]))
-

@@ -23,7 +23,7 @@ def check_name(kind: str, value: object) -> str:
     """Return ``value`` if it is a usable tenant or queue name, else raise ``InvalidName``."""
     if not isinstance(value, str):
         raise InvalidName(f"{kind} name must be a string, got {type(value).__name__}")
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise InvalidName(
             f"invalid {kind} name {value!r}: use 1-128 characters from letters, digits and "
             f"_ . @ + = - / (starting with a letter, digit or _; no ':', '{{', '}}', '*', spaces)"
@@ -33,7 +33,7 @@ def check_name(kind: str, value: object) -> str:
 
 def check_namespace(value: object) -> str:
     """Return ``value`` if it is a usable namespace, else raise ``InvalidName``."""
-    if not isinstance(value, str) or not _NAMESPACE_RE.match(value):
+    if not isinstance(value, str) or not _NAMESPACE_RE.fullmatch(value):
         raise InvalidName(
             f"invalid namespace {value!r}: use 1-64 characters from letters, digits, _ . -"
         )
@@ -42,7 +42,7 @@ def check_namespace(value: object) -> str:
 
 def check_priority(value: object) -> str:
     """Return ``value`` if it is a usable priority name (``high``, ``normal``...)."""
-    if not isinstance(value, str) or not _PRIORITY_RE.match(value):
+    if not isinstance(value, str) or not _PRIORITY_RE.fullmatch(value):
         raise InvalidName(
             f"invalid priority {value!r}: use 1-32 lowercase letters, digits or _, "
             f"starting with a letter"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
-_USES_LIBRARY = frozenset({"acquire.lua", "scheduler.lua"})
+_USES_LIBRARY = frozenset({"acquire.lua", "gate.lua", "scheduler.lua"})
 
 
 def _read(name: str) -> str:

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from queue_ratelimit import Limiter
 
 REDIS_SERVER = shutil.which("redis-server")
+# redis-py retries a refused connection with backoff by default; probes should not wait.
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +131,9 @@ class RedisProcess:
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         args += ["--logfile", str(self.workdir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        probe = redis.Redis(
+            port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5, retry=NO_RETRY
+        )
         try:
             wait_until(probe.ping, timeout=10, what=f"redis-server on port {self.port}")
         finally:

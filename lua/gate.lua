@@ -1,0 +1,46 @@
+-- gate.lua: the worker-side fast path. Prefixed with buckets.lua.
+--
+-- A job arriving from the broker runs at once only if nothing dispatchable waits in its
+-- lane's fair backlog (otherwise it would overtake work that is queued fairly) and every
+-- bucket admits it. Everything else is parked in the backlog by the caller (scheduler.lua "submit") and
+-- re-admitted in fair order by "dispatch".
+--
+-- KEYS: config, shared, scheduler meta hash
+-- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost
+-- Reply: {1} run now; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a
+--        backlog); {2} a duplicate: this item is already parked, in flight or done.
+local config_key, shared_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
+local base, keep_ms, lane, tenant, priority, id, cost =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+
+if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
+  return {2}
+end
+-- Work waiting in the lane that could be dispatched now goes first. Tenants parked by their
+-- own caps cannot run anyway, so a job from anyone else may pass them.
+local lane_base = base .. ':s:' .. lane
+if redis.call('ZCARD', lane_base .. ':active') > 0 then
+  return {0, '0', ''}
+end
+local t = redis.call('TIME')
+local parked = lane_base .. ':parked'
+if redis.call('ZCOUNT', parked, '-inf', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000) > 0 then
+  return {0, '0', ''}
+end
+-- The tenant's own queued jobs go before its new ones.
+local wake = redis.call('ZSCORE', parked, tenant)
+if wake then
+  return {0, fmt(math.max(0, tonumber(wake) - (tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000))), 'tenant:' .. tenant}
+end
+local ctx = load(config_key, base .. ':t:' .. tenant, shared_key, tenant, lane, priority, {}, {})
+-- A cost above a burst is charged as the whole burst: a job is never refused forever.
+for _, b in ipairs(ctx.buckets) do
+  if not b.shadow and b.burst < cost then cost = b.burst end
+end
+local status, wait, denied_by, would_deny = judge(ctx, cost)
+if status == 1 then
+  admit(ctx, cost, would_deny, keep_ms, {})
+  return {1}
+end
+deny(ctx, denied_by, wait / 1000, keep_ms)
+return {0, fmt(wait / 1000), denied_by}

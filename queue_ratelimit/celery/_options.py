@@ -1,0 +1,85 @@
+"""Where a task's tenant, priority and cost come from, and how they travel in headers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._core import check_cost
+from .._scopes import check_name, check_priority
+from ._settings import CelerySettings
+
+# apply_async / signature options; unknown options would travel as message *properties*,
+# which RabbitMQ drops and retry() loses, so the publish hook moves them into headers.
+OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
+OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
+HEADER_TENANT, HEADER_PRIORITY, HEADER_COST = "qrl_tenant", "qrl_priority", "qrl_cost"
+HEADER_HINT = "qrl_hint"
+# Tasks with this attribute set to False are never gated (the metrics task, for one).
+GATE_ATTRIBUTE = "rate_gate"
+
+
+@dataclass(frozen=True, slots=True)
+class RateOptions:
+    tenant: str
+    priority: str
+    cost: float
+
+    def headers(self) -> dict[str, Any]:
+        return {HEADER_TENANT: self.tenant, HEADER_PRIORITY: self.priority, HEADER_COST: self.cost}
+
+
+def _parent_headers() -> Mapping[str, Any]:
+    """Rate headers of the task running in this process, if any: work a task publishes
+    (retries, children, chain continuations) belongs to the same tenant by default."""
+    from celery import current_task
+
+    # current_task is a proxy: it is falsy, not None, outside a task.
+    if not current_task or getattr(current_task.request, "called_directly", True):
+        return {}
+    request = current_task.request
+    found = {h: getattr(request, h, None) for h in (HEADER_TENANT, HEADER_PRIORITY, HEADER_COST)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def resolve(
+    settings: CelerySettings,
+    task: Any,
+    explicit: Mapping[str, Any],
+    headers: Mapping[str, Any] | None = None,
+) -> RateOptions:
+    """Options in order of precedence: given on the call, already in the message headers,
+    inherited from the running task, defaults on the task decorator, the app's defaults.
+
+    Raises:
+        InvalidName / InvalidCost: a malformed tenant, priority or cost.
+    """
+    headers = headers or {}
+    parent = _parent_headers()
+
+    def pick(option: str, header: str, default: Any) -> Any:
+        for value in (
+            explicit.get(option),
+            headers.get(header),
+            parent.get(header),
+            getattr(task, option, None),
+        ):
+            if value is not None:
+                return value
+        return default
+
+    tenant = pick(OPTION_TENANT, HEADER_TENANT, settings.default_tenant)
+    priority = pick(OPTION_PRIORITY, HEADER_PRIORITY, settings.default_priority)
+    cost = pick(OPTION_COST, HEADER_COST, 1)
+    return RateOptions(check_name("tenant", tenant), check_priority(priority), check_cost(cost))
+
+
+def pop_options(options: MutableMapping[str, Any]) -> dict[str, Any]:
+    """Take the rate options out of an options mapping (they must not reach the broker)."""
+    return {name: options.pop(name) for name in OPTIONS if name in options}
+
+
+def gated(task: Any) -> bool:
+    """Whether the gate applies to this task (True unless it opted out)."""
+    return getattr(task, GATE_ATTRIBUTE, True) is not False

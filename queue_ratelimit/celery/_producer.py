@@ -1,0 +1,129 @@
+"""Producer side: rate options into headers, backpressure hints, and publish policies."""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Task
+from redis.exceptions import RedisError
+
+from .._errors import RateLimited, RateLimitError
+from .._scheduler import Hint
+from ._options import HEADER_HINT, RateOptions, gated, pop_options, resolve
+from ._runtime import Runtime, runtime_of
+
+log = logging.getLogger("queue_ratelimit.celery")
+
+# The hint of the latest publish in this thread / task, for callers that want it.
+_last_hint: ContextVar[Hint | None] = ContextVar("queue_ratelimit_last_hint", default=None)
+# Options already resolved (and validated) by RateLimitedTask.apply_async for the publish
+# under way, so the signal handler neither resolves twice nor peeks twice.
+_prepared: ContextVar[tuple[RateOptions, Hint | None] | None] = ContextVar(
+    "queue_ratelimit_prepared", default=None
+)
+
+
+def last_hint() -> Hint | None:
+    """The backpressure hint computed for the latest task published from this context.
+
+    >>> add.apply_async((1, 2), rate_tenant="acme")          # doctest: +SKIP
+    >>> last_hint()                                          # doctest: +SKIP
+    Hint(allowed=True, wait_ms=0.0, denied_by=None, backlog=0)
+    """
+    return _last_hint.get()
+
+
+def _hint(runtime: Runtime, options: RateOptions, queue: str) -> Hint | None:
+    if not runtime.settings.hints:
+        return None
+    try:
+        return runtime.scheduler.hint(
+            options.tenant, queue=queue, priority=options.priority, cost=options.cost
+        )
+    except (RedisError, RateLimitError) as exc:
+        # Publishing never fails because advice could not be had.
+        log.warning("queue-ratelimit: no backpressure hint for %s: %s", options.tenant, exc)
+        return None
+
+
+def make_publish_handler(app: Any) -> Any:
+    """The ``before_task_publish`` receiver for ``app``."""
+
+    def on_before_task_publish(
+        sender: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+        routing_key: str | None = None,
+        **_: Any,
+    ) -> None:
+        runtime = runtime_of(app)
+        if runtime is None or headers is None or properties is None:
+            return
+        task = app.tasks.get(sender) if sender else None
+        explicit = pop_options(properties)
+        if task is not None and not gated(task):
+            return
+        prepared = _prepared.get()
+        if prepared is not None:
+            options, hint = prepared
+            _prepared.set(None)
+        else:
+            try:
+                options = resolve(runtime.settings, task, explicit, headers)
+            except RateLimitError as exc:
+                # A signal cannot refuse a publish: RateLimitedTask.apply_async raises this
+                # error at the call site; here it can only be logged loudly.
+                log.error("queue-ratelimit: %s; %s published with default options", exc, sender)
+                options = resolve(runtime.settings, task, {}, {})
+            hint = _hint(runtime, options, routing_key or app.conf.task_default_queue)
+        headers.update(options.headers())
+        _last_hint.set(hint)
+        if hint is None:
+            return
+        headers[HEADER_HINT] = hint.as_header()
+        if runtime.settings.policy == "delay" and not hint.allowed and not headers.get("eta"):
+            eta = datetime.now(UTC) + timedelta(milliseconds=hint.wait_ms)
+            headers["eta"] = eta.isoformat()
+
+    return on_before_task_publish
+
+
+class RateLimitedTask(Task):
+    """Task base class that validates rate options at the call site and applies the
+    ``reject`` policy; ``install`` makes it the app's default base when it can.
+
+    >>> @app.task(base=RateLimitedTask, rate_tenant="internal")   # doctest: +SKIP
+    ... def report(): ...
+    """
+
+    rate_tenant: str | None = None
+    rate_priority: str | None = None
+    rate_cost: float | None = None
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        runtime = runtime_of(self.app)
+        if runtime is None or not gated(self):
+            pop_options(options)
+            return super().apply_async(args, kwargs, **options)
+        explicit = pop_options(options)
+        rate = resolve(runtime.settings, self, explicit, options.get("headers"))
+        queue = options.get("queue") or getattr(self, "queue", None)
+        queue = queue if isinstance(queue, str) else self.app.conf.task_default_queue
+        hint = _hint(runtime, rate, queue)
+        if runtime.settings.policy == "reject" and hint is not None and not hint.allowed:
+            raise RateLimited(
+                f"{self.name} for tenant {rate.tenant!r} refused: {hint.denied_by or 'backlog'} "
+                f"would admit it in {hint.wait_ms:.0f} ms",
+                wait_ms=hint.wait_ms,
+                denied_by=hint.denied_by,
+            )
+        token = _prepared.set((rate, hint))
+        try:
+            result = super().apply_async(args, kwargs, **options)
+        finally:
+            _prepared.reset(token)
+        result.rate_hint = hint
+        return result

@@ -1,0 +1,51 @@
+"""Per-app state of the integration: settings, and the limiter and scheduler it talks to."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .._limiter import Limiter
+from .._scheduler import FairScheduler
+from ._settings import CelerySettings
+
+APP_ATTRIBUTE = "queue_ratelimit"
+
+
+class Runtime:
+    """What ``install`` attaches to the Celery app (as ``app.queue_ratelimit``)."""
+
+    def __init__(self, app: Any, settings: CelerySettings) -> None:
+        self.app = app
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._limiter: Limiter | None = None
+        self._scheduler: FairScheduler | None = None
+
+    @property
+    def limiter(self) -> Limiter:
+        """Created on first use, so a prefork parent does not share sockets with children
+        (redis-py also resets its pool after a fork)."""
+        if self._limiter is None:
+            with self._lock:
+                if self._limiter is None:
+                    self._limiter = Limiter.from_url(
+                        self.settings.redis_url or "",
+                        namespace=self.settings.namespace,
+                        fail_mode="raise",
+                    )
+        return self._limiter
+
+    @property
+    def scheduler(self) -> FairScheduler:
+        if self._scheduler is None:
+            with self._lock:
+                if self._scheduler is None:
+                    self._scheduler = FairScheduler(self.limiter, lease=self.settings.lease)
+        return self._scheduler
+
+
+def runtime_of(app: Any) -> Runtime | None:
+    """The integration's state on ``app``, or None when ``install`` was not called."""
+    runtime = getattr(app, APP_ATTRIBUTE, None)
+    return runtime if isinstance(runtime, Runtime) else None

@@ -1,0 +1,108 @@
+"""Settings of the Celery integration: keyword arguments of ``install`` over ``app.conf``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from .._errors import ConfigError
+from .._keys import DEFAULT_NAMESPACE
+from .._scopes import check_name, check_namespace, check_priority
+
+Policy = Literal["hint", "delay", "reject"]
+GateFailMode = Literal["open", "closed"]
+CONF_KEY = "queue_ratelimit"
+
+
+def mask_url(url: str | None) -> str | None:
+    """The URL with its password replaced, for logs and reprs."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CelerySettings:
+    """How the gate, the producer hook and the metrics behave.
+
+    Attributes:
+        redis_url: the limiter's Redis; defaults to the broker URL when that is Redis.
+        namespace: the limiter namespace (same default as ``Limiter``).
+        limits: static configuration seeded into Redis at start (see ``parse_config``).
+        fail_mode: when Redis is unreachable, ``"open"`` runs jobs (counted, logged) and
+            ``"closed"`` holds them, then hands them back to the broker.
+        default_tenant / default_priority: for tasks published without rate options.
+        policy: producer policy: ``"hint"`` (attach advice), ``"delay"`` (set a countdown
+            from it) or ``"reject"`` (raise ``RateLimited`` before publishing).
+        hints: peek at the buckets when publishing (one round trip); off saves it.
+        lease: seconds a re-admitted job may stay unacknowledged before it is handed back;
+            the worker renews it while the job runs.
+        poll_interval: how often an idle worker looks for re-admissible work (seconds).
+        max_held: jobs a worker holds in memory at once (closed fail mode and re-admitted
+            work not yet started); default twice the pool size.
+        dedupe_window: seconds a job that ran through the backlog is remembered, so that a
+            broker redelivery of its original message is not run again.
+        metrics_interval: seconds between runs of the metrics beat task.
+    """
+
+    redis_url: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    fail_mode: GateFailMode = "open"
+    default_tenant: str = "default"
+    default_priority: str = "normal"
+    policy: Policy = "hint"
+    hints: bool = True
+    lease: float = 30.0
+    poll_interval: float = 0.25
+    max_held: int | None = None
+    dedupe_window: float = 3600.0
+    metrics_interval: float = 15.0
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+        check_name("tenant", self.default_tenant)
+        check_priority(self.default_priority)
+        if self.fail_mode not in ("open", "closed"):
+            raise ConfigError(f"fail_mode must be 'open' or 'closed', got {self.fail_mode!r}")
+        if self.policy not in ("hint", "delay", "reject"):
+            raise ConfigError(f"policy must be 'hint', 'delay' or 'reject', got {self.policy!r}")
+        for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_held is not None and (not isinstance(self.max_held, int) or self.max_held < 1):
+            raise ConfigError(f"max_held must be a positive integer, got {self.max_held!r}")
+
+    def __repr__(self) -> str:
+        url = mask_url(self.redis_url)
+        return f"CelerySettings(redis_url={url!r}, namespace={self.namespace!r})"
+
+    @classmethod
+    def from_app(cls, app: Any, overrides: Mapping[str, Any]) -> CelerySettings:
+        """Settings from ``app.conf.queue_ratelimit`` (a dict), overridden by ``overrides``."""
+        known = {f.name for f in fields(cls)}
+        conf = dict(app.conf.get(CONF_KEY) or {})
+        merged = {**conf, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = set(merged) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown queue_ratelimit settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+        if not merged.get("redis_url"):
+            broker = app.conf.broker_url or ""
+            if broker.startswith(("redis://", "rediss://", "unix://")):
+                merged["redis_url"] = broker
+        if not merged.get("redis_url"):
+            raise ConfigError(
+                "queue_ratelimit needs a Redis URL: pass redis_url=... to install() or set "
+                "app.conf.queue_ratelimit = {'redis_url': ...} (the broker is not Redis)"
+            )
+        return cls(**merged)

@@ -1,0 +1,356 @@
+"""The ``queue-ratelimit`` command: the demo, and runtime control of limits in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import getpass
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+import redis
+
+from . import __version__, _demo
+from ._decision import ScopeLimit, decode_limit
+from ._demo import _table
+from ._errors import LimitNotFound, RateLimitError
+from ._limit import Limit
+from ._limiter import Limiter
+
+DEFAULT_URL = "redis://localhost:6379/0"
+_PERIODS = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def format_limit(limit: Limit) -> str:
+    """A limit as text that ``Limit.parse`` reads back: ``"100/s"``, ``"6000/m"``, ``"5/2s"``."""
+    unit = _PERIODS.get(limit.per)
+    if unit is not None:
+        return f"{limit.rate:.15g}/{unit}"
+    return f"{limit.rate:.15g}/{limit.per:.15g}s"
+
+
+def _limit_json(item: ScopeLimit) -> dict[str, Any]:
+    lim = item.limit
+    return {
+        "limit": format_limit(lim),
+        "rate": lim.rate,
+        "per": lim.per,
+        "burst": lim.capacity,
+        "shadow": item.shadow,
+    }
+
+
+def _readable(field: str, value: str) -> str:
+    """An audit value as people write it: limits as ``100/s burst 100``, absence as ``-``."""
+    if not value:
+        return "-"
+    if field.startswith(("exempt:", "mode:")):
+        return value
+    try:
+        item = decode_limit(field, value)
+    except (ValueError, RateLimitError):  # not a limit we can read: show it as stored
+        return value
+    shadow = " shadow" if item.shadow else ""
+    return f"{format_limit(item.limit)} burst {item.limit.capacity:.15g}{shadow}"
+
+
+def _mode(shadow: bool) -> str:
+    return "shadow" if shadow else "enforce"
+
+
+def _actor() -> str:
+    """Who the audit trail names for a change made from this command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name (some containers): still say it was the CLI
+        return "cli"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The group's options, shared with every subcommand."""
+
+    url: str | None
+    namespace: str
+
+    @property
+    def target(self) -> str:
+        return masked(self.url or DEFAULT_URL)
+
+    def limiter(self) -> Limiter:
+        try:
+            return Limiter.from_url(self.url or DEFAULT_URL, namespace=self.namespace)
+        except RateLimitError:
+            raise
+        except ValueError as exc:  # redis-py's verdict on a malformed URL
+            raise click.ClickException(f"bad Redis URL {self.target}: {exc}") from exc
+
+
+@contextmanager
+def _clean_errors(ctx: click.Context) -> Iterator[None]:
+    """Turn our errors and Redis's into one-line messages and a non-zero exit."""
+    try:
+        yield
+    except RateLimitError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ImportError as exc:  # an optional extra is missing; its message says which
+        raise click.ClickException(str(exc)) from exc
+    except redis.RedisError as exc:
+        # Read only now: the group's callback stores the settings after this began.
+        settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings(None, "default")
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            hint = "" if settings.url else " (set --url or REDIS_URL)"
+            message = f"cannot reach Redis at {settings.target}{hint}: {exc}"
+        else:
+            message = f"Redis at {settings.target} answered with an error: {exc}"
+        raise click.ClickException(message) from exc
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        with _clean_errors(ctx):
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="queue-ratelimit")
+@click.option(
+    "--url",
+    envvar=["QUEUE_RATELIMIT_URL", "REDIS_URL"],
+    show_envvar=True,
+    metavar="URL",
+    help=f"Redis server holding the limits [limits default: {DEFAULT_URL}; demo default: the "
+    "embedded engine].",
+)
+@click.option(
+    "--namespace",
+    envvar="QUEUE_RATELIMIT_NAMESPACE",
+    show_envvar=True,
+    default="default",
+    show_default=True,
+    help="Namespace of the limits (one deployment's keys).",
+)
+@click.pass_context
+def main(ctx: click.Context, url: str | None, namespace: str) -> None:
+    """Distributed, Redis-backed rate limits for Celery and RQ."""
+    ctx.obj = Settings(url=url or None, namespace=namespace)
+
+
+@main.command(short_help="Run a multi-tenant workload and show that the caps hold.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, 3600),
+    default=20.0,
+    show_default=True,
+    help="Seconds of load.",
+)
+@click.pass_obj
+def demo(settings: Settings, duration: float) -> None:
+    """Drive a multi-tenant workload through the limiter and show the caps hold.
+
+    Runs the package's Lua scripts in process (no Redis server needed) unless --url or
+    REDIS_URL names a server; there it uses the namespace "demo", cleared first.
+    """
+    code = _demo.run(duration, url=settings.url)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@main.group(short_help="Read and change limits, exemptions and dry-run mode.")
+def limits() -> None:
+    """Read and change limits, exemptions and dry-run mode (effective on the next decision).
+
+    SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every
+    tenant: tenant:* and tenant:*:queue:<q>.
+    """
+
+
+@limits.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def list_(settings: Settings, as_json: bool) -> None:
+    """Every limit, the exempt tenants and the dry-run mode."""
+    with settings.limiter() as limiter:
+        items = limiter.limits()
+        exempt = limiter.exemptions()
+        version = limiter.config_version()
+        # The namespace-wide switch has no getter on Limiter; it is this field of the config.
+        dry_run = limiter.client.hget(limiter.keys.config, "mode:shadow") is not None
+    if as_json:
+        payload = {
+            "namespace": settings.namespace,
+            "version": version,
+            "dry_run": dry_run,
+            "limits": {scope: _limit_json(item) for scope, item in items.items()},
+            "exempt": exempt,
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(
+        f"namespace {settings.namespace!r}: config version {version}, "
+        f"dry-run {'ON (nothing is denied)' if dry_run else 'off'}"
+    )
+    if not items:
+        click.echo("no limits set")
+    else:
+        rows = [
+            [
+                scope,
+                format_limit(item.limit),
+                f"{item.limit.rate_per_second:.15g}",
+                f"{item.limit.capacity:.15g}",
+                _mode(item.shadow),
+            ]
+            for scope, item in items.items()
+        ]
+        headers = ["scope", "limit", "per second", "burst", "mode"]
+        for line in _table(headers, rows, "lrrrl"):
+            click.echo(line)
+    if exempt:
+        what = {"tenant": "its tenant caps", "all": "every cap"}
+        listed = ", ".join(f"{t} ({what.get(m, m)})" for t, m in exempt.items())
+        click.echo(f"exempt: {listed}")
+
+
+@limits.command()
+@click.argument("scope")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def get(settings: Settings, scope: str, as_json: bool) -> None:
+    """The limit set for exactly SCOPE."""
+    with settings.limiter() as limiter:
+        item = limiter.get_limit(scope)
+    if as_json:
+        click.echo(json.dumps({"scope": item.scope, **_limit_json(item)}, indent=2))
+        return
+    lim = item.limit
+    click.echo(
+        f"{item.scope}  {format_limit(lim)}  burst {lim.capacity:.15g}  {_mode(item.shadow)}"
+    )
+
+
+@limits.command("set")
+@click.argument("scope")
+@click.argument("limit")
+@click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
+@click.option(
+    "--shadow/--enforce",
+    default=None,
+    help="Dry run (decide and count, never deny) or enforce [default: keep the scope's mode; "
+    "enforce for a new scope].",
+)
+@click.pass_obj
+def set_(
+    settings: Settings, scope: str, limit: str, burst: float | None, shadow: bool | None
+) -> None:
+    """Set SCOPE's LIMIT, such as 100/s, 6000/m, 10/h or 5/2s."""
+    parsed = Limit.parse(limit, burst=burst)
+    with settings.limiter() as limiter:
+        if shadow is None:
+            try:
+                shadow = limiter.get_limit(scope).shadow
+            except LimitNotFound:
+                shadow = False
+        version = limiter.set_limit(scope, parsed, shadow=shadow, actor=_actor())
+    click.echo(
+        f"{scope}: {format_limit(parsed)} burst {parsed.capacity:.15g} ({_mode(shadow)}); "
+        f"config version {version}"
+    )
+
+
+@limits.command()
+@click.argument("scope")
+@click.pass_obj
+def delete(settings: Settings, scope: str) -> None:
+    """Remove SCOPE's limit (and its bucket)."""
+    with settings.limiter() as limiter:
+        version = limiter.delete_limit(scope, actor=_actor())
+    click.echo(f"{scope}: deleted; config version {version}")
+
+
+@limits.command()
+@click.argument("tenant")
+@click.option(
+    "--mode",
+    type=click.Choice(["tenant", "all", "none"]),
+    default="tenant",
+    show_default=True,
+    help="Skip the tenant's own caps, every cap (queue and global too), or end the exemption.",
+)
+@click.pass_obj
+def exempt(settings: Settings, tenant: str, mode: str) -> None:
+    """Exempt a VIP TENANT from rate limits, or end its exemption."""
+    with settings.limiter() as limiter:
+        if mode == "none":
+            version = limiter.set_exempt(tenant, None, actor=_actor())
+        else:
+            version = limiter.set_exempt(
+                tenant, "all" if mode == "all" else "tenant", actor=_actor()
+            )
+    if mode == "none":
+        done = "no longer exempt" if version else "was not exempt; nothing changed"
+    elif mode == "all":
+        done = "exempt from every cap"
+    else:
+        done = "exempt from its tenant caps (queue and global caps still apply)"
+    click.echo(f"{tenant}: {done}; config version {version}")
+
+
+@limits.command("dry-run")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.pass_obj
+def dry_run(settings: Settings, state: str) -> None:
+    """Put the whole namespace in dry-run (shadow) mode, or take it out.
+
+    In dry-run every scope decides and counts would-deny, but nothing is denied.
+    """
+    with settings.limiter() as limiter:
+        version = limiter.set_shadow(state == "on", actor=_actor())
+    what = "ON: decisions are counted, nothing is denied" if state == "on" else "off: enforcing"
+    click.echo(f"namespace {settings.namespace!r}: dry-run {what}; config version {version}")
+
+
+@limits.command()
+@click.option("-n", "count", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def audit(settings: Settings, count: int, as_json: bool) -> None:
+    """The latest configuration changes, newest first."""
+    with settings.limiter() as limiter:
+        entries = limiter.audit_log(count)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no changes recorded in namespace {settings.namespace!r}")
+        return
+    rows = [
+        [
+            datetime.datetime.fromtimestamp(e.at_ms / 1000, datetime.UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+            str(e.version),
+            e.actor,
+            e.op,
+            e.field,
+            f"{_readable(e.field, e.old)} -> {_readable(e.field, e.new)}",
+        ]
+        for e in entries
+    ]
+    for line in _table(["time (UTC)", "version", "actor", "op", "field", "change"], rows, "lrllll"):
+        click.echo(line)

@@ -1,0 +1,317 @@
+"""Metrics read from Redis: a JSON-able snapshot, and a Prometheus collector built on it.
+
+Counters live in Redis (the Lua scripts bump them atomically), so every process sees the
+same numbers and the figures are right under Celery's prefork pool or many RQ workers:
+whichever process is scraped reports the whole namespace.
+
+>>> from prometheus_client import CollectorRegistry
+>>> registry = CollectorRegistry()
+>>> registry.register(RateLimitCollector(limiter))          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ._limiter import Limiter
+
+# Per-tenant series are kept for tenants with their own configuration and for those with
+# waiting work, up to this many, so a million one-off tenants cannot explode cardinality.
+MAX_TENANT_SERIES = 200
+SNAPSHOT_TTL_SECONDS = 300
+WAIT_BOUNDS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bucket_fill(value: object, burst: float, rate_per_s: float, now_us: float) -> float:
+    """Tokens in a stored bucket, refilled to now (a missing bucket is full)."""
+    if value is None:
+        return burst
+    tokens, updated = (float(x) for x in _text(value).split(" "))
+    return min(burst, tokens + max(0.0, now_us - updated) * rate_per_s / 1e6)
+
+
+def _configured_tenant(field: str) -> str | None:
+    """The tenant a config field is about (``tenant:<t>...``, ``exempt:<t>``,
+    ``weight:tenant:<t>``), or None."""
+    parts = field.split(":")
+    if parts[0] in ("tenant", "exempt") and len(parts) >= 2:
+        return parts[1]
+    if parts[:2] == ["weight", "tenant"] and len(parts) == 3:
+        return parts[2]
+    return None
+
+
+def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[str, Any]:
+    """Everything the dashboards show, read from Redis in a few round trips."""
+    client = limiter.client
+    keys = limiter.keys
+    base = keys.base
+    seconds, micros = client.time()
+    now_us = seconds * 1e6 + micros
+    config = {_text(k): _text(v) for k, v in client.hgetall(keys.config).items()}
+    shared = {_text(k): _text(v) for k, v in client.hgetall(keys.shared).items()}
+    limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
+    lanes = sorted(_text(x) for x in client.smembers(f"{base}:s:lanes"))
+
+    pipe = client.pipeline(transaction=False)
+    for lane in lanes:
+        pipe.hlen(f"{base}:s:{lane}:n")
+        pipe.hget(f"{base}:s:{lane}:n", ":total")
+        pipe.zcard(f"{base}:s:{lane}:active")
+        pipe.zcard(f"{base}:s:{lane}:parked")
+        pipe.zrange(f"{base}:s:{lane}:age", 0, 0, withscores=True)
+    pipe.zcard(f"{base}:s:inflight")
+    lane_replies = pipe.execute()
+    lane_stats: dict[str, dict[str, Any]] = {}
+    backlogged: dict[str, int] = {}
+    for i, lane in enumerate(lanes):
+        hlen, total, active, parked, oldest = lane_replies[5 * i : 5 * i + 5]
+        lane_stats[lane] = {
+            "backlog": int(total or 0),
+            "active_tenants": int(active),
+            "parked_tenants": int(parked),
+            "oldest_wait_ms": max(0.0, now_us / 1000 - oldest[0][1]) if oldest else 0.0,
+        }
+        if hlen - 2 <= max_tenants:  # the hash also holds ':total' and ':vt'
+            for tenant, count in client.hgetall(f"{base}:s:{lane}:n").items():
+                name = _text(tenant)
+                if not name.startswith(":"):
+                    backlogged[name] = backlogged.get(name, 0) + int(count)
+
+    configured = {t for t in map(_configured_tenant, config) if t is not None and t != "*"}
+    tenants = sorted(configured | set(backlogged))[:max_tenants]
+    pipe = client.pipeline(transaction=False)
+    for tenant in tenants:
+        pipe.hgetall(keys.tenant(tenant))
+    tenant_hashes = pipe.execute()
+
+    buckets: dict[str, dict[str, float]] = {}
+    for scope, setting in limits.items():
+        if "*" in scope or scope.startswith("tenant:"):
+            continue
+        field = "b:global" if scope == "global" else f"b:{scope}"
+        burst, rate = setting.limit.capacity, setting.limit.rate_per_second
+        tokens = _bucket_fill(shared.get(field), burst, rate, now_us)
+        buckets[scope] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
+
+    tenant_stats: dict[str, dict[str, Any]] = {}
+    for tenant, raw in zip(tenants, tenant_hashes, strict=True):
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        entry: dict[str, Any] = {
+            "allowed": int(float(fields.get("n:a", 0))),
+            "denied": int(float(fields.get("n:d", 0))),
+            "would_deny": int(float(fields.get("n:w", 0))),
+            "backlog": backlogged.get(tenant, 0),
+            "exempt": config.get(f"exempt:{tenant}"),
+        }
+        tenant_limit = limits.get(f"tenant:{tenant}") or limits.get("tenant:*")
+        if tenant_limit is not None:
+            burst, rate = tenant_limit.limit.capacity, tenant_limit.limit.rate_per_second
+            tokens = _bucket_fill(fields.get("b"), burst, rate, now_us)
+            buckets[f"tenant:{tenant}"] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
+        tenant_stats[tenant] = entry
+
+    def counters(prefix: str) -> dict[str, int]:
+        return {
+            k[len(prefix) :]: int(float(v))
+            for k, v in sorted(shared.items())
+            if k.startswith(prefix)
+        }
+
+    histogram = [int(shared.get(f"h:{b}", 0)) for b in WAIT_BOUNDS_MS] + [
+        int(shared.get("h:inf", 0))
+    ]
+    return {
+        "at_ms": now_us / 1000,
+        "namespace": limiter.namespace,
+        "config_version": int(config.get("_version", 0)),
+        "shadow": config.get("mode:shadow") == "1",
+        "limits": {
+            scope: {
+                "rate_per_s": s.limit.rate_per_second,
+                "burst": s.limit.capacity,
+                "shadow": s.shadow,
+            }
+            for scope, s in limits.items()
+        },
+        "totals": {
+            "allowed": int(float(shared.get("n:a", 0))),
+            "allowed_tokens": float(shared.get("n:at", 0)),
+            "denied": int(float(shared.get("n:d", 0))),
+            "would_deny": int(float(shared.get("n:w", 0))),
+            "reaped": int(float(shared.get("n:reaped", 0))),
+            "in_flight": int(lane_replies[-1]),
+        },
+        "denied_by": counters("d:"),
+        "would_deny_by": counters("w:"),
+        "allowed_by_queue": counters("a:q:"),
+        "allowed_by_priority": counters("a:p:"),
+        "wait_ms_histogram": {
+            "bounds": list(WAIT_BOUNDS_MS),
+            "counts": histogram,
+            "sum": float(shared.get("h:sum", 0)),
+        },
+        "buckets": buckets,
+        "lanes": lane_stats,
+        "tenants": tenant_stats,
+    }
+
+
+def publish_snapshot(limiter: Limiter) -> dict[str, Any]:
+    """Store a snapshot in Redis (``<base>:snapshot``) for dashboards; returns it."""
+    snap = snapshot(limiter)
+    limiter.client.set(f"{limiter.keys.base}:snapshot", json.dumps(snap), ex=SNAPSHOT_TTL_SECONDS)
+    return snap
+
+
+def read_snapshot(limiter: Limiter) -> dict[str, Any] | None:
+    """The latest published snapshot, or None."""
+    raw = limiter.client.get(f"{limiter.keys.base}:snapshot")
+    return json.loads(raw) if raw else None
+
+
+class RateLimitCollector:
+    """A Prometheus collector that reads the namespace's state from Redis when scraped.
+
+    Register it on a registry you own (``registry.register(RateLimitCollector(limiter))``);
+    any process may serve it, since the state it reports is the whole namespace's.
+    """
+
+    def __init__(self, limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> None:
+        self.limiter = limiter
+        self.max_tenants = max_tenants
+
+    def describe(self) -> list[Any]:
+        # Describing nothing keeps registration from scraping Redis.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        started = time.perf_counter()
+        snap = snapshot(self.limiter, max_tenants=self.max_tenants)
+        ns = snap["namespace"]
+        decisions = CounterMetricFamily(
+            "queue_ratelimit_decisions",
+            "Rate limit decisions in the namespace, by outcome",
+            labels=["namespace", "outcome"],
+        )
+        totals = snap["totals"]
+        for outcome, key in (
+            ("allowed", "allowed"),
+            ("denied", "denied"),
+            ("would_deny", "would_deny"),
+        ):
+            decisions.add_metric([ns, outcome], totals[key])
+        yield decisions
+
+        by_scope = CounterMetricFamily(
+            "queue_ratelimit_scope_decisions",
+            "Denials and shadow-mode would-denials, by the scope that decided",
+            labels=["namespace", "scope", "outcome"],
+        )
+        for scope, n in snap["denied_by"].items():
+            by_scope.add_metric([ns, scope, "denied"], n)
+        for scope, n in snap["would_deny_by"].items():
+            by_scope.add_metric([ns, scope, "would_deny"], n)
+        yield by_scope
+
+        allowed_q = CounterMetricFamily(
+            "queue_ratelimit_allowed_by_queue", "Admissions by queue", labels=["namespace", "queue"]
+        )
+        for queue, n in snap["allowed_by_queue"].items():
+            allowed_q.add_metric([ns, queue], n)
+        yield allowed_q
+
+        allowed_p = CounterMetricFamily(
+            "queue_ratelimit_allowed_by_priority",
+            "Admissions by priority",
+            labels=["namespace", "priority"],
+        )
+        for priority, n in snap["allowed_by_priority"].items():
+            allowed_p.add_metric([ns, priority], n)
+        yield allowed_p
+
+        hist = snap["wait_ms_histogram"]
+        cumulative, buckets = 0, []
+        for bound, count in zip([*hist["bounds"], "+Inf"], hist["counts"], strict=True):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        wait = HistogramMetricFamily(
+            "queue_ratelimit_denied_wait_ms",
+            "Wait (ms) reported to denied decisions",
+            labels=["namespace"],
+        )
+        wait.add_metric([ns], buckets, sum_value=hist["sum"])
+        yield wait
+
+        fill = GaugeMetricFamily(
+            "queue_ratelimit_bucket_fill_ratio",
+            "Tokens in a bucket over its burst (1 = full, idle)",
+            labels=["namespace", "scope"],
+        )
+        tokens = GaugeMetricFamily(
+            "queue_ratelimit_bucket_tokens", "Tokens in a bucket", labels=["namespace", "scope"]
+        )
+        for scope, b in snap["buckets"].items():
+            fill.add_metric([ns, scope], b["fill"])
+            tokens.add_metric([ns, scope], b["tokens"])
+        yield fill
+        yield tokens
+
+        tenant_decisions = CounterMetricFamily(
+            "queue_ratelimit_tenant_decisions",
+            "Decisions per tenant (configured or backlogged tenants only)",
+            labels=["namespace", "tenant", "outcome"],
+        )
+        parked = GaugeMetricFamily(
+            "queue_ratelimit_parked_jobs",
+            "Jobs waiting in the fair backlog, per tenant",
+            labels=["namespace", "tenant"],
+        )
+        for tenant, t in snap["tenants"].items():
+            for outcome in ("allowed", "denied", "would_deny"):
+                tenant_decisions.add_metric([ns, tenant, outcome], t[outcome])
+            parked.add_metric([ns, tenant], t["backlog"])
+        yield tenant_decisions
+        yield parked
+
+        lane_backlog = GaugeMetricFamily(
+            "queue_ratelimit_queue_backlog", "Jobs parked per queue", labels=["namespace", "queue"]
+        )
+        oldest = GaugeMetricFamily(
+            "queue_ratelimit_oldest_parked_ms",
+            "Age of the oldest parked job per queue",
+            labels=["namespace", "queue"],
+        )
+        for lane, stats in snap["lanes"].items():
+            lane_backlog.add_metric([ns, lane], stats["backlog"])
+            oldest.add_metric([ns, lane], stats["oldest_wait_ms"])
+        yield lane_backlog
+        yield oldest
+
+        in_flight = GaugeMetricFamily(
+            "queue_ratelimit_in_flight",
+            "Jobs re-admitted and not yet acknowledged",
+            labels=["namespace"],
+        )
+        in_flight.add_metric([ns], totals["in_flight"])
+        yield in_flight
+        scrape = GaugeMetricFamily(
+            "queue_ratelimit_scrape_seconds",
+            "Time to read the state from Redis",
+            labels=["namespace"],
+        )
+        scrape.add_metric([ns], time.perf_counter() - started)
+        yield scrape

@@ -1,0 +1,189 @@
+"""``AsyncLimiter`` decides exactly like ``Limiter`` and shares its Redis state."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from conftest import free_port
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from queue_ratelimit import (
+    AsyncLimiter,
+    BackendUnavailable,
+    CostExceedsBurst,
+    Decision,
+    InvalidCost,
+    InvalidName,
+    InvalidScope,
+    Limit,
+    Limiter,
+    LimitNotFound,
+    ScopeLimit,
+)
+
+T = TypeVar("T")
+HOUR = 3600.0
+
+
+def run(url: str, namespace: str, body: Callable[[AsyncLimiter], Awaitable[T]]) -> T:
+    """Run ``body`` with an ``AsyncLimiter`` on a fresh event loop, closing it afterwards."""
+
+    async def main() -> T:
+        async with AsyncLimiter.from_url(url, namespace=namespace) as lim:
+            return await body(lim)
+
+    return asyncio.run(main())
+
+
+def script() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    """The same calls, for either limiter: (method, args, kwargs)."""
+    return [
+        ("set_limit", ("tenant:*", Limit(1, per=HOUR, burst=3)), {}),
+        ("set_limit", ("global", "10/h"), {"shadow": True}),
+        ("set_limit", ("tenant:acme:queue:q", Limit(1, per=HOUR, burst=2)), {}),
+        ("get_limit", ("tenant:*",), {}),
+        ("acquire", ("acme",), {"queue": "q", "priority": "high"}),
+        ("peek", ("acme",), {"queue": "q", "cost": 2}),
+        ("acquire", ("acme",), {"queue": "q"}),
+        ("acquire", ("acme",), {"queue": "q"}),
+        ("refund", ("acme",), {"queue": "q", "cost": 0.5}),
+        ("acquire", ("acme",), {"cost": 1.5}),
+        ("acquire", ("acme",), {}),
+        ("set_exempt", ("acme", "tenant"), {}),
+        ("acquire", ("acme",), {"cost": 2}),
+        ("delete_limit", ("tenant:acme:queue:q",), {}),
+        ("limits", (), {}),
+    ]
+
+
+def normalise(result: object) -> object:
+    """Round floats that depend on the few microseconds between calls."""
+    if isinstance(result, Decision):
+        return (
+            result.allowed,
+            result.denied_by,
+            round(result.wait_ms / 1000),
+            {k: round(v, 2) for k, v in result.remaining.items()},
+            result.would_deny,
+            result.degraded,
+        )
+    return result
+
+
+def test_async_and_sync_limiters_decide_alike(limiter: Limiter, redis_url: str) -> None:
+    sync_results = [normalise(getattr(limiter, m)(*a, **k)) for m, a, k in script()]
+
+    async def body(lim: AsyncLimiter) -> list[object]:
+        return [normalise(await getattr(lim, m)(*a, **k)) for m, a, k in script()]
+
+    namespace = f"{limiter.namespace}-async"
+    try:
+        async_results = run(redis_url, namespace, body)
+    finally:
+        keys = list(limiter.client.scan_iter(match=f"qrl:{{{namespace}}}:*"))
+        limiter.client.delete(*keys)
+    assert async_results == sync_results
+    # The script is worth checking on its own too, so parity is not parity of two bugs.
+    allowed = [r[0] for r in sync_results if isinstance(r, tuple)]
+    assert allowed == [True, False, True, False, True, True, False, True]
+    assert sync_results[3] == ScopeLimit("tenant:*", Limit(1, per=HOUR, burst=3))
+    assert sync_results[-1] == {
+        "global": ScopeLimit("global", Limit(10, per=HOUR), True),
+        "tenant:*": ScopeLimit("tenant:*", Limit(1, per=HOUR, burst=3)),
+    }
+
+
+def test_async_limiter_shares_state_with_sync(limiter: Limiter, redis_url: str) -> None:
+    limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
+
+    async def body(lim: AsyncLimiter) -> tuple[Decision, Decision, ScopeLimit]:
+        first = await lim.acquire("acme")
+        second = await lim.acquire("acme")
+        await lim.set_limit("global", "5/s")
+        return first, second, await lim.get_limit("tenant:acme")
+
+    first, second, got = run(redis_url, limiter.namespace, body)
+    assert first.allowed
+    assert second.allowed
+    assert got.limit == Limit(1, per=HOUR, burst=2)
+    assert not limiter.acquire("acme").allowed
+    assert limiter.get_limit("global").limit == Limit(5)
+    assert limiter.config_version() == 2
+
+
+def test_async_errors_match_sync(limiter: Limiter, redis_url: str) -> None:
+    limiter.set_limit("tenant:acme", Limit(1, burst=2))
+
+    async def body(lim: AsyncLimiter) -> list[type[Exception]]:
+        raised = []
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: lim.acquire("a:b"),
+            lambda: lim.peek("acme", priority="URGENT"),
+            lambda: lim.refund("acme", cost=0),
+            lambda: lim.acquire("acme", cost=3),
+            lambda: lim.set_limit("users", "1/s"),
+            lambda: lim.get_limit("tenant:ghost"),
+            lambda: lim.delete_limit("tenant:ghost"),
+        ]
+        for call in calls:
+            try:
+                await call()
+            except Exception as exc:
+                raised.append(type(exc))
+        return raised
+
+    assert run(redis_url, limiter.namespace, body) == [
+        InvalidName,
+        InvalidName,
+        InvalidCost,
+        CostExceedsBurst,
+        InvalidScope,
+        LimitNotFound,
+        LimitNotFound,
+    ]
+
+
+def test_async_noscript_recovery(limiter: Limiter, redis_url: str) -> None:
+    limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
+
+    async def body(lim: AsyncLimiter) -> list[bool]:
+        out = [(await lim.acquire("acme")).allowed]
+        await lim.client.script_flush()
+        out.append((await lim.acquire("acme")).allowed)
+        await lim.client.script_flush()
+        out.append((await lim.acquire("acme")).allowed)
+        return out
+
+    assert run(redis_url, limiter.namespace, body) == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("fail_mode", "expected"),
+    [("open", (True, True)), ("closed", (False, True)), ("raise", None)],
+)
+def test_async_fail_modes(fail_mode: str, expected: tuple[bool, bool] | None) -> None:
+    port = free_port()  # nothing listens there
+
+    async def main() -> tuple[bool, bool, float]:
+        client = aioredis.Redis(port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        async with AsyncLimiter(
+            client, namespace=f"a{uuid.uuid4().hex[:8]}", fail_mode=fail_mode, closed_retry_ms=250
+        ) as lim:  # type: ignore[arg-type]
+            decision = await lim.acquire("acme")
+            return decision.allowed, decision.degraded, decision.wait_ms
+
+    if expected is None:
+        with pytest.raises(BackendUnavailable) as info:
+            asyncio.run(main())
+        assert isinstance(info.value.__cause__, redis.ConnectionError)
+        return
+    allowed, degraded, wait_ms = asyncio.run(main())
+    assert (allowed, degraded) == expected
+    assert wait_ms == (0 if allowed else 250)

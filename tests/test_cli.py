@@ -1,0 +1,245 @@
+"""The ``queue-ratelimit`` command, through Click's runner, against a real Redis server."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from queue_ratelimit import Limiter, __version__
+from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
+from queue_ratelimit._limit import Limit
+from queue_ratelimit.cli import format_limit, main, masked
+
+# None removes a variable for the invocation, so only what a test passes is seen.
+NO_ENV = {
+    "REDIS_URL": None,
+    "QUEUE_RATELIMIT_URL": None,
+    "QUEUE_RATELIMIT_NAMESPACE": None,
+}
+
+
+@pytest.fixture
+def cli(redis_url: str, namespace: str, redis_client: redis.Redis) -> Iterator[CliRunner]:
+    """A runner whose environment points the command at the test server and namespace."""
+    yield CliRunner(env={**NO_ENV, "REDIS_URL": redis_url, "QUEUE_RATELIMIT_NAMESPACE": namespace})
+    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*"))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def ok(runner: CliRunner, *args: str) -> str:
+    result = runner.invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def failed(result: Result) -> str:
+    """The error text of a run that must fail cleanly: exit 1, one line, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, (AssertionError, TypeError, AttributeError))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_version() -> None:
+    assert ok(CliRunner(), "--version").strip() == f"queue-ratelimit, version {__version__}"
+
+
+def test_set_get_list_delete(cli: CliRunner, namespace: str, limiter: Limiter) -> None:
+    assert "no limits set" in ok(cli, "limits", "list")
+    assert ok(cli, "limits", "set", "global", "1000/s").startswith("global: 1000/s burst 1000")
+    ok(cli, "limits", "set", "tenant:*", "50/s", "--burst", "100")
+    ok(cli, "limits", "set", "tenant:acme", "6000/m")
+    ok(cli, "limits", "set", "tenant:acme:queue:emails", "5/2s", "--shadow")
+
+    # What the command wrote is what the Python API reads.
+    assert limiter.get_limit("tenant:*").limit == Limit(50, burst=100)
+    assert limiter.get_limit("tenant:acme:queue:emails").shadow
+
+    assert ok(cli, "limits", "get", "tenant:acme").split() == [
+        "tenant:acme",
+        "6000/m",
+        "burst",
+        "6000",
+        "enforce",
+    ]
+    listing = ok(cli, "limits", "list")
+    assert f"namespace {namespace!r}: config version 4, dry-run off" in listing
+    rows = [line.split() for line in listing.splitlines()]
+    assert ["tenant:acme:queue:emails", "5/2s", "2.5", "5", "shadow"] in rows
+
+    ok(cli, "limits", "delete", "tenant:acme")
+    assert "tenant:acme " not in ok(cli, "limits", "list")
+
+
+def test_set_keeps_the_mode_unless_told(cli: CliRunner, limiter: Limiter) -> None:
+    ok(cli, "limits", "set", "queue:emails", "5/s", "--shadow")
+    assert "(shadow)" in ok(cli, "limits", "set", "queue:emails", "8/s")
+    assert limiter.get_limit("queue:emails").shadow
+    assert "(enforce)" in ok(cli, "limits", "set", "queue:emails", "8/s", "--enforce")
+    assert not limiter.get_limit("queue:emails").shadow
+
+
+def test_json_output(cli: CliRunner, namespace: str) -> None:
+    ok(cli, "limits", "set", "tenant:*", "10/h", "--burst", "3")
+    ok(cli, "limits", "exempt", "vip")
+    data = json.loads(ok(cli, "limits", "list", "--json"))
+    assert data == {
+        "namespace": namespace,
+        "version": 2,
+        "dry_run": False,
+        "limits": {
+            "tenant:*": {
+                "limit": "10/h",
+                "rate": 10.0,
+                "per": 3600.0,
+                "burst": 3.0,
+                "shadow": False,
+            }
+        },
+        "exempt": {"vip": "tenant"},
+    }
+    one = json.loads(ok(cli, "limits", "get", "tenant:*", "--json"))
+    assert (one["scope"], one["burst"]) == ("tenant:*", 3.0)
+
+
+def test_exempt_modes(cli: CliRunner, limiter: Limiter) -> None:
+    assert "exempt from its tenant caps" in ok(cli, "limits", "exempt", "vip")
+    assert "exempt from every cap" in ok(cli, "limits", "exempt", "boss", "--mode", "all")
+    assert limiter.exemptions() == {"boss": "all", "vip": "tenant"}
+    assert "exempt: boss (every cap), vip (its tenant caps)" in ok(cli, "limits", "list")
+    assert "no longer exempt" in ok(cli, "limits", "exempt", "vip", "--mode", "none")
+    assert "was not exempt" in ok(cli, "limits", "exempt", "vip", "--mode", "none")
+    assert limiter.exemptions() == {"boss": "all"}
+
+
+def test_dry_run_switches_the_namespace(cli: CliRunner, limiter: Limiter) -> None:
+    ok(cli, "limits", "set", "global", "1/h")
+    assert limiter.acquire("acme").allowed
+    assert not limiter.acquire("acme").allowed
+    assert "dry-run ON" in ok(cli, "limits", "dry-run", "on")
+    assert "dry-run ON" in ok(cli, "limits", "list")
+    decision = limiter.acquire("acme")
+    assert (decision.allowed, decision.would_deny) == (True, ("global",))
+    ok(cli, "limits", "dry-run", "off")
+    assert "dry-run off" in ok(cli, "limits", "list")
+    assert not limiter.acquire("acme").allowed
+
+
+def test_audit_shows_the_latest_changes_first(cli: CliRunner) -> None:
+    ok(cli, "limits", "set", "global", "100/s")
+    ok(cli, "limits", "set", "global", "200/s", "--burst", "50")
+    ok(cli, "limits", "delete", "global")
+    lines = ok(cli, "limits", "audit", "-n", "2").splitlines()
+    assert lines[0].split() == ["time", "(UTC)", "version", "actor", "op", "field", "change"]
+    assert len(lines) == 3
+    version, actor, *change = lines[1].split()[2:]
+    assert (version, change) == ("3", ["del", "global", "200/s", "burst", "50", "->", "-"])
+    assert actor.startswith("cli")
+    assert "100/s burst 100 -> 200/s burst 50" in lines[2]
+    entries = json.loads(ok(cli, "limits", "audit", "-n", "5", "--json"))
+    assert [e["version"] for e in entries] == [3, 2, 1]
+
+
+def test_empty_audit(cli: CliRunner) -> None:
+    assert "no changes recorded" in ok(cli, "limits", "audit")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["limits", "set", "tenant:acme", "100/fortnight"], "unknown time unit 'fortnight'"),
+        (["limits", "set", "tenant:acme", "0/s"], "greater than 0"),
+        (["limits", "set", "tenant:acme", "nan/s"], "cannot parse limit"),
+        (["limits", "set", "tenant:acme", "10/s", "--burst", "0.5"], "burst must be at least 1"),
+        (["limits", "set", "tenants:acme", "10/s"], "unknown scope 'tenants:acme'"),
+        (["limits", "get", "bogus"], "unknown scope 'bogus'"),
+        (["limits", "get", "tenant:nobody"], "no limit is set for scope 'tenant:nobody'"),
+        (["limits", "delete", "tenant:nobody"], "no limit is set for scope 'tenant:nobody'"),
+        (["limits", "get", "tenant:a{b}"], "invalid tenant name"),
+        (["limits", "exempt", "a:b"], "invalid tenant name"),
+        (["--namespace", "bad ns", "limits", "list"], "invalid namespace 'bad ns'"),
+        (["--url", "http://example.com", "limits", "list"], "bad Redis URL"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(cli: CliRunner, args: list[str], message: str) -> None:
+    assert message in failed(cli.invoke(main, args))
+
+
+def test_usage_errors_exit_2(cli: CliRunner) -> None:
+    result = cli.invoke(main, ["limits", "dry-run", "maybe"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["limits", "list"],
+        ["limits", "set", "global", "10/s"],
+        ["limits", "audit"],
+        ["demo", "--duration", "1"],
+    ],
+)
+def test_unreachable_redis_is_one_clean_line(args: list[str]) -> None:
+    url = f"redis://user:s3cret@127.0.0.1:{closed_port()}/0"
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", url, *args]))
+    assert "cannot reach Redis at redis://user:***@127.0.0.1:" in message
+    assert "s3cret" not in message
+
+
+def test_missing_url_hints_at_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("queue_ratelimit.cli.DEFAULT_URL", f"redis://127.0.0.1:{closed_port()}/0")
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["limits", "list"]))
+    assert "(set --url or REDIS_URL)" in message
+
+
+def test_helpers() -> None:
+    for text in ["100/s", "6000/m", "10/h", "1/d", "5/2s", "0.5/s", "1234567/s", "3/0.5s"]:
+        assert Limit.parse(format_limit(Limit.parse(text))) == Limit.parse(text)
+    assert format_limit(Limit.parse("5/2s")) == "5/2s"
+    assert masked("redis://:pw@host:1/0") == "redis://:***@host:1/0"
+    assert masked("redis://host:1/0") == "redis://host:1/0"
+
+
+def test_demo_runs_on_the_embedded_engine() -> None:
+    result = CliRunner(env=NO_ENV).invoke(main, ["demo", "--duration", "2"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "engine:    embedded" in out
+    assert "summary over T = 2." in out
+    assert "Every cap held." in out
+    assert "\x1b[" not in out  # not a terminal: no cursor movement
+    for scope in ["global", "tenant:acme", "tenant:globex:queue:reports", "queue:emails (shadow)"]:
+        assert f"\n{scope} " in out
+
+
+def test_demo_runs_on_redis(redis_url: str, redis_client: redis.Redis) -> None:
+    result = CliRunner(env={**NO_ENV, "REDIS_URL": redis_url}).invoke(
+        main, ["demo", "--duration", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "engine:    Redis at " in result.output
+    assert "Every cap held." in result.output
+    # The run's state stays for inspection in the demo namespace, and only there.
+    listing = CliRunner(env={**NO_ENV, "REDIS_URL": redis_url}).invoke(
+        main, ["--namespace", DEMO_NAMESPACE, "limits", "list"]
+    )
+    assert "tenant:globex:queue:reports" in listing.output
+    keys = list(redis_client.scan_iter(match=f"qrl:{{{DEMO_NAMESPACE}}}:*"))
+    redis_client.delete(*keys)

@@ -1,0 +1,197 @@
+"""Property tests: a bucket never admits more than R·T + B, and never denies what fits.
+
+Time is simulated honestly: Redis's clock cannot be moved, so to let ``d`` seconds pass for
+a bucket the test rewrites the bucket's stored ``updated_us`` ``d`` seconds further into the
+past (exactly what the script sees after a real pause). The virtual time of a decision is
+then Redis's own time for it (read back from the state the script wrote) plus every shift
+made so far, so the windows checked below are exact, real elapsed time included.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from queue_ratelimit import Limit, Limiter, Scope
+
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def server_us(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+@dataclass
+class Model:
+    """A reference token bucket on the virtual clock, fed only with admitted decisions."""
+
+    rate: float  # tokens per microsecond
+    burst: float
+    tokens: float | None = None  # None: never used, so full
+    at_us: int = 0
+
+    def level(self, now_us: int) -> float:
+        if self.tokens is None:
+            return self.burst
+        return min(self.burst, self.tokens + max(0, now_us - self.at_us) * self.rate)
+
+
+class VirtualClock:
+    """Moves time forward for the buckets of one limiter by back-dating their state."""
+
+    def __init__(self, lim: Limiter, scopes: list[str]) -> None:
+        self.lim = lim
+        self.locations = []
+        for scope in scopes:
+            location = lim.keys.bucket_location(Scope.parse(scope))
+            assert location is not None
+            self.locations.append(location)
+        self.shift_us = 0
+
+    def advance(self, seconds: float) -> None:
+        delta = round(seconds * 1_000_000)
+        self.shift_us += delta
+        for key, field in self.locations:
+            raw = self.lim.client.hget(key, field)
+            if raw is not None:  # no state yet means a full bucket, at any time
+                tokens, updated = raw.decode().split(" ")
+                self.lim.client.hset(key, field, f"{tokens} {int(float(updated)) - delta}")
+
+    def stored(self, index: int) -> tuple[float, int]:
+        key, field = self.locations[index]
+        raw = self.lim.client.hget(key, field)
+        assert raw is not None
+        tokens, updated = raw.decode().split(" ")
+        return float(tokens), int(float(updated))
+
+
+def check_windows(admitted: list[tuple[int, float]], limit: Limit) -> None:
+    """Every window between two admissions holds at most R·T + B tokens."""
+    for i, (start_us, _) in enumerate(admitted):
+        total = 0.0
+        for end_us, cost in admitted[i:]:
+            total += cost
+            span_s = (end_us - start_us) / 1e6
+            bound = limit.rate_per_second * span_s + limit.capacity
+            assert total <= bound + TOLERANCE, (
+                f"admitted {total} in {span_s}s, above R*T + B = {bound}"
+            )
+
+
+def run(client: redis.Redis, limits: dict[str, Limit], ops: list[tuple[float, float]]) -> None:
+    """Replay (cost, pause) steps on the virtual clock and compare with the reference model.
+
+    Args:
+        client: a Redis client.
+        limits: the scopes that apply to tenant "acme", with their limits.
+        ops: (cost, seconds of virtual pause before the call) steps.
+    """
+    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
+    scopes = list(limits)
+    try:
+        for scope, limit in limits.items():
+            lim.set_limit(scope, limit)
+        clock = VirtualClock(lim, scopes)
+        models = [Model(limit.rate_per_second / 1e6, limit.capacity) for limit in limits.values()]
+        admitted: dict[str, list[tuple[int, float]]] = {s: [] for s in scopes}
+        for cost, pause in ops:
+            clock.advance(pause)
+            earliest = server_us(client) + clock.shift_us
+            decision = lim.acquire("acme", cost=cost)
+            if decision.allowed:
+                for index, (scope, model) in enumerate(zip(scopes, models, strict=True)):
+                    tokens, updated = clock.stored(index)
+                    now = updated + clock.shift_us  # the decision's exact virtual time
+                    assert model.level(now) >= cost - TOLERANCE, "admitted without the tokens"
+                    model.tokens, model.at_us = model.level(now) - cost, now
+                    assert tokens == pytest.approx(model.tokens, abs=TOLERANCE)
+                    admitted[scope].append((now, cost))
+            else:
+                # Tokens only grow while nothing is admitted, so if they were short at the
+                # decision they were short at `earliest`, a moment before it.
+                short = [s for s, m in zip(scopes, models, strict=True) if m.level(earliest) < cost]
+                assert short, f"denied {cost} although every bucket held it"
+                assert decision.denied_by in scopes
+                assert decision.wait_ms > 0
+        for scope, limit in limits.items():
+            check_windows(admitted[scope], limit)
+    finally:
+        keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+costs = st.one_of(
+    st.sampled_from([0.1, 0.25, 0.5, 1.0]),
+    st.floats(min_value=0.01, max_value=1.0, allow_nan=False),
+)
+pauses = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1.0), st.just(1e-6))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0, 10.0, 100.0]),
+    burst=st.sampled_from([1.0, 2.0, 5.0, 10.0]),
+    ops=st.lists(st.tuples(costs, pauses), min_size=1, max_size=40),
+)
+def test_one_bucket_never_exceeds_rate_times_time_plus_burst(
+    client: redis.Redis, rate: float, burst: float, ops: list[tuple[float, float]]
+) -> None:
+    # Costs are fractions of the burst and pauses fractions of the time to refill it.
+    limit = Limit(rate, burst=burst)
+    steps = [(c * burst, p * burst / rate) for c, p in ops]
+    run(client, {"tenant:acme": limit}, steps)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    tenant=st.tuples(st.sampled_from([1.0, 5.0, 50.0]), st.sampled_from([1.0, 3.0, 8.0])),
+    shared=st.tuples(st.sampled_from([2.0, 10.0]), st.sampled_from([2.0, 6.0])),
+    ops=st.lists(st.tuples(costs, pauses), min_size=1, max_size=40),
+)
+def test_two_buckets_each_hold_their_bound(
+    client: redis.Redis,
+    tenant: tuple[float, float],
+    shared: tuple[float, float],
+    ops: list[tuple[float, float]],
+) -> None:
+    limits = {
+        "tenant:acme": Limit(tenant[0], burst=tenant[1]),
+        "global": Limit(shared[0], burst=shared[1]),
+    }
+    smallest = min(tenant[1], shared[1])
+    steps = [(c * smallest, p * 2) for c, p in ops]
+    run(client, limits, steps)
+
+
+def test_real_clock_high_rate_never_exceeds_the_bound(client: redis.Redis) -> None:
+    """No simulation: a fast bucket on Redis's real clock, hammered for a few hundred ms."""
+    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
+    limit = Limit(2000, burst=5)
+    try:
+        lim.set_limit("tenant:acme", limit)
+        start = server_us(client)
+        admitted = 0.0
+        for i in range(3000):
+            cost = (0.5, 1.0, 2.0)[i % 3]
+            if lim.acquire("acme", cost=cost).allowed:
+                admitted += cost
+        elapsed_s = (server_us(client) - start) / 1e6
+        assert admitted <= limit.rate_per_second * elapsed_s + limit.capacity + TOLERANCE
+        assert admitted > 0
+    finally:
+        client.delete(*client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
