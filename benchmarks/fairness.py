@@ -62,8 +62,8 @@ SCRIPT_SLACK_S = 0.001
 BIN_S = 0.5  # plot resolution
 SCALE_TENANTS = (1, 1_000, 100_000)
 SCALE_MIN_ITEMS = 25_000
-SCALE_ROUNDS = 3
-SCALE_SECONDS = 1.5
+SCALE_ROUNDS = 5
+SCALE_SECONDS = 1.0
 SCALE_STAT_CALLS = 2_000
 SUBMIT_BATCH = 2_000
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "fairness.png"
@@ -116,14 +116,16 @@ def _scenarios(seconds: float) -> list[Scenario]:
     n3 = 50
     share3 = g3 / (n3 + 5)
     quiet = (
-        # (tenant, items per second, items per submission, own cap or None)
+        # (tenant, submissions per second, items per submission, own cap or None). Names
+        # spread through the saturating tenants' (t00..t49) alphabetical order on purpose:
+        # the scheduler breaks ties between equal passes by name.
         ("t04q", 5.0, 1, None),
         ("t17q", 2.0, 1, None),
-        ("t29q", 1.0, 1, None),
-        ("t41q", 5.0, 1, None),
-        # Submits 3 at once every second under its own 2/s cap (burst 1): its own bucket
-        # spreads them 0.5 s apart, which the extra wait must not count.
-        ("t49q", 1.0, 3, (2.0, 1.0)),
+        # 3 items at once every 2 s under its own 2/s cap (burst 1): its own bucket spaces
+        # them 0.5 s apart, which is not counted as extra wait.
+        ("t24q", 0.5, 3, (2.0, 1.0)),
+        ("t36q", 1.0, 1, None),
+        ("t49q", 5.0, 1, None),
     )
     limits3: dict[str, tuple[float, float]] = {
         "global": (g3, g3 / 10),
@@ -252,7 +254,8 @@ class WorkerResult:
 
 
 def _warm(_: int) -> int:
-    """Import everything in a fresh pool process before the first timed scenario."""
+    """Start (and import everything in) every pool process before the first scenario."""
+    time.sleep(0.5)  # long enough that the pool starts a process for each task
     return os.getpid()
 
 
@@ -451,34 +454,38 @@ def _cap_check(
     return out
 
 
-def _ideal_times(
-    submits: Sequence[float], costs: Sequence[float], buckets: Sequence[tuple[float, float]]
+def _own_ready_times(
+    submits: Sequence[float],
+    admits: Sequence[float],
+    costs: Sequence[float],
+    buckets: Sequence[tuple[float, float]],
 ) -> list[float]:
-    """Earliest FIFO admission times (ms) that the tenant's own buckets allow, starting full.
+    """When each of a tenant's items (FIFO, times in ms) became admissible by its own buckets.
 
-    ``buckets`` are (rate per ms, burst). Greedy earliest admission is pointwise the earliest
-    schedule any bucket-respecting server can achieve, so real - ideal is the scheduler's doing.
+    That is the latest of its submit time, the previous item's dispatch and the moment its
+    own buckets, as really debited by the earlier dispatches, hold its cost. ``buckets`` are
+    (rate per ms, burst) and start full, like a tenant that has never been seen.
     """
     tokens = [burst for _, burst in buckets]
-    at = [-math.inf for _ in buckets]  # when each level was last computed
+    at = [-math.inf for _ in buckets]  # when each bucket was last debited
 
     def level(j: int, t: float) -> float:
         rate, burst = buckets[j]
         return burst if at[j] == -math.inf else min(burst, tokens[j] + (t - at[j]) * rate)
 
     out: list[float] = []
-    prev = -math.inf
-    for submit, cost in zip(submits, costs, strict=True):
-        t = max(submit, prev)
+    previous = -math.inf
+    for submit, admit, cost in zip(submits, admits, costs, strict=True):
+        ready = max(submit, previous)
         for j, (rate, _) in enumerate(buckets):
-            short = cost - level(j, t)
+            short = cost - level(j, ready)
             if short > 0:
-                t += short / rate
+                ready += short / rate  # levels only grow with time: earlier checks still hold
+        out.append(ready)
         for j in range(len(buckets)):
-            tokens[j] = level(j, t) - cost
-            at[j] = t
-        out.append(t)
-        prev = t
+            tokens[j] = level(j, admit) - cost
+            at[j] = admit
+        previous = admit
     return out
 
 
@@ -635,19 +642,17 @@ def _quiet_waits(run: ScenarioRun) -> dict[str, Any]:
         ]
         own_buckets = [(rate / 1000.0, burst) for rate, burst in (b for b in own if b)]
         submits = [produced.quiet_submit_ms[i] for i in ids]
-        ideal = _ideal_times(submits, [flow.cost] * len(ids), own_buckets)
+        admits = [run.quiet_admit_ms.get(i) for i in ids]
+        done = next((n for n, a in enumerate(admits) if a is None), len(ids))
+        undispatched += sum(1 for s in submits[done:] if s < hi - 500)
+        dispatched = [a for a in admits[:done] if a is not None]
+        ready = _own_ready_times(submits[:done], dispatched, [flow.cost] * done, own_buckets)
         latency, required, extra = [], [], []
-        for item_id, submit, earliest in zip(ids, submits, ideal, strict=True):
-            admitted = run.quiet_admit_ms.get(item_id)
-            if admitted is None:
-                if submit < hi - 500:
-                    undispatched += 1
-                continue
-            if not lo <= submit < hi:
-                continue
-            latency.append(admitted - submit)
-            required.append(earliest - submit)
-            extra.append(admitted - earliest)
+        for submit, admit, earliest in zip(submits, dispatched, ready, strict=False):
+            if lo <= submit < hi:
+                latency.append(admit - submit)
+                required.append(earliest - submit)
+                extra.append(admit - earliest)
         extras.extend(extra)
         per_tenant[tenant] = {
             "items": len(extra),
@@ -938,7 +943,7 @@ def run(
     details: dict[str, Any] = {}
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=WORKERS, mp_context=get_context("spawn")) as pool:
-        pids = set(pool.map(_warm, range(WORKERS * 4)))
+        pids = set(pool.map(_warm, range(WORKERS)))
         log(f"fairness: {len(pids)} worker processes, {seconds:g} s measured per scenario")
         for index, scenario in enumerate(scenarios):
             run_ = _run_scenario(pool, redis_url, admin, scenario, seed=index)

@@ -2,20 +2,20 @@
 -- audit entry, so every worker sees the change on its next decision and operators can see
 -- who changed what.
 --
--- KEYS: config hash, audit stream, hash holding the scope's bucket state (or the config
---       hash again when there is none)
--- ARGV: op ("set" | "del"), field, value (for set), actor, audit length, bucket field ("" none)
+-- Bucket state is never touched here: deleting a limit and setting it again must not hand
+-- out a fresh burst (the bucket simply refills with time, as it would have anyway), and a
+-- tenant's bucket may also serve the tenant:* default.
+--
+-- KEYS: config hash, audit stream
+-- ARGV: op ("set" | "del"), field, value (for set), actor, audit length
 -- Reply: {version, old value or false}; for "del" of an absent field: {-1, false}
-local config_key, audit_key, bucket_key = KEYS[1], KEYS[2], KEYS[3]
-local op, field, value, actor, audit_len, bucket_field =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local config_key, audit_key = KEYS[1], KEYS[2]
+local op, field, value, actor, audit_len = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 local old = redis.call('HGET', config_key, field)
 if op == 'del' then
   if not old then return {-1, false} end
   redis.call('HDEL', config_key, field)
-  -- Forget the bucket too: a limit set again later starts from a full bucket.
-  if bucket_field ~= '' then redis.call('HDEL', bucket_key, bucket_field) end
   value = ''
 else
   if old == value then return {tonumber(redis.call('HGET', config_key, '_version') or 0), old} end

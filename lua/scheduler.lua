@@ -113,8 +113,39 @@ if mode == 'submit' then
   return 1
 end
 
+if mode == 'route' then
+  -- Producer side: where a new job should wait. ARGV: lane, tenant, priority, item id, cost,
+  -- plain list key, at front ("1"/"0"). When the lane has a fair backlog that could be
+  -- served, or the tenant is held back, the job joins the backlog (reply 1) so it cannot
+  -- overtake fairly queued work or sit behind a noisy tenant's jobs; otherwise it goes onto
+  -- the plain list (reply 0) and the worker's gate admits it there.
+  local lane, tenant, priority, id, cost, list_key, at_front =
+    ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == '1'
+  local now = now_ms()
+  local parked = lane_key(lane, 'parked')
+  local contended = redis.call('ZCARD', lane_key(lane, 'active')) > 0
+    or redis.call('ZCOUNT', parked, '-inf', now) > 0
+    or redis.call('ZSCORE', parked, tenant)
+  if not contended then
+    redis.call(at_front and 'LPUSH' or 'RPUSH', list_key, id)
+    return 0
+  end
+  if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
+    priority = 'normal'
+  end
+  local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now)
+  if redis.call('HSETNX', meta_key, id, meta) == 1 then
+    redis.call('SADD', base .. ':s:lanes', lane)
+    enqueue(id, false)
+  end
+  return 1
+end
+
 if mode == 'dispatch' then
   -- ARGV: max items, lease ms, max tenants skipped per lane, want payload ("1"/"0"), lanes...
+  -- A lane may be given as "<lane>|<list key>": a dispatched id is then pushed onto that
+  -- list (a queue system's own in-progress bookkeeping, e.g. RQ's intermediate queue).
+  -- With lease 0 no in-flight record is kept: the item is handed over for good.
   -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload}...}; wait_ms is "0" when
   -- something was dispatched, "-1" when every lane is empty, else the ms until the earliest
   -- moment something could be admitted.
@@ -127,7 +158,7 @@ if mode == 'dispatch' then
     if not wait or w < wait then wait = w end
   end
   for li = 8, #ARGV do
-    local lane = ARGV[li]
+    local lane, handoff = string.match(ARGV[li], '^([^|]+)|?(.*)$')
     local active, parked, counts = lane_key(lane, 'active'), lane_key(lane, 'parked'), lane_key(lane, 'n')
     -- A tenant is parked until its tokens return under the limits it was judged by; after
     -- any configuration change (a raised cap, an exemption) every parked tenant is due now.
@@ -173,7 +204,10 @@ if mode == 'dispatch' then
             redis.call('ZREM', lane_key(lane, 'age'), id)
             -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
             -- back by deadline, and equal deadlines would come back in id order instead.
-            redis.call('ZADD', inflight_key, now + lease_ms + #items / 1000, id)
+            if handoff ~= '' then redis.call('RPUSH', handoff, id) end
+            if lease_ms > 0 then
+              redis.call('ZADD', inflight_key, now + lease_ms + #items / 1000, id)
+            end
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
@@ -193,6 +227,10 @@ if mode == 'dispatch' then
             admit(ctx, charge, would_deny, keep_ms,
               {'sp:' .. lane, fmt(new_pass), 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
             local payload = want_payload and redis.call('HGET', payload_key, id) or false
+            if lease_ms <= 0 then
+              redis.call('HDEL', meta_key, id)
+              redis.call('HDEL', payload_key, id)
+            end
             items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or ''}
           elseif is_tenant_scope(denied_by) then
             -- Held back by its own cap: park it so it costs nothing until its tokens return.

@@ -134,15 +134,7 @@ class LimiterCore:
         self, op: Literal["set", "del"], field: str, value: str, actor: str
     ) -> ScriptCall:
         k = self.keys
-        bucket_key, bucket_field = k.config, ""
-        if not field.startswith(("exempt:", "mode:", "weight:")):
-            location = k.bucket_location(Scope.parse(field))
-            if location is not None:
-                bucket_key, bucket_field = location
-        return ScriptCall(
-            [k.config, k.audit, bucket_key],
-            [op, field, value, actor, AUDIT_LENGTH, bucket_field],
-        )
+        return ScriptCall([k.config, k.audit], [op, field, value, actor, AUDIT_LENGTH])
 
     def set_limit_call(
         self, scope: str | Scope, limit: Limit | str, shadow: bool, actor: str

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ._core import check_cost
 from ._errors import InvalidName
@@ -186,9 +186,22 @@ class FairScheduler:
         return reply == 1
 
     def dispatch(
-        self, queues: Sequence[str], *, max_items: int = 1, with_payload: bool = True
+        self,
+        queues: Sequence[str],
+        *,
+        max_items: int = 1,
+        with_payload: bool = True,
+        hand_over: bool = False,
+        handoff_lists: Mapping[str, str] | None = None,
     ) -> Dispatch:
-        """Admit up to ``max_items`` items from ``queues`` (earlier queues first), fairly."""
+        """Admit up to ``max_items`` items from ``queues`` (earlier queues first), fairly.
+
+        Args:
+            hand_over: keep no in-flight record (no lease, no ``ack``): for callers whose
+                own bookkeeping takes over in the same step, via ``handoff_lists``.
+            handoff_lists: queue -> Redis list that each dispatched id is pushed onto, in
+                the same atomic step (e.g. RQ's intermediate queue).
+        """
         if isinstance(queues, str):
             queues = [queues]
         for q in queues:
@@ -197,13 +210,14 @@ class FairScheduler:
             raise InvalidName("dispatch needs at least one queue")
         if max_items < 1:
             raise InvalidName(f"max_items must be at least 1, got {max_items}")
+        lists = handoff_lists or {}
         reply = self._run(
             "dispatch",
             max_items,
-            self.lease_ms,
+            0 if hand_over else self.lease_ms,
             self.max_skips,
             "1" if with_payload else "0",
-            *queues,
+            *(f"{q}|{lists[q]}" if q in lists else q for q in queues),
         )
         assert isinstance(reply, list)
         head = float(_text(reply[0]))
@@ -245,6 +259,33 @@ class FairScheduler:
         reply, backlog = pipe.execute()
         decision = self._core.decision(reply, cost)
         return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
+
+    def route(
+        self,
+        tenant: str,
+        item_id: str,
+        list_key: str,
+        *,
+        queue: str = "default",
+        priority: str = "normal",
+        cost: float = 1,
+        at_front: bool = False,
+        pipeline: Any = None,
+    ) -> Any:
+        """Producer side: push ``item_id`` onto the plain list ``list_key`` when its queue is
+        uncontended (the worker's gate admits it there), else into the fair backlog.
+
+        With ``pipeline`` the call is queued on it (and its reply comes with the pipeline's);
+        otherwise it returns True when the item joined the backlog.
+        """
+        args = [
+            "route", self._core.keys.base, self._core.retention_ms,
+            check_name("queue", queue), check_name("tenant", tenant), check_priority(priority),
+            _check_item_id(item_id), repr(check_cost(cost)), list_key, "1" if at_front else "0",
+        ]  # fmt: skip
+        if pipeline is not None:
+            return self._script(keys=self._keys, args=args, client=pipeline)
+        return self._script(keys=self._keys, args=args) == 1
 
     def gate(
         self,

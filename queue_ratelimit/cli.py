@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import getpass
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -354,3 +355,53 @@ def audit(settings: Settings, count: int, as_json: bool) -> None:
     ]
     for line in _table(["time (UTC)", "version", "actor", "op", "field", "change"], rows, "lrllll"):
         click.echo(line)
+
+
+@main.group("rq", short_help="Run RQ workers that fetch jobs fairly within the budgets.")
+def rq_group() -> None:
+    """RQ integration (needs the rq extra: pip install 'queue-ratelimit[rq]')."""
+
+
+@rq_group.command(
+    "worker",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    short_help="rq worker, fetching in fair order within the budgets.",
+)
+@click.option(
+    "--simple",
+    is_flag=True,
+    help="Run jobs in the worker process (SimpleWorker) instead of forking for each job.",
+)
+@click.argument("rq_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def rq_worker(settings: Settings, simple: bool, rq_args: tuple[str, ...]) -> None:
+    """Start an RQ worker on QUEUES that dequeues through the fair scheduler.
+
+    Takes every option of `rq worker` (QUEUES..., --url, --burst, --with-scheduler, --name,
+    --max-jobs, --logging_level, ... see `rq worker --help`); the Redis URL is the one RQ
+    uses (--url, else REDIS_URL), and the limits live in the namespace given by the
+    group's --namespace (QUEUE_RATELIMIT_NAMESPACE). Extra options: --simple.
+
+    \b
+    queue-ratelimit --namespace prod rq worker emails reports --with-scheduler
+    """
+    try:
+        from rq.cli.cli import main as rq_main
+    except ImportError as exc:
+        raise click.ClickException("install queue-ratelimit[rq] to run RQ workers") from exc
+    os.environ["QUEUE_RATELIMIT_NAMESPACE"] = settings.namespace
+    args = list(rq_args)
+    if settings.url and not any(a in ("--url", "-u") or a.startswith("--url=") for a in args):
+        args = ["--url", settings.url, *args]
+    worker_class = "SimpleWorker" if simple else "Worker"
+    rq_main.main(
+        args=[
+            "worker",
+            "--worker-class",
+            f"queue_ratelimit.rq.{worker_class}",
+            "--queue-class",
+            "queue_ratelimit.rq.Queue",
+            *args,
+        ],
+        prog_name="queue-ratelimit rq",
+    )

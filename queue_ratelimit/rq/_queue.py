@@ -1,0 +1,363 @@
+"""``Queue``: an ``rq.Queue`` that carries rate options and dequeues in fair order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import rq
+from redis.exceptions import RedisError
+from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from .._core import check_cost
+from .._errors import RateLimited, RateLimitError
+from .._keys import DEFAULT_NAMESPACE
+from .._limiter import Limiter
+from .._scheduler import FairScheduler, Hint
+from .._scopes import check_name, check_priority
+
+log = logging.getLogger("queue_ratelimit.rq")
+
+OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
+OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
+ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
+# Longest a worker blocks before it looks at the fair backlog again (seconds): parked work
+# that became admissible elsewhere is noticed at least this often.
+POLL_INTERVAL = 0.5
+
+_schedulers: dict[tuple[int, str], FairScheduler] = {}
+_schedulers_lock = threading.Lock()
+
+
+def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
+    """One scheduler per Redis connection and namespace in this process."""
+    key = (id(connection), namespace)
+    with _schedulers_lock:
+        found = _schedulers.get(key)
+        if found is None or found.client is not connection:
+            found = FairScheduler(Limiter(connection, namespace=namespace))
+            _schedulers[key] = found
+        return found
+
+
+def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
+    """(tenant, priority, cost) of a job from its meta, with the defaults."""
+    meta = meta or {}
+    return (
+        check_name("tenant", meta.get(OPTION_TENANT) or "default"),
+        check_priority(meta.get(OPTION_PRIORITY) or "normal"),
+        check_cost(meta.get(OPTION_COST) or 1),
+    )
+
+
+class Queue(rq.Queue):
+    """An ``rq.Queue`` whose jobs carry a tenant, a priority and a cost.
+
+    ``enqueue(f, *args, rate_tenant="acme", rate_priority="high", rate_cost=1, **kwargs)``
+    takes the rate options out (they never reach ``f``), keeps them in the job's ``meta``
+    and returns the job with a backpressure ``rate_hint``. Workers that use this class
+    (``queue-ratelimit rq worker``, or ``rq worker --queue-class queue_ratelimit.rq.Queue``)
+    dequeue in the fair scheduler's order within the budgets.
+
+    Args:
+        rate_namespace: the limiter namespace (default: ``$QUEUE_RATELIMIT_NAMESPACE`` or
+            ``"default"``).
+        rate_policy: ``"hint"`` (default) or ``"reject"``: raise ``RateLimited`` instead of
+            enqueueing when the job's buckets would not admit it now.
+        rate_hints: peek at the buckets when enqueueing (one round trip).
+    """
+
+    rate_namespace: str | None = None
+    rate_policy: str = "hint"
+    rate_hints: bool = True
+
+    def __init__(
+        self,
+        name: str = "default",
+        *args: Any,
+        rate_namespace: str | None = None,
+        rate_policy: str | None = None,
+        rate_hints: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, *args, **kwargs)
+        if rate_namespace is not None:
+            self.rate_namespace = rate_namespace
+        if rate_policy is not None:
+            if rate_policy not in ("hint", "reject"):
+                raise RateLimitError(f"rate_policy must be 'hint' or 'reject', got {rate_policy!r}")
+            self.rate_policy = rate_policy
+        if rate_hints is not None:
+            self.rate_hints = rate_hints
+        self._pending: dict[str, tuple[str, str, float]] = {}
+        self._enqueue_options = threading.local()
+
+    # -- configuration -----------------------------------------------------------------
+    @classmethod
+    def namespace_for(cls, queue: Any = None) -> str:
+        return (
+            getattr(queue, "rate_namespace", None)
+            or cls.rate_namespace
+            or os.environ.get(ENV_NAMESPACE)
+            or DEFAULT_NAMESPACE
+        )
+
+    @property
+    def rate_scheduler(self) -> FairScheduler:
+        """The fair scheduler this queue's jobs go through (on the queue's Redis)."""
+        return scheduler_for(self.connection, self.namespace_for(self))
+
+    @property
+    def rate_backlog(self) -> int:
+        """Jobs of this queue waiting in the fair backlog (``count`` covers the plain list)."""
+        return self.rate_scheduler.backlog(self.name)
+
+    # -- producer side ----------------------------------------------------------------------
+    @contextmanager
+    def _rate(self, options: dict[str, Any]) -> Iterator[Hint | None]:
+        tenant, priority, cost = rate_options(options)
+        hint = None
+        if self.rate_hints or self.rate_policy == "reject":
+            try:
+                hint = self.rate_scheduler.hint(
+                    tenant, queue=self.name, priority=priority, cost=cost
+                )
+            except (RedisError, RateLimitError) as exc:
+                log.warning("queue-ratelimit: no backpressure hint for %s: %s", tenant, exc)
+        if self.rate_policy == "reject" and hint is not None and not hint.allowed:
+            raise RateLimited(
+                f"job for tenant {tenant!r} refused: {hint.denied_by or 'backlog'} would admit "
+                f"it in {hint.wait_ms:.0f} ms",
+                wait_ms=hint.wait_ms,
+                denied_by=hint.denied_by,
+            )
+        self._enqueue_options.value = {
+            OPTION_TENANT: tenant,
+            OPTION_PRIORITY: priority,
+            OPTION_COST: cost,
+        }
+        try:
+            yield hint
+        finally:
+            self._enqueue_options.value = None
+
+    @staticmethod
+    def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+
+    def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> Job:
+        """``rq.Queue.enqueue`` plus ``rate_tenant``, ``rate_priority`` and ``rate_cost``."""
+        with self._rate(self._pop_options(kwargs)) as hint:
+            job = super().enqueue(f, *args, **kwargs)
+        job.rate_hint = hint  # type: ignore[attr-defined]
+        return job
+
+    def enqueue_call(self, *args: Any, **kwargs: Any) -> Job:
+        """``rq.Queue.enqueue_call`` plus the rate options as keyword arguments."""
+        options = self._pop_options(kwargs)
+        if getattr(self._enqueue_options, "value", None) is not None and not options:
+            return super().enqueue_call(*args, **kwargs)  # called by our own enqueue
+        with self._rate(options) as hint:
+            job = super().enqueue_call(*args, **kwargs)
+        job.rate_hint = hint  # type: ignore[attr-defined]
+        return job
+
+    def enqueue_at(self, datetime: Any, f: Any, *args: Any, **kwargs: Any) -> Job:
+        """``rq.Queue.enqueue_at`` plus the rate options (gated when the job falls due)."""
+        with self._rate(self._pop_options(kwargs)):
+            return super().enqueue_at(datetime, f, *args, **kwargs)
+
+    def enqueue_in(self, time_delta: Any, func: Any, *args: Any, **kwargs: Any) -> Job:
+        """``rq.Queue.enqueue_in`` plus the rate options."""
+        with self._rate(self._pop_options(kwargs)):
+            return super().enqueue_in(time_delta, func, *args, **kwargs)
+
+    def create_job(self, *args: Any, **kwargs: Any) -> Job:
+        options = getattr(self._enqueue_options, "value", None)
+        if options:
+            kwargs["meta"] = {**(kwargs.get("meta") or {}), **options}
+        job = super().create_job(*args, **kwargs)
+        if job.meta and OPTION_TENANT in job.meta:
+            self._pending[job.id] = rate_options(job.meta)
+        return job
+
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        """Into the fair backlog when the queue is contended, else onto RQ's own list."""
+        options = self._pending.pop(job_id, None) or self._stored_options(job_id)
+        if options is None:
+            return super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
+        tenant, priority, cost = options
+        self.rate_scheduler.route(
+            tenant,
+            job_id,
+            self.key,
+            queue=self.name,
+            priority=priority,
+            cost=cost,
+            at_front=at_front,
+            pipeline=pipeline,
+        )
+        return None
+
+    def _stored_options(self, job_id: str) -> tuple[str, str, float] | None:
+        """Rate options of a job already saved (a dependent, a retry, a requeue)."""
+        try:
+            job = self.job_class.fetch(
+                job_id, connection=self.connection, serializer=self.serializer
+            )
+        except NoSuchJobError:
+            return None  # saved in a pipeline not yet executed: the worker gates it
+        if not job.meta or OPTION_TENANT not in job.meta:
+            return None
+        return rate_options(job.meta)
+
+    # -- worker side -------------------------------------------------------------------------
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Iterable[Any],
+        timeout: int | None,
+        connection: Any = None,
+        job_class: Any = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[Job, Any] | None:
+        """The next job in fair order that every bucket admits.
+
+        Parked jobs come from the fair backlog, handed into RQ's own bookkeeping in the same
+        atomic step; jobs on RQ's plain lists (enqueued by plain ``rq.Queue``, the scheduler
+        or a retry) pass the gate, and wait in the backlog when it says so. With no timeout
+        (``--burst``) the worker still waits for parked jobs to become admissible rather
+        than leave them behind; with one it raises ``DequeueTimeout`` when it runs out.
+        """
+        queues = list(queues)
+        if not queues:
+            return None
+        by_name = {q.name: q for q in queues}
+        scheduler = scheduler_for(connection, cls.namespace_for(queues[0]))
+        job_cls = job_class or cls.job_class
+        # RQ removes a job from its intermediate list only for single-queue workers, so the
+        # backlog hands over onto that list only then (multi-queue workers pop plainly too).
+        single = len(queues) == 1
+        handoff = {q.name: q.intermediate_queue_key for q in queues} if single else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = scheduler.dispatch(
+                list(by_name), with_payload=False, hand_over=True, handoff_lists=handoff
+            )
+            for item in batch.items:
+                queue = by_name[item.queue]
+                job = cls._fetch(job_cls, item.id, connection, serializer)
+                if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
+                    return job, queue
+                if single:  # cancelled or deleted while it waited: nothing to run
+                    connection.lrem(queue.intermediate_queue_key, 1, item.id)
+            if batch.items:
+                continue
+            found, progressed = cls._from_plain_lists(
+                queues, scheduler, connection, job_cls, serializer
+            )
+            if found is not None:
+                return found
+            if progressed:
+                continue
+            wait = None if batch.wait_ms is None else batch.wait_ms / 1000
+            if deadline is None:
+                if wait is None:
+                    return None
+                time.sleep(min(max(wait, 0.001), POLL_INTERVAL))
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DequeueTimeout(timeout, [q.key for q in queues])
+            block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001), POLL_INTERVAL)
+            if single:
+                queue = queues[0]
+                job_id = connection.blmove(queue.key, queue.intermediate_queue_key, block)
+                if job_id is not None:
+                    found = cls._admit_plain(
+                        queue, job_id, scheduler, connection, job_cls, serializer, True
+                    )
+                    if found is not None:
+                        return found
+            else:
+                time.sleep(block)
+
+    @staticmethod
+    def _fetch(job_cls: Any, job_id: Any, connection: Any, serializer: Any) -> Job | None:
+        try:
+            return job_cls.fetch(_text(job_id), connection=connection, serializer=serializer)
+        except NoSuchJobError:
+            return None
+
+    @classmethod
+    def _from_plain_lists(
+        cls,
+        queues: list[Any],
+        scheduler: FairScheduler,
+        connection: Any,
+        job_cls: Any,
+        serializer: Any,
+    ) -> tuple[tuple[Job, Any] | None, bool]:
+        """Pop RQ's own lists in queue order; returns (job to run, whether anything moved)."""
+        single = len(queues) == 1
+        progressed = False
+        for queue in queues:
+            if single:
+                job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
+            else:
+                job_id = connection.lpop(queue.key)
+            if job_id is None:
+                continue
+            progressed = True
+            found = cls._admit_plain(
+                queue, job_id, scheduler, connection, job_cls, serializer, single
+            )
+            if found is not None:
+                return found, True
+        return None, progressed
+
+    @classmethod
+    def _admit_plain(
+        cls,
+        queue: Any,
+        job_id: Any,
+        scheduler: FairScheduler,
+        connection: Any,
+        job_cls: Any,
+        serializer: Any,
+        in_intermediate: bool,
+    ) -> tuple[Job, Any] | None:
+        """Gate a job popped from a plain list: run it, or park it in the backlog."""
+        job = cls._fetch(job_cls, job_id, connection, serializer)
+        if job is None:
+            if in_intermediate:
+                connection.lrem(queue.intermediate_queue_key, 1, job_id)
+            return None
+        try:
+            tenant, priority, cost = rate_options(job.meta)
+        except RateLimitError as exc:
+            log.error(
+                "queue-ratelimit: job %s has bad rate options (%s); using defaults", job.id, exc
+            )
+            tenant, priority, cost = rate_options({})
+        verdict = scheduler.gate(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
+        if verdict.action == "run":
+            return job, queue
+        if verdict.action == "park":
+            # Into Redis first, then off RQ's list: a crash in between leaves a copy that
+            # the next gate recognises as a duplicate, never a lost job.
+            scheduler.submit(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
+        if in_intermediate:
+            connection.lrem(queue.intermediate_queue_key, 1, job.id)
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,170 @@
+"""The Celery app the end-to-end tests run in real workers, configured from the environment.
+
+Workers start it with ``celery -A celery_e2e_app worker`` (from this folder); tests that
+publish from their own process build one with ``build_app``. Every task records each
+execution in Redis (``RPUSH`` of a JSON line stamped with Redis ``TIME``), so a test can
+count executions exactly and check when each ran on one clock.
+
+Environment (for the worker's module-level ``app``):
+    QRL_E2E_BROKER: the broker URL (required).
+    QRL_E2E_REDIS: the limiter's Redis URL.
+    QRL_E2E_RECORD: where executions are recorded (default: the limiter's Redis).
+    QRL_E2E_NAMESPACE: the limiter namespace; also names the record keys.
+    QRL_E2E_QUEUE: the default queue (each test uses a queue of its own).
+    QRL_E2E_ACKS_LATE: "1" for ``task_acks_late``.
+    QRL_E2E_SETTINGS: JSON object merged into ``app.conf.queue_ratelimit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready
+
+from queue_ratelimit.celery import install
+
+_RECORD_SCRIPT = """
+local t = redis.call('TIME')
+redis.call('RPUSH', KEYS[1], ARGV[1] .. '"t": ' .. t[1] .. '.' .. string.format('%06d', t[2]) .. '}')
+return 1
+"""
+
+
+def runs_key(namespace: str) -> str:
+    """The list every execution is pushed to."""
+    return f"e2e:{namespace}:runs"
+
+
+def ready_key(namespace: str) -> str:
+    """The hash workers write their hostname to once they consume."""
+    return f"e2e:{namespace}:ready"
+
+
+class _Recorder:
+    """A Redis client per process, made on first use (prefork children connect after fork)."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self._client: redis.Redis | None = None
+        self._script: Any = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
+            self._script = self._client.register_script(_RECORD_SCRIPT)
+        return self._client
+
+    def record(self, task: Any, event: str, **extra: Any) -> None:
+        request = task.request
+        fields = {
+            "id": request.id,
+            "task": task.name,
+            "event": event,
+            "tenant": _header(request, "qrl_tenant"),
+            "priority": _header(request, "qrl_priority"),
+            "retries": request.retries or 0,
+            "host": request.hostname,
+            "pid": os.getpid(),
+            **extra,
+        }
+        # The time goes in last, from Redis's clock, inside the same atomic call.
+        prefix = json.dumps(fields)[:-1] + ", "
+        _ = self.client
+        self._script(keys=[runs_key(self.namespace)], args=[prefix])
+
+
+def _header(request: Any, name: str) -> Any:
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def build_app(
+    *,
+    broker: str,
+    redis_url: str,
+    namespace: str,
+    queue: str,
+    record_url: str | None = None,
+    acks_late: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+) -> Celery:
+    """A Celery app with queue-ratelimit installed and the recording tasks registered."""
+    app = Celery(f"e2e-{namespace}", broker=broker)
+    app.conf.update(
+        task_default_queue=queue,
+        task_acks_late=acks_late,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=4,
+        broker_connection_retry_on_startup=True,
+        # A message reserved by a killed worker comes back in seconds, not in an hour.
+        broker_transport_options={"visibility_timeout": 20},
+        worker_hijack_root_logger=True,
+        queue_ratelimit={"namespace": namespace, "redis_url": redis_url, **(settings or {})},
+    )
+    if enabled:
+        install(app)
+    recorder = _Recorder(record_url or redis_url, namespace)
+
+    @app.task(bind=True, name="e2e.work")
+    def work(self: Any, tag: str = "", sleep: float = 0.0) -> None:
+        """Record the execution (first thing), then sleep ``sleep`` seconds."""
+        recorder.record(self, "run", tag=tag)
+        if sleep:
+            time.sleep(sleep)
+            recorder.record(self, "done", tag=tag)
+
+    @app.task(bind=True, name="e2e.flaky", max_retries=3)
+    def flaky(self: Any, tag: str = "") -> None:
+        """Record the execution; the first one retries itself (with a short countdown)."""
+        recorder.record(self, "run", tag=tag)
+        if not self.request.retries:
+            raise self.retry(countdown=0.3)
+
+    @app.task(bind=True, name="e2e.decorated", rate_tenant="decor", rate_priority="low")
+    def decorated(self: Any, tag: str = "") -> None:
+        """Record the execution; rate options come from the decorator."""
+        recorder.record(self, "run", tag=tag)
+
+    @app.task(name="e2e.noop")
+    def noop() -> None:
+        """Does nothing (for throughput)."""
+
+    @worker_ready.connect(weak=False)
+    def announce(sender: Any = None, **_: Any) -> None:
+        client = redis.Redis.from_url(record_url or redis_url)
+        try:
+            client.hset(ready_key(namespace), str(getattr(sender, "hostname", "?")), os.getpid())
+        finally:
+            client.close()
+
+    return app
+
+
+def _from_env() -> Celery | None:
+    env = os.environ
+    if "QRL_E2E_BROKER" not in env:
+        return None
+    return build_app(
+        broker=env["QRL_E2E_BROKER"],
+        redis_url=env["QRL_E2E_REDIS"],
+        namespace=env["QRL_E2E_NAMESPACE"],
+        queue=env["QRL_E2E_QUEUE"],
+        record_url=env.get("QRL_E2E_RECORD") or None,
+        acks_late=env.get("QRL_E2E_ACKS_LATE") == "1",
+        settings=json.loads(env.get("QRL_E2E_SETTINGS") or "{}"),
+        enabled=env.get("QRL_E2E_INSTALL", "1") == "1",
+    )
+
+
+app = _from_env()

@@ -1,0 +1,348 @@
+"""Real Celery workers for the end-to-end tests: start, wait for, kill, and read their logs.
+
+``report_logs_on_failure`` registers a small plugin that attaches the tail of every worker
+log to the report of a failed test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+from queue_ratelimit import Limiter
+
+TESTS_DIR = Path(__file__).resolve().parent
+AMQP_URL = os.environ.get("QRL_E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+LOG_TAIL_LINES = 80
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def redis_broker_url(redis_url: str) -> str:
+    """A database of the test Redis next to the limiter's, for the Redis broker."""
+    path = urlsplit(redis_url).path.strip("/")
+    db = int(path) if path.isdigit() else 0
+    return with_db(redis_url, (db + 1) % 16)
+
+
+def amqp_unreachable_reason(url: str = AMQP_URL) -> str | None:
+    """Why RabbitMQ at ``url`` cannot be used, or None when it answers."""
+    from kombu import Connection
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 1):
+            pass
+    except OSError as exc:
+        return f"RabbitMQ is not reachable at {parts.hostname}:{parts.port or 5672}: {exc}"
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # any failure to log in means: no usable broker
+        return f"RabbitMQ at {parts.hostname} refused the connection: {exc!r}"
+    return None
+
+
+def redis_now(client: redis.Redis) -> float:
+    """Redis's clock, in seconds (the clock executions are recorded on)."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    *,
+    timeout: float,
+    what: str,
+    on_timeout: Callable[[], str] | None = None,
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s.
+
+    Exceptions raised by ``condition`` count as "not yet" (services may be coming up).
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            result = condition()
+        except Exception as exc:  # the thing polled may be restarting
+            result, last = None, exc
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            extra = on_timeout() if on_timeout else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last!r})"
+                        f"\n{extra}")
+        time.sleep(interval)
+
+
+@dataclass
+class Worker:
+    """One ``celery worker`` process (and its pool children, in its own process group)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def pool_pids(self) -> list[int]:
+        """Pids of the worker's pool processes (its children)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the main process and its pool children at once (the whole group)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm shutdown (SIGTERM); SIGKILL if it takes longer than ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        # Pool children that outlived their parent belong to the same group.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class E2E:
+    """Everything one end-to-end test needs: where things are, workers, and its records.
+
+    Attributes:
+        broker: the broker URL workers and the producer use.
+        redis_url: the limiter's Redis.
+        record_url: where executions are recorded (the limiter's Redis unless it restarts).
+        namespace: the limiter namespace (unique per test); also names the test's queue.
+    """
+
+    broker: str
+    redis_url: str
+    workdir: Path
+    record_url: str = ""
+    namespace: str = field(default_factory=lambda: f"e2e{uuid.uuid4().hex[:10]}")
+    acks_late: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+    _apps: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.record_url = self.record_url or self.redis_url
+        self.records = redis.Redis.from_url(self.record_url)
+        self.limiter = Limiter.from_url(self.redis_url, namespace=self.namespace)
+
+    @property
+    def queue(self) -> str:
+        return f"q-{self.namespace}"
+
+    # -- workers -------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            QRL_E2E_BROKER=self.broker,
+            QRL_E2E_REDIS=self.redis_url,
+            QRL_E2E_RECORD=self.record_url,
+            QRL_E2E_NAMESPACE=self.namespace,
+            QRL_E2E_QUEUE=self.queue,
+            QRL_E2E_ACKS_LATE="1" if self.acks_late else "0",
+            QRL_E2E_SETTINGS=json.dumps(self.settings),
+            PYTHONPATH=os.pathsep.join(
+                [str(TESTS_DIR), str(TESTS_DIR.parent), env.get("PYTHONPATH", "")]
+            ),
+        )
+        return env
+
+    def start_worker(self, name: str, *, concurrency: int = 2) -> Worker:
+        """Start ``celery worker`` (prefork) in its own process group; returns at once."""
+        log = self.workdir / f"{name}.log"
+        args = [
+            sys.executable, "-m", "celery", "-A", "celery_e2e_app", "worker",
+            "-P", "prefork", "-c", str(concurrency),
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"{name}.{self.namespace}@%h", "-Q", self.queue,
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                args,
+                cwd=TESTS_DIR,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: kill() reaches the pool too
+            )
+        worker = Worker(name, proc, log)
+        self.workers.append(worker)
+        return worker
+
+    def ready_hosts(self) -> set[str]:
+        from celery_e2e_app import ready_key
+
+        return {h.decode() for h in self.records.hkeys(ready_key(self.namespace))}
+
+    def start_workers(self, *names: str, timeout: float = 30.0) -> list[Worker]:
+        """Start workers and wait until each one consumes (its ``worker_ready`` signal)."""
+        started = [self.start_worker(n) for n in names]
+
+        def all_ready() -> bool:
+            for w in started:
+                if not w.alive():
+                    pytest.fail(f"worker {w.name} exited with {w.proc.returncode}\n{w.tail()}")
+            hosts = self.ready_hosts()
+            return all(any(h.startswith(f"{w.name}.") for h in hosts) for w in started)
+
+        wait_for(all_ready, timeout=timeout, what=f"workers {names} ready",
+                 on_timeout=self.logs)  # fmt: skip
+        return started
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {w.name} ({w.log}) -----\n{w.tail()}" for w in self.workers)
+
+    # -- producing -----------------------------------------------------------------------
+    def app(self, **settings: Any) -> Any:
+        """A producer app like the workers' (``settings`` override the test's)."""
+        from celery_e2e_app import build_app
+
+        app = build_app(
+            broker=self.broker,
+            redis_url=self.redis_url,
+            namespace=self.namespace,
+            queue=self.queue,
+            record_url=self.record_url,
+            acks_late=self.acks_late,
+            settings={**self.settings, **settings},
+        )
+        self._apps.append(app)
+        return app
+
+    # -- records -------------------------------------------------------------------------
+    def runs(self, event: str = "run") -> list[dict[str, Any]]:
+        """Every execution recorded so far, in order."""
+        from celery_e2e_app import runs_key
+
+        raw = self.records.lrange(runs_key(self.namespace), 0, -1)
+        rows = [json.loads(r) for r in raw]
+        return [r for r in rows if r["event"] == event]
+
+    def wait_runs(self, count: int, *, timeout: float, event: str = "run") -> list[dict[str, Any]]:
+        """Wait until at least ``count`` executions are recorded; returns them all."""
+        return wait_for(
+            lambda: (rows := self.runs(event)) and len(rows) >= count and rows,
+            timeout=timeout,
+            what=f"{count} recorded executions (have {len(self.runs(event))})",
+            on_timeout=self.logs,
+        )
+
+    # -- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        from celery.signals import before_task_publish
+
+        for w in self.workers:
+            w.kill()
+        for app in self._apps:
+            # Receivers are global; a later test must not run this app's hook.
+            before_task_publish.disconnect(dispatch_uid=f"queue_ratelimit:{id(app)}")
+            app.close()
+        self._cleanup_broker()
+        for client in (self.records, self.limiter.client):
+            try:
+                keys = list(client.scan_iter(match=f"*{self.namespace}*", count=1000))
+                if keys:
+                    client.delete(*keys)
+            except redis.RedisError:
+                pass
+            client.close()
+
+    def _cleanup_broker(self) -> None:
+        if self.broker.startswith("amqp"):
+            from kombu import Connection
+
+            try:
+                with Connection(self.broker, connect_timeout=3) as conn:
+                    conn.default_channel.queue_delete(self.queue)
+            except Exception:  # best effort: the queue may never have been declared
+                pass
+        else:
+            client = redis.Redis.from_url(self.broker)
+            try:
+                client.flushdb()  # the broker's database is this suite's alone
+            except redis.RedisError:
+                pass
+            client.close()
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The largest number of ``times`` inside any closed interval of length ``window``."""
+    ordered = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(ordered):
+        while t - ordered[lo] > window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+class _LogsOnFailure:
+    """A plugin that attaches the workers' log tails to the report of a failed test."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Iterator[Any]:
+        report = yield
+        e2e = getattr(item, "funcargs", {}).get("e2e")
+        if report.failed and isinstance(e2e, E2E) and e2e.workers:
+            report.sections.append(("celery worker logs", e2e.logs()))
+        return report
+
+
+def report_logs_on_failure(config: pytest.Config) -> None:
+    """Register the plugin that shows worker logs when a test fails (once per session)."""
+    name = "queue-ratelimit-celery-logs"
+    if not config.pluginmanager.has_plugin(name):
+        config.pluginmanager.register(_LogsOnFailure(), name)
