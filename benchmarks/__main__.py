@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seconds",
         type=float,
-        help="timed seconds per measurement (sets QRL_BENCH_SECONDS; decisions default 1.5)",
+        help="timed seconds per measurement (sets QRL_BENCH_SECONDS; each benchmark has a default)",
     )
     parser.add_argument(
-        "--rounds", type=int, help="rounds per measurement (sets QRL_BENCH_ROUNDS; default 3)"
+        "--rounds",
+        type=int,
+        help="rounds of measurements (sets QRL_BENCH_ROUNDS; each benchmark has a default)",
     )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--indent", type=int, default=2, help="JSON indentation (0: one line)")

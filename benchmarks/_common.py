@@ -87,6 +87,7 @@ class Sample:
     seconds: float
     allowed: int
     stats: dict[str, CommandStat] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU time of the calling process (user + system)
 
     @property
     def per_second(self) -> float:
@@ -96,6 +97,11 @@ class Sample:
     def client_us(self) -> float:
         """Wall-clock microseconds per decision as the calling process sees it."""
         return self.seconds * 1e6 / self.decisions
+
+    @property
+    def client_cpu_us(self) -> float:
+        """CPU microseconds the calling process spends per decision (Python and syscalls)."""
+        return self.cpu_seconds * 1e6 / self.decisions
 
     def server_us(self, top_level: frozenset[str] = frozenset()) -> float:
         """Server microseconds per decision: scripts plus any other top-level commands."""
@@ -122,16 +128,17 @@ class Sample:
 def merge(samples: Iterable[Sample]) -> Sample:
     """Several runs of the same thing as one (totals of decisions, time and commands)."""
     decisions = allowed = 0
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     stats: dict[str, CommandStat] = {}
     for sample in samples:
         decisions += sample.decisions
         allowed += sample.allowed
         seconds += sample.seconds
+        cpu_seconds += sample.cpu_seconds
         for name, s in sample.stats.items():
             old = stats.get(name, CommandStat(0, 0))
             stats[name] = CommandStat(old.calls + s.calls, old.usec + s.usec)
-    return Sample(decisions=decisions, seconds=seconds, allowed=allowed, stats=stats)
+    return Sample(decisions, seconds, allowed, stats, cpu_seconds)
 
 
 def timed_loop(
@@ -155,6 +162,7 @@ def timed_loop(
     allowed = 0
     count = 0
     clock = time.perf_counter
+    cpu_start = time.process_time()
     start = clock()
     deadline = start + seconds
     while True:
@@ -166,8 +174,9 @@ def timed_loop(
         if now >= deadline:
             break
     elapsed = now - start
+    cpu = time.process_time() - cpu_start
     stats = command_stats(admin)
-    return Sample(decisions=count, seconds=elapsed, allowed=allowed, stats=stats)
+    return Sample(count, elapsed, allowed, stats, cpu)
 
 
 def machine_info(admin: redis.Redis) -> dict[str, Any]:

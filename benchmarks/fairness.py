@@ -61,11 +61,12 @@ CAP_WINDOWS_S = (0.01, 0.1, 1.0, 5.0)
 SCRIPT_SLACK_S = 0.001
 BIN_S = 0.5  # plot resolution
 SCALE_TENANTS = (1, 1_000, 100_000)
-SCALE_MIN_ITEMS = 25_000
+SCALE_MIN_ITEMS = 40_000
 SCALE_ROUNDS = 5
 SCALE_SECONDS = 1.0
 SCALE_STAT_CALLS = 2_000
 SUBMIT_BATCH = 2_000
+# $QRL_FAIRNESS_PLOT overrides where the PNG goes; set it empty for no plot.
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "fairness.png"
 
 
@@ -74,9 +75,9 @@ PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "fairness.png"
 class Flow:
     """One (tenant, priority) class and how its producer offers work.
 
-    ``rate`` items per second, at a steady pace (``saturating`` classes also get a prefill of
-    ``PREFILL_S`` seconds' worth, and offer more than they can ever be given). Quiet flows
-    submit ``burst`` items every ``1 / rate`` seconds, one by one, with their submit times.
+    Saturating flows offer ``rate`` items per second, more than they can ever be given, plus
+    a prefill of ``PREFILL_S`` seconds' worth. Quiet flows submit ``burst`` items every
+    ``1 / rate`` seconds, one by one, and their submit times are recorded.
     """
 
     tenant: str
@@ -250,12 +251,19 @@ class WorkerResult:
     idle_polls: int = 0
     slept_s: float = 0.0
     ack_failures: int = 0
-    busy_s: float = 0.0
+    pid: int = 0
+
+
+_POOL: dict[str, Any] = {}
+
+
+def _init_pool(barrier: Any) -> None:
+    _POOL["barrier"] = barrier
 
 
 def _warm(_: int) -> int:
-    """Start (and import everything in) every pool process before the first scenario."""
-    time.sleep(0.5)  # long enough that the pool starts a process for each task
+    """Hold every pool process at a barrier, so that all of them are started and warm."""
+    _POOL["barrier"].wait(timeout=120)
     return os.getpid()
 
 
@@ -268,8 +276,7 @@ def _worker(
     client = limiter.client
     inflight = f"{limiter.keys.base}:s:inflight"
     lease = scheduler.lease_ms
-    result = WorkerResult(admitted=[], quiet=[])
-    started = time.perf_counter()
+    result = WorkerResult(admitted=[], quiet=[], pid=os.getpid())
     try:
         while True:
             now = time.time()
@@ -306,7 +313,6 @@ def _worker(
             result.slept_s += pause
             time.sleep(pause)
     finally:
-        result.busy_s = time.perf_counter() - started - result.slept_s
         limiter.close()
     return result
 
@@ -531,7 +537,7 @@ def _run_scenario(
     _configure(limiter, scheduler, scenario)
     submitted = _prefill(admin, scheduler, scenario)
     quiet = scenario.quiet_tenants
-    t0_ms = _redis_ms(admin.time())
+    t0_ms = _redis_ms(admin.time())  # type: ignore[arg-type]
     started = time.time()
     stop_at = started + WARMUP_S + scenario.seconds + TAIL_S
     futures = [
@@ -569,6 +575,7 @@ def _worker_stats(run: ScenarioRun) -> dict[str, Any]:
     calls = sum(w.calls for w in ws)
     items = sum(len(w.admitted) for w in ws)
     return {
+        "worker_processes": len({w.pid for w in ws}),
         "dispatch_calls": calls,
         "items_per_call": sig(items / calls) if calls else 0,
         "empty_calls": sum(w.empty_calls for w in ws),
@@ -605,10 +612,20 @@ def _utilization(run: ScenarioRun, buckets: Sequence[Bucket]) -> dict[str, float
     return out
 
 
+def _binding(scenario: Scenario) -> list[Bucket]:
+    """The buckets offered more than their rate: those that must be used to the full."""
+    out = []
+    for b in _buckets(scenario, {f.tenant for f in scenario.flows}):
+        offered = sum(f.rate * f.cost for f in scenario.flows if b.tenant in (None, f.tenant))
+        if offered > b.rate:
+            out.append(b)
+    return out
+
+
 def _series(run: ScenarioRun, key: Callable[[str, str], str | None]) -> dict[str, list[float]]:
     """Admitted cost per second in BIN_S bins from the scenario start, per plotted class."""
     duration = WARMUP_S + run.scenario.seconds + TAIL_S
-    bins = math.ceil(duration / BIN_S)
+    bins = int(duration / BIN_S)  # whole bins only: the last partial one would read low
     out: dict[str, list[float]] = {}
     for t, tenant, priority, cost in run.admitted:
         name = key(tenant, priority)
@@ -654,8 +671,13 @@ def _quiet_waits(run: ScenarioRun) -> dict[str, Any]:
                 required.append(earliest - submit)
                 extra.append(admit - earliest)
         extras.extend(extra)
+        # Saturating tenants whose names sort before this one: at equal passes the active
+        # set (a sorted set) serves them first, so they bound the wait: ahead * cost / cap.
+        ahead = sum(1 for f in scenario.flows if not f.quiet and f.tenant < tenant)
         per_tenant[tenant] = {
             "items": len(extra),
+            "saturating_tenants_sorting_before": ahead,
+            "ahead_bound_ms": sig(1000 * ahead * flow.cost / scenario.limits["global"][0]),
             "latency_p50_ms": sig(_percentile(latency, 50)),
             "latency_p99_ms": sig(_percentile(latency, 99)),
             "own_buckets_require_p99_ms": sig(_percentile(required, 99)),
@@ -705,28 +727,39 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
     admin.flushdb()
     setups: dict[int, FairScheduler] = {}
     setup_s: dict[str, float] = {}
+    first_service: dict[str, float] = {}
     for tenants in SCALE_TENANTS:
         limiter = Limiter.from_url(url, namespace=f"scale-{tenants}")
         limiter.set_limit("global", Limit(1e8, burst=1e8))
         limiter.set_limit("tenant:*", Limit(1e6, burst=1e6))
         scheduler = FairScheduler(limiter)
         per_tenant = max(1, math.ceil(SCALE_MIN_ITEMS / tenants))
-        flow = Flow("x")
+        names = [f"s{t:06d}" for t in range(tenants)]
         started = time.perf_counter()
         pipe = admin.pipeline(transaction=False)
-        n = 0
         for seq in range(per_tenant):
-            for t in range(tenants):
-                tenant = f"s{t:06d}"
-                pipe_args = _submit_args(scheduler, tenant, f"{tenant}-{seq}", flow)
-                scheduler._script(keys=scheduler._keys, args=pipe_args, client=pipe)
-                n += 1
-                if n % SUBMIT_BATCH == 0:
+            for tenant in names:
+                args = _submit_args(scheduler, tenant, f"{tenant}-{seq}", Flow(tenant))
+                scheduler._script(keys=scheduler._keys, args=args, client=pipe)
+                if len(pipe) >= SUBMIT_BATCH:
                     _check_submitted(pipe.execute())
         _check_submitted(pipe.execute())
+        if tenants == SCALE_TENANTS[-1]:
+            # Serving a tenant for the first time creates its hash (buckets, counters): the
+            # cost of the first pass over many new tenants, measured before they are warmed.
+            dispatch_us, ack_us = _server_us(admin, scheduler)
+            first_service = {"dispatch_us": dispatch_us, "ack_us": ack_us}
+        # Steady state: every backlogged tenant has been served within the counter retention
+        # (900 s), so its hash exists. One acquire per tenant creates it, as a dispatch would.
+        for tenant in names:
+            call = limiter._core.decision_call("acquire", tenant, LANE, None, 1)
+            limiter._acquire(keys=call.keys, args=call.args, client=pipe)
+            if len(pipe) >= SUBMIT_BATCH:
+                pipe.execute()
+        pipe.execute()
         setup_s[str(tenants)] = sig(time.perf_counter() - started, 3)
         log(
-            f"  scale: {tenants:,} tenants x {per_tenant} items queued in {setup_s[str(tenants)]} s"
+            f"  scale: {tenants:,} tenants x {per_tenant} items set up in {setup_s[str(tenants)]} s"
         )
         setups[tenants] = scheduler
 
@@ -763,16 +796,7 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
     # Server time per script call: dispatches alone, then acks alone, then plain acquires.
     server: dict[str, Any] = {}
     for tenants, scheduler in setups.items():
-        reset_command_stats(admin)
-        ids = []
-        for _ in range(SCALE_STAT_CALLS):
-            batch = scheduler.dispatch([LANE], max_items=1, with_payload=False)
-            ids.extend(i.id for i in batch.items)
-        dispatch_us = _evalsha_us(admin)
-        reset_command_stats(admin)
-        for item_id in ids:
-            scheduler.ack(item_id)
-        ack_us = _evalsha_us(admin)
+        dispatch_us, ack_us = _server_us(admin, scheduler)
         server[str(tenants)] = {"dispatch_us": dispatch_us, "ack_us": ack_us}
     limiter = Limiter.from_url(url, namespace="scale-acquire")
     limiter.set_limit("global", Limit(1e8, burst=1e8))
@@ -793,6 +817,15 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
         "dispatch_ops_per_s": {str(t): round(v) for t, v in medians.items()},
         "dispatch_ops_per_s_rounds": {str(t): [round(x) for x in v] for t, v in rates.items()},
         "ratio_to_1_tenant": {str(t): sig(v / base) for t, v in medians.items()},
+        # The same ratio from server time alone (dispatch + ack), immune to client noise.
+        "server_ratio_to_1_tenant": {
+            t: sig(
+                (server[one]["dispatch_us"] + server[one]["ack_us"])
+                / (s["dispatch_us"] + s["ack_us"])
+            )
+            for one in [str(SCALE_TENANTS[0])]
+            for t, s in server.items()
+        },
         "server_us_per_call": {
             **server,
             "acquire_us": acquire_us,
@@ -800,13 +833,29 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
                 t: sig(s["dispatch_us"] / acquire_us) for t, s in server.items()
             },
         },
+        "first_service_server_us_100000": first_service,
         "setup_seconds": setup_s,
         "backlog_ran_dry": dry,
         "notes": "op = dispatch(max_items=1) + ack, sequential, one process; limits global "
-        "1e8/s and tenant:* 1e6/s never bind; server us from INFO commandstats (evalsha), "
+        "1e8/s and tenant:* 1e6/s never bind; every tenant's hash exists (served before, as "
+        "in steady state); server us from INFO commandstats (evalsha): "
         f"{SCALE_STAT_CALLS} dispatches, then their acks, then as many Limiter.acquire "
-        "(tenant + queue, same two buckets) calls",
+        "(tenant + queue, the same two buckets) calls",
     }
+
+
+def _server_us(admin: redis.Redis, scheduler: FairScheduler) -> tuple[float, float]:
+    """Server microseconds per dispatch call, then per ack call, over SCALE_STAT_CALLS."""
+    reset_command_stats(admin)
+    ids: list[str] = []
+    for _ in range(SCALE_STAT_CALLS):
+        batch = scheduler.dispatch([LANE], max_items=1, with_payload=False)
+        ids.extend(i.id for i in batch.items)
+    dispatch_us = _evalsha_us(admin)
+    reset_command_stats(admin)
+    for item_id in ids:
+        scheduler.ack(item_id)
+    return dispatch_us, _evalsha_us(admin)
 
 
 def _evalsha_us(admin: redis.Redis) -> float:
@@ -817,107 +866,11 @@ def _evalsha_us(admin: redis.Redis) -> float:
     return sig(evalsha.usec / evalsha.calls, 3)
 
 
-# -- plot ------------------------------------------------------------------------------------
-def _plot(runs: dict[str, ScenarioRun], scale: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 2, figsize=(13, 12), constrained_layout=True)
-    panels = list(axes.flat)
-
-    def x_axis(values: Sequence[float]) -> list[float]:
-        return [(i + 0.5) * BIN_S for i in range(len(values))]
-
-    def draw(ax: Any, run: ScenarioRun, key: Callable[[str, str], str | None]) -> None:
-        for name, values in sorted(_series(run, key).items()):
-            ax.plot(x_axis(values), values, label=name)
-        frame(ax, run)
-
-    def frame(ax: Any, run: ScenarioRun) -> None:
-        ax.axvspan(WARMUP_S, WARMUP_S + run.scenario.seconds, color="0.93", zorder=0)
-        ax.set_title(run.scenario.title, fontsize=10)
-        ax.set_xlabel("seconds (grey: measured window)")
-        ax.set_ylabel("admitted per second (cost)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-
-    if "priority" in runs:
-        ax = panels[0]
-        draw(ax, runs["priority"], lambda t, p: p)
-        g = runs["priority"].scenario.limits["global"][0]
-        ax.axhline(g * 3 / 4, ls="--", c="C0", lw=0.8)
-        ax.axhline(g / 4, ls="--", c="C1", lw=0.8)
-        ax.legend(loc="center right", fontsize=8)
-    if "work_conserving" in runs:
-        ax = panels[1]
-        draw(ax, runs["work_conserving"], lambda t, p: p)
-        ax.axhline(runs["work_conserving"].scenario.limits["global"][0], ls="--", c="k", lw=0.8)
-        ax.legend(["low", "global cap"], loc="center right", fontsize=8)
-    if "tenants" in runs:
-        ax = panels[2]
-        run = runs["tenants"]
-        quiet = run.scenario.quiet_tenants
-        series = _series(run, lambda t, p: t)
-        xs = x_axis(next(iter(series.values())))
-        others = [v for k, v in series.items() if k not in quiet and k != "t00"]
-        for values in others:
-            ax.plot(xs, values, c="0.6", lw=0.5)
-        ax.plot([], [], c="0.6", lw=0.5, label="t01..t49 (each)")
-        if "t00" in series:
-            ax.plot(xs, series["t00"], c="C3", lw=1.5, label="t00 (offers 10x)")
-        for i, name in enumerate(sorted(quiet)):
-            if name in series:
-                ax.plot(xs, series[name], c=f"C{i}", lw=0.8, ls=":", label=f"{name} (quiet)")
-        frame(ax, run)
-        ax.legend(loc="upper right", fontsize=7, ncol=2)
-    if "premium" in runs:
-        ax = panels[3]
-        draw(ax, runs["premium"], lambda t, p: t)
-        g = runs["premium"].scenario.limits["global"][0]
-        ax.axhline(g * 5 / 9, ls="--", c="k", lw=0.8)
-        ax.axhline(g / 9, ls="--", c="k", lw=0.8)
-        ax.legend(loc="center right", fontsize=8)
-    if "utilization" in runs:
-        ax = panels[4]
-        run = runs["utilization"]
-        draw(ax, run, lambda t, p: t if t != "u-a" else f"u-a/{p}")
-        for rate in (120, 60, 100, 80):
-            ax.axhline(rate, ls="--", c="k", lw=0.6)
-        ax.legend(loc="upper right", fontsize=8, ncol=2)
-    ax = panels[5]
-    labels = list(scale["dispatch_ops_per_s"])
-    values = [scale["dispatch_ops_per_s"][k] for k in labels]
-    bars = ax.bar([f"{int(k):,}" for k in labels], values, color="C2")
-    server = scale["server_us_per_call"]
-    for bar, k in zip(bars, labels, strict=True):
-        ax.annotate(
-            f"{bar.get_height():,.0f}/s\nserver {server[k]['dispatch_us']:g} us",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_title(
-        f"7. dispatch+ack per second, one process (acquire: {server['acquire_us']:g} us server)",
-        fontsize=10,
-    )
-    ax.set_xlabel("backlogged tenants")
-    ax.set_ylabel("ops per second")
-    ax.set_ylim(0, max(values) * 1.25)
-    ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("FairScheduler: admitted rate per class, 8 worker processes, one Redis")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # -- entry points ----------------------------------------------------------------------------
 def _target_range(value: float, goal: float, tolerance: float) -> dict[str, Any]:
     return {
         "value": value,
-        "bound": f"{goal:g} ± {tolerance:.0%}",
+        "bound": f"{goal:g} +/- {tolerance:.0%}",
         "met": abs(value - goal) <= goal * tolerance,
     }
 
@@ -930,11 +883,23 @@ def _target_max(value: float, bound: float) -> dict[str, Any]:
     return {"value": value, "bound": f"<= {bound:g}", "met": value <= bound}
 
 
-def run(
-    redis_url: str, seconds: float | None = None, plot: Path | None = PLOT_PATH
-) -> dict[str, Any]:
-    """Run every scenario; ``seconds`` (measured, per scenario) defaults to
-    ``$QRL_FAIRNESS_SECONDS``, then ``$QRL_BENCH_SECONDS``, then 10."""
+def _default_plot() -> Path | None:
+    raw = os.environ.get("QRL_FAIRNESS_PLOT")
+    if raw is None:
+        return PLOT_PATH
+    return Path(raw) if raw else None
+
+
+def run(redis_url: str, seconds: float | None = None, plot: Path | None = None) -> dict[str, Any]:
+    """Run every scenario and return the figures.
+
+    Args:
+        redis_url: a server the benchmark may flush.
+        seconds: measured seconds per scenario; default ``$QRL_FAIRNESS_SECONDS``, then
+            ``$QRL_BENCH_SECONDS``, then 10 (the utilisation scenario measures at least 10).
+        plot: where to write the PNG; default ``$QRL_FAIRNESS_PLOT`` or docs/fairness.png.
+    """
+    plot = plot or _default_plot()
     if seconds is None:
         seconds = env_float("QRL_FAIRNESS_SECONDS", env_float("QRL_BENCH_SECONDS", DEFAULT_SECONDS))
     admin = redis.Redis.from_url(redis_url)
@@ -942,7 +907,13 @@ def run(
     runs: dict[str, ScenarioRun] = {}
     details: dict[str, Any] = {}
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=WORKERS, mp_context=get_context("spawn")) as pool:
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=WORKERS,
+        mp_context=context,
+        initializer=_init_pool,
+        initargs=(context.Barrier(WORKERS),),
+    ) as pool:
         pids = set(pool.map(_warm, range(WORKERS)))
         log(f"fairness: {len(pids)} worker processes, {seconds:g} s measured per scenario")
         for index, scenario in enumerate(scenarios):
@@ -979,8 +950,7 @@ def run(
     standard = [prem.get(f"std{i}", 0.0) for i in range(1, 5)]
     premium_ratio = sig(prem.get("premium", 0.0) / statistics.mean(standard))
     ut = runs["utilization"]
-    binding = [b for b in _buckets(ut.scenario, {"u-a", "u-b", "u-c", "u-d"}) if b.rate < 1000]
-    per_bucket = _utilization(ut, binding)
+    per_bucket = _utilization(ut, _binding(ut.scenario))
     details["utilization"]["binding_buckets"] = per_bucket
     utilization = min(per_bucket.values())
     cap_violations = sum(d["cap_violations"] for d in details.values())
@@ -1022,7 +992,9 @@ def run(
         "scale": scale,
     }
     if plot is not None:
-        _plot(runs, scale, plot)
+        from ._fairness_plot import plot_runs
+
+        plot_runs(runs, scale, plot)
         result["plot"] = str(plot)
     admin.close()
     return result
@@ -1042,11 +1014,15 @@ def main(argv: list[str] | None = None) -> int:
         help="measured seconds per scenario (default $QRL_FAIRNESS_SECONDS, "
         "$QRL_BENCH_SECONDS or 10; the utilisation scenario runs at least 10)",
     )
-    parser.add_argument("--plot", default=str(PLOT_PATH), help="PNG path ('' for none)")
+    parser.add_argument(
+        "--plot", help="PNG path (default $QRL_FAIRNESS_PLOT or docs/fairness.png; '' for none)"
+    )
     args = parser.parse_args(argv)
     if not args.redis_url:
         parser.error("no Redis: pass --redis-url or set REDIS_URL")
-    result = run(args.redis_url, args.seconds, Path(args.plot) if args.plot else None)
+    if args.plot is not None:
+        os.environ["QRL_FAIRNESS_PLOT"] = args.plot
+    result = run(args.redis_url, args.seconds)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

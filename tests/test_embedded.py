@@ -316,8 +316,15 @@ CASES: list[dict[str, Any]] = [
             {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 0}},
             {"delete": "tenant:acme"},
             {"acquire": "acme", "allowed": True, "remaining": {}},
+            # Deleting a limit keeps its bucket: setting it again hands out no fresh burst.
             {"set": "tenant:acme", "limit": "2/h", "burst": 3},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 2}},
+            {
+                "acquire": "acme",
+                "allowed": False,
+                "denied_by": "tenant:acme",
+                "wait_ms": 1_800_000,
+                "remaining": {"tenant:acme": 0},
+            },
         ],
     },
 ]
