@@ -5,22 +5,30 @@ It shares every rule with ``Limiter`` through ``LimiterCore``; only the waiting 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from ._core import ExemptMode, FailMode, LimiterCore, Mode, ScriptCall
+from ._config import ConfigSpec, parse_config
+from ._core import (
+    AuditEntry,
+    ExemptMode,
+    FailMode,
+    LimiterCore,
+    Mode,
+    ScriptCall,
+    redis_errors,
+)
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
-from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX
+from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
-from ._limiter import UNREACHABLE
 from ._scopes import Scope, scope_name
 from ._scripts import script_source
 
 
 class AsyncLimiter:
-    """Like ``Limiter``, with coroutine methods.
+    """Like ``Limiter``, with coroutine methods; see ``Limiter`` for each one.
 
     >>> limiter = AsyncLimiter.from_url("redis://localhost:6379/0")
     >>> decision = await limiter.acquire("acme", queue="emails")   # doctest: +SKIP
@@ -51,22 +59,32 @@ class AsyncLimiter:
     def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
         return cls(aioredis.Redis.from_url(url), **options)
 
+    @property
+    def namespace(self) -> str:
+        return self._core.keys.namespace
+
+    @property
+    def keys(self) -> KeySpace:
+        return self._core.keys
+
+    @property
+    def backend_failures(self) -> int:
+        return self._core.backend_failures
+
+    # -- decisions ---------------------------------------------------------------------
     async def acquire(
         self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
     ) -> Decision:
-        """See ``Limiter.acquire``."""
         return await self._decide("acquire", tenant, queue, priority, cost)
 
     async def peek(
         self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
     ) -> Decision:
-        """See ``Limiter.peek``."""
         return await self._decide("peek", tenant, queue, priority, cost)
 
     async def refund(
         self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
     ) -> Decision:
-        """See ``Limiter.refund``."""
         return await self._decide("refund", tenant, queue, priority, cost)
 
     async def _decide(
@@ -74,46 +92,77 @@ class AsyncLimiter:
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
         try:
-            reply = await self._acquire(keys=call.keys, args=call.args)
-        except UNREACHABLE as exc:
+            with redis_errors():
+                reply = await self._acquire(keys=call.keys, args=call.args)
+        except BackendUnavailable as exc:
             fallback = self._core.unavailable(exc)
             if fallback is None:
-                raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+                raise
             return fallback
         return self._core.decision(reply, cost)
 
+    # -- configuration -----------------------------------------------------------------
     async def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
-        reply = await self._config(keys=call.keys, args=call.args)
+        with redis_errors():
+            reply = await self._config(keys=call.keys, args=call.args)
         return self._core.config_version(reply, str(call.args[1]), must_exist)
+
+    async def _config_hash(self) -> dict[Any, Any]:
+        with redis_errors():
+            raw: dict[Any, Any] = await self.client.hgetall(self._core.keys.config)
+        return raw
 
     async def set_limit(
         self, scope: str | Scope, limit: Limit | str, *, shadow: bool = False, actor: str = "api"
     ) -> int:
-        """See ``Limiter.set_limit``."""
         return await self._run_config(self._core.set_limit_call(scope, limit, shadow, actor))
 
     async def get_limit(self, scope: str | Scope) -> ScopeLimit:
-        """See ``Limiter.get_limit``."""
         name = scope_name(scope)
-        value = await self.client.hget(self._core.keys.config, name)
+        with redis_errors():
+            value = await self.client.hget(self._core.keys.config, name)
         if value is None:
             raise LimitNotFound(name)
         return self._core.limits({name: value})[name]
 
     async def delete_limit(self, scope: str | Scope, *, actor: str = "api") -> int:
-        """See ``Limiter.delete_limit``."""
         call = self._core.config_call("del", scope_name(scope), "", actor)
         return await self._run_config(call, True)
 
     async def limits(self) -> dict[str, ScopeLimit]:
-        """See ``Limiter.limits``."""
-        return self._core.limits(await self.client.hgetall(self._core.keys.config))
+        return self._core.limits(await self._config_hash())
 
     async def set_exempt(
         self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"
     ) -> int:
-        """See ``Limiter.set_exempt``."""
         return await self._run_config(self._core.set_exempt_call(tenant, mode, actor))
+
+    async def exemptions(self) -> dict[str, ExemptMode]:
+        return self._core.exemptions(await self._config_hash())
+
+    async def set_shadow(self, enabled: bool, *, actor: str = "api") -> int:
+        op: Literal["set", "del"] = "set" if enabled else "del"
+        return await self._run_config(self._core.config_call(op, "mode:shadow", "1", actor))
+
+    async def config_version(self) -> int:
+        with redis_errors():
+            return int(await self.client.hget(self._core.keys.config, "_version") or 0)
+
+    async def audit_log(self, count: int = 100) -> list[AuditEntry]:
+        with redis_errors():
+            raw = await self.client.xrevrange(self._core.keys.audit, count=count)
+        return self._core.audit_entries(raw)
+
+    async def apply_config(
+        self, config: ConfigSpec | dict[str, Any], *, overwrite: bool = False, actor: str = "config"
+    ) -> list[str]:
+        spec = config if isinstance(config, ConfigSpec) else parse_config(config)
+        present = {f.decode() if isinstance(f, bytes) else f for f in await self._config_hash()}
+        written = []
+        for field, call in self._core.seed_calls(spec, present, overwrite, actor):
+            await self._run_config(call)
+            written.append(field)
+        return written
 
     async def aclose(self) -> None:
         """Close the Redis connection pool."""

@@ -10,16 +10,31 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._config import ConfigSpec
 from ._decision import Decision, ScopeLimit, decode_limit, encode_limit, parse_reply
-from ._errors import CostExceedsBurst, InvalidCost, InvalidName, LimitNotFound
+from ._errors import (
+    BackendUnavailable,
+    ConfigError,
+    CostExceedsBurst,
+    InvalidCost,
+    InvalidName,
+    LimitNotFound,
+)
 from ._keys import KeySpace
 from ._limit import Limit
 from ._scopes import Scope, check_name, check_priority, scope_name
 
 log = logging.getLogger("queue_ratelimit")
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 FailMode = Literal["raise", "open", "closed"]
 Mode = Literal["acquire", "peek", "refund"]
@@ -46,6 +61,21 @@ class AuditEntry:
     new: str
     actor: str
     at_ms: int
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Redis's errors as ours: one root exception for callers to catch."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+    except ResponseError as exc:
+        # The scripts raise "queue-ratelimit: ..." for configuration they cannot read.
+        text = str(exc)
+        if "queue-ratelimit:" in text:
+            raise ConfigError(text[text.index("queue-ratelimit:") :]) from exc
+        raise
 
 
 def check_cost(cost: object) -> float:
@@ -152,6 +182,23 @@ class LimiterCore:
         if mode not in ("tenant", "all"):
             raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {mode!r}")
         return self.config_call("set", field, mode, actor)
+
+    def seed_calls(
+        self, spec: ConfigSpec, present: set[str], overwrite: bool, actor: str
+    ) -> list[tuple[str, ScriptCall]]:
+        """The config writes that seed ``spec`` (fields already ``present`` kept unless
+        ``overwrite``): Redis holds the truth, static configuration only fills gaps."""
+        calls: list[tuple[str, ScriptCall]] = []
+        for scope, (limit, shadow) in spec.limits.items():
+            if overwrite or scope not in present:
+                calls.append((scope, self.set_limit_call(scope, limit, shadow, actor)))
+        for tenant, mode in spec.exempt.items():
+            field = f"exempt:{tenant}"
+            if overwrite or field not in present:
+                calls.append((field, self.set_exempt_call(tenant, mode, actor)))  # type: ignore[arg-type]
+        if spec.shadow and (overwrite or "mode:shadow" not in present):
+            calls.append(("mode:shadow", self.config_call("set", "mode:shadow", "1", actor)))
+        return calls
 
     @staticmethod
     def config_version(reply: list[object], field: str, must_exist: bool) -> int:

@@ -5,19 +5,23 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._config import ConfigSpec, parse_config
-from ._core import AuditEntry, ExemptMode, FailMode, LimiterCore, Mode, ScriptCall
+from ._core import (
+    AuditEntry,
+    ExemptMode,
+    FailMode,
+    LimiterCore,
+    Mode,
+    ScriptCall,
+    redis_errors,
+)
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX
 from ._limit import Limit
 from ._scopes import Scope, scope_name
 from ._scripts import script_source
-
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 
 class Limiter:
@@ -110,17 +114,19 @@ class Limiter:
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
         try:
-            reply = self._acquire(keys=call.keys, args=call.args)
-        except UNREACHABLE as exc:
+            with redis_errors():
+                reply = self._acquire(keys=call.keys, args=call.args)
+        except BackendUnavailable as exc:
             fallback = self._core.unavailable(exc)
             if fallback is None:
-                raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+                raise
             return fallback
         return self._core.decision(reply, cost)
 
     # -- configuration -----------------------------------------------------------------
     def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
-        reply = self._config(keys=call.keys, args=call.args)
+        with redis_errors():
+            reply = self._config(keys=call.keys, args=call.args)
         return self._core.config_version(reply, str(call.args[1]), must_exist)
 
     def set_limit(
@@ -137,7 +143,8 @@ class Limiter:
     def get_limit(self, scope: str | Scope) -> ScopeLimit:
         """The limit configured for exactly this scope. Raises ``LimitNotFound``."""
         name = scope_name(scope)
-        value = self.client.hget(self._core.keys.config, name)
+        with redis_errors():
+            value = self.client.hget(self._core.keys.config, name)
         if value is None:
             raise LimitNotFound(name)
         return self._core.limits({name: value})[name]
@@ -148,7 +155,8 @@ class Limiter:
 
     def limits(self) -> dict[str, ScopeLimit]:
         """Every configured limit, by scope name."""
-        return self._core.limits(self.client.hgetall(self._core.keys.config))
+        with redis_errors():
+            return self._core.limits(self.client.hgetall(self._core.keys.config))
 
     def set_exempt(
         self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"
@@ -159,7 +167,8 @@ class Limiter:
 
     def exemptions(self) -> dict[str, ExemptMode]:
         """Exempt tenants and their mode."""
-        return self._core.exemptions(self.client.hgetall(self._core.keys.config))
+        with redis_errors():
+            return self._core.exemptions(self.client.hgetall(self._core.keys.config))
 
     def set_shadow(self, enabled: bool, *, actor: str = "api") -> int:
         """Put the whole namespace in shadow (dry-run) mode, or take it out."""
@@ -168,11 +177,14 @@ class Limiter:
 
     def config_version(self) -> int:
         """A number that grows with every configuration change."""
-        return int(self.client.hget(self._core.keys.config, "_version") or 0)
+        with redis_errors():
+            return int(self.client.hget(self._core.keys.config, "_version") or 0)
 
     def audit_log(self, count: int = 100) -> list[AuditEntry]:
         """The latest configuration changes, newest first."""
-        return self._core.audit_entries(self.client.xrevrange(self._core.keys.audit, count=count))
+        with redis_errors():
+            raw = self.client.xrevrange(self._core.keys.audit, count=count)
+        return self._core.audit_entries(raw)
 
     def apply_config(
         self, config: ConfigSpec | dict[str, Any], *, overwrite: bool = False, actor: str = "config"
@@ -183,22 +195,15 @@ class Limiter:
         run time, say) is left alone.
         """
         spec = config if isinstance(config, ConfigSpec) else parse_config(config)
-        present = {
-            f.decode() if isinstance(f, bytes) else f
-            for f in self.client.hkeys(self._core.keys.config)
-        }
+        with redis_errors():
+            present = {
+                f.decode() if isinstance(f, bytes) else f
+                for f in self.client.hkeys(self._core.keys.config)
+            }
         written = []
-        for scope, (limit, shadow) in spec.limits.items():
-            if overwrite or scope not in present:
-                self.set_limit(scope, limit, shadow=shadow, actor=actor)
-                written.append(scope)
-        for tenant, mode in spec.exempt.items():
-            if overwrite or f"exempt:{tenant}" not in present:
-                self.set_exempt(tenant, mode, actor=actor)  # type: ignore[arg-type]
-                written.append(f"exempt:{tenant}")
-        if spec.shadow and (overwrite or "mode:shadow" not in present):
-            self.set_shadow(True, actor=actor)
-            written.append("mode:shadow")
+        for field, call in self._core.seed_calls(spec, present, overwrite, actor):
+            self._run_config(call)
+            written.append(field)
         return written
 
     @property

@@ -19,7 +19,7 @@ import redis
 from . import __version__, _demo
 from ._decision import ScopeLimit, decode_limit
 from ._demo import _table
-from ._errors import LimitNotFound, RateLimitError
+from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 
@@ -107,6 +107,8 @@ def _clean_errors(ctx: click.Context) -> Iterator[None]:
     """Turn our errors and Redis's into one-line messages and a non-zero exit."""
     try:
         yield
+    except BackendUnavailable as exc:
+        raise click.ClickException(_unreachable(ctx, exc.__cause__ or exc)) from exc
     except RateLimitError as exc:
         raise click.ClickException(str(exc)) from exc
     except ImportError as exc:  # an optional extra is missing; its message says which
@@ -115,11 +117,17 @@ def _clean_errors(ctx: click.Context) -> Iterator[None]:
         # Read only now: the group's callback stores the settings after this began.
         settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings(None, "default")
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            hint = "" if settings.url else " (set --url or REDIS_URL)"
-            message = f"cannot reach Redis at {settings.target}{hint}: {exc}"
+            message = _unreachable(ctx, exc)
         else:
             message = f"Redis at {settings.target} answered with an error: {exc}"
         raise click.ClickException(message) from exc
+
+
+def _unreachable(ctx: click.Context, exc: BaseException) -> str:
+    # Read only now: the group's callback stores the settings after the command began.
+    settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings(None, "default")
+    hint = "" if settings.url else " (set --url or REDIS_URL)"
+    return f"cannot reach Redis at {settings.target}{hint}: {exc}"
 
 
 class _Group(click.Group):

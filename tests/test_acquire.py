@@ -428,7 +428,7 @@ def test_invalid_costs(limiter: Limiter, cost: object, method: str) -> None:
 
 def test_corrupt_limit_in_redis_is_a_loud_error(limiter: Limiter) -> None:
     limiter.client.hset(limiter.keys.config, "tenant:acme", "fast please")
-    with pytest.raises(redis.ResponseError, match="corrupt limit for tenant:acme"):
+    with pytest.raises(ConfigError, match="corrupt limit for tenant:acme"):
         limiter.acquire("acme")
 
 
