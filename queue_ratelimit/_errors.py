@@ -9,7 +9,7 @@
     │   ├── InvalidScope               a scope string that names no known scope
     │   └── InvalidCost                cost not finite or <= 0
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
-    ├── LimitNotFound (KeyError)       get/delete of a scope with no limit set
+    ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
     ├── BackendUnavailable             Redis could not be reached (fail mode "raise")
     └── RateLimited                    raised only where a caller asked for "reject"
 
@@ -68,6 +68,11 @@ class LimitNotFound(RateLimitError, KeyError):
         super().__init__(scope)
 
     def __str__(self) -> str:
+        kind, _, name = self.scope.partition(":")
+        if kind == "weight":
+            return f"no weight is set for {name!r}"
+        if kind == "exempt":
+            return f"tenant {name!r} is not exempt"
         return f"no limit is set for scope {self.scope!r}"
 
 

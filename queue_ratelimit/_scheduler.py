@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._core import check_cost
-from ._errors import InvalidName
+from ._errors import ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
 from ._scripts import script_source
@@ -16,6 +16,7 @@ from ._scripts import script_source
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
 MAX_WEIGHT = 1e6
 MAX_ITEM_ID = 256
+MAX_LEASE = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +97,22 @@ def _check_item_id(item_id: object) -> str:
     return item_id
 
 
+def _check_positive(what: str, value: object, maximum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0 or number > maximum:
+        raise ConfigError(f"{what} must be a finite number in (0, {maximum:g}], got {value!r}")
+    return number
+
+
 def _check_weight(weight: object) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise InvalidName(f"weight must be a number, got {weight!r}")
-    value = float(weight)
-    if not math.isfinite(value) or value <= 0 or value > MAX_WEIGHT:
-        raise InvalidName(f"weight must be a finite number in (0, {MAX_WEIGHT:g}], got {weight!r}")
-    return value
+    return _check_positive("weight", weight, MAX_WEIGHT)
+
+
+def _check_lease(lease: object) -> int:
+    """A lease in seconds, as whole milliseconds."""
+    return max(1, int(_check_positive("lease (seconds)", lease, MAX_LEASE) * 1000))
 
 
 def _text(value: object) -> str:
@@ -137,7 +147,9 @@ class FairScheduler:
         self.limiter = limiter
         self.client = limiter.client
         self._core = limiter._core
-        self.lease_ms = int(_check_weight(lease) * 1000)
+        self.lease_ms = _check_lease(lease)
+        if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
+            raise ConfigError(f"max_skips must be a whole number >= 0, got {max_skips!r}")
         self.max_skips = max_skips
         self._script = self.client.register_script(script_source("scheduler.lua"))
         self._gate = self.client.register_script(script_source("gate.lua"))
@@ -340,7 +352,7 @@ class FairScheduler:
 
     def extend(self, item_id: str, lease: float | None = None) -> bool:
         """Renew an item's lease (for work that runs longer than the lease)."""
-        lease_ms = self.lease_ms if lease is None else int(_check_weight(lease) * 1000)
+        lease_ms = self.lease_ms if lease is None else _check_lease(lease)
         return self._run("extend", _check_item_id(item_id), lease_ms) == 1
 
     def reap(self) -> int:

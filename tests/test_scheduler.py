@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queue_ratelimit import (
+    ConfigError,
     Dispatch,
     DispatchedItem,
     FairScheduler,
@@ -53,7 +54,7 @@ def submit_many(
     Goes through the same script as ``submit`` (so the same code path), minus a round trip
     per item. Returns the number of items queued; fails on any duplicate or error.
     """
-    core = scheduler.limiter.keys
+    keys = scheduler.limiter.keys
     queued = 0
     pipe = scheduler.client.pipeline(transaction=False)
     pending = 0
@@ -64,7 +65,7 @@ def submit_many(
         return len(replies)
 
     for tenant, item_id, queue, priority in items:
-        args = ["submit", core.base, scheduler._core.retention_ms, queue, tenant, priority]
+        args = ["submit", keys.base, scheduler._core.retention_ms, queue, tenant, priority]
         scheduler._script(
             keys=scheduler._keys, args=[*args, item_id, repr(float(cost)), b""], client=pipe
         )
@@ -109,6 +110,21 @@ def take(
 
 def shares(items: Iterable[DispatchedItem], attr: str = "tenant") -> Counter[str]:
     return Counter(getattr(item, attr) for item in items)
+
+
+def reap_all(scheduler: FairScheduler, client: redis.Redis, count: int) -> int:
+    """Wait (on Redis's clock) until ``count`` leases have run out, then reap until done."""
+
+    def expired() -> bool:
+        seconds, micros = client.time()
+        now_ms = seconds * 1000 + micros / 1000
+        return int(client.zcount(key(scheduler, "inflight"), "-inf", now_ms)) >= count
+
+    wait_until(expired, timeout=10, what=f"{count} leases to run out")
+    reaped = 0
+    while n := scheduler.reap():
+        reaped += n
+    return reaped
 
 
 @pytest.fixture
@@ -215,7 +231,7 @@ def test_default_tenant_weight_applies_to_tenants_without_their_own(
 
 
 def test_shares_are_counted_in_tokens_not_items(scheduler: FairScheduler) -> None:
-    submit_many(scheduler, ((("heavy", f"h{i}", "default", "normal")) for i in range(50)), cost=3)
+    submit_many(scheduler, (("heavy", f"h{i}", "default", "normal") for i in range(50)), cost=3)
     backlogged(scheduler, "light", 100)
 
     counts = shares(take(scheduler, 40))
@@ -223,6 +239,32 @@ def test_shares_are_counted_in_tokens_not_items(scheduler: FairScheduler) -> Non
     # 3 tokens per heavy item, 1 per light one: equal tokens means 1 heavy item per 3 light.
     assert abs(counts["heavy"] - 10) <= 1
     assert abs(counts["light"] - 30) <= 1
+
+
+def test_a_flooding_tenant_cannot_push_others_below_their_share(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("global", budget(500))
+    tenants = [f"t{i:02d}" for i in range(50)]
+    for tenant in tenants:
+        backlogged(scheduler, tenant, 200 if tenant == "t07" else 20)
+
+    counts = shares(take(scheduler, 500))
+
+    assert all(abs(counts[t] - 10) <= 1 for t in tenants), counts
+
+
+def test_a_quiet_tenant_is_not_stuck_behind_a_noisy_backlog(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("global", budget(200))
+    backlogged(scheduler, "noisy", 1000)
+    take(scheduler, 100)
+
+    scheduler.submit("quiet", "urgent")
+    next_two = take(scheduler, 2, batch=1)
+
+    assert "urgent" in [i.id for i in next_two]
 
 
 # -- work conservation and joining ---------------------------------------------------------
@@ -355,7 +397,7 @@ def test_a_tenant_held_back_by_its_own_cap_is_parked_and_blocks_nobody(
 def test_only_parked_tenants_left_reports_when_their_tokens_return(
     limiter: Limiter, scheduler: FairScheduler
 ) -> None:
-    limiter.set_limit("tenant:capped", Limit(20, burst=1))
+    limiter.set_limit("tenant:capped", Limit(2, burst=1))  # a token every 500 ms
     backlogged(scheduler, "capped", 5)
 
     assert len(scheduler.dispatch(["default"], max_items=5).items) == 1
@@ -363,7 +405,7 @@ def test_only_parked_tenants_left_reports_when_their_tokens_return(
 
     assert waiting.items == ()
     assert waiting.wait_ms is not None
-    assert 0 < waiting.wait_ms <= 50.001
+    assert 0 < waiting.wait_ms <= 500.001
     found = wait_until(
         lambda: scheduler.dispatch(["default"]).items,
         timeout=10,
@@ -402,7 +444,7 @@ def test_many_parked_tenants_are_skipped_cheaply(
 def test_a_binding_global_cap_dispatches_nothing_and_says_how_long(
     limiter: Limiter, scheduler: FairScheduler
 ) -> None:
-    limiter.set_limit("global", Limit(10, burst=5))  # a token every 100 ms
+    limiter.set_limit("global", Limit(1, burst=5))  # a token every second
     backlogged(scheduler, "a", 10)
     backlogged(scheduler, "b", 10)
 
@@ -412,7 +454,7 @@ def test_a_binding_global_cap_dispatches_nothing_and_says_how_long(
 
     assert denied.items == ()
     assert denied.wait_ms is not None
-    assert 0 < denied.wait_ms <= 100.001
+    assert 0 < denied.wait_ms <= 1000.001
     assert peek.denied_by == "global"
     # Both read the same bucket: the later peek can only need less time.
     assert 0 < peek.wait_ms <= denied.wait_ms
@@ -482,7 +524,7 @@ def _busy_namespace(scheduler: FairScheduler, limiter: Limiter) -> None:
     ]
     for tenant, priority, count in plan:
         backlogged(scheduler, tenant, count, priority=priority)
-    submit_many(scheduler, ((("pricey", f"p{i}", "default", "normal")) for i in range(30)), cost=2)
+    submit_many(scheduler, (("pricey", f"p{i}", "default", "normal") for i in range(30)), cost=2)
 
 
 def test_a_batch_dispatch_equals_single_dispatches(
@@ -533,12 +575,7 @@ def test_expired_leases_return_items_to_the_head_in_their_old_order(
 
     taken = scheduler.dispatch(["default"], max_items=3).items
     assert [i.id for i in taken] == ids[:3]
-    reaped: list[int] = []
-    wait_until(
-        lambda: reaped.append(scheduler.reap()) or sum(reaped) == 3,
-        timeout=10,
-        what="the leases to expire",
-    )
+    assert reap_all(scheduler, redis_client, 3) == 3
 
     backlog = redis_client.lrange(key(scheduler, "default:bl:acme:normal"), 0, -1)
     assert [text(i) for i in backlog] == ids
@@ -557,17 +594,38 @@ def test_many_expired_leases_come_back_in_their_old_order(
     ids = [f"job-{n}" for n in range(40, 0, -1)]  # id order is the reverse of queue order
     for item_id in ids:
         scheduler.submit("acme", item_id)
-    assert [i.id for i in take(scheduler, 40, batch=15)] == ids
+    assert [i.id for i in scheduler.dispatch(["default"], max_items=40).items] == ids
 
-    reaped: list[int] = []
-    wait_until(
-        lambda: reaped.append(scheduler.reap()) or sum(reaped) == 40,
-        timeout=10,
-        what="the leases to expire",
-    )
+    # reap() hands back 16 per call, newest first, so the oldest end up in front.
+    assert reap_all(scheduler, redis_client, 40) == 40
 
     backlog = redis_client.lrange(key(scheduler, "default:bl:acme:normal"), 0, -1)
     assert [text(i) for i in backlog] == ids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dispatch reaps at most 16 expired leases per call, newest first, and serves them "
+    "before the older ones still waiting to be reaped",
+)
+def test_a_mass_expiry_reaped_by_dispatch_keeps_the_old_order(limiter: Limiter) -> None:
+    scheduler = FairScheduler(limiter, lease=0.05)
+    ids = [f"job-{n:02d}" for n in range(20)]
+    for item_id in ids:
+        scheduler.submit("acme", item_id)
+    assert [i.id for i in scheduler.dispatch(["default"], max_items=20).items] == ids
+
+    again: list[str] = []
+
+    def redispatch() -> bool:
+        for item in scheduler.dispatch(["default"], max_items=5).items:
+            assert scheduler.ack(item.id)
+            again.append(item.id)
+        return len(again) == 20
+
+    wait_until(redispatch, timeout=10, what="the leases to expire")
+
+    assert again == ids
 
 
 def test_expired_leases_are_reaped_by_dispatch_itself(limiter: Limiter) -> None:
@@ -589,8 +647,8 @@ def test_expired_leases_are_reaped_by_dispatch_itself(limiter: Limiter) -> None:
 
     wait_until(redispatch, timeout=10, what="the leases to expire")
 
-    # "third" was never taken, so it goes right away; the other two follow once reaped.
-    assert again == ["third", "first", "second"]
+    # "third" was never taken, so it may go at once; the other two follow once reaped.
+    assert sorted(again) == ["first", "second", "third"]
     assert scheduler.in_flight() == 0
 
 
@@ -679,11 +737,17 @@ def test_nack_with_refund_returns_the_tokens(limiter: Limiter, scheduler: FairSc
     def remaining() -> dict[str, float]:
         return dict(limiter.peek("acme", queue="default").remaining)
 
-    assert remaining() == pytest.approx({"tenant:acme": 1, "queue:default": 4, "global": 6})
+    assert remaining() == pytest.approx(
+        {"tenant:acme": 1, "queue:default": 4, "global": 6}, abs=0.01
+    )
     assert scheduler.nack("a", refund=True) is True
-    assert remaining() == pytest.approx({"tenant:acme": 3, "queue:default": 6, "global": 8})
+    assert remaining() == pytest.approx(
+        {"tenant:acme": 3, "queue:default": 6, "global": 8}, abs=0.01
+    )
     assert scheduler.nack("b", refund=False) is True
-    assert remaining() == pytest.approx({"tenant:acme": 3, "queue:default": 6, "global": 8})
+    assert remaining() == pytest.approx(
+        {"tenant:acme": 3, "queue:default": 6, "global": 8}, abs=0.01
+    )
     assert scheduler.backlog("default", "acme") == 2
 
 
@@ -735,9 +799,9 @@ def test_the_longest_item_id_is_accepted(scheduler: FairScheduler) -> None:
 
 @pytest.mark.parametrize("weight", [0, -1, math.nan, math.inf, -math.inf, 1e7, True, "2", [1]])
 def test_bad_weights_are_refused(scheduler: FairScheduler, weight: object) -> None:
-    with pytest.raises(InvalidName):
+    with pytest.raises(ConfigError, match="weight must be"):
         scheduler.set_tenant_weight("acme", weight)  # type: ignore[arg-type]
-    with pytest.raises(InvalidName):
+    with pytest.raises(ConfigError, match="weight must be"):
         scheduler.set_priority_weight("high", weight)  # type: ignore[arg-type]
     assert scheduler.weights() == {}
 
@@ -774,12 +838,12 @@ def test_bad_costs_are_refused(scheduler: FairScheduler, cost: object) -> None:
 
 @pytest.mark.parametrize("lease", [0, -1, math.nan, math.inf])
 def test_bad_leases_are_refused(limiter: Limiter, lease: float) -> None:
-    with pytest.raises(InvalidName):
+    with pytest.raises(ConfigError, match="lease"):
         FairScheduler(limiter, lease=lease)
     scheduler = FairScheduler(limiter)
     scheduler.submit("acme", "job")
     scheduler.dispatch(["default"])
-    with pytest.raises(InvalidName):
+    with pytest.raises(ConfigError, match="lease"):
         scheduler.extend("job", lease)
 
 
@@ -860,17 +924,17 @@ def test_raising_a_tenant_cap_releases_a_parked_tenant_on_the_next_dispatch(
 
 def test_costly_items_consume_their_cost(limiter: Limiter, scheduler: FairScheduler) -> None:
     limiter.set_limit("global", budget(10))
-    submit_many(scheduler, ((("acme", f"j{i}", "default", "normal")) for i in range(5)), cost=3)
+    submit_many(scheduler, (("acme", f"j{i}", "default", "normal") for i in range(5)), cost=3)
 
     items = scheduler.dispatch(["default"], max_items=5).items
 
     assert [i.cost for i in items] == [3.0, 3.0, 3.0]
-    assert limiter.peek("acme").remaining["global"] == pytest.approx(1)
+    assert limiter.peek("acme").remaining["global"] == pytest.approx(1, abs=0.01)
     assert scheduler.dispatch(["default"]).items == ()
 
 
 def test_an_item_costlier_than_a_lowered_burst_is_still_dispatched(
-    limiter: Limiter, scheduler: FairScheduler
+    limiter: Limiter, scheduler: FairScheduler, redis_client: redis.Redis
 ) -> None:
     limiter.set_limit("global", Limit(1, per=HOURLY, burst=10))
     backlogged(scheduler, "acme", 10)
@@ -887,8 +951,8 @@ def test_an_item_costlier_than_a_lowered_burst_is_still_dispatched(
 
     assert found[0].id == "huge"
     assert found[0].cost == 5.0
-    # It was charged the whole (lowered) burst, not its cost.
-    assert limiter.peek("acme").remaining["global"] < 1
+    # It was charged the whole (lowered) burst, not its cost: 10 * 1 + 2 tokens admitted.
+    assert float(redis_client.hget(limiter.keys.shared, "n:at") or 0) == 12
 
 
 # -- many tenants --------------------------------------------------------------------------
