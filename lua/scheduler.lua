@@ -30,6 +30,7 @@ local config_key, shared_key, inflight_key, meta_key, payload_key = KEYS[1], KEY
 local mode, base, keep_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local DEFAULT_PRIORITY_WEIGHTS = {high = 3, normal = 2, low = 1}
 local REAP_BATCH, UNPARK_BATCH = 16, 32
+local RECEIPT_MS = 86400000  -- a dispatch receipt outlives any outage a caller recovers from
 
 local function lane_key(lane, suffix) return base .. ':s:' .. lane .. ':' .. suffix end
 local function tenant_key(tenant) return base .. ':t:' .. tenant end
@@ -54,7 +55,14 @@ local function join_tenant(lane, tenant)
   end
   local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
   local vt = tonumber(redis.call('HGET', lane_key(lane, 'n'), ':vt')) or 0
-  redis.call('ZADD', active, math.max(own, vt), tenant)
+  local pass = own
+  if own < vt then
+    -- Joining at the virtual time, it would tie with every backlogged tenant there and
+    -- wait for those whose names sort first: a whole round. A hair below them puts it
+    -- next, as a quiet tenant should be, and banks no credit (it is only one tie).
+    pass = vt - 1e-9 * math.max(1, math.abs(vt))
+  end
+  redis.call('ZADD', active, pass, tenant)
 end
 
 -- Make sure `priority` is scheduled inside the tenant, joining at max(own, tenant vt).
@@ -142,10 +150,13 @@ if mode == 'route' then
 end
 
 if mode == 'dispatch' then
-  -- ARGV: max items, lease ms, max tenants skipped per lane, want payload ("1"/"0"), lanes...
+  -- ARGV: max items, lease ms, max tenants skipped per lane, want payload ("1"/"0"),
+  -- receipt ("<key> <nonce>" or ""), lanes...
   -- A lane may be given as "<lane>|<list key>": a dispatched id is then pushed onto that
   -- list (a queue system's own in-progress bookkeeping, e.g. RQ's intermediate queue).
-  -- With lease 0 no in-flight record is kept: the item is handed over for good.
+  -- With lease 0 no in-flight record is kept: the item is handed over for good. A receipt
+  -- key is set to "<nonce> <id>..." when something is dispatched, so a caller whose reply
+  -- was lost (Redis restarted, the connection dropped) can find out what it was handed.
   -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload}...}; wait_ms is "0" when
   -- something was dispatched, "-1" when every lane is empty, else the ms until the earliest
   -- moment something could be admitted.
@@ -157,7 +168,8 @@ if mode == 'dispatch' then
   local function note_wait(w)
     if not wait or w < wait then wait = w end
   end
-  for li = 8, #ARGV do
+  local receipt_key, nonce = string.match(ARGV[8], '^(%S+) (%S+)$')
+  for li = 9, #ARGV do
     local lane, handoff = string.match(ARGV[li], '^([^|]+)|?(.*)$')
     local active, parked, counts = lane_key(lane, 'active'), lane_key(lane, 'parked'), lane_key(lane, 'n')
     -- A tenant is parked until its tokens return under the limits it was judged by; after
@@ -259,6 +271,11 @@ if mode == 'dispatch' then
       note_wait(math.max(0, tonumber(first[2]) - now))
     end
     if stop_all or #items >= max_items then break end
+  end
+  if receipt_key and #items > 0 then
+    local ids = {nonce}
+    for _, item in ipairs(items) do ids[#ids + 1] = item[1] end
+    redis.call('SET', receipt_key, table.concat(ids, ' '), 'PX', RECEIPT_MS)
   end
   local head
   if #items > 0 then head = '0' elseif wait then head = fmt(wait) elseif backlogged then head = '0' else head = '-1' end
