@@ -19,122 +19,158 @@ pcall(redis.replicate_commands)
 local EPSILON = 1e-9
 -- Upper bounds (ms) of the wait-time histogram kept for denied decisions.
 local WAIT_BOUNDS = {1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+local TWO_53 = 9007199254740992
+local format, match = string.format, string.match
 
 -- Redis converts Lua numbers in replies to integers: floats travel as strings.
+-- Whole numbers below 2^53 (the clock, counters, whole tokens) print the same digits with
+-- %d, which is cheaper than %.17g; zero takes the general path so -0 stays "-0".
 local function fmt(n)
-  return string.format('%.17g', n)
+  if n % 1 == 0 and n ~= 0 and n < TWO_53 and n > -TWO_53 then
+    return format('%d', n)
+  end
+  return format('%.17g', n)
 end
 
 -- Redis's own clock in microseconds; never the caller's, so skewed clients change nothing.
--- 2^53 microseconds is about 285 years, so the value is exact in a double.
 local function clock_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- Returns rate (tokens per microsecond), burst, shadow flag.
 local function parse_limit(scope, value)
-  local rate, per, burst, flags = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
+  local rate, per, burst, flags = match(value, '^(%S+) (%S+) (%S+) (%S+)$')
   rate, per, burst = tonumber(rate), tonumber(per), tonumber(burst)
   if not (rate and per and burst) or rate <= 0 or per <= 0 or burst <= 0 then
     error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
   end
-  return {rate = rate / (per * 1000000), burst = burst, shadow = string.find(flags, 's', 1, true) ~= nil}
+  return rate / (per * 1000000), burst, string.find(flags, 's', 1, true) ~= nil
 end
 
 local function append(list, values)
-  for _, v in ipairs(values) do list[#list + 1] = v end
+  local n = #list
+  for i = 1, #values do list[n + i] = values[i] end
 end
 
--- Load everything one decision for (tenant, queue) needs, in one HMGET per hash:
--- the limits that could apply (plus `cfg_extra` config fields), the state of the buckets
--- that do apply (plus `t_extra` tenant-hash fields), and the counters an admission bumps.
--- Buckets are listed most specific first. Returns a context table used by the functions below.
+-- One bucket table, built whole (no rehash as fields are added later).
+local function add_bucket(buckets, scope, hash, field, value, all_shadow)
+  local rate, burst, shadow = parse_limit(scope, value)
+  buckets[#buckets + 1] = {scope = scope, hash = hash, field = field, rate = rate, burst = burst,
+                           shadow = shadow or all_shadow, tokens = 0, ok = false}
+end
+
 local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra, t_extra)
-  local fields = {'global', 'tenant:' .. tenant, 'tenant:*', 'exempt:' .. tenant, 'mode:shadow'}
+  local s_tenant = 'tenant:' .. tenant
+  local fields, s_tq, s_q
   if queue ~= '' then
-    append(fields, {'queue:' .. queue, 'tenant:' .. tenant .. ':queue:' .. queue, 'tenant:*:queue:' .. queue})
+    s_tq, s_q = s_tenant .. ':queue:' .. queue, 'queue:' .. queue
+    fields = {'global', s_tenant, 'tenant:*', 'exempt:' .. tenant, 'mode:shadow', s_q, s_tq,
+              'tenant:*:queue:' .. queue}
+  else
+    fields = {'global', s_tenant, 'tenant:*', 'exempt:' .. tenant, 'mode:shadow'}
   end
   local base = #fields
-  append(fields, cfg_extra)
+  for i = 1, #cfg_extra do fields[base + i] = cfg_extra[i] end
   local cfg = redis.call('HMGET', config_key, unpack(fields))
+  local buckets = {}
   local ctx = {tenant_key = tenant_key, shared_key = shared_key, queue = queue, priority = priority,
-               buckets = {}, cfg_extra = {}, t_extra = {}}
-  for i = 1, #cfg_extra do ctx.cfg_extra[i] = cfg[base + i] end
+               buckets = buckets, cfg_extra = {}, t_extra = {}, t_counters = false,
+               s_counters = false, t_counter_vals = false, s_counter_vals = false, old_x = 0, now = 0}
+  local ce = ctx.cfg_extra
+  for i = 1, #cfg_extra do ce[i] = cfg[base + i] end
 
   local exempt = cfg[4] or ''
-  local candidates = {}
+  local all_shadow = cfg[5] == '1'
+  local tfields, sfields = {}, {}
+  local v
   if exempt == '' then
     if queue ~= '' then
-      candidates[#candidates + 1] = {'tenant:' .. tenant .. ':queue:' .. queue, 't', 'bq:' .. queue, cfg[7] or cfg[8]}
+      v = cfg[7] or cfg[8]
+      if v then
+        add_bucket(buckets, s_tq, 't', 'bq:' .. queue, v, all_shadow)
+        tfields[#tfields + 1] = 'bq:' .. queue
+      end
     end
-    candidates[#candidates + 1] = {'tenant:' .. tenant, 't', 'b', cfg[2] or cfg[3]}
+    v = cfg[2] or cfg[3]
+    if v then
+      add_bucket(buckets, s_tenant, 't', 'b', v, all_shadow)
+      tfields[#tfields + 1] = 'b'
+    end
   end
   if exempt ~= 'all' then
     if queue ~= '' then
-      candidates[#candidates + 1] = {'queue:' .. queue, 's', 'b:queue:' .. queue, cfg[6]}
+      v = cfg[6]
+      if v then
+        add_bucket(buckets, s_q, 's', 'b:queue:' .. queue, v, all_shadow)
+        sfields[#sfields + 1] = 'b:queue:' .. queue
+      end
     end
-    candidates[#candidates + 1] = {'global', 's', 'b:global', cfg[1]}
-  end
-  local tfields, sfields = {}, {}
-  for _, c in ipairs(candidates) do
-    if c[4] then
-      local b = parse_limit(c[1], c[4])
-      b.scope, b.hash, b.field = c[1], c[2], c[3]
-      b.shadow = b.shadow or cfg[5] == '1'
-      ctx.buckets[#ctx.buckets + 1] = b
-      if b.hash == 't' then tfields[#tfields + 1] = b.field else sfields[#sfields + 1] = b.field end
+    v = cfg[1]
+    if v then
+      add_bucket(buckets, 'global', 's', 'b:global', v, all_shadow)
+      sfields[#sfields + 1] = 'b:global'
     end
   end
 
   -- Counters are read here and written back with the bucket state: one write per hash.
   local nt, ns = #tfields, #sfields
-  ctx.t_counters = {'n:a', 'n:at'}
-  ctx.s_counters = {'n:a', 'n:at'}
+  local tc, sc
   if queue ~= '' then
-    ctx.t_counters[3] = 'a:q:' .. queue
-    ctx.s_counters[3] = 'a:q:' .. queue
+    local aq = 'a:q:' .. queue
+    tc, sc = {'n:a', 'n:at', aq}, {'n:a', 'n:at', aq}
+  else
+    tc, sc = {'n:a', 'n:at'}, {'n:a', 'n:at'}
   end
-  if priority ~= '' then ctx.s_counters[#ctx.s_counters + 1] = 'a:p:' .. priority end
-  tfields[#tfields + 1] = 'x'
-  append(tfields, ctx.t_counters)
-  append(tfields, t_extra)
-  append(sfields, ctx.s_counters)
+  if priority ~= '' then sc[#sc + 1] = 'a:p:' .. priority end
+  ctx.t_counters, ctx.s_counters = tc, sc
+  tfields[nt + 1] = 'x'
+  for i = 1, #tc do tfields[nt + 1 + i] = tc[i] end
+  local t_off = nt + 1 + #tc
+  for i = 1, #t_extra do tfields[t_off + i] = t_extra[i] end
+  for i = 1, #sc do sfields[ns + i] = sc[i] end
   local tvals = redis.call('HMGET', tenant_key, unpack(tfields))
   local svals = redis.call('HMGET', shared_key, unpack(sfields))
   ctx.old_x = tonumber(tvals[nt + 1]) or 0
-  ctx.t_counter_vals, ctx.s_counter_vals = {}, {}
-  for i = 1, #ctx.t_counters do ctx.t_counter_vals[i] = tonumber(tvals[nt + 1 + i]) or 0 end
-  for i = 1, #ctx.s_counters do ctx.s_counter_vals[i] = tonumber(svals[ns + i]) or 0 end
-  for i = 1, #t_extra do ctx.t_extra[i] = tvals[nt + 1 + #ctx.t_counters + i] end
+  local tcv, scv = {}, {}
+  for i = 1, #tc do tcv[i] = tonumber(tvals[nt + 1 + i]) or 0 end
+  for i = 1, #sc do scv[i] = tonumber(svals[ns + i]) or 0 end
+  ctx.t_counter_vals, ctx.s_counter_vals = tcv, scv
+  local te = ctx.t_extra
+  for i = 1, #t_extra do te[i] = tvals[t_off + i] end
 
   -- Refill every bucket to now from its stored state.
   local now = clock_us()
   ctx.now = now
   local ti, si = 0, 0
-  for _, b in ipairs(ctx.buckets) do
+  for i = 1, #buckets do
+    local b = buckets[i]
     local state
     if b.hash == 't' then ti = ti + 1; state = tvals[ti] else si = si + 1; state = svals[si] end
-    local tokens, updated = b.burst, now
+    local burst = b.burst
+    local tokens, updated = burst, now
     if state then
-      local tok, upd = string.match(state, '^(%S+) (%S+)$')
-      tokens, updated = tonumber(tok) or b.burst, tonumber(upd) or now
+      local tok, upd = match(state, '^(%S+) (%S+)$')
+      tokens, updated = tonumber(tok) or burst, tonumber(upd) or now
     end
     -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
-    local elapsed = math.max(0, now - updated)
-    -- min() also clamps a bucket whose burst was lowered; a raised burst grants no windfall.
-    b.tokens = math.min(b.burst, tokens + elapsed * b.rate)
+    -- (Same comparisons as math.max(0, e) and math.min(burst, t), NaN included.)
+    local elapsed = now - updated
+    if not (elapsed > 0) then elapsed = 0 end
+    local refilled = tokens + elapsed * b.rate
+    if refilled < burst then b.tokens = refilled else b.tokens = burst end
   end
   return ctx
 end
 
--- Judge `cost` against the refilled buckets. Returns status (1 allowed, 0 denied, -1 cost
--- can never fit), wait in microseconds, the denying scope (the one that needs longest; for
--- -1 the scope that is too small), and the shadow scopes that would have denied.
 local function judge(ctx, cost)
   local allowed, wait, denied_by, would_deny = 1, 0, false, {}
-  for _, b in ipairs(ctx.buckets) do
+  local slack = EPSILON * math.max(1, cost)
+  local buckets = ctx.buckets
+  for i = 1, #buckets do
+    local b = buckets[i]
     local short = cost - b.tokens
-    b.ok = short <= EPSILON * math.max(1, cost)
+    b.ok = short <= slack
     if cost > b.burst + EPSILON and not b.shadow then
       return -1, 0, b.scope, would_deny
     end
@@ -169,9 +205,6 @@ local function wait_bucket(wait_ms)
   return 'h:inf'
 end
 
--- The tenant hash must outlive every bucket in it (a missing bucket reads as full, so
--- expiring earlier would hand out tokens twice) and keep counters for `keep_ms` after.
--- Refreshes only when more than half the retention is used, to spare a write per call.
 local function expiry_fields(ctx, need_ms, keep_ms, targs)
   if need_ms + keep_ms / 2 > ctx.old_x then
     local x = math.ceil(need_ms + keep_ms)
@@ -183,44 +216,49 @@ local function expiry_fields(ctx, need_ms, keep_ms, targs)
   return false
 end
 
--- When (ms since the epoch, at least now) every tenant bucket will be full again under the
--- current limits. A limit changed since the last write can move this later, so a denial
--- (which writes no bucket) must extend the hash's life too.
+-- When (ms since the epoch, at least now) every tenant bucket will be full again.
 local function tenant_full_ms(ctx)
-  local full_ms = ctx.now / 1000
-  for _, b in ipairs(ctx.buckets) do
+  local now = ctx.now
+  local full_ms = now / 1000
+  local buckets = ctx.buckets
+  for i = 1, #buckets do
+    local b = buckets[i]
     if b.hash == 't' then
-      local full = (ctx.now + (b.burst - b.tokens) / b.rate) / 1000
+      local full = (now + (b.burst - b.tokens) / b.rate) / 1000
       if full > full_ms then full_ms = full end
     end
   end
   return full_ms
 end
 
--- Write the buckets (refilled, and debited or credited by the caller), plus `targs` extra
--- tenant-hash fields and `sargs` shared-hash fields, and extend the tenant hash's life.
 local function write(ctx, keep_ms, targs, sargs)
   local now = ctx.now
-  for _, b in ipairs(ctx.buckets) do
-    local value = fmt(b.tokens) .. ' ' .. fmt(now)
+  local now_s = ' ' .. fmt(now)
+  local full_ms = now / 1000
+  local buckets = ctx.buckets
+  for i = 1, #buckets do
+    local b = buckets[i]
+    local value = fmt(b.tokens) .. now_s
     if b.hash == 't' then
-      append(targs, {b.field, value})
+      local n = #targs
+      targs[n + 1], targs[n + 2] = b.field, value
+      local full = (now + (b.burst - b.tokens) / b.rate) / 1000
+      if full > full_ms then full_ms = full end
     else
-      append(sargs, {b.field, value})
+      local n = #sargs
+      sargs[n + 1], sargs[n + 2] = b.field, value
     end
   end
-  local x = expiry_fields(ctx, tenant_full_ms(ctx), keep_ms, targs)
+  local x = expiry_fields(ctx, full_ms, keep_ms, targs)
   if #targs > 0 then redis.call('HSET', ctx.tenant_key, unpack(targs)) end
   if x then redis.call('PEXPIREAT', ctx.tenant_key, x) end
   if #sargs > 0 then redis.call('HSET', ctx.shared_key, unpack(sargs)) end
 end
 
--- Admit `cost`: debit every bucket, count the admission and the shadow would-denies.
--- `targs` may carry extra tenant-hash fields to write in the same HSET.
 local function admit(ctx, cost, would_deny, keep_ms, targs)
-  for _, b in ipairs(ctx.buckets) do
-    -- A shadow bucket spends only what it could have granted: it models the enforced
-    -- limiter, which would have turned the rest away.
+  local buckets = ctx.buckets
+  for i = 1, #buckets do
+    local b = buckets[i]
     if b.ok or not b.shadow then b.tokens = b.tokens - cost end
   end
   if #would_deny > 0 then
@@ -231,14 +269,21 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
       redis.call('HINCRBY', key, 'w:' .. scope, 1)
     end
   end
+  -- Counter increments: n:a +1, n:at +cost, a:q:<q> +1, a:p:<p> +1.
   local sargs = {}
-  local increments = {1, cost, 1, 1}
-  for i, f in ipairs(ctx.t_counters) do append(targs, {f, fmt(ctx.t_counter_vals[i] + increments[i])}) end
-  for i, f in ipairs(ctx.s_counters) do append(sargs, {f, fmt(ctx.s_counter_vals[i] + increments[i])}) end
+  local names, vals = ctx.t_counters, ctx.t_counter_vals
+  local n = #targs
+  for i = 1, #names do
+    targs[n + 1], targs[n + 2] = names[i], fmt(vals[i] + (i == 2 and cost or 1))
+    n = n + 2
+  end
+  names, vals = ctx.s_counters, ctx.s_counter_vals
+  for i = 1, #names do
+    sargs[2 * i - 1], sargs[2 * i] = names[i], fmt(vals[i] + (i == 2 and cost or 1))
+  end
   write(ctx, keep_ms, targs, sargs)
 end
 
--- Count a denial. Buckets are untouched: a decision is all-or-nothing.
 local function deny(ctx, denied_by, wait_ms, keep_ms)
   redis.call('HINCRBY', ctx.tenant_key, 'n:d', 1)
   local key = is_tenant_scope(denied_by) and ctx.tenant_key or ctx.shared_key
@@ -254,14 +299,7 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
   redis.call('HINCRBYFLOAT', ctx.shared_key, 'h:sum', wait_ms)
 end
 
--- Put `cost` tokens back in every bucket (never above its burst).
 local function credit(ctx, cost, keep_ms)
   for _, b in ipairs(ctx.buckets) do b.tokens = math.min(b.burst, b.tokens + cost) end
   write(ctx, keep_ms, {}, {})
-end
-
-local function remaining_list(ctx)
-  local out = {}
-  for _, b in ipairs(ctx.buckets) do append(out, {b.scope, fmt(math.max(0, b.tokens))}) end
-  return out
 end

@@ -132,9 +132,11 @@ class LimiterCore:
             [mode, tenant, queue or "", repr(amount), priority or "", self.retention_ms],
         )
 
-    def decision(self, reply: list[object], cost: float) -> Decision:
-        if int(reply[0]) == -1:  # type: ignore[call-overload]
-            raise CostExceedsBurst(_text(reply[2]), float(cost), float(_text(reply[1])))
+    def decision(self, reply: bytes | str, cost: float) -> Decision:
+        text = reply.decode() if isinstance(reply, bytes) else reply
+        if text.startswith("-1 "):
+            _, burst, scope, _ = text.split(" ", 3)
+            raise CostExceedsBurst(scope, float(cost), float(burst))
         if self._failing_since is not None:
             log.warning(
                 "queue-ratelimit: Redis reachable again after %.1fs; enforcing limits",

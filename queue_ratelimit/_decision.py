@@ -58,20 +58,18 @@ def decode_limit(scope: str, value: str) -> ScopeLimit:
     return ScopeLimit(scope, Limit(float(rate), float(per), float(burst)), "s" in flags)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def parse_reply(reply: list[object]) -> Decision:
-    """Turn the acquire script's reply into a ``Decision`` (status -1 is handled by callers)."""
-    status, wait, denied_by, pairs, would = reply
-    assert isinstance(pairs, list)
-    assert isinstance(would, list)
-    remaining = {_text(pairs[i]): float(_text(pairs[i + 1])) for i in range(0, len(pairs), 2)}
+def parse_reply(reply: bytes | str) -> Decision:
+    """Turn the acquire script's flat reply into a ``Decision``:
+    ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``
+    (status -1 is handled by callers)."""
+    parts = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
+    bar = parts.index("|")
+    remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
+    denied_by = parts[2]
     return Decision(
-        allowed=int(status) == 1,  # type: ignore[call-overload]
-        wait_ms=float(_text(wait)),
+        allowed=parts[0] == "1",
+        wait_ms=float(parts[1]),
         remaining=MappingProxyType(remaining),
-        denied_by=_text(denied_by) or None,
-        would_deny=tuple(_text(s) for s in would),
+        denied_by=None if denied_by == "-" else denied_by,
+        would_deny=tuple(parts[bar + 1 :]),
     )
