@@ -15,6 +15,7 @@ import os
 import pkgutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._common import log
 
 # Run order when no names are given; modules found in the package but not listed here run
 # after these, in alphabetical order. A module is a benchmark if it defines ``run``.
-ORDER = ("decisions", "fairness", "celery", "rq")
+ORDER = ("decisions", "fairness", "celery", "celery_throughput", "rq", "rq_throughput")
 
 Runner = Callable[[str], dict[str, Any]]
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["QRL_BENCH_ROUNDS"] = str(args.rounds)
 
     results: dict[str, Any] = {}
+    failed = False
     for name in args.names or list(available):
         runner = load(available[name])
         if runner is None:
@@ -95,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"== {name}")
         started = time.perf_counter()
-        results[name] = runner(args.redis_url)
+        try:
+            results[name] = runner(args.redis_url)
+        except Exception as exc:  # one broken benchmark must not lose the others' results
+            traceback.print_exc(file=sys.stderr)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
         log(f"== {name} done in {time.perf_counter() - started:.1f} s")
 
     json.dump(results, sys.stdout, indent=args.indent or None)
     sys.stdout.write("\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -69,7 +69,7 @@ def reset_command_stats(admin: redis.Redis) -> None:
 
 def command_stats(admin: redis.Redis) -> dict[str, CommandStat]:
     """``INFO commandstats`` as ``{command: CommandStat}``, harness commands left out."""
-    raw: Mapping[str, Any] = admin.info("commandstats")
+    raw = cast("Mapping[str, Any]", admin.info("commandstats"))
     out = {}
     for key, value in raw.items():
         name = key.removeprefix("cmdstat_")
@@ -114,7 +114,7 @@ class Sample:
         names = SCRIPT_COMMANDS | top_level
         return sum(s.calls for name, s in self.stats.items() if name in names) / self.decisions
 
-    def per_decision(self) -> dict[str, dict[str, float]]:
+    def per_decision(self, exclude: frozenset[str] = frozenset()) -> dict[str, dict[str, float]]:
         """Every command seen (nested script calls included), per decision."""
         return {
             name: {
@@ -122,6 +122,7 @@ class Sample:
                 "usec": sig(s.usec / self.decisions, 3),
             }
             for name, s in sorted(self.stats.items(), key=lambda kv: -kv[1].usec)
+            if name not in exclude
         }
 
 
@@ -181,7 +182,7 @@ def timed_loop(
 
 def machine_info(admin: redis.Redis) -> dict[str, Any]:
     """Where the figures come from: CPU count, Python, redis-py and Redis server versions."""
-    server: Mapping[str, Any] = admin.info("server")
+    server = cast("Mapping[str, Any]", admin.info("server"))
     try:
         import hiredis  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
 

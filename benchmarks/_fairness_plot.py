@@ -19,8 +19,8 @@ def plot_runs(runs: dict[str, ScenarioRun], scale: dict[str, Any], path: Path) -
     fig, axes = plt.subplots(3, 2, figsize=(13, 12), constrained_layout=True)
     panels = list(axes.flat)
 
-    def x_axis(values: Sequence[float]) -> list[float]:
-        return [(i + 0.5) * BIN_S for i in range(len(values))]
+    def x_axis(values: Sequence[float], bin_s: float = BIN_S) -> list[float]:
+        return [(i + 0.5) * bin_s for i in range(len(values))]
 
     def draw(ax: Any, run: ScenarioRun, key: Callable[[str, str], str | None]) -> None:
         for name, values in sorted(_series(run, key).items()):
@@ -52,8 +52,9 @@ def plot_runs(runs: dict[str, ScenarioRun], scale: dict[str, Any], path: Path) -
         ax = panels[2]
         run = runs["tenants"]
         quiet = run.scenario.quiet_tenants
-        series = _series(run, lambda t, p: t)
-        xs = x_axis(next(iter(series.values())))
+        # ~20 items per tenant per second: 1 s bins keep +/- 1 item from looking like noise.
+        series = _series(run, lambda t, p: t, bin_s=1.0)
+        xs = x_axis(next(iter(series.values())), bin_s=1.0)
         others = [v for k, v in series.items() if k not in quiet and k != "t00"]
         for values in others:
             ax.plot(xs, values, c="0.6", lw=0.5)
@@ -75,10 +76,16 @@ def plot_runs(runs: dict[str, ScenarioRun], scale: dict[str, Any], path: Path) -
     if "utilization" in runs:
         ax = panels[4]
         run = runs["utilization"]
-        draw(ax, run, lambda t, p: t if t != "u-a" else f"u-a/{p}")
-        for rate in (120, 60, 100, 80):
-            ax.axhline(rate, ls="--", c="k", lw=0.6)
-        ax.legend(loc="upper right", fontsize=8, ncol=2)
+        draw(ax, run, lambda t, p: t)
+        for name, values in sorted(
+            _series(run, lambda t, p: f"{t}/{p}" if t == "u-a" else None).items()
+        ):
+            ax.plot(x_axis(values), values, lw=0.8, ls=":", label=name)
+        for scope, (rate, _) in run.scenario.limits.items():
+            if rate < 1000:
+                ax.axhline(rate, ls="--", c="k", lw=0.6)
+                ax.annotate(scope, (0.1, rate), fontsize=7, va="bottom")
+        ax.legend(loc="center right", fontsize=7, ncol=2)
     ax = panels[5]
     labels = list(scale["dispatch_ops_per_s"])
     values = [scale["dispatch_ops_per_s"][k] for k in labels]

@@ -1,8 +1,8 @@
 """Decision throughput and server cost: our ``acquire`` against the floor and other libraries.
 
-Every case makes decisions back to back from this one Python process, one client, one
-connection, same redis-py settings (``redis.Redis.from_url`` defaults), on the same Redis
-server, in the same run:
+Every case makes decisions back to back from this one Python process, with its own redis-py
+client made with the same settings (``redis.Redis.from_url`` defaults, or the library's own
+equivalent), on the same Redis server, in the same run:
 
 - ``floor``: ``EVALSHA`` of ``return 1`` (one round trip and nothing else);
 - ``acquire_1bucket[_denied]``: ``Limiter.acquire(tenant)`` with only ``tenant:*`` set;
@@ -12,18 +12,19 @@ server, in the same run:
   ``pyrate-limiter`` (``RedisBucket``, and ``StateBucket`` + ``RedisStateStore`` token bucket).
 
 "Allowed" cases use limits far above what one process can reach, so they never bind;
-"denied" cases use an exhausted bucket (1 per hour, burst 1). Cases run in rounds, each round
-in a rotated order, and the median round is reported, so drift and noise hit all alike.
-Server microseconds per decision come from ``INFO commandstats`` (reset before each
-measurement): the time of the top-level commands, which for a script includes the
-``redis.call``s inside it.
+"denied" cases use an exhausted bucket (1 per hour, burst 1).
 
-Many short rounds rather than a few long ones: a burst of background load then spoils one
-slice of one case, not a whole case, and the median discards it.
+All cases are set up first, each in its own keys, then measured in many short interleaved
+slices: every round gives each case one slice, in a rotated order. A burst of background load
+then spoils one slice of one case rather than a whole case, and the figures reported are
+medians over rounds; each ratio is the median of the per-round ratios (the two slices of a
+round are seconds apart). Server microseconds per decision come from ``INFO commandstats``,
+reset before each slice: the time of the top-level commands, which for a script includes the
+``redis.call``s it makes.
 
-Settings (environment): ``QRL_BENCH_SECONDS`` (timed seconds per measurement, default 0.6),
-``QRL_BENCH_ROUNDS`` (default 7; about a minute in all), ``QRL_BENCH_CASES`` (comma-separated
-subset of case names).
+Settings (environment, or ``python -m benchmarks --seconds/--rounds``):
+``QRL_BENCH_SECONDS`` (timed seconds per slice, default 0.12), ``QRL_BENCH_ROUNDS``
+(default 40: about a minute for the 11 cases), ``QRL_BENCH_CASES`` (comma-separated subset).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from queue_ratelimit import Decision, Limit, Limiter
 
 from ._common import Sample, env_float, env_int, log, machine_info, median, merge, sig, timed_loop
 
-DEFAULT_SECONDS = 0.6
-DEFAULT_ROUNDS = 7
+DEFAULT_SECONDS = 0.12
+DEFAULT_ROUNDS = 40
+WARMUP_CALLS = 200
 
 # Far above what one process can reach (a few 10k/s): never binds.
 HIGH_RATE = 1_000_000
@@ -66,7 +68,8 @@ class Prepared:
 class Case:
     name: str
     description: str
-    prepare: Callable[[str], Prepared]
+    # Called with the Redis URL and a key prefix of the case's own.
+    prepare: Callable[[str, str], Prepared]
     expect_allowed: bool = True
     # Commands other than scripts that the library sends itself (directly or from a
     # background thread); they count towards its server time and round trips.
@@ -74,7 +77,7 @@ class Case:
 
 
 # -- the floor -------------------------------------------------------------------------------
-def _floor(url: str) -> Prepared:
+def _floor(url: str, prefix: str) -> Prepared:
     client = redis.Redis.from_url(url)
     script = client.register_script("return 1")
     return Prepared(call=script, is_allowed=lambda reply: reply == 1, close=client.close)
@@ -85,8 +88,8 @@ def _allowed_decision(reply: object) -> bool:
     return isinstance(reply, Decision) and reply.allowed
 
 
-def _ours(buckets: int, denied: bool, url: str) -> Prepared:
-    limiter = Limiter.from_url(url, namespace=f"bench{buckets}")
+def _ours(buckets: int, denied: bool, url: str, prefix: str) -> Prepared:
+    limiter = Limiter.from_url(url, namespace=prefix)
     call: Callable[[], Decision]
     if buckets == 1:
         limiter.set_limit("tenant:*", TIGHT if denied else HIGH)
@@ -103,45 +106,47 @@ def _ours(buckets: int, denied: bool, url: str) -> Prepared:
 
 
 # -- limits ----------------------------------------------------------------------------------
-def _limits(strategy: str, url: str) -> Prepared:
+def _limits(strategy: str, url: str, prefix: str) -> Prepared:
     from limits import RateLimitItemPerSecond
     from limits.storage import RedisStorage
     from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-    storage = RedisStorage(url)
+    storage = RedisStorage(url, key_prefix=prefix)
     limiter = (
         MovingWindowRateLimiter(storage)
         if strategy == "moving_window"
         else SlidingWindowCounterRateLimiter(storage)
     )
     item = RateLimitItemPerSecond(HIGH_RATE)
-    return Prepared(
-        call=partial(limiter.hit, item, TENANT),
-        is_allowed=bool,
-        close=storage.get_connection().close,
-    )
+    client: Any = storage.get_connection()
+    return Prepared(call=partial(limiter.hit, item, TENANT), is_allowed=bool, close=client.close)
 
 
 # -- throttled-py ----------------------------------------------------------------------------
-def _throttled(algorithm: str, url: str) -> Prepared:
+def _throttled(algorithm: str, url: str, prefix: str) -> Prepared:
     from throttled import RedisStore, Throttled, per_sec
 
     store = RedisStore(server=url)
     throttle = Throttled(
-        key=TENANT, using=algorithm, quota=per_sec(HIGH_RATE, burst=HIGH_RATE), store=store
+        key=TENANT,
+        using=algorithm,
+        quota=per_sec(HIGH_RATE, burst=HIGH_RATE),
+        store=store,
+        key_prefix=prefix,
     )
 
     def allowed(result: Any) -> bool:
         return not result.limited
 
     def close() -> None:
-        store._backend.get_client().close()
+        client: Any = store._backend.get_client()
+        client.close()
 
     return Prepared(call=throttle.limit, is_allowed=allowed, close=close)
 
 
 # -- pyrate-limiter --------------------------------------------------------------------------
-def _pyrate(kind: str, url: str) -> Prepared:
+def _pyrate(kind: str, url: str, prefix: str) -> Prepared:
     from pyrate_limiter import (
         Duration,
         Rate,
@@ -156,11 +161,9 @@ def _pyrate(kind: str, url: str) -> Prepared:
     rates = [Rate(HIGH_RATE, Duration.SECOND)]
     bucket: Any
     if kind == "redis_bucket":
-        bucket = RedisBucket.init(rates, client, "bench:pyrate")
+        bucket = RedisBucket.init(rates, client, prefix)
     else:
-        bucket = StateBucket(
-            rates, algorithm=TokenBucket(), store=RedisStateStore(client, "bench:pyrate-tb")
-        )
+        bucket = StateBucket(rates, algorithm=TokenBucket(), store=RedisStateStore(client, prefix))
     limiter = PyrateLimiter(bucket)
 
     def close() -> None:
@@ -222,7 +225,8 @@ CASES: tuple[Case, ...] = (
         "pyrate_redis_bucket",
         "pyrate-limiter Limiter(RedisBucket).try_acquire(blocking=False)",
         partial(_pyrate, "redis_bucket"),
-        # The limiter's background leaker trims the sorted set every 10 s.
+        # The limiter's background leaker trims the sorted set every 10 s (counted only
+        # when it happens to run during one of this case's slices).
         top_level=frozenset({"zremrangebyscore"}),
     ),
     Case(
@@ -240,24 +244,23 @@ LIBRARIES = (
     "pyrate_redis_bucket",
     "pyrate_state_token_bucket",
 )
-_LEAD_KEYS = frozenset(f"acquire_1bucket_vs_{lib}" for lib in LIBRARIES)
+REFERENCE = "throttled_token_bucket"  # the single-bucket script our server time is held to
 
 
-def _measure(case: Case, url: str, admin: redis.Redis, seconds: float) -> Sample:
-    admin.flushdb()
-    prepared = case.prepare(url)
-    try:
-        first = prepared.call()
-        if prepared.is_allowed(first) != case.expect_allowed:
-            raise RuntimeError(
-                f"{case.name}: expected allowed={case.expect_allowed}, first reply {first!r}"
-            )
-        return timed_loop(prepared.call, prepared.is_allowed, seconds, admin)
-    finally:
+def _prepare(case: Case, url: str) -> Prepared:
+    prepared = case.prepare(url, f"qrlbench-{case.name}")
+    first = prepared.call()
+    if prepared.is_allowed(first) != case.expect_allowed:
         prepared.close()
+        raise RuntimeError(
+            f"{case.name}: expected allowed={case.expect_allowed}, first reply {first!r}"
+        )
+    for _ in range(WARMUP_CALLS):
+        prepared.call()
+    return prepared
 
 
-def _case_result(case: Case, samples: list[Sample]) -> dict[str, Any]:
+def _case_result(case: Case, samples: list[Sample], foreign: frozenset[str]) -> dict[str, Any]:
     total = merge(samples)
     rates = [s.per_second for s in samples]
     server = [s.server_us(case.top_level) for s in samples]
@@ -266,26 +269,50 @@ def _case_result(case: Case, samples: list[Sample]) -> dict[str, Any]:
         "description": case.description,
         "decisions_per_s": round(median(rates)),
         "decisions_per_s_best": round(max(rates)),
-        "decisions_per_s_rounds": [round(r) for r in rates],
         "client_us_per_decision": sig(1e6 / median(rates)),
         "client_cpu_us_per_decision": sig(median(s.client_cpu_us for s in samples)),
         "server_us_per_decision": sig(server_us),
-        "server_us_rounds": [sig(s) for s in server],
         "decisions_per_s_per_redis_core": round(1e6 / server_us) if server_us > 0 else None,
         "round_trips_per_decision": sig(total.round_trips(case.top_level)),
         "allowed_fraction": sig(total.allowed / total.decisions),
-        "commands_per_decision": total.per_decision(),
+        "decisions_measured": total.decisions,
+        # Background commands of other cases' libraries left out (pyrate's leaker thread).
+        "commands_per_decision": total.per_decision(exclude=foreign - case.top_level),
     }
 
 
-def _ratio(
-    samples: dict[str, list[Sample]], num: str, den: str, value: Callable[[Sample], float]
+def _paired(
+    samples: dict[str, list[Sample]],
+    num: str,
+    den: str,
+    value: Callable[[Case, Sample], float],
+    cases: dict[str, Case],
 ) -> float | None:
-    """Median over rounds of value(num) / value(den), pairing the two runs of each round."""
+    """Median over rounds of value(num) / value(den), pairing the two slices of each round."""
     if num not in samples or den not in samples:
         return None
     pairs = zip(samples[num], samples[den], strict=True)
-    return sig(median(value(a) / value(b) for a, b in pairs))
+    return sig(median(value(cases[num], a) / value(cases[den], b) for a, b in pairs))
+
+
+def _rate(case: Case, sample: Sample) -> float:
+    return sample.per_second
+
+
+def _server(case: Case, sample: Sample) -> float:
+    return sample.server_us(case.top_level)
+
+
+def _ratios(samples: dict[str, list[Sample]], cases: dict[str, Case]) -> dict[str, float | None]:
+    ratios: dict[str, float | None] = {}
+    for ours in OURS:
+        ratios[f"{ours}_vs_floor"] = _paired(samples, ours, "floor", _rate, cases)
+    for ours in ("acquire_1bucket", "acquire_3bucket"):
+        for lib in LIBRARIES:
+            ratios[f"{ours}_vs_{lib}"] = _paired(samples, ours, lib, _rate, cases)
+    for ours in OURS:
+        ratios[f"server_{ours}_vs_{REFERENCE}"] = _paired(samples, ours, REFERENCE, _server, cases)
+    return ratios
 
 
 def _target(value: float | None, bound: float, above: bool) -> dict[str, Any]:
@@ -293,47 +320,18 @@ def _target(value: float | None, bound: float, above: bool) -> dict[str, Any]:
     return {"value": value, "bound": bound, "met": met}
 
 
-def _ratios(samples: dict[str, list[Sample]], cases: dict[str, Case]) -> dict[str, float | None]:
-    def rate(s: Sample) -> float:
-        return s.per_second
-
-    ratios: dict[str, float | None] = {}
-    for ours in OURS:
-        ratios[f"{ours}_vs_floor"] = _ratio(samples, ours, "floor", rate)
-    for ours in ("acquire_1bucket", "acquire_3bucket"):
-        for lib in LIBRARIES:
-            ratios[f"{ours}_vs_{lib}"] = _ratio(samples, ours, lib, rate)
-    reference = "throttled_token_bucket"
-    for ours in OURS:
-        if ours in cases and reference in cases:
-            ratios[f"server_{ours}_vs_{reference}"] = _server_ratio(
-                samples[ours],
-                samples[reference],
-                cases[ours].top_level,
-                cases[reference].top_level,
-            )
-    return ratios
-
-
-def _server_ratio(
-    ours: list[Sample], theirs: list[Sample], mine: frozenset[str], their: frozenset[str]
-) -> float:
-    """Median over rounds of server_us(ours) / server_us(theirs), paired by round."""
-    pairs = zip(ours, theirs, strict=True)
-    return sig(median(a.server_us(mine) / b.server_us(their) for a, b in pairs))
-
-
 def _targets(ratios: dict[str, float | None]) -> dict[str, dict[str, Any]]:
-    """The issue's targets; each also checked on the denied path, which does more work."""
-    ahead = [v for k, v in ratios.items() if v is not None and k in _LEAD_KEYS]
+    """The issue's targets (allowed path), then the same checked on the denied path."""
+    leads = [ratios.get(f"acquire_1bucket_vs_{lib}") for lib in LIBRARIES]
+    known = [v for v in leads if v is not None]
     return {
         "acquire_1bucket >= 0.8x floor": _target(ratios.get("acquire_1bucket_vs_floor"), 0.8, True),
         "acquire_1bucket ahead of every other library": _target(
-            min(ahead) if ahead else None, 1.0, True
+            min(known) if known else None, 1.0, True
         ),
         "acquire_3bucket >= 0.6x floor": _target(ratios.get("acquire_3bucket_vs_floor"), 0.6, True),
         "server_us(acquire_3bucket) < 2x throttled token bucket": _target(
-            ratios.get("server_acquire_3bucket_vs_throttled_token_bucket"), 2.0, False
+            ratios.get(f"server_acquire_3bucket_vs_{REFERENCE}"), 2.0, False
         ),
         "acquire_1bucket_denied >= 0.8x floor": _target(
             ratios.get("acquire_1bucket_denied_vs_floor"), 0.8, True
@@ -342,7 +340,7 @@ def _targets(ratios: dict[str, float | None]) -> dict[str, dict[str, Any]]:
             ratios.get("acquire_3bucket_denied_vs_floor"), 0.6, True
         ),
         "server_us(acquire_3bucket_denied) < 2x throttled token bucket": _target(
-            ratios.get("server_acquire_3bucket_denied_vs_throttled_token_bucket"), 2.0, False
+            ratios.get(f"server_acquire_3bucket_denied_vs_{REFERENCE}"), 2.0, False
         ),
     }
 
@@ -357,39 +355,73 @@ def _select_cases() -> list[Case]:
     return [c for c in CASES if not wanted or c.name in wanted]
 
 
+def _measure(
+    cases: list[Case], url: str, admin: redis.Redis, seconds: float, rounds: int
+) -> dict[str, list[Sample]]:
+    prepared: dict[str, Prepared] = {}
+    samples: dict[str, list[Sample]] = {c.name: [] for c in cases}
+    try:
+        for case in cases:
+            prepared[case.name] = _prepare(case, url)
+        for r in range(rounds):
+            shift = r % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                p = prepared[case.name]
+                samples[case.name].append(
+                    timed_loop(p.call, p.is_allowed, seconds, admin, warmup=0)
+                )
+            if (r + 1) % max(1, rounds // 4) == 0 or r + 1 == rounds:
+                summary = "  ".join(
+                    f"{c.name}={median(s.per_second for s in samples[c.name]):,.0f}/s"
+                    for c in cases[:5]
+                )
+                log(f"  round {r + 1}/{rounds}: {summary} ...")
+    finally:
+        for p in prepared.values():
+            p.close()
+    return samples
+
+
 def run(redis_url: str) -> dict[str, Any]:
     seconds = env_float("QRL_BENCH_SECONDS", DEFAULT_SECONDS)
     rounds = env_int("QRL_BENCH_ROUNDS", DEFAULT_ROUNDS)
     cases = _select_cases()
     by_name = {c.name: c for c in cases}
-
     admin = redis.Redis.from_url(redis_url)
-    load_before = os.getloadavg()
-    samples: dict[str, list[Sample]] = {c.name: [] for c in cases}
-    log(f"decisions: {len(cases)} cases x {rounds} rounds x {seconds:g} s on {redis_url}")
-    for r in range(rounds):
-        shift = r % len(cases)
-        for case in cases[shift:] + cases[:shift]:
-            sample = _measure(case, redis_url, admin, seconds)
-            samples[case.name].append(sample)
-            server_us = sample.server_us(case.top_level)
-            log(
-                f"  round {r + 1}/{rounds} {case.name:30} {sample.per_second:8,.0f}/s  "
-                f"client {sample.client_us:6.1f} us (cpu {sample.client_cpu_us:5.1f})  "
-                f"server {server_us:6.2f} us"
-            )
+    log(f"decisions: {len(cases)} cases x {rounds} rounds x {seconds:g} s slices on {redis_url}")
+    load_before = os.getloadavg()[0]
     admin.flushdb()
+    samples = _measure(cases, redis_url, admin, seconds, rounds)
+    admin.flushdb()
+    load_after = os.getloadavg()[0]
 
+    background = frozenset().union(*(c.top_level for c in cases))
+    results = {name: _case_result(by_name[name], s, background) for name, s in samples.items()}
+    for name, result in results.items():
+        log(
+            f"  {name:30} {result['decisions_per_s']:8,}/s  "
+            f"client {result['client_us_per_decision']:6.1f} us "
+            f"(cpu {result['client_cpu_us_per_decision']:5.1f})  "
+            f"server {result['server_us_per_decision']:6.2f} us"
+        )
     ratios = _ratios(samples, by_name)
     targets = _targets(ratios)
+    for label, target in targets.items():
+        log(f"  target {label}: {target['value']} -> {'met' if target['met'] else 'MISSED'}")
     return {
-        "settings": {"seconds_per_measurement": seconds, "rounds": rounds, "warmup_calls": 200},
+        "settings": {
+            "seconds_per_slice": seconds,
+            "rounds": rounds,
+            "warmup_calls": WARMUP_CALLS,
+            "high_limit": str(HIGH),
+            "tight_limit": str(TIGHT),
+        },
         "machine": {
             **machine_info(admin),
-            "loadavg_1m_before": round(load_before[0], 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "loadavg_1m_before": round(load_before, 2),
+            "loadavg_1m_after": round(load_after, 2),
         },
-        "cases": {name: _case_result(by_name[name], s) for name, s in samples.items()},
+        "cases": results,
         "ratios": ratios,
         "targets": targets,
         "all_targets_met": all(t["met"] for t in targets.values() if t["met"] is not None),
