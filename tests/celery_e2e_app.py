@@ -31,7 +31,8 @@ from queue_ratelimit.celery import install
 
 _RECORD_SCRIPT = """
 local t = redis.call('TIME')
-redis.call('RPUSH', KEYS[1], ARGV[1] .. '"t": ' .. t[1] .. '.' .. string.format('%06d', t[2]) .. '}')
+local stamp = t[1] .. '.' .. string.format('%06d', t[2])
+redis.call('RPUSH', KEYS[1], ARGV[1] .. '"t": ' .. stamp .. '}')
 return 1
 """
 
@@ -116,7 +117,7 @@ def build_app(
         install(app)
     recorder = _Recorder(record_url or redis_url, namespace)
 
-    @app.task(bind=True, name="e2e.work")
+    @app.task(bind=True, shared=False, name="e2e.work")
     def work(self: Any, tag: str = "", sleep: float = 0.0) -> None:
         """Record the execution (first thing), then sleep ``sleep`` seconds."""
         recorder.record(self, "run", tag=tag)
@@ -124,19 +125,21 @@ def build_app(
             time.sleep(sleep)
             recorder.record(self, "done", tag=tag)
 
-    @app.task(bind=True, name="e2e.flaky", max_retries=3)
+    @app.task(bind=True, shared=False, name="e2e.flaky", max_retries=3)
     def flaky(self: Any, tag: str = "") -> None:
         """Record the execution; the first one retries itself (with a short countdown)."""
         recorder.record(self, "run", tag=tag)
         if not self.request.retries:
             raise self.retry(countdown=0.3)
 
-    @app.task(bind=True, name="e2e.decorated", rate_tenant="decor", rate_priority="low")
+    @app.task(
+        bind=True, shared=False, name="e2e.decorated", rate_tenant="decor", rate_priority="low"
+    )
     def decorated(self: Any, tag: str = "") -> None:
         """Record the execution; rate options come from the decorator."""
         recorder.record(self, "run", tag=tag)
 
-    @app.task(name="e2e.noop")
+    @app.task(shared=False, name="e2e.noop")
     def noop() -> None:
         """Does nothing (for throughput)."""
 

@@ -6,6 +6,7 @@ log to the report of a failed test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,8 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from celery.signals import before_task_publish
+from celery_e2e_app import build_app, ready_key, runs_key
+from kombu import Connection
 
-from queue_ratelimit import Limiter
+from queue_ratelimit import FairScheduler, Limiter
 
 TESTS_DIR = Path(__file__).resolve().parent
 AMQP_URL = os.environ.get("QRL_E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -45,8 +49,6 @@ def redis_broker_url(redis_url: str) -> str:
 
 def amqp_unreachable_reason(url: str = AMQP_URL) -> str | None:
     """Why RabbitMQ at ``url`` cannot be used, or None when it answers."""
-    from kombu import Connection
-
     parts = urlsplit(url)
     try:
         with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 1):
@@ -90,8 +92,9 @@ def wait_for(
             return result
         if time.monotonic() > deadline:
             extra = on_timeout() if on_timeout else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last!r})"
-                        f"\n{extra}")
+            pytest.fail(
+                f"timed out after {timeout}s waiting for {what} (last error: {last!r})\n{extra}"
+            )
         time.sleep(interval)
 
 
@@ -121,26 +124,20 @@ class Worker:
     def kill(self) -> None:
         """SIGKILL the main process and its pool children at once (the whole group)."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Warm shutdown (SIGTERM); SIGKILL if it takes longer than ``timeout``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
         # Pool children that outlived their parent belong to the same group.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -221,8 +218,6 @@ class E2E:
         return worker
 
     def ready_hosts(self) -> set[str]:
-        from celery_e2e_app import ready_key
-
         return {h.decode() for h in self.records.hkeys(ready_key(self.namespace))}
 
     def start_workers(self, *names: str, timeout: float = 30.0) -> list[Worker]:
@@ -240,14 +235,16 @@ class E2E:
                  on_timeout=self.logs)  # fmt: skip
         return started
 
+    def full_logs(self) -> str:
+        """Every worker's whole log."""
+        return "\n".join(w.log.read_text(errors="replace") for w in self.workers if w.log.exists())
+
     def logs(self) -> str:
         return "\n".join(f"----- {w.name} ({w.log}) -----\n{w.tail()}" for w in self.workers)
 
     # -- producing -----------------------------------------------------------------------
     def app(self, **settings: Any) -> Any:
         """A producer app like the workers' (``settings`` override the test's)."""
-        from celery_e2e_app import build_app
-
         app = build_app(
             broker=self.broker,
             redis_url=self.redis_url,
@@ -263,11 +260,16 @@ class E2E:
     # -- records -------------------------------------------------------------------------
     def runs(self, event: str = "run") -> list[dict[str, Any]]:
         """Every execution recorded so far, in order."""
-        from celery_e2e_app import runs_key
-
         raw = self.records.lrange(runs_key(self.namespace), 0, -1)
         rows = [json.loads(r) for r in raw]
         return [r for r in rows if r["event"] == event]
+
+    def running(self) -> list[dict[str, Any]]:
+        """Executions started and not finished (tasks called with a ``sleep``)."""
+        rows = self.records.lrange(runs_key(self.namespace), 0, -1)
+        events = [json.loads(r) for r in rows]
+        done = {e["id"] for e in events if e["event"] == "done"}
+        return [e for e in events if e["event"] == "run" and e["id"] not in done]
 
     def wait_runs(self, count: int, *, timeout: float, event: str = "run") -> list[dict[str, Any]]:
         """Wait until at least ``count`` executions are recorded; returns them all."""
@@ -278,10 +280,31 @@ class E2E:
             on_timeout=self.logs,
         )
 
+    def wait_ids(self, ids: set[str], *, timeout: float, what: str) -> list[dict[str, Any]]:
+        """Wait until every id in ``ids`` ran at least once; returns every execution."""
+
+        def all_ran() -> list[dict[str, Any]] | None:
+            rows = self.runs()
+            return rows if ids <= {r["id"] for r in rows} else None
+
+        return wait_for(all_ran, timeout=timeout, what=what, on_timeout=self.logs)
+
+    def wait_settled(self, *, timeout: float) -> list[dict[str, Any]]:
+        """Wait until nothing is parked or in flight in the limiter, then a moment more
+        (a pool process records a task just after the main process acknowledged it);
+        returns every execution."""
+        scheduler = FairScheduler(self.limiter)
+        wait_for(
+            lambda: scheduler.in_flight() == 0 and scheduler.backlog(self.queue) == 0,
+            timeout=timeout,
+            what="no work parked or in flight",
+            on_timeout=self.logs,
+        )
+        time.sleep(0.3)
+        return self.runs()
+
     # -- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        from celery.signals import before_task_publish
-
         for w in self.workers:
             w.kill()
         for app in self._apps:
@@ -300,8 +323,6 @@ class E2E:
 
     def _cleanup_broker(self) -> None:
         if self.broker.startswith("amqp"):
-            from kombu import Connection
-
             try:
                 with Connection(self.broker, connect_timeout=3) as conn:
                     conn.default_channel.queue_delete(self.queue)
@@ -309,10 +330,8 @@ class E2E:
                 pass
         else:
             client = redis.Redis.from_url(self.broker)
-            try:
+            with contextlib.suppress(redis.RedisError):
                 client.flushdb()  # the broker's database is this suite's alone
-            except redis.RedisError:
-                pass
             client.close()
 
 

@@ -1,29 +1,48 @@
-"""End to end with real Celery workers (prefork, two of them) on the Redis broker and RabbitMQ."""
+"""End to end with real Celery workers (prefork, two of them) on the Redis broker and RabbitMQ.
+
+Each test has a broker queue and a limiter namespace of its own, and starts its own workers
+when it needs any; every task records each execution in Redis, stamped with Redis ``TIME``,
+so counts are exact and times share one clock. A failing test shows the workers' logs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+from celery import chain, group
 from celery_harness import (
     AMQP_URL,
     E2E,
     amqp_unreachable_reason,
     max_in_window,
     redis_broker_url,
+    redis_now,
     report_logs_on_failure,
+    wait_for,
 )
+from conftest import REDIS_SERVER, RedisProcess, free_port
 
-from queue_ratelimit import Limit
+from queue_ratelimit import Limit, RateLimited
+from queue_ratelimit.celery import METRICS_TASK, last_hint
+from queue_ratelimit.metrics import RateLimitCollector, read_snapshot
 
 pytestmark = pytest.mark.slow
 
 # Executions are stamped when the task body starts, a few ms after the gate admitted them
-# (hand-off to a pool process); admissions in a window of T can therefore show up spread
-# over T plus this much, and the cap is checked against that widened window.
+# (the hand-off to a pool process); admissions inside a window of T can therefore show up
+# spread over T plus this much, and caps are checked against the widened window.
 HANDOFF = 0.1
+
+Row = dict[str, Any]
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -57,14 +76,31 @@ def assert_cap(times: list[float], rate: float, burst: float, what: str) -> None
         assert most <= bound, f"{what}: {most} runs within {window:.2f}s > {bound:.1f}"
 
 
-def exactly_once(rows: list[dict[str, object]], published: set[str]) -> None:
+def assert_exactly_once(rows: list[Row], published: set[str]) -> None:
     counts = Counter(str(r["id"]) for r in rows)
     missing = published - set(counts)
     twice = {i: n for i, n in counts.items() if n > 1}
     extra = set(counts) - published
-    assert not missing and not twice and not extra, (
-        f"missing {len(missing)}, run twice {twice}, unknown {extra}"
-    )
+    assert not missing, f"{len(missing)} tasks never ran"
+    assert not twice, f"{len(twice)} tasks ran more than once: {twice}"
+    assert not extra, f"runs of tasks never published: {extra}"
+
+
+def queued_messages(e2e: E2E) -> list[dict[str, Any]]:
+    """Headers of the messages waiting in the test's broker queue (consumed: no workers)."""
+    app = e2e.app()
+    found = []
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        while True:
+            try:
+                message = channel.basic_get(e2e.queue, no_ack=True)
+            except Exception:  # RabbitMQ: no such queue, i.e. nothing was ever published
+                break
+            if message is None:
+                break
+            found.append(dict(message.headers or {}))
+    return found
 
 
 def test_tenant_and_global_caps_hold_across_workers(e2e: E2E) -> None:
@@ -78,7 +114,7 @@ def test_tenant_and_global_caps_hold_across_workers(e2e: E2E) -> None:
             tenants[work.apply_async(("cap",), rate_tenant=tenant).id] = tenant
 
     rows = e2e.wait_runs(len(tenants), timeout=30)
-    exactly_once(rows, set(tenants))
+    assert_exactly_once(rows, set(tenants))
     assert all(r["tenant"] == tenants[r["id"]] for r in rows)
     assert len({r["host"] for r in rows}) == 2, "both workers ran tasks"
     assert_cap([r["t"] for r in rows], 25, 5, "global")
@@ -87,3 +123,344 @@ def test_tenant_and_global_caps_hold_across_workers(e2e: E2E) -> None:
     # The global cap binds (3 x 10/s > 25/s) and is used: 120 jobs take about 115/25 s.
     span = max(r["t"] for r in rows) - min(r["t"] for r in rows)
     assert 115 / 25 * 0.9 <= span <= 115 / 25 * 1.5
+
+
+def test_priority_weights_hold_under_contention(e2e: E2E) -> None:
+    e2e.limiter.set_limit("tenant:w", Limit(30, burst=3))
+    e2e.start_workers("w1", "w2")
+    work = e2e.app().tasks["e2e.work"]
+    for _ in range(90):
+        for priority in ("high", "low"):
+            work.apply_async(("weights",), rate_tenant="w", rate_priority=priority)
+
+    rows = e2e.wait_runs(180, timeout=40)
+    high = sorted(r["t"] for r in rows if r["priority"] == "high")
+    low = sorted(r["t"] for r in rows if r["priority"] == "low")
+    assert len(high) == len(low) == 90
+    # Contended: until the high class runs dry (it drains first, at 3/4 of the budget).
+    end = min(high[-1], low[-1])
+    ratio = sum(t <= end for t in high) / max(1, sum(t <= end for t in low))
+    assert 2.2 <= ratio <= 4.0, f"high:low = {ratio:.2f} while both were backlogged"
+    assert_cap([r["t"] for r in rows], 30, 3, "tenant w")
+
+
+def test_a_flooding_tenant_does_not_delay_a_quiet_one(e2e: E2E) -> None:
+    e2e.limiter.set_limit("tenant:*", Limit(10, burst=5))
+    e2e.limiter.set_limit("global", Limit(100, burst=20))
+    e2e.start_workers("w1", "w2")
+    app = e2e.app()
+    work = app.tasks["e2e.work"]
+    published = {work.apply_async(("flood",), rate_tenant="flood").id for _ in range(60)}
+    scheduler = app.queue_ratelimit.scheduler
+    wait_for(
+        lambda: scheduler.backlog(e2e.queue, "flood") >= 20,
+        timeout=10,
+        what="the flood to back up",
+        on_timeout=e2e.logs,
+    )
+
+    sent_at = {}
+    for _ in range(5):
+        sent_at[work.apply_async(("quiet",), rate_tenant="quiet").id] = redis_now(e2e.records)
+    quiet = wait_for(
+        lambda: len(rows := [r for r in e2e.runs() if r["id"] in sent_at]) == 5 and rows,
+        timeout=10,
+        what="the quiet tenant's tasks",
+        on_timeout=e2e.logs,
+    )
+    latency = max(r["t"] - sent_at[r["id"]] for r in quiet)
+    assert latency < 2.0, f"a quiet task waited {latency:.2f}s behind the flood"
+    assert scheduler.backlog(e2e.queue, "flood") > 0, "the flood was still backlogged"
+
+    rows = e2e.wait_runs(65, timeout=30)
+    assert_exactly_once(rows, published | set(sent_at))
+    flood = [r["t"] for r in rows if r["tenant"] == "flood"]
+    assert max(flood) - min(flood) > 4.0  # 60 jobs at 10/s
+    assert_cap(flood, 10, 5, "tenant flood")
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["acks-early", "acks-late"])
+def test_no_task_lost_or_doubled_when_a_worker_is_killed(e2e: E2E, acks_late: bool) -> None:
+    """SIGKILL one worker (main process and pool) while it runs re-admitted tasks.
+
+    Its in-flight backlog items come back when their lease (3 s here) runs out and the
+    survivor runs them. With ``acks_late=False`` Celery acknowledges a task as it starts, so
+    every task runs exactly once. With ``acks_late=True`` a task that was running when its
+    worker died runs again: that duplicate is Celery's own at-least-once semantics, not the
+    gate's; no task is lost, and none that had finished before the kill runs again.
+    """
+    e2e.acks_late = acks_late
+    e2e.settings["lease"] = 3
+    e2e.limiter.set_limit("tenant:*", Limit(8, burst=2))
+    w1, _ = e2e.start_workers("w1", "w2")
+    work = e2e.app().tasks["e2e.work"]
+    published = {work.apply_async(("kill",), {"sleep": 0.3}, rate_tenant="k").id for _ in range(40)}
+
+    def w1_running() -> list[Row]:
+        ran = [r for r in e2e.running() if r["host"].startswith("w1.")]
+        return ran if len(e2e.runs()) >= 10 else []
+
+    running = wait_for(w1_running, timeout=20, what="w1 running a task", on_timeout=e2e.logs)
+    w1.kill()
+    killed_at = redis_now(e2e.records)
+    assert not any(pid_alive(p) for p in [w1.pid, *w1.pool_pids()])
+
+    e2e.wait_ids(published, timeout=40, what="every task to run")
+    rows = e2e.wait_settled(timeout=15)
+    if not acks_late:
+        assert_exactly_once(rows, published)
+        return
+    counts = Counter(r["id"] for r in rows)
+    assert set(counts) == published, "no task lost"
+    finished_before = {r["id"] for r in e2e.runs("done") if r["t"] < killed_at - 0.5}
+    assert all(counts[i] == 1 for i in finished_before), "finished tasks never run again"
+    # The tasks w1 was running when it died were handed back (their leases ran out) and
+    # run by the survivor.
+    reaped = e2e.limiter.client.hget(e2e.limiter.keys.shared, "n:reaped")
+    assert int(reaped or 0) >= len(running)
+    for row in running:
+        again = [r for r in rows if r["id"] == row["id"] and r["host"].startswith("w2.")]
+        assert again, f"{row['id']} (running on w1 when it died) was not run again"
+
+
+def test_a_redelivered_copy_of_a_parked_task_does_not_run_again(e2e: E2E) -> None:
+    """A broker redelivery (same task id) of work that already ran through the backlog is
+    dropped by the gate: the done marker outlives the run (``dedupe_window``)."""
+    e2e.limiter.set_limit("tenant:dup", Limit(5, burst=1))
+    e2e.start_workers("w1", "w2")
+    work = e2e.app().tasks["e2e.work"]
+    assert e2e.limiter.acquire("dup").allowed  # an empty bucket: everything is parked
+    ids = [f"dup-{i}-{e2e.namespace}" for i in range(3)]
+    for task_id in ids:
+        work.apply_async(("original",), rate_tenant="dup", task_id=task_id)
+    e2e.wait_ids(set(ids), timeout=20, what="the parked tasks to run")
+
+    for task_id in ids:  # what a broker hands out again after a lost acknowledgement
+        work.apply_async(("redelivered",), rate_tenant="dup", task_id=task_id)
+    wait_for(
+        lambda: e2e.full_logs().count("dropping duplicate delivery") == len(ids),
+        timeout=20,
+        what="the gate to drop every copy",
+        on_timeout=e2e.logs,
+    )
+    rows = e2e.wait_settled(timeout=10)
+    assert Counter(r["id"] for r in rows if r["id"] in ids) == dict.fromkeys(ids, 1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_every_task_runs_once_across_a_limiter_redis_restart(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Stop the limiter's Redis (AOF, fsync always) mid-run and start it again.
+
+    The broker and the execution records live elsewhere, so the broker keeps working: tasks
+    published meanwhile run under the default fail mode (open), and the parked backlog comes
+    back from the AOF and drains. Tasks are acknowledged late, so some finish while Redis
+    is down and their in-flight records can only be closed once it is back; with a short
+    lease, a record left open would hand the task out again. Every task runs exactly once.
+    """
+    report_logs_on_failure(request.config)
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    server = RedisProcess(tmp_path / "limiter", port=free_port(), extra=aof).start()
+    e2e = E2E(
+        broker=broker,
+        redis_url=server.url,
+        record_url=redis_url,
+        workdir=tmp_path,
+        acks_late=True,
+        settings={"lease": 5},
+    )
+    request.node.funcargs["e2e"] = e2e  # for the log report
+    try:
+        e2e.limiter.set_limit("tenant:*", Limit(10, burst=2))
+        e2e.start_workers("w1", "w2")
+        work = e2e.app().tasks["e2e.work"]
+        before = {
+            work.apply_async(("before",), {"sleep": 0.5}, rate_tenant="r").id for _ in range(40)
+        }
+        e2e.wait_runs(10, timeout=20)
+        running = wait_for(e2e.running, timeout=10, what="a task running", on_timeout=e2e.logs)
+        with contextlib.suppress(redis.ConnectionError):
+            e2e.limiter.client.execute_command("SHUTDOWN")  # fsyncs the AOF, then exits
+        down_at, down_t = time.monotonic(), redis_now(e2e.records)
+        assert server.proc is not None
+        server.proc.wait(timeout=10)
+        ran_before_outage = len(e2e.runs())
+        assert ran_before_outage < 40, "the outage must come while work is parked"
+
+        during = {work.apply_async(("during",), rate_tenant="d").id for _ in range(10)}
+        rows = e2e.wait_ids(
+            during, timeout=20, what="tasks published during the outage to run (fail open)"
+        )
+        # Parked work waits in the (absent) backlog: none of it started meanwhile.
+        assert sum(r["id"] in before for r in rows) == ran_before_outage
+        # Not a synchronisation: the outage should last a few of the gate's timer ticks.
+        time.sleep(max(0.0, down_at + 2.0 - time.monotonic()))
+        RedisProcess(tmp_path / "limiter", port=server.port, extra=aof).start()
+
+        e2e.wait_ids(before, timeout=40, what="the parked backlog to drain")
+        e2e.wait_settled(timeout=15)  # a record left open would be handed out again (lease)
+        assert_exactly_once(e2e.runs(), before | during)
+        # Some tasks finished (and were acknowledged) while Redis was down.
+        done = {r["id"]: r["t"] for r in e2e.runs("done")}
+        assert any(done[r["id"]] > down_t for r in running)
+    finally:
+        e2e.close()
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=server.port).shutdown(nosave=True)
+
+
+def test_rate_options_survive_retry_defaults_canvas_and_eta(e2e: E2E) -> None:
+    e2e.limiter.set_limit("tenant:*", Limit(20, burst=10))
+    e2e.start_workers("w1", "w2")
+    app = e2e.app()
+    work, flaky, decorated = (app.tasks[n] for n in ("e2e.work", "e2e.flaky", "e2e.decorated"))
+
+    retried = flaky.apply_async(("retry",), rate_tenant="retrier", rate_priority="high").id
+    default = decorated.delay("decorator").id
+    chained = chain(work.si("c1"), work.si("c2"), work.si("c3")).apply_async(rate_tenant="chainer")
+    grouped = group(work.si(f"g{i}").set(rate_tenant="grouper") for i in range(5)).apply_async()
+    eta_sent = redis_now(e2e.records)
+    eta = work.apply_async(("eta",), countdown=1.5, rate_tenant="eta").id
+
+    e2e.wait_runs(2 + 1 + 3 + 5 + 1, timeout=30)
+    rows = e2e.wait_settled(timeout=10)
+    by_tag = Counter(r["tag"] for r in rows)
+    assert by_tag == Counter({"retry": 2, "decorator": 1, "c1": 1, "c2": 1, "c3": 1,
+                              "eta": 1, **{f"g{i}": 1 for i in range(5)}})  # fmt: skip
+
+    attempts = sorted((r for r in rows if r["id"] == retried), key=lambda r: r["retries"])
+    assert [(r["retries"], r["tenant"], r["priority"]) for r in attempts] == [
+        (0, "retrier", "high"),
+        (1, "retrier", "high"),
+    ]
+    (decor,) = (r for r in rows if r["id"] == default)
+    assert (decor["tenant"], decor["priority"]) == ("decor", "low")
+    chain_rows = [r for r in rows if r["tag"] in ("c1", "c2", "c3")]
+    assert {r["tenant"] for r in chain_rows} == {"chainer"}
+    assert [r["tag"] for r in sorted(chain_rows, key=lambda r: r["t"])] == ["c1", "c2", "c3"]
+    assert chained.id == next(r["id"] for r in chain_rows if r["tag"] == "c3")
+    assert {r["tenant"] for r in rows if r["tag"].startswith("g")} == {"grouper"}
+    assert len(grouped.results) == 5
+    (eta_row,) = (r for r in rows if r["id"] == eta)
+    assert eta_row["t"] >= eta_sent + 1.4, "an ETA task runs when due, not before"
+    # Gated when due, not on arrival: its one admission debited the tenant's bucket, and
+    # the bucket was last written (Redis TIME, µs) when the task fell due.
+    tenant_hash = e2e.limiter.client.hgetall(e2e.limiter.keys.tenant("eta"))
+    assert float(tenant_hash[b"n:a"]) == 1
+    debited_at = float(tenant_hash[b"b"].split()[1]) / 1e6
+    assert eta_sent + 1.4 <= debited_at <= eta_row["t"]
+
+
+def test_reject_policy_raises_before_publishing(e2e: E2E) -> None:
+    app = e2e.app(policy="reject")
+    work = app.tasks["e2e.work"]
+    e2e.limiter.set_limit("tenant:strict", Limit(1, per=60, burst=1))
+    assert e2e.limiter.acquire("strict").allowed  # spend its only token
+
+    with pytest.raises(RateLimited) as caught:
+        work.apply_async(("rejected",), rate_tenant="strict")
+    assert caught.value.denied_by == "tenant:strict"
+    assert caught.value.wait_ms > 1000
+    assert queued_messages(e2e) == [], "nothing was published"
+
+    work.apply_async(("accepted",), rate_tenant="other")
+    (headers,) = queued_messages(e2e)
+    assert headers["qrl_tenant"] == "other"
+
+
+def test_hint_policy_attaches_hints_and_last_hint_returns_them(e2e: E2E) -> None:
+    app = e2e.app()  # policy "hint" is the default
+    work = app.tasks["e2e.work"]
+    e2e.limiter.set_limit("tenant:busy", Limit(1, per=60, burst=1))
+    assert e2e.limiter.acquire("busy").allowed
+
+    result = work.apply_async(("hinted",), rate_tenant="busy", rate_priority="low")
+    hint = last_hint()
+    assert hint is not None
+    assert result.rate_hint == hint
+    assert (hint.allowed, hint.denied_by) == (False, "tenant:busy")
+    assert hint.wait_ms > 1000
+    work.apply_async(("free",), rate_tenant="idle")
+    free = last_hint()
+    assert free is not None
+    assert free.allowed
+
+    busy, idle = queued_messages(e2e)
+    assert busy["qrl_hint"] == hint.as_header()
+    assert (busy["qrl_tenant"], busy["qrl_priority"], busy["qrl_cost"]) == ("busy", "low", 1)
+    assert idle["qrl_hint"]["allowed"] is True
+    assert busy.get("eta") is None  # "hint" never delays
+
+    quiet = e2e.app(hints=False).tasks["e2e.work"]
+    quiet.apply_async(("unhinted",), rate_tenant="busy")
+    assert last_hint() is None
+    (headers,) = queued_messages(e2e)
+    assert "qrl_hint" not in headers
+    assert headers["qrl_tenant"] == "busy"
+
+
+def test_delay_policy_sets_a_countdown_from_the_hint(e2e: E2E) -> None:
+    work = e2e.app(policy="delay").tasks["e2e.work"]
+    e2e.limiter.set_limit("tenant:busy", Limit(1, per=60, burst=1))
+    assert e2e.limiter.acquire("busy").allowed
+    before = datetime.now(UTC)
+    work.apply_async(("delayed",), rate_tenant="busy")
+    work.apply_async(("now",), rate_tenant="idle")
+    busy, idle = queued_messages(e2e)
+    eta = datetime.fromisoformat(busy["eta"])
+    assert timedelta(seconds=50) < eta - before < timedelta(seconds=61)
+    assert idle.get("eta") is None
+
+
+def test_metrics_task_publishes_a_snapshot_and_the_collector_reads_it(e2e: E2E) -> None:
+    from prometheus_client import CollectorRegistry
+
+    e2e.limiter.set_limit("tenant:m", Limit(20, burst=2))
+    e2e.start_workers("w1", "w2")
+    app = e2e.app()
+    for _ in range(10):
+        app.tasks["e2e.work"].apply_async(("metrics",), rate_tenant="m")
+    e2e.wait_runs(10, timeout=20)
+    # With every budget spent, the metrics task still runs at once: the gate exempts it.
+    e2e.limiter.set_limit("global", Limit(1, per=3600, burst=1))
+    assert e2e.limiter.acquire("someone").allowed
+    assert not e2e.limiter.acquire("someone").allowed
+    app.tasks[METRICS_TASK].delay()
+
+    snap = wait_for(
+        lambda: read_snapshot(e2e.limiter), timeout=10, what="a snapshot", on_timeout=e2e.logs
+    )
+    assert snap["namespace"] == e2e.namespace
+    assert snap["tenants"]["m"]["allowed"] == 10
+    assert snap["tenants"]["m"]["denied"] >= 1
+    assert snap["denied_by"]["global"] >= 1  # shared scopes; tenants count their own
+    assert snap["limits"]["tenant:m"]["rate_per_s"] == 20
+    assert set(snap["buckets"]) >= {"global", "tenant:m"}
+    assert snap["totals"]["allowed"] >= 11
+
+    registry = CollectorRegistry()
+    registry.register(RateLimitCollector(e2e.limiter))
+    names = {m.name for m in registry.collect()}
+    assert names >= {
+        "queue_ratelimit_decisions",
+        "queue_ratelimit_scope_decisions",
+        "queue_ratelimit_bucket_fill_ratio",
+        "queue_ratelimit_parked_jobs",
+        "queue_ratelimit_denied_wait_ms",
+        "queue_ratelimit_in_flight",
+    }
+    value = registry.get_sample_value(
+        "queue_ratelimit_tenant_decisions_total",
+        {"namespace": e2e.namespace, "tenant": "m", "outcome": "allowed"},
+    )
+    assert value == 10
+    assert json.dumps(snap)  # JSON-able, as stored

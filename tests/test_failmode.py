@@ -1,5 +1,4 @@
-"""Fail modes: a killed Redis makes the limiter raise, fail open or fail closed, and a
-restarted one is used again by itself (NOSCRIPT included, the new server has no scripts)."""
+"""Fail modes (raise, open, closed) when Redis dies, and recovery when it comes back."""
 
 from __future__ import annotations
 

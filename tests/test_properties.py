@@ -1,11 +1,4 @@
-"""Property tests: a bucket never admits more than R·T + B, and never denies what fits.
-
-Time is simulated honestly: Redis's clock cannot be moved, so to let ``d`` seconds pass for
-a bucket the test rewrites the bucket's stored ``updated_us`` ``d`` seconds further into the
-past (exactly what the script sees after a real pause). The virtual time of a decision is
-then Redis's own time for it (read back from the state the script wrote) plus every shift
-made so far, so the windows checked below are exact, real elapsed time included.
-"""
+"""Property tests: a bucket never admits more than R·T + B, and never denies what fits."""
 
 from __future__ import annotations
 
@@ -51,7 +44,14 @@ class Model:
 
 
 class VirtualClock:
-    """Moves time forward for the buckets of one limiter by back-dating their state."""
+    """Moves time forward for the buckets of one limiter by back-dating their state.
+
+    Redis's clock cannot be moved, so to let ``d`` seconds pass for a bucket its stored
+    ``updated_us`` is rewritten ``d`` seconds further into the past, which is exactly what
+    the script would see after a real pause. The virtual time of a decision is Redis's own
+    time for it (read back from the state the script wrote) plus every shift made so far, so
+    the windows checked are exact, real elapsed time included. Nothing else is simulated.
+    """
 
     def __init__(self, lim: Limiter, scopes: list[str]) -> None:
         self.lim = lim

@@ -78,7 +78,9 @@ def install(
     before_task_publish.connect(handler, weak=False, dispatch_uid=f"queue_ratelimit:{id(app)}")
     app.steps["consumer"].add(RateLimitGate)
 
-    @app.task(name=METRICS_TASK, ignore_result=True, **{GATE_ATTRIBUTE: False})
+    # shared=False: a shared task would be added to every other app of the process too,
+    # bound to this app's runtime.
+    @app.task(name=METRICS_TASK, ignore_result=True, shared=False, **{GATE_ATTRIBUTE: False})
     def publish_metrics() -> dict[str, Any]:
         """Publish the namespace's bucket state as a snapshot in Redis (beat runs it)."""
         from ..metrics import publish_snapshot

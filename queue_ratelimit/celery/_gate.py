@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from celery import bootsteps
 from celery.exceptions import InvalidTaskError
@@ -24,6 +24,7 @@ from kombu.utils.functional import maybe_list
 from redis.exceptions import RedisError
 from vine import promise
 
+from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import GateVerdict
 from .._scopes import check_name
@@ -35,6 +36,9 @@ log = logging.getLogger("queue_ratelimit.celery")
 Strategy = Callable[..., Any]
 # Re-admit at most this many jobs per dispatch call (one round trip each batch).
 DISPATCH_BATCH = 16
+# How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
+# the head of its backlog, or dropped (an invalid message).
+Settlement = Literal["ack", "requeue", "drop"]
 
 
 class Job:
@@ -61,6 +65,10 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.consumer = c
         self.originals: dict[str, Strategy] = {}
         self.held: dict[str, float] = {}  # item id -> when it was re-admitted
+        # In-flight records that could not be closed because Redis was unreachable; they
+        # are closed first thing when it is back, before their leases can run out (the
+        # lease must outlast the outage, or another worker takes the job over again).
+        self.unsettled: dict[str, Settlement] = {}
         self.closed_holds = 0
         self.stats = {
             "admitted": 0,
@@ -73,6 +81,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.accept: Any = None
         self.channel = BacklogChannel(self._on_backlog_ack, self._on_backlog_reject)
         self._timer: Any = None
+        self._durability_checked = False
         self._timer_due = 0.0
         self._renew_timer: Any = None
         self._redis_down_since: float | None = None
@@ -101,6 +110,11 @@ class RateLimitGate(bootsteps.StartStopStep):
             ", ".join(self.lanes),
             self.runtime.settings.namespace,
         )
+        if not self._durability_checked:
+            self._durability_checked = True
+            warning = persistence_warning(self.runtime.limiter.client)
+            if warning:
+                log.warning("queue-ratelimit: %s", warning)
 
     def stop(self, c: Any) -> None:
         for entry in (self._timer, self._renew_timer):
@@ -110,7 +124,14 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def info(self, c: Any) -> dict[str, Any]:
         """Shown by ``celery inspect stats``."""
-        return {"queue_ratelimit": {**self.stats, "held": len(self.held), "lanes": self.lanes}}
+        return {
+            "queue_ratelimit": {
+                **self.stats,
+                "held": len(self.held),
+                "unsettled": len(self.unsettled),
+                "lanes": self.lanes,
+            }
+        }
 
     # -- helpers -------------------------------------------------------------------------
     def _lanes(self, c: Any) -> list[str]:
@@ -302,8 +323,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         assert self.runtime is not None
         self._timer = None
         delay = self.runtime.settings.poll_interval
+        # What an outage left open is closed before anything new is taken.
+        settled = not self.unsettled or self._settle_pending()
         free = self._capacity()
-        if free == 0:
+        if not settled:
+            pass  # Redis is still unreachable: nothing to dispatch either
+        elif free == 0:
             delay = min(delay, 0.05)
         else:
             try:
@@ -329,7 +354,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         strategy = self.originals.get(name) if isinstance(name, str) else None
         if strategy is None:
             log.error("queue-ratelimit: no task %r on this worker; handing %s back", name, item_id)
-            self.runtime.scheduler.nack(item_id)  # type: ignore[union-attr]
+            self._settle(item_id, "requeue")
             return
         self.held[item_id] = time.monotonic()
         self.stats["readmitted"] += 1
@@ -345,27 +370,56 @@ class RateLimitGate(bootsteps.StartStopStep):
             # Celery discards such a message when it comes from the broker; so do we,
             # loudly, rather than handing it back to fail again forever.
             log.error("queue-ratelimit: discarding invalid parked message %s: %r", item_id, exc)
-            self.held.pop(item_id, None)
-            self.runtime.scheduler.nack(item_id, requeue=False)  # type: ignore[union-attr]
+            self._settle(item_id, "drop")
 
     def _on_backlog_ack(self, item_id: str) -> None:
-        assert self.runtime is not None
-        self.held.pop(item_id, None)
-        self.runtime.scheduler.ack(item_id, remember=self.runtime.settings.dedupe_window)
+        self._settle(item_id, "ack")
 
     def _on_backlog_reject(self, item_id: str, requeue: bool) -> None:
-        assert self.runtime is not None
-        self.held.pop(item_id, None)
-        if requeue:
-            self.runtime.scheduler.nack(item_id, requeue=True)
+        # Celery discards a rejected message; so do we (remembered as done, like an ack).
+        if self._settle(item_id, "requeue" if requeue else "ack") and requeue:
             self._schedule(0.0)
-        else:
-            # Celery discards a rejected message; so do we (remembered, like an ack).
-            self.runtime.scheduler.ack(item_id, remember=self.runtime.settings.dedupe_window)
+
+    def _settle(self, item_id: str, how: Settlement) -> bool:
+        """Close a re-admitted job's in-flight record. False when Redis is unreachable:
+        the job stays held and is settled as soon as Redis is back.
+
+        Celery acks and rejects from its event loop, where an exception would stop the
+        worker (RabbitMQ) or be logged and forgotten (Redis broker), leaving the record
+        open until its lease runs out and the job is handed out again: a duplicate.
+        """
+        assert self.runtime is not None
+        scheduler = self.runtime.scheduler
+        try:
+            if how == "ack":
+                closed = scheduler.ack(item_id, remember=self.runtime.settings.dedupe_window)
+            else:
+                closed = scheduler.nack(item_id, requeue=how == "requeue")
+        except RedisError as exc:
+            self._redis_failed(exc)
+            self.unsettled[item_id] = how
+            return False
+        self._redis_ok()
+        self.unsettled.pop(item_id, None)
+        self.held.pop(item_id, None)
+        if not closed:
+            log.warning(
+                "queue-ratelimit: %s was no longer in flight when settled (%s): its lease ran "
+                "out first, so it may run again; raise 'lease' above the longest Redis outage",
+                item_id,
+                how,
+            )
+        return True
+
+    def _settle_pending(self) -> bool:
+        """Settle what an outage left open; True when nothing is left."""
+        return all(self._settle(item_id, how) for item_id, how in list(self.unsettled.items()))
 
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive."""
         assert self.runtime is not None
+        if self.unsettled and not self._settle_pending():
+            return
         for item_id in list(self.held):
             try:
                 if not self.runtime.scheduler.extend(item_id):

@@ -20,8 +20,9 @@ log = logging.getLogger("queue_ratelimit.celery")
 # The hint of the latest publish in this thread / task, for callers that want it.
 _last_hint: ContextVar[Hint | None] = ContextVar("queue_ratelimit_last_hint", default=None)
 # Options already resolved (and validated) by RateLimitedTask.apply_async for the publish
-# under way, so the signal handler neither resolves twice nor peeks twice.
-_prepared: ContextVar[tuple[RateOptions, Hint | None] | None] = ContextVar(
+# under way, so the signal handler neither resolves twice nor peeks twice. The runtime is
+# kept with them: the receivers of every installed app see every publish in the process.
+_prepared: ContextVar[tuple[Runtime, RateOptions, Hint | None] | None] = ContextVar(
     "queue_ratelimit_prepared", default=None
 )
 
@@ -62,13 +63,17 @@ def make_publish_handler(app: Any) -> Any:
         runtime = runtime_of(app)
         if runtime is None or headers is None or properties is None:
             return
+        prepared = _prepared.get()
+        if prepared is not None and prepared[0] is not runtime:
+            # Another installed app is publishing (receivers are process-wide): its own
+            # receiver handles the message.
+            return
         task = app.tasks.get(sender) if sender else None
         explicit = pop_options(properties)
         if task is not None and not gated(task):
             return
-        prepared = _prepared.get()
         if prepared is not None:
-            options, hint = prepared
+            options, hint = prepared[1], prepared[2]
             _prepared.set(None)
         else:
             try:
@@ -120,7 +125,7 @@ class RateLimitedTask(Task):
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,
             )
-        token = _prepared.set((rate, hint))
+        token = _prepared.set((runtime, rate, hint))
         try:
             result = super().apply_async(args, kwargs, **options)
         finally:
