@@ -14,7 +14,10 @@ chunks, and the figures are medians over the rounds. Two cases:
   enqueued); the patched worker takes each with one dispatch call that hands it over onto
   RQ's intermediate list. Stock RQ runs the same jobs from its plain list.
 
-Redis commands per job come from ``INFO commandstats`` over the timed ``work()`` call.
+Redis commands per job come from ``INFO commandstats`` over the timed ``work()`` call; CPU per
+job from this process's CPU time and the server's (``INFO cpu``) over the same call.
+``cpu_ratio`` (stock CPU per job over patched, worker and Redis together) is the figure the
+machine's other load disturbs least; ``ratio`` is the measured one.
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def _enqueue(client: redis.Redis, jobs: int, *, patched: bool, backlog: bool) ->
         assert where == jobs, f"{where} of {jobs} jobs where they should wait"
 
 
-def _work(client: redis.Redis, *, patched: bool) -> tuple[float, dict[str, int]]:
-    """Run one burst worker until the queue is drained: (seconds, commands per name)."""
+def _work(client: redis.Redis, *, patched: bool) -> tuple[float, dict[str, float]]:
+    """Run one burst worker until the queue is drained: (seconds, commands per name, and
+    the CPU seconds of this process and of the Redis server)."""
     import rq
 
     from queue_ratelimit.rq import Queue, SimpleWorker
@@ -94,13 +98,22 @@ def _work(client: redis.Redis, *, patched: bool) -> tuple[float, dict[str, int]]
         queue = rq.Queue(QUEUE, connection=client)
         worker = rq.SimpleWorker([queue], connection=client)
     reset_command_stats(client)
+    server_cpu = _server_cpu(client)
+    cpu = time.process_time()
     started = time.perf_counter()
     worker.work(burst=True, logging_level="WARNING")
     elapsed = time.perf_counter() - started
-    stats = {name: s.calls for name, s in command_stats(client).items()}
+    stats: dict[str, float] = {name: s.calls for name, s in command_stats(client).items()}
+    stats[":client_cpu_s"] = time.process_time() - cpu
+    stats[":server_cpu_s"] = _server_cpu(client) - server_cpu
     left = client.llen(queue.key) + (queue.rate_backlog if patched else 0)
     assert left == 0, f"{left} jobs left after a burst run"
     return elapsed, stats
+
+
+def _server_cpu(client: redis.Redis) -> float:
+    info: dict[str, Any] = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _measure(client: redis.Redis, jobs: int, *, patched: bool, backlog: bool) -> dict[str, Any]:
@@ -148,9 +161,13 @@ def _case(client: redis.Redis, jobs: int, rounds: int, *, backlog: bool) -> dict
         for side in sides:
             for cmd, calls in side["stats"].items():
                 commands[cmd] = commands.get(cmd, 0) + calls / total
+        client_us = commands.pop(":client_cpu_s") * 1e6
+        server_us = commands.pop(":server_cpu_s") * 1e6
         out[name] = {
             "jobs_per_s": sig(median(side["per_second"] for side in sides)),
             "rounds_jobs_per_s": [sig(side["per_second"]) for side in sides],
+            "worker_cpu_us_per_job": sig(client_us, 3),
+            "redis_cpu_us_per_job": sig(server_us, 3),
             "script_calls_per_job": sig(commands.get("evalsha", 0) + commands.get("eval", 0), 3),
             "commands_per_job": {
                 k: sig(v, 3)
@@ -162,6 +179,13 @@ def _case(client: redis.Redis, jobs: int, rounds: int, *, backlog: bool) -> dict
     out["ratio"] = sig(ratio, 3)
     out["rounds_ratio"] = [sig(res["ratio"], 3) for res in results]
     out["meets_target"] = ratio >= TARGET_RATIO
+    # CPU per job (worker and Redis together), which the machine's other load disturbs
+    # less than it does the rates: the ratio the rates would show on otherwise idle cores.
+    cpu = {
+        n: out[n]["worker_cpu_us_per_job"] + out[n]["redis_cpu_us_per_job"]
+        for n in ("stock", "patched")
+    }
+    out["cpu_ratio"] = sig(cpu["stock"] / cpu["patched"], 3)
     return out
 
 

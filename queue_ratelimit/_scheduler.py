@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._core import check_cost
+from redis.exceptions import NoScriptError
+
+from ._core import check_cost, redis_errors
 from ._errors import ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
@@ -205,6 +207,7 @@ class FairScheduler:
         with_payload: bool = True,
         hand_over: bool = False,
         handoff_lists: Mapping[str, str] | None = None,
+        receipt: tuple[str, str] | None = None,
     ) -> Dispatch:
         """Admit up to ``max_items`` items from ``queues`` (earlier queues first), fairly.
 
@@ -213,6 +216,9 @@ class FairScheduler:
                 own bookkeeping takes over in the same step, via ``handoff_lists``.
             handoff_lists: queue -> Redis list that each dispatched id is pushed onto, in
                 the same atomic step (e.g. RQ's intermediate queue).
+            receipt: (key, nonce): when anything is dispatched, the key (in this namespace's
+                hash slot; see ``receipt_key``) is set to ``"<nonce> <id>..."`` for a day in the
+                same step, so a caller that lost the reply can learn what it was handed.
         """
         if isinstance(queues, str):
             queues = [queues]
@@ -229,6 +235,7 @@ class FairScheduler:
             0 if hand_over else self.lease_ms,
             self.max_skips,
             "1" if with_payload else "0",
+            "" if receipt is None else f"{receipt[0]} {receipt[1]}",
             *(f"{q}|{lists[q]}" if q in lists else q for q in queues),
         )
         assert isinstance(reply, list)
@@ -245,6 +252,10 @@ class FairScheduler:
             for i in reply[1:]
         )
         return Dispatch(items=items, wait_ms=None if head < 0 else head)
+
+    def receipt_key(self, owner: str) -> str:
+        """A key for ``dispatch(receipt=...)`` receipts of one caller (e.g. one process)."""
+        return f"{self._core.keys.base}:s:receipt:{_check_item_id(owner)}"
 
     def ack(self, item_id: str, *, remember: float = 0) -> bool:
         """Close an in-flight record after the work ran. False if it was not in flight.
@@ -265,10 +276,22 @@ class FairScheduler:
     ) -> Hint:
         """Peek at the job's buckets and its tenant's backlog in one round trip."""
         call = self._core.decision_call("peek", tenant, queue, priority, cost)
-        pipe = self.client.pipeline(transaction=False)
-        self.limiter._acquire(keys=call.keys, args=call.args, client=pipe)
-        pipe.hget(f"{self._core.keys.base}:s:{queue}:n", tenant)
-        reply, backlog = pipe.execute()
+        script = self.limiter._acquire
+        backlog_key = f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
+        # EVALSHA straight on the pipeline: a script object would make redis-py send
+        # SCRIPT EXISTS first, a second round trip on every hint.
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.hget(backlog_key, tenant)
+            try:
+                with redis_errors():
+                    reply, backlog = pipe.execute()
+                break
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                script.sha = self.client.script_load(script.script)
         decision = self._core.decision(reply, cost)
         return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
 

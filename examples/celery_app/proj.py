@@ -15,7 +15,9 @@ from celery import Celery
 
 from queue_ratelimit.celery import install
 
-BROKER = os.environ.get("CELERY_BROKER_URL", os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+BROKER = os.environ.get(
+    "CELERY_BROKER_URL", os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+)
 
 app = Celery("proj", broker=BROKER, backend=os.environ.get("CELERY_RESULT_BACKEND"))
 app.conf.update(task_acks_late=os.environ.get("ACKS_LATE") == "1", worker_prefetch_multiplier=4)

@@ -1,6 +1,6 @@
 """Enqueue a burst of jobs for three tenants through the rate-limited queue.
 
-    python enqueue.py                      # then: queue-ratelimit rq worker emails --burst
+python enqueue.py                      # then: queue-ratelimit rq worker emails --burst
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .._keys import DEFAULT_NAMESPACE
 from .._limiter import Limiter
 from .._scheduler import FairScheduler, Hint
 from .._scopes import check_name, check_priority
+from ._handover import HOLDING, LOST_REPLY, Claim
 
 log = logging.getLogger("queue_ratelimit.rq")
 
@@ -32,6 +33,8 @@ ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
 POLL_INTERVAL = 0.5
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
+# (connection, queue key) of single-queue workers that last found the queue's backlog empty.
+_IDLE_BACKLOG: set[tuple[int, str]] = set()
 _schedulers_lock = threading.Lock()
 
 
@@ -151,32 +154,57 @@ class Queue(rq.Queue):
     def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         return {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
 
+    def _nested(self, options: dict[str, Any]) -> bool:
+        """Called by our own enqueue method (RQ's enqueue_in calls enqueue_at, enqueue calls
+        enqueue_call): the outer call's options stand, and it sets the hint."""
+        return getattr(self._enqueue_options, "value", None) is not None and not options
+
+    def _finish(self, jobs: Iterable[Job], hint: Hint | None) -> None:
+        for job in jobs:
+            # Jobs RQ did not push (scheduled, deferred) are pushed later by another queue
+            # object, which reads the options from the saved job.
+            self._pending.pop(job.id, None)
+            job.rate_hint = hint  # type: ignore[attr-defined]
+
     def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> Job:
         """``rq.Queue.enqueue`` plus ``rate_tenant``, ``rate_priority`` and ``rate_cost``."""
         with self._rate(self._pop_options(kwargs)) as hint:
             job = super().enqueue(f, *args, **kwargs)
-        job.rate_hint = hint  # type: ignore[attr-defined]
+        self._finish([job], hint)
         return job
 
     def enqueue_call(self, *args: Any, **kwargs: Any) -> Job:
         """``rq.Queue.enqueue_call`` plus the rate options as keyword arguments."""
         options = self._pop_options(kwargs)
-        if getattr(self._enqueue_options, "value", None) is not None and not options:
-            return super().enqueue_call(*args, **kwargs)  # called by our own enqueue
+        if self._nested(options):
+            return super().enqueue_call(*args, **kwargs)
         with self._rate(options) as hint:
             job = super().enqueue_call(*args, **kwargs)
-        job.rate_hint = hint  # type: ignore[attr-defined]
+        self._finish([job], hint)
         return job
 
     def enqueue_at(self, datetime: Any, f: Any, *args: Any, **kwargs: Any) -> Job:
         """``rq.Queue.enqueue_at`` plus the rate options (gated when the job falls due)."""
-        with self._rate(self._pop_options(kwargs)):
+        options = self._pop_options(kwargs)
+        if self._nested(options):
             return super().enqueue_at(datetime, f, *args, **kwargs)
+        with self._rate(options) as hint:
+            job = super().enqueue_at(datetime, f, *args, **kwargs)
+        self._finish([job], hint)
+        return job
 
     def enqueue_in(self, time_delta: Any, func: Any, *args: Any, **kwargs: Any) -> Job:
         """``rq.Queue.enqueue_in`` plus the rate options."""
-        with self._rate(self._pop_options(kwargs)):
-            return super().enqueue_in(time_delta, func, *args, **kwargs)
+        with self._rate(self._pop_options(kwargs)) as hint:
+            job = super().enqueue_in(time_delta, func, *args, **kwargs)
+        self._finish([job], hint)
+        return job
+
+    def enqueue_many(self, job_datas: Any, *args: Any, **kwargs: Any) -> list[Job]:
+        """``rq.Queue.enqueue_many``; give each job its options in ``meta`` (``prepare_data``)."""
+        jobs = super().enqueue_many(job_datas, *args, **kwargs)
+        self._finish(jobs, None)
+        return jobs
 
     def create_job(self, *args: Any, **kwargs: Any) -> Job:
         options = getattr(self._enqueue_options, "value", None)
@@ -235,31 +263,82 @@ class Queue(rq.Queue):
         or a retry) pass the gate, and wait in the backlog when it says so. With no timeout
         (``--burst``) the worker still waits for parked jobs to become admissible rather
         than leave them behind; with one it raises ``DequeueTimeout`` when it runs out.
+
+        A job whose move was cut short by a lost reply (Redis restarted, the connection
+        dropped) is settled by the next call, before anything else: run, or put back.
         """
         queues = list(queues)
         if not queues:
             return None
+        job_cls = job_class or cls.job_class
+        with HOLDING.moving_job():
+            HOLDING.check_stop()
+            found = cls._dequeue(queues, timeout, connection, job_cls, serializer)
+        if found is not None:
+            # A warm shutdown that waited for this move: the worker stops after this job.
+            HOLDING.stop_deferred = False
+        return found
+
+    @classmethod
+    def _dequeue(
+        cls,
+        queues: list[Any],
+        timeout: int | None,
+        connection: Any,
+        job_cls: Any,
+        serializer: Any,
+    ) -> tuple[Job, Any] | None:
         by_name = {q.name: q for q in queues}
         scheduler = scheduler_for(connection, cls.namespace_for(queues[0]))
-        job_cls = job_class or cls.job_class
         # RQ removes a job from its intermediate list only for single-queue workers, so the
         # backlog hands over onto that list only then (multi-queue workers pop plainly too).
         single = len(queues) == 1
         handoff = {q.name: q.intermediate_queue_key for q in queues} if single else None
+        receipt_key = scheduler.receipt_key(HOLDING.owner())
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            batch = scheduler.dispatch(
-                list(by_name), with_payload=False, hand_over=True, handoff_lists=handoff
+        if HOLDING.claims(connection):
+            found = cls._settle(by_name, scheduler, connection, job_cls, serializer, receipt_key)
+            if found is not None:
+                return found
+        # A single queue whose fair backlog was empty last time: RQ's list first, which
+        # saves the dispatch call per job while the queue is uncontended. The gate still
+        # parks a job if a backlog has formed since, and then the backlog goes first again.
+        idle_key = (id(connection), queues[0].key)
+        if single and idle_key in _IDLE_BACKLOG:
+            found, _moved = cls._from_plain_lists(
+                queues, scheduler, connection, job_cls, serializer
             )
-            for item in batch.items:
+            if found is not None:
+                return found
+            _IDLE_BACKLOG.discard(idle_key)
+        while True:
+            HOLDING.check_stop()
+            nonce = HOLDING.nonce()
+            try:
+                batch = scheduler.dispatch(
+                    list(by_name),
+                    with_payload=False,
+                    hand_over=True,
+                    handoff_lists=handoff,
+                    receipt=(receipt_key, nonce),
+                )
+            except LOST_REPLY:
+                HOLDING.claim(connection, Claim(None, None, nonce=nonce, listed=single))
+                raise
+            for n, item in enumerate(batch.items):
                 queue = by_name[item.queue]
-                job = cls._fetch(job_cls, item.id, connection, serializer)
-                if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
-                    return job, queue
-                if single:  # cancelled or deleted while it waited: nothing to run
-                    connection.lrem(queue.intermediate_queue_key, 1, item.id)
+                try:
+                    found = cls._take(queue, item.id, connection, job_cls, serializer, single)
+                except LOST_REPLY:
+                    for rest in batch.items[n:]:
+                        HOLDING.claim(connection, Claim(rest.queue, rest.id, listed=single))
+                    raise
+                if found is not None:
+                    return found
             if batch.items:
                 continue
+            if single and batch.wait_ms is None:
+                _IDLE_BACKLOG.add(idle_key)
             found, progressed = cls._from_plain_lists(
                 queues, scheduler, connection, job_cls, serializer
             )
@@ -271,23 +350,90 @@ class Queue(rq.Queue):
             if deadline is None:
                 if wait is None:
                     return None
-                time.sleep(min(max(wait, 0.001), POLL_INTERVAL))
+                HOLDING.pause(min(max(wait, 0.001), POLL_INTERVAL))
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DequeueTimeout(timeout, [q.key for q in queues])
             block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001), POLL_INTERVAL)
             if single:
+                # Blocks while holding nothing, but a warm shutdown waits for it (at most
+                # POLL_INTERVAL): a job it moves must not be left behind.
                 queue = queues[0]
                 job_id = connection.blmove(queue.key, queue.intermediate_queue_key, block)
                 if job_id is not None:
-                    found = cls._admit_plain(
-                        queue, job_id, scheduler, connection, job_cls, serializer, True
+                    found = cls._gate_popped(
+                        queue, _text(job_id), scheduler, connection, job_cls, serializer, True
                     )
                     if found is not None:
                         return found
             else:
-                time.sleep(block)
+                HOLDING.pause(block)
+
+    @classmethod
+    def _take(
+        cls, queue: Any, job_id: str, connection: Any, job_cls: Any, serializer: Any, listed: bool
+    ) -> tuple[Job, Any] | None:
+        """A dispatched job, to run unless it was cancelled or deleted while it waited."""
+        job = cls._fetch(job_cls, job_id, connection, serializer)
+        if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
+            return job, queue
+        if listed:
+            connection.lrem(queue.intermediate_queue_key, 1, job_id)
+        return None
+
+    @classmethod
+    def _settle(
+        cls,
+        by_name: dict[str, Any],
+        scheduler: FairScheduler,
+        connection: Any,
+        job_cls: Any,
+        serializer: Any,
+        receipt_key: str,
+    ) -> tuple[Job, Any] | None:
+        """Settle the jobs this process may hold after a lost reply: run one, or put back.
+
+        Only this process knows of such a job: no other worker takes a job off RQ's
+        intermediate list, and a receipt names the caller it was written for.
+        """
+        for claim in HOLDING.claims(connection):
+            if claim.job_id is None:  # a dispatch whose reply was lost: what did it hand over?
+                raw = connection.get(receipt_key)
+                words = _text(raw).split() if raw is not None else []
+                handed = words[1:] if words[:1] == [claim.nonce] else []
+                HOLDING.settle(
+                    connection,
+                    claim,
+                    *(Claim(None, i, gated=True, listed=claim.listed) for i in handed),
+                )
+        for claim in HOLDING.claims(connection):
+            job = cls._fetch(job_cls, claim.job_id, connection, serializer)
+            queue = by_name.get(claim.queue or (job.origin if job is not None else ""))
+            if queue is None:
+                if job is None:
+                    HOLDING.settle(connection, claim)
+                continue  # a queue this worker does not serve (now): keep the claim
+            if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                if claim.listed:
+                    connection.lrem(queue.intermediate_queue_key, 1, claim.job_id)
+                HOLDING.settle(connection, claim)
+                continue
+            if claim.gated:
+                log.warning("queue-ratelimit: job %s was handed over unseen; running it", job.id)
+                HOLDING.settle(connection, claim)
+                return job, queue
+            if claim.listed and connection.lpos(queue.intermediate_queue_key, job.id) is None:
+                # It left the list: it was parked (or is someone else's now).
+                HOLDING.settle(connection, claim)
+                continue
+            found = cls._gate_popped(
+                queue, job.id, scheduler, connection, job_cls, serializer, claim.listed
+            )
+            HOLDING.settle(connection, claim)
+            if found is not None:
+                return found
+        return None
 
     @staticmethod
     def _fetch(job_cls: Any, job_id: Any, connection: Any, serializer: Any) -> Job | None:
@@ -316,12 +462,34 @@ class Queue(rq.Queue):
             if job_id is None:
                 continue
             progressed = True
-            found = cls._admit_plain(
-                queue, job_id, scheduler, connection, job_cls, serializer, single
+            found = cls._gate_popped(
+                queue, _text(job_id), scheduler, connection, job_cls, serializer, single
             )
             if found is not None:
                 return found, True
         return None, progressed
+
+    @classmethod
+    def _gate_popped(
+        cls,
+        queue: Any,
+        job_id: str,
+        scheduler: FairScheduler,
+        connection: Any,
+        job_cls: Any,
+        serializer: Any,
+        in_intermediate: bool,
+    ) -> tuple[Job, Any] | None:
+        """``_admit_plain``, leaving a claim on the job if a reply is lost on the way."""
+        try:
+            return cls._admit_plain(
+                queue, job_id, scheduler, connection, job_cls, serializer, in_intermediate
+            )
+        except LOST_REPLY:
+            HOLDING.claim(
+                connection, Claim(queue.name, job_id, gated=False, listed=in_intermediate)
+            )
+            raise
 
     @classmethod
     def _admit_plain(

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import rq
+from rq.worker import WorkerStatus
 
+from .._durability import persistence_warning
+from ._handover import HOLDING
 from ._queue import Queue
 
 
@@ -25,7 +28,33 @@ def _fair_queue_class(queue_class: Any) -> Any:
     return queue_class
 
 
-class Worker(rq.Worker):
+class _WaitsForHandover:
+    """A warm shutdown that arrives while a job is being moved into RQ's hands waits for the
+    move to end (then the worker stops after that job), instead of stranding the job; and
+    the worker warns at start when the Redis holding parked jobs keeps nothing on disk."""
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        worker: Any = self
+        warning = persistence_warning(worker.connection)
+        if warning:
+            worker.log.warning("queue-ratelimit: %s", warning)
+        return bool(super().work(*args, **kwargs))  # type: ignore[misc]
+
+    def _shutdown(self) -> None:
+        worker: Any = self
+        if worker.get_state() != WorkerStatus.BUSY and HOLDING.defer_stop():
+            # What RQ does for a busy worker: stop after the job in hand.
+            worker._stop_requested = True
+            worker.set_shutdown_requested_date()
+            if worker.scheduler:
+                worker.stop_scheduler()
+            worker.log.info("Worker %s: stopping once the job being fetched is handed over",
+                            worker.name)  # fmt: skip
+            return
+        super()._shutdown()  # type: ignore[misc]
+
+
+class Worker(_WaitsForHandover, rq.Worker):
     """``rq.Worker`` that fetches jobs in the fair scheduler's order within the budgets.
 
     ``rq worker -w queue_ratelimit.rq.Worker QUEUES...`` or ``queue-ratelimit rq worker``.
@@ -38,7 +67,7 @@ class Worker(rq.Worker):
         super().__init__(_fair_queues(queues), *args, **kwargs)
 
 
-class SimpleWorker(rq.SimpleWorker):
+class SimpleWorker(_WaitsForHandover, rq.SimpleWorker):
     """``rq.SimpleWorker`` (no fork per job) with fair, rate-limited fetching."""
 
     queue_class = Queue

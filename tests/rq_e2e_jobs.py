@@ -1,0 +1,54 @@
+"""Job functions for the RQ end-to-end tests: every execution is recorded in Redis.
+
+A worker imports this module by name (``rq_e2e_jobs.record``). Each execution appends
+``"<job id> <tenant> <redis TIME>"`` to the list ``key`` in the Redis named by
+``$QRL_E2E_RECORD`` (a server that never restarts, so records survive a restart of the
+server the jobs live on). The record is written when the job starts: that is the moment
+closest to its admission, and a job killed mid-run still shows that it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from rq import get_current_job
+
+# The options our queue takes out of the call; a job must never see one.
+RATE_OPTIONS = ("rate_tenant", "rate_priority", "rate_cost")
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def _records() -> redis.Redis:
+    url = os.environ["QRL_E2E_RECORD"]
+    client = _clients.get(url)
+    if client is None:
+        client = _clients[url] = redis.Redis.from_url(url)
+    return client
+
+
+def record(key: str, *args: Any, sleep: float = 0.0, fail_times: int = 0, **kwargs: Any) -> int:
+    """Record this execution, then sleep ``sleep`` s; fail the first ``fail_times`` runs.
+
+    Raises:
+        AssertionError: a rate option reached the function (so nothing is recorded).
+        RuntimeError: a deliberate failure (for retries).
+    """
+    leaked = [k for k in kwargs if k in RATE_OPTIONS or k.startswith("rate_")]
+    assert not leaked, f"rate options reached the job function: {leaked}"
+    job = get_current_job()
+    assert job is not None
+    tenant = (job.meta or {}).get("rate_tenant") or "-"
+    client = _records()
+    seconds, micros = client.time()
+    client.rpush(key, f"{job.id} {tenant} {seconds}.{micros:06d}")
+    if fail_times:
+        attempt = client.incr(f"{key}:attempts:{job.id}")
+        if attempt <= fail_times:
+            raise RuntimeError(f"deliberate failure {attempt} of {fail_times}")
+    if sleep:
+        time.sleep(sleep)
+    return len(args)
