@@ -13,63 +13,27 @@ from ._config import ConfigSpec, parse_config
 from ._core import (
     AuditEntry,
     ExemptMode,
-    FailMode,
-    LimiterCore,
+    LimiterBase,
     Mode,
     ScriptCall,
     redis_errors,
 )
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
-from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
 from ._scopes import Scope, scope_name
-from ._scripts import script_source
 
 
-class AsyncLimiter:
+class AsyncLimiter(LimiterBase):
     """Like ``Limiter``, with coroutine methods; see ``Limiter`` for each one.
 
     >>> limiter = AsyncLimiter.from_url("redis://localhost:6379/0")
     >>> decision = await limiter.acquire("acme", queue="emails")   # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        namespace: str = DEFAULT_NAMESPACE,
-        prefix: str = DEFAULT_PREFIX,
-        fail_mode: FailMode = "raise",
-        closed_retry_ms: float = 1000.0,
-        counter_retention: float = 900.0,
-    ) -> None:
-        self._core = LimiterCore(
-            namespace=namespace,
-            prefix=prefix,
-            fail_mode=fail_mode,
-            closed_retry_ms=closed_retry_ms,
-            counter_retention=counter_retention,
-        )
-        self.client = client
-        self._acquire = client.register_script(script_source("acquire.lua"))
-        self._config = client.register_script(script_source("config.lua"))
-
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
         return cls(aioredis.Redis.from_url(url), **options)
-
-    @property
-    def namespace(self) -> str:
-        return self._core.keys.namespace
-
-    @property
-    def keys(self) -> KeySpace:
-        return self._core.keys
-
-    @property
-    def backend_failures(self) -> int:
-        return self._core.backend_failures
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -29,9 +29,10 @@ from ._errors import (
     InvalidName,
     LimitNotFound,
 )
-from ._keys import KeySpace
+from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
 from ._scopes import Scope, check_name, check_priority, scope_name
+from ._scripts import script_source
 
 log = logging.getLogger("queue_ratelimit")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
@@ -78,13 +79,20 @@ def redis_errors() -> Iterator[None]:
         raise
 
 
+def check_positive(
+    what: str, value: object, maximum: float, error: type[ConfigError] = ConfigError
+) -> float:
+    """``value`` as a float if it is a finite number in (0, maximum], else ``error``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0 or number > maximum:
+        raise error(f"{what} must be a finite number in (0, {maximum:g}], got {value!r}")
+    return number
+
+
 def check_cost(cost: object) -> float:
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
-        raise InvalidCost(f"cost must be a number, got {cost!r}")
-    value = float(cost)
-    if not math.isfinite(value) or value <= 0 or value > MAX_COST:
-        raise InvalidCost(f"cost must be a finite number in (0, {MAX_COST:g}], got {cost!r}")
-    return value
+    return check_positive("cost", cost, MAX_COST, InvalidCost)
 
 
 def _text(value: object) -> str:
@@ -247,3 +255,42 @@ class LimiterCore:
                 )
             )
         return entries
+
+
+class LimiterBase:
+    """What ``Limiter`` and ``AsyncLimiter`` share: the rules, the client, the scripts."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        prefix: str = DEFAULT_PREFIX,
+        fail_mode: FailMode = "raise",
+        closed_retry_ms: float = 1000.0,
+        counter_retention: float = 900.0,
+    ) -> None:
+        self._core = LimiterCore(
+            namespace=namespace,
+            prefix=prefix,
+            fail_mode=fail_mode,
+            closed_retry_ms=closed_retry_ms,
+            counter_retention=counter_retention,
+        )
+        self.client = client
+        self._acquire = client.register_script(script_source("acquire.lua"))
+        self._config = client.register_script(script_source("config.lua"))
+
+    @property
+    def namespace(self) -> str:
+        return self._core.keys.namespace
+
+    @property
+    def keys(self) -> KeySpace:
+        """The key layout of this limiter's namespace."""
+        return self._core.keys
+
+    @property
+    def backend_failures(self) -> int:
+        """Decisions made by the fail mode because Redis was unreachable."""
+        return self._core.backend_failures

@@ -10,21 +10,18 @@ from ._config import ConfigSpec, parse_config
 from ._core import (
     AuditEntry,
     ExemptMode,
-    FailMode,
-    LimiterCore,
+    LimiterBase,
     Mode,
     ScriptCall,
     redis_errors,
 )
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
-from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX
 from ._limit import Limit
 from ._scopes import Scope, scope_name
-from ._scripts import script_source
 
 
-class Limiter:
+class Limiter(LimiterBase):
     """Distributed token buckets per tenant, tenant-and-queue, queue and globally.
 
     Every decision is one atomic ``EVALSHA`` on Redis's clock, so any number of processes
@@ -48,40 +45,10 @@ class Limiter:
         counter_retention: seconds an idle tenant's counters are kept before they expire.
     """
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        namespace: str = DEFAULT_NAMESPACE,
-        prefix: str = DEFAULT_PREFIX,
-        fail_mode: FailMode = "raise",
-        closed_retry_ms: float = 1000.0,
-        counter_retention: float = 900.0,
-    ) -> None:
-        self._core = LimiterCore(
-            namespace=namespace,
-            prefix=prefix,
-            fail_mode=fail_mode,
-            closed_retry_ms=closed_retry_ms,
-            counter_retention=counter_retention,
-        )
-        self.client = client
-        self._acquire = client.register_script(script_source("acquire.lua"))
-        self._config = client.register_script(script_source("config.lua"))
-
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Limiter:
         """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``."""
         return cls(redis.Redis.from_url(url), **options)
-
-    @property
-    def namespace(self) -> str:
-        return self._core.keys.namespace
-
-    @property
-    def keys(self) -> Any:
-        """The key layout of this limiter's namespace (a ``KeySpace``)."""
-        return self._core.keys
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(
@@ -205,11 +172,6 @@ class Limiter:
             self._run_config(call)
             written.append(field)
         return written
-
-    @property
-    def backend_failures(self) -> int:
-        """Decisions made by the fail mode because Redis was unreachable."""
-        return self._core.backend_failures
 
     def close(self) -> None:
         """Close the Redis connection pool."""

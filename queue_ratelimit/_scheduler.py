@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
 
-from ._core import check_cost, redis_errors
+from ._core import check_cost, check_positive, redis_errors
 from ._errors import ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
@@ -99,22 +98,13 @@ def _check_item_id(item_id: object) -> str:
     return item_id
 
 
-def _check_positive(what: str, value: object, maximum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number <= 0 or number > maximum:
-        raise ConfigError(f"{what} must be a finite number in (0, {maximum:g}], got {value!r}")
-    return number
-
-
 def _check_weight(weight: object) -> float:
-    return _check_positive("weight", weight, MAX_WEIGHT)
+    return check_positive("weight", weight, MAX_WEIGHT)
 
 
 def _check_lease(lease: object) -> int:
     """A lease in seconds, as whole milliseconds."""
-    return max(1, int(_check_positive("lease (seconds)", lease, MAX_LEASE) * 1000))
+    return max(1, int(check_positive("lease (seconds)", lease, MAX_LEASE) * 1000))
 
 
 def _text(value: object) -> str:
