@@ -2,16 +2,23 @@
 --
 -- A job arriving from the broker runs at once only if nothing dispatchable waits in its
 -- lane's fair backlog (otherwise it would overtake work that is queued fairly) and every
--- bucket admits it. Everything else is parked in the backlog by the caller (scheduler.lua "submit") and
--- re-admitted in fair order by "dispatch".
+-- bucket admits it. Everything else is parked in the backlog by the caller (scheduler.lua
+-- "submit") and re-admitted in fair order by "dispatch".
+--
+-- Credit: the caller may ask for up to `credit` more units of the same cost, taken now, to
+-- admit the same tenant's next jobs on that lane without a round trip. It is granted only
+-- while every enforced bucket stays at least half full afterwards, i.e. when nothing is
+-- contended, so it never takes tokens someone else is waiting for; the caller refunds what
+-- it does not use. Caps hold: every credited token is taken from the buckets here.
 --
 -- KEYS: config, shared, scheduler meta hash
--- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost
--- Reply: {1} run now; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a
---        backlog); {2} a duplicate: this item is already parked, in flight or done.
+-- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost, credit
+-- Reply: {1, credit granted} run now; {0, wait_ms, denied_by} park it ("" denied_by: the
+--        lane has a backlog); {2} a duplicate: already parked, in flight or done.
 local config_key, shared_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
-local base, keep_ms, lane, tenant, priority, id, cost =
-  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local base, keep_ms, lane, tenant, priority, id, cost, credit =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]),
+  tonumber(ARGV[8] or '0') or 0
 
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
   return {2}
@@ -39,8 +46,19 @@ for _, b in ipairs(ctx.buckets) do
 end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
 if status == 1 then
-  admit(ctx, cost, would_deny, keep_ms, {})
-  return {1}
+  local extra = 0
+  if credit > 0 and #ctx.buckets > 0 then
+    extra = credit
+    for _, b in ipairs(ctx.buckets) do
+      if not b.shadow then
+        local spare = math.floor((b.tokens - cost - b.burst / 2) / cost)
+        if spare < extra then extra = spare end
+      end
+    end
+    if extra < 0 then extra = 0 end
+  end
+  admit(ctx, cost * (1 + extra), would_deny, keep_ms, {})
+  return {1, extra}
 end
 deny(ctx, denied_by, wait / 1000, keep_ms)
 return {0, fmt(wait / 1000), denied_by}

@@ -68,11 +68,14 @@ class GateVerdict:
         wait_ms: for ``"park"``, how long until its buckets would admit it (0 when it waits
             only because others are queued ahead of it).
         denied_by: for ``"park"``, the binding scope, or None when a backlog is the reason.
+        credit: for ``"run"``, how many more jobs of the same tenant, lane, priority and cost
+            were admitted with this one (tokens already taken; refund what goes unused).
     """
 
     action: Literal["run", "park", "duplicate"]
     wait_ms: float = 0.0
     denied_by: str | None = None
+    credit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +323,7 @@ class FairScheduler:
         queue: str = "default",
         priority: str = "normal",
         cost: float = 1,
+        credit: int = 0,
     ) -> GateVerdict:
         """The worker fast path: admit work arriving from a broker now, or say it must wait.
 
@@ -327,7 +331,13 @@ class FairScheduler:
         work otherwise) and every bucket admits it; a ``"park"`` verdict means: ``submit`` it
         with its payload, then acknowledge it to the broker. ``"duplicate"`` means the id is
         already parked, in flight, or remembered as done by ``ack(remember=...)``.
+
+        With ``credit`` the call may also admit up to that many more jobs like this one, but
+        only while every bucket stays at least half full (nothing is contended then); the
+        verdict says how many, and the caller refunds the unused ones (``Limiter.refund``).
         """
+        if isinstance(credit, bool) or not isinstance(credit, int) or credit < 0:
+            raise ConfigError(f"credit must be a whole number >= 0, got {credit!r}")
         check_name("tenant", tenant)
         check_name("queue", queue)
         check_priority(priority)
@@ -343,12 +353,13 @@ class FairScheduler:
                 priority,
                 _check_item_id(item_id),
                 repr(amount),
+                credit,
             ],
         )
         assert isinstance(reply, list)
         code = int(reply[0])
         if code == 1:
-            return GateVerdict("run")
+            return GateVerdict("run", credit=int(reply[1]) if len(reply) > 1 else 0)
         if code == 2:
             return GateVerdict("duplicate")
         return GateVerdict("park", float(_text(reply[1])), _text(reply[2]) or None)

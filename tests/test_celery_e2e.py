@@ -353,11 +353,12 @@ def test_rate_options_survive_retry_defaults_canvas_and_eta(e2e: E2E) -> None:
     (eta_row,) = (r for r in rows if r["id"] == eta)
     assert eta_row["t"] >= eta_sent + 1.4, "an ETA task runs when due, not before"
     # Gated when due, not on arrival: its one admission debited the tenant's bucket, and
-    # the bucket was last written (Redis TIME, µs) when the task fell due.
+    # the bucket was last written (Redis TIME, µs) when the task fell due, or when the
+    # credit that admission took along went back unused (credit_ttl, 250 ms, later).
     tenant_hash = e2e.limiter.client.hgetall(e2e.limiter.keys.tenant("eta"))
     assert float(tenant_hash[b"n:a"]) == 1
     debited_at = float(tenant_hash[b"b"].split()[1]) / 1e6
-    assert eta_sent + 1.4 <= debited_at <= eta_row["t"]
+    assert eta_sent + 1.4 <= debited_at <= eta_row["t"] + 1.0, (eta_sent, debited_at, eta_row)
 
 
 def test_reject_policy_raises_before_publishing(e2e: E2E) -> None:

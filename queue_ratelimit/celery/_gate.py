@@ -28,7 +28,7 @@ from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import GateVerdict
 from .._scopes import check_name
-from ._options import RateOptions, gated, resolve
+from ._options import HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
 
@@ -62,6 +62,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self.runtime: Runtime | None = runtime_of(c.app)
         self.enabled = self.runtime is not None
+        if self.runtime is not None:
+            self.header_options = HeaderOptions(self.runtime.settings)
         self.consumer = c
         self.originals: dict[str, Strategy] = {}
         self.held: dict[str, float] = {}  # item id -> when it was re-admitted
@@ -72,6 +74,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.closed_holds = 0
         self.stats = {
             "admitted": 0,
+            "admitted_on_credit": 0,
             "parked": 0,
             "readmitted": 0,
             "duplicates": 0,
@@ -82,6 +85,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.channel = BacklogChannel(self._on_backlog_ack, self._on_backlog_reject)
         self._timer: Any = None
         self._durability_checked = False
+        # (tenant, lane, priority, cost) -> [jobs this worker may still admit, valid until]
+        self.credits: dict[tuple[str, str, str, float], list[Any]] = {}
+        self._credit_timer: Any = None
         self._timer_due = 0.0
         self._renew_timer: Any = None
         self._redis_down_since: float | None = None
@@ -117,10 +123,14 @@ class RateLimitGate(bootsteps.StartStopStep):
                 log.warning("queue-ratelimit: %s", warning)
 
     def stop(self, c: Any) -> None:
-        for entry in (self._timer, self._renew_timer):
+        for entry in (self._timer, self._renew_timer, self._credit_timer):
             if entry is not None:
                 entry.cancel()
-        self._timer = self._renew_timer = None
+        self._timer = self._renew_timer = self._credit_timer = None
+        for key, (units, _) in list(self.credits.items()):
+            if units > 0:
+                self._refund_credit(key, units)
+        self.credits.clear()
 
     def info(self, c: Any) -> dict[str, Any]:
         """Shown by ``celery inspect stats``."""
@@ -163,14 +173,69 @@ class RateLimitGate(bootsteps.StartStopStep):
         if task is None or not gated(task):
             return None
         try:
-            options = resolve(self.runtime.settings, None, {}, headers)
+            options = self.header_options(headers)
         except RateLimitError as exc:
             log.error("queue-ratelimit: %s in message %s; using defaults", exc, headers.get("id"))
-            options = resolve(self.runtime.settings, None, {}, {})
+            options = self.header_options({})
         routing_key = (message.delivery_info or {}).get("routing_key")
         lane = routing_key if routing_key in self.lanes else self.lanes[0]
         item_id = f"{headers.get('id')}.{headers.get('retries') or 0}"
         return Job(item_id, lane, options)
+
+    # -- credit: admissions taken in advance while nothing is contended ----------------------
+    @staticmethod
+    def _credit_key(job: Job) -> tuple[str, str, str, float]:
+        o = job.options
+        return (o.tenant, job.lane, o.priority, o.cost)
+
+    def _spend_credit(self, job: Job, message: Any) -> bool:
+        """Admit ``job`` on credit, without a round trip, if this worker holds some.
+
+        A redelivered message always asks Redis: only Redis can tell whether it already ran
+        through the backlog."""
+        entry = self.credits.get(self._credit_key(job))
+        if entry is None or entry[0] <= 0 or entry[1] < time.monotonic():
+            return False
+        if (message.delivery_info or {}).get("redelivered"):
+            return False
+        entry[0] -= 1
+        return True
+
+    def _grant_credit(self, job: Job, units: int) -> None:
+        assert self.runtime is not None
+        key = self._credit_key(job)
+        left = self.credits.pop(key, None)
+        if left is not None and left[0] > 0:
+            self._refund_credit(key, left[0])
+        self.credits[key] = [units, time.monotonic() + self.runtime.settings.credit_ttl]
+        if self._credit_timer is None:
+            self._credit_timer = self.consumer.timer.call_after(
+                self.runtime.settings.credit_ttl, self._expire_credit
+            )
+
+    def _expire_credit(self) -> None:
+        """Give back the tokens of credit that went unused (it lives ``credit_ttl``)."""
+        self._credit_timer = None
+        now = time.monotonic()
+        for key, (units, until) in list(self.credits.items()):
+            if until <= now:
+                del self.credits[key]
+                if units > 0:
+                    self._refund_credit(key, units)
+        if self.credits:
+            assert self.runtime is not None
+            self._credit_timer = self.consumer.timer.call_after(
+                self.runtime.settings.credit_ttl, self._expire_credit
+            )
+
+    def _refund_credit(self, key: tuple[str, str, str, float], units: int) -> None:
+        assert self.runtime is not None
+        tenant, lane, priority, cost = key
+        try:
+            self.runtime.limiter.refund(tenant, queue=lane, priority=priority, cost=units * cost)
+        except RateLimitError as exc:
+            # Unused tokens stay spent: the caps only get stricter, never looser.
+            log.warning("queue-ratelimit: could not refund %d unused credit: %s", units, exc)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
         """Ask Redis; None when it is unreachable (the fail mode decides)."""
@@ -178,7 +243,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         o = job.options
         try:
             verdict = self.runtime.scheduler.gate(
-                o.tenant, job.item_id, queue=job.lane, priority=o.priority, cost=o.cost
+                o.tenant,
+                job.item_id,
+                queue=job.lane,
+                priority=o.priority,
+                cost=o.cost,
+                credit=self.runtime.settings.credit,
             )
         except RedisError as exc:
             self._redis_failed(exc)
@@ -276,9 +346,15 @@ class RateLimitGate(bootsteps.StartStopStep):
         hand_back: Callable[[], Any],
     ) -> Any:
         assert self.runtime is not None
+        if self._spend_credit(job, message):
+            self.stats["admitted"] += 1
+            self.stats["admitted_on_credit"] += 1
+            return run()
         verdict = self._verdict(job)
         if verdict is not None and verdict.action == "run":
             self.stats["admitted"] += 1
+            if verdict.credit:
+                self._grant_credit(job, verdict.credit)
             return run()
         if verdict is not None and verdict.action == "duplicate":
             # Already parked, in flight, or run through the backlog: this is a broker

@@ -83,3 +83,33 @@ def pop_options(options: MutableMapping[str, Any]) -> dict[str, Any]:
 def gated(task: Any) -> bool:
     """Whether the gate applies to this task (True unless it opted out)."""
     return getattr(task, GATE_ATTRIBUTE, True) is not False
+
+
+class HeaderOptions:
+    """Rate options of arriving messages, read from their headers (the worker's hot path).
+
+    Headers carry what the publish hook resolved, so the worker needs no precedence rules;
+    validated combinations are remembered (a few per tenant) to keep each message cheap.
+    """
+
+    MEMO_SIZE = 10_000
+
+    def __init__(self, settings: CelerySettings) -> None:
+        self.settings = settings
+        self._memo: dict[tuple[Any, Any, Any], RateOptions] = {}
+
+    def __call__(self, headers: Mapping[str, Any]) -> RateOptions:
+        """Raises InvalidName / InvalidCost for malformed values in the headers."""
+        raw = (headers.get(HEADER_TENANT), headers.get(HEADER_PRIORITY), headers.get(HEADER_COST))
+        found = self._memo.get(raw)
+        if found is None:
+            tenant, priority, cost = raw
+            found = RateOptions(
+                check_name("tenant", self.settings.default_tenant if tenant is None else tenant),
+                check_priority(self.settings.default_priority if priority is None else priority),
+                check_cost(1 if cost is None else cost),
+            )
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[raw] = found
+        return found

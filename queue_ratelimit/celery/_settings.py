@@ -50,6 +50,11 @@ class CelerySettings:
         dedupe_window: seconds a job that ran through the backlog is remembered, so that a
             broker redelivery of its original message is not run again.
         metrics_interval: seconds between runs of the metrics beat task.
+        credit: while a tenant's buckets are at least half full (nothing contended), one
+            gate call may admit up to this many more of its jobs on the same queue, so they
+            run without a round trip each; 0 turns it off. Unused credit is refunded.
+        credit_ttl: seconds a worker holds such credit before it refunds what is left
+            (also how long credited jobs may pass a backlog that formed meanwhile).
     """
 
     redis_url: str | None = None
@@ -65,6 +70,8 @@ class CelerySettings:
     max_held: int | None = None
     dedupe_window: float = 3600.0
     metrics_interval: float = 15.0
+    credit: int = 16
+    credit_ttl: float = 0.25
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -74,7 +81,9 @@ class CelerySettings:
             raise ConfigError(f"fail_mode must be 'open' or 'closed', got {self.fail_mode!r}")
         if self.policy not in ("hint", "delay", "reject"):
             raise ConfigError(f"policy must be 'hint', 'delay' or 'reject', got {self.policy!r}")
-        for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval"):
+        if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 0:
+            raise ConfigError(f"credit must be a whole number >= 0, got {self.credit!r}")
+        for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval", "credit_ttl"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -1,0 +1,71 @@
+"""Gate credit: extra admissions taken in advance only while nothing is contended."""
+
+from __future__ import annotations
+
+import pytest
+
+from queue_ratelimit import ConfigError, FairScheduler, Limit, Limiter
+
+HOURLY = 3600.0  # no token returns while a test runs
+
+
+@pytest.fixture
+def scheduler(limiter: Limiter) -> FairScheduler:
+    return FairScheduler(limiter)
+
+
+def tokens(limiter: Limiter, scope: str, tenant: str = "acme", queue: str = "default") -> float:
+    return limiter.peek(tenant, queue=queue).remaining[scope]
+
+
+def test_credit_is_granted_only_down_to_half_the_burst(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("tenant:*", Limit(20, per=HOURLY, burst=20))
+    first = scheduler.gate("acme", "j1", credit=8)
+    assert (first.action, first.credit) == ("run", 8)
+    assert tokens(limiter, "tenant:acme") == pytest.approx(11, abs=0.01)  # 1 + 8 taken
+    # 11 left: one more job leaves 10 = half the burst, so no credit beyond it.
+    second = scheduler.gate("acme", "j2", credit=8)
+    assert (second.action, second.credit) == ("run", 0)
+    assert tokens(limiter, "tenant:acme") == pytest.approx(10, abs=0.01)
+
+
+def test_the_tightest_bucket_bounds_the_credit_and_cost_scales_it(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("tenant:*", Limit(100, per=HOURLY, burst=100))
+    limiter.set_limit("global", Limit(20, per=HOURLY, burst=20))
+    verdict = scheduler.gate("acme", "j1", cost=2, credit=50)
+    # global: (20 - 2 - 10) / 2 = 4 more jobs of cost 2.
+    assert verdict.credit == 4
+    assert tokens(limiter, "global") == pytest.approx(10, abs=0.01)
+    assert tokens(limiter, "tenant:acme") == pytest.approx(90, abs=0.01)
+
+
+def test_shadow_buckets_do_not_limit_credit(limiter: Limiter, scheduler: FairScheduler) -> None:
+    limiter.set_limit("tenant:*", Limit(100, per=HOURLY, burst=100))
+    limiter.set_limit("global", Limit(4, per=HOURLY, burst=4), shadow=True)
+    assert scheduler.gate("acme", "j1", credit=10).credit == 10
+
+
+def test_no_credit_unless_asked_and_unused_credit_can_be_refunded(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("tenant:*", Limit(20, per=HOURLY, burst=20))
+    assert scheduler.gate("acme", "j1").credit == 0
+    assert tokens(limiter, "tenant:acme") == pytest.approx(19, abs=0.01)
+    granted = scheduler.gate("acme", "j2", credit=5).credit
+    assert granted == 5
+    limiter.refund("acme", queue="default", cost=granted)
+    assert tokens(limiter, "tenant:acme") == pytest.approx(18, abs=0.01)
+
+
+def test_no_credit_when_no_bucket_applies(limiter: Limiter, scheduler: FairScheduler) -> None:
+    assert scheduler.gate("acme", "j1", credit=8).credit == 0
+
+
+@pytest.mark.parametrize("credit", [-1, 1.5, True, "3"])
+def test_bad_credit_is_refused(scheduler: FairScheduler, credit: object) -> None:
+    with pytest.raises(ConfigError, match="credit"):
+        scheduler.gate("acme", "j1", credit=credit)  # type: ignore[arg-type]
