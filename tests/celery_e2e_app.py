@@ -13,6 +13,8 @@ Environment (for the worker's module-level ``app``):
     QRL_E2E_QUEUE: the default queue (each test uses a queue of its own).
     QRL_E2E_ACKS_LATE: "1" for ``task_acks_late``.
     QRL_E2E_SETTINGS: JSON object merged into ``app.conf.queue_ratelimit``.
+    QRL_E2E_BACKEND: a result backend URL (results are stored only when it is set; chords
+        need one).
 """
 
 from __future__ import annotations
@@ -99,13 +101,15 @@ def build_app(
     acks_late: bool = False,
     settings: Mapping[str, Any] | None = None,
     enabled: bool = True,
+    backend: str | None = None,
 ) -> Celery:
     """A Celery app with queue-ratelimit installed and the recording tasks registered."""
-    app = Celery(f"e2e-{namespace}", broker=broker)
+    app = Celery(f"e2e-{namespace}", broker=broker, backend=backend or None)
     app.conf.update(
         task_default_queue=queue,
         task_acks_late=acks_late,
-        task_ignore_result=True,
+        task_ignore_result=not backend,
+        result_expires=300,  # results (when there is a backend) expire on their own
         worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,
         # A message reserved by a killed worker comes back in seconds, not in an hour.
@@ -139,6 +143,11 @@ def build_app(
         """Record the execution; rate options come from the decorator."""
         recorder.record(self, "run", tag=tag)
 
+    @app.task(bind=True, shared=False, name="e2e.limited", rate_limit="5/s")
+    def limited(self: Any, tag: str = "") -> None:
+        """Record the execution; Celery's own per-task rate limit applies (5/s)."""
+        recorder.record(self, "run", tag=tag)
+
     @app.task(shared=False, name="e2e.noop")
     def noop() -> None:
         """Does nothing (for throughput)."""
@@ -167,6 +176,7 @@ def _from_env() -> Celery | None:
         acks_late=env.get("QRL_E2E_ACKS_LATE") == "1",
         settings=json.loads(env.get("QRL_E2E_SETTINGS") or "{}"),
         enabled=env.get("QRL_E2E_INSTALL", "1") == "1",
+        backend=env.get("QRL_E2E_BACKEND") or None,
     )
 
 

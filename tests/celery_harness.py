@@ -156,6 +156,8 @@ class E2E:
         redis_url: the limiter's Redis.
         record_url: where executions are recorded (the limiter's Redis unless it restarts).
         namespace: the limiter namespace (unique per test); also names the test's queue.
+        backend: a result backend URL for workers and producers; none (no results) when
+            empty.
     """
 
     broker: str
@@ -164,6 +166,7 @@ class E2E:
     record_url: str = ""
     namespace: str = field(default_factory=lambda: f"e2e{uuid.uuid4().hex[:10]}")
     acks_late: bool = False
+    backend: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     _apps: list[Any] = field(default_factory=list)
@@ -188,6 +191,7 @@ class E2E:
             QRL_E2E_QUEUE=self.queue,
             QRL_E2E_ACKS_LATE="1" if self.acks_late else "0",
             QRL_E2E_SETTINGS=json.dumps(self.settings),
+            QRL_E2E_BACKEND=self.backend,
             PYTHONPATH=os.pathsep.join(
                 [str(TESTS_DIR), str(TESTS_DIR.parent), env.get("PYTHONPATH", "")]
             ),
@@ -253,6 +257,7 @@ class E2E:
             record_url=self.record_url,
             acks_late=self.acks_late,
             settings={**self.settings, **settings},
+            backend=self.backend or None,
         )
         self._apps.append(app)
         return app
