@@ -157,9 +157,11 @@ class FairScheduler:
             f"{k.base}:s:payload",
         ]
 
-    def _run(self, mode: str, *args: str | int | float | bytes) -> object:
+    def _run(self, mode: str, *args: str | int | float | bytes, client: Any = None) -> object:
         return self._script(
-            keys=self._keys, args=[mode, self._core.keys.base, self._core.retention_ms, *args]
+            keys=self._keys,
+            args=[mode, self._core.keys.base, self._core.retention_ms, *args],
+            client=client,
         )
 
     def submit(
@@ -306,14 +308,18 @@ class FairScheduler:
         With ``pipeline`` the call is queued on it (and its reply comes with the pipeline's);
         otherwise it returns True when the item joined the backlog.
         """
-        args = [
-            "route", self._core.keys.base, self._core.retention_ms,
-            check_name("queue", queue), check_name("tenant", tenant), check_priority(priority),
-            _check_item_id(item_id), repr(check_cost(cost)), list_key, "1" if at_front else "0",
-        ]  # fmt: skip
-        if pipeline is not None:
-            return self._script(keys=self._keys, args=args, client=pipeline)
-        return self._script(keys=self._keys, args=args) == 1
+        reply = self._run(
+            "route",
+            check_name("queue", queue),
+            check_name("tenant", tenant),
+            check_priority(priority),
+            _check_item_id(item_id),
+            repr(check_cost(cost)),
+            list_key,
+            "1" if at_front else "0",
+            client=pipeline,
+        )
+        return reply if pipeline is not None else reply == 1
 
     def gate(
         self,

@@ -25,13 +25,13 @@ import pytest
 import redis
 from celery.signals import before_task_publish
 from celery_e2e_app import build_app, ready_key, runs_key
+from e2e_support import GroupProcess
 from kombu import Connection
 
 from queue_ratelimit import FairScheduler, Limiter
 
 TESTS_DIR = Path(__file__).resolve().parent
 AMQP_URL = os.environ.get("QRL_E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-LOG_TAIL_LINES = 80
 
 
 def with_db(url: str, db: int) -> str:
@@ -98,20 +98,8 @@ def wait_for(
         time.sleep(interval)
 
 
-@dataclass
-class Worker:
+class Worker(GroupProcess):
     """One ``celery worker`` process (and its pool children, in its own process group)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def pool_pids(self) -> list[int]:
         """Pids of the worker's pool processes (its children)."""
@@ -120,13 +108,6 @@ class Worker:
         except OSError:
             return []
         return [int(p) for p in text.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the main process and its pool children at once (the whole group)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Warm shutdown (SIGTERM); SIGKILL if it takes longer than ``timeout``."""
@@ -138,13 +119,6 @@ class Worker:
         # Pool children that outlived their parent belong to the same group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text[-lines:])
 
 
 @dataclass
@@ -338,17 +312,6 @@ class E2E:
             with contextlib.suppress(redis.RedisError):
                 client.flushdb()  # the broker's database is this suite's alone
             client.close()
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    """The largest number of ``times`` inside any closed interval of length ``window``."""
-    ordered = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(ordered):
-        while t - ordered[lo] > window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 class _LogsOnFailure:

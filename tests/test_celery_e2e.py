@@ -26,7 +26,6 @@ from celery_harness import (
     AMQP_URL,
     E2E,
     amqp_unreachable_reason,
-    max_in_window,
     redis_broker_url,
     redis_now,
     report_logs_on_failure,
@@ -34,17 +33,13 @@ from celery_harness import (
     with_db,
 )
 from conftest import REDIS_SERVER, RedisProcess, free_port
+from e2e_support import assert_cap, max_in_window
 
 from queue_ratelimit import FairScheduler, Limit, RateLimited
 from queue_ratelimit.celery import METRICS_TASK, last_hint
 from queue_ratelimit.metrics import RateLimitCollector, read_snapshot
 
 pytestmark = pytest.mark.slow
-
-# Executions are stamped when the task body starts, a few ms after the gate admitted them
-# (the hand-off to a pool process); admissions inside a window of T can therefore show up
-# spread over T plus this much, and caps are checked against the widened window.
-HANDOFF = 0.1
 
 Row = dict[str, Any]
 
@@ -69,15 +64,6 @@ def e2e(
         yield env
     finally:
         env.close()
-
-
-def assert_cap(times: list[float], rate: float, burst: float, what: str) -> None:
-    """At most ``rate * T + burst`` executions in any window of T (several T checked)."""
-    span = max(times) - min(times)
-    for window in (0.25, 0.5, 1.0, 2.0, span):
-        most = max_in_window(times, window)
-        bound = rate * (window + HANDOFF) + burst
-        assert most <= bound, f"{what}: {most} runs within {window:.2f}s > {bound:.1f}"
 
 
 def assert_exactly_once(rows: list[Row], published: set[str]) -> None:

@@ -8,7 +8,6 @@ assertions are made on those records. Worker logs are attached to the report of 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 import redis
 import rq
 from conftest import REDIS_SERVER, RedisProcess, wait_until
+from e2e_support import HANDOFF, GroupProcess, assert_cap
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -37,11 +37,6 @@ pytestmark = pytest.mark.slow
 TESTS_DIR = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 JOB = "rq_e2e_jobs.record"
-LOG_TAIL_LINES = 60
-# Executions are stamped when the job function starts, a few ms after the gate admitted
-# them (the worker saves the job's state first; the forking worker also forks). Admissions
-# in a window of T can therefore show up spread over T plus this much.
-HANDOFF = 0.1
 
 
 @dataclass
@@ -53,30 +48,8 @@ class Run:
     at: float  # Redis TIME, seconds
 
 
-@dataclass
-class WorkerProcess:
+class WorkerProcess(GroupProcess):
     """One RQ worker process, in a process group of its own (a forking worker's children too)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the worker and everything it forked, at once."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text[-lines:])
 
 
 @dataclass
@@ -273,26 +246,6 @@ def env(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
         yield e
     finally:
         e.close()
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    """The largest number of ``times`` inside any closed interval of length ``window``."""
-    ordered = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(ordered):
-        while t - ordered[lo] > window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
-def assert_cap(times: list[float], rate: float, burst: float, what: str) -> None:
-    """At most ``rate * T + burst`` executions in any window of T (several T checked)."""
-    span = max(times) - min(times)
-    for window in (0.25, 0.5, 1.0, 2.0, span):
-        most = max_in_window(times, window)
-        bound = rate * (window + HANDOFF) + burst
-        assert most <= bound, f"{what}: {most} runs within {window:.2f}s > {bound:.1f}"
 
 
 def assert_exactly_once(runs: list[Run], job_ids: list[str]) -> None:
