@@ -1,20 +1,20 @@
 """Where the server time of one ``acquire`` goes; a tool for working on the Lua scripts.
 
-    python -m benchmarks._script_cost [--buckets ALT_BUCKETS.lua ...] [--redis-url URL]
+    python -m benchmarks._script_cost [--redis-url URL] [--calls N] [--rounds N]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). For the 1-bucket and
-3-bucket decisions, allowed and denied, it measures with ``INFO commandstats``:
+3-bucket decisions, allowed and denied, it measures with ``INFO commandstats``, interleaved:
 
-- ``evalsha_us``: the whole script, as shipped (``lua/buckets.lua`` + ``lua/acquire.lua``);
-- ``commands_us``: the part of it spent executing the Redis commands it calls, and how many;
-- ``prologue_us``: a script that defines the library and returns at once (the price of
-  sending the library with every EVALSHA: ~20 closures and tables built per call);
-- ``floor_us``: ``return 1``;
-- for each ``--buckets`` file: the same decision with that file in place of
-  ``lua/buckets.lua`` (same ``acquire.lua``), to compare a candidate optimisation.
+- ``fcall_us``: the decision as shipped, the Functions library (FCALL);
+- ``evalsha_us``: the same code as a script with the library prepended (EVALSHA: what a
+  server without Functions runs; it rebuilds the library and plans every call);
+- ``commands``: the Redis commands the FCALL makes per decision, and their microseconds;
+- ``floor_us``: EVALSHA of ``return 1``.
 
-What is left once commands and prologue are taken out is Lua execution and the marshalling of
-``redis.call`` arguments and replies. Prints JSON on stdout, a table on stderr.
+What is left of ``fcall_us`` once its commands are taken out is Lua execution and the
+marshalling of ``redis.call`` arguments and replies. For figures that machine noise cannot
+move, run the server under ``valgrind --tool=callgrind`` and compare instructions per call
+(docs/benchmarks.md). Prints JSON on stdout, a table on stderr.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
 
 from queue_ratelimit import Limit, Limiter
-from queue_ratelimit._scripts import script_source
+from queue_ratelimit._scripts import Scripts, script_source
 
 from ._common import SCRIPT_COMMANDS, command_stats, log, median, reset_command_stats, sig
 
@@ -59,41 +60,38 @@ def _call_args(url: str, buckets: int, denied: bool) -> tuple[list[str], list[An
     return call.keys, call.args
 
 
+Call = Callable[[], object]
+
+
 def _measure(
-    client: redis.Redis,
-    sources: dict[str, str],
-    keys: list[str],
-    args: list[Any],
-    calls: int,
-    rounds: int,
+    client: redis.Redis, calls_by_name: dict[str, Call], calls: int, rounds: int
 ) -> dict[str, tuple[float, dict[str, float]]]:
-    """For each source, interleaved over rounds: median script microseconds per call, and
-    its nested commands' calls and microseconds per call."""
-    scripts = {name: client.register_script(src) for name, src in sources.items()}
-    for script in scripts.values():
+    """For each way of calling, interleaved over rounds: median server microseconds per
+    call of the script itself, and its nested commands' calls and microseconds per call."""
+    for call in calls_by_name.values():
         for _ in range(100):
-            script(keys=keys, args=args)
-    totals: dict[str, list[float]] = {name: [] for name in scripts}
-    nested: dict[str, dict[str, float]] = {name: {} for name in scripts}
+            call()
+    totals: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    nested: dict[str, dict[str, float]] = {name: {} for name in calls_by_name}
     for _ in range(rounds):
-        for name, script in scripts.items():
+        for name, call in calls_by_name.items():
             reset_command_stats(client)
             for _ in range(calls):
-                script(keys=keys, args=args)
+                call()
             stats = command_stats(client)
-            totals[name].append(stats["evalsha"].usec / calls)
+            script = next(st for cmd, st in stats.items() if cmd in SCRIPT_COMMANDS)
+            totals[name].append(script.usec / calls)
             for cmd, st in stats.items():
                 if cmd not in SCRIPT_COMMANDS:
                     n = nested[name]
                     n[f"{cmd}_calls"] = st.calls / calls
                     n[f"{cmd}_us"] = n.get(f"{cmd}_us", 0.0) + st.usec / calls / rounds
-    return {name: (median(totals[name]), nested[name]) for name in scripts}
+    return {name: (median(totals[name]), nested[name]) for name in calls_by_name}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks._script_cost")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    parser.add_argument("--buckets", nargs="*", default=[], help="alternative buckets.lua files")
     parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
@@ -101,31 +99,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no Redis: pass --redis-url or set REDIS_URL")
 
     client = redis.Redis.from_url(args.redis_url)
-    shipped, library = script_source("acquire.lua"), script_source("buckets.lua")
-    if not shipped.startswith(library):
-        parser.error("acquire.lua is no longer prefixed with buckets.lua; update this tool")
-    body = shipped[len(library) :]
-    variants = {Path(p).name: Path(p).read_text(encoding="utf-8") + body for p in args.buckets}
-    prologue = library + "\ndo return 1 end\n" + body
+    scripts = Scripts(client)
+    scripts.load()
+    if scripts.transport != "fcall":
+        parser.error("this server has no Redis Functions (or refuses them)")
+    function = scripts.functions["acquire.lua"]
+    evalsha = client.register_script(script_source("acquire.lua"))
+    floor = client.register_script("return 1")
 
     out: dict[str, Any] = {}
     for name, (buckets, denied) in PATHS.items():
         keys, call_args = _call_args(args.redis_url, buckets, denied)
-        sources = {"shipped": shipped, "prologue": prologue, "floor": "return 1", **variants}
-        m = _measure(client, sources, keys, call_args, args.calls, args.rounds)
-        total, nested = m["shipped"]
+        m = _measure(
+            client,
+            {
+                "fcall": partial(client.fcall, function, len(keys), *keys, *call_args),
+                "evalsha": partial(evalsha, keys=keys, args=call_args),
+                "floor": floor,
+            },
+            args.calls,
+            args.rounds,
+        )
+        total, nested = m["fcall"]
         commands_us = sum(v for k, v in nested.items() if k.endswith("_us"))
         row: dict[str, Any] = {
-            "evalsha_us": sig(total),
+            "fcall_us": sig(total),
+            "evalsha_us": sig(m["evalsha"][0]),
+            "floor_us": sig(m["floor"][0]),
             "commands_us": sig(commands_us),
             "redis_calls": {k[:-6]: sig(v) for k, v in nested.items() if k.endswith("_calls")},
-            "prologue_us": sig(m["prologue"][0]),
-            "floor_us": sig(m["floor"][0]),
-            "lua_and_marshalling_us": sig(total - commands_us - m["prologue"][0]),
+            "lua_and_marshalling_us": sig(total - commands_us),
         }
-        for vname in variants:
-            row[f"{vname}_us"] = sig(m[vname][0])
-            row[f"{vname}_vs_shipped"] = sig(m[vname][0] / total)
         out[name] = row
         log(f"{name:15} " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "redis_calls"))
         log(f"{'':15} redis.call per decision: {row['redis_calls']}")

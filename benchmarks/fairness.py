@@ -208,26 +208,10 @@ def _redis_ms(reply: Sequence[int]) -> float:
     return int(reply[0]) * 1000.0 + int(reply[1]) / 1000.0
 
 
-def _submit_args(scheduler: FairScheduler, tenant: str, item_id: str, flow: Flow) -> list[Any]:
-    """The arguments ``FairScheduler.submit`` passes to the script (for pipelined submits)."""
-    core = scheduler._core
-    return [
-        "submit",
-        core.keys.base,
-        core.retention_ms,
-        LANE,
-        tenant,
-        flow.priority,
-        item_id,
-        repr(float(flow.cost)),
-        b"",
-    ]
-
-
 def _queue_submit(pipe: Any, scheduler: FairScheduler, item_id: str, flow: Flow) -> None:
-    scheduler._script(
-        keys=scheduler._keys, args=_submit_args(scheduler, flow.tenant, item_id, flow), client=pipe
-    )
+    """``FairScheduler.submit``, queued on a pipeline (its script, with the same arguments)."""
+    args = (LANE, flow.tenant, flow.priority, item_id, repr(float(flow.cost)), b"")
+    scheduler._run("submit", *args, client=pipe)
 
 
 def _check_submitted(replies: Iterable[object]) -> None:
@@ -798,8 +782,7 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
         pipe = admin.pipeline(transaction=False)
         for seq in range(per_tenant):
             for tenant in names:
-                args = _submit_args(scheduler, tenant, f"{tenant}-{seq}", Flow(tenant))
-                scheduler._script(keys=scheduler._keys, args=args, client=pipe)
+                _queue_submit(pipe, scheduler, f"{tenant}-{seq}", Flow(tenant))
                 if len(pipe) >= SUBMIT_BATCH:
                     _check_submitted(pipe.execute())
         _check_submitted(pipe.execute())
@@ -869,7 +852,7 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
     reset_command_stats(admin)
     for _ in range(SCALE_STAT_CALLS):
         limiter.acquire("s000000", queue=LANE)
-    acquire_us = _evalsha_us(admin)
+    acquire_us = _script_us(admin)
     limiter.close()
     for scheduler in setups.values():
         scheduler.limiter.close()
@@ -905,7 +888,7 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
         "backlog_ran_dry": dry,
         "notes": "op = dispatch(max_items=1) + ack, sequential, one process; limits global "
         "1e8/s and tenant:* 1e6/s never bind; every tenant's hash exists (served before, as "
-        "in steady state); server us from INFO commandstats (evalsha): "
+        "in steady state); server us from INFO commandstats (fcall): "
         f"{SCALE_STAT_CALLS} dispatches, then their acks, then as many Limiter.acquire "
         "(tenant + queue, the same two buckets) calls",
     }
@@ -918,19 +901,20 @@ def _server_us(admin: redis.Redis, scheduler: FairScheduler) -> tuple[float, flo
     for _ in range(SCALE_STAT_CALLS):
         batch = scheduler.dispatch([LANE], max_items=1, with_payload=False)
         ids.extend(i.id for i in batch.items)
-    dispatch_us = _evalsha_us(admin)
+    dispatch_us = _script_us(admin)
     reset_command_stats(admin)
     for item_id in ids:
         scheduler.ack(item_id)
-    return dispatch_us, _evalsha_us(admin)
+    return dispatch_us, _script_us(admin)
 
 
-def _evalsha_us(admin: redis.Redis) -> float:
+def _script_us(admin: redis.Redis) -> float:
+    """Server microseconds per call of our scripts (FCALL, or EVALSHA without Functions)."""
     stats = command_stats(admin)
-    evalsha = stats.get("evalsha")
-    if evalsha is None or evalsha.calls == 0:
+    calls = sum(stats[c].calls for c in ("fcall", "evalsha") if c in stats)
+    if calls == 0:
         return math.nan
-    return sig(evalsha.usec / evalsha.calls, 3)
+    return sig(sum(stats[c].usec for c in ("fcall", "evalsha") if c in stats) / calls, 3)
 
 
 # -- entry points ----------------------------------------------------------------------------

@@ -168,7 +168,9 @@ def _case(client: redis.Redis, jobs: int, rounds: int, *, backlog: bool) -> dict
             "rounds_jobs_per_s": [sig(side["per_second"]) for side in sides],
             "worker_cpu_us_per_job": sig(client_us, 3),
             "redis_cpu_us_per_job": sig(server_us, 3),
-            "script_calls_per_job": sig(commands.get("evalsha", 0) + commands.get("eval", 0), 3),
+            "script_calls_per_job": sig(
+                sum(commands.get(c, 0) for c in ("fcall", "evalsha", "eval")), 3
+            ),
             "commands_per_job": {
                 k: sig(v, 3)
                 for k, v in sorted(commands.items(), key=lambda kv: -kv[1])

@@ -2,25 +2,34 @@
 -- all-or-nothing, in one round trip, on Redis's clock. Prefixed with buckets.lua.
 --
 -- KEYS: config hash, tenant hash, shared hash
--- ARGV: mode ("acquire" | "peek" | "refund"), tenant, queue ("" for none),
---       cost, priority ("" for none), counter retention in ms
+-- ARGV: tenant, then optionally mode ("acquire" (default) | "peek" | "refund"), counter
+--       retention in ms ("" for the default, 15 minutes: DEFAULT_RETENTION_MS in
+--       _core.py), queue ("" for none), cost (default 1), priority ("" for none). Every
+--       argument costs the client time to send, so trailing defaults are left out.
 -- Reply: one string (a flat reply costs the client far less to parse than nested arrays;
 -- names never contain spaces):
 --   "<status> <wait_ms> <denied_by or -> <scope> <remaining> ... | <would-deny scope> ..."
 --   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst)
-local mode, tenant, queue = ARGV[1], ARGV[2], ARGV[3]
-local cost, priority, keep_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', tonumber(ARGV[3] or '') or 900000
+local queue, cost, priority = ARGV[4] or '', tonumber(ARGV[5] or 1), ARGV[6] or ''
 
-local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority, {}, {})
+local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
 
+-- Remaining tokens as written by admit/credit (already formatted), else formatted here.
 local function reply(status, wait_ms, denied_by, would_deny)
   local parts = {status, wait_ms, denied_by or '-'}
   local n = 3
-  local buckets = ctx.buckets
+  local buckets, tokens, texts = ctx.buckets, ctx.tokens, ctx.texts
   for i = 1, #buckets do
-    local tokens = buckets[i].tokens
-    if not (tokens > 0) then tokens = 0 end
-    parts[n + 1], parts[n + 2] = buckets[i].scope, fmt(tokens)
+    local left = tokens[i]
+    if not (left > 0) then
+      left = '0'
+    elseif texts then
+      left = texts[i]
+    else
+      left = fmt(left)
+    end
+    parts[n + 1], parts[n + 2] = buckets[i].scope, left
     n = n + 2
   end
   parts[n + 1] = '|'
@@ -30,7 +39,7 @@ end
 
 if mode == 'refund' then
   credit(ctx, cost, keep_ms)
-  return reply('1', '0', false, {})
+  return reply('1', '0', false, NONE)
 end
 
 local status, wait, denied_by, would_deny = judge(ctx, cost)
@@ -38,7 +47,7 @@ if status == -1 then
   return '-1 ' .. fmt(burst_of(ctx, denied_by)) .. ' ' .. denied_by .. ' |'
 end
 if mode == 'peek' then
-  return reply(tostring(status), fmt(wait / 1000), denied_by, would_deny)
+  return reply(status == 1 and '1' or '0', fmt(wait / 1000), denied_by, would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)

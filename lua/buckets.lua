@@ -1,35 +1,61 @@
 -- buckets.lua: token-bucket primitives shared by every script that admits work.
 --
--- The Python loader prepends this file to the scripts that consume tokens, so the bucket
--- arithmetic exists once. All state of one decision lives in three hashes, whose keys share
--- the namespace's {hash tag} (one Redis Cluster slot):
+-- Loaded in front of the scripts that consume tokens (once per Redis Functions library, or
+-- prepended to each script for EVALSHA), so the bucket arithmetic exists once. All state of
+-- one decision lives in three hashes, whose keys share the namespace's {hash tag} (one Redis
+-- Cluster slot):
 --   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>", exempt:<t>,
 --                                    mode:shadow, weight:*, _version
---   tenant  <prefix>:{ns}:t:<tenant> b (tenant bucket), bq:<q> (tenant-queue bucket),
---                                    x (expiry, ms since epoch), counters; expires when idle
---   shared  <prefix>:{ns}:shared     b:global, b:queue:<q>, aggregate counters; never expires
--- A bucket value is "<tokens> <updated_us>". A missing bucket is a full one, which is why a
--- tenant hash may expire as soon as all its buckets would have refilled.
-
--- Redis < 5 needs this before a script may write after reading TIME; later versions always
--- replicate effects and the call is a harmless no-op (or absent, hence pcall).
-pcall(redis.replicate_commands)
+--   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
+--                                    bucket), x (expiry, ms since epoch), n:a (allowed),
+--                                    d:<scope> (denied, by any scope), n:w (would deny),
+--                                    w:<scope>; expires when idle
+--   shared  <prefix>:{ns}:shared     b:global, b:global:u, b:queue:<q>, b:queue:<q>:u,
+--                                    a:q:<q> (allowed per queue, a:q:- without one),
+--                                    a:p:<p>, n:ax (allowed cost beyond 1 per job),
+--                                    h:<ms> (denials by wait), h:us (their total wait),
+--                                    n:w, d:<scope> (queue and global scopes),
+--                                    w:<scope>, _rev (the config revision, see below);
+--                                    never expires
+-- Totals are sums (allowed = sum of a:q:*, denied = sum of h:*, a tenant's denials = sum of
+-- its d:*), which saves a counter per decision. A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
+-- in microseconds they were counted at (field F:u). A missing bucket is a full one, which is
+-- why a tenant hash may expire as soon as all its buckets would have refilled.
+--
+-- Cost: every redis.call, every field it returns, every number parsed or printed and every
+-- table built costs thousands of CPU instructions inside Redis (measured with callgrind:
+-- docs/benchmarks.md). So a decision reads the configuration once per config revision
+-- (below), reads each hash with one HMGET of only the bucket fields, writes each with one
+-- HSET, and counts with one HINCRBY per hash.
+--
+-- Only constants and functions at this level: while Redis loads a Functions library, no
+-- global (string, math, ...) may be touched; the functions use them when called.
 
 -- Tolerance for float rounding when comparing tokens with a cost (e.g. 0.1 + 0.2 tokens).
 local EPSILON = 1e-9
 -- Upper bounds (ms) of the wait-time histogram kept for denied decisions.
 local WAIT_BOUNDS = {1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
 local TWO_53 = 9007199254740992
-local format, match = string.format, string.match
+-- Shared by every caller that has no extra fields or no would-deny scopes: never written.
+local NONE = {}
+
+-- What the configuration decides for a (tenant, queue, priority) — its "plan": the enforced
+-- buckets and the fields to read — is kept per config hash and revision. As a Functions
+-- library this state lives between calls (as EVALSHA scripts, it starts empty each call), so
+-- a decision reads no config field at all and parses no limit. Every configuration change
+-- goes through config.lua, which sets `_rev` in the shared hash to a stamp no earlier state
+-- had; a decision reads `_rev` with its shared buckets and drops the cache when it moved.
+local CONFIGS, n_configs = {}, 0
+local MAX_CONFIGS, MAX_PLANS = 64, 10000
 
 -- Redis converts Lua numbers in replies to integers: floats travel as strings.
 -- Whole numbers below 2^53 (the clock, counters, whole tokens) print the same digits with
 -- %d, which is cheaper than %.17g; zero takes the general path so -0 stays "-0".
 local function fmt(n)
   if n % 1 == 0 and n ~= 0 and n < TWO_53 and n > -TWO_53 then
-    return format('%d', n)
+    return string.format('%d', n)
   end
-  return format('%.17g', n)
+  return string.format('%.17g', n)
 end
 
 -- Redis's own clock in microseconds; never the caller's, so skewed clients change nothing.
@@ -38,150 +64,186 @@ local function clock_us()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- Returns rate (tokens per microsecond), burst, shadow flag.
-local function parse_limit(scope, value)
-  local rate, per, burst, flags = match(value, '^(%S+) (%S+) (%S+) (%S+)$')
+-- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
+local function bucket(scope, in_tenant, field, at, value, all_shadow)
+  local rate, per, burst, flags = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
   rate, per, burst = tonumber(rate), tonumber(per), tonumber(burst)
   if not (rate and per and burst) or rate <= 0 or per <= 0 or burst <= 0 then
     error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
   end
-  return rate / (per * 1000000), burst, string.find(flags, 's', 1, true) ~= nil
+  return {scope = scope, in_tenant = in_tenant, field = field, clock = field .. ':u', at = at,
+          rate = rate / (per * 1000000), burst = burst,
+          shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
 end
 
-local function append(list, values)
-  local n = #list
-  for i = 1, #values do list[n + i] = values[i] end
-end
-
--- One bucket table, built whole (no rehash as fields are added later).
-local function add_bucket(buckets, scope, hash, field, value, all_shadow)
-  local rate, burst, shadow = parse_limit(scope, value)
-  buckets[#buckets + 1] = {scope = scope, hash = hash, field = field, rate = rate, burst = burst,
-                           shadow = shadow or all_shadow, tokens = 0, ok = false}
-end
-
-local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra, t_extra)
-  local s_tenant = 'tenant:' .. tenant
-  local fields, s_tq, s_q
-  if queue ~= '' then
-    s_tq, s_q = s_tenant .. ':queue:' .. queue, 'queue:' .. queue
-    fields = {'global', s_tenant, 'tenant:*', 'exempt:' .. tenant, 'mode:shadow', s_q, s_tq,
-              'tenant:*:queue:' .. queue}
-  else
-    fields = {'global', s_tenant, 'tenant:*', 'exempt:' .. tenant, 'mode:shadow'}
+-- The cache of one config hash, emptied when the revision it was built at is no longer
+-- current (`rev`: the shared hash's `_rev`, or false before any change was made).
+local function config_at(config_key, rev)
+  local c = CONFIGS[config_key]
+  if c and c.rev == rev then return c end
+  if not c then
+    n_configs = n_configs + 1
+    if n_configs > MAX_CONFIGS then CONFIGS, n_configs = {}, 1 end
   end
-  local base = #fields
-  for i = 1, #cfg_extra do fields[base + i] = cfg_extra[i] end
-  local cfg = redis.call('HMGET', config_key, unpack(fields))
-  local buckets = {}
-  local ctx = {tenant_key = tenant_key, shared_key = shared_key, queue = queue, priority = priority,
-               buckets = buckets, cfg_extra = {}, t_extra = {}, t_counters = false,
-               s_counters = false, t_counter_vals = false, s_counter_vals = false, old_x = 0, now = 0}
-  local ce = ctx.cfg_extra
-  for i = 1, #cfg_extra do ce[i] = cfg[base + i] end
+  c = {rev = rev, plans = {}, n_plans = 0, values = {}}
+  CONFIGS[config_key] = c
+  return c
+end
 
+local function build_plan(config_key, tenant, queue, priority)
+  local s_tenant = 'tenant:' .. tenant
+  local has_queue = queue ~= ''
+  local s_q, s_tq, cfg
+  if has_queue then
+    s_q, s_tq = 'queue:' .. queue, s_tenant .. ':queue:' .. queue
+    cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
+                     'mode:shadow', s_q, s_tq, 'tenant:*:queue:' .. queue)
+  else
+    cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
+                     'mode:shadow')
+  end
+  -- Enforced buckets, narrowest first (the order of `remaining` in a reply), and the
+  -- fields to read: each bucket's tokens and clock; the tenant hash's expiry last.
   local exempt = cfg[4] or ''
   local all_shadow = cfg[5] == '1'
-  local tfields, sfields = {}, {}
+  local buckets, tf, sf = {}, {}, {}
   local v
   if exempt == '' then
-    if queue ~= '' then
+    if has_queue then
       v = cfg[7] or cfg[8]
       if v then
-        add_bucket(buckets, s_tq, 't', 'bq:' .. queue, v, all_shadow)
-        tfields[#tfields + 1] = 'bq:' .. queue
+        local b = bucket(s_tq, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
+        buckets[#buckets + 1] = b
+        tf[#tf + 1], tf[#tf + 2] = b.field, b.clock
       end
     end
     v = cfg[2] or cfg[3]
     if v then
-      add_bucket(buckets, s_tenant, 't', 'b', v, all_shadow)
-      tfields[#tfields + 1] = 'b'
+      buckets[#buckets + 1] = bucket(s_tenant, true, 'b', #tf + 1, v, all_shadow)
+      tf[#tf + 1], tf[#tf + 2] = 'b', 'b:u'
     end
   end
   if exempt ~= 'all' then
-    if queue ~= '' then
+    if has_queue then
       v = cfg[6]
       if v then
-        add_bucket(buckets, s_q, 's', 'b:queue:' .. queue, v, all_shadow)
-        sfields[#sfields + 1] = 'b:queue:' .. queue
+        local b = bucket(s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
+        buckets[#buckets + 1] = b
+        sf[#sf + 1], sf[#sf + 2] = b.field, b.clock
       end
     end
     v = cfg[1]
     if v then
-      add_bucket(buckets, 'global', 's', 'b:global', v, all_shadow)
-      sfields[#sfields + 1] = 'b:global'
+      buckets[#buckets + 1] = bucket('global', false, 'b:global', #sf + 1, v, all_shadow)
+      sf[#sf + 1], sf[#sf + 2] = 'b:global', 'b:global:u'
     end
   end
-
-  -- Counters are read here and written back with the bucket state: one write per hash.
-  local nt, ns = #tfields, #sfields
-  local tc, sc
-  if queue ~= '' then
-    local aq = 'a:q:' .. queue
-    tc, sc = {'n:a', 'n:at', aq}, {'n:a', 'n:at', aq}
-  else
-    tc, sc = {'n:a', 'n:at'}, {'n:a', 'n:at'}
-  end
-  if priority ~= '' then sc[#sc + 1] = 'a:p:' .. priority end
-  ctx.t_counters, ctx.s_counters = tc, sc
-  tfields[nt + 1] = 'x'
-  for i = 1, #tc do tfields[nt + 1 + i] = tc[i] end
-  local t_off = nt + 1 + #tc
-  for i = 1, #t_extra do tfields[t_off + i] = t_extra[i] end
-  for i = 1, #sc do sfields[ns + i] = sc[i] end
-  local tvals = redis.call('HMGET', tenant_key, unpack(tfields))
-  local svals = redis.call('HMGET', shared_key, unpack(sfields))
-  ctx.old_x = tonumber(tvals[nt + 1]) or 0
-  local tcv, scv = {}, {}
-  for i = 1, #tc do tcv[i] = tonumber(tvals[nt + 1 + i]) or 0 end
-  for i = 1, #sc do scv[i] = tonumber(svals[ns + i]) or 0 end
-  ctx.t_counter_vals, ctx.s_counter_vals = tcv, scv
-  local te = ctx.t_extra
-  for i = 1, #t_extra do te[i] = tvals[t_off + i] end
-
-  -- Refill every bucket to now from its stored state.
-  local now = clock_us()
-  ctx.now = now
-  local ti, si = 0, 0
-  for i = 1, #buckets do
-    local b = buckets[i]
-    local state
-    if b.hash == 't' then ti = ti + 1; state = tvals[ti] else si = si + 1; state = svals[si] end
-    local burst = b.burst
-    local tokens, updated = burst, now
-    if state then
-      local tok, upd = match(state, '^(%S+) (%S+)$')
-      tokens, updated = tonumber(tok) or burst, tonumber(upd) or now
-    end
-    -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
-    -- (Same comparisons as math.max(0, e) and math.min(burst, t), NaN included.)
-    local elapsed = now - updated
-    if not (elapsed > 0) then elapsed = 0 end
-    local refilled = tokens + elapsed * b.rate
-    if refilled < burst then b.tokens = refilled else b.tokens = burst end
-  end
-  return ctx
+  tf[#tf + 1] = 'x'
+  sf[#sf + 1] = '_rev'
+  return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf,
+          aq = has_queue and 'a:q:' .. queue or 'a:q:-',
+          ap = priority ~= '' and 'a:p:' .. priority or false}
 end
 
-local function judge(ctx, cost)
-  local allowed, wait, denied_by, would_deny = 1, 0, false, {}
-  local slack = EPSILON * math.max(1, cost)
-  local buckets = ctx.buckets
+local function cached_plan(c, tenant, queue, priority)
+  local by_tenant = c.plans[tenant]
+  local by_queue = by_tenant and by_tenant[queue]
+  return by_queue and by_queue[priority]
+end
+
+local function new_plan(c, config_key, tenant, queue, priority)
+  local plan = build_plan(config_key, tenant, queue, priority)
+  c.n_plans = c.n_plans + 1
+  if c.n_plans > MAX_PLANS then
+    -- Bounded memory with very many tenants: start over (keeping this plan).
+    c.plans, c.n_plans = {}, 1
+  end
+  local by_tenant = c.plans[tenant]
+  if not by_tenant then by_tenant = {}; c.plans[tenant] = by_tenant end
+  local by_queue = by_tenant[queue]
+  if not by_queue then by_queue = {}; by_tenant[queue] = by_queue end
+  by_queue[priority] = plan
+  return plan
+end
+
+-- Values of more config fields (weights), cached like the plans.
+local function config_values(c, config_key, names)
+  local values, out, missing = c.values, {}, false
+  for i = 1, #names do
+    local v = values[names[i]]
+    if v == nil then missing = true else out[i] = v end
+  end
+  if missing then
+    local got = redis.call('HMGET', config_key, unpack(names))
+    for i = 1, #names do
+      values[names[i]] = got[i]
+      out[i] = got[i]
+    end
+  end
+  return out
+end
+
+-- Reads the bucket states of one decision (one HMGET per hash, and TIME) and refills every
+-- bucket to now. `cfg_extra` names more config fields to read (ctx.cfg_extra: their values).
+local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra)
+  -- The plan cached for the revision last seen; its shared-hash read says whether the
+  -- revision is still current. If not (or nothing is cached), plan again.
+  local c = CONFIGS[config_key]
+  local plan = c and cached_plan(c, tenant, queue, priority)
+  local sv
+  if plan then
+    sv = redis.call('HMGET', shared_key, unpack(plan.sf))
+    if sv[plan.rev_at] ~= c.rev then plan = nil end
+  end
+  if not plan then
+    c = config_at(config_key, redis.call('HGET', shared_key, '_rev'))
+    plan = new_plan(c, config_key, tenant, queue, priority)
+    sv = redis.call('HMGET', shared_key, unpack(plan.sf))
+  end
+  local tv = redis.call('HMGET', tenant_key, unpack(plan.tf))
+  local now = clock_us()
+  local buckets = plan.buckets
+  local tokens = {}
   for i = 1, #buckets do
     local b = buckets[i]
-    local short = cost - b.tokens
-    b.ok = short <= slack
-    if cost > b.burst + EPSILON and not b.shadow then
-      return -1, 0, b.scope, would_deny
+    local vals = b.in_tenant and tv or sv
+    local have, updated = tonumber(vals[b.at]), tonumber(vals[b.at + 1])
+    local t = b.burst
+    if have and updated then
+      -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
+      local elapsed = now - updated
+      if not (elapsed > 0) then elapsed = 0 end
+      local refilled = have + elapsed * b.rate
+      if refilled < t then t = refilled end
     end
-    if not b.ok then
-      if b.shadow then
-        would_deny[#would_deny + 1] = b.scope
-      else
+    tokens[i] = t
+  end
+  return {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets, tokens = tokens,
+          ok = {}, texts = false, now = now, old_x = tonumber(tv[plan.x_at]) or 0, plan = plan,
+          cfg_extra = cfg_extra and config_values(c, config_key, cfg_extra) or NONE}
+end
+
+-- Returns status (1 allowed, 0 denied, -1 cost above an enforced burst), the wait in
+-- microseconds, the scope that denied (longest wait) and the shadow scopes that would have.
+local function judge(ctx, cost)
+  local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
+  local slack = cost > 1 and EPSILON * cost or EPSILON
+  local buckets, tokens, ok = ctx.buckets, ctx.tokens, ctx.ok
+  for i = 1, #buckets do
+    local b = buckets[i]
+    local short = cost - tokens[i]
+    local fits = short <= slack
+    ok[i] = fits
+    if not b.shadow then
+      if cost > b.burst + EPSILON then return -1, 0, b.scope, would_deny end
+      if not fits then
         allowed = 0
         local need = short / b.rate
         if need > wait or not denied_by then wait, denied_by = need, b.scope end
       end
+    elseif not fits then
+      if would_deny == NONE then would_deny = {} end
+      would_deny[#would_deny + 1] = b.scope
     end
   end
   return allowed, wait, denied_by, would_deny
@@ -205,61 +267,66 @@ local function wait_bucket(wait_ms)
   return 'h:inf'
 end
 
-local function expiry_fields(ctx, need_ms, keep_ms, targs)
-  if need_ms + keep_ms / 2 > ctx.old_x then
-    local x = math.ceil(need_ms + keep_ms)
-    targs[#targs + 1] = 'x'
-    targs[#targs + 1] = x
-    ctx.old_x = x
-    return x
-  end
-  return false
-end
-
 -- When (ms since the epoch, at least now) every tenant bucket will be full again.
 local function tenant_full_ms(ctx)
-  local now = ctx.now
+  local now, buckets, tokens = ctx.now, ctx.buckets, ctx.tokens
   local full_ms = now / 1000
-  local buckets = ctx.buckets
   for i = 1, #buckets do
     local b = buckets[i]
-    if b.hash == 't' then
-      local full = (now + (b.burst - b.tokens) / b.rate) / 1000
+    if b.in_tenant then
+      local full = (now + (b.burst - tokens[i]) / b.rate) / 1000
       if full > full_ms then full_ms = full end
     end
   end
   return full_ms
 end
 
-local function write(ctx, keep_ms, targs, sargs)
-  local now = ctx.now
-  local now_s = ' ' .. fmt(now)
-  local full_ms = now / 1000
-  local buckets = ctx.buckets
-  for i = 1, #buckets do
-    local b = buckets[i]
-    local value = fmt(b.tokens) .. now_s
-    if b.hash == 't' then
-      local n = #targs
-      targs[n + 1], targs[n + 2] = b.field, value
-      local full = (now + (b.burst - b.tokens) / b.rate) / 1000
-      if full > full_ms then full_ms = full end
-    else
-      local n = #sargs
-      sargs[n + 1], sargs[n + 2] = b.field, value
-    end
+-- Pushes a later expiry of the tenant hash onto `targs` when the one it has is too close:
+-- when its buckets are full again, plus the counter retention. Moving it only when half
+-- the retention is used up keeps the PEXPIREAT off most decisions.
+local function expiry_fields(ctx, keep_ms, targs)
+  local need_ms = tenant_full_ms(ctx)
+  if need_ms + keep_ms / 2 > ctx.old_x then
+    local x = math.ceil(need_ms + keep_ms)
+    targs[#targs + 1] = 'x'
+    targs[#targs + 1] = fmt(x)
+    ctx.old_x = x
+    return x
   end
-  local x = expiry_fields(ctx, full_ms, keep_ms, targs)
-  if #targs > 0 then redis.call('HSET', ctx.tenant_key, unpack(targs)) end
-  if x then redis.call('PEXPIREAT', ctx.tenant_key, x) end
-  if #sargs > 0 then redis.call('HSET', ctx.shared_key, unpack(sargs)) end
+  return false
 end
 
-local function admit(ctx, cost, would_deny, keep_ms, targs)
-  local buckets = ctx.buckets
+-- Stores every bucket (tokens as of now) plus the tenant-hash fields already in targs.
+-- ctx.texts keeps the tokens as written, for a reply to reuse (formatting costs).
+local function write(ctx, keep_ms, targs)
+  local buckets, tokens = ctx.buckets, ctx.tokens
+  local now_s = fmt(ctx.now)
+  local sargs, texts, nt, ns = {}, {}, #targs, 0
   for i = 1, #buckets do
     local b = buckets[i]
-    if b.ok or not b.shadow then b.tokens = b.tokens - cost end
+    local text = fmt(tokens[i])
+    texts[i] = text
+    if b.in_tenant then
+      targs[nt + 1], targs[nt + 2], targs[nt + 3], targs[nt + 4] = b.field, text, b.clock, now_s
+      nt = nt + 4
+    else
+      sargs[ns + 1], sargs[ns + 2], sargs[ns + 3], sargs[ns + 4] = b.field, text, b.clock, now_s
+      ns = ns + 4
+    end
+  end
+  ctx.texts = texts
+  local x = expiry_fields(ctx, keep_ms, targs)
+  if #targs > 0 then redis.call('HSET', ctx.tenant_key, unpack(targs)) end
+  if x then redis.call('PEXPIREAT', ctx.tenant_key, x) end
+  if ns > 0 then redis.call('HSET', ctx.shared_key, unpack(sargs)) end
+end
+
+-- Takes `cost` from every bucket (shadow buckets only where they had it), counts the
+-- admission and writes everything back. `targs` may carry more tenant-hash fields to set.
+local function admit(ctx, cost, would_deny, keep_ms, targs)
+  local buckets, tokens, ok = ctx.buckets, ctx.tokens, ctx.ok
+  for i = 1, #buckets do
+    if ok[i] or not buckets[i].shadow then tokens[i] = tokens[i] - cost end
   end
   if #would_deny > 0 then
     redis.call('HINCRBY', ctx.tenant_key, 'n:w', 1)
@@ -269,37 +336,32 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
       redis.call('HINCRBY', key, 'w:' .. scope, 1)
     end
   end
-  -- Counter increments: n:a +1, n:at +cost, a:q:<q> +1, a:p:<p> +1.
-  local sargs = {}
-  local names, vals = ctx.t_counters, ctx.t_counter_vals
-  local n = #targs
-  for i = 1, #names do
-    targs[n + 1], targs[n + 2] = names[i], fmt(vals[i] + (i == 2 and cost or 1))
-    n = n + 2
-  end
-  names, vals = ctx.s_counters, ctx.s_counter_vals
-  for i = 1, #names do
-    sargs[2 * i - 1], sargs[2 * i] = names[i], fmt(vals[i] + (i == 2 and cost or 1))
-  end
-  write(ctx, keep_ms, targs, sargs)
+  redis.call('HINCRBY', ctx.tenant_key, 'n:a', '1')
+  local plan = ctx.plan
+  redis.call('HINCRBY', ctx.shared_key, plan.aq, '1')
+  if plan.ap then redis.call('HINCRBY', ctx.shared_key, plan.ap, '1') end
+  if cost ~= 1 then redis.call('HINCRBYFLOAT', ctx.shared_key, 'n:ax', fmt(cost - 1)) end
+  write(ctx, keep_ms, targs)
 end
 
+-- Counts a denial (per tenant, per scope, in the wait histogram) without touching a bucket.
 local function deny(ctx, denied_by, wait_ms, keep_ms)
-  redis.call('HINCRBY', ctx.tenant_key, 'n:d', 1)
-  local key = is_tenant_scope(denied_by) and ctx.tenant_key or ctx.shared_key
-  redis.call('HINCRBY', key, 'd:' .. denied_by, 1)
   local targs = {}
-  local x = expiry_fields(ctx, tenant_full_ms(ctx), keep_ms, targs)
+  local x = expiry_fields(ctx, keep_ms, targs)
   if x then
     redis.call('HSET', ctx.tenant_key, unpack(targs))
     redis.call('PEXPIREAT', ctx.tenant_key, x)
   end
-  redis.call('HINCRBY', ctx.shared_key, 'n:d', 1)
-  redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), 1)
-  redis.call('HINCRBYFLOAT', ctx.shared_key, 'h:sum', wait_ms)
+  local field = 'd:' .. denied_by
+  redis.call('HINCRBY', ctx.tenant_key, field, '1')
+  if not is_tenant_scope(denied_by) then redis.call('HINCRBY', ctx.shared_key, field, '1') end
+  redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
+  redis.call('HINCRBY', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
 end
 
+-- Returns `cost` tokens to every bucket (never above its burst).
 local function credit(ctx, cost, keep_ms)
-  for _, b in ipairs(ctx.buckets) do b.tokens = math.min(b.burst, b.tokens + cost) end
-  write(ctx, keep_ms, {}, {})
+  local buckets, tokens = ctx.buckets, ctx.tokens
+  for i = 1, #buckets do tokens[i] = math.min(buckets[i].burst, tokens[i] + cost) end
+  write(ctx, keep_ms, {})
 end

@@ -39,7 +39,7 @@ local wake = redis.call('ZSCORE', parked, tenant)
 if wake then
   return {0, fmt(math.max(0, tonumber(wake) - (tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000))), 'tenant:' .. tenant}
 end
-local ctx = load(config_key, base .. ':t:' .. tenant, shared_key, tenant, lane, priority, {}, {})
+local ctx = load(config_key, base .. ':t:' .. tenant, shared_key, tenant, lane, priority)
 -- A cost above a burst is charged as the whole burst: a job is never refused forever.
 for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
@@ -49,9 +49,9 @@ if status == 1 then
   local extra = 0
   if credit > 0 and #ctx.buckets > 0 then
     extra = credit
-    for _, b in ipairs(ctx.buckets) do
+    for i, b in ipairs(ctx.buckets) do
       if not b.shadow then
-        local spare = math.floor((b.tokens - cost - b.burst / 2) / cost)
+        local spare = math.floor((ctx.tokens[i] - cost - b.burst / 2) / cost)
         if spare < extra then extra = spare end
       end
     end

@@ -203,7 +203,7 @@ if mode == 'dispatch' then
         else
           local _, _, _, cost = split_meta(redis.call('HGET', meta_key, id))
           local ctx = load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority,
-            {'weight:tenant:' .. tenant, 'weight:tenant:*', 'weight:priority:' .. priority}, {})
+            {'weight:tenant:' .. tenant, 'weight:tenant:*', 'weight:priority:' .. priority})
           -- An item costlier than a bucket's burst (the limit was lowered after it was
           -- queued) is admitted when that bucket is full, rather than never.
           local charge = cost
@@ -296,7 +296,7 @@ if mode == 'ack' or mode == 'nack' then
   end
   if mode == 'nack' and refund then
     local lane, tenant, priority, cost = split_meta(redis.call('HGET', meta_key, id))
-    credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority, {}, {}), cost, keep_ms)
+    credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority), cost, keep_ms)
   end
   if mode == 'nack' and requeue then
     enqueue(id, true)

@@ -8,15 +8,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from ._config import ConfigSpec, parse_config
 from ._core import (
+    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
     Mode,
     ScriptCall,
     redis_errors,
+    translated,
 )
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
@@ -56,19 +59,22 @@ class AsyncLimiter(LimiterBase):
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
         try:
-            with redis_errors():
-                reply = await self._acquire(keys=call.keys, args=call.args)
-        except BackendUnavailable as exc:
-            fallback = self._core.unavailable(exc)
-            if fallback is None:
+            reply = await self._scripts.acall("acquire.lua", call.keys, call.args)
+        except (*UNREACHABLE, ResponseError) as exc:
+            error = translated(exc)
+            if isinstance(error, BackendUnavailable):
+                fallback = self._core.unavailable(error)
+                if fallback is not None:
+                    return fallback
+            if error is exc:
                 raise
-            return fallback
+            raise error from exc
         return self._core.decision(reply, cost)
 
     # -- configuration -----------------------------------------------------------------
     async def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
         with redis_errors():
-            reply = await self._config(keys=call.keys, args=call.args)
+            reply = await self._scripts.acall("config.lua", call.keys, call.args)
         return self._core.config_version(reply, str(call.args[1]), must_exist)
 
     async def _config_hash(self) -> dict[Any, Any]:

@@ -48,7 +48,8 @@ class KeySpace:
         return f"{self.base}:t:{tenant}"
 
     def bucket_location(self, scope: Scope) -> tuple[str, str] | None:
-        """The (key, field) holding a scope's bucket state; None for default scopes."""
+        """The (key, field) holding a scope's bucket tokens (their Redis-clock time is in
+        field ``<field>:u``); None for default scopes."""
         if scope.is_default:
             return None
         if scope.kind == "global":

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis
+from redis.exceptions import ResponseError
 
 from ._config import ConfigSpec, parse_config
 from ._core import (
+    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
     Mode,
     ScriptCall,
     redis_errors,
+    translated,
 )
 from ._decision import Decision, ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound
@@ -80,20 +83,23 @@ class Limiter(LimiterBase):
         self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
-        try:
-            with redis_errors():
-                reply = self._acquire(keys=call.keys, args=call.args)
-        except BackendUnavailable as exc:
-            fallback = self._core.unavailable(exc)
-            if fallback is None:
+        try:  # (no context manager here: this is the hot path)
+            reply = self._scripts.call("acquire.lua", call.keys, call.args)
+        except (*UNREACHABLE, ResponseError) as exc:
+            error = translated(exc)
+            if isinstance(error, BackendUnavailable):
+                fallback = self._core.unavailable(error)
+                if fallback is not None:
+                    return fallback
+            if error is exc:
                 raise
-            return fallback
+            raise error from exc
         return self._core.decision(reply, cost)
 
     # -- configuration -----------------------------------------------------------------
     def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:
         with redis_errors():
-            reply = self._config(keys=call.keys, args=call.args)
+            reply = self._scripts.call("config.lua", call.keys, call.args)
         return self._core.config_version(reply, str(call.args[1]), must_exist)
 
     def set_limit(

@@ -6,13 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError
 
 from ._core import check_cost, check_positive, redis_errors
 from ._errors import ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
-from ._scripts import script_source
 
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
 MAX_WEIGHT = 1e6
@@ -146,8 +145,7 @@ class FairScheduler:
         if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
             raise ConfigError(f"max_skips must be a whole number >= 0, got {max_skips!r}")
         self.max_skips = max_skips
-        self._script = self.client.register_script(script_source("scheduler.lua"))
-        self._gate = self.client.register_script(script_source("gate.lua"))
+        self._scripts = limiter._scripts
         k = self._core.keys
         self._keys = [
             k.config,
@@ -158,11 +156,11 @@ class FairScheduler:
         ]
 
     def _run(self, mode: str, *args: str | int | float | bytes, client: Any = None) -> object:
-        return self._script(
-            keys=self._keys,
-            args=[mode, self._core.keys.base, self._core.retention_ms, *args],
-            client=client,
-        )
+        args_ = [mode, self._core.keys.base, self._core.retention_ms, *args]
+        if client is None:
+            return self._scripts.call("scheduler.lua", self._keys, args_)
+        self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", self._keys, args_)
+        return client
 
     def submit(
         self,
@@ -271,22 +269,20 @@ class FairScheduler:
     ) -> Hint:
         """Peek at the job's buckets and its tenant's backlog in one round trip."""
         call = self._core.decision_call("peek", tenant, queue, priority, cost)
-        script = self.limiter._acquire
         backlog_key = f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
-        # EVALSHA straight on the pipeline: a script object would make redis-py send
-        # SCRIPT EXISTS first, a second round trip on every hint.
+        # The script straight on the pipeline (not redis-py's script object, which would
+        # send SCRIPT EXISTS first: a second round trip on every hint).
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            self._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
             pipe.hget(backlog_key, tenant)
             try:
                 with redis_errors():
                     reply, backlog = pipe.execute()
                 break
-            except NoScriptError:
-                if attempt == 2:
+            except ResponseError as exc:
+                if attempt == 2 or not self._scripts.recover(exc):
                     raise
-                script.sha = self.client.script_load(script.script)
         decision = self._core.decision(reply, cost)
         return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
 
@@ -349,9 +345,10 @@ class FairScheduler:
         check_priority(priority)
         amount = check_cost(cost)
         k = self._core.keys
-        reply = self._gate(
-            keys=[k.config, k.shared, self._keys[3]],
-            args=[
+        reply = self._scripts.call(
+            "gate.lua",
+            [k.config, k.shared, self._keys[3]],
+            [
                 k.base,
                 self._core.retention_ms,
                 queue,

@@ -1,14 +1,38 @@
-"""Loading the Lua scripts shipped in the package and registering them on a client."""
+"""The package's Lua on one Redis client: a Redis Functions library where the server has
+them (``FCALL``), else scripts (``EVALSHA``).
+
+Both forms run the same code. As a Functions library, ``buckets.lua`` is compiled and set up
+once per server (its helpers and caches persist between calls) and each script's body is a
+registered function; as scripts, the library is prepended to every script that uses it and
+rebuilt on each call. ``FCALL`` is measurably cheaper per decision (docs/benchmarks.md), so
+it is used whenever the server accepts it; Redis < 7, a server that refuses ``FUNCTION LOAD``
+(an ACL, say) or a Redis-like server without Functions gets ``EVALSHA``.
+
+Either form survives a server that lost them (a restart without persistence, ``SCRIPT
+FLUSH``, ``FUNCTION FLUSH``): the call loads them again and is retried once.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from redis.exceptions import NoScriptError, ResponseError
 
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
 _USES_LIBRARY = frozenset({"acquire.lua", "gate.lua", "scheduler.lua"})
+SCRIPTS = ("acquire.lua", "config.lua", "gate.lua", "scheduler.lua")
+
+Transport = Literal["fcall", "evalsha"]
+
+# Redis < 5 needs this before a script may write after reading TIME; later versions always
+# replicate effects (and Functions have no such call), so it is only in the EVALSHA form.
+_EVAL_PROLOGUE = "pcall(redis.replicate_commands)\n"
 
 
 def _read(name: str) -> str:
@@ -22,8 +46,168 @@ def _read(name: str) -> str:
 
 @functools.cache
 def script_source(name: str) -> str:
-    """The full source of a script, with the shared library prepended where it is used."""
+    """The full source of a script for EVALSHA, with the shared library prepended where used."""
     body = _read(name)
     if name in _USES_LIBRARY:
-        return _read(_LIBRARY) + "\n" + body
+        return _EVAL_PROLOGUE + _read(_LIBRARY) + "\n" + body
     return body
+
+
+class Library(NamedTuple):
+    source: str
+    name: str
+    functions: dict[str, str]  # script file -> function name
+
+
+@functools.cache
+def library() -> Library:
+    """The Functions library: its source, its name and the function name of each script.
+
+    Names carry a digest of the source, so processes running different versions of the
+    package share one server without replacing each other's code.
+    """
+    bodies = {name: _read(name) for name in SCRIPTS}
+    digest = hashlib.sha1(
+        "\0".join([_read(_LIBRARY), *bodies.values()]).encode(), usedforsecurity=False
+    ).hexdigest()[:12]
+    lib = f"qrl_{digest}"
+    names = {name: f"{lib}_{name.removesuffix('.lua')}" for name in SCRIPTS}
+    parts = [f"#!lua name={lib}", _read(_LIBRARY)]
+    for name, body in bodies.items():
+        # The body runs as is: KEYS and ARGV become the function's parameters.
+        parts.append(f"redis.register_function('{names[name]}', function(KEYS, ARGV)\n{body}\nend)")
+    return Library("\n".join(parts), lib, names)
+
+
+def _missing_function(exc: ResponseError) -> bool:
+    return "function not found" in str(exc).lower()
+
+
+def _no_functions(exc: ResponseError) -> bool:
+    """The server has no Functions, or will not let us load them: use EVALSHA."""
+    text = str(exc).lower()
+    return "unknown command" in text or "noperm" in text or "no permissions" in text
+
+
+class Scripts:
+    """Calls the package's scripts on ``client`` (a redis-py ``Redis``, ``RedisCluster`` or
+    ``redis.asyncio.Redis``): ``call`` for sync clients, ``acall`` for asyncio ones.
+
+    ``transport`` is ``"fcall"`` or ``"evalsha"`` to force one (tests, benchmarks), or
+    None to use Functions when the server allows them.
+    """
+
+    def __init__(self, client: Any, transport: Transport | None = None) -> None:
+        self.client = client
+        self.transport: Transport | None = transport
+        self.library, self.library_name, self.functions = library()
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    def sha(self, name: str) -> str:
+        """The EVALSHA digest of a script."""
+        sha: str = self._scripts[name].sha
+        return sha
+
+    # -- sync --------------------------------------------------------------------------
+    def call(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """Run script ``name`` (e.g. ``"acquire.lua"``) and return its reply."""
+        for attempt in (1, 2):
+            if self.transport == "evalsha":
+                break
+            try:
+                reply = self.client.execute_command(
+                    "FCALL", self.functions[name], len(keys), *keys, *args
+                )
+            except ResponseError as exc:
+                if attempt == 2 or not self._retry_after(exc):
+                    raise
+                continue
+            self.transport = "fcall"
+            return reply
+        return self._scripts[name](keys=keys, args=args)
+
+    def load(self) -> None:
+        """Load the Functions library (REPLACE: the same digest is the same code), or settle
+        on EVALSHA when the server has no Functions or refuses them."""
+        try:
+            self.client.function_load(self.library, replace=True)
+        except ResponseError as exc:
+            if not _no_functions(exc):
+                raise
+            self.transport = "evalsha"
+        else:
+            self.transport = "fcall"
+
+    def _retry_after(self, exc: ResponseError) -> bool:
+        """After an FCALL error: True when a retry may succeed (the library is loaded now,
+        or EVALSHA chosen); False when the error is the script's own."""
+        if _no_functions(exc):
+            self.transport = "evalsha"
+            return True
+        if _missing_function(exc):
+            self.load()
+            return True
+        return False
+
+    def queue(self, pipe: Any, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> None:
+        """Queue a call on a pipeline that the caller runs itself and may run again: a
+        server that lost the code fails it with ``ResponseError``, and ``recover`` says
+        whether a second run may succeed."""
+        if self.transport is None:
+            self.load()
+        if self.transport == "fcall":
+            pipe.fcall(self.functions[name], len(keys), *keys, *args)
+        else:
+            pipe.evalsha(self.sha(name), len(keys), *keys, *args)
+
+    def recover(self, exc: Exception) -> bool:
+        """After a pipeline from ``queue`` failed: True when running it again may help (the
+        missing code is loaded again here)."""
+        if isinstance(exc, NoScriptError):
+            for script in self._scripts.values():
+                self.client.script_load(script.script)
+            return True
+        if isinstance(exc, ResponseError) and self.transport == "fcall":
+            return self._retry_after(exc)
+        return False
+
+    def queue_on_callers_pipeline(
+        self, pipe: Any, name: str, keys: Sequence[str | bytes], args: Sequence[Any]
+    ) -> None:
+        """Queue a call on someone else's pipeline, which nobody here will run again: as a
+        script, which redis-py makes sure is loaded (SCRIPT EXISTS) before the pipeline
+        runs, so a server that lost the code since does not fail it."""
+        self._scripts[name](keys=keys, args=args, client=pipe)
+
+    # -- asyncio -----------------------------------------------------------------------
+    async def acall(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        for attempt in (1, 2):
+            if self.transport == "evalsha":
+                break
+            try:
+                reply = await self.client.execute_command(
+                    "FCALL", self.functions[name], len(keys), *keys, *args
+                )
+            except ResponseError as exc:
+                if attempt == 2 or not await self._aretry_after(exc):
+                    raise
+                continue
+            self.transport = "fcall"
+            return reply
+        return await self._scripts[name](keys=keys, args=args)
+
+    async def _aretry_after(self, exc: ResponseError) -> bool:
+        if _no_functions(exc):
+            self.transport = "evalsha"
+            return True
+        if not _missing_function(exc):
+            return False
+        try:
+            await self.client.function_load(self.library, replace=True)
+        except ResponseError as load_exc:
+            if not _no_functions(load_exc):
+                raise
+            self.transport = "evalsha"
+        else:
+            self.transport = "fcall"
+        return True

@@ -29,12 +29,16 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _bucket_fill(value: object, burst: float, rate_per_s: float, now_us: float) -> float:
-    """Tokens in a stored bucket, refilled to now (a missing bucket is full)."""
-    if value is None:
+def _bucket_fill(
+    fields: dict[str, str], field: str, burst: float, rate_per_s: float, now_us: float
+) -> float:
+    """Tokens in a stored bucket (``field`` and its clock ``field:u``, see lua/buckets.lua),
+    refilled to now; a missing bucket is full."""
+    tokens, updated = fields.get(field), fields.get(f"{field}:u")
+    if tokens is None or updated is None:
         return burst
-    tokens, updated = (float(x) for x in _text(value).split(" "))
-    return min(burst, tokens + max(0.0, now_us - updated) * rate_per_s / 1e6)
+    elapsed = max(0.0, now_us - float(updated))
+    return min(burst, float(tokens) + elapsed * rate_per_s / 1e6)
 
 
 def _configured_tenant(field: str) -> str | None:
@@ -98,7 +102,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             continue
         field = "b:global" if scope == "global" else f"b:{scope}"
         burst, rate = setting.limit.capacity, setting.limit.rate_per_second
-        tokens = _bucket_fill(shared.get(field), burst, rate, now_us)
+        tokens = _bucket_fill(shared, field, burst, rate, now_us)
         buckets[scope] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
 
     tenant_stats: dict[str, dict[str, Any]] = {}
@@ -106,7 +110,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
         fields = {_text(k): _text(v) for k, v in raw.items()}
         entry: dict[str, Any] = {
             "allowed": int(float(fields.get("n:a", 0))),
-            "denied": int(float(fields.get("n:d", 0))),
+            # Every denial of the tenant counts under the scope that denied it.
+            "denied": sum(int(float(v)) for k, v in fields.items() if k.startswith("d:")),
             "would_deny": int(float(fields.get("n:w", 0))),
             "backlog": backlogged.get(tenant, 0),
             "exempt": config.get(f"exempt:{tenant}"),
@@ -114,7 +119,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
         tenant_limit = limits.get(f"tenant:{tenant}") or limits.get("tenant:*")
         if tenant_limit is not None:
             burst, rate = tenant_limit.limit.capacity, tenant_limit.limit.rate_per_second
-            tokens = _bucket_fill(fields.get("b"), burst, rate, now_us)
+            tokens = _bucket_fill(fields, "b", burst, rate, now_us)
             buckets[f"tenant:{tenant}"] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
         tenant_stats[tenant] = entry
 
@@ -128,6 +133,11 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
     histogram = [int(shared.get(f"h:{b}", 0)) for b in WAIT_BOUNDS_MS] + [
         int(shared.get("h:inf", 0))
     ]
+    # Totals are sums of the finer counters (one counter less per decision, lua/buckets.lua):
+    # every admission counts under its queue ("-" for none), every denial in the histogram.
+    by_queue = counters("a:q:")
+    allowed = sum(by_queue.values())
+    by_queue.pop("-", None)
     return {
         "at_ms": now_us / 1000,
         "namespace": limiter.namespace,
@@ -142,21 +152,21 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             for scope, s in limits.items()
         },
         "totals": {
-            "allowed": int(float(shared.get("n:a", 0))),
-            "allowed_tokens": float(shared.get("n:at", 0)),
-            "denied": int(float(shared.get("n:d", 0))),
+            "allowed": allowed,
+            "allowed_tokens": allowed + float(shared.get("n:ax", 0)),
+            "denied": sum(histogram),
             "would_deny": int(float(shared.get("n:w", 0))),
             "reaped": int(float(shared.get("n:reaped", 0))),
             "in_flight": int(lane_replies[-1]),
         },
         "denied_by": counters("d:"),
         "would_deny_by": counters("w:"),
-        "allowed_by_queue": counters("a:q:"),
+        "allowed_by_queue": by_queue,
         "allowed_by_priority": counters("a:p:"),
         "wait_ms_histogram": {
             "bounds": list(WAIT_BOUNDS_MS),
             "counts": histogram,
-            "sum": float(shared.get("h:sum", 0)),
+            "sum": float(shared.get("h:us", 0)) / 1000,
         },
         "buckets": buckets,
         "lanes": lane_stats,

@@ -58,16 +58,15 @@ def write_bucket(lim: Limiter, scope: str, tokens: float, *, age_s: float | None
     key, hfield = bucket_at(lim, scope)
     now = server_us(lim.client)
     updated = now + FROZEN_US if age_s is None else now - round(age_s * 1_000_000)
-    lim.client.hset(key, hfield, f"{tokens!r} {updated}")
+    lim.client.hset(key, mapping={hfield: repr(tokens), f"{hfield}:u": updated})
 
 
 def read_bucket(lim: Limiter, scope: str) -> tuple[float, int] | None:
     """The stored (tokens, updated_us) of a bucket, or None when it has no state (full)."""
     key, hfield = bucket_at(lim, scope)
-    raw = lim.client.hget(key, hfield)
-    if raw is None:
+    tokens, updated = lim.client.hmget(key, [hfield, f"{hfield}:u"])
+    if tokens is None:
         return None
-    tokens, updated = raw.decode().split(" ")
     return float(tokens), int(float(updated))
 
 
@@ -79,7 +78,7 @@ def counters(lim: Limiter, tenant: str) -> tuple[dict[str, float], dict[str, flo
         return {
             k.decode(): float(v)
             for k, v in raw.items()
-            if not k.decode().startswith("b") and k.decode() != "x"
+            if not k.decode().startswith(("b", "_")) and k.decode() != "x"
         }
 
     return numbers(lim.keys.tenant(tenant)), numbers(lim.keys.shared)
@@ -491,7 +490,7 @@ def test_many_tiny_refill_steps_do_not_drift(limiter: Limiter) -> None:
     limiter.set_limit("tenant:acme", Limit(rate, burst=1e6))
     start = server_us(limiter.client)
     key, hfield = bucket_at(limiter, "tenant:acme")
-    limiter.client.hset(key, hfield, f"1.0 {start}")
+    limiter.client.hset(key, mapping={hfield: "1.0", f"{hfield}:u": start})
     for _ in range(steps):
         assert limiter.acquire("acme", cost=cost).allowed
     before = server_us(limiter.client)
@@ -613,13 +612,14 @@ def test_peek_consumes_nothing(limiter: Limiter) -> None:
         assert decision.allowed
         assert decision.remaining == {"tenant:acme": approx(3), "global": approx(2)}
     assert limiter.client.exists(limiter.keys.tenant("acme")) == 0
-    assert limiter.client.hgetall(limiter.keys.shared) == {}
+    # Only the config revision the limits were set at (config.lua), nothing a peek wrote.
+    assert limiter.client.hkeys(limiter.keys.shared) == [b"_rev"]
     assert limiter.acquire("acme", cost=2).allowed
     denied = limiter.peek("acme", cost=2)
     assert not denied.allowed
     assert denied.denied_by == "global"
     assert denied.wait_ms > 7_000_000
-    assert counters(limiter, "acme")[0].get("n:d", 0) == 0
+    assert not [k for k in counters(limiter, "acme")[0] if k.startswith("d:")]
 
 
 def test_refund_returns_tokens_never_above_burst(limiter: Limiter) -> None:
@@ -663,7 +663,6 @@ def test_denied_global_bucket_leaves_the_tenant_bucket_untouched(limiter: Limite
         assert decision.remaining["tenant:acme"] == approx(10)
     assert limiter.client.hgetall(limiter.keys.tenant("acme")).keys() <= {
         *tenant_before.keys(),
-        b"n:d",
         b"d:global",
         b"x",
     }
@@ -741,19 +740,76 @@ def test_expired_tenant_hash_reads_as_a_full_bucket(limiter: Limiter) -> None:
 # -- NOSCRIPT ----------------------------------------------------------------------------
 
 
-def test_noscript_is_recovered(limiter: Limiter) -> None:
+def test_decisions_use_redis_functions_when_the_server_has_them(limiter: Limiter) -> None:
+    limiter.acquire("acme")
+    assert limiter._scripts.transport == "fcall"
+    # FUNCTION LIST replies [b"library_name", name, b"engine", ...] per library.
+    libraries = limiter.client.function_list(library=limiter._scripts.library_name)
+    assert [lib[1].decode() for lib in libraries] == [limiter._scripts.library_name]
+
+
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+def test_lost_scripts_are_loaded_again(limiter: Limiter, transport: str) -> None:
+    """After SCRIPT FLUSH / FUNCTION FLUSH (or a restart without persistence)."""
+    limiter._scripts.transport = transport  # type: ignore[assignment]
+
+    def flush() -> None:
+        if transport == "fcall":
+            limiter.client.function_flush()
+        else:
+            limiter.client.script_flush()
+            assert limiter.client.script_exists(limiter._scripts.sha("acquire.lua")) == [False]
+
     limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
     assert limiter.acquire("acme").allowed
-    limiter.client.script_flush()
-    assert limiter.client.script_exists(limiter._acquire.sha) == [False]
+    flush()
     assert limiter.acquire("acme").allowed
     assert not limiter.acquire("acme").allowed
-    limiter.client.script_flush()
+    flush()
     assert limiter.peek("acme").remaining["tenant:acme"] < 0.01
-    limiter.client.script_flush()
+    flush()
     assert limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=5)) == 2
-    limiter.client.script_flush()
+    flush()
     assert limiter.refund("acme", cost=5).remaining["tenant:acme"] == 5
+    assert limiter._scripts.transport == transport
+
+
+def test_a_server_that_refuses_functions_gets_scripts(
+    limiter: Limiter, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """An ACL without FUNCTION and FCALL (or a Redis before 7): EVALSHA, same decisions."""
+    user = f"qrl-nofunctions-{limiter.namespace}"
+    redis_client.acl_setuser(
+        user,
+        enabled=True,
+        nopass=True,
+        keys=["*"],
+        commands=["+@all", "-function", "-fcall", "-fcall_ro"],
+    )
+    try:
+        client = redis.Redis.from_url(redis_url, username=user, password="")
+        restricted = Limiter(client, namespace=limiter.namespace)
+        restricted.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
+        assert [restricted.acquire("acme").allowed for _ in range(3)] == [True, True, False]
+        assert restricted._scripts.transport == "evalsha"
+        assert limiter.peek("acme").remaining == {"tenant:acme": near(0)}
+        restricted.close()
+    finally:
+        redis_client.acl_deluser(user)
+
+
+def test_configuration_cached_by_the_scripts_follows_a_recreated_namespace(
+    limiter: Limiter,
+) -> None:
+    """Decisions keep what the configuration says per revision; deleting every key of the
+    namespace and configuring it again (same version numbers) must not reuse it."""
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=2))
+    assert limiter.acquire("acme").remaining == {"tenant:acme": 1}
+    limiter.client.delete(*limiter.client.keys(f"{limiter.keys.base}:*"))
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=5))
+    assert limiter.acquire("acme").remaining == {"tenant:acme": 4}
+    limiter.client.delete(*limiter.client.keys(f"{limiter.keys.base}:*"))
+    assert limiter.acquire("acme").remaining == {}
 
 
 # -- shadow mode -------------------------------------------------------------------------
@@ -772,7 +828,7 @@ def test_shadow_scope_decides_but_never_denies(limiter: Limiter) -> None:
     assert tenant["w:tenant:acme"] == 3
     assert shared["n:w"] == 3
     assert tenant["n:a"] == 5
-    assert tenant.get("n:d", 0) == 0
+    assert not [k for k in tenant if k.startswith("d:")]
     peeked = limiter.peek("acme")
     assert peeked.allowed
     assert peeked.would_deny == ("tenant:acme",)
@@ -881,26 +937,18 @@ def test_counters_and_wait_histogram(limiter: Limiter) -> None:
     limiter.peek("acme")  # a peek counts nothing
     limiter.refund("acme")  # nor does a refund
     tenant, shared = counters(limiter, "acme")
-    assert tenant == {
-        "n:a": 3,
-        "n:at": 2.75,
-        "a:q:q": 2,
-        "a:q:r": 1,
-        "n:d": 3,
-        "d:tenant:acme": 2,
-    }
+    assert tenant == {"n:a": 3, "d:tenant:acme": 2, "d:global": 1}
+    # Totals are sums: allowed over a:q:* ("-" without a queue), denied over the histogram.
     assert shared == {
-        "n:a": 3,
-        "n:at": 2.75,
+        "n:ax": approx(2.75 - 3),
         "a:q:q": 2,
         "a:q:r": 1,
         "a:p:high": 1,
         "a:p:low": 1,
-        "n:d": 3,
         "d:global": 1,
         "h:100": 2,
         "h:inf": 1,
-        "h:sum": approx(140 + 3_600_000),
+        "h:us": approx((140 + 3_600_000) * 1000),
     }
 
 
@@ -914,7 +962,12 @@ def test_counters_add_up_across_limiters(limiter: Limiter, redis_url: str) -> No
             other.close()
     assert results.count(True) == 7
     tenant, shared = counters(limiter, "acme")
-    assert (tenant["n:a"], tenant["n:d"], shared["n:a"], shared["n:d"]) == (7, 9, 7, 9)
+    assert (tenant["n:a"], tenant["d:tenant:acme"], shared["a:q:-"], shared["h:inf"]) == (
+        7,
+        9,
+        7,
+        9,
+    )
 
 
 # -- priority ----------------------------------------------------------------------------

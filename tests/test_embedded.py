@@ -435,14 +435,15 @@ def _state(lim: Limiter) -> dict[str, Any]:
             ]
             continue
         fields = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
-        # Bucket values are "<tokens> <updated_us>" and x is an expiry time: keep the tokens.
+        # Times differ between the runs: bucket clocks (<field>:u), the tenant hash's expiry
+        # (x) and the config revision stamp (_rev) are left out; tokens and waits rounded.
         for name, value in list(fields.items()):
-            if name == "x":
+            if name in ("x", "_rev") or name.endswith(":u"):
                 del fields[name]
             elif name == "b" or name.startswith(("bq:", "b:")):
-                fields[name] = round(float(value.split(" ")[0]), 1)
-            elif name == "h:sum":
-                fields[name] = round(float(value), -4)  # waits of an hour or so, in ms
+                fields[name] = round(float(value), 1)
+            elif name == "h:us":
+                fields[name] = round(float(value), -7)  # waits of an hour or so, in us
         state[key] = {"fields": fields, "expires": client.pttl(key) > 0}
     return state
 

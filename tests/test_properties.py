@@ -66,16 +66,16 @@ class VirtualClock:
         delta = round(seconds * 1_000_000)
         self.shift_us += delta
         for key, field in self.locations:
-            raw = self.lim.client.hget(key, field)
-            if raw is not None:  # no state yet means a full bucket, at any time
-                tokens, updated = raw.decode().split(" ")
-                self.lim.client.hset(key, field, f"{tokens} {int(float(updated)) - delta}")
+            # A bucket is its tokens (field) and their Redis-clock time (field:u).
+            updated = self.lim.client.hget(key, f"{field}:u")
+            if updated is not None:  # no state yet means a full bucket, at any time
+                self.lim.client.hset(key, f"{field}:u", int(float(updated)) - delta)
 
     def stored(self, index: int) -> tuple[float, int]:
         key, field = self.locations[index]
-        raw = self.lim.client.hget(key, field)
-        assert raw is not None
-        tokens, updated = raw.decode().split(" ")
+        tokens, updated = self.lim.client.hmget(key, [field, f"{field}:u"])
+        assert tokens is not None
+        assert updated is not None
         return float(tokens), int(float(updated))
 
 

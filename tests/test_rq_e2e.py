@@ -592,9 +592,10 @@ def test_burst_waits_for_parked_jobs_instead_of_exiting(env: RQEnv) -> None:
     assert env.waiting() == 0
 
 
-def evalsha_calls(client: redis.Redis) -> int:
+def script_calls(client: redis.Redis) -> int:
+    """Calls of our scripts so far (FCALL with Redis Functions, EVALSHA without)."""
     stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "fcall"))
 
 
 def test_idle_workers_do_not_busy_loop(env: RQEnv) -> None:
@@ -603,9 +604,9 @@ def test_idle_workers_do_not_busy_loop(env: RQEnv) -> None:
     jobs = env.enqueue("slow", 4)  # one runs now; three are parked for a minute
     env.wait_runs(1, timeout=10)
     env.wait(lambda: env.backlog() == 3, timeout=10, what="three jobs parked")
-    before, started = evalsha_calls(env.conn), time.monotonic()
+    before, started = script_calls(env.conn), time.monotonic()
     env.wait(lambda: time.monotonic() - started >= 2.0, timeout=5, what="2 s of idling")
-    calls = evalsha_calls(env.conn) - before
+    calls = script_calls(env.conn) - before
     assert calls < 100, f"3 idle workers made {calls} script calls in 2 s"
     (ran,) = env.runs()
     parked = [j.id for j in jobs if j.id != ran.job_id]
@@ -674,7 +675,7 @@ class LosesAReply(redis.Redis):
 
 def script_mode(args: tuple[Any, ...]) -> str | None:
     """The mode of a scheduler.lua call (its first argument after the five keys)."""
-    if args[0] != "EVALSHA" or len(args) < 9:
+    if args[0] not in ("EVALSHA", "FCALL") or len(args) < 9:
         return None
     return args[8] if isinstance(args[8], str) else None
 
@@ -701,8 +702,8 @@ def test_a_gate_whose_reply_is_lost_gates_the_job_again(env: RQEnv) -> None:
     client = LosesAReply.from_url(env.redis_url)
     queue = Queue(env.queue_name, connection=client, rate_namespace=env.namespace)
     job = env.plain_queue().enqueue(JOB, env.key, meta={"rate_tenant": "acme"})
-    gate_sha = queue.rate_scheduler._gate.sha
-    client.lose = lambda args: args[0] == "EVALSHA" and args[1] == gate_sha
+    gate = queue.rate_scheduler._scripts.functions["gate.lua"]
+    client.lose = lambda args: args[0] == "FCALL" and args[1] == gate
     with pytest.raises(redis.ConnectionError):
         Queue.dequeue_any([queue], 1, connection=client)
     assert env.intermediate() == [job.id]

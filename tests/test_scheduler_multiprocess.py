@@ -63,11 +63,8 @@ def test_eight_processes_share_a_global_cap_fairly(
             for n in range(count):
                 item_id = f"{tenant}.{priority}.{n}"
                 submitted.add(item_id)
-                args = ["submit", limiter.keys.base, scheduler._core.retention_ms, "default"]
-                scheduler._script(
-                    keys=scheduler._keys,
-                    args=[*args, tenant, priority, item_id, "1.0", b""],
-                    client=pipe,
+                scheduler._run(
+                    "submit", "default", tenant, priority, item_id, "1.0", b"", client=pipe
                 )
     assert set(pipe.execute()) == {1}
     go_key = f"{limiter.keys.base}:test:go"
