@@ -15,31 +15,9 @@ local queue, cost, priority = ARGV[4] or '', tonumber(ARGV[5] or 1), ARGV[6] or 
 
 local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
 
--- Remaining tokens as written by admit/credit (already formatted), else formatted here.
-local function reply(status, wait_ms, denied_by, would_deny)
-  local parts = {status, wait_ms, denied_by or '-'}
-  local n = 3
-  local buckets, tokens, texts = ctx.buckets, ctx.tokens, ctx.texts
-  for i = 1, #buckets do
-    local left = tokens[i]
-    if not (left > 0) then
-      left = '0'
-    elseif texts then
-      left = texts[i]
-    else
-      left = fmt(left)
-    end
-    parts[n + 1], parts[n + 2] = buckets[i].scope, left
-    n = n + 2
-  end
-  parts[n + 1] = '|'
-  for i = 1, #would_deny do parts[n + 1 + i] = would_deny[i] end
-  return table.concat(parts, ' ')
-end
-
 if mode == 'refund' then
   credit(ctx, cost, keep_ms)
-  return reply('1', '0', false, NONE)
+  return decision_reply(ctx, '1', '0', false, NONE)
 end
 
 local status, wait, denied_by, would_deny = judge(ctx, cost)
@@ -47,11 +25,11 @@ if status == -1 then
   return '-1 ' .. fmt(burst_of(ctx, denied_by)) .. ' ' .. denied_by .. ' |'
 end
 if mode == 'peek' then
-  return reply(status == 1 and '1' or '0', fmt(wait / 1000), denied_by, would_deny)
+  return decision_reply(ctx, status == 1 and '1' or '0', fmt(wait / 1000), denied_by, would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)
-  return reply('0', fmt(wait / 1000), denied_by, would_deny)
+  return decision_reply(ctx, '0', fmt(wait / 1000), denied_by, would_deny)
 end
 admit(ctx, cost, would_deny, keep_ms, {})
-return reply('1', '0', false, would_deny)
+return decision_reply(ctx, '1', '0', false, would_deny)

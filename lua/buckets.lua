@@ -58,12 +58,6 @@ local function fmt(n)
   return string.format('%.17g', n)
 end
 
--- Redis's own clock in microseconds; never the caller's, so skewed clients change nothing.
-local function clock_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
 local function bucket(scope, in_tenant, field, at, value, all_shadow)
   local rate, per, burst, flags = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
@@ -140,7 +134,11 @@ local function build_plan(config_key, tenant, queue, priority)
   end
   tf[#tf + 1] = 'x'
   sf[#sf + 1] = '_rev'
-  return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf,
+  local refill_ms = 0  -- the longest a tenant bucket takes to refill from empty
+  for _, b in ipairs(buckets) do
+    if b.in_tenant and b.burst / b.rate / 1000 > refill_ms then refill_ms = b.burst / b.rate / 1000 end
+  end
+  return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
           ap = priority ~= '' and 'a:p:' .. priority or false}
 end
@@ -192,8 +190,14 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   local plan = c and cached_plan(c, tenant, queue, priority)
   local sv
   if plan then
-    sv = redis.call('HMGET', shared_key, unpack(plan.sf))
-    if sv[plan.rev_at] ~= c.rev then plan = nil end
+    if plan.rev_at == 1 then
+      -- No shared bucket: HGET of the revision alone (cheaper than a one-field HMGET).
+      if redis.call('HGET', shared_key, '_rev') ~= c.rev then plan = nil end
+      sv = NONE
+    else
+      sv = redis.call('HMGET', shared_key, unpack(plan.sf))
+      if sv[plan.rev_at] ~= c.rev then plan = nil end
+    end
   end
   if not plan then
     c = config_at(config_key, redis.call('HGET', shared_key, '_rev'))
@@ -201,7 +205,9 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
     sv = redis.call('HMGET', shared_key, unpack(plan.sf))
   end
   local tv = redis.call('HMGET', tenant_key, unpack(plan.tf))
-  local now = clock_us()
+  -- Redis's own clock (us): never the caller's, so skewed clients change nothing.
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
   local buckets = plan.buckets
   local tokens = {}
   for i = 1, #buckets do
@@ -218,9 +224,12 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
     end
     tokens[i] = t
   end
-  return {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets, tokens = tokens,
-          ok = {}, texts = false, now = now, old_x = tonumber(tv[plan.x_at]) or 0, plan = plan,
-          cfg_extra = cfg_extra and config_values(c, config_key, cfg_extra) or NONE}
+  -- (ctx.ok is added only by judge with shadow buckets; texts by write.)
+  local ctx = {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
+               tokens = tokens, now = now, time = time, old_x = tonumber(tv[plan.x_at]) or 0,
+               plan = plan, texts = false}
+  if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
+  return ctx
 end
 
 -- Returns status (1 allowed, 0 denied, -1 cost above an enforced burst), the wait in
@@ -228,12 +237,11 @@ end
 local function judge(ctx, cost)
   local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
   local slack = cost > 1 and EPSILON * cost or EPSILON
-  local buckets, tokens, ok = ctx.buckets, ctx.tokens, ctx.ok
+  local buckets, tokens = ctx.buckets, ctx.tokens
   for i = 1, #buckets do
     local b = buckets[i]
     local short = cost - tokens[i]
     local fits = short <= slack
-    ok[i] = fits
     if not b.shadow then
       if cost > b.burst + EPSILON then return -1, 0, b.scope, would_deny end
       if not fits then
@@ -241,9 +249,16 @@ local function judge(ctx, cost)
         local need = short / b.rate
         if need > wait or not denied_by then wait, denied_by = need, b.scope end
       end
-    elseif not fits then
-      if would_deny == NONE then would_deny = {} end
-      would_deny[#would_deny + 1] = b.scope
+    else
+      -- Whether a shadow bucket had the tokens (admit charges it only then); enforced
+      -- buckets need no such record, so most decisions build no table for it.
+      local ok = ctx.ok
+      if not ok then ok = {}; ctx.ok = ok end
+      ok[i] = fits
+      if not fits then
+        if would_deny == NONE then would_deny = {} end
+        would_deny[#would_deny + 1] = b.scope
+      end
     end
   end
   return allowed, wait, denied_by, would_deny
@@ -285,6 +300,8 @@ end
 -- when its buckets are full again, plus the counter retention. Moving it only when half
 -- the retention is used up keeps the PEXPIREAT off most decisions.
 local function expiry_fields(ctx, keep_ms, targs)
+  -- Most decisions stop here: even from empty, the buckets refill long before the expiry.
+  if ctx.now / 1000 + ctx.plan.refill_ms + keep_ms / 2 <= ctx.old_x then return false end
   local need_ms = tenant_full_ms(ctx)
   if need_ms + keep_ms / 2 > ctx.old_x then
     local x = math.ceil(need_ms + keep_ms)
@@ -300,8 +317,12 @@ end
 -- ctx.texts keeps the tokens as written, for a reply to reuse (formatting costs).
 local function write(ctx, keep_ms, targs)
   local buckets, tokens = ctx.buckets, ctx.tokens
-  local now_s = fmt(ctx.now)
-  local sargs, texts, nt, ns = {}, {}, #targs, 0
+  -- The clock as the digits of TIME (seconds, then microseconds padded to six): the same
+  -- text as fmt(ctx.now), without a string.format.
+  local usec = ctx.time[2]
+  if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
+  local now_s = ctx.time[1] .. usec
+  local sargs, texts, nt, ns = NONE, {}, #targs, 0
   for i = 1, #buckets do
     local b = buckets[i]
     local text = fmt(tokens[i])
@@ -310,6 +331,7 @@ local function write(ctx, keep_ms, targs)
       targs[nt + 1], targs[nt + 2], targs[nt + 3], targs[nt + 4] = b.field, text, b.clock, now_s
       nt = nt + 4
     else
+      if ns == 0 then sargs = {} end
       sargs[ns + 1], sargs[ns + 2], sargs[ns + 3], sargs[ns + 4] = b.field, text, b.clock, now_s
       ns = ns + 4
     end
@@ -326,7 +348,7 @@ end
 local function admit(ctx, cost, would_deny, keep_ms, targs)
   local buckets, tokens, ok = ctx.buckets, ctx.tokens, ctx.ok
   for i = 1, #buckets do
-    if ok[i] or not buckets[i].shadow then tokens[i] = tokens[i] - cost end
+    if not buckets[i].shadow or ok[i] then tokens[i] = tokens[i] - cost end
   end
   if #would_deny > 0 then
     redis.call('HINCRBY', ctx.tenant_key, 'n:w', 1)
@@ -357,6 +379,29 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
   if not is_tenant_scope(denied_by) then redis.call('HINCRBY', ctx.shared_key, field, '1') end
   redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
   redis.call('HINCRBY', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
+end
+
+-- The flat reply of a decision (see acquire.lua): remaining tokens as written by
+-- admit/credit (already formatted), else formatted here.
+local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
+  local parts = {status, wait_ms, denied_by or '-'}
+  local n = 3
+  local buckets, tokens, texts = ctx.buckets, ctx.tokens, ctx.texts
+  for i = 1, #buckets do
+    local left = tokens[i]
+    if not (left > 0) then
+      left = '0'
+    elseif texts then
+      left = texts[i]
+    else
+      left = fmt(left)
+    end
+    parts[n + 1], parts[n + 2] = buckets[i].scope, left
+    n = n + 2
+  end
+  parts[n + 1] = '|'
+  for i = 1, #would_deny do parts[n + 1 + i] = would_deny[i] end
+  return table.concat(parts, ' ')
 end
 
 -- Returns `cost` tokens to every bucket (never above its burst).

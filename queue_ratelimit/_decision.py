@@ -91,7 +91,10 @@ def parse_reply(reply: bytes | str) -> Decision:
     (status -1 is handled by callers)."""
     parts = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
     bar = parts.index("|")
-    remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
+    if bar == 5:  # one bucket, the common case
+        remaining = {parts[3]: float(parts[4])}
+    else:
+        remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
     denied_by = parts[2]
     return _decision(
         parts[0] == "1",
