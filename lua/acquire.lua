@@ -10,8 +10,10 @@
 -- names never contain spaces):
 --   "<status> <wait_ms> <denied_by or -> <scope> <remaining> ... | <would-deny scope> ..."
 --   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst)
-local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', tonumber(ARGV[3] or '') or 900000
-local queue, cost, priority = ARGV[4] or '', tonumber(ARGV[5] or 1), ARGV[6] or ''
+local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', ARGV[3]
+keep_ms = keep_ms and keep_ms ~= '' and tonumber(keep_ms) or 900000
+local queue, cost, priority = ARGV[4] or '', ARGV[5], ARGV[6] or ''
+cost = cost and tonumber(cost) or 1
 
 local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
 

@@ -35,6 +35,8 @@
 local EPSILON = 1e-9
 -- Upper bounds (ms) of the wait-time histogram kept for denied decisions.
 local WAIT_BOUNDS = {1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+local WAIT_FIELDS = {'h:1', 'h:5', 'h:10', 'h:25', 'h:50', 'h:100', 'h:250', 'h:500', 'h:1000',
+                     'h:2500', 'h:5000', 'h:10000', 'h:30000', 'h:60000'}
 local TWO_53 = 9007199254740992
 -- Shared by every caller that has no extra fields or no would-deny scopes: never written.
 local NONE = {}
@@ -205,9 +207,13 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
     sv = redis.call('HMGET', shared_key, unpack(plan.sf))
   end
   local tv = redis.call('HMGET', tenant_key, unpack(plan.tf))
-  -- Redis's own clock (us): never the caller's, so skewed clients change nothing.
+  -- Redis's own clock (us): never the caller's, so skewed clients change nothing. Its text
+  -- (seconds, then microseconds padded to six digits) is what write() stores.
   local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local usec = time[2]
+  if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
+  local now_s = time[1] .. usec
+  local now = tonumber(now_s)
   local buckets = plan.buckets
   local tokens = {}
   for i = 1, #buckets do
@@ -226,7 +232,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   end
   -- (ctx.ok is added only by judge with shadow buckets; texts by write.)
   local ctx = {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
-               tokens = tokens, now = now, time = time, old_x = tonumber(tv[plan.x_at]) or 0,
+               tokens = tokens, now = now, now_s = now_s, old_x = tonumber(tv[plan.x_at]) or 0,
                plan = plan, texts = false}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
   return ctx
@@ -276,8 +282,8 @@ local function is_tenant_scope(scope)
 end
 
 local function wait_bucket(wait_ms)
-  for _, bound in ipairs(WAIT_BOUNDS) do
-    if wait_ms <= bound then return 'h:' .. bound end
+  for i = 1, #WAIT_BOUNDS do
+    if wait_ms <= WAIT_BOUNDS[i] then return WAIT_FIELDS[i] end
   end
   return 'h:inf'
 end
@@ -317,11 +323,7 @@ end
 -- ctx.texts keeps the tokens as written, for a reply to reuse (formatting costs).
 local function write(ctx, keep_ms, targs)
   local buckets, tokens = ctx.buckets, ctx.tokens
-  -- The clock as the digits of TIME (seconds, then microseconds padded to six): the same
-  -- text as fmt(ctx.now), without a string.format.
-  local usec = ctx.time[2]
-  if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
-  local now_s = ctx.time[1] .. usec
+  local now_s = ctx.now_s
   local sargs, texts, nt, ns = NONE, {}, #targs, 0
   for i = 1, #buckets do
     local b = buckets[i]
@@ -383,25 +385,22 @@ end
 
 -- The flat reply of a decision (see acquire.lua): remaining tokens as written by
 -- admit/credit (already formatted), else formatted here.
+local function remaining_text(ctx, i)
+  local left = ctx.tokens[i]
+  if not (left > 0) then return '0' end
+  local texts = ctx.texts
+  return texts and texts[i] or fmt(left)
+end
+
 local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
-  local parts = {status, wait_ms, denied_by or '-'}
-  local n = 3
-  local buckets, tokens, texts = ctx.buckets, ctx.tokens, ctx.texts
+  -- Concatenation (one string per bucket) is cheaper here than a table of parts.
+  local buckets = ctx.buckets
+  local text = status .. ' ' .. wait_ms .. ' ' .. (denied_by or '-')
   for i = 1, #buckets do
-    local left = tokens[i]
-    if not (left > 0) then
-      left = '0'
-    elseif texts then
-      left = texts[i]
-    else
-      left = fmt(left)
-    end
-    parts[n + 1], parts[n + 2] = buckets[i].scope, left
-    n = n + 2
+    text = text .. ' ' .. buckets[i].scope .. ' ' .. remaining_text(ctx, i)
   end
-  parts[n + 1] = '|'
-  for i = 1, #would_deny do parts[n + 1 + i] = would_deny[i] end
-  return table.concat(parts, ' ')
+  if #would_deny == 0 then return text .. ' |' end
+  return text .. ' | ' .. table.concat(would_deny, ' ')
 end
 
 -- Returns `cost` tokens to every bucket (never above its burst).

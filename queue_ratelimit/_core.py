@@ -192,7 +192,7 @@ class LimiterCore:
                 time.monotonic() - self._failing_since,
             )
             self._failing_since = None
-        return parse_reply(reply)
+        return parse_reply(text)
 
     def unavailable(self, error: Exception) -> Decision | None:
         """The fail-mode decision when Redis cannot be reached (None means re-raise)."""
