@@ -795,7 +795,7 @@ def _scale(url: str, admin: redis.Redis) -> dict[str, Any]:
         # (900 s), so its hash exists. One acquire per tenant creates it, as a dispatch would.
         for tenant in names:
             call = limiter._core.decision_call("acquire", tenant, LANE, None, 1)
-            limiter._acquire(keys=call.keys, args=call.args, client=pipe)
+            limiter._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
             if len(pipe) >= SUBMIT_BATCH:
                 pipe.execute()
         pipe.execute()
