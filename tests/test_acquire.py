@@ -329,8 +329,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_decision_table(limiter: Limiter, case: Case) -> None:
+def test_decision_table(limiter: Limiter, case: Case, transport: str) -> None:
+    """Every case through the Functions library (plans cached between calls) and as a
+    script (no cache: the plan is made on every call); both must decide alike."""
+    limiter._scripts.transport = transport  # type: ignore[assignment]
     for scope, limit in case.limits.items():
         limiter.set_limit(scope, limit)
     for scope, tokens in case.state.items():
@@ -796,6 +800,24 @@ def test_a_server_that_refuses_functions_gets_scripts(
         restricted.close()
     finally:
         redis_client.acl_deluser(user)
+
+
+def test_decisions_stay_right_when_the_plan_cache_starts_over(limiter: Limiter) -> None:
+    """The library keeps at most 10,000 plans per namespace and then starts over; tenants
+    decided before and after the reset keep their own buckets."""
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=2))
+    assert limiter.acquire("first").remaining == {"tenant:first": 1}
+    pipe = limiter.client.pipeline(transaction=False)
+    for n in range(10_050):  # one plan each: past the bound
+        call = limiter._core.decision_call("acquire", f"t{n}", None, None, 1)
+        limiter._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
+    assert all(reply.startswith(b"1 ") for reply in pipe.execute())
+    assert limiter.acquire("first").remaining == {"tenant:first": near(0)}
+    assert not limiter.acquire("first").allowed
+    assert limiter.acquire("t5").remaining == {"tenant:t5": near(0)}
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=5))  # and changes still apply
+    assert limiter.acquire("newcomer").remaining == {"tenant:newcomer": 4}
+    assert limiter.acquire("t10049").remaining == {"tenant:t10049": near(0)}  # no windfall
 
 
 def test_configuration_cached_by_the_scripts_follows_a_recreated_namespace(
