@@ -194,6 +194,18 @@ class LimiterCore:
             self._failing_since = None
         return parse_reply(text)
 
+    def decision_failed(self, exc: Exception) -> Decision:
+        """After a Redis error on a decision: the fail mode's decision when Redis is
+        unreachable and the mode allows one, else the error, as ours, raised."""
+        error = translated(exc)
+        if isinstance(error, BackendUnavailable):
+            fallback = self.unavailable(error)
+            if fallback is not None:
+                return fallback
+        if error is exc:
+            raise exc
+        raise error from exc
+
     def unavailable(self, error: Exception) -> Decision | None:
         """The fail-mode decision when Redis cannot be reached (None means re-raise)."""
         self.backend_failures += 1

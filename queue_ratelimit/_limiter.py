@@ -16,10 +16,9 @@ from ._core import (
     Mode,
     ScriptCall,
     redis_errors,
-    translated,
 )
 from ._decision import Decision, ScopeLimit
-from ._errors import BackendUnavailable, LimitNotFound
+from ._errors import LimitNotFound
 from ._limit import Limit
 from ._scopes import Scope, scope_name
 
@@ -86,14 +85,7 @@ class Limiter(LimiterBase):
         try:  # (no context manager here: this is the hot path)
             reply = self._scripts.call("acquire.lua", call.keys, call.args)
         except (*UNREACHABLE, ResponseError) as exc:
-            error = translated(exc)
-            if isinstance(error, BackendUnavailable):
-                fallback = self._core.unavailable(error)
-                if fallback is not None:
-                    return fallback
-            if error is exc:
-                raise
-            raise error from exc
+            return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
 
     # -- configuration -----------------------------------------------------------------

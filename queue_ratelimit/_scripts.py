@@ -132,22 +132,33 @@ class Scripts:
         try:
             self.client.function_load(self.library, replace=True)
         except ResponseError as exc:
-            if not _no_functions(exc):
-                raise
+            self._loaded(exc)
+        else:
+            self._loaded(None)
+
+    def _loaded(self, error: ResponseError | None) -> None:
+        if error is None:
+            self.transport = "fcall"
+        elif _no_functions(error):
             self.transport = "evalsha"
         else:
-            self.transport = "fcall"
+            raise error
+
+    def _after_fcall_error(self, exc: ResponseError) -> Literal["retry", "load", "raise"]:
+        """What an FCALL error calls for: a retry (EVALSHA chosen now), loading the library
+        first, or raising it (the error is the function's own)."""
+        if _no_functions(exc):
+            self.transport = "evalsha"
+            return "retry"
+        return "load" if _missing_function(exc) else "raise"
 
     def _retry_after(self, exc: ResponseError) -> bool:
         """After an FCALL error: True when a retry may succeed (the library is loaded now,
-        or EVALSHA chosen); False when the error is the script's own."""
-        if _no_functions(exc):
-            self.transport = "evalsha"
-            return True
-        if _missing_function(exc):
+        or EVALSHA chosen); False when the error is the function's own."""
+        step = self._after_fcall_error(exc)
+        if step == "load":
             self.load()
-            return True
-        return False
+        return step != "raise"
 
     def queue(self, pipe: Any, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> None:
         """Queue a call on a pipeline that the caller runs itself and may run again: a
@@ -197,17 +208,12 @@ class Scripts:
         return await self._scripts[name](keys=keys, args=args)
 
     async def _aretry_after(self, exc: ResponseError) -> bool:
-        if _no_functions(exc):
-            self.transport = "evalsha"
-            return True
-        if not _missing_function(exc):
-            return False
-        try:
-            await self.client.function_load(self.library, replace=True)
-        except ResponseError as load_exc:
-            if not _no_functions(load_exc):
-                raise
-            self.transport = "evalsha"
-        else:
-            self.transport = "fcall"
-        return True
+        step = self._after_fcall_error(exc)
+        if step == "load":
+            try:
+                await self.client.function_load(self.library, replace=True)
+            except ResponseError as load_exc:
+                self._loaded(load_exc)
+            else:
+                self._loaded(None)
+        return step != "raise"

@@ -150,15 +150,26 @@ def test_async_errors_match_sync(limiter: Limiter, redis_url: str) -> None:
     ]
 
 
-def test_async_noscript_recovery(limiter: Limiter, redis_url: str) -> None:
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+def test_async_recovers_lost_scripts(limiter: Limiter, redis_url: str, transport: str) -> None:
+    """After FUNCTION FLUSH (Functions) or SCRIPT FLUSH (scripts), as the sync limiter."""
     limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
 
     async def body(lim: AsyncLimiter) -> list[bool]:
+        lim._scripts.transport = transport  # type: ignore[assignment]
+
+        async def flush() -> None:
+            if transport == "fcall":
+                await lim.client.function_flush()
+            else:
+                await lim.client.script_flush()
+
         out = [(await lim.acquire("acme")).allowed]
-        await lim.client.script_flush()
+        await flush()
         out.append((await lim.acquire("acme")).allowed)
-        await lim.client.script_flush()
+        await flush()
         out.append((await lim.acquire("acme")).allowed)
+        assert lim._scripts.transport == transport
         return out
 
     assert run(redis_url, limiter.namespace, body) == [True, True, False]
