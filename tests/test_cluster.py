@@ -117,6 +117,7 @@ def test_limiter_works_on_every_node(
         with pytest.raises(LimitNotFound):
             lim.delete_limit("queue:q")
         assert [e.version for e in lim.audit_log(count=3)] == [7, 6, 5]
+        assert lim._scripts.transport == "fcall"  # the Functions library, on every primary
         # Every key the limiter wrote sits in the namespace's slot, on the node that owns it.
         owner = redis.Redis(port=owner_port(cluster_client, namespace), retry=NO_RETRY)
         try:
@@ -129,18 +130,25 @@ def test_limiter_works_on_every_node(
         cluster_client.delete(*keys)
 
 
-def test_noscript_recovery_on_a_cluster(
-    cluster: list[RedisProcess], cluster_client: RedisCluster
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+def test_lost_scripts_are_loaded_again_on_a_cluster(
+    cluster: list[RedisProcess], cluster_client: RedisCluster, transport: str
 ) -> None:
+    """FUNCTION FLUSH / SCRIPT FLUSH on every node (as after restarts without persistence)."""
     lim = Limiter(cluster_client, namespace=f"c{uuid.uuid4().hex[:10]}")
+    lim._scripts.transport = transport  # type: ignore[assignment]
     lim.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
     assert lim.acquire("acme").allowed
     for node in cluster:
         direct = redis.Redis(port=node.port, retry=NO_RETRY)
-        direct.script_flush()
+        if transport == "fcall":
+            direct.function_flush()
+        else:
+            direct.script_flush()
         direct.close()
     assert lim.acquire("acme").allowed
     assert not lim.acquire("acme").allowed
+    assert lim._scripts.transport == transport
     keys = list(cluster_client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
     for key in keys:
         cluster_client.delete(key)
