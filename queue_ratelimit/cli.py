@@ -180,6 +180,43 @@ def demo(settings: Settings, duration: float) -> None:
         raise click.exceptions.Exit(code)
 
 
+@main.command(short_help="Serve the admin HTTP API (the admin extra).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option(
+    "--token",
+    envvar="QUEUE_RATELIMIT_ADMIN_TOKEN",
+    show_envvar=True,
+    help="Bearer token every request must carry (better set in the environment).",
+)
+@click.option("--no-auth", is_flag=True, help="Serve without a token: trusted local use only.")
+@click.pass_obj
+def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: bool) -> None:
+    """Serve the admin API: limits, exemptions, dry-run mode, weights, the audit log, live
+    bucket state and Prometheus metrics of the namespace. Changes apply to the next
+    decision in every worker. Interactive documentation at /docs."""
+    if not token and not no_auth:
+        raise click.UsageError(
+            "set QUEUE_RATELIMIT_ADMIN_TOKEN (the bearer token clients must send), "
+            "or pass --no-auth for a trusted, local setup"
+        )
+    try:
+        import uvicorn
+
+        from .admin import create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the admin API needs the admin extra (pip install 'queue-ratelimit[admin]'): {exc}"
+        ) from exc
+    app = create_app(settings.limiter(), token=token or None, allow_anonymous=no_auth)
+    click.echo(
+        f"admin API for namespace {settings.namespace!r} on {settings.target}: "
+        f"http://{host}:{port}/docs",
+        err=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.group(short_help="Read and change limits, exemptions and dry-run mode.")
 def limits() -> None:
     """Read and change limits, exemptions and dry-run mode (effective on the next decision).

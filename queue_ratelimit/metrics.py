@@ -16,7 +16,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ._core import redis_errors
+from ._decision import ScopeLimit
+from ._errors import InvalidScope, LimitNotFound
 from ._limiter import Limiter
+from ._scopes import Scope
 
 # Per-tenant series are kept for tenants with their own configuration and for those with
 # waiting work, up to this many, so a million one-off tenants cannot explode cardinality.
@@ -39,6 +43,54 @@ def _bucket_fill(
         return burst
     elapsed = max(0.0, now_us - float(updated))
     return min(burst, float(tokens) + elapsed * rate_per_s / 1e6)
+
+
+def effective_limit(limits: dict[str, ScopeLimit], scope: Scope) -> ScopeLimit | None:
+    """The limit a concrete scope's bucket follows: its own, else its default."""
+    name = str(scope)
+    if scope.kind == "tenant":
+        return limits.get(name) or limits.get("tenant:*")
+    if scope.kind == "tenant_queue":
+        return limits.get(name) or limits.get(f"tenant:*:queue:{scope.queue}")
+    return limits.get(name)
+
+
+def bucket_state(limiter: Limiter, scope: str) -> dict[str, Any]:
+    """The live state of one scope's bucket, refilled to now on Redis's clock.
+
+    Raises:
+        InvalidScope: a malformed scope, or a default one (``tenant:*``), which has no
+            bucket of its own: each tenant has one, asked for as ``tenant:<t>``.
+        LimitNotFound: no limit applies to the scope.
+    """
+    parsed = Scope.parse(scope)
+    if parsed.is_default:
+        raise InvalidScope(
+            f"{scope} is a default: every tenant has a bucket of its own under it; "
+            f"ask for a tenant's scope, e.g. {str(parsed).replace('*', 'acme')}"
+        )
+    location = limiter.keys.bucket_location(parsed)
+    assert location is not None  # not a default scope
+    key, field = location
+    with redis_errors():
+        setting = effective_limit(limiter.limits(), parsed)
+        if setting is None:
+            raise LimitNotFound(str(parsed))
+        seconds, micros = limiter.client.time()
+        tokens_raw, updated_raw = limiter.client.hmget(key, [field, f"{field}:u"])
+    now_us = seconds * 1e6 + micros
+    burst, rate = setting.limit.capacity, setting.limit.rate_per_second
+    stored = {field: _text(tokens_raw), f"{field}:u": _text(updated_raw)} if tokens_raw else {}
+    tokens = _bucket_fill(stored, field, burst, rate, now_us)
+    return {
+        "scope": str(parsed),
+        "limit": setting,
+        "tokens": tokens,
+        "burst": burst,
+        "fill": tokens / burst,
+        "wait_ms_for_one": max(0.0, (min(1.0, burst) - tokens) / rate * 1000),
+        "updated_at_ms": float(_text(updated_raw)) / 1000 if updated_raw else None,
+    }
 
 
 def _configured_tenant(field: str) -> str | None:

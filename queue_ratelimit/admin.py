@@ -1,0 +1,275 @@
+"""The admin HTTP API: see and change the limits of a namespace at run time.
+
+    from queue_ratelimit import Limiter
+    from queue_ratelimit.admin import create_app
+
+    app = create_app(Limiter.from_url("redis://localhost:6379/0"), token="s3cret")
+    # uvicorn.run(app) -- or: QUEUE_RATELIMIT_ADMIN_TOKEN=s3cret queue-ratelimit serve
+
+Every change goes through the same versioned, audited path as ``Limiter.set_limit`` and the
+CLI, so it applies to the next decision in every worker. Every route but ``/healthz`` wants
+``Authorization: Bearer <token>``; an ``X-Actor`` header names who is changing things in the
+audit log (``admin:<actor>``). Errors come back as ``{"error": <kind>, "detail": <what to
+fix>}``: 400 for bad input, 401 without a valid token, 404 for an unknown scope, 503 while
+Redis is unreachable. Needs the ``admin`` extra (FastAPI).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import __version__
+from ._core import AuditEntry, redis_errors
+from ._decision import ScopeLimit
+from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
+from ._limit import Limit
+from ._limiter import Limiter
+from ._scheduler import FairScheduler
+from ._scopes import check_name
+from .metrics import RateLimitCollector, bucket_state, snapshot
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitIn(_Body):
+    limit: str = Field(description='Rate: "100/s", "6000/m", "10/h", "5/2s".', examples=["100/s"])
+    burst: float | None = Field(None, description="Bucket capacity (default: one period).")
+    shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
+
+
+class LimitOut(BaseModel):
+    scope: str
+    limit: str
+    rate: float
+    per: float
+    burst: float
+    rate_per_second: float
+    shadow: bool
+
+
+class Version(BaseModel):
+    version: int = Field(description="The configuration version after the change.")
+
+
+class ExemptIn(_Body):
+    mode: Literal["tenant", "all"] = Field(
+        description='"tenant": skips its tenant caps; "all": the global and queue caps too.'
+    )
+
+
+class ShadowIn(_Body):
+    enabled: bool
+
+
+class WeightIn(_Body):
+    weight: float = Field(gt=0, description="Share of a contended budget (relative).")
+
+
+class BucketOut(BaseModel):
+    scope: str
+    limit_scope: str = Field(description="Where its limit comes from (e.g. tenant:*).")
+    limit: LimitOut
+    tokens: float
+    burst: float
+    fill: float
+    wait_ms_for_one: float = Field(description="How long until one token is there.")
+    updated_at_ms: float | None = Field(description="Last change of its state (Redis clock).")
+
+
+def _limit_out(item: ScopeLimit) -> LimitOut:
+    lim = item.limit
+    return LimitOut(
+        scope=item.scope,
+        limit=str(lim),
+        rate=lim.rate,
+        per=lim.per,
+        burst=lim.capacity,
+        rate_per_second=lim.rate_per_second,
+        shadow=item.shadow,
+    )
+
+
+def _audit_out(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "version": entry.version,
+        "op": entry.op,
+        "field": entry.field,
+        "old": entry.old,
+        "new": entry.new,
+        "actor": entry.actor,
+        "at_ms": entry.at_ms,
+    }
+
+
+# Annotations are resolved in this module's namespace (by FastAPI), so what they name lives here.
+_bearer = HTTPBearer(auto_error=False)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+WeightKind = Literal["tenant", "priority"]
+
+
+def _actor(x_actor: Annotated[str | None, Header()] = None) -> str:
+    """Who changes things, for the audit log: ``admin:<X-Actor>``, or ``admin``."""
+    return f"admin:{check_name('actor', x_actor)}" if x_actor else "admin"
+
+
+Actor = Annotated[str, Depends(_actor)]
+
+
+def _error(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+def create_app(
+    limiter: Limiter,
+    *,
+    token: str | None,
+    allow_anonymous: bool = False,
+    scheduler: FairScheduler | None = None,
+) -> FastAPI:
+    """The admin API over ``limiter``'s namespace.
+
+    Args:
+        token: the bearer token every request but ``/healthz`` must carry.
+        allow_anonymous: serve without a token (only for a trusted, local setup); without
+            it, a missing token is refused here rather than served open by accident.
+        scheduler: the fair scheduler whose weights ``/weights`` changes (default: one on
+            ``limiter``).
+    """
+    if not token and not allow_anonymous:
+        raise ValueError("the admin API needs a token (or allow_anonymous=True, local only)")
+    sched = scheduler or FairScheduler(limiter)
+    app = FastAPI(
+        title="queue-ratelimit admin",
+        version=__version__,
+        description=f"Limits of namespace {limiter.namespace!r}, changed at run time.",
+    )
+
+    def authorized(credentials: Credentials) -> None:
+        if token is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise _Unauthorized
+
+    Auth = Depends(authorized)
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        response = _error(401, "Unauthorized", "send Authorization: Bearer <admin token>")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(RateLimitError)
+    async def rate_limit_error(request: Request, exc: RateLimitError) -> JSONResponse:
+        if isinstance(exc, LimitNotFound):
+            return _error(404, type(exc).__name__, str(exc).strip("'\""))
+        if isinstance(exc, BackendUnavailable):
+            return _error(503, type(exc).__name__, str(exc))
+        return _error(400, type(exc).__name__, str(exc))
+
+    @app.get("/healthz", summary="Redis reachable?")
+    def healthz() -> dict[str, str]:
+        with redis_errors():
+            limiter.client.ping()
+        return {"status": "ok", "namespace": limiter.namespace}
+
+    @app.get("/limits", dependencies=[Auth], summary="Every configured limit")
+    def list_limits() -> list[LimitOut]:
+        with redis_errors():
+            return [_limit_out(item) for item in limiter.limits().values()]
+
+    @app.get("/limits/{scope}", dependencies=[Auth], summary="One scope's limit")
+    def get_limit(scope: str) -> LimitOut:
+        return _limit_out(limiter.get_limit(scope))
+
+    @app.put("/limits/{scope}", dependencies=[Auth], summary="Set a scope's limit")
+    def set_limit(scope: str, body: LimitIn, who: Actor) -> Version:
+        limit = Limit.parse(body.limit, burst=body.burst)
+        return Version(version=limiter.set_limit(scope, limit, shadow=body.shadow, actor=who))
+
+    @app.delete("/limits/{scope}", dependencies=[Auth], summary="Remove a scope's limit")
+    def delete_limit(scope: str, who: Actor) -> Version:
+        return Version(version=limiter.delete_limit(scope, actor=who))
+
+    @app.get("/scopes/{scope}", dependencies=[Auth], summary="A scope's live bucket")
+    def scope_state(scope: str) -> BucketOut:
+        state = bucket_state(limiter, scope)
+        return BucketOut(
+            scope=state["scope"],
+            limit_scope=state["limit"].scope,
+            limit=_limit_out(state["limit"]),
+            tokens=state["tokens"],
+            burst=state["burst"],
+            fill=state["fill"],
+            wait_ms_for_one=state["wait_ms_for_one"],
+            updated_at_ms=state["updated_at_ms"],
+        )
+
+    @app.get("/exemptions", dependencies=[Auth], summary="Exempt (VIP) tenants")
+    def exemptions() -> dict[str, str]:
+        with redis_errors():
+            return dict(limiter.exemptions())
+
+    @app.put("/exemptions/{tenant}", dependencies=[Auth], summary="Exempt a tenant")
+    def exempt(tenant: str, body: ExemptIn, who: Actor) -> Version:
+        return Version(version=limiter.set_exempt(tenant, body.mode, actor=who))
+
+    @app.delete("/exemptions/{tenant}", dependencies=[Auth], summary="End an exemption")
+    def unexempt(tenant: str, who: Actor) -> Version:
+        return Version(version=limiter.set_exempt(tenant, None, actor=who))
+
+    @app.put("/shadow", dependencies=[Auth], summary="Shadow (dry-run) mode for every scope")
+    def shadow(body: ShadowIn, who: Actor) -> Version:
+        return Version(version=limiter.set_shadow(body.enabled, actor=who))
+
+    @app.get("/weights", dependencies=[Auth], summary="Fair-scheduling weights")
+    def weights() -> dict[str, float]:
+        with redis_errors():
+            return sched.weights()
+
+    def change_weight(kind: WeightKind, name: str, weight: float | None, who: str) -> Version:
+        setter = sched.set_tenant_weight if kind == "tenant" else sched.set_priority_weight
+        return Version(version=setter(name, weight, actor=who))
+
+    @app.put("/weights/{kind}/{name}", dependencies=[Auth], summary="Set a weight")
+    def set_weight(kind: WeightKind, name: str, body: WeightIn, who: Actor) -> Version:
+        return change_weight(kind, name, body.weight, who)
+
+    @app.delete("/weights/{kind}/{name}", dependencies=[Auth], summary="Back to the default")
+    def delete_weight(kind: WeightKind, name: str, who: Actor) -> Version:
+        return change_weight(kind, name, None, who)
+
+    @app.get("/audit", dependencies=[Auth], summary="Recent configuration changes")
+    def audit(count: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[dict[str, Any]]:
+        with redis_errors():
+            return [_audit_out(entry) for entry in limiter.audit_log(count=count)]
+
+    @app.get("/snapshot", dependencies=[Auth], summary="Counters, buckets, backlogs")
+    def snap() -> dict[str, Any]:
+        with redis_errors():
+            return snapshot(limiter)
+
+    @app.get("/metrics", dependencies=[Auth], summary="Prometheus text format")
+    def metrics() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry()
+        registry.register(RateLimitCollector(limiter))
+        with redis_errors():
+            body = generate_latest(registry)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _Unauthorized(Exception):
+    """A request without the admin token (answered 401)."""

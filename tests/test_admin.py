@@ -1,0 +1,240 @@
+"""The admin HTTP API, against a real Redis server (and once as a real `serve` process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import NO_RETRY, free_port, wait_until
+from fastapi.testclient import TestClient
+
+from queue_ratelimit import Limit, Limiter
+from queue_ratelimit.admin import create_app
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HOUR = 3600.0
+
+
+@pytest.fixture
+def api(limiter: Limiter) -> Iterator[TestClient]:
+    with TestClient(create_app(limiter, token=TOKEN)) as client:
+        yield client
+
+
+def test_every_route_but_health_wants_the_token(api: TestClient) -> None:
+    assert api.get("/healthz").json()["status"] == "ok"
+    for method, path in [
+        ("GET", "/limits"),
+        ("PUT", "/limits/global"),
+        ("DELETE", "/limits/global"),
+        ("GET", "/scopes/global"),
+        ("GET", "/audit"),
+        ("GET", "/metrics"),
+        ("PUT", "/shadow"),
+        ("PUT", "/weights/tenant/acme"),
+    ]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = api.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, headers, response.text)
+            assert response.json()["error"] == "Unauthorized"
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_an_app_without_a_token_is_refused_unless_asked_for(limiter: Limiter) -> None:
+    with pytest.raises(ValueError, match="needs a token"):
+        create_app(limiter, token=None)
+    with TestClient(create_app(limiter, token=None, allow_anonymous=True)) as open_api:
+        assert open_api.get("/limits").status_code == 200
+
+
+def test_a_limit_set_through_the_api_applies_to_the_next_decision(
+    api: TestClient, limiter: Limiter
+) -> None:
+    assert limiter.acquire("acme").remaining == {}
+    reply = api.put("/limits/tenant:*", json={"limit": "2/h"}, headers=AUTH)
+    assert reply.status_code == 200
+    assert reply.json() == {"version": 1}
+    assert [limiter.acquire("acme").allowed for _ in range(3)] == [True, True, False]
+    listed = api.get("/limits", headers=AUTH).json()
+    assert listed == [
+        {
+            "scope": "tenant:*",
+            "limit": str(Limit(2, per=HOUR)),
+            "rate": 2.0,
+            "per": HOUR,
+            "burst": 2.0,
+            "rate_per_second": 2 / HOUR,
+            "shadow": False,
+        }
+    ]
+    reply = api.put(
+        "/limits/tenant:*", json={"limit": "2/h", "burst": 5, "shadow": True}, headers=AUTH
+    )
+    assert reply.json() == {"version": 2}
+    decision = limiter.acquire("acme")
+    assert decision.allowed  # shadow: counted, never denied
+    assert decision.would_deny == ("tenant:acme",)
+    assert api.get("/limits/tenant:*", headers=AUTH).json()["shadow"] is True
+    assert api.delete("/limits/tenant:*", headers=AUTH).json() == {"version": 3}
+    assert limiter.limits() == {}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error", "fragment"),
+    [
+        ("PUT", "/limits/tenant:a b", {"limit": "1/s"}, 400, "InvalidName", "invalid tenant"),
+        ("PUT", "/limits/planet:mars", {"limit": "1/s"}, 400, "InvalidScope", "unknown scope"),
+        ("PUT", "/limits/global", {"limit": "-1/s"}, 400, "InvalidLimit", "cannot parse"),
+        ("PUT", "/limits/global", {"limit": "1/s", "burst": 0}, 400, "InvalidLimit", "burst"),
+        ("GET", "/limits/global", None, 404, "LimitNotFound", "no limit is set"),
+        ("DELETE", "/limits/queue:q", None, 404, "LimitNotFound", "no limit is set"),
+        ("GET", "/scopes/tenant:acme", None, 404, "LimitNotFound", "no limit"),
+        ("GET", "/scopes/tenant:*", None, 400, "InvalidScope", "is a default"),
+        ("PUT", "/exemptions/acme", {"mode": "everything"}, 422, None, "mode"),
+        ("PUT", "/weights/tenant/acme", {"weight": 0}, 422, None, "greater than 0"),
+        ("PUT", "/weights/planet/mars", {"weight": 1}, 422, None, "kind"),
+        ("DELETE", "/weights/tenant/acme", None, 404, "LimitNotFound", "no weight"),
+        ("PUT", "/limits/global", {"limit": "1/s", "colour": "red"}, 422, None, "colour"),
+        ("GET", "/audit?count=0", None, 422, None, "count"),
+    ],
+)
+def test_bad_requests_get_a_clear_error(
+    api: TestClient,
+    method: str,
+    path: str,
+    body: object,
+    status: int,
+    error: str | None,
+    fragment: str,
+) -> None:
+    response = api.request(method, path, json=body, headers=AUTH)
+    assert response.status_code == status, response.text
+    if error is not None:
+        assert response.json()["error"] == error
+    assert fragment in response.text
+
+
+def test_exemptions_shadow_and_weights(api: TestClient, limiter: Limiter) -> None:
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR))
+    assert api.put("/exemptions/vip", json={"mode": "tenant"}, headers=AUTH).status_code == 200
+    assert api.get("/exemptions", headers=AUTH).json() == {"vip": "tenant"}
+    assert all(limiter.acquire("vip").allowed for _ in range(3))
+    assert api.delete("/exemptions/vip", headers=AUTH).status_code == 200
+    assert api.get("/exemptions", headers=AUTH).json() == {}
+
+    assert api.put("/shadow", json={"enabled": True}, headers=AUTH).status_code == 200
+    assert all(limiter.acquire("acme").allowed for _ in range(3))
+    assert api.put("/shadow", json={"enabled": False}, headers=AUTH).status_code == 200
+    assert not limiter.acquire("acme").allowed
+
+    assert api.put("/weights/tenant/bigco", json={"weight": 5}, headers=AUTH).status_code == 200
+    assert api.put("/weights/priority/urgent", json={"weight": 9}, headers=AUTH).status_code == 200
+    assert api.get("/weights", headers=AUTH).json() == {
+        "weight:priority:urgent": 9.0,
+        "weight:tenant:bigco": 5.0,
+    }
+    assert api.delete("/weights/tenant/bigco", headers=AUTH).status_code == 200
+    assert api.get("/weights", headers=AUTH).json() == {"weight:priority:urgent": 9.0}
+
+
+def test_changes_are_audited_with_the_actor(api: TestClient) -> None:
+    api.put("/limits/global", json={"limit": "100/s"}, headers={**AUTH, "X-Actor": "alice"})
+    api.put("/limits/global", json={"limit": "50/s"}, headers=AUTH)
+    entries = api.get("/audit?count=5", headers=AUTH).json()
+    assert [(e["version"], e["field"], e["actor"]) for e in entries] == [
+        (2, "global", "admin"),
+        (1, "global", "admin:alice"),
+    ]
+    assert entries[0]["old"].startswith("100.0 ")
+    bad = api.put("/limits/global", json={"limit": "1/s"}, headers={**AUTH, "X-Actor": "a b"})
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "InvalidName"
+
+
+def test_scope_state_shows_the_live_bucket(api: TestClient, limiter: Limiter) -> None:
+    limiter.set_limit("tenant:*", Limit(4, per=HOUR))
+    limiter.acquire("acme", cost=3)
+    state = api.get("/scopes/tenant:acme", headers=AUTH).json()
+    assert state["scope"] == "tenant:acme"
+    assert state["limit_scope"] == "tenant:*"
+    assert state["tokens"] == pytest.approx(1, abs=0.01)
+    assert state["fill"] == pytest.approx(0.25, abs=0.01)
+    assert state["wait_ms_for_one"] == 0
+    assert state["updated_at_ms"] == pytest.approx(time.time() * 1000, abs=60_000)
+    limiter.acquire("acme")
+    after = api.get("/scopes/tenant:acme", headers=AUTH).json()
+    assert after["tokens"] == pytest.approx(0, abs=0.01)
+    assert after["wait_ms_for_one"] == pytest.approx(HOUR / 4 * 1000, rel=0.01)
+    fresh = api.get("/scopes/tenant:nobody", headers=AUTH).json()  # no state yet: full
+    assert (fresh["tokens"], fresh["updated_at_ms"]) == (4, None)
+
+
+def test_metrics_and_snapshot(api: TestClient, limiter: Limiter) -> None:
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR))
+    limiter.acquire("acme", queue="emails")
+    limiter.acquire("acme", queue="emails")
+    text = api.get("/metrics", headers=AUTH).text
+    ns = limiter.namespace
+    assert f'queue_ratelimit_decisions_total{{namespace="{ns}",outcome="allowed"}} 1.0' in text
+    assert f'queue_ratelimit_decisions_total{{namespace="{ns}",outcome="denied"}} 1.0' in text
+    snap = api.get("/snapshot", headers=AUTH).json()
+    assert snap["totals"]["allowed"] == 1
+    assert snap["allowed_by_queue"] == {"emails": 1}
+
+
+def test_redis_unreachable_is_a_503(redis_url: str, namespace: str) -> None:
+    # No retries: redis-py's default backoff would make each request wait seconds.
+    dead = Limiter(redis.Redis(port=free_port(), retry=NO_RETRY), namespace=namespace)
+    with TestClient(create_app(dead, token=TOKEN)) as api:
+        for path in ("/healthz", "/limits", "/limits/global", "/audit", "/scopes/global"):
+            response = api.get(path, headers=AUTH)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error"] == "BackendUnavailable"
+
+
+def test_serve_runs_the_api(redis_url: str, namespace: str, limiter: Limiter) -> None:
+    """`queue-ratelimit serve` as a real process: refuses to start without a token, then
+    serves with one."""
+    # The installed console script, next to this interpreter.
+    command = [str(Path(sys.executable).with_name("queue-ratelimit")), "--url", redis_url]
+    command += ["--namespace", namespace, "serve"]
+    env = {k: v for k, v in os.environ.items() if k != "QUEUE_RATELIMIT_ADMIN_TOKEN"}
+    refused = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode == 2
+    assert "QUEUE_RATELIMIT_ADMIN_TOKEN" in refused.stderr
+
+    port = free_port()
+    env["QUEUE_RATELIMIT_ADMIN_TOKEN"] = TOKEN
+    proc = subprocess.Popen([*command, "--port", str(port)], env=env, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=30, what="the admin API to answer")
+        reply = httpx.put(f"{base}/limits/global", json={"limit": "7/s"}, headers=AUTH)
+        assert reply.json() == {"version": 1}
+        assert limiter.get_limit("global").limit == Limit(7)
+        assert httpx.get(f"{base}/limits", timeout=5).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
