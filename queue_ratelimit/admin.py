@@ -16,6 +16,7 @@ Redis is unreachable. Needs the ``admin`` extra (FastAPI).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
-from ._core import AuditEntry, redis_errors
+from ._core import redis_errors
 from ._decision import ScopeLimit
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
@@ -95,19 +96,6 @@ def _limit_out(item: ScopeLimit) -> LimitOut:
         rate_per_second=lim.rate_per_second,
         shadow=item.shadow,
     )
-
-
-def _audit_out(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "version": entry.version,
-        "op": entry.op,
-        "field": entry.field,
-        "old": entry.old,
-        "new": entry.new,
-        "actor": entry.actor,
-        "at_ms": entry.at_ms,
-    }
 
 
 # Annotations are resolved in this module's namespace (by FastAPI), so what they name lives here.
@@ -251,7 +239,7 @@ def create_app(
     @app.get("/audit", dependencies=[Auth], summary="Recent configuration changes")
     def audit(count: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[dict[str, Any]]:
         with redis_errors():
-            return [_audit_out(entry) for entry in limiter.audit_log(count=count)]
+            return [dataclasses.asdict(entry) for entry in limiter.audit_log(count=count)]
 
     @app.get("/snapshot", dependencies=[Auth], summary="Counters, buckets, backlogs")
     def snap() -> dict[str, Any]:
