@@ -217,6 +217,27 @@ def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: 
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+@main.command(short_help="A live terminal dashboard of the namespace (the tui extra).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between polls of Redis.",
+)
+@click.pass_obj
+def top(settings: Settings, interval: float) -> None:
+    """Budgets and their fill, decisions per second, who is throttled and by which scope,
+    the waits given, parked and in-flight work. Keys: q quits, p pauses."""
+    try:
+        from .tui import TopApp
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the dashboard needs the tui extra (pip install 'queue-ratelimit[tui]'): {exc}"
+        ) from exc
+    TopApp(settings.limiter(), interval=interval).run()
+
+
 @main.group(short_help="Read and change limits, exemptions and dry-run mode.")
 def limits() -> None:
     """Read and change limits, exemptions and dry-run mode (effective on the next decision).

@@ -1,0 +1,208 @@
+"""``queue-ratelimit top``: a terminal dashboard of one namespace (the ``tui`` extra).
+
+It polls ``metrics.snapshot`` (a few Redis round trips) once a second and shows what an
+operator needs at 3 a.m.: the budgets and how full they are, decisions per second (allowed,
+denied, would-deny) overall and by queue and priority, who is throttled and by which scope,
+the waits denied jobs were given, parked and in-flight work, and the latest configuration
+changes. Rates are differences between two polls, so the first screen shows totals only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from redis.exceptions import RedisError
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Header, Static
+
+from ._errors import RateLimitError
+from ._limiter import Limiter
+from .metrics import snapshot
+
+BAR_WIDTH = 20
+
+
+def fill_bar(fill: float, width: int = BAR_WIDTH) -> str:
+    """``███████░░░░ 58%``: how full a bucket is."""
+    fill = min(1.0, max(0.0, fill))
+    full = round(fill * width)
+    return f"{'█' * full}{'░' * (width - full)} {fill:4.0%}"
+
+
+def _rate(now: float, before: float | None, seconds: float) -> float | None:
+    if before is None or seconds <= 0:
+        return None
+    return max(0.0, (now - before) / seconds)
+
+
+def _per_s(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.1f}"
+
+
+@dataclass
+class View:
+    """What the screen shows, computed from two snapshots (``before`` may be None)."""
+
+    title: str
+    decisions: list[tuple[str, str, str]] = field(default_factory=list)
+    budgets: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    throttled: list[tuple[str, str, str, str]] = field(default_factory=list)
+    usage: list[tuple[str, str, str]] = field(default_factory=list)
+    waits: str = ""
+
+
+def build_view(snap: dict[str, Any], before: dict[str, Any] | None) -> View:
+    """The dashboard's rows, from the latest snapshot and the one before it."""
+    seconds = (snap["at_ms"] - before["at_ms"]) / 1000 if before else 0.0
+
+    def then(*path: str) -> Any:
+        node: Any = before
+        for key in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return node
+
+    totals = snap["totals"]
+    flags = " · DRY RUN (shadow): nothing is denied" if snap["shadow"] else ""
+    view = View(title=f"namespace {snap['namespace']} · config v{snap['config_version']}{flags}")
+    for name in ("allowed", "denied", "would_deny"):
+        rate = _rate(totals[name], then("totals", name), seconds)
+        view.decisions.append((name.replace("_", "-"), _per_s(rate), f"{totals[name]:,}"))
+    view.decisions.append(("in flight", "", f"{totals['in_flight']:,}"))
+    view.decisions.append(("reaped", "", f"{totals['reaped']:,}"))
+
+    limits = snap["limits"]
+    for scope, bucket in sorted(snap["buckets"].items()):
+        setting = limits.get(scope) or limits.get("tenant:*") or {}
+        denied = _rate(snap["denied_by"].get(scope, 0), then("denied_by", scope) or 0, seconds)
+        mode = " (shadow)" if setting.get("shadow") else ""
+        view.budgets.append(
+            (
+                scope + mode,
+                f"{setting.get('rate_per_s', 0):g}/s, burst {bucket['burst']:g}",
+                f"{bucket['tokens']:,.1f}",
+                fill_bar(bucket["fill"]),
+                _per_s(denied),
+            )
+        )
+
+    # Denials by the scope that decided: queue and global scopes for everyone, and each
+    # listed tenant's own (their sum over the tenant is its denials).
+    for scope, count in sorted(snap["denied_by"].items(), key=lambda kv: -kv[1]):
+        rate = _rate(count, then("denied_by", scope) or 0, seconds)
+        view.throttled.append((scope, "everyone", _per_s(rate), f"{count:,}"))
+    for tenant, stats in sorted(snap["tenants"].items(), key=lambda kv: -kv[1]["denied"]):
+        if not stats["denied"]:
+            continue
+        rate = _rate(stats["denied"], then("tenants", tenant, "denied") or 0, seconds)
+        view.throttled.append((f"tenant:{tenant}", tenant, _per_s(rate), f"{stats['denied']:,}"))
+
+    for kind, key in (("queue", "allowed_by_queue"), ("priority", "allowed_by_priority")):
+        for name, count in sorted(snap[key].items()):
+            rate = _rate(count, then(key, name) or 0, seconds)
+            view.usage.append((f"{kind} {name}", _per_s(rate), f"{count:,}"))
+    for lane, stats in sorted(snap["lanes"].items()):
+        oldest = f"oldest {stats['oldest_wait_ms'] / 1000:,.1f} s" if stats["backlog"] else ""
+        view.usage.append((f"parked in {lane}", oldest, f"{stats['backlog']:,}"))
+
+    histogram = snap["wait_ms_histogram"]
+    labels = [f"≤{b}ms" for b in histogram["bounds"]] + ["more"]
+    counts = histogram["counts"]
+    previous = then("wait_ms_histogram", "counts") or [0] * len(counts)
+    recent = [now - old for now, old in zip(counts, previous, strict=False)]
+    shown = recent if before else counts
+    view.waits = "  ".join(f"{label} {n:,}" for label, n in zip(labels, shown, strict=True) if n)
+    if not view.waits:
+        view.waits = "no denials" + (" since the last poll" if before else "")
+    return view
+
+
+class TopApp(App[None]):
+    """The dashboard. ``interval``: seconds between polls."""
+
+    TITLE = "queue-ratelimit top"
+    CSS = """
+    DataTable { height: auto; max-height: 16; margin-bottom: 1; }
+    #status { color: $warning; }
+    .title { text-style: bold; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("p", "pause", "Pause / resume"),
+    ]
+
+    def __init__(self, limiter: Limiter, *, interval: float = 1.0) -> None:
+        super().__init__()
+        self.limiter = limiter
+        self.interval = interval
+        self.paused = False
+        self.last: dict[str, Any] | None = None
+        self.polls = 0
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=True)
+        yield Static("", id="status")
+        with Horizontal():
+            with Vertical():
+                yield Static("Decisions", classes="title")
+                yield DataTable(id="decisions", cursor_type="none")
+                yield Static("Usage", classes="title")
+                yield DataTable(id="usage", cursor_type="none")
+            with Vertical():
+                yield Static("Budgets", classes="title")
+                yield DataTable(id="budgets", cursor_type="none")
+                yield Static("Throttled (denials by deciding scope)", classes="title")
+                yield DataTable(id="throttled", cursor_type="none")
+        yield Static("", id="waits")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#decisions", DataTable).add_columns("", "per s", "total")
+        self.query_one("#budgets", DataTable).add_columns(
+            "scope", "limit", "tokens", "fill", "denied/s"
+        )
+        self.query_one("#throttled", DataTable).add_columns("scope", "who", "per s", "total")
+        self.query_one("#usage", DataTable).add_columns("", "admitted/s", "total")
+        self.refresh_data()
+        self.set_interval(self.interval, self.refresh_data)
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        self.query_one("#status", Static).update("paused" if self.paused else "")
+
+    def refresh_data(self) -> None:
+        if not self.paused:
+            self.run_worker(self._poll, thread=True, exclusive=True, group="poll")
+
+    def _poll(self) -> None:
+        try:
+            snap = snapshot(self.limiter)
+        except (RateLimitError, RedisError, OSError) as exc:
+            self.call_from_thread(self._show_error, exc)
+            return
+        self.call_from_thread(self._show, snap)
+
+    def _show_error(self, exc: Exception) -> None:
+        self.query_one("#status", Static).update(f"cannot read Redis ({exc}); retrying")
+
+    def _show(self, snap: dict[str, Any]) -> None:
+        view = build_view(snap, self.last)
+        self.last = snap
+        self.polls += 1
+        self.sub_title = view.title
+        if not self.paused:
+            self.query_one("#status", Static).update("")
+        for table_id, rows in (
+            ("#decisions", view.decisions),
+            ("#budgets", view.budgets),
+            ("#throttled", view.throttled),
+            ("#usage", view.usage),
+        ):
+            table = self.query_one(table_id, DataTable)
+            table.clear()
+            table.add_rows(rows)
+        self.query_one("#waits", Static).update(f"Waits given to denied jobs: {view.waits}")

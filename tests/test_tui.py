@@ -1,0 +1,104 @@
+"""`queue-ratelimit top`: the view it computes, and the app itself against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+from conftest import NO_RETRY, free_port
+from textual.widgets import DataTable, Static
+
+from queue_ratelimit import Limit, Limiter
+from queue_ratelimit.metrics import snapshot
+from queue_ratelimit.tui import TopApp, build_view, fill_bar
+
+HOUR = 3600.0
+
+
+def test_fill_bar() -> None:
+    assert fill_bar(0.5, width=10) == "█████░░░░░  50%"
+    assert fill_bar(1.7, width=4) == "████ 100%"
+    assert fill_bar(-1, width=4) == "░░░░   0%"
+
+
+def test_view_rates_are_differences_between_two_polls(limiter: Limiter) -> None:
+    limiter.set_limit("global", Limit(1, per=HOUR, burst=10))
+    limiter.set_limit("tenant:slow", Limit(1, per=HOUR, burst=1))
+    for _ in range(4):
+        limiter.acquire("slow", queue="emails", priority="high")
+    first = snapshot(limiter)
+    for _ in range(6):
+        limiter.acquire("fast", queue="emails")
+    second = dict(snapshot(limiter), at_ms=first["at_ms"] + 2000)  # two seconds later
+
+    start = build_view(first, None)
+    assert ("allowed", "–", "1") in start.decisions  # one poll: totals, no rates yet
+    assert ("denied", "–", "3") in start.decisions
+
+    view = build_view(second, first)
+    assert ("allowed", "3.0", "7") in view.decisions  # 6 more admitted in 2 s
+    assert ("denied", "0.0", "3") in view.decisions
+    (budget,) = [row for row in view.budgets if row[0] == "global"]
+    assert budget[1:3] == ("0.000277778/s, burst 10", "3.0")
+    assert budget[3].endswith(" 30%")
+    assert ("tenant:slow", "slow", "0.0", "3") in view.throttled
+    assert ("queue emails", "3.0", "7") in view.usage
+    assert ("priority high", "0.0", "1") in view.usage
+    assert start.waits == "more 3"  # three waits of about an hour
+    assert view.waits == "no denials since the last poll"
+
+
+def test_dry_run_is_in_the_title(limiter: Limiter) -> None:
+    limiter.set_shadow(True)
+    assert "DRY RUN" in build_view(snapshot(limiter), None).title
+
+
+def rows(app: TopApp, table_id: str) -> list[list[object]]:
+    table = app.query_one(table_id, DataTable)
+    return [list(table.get_row_at(i)) for i in range(table.row_count)]
+
+
+def test_the_dashboard_shows_a_live_namespace(limiter: Limiter) -> None:
+    limiter.set_limit("global", Limit(1, per=HOUR, burst=5))
+    for _ in range(7):
+        limiter.acquire("acme", queue="emails")
+
+    async def scenario() -> None:
+        app = TopApp(limiter, interval=0.2)
+        async with app.run_test(size=(160, 50)) as pilot:
+            deadline = time.monotonic() + 20
+            while app.polls < 2:
+                assert time.monotonic() < deadline, "the dashboard never polled twice"
+                await pilot.pause(0.05)
+            assert limiter.namespace in str(app.sub_title)
+            budgets = rows(app, "#budgets")
+            assert budgets[0][0] == "global"
+            assert str(budgets[0][3]).endswith("  0%")
+            assert [str(c) for c in rows(app, "#throttled")[0][:2]] == ["global", "everyone"]
+            decisions = {str(r[0]): str(r[2]) for r in rows(app, "#decisions")}
+            assert (decisions["allowed"], decisions["denied"]) == ("5", "2")
+            await pilot.press("p")
+            assert app.paused
+            status = app.query_one("#status", Static)
+            assert "paused" in str(status.render())
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_the_dashboard_survives_an_unreachable_redis(namespace: str) -> None:
+    dead = Limiter(redis.Redis(port=free_port(), retry=NO_RETRY), namespace=namespace)
+
+    async def scenario() -> None:
+        app = TopApp(dead, interval=0.2)
+        async with app.run_test() as pilot:
+            status = app.query_one("#status", Static)
+            deadline = time.monotonic() + 20
+            while "cannot read Redis" not in str(status.render()):
+                assert time.monotonic() < deadline, "no error shown"
+                await pilot.pause(0.05)
+            assert app.polls == 0
+            await pilot.press("q")
+
+    asyncio.run(scenario())
