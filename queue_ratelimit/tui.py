@@ -23,6 +23,81 @@ from ._limiter import Limiter
 from .metrics import snapshot
 
 BAR_WIDTH = 20
+# Tenant hashes read per poll (SCAN, then one pipelined HMGET each): a bounded cost per
+# poll whatever the number of tenants; with many, the table fills in over a few polls.
+SAMPLE_PER_POLL = 500
+TENANTS_KEPT = 10_000
+TOP_TENANTS = 12
+
+
+@dataclass
+class TenantSample:
+    """A tenant's counters when last read, and the rates between its last two reads."""
+
+    allowed: float
+    denied: float
+    at_ms: float
+    top_scope: str = ""  # the scope that denied it most
+    allowed_rate: float | None = None
+    denied_rate: float | None = None
+
+
+class TenantSampler:
+    """Walks the namespace's tenant hashes a slice per poll (a SCAN cursor kept between
+    polls), so that tenants throttled by a default limit (``tenant:*``), which the metrics
+    snapshot does not list one by one, show up too."""
+
+    def __init__(self, limiter: Limiter, per_poll: int = SAMPLE_PER_POLL) -> None:
+        self.limiter = limiter
+        self.per_poll = per_poll
+        self.cursor = 0
+        self.tenants: dict[str, TenantSample] = {}
+        self.prefix = f"{limiter.keys.base}:t:"
+
+    def poll(self, now_ms: float) -> None:
+        client = self.limiter.client
+        self.cursor, keys = client.scan(self.cursor, match=f"{self.prefix}*", count=self.per_poll)
+        if not keys:
+            return
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        for key, fields in zip(keys, pipe.execute(), strict=True):
+            name = (key.decode() if isinstance(key, bytes) else key)[len(self.prefix) :]
+            self._record(name, fields, now_ms)
+        if len(self.tenants) > TENANTS_KEPT:  # forget the longest unseen
+            for stale in sorted(self.tenants, key=lambda t: self.tenants[t].at_ms)[
+                : len(self.tenants) - TENANTS_KEPT
+            ]:
+                del self.tenants[stale]
+
+    def _record(self, tenant: str, fields: dict[Any, Any], now_ms: float) -> None:
+        allowed = denied = most = 0.0
+        top_scope = ""
+        for raw_key, raw_value in fields.items():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            if key == "n:a":
+                allowed = float(raw_value)
+            elif key.startswith("d:"):  # denials by deciding scope (lua/buckets.lua)
+                count = float(raw_value)
+                denied += count
+                if count > most:
+                    most, top_scope = count, key[2:]
+        old = self.tenants.get(tenant)
+        sample = TenantSample(allowed, denied, now_ms, top_scope)
+        if old is not None and now_ms > old.at_ms:
+            seconds = (now_ms - old.at_ms) / 1000
+            sample.allowed_rate = max(0.0, allowed - old.allowed) / seconds
+            sample.denied_rate = max(0.0, denied - old.denied) / seconds
+        self.tenants[tenant] = sample
+
+    def top(self, count: int = TOP_TENANTS) -> list[tuple[str, TenantSample]]:
+        """The most throttled tenants: by denials per second, then by denials."""
+        ranked = sorted(
+            (item for item in self.tenants.items() if item[1].denied),
+            key=lambda item: (-(item[1].denied_rate or 0.0), -item[1].denied),
+        )
+        return ranked[:count]
 
 
 def fill_bar(fill: float, width: int = BAR_WIDTH) -> str:
@@ -54,8 +129,14 @@ class View:
     waits: str = ""
 
 
-def build_view(snap: dict[str, Any], before: dict[str, Any] | None) -> View:
-    """The dashboard's rows, from the latest snapshot and the one before it."""
+def build_view(
+    snap: dict[str, Any],
+    before: dict[str, Any] | None,
+    tenants: list[tuple[str, TenantSample]] | None = None,
+) -> View:
+    """The dashboard's rows, from the latest snapshot and the one before it; ``tenants``:
+    the most throttled tenants found by a ``TenantSampler`` (else those the snapshot
+    lists)."""
     seconds = (snap["at_ms"] - before["at_ms"]) / 1000 if before else 0.0
 
     def then(*path: str) -> Any:
@@ -92,14 +173,20 @@ def build_view(snap: dict[str, Any], before: dict[str, Any] | None) -> View:
 
     # Denials by the scope that decided: queue and global scopes for everyone, and each
     # listed tenant's own (their sum over the tenant is its denials).
+    # Who is throttled: everyone, by queue and global scopes; then tenants, with the scope
+    # that denied each most (sampled), or the tenants the snapshot lists.
     for scope, count in sorted(snap["denied_by"].items(), key=lambda kv: -kv[1]):
         rate = _rate(count, then("denied_by", scope) or 0, seconds)
-        view.throttled.append((scope, "everyone", _per_s(rate), f"{count:,}"))
-    for tenant, stats in sorted(snap["tenants"].items(), key=lambda kv: -kv[1]["denied"]):
-        if not stats["denied"]:
-            continue
-        rate = _rate(stats["denied"], then("tenants", tenant, "denied") or 0, seconds)
-        view.throttled.append((f"tenant:{tenant}", tenant, _per_s(rate), f"{stats['denied']:,}"))
+        view.throttled.append(("everyone", scope, _per_s(rate), f"{count:,}"))
+    if tenants is not None:
+        for tenant, sample in tenants:
+            rate_text = _per_s(sample.denied_rate)
+            view.throttled.append((tenant, sample.top_scope, rate_text, f"{sample.denied:,.0f}"))
+    else:
+        for tenant, stats in sorted(snap["tenants"].items(), key=lambda kv: -kv[1]["denied"]):
+            if stats["denied"]:
+                rate = _rate(stats["denied"], then("tenants", tenant, "denied") or 0, seconds)
+                view.throttled.append((tenant, "", _per_s(rate), f"{stats['denied']:,}"))
 
     for kind, key in (("queue", "allowed_by_queue"), ("priority", "allowed_by_priority")):
         for name, count in sorted(snap[key].items()):
@@ -142,6 +229,7 @@ class TopApp(App[None]):
         self.paused = False
         self.last: dict[str, Any] | None = None
         self.polls = 0
+        self.sampler = TenantSampler(limiter)
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -155,7 +243,7 @@ class TopApp(App[None]):
             with Vertical():
                 yield Static("Budgets", classes="title")
                 yield DataTable(id="budgets", cursor_type="none")
-                yield Static("Throttled (denials by deciding scope)", classes="title")
+                yield Static("Throttled (denials; tenants sampled)", classes="title")
                 yield DataTable(id="throttled", cursor_type="none")
         yield Static("", id="waits")
         yield Footer()
@@ -165,7 +253,9 @@ class TopApp(App[None]):
         self.query_one("#budgets", DataTable).add_columns(
             "scope", "limit", "tokens", "fill", "denied/s"
         )
-        self.query_one("#throttled", DataTable).add_columns("scope", "who", "per s", "total")
+        self.query_one("#throttled", DataTable).add_columns(
+            "who", "denied most by", "per s", "total"
+        )
         self.query_one("#usage", DataTable).add_columns("", "admitted/s", "total")
         self.refresh_data()
         self.set_interval(self.interval, self.refresh_data)
@@ -181,6 +271,7 @@ class TopApp(App[None]):
     def _poll(self) -> None:
         try:
             snap = snapshot(self.limiter)
+            self.sampler.poll(snap["at_ms"])
         except (RateLimitError, RedisError, OSError) as exc:
             self.call_from_thread(self._show_error, exc)
             return
@@ -190,7 +281,7 @@ class TopApp(App[None]):
         self.query_one("#status", Static).update(f"cannot read Redis ({exc}); retrying")
 
     def _show(self, snap: dict[str, Any]) -> None:
-        view = build_view(snap, self.last)
+        view = build_view(snap, self.last, self.sampler.top())
         self.last = snap
         self.polls += 1
         self.sub_title = view.title

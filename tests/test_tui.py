@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis
 from conftest import NO_RETRY, free_port
 from textual.widgets import DataTable, Static
 
 from queue_ratelimit import Limit, Limiter
 from queue_ratelimit.metrics import snapshot
-from queue_ratelimit.tui import TopApp, build_view, fill_bar
+from queue_ratelimit.tui import TenantSampler, TopApp, build_view, fill_bar
 
 HOUR = 3600.0
 
@@ -42,7 +43,7 @@ def test_view_rates_are_differences_between_two_polls(limiter: Limiter) -> None:
     (budget,) = [row for row in view.budgets if row[0] == "global"]
     assert budget[1:3] == ("0.000277778/s, burst 10", "3.0")
     assert budget[3].endswith(" 30%")
-    assert ("tenant:slow", "slow", "0.0", "3") in view.throttled
+    assert ("slow", "", "0.0", "3") in view.throttled  # from the snapshot's own tenant list
     assert ("queue emails", "3.0", "7") in view.usage
     assert ("priority high", "0.0", "1") in view.usage
     assert start.waits == "more 3"  # three waits of about an hour
@@ -75,7 +76,10 @@ def test_the_dashboard_shows_a_live_namespace(limiter: Limiter) -> None:
             budgets = rows(app, "#budgets")
             assert budgets[0][0] == "global"
             assert str(budgets[0][3]).endswith("  0%")
-            assert [str(c) for c in rows(app, "#throttled")[0][:2]] == ["global", "everyone"]
+            throttled = [[str(c) for c in row] for row in rows(app, "#throttled")]
+            assert throttled[0][:2] == ["everyone", "global"]
+            # acme has no limit of its own (no row in the snapshot): the sampler found it.
+            assert [throttled[1][0], throttled[1][1], throttled[1][3]] == ["acme", "global", "2"]
             decisions = {str(r[0]): str(r[2]) for r in rows(app, "#decisions")}
             assert (decisions["allowed"], decisions["denied"]) == ("5", "2")
             await pilot.press("p")
@@ -102,3 +106,35 @@ def test_the_dashboard_survives_an_unreachable_redis(namespace: str) -> None:
             await pilot.press("q")
 
     asyncio.run(scenario())
+
+
+def test_the_sampler_finds_tenants_throttled_by_a_default_limit(limiter: Limiter) -> None:
+    """A slice of tenant hashes per poll (SCAN cursor kept), rates from two reads."""
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=1))
+    for tenant, tries in (("a", 2), ("b", 4), ("c", 1)):
+        for _ in range(tries):
+            limiter.acquire(tenant)
+    sampler = TenantSampler(limiter, per_poll=1)
+    now = 1_000_000.0
+    for _ in range(30):  # SCAN's COUNT is a hint: a few polls find all three
+        sampler.poll(now)
+        if len(sampler.tenants) == 3:
+            break
+    assert set(sampler.tenants) == {"a", "b", "c"}
+    assert [(t, s.denied, s.top_scope) for t, s in sampler.top()] == [
+        ("b", 3, "tenant:b"),
+        ("a", 1, "tenant:a"),
+    ]
+    for _ in range(5):
+        limiter.acquire("a")
+    sampler.tenants["a"].at_ms = now - 1000  # last read one second ago
+    for _ in range(100):  # until "a" is read again
+        sampler.poll(now)
+        if sampler.tenants["a"].at_ms == now:
+            break
+    else:
+        pytest.fail("the sampler never came back to tenant a")
+    top = sampler.top()
+    assert top[0][0] == "a"
+    assert top[0][1].denied_rate == 5.0
+    assert top[0][1].allowed_rate == 0.0
