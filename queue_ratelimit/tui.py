@@ -209,7 +209,8 @@ def build_view(
 
 
 class TopApp(App[None]):
-    """The dashboard. ``interval``: seconds between polls."""
+    """The dashboard. ``interval``: seconds between polls; ``sample_per_poll``: tenant
+    hashes read per poll."""
 
     TITLE = "queue-ratelimit top"
     CSS = """
@@ -222,14 +223,16 @@ class TopApp(App[None]):
         Binding("p", "pause", "Pause / resume"),
     ]
 
-    def __init__(self, limiter: Limiter, *, interval: float = 1.0) -> None:
+    def __init__(
+        self, limiter: Limiter, *, interval: float = 1.0, sample_per_poll: int = SAMPLE_PER_POLL
+    ) -> None:
         super().__init__()
         self.limiter = limiter
         self.interval = interval
         self.paused = False
         self.last: dict[str, Any] | None = None
         self.polls = 0
-        self.sampler = TenantSampler(limiter)
+        self.sampler = TenantSampler(limiter, per_poll=sample_per_poll)
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)

@@ -66,11 +66,14 @@ def test_the_dashboard_shows_a_live_namespace(limiter: Limiter) -> None:
         limiter.acquire("acme", queue="emails")
 
     async def scenario() -> None:
-        app = TopApp(limiter, interval=0.2)
+        # (The server may hold many other keys: a large slice finds acme in a poll or two.)
+        app = TopApp(limiter, interval=0.2, sample_per_poll=100_000)
         async with app.run_test(size=(160, 50)) as pilot:
-            deadline = time.monotonic() + 20
-            while app.polls < 2:
-                assert time.monotonic() < deadline, "the dashboard never polled twice"
+            deadline = time.monotonic() + 30
+            while app.polls < 2 or not any(
+                str(row[0]) == "acme" for row in rows(app, "#throttled")
+            ):
+                assert time.monotonic() < deadline, "the dashboard never showed acme"
                 await pilot.pause(0.05)
             assert limiter.namespace in str(app.sub_title)
             budgets = rows(app, "#budgets")
@@ -114,12 +117,17 @@ def test_the_sampler_finds_tenants_throttled_by_a_default_limit(limiter: Limiter
     for tenant, tries in (("a", 2), ("b", 4), ("c", 1)):
         for _ in range(tries):
             limiter.acquire(tenant)
-    sampler = TenantSampler(limiter, per_poll=1)
+    sampler = TenantSampler(limiter, per_poll=50)
     now = 1_000_000.0
-    for _ in range(30):  # SCAN's COUNT is a hint: a few polls find all three
-        sampler.poll(now)
-        if len(sampler.tenants) == 3:
+    # One full pass of the SCAN cursor, a slice per poll (the server may hold other tests'
+    # keys too): SCAN returns every key that exists for the whole pass.
+    sampler.poll(now)
+    for _ in range(100_000):
+        if sampler.cursor == 0:
             break
+        sampler.poll(now)
+    else:
+        pytest.fail("the SCAN cursor never came back to 0")
     assert set(sampler.tenants) == {"a", "b", "c"}
     assert [(t, s.denied, s.top_scope) for t, s in sampler.top()] == [
         ("b", 3, "tenant:b"),
@@ -128,7 +136,7 @@ def test_the_sampler_finds_tenants_throttled_by_a_default_limit(limiter: Limiter
     for _ in range(5):
         limiter.acquire("a")
     sampler.tenants["a"].at_ms = now - 1000  # last read one second ago
-    for _ in range(100):  # until "a" is read again
+    for _ in range(100_000):  # until "a" is read again
         sampler.poll(now)
         if sampler.tenants["a"].at_ms == now:
             break
