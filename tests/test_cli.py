@@ -243,3 +243,28 @@ def test_demo_runs_on_redis(redis_url: str, redis_client: redis.Redis) -> None:
     assert "tenant:globex:queue:reports" in listing.output
     keys = list(redis_client.scan_iter(match=f"qrl:{{{DEMO_NAMESPACE}}}:*"))
     redis_client.delete(*keys)
+
+
+@pytest.mark.parametrize("buckets", ["1", "3"])
+def test_bench_measures_and_cleans_up(
+    cli: CliRunner, redis_client: redis.Redis, buckets: str
+) -> None:
+    result = json.loads(ok(cli, "bench", "--seconds", "0.4", "--buckets", buckets, "--json"))
+    assert result["buckets"] == int(buckets)
+    assert result["transport"] == "fcall"
+    assert result["floor_per_s"] > 0
+    assert result["acquire_per_s"] > 0
+    assert 0 < result["acquire_vs_floor"] < 3  # a ratio of two rates, not a timing bound
+    assert result["server_us_per_decision"] > result["floor_server_us"] > 0
+    per_core = 1e6 / result["server_us_per_decision"]
+    assert result["decisions_per_s_per_redis_core"] == pytest.approx(per_core, rel=1e-3)
+    assert not list(redis_client.scan_iter(match="qrl:{bench-*"))  # its namespace is gone
+    text = ok(cli, "bench", "--seconds", "0.2")
+    assert "of a bare round trip" in text
+    assert "one Redis core" in text
+
+
+def test_bench_refuses_bad_options(cli: CliRunner) -> None:
+    result = cli.invoke(main, ["bench", "--buckets", "2"])
+    assert result.exit_code == 2
+    assert "'2' is not one of '1', '3'" in result.output
