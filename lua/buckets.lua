@@ -81,7 +81,7 @@ local function config_at(config_key, rev)
     n_configs = n_configs + 1
     if n_configs > MAX_CONFIGS then CONFIGS, n_configs = {}, 1 end
   end
-  c = {rev = rev, plans = {}, n_plans = 0, values = {}}
+  c = {rev = rev, plans = {}, n_plans = 0, values = {}, n_values = 0}
   CONFIGS[config_key] = c
   return c
 end
@@ -166,8 +166,9 @@ local function new_plan(c, config_key, tenant, queue, priority)
   return plan
 end
 
--- Values of more config fields (weights), cached like the plans.
+-- Values of more config fields (weights), cached like the plans (and as bounded).
 local function config_values(c, config_key, names)
+  if c.n_values > MAX_PLANS then c.values, c.n_values = {}, 0 end
   local values, out, missing = c.values, {}, false
   for i = 1, #names do
     local v = values[names[i]]
@@ -179,6 +180,7 @@ local function config_values(c, config_key, names)
       values[names[i]] = got[i]
       out[i] = got[i]
     end
+    c.n_values = c.n_values + #names
   end
   return out
 end
