@@ -1,5 +1,6 @@
 -- acquire.lua: check, consume (or peek, or refund) every bucket that applies to one job,
--- all-or-nothing, in one round trip, on Redis's clock. Prefixed with buckets.lua.
+-- all-or-nothing, in one round trip, on Redis's clock. Runs with buckets.lua (one
+-- Functions library, or prefixed to it as an EVALSHA script).
 --
 -- KEYS: config hash, tenant hash, shared hash
 -- ARGV: tenant, then optionally mode ("acquire" (default) | "peek" | "refund"), counter

@@ -1,4 +1,5 @@
--- gate.lua: the worker-side fast path. Prefixed with buckets.lua.
+-- gate.lua: the worker-side fast path. Runs with buckets.lua (one Functions library, or
+-- prefixed to it as an EVALSHA script).
 --
 -- A job arriving from the broker runs at once only if nothing dispatchable waits in its
 -- lane's fair backlog (otherwise it would overtake work that is queued fairly) and every

@@ -1,4 +1,5 @@
--- scheduler.lua: weighted-fair backlogs under the token buckets. Prefixed with buckets.lua.
+-- scheduler.lua: weighted-fair backlogs under the token buckets. Runs with buckets.lua (one
+-- Functions library, or prefixed to it as an EVALSHA script).
 --
 -- A lane is one queue. In a lane, each (tenant, priority) class has a FIFO backlog. Classes
 -- are served by two-level stride scheduling: the tenant with the lowest pass goes first, and
