@@ -85,6 +85,32 @@ def _decision(
     return decision
 
 
+_PERIODS = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+
+
+def format_limit(limit: Limit) -> str:
+    """A limit as text that ``Limit.parse`` reads back: ``"100/s"``, ``"6000/m"``, ``"5/2s"``."""
+    unit = _PERIODS.get(limit.per)
+    if unit is not None:
+        return f"{limit.rate:.15g}/{unit}"
+    return f"{limit.rate:.15g}/{limit.per:.15g}s"
+
+
+def readable_config_value(field: str, value: str) -> str:
+    """A config value as people write it (audit logs, dashboards): limits as
+    ``100/s burst 100``, absence as ``-``, anything else as stored."""
+    if not value:
+        return "-"
+    if field.startswith(("exempt:", "mode:", "weight:")):
+        return value
+    try:
+        item = decode_limit(field, value)
+    except ValueError:  # not a limit we can read (Limit refuses it with a ValueError too)
+        return value
+    shadow = " shadow" if item.shadow else ""
+    return f"{format_limit(item.limit)} burst {item.limit.capacity:.15g}{shadow}"
+
+
 def parse_reply(reply: bytes | str) -> Decision:
     """Turn the acquire script's flat reply into a ``Decision``:
     ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``

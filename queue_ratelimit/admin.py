@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from ._core import redis_errors
-from ._decision import ScopeLimit
+from ._decision import ScopeLimit, format_limit
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
@@ -48,7 +48,7 @@ class LimitIn(_Body):
 
 class LimitOut(BaseModel):
     scope: str
-    limit: str
+    limit: str = Field(description='As written: "100/s", "6000/m", "5/2s".')
     rate: float
     per: float
     burst: float
@@ -89,7 +89,7 @@ def _limit_out(item: ScopeLimit) -> LimitOut:
     lim = item.limit
     return LimitOut(
         scope=item.scope,
-        limit=str(lim),
+        limit=format_limit(lim),
         rate=lim.rate,
         per=lim.per,
         burst=lim.capacity,

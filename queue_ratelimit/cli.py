@@ -17,14 +17,13 @@ import click
 import redis
 
 from . import __version__, _bench, _demo
-from ._decision import ScopeLimit, decode_limit
+from ._decision import ScopeLimit, format_limit, readable_config_value
 from ._demo import _table
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 
 DEFAULT_URL = "redis://localhost:6379/0"
-_PERIODS = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
 
 
 def masked(url: str) -> str:
@@ -37,14 +36,6 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def format_limit(limit: Limit) -> str:
-    """A limit as text that ``Limit.parse`` reads back: ``"100/s"``, ``"6000/m"``, ``"5/2s"``."""
-    unit = _PERIODS.get(limit.per)
-    if unit is not None:
-        return f"{limit.rate:.15g}/{unit}"
-    return f"{limit.rate:.15g}/{limit.per:.15g}s"
-
-
 def _limit_json(item: ScopeLimit) -> dict[str, Any]:
     lim = item.limit
     return {
@@ -54,20 +45,6 @@ def _limit_json(item: ScopeLimit) -> dict[str, Any]:
         "burst": lim.capacity,
         "shadow": item.shadow,
     }
-
-
-def _readable(field: str, value: str) -> str:
-    """An audit value as people write it: limits as ``100/s burst 100``, absence as ``-``."""
-    if not value:
-        return "-"
-    if field.startswith(("exempt:", "mode:")):
-        return value
-    try:
-        item = decode_limit(field, value)
-    except (ValueError, RateLimitError):  # not a limit we can read: show it as stored
-        return value
-    shadow = " shadow" if item.shadow else ""
-    return f"{format_limit(item.limit)} burst {item.limit.capacity:.15g}{shadow}"
 
 
 def _mode(shadow: bool) -> str:
@@ -452,7 +429,7 @@ def audit(settings: Settings, count: int, as_json: bool) -> None:
             e.actor,
             e.op,
             e.field,
-            f"{_readable(e.field, e.old)} -> {_readable(e.field, e.new)}",
+            f"{readable_config_value(e.field, e.old)} -> {readable_config_value(e.field, e.new)}",
         ]
         for e in entries
     ]

@@ -9,6 +9,7 @@ changes. Rates are differences between two polls, so the first screen shows tota
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,11 +19,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 
+from ._core import AuditEntry
+from ._decision import readable_config_value
 from ._errors import RateLimitError
 from ._limiter import Limiter
 from .metrics import snapshot
 
 BAR_WIDTH = 20
+CHANGES_SHOWN = 6
 # Tenant hashes read per poll (SCAN, then one pipelined HMGET each): a bounded cost per
 # poll whatever the number of tenants; with many, the table fills in over a few polls.
 SAMPLE_PER_POLL = 500
@@ -208,6 +212,17 @@ def build_view(
     return view
 
 
+def change_rows(entries: list[AuditEntry]) -> list[tuple[str, str, str]]:
+    """Audit entries as rows: local time, who, and what changed (values as written)."""
+    rows = []
+    for entry in entries:
+        at = datetime.datetime.fromtimestamp(entry.at_ms / 1000).strftime("%H:%M:%S")
+        old = readable_config_value(entry.field, entry.old)
+        new = readable_config_value(entry.field, entry.new)
+        rows.append((at, entry.actor, f"{entry.op} {entry.field}: {old} -> {new}"))
+    return rows
+
+
 class TopApp(App[None]):
     """The dashboard. ``interval``: seconds between polls; ``sample_per_poll``: tenant
     hashes read per poll."""
@@ -233,6 +248,7 @@ class TopApp(App[None]):
         self.last: dict[str, Any] | None = None
         self.polls = 0
         self.sampler = TenantSampler(limiter, per_poll=sample_per_poll)
+        self.changes_version: int | None = None
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -243,6 +259,8 @@ class TopApp(App[None]):
                 yield DataTable(id="decisions", cursor_type="none")
                 yield Static("Usage", classes="title")
                 yield DataTable(id="usage", cursor_type="none")
+                yield Static("Recent changes", classes="title")
+                yield DataTable(id="changes", cursor_type="none")
             with Vertical():
                 yield Static("Budgets", classes="title")
                 yield DataTable(id="budgets", cursor_type="none")
@@ -260,6 +278,7 @@ class TopApp(App[None]):
             "who", "denied most by", "per s", "total"
         )
         self.query_one("#usage", DataTable).add_columns("", "admitted/s", "total")
+        self.query_one("#changes", DataTable).add_columns("at", "who", "what")
         self.refresh_data()
         self.set_interval(self.interval, self.refresh_data)
 
@@ -275,15 +294,24 @@ class TopApp(App[None]):
         try:
             snap = snapshot(self.limiter)
             self.sampler.poll(snap["at_ms"])
+            # The audit log is read again only when the configuration moved.
+            changes = None
+            if snap["config_version"] != self.changes_version:
+                changes = change_rows(self.limiter.audit_log(count=CHANGES_SHOWN))
         except (RateLimitError, RedisError, OSError) as exc:
             self.call_from_thread(self._show_error, exc)
             return
-        self.call_from_thread(self._show, snap)
+        self.call_from_thread(self._show, snap, changes)
 
     def _show_error(self, exc: Exception) -> None:
         self.query_one("#status", Static).update(f"cannot read Redis ({exc}); retrying")
 
-    def _show(self, snap: dict[str, Any]) -> None:
+    def _show(self, snap: dict[str, Any], changes: list[tuple[str, str, str]] | None) -> None:
+        if changes is not None:
+            self.changes_version = snap["config_version"]
+            table = self.query_one("#changes", DataTable)
+            table.clear()
+            table.add_rows(changes)
         view = build_view(snap, self.last, self.sampler.top())
         self.last = snap
         self.polls += 1

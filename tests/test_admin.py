@@ -68,7 +68,7 @@ def test_a_limit_set_through_the_api_applies_to_the_next_decision(
     assert listed == [
         {
             "scope": "tenant:*",
-            "limit": str(Limit(2, per=HOUR)),
+            "limit": "2/h",
             "rate": 2.0,
             "per": HOUR,
             "burst": 2.0,

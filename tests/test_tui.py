@@ -85,6 +85,19 @@ def test_the_dashboard_shows_a_live_namespace(limiter: Limiter) -> None:
             assert [throttled[1][0], throttled[1][1], throttled[1][3]] == ["acme", "global", "2"]
             decisions = {str(r[0]): str(r[2]) for r in rows(app, "#decisions")}
             assert (decisions["allowed"], decisions["denied"]) == ("5", "2")
+            changes = rows(app, "#changes")
+            assert [str(c) for c in changes[0][1:]] == [
+                "api",
+                "set global: - -> 1/h burst 5",
+            ]
+            limiter.set_limit("global", Limit(2, per=HOUR, burst=5), actor="ops")
+            while len(rows(app, "#changes")) < 2:  # the next poll reads the audit log again
+                assert time.monotonic() < deadline, "the change never showed"
+                await pilot.pause(0.05)
+            assert [str(c) for c in rows(app, "#changes")[0][1:]] == [
+                "ops",
+                "set global: 1/h burst 5 -> 2/h burst 5",
+            ]
             await pilot.press("p")
             assert app.paused
             status = app.query_one("#status", Static)
