@@ -96,6 +96,18 @@ def format_limit(limit: Limit) -> str:
     return f"{limit.rate:.15g}/{limit.per:.15g}s"
 
 
+def limit_fields(item: ScopeLimit) -> dict[str, str | float | bool]:
+    """A configured limit as plain fields (the CLI's JSON, the admin API)."""
+    lim = item.limit
+    return {
+        "limit": format_limit(lim),
+        "rate": lim.rate,
+        "per": lim.per,
+        "burst": lim.capacity,
+        "shadow": item.shadow,
+    }
+
+
 def readable_config_value(field: str, value: str) -> str:
     """A config value as people write it (audit logs, dashboards): limits as
     ``100/s burst 100``, absence as ``-``, anything else as stored."""

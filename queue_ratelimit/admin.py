@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from ._core import redis_errors
-from ._decision import ScopeLimit, format_limit
+from ._decision import ScopeLimit, limit_fields
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
@@ -86,15 +86,8 @@ class BucketOut(BaseModel):
 
 
 def _limit_out(item: ScopeLimit) -> LimitOut:
-    lim = item.limit
-    return LimitOut(
-        scope=item.scope,
-        limit=format_limit(lim),
-        rate=lim.rate,
-        per=lim.per,
-        burst=lim.capacity,
-        rate_per_second=lim.rate_per_second,
-        shadow=item.shadow,
+    return LimitOut.model_validate(
+        {"scope": item.scope, "rate_per_second": item.limit.rate_per_second, **limit_fields(item)}
     )
 
 

@@ -17,7 +17,7 @@ import click
 import redis
 
 from . import __version__, _bench, _demo
-from ._decision import ScopeLimit, format_limit, readable_config_value
+from ._decision import format_limit, limit_fields, readable_config_value
 from ._demo import _table
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
@@ -34,17 +34,6 @@ def masked(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-def _limit_json(item: ScopeLimit) -> dict[str, Any]:
-    lim = item.limit
-    return {
-        "limit": format_limit(lim),
-        "rate": lim.rate,
-        "per": lim.per,
-        "burst": lim.capacity,
-        "shadow": item.shadow,
-    }
 
 
 def _mode(shadow: bool) -> str:
@@ -277,7 +266,7 @@ def list_(settings: Settings, as_json: bool) -> None:
             "namespace": settings.namespace,
             "version": version,
             "dry_run": dry_run,
-            "limits": {scope: _limit_json(item) for scope, item in items.items()},
+            "limits": {scope: limit_fields(item) for scope, item in items.items()},
             "exempt": exempt,
         }
         click.echo(json.dumps(payload, indent=2))
@@ -317,7 +306,7 @@ def get(settings: Settings, scope: str, as_json: bool) -> None:
     with settings.limiter() as limiter:
         item = limiter.get_limit(scope)
     if as_json:
-        click.echo(json.dumps({"scope": item.scope, **_limit_json(item)}, indent=2))
+        click.echo(json.dumps({"scope": item.scope, **limit_fields(item)}, indent=2))
         return
     lim = item.limit
     click.echo(

@@ -168,7 +168,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             "backlog": backlogged.get(tenant, 0),
             "exempt": config.get(f"exempt:{tenant}"),
         }
-        tenant_limit = limits.get(f"tenant:{tenant}") or limits.get("tenant:*")
+        tenant_limit = effective_limit(limits, Scope("tenant", tenant=tenant))
         if tenant_limit is not None:
             burst, rate = tenant_limit.limit.capacity, tenant_limit.limit.rate_per_second
             tokens = _bucket_fill(fields, "b", burst, rate, now_us)

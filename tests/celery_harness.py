@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import e2e_support
 import pytest
 import redis
 from celery.signals import before_task_publish
@@ -314,22 +315,6 @@ class E2E:
             client.close()
 
 
-class _LogsOnFailure:
-    """A plugin that attaches the workers' log tails to the report of a failed test."""
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Iterator[Any]:
-        report = yield
-        e2e = getattr(item, "funcargs", {}).get("e2e")
-        if report.failed and isinstance(e2e, E2E) and e2e.workers:
-            report.sections.append(("celery worker logs", e2e.logs()))
-        return report
-
-
 def report_logs_on_failure(config: pytest.Config) -> None:
     """Register the plugin that shows worker logs when a test fails (once per session)."""
-    name = "queue-ratelimit-celery-logs"
-    if not config.pluginmanager.has_plugin(name):
-        config.pluginmanager.register(_LogsOnFailure(), name)
+    e2e_support.report_logs_on_failure(config, "e2e", "celery worker logs")

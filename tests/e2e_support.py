@@ -6,8 +6,12 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 LOG_TAIL_LINES = 80
 # Executions are stamped when the job starts, a few ms after the gate admitted it (the
@@ -64,3 +68,29 @@ def assert_cap(times: list[float], rate: float, burst: float, what: str) -> None
         most = max_in_window(times, window)
         bound = rate * (window + HANDOFF) + burst
         assert most <= bound, f"{what}: {most} runs within {window:.2f}s > {bound:.1f}"
+
+
+class _LogsOnFailure:
+    """A pytest plugin that attaches the worker logs of a failed test's environment (the
+    fixture ``fixture``, an object with ``workers`` and ``logs()``) to its report."""
+
+    def __init__(self, fixture: str, title: str) -> None:
+        self.fixture, self.title = fixture, title
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Iterator[Any]:
+        report = yield
+        env = getattr(item, "funcargs", {}).get(self.fixture)
+        if report.failed and getattr(env, "workers", None):
+            report.sections.append((self.title, env.logs()))
+        return report
+
+
+def report_logs_on_failure(config: pytest.Config, fixture: str, title: str) -> None:
+    """Register (once per session) the plugin that shows ``fixture``'s worker logs when a
+    test fails."""
+    name = f"queue-ratelimit-logs-{fixture}"
+    if not config.pluginmanager.has_plugin(name):
+        config.pluginmanager.register(_LogsOnFailure(fixture, title), name)

@@ -245,6 +245,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _limiter_redis_with_aof(tmp_path: Path, port: int | None = None) -> RedisProcess:
+    """A limiter Redis of the test's own that keeps every write (AOF, fsync always), so it
+    can be stopped and started again (same ``port``) with the parked backlog intact."""
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    return RedisProcess(tmp_path / "limiter", port=port or free_port(), extra=aof).start()
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 def test_every_task_runs_once_across_a_limiter_redis_restart(
     broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -258,8 +265,7 @@ def test_every_task_runs_once_across_a_limiter_redis_restart(
     lease, a record left open would hand the task out again. Every task runs exactly once.
     """
     report_logs_on_failure(request.config)
-    aof = ["--appendonly", "yes", "--appendfsync", "always"]
-    server = RedisProcess(tmp_path / "limiter", port=free_port(), extra=aof).start()
+    server = _limiter_redis_with_aof(tmp_path)
     e2e = E2E(
         broker=broker,
         redis_url=server.url,
@@ -294,7 +300,7 @@ def test_every_task_runs_once_across_a_limiter_redis_restart(
         assert sum(r["id"] in before for r in rows) == ran_before_outage
         # Not a synchronisation: the outage should last a few of the gate's timer ticks.
         time.sleep(max(0.0, down_at + 2.0 - time.monotonic()))
-        RedisProcess(tmp_path / "limiter", port=server.port, extra=aof).start()
+        _limiter_redis_with_aof(tmp_path, port=server.port)
 
         e2e.wait_ids(before, timeout=40, what="the parked backlog to drain")
         e2e.wait_settled(timeout=15)  # a record left open would be handed out again (lease)
@@ -538,8 +544,7 @@ def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
     """fail_mode "closed": with the limiter's Redis gone (the broker and the records live
     elsewhere) no task runs; once it is back on the same port they all run, once each."""
     report_logs_on_failure(request.config)
-    aof = ["--appendonly", "yes", "--appendfsync", "always"]
-    server = RedisProcess(tmp_path / "limiter", port=free_port(), extra=aof).start()
+    server = _limiter_redis_with_aof(tmp_path)
     e2e = E2E(
         broker=broker,
         redis_url=server.url,
@@ -571,7 +576,7 @@ def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
             assert not ran, f"{len(ran)} tasks ran while the limiter's Redis was down"
             time.sleep(0.1)
 
-        RedisProcess(tmp_path / "limiter", port=server.port, extra=aof).start()
+        _limiter_redis_with_aof(tmp_path, port=server.port)
         e2e.wait_ids(held, timeout=30, what="the held tasks to run once Redis is back")
         rows = e2e.wait_settled(timeout=15)
         assert_exactly_once(rows, warm | held)

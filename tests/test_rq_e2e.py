@@ -25,7 +25,7 @@ import pytest
 import redis
 import rq
 from conftest import REDIS_SERVER, RedisProcess, wait_until
-from e2e_support import HANDOFF, GroupProcess, assert_cap
+from e2e_support import HANDOFF, GroupProcess, assert_cap, report_logs_on_failure
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -223,24 +223,9 @@ class RQEnv:
             client.close()
 
 
-class _LogsOnFailure:
-    """Attaches the RQ workers' log tails to the report of a failed test."""
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Iterator[Any]:
-        report = yield
-        env = getattr(item, "funcargs", {}).get("env")
-        if report.failed and isinstance(env, RQEnv) and env.workers:
-            report.sections.append(("rq worker logs", env.logs()))
-        return report
-
-
 @pytest.fixture
 def env(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RQEnv]:
-    if not request.config.pluginmanager.has_plugin("queue-ratelimit-rq-logs"):
-        request.config.pluginmanager.register(_LogsOnFailure(), "queue-ratelimit-rq-logs")
+    report_logs_on_failure(request.config, "env", "rq worker logs")
     e = RQEnv(redis_url=redis_url, record_url=redis_url, workdir=tmp_path)
     try:
         yield e
