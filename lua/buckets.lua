@@ -215,15 +215,18 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   local usec = time[2]
   if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
   local now_s = time[1] .. usec
-  local now = tonumber(now_s)
+  -- (Numbers read as `text + 0`: Lua's own coercion, half the cost of a tonumber call.
+  -- Only this package writes these fields, and only numbers.)
+  local now = now_s + 0
   local buckets = plan.buckets
   local tokens = {}
   for i = 1, #buckets do
     local b = buckets[i]
     local vals = b.in_tenant and tv or sv
-    local have, updated = tonumber(vals[b.at]), tonumber(vals[b.at + 1])
+    local have, updated = vals[b.at], vals[b.at + 1]
     local t = b.burst
     if have and updated then
+      have, updated = have + 0, updated + 0
       -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
       local elapsed = now - updated
       if not (elapsed > 0) then elapsed = 0 end
@@ -234,7 +237,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   end
   -- (ctx.ok is added only by judge with shadow buckets; texts by write.)
   local ctx = {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
-               tokens = tokens, now = now, now_s = now_s, old_x = tonumber(tv[plan.x_at]) or 0,
+               tokens = tokens, now = now, now_s = now_s, old_x = (tv[plan.x_at] or 0) + 0,
                plan = plan, texts = false}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
   return ctx

@@ -7,6 +7,7 @@ only differ in how they wait for Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -47,10 +48,12 @@ DEFAULT_RETENTION_MS = 900_000
 AUDIT_LENGTH = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScriptCall:
     keys: Sequence[str | bytes]
     args: Sequence[str | bytes | float | int]
+    # The FCALL as sent on the wire, once Scripts.call_packed has packed it.
+    packed: list[bytes] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ class Limiter(LimiterBase):
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
         try:  # (no context manager here: this is the hot path)
-            reply = self._scripts.call("acquire.lua", call.keys, call.args)
+            reply = self._scripts.call_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)

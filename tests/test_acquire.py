@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from queue_ratelimit import (
     ConfigError,
@@ -776,6 +778,52 @@ def test_lost_scripts_are_loaded_again(limiter: Limiter, transport: str) -> None
     flush()
     assert limiter.refund("acme", cost=5).remaining["tenant:acme"] == 5
     assert limiter._scripts.transport == transport
+
+
+def test_a_dropped_connection_is_reconnected_and_decides_once(
+    limiter: Limiter, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Decisions are sent on a pooled connection directly; one the server dropped is
+    connected again and the decision made once, not lost and not counted twice."""
+    limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=5))
+    assert limiter.acquire("acme").allowed
+    # Dropped while idle in the pool: redis-py replaces it when it is taken out.
+    redis_client.client_kill_filter(_id=limiter.client.client_id())
+    assert limiter.acquire("acme").allowed
+    # Dropped while a decision waits for its reply: writes are paused for longer than the
+    # client's timeout, so the decision times out, its connection is closed (the server
+    # drops the unanswered call with it) and the decision is made again, under the
+    # client's retry policy, once Redis answers.
+    client = redis.Redis.from_url(
+        redis_url,
+        socket_timeout=0.3,
+        retry=Retry(ConstantBackoff(0.1), 20),
+        retry_on_error=[redis.TimeoutError],
+    )
+    patient = Limiter(client, namespace=limiter.namespace)
+    assert patient.acquire("acme").allowed
+    redis_client.client_pause(700, all=False)
+    assert patient.acquire("acme").allowed
+    assert limiter.peek("acme").remaining == {"tenant:acme": near(1)}
+    patient.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"single_connection_client": True}, {"decode_responses": True}],
+    ids=["single-connection", "decoded"],
+)
+def test_clients_of_every_kind_decide_alike(
+    redis_url: str, namespace: str, options: dict[str, bool]
+) -> None:
+    client = redis.Redis.from_url(redis_url, **options)
+    limiter = Limiter(client, namespace=namespace)
+    limiter.set_limit("tenant:acme", Limit(1, per=HOUR, burst=2))
+    decisions = [limiter.acquire("acme", "emails") for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert decisions[1].remaining == {"tenant:acme": near(0)}
+    assert decisions[2].denied_by == "tenant:acme"
+    limiter.close()
 
 
 def test_a_server_that_refuses_functions_gets_scripts(
