@@ -5,6 +5,9 @@ client made with the same settings (``redis.Redis.from_url`` defaults, or the li
 equivalent), on the same Redis server, in the same run:
 
 - ``floor``: ``EVALSHA`` of ``return 1`` (one round trip and nothing else);
+- ``floor_packed``: the same, sent the way ``acquire`` sends its ``FCALL``: packed once and
+  written on a pooled connection, without redis-py's per-command work (informative: the
+  round trip alone; the issue's targets are against ``floor``);
 - ``acquire_1bucket[_denied]``: ``Limiter.acquire(tenant)`` with only ``tenant:*`` set;
 - ``acquire_3bucket[_denied]``: ``Limiter.acquire(tenant, queue)`` with ``tenant:*:queue:q``,
   ``tenant:*`` and ``global`` set;
@@ -24,7 +27,7 @@ reset before each slice: the time of the top-level commands, which for a script 
 
 Settings (environment, or ``python -m benchmarks --seconds/--rounds``):
 ``QRL_BENCH_SECONDS`` (timed seconds per slice, default 0.12), ``QRL_BENCH_ROUNDS``
-(default 40: about a minute for the 11 cases), ``QRL_BENCH_CASES`` (comma-separated subset).
+(default 40: about a minute for the 12 cases), ``QRL_BENCH_CASES`` (comma-separated subset).
 """
 
 from __future__ import annotations
@@ -81,6 +84,25 @@ def _floor(url: str, prefix: str) -> Prepared:
     client = redis.Redis.from_url(url)
     script = client.register_script("return 1")
     return Prepared(call=script, is_allowed=lambda reply: reply == 1, close=client.close)
+
+
+def _floor_packed(url: str, prefix: str) -> Prepared:
+    client = redis.Redis.from_url(url)
+    sha = client.script_load("return 1")
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    packed = conn.pack_command("EVALSHA", sha, 0)
+    pool.release(conn)
+
+    def call() -> object:
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(packed)
+            return conn.read_response()
+        finally:
+            pool.release(conn)
+
+    return Prepared(call=call, is_allowed=lambda reply: reply == 1, close=client.close)
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -179,6 +201,11 @@ def _pyrate(kind: str, url: str, prefix: str) -> Prepared:
 
 CASES: tuple[Case, ...] = (
     Case("floor", "EVALSHA of `return 1` (one round trip, no work)", _floor),
+    Case(
+        "floor_packed",
+        "EVALSHA of `return 1`, packed once, sent on a pooled connection as acquire sends",
+        _floor_packed,
+    ),
     Case(
         "acquire_1bucket",
         "Limiter.acquire(tenant): tenant:* bucket, allowed",
@@ -307,6 +334,7 @@ def _ratios(samples: dict[str, list[Sample]], cases: dict[str, Case]) -> dict[st
     ratios: dict[str, float | None] = {}
     for ours in OURS:
         ratios[f"{ours}_vs_floor"] = _paired(samples, ours, "floor", _rate, cases)
+        ratios[f"{ours}_vs_floor_packed"] = _paired(samples, ours, "floor_packed", _rate, cases)
     for ours in ("acquire_1bucket", "acquire_3bucket"):
         for lib in LIBRARIES:
             ratios[f"{ours}_vs_{lib}"] = _paired(samples, ours, lib, _rate, cases)

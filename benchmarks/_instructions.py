@@ -1,0 +1,207 @@
+"""Instructions Redis executes per ``acquire``, counted with callgrind: a tool for working on
+the Lua, whose figures machine noise cannot move.
+
+    python -m benchmarks._instructions [--calls N] [--denied] [--ops]
+
+Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
+``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
+--tool=callgrind`` on a free loopback port, sets up the 1-bucket and 3-bucket decisions of
+``benchmarks/decisions.py``, and for each one zeroes the counters, runs N ``FCALL``s in one
+pipeline and dumps the counters: instructions per call, the same for the same code on any
+run. ``--ops`` also prices single Lua operations (a ``tonumber``, a table, a ``redis.call``
+...), each in a loop of 1,000 inside one ``EVAL``, net of an empty loop. Prints JSON on
+stdout; the server's dumps are left in a temporary folder, named on stderr, for
+``callgrind_annotate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from queue_ratelimit import Limiter
+
+from .decisions import HIGH, QUEUE, TENANT, TIGHT
+
+CLOCK = ("999999", "1764355012345678")  # a token count and a clock in microseconds
+# Lua operations priced by --ops: (name, loop body, ARGV).
+OPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("tonumber of 16 digits", "x = tonumber(ARGV[1])", ("1764355012345678",)),
+    ("tonumber of 6 digits", "x = tonumber(ARGV[1])", ("999999",)),
+    ("16 digits + 0 (coercion)", "x = ARGV[1] + 0", ("1764355012345678",)),
+    ("concatenation of two strings", "x = ARGV[1] .. ARGV[2]", ("1764355012", "345678")),
+    ("string.format('%d')", "x = string.format('%d', 999999 - i)", ()),
+    ("string.format('%.17g')", "x = string.format('%.17g', 999999.5 - i)", ()),
+    ("empty table", "x = {}", ()),
+    ("table of 9 named fields", "x = {a=1, b=2, c=3, d=4, e=5, f=6, g=7, h=8, i=9}", ()),
+    ("Lua function call", "x = f(i)", ()),
+    ("HGET", "x = redis.call('HGET', 'qrl-ops', 'f')", ()),
+    ("HMGET of 3 fields", "x = redis.call('HMGET', 'qrl-ops', 'f', 'g', 'x')", ()),
+    ("TIME", "x = redis.call('TIME')", ()),
+    ("HINCRBY", "x = redis.call('HINCRBY', 'qrl-ops', 'n', '1')", ()),
+    ("HSET of 2 fields", "x = redis.call('HSET', 'qrl-ops', 'f', ARGV[1], 'g', ARGV[2])", CLOCK),
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Callgrind:
+    """A redis-server under callgrind, and its counters."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={folder}/callgrind.out.%p",
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port)
+        self.dumps = 0
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start under valgrind") from None
+                time.sleep(0.2)
+
+    def _control(self, *args: str) -> None:
+        # Valgrind reads the request when the server next runs: keep it busy until done.
+        for _ in range(20):
+            control = subprocess.Popen(
+                ["callgrind_control", *args, str(self.process.pid)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            while control.poll() is None:
+                self.client.ping()
+                time.sleep(0.05)
+            assert control.stdout is not None
+            output = control.stdout.read()
+            if "OK" in output:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"callgrind_control {' '.join(args)}: {output}")
+
+    def count(self, run: Callable[[], object]) -> int:
+        """Instructions the server executed while ``run`` ran."""
+        self._control("-z")
+        run()
+        self._control("-d")
+        self.dumps += 1
+        dump = self.folder / f"callgrind.out.{self.process.pid}.{self.dumps}"
+        deadline = time.monotonic() + 30
+        while not dump.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no dump {dump}")
+            time.sleep(0.1)
+        found = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
+        assert found, dump
+        return int(found.group(1))
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait()
+
+
+@contextmanager
+def callgrind() -> Iterator[Callgrind]:
+    folder = Path(tempfile.mkdtemp(prefix="qrl-callgrind-"))
+    print(f"callgrind dumps in {folder}", file=sys.stderr)
+    server = Callgrind(folder)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _decision(server: Callgrind, buckets: int, denied: bool, calls: int) -> float:
+    limiter = Limiter(server.client, namespace=f"qrl-instructions-{buckets}{'d' * denied}")
+    queue = None
+    if buckets == 1:
+        limiter.set_limit("tenant:*", TIGHT if denied else HIGH)
+    else:
+        limiter.set_limit("global", HIGH)
+        limiter.set_limit("tenant:*", HIGH)
+        limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else HIGH)
+        queue = QUEUE
+    for _ in range(50):  # the library loaded, its plan cached, a denied bucket emptied
+        limiter.acquire(TENANT, queue)
+    call = limiter._core.decision_call("acquire", TENANT, queue, None, 1)
+    function = limiter._scripts.functions["acquire.lua"]
+    pipe = server.client.pipeline(transaction=False)
+    for _ in range(calls):
+        pipe.execute_command("FCALL", function, len(call.keys), *call.keys, *call.args)
+    return server.count(pipe.execute) / calls
+
+
+def _ops(server: Callgrind) -> dict[str, float]:
+    server.client.hset("qrl-ops", mapping={"f": "999999", "g": "1764355012345678", "x": "1"})
+
+    def loop(body: str, args: tuple[str, ...]) -> int:
+        script = f"local function f(a) return a end local x for i = 1, 1000 do {body} end return 1"
+        server.client.eval(script, 0, *args)  # compiled and cached before counting
+        return server.count(lambda: server.client.eval(script, 0, *args))
+
+    empty = loop("x = i", ())
+    return {name: round((loop(body, args) - empty) / 1000) for name, body, args in OPS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--calls", type=int, default=2000, help="FCALLs per count (2000)")
+    parser.add_argument("--denied", action="store_true", help="the denied paths too")
+    parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
+    options = parser.parse_args()
+    result: dict[str, Any] = {}
+    with callgrind() as server:
+        paths = [("1bucket", 1, False), ("3bucket", 3, False)]
+        if options.denied:
+            paths += [("1bucket_denied", 1, True), ("3bucket_denied", 3, True)]
+        for name, buckets, denied in paths:
+            result[name] = round(_decision(server, buckets, denied, options.calls))
+            print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
+        if options.ops:
+            result["ops"] = _ops(server)
+            for op, cost in result["ops"].items():
+                print(f"  {op:32s} {cost:>7,}", file=sys.stderr)
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
