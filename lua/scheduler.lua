@@ -19,6 +19,9 @@
 --                           ':cv' -> config version the parked tenants were judged under
 --   B:s:<lane>:age          zset item id -> ms it was first queued (oldest waiting job)
 --   B:s:inflight            zset item id -> lease deadline (ms)
+--   B:s:lease               hash item id -> lease token of its current lease: a worker
+--                           whose lease ran out cannot close or renew the next holder's
+--   (shared hash field n:lease: the last lease token handed out)
 --   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>"
 --   B:s:payload             hash item id -> opaque payload
 --   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
@@ -36,6 +39,7 @@ local RECEIPT_MS = 86400000  -- a dispatch receipt outlives any outage a caller 
 local function lane_key(lane, suffix) return base .. ':s:' .. lane .. ':' .. suffix end
 local function tenant_key(tenant) return base .. ':t:' .. tenant end
 local function backlog_key(lane, tenant, priority) return lane_key(lane, 'bl:' .. tenant .. ':' .. priority) end
+local lease_key = base .. ':s:lease'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -95,7 +99,10 @@ local function reap(now)
     redis.call('ZREM', inflight_key, id)
     enqueue(id, true)
   end
-  if #expired > 0 then redis.call('HINCRBY', shared_key, 'n:reaped', #expired) end
+  if #expired > 0 then
+    redis.call('HDEL', lease_key, unpack(expired))
+    redis.call('HINCRBY', shared_key, 'n:reaped', #expired)
+  end
   return #expired
 end
 
@@ -158,14 +165,16 @@ if mode == 'dispatch' then
   -- With lease 0 no in-flight record is kept: the item is handed over for good. A receipt
   -- key is set to "<nonce> <id>..." when something is dispatched, so a caller whose reply
   -- was lost (Redis restarted, the connection dropped) can find out what it was handed.
-  -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload}...}; wait_ms is "0" when
-  -- something was dispatched, "-1" when every lane is empty, else the ms until the earliest
-  -- moment something could be admitted.
+  -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload, lease}...}; wait_ms is "0"
+  -- when something was dispatched, "-1" when every lane is empty, else the ms until the
+  -- earliest moment something could be admitted. `lease` is the token that ack, nack and
+  -- extend present for the item ("" without a lease): one per dispatch call, never reused.
   local max_items, lease_ms, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
   local now = now_ms()
   reap(now)
   local version = redis.call('HGET', config_key, '_version') or '0'
   local items, wait, backlogged, stop_all = {}, false, false, false
+  local lease, leases = '', {}
   local function note_wait(w)
     if not wait or w < wait then wait = w end
   end
@@ -220,6 +229,9 @@ if mode == 'dispatch' then
             if handoff ~= '' then redis.call('RPUSH', handoff, id) end
             if lease_ms > 0 then
               redis.call('ZADD', inflight_key, now + lease_ms + #items / 1000, id)
+              if lease == '' then lease = tostring(redis.call('HINCRBY', shared_key, 'n:lease', 1)) end
+              leases[#leases + 1] = id
+              leases[#leases + 1] = lease
             end
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
@@ -244,7 +256,7 @@ if mode == 'dispatch' then
               redis.call('HDEL', meta_key, id)
               redis.call('HDEL', payload_key, id)
             end
-            items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or ''}
+            items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or '', lease}
           elseif is_tenant_scope(denied_by) then
             -- Held back by its own cap: park it so it costs nothing until its tokens return.
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
@@ -273,6 +285,7 @@ if mode == 'dispatch' then
     end
     if stop_all or #items >= max_items then break end
   end
+  if #leases > 0 then redis.call('HSET', lease_key, unpack(leases)) end
   if receipt_key and #items > 0 then
     local ids = {nonce}
     for _, item in ipairs(items) do ids[#ids + 1] = item[1] end
@@ -285,13 +298,23 @@ if mode == 'dispatch' then
   return reply
 end
 
+-- Whether the caller holds the item's current lease: any holder when no token is given
+-- (callers that keep none), else only the one whose token the dispatch handed out.
+local function holds(id, token)
+  if not redis.call('ZSCORE', inflight_key, id) then return false end
+  return token == nil or token == '' or redis.call('HGET', lease_key, id) == token
+end
+
 if mode == 'ack' or mode == 'nack' then
-  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"), done-marker ttl ms ("0": none).
-  -- Reply: 1 closed, 0 not in flight (its lease expired and it was handed back, or the id
-  -- is unknown). The done marker lets gate.lua recognise a broker redelivery of work that
+  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"), done-marker ttl ms ("0": none),
+  -- lease token (optional). Reply: 1 closed, 0 not in flight for this caller (its lease
+  -- ran out: the item was handed back, maybe to another worker since; or the id is
+  -- unknown). The done marker lets gate.lua recognise a broker redelivery of work that
   -- already ran through the backlog.
   local id, requeue, refund, done_ms = ARGV[4], ARGV[5] == '1', ARGV[6] == '1', tonumber(ARGV[7] or '0')
-  if redis.call('ZREM', inflight_key, id) == 0 then return 0 end
+  if not holds(id, ARGV[8]) then return 0 end
+  redis.call('ZREM', inflight_key, id)
+  redis.call('HDEL', lease_key, id)
   if done_ms and done_ms > 0 and not requeue then
     redis.call('SET', base .. ':s:done:' .. id, '1', 'PX', done_ms)
   end
@@ -309,9 +332,10 @@ if mode == 'ack' or mode == 'nack' then
 end
 
 if mode == 'extend' then
-  -- ARGV: item id, lease ms. Reply: 1 extended, 0 not in flight.
+  -- ARGV: item id, lease ms, lease token (optional). Reply: 1 extended, 0 not in flight
+  -- for this caller.
   local id, lease_ms = ARGV[4], tonumber(ARGV[5])
-  if not redis.call('ZSCORE', inflight_key, id) then return 0 end
+  if not holds(id, ARGV[6]) then return 0 end
   redis.call('ZADD', inflight_key, now_ms() + lease_ms, id)
   return 1
 end

@@ -17,11 +17,17 @@ DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
 MAX_WEIGHT = 1e6
 MAX_ITEM_ID = 256
 MAX_LEASE = 7 * 86400.0
+MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchedItem:
-    """An item handed to a worker: run it, then ``ack`` (or ``nack``) its id."""
+    """An item handed to a worker: run it, then ``ack`` (or ``nack``) it.
+
+    ``lease`` identifies this hand-out ("" when no lease was kept). Passing the item itself
+    to ``ack``, ``nack`` or ``extend`` presents it: if the lease ran out and the item went
+    to another worker, the late call changes nothing of the new holder's.
+    """
 
     id: str
     queue: str
@@ -29,6 +35,7 @@ class DispatchedItem:
     priority: str
     cost: float
     payload: bytes
+    lease: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,13 @@ class Dispatch:
     wait_ms: float | None
 
 
+def _held(item: str | DispatchedItem) -> tuple[str, str]:
+    """An item id and the lease token to present ("" for a bare id: any holder)."""
+    if isinstance(item, DispatchedItem):
+        return _check_item_id(item.id), item.lease
+    return _check_item_id(item), ""
+
+
 def _check_item_id(item_id: object) -> str:
     if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID or " " in item_id:
         raise InvalidName(
@@ -128,7 +142,7 @@ class FairScheduler:
     >>> batch = scheduler.dispatch(["emails"], max_items=4)
     >>> for item in batch.items:
     ...     run(item)
-    ...     scheduler.ack(item.id)
+    ...     scheduler.ack(item)
 
     Args:
         limiter: supplies the Redis client, the namespace and the buckets.
@@ -219,8 +233,8 @@ class FairScheduler:
             check_name("queue", q)
         if not queues:
             raise InvalidName("dispatch needs at least one queue")
-        if max_items < 1:
-            raise InvalidName(f"max_items must be at least 1, got {max_items}")
+        if not 1 <= max_items <= MAX_DISPATCH:
+            raise InvalidName(f"max_items must be 1 to {MAX_DISPATCH}, got {max_items}")
         lists = handoff_lists or {}
         reply = self._run(
             "dispatch",
@@ -241,6 +255,7 @@ class FairScheduler:
                 priority=_text(i[3]),
                 cost=float(_text(i[4])),
                 payload=i[5] if isinstance(i[5], bytes) else str(i[5]).encode(),
+                lease=_text(i[6]),
             )
             for i in reply[1:]
         )
@@ -250,14 +265,16 @@ class FairScheduler:
         """A key for ``dispatch(receipt=...)`` receipts of one caller (e.g. one process)."""
         return f"{self._core.keys.base}:s:receipt:{_check_item_id(owner)}"
 
-    def ack(self, item_id: str, *, remember: float = 0) -> bool:
-        """Close an in-flight record after the work ran. False if it was not in flight.
+    def ack(self, item: str | DispatchedItem, *, remember: float = 0) -> bool:
+        """Close an in-flight record after the work ran. False if it was not in flight, or
+        (given the ``DispatchedItem``) no longer under this hand-out's lease.
 
         With ``remember`` (seconds), ``gate`` treats the id as a duplicate for that long, so
         a broker redelivery of work that already ran through the backlog is not run again.
         """
+        item_id, token = _held(item)
         done_ms = int(remember * 1000) if remember > 0 else 0
-        return self._run("ack", _check_item_id(item_id), "0", "0", done_ms) == 1
+        return self._run("ack", item_id, "0", "0", done_ms, token) == 1
 
     def hint(
         self,
@@ -367,20 +384,22 @@ class FairScheduler:
             return GateVerdict("duplicate")
         return GateVerdict("park", float(_text(reply[1])), _text(reply[2]) or None)
 
-    def nack(self, item_id: str, *, requeue: bool = True, refund: bool = False) -> bool:
+    def nack(
+        self, item: str | DispatchedItem, *, requeue: bool = True, refund: bool = False
+    ) -> bool:
         """Close an in-flight record without running the work: back to the head of its
-        backlog (``requeue``) or dropped, with its tokens returned if ``refund``."""
-        return (
-            self._run(
-                "nack", _check_item_id(item_id), "1" if requeue else "0", "1" if refund else "0"
-            )
-            == 1
-        )
+        backlog (``requeue``) or dropped, with its tokens returned if ``refund``. False as
+        for ``ack``."""
+        item_id, token = _held(item)
+        flags = ("1" if requeue else "0", "1" if refund else "0")
+        return self._run("nack", item_id, *flags, 0, token) == 1
 
-    def extend(self, item_id: str, lease: float | None = None) -> bool:
-        """Renew an item's lease (for work that runs longer than the lease)."""
+    def extend(self, item: str | DispatchedItem, lease: float | None = None) -> bool:
+        """Renew an item's lease (for work that runs longer than the lease). False as for
+        ``ack``."""
+        item_id, token = _held(item)
         lease_ms = self.lease_ms if lease is None else _check_lease(lease)
-        return self._run("extend", _check_item_id(item_id), lease_ms) == 1
+        return self._run("extend", item_id, lease_ms, token) == 1
 
     def reap(self) -> int:
         """Hand back items whose lease expired (dispatch also does this as it goes)."""

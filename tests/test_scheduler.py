@@ -669,6 +669,57 @@ def test_extend_keeps_an_item_in_flight(limiter: Limiter, redis_client: redis.Re
     assert scheduler.extend("never-seen") is False
 
 
+def test_a_late_worker_cannot_settle_the_next_holders_lease(
+    limiter: Limiter, redis_client: redis.Redis
+) -> None:
+    """Worker A's lease runs out and the item goes to worker B: whatever A does late (ack,
+    nack with or without requeue, extend) leaves B's in-flight record as it was."""
+    scheduler = FairScheduler(limiter, lease=0.05)
+    scheduler.submit("acme", "job", payload=b"data")
+    (held_by_a,) = scheduler.dispatch(["default"]).items
+    assert held_by_a.lease
+    assert reap_all(scheduler, redis_client, 1) == 1
+    assert scheduler.extend(held_by_a) is False  # handed back: not A's any more
+
+    scheduler.lease_ms = 60_000
+    (held_by_b,) = scheduler.dispatch(["default"]).items
+    assert held_by_b.id == "job"
+    assert held_by_b.lease != held_by_a.lease
+    deadline = redis_client.zscore(key(scheduler, "inflight"), "job")
+
+    assert scheduler.extend(held_by_a, 3600) is False
+    assert scheduler.nack(held_by_a, requeue=True, refund=True) is False
+    assert scheduler.nack(held_by_a, requeue=False) is False
+    assert scheduler.ack(held_by_a) is False
+    assert redis_client.zscore(key(scheduler, "inflight"), "job") == deadline
+    assert scheduler.in_flight() == 1
+    assert scheduler.backlog("default") == 0
+    assert redis_client.hget(key(scheduler, "payload"), "job") == b"data"
+
+    assert scheduler.extend(held_by_b) is True
+    assert scheduler.ack(held_by_b) is True
+    assert scheduler.in_flight() == 0
+    assert scheduler.backlog("default") == 0
+    assert redis_client.hlen(key(scheduler, "lease")) == 0
+
+
+def test_leases_are_told_apart_and_bare_ids_still_settle(scheduler: FairScheduler) -> None:
+    for n in range(4):
+        scheduler.submit("acme", f"job{n}")
+    first = scheduler.dispatch(["default"], max_items=2).items
+    second = scheduler.dispatch(["default"], max_items=1).items
+    handed_over = scheduler.dispatch(["default"], hand_over=True).items
+    # One token per dispatch call, never reused; none without a lease.
+    assert first[0].lease == first[1].lease != second[0].lease
+    assert [i.lease for i in handed_over] == [""]
+    # Callers that keep only the id (older code) settle whoever holds the lease.
+    assert scheduler.ack(first[0].id) is True
+    assert scheduler.nack(first[1].id) is True
+    assert scheduler.ack(second[0]) is True
+    with pytest.raises(InvalidName, match="max_items must be 1 to 1000"):
+        scheduler.dispatch(["default"], max_items=1001)
+
+
 def test_ack_closes_the_record_once(scheduler: FairScheduler, redis_client: redis.Redis) -> None:
     scheduler.submit("acme", "job", payload=b"\x00\xffdata")
     (item,) = scheduler.dispatch(["default"]).items

@@ -26,7 +26,7 @@ from vine import promise
 
 from .._durability import persistence_warning
 from .._errors import RateLimitError
-from .._scheduler import GateVerdict
+from .._scheduler import DispatchedItem, GateVerdict
 from .._scopes import check_name
 from ._options import HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -66,7 +66,8 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.header_options = HeaderOptions(self.runtime.settings)
         self.consumer = c
         self.originals: dict[str, Strategy] = {}
-        self.held: dict[str, float] = {}  # item id -> when it was re-admitted
+        # Re-admitted jobs by item id: their lease fences the ack, nack or renewal.
+        self.held: dict[str, DispatchedItem] = {}
         # In-flight records that could not be closed because Redis was unreachable; they
         # are closed first thing when it is back, before their leases can run out (the
         # lease must outlast the outage, or another worker takes the job over again).
@@ -416,23 +417,24 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 self._redis_ok()
                 for item in batch.items:
-                    self._deliver(item.id, item.payload)
+                    self._deliver(item)
                 if len(batch.items) == min(free, DISPATCH_BATCH):
                     delay = 0.0
                 elif batch.wait_ms is not None:
                     delay = batch.wait_ms / 1000
         self._schedule(delay)
 
-    def _deliver(self, item_id: str, payload: bytes) -> None:
+    def _deliver(self, item: DispatchedItem) -> None:
         c = self.consumer
-        message = decode_message(payload, item_id, self.channel, accept=self.accept)
+        item_id = item.id
+        self.held[item_id] = item
+        message = decode_message(item.payload, item_id, self.channel, accept=self.accept)
         name = (message.headers or {}).get("task")
         strategy = self.originals.get(name) if isinstance(name, str) else None
         if strategy is None:
             log.error("queue-ratelimit: no task %r on this worker; handing %s back", name, item_id)
             self._settle(item_id, "requeue")
             return
-        self.held[item_id] = time.monotonic()
         self.stats["readmitted"] += 1
         try:
             strategy(
@@ -466,11 +468,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         """
         assert self.runtime is not None
         scheduler = self.runtime.scheduler
+        item = self.held.get(item_id, item_id)
         try:
             if how == "ack":
-                closed = scheduler.ack(item_id, remember=self.runtime.settings.dedupe_window)
+                closed = scheduler.ack(item, remember=self.runtime.settings.dedupe_window)
             else:
-                closed = scheduler.nack(item_id, requeue=how == "requeue")
+                closed = scheduler.nack(item, requeue=how == "requeue")
         except RedisError as exc:
             self._redis_failed(exc)
             self.unsettled[item_id] = how
@@ -481,7 +484,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         if not closed:
             log.warning(
                 "queue-ratelimit: %s was no longer in flight when settled (%s): its lease ran "
-                "out first, so it may run again; raise 'lease' above the longest Redis outage",
+                "out first, so it may run again (or has, on another worker); raise 'lease' "
+                "above the longest Redis outage and the longest task",
                 item_id,
                 how,
             )
@@ -496,9 +500,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         assert self.runtime is not None
         if self.unsettled and not self._settle_pending():
             return
-        for item_id in list(self.held):
+        for item_id, item in list(self.held.items()):
             try:
-                if not self.runtime.scheduler.extend(item_id):
+                if not self.runtime.scheduler.extend(item):
                     self.held.pop(item_id, None)
             except RedisError as exc:
                 self._redis_failed(exc)
