@@ -1,17 +1,17 @@
 """Instructions Redis executes per ``acquire``, counted with callgrind: a tool for working on
 the Lua, whose figures machine noise cannot move.
 
-    python -m benchmarks._instructions [--calls N] [--denied] [--ops]
+    python -m benchmarks._instructions [--calls N] [--denied] [--record] [--ops]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
 ``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
 --tool=callgrind`` on a free loopback port, sets up the 1-bucket and 3-bucket decisions of
 ``benchmarks/decisions.py``, and for each one zeroes the counters, runs N ``FCALL``s in one
 pipeline and dumps the counters: instructions per call, the same for the same code on any
-run. ``--ops`` also prices single Lua operations (a ``tonumber``, a table, a ``redis.call``
-...), each in a loop of 1,000 inside one ``EVAL``, net of an empty loop. Prints JSON on
-stdout; the server's dumps are left in a temporary folder, named on stderr, for
-``callgrind_annotate``.
+run. ``--record`` counts them with traffic recording on. ``--ops`` also prices single Lua
+operations (a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside
+one ``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
+temporary folder, named on stderr, for ``callgrind_annotate``.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def callgrind() -> Iterator[Callgrind]:
         server.close()
 
 
-def _decision(server: Callgrind, buckets: int, denied: bool, calls: int) -> float:
+def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record: bool) -> float:
     limiter = Limiter(server.client, namespace=f"qrl-instructions-{buckets}{'d' * denied}")
+    limiter.set_recording(900 if record else None)
     queue = None
     if buckets == 1:
         limiter.set_limit("tenant:*", TIGHT if denied else HIGH)
@@ -185,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=2000, help="FCALLs per count (2000)")
     parser.add_argument("--denied", action="store_true", help="the denied paths too")
+    parser.add_argument("--record", action="store_true", help="with traffic recording on")
     parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
     options = parser.parse_args()
     result: dict[str, Any] = {}
@@ -193,7 +195,8 @@ def main() -> None:
         if options.denied:
             paths += [("1bucket_denied", 1, True), ("3bucket_denied", 3, True)]
         for name, buckets, denied in paths:
-            result[name] = round(_decision(server, buckets, denied, options.calls))
+            count = _decision(server, buckets, denied, options.calls, options.record)
+            result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
         if options.ops:
             result["ops"] = _ops(server)

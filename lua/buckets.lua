@@ -5,7 +5,7 @@
 -- one decision lives in three hashes, whose keys share the namespace's {hash tag} (one Redis
 -- Cluster slot):
 --   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>", exempt:<t>,
---                                    mode:shadow, weight:*, _version
+--                                    mode:shadow, mode:record, weight:*, _version
 --   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
 --                                    bucket), x (expiry, ms since epoch), n:a (allowed),
 --                                    d:<scope> (denied, by any scope), n:w (would deny),
@@ -17,6 +17,11 @@
 --                                    n:w, d:<scope> (queue and global scopes),
 --                                    w:<scope>, _rev (the config revision, see below);
 --                                    never expires
+-- With recording on (config mode:record = seconds kept), every admission and denial is also
+-- counted per second for previews of a configuration change (_preview.py):
+--   record  <prefix>:{ns}:rec:<minute> "<tenant> <queue or -> <second 0-59>" -> cost admitted,
+--                                      the same field + " d" -> denials; expires when no
+--                                      longer within the recording's reach
 -- Totals are sums (allowed = sum of a:q:*, denied = sum of h:*, a tenant's denials = sum of
 -- its d:*), which saves a counter per decision. A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
 -- in microseconds they were counted at (field F:u). A missing bucket is a full one, which is
@@ -93,10 +98,10 @@ local function build_plan(config_key, tenant, queue, priority)
   if has_queue then
     s_q, s_tq = 'queue:' .. queue, s_tenant .. ':queue:' .. queue
     cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
-                     'mode:shadow', s_q, s_tq, 'tenant:*:queue:' .. queue)
+                     'mode:shadow', 'mode:record', s_q, s_tq, 'tenant:*:queue:' .. queue)
   else
     cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
-                     'mode:shadow')
+                     'mode:shadow', 'mode:record')
   end
   -- Enforced buckets, narrowest first (the order of `remaining` in a reply), and the
   -- fields to read: each bucket's tokens and clock; the tenant hash's expiry last.
@@ -106,7 +111,7 @@ local function build_plan(config_key, tenant, queue, priority)
   local v
   if exempt == '' then
     if has_queue then
-      v = cfg[7] or cfg[8]
+      v = cfg[8] or cfg[9]
       if v then
         local b = bucket(s_tq, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
         buckets[#buckets + 1] = b
@@ -121,7 +126,7 @@ local function build_plan(config_key, tenant, queue, priority)
   end
   if exempt ~= 'all' then
     if has_queue then
-      v = cfg[6]
+      v = cfg[7]
       if v then
         local b = bucket(s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
         buckets[#buckets + 1] = b
@@ -140,9 +145,15 @@ local function build_plan(config_key, tenant, queue, priority)
   for _, b in ipairs(buckets) do
     if b.in_tenant and b.burst / b.rate / 1000 > refill_ms then refill_ms = b.burst / b.rate / 1000 end
   end
+  local record = false
+  if cfg[6] then
+    -- Where this plan's traffic is recorded: the minute's hash, and the field less its second.
+    record = {key = string.sub(config_key, 1, -7) .. 'rec:', field = tenant .. ' ' ..
+              (has_queue and queue or '-') .. ' ', keep_ms = tonumber(cfg[6]) * 1000 + 60000}
+  end
   return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
-          ap = priority ~= '' and 'a:p:' .. priority or false}
+          ap = priority ~= '' and 'a:p:' .. priority or false, record = record}
 end
 
 local function cached_plan(c, tenant, queue, priority)
@@ -350,6 +361,27 @@ local function write(ctx, keep_ms, targs)
   if ns > 0 then redis.call('HSET', ctx.shared_key, unpack(sargs)) end
 end
 
+-- Counts one decision for previews (config mode:record): cost admitted, or a denial.
+local function record(ctx, amount, suffix)
+  local rec = ctx.plan.record
+  local second = math.floor(ctx.now / 1000000)
+  if second ~= rec.second then
+    -- Names kept in the (cached) plan for the second: a busy tenant builds them once.
+    rec.second, rec.at_key = second, rec.key .. fmt(math.floor(second / 60))
+    rec.at_field = rec.field .. fmt(second % 60)
+  end
+  local key, field = rec.at_key, rec.at_field
+  if suffix ~= '' then field = field .. suffix end
+  local total
+  if amount % 1 == 0 then
+    total = redis.call('HINCRBY', key, field, amount)
+  else
+    total = tonumber(redis.call('HINCRBYFLOAT', key, field, fmt(amount)))
+  end
+  -- A new field: (re)arm the expiry, once per field rather than once per decision.
+  if total == amount then redis.call('PEXPIRE', key, rec.keep_ms) end
+end
+
 -- Takes `cost` from every bucket (shadow buckets only where they had it), counts the
 -- admission and writes everything back. `targs` may carry more tenant-hash fields to set.
 local function admit(ctx, cost, would_deny, keep_ms, targs)
@@ -370,6 +402,7 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
   redis.call('HINCRBY', ctx.shared_key, plan.aq, '1')
   if plan.ap then redis.call('HINCRBY', ctx.shared_key, plan.ap, '1') end
   if cost ~= 1 then redis.call('HINCRBYFLOAT', ctx.shared_key, 'n:ax', fmt(cost - 1)) end
+  if plan.record then record(ctx, cost, '') end
   write(ctx, keep_ms, targs)
 end
 
@@ -386,6 +419,7 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
   if not is_tenant_scope(denied_by) then redis.call('HINCRBY', ctx.shared_key, field, '1') end
   redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
   redis.call('HINCRBY', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
+  if ctx.plan.record then record(ctx, 1, ' d') end
 end
 
 -- The flat reply of a decision (see acquire.lua): remaining tokens as written by

@@ -32,6 +32,7 @@ from ._errors import (
 from ._keys import KeySpace
 from ._limit import Limit
 from ._limiter import Limiter
+from ._preview import BucketPreview, Preview
 from ._scheduler import Dispatch, DispatchedItem, FairScheduler, GateVerdict, Hint
 from ._scopes import Scope
 
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncLimiter",
     "AuditEntry",
     "BackendUnavailable",
+    "BucketPreview",
     "ConfigError",
     "ConfigSpec",
     "CostExceedsBurst",
@@ -58,6 +60,7 @@ __all__ = [
     "Limit",
     "LimitNotFound",
     "Limiter",
+    "Preview",
     "RateLimitError",
     "RateLimited",
     "Scope",

@@ -23,6 +23,7 @@ from ._core import (
 from ._decision import Decision, ScopeLimit
 from ._errors import LimitNotFound
 from ._limit import Limit
+from ._preview import RECORD_FIELD, Preview
 from ._scopes import Scope, scope_name
 
 
@@ -105,6 +106,27 @@ class AsyncLimiter(LimiterBase):
     async def set_shadow(self, enabled: bool, *, actor: str = "api") -> int:
         op: Literal["set", "del"] = "set" if enabled else "del"
         return await self._run_config(self._core.config_call(op, "mode:shadow", "1", actor))
+
+    async def set_recording(self, seconds: float | None, *, actor: str = "api") -> int:
+        return await self._run_config(self._core.set_recording_call(seconds, actor))
+
+    async def recording(self) -> float | None:
+        with redis_errors():
+            value = await self.client.hget(self._core.keys.config, RECORD_FIELD)
+        return None if value is None else float(value)
+
+    async def preview(
+        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+    ) -> Preview:
+        with redis_errors():
+            config, keys, since, window_s, now = self._core.preview_reads(
+                await self._config_hash(), window, await self.client.time()
+            )
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            minutes = await pipe.execute()
+        return self._core.preview(scope, limit, config, keys, minutes, since, window_s, now)
 
     async def config_version(self) -> int:
         with redis_errors():

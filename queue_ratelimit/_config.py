@@ -3,6 +3,7 @@
 The accepted shape, in TOML::
 
     shadow = false                      # whole namespace in dry-run mode
+    record = 900                        # keep 15 min of traffic for previews (optional)
     [limits]
     "global" = "1000/s"
     "tenant:*" = { rate = "50/s", burst = 100 }
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
+from ._preview import recording_value
 from ._scopes import check_name, scope_name
 
 ENV_PREFIX = "QUEUE_RATELIMIT_"
@@ -33,6 +35,7 @@ class ConfigSpec:
     limits: Mapping[str, tuple[Limit, bool]] = field(default_factory=dict)
     exempt: Mapping[str, str] = field(default_factory=dict)
     shadow: bool = False
+    record: float | None = None  # seconds of traffic kept for previews
 
 
 def _flag(where: str, value: object) -> bool:
@@ -67,10 +70,10 @@ def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
 
 def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
     """Validate a configuration mapping; every problem raises a ``ConfigError`` naming it."""
-    unknown = set(raw) - {"limits", "exempt", "shadow"}
+    unknown = set(raw) - {"limits", "exempt", "shadow", "record"}
     if unknown:
         raise ConfigError(
-            f"unknown configuration keys {sorted(unknown)}; expected limits, exempt, shadow"
+            f"unknown configuration keys {sorted(unknown)}; expected limits, exempt, shadow, record"
         )
     limits_raw = raw.get("limits", {})
     exempt_raw = raw.get("exempt", {})
@@ -82,7 +85,15 @@ def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
         if mode not in ("tenant", "all"):
             raise ConfigError(f"exempt mode for {tenant!r} must be 'tenant' or 'all', got {mode!r}")
         exempt[check_name("tenant", tenant)] = mode
-    return ConfigSpec(limits=limits, exempt=exempt, shadow=_flag("", raw.get("shadow", False)))
+    record = raw.get("record")
+    if record is not None:
+        recording_value(record)  # validated here, where the file's mistakes are reported
+    return ConfigSpec(
+        limits=limits,
+        exempt=exempt,
+        shadow=_flag("", raw.get("shadow", False)),
+        record=None if record is None else float(record),  # type: ignore[arg-type]
+    )
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ConfigSpec:

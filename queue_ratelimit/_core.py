@@ -32,6 +32,7 @@ from ._errors import (
 )
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
+from ._preview import RECORD_FIELD, Preview, build_preview, recorded_minutes, recording_value
 from ._scopes import Scope, check_name, check_priority, scope_name
 from ._scripts import Scripts
 
@@ -249,6 +250,42 @@ class LimiterCore:
             raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {mode!r}")
         return self.config_call("set", field, mode, actor)
 
+    def set_recording_call(self, seconds: float | None, actor: str) -> ScriptCall:
+        if seconds is None:
+            return self.config_call("del", RECORD_FIELD, "", actor)
+        return self.config_call("set", RECORD_FIELD, recording_value(seconds), actor)
+
+    def preview_reads(
+        self, config: dict[object, object], window: float | None, now: tuple[int, int]
+    ) -> tuple[dict[str, str], list[str], int, float, float]:
+        """For a preview: the config as text, the minute hashes to read, the first second
+        to replay, the window and now (Redis ``TIME``) in seconds."""
+        text = {_text(k): _text(v) for k, v in config.items()}
+        at = now[0] + now[1] / 1e6
+        keys, since, window_s = recorded_minutes(self.keys.base, text, window, at)
+        return text, keys, since, window_s, at
+
+    @staticmethod
+    def preview(
+        scope: str | Scope,
+        limit: Limit | str,
+        config: dict[str, str],
+        keys: list[str],
+        minutes: list[dict[object, object]],
+        since: int,
+        window_s: float,
+        now: float,
+    ) -> Preview:
+        parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+        proposed = Limit.parse(limit) if isinstance(limit, str) else limit
+        if not isinstance(proposed, Limit):
+            raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
+        read = {
+            key: {_text(f): _text(v) for f, v in fields.items()}
+            for key, fields in zip(keys, minutes, strict=True)
+        }
+        return build_preview(config, read, parsed, proposed, since, window_s, now)
+
     def seed_calls(
         self, spec: ConfigSpec, present: set[str], overwrite: bool, actor: str
     ) -> list[tuple[str, ScriptCall]]:
@@ -264,6 +301,8 @@ class LimiterCore:
                 calls.append((field, self.set_exempt_call(tenant, mode, actor)))  # type: ignore[arg-type]
         if spec.shadow and (overwrite or "mode:shadow" not in present):
             calls.append(("mode:shadow", self.config_call("set", "mode:shadow", "1", actor)))
+        if spec.record is not None and (overwrite or RECORD_FIELD not in present):
+            calls.append((RECORD_FIELD, self.set_recording_call(spec.record, actor)))
         return calls
 
     @staticmethod

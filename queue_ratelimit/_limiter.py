@@ -20,6 +20,7 @@ from ._core import (
 from ._decision import Decision, ScopeLimit
 from ._errors import LimitNotFound
 from ._limit import Limit
+from ._preview import RECORD_FIELD, Preview
 from ._scopes import Scope, scope_name
 
 
@@ -139,6 +140,44 @@ class Limiter(LimiterBase):
         """Put the whole namespace in shadow (dry-run) mode, or take it out."""
         op: Literal["set", "del"] = "set" if enabled else "del"
         return self._run_config(self._core.config_call(op, "mode:shadow", "1", actor))
+
+    def set_recording(self, seconds: float | None, *, actor: str = "api") -> int:
+        """Record traffic for previews (``preview``), keeping the last ``seconds`` (60 to
+        86,400); ``None`` stops recording. Each decision then also counts its cost (or its
+        denial) in a per-second record: one more ``redis.call`` per decision, and memory
+        that grows with the active (tenant, queue) pairs per second kept."""
+        return self._run_config(self._core.set_recording_call(seconds, actor))
+
+    def recording(self) -> float | None:
+        """Seconds of traffic kept for previews, or None when recording is off."""
+        with redis_errors():
+            value = self.client.hget(self._core.keys.config, RECORD_FIELD)
+        return None if value is None else float(value)
+
+    def preview(
+        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+    ) -> Preview:
+        """What ``limit`` on ``scope`` would have done to the recorded traffic of the last
+        ``window`` seconds (default: all that recording keeps), without changing anything.
+
+        >>> limiter.set_recording(900)
+        >>> ...                                     # traffic flows for a while
+        >>> p = limiter.preview("tenant:*", "20/s")
+        >>> p.delayed_fraction, p.max_delay_s, p.buckets[0].scope
+        (0.04, 3.2, 'tenant:bigco')
+
+        Raises:
+            ConfigError: recording is off, or ``window`` is outside what it keeps.
+        """
+        with redis_errors():
+            config, keys, since, window_s, now = self._core.preview_reads(
+                self.client.hgetall(self._core.keys.config), window, self.client.time()
+            )
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            minutes = pipe.execute()
+        return self._core.preview(scope, limit, config, keys, minutes, since, window_s, now)
 
     def config_version(self) -> int:
         """A number that grows with every configuration change."""

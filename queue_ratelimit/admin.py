@@ -31,6 +31,7 @@ from ._decision import ScopeLimit, limit_fields
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
+from ._preview import preview_fields
 from ._scheduler import FairScheduler
 from ._scopes import check_name
 from .metrics import RateLimitCollector, bucket_state, snapshot
@@ -54,6 +55,16 @@ class LimitOut(BaseModel):
     burst: float
     rate_per_second: float
     shadow: bool
+
+
+class PreviewIn(LimitIn):
+    window: float | None = Field(
+        None, gt=0, description="Seconds of recorded traffic to replay (default: all kept)."
+    )
+
+
+class RecordingIn(_Body):
+    seconds: float = Field(description="Seconds of traffic to keep for previews (60-86400).")
 
 
 class Version(BaseModel):
@@ -176,6 +187,29 @@ def create_app(
     def set_limit(scope: str, body: LimitIn, who: Actor) -> Version:
         limit = Limit.parse(body.limit, burst=body.burst)
         return Version(version=limiter.set_limit(scope, limit, shadow=body.shadow, actor=who))
+
+    @app.post(
+        "/limits/{scope}/preview",
+        dependencies=[Auth],
+        summary="What a proposed limit would have done to recorded traffic (changes nothing)",
+    )
+    def preview(
+        scope: str, body: PreviewIn, top: Annotated[int, Query(ge=0, le=1000)] = 20
+    ) -> dict[str, Any]:
+        limit = Limit.parse(body.limit, burst=body.burst)
+        return preview_fields(limiter.preview(scope, limit, window=body.window), top)
+
+    @app.get("/recording", dependencies=[Auth], summary="Traffic recording for previews")
+    def recording() -> dict[str, float | None]:
+        return {"seconds": limiter.recording()}
+
+    @app.put("/recording", dependencies=[Auth], summary="Record traffic for previews")
+    def record(body: RecordingIn, who: Actor) -> Version:
+        return Version(version=limiter.set_recording(body.seconds, actor=who))
+
+    @app.delete("/recording", dependencies=[Auth], summary="Stop recording traffic")
+    def stop_recording(who: Actor) -> Version:
+        return Version(version=limiter.set_recording(None, actor=who))
 
     @app.delete("/limits/{scope}", dependencies=[Auth], summary="Remove a scope's limit")
     def delete_limit(scope: str, who: Actor) -> Version:

@@ -22,6 +22,7 @@ from ._demo import _table
 from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
+from ._preview import preview_fields
 
 DEFAULT_URL = "redis://localhost:6379/0"
 
@@ -393,6 +394,94 @@ def dry_run(settings: Settings, state: str) -> None:
         version = limiter.set_shadow(state == "on", actor=_actor())
     what = "ON: decisions are counted, nothing is denied" if state == "on" else "off: enforcing"
     click.echo(f"namespace {settings.namespace!r}: dry-run {what}; config version {version}")
+
+
+@limits.command()
+@click.argument("seconds")
+@click.pass_obj
+def record(settings: Settings, seconds: str) -> None:
+    """Record traffic for previews, keeping the last SECONDS (60-86400), or "off".
+
+    While on, each decision also counts its cost per second and (tenant, queue): one more
+    Redis command per decision. `limits preview` replays the record.
+    """
+    keep = None if seconds == "off" else _seconds(seconds)
+    with settings.limiter() as limiter:
+        version = limiter.set_recording(keep, actor=_actor())
+    done = "off" if keep is None else f"on, keeping the last {keep:g} s"
+    click.echo(f"namespace {settings.namespace!r}: recording {done}; config version {version}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected seconds or 'off', got {text!r}") from None
+
+
+@limits.command()
+@click.argument("scope")
+@click.argument("limit")
+@click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
+@click.option("--window", type=float, help="Seconds to replay [default: all that is recorded].")
+@click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def preview(
+    settings: Settings,
+    scope: str,
+    limit: str,
+    burst: float | None,
+    window: float | None,
+    top: int,
+    as_json: bool,
+) -> None:
+    """What LIMIT on SCOPE would have done to the recorded traffic; changes nothing.
+
+    The work that ran in the window is replayed, per second, through a bucket with the
+    proposed limit (one per tenant for tenant:* defaults): how much of it would have waited,
+    and how long. Needs `limits record` on for a while first.
+    """
+    parsed = Limit.parse(limit, burst=burst)
+    with settings.limiter() as limiter:
+        result = limiter.preview(scope, parsed, window=window)
+    fields = preview_fields(result, top)
+    if as_json:
+        click.echo(json.dumps(fields, indent=2))
+        return
+    click.echo(
+        f"{result.scope} at {fields['limit']}, over the last {result.window_s:g} s recorded:"
+    )
+    if not result.buckets:
+        click.echo("  no recorded traffic goes through this scope's buckets")
+        return
+    click.echo(
+        f"  {result.work:.6g} admitted in {len(result.buckets)} bucket(s); "
+        f"{result.delayed:.6g} ({result.delayed_fraction:.1%}) would have waited, "
+        f"up to {result.max_delay_s:.1f} s; {result.backlog_at_end:.6g} still waiting now"
+    )
+    if result.current is not None:
+        click.echo(
+            f"  under the current {fields['current']}: "
+            f"{result.current_delayed:.6g} would have waited (the model's check)"
+        )
+    if result.denied:
+        click.echo(f"  {result.denied} denials recorded for this traffic (demand turned away)")
+    rows = [
+        [
+            b.scope,
+            f"{b.work:.6g}",
+            f"{b.delayed:.6g}",
+            f"{b.delayed_fraction:.1%}",
+            f"{b.max_delay_s:.1f}",
+        ]
+        for b in result.buckets[:top]
+        if b.delayed > 0
+    ]
+    if rows:
+        headers = ["bucket", "admitted", "would wait", "share", "max wait s"]
+        for line in _table(headers, rows, "lrrrr"):
+            click.echo(line)
 
 
 @limits.command()

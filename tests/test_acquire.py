@@ -1179,6 +1179,7 @@ def test_load_config_file(tmp_path: Path, limiter: Limiter) -> None:
     path.write_text(
         """
 shadow = false
+record = 900
 [limits]
 "global" = "1000/s"
 "tenant:*" = { rate = "50/s", burst = 100 }
@@ -1197,8 +1198,10 @@ vip = "tenant"
         },
         exempt={"vip": "tenant"},
         shadow=False,
+        record=900,
     )
     limiter.apply_config(spec)
+    assert limiter.recording() == 900
     assert limiter.acquire("acme", queue="emails").remaining == {
         "tenant:acme:queue:emails": approx(9),
         "tenant:acme": approx(99),
@@ -1273,6 +1276,9 @@ def test_config_from_env_errors(env: dict[str, str], error: type[Exception], fra
         ({"exempt": {"vip": "everything"}}, ConfigError, "must be 'tenant' or 'all'"),
         ({"exempt": {"v{i}p": "all"}}, InvalidName, "invalid tenant name"),
         ({"shadow": "false"}, ConfigError, "shadow must be true or false"),
+        ({"record": 5}, ConfigError, "60 to 86400 seconds"),
+        ({"record": "900"}, ConfigError, "60 to 86400 seconds"),
+        ({"records": 900}, ConfigError, "unknown configuration keys ['records']"),
         (
             {"limits": {"global": {"rate": "1/s", "shadow": "no"}}},
             ConfigError,

@@ -41,6 +41,10 @@ def test_every_route_but_health_wants_the_token(api: TestClient) -> None:
         ("GET", "/metrics"),
         ("PUT", "/shadow"),
         ("PUT", "/weights/tenant/acme"),
+        ("POST", "/limits/tenant:*/preview"),
+        ("GET", "/recording"),
+        ("PUT", "/recording"),
+        ("DELETE", "/recording"),
     ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             response = api.request(method, path, headers=headers, json={})
@@ -238,3 +242,38 @@ def test_serve_runs_the_api(redis_url: str, namespace: str, limiter: Limiter) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_preview_replays_recorded_traffic_and_changes_nothing(
+    api: TestClient, limiter: Limiter
+) -> None:
+    limiter.set_limit("tenant:*", "1000/s")
+    body = {"limit": "5/s", "burst": 5}
+    refused = api.post("/limits/tenant:*/preview", headers=AUTH, json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "ConfigError"
+    assert "not being recorded" in refused.json()["detail"]
+
+    assert api.put("/recording", headers=AUTH, json={"seconds": 30}).status_code == 400
+    assert api.put("/recording", headers=AUTH, json={"seconds": 600}).status_code == 200
+    assert api.get("/recording", headers=AUTH).json() == {"seconds": 600.0}
+    for _ in range(20):
+        assert limiter.acquire("acme").allowed
+    version = limiter.config_version()
+
+    response = api.post("/limits/tenant:*/preview?top=5", headers=AUTH, json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["limit"] == "5/s burst 5"
+    assert result["current"] == "1000/s burst 1000"
+    assert result["work"] == 20
+    assert 10 <= result["delayed"] <= 15  # the 20 fell within one or two seconds
+    assert [b["scope"] for b in result["buckets"]] == ["tenant:acme"]
+    assert limiter.config_version() == version
+    assert limiter.get_limit("tenant:*").limit == Limit(1000)
+
+    bad_window = api.post("/limits/tenant:*/preview", headers=AUTH, json={**body, "window": 601})
+    assert bad_window.status_code == 400
+    assert api.post("/limits/nope/preview", headers=AUTH, json=body).status_code == 400
+    assert api.delete("/recording", headers=AUTH).status_code == 200
+    assert api.get("/recording", headers=AUTH).json() == {"seconds": None}

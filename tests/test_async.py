@@ -198,3 +198,20 @@ def test_async_fail_modes(fail_mode: str, expected: tuple[bool, bool] | None) ->
     allowed, degraded, wait_ms = asyncio.run(main())
     assert (allowed, degraded) == expected
     assert wait_ms == (0 if allowed else 250)
+
+
+def test_async_recording_and_preview_match_the_sync_limiter(
+    redis_url: str, namespace: str, limiter: Limiter
+) -> None:
+    async def body(lim: AsyncLimiter) -> tuple[float | None, float, float]:
+        await lim.set_limit("tenant:*", "1000/s")
+        await lim.set_recording(120)
+        for _ in range(12):
+            await lim.acquire("acme")
+        preview = await lim.preview("tenant:*", Limit(2, burst=2))
+        return await lim.recording(), preview.work, preview.delayed
+
+    recording, work, delayed = run(redis_url, namespace, body)
+    assert (recording, work) == (120.0, 12)
+    assert limiter.preview("tenant:*", Limit(2, burst=2)).delayed == delayed
+    assert 8 <= delayed <= 10

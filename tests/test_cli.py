@@ -149,6 +149,37 @@ def test_audit_shows_the_latest_changes_first(cli: CliRunner) -> None:
     assert [e["version"] for e in entries] == [3, 2, 1]
 
 
+def test_record_and_preview(cli: CliRunner, limiter: Limiter) -> None:
+    limiter.set_limit("tenant:*", "1000/s")
+    assert "recording on, keeping the last 600 s" in ok(cli, "limits", "record", "600")
+    for _ in range(30):
+        limiter.acquire("acme")
+    limiter.acquire("bob")
+
+    text = ok(cli, "limits", "preview", "tenant:*", "10/s")
+    lines = text.splitlines()
+    assert lines[0] == "tenant:* at 10/s burst 10, over the last 600 s recorded:"
+    assert "31 admitted in 2 bucket(s);" in lines[1]
+    assert "under the current 1000/s burst 1000: 0 would have waited" in lines[2]
+    assert lines[3].split() == ["bucket", "admitted", "would", "wait", "share", "max", "wait", "s"]
+    assert lines[4].split()[:2] == ["tenant:acme", "30"]
+    assert len(lines) == 5  # bob would not have waited: no row
+    result = json.loads(
+        ok(cli, "limits", "preview", "tenant:acme", "5/s", "--window", "60", "--json")
+    )
+    assert (result["scope"], result["work"], result["window_s"]) == ("tenant:acme", 30, 60)
+    assert 20 <= result["delayed"] <= 25
+    quiet = ok(cli, "limits", "preview", "queue:sms", "1/s")
+    assert "no recorded traffic goes through this scope's buckets" in quiet
+
+    assert "recording off" in ok(cli, "limits", "record", "off")
+    assert "not being recorded" in failed(cli.invoke(main, ["limits", "preview", "global", "1/s"]))
+    usage = cli.invoke(main, ["limits", "record", "soon"])
+    assert usage.exit_code == 2
+    assert "expected seconds or 'off', got 'soon'" in usage.output
+    assert "60 to 86400 seconds" in failed(cli.invoke(main, ["limits", "record", "10"]))
+
+
 def test_empty_audit(cli: CliRunner) -> None:
     assert "no changes recorded" in ok(cli, "limits", "audit")
 

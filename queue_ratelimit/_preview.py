@@ -1,0 +1,336 @@
+"""What a proposed limit would have done to recent traffic: a *preview* of a change.
+
+With recording on (``Limiter.set_recording``), every decision also counts, per second, the
+cost admitted and the denials of each (tenant, queue) in a hash per minute
+(``<base>:rec:<minute>``, see ``lua/buckets.lua``). A preview replays the work that ran in the
+window through a token bucket with the proposed limit, one bucket per tenant for the
+``tenant:*`` defaults, and reports how much of it would have had to wait, and for how long.
+
+The replay is a fluid model at the recording's resolution: work recorded in a second
+arrives at that second's start, each bucket starts the window full, waiting work is served
+first in, first out, at the bucket's rate. It answers "what would this throttle?" for a
+lowered or new limit. For a raised one, the work that ran cannot show what was turned
+away; ``denied`` (the denials recorded for the same traffic) is that side of the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ._decision import decode_limit, format_limit
+from ._errors import ConfigError
+from ._limit import Limit
+from ._scopes import ANY_TENANT, Scope
+
+MIN_RECORDING = 60.0
+MAX_RECORDING = 86_400.0
+RECORD_FIELD = "mode:record"
+
+
+def recording_value(seconds: object) -> str:
+    """The config value of ``mode:record`` for ``seconds`` of recording, checked."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not MIN_RECORDING <= seconds <= MAX_RECORDING
+    ):
+        raise ConfigError(
+            f"recording keeps {MIN_RECORDING:.0f} to {MAX_RECORDING:.0f} seconds of traffic, "
+            f"got {seconds!r}"
+        )
+    return str(math.ceil(seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class BucketPreview:
+    """One bucket's replay: ``scope`` is the bucket (``tenant:acme`` for a ``tenant:*``
+    default), ``work`` the cost that ran in the window, ``delayed`` the part of it that would
+    have waited, ``max_delay_s`` the longest wait and ``backlog_at_end`` the cost still
+    waiting when the window closed."""
+
+    scope: str
+    work: float
+    delayed: float
+    max_delay_s: float
+    backlog_at_end: float
+
+    @property
+    def delayed_fraction(self) -> float:
+        return self.delayed / self.work if self.work else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """What ``limit`` on ``scope`` would have done to the last ``window_s`` seconds of traffic.
+
+    ``buckets`` lists every bucket the limit would have governed, most delayed first;
+    ``current`` is the limit that governs that traffic now (``current_delayed``: the same
+    replay under it, a check of the model, near 0 when the recorded work ran unhindered);
+    ``denied`` counts the denials recorded for the same traffic.
+    """
+
+    scope: str
+    limit: Limit
+    window_s: float
+    work: float
+    delayed: float
+    max_delay_s: float
+    backlog_at_end: float
+    denied: int
+    buckets: tuple[BucketPreview, ...]
+    current: Limit | None
+    current_delayed: float | None
+
+    @property
+    def delayed_fraction(self) -> float:
+        return self.delayed / self.work if self.work else 0.0
+
+
+def replay(
+    arrivals: Iterable[tuple[float, float]], limit: Limit, end: float
+) -> tuple[float, float, float]:
+    """Work arriving as (time in seconds, cost), in time order, through a bucket of
+    ``limit`` that starts full: (cost delayed, longest wait in seconds, cost still waiting
+    at ``end``). Waiting work is served in arrival order at the bucket's rate."""
+    rate = limit.rate_per_second
+    burst = limit.capacity
+    tokens, at = burst, -math.inf  # tokens held at time `at` (no work waiting since)
+    busy_until = -math.inf  # when the work waiting now will all have started
+    delayed = longest = 0.0
+    for when, cost in arrivals:
+        if when >= busy_until:
+            since = max(at, busy_until)
+            available = burst if since == -math.inf else min(burst, tokens + rate * (when - since))
+            if cost <= available:
+                tokens, at = available - cost, when
+                continue
+            late = cost - available
+            tokens, at = 0.0, when
+            busy_until = when + late / rate
+        else:
+            late = cost
+            busy_until += cost / rate
+        delayed += late
+        longest = max(longest, busy_until - when)
+    backlog = max(0.0, (busy_until - end) * rate)
+    return delayed, longest, backlog
+
+
+@dataclass
+class _Traffic:
+    """Recorded traffic of one bucket: cost by second, denials."""
+
+    work: dict[int, float]
+    denied: int = 0
+
+
+def _parse_field(field: str) -> tuple[str, str, int, bool] | None:
+    parts = field.split(" ")
+    if len(parts) not in (3, 4) or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2]), len(parts) == 4
+
+
+def group_traffic(
+    minutes: Mapping[int, Mapping[str, str]],
+    scope: Scope,
+    since: int,
+    exempt: Mapping[str, str],
+    own_limits: frozenset[str],
+) -> dict[str, _Traffic]:
+    """The recorded traffic the limit of ``scope`` governs, by bucket name, from the minute
+    hashes (minute -> field -> value) and seconds ``since`` on.
+
+    ``exempt`` maps exempt tenants to their mode; ``own_limits`` names the scopes that have a
+    limit of their own, which a ``tenant:*`` default does not govern.
+    """
+    buckets: dict[str, _Traffic] = defaultdict(lambda: _Traffic({}))
+    for minute, fields in minutes.items():
+        for field, value in fields.items():
+            parsed = _parse_field(field)
+            if parsed is None:
+                continue
+            tenant, queue, second, is_denial = parsed
+            at = minute * 60 + second
+            if at < since:
+                continue
+            name = _bucket_of(scope, tenant, queue, exempt.get(tenant), own_limits)
+            if name is None:
+                continue
+            traffic = buckets[name]
+            if is_denial:
+                traffic.denied += int(float(value))
+            else:
+                traffic.work[at] = traffic.work.get(at, 0.0) + float(value)
+    return dict(buckets)
+
+
+def _bucket_of(
+    scope: Scope, tenant: str, queue: str, exempt: str | None, own_limits: frozenset[str]
+) -> str | None:
+    """The bucket of ``scope`` a decision of (tenant, queue) went through, or None."""
+    if scope.kind == "global":
+        return None if exempt == "all" else "global"
+    if scope.kind == "queue":
+        return None if exempt == "all" or queue != scope.queue else str(scope)
+    if exempt is not None:  # tenant caps do not apply to exempt tenants
+        return None
+    if scope.kind == "tenant":
+        if scope.tenant == ANY_TENANT:
+            own = f"tenant:{tenant}"
+            return None if own in own_limits else own
+        return str(scope) if tenant == scope.tenant else None
+    # tenant_queue
+    if queue != scope.queue:
+        return None
+    if scope.tenant == ANY_TENANT:
+        own = f"tenant:{tenant}:queue:{queue}"
+        return None if own in own_limits else own
+    return str(scope) if tenant == scope.tenant else None
+
+
+def preview(
+    scope: Scope,
+    limit: Limit,
+    current: Limit | None,
+    traffic: Mapping[str, _Traffic],
+    window_s: float,
+    end: float,
+) -> Preview:
+    """Replay ``traffic`` (from ``group_traffic``) under ``limit``, and under ``current``."""
+    results = []
+    current_delayed = 0.0 if current is not None else None
+    denied = 0
+    for name, recorded in traffic.items():
+        arrivals = sorted(recorded.work.items())
+        delayed, longest, backlog = replay(arrivals, limit, end)
+        work = sum(cost for _, cost in arrivals)
+        results.append(BucketPreview(name, work, delayed, longest, backlog))
+        denied += recorded.denied
+        if current is not None and current_delayed is not None:
+            current_delayed += replay(arrivals, current, end)[0]
+    results.sort(key=lambda b: (-b.delayed_fraction, -b.delayed, b.scope))
+    return Preview(
+        scope=str(scope),
+        limit=limit,
+        window_s=window_s,
+        work=sum(b.work for b in results),
+        delayed=sum(b.delayed for b in results),
+        max_delay_s=max((b.max_delay_s for b in results), default=0.0),
+        backlog_at_end=sum(b.backlog_at_end for b in results),
+        denied=denied,
+        buckets=tuple(results),
+        current=current,
+        current_delayed=current_delayed,
+    )
+
+
+def recorded_minutes(
+    base: str, config: Mapping[str, str], window: float | None, now: float
+) -> tuple[list[str], int, float]:
+    """The minute hashes to read for a preview of the last ``window`` seconds (default: as
+    far back as recording keeps), the first second to replay, and the window's length.
+
+    Raises:
+        ConfigError: recording is off, or the window is not a positive number of seconds
+            within what recording keeps.
+    """
+    kept = config.get(RECORD_FIELD)
+    if not kept:
+        raise ConfigError(
+            "traffic is not being recorded, so there is nothing to preview a change on: turn "
+            "recording on (Limiter.set_recording, `queue-ratelimit limits record 900`) and "
+            "preview once it has seen the traffic"
+        )
+    kept_s = float(kept)
+    if window is None:
+        window_s = kept_s
+    elif (
+        isinstance(window, bool) or not isinstance(window, int | float) or not 0 < window <= kept_s
+    ):
+        raise ConfigError(
+            f"window must be 0 < seconds <= {kept_s:g} (recording keeps that much), got {window!r}"
+        )
+    else:
+        window_s = float(window)
+    since = math.floor(now - window_s)
+    keys = [f"{base}:rec:{minute}" for minute in range(since // 60, math.floor(now) // 60 + 1)]
+    return keys, since, window_s
+
+
+def _minute_of(key: str) -> int:
+    return int(key.rsplit(":", 1)[1])
+
+
+def build_preview(
+    config: Mapping[str, str],
+    minutes: Mapping[str, Mapping[str, str]],
+    scope: Scope,
+    limit: Limit,
+    since: int,
+    window_s: float,
+    now: float,
+) -> Preview:
+    """The preview from what was read: the config hash and the minute hashes (by key), all
+    decoded to text."""
+    exempt = {f[len("exempt:") :]: v for f, v in config.items() if f.startswith("exempt:")}
+    own_limits = frozenset(
+        f for f in config if not f.startswith(("exempt:", "mode:", "weight:", "_"))
+    )
+    traffic = group_traffic(
+        {_minute_of(key): fields for key, fields in minutes.items()},
+        scope,
+        since,
+        exempt,
+        own_limits,
+    )
+    name = str(scope)
+    current = config.get(name)
+    if current is None and scope.kind in ("tenant", "tenant_queue") and not scope.is_default:
+        default = "tenant:*" if scope.kind == "tenant" else f"tenant:*:queue:{scope.queue}"
+        current = config.get(default)
+    return preview(
+        scope,
+        limit,
+        None if current is None else decode_limit(name, current).limit,
+        traffic,
+        window_s,
+        now,
+    )
+
+
+def preview_fields(result: Preview, top: int = 20) -> dict[str, object]:
+    """A preview as plain fields (the CLI's JSON, the admin API): the ``top`` most delayed
+    buckets only, the totals over all of them."""
+
+    def limit_text(limit: Limit | None) -> str | None:
+        return None if limit is None else f"{format_limit(limit)} burst {limit.capacity:g}"
+
+    return {
+        "scope": result.scope,
+        "limit": limit_text(result.limit),
+        "window_s": result.window_s,
+        "work": result.work,
+        "delayed": result.delayed,
+        "delayed_fraction": round(result.delayed_fraction, 6),
+        "max_delay_s": round(result.max_delay_s, 3),
+        "backlog_at_end": round(result.backlog_at_end, 3),
+        "denied": result.denied,
+        "current": limit_text(result.current),
+        "current_delayed": result.current_delayed,
+        "bucket_count": len(result.buckets),
+        "buckets": [
+            {
+                "scope": b.scope,
+                "work": b.work,
+                "delayed": b.delayed,
+                "delayed_fraction": round(b.delayed_fraction, 6),
+                "max_delay_s": round(b.max_delay_s, 3),
+                "backlog_at_end": round(b.backlog_at_end, 3),
+            }
+            for b in result.buckets[:top]
+        ],
+    }
