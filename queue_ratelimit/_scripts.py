@@ -115,8 +115,13 @@ class Scripts:
         self.library, self.library_name, self.functions = library()
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
         # call_packed may send on a pooled connection itself: a plain redis.Redis only (not
-        # a cluster, nor a client pinned to one connection, whose lock it would bypass).
-        self._direct = isinstance(client, redis.Redis) and client.connection is None
+        # a cluster, nor a client pinned to one connection, whose lock it would bypass, nor
+        # one with client-side caching, whose connections track the commands they send).
+        self._direct = (
+            isinstance(client, redis.Redis)
+            and client.connection is None
+            and getattr(client.connection_pool, "cache", None) is None
+        )
 
     def sha(self, name: str) -> str:
         """The EVALSHA digest of a script."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.backoff import ConstantBackoff
+from redis.cache import CacheConfig
 from redis.retry import Retry
 
 from queue_ratelimit import (
@@ -810,11 +811,11 @@ def test_a_dropped_connection_is_reconnected_and_decides_once(
 
 @pytest.mark.parametrize(
     "options",
-    [{"single_connection_client": True}, {"decode_responses": True}],
-    ids=["single-connection", "decoded"],
+    [{"single_connection_client": True}, {"decode_responses": True}, {"protocol": 3}],
+    ids=["single-connection", "decoded", "resp3"],
 )
 def test_clients_of_every_kind_decide_alike(
-    redis_url: str, namespace: str, options: dict[str, bool]
+    redis_url: str, namespace: str, options: dict[str, object]
 ) -> None:
     client = redis.Redis.from_url(redis_url, **options)
     limiter = Limiter(client, namespace=namespace)
@@ -824,6 +825,17 @@ def test_clients_of_every_kind_decide_alike(
     assert decisions[1].remaining == {"tenant:acme": near(0)}
     assert decisions[2].denied_by == "tenant:acme"
     limiter.close()
+
+
+def test_decisions_are_sent_directly_only_where_nothing_is_bypassed(redis_url: str) -> None:
+    """The packed, pooled path is for plain clients; the others keep redis-py's own path:
+    a client pinned to one connection (its lock), one with client-side caching (its
+    connections track what they send), a cluster client (routing)."""
+    assert Limiter(redis.Redis.from_url(redis_url))._scripts._direct
+    pinned = redis.Redis.from_url(redis_url, single_connection_client=True)
+    assert not Limiter(pinned)._scripts._direct
+    caching = redis.Redis(protocol=3, cache_config=CacheConfig())  # not connected here
+    assert not Limiter(caching)._scripts._direct
 
 
 def test_a_server_that_refuses_functions_gets_scripts(
