@@ -59,7 +59,7 @@ class AsyncLimiter(LimiterBase):
     ) -> Decision:
         call = self._core.decision_call(mode, tenant, queue, priority, cost)
         try:
-            reply = await self._scripts.acall("acquire.lua", call.keys, call.args)
+            reply = await self._scripts.acall_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
 import redis
+import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -118,7 +119,7 @@ class Scripts:
         # a cluster, nor a client pinned to one connection, whose lock it would bypass, nor
         # one with client-side caching, whose connections track the commands they send).
         self._direct = (
-            isinstance(client, redis.Redis)
+            isinstance(client, redis.Redis | redis.asyncio.Redis)
             and client.connection is None
             and getattr(client.connection_pool, "cache", None) is None
         )
@@ -160,12 +161,7 @@ class Scripts:
             pool = self.client.connection_pool
             conn = pool.get_connection()
             try:
-                packed = call.packed
-                if packed is None:
-                    packed = call.packed = conn.pack_command(
-                        "FCALL", self.functions[name], len(call.keys), *call.keys, *call.args
-                    )
-                conn.send_packed_command(packed)
+                conn.send_packed_command(self._packed(name, call, conn))
                 return conn.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 pass  # (redis-py disconnected it; call() connects again)
@@ -175,6 +171,14 @@ class Scripts:
             finally:
                 pool.release(conn)
         return self.call(name, call.keys, call.args)
+
+    def _packed(self, name: str, call: PackableCall, conn: Any) -> list[bytes]:
+        packed = call.packed
+        if packed is None:
+            packed = call.packed = conn.pack_command(
+                "FCALL", self.functions[name], len(call.keys), *call.keys, *call.args
+            )
+        return packed
 
     def load(self) -> None:
         """Load the Functions library (REPLACE: the same digest is the same code), or settle
@@ -256,6 +260,24 @@ class Scripts:
             self.transport = "fcall"
             return reply
         return await self._scripts[name](keys=keys, args=args)
+
+    async def acall_packed(self, name: str, call: PackableCall) -> Any:
+        """``call_packed`` for asyncio clients. A cancelled call leaves nothing behind:
+        redis-py closes a connection whose reply was not read."""
+        if self._direct and self.transport == "fcall":
+            pool = self.client.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(self._packed(name, call, conn))
+                return await conn.read_response()
+            except (RedisConnectionError, RedisTimeoutError):
+                pass  # (redis-py disconnected it; acall() connects again)
+            except ResponseError as exc:
+                if not await self._aretry_after(exc):
+                    raise
+            finally:
+                await pool.release(conn)
+        return await self.acall(name, call.keys, call.args)
 
     async def _aretry_after(self, exc: ResponseError) -> bool:
         step = self._after_fcall_error(exc)

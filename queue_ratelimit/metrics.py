@@ -195,6 +195,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
         "namespace": limiter.namespace,
         "config_version": int(config.get("_version", 0)),
         "shadow": config.get("mode:shadow") == "1",
+        # Seconds of traffic kept for previews, None when recording is off.
+        "recording_s": float(config["mode:record"]) if "mode:record" in config else None,
         "limits": {
             scope: {
                 "rate_per_s": s.limit.rate_per_second,

@@ -153,6 +153,8 @@ def build_view(
 
     totals = snap["totals"]
     flags = " · DRY RUN (shadow): nothing is denied" if snap["shadow"] else ""
+    if snap.get("recording_s"):
+        flags += f" · recording the last {snap['recording_s']:g} s for previews"
     view = View(title=f"namespace {snap['namespace']} · config v{snap['config_version']}{flags}")
     for name in ("allowed", "denied", "would_deny"):
         rate = _rate(totals[name], then("totals", name), seconds)

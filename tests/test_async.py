@@ -11,7 +11,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from conftest import free_port
-from redis.backoff import NoBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ConstantBackoff, NoBackoff
 from redis.retry import Retry
 
 from queue_ratelimit import (
@@ -215,3 +216,36 @@ def test_async_recording_and_preview_match_the_sync_limiter(
     assert (recording, work) == (120.0, 12)
     assert limiter.preview("tenant:*", Limit(2, burst=2)).delayed == delayed
     assert 8 <= delayed <= 10
+
+
+def test_async_decisions_survive_cancellation_and_timeouts(
+    redis_url: str, namespace: str, limiter: Limiter, redis_client: redis.Redis
+) -> None:
+    """A decision cancelled while Redis holds its reply back (writes paused) leaves no
+    half-read connection behind and consumes nothing; one that timed out on a dropped
+    connection is sent again under the client's retry policy, and counted once."""
+
+    async def body(lim: AsyncLimiter) -> list[bool]:
+        await lim.set_limit("tenant:acme", Limit(1, per=HOUR, burst=10))
+        outcomes = [(await lim.acquire("acme")).allowed]
+        redis_client.client_pause(1000, all=False)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(lim.acquire("acme"), timeout=0.2)
+        outcomes.append((await lim.acquire("acme")).allowed)  # answered after the pause
+        patient = AsyncLimiter(
+            aioredis.Redis.from_url(
+                redis_url,
+                socket_timeout=0.3,
+                retry=AsyncRetry(ConstantBackoff(0.1), 20),
+                retry_on_error=[redis.TimeoutError],
+            ),
+            namespace=namespace,
+        )
+        outcomes.append((await patient.acquire("acme")).allowed)
+        redis_client.client_pause(700, all=False)
+        outcomes.append((await patient.acquire("acme")).allowed)  # timed out, sent again
+        await patient.aclose()
+        return outcomes
+
+    assert run(redis_url, namespace, body) == [True, True, True, True]
+    assert limiter.peek("acme").remaining == {"tenant:acme": pytest.approx(6, abs=0.01)}

@@ -50,9 +50,14 @@ def test_view_rates_are_differences_between_two_polls(limiter: Limiter) -> None:
     assert view.waits == "no denials since the last poll"
 
 
-def test_dry_run_is_in_the_title(limiter: Limiter) -> None:
+def test_dry_run_and_recording_are_in_the_title(limiter: Limiter) -> None:
+    assert "DRY RUN" not in build_view(snapshot(limiter), None).title
     limiter.set_shadow(True)
-    assert "DRY RUN" in build_view(snapshot(limiter), None).title
+    limiter.set_recording(900)
+    title = build_view(snapshot(limiter), None).title
+    assert "DRY RUN" in title
+    assert "recording the last 900 s for previews" in title
+    assert snapshot(limiter)["recording_s"] == 900
 
 
 def rows(app: TopApp, table_id: str) -> list[list[object]]:
