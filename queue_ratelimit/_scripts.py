@@ -115,9 +115,10 @@ class Scripts:
         self.transport: Transport | None = transport
         self.library, self.library_name, self.functions = library()
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
-        # call_packed may send on a pooled connection itself: a plain redis.Redis only (not
-        # a cluster, nor a client pinned to one connection, whose lock it would bypass, nor
-        # one with client-side caching, whose connections track the commands they send).
+        # call_packed may send on a pooled connection itself: plain clients only, sync or
+        # asyncio (not a cluster client, nor one pinned to one connection, whose lock it
+        # would bypass, nor one with client-side caching, whose connections track the
+        # commands they send).
         self._direct = (
             isinstance(client, redis.Redis | redis.asyncio.Redis)
             and client.connection is None

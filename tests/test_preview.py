@@ -167,6 +167,8 @@ def test_recording_counts_every_decision_while_on(
     for _ in range(7):
         assert limiter.acquire("acme", "emails").allowed
     assert limiter.acquire("acme", cost=2.5).allowed
+    limiter.set_limit("tenant:whale", Limit(1e9, burst=1e12))
+    assert limiter.acquire("whale", cost=1e12).allowed
     assert [limiter.acquire("carol").allowed for _ in range(3)] == [True, False, False]
     limiter.peek("acme")
     limiter.refund("acme")
@@ -177,6 +179,7 @@ def test_recording_counts_every_decision_while_on(
     assert recorded(redis_client, limiter) == {
         "acme emails": 7,
         "acme -": 2.5,
+        "whale -": 1e12,
         "carol -": 1,
         "carol - d": 2,
         "dave reports": 1,
