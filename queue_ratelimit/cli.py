@@ -262,11 +262,13 @@ def list_(settings: Settings, as_json: bool) -> None:
         version = limiter.config_version()
         # The namespace-wide switch has no getter on Limiter; it is this field of the config.
         dry_run = limiter.client.hget(limiter.keys.config, "mode:shadow") is not None
+        recording = limiter.recording()
     if as_json:
         payload = {
             "namespace": settings.namespace,
             "version": version,
             "dry_run": dry_run,
+            "recording_s": recording,
             "limits": {scope: limit_fields(item) for scope, item in items.items()},
             "exempt": exempt,
         }
@@ -274,7 +276,8 @@ def list_(settings: Settings, as_json: bool) -> None:
         return
     click.echo(
         f"namespace {settings.namespace!r}: config version {version}, "
-        f"dry-run {'ON (nothing is denied)' if dry_run else 'off'}"
+        f"dry-run {'ON (nothing is denied)' if dry_run else 'off'}, "
+        f"recording {'off' if recording is None else f'the last {recording:g} s'}"
     )
     if not items:
         click.echo("no limits set")

@@ -72,7 +72,7 @@ def test_set_get_list_delete(cli: CliRunner, namespace: str, limiter: Limiter) -
         "enforce",
     ]
     listing = ok(cli, "limits", "list")
-    assert f"namespace {namespace!r}: config version 4, dry-run off" in listing
+    assert f"namespace {namespace!r}: config version 4, dry-run off, recording off" in listing
     rows = [line.split() for line in listing.splitlines()]
     assert ["tenant:acme:queue:emails", "5/2s", "2.5", "5", "shadow"] in rows
 
@@ -96,6 +96,7 @@ def test_json_output(cli: CliRunner, namespace: str) -> None:
         "namespace": namespace,
         "version": 2,
         "dry_run": False,
+        "recording_s": None,
         "limits": {
             "tenant:*": {
                 "limit": "10/h",
@@ -152,6 +153,7 @@ def test_audit_shows_the_latest_changes_first(cli: CliRunner) -> None:
 def test_record_and_preview(cli: CliRunner, limiter: Limiter) -> None:
     limiter.set_limit("tenant:*", "1000/s")
     assert "recording on, keeping the last 600 s" in ok(cli, "limits", "record", "600")
+    assert "recording the last 600 s" in ok(cli, "limits", "list")
     for _ in range(30):
         limiter.acquire("acme")
     limiter.acquire("bob")
