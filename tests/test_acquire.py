@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -825,6 +826,28 @@ def test_clients_of_every_kind_decide_alike(
     assert decisions[1].remaining == {"tenant:acme": near(0)}
     assert decisions[2].denied_by == "tenant:acme"
     limiter.close()
+
+
+def test_threads_sharing_one_limiter_get_their_own_replies(limiter: Limiter) -> None:
+    """Threads share the client's pool: every decision reads its own reply (a reply read by
+    the wrong thread would name another tenant's scope) and the bucket is never overspent."""
+    limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=300))
+    tenants = [f"t{n}" for n in range(8)]
+    results: dict[str, list[Decision]] = {t: [] for t in tenants}
+
+    def hammer(tenant: str) -> None:
+        for _ in range(400):
+            results[tenant].append(limiter.acquire(tenant))
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in tenants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for tenant, decisions in results.items():
+        assert {name for d in decisions for name in d.remaining} == {f"tenant:{tenant}"}
+        assert sum(d.allowed for d in decisions) == 300
+        assert all(d.denied_by == f"tenant:{tenant}" for d in decisions if not d.allowed)
 
 
 def test_decisions_are_sent_directly_only_where_nothing_is_bypassed(redis_url: str) -> None:
