@@ -171,7 +171,12 @@ if mode == 'dispatch' then
   -- extend present for the item ("" without a lease): one per dispatch call, never reused.
   local max_items, lease_ms, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
   local now = now_ms()
-  reap(now)
+  if reap(now) == REAP_BATCH and redis.call('ZCOUNT', inflight_key, '-inf', now) > 0 then
+    -- More leases ran out than one call hands back. They go back newest first, each to the
+    -- head of its backlog, so the oldest end up in front as they were; serving before the
+    -- rest are back would serve newer work first. Nothing now; the caller comes back at once.
+    return {'0'}
+  end
   local version = redis.call('HGET', config_key, '_version') or '0'
   local items, wait, backlogged, stop_all = {}, false, false, false
   local lease, leases = '', {}
