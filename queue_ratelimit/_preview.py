@@ -28,6 +28,7 @@ from ._scopes import ANY_TENANT, Scope
 MIN_RECORDING = 60.0
 MAX_RECORDING = 86_400.0
 RECORD_FIELD = "mode:record"
+EPSILON = 1e-9  # as the Lua's tolerance when comparing tokens with a cost
 
 
 def recording_value(seconds: object) -> str:
@@ -104,8 +105,8 @@ def replay(
         if when >= busy_until:
             since = max(at, busy_until)
             available = burst if since == -math.inf else min(burst, tokens + rate * (when - since))
-            if cost <= available:
-                tokens, at = available - cost, when
+            if cost <= available + EPSILON:  # (0.7 - 0.4 s refills 0.29999999999999993)
+                tokens, at = max(0.0, available - cost), when
                 continue
             late = cost - available
             tokens, at = 0.0, when

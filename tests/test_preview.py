@@ -47,6 +47,11 @@ def test_replay(
     assert (delayed, longest, backlog) == pytest.approx(expected)
 
 
+def test_replay_does_not_delay_what_float_rounding_leaves_short() -> None:
+    # 0.7 - 0.4 is 0.29999999999999993 in floats: the refill still covers a cost of 0.3.
+    assert replay([(0.4, 1), (0.7, 0.3)], Limit(1), 5) == (0, 0, 0)
+
+
 per_second = st.lists(st.integers(0, 50), min_size=1, max_size=60)
 limits = st.builds(
     Limit, st.integers(1, 40).map(float), st.just(1.0), st.integers(1, 60).map(float)
