@@ -4,6 +4,9 @@ For sizing: decisions per second one process gets from ``Limiter.acquire`` next 
 (``EVALSHA`` of ``return 1``: one round trip and nothing else) on the same connection, and the
 server microseconds per decision, which bound what one Redis core sustains for everyone.
 Slices of the two alternate, so a burst of other load spoils a slice rather than a side.
+The floor goes through redis-py's ordinary command path, which ``acquire`` skips on plain
+clients (it sends its command packed once), so on a fast network ``acquire`` may come close
+to the floor or pass it: the ratio is how much a decision costs this process, not Redis.
 The limits are set in a namespace of its own (far above what one process reaches, so they
 never bind) and every key of it is deleted afterwards. Server time comes from the change in
 ``INFO commandstats`` over our own slices: on a busy server, other clients' scripts inflate
