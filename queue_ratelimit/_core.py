@@ -32,7 +32,14 @@ from ._errors import (
 )
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
-from ._preview import RECORD_FIELD, Preview, build_preview, recorded_minutes, recording_value
+from ._preview import (
+    RECORD_FIELD,
+    Preview,
+    build_preview,
+    recorded_minutes,
+    recording_kept,
+    recording_value,
+)
 from ._scopes import Scope, check_name, check_priority, scope_name
 from ._scripts import Scripts
 
@@ -109,6 +116,13 @@ def check_positive(
 
 def check_cost(cost: object) -> float:
     return check_positive("cost", cost, MAX_COST, InvalidCost)
+
+
+def _as_limit(limit: object) -> Limit:
+    parsed = Limit.parse(limit) if isinstance(limit, str) else limit
+    if not isinstance(parsed, Limit):
+        raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
+    return parsed
 
 
 def _text(value: object) -> str:
@@ -237,10 +251,7 @@ class LimiterCore:
         self, scope: str | Scope, limit: Limit | str, shadow: bool, actor: str
     ) -> ScriptCall:
         name = scope_name(scope)
-        parsed = Limit.parse(limit) if isinstance(limit, str) else limit
-        if not isinstance(parsed, Limit):
-            raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
-        return self.config_call("set", name, encode_limit(parsed, bool(shadow)), actor)
+        return self.config_call("set", name, encode_limit(_as_limit(limit), bool(shadow)), actor)
 
     def set_exempt_call(self, tenant: str, mode: ExemptMode | None, actor: str) -> ScriptCall:
         field = f"exempt:{check_name('tenant', tenant)}"
@@ -261,8 +272,10 @@ class LimiterCore:
         """For a preview: the config as text, the minute hashes to read, the first second
         to replay, the window and now (Redis ``TIME``) in seconds."""
         text = {_text(k): _text(v) for k, v in config.items()}
+        kept = recording_kept(text)
+        window_s = kept if window is None else check_positive("window", window, kept)
         at = now[0] + now[1] / 1e6
-        keys, since, window_s = recorded_minutes(self.keys.base, text, window, at)
+        keys, since = recorded_minutes(self.keys.base, window_s, at)
         return text, keys, since, window_s, at
 
     @staticmethod
@@ -277,9 +290,7 @@ class LimiterCore:
         now: float,
     ) -> Preview:
         parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
-        proposed = Limit.parse(limit) if isinstance(limit, str) else limit
-        if not isinstance(proposed, Limit):
-            raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
+        proposed = _as_limit(limit)
         read = {
             key: {_text(f): _text(v) for f, v in fields.items()}
             for key, fields in zip(keys, minutes, strict=True)

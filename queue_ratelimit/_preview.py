@@ -229,15 +229,11 @@ def preview(
     )
 
 
-def recorded_minutes(
-    base: str, config: Mapping[str, str], window: float | None, now: float
-) -> tuple[list[str], int, float]:
-    """The minute hashes to read for a preview of the last ``window`` seconds (default: as
-    far back as recording keeps), the first second to replay, and the window's length.
+def recording_kept(config: Mapping[str, str]) -> float:
+    """Seconds of traffic recording keeps, from the config hash.
 
     Raises:
-        ConfigError: recording is off, or the window is not a positive number of seconds
-            within what recording keeps.
+        ConfigError: recording is off.
     """
     kept = config.get(RECORD_FIELD)
     if not kept:
@@ -246,20 +242,15 @@ def recorded_minutes(
             "recording on (Limiter.set_recording, `queue-ratelimit limits record 900`) and "
             "preview once it has seen the traffic"
         )
-    kept_s = float(kept)
-    if window is None:
-        window_s = kept_s
-    elif (
-        isinstance(window, bool) or not isinstance(window, int | float) or not 0 < window <= kept_s
-    ):
-        raise ConfigError(
-            f"window must be 0 < seconds <= {kept_s:g} (recording keeps that much), got {window!r}"
-        )
-    else:
-        window_s = float(window)
+    return float(kept)
+
+
+def recorded_minutes(base: str, window_s: float, now: float) -> tuple[list[str], int]:
+    """The minute hashes to read for a preview of the last ``window_s`` seconds, and the
+    first second to replay."""
     since = math.floor(now - window_s)
     keys = [f"{base}:rec:{minute}" for minute in range(since // 60, math.floor(now) // 60 + 1)]
-    return keys, since, window_s
+    return keys, since
 
 
 def _minute_of(key: str) -> int:
