@@ -113,11 +113,19 @@ local function weight(value, default)
 end
 
 if mode == 'submit' then
-  -- ARGV: lane, tenant, priority, item id, cost, payload. Reply: 1 queued, 0 duplicate id,
-  -- -2 unknown priority.
+  -- ARGV: lane, tenant, priority, item id, cost, payload, backlog bound (optional; 0 or
+  -- absent: none). Reply: 1 queued, 0 duplicate id (queued, in flight, or remembered as
+  -- done by ack), -2 unknown priority, -3 the lane's backlog already holds `bound` items.
   local lane, tenant, priority, id, cost, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  local bound = tonumber(ARGV[10] or '0') or 0
   if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
     return -2
+  end
+  if redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
+    return 0
+  end
+  if bound > 0 and (tonumber(redis.call('HGET', lane_key(lane, 'n'), ':total')) or 0) >= bound then
+    return -3
   end
   local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now_ms())
   if redis.call('HSETNX', meta_key, id, meta) == 0 then

@@ -19,6 +19,7 @@ from ._core import AuditEntry
 from ._decision import Decision, ScopeLimit
 from ._errors import (
     BackendUnavailable,
+    BacklogFull,
     ConfigError,
     CostExceedsBurst,
     InvalidCost,
@@ -42,6 +43,7 @@ __all__ = [
     "AsyncLimiter",
     "AuditEntry",
     "BackendUnavailable",
+    "BacklogFull",
     "BucketPreview",
     "ConfigError",
     "ConfigSpec",

@@ -11,6 +11,7 @@
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
     ├── BackendUnavailable             Redis could not be reached (fail mode "raise")
+    ├── BacklogFull                    a fair backlog holds as many items as it may
     └── RateLimited                    raised only where a caller asked for "reject"
 
 Being throttled is normally a result (``Decision.allowed`` is False), not an exception;
@@ -78,6 +79,15 @@ class LimitNotFound(RateLimitError, KeyError):
 
 class BackendUnavailable(RateLimitError):
     """The Redis server behind the limiter could not be reached."""
+
+
+class BacklogFull(RateLimitError):
+    """A queue's fair backlog already holds the most items it may (``max_backlog``)."""
+
+    def __init__(self, queue: str, bound: int) -> None:
+        self.queue = queue
+        self.bound = bound
+        super().__init__(f"the fair backlog of queue {queue!r} holds {bound} items already")
 
 
 class RateLimited(RateLimitError):

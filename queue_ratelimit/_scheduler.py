@@ -9,7 +9,7 @@ from typing import Any, Literal
 from redis.exceptions import ResponseError
 
 from ._core import check_cost, check_positive, redis_errors
-from ._errors import ConfigError, InvalidName
+from ._errors import BacklogFull, ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
 
@@ -185,25 +185,43 @@ class FairScheduler:
         priority: str = "normal",
         cost: float = 1,
         payload: bytes = b"",
+        max_backlog: int = 0,
     ) -> bool:
         """Add an item to the tail of its class backlog. False if the id is already known
-        (queued or in flight), which makes a redelivered submit harmless.
+        (queued, in flight, or remembered as done by ``ack(remember=...)``), which makes a
+        redelivered submit harmless.
+
+        Args:
+            max_backlog: when > 0, refuse the item if the queue's backlog already holds
+                that many items (all tenants together).
 
         Raises:
             InvalidName: malformed names, or a priority with no weight configured.
+            BacklogFull: ``max_backlog`` reached; nothing was stored.
         """
         check_name("tenant", tenant)
         check_name("queue", queue)
         check_priority(priority)
         amount = check_cost(cost)
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
         reply = self._run(
-            "submit", queue, tenant, priority, _check_item_id(item_id), repr(amount), payload
+            "submit",
+            queue,
+            tenant,
+            priority,
+            _check_item_id(item_id),
+            repr(amount),
+            payload,
+            max_backlog,
         )
         if reply == -2:
             raise InvalidName(
                 f"unknown priority {priority!r}: use high, normal or low, or give it a weight "
                 f"with set_priority_weight"
             )
+        if reply == -3:
+            raise BacklogFull(queue, max_backlog)
         return reply == 1
 
     def dispatch(

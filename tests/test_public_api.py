@@ -15,6 +15,7 @@ EXPECTED = {
     "AsyncLimiter",
     "AuditEntry",
     "BackendUnavailable",
+    "BacklogFull",
     "BucketPreview",
     "ConfigError",
     "ConfigSpec",

@@ -1,10 +1,11 @@
 """Worker side: the consumer bootstep that gates every task message before the pool.
 
 A message whose buckets admit it (and whose queue has no fair backlog to respect) runs at
-once. Any other is parked in the fair scheduler's Redis backlog *before* it is acknowledged
-to the broker, so it never holds a prefetch slot and is never lost; workers re-admit parked
-work in the scheduler's fair order, across all hosts, through a timer on the consumer's
-event loop.
+once, while the worker has a free slot. Any other is parked in the fair scheduler's Redis
+backlog *before* it is acknowledged to the broker, so it never holds a prefetch slot and is
+never lost: work the buckets hold back, and (``fair_capacity``) work that arrives while the
+pool is saturated. Workers re-admit parked work in the scheduler's weighted-fair order,
+across all hosts, as their slots free (``PoolSlots``) and their budgets allow.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from redis.exceptions import RedisError
 from vine import promise
 
 from .._durability import persistence_warning
-from .._errors import RateLimitError
+from .._errors import BacklogFull, RateLimitError
 from .._scheduler import DispatchedItem, GateVerdict
 from .._scopes import check_name
-from ._options import HeaderOptions, RateOptions, gated
+from ._credit import CreditKey, CreditLedger
+from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
+from ._slots import PoolSlots, Wakeup
 
 log = logging.getLogger("queue_ratelimit.celery")
 Strategy = Callable[..., Any]
@@ -39,6 +42,9 @@ DISPATCH_BATCH = 16
 # How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
 # the head of its backlog, or dropped (an invalid message).
 Settlement = Literal["ack", "requeue", "drop"]
+# Where a message that must wait went: into the backlog, nowhere (a copy of work already
+# taken over), or not yet (the backlog is full, or Redis is unreachable: None).
+Parked = Literal["parked", "duplicate", "full"]
 
 
 class Job:
@@ -51,6 +57,31 @@ class Job:
         self.lane = lane
         self.options = options
 
+    @property
+    def credit_key(self) -> CreditKey:
+        o = self.options
+        return (o.tenant, self.lane, o.priority, o.cost)
+
+
+class Delivery:
+    """One broker message in the gate's hands, with what can be done with it."""
+
+    __slots__ = ("ack", "hand_back", "job", "message", "run")
+
+    def __init__(
+        self,
+        job: Job,
+        message: Any,
+        run: Callable[[], Any],
+        ack: Callable[[], Any],
+        hand_back: Callable[[], Any],
+    ) -> None:
+        self.job = job
+        self.message = message
+        self.run = run
+        self.ack = ack
+        self.hand_back = hand_back
+
 
 class RateLimitGate(bootsteps.StartStopStep):
     """Consumer step: wraps the task strategies so that every message passes the gate."""
@@ -62,8 +93,6 @@ class RateLimitGate(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self.runtime: Runtime | None = runtime_of(c.app)
         self.enabled = self.runtime is not None
-        if self.runtime is not None:
-            self.header_options = HeaderOptions(self.runtime.settings)
         self.consumer = c
         self.originals: dict[str, Strategy] = {}
         # Re-admitted jobs by item id: their lease fences the ack, nack or renewal.
@@ -72,11 +101,14 @@ class RateLimitGate(bootsteps.StartStopStep):
         # are closed first thing when it is back, before their leases can run out (the
         # lease must outlast the outage, or another worker takes the job over again).
         self.unsettled: dict[str, Settlement] = {}
-        self.closed_holds = 0
+        # Broker messages kept unacknowledged for now: Redis is unreachable (closed fail
+        # mode) or the backlog is full. Bounded by max_held; tried again on every tick.
+        self.waiting: list[Delivery] = []
         self.stats = {
             "admitted": 0,
             "admitted_on_credit": 0,
             "parked": 0,
+            "parked_for_slots": 0,
             "readmitted": 0,
             "duplicates": 0,
             "failed_open": 0,
@@ -84,25 +116,37 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.lanes: list[str] = []
         self.accept: Any = None
         self.channel = BacklogChannel(self._on_backlog_ack, self._on_backlog_reject)
-        self._timer: Any = None
-        self._durability_checked = False
-        # (tenant, lane, priority, cost) -> [jobs this worker may still admit, valid until]
-        self.credits: dict[tuple[str, str, str, float], list[Any]] = {}
-        self._credit_timer: Any = None
-        self._timer_due = 0.0
+        # Whether the fair backlog may hold work for this worker: a finished job then asks
+        # for more at once; otherwise the poll finds what other workers parked.
+        self.backlog_seen = True
+        self._wakeup = Wakeup(lambda: self.consumer.timer, self._readmit)
         self._renew_timer: Any = None
         self._redis_down_since: float | None = None
-        if self.enabled:
+        self._durability_checked = False
+        if self.runtime is not None:
+            settings = self.runtime.settings
+            self.header_options = HeaderOptions(settings)
+            self.credit = CreditLedger(
+                lambda: self._rt.limiter, lambda: self.consumer.timer, settings.credit_ttl
+            )
+            self.slots = PoolSlots(c, settings.reserve, self._slot_freed)
+            self.slots.watch()
             # Strategies capture this method when they are built (in Tasks.start), so ETA
             # tasks are gated when they fall due rather than when they arrive.
             self._apply_eta_task = c.apply_eta_task
             c.apply_eta_task = self._gated_apply_eta_task
 
+    @property
+    def _rt(self) -> Runtime:
+        assert self.runtime is not None
+        return self.runtime
+
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, c: Any) -> None:
-        assert self.runtime is not None
+        settings = self._rt.settings
         self.lanes = self._lanes(c)
         self.accept = prepare_accept_content(c.app.conf.accept_content)
+        self.slots.watch()  # a pool replaced since __init__ (the consumer restarted)
         for name, strategy in list(c.strategies.items()):
             if getattr(strategy, "__queue_ratelimit__", False):
                 continue
@@ -110,28 +154,26 @@ class RateLimitGate(bootsteps.StartStopStep):
             c.strategies[name] = self._wrap(name, strategy)
         self._schedule(0.0)
         self._renew_timer = c.timer.call_repeatedly(
-            max(self.runtime.settings.lease / 3, 0.1), self._renew_leases
+            max(settings.lease / 3, 0.1), self._renew_leases
         )
         log.info(
-            "queue-ratelimit gate on queues %s (namespace %s)",
+            "queue-ratelimit gate on queues %s (namespace %s, fair capacity %s)",
             ", ".join(self.lanes),
-            self.runtime.settings.namespace,
+            settings.namespace,
+            "on" if settings.fair_capacity else "off",
         )
         if not self._durability_checked:
             self._durability_checked = True
-            warning = persistence_warning(self.runtime.limiter.client)
+            warning = persistence_warning(self._rt.limiter.client)
             if warning:
                 log.warning("queue-ratelimit: %s", warning)
 
     def stop(self, c: Any) -> None:
-        for entry in (self._timer, self._renew_timer, self._credit_timer):
-            if entry is not None:
-                entry.cancel()
-        self._timer = self._renew_timer = self._credit_timer = None
-        for key, (units, _) in list(self.credits.items()):
-            if units > 0:
-                self._refund_credit(key, units)
-        self.credits.clear()
+        self._wakeup.cancel()
+        if self._renew_timer is not None:
+            self._renew_timer.cancel()
+            self._renew_timer = None
+        self.credit.close()
 
     def info(self, c: Any) -> dict[str, Any]:
         """Shown by ``celery inspect stats``."""
@@ -140,6 +182,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 **self.stats,
                 "held": len(self.held),
                 "unsettled": len(self.unsettled),
+                "waiting": len(self.waiting),
                 "lanes": self.lanes,
             }
         }
@@ -154,21 +197,16 @@ class RateLimitGate(bootsteps.StartStopStep):
                 log.error("queue-ratelimit: queue %r cannot be gated: %s", queue.name, exc)
         return lanes or [c.app.conf.task_default_queue]
 
+    @property
+    def _max_held(self) -> int:
+        return self._rt.settings.max_held or self.slots.reserve
+
     def _capacity(self) -> int:
         """How many re-admitted jobs this worker may take now."""
-        from celery.worker.state import reserved_requests
-
-        assert self.runtime is not None
-        pool = getattr(self.consumer, "pool", None)
-        concurrency = int(
-            getattr(pool, "num_processes", None) or self.consumer.initial_prefetch_count or 1
-        )
-        limit = self.runtime.settings.max_held or 2 * concurrency
-        return max(0, min(limit - len(self.held), concurrency - len(reserved_requests)))
+        return max(0, min(self._max_held - len(self.held), self.slots.free()))
 
     def _job(self, message: Any) -> Job | None:
         """The gate's view of a message; None for tasks that are not gated."""
-        assert self.runtime is not None
         headers = message.headers or {}
         task = self.consumer.app.tasks.get(headers.get("task"))
         if task is None or not gated(task):
@@ -180,76 +218,19 @@ class RateLimitGate(bootsteps.StartStopStep):
             options = self.header_options({})
         routing_key = (message.delivery_info or {}).get("routing_key")
         lane = routing_key if routing_key in self.lanes else self.lanes[0]
-        item_id = f"{headers.get('id')}.{headers.get('retries') or 0}"
-        return Job(item_id, lane, options)
-
-    # -- credit: admissions taken in advance while nothing is contended ----------------------
-    @staticmethod
-    def _credit_key(job: Job) -> tuple[str, str, str, float]:
-        o = job.options
-        return (o.tenant, job.lane, o.priority, o.cost)
-
-    def _spend_credit(self, job: Job, message: Any) -> bool:
-        """Admit ``job`` on credit, without a round trip, if this worker holds some.
-
-        A redelivered message always asks Redis: only Redis can tell whether it already ran
-        through the backlog."""
-        entry = self.credits.get(self._credit_key(job))
-        if entry is None or entry[0] <= 0 or entry[1] < time.monotonic():
-            return False
-        if (message.delivery_info or {}).get("redelivered"):
-            return False
-        entry[0] -= 1
-        return True
-
-    def _grant_credit(self, job: Job, units: int) -> None:
-        assert self.runtime is not None
-        key = self._credit_key(job)
-        left = self.credits.pop(key, None)
-        if left is not None and left[0] > 0:
-            self._refund_credit(key, left[0])
-        self.credits[key] = [units, time.monotonic() + self.runtime.settings.credit_ttl]
-        if self._credit_timer is None:
-            self._credit_timer = self.consumer.timer.call_after(
-                self.runtime.settings.credit_ttl, self._expire_credit
-            )
-
-    def _expire_credit(self) -> None:
-        """Give back the tokens of credit that went unused (it lives ``credit_ttl``)."""
-        self._credit_timer = None
-        now = time.monotonic()
-        for key, (units, until) in list(self.credits.items()):
-            if until <= now:
-                del self.credits[key]
-                if units > 0:
-                    self._refund_credit(key, units)
-        if self.credits:
-            assert self.runtime is not None
-            self._credit_timer = self.consumer.timer.call_after(
-                self.runtime.settings.credit_ttl, self._expire_credit
-            )
-
-    def _refund_credit(self, key: tuple[str, str, str, float], units: int) -> None:
-        assert self.runtime is not None
-        tenant, lane, priority, cost = key
-        try:
-            self.runtime.limiter.refund(tenant, queue=lane, priority=priority, cost=units * cost)
-        except RateLimitError as exc:
-            # Unused tokens stay spent: the caps only get stricter, never looser.
-            log.warning("queue-ratelimit: could not refund %d unused credit: %s", units, exc)
+        return Job(item_id_of(headers), lane, options)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
         """Ask Redis; None when it is unreachable (the fail mode decides)."""
-        assert self.runtime is not None
         o = job.options
         try:
-            verdict = self.runtime.scheduler.gate(
+            verdict = self._rt.scheduler.gate(
                 o.tenant,
                 job.item_id,
                 queue=job.lane,
                 priority=o.priority,
                 cost=o.cost,
-                credit=self.runtime.settings.credit,
+                credit=self._rt.settings.credit,
             )
         except RedisError as exc:
             self._redis_failed(exc)
@@ -260,11 +241,10 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _redis_failed(self, exc: Exception) -> None:
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
-            assert self.runtime is not None
             log.error(
                 "queue-ratelimit: Redis unreachable (%s): gate fails %s until it returns",
                 exc,
-                self.runtime.settings.fail_mode.upper(),
+                self._rt.settings.fail_mode.upper(),
             )
 
     def _redis_ok(self) -> None:
@@ -275,24 +255,30 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self._redis_down_since = None
 
-    def _park(self, job: Job, message: Any) -> bool:
-        """Put the message in the fair backlog; True once it is safely in Redis."""
-        assert self.runtime is not None
+    def _park(self, job: Job, message: Any) -> Parked | None:
+        """Put the message in the fair backlog; None when Redis is unreachable."""
         o = job.options
         try:
-            self.runtime.scheduler.submit(
+            queued = self._rt.scheduler.submit(
                 o.tenant,
                 job.item_id,
                 queue=job.lane,
                 priority=o.priority,
                 cost=o.cost,
                 payload=encode_message(message),
+                max_backlog=self._rt.settings.max_backlog,
             )
+        except BacklogFull:
+            return "full"
         except RedisError as exc:
             self._redis_failed(exc)
-            return False
+            return None
+        self._redis_ok()
+        if not queued:
+            return "duplicate"
         self.stats["parked"] += 1
-        return True
+        self.backlog_seen = True
+        return "parked"
 
     # -- the gate ------------------------------------------------------------------------
     def _wrap(self, name: str, strategy: Strategy) -> Strategy:
@@ -305,11 +291,13 @@ class RateLimitGate(bootsteps.StartStopStep):
             if job is None or _due_later(message):
                 return strategy(message, body, ack, reject, callbacks, **kw)
             return self._decide(
-                job,
-                message,
-                run=lambda: strategy(message, body, ack, reject, callbacks, **kw),
-                ack=lambda: ack(log, self.consumer.connection_errors),
-                hand_back=lambda: reject(log, self.consumer.connection_errors, requeue=True),
+                Delivery(
+                    job,
+                    message,
+                    run=lambda: strategy(message, body, ack, reject, callbacks, **kw),
+                    ack=lambda: ack(log, self.consumer.connection_errors),
+                    hand_back=lambda: reject(log, self.consumer.connection_errors, requeue=True),
+                )
             )
 
         gated_strategy.__queue_ratelimit__ = True  # type: ignore[attr-defined]
@@ -330,98 +318,122 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.consumer.qos.decrement_eventually()
 
         return self._decide(
-            job,
-            message,
-            run=lambda: self._apply_eta_task(request),
-            ack=acknowledge,
-            hand_back=hand_back,
+            Delivery(
+                job,
+                message,
+                run=lambda: self._apply_eta_task(request),
+                ack=acknowledge,
+                hand_back=hand_back,
+            )
         )
 
-    def _decide(
-        self,
-        job: Job,
-        message: Any,
-        *,
-        run: Callable[[], Any],
-        ack: Callable[[], Any],
-        hand_back: Callable[[], Any],
-    ) -> Any:
-        assert self.runtime is not None
-        if self._spend_credit(job, message):
+    def _decide(self, d: Delivery) -> Any:
+        settings = self._rt.settings
+        if settings.fair_capacity and self.slots.saturated():
+            # Every slot is taken: wait in the fair backlog, where whichever worker frees
+            # a slot first serves it in weighted-fair order, rather than FIFO here.
+            self.stats["parked_for_slots"] += 1
+            return self._wait(d, 0.0)
+        redelivered = bool((d.message.delivery_info or {}).get("redelivered"))
+        # A redelivered message always asks Redis: only Redis can tell whether it already
+        # ran through the backlog.
+        if not redelivered and self.credit.spend(d.job.credit_key):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
-            return run()
-        verdict = self._verdict(job)
-        if verdict is not None and verdict.action == "run":
+            return d.run()
+        verdict = self._verdict(d.job)
+        if verdict is None:
+            return self._unreachable(d)
+        if verdict.action == "run":
             self.stats["admitted"] += 1
             if verdict.credit:
-                self._grant_credit(job, verdict.credit)
-            return run()
-        if verdict is not None and verdict.action == "duplicate":
-            # Already parked, in flight, or run through the backlog: this is a broker
-            # redelivery of a message we took over; acknowledging it loses nothing.
-            self.stats["duplicates"] += 1
-            log.warning("queue-ratelimit: dropping duplicate delivery of %s", job.item_id)
-            return ack()
-        if verdict is not None and self._park(job, message):
-            ack()  # only now: the job is in Redis (publish before ack)
-            self._schedule(verdict.wait_ms / 1000)
+                self.credit.grant(d.job.credit_key, verdict.credit)
+            return d.run()
+        if verdict.action == "duplicate":
+            return self._drop_duplicate(d)
+        self.backlog_seen = True
+        return self._wait(d, verdict.wait_ms)
+
+    def _wait(self, d: Delivery, wait_ms: float) -> Any:
+        """Park the message in the backlog, then acknowledge it to the broker."""
+        parked = self._park(d.job, d.message)
+        if parked == "parked":
+            d.ack()  # only now: the job is in Redis (publish before ack)
+            self._schedule(wait_ms / 1000)
             return None
-        # Redis is unreachable.
-        if self.runtime.settings.fail_mode == "open":
+        if parked == "duplicate":
+            return self._drop_duplicate(d)
+        if parked == "full":
+            return self._keep(d)
+        return self._unreachable(d)
+
+    def _drop_duplicate(self, d: Delivery) -> Any:
+        # Already parked, in flight, or run through the backlog: this is a broker
+        # redelivery of a message we took over; acknowledging it loses nothing.
+        self.stats["duplicates"] += 1
+        log.warning("queue-ratelimit: dropping duplicate delivery of %s", d.job.item_id)
+        return d.ack()
+
+    def _unreachable(self, d: Delivery) -> Any:
+        if self._rt.settings.fail_mode == "open":
             self.stats["failed_open"] += 1
-            return run()
-        limit = self.runtime.settings.max_held or 64
-        if self.closed_holds >= limit:
-            return hand_back()  # back to the broker: nothing is lost, memory stays bounded
-        self.closed_holds += 1
+            return d.run()
+        return self._keep(d)
 
-        def retry() -> None:
-            self.closed_holds -= 1
-            self._decide(job, message, run=run, ack=ack, hand_back=hand_back)
-
-        self.consumer.timer.call_after(1.0, retry)
+    def _keep(self, d: Delivery) -> Any:
+        """Hold the message unacknowledged and try again on the next tick; past max_held,
+        hand it back to the broker (nothing is lost, memory stays bounded)."""
+        if len(self.waiting) >= self._max_held:
+            return d.hand_back()
+        self.waiting.append(d)
         return None
 
+    def _retry_waiting(self) -> None:
+        """Give the messages kept back another try, oldest first, while Redis answers."""
+        waiting, self.waiting = self.waiting, []
+        for n, d in enumerate(waiting):
+            self._decide(d)
+            if self._redis_down_since is not None:
+                self.waiting.extend(waiting[n + 1 :])
+                return
+
     # -- re-admission ----------------------------------------------------------------------
+    def _slot_freed(self) -> None:
+        """A job ended (on whichever thread the pool reports it): feed the slot at once if
+        the backlog may hold work."""
+        if (self.backlog_seen or self.waiting) and self.slots.free() >= self.slots.refill:
+            self._schedule(0.0)
+
     def _schedule(self, delay: float) -> None:
         """Run ``_readmit`` after ``delay`` seconds (sooner if already due sooner)."""
-        assert self.runtime is not None
-        delay = min(max(delay, 0.0), self.runtime.settings.poll_interval)
-        due = time.monotonic() + delay
-        if self._timer is not None:
-            if self._timer_due <= due + 0.0005:
-                return
-            self._timer.cancel()
-        self._timer = self.consumer.timer.call_after(delay, self._readmit)
-        self._timer_due = due
+        delay = min(max(delay, 0.0), self._rt.settings.poll_interval)
+        self._wakeup.at(time.monotonic() + delay, delay)
 
     def _readmit(self) -> None:
-        assert self.runtime is not None
-        self._timer = None
-        delay = self.runtime.settings.poll_interval
+        delay = self._rt.settings.poll_interval
         # What an outage left open is closed before anything new is taken.
-        settled = not self.unsettled or self._settle_pending()
+        if self.unsettled and not self._settle_pending():
+            self._schedule(delay)  # Redis is still unreachable: nothing to dispatch either
+            return
         free = self._capacity()
-        if not settled:
-            pass  # Redis is still unreachable: nothing to dispatch either
-        elif free == 0:
+        if free == 0:
             delay = min(delay, 0.05)
         else:
             try:
-                batch = self.runtime.scheduler.dispatch(
-                    self.lanes, max_items=min(free, DISPATCH_BATCH)
-                )
+                batch = self._rt.scheduler.dispatch(self.lanes, max_items=min(free, DISPATCH_BATCH))
             except RedisError as exc:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()
+                self.backlog_seen = bool(batch.items) or batch.wait_ms is not None
                 for item in batch.items:
                     self._deliver(item)
                 if len(batch.items) == min(free, DISPATCH_BATCH):
                     delay = 0.0
                 elif batch.wait_ms is not None:
                     delay = batch.wait_ms / 1000
+        if self.waiting:
+            self._retry_waiting()
         self._schedule(delay)
 
     def _deliver(self, item: DispatchedItem) -> None:
@@ -466,12 +478,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         worker (RabbitMQ) or be logged and forgotten (Redis broker), leaving the record
         open until its lease runs out and the job is handed out again: a duplicate.
         """
-        assert self.runtime is not None
-        scheduler = self.runtime.scheduler
+        scheduler = self._rt.scheduler
         item = self.held.get(item_id, item_id)
         try:
             if how == "ack":
-                closed = scheduler.ack(item, remember=self.runtime.settings.dedupe_window)
+                closed = scheduler.ack(item, remember=self._rt.settings.dedupe_window)
             else:
                 closed = scheduler.nack(item, requeue=how == "requeue")
         except RedisError as exc:
@@ -497,16 +508,26 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive."""
-        assert self.runtime is not None
         if self.unsettled and not self._settle_pending():
             return
         for item_id, item in list(self.held.items()):
             try:
-                if not self.runtime.scheduler.extend(item):
+                if not self._rt.scheduler.extend(item):
                     self.held.pop(item_id, None)
             except RedisError as exc:
                 self._redis_failed(exc)
                 return
+
+
+def item_id_of(headers: Any) -> str:
+    """The backlog id of a message: its task id and retry count, and the publish nonce our
+    producer hook adds. A broker redelivery keeps all three, so it is recognised as a copy;
+    a new message that reuses the task id (``Task.replace``) carries a new nonce."""
+    item_id = f"{headers.get('id')}.{headers.get('retries') or 0}"
+    nonce = headers.get(HEADER_NONCE)
+    if isinstance(nonce, str) and 0 < len(nonce) <= 32 and nonce.isalnum():
+        item_id = f"{item_id}.{nonce}"
+    return item_id
 
 
 def _due_later(message: Any) -> bool:

@@ -16,6 +16,9 @@ OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "r
 OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
 HEADER_TENANT, HEADER_PRIORITY, HEADER_COST = "qrl_tenant", "qrl_priority", "qrl_cost"
 HEADER_HINT = "qrl_hint"
+# A nonce per publish: tells a broker redelivery (same nonce) from a new message that
+# reuses a task id (Task.replace gives the replacement the replaced task's id).
+HEADER_NONCE = "qrl_nonce"
 # Tasks with this attribute set to False are never gated (the metrics task, for one).
 GATE_ATTRIBUTE = "rate_gate"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,7 +13,7 @@ from redis.exceptions import RedisError
 
 from .._errors import RateLimited, RateLimitError
 from .._scheduler import Hint
-from ._options import HEADER_HINT, RateOptions, gated, pop_options, resolve
+from ._options import HEADER_HINT, HEADER_NONCE, RateOptions, gated, pop_options, resolve
 from ._runtime import Runtime, runtime_of
 
 log = logging.getLogger("queue_ratelimit.celery")
@@ -85,6 +86,10 @@ def make_publish_handler(app: Any) -> Any:
                 options = resolve(runtime.settings, task, {}, {})
             hint = _hint(runtime, options, routing_key or app.conf.task_default_queue)
         headers.update(options.headers())
+        # A nonce given on the call is kept: it is how a caller republishes a copy of a
+        # message on purpose (as a broker would redeliver it).
+        if not isinstance(headers.get(HEADER_NONCE), str):
+            headers[HEADER_NONCE] = uuid.uuid4().hex
         _last_hint.set(hint)
         if hint is None:
             return

@@ -45,8 +45,9 @@ class CelerySettings:
         lease: seconds a re-admitted job may stay unacknowledged before it is handed back;
             the worker renews it while the job runs.
         poll_interval: how often an idle worker looks for re-admissible work (seconds).
-        max_held: jobs a worker holds in memory at once (closed fail mode and re-admitted
-            work not yet started); default twice the pool size.
+        max_held: jobs a worker holds in memory at once: re-admitted work not yet settled,
+            and messages kept unacknowledged (closed fail mode, a full backlog); default the
+            reserve.
         dedupe_window: seconds a job that ran through the backlog is remembered, so that a
             broker redelivery of its original message is not run again.
         metrics_interval: seconds between runs of the metrics beat task.
@@ -55,6 +56,20 @@ class CelerySettings:
             run without a round trip each; 0 turns it off. Unused credit is refunded.
         credit_ttl: seconds a worker holds such credit before it refunds what is left
             (also how long credited jobs may pass a backlog that formed meanwhile).
+        fair_capacity: share worker slots fairly too, not only rate budgets. When a
+            worker's pool is saturated, arriving work is parked in the fair backlog (and
+            only then acknowledged to the broker) and re-admitted in weighted-fair order as
+            slots free, so a quiet tenant never waits behind a noisy tenant's backlog.
+            False: park only what the buckets hold back (fair only under rate contention);
+            past that, Celery's own FIFO order.
+        reserve: jobs a worker takes on at once (running, or waiting for a free process)
+            before it parks what else arrives; None: three times the pool size, and never
+            more than the prefetch count. A job waits behind at most this many others on
+            one worker.
+        max_backlog: most items a queue's fair backlog in Redis may hold (all tenants and
+            workers together). Past it, workers stop pulling work from the broker into
+            Redis: each holds what it has received, unacknowledged (at most its prefetch
+            count), and parks it once the backlog has room; the rest stays in the broker.
     """
 
     redis_url: str | None = None
@@ -72,6 +87,9 @@ class CelerySettings:
     metrics_interval: float = 15.0
     credit: int = 16
     credit_ttl: float = 0.25
+    fair_capacity: bool = True
+    reserve: int | None = None
+    max_backlog: int = 100_000
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -87,8 +105,20 @@ class CelerySettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.max_held is not None and (not isinstance(self.max_held, int) or self.max_held < 1):
-            raise ConfigError(f"max_held must be a positive integer, got {self.max_held!r}")
+        for name in ("max_held", "reserve"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.max_backlog, bool)
+            or not isinstance(self.max_backlog, int)
+            or self.max_backlog < 1
+        ):
+            raise ConfigError(f"max_backlog must be a positive integer, got {self.max_backlog!r}")
+        if not isinstance(self.fair_capacity, bool):
+            raise ConfigError(f"fair_capacity must be True or False, got {self.fair_capacity!r}")
 
     def __repr__(self) -> str:
         url = mask_url(self.redis_url)

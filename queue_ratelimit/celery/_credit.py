@@ -1,0 +1,85 @@
+"""The credit ledger: admissions a worker took in advance while nothing was contended.
+
+One gate call may admit several jobs of the same tenant, queue, priority and cost at once
+(``FairScheduler.gate(credit=...)``): their tokens are taken then, and the worker spends
+them on the next such jobs without a round trip. Credit lives ``ttl`` seconds; what is left
+then is refunded, so unused admissions never hold tokens for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import RateLimitError
+from .._limiter import Limiter
+
+log = logging.getLogger("queue_ratelimit.celery")
+
+CreditKey = tuple[str, str, str, float]  # (tenant, lane, priority, cost)
+
+
+class CreditLedger:
+    """Per worker: admissions held in advance, by (tenant, lane, priority, cost).
+
+    Args:
+        limiter: where unused credit is refunded.
+        timer: the consumer's timer (``call_after``).
+        ttl: seconds a grant lives before its rest is refunded.
+    """
+
+    def __init__(self, limiter: Callable[[], Limiter], timer: Callable[[], Any], ttl: float):
+        self._limiter = limiter
+        self._timer = timer
+        self.ttl = ttl
+        self._entries: dict[CreditKey, list[Any]] = {}  # key -> [units left, valid until]
+        self._expiry: Any = None
+
+    def spend(self, key: CreditKey) -> bool:
+        """Take one admission for ``key`` if one is held; True when it was."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= 0 or entry[1] < time.monotonic():
+            return False
+        entry[0] -= 1
+        return True
+
+    def grant(self, key: CreditKey, units: int) -> None:
+        """Hold ``units`` more admissions for ``key`` (what was left of an older grant is
+        refunded: the new one starts its own lifetime)."""
+        left = self._entries.pop(key, None)
+        if left is not None and left[0] > 0:
+            self._refund(key, left[0])
+        self._entries[key] = [units, time.monotonic() + self.ttl]
+        if self._expiry is None:
+            self._expiry = self._timer().call_after(self.ttl, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        now = time.monotonic()
+        for key, (units, until) in list(self._entries.items()):
+            if until <= now:
+                del self._entries[key]
+                if units > 0:
+                    self._refund(key, units)
+        if self._entries:
+            self._expiry = self._timer().call_after(self.ttl, self._expire)
+
+    def close(self) -> None:
+        """Refund everything held (the consumer is stopping)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for key, (units, _) in list(self._entries.items()):
+            if units > 0:
+                self._refund(key, units)
+        self._entries.clear()
+
+    def _refund(self, key: CreditKey, units: int) -> None:
+        tenant, lane, priority, cost = key
+        try:
+            self._limiter().refund(tenant, queue=lane, priority=priority, cost=units * cost)
+        except RateLimitError as exc:
+            # Unused tokens stay spent: the caps only get stricter, never looser.
+            log.warning("queue-ratelimit: could not refund %d unused credit: %s", units, exc)
