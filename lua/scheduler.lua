@@ -142,14 +142,18 @@ if mode == 'route' then
   -- plain list key, at front ("1"/"0"). When the lane has a fair backlog that could be
   -- served, or the tenant is held back, the job joins the backlog (reply 1) so it cannot
   -- overtake fairly queued work or sit behind a noisy tenant's jobs; otherwise it goes onto
-  -- the plain list (reply 0) and the worker's gate admits it there.
+  -- the plain list (reply 0) and the worker's gate admits it there, or moves it into the
+  -- backlog first ("adopt") when it found others waiting there too.
   local lane, tenant, priority, id, cost, list_key, at_front =
     ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == '1'
   local now = now_ms()
   local parked = lane_key(lane, 'parked')
-  local contended = redis.call('ZCARD', lane_key(lane, 'active')) > 0
+  -- Jobs already waiting on the plain list are older: a new job queues behind them there
+  -- (workers move that list into the backlog, in order, with "adopt").
+  local contended = redis.call('LLEN', list_key) == 0 and (
+    redis.call('ZCARD', lane_key(lane, 'active')) > 0
     or redis.call('ZCOUNT', parked, '-inf', now) > 0
-    or redis.call('ZSCORE', parked, tenant)
+    or redis.call('ZSCORE', parked, tenant))
   if not contended then
     redis.call(at_front and 'LPUSH' or 'RPUSH', list_key, id)
     return 0
@@ -163,6 +167,31 @@ if mode == 'route' then
     enqueue(id, false)
   end
   return 1
+end
+
+if mode == 'adopt' then
+  -- Move jobs waiting on a queue system's own list (RQ's) into the lane's fair backlog, in
+  -- list order: they are newer than the backlog's jobs of their class (route sends a job to
+  -- the list while the list is not empty). ARGV: lane, list key, then id, tenant, priority,
+  -- cost for each job, oldest first; an empty tenant only takes the id off the list (its job
+  -- is gone). An id no longer on the list (another worker took it) is skipped, and one the
+  -- scheduler already holds is only taken off the list. Reply: jobs moved into the backlog.
+  local lane, list_key = ARGV[4], ARGV[5]
+  local now, moved = math.floor(now_ms()), 0
+  for i = 6, #ARGV - 3, 4 do
+    local id, tenant, priority, cost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    if redis.call('LREM', list_key, 1, id) == 1 and tenant ~= '' then
+      if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
+        priority = 'normal'
+      end
+      if redis.call('HSETNX', meta_key, id, lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. now) == 1 then
+        enqueue(id, false)
+        moved = moved + 1
+      end
+    end
+  end
+  if moved > 0 then redis.call('SADD', base .. ':s:lanes', lane) end
+  return moved
 end
 
 if mode == 'dispatch' then

@@ -352,6 +352,38 @@ class FairScheduler:
         )
         return reply if pipeline is not None else reply == 1
 
+    def adopt(
+        self,
+        queue: str,
+        list_key: str,
+        jobs: Sequence[tuple[str, str | None, str, float]],
+    ) -> int:
+        """Move items waiting on a plain list (a queue system's own, e.g. RQ's) into the
+        queue's fair backlog, oldest first, in one atomic step.
+
+        Args:
+            jobs: (item id, tenant, priority, cost) per item, in list order; a tenant of
+                None only takes the id off the list (its job no longer exists).
+
+        Returns:
+            How many items joined the backlog. Ids no longer on the list (taken meanwhile)
+            are skipped; ids the scheduler already holds are only taken off the list.
+        """
+        check_name("queue", queue)
+        args: list[str] = []
+        for item_id, tenant, priority, cost in jobs:
+            args += [
+                _check_item_id(item_id),
+                "" if tenant is None else check_name("tenant", tenant),
+                check_priority(priority),
+                repr(check_cost(cost)),
+            ]
+        if not args:
+            return 0
+        reply = self._run("adopt", queue, list_key, *args)
+        assert isinstance(reply, int)
+        return reply
+
     def gate(
         self,
         tenant: str,

@@ -345,6 +345,55 @@ def test_flooding_tenant_does_not_delay_a_quiet_one(env: RQEnv) -> None:
     assert max(latencies) < 2.0, f"quiet jobs waited {latencies} s behind the flood"
 
 
+@pytest.mark.parametrize(
+    ("backlog_first", "producer"),
+    [(True, "ours"), (False, "ours"), (True, "plain")],
+    ids=["backlog-first", "workers-first", "plain-rq-queue"],
+)
+def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
+    env: RQEnv, backlog_first: bool, producer: str
+) -> None:
+    """No limit binds: the workers are the bottleneck. A noisy tenant's backlog, formed
+    before or after the workers started, through our queue or a plain ``rq.Queue``, does
+    not hold back a quiet tenant's jobs."""
+    env.limiter.set_limit("global", Limit(100_000, burst=100_000))  # never binds
+    queue = env.queue() if producer == "ours" else env.plain_queue()
+
+    def enqueue(tenant: str) -> Job:
+        if producer == "ours":
+            return queue.enqueue(JOB, env.key, sleep=0.01, rate_tenant=tenant)
+        return queue.enqueue(JOB, env.key, sleep=0.01, meta={"rate_tenant": tenant})
+
+    if not backlog_first:
+        env.start_workers(2)
+    noisy = [enqueue("noisy") for _ in range(200)]
+    quiet = {enqueue("quiet").id for _ in range(10)}
+    if backlog_first:
+        env.start_workers(2)
+
+    runs = env.wait_runs(210, timeout=60)
+    assert_exactly_once(runs, [j.id for j in noisy] + sorted(quiet))
+    order = [r.job_id for r in runs]
+    last_quiet = max(order.index(i) for i in quiet)
+    # FIFO runs them last (positions 200-209); fair order soon after they arrive.
+    assert last_quiet < 60, f"the last quiet job ran {last_quiet}th of 210"
+
+
+def test_priorities_hold_for_a_backlog_formed_before_the_workers(env: RQEnv) -> None:
+    """Jobs that reached RQ's list before any contention existed join the fair order."""
+    env.limiter.set_limit("global", Limit(10, burst=2))
+    high_ids = set()
+    queue = env.queue()
+    for _ in range(60):
+        high_ids.add(queue.enqueue(JOB, env.key, rate_tenant="acme", rate_priority="high").id)
+        queue.enqueue(JOB, env.key, rate_tenant="acme", rate_priority="low")
+    env.start_workers(2)
+    runs = env.wait_runs(120, timeout=30)
+    first = ["high" if r.job_id in high_ids else "low" for r in runs[:48]]
+    ratio = first.count("high") / max(1, first.count("low"))
+    assert 2.85 <= ratio <= 3.15, f"high:low = {ratio:.2f} in the first 48 jobs, expected 3"
+
+
 # -- the RQ API keeps working, and everything is gated --------------------------------------
 def test_every_way_of_enqueueing_runs_gated_and_options_never_reach_the_function(
     env: RQEnv,

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queue_ratelimit import (
+    BacklogFull,
     ConfigError,
     Dispatch,
     DispatchedItem,
@@ -1221,3 +1222,102 @@ def test_random_operations_keep_every_item_in_exactly_one_place(
         keys = list(redis_client.scan_iter(match=f"qrl:{{{limiter.namespace}}}:*", count=1000))
         if keys:
             redis_client.delete(*keys)
+
+
+# -- route and adopt: jobs that wait on a queue system's own list -----------------------------
+def _plain(limiter: Limiter, name: str = "plain") -> str:
+    return f"{limiter.keys.base}:test:{name}"
+
+
+def test_route_queues_behind_jobs_already_on_the_plain_list(
+    scheduler: FairScheduler, limiter: Limiter
+) -> None:
+    plain = _plain(limiter)
+    assert scheduler.route("a", "j1", plain) is False  # nothing anywhere: the plain list
+    assert scheduler.route("a", "j2", plain) is False  # behind j1, not ahead of it
+    scheduler.submit("b", "x1")  # a fair backlog forms on the lane
+    assert scheduler.route("a", "j3", plain) is False  # j1, j2 still wait on the list
+    limiter.client.delete(plain)
+    assert scheduler.route("a", "j4", plain) is True  # list empty, backlog: the backlog
+    assert [i.decode() for i in limiter.client.lrange(plain, 0, -1)] == []
+
+
+@pytest.mark.parametrize(
+    ("listed", "jobs", "moved", "left", "order"),
+    [
+        # oldest first, each to the tail of its class
+        (["j1", "j2", "j3"], [("j1", "a"), ("j2", "b"), ("j3", "a")], 3, [], ["j1", "j2", "j3"]),
+        # a job that is gone is only taken off the list
+        (["j1", "j2"], [("j1", None), ("j2", "a")], 1, [], ["j2"]),
+        # an id another worker took meanwhile is skipped
+        (["j2"], [("j1", "a"), ("j2", "a")], 1, [], ["j2"]),
+        # only what was asked for moves; the rest stays, in order
+        (["j1", "j2", "j3"], [("j1", "a")], 1, ["j2", "j3"], ["j1"]),
+    ],
+)
+def test_adopt_moves_plain_list_jobs_into_the_backlog(
+    scheduler: FairScheduler,
+    limiter: Limiter,
+    listed: list[str],
+    jobs: list[tuple[str, str | None]],
+    moved: int,
+    left: list[str],
+    order: list[str],
+) -> None:
+    plain = _plain(limiter)
+    limiter.client.rpush(plain, *listed)
+    entries = [(i, t, "normal", 1.0) for i, t in jobs]
+    assert scheduler.adopt("default", plain, entries) == moved
+    assert [i.decode() for i in limiter.client.lrange(plain, 0, -1)] == left
+    got = scheduler.dispatch(["default"], max_items=10).items
+    # Tenants alternate fairly; inside a tenant, list order is kept.
+    for tenant in {t for _, t in jobs if t}:
+        mine = [i for i, t in jobs if t == tenant and i in order]
+        assert [item.id for item in got if item.tenant == tenant] == mine
+    assert sorted(item.id for item in got) == sorted(order)
+
+
+def test_adopt_keeps_ids_it_holds_and_defaults_unknown_priorities(
+    scheduler: FairScheduler, limiter: Limiter
+) -> None:
+    plain = _plain(limiter)
+    scheduler.submit("a", "j1")
+    limiter.client.rpush(plain, "j1", "j2")
+    assert scheduler.adopt("default", plain, [("j1", "a", "normal", 1), ("j2", "a", "vip", 2)]) == 1
+    assert limiter.client.llen(plain) == 0
+    items = scheduler.dispatch(["default"], max_items=5).items
+    assert [(i.id, i.priority, i.cost) for i in items] == [("j1", "normal", 1), ("j2", "normal", 2)]
+
+
+def test_adopted_priorities_are_served_by_weight(
+    scheduler: FairScheduler, limiter: Limiter
+) -> None:
+    plain = _plain(limiter)
+    ids = [f"j{n}" for n in range(40)]
+    limiter.client.rpush(plain, *ids)
+    jobs = [(i, "a", "high" if n % 2 else "low", 1.0) for n, i in enumerate(ids)]
+    assert scheduler.adopt("default", plain, jobs) == 40
+    first = scheduler.dispatch(["default"], max_items=16).items
+    assert [i.priority for i in first].count("high") == 12  # 3:1 while both wait
+
+
+@pytest.mark.parametrize("bad", [("j 1", "a"), ("j1", "bad tenant"), ("j1", "a" * 300)])
+def test_adopt_refuses_malformed_entries(scheduler: FairScheduler, bad: tuple[str, str]) -> None:
+    with pytest.raises(InvalidName):
+        scheduler.adopt("default", "somewhere", [(bad[0], bad[1], "normal", 1)])
+
+
+def test_submit_with_a_bound_refuses_past_it_and_knows_done_ids(
+    scheduler: FairScheduler,
+) -> None:
+    assert scheduler.submit("a", "j1", max_backlog=2)
+    assert scheduler.submit("b", "j2", max_backlog=2)
+    with pytest.raises(BacklogFull):
+        scheduler.submit("c", "j3", max_backlog=2)
+    assert scheduler.backlog("default") == 2
+    (item,) = scheduler.dispatch(["default"]).items
+    assert scheduler.ack(item, remember=60)
+    assert scheduler.submit("c", "j3", max_backlog=2)
+    assert not scheduler.submit("a", item.id)  # remembered as done: a redelivered copy
+    with pytest.raises(ConfigError):
+        scheduler.submit("a", "j9", max_backlog=-1)

@@ -13,7 +13,8 @@ Then start workers with ``queue-ratelimit rq worker emails`` (the same flags as
 ``rq worker``), or ``rq worker -w queue_ratelimit.rq.Worker emails``.
 """
 
-from ._queue import OPTIONS, Queue, scheduler_for
+from ._options import OPTIONS, scheduler_for
+from ._queue import Queue
 from ._worker import SimpleWorker, Worker
 
 __all__ = ["OPTIONS", "Queue", "SimpleWorker", "Worker", "scheduler_for"]

@@ -5,58 +5,31 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import rq
 from redis.exceptions import RedisError
-from rq.exceptions import DequeueTimeout, NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
-from .._core import check_cost
 from .._errors import RateLimited, RateLimitError
 from .._keys import DEFAULT_NAMESPACE
-from .._limiter import Limiter
 from .._scheduler import FairScheduler, Hint
-from .._scopes import check_name, check_priority
-from ._handover import HOLDING, LOST_REPLY, Claim
+from ._dequeue import FairDequeue
+from ._handover import HOLDING
+from ._options import (
+    ENV_NAMESPACE,
+    OPTION_COST,
+    OPTION_PRIORITY,
+    OPTION_TENANT,
+    OPTIONS,
+    rate_options,
+    scheduler_for,
+)
 
 log = logging.getLogger("queue_ratelimit.rq")
-
-OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
-OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
-ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
-# Longest a worker blocks before it looks at the fair backlog again (seconds): parked work
-# that became admissible elsewhere is noticed at least this often.
-POLL_INTERVAL = 0.5
-
-_schedulers: dict[tuple[int, str], FairScheduler] = {}
-# (connection, queue key) of single-queue workers that last found the queue's backlog empty.
-_IDLE_BACKLOG: set[tuple[int, str]] = set()
-_schedulers_lock = threading.Lock()
-
-
-def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
-    """One scheduler per Redis connection and namespace in this process."""
-    key = (id(connection), namespace)
-    with _schedulers_lock:
-        found = _schedulers.get(key)
-        if found is None or found.client is not connection:
-            found = FairScheduler(Limiter(connection, namespace=namespace))
-            _schedulers[key] = found
-        return found
-
-
-def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
-    """(tenant, priority, cost) of a job from its meta, with the defaults."""
-    meta = meta or {}
-    return (
-        check_name("tenant", meta.get(OPTION_TENANT) or "default"),
-        check_priority(meta.get(OPTION_PRIORITY) or "normal"),
-        check_cost(meta.get(OPTION_COST) or 1),
-    )
 
 
 class Queue(rq.Queue):
@@ -256,276 +229,29 @@ class Queue(rq.Queue):
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Any] | None:
-        """The next job in fair order that every bucket admits.
+        """The next job in fair order that every bucket admits (see ``FairDequeue``).
 
-        Parked jobs come from the fair backlog, handed into RQ's own bookkeeping in the same
-        atomic step; jobs on RQ's plain lists (enqueued by plain ``rq.Queue``, the scheduler
-        or a retry) pass the gate, and wait in the backlog when it says so. With no timeout
-        (``--burst``) the worker still waits for parked jobs to become admissible rather
-        than leave them behind; with one it raises ``DequeueTimeout`` when it runs out.
-
-        A job whose move was cut short by a lost reply (Redis restarted, the connection
-        dropped) is settled by the next call, before anything else: run, or put back.
+        Jobs waiting on RQ's own lists (enqueued by plain ``rq.Queue``, the scheduler or a
+        retry) join the fair backlog first, so they are served in the same order. With no
+        timeout (``--burst``) the worker still waits for parked jobs to become admissible
+        rather than leave them behind; with one it raises ``DequeueTimeout`` when it runs
+        out. A job whose move was cut short by a lost reply (Redis restarted, the
+        connection dropped) is settled by the next call, before anything else.
         """
         queues = list(queues)
         if not queues:
             return None
-        job_cls = job_class or cls.job_class
+        dequeue = FairDequeue(
+            queues,
+            connection,
+            job_class or cls.job_class,
+            serializer,
+            cls.namespace_for(queues[0]),
+        )
         with HOLDING.moving_job():
             HOLDING.check_stop()
-            found = cls._dequeue(queues, timeout, connection, job_cls, serializer)
+            found = dequeue.next(timeout)
         if found is not None:
             # A warm shutdown that waited for this move: the worker stops after this job.
             HOLDING.stop_deferred = False
         return found
-
-    @classmethod
-    def _dequeue(
-        cls,
-        queues: list[Any],
-        timeout: int | None,
-        connection: Any,
-        job_cls: Any,
-        serializer: Any,
-    ) -> tuple[Job, Any] | None:
-        by_name = {q.name: q for q in queues}
-        scheduler = scheduler_for(connection, cls.namespace_for(queues[0]))
-        # RQ removes a job from its intermediate list only for single-queue workers, so the
-        # backlog hands over onto that list only then (multi-queue workers pop plainly too).
-        single = len(queues) == 1
-        handoff = {q.name: q.intermediate_queue_key for q in queues} if single else None
-        receipt_key = scheduler.receipt_key(HOLDING.owner())
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if HOLDING.claims(connection):
-            found = cls._settle(by_name, scheduler, connection, job_cls, serializer, receipt_key)
-            if found is not None:
-                return found
-        # A single queue whose fair backlog was empty last time: RQ's list first, which
-        # saves the dispatch call per job while the queue is uncontended. The gate still
-        # parks a job if a backlog has formed since, and then the backlog goes first again.
-        idle_key = (id(connection), queues[0].key)
-        if single and idle_key in _IDLE_BACKLOG:
-            found, _moved = cls._from_plain_lists(
-                queues, scheduler, connection, job_cls, serializer
-            )
-            if found is not None:
-                return found
-            _IDLE_BACKLOG.discard(idle_key)
-        while True:
-            HOLDING.check_stop()
-            nonce = HOLDING.nonce()
-            try:
-                batch = scheduler.dispatch(
-                    list(by_name),
-                    with_payload=False,
-                    hand_over=True,
-                    handoff_lists=handoff,
-                    receipt=(receipt_key, nonce),
-                )
-            except LOST_REPLY:
-                HOLDING.claim(connection, Claim(None, None, nonce=nonce, listed=single))
-                raise
-            for n, item in enumerate(batch.items):
-                queue = by_name[item.queue]
-                try:
-                    found = cls._take(queue, item.id, connection, job_cls, serializer, single)
-                except LOST_REPLY:
-                    for rest in batch.items[n:]:
-                        HOLDING.claim(connection, Claim(rest.queue, rest.id, listed=single))
-                    raise
-                if found is not None:
-                    return found
-            if batch.items:
-                continue
-            if single and batch.wait_ms is None:
-                _IDLE_BACKLOG.add(idle_key)
-            found, progressed = cls._from_plain_lists(
-                queues, scheduler, connection, job_cls, serializer
-            )
-            if found is not None:
-                return found
-            if progressed:
-                continue
-            wait = None if batch.wait_ms is None else batch.wait_ms / 1000
-            if deadline is None:
-                if wait is None:
-                    return None
-                HOLDING.pause(min(max(wait, 0.001), POLL_INTERVAL))
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DequeueTimeout(timeout, [q.key for q in queues])
-            block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001), POLL_INTERVAL)
-            if single:
-                # Blocks while holding nothing, but a warm shutdown waits for it (at most
-                # POLL_INTERVAL): a job it moves must not be left behind.
-                queue = queues[0]
-                job_id = connection.blmove(queue.key, queue.intermediate_queue_key, block)
-                if job_id is not None:
-                    found = cls._gate_popped(
-                        queue, _text(job_id), scheduler, connection, job_cls, serializer, True
-                    )
-                    if found is not None:
-                        return found
-            else:
-                HOLDING.pause(block)
-
-    @classmethod
-    def _take(
-        cls, queue: Any, job_id: str, connection: Any, job_cls: Any, serializer: Any, listed: bool
-    ) -> tuple[Job, Any] | None:
-        """A dispatched job, to run unless it was cancelled or deleted while it waited."""
-        job = cls._fetch(job_cls, job_id, connection, serializer)
-        if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
-            return job, queue
-        if listed:
-            connection.lrem(queue.intermediate_queue_key, 1, job_id)
-        return None
-
-    @classmethod
-    def _settle(
-        cls,
-        by_name: dict[str, Any],
-        scheduler: FairScheduler,
-        connection: Any,
-        job_cls: Any,
-        serializer: Any,
-        receipt_key: str,
-    ) -> tuple[Job, Any] | None:
-        """Settle the jobs this process may hold after a lost reply: run one, or put back.
-
-        Only this process knows of such a job: no other worker takes a job off RQ's
-        intermediate list, and a receipt names the caller it was written for.
-        """
-        for claim in HOLDING.claims(connection):
-            if claim.job_id is None:  # a dispatch whose reply was lost: what did it hand over?
-                raw = connection.get(receipt_key)
-                words = _text(raw).split() if raw is not None else []
-                handed = words[1:] if words[:1] == [claim.nonce] else []
-                HOLDING.settle(
-                    connection,
-                    claim,
-                    *(Claim(None, i, gated=True, listed=claim.listed) for i in handed),
-                )
-        for claim in HOLDING.claims(connection):
-            job = cls._fetch(job_cls, claim.job_id, connection, serializer)
-            queue = by_name.get(claim.queue or (job.origin if job is not None else ""))
-            if queue is None:
-                if job is None:
-                    HOLDING.settle(connection, claim)
-                continue  # a queue this worker does not serve (now): keep the claim
-            if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
-                if claim.listed:
-                    connection.lrem(queue.intermediate_queue_key, 1, claim.job_id)
-                HOLDING.settle(connection, claim)
-                continue
-            if claim.gated:
-                log.warning("queue-ratelimit: job %s was handed over unseen; running it", job.id)
-                HOLDING.settle(connection, claim)
-                return job, queue
-            if claim.listed and connection.lpos(queue.intermediate_queue_key, job.id) is None:
-                # It left the list: it was parked (or is someone else's now).
-                HOLDING.settle(connection, claim)
-                continue
-            found = cls._gate_popped(
-                queue, job.id, scheduler, connection, job_cls, serializer, claim.listed
-            )
-            HOLDING.settle(connection, claim)
-            if found is not None:
-                return found
-        return None
-
-    @staticmethod
-    def _fetch(job_cls: Any, job_id: Any, connection: Any, serializer: Any) -> Job | None:
-        try:
-            return job_cls.fetch(_text(job_id), connection=connection, serializer=serializer)
-        except NoSuchJobError:
-            return None
-
-    @classmethod
-    def _from_plain_lists(
-        cls,
-        queues: list[Any],
-        scheduler: FairScheduler,
-        connection: Any,
-        job_cls: Any,
-        serializer: Any,
-    ) -> tuple[tuple[Job, Any] | None, bool]:
-        """Pop RQ's own lists in queue order; returns (job to run, whether anything moved)."""
-        single = len(queues) == 1
-        progressed = False
-        for queue in queues:
-            if single:
-                job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
-            else:
-                job_id = connection.lpop(queue.key)
-            if job_id is None:
-                continue
-            progressed = True
-            found = cls._gate_popped(
-                queue, _text(job_id), scheduler, connection, job_cls, serializer, single
-            )
-            if found is not None:
-                return found, True
-        return None, progressed
-
-    @classmethod
-    def _gate_popped(
-        cls,
-        queue: Any,
-        job_id: str,
-        scheduler: FairScheduler,
-        connection: Any,
-        job_cls: Any,
-        serializer: Any,
-        in_intermediate: bool,
-    ) -> tuple[Job, Any] | None:
-        """``_admit_plain``, leaving a claim on the job if a reply is lost on the way."""
-        try:
-            return cls._admit_plain(
-                queue, job_id, scheduler, connection, job_cls, serializer, in_intermediate
-            )
-        except LOST_REPLY:
-            HOLDING.claim(
-                connection, Claim(queue.name, job_id, gated=False, listed=in_intermediate)
-            )
-            raise
-
-    @classmethod
-    def _admit_plain(
-        cls,
-        queue: Any,
-        job_id: Any,
-        scheduler: FairScheduler,
-        connection: Any,
-        job_cls: Any,
-        serializer: Any,
-        in_intermediate: bool,
-    ) -> tuple[Job, Any] | None:
-        """Gate a job popped from a plain list: run it, or park it in the backlog."""
-        job = cls._fetch(job_cls, job_id, connection, serializer)
-        if job is None:
-            if in_intermediate:
-                connection.lrem(queue.intermediate_queue_key, 1, job_id)
-            return None
-        try:
-            tenant, priority, cost = rate_options(job.meta)
-        except RateLimitError as exc:
-            log.error(
-                "queue-ratelimit: job %s has bad rate options (%s); using defaults", job.id, exc
-            )
-            tenant, priority, cost = rate_options({})
-        verdict = scheduler.gate(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
-        if verdict.action == "run":
-            return job, queue
-        if verdict.action == "park":
-            # Into Redis first, then off RQ's list: a crash in between leaves a copy that
-            # the next gate recognises as a duplicate, never a lost job.
-            scheduler.submit(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
-        if in_intermediate:
-            connection.lrem(queue.intermediate_queue_key, 1, job.id)
-        return None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

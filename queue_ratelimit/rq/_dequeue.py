@@ -1,0 +1,319 @@
+"""RQ's fair dequeue: the next job in weighted-fair order that every bucket admits.
+
+Jobs wait in two places: RQ's own list of each queue (where plain ``rq.Queue`` producers,
+RQ's scheduler and our ``Queue`` while it is uncontended put them) and the fair backlog in
+Redis. A worker moves what waits on RQ's list into the backlog in bulk ("adopt"), so every
+waiting job takes part in the fair order whatever put it there, then takes jobs from the
+backlog with ``FairScheduler.dispatch``, which hands each one into RQ's own bookkeeping in
+the same atomic step. A job arriving at an idle worker is taken straight off RQ's list and
+gated on its own: the cheap path while nothing is contended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import resolve_serializer
+
+from .._errors import RateLimitError
+from .._scheduler import FairScheduler
+from ._handover import HOLDING, LOST_REPLY, Claim
+from ._options import rate_options, scheduler_for
+
+log = logging.getLogger("queue_ratelimit.rq")
+
+# Longest a worker blocks before it looks at the fair backlog again (seconds): parked work
+# that became admissible elsewhere is noticed at least this often.
+POLL_INTERVAL = 0.5
+# Jobs moved from one of RQ's lists into the backlog per step (one atomic call).
+ADOPT_BATCH = 200
+# How often a busy worker looks for jobs waiting on RQ's lists (seconds): such a job joins
+# the fair order at most this late. An idle worker looks every time it finds nothing.
+ADOPT_INTERVAL = 0.05
+
+# (connection, queue key) of single-queue workers that last found the queue's backlog empty.
+_IDLE_BACKLOG: set[tuple[int, str]] = set()
+# (connection, queue keys) -> monotonic time of the last look at RQ's lists.
+_LAST_ADOPT: dict[tuple[int, tuple[str, ...]], float] = {}
+
+Found = tuple[Job, Any]
+
+
+class FairDequeue:
+    """One worker's view of its queues for a dequeue: what to ask Redis and in what order.
+
+    Args:
+        queues: the worker's queues (our ``Queue`` objects), in RQ's priority order.
+        connection: their Redis connection.
+        job_class / serializer: how to load jobs.
+        namespace: the limiter namespace.
+    """
+
+    def __init__(
+        self, queues: list[Any], connection: Any, job_class: Any, serializer: Any, namespace: str
+    ) -> None:
+        self.queues = queues
+        self.by_name = {q.name: q for q in queues}
+        self.connection = connection
+        self.job_class = job_class
+        self.serializer = serializer
+        self.scheduler: FairScheduler = scheduler_for(connection, namespace)
+        # RQ removes a job from its intermediate list only for single-queue workers, so the
+        # backlog hands over onto that list only then (multi-queue workers pop plainly too).
+        self.single = len(queues) == 1
+        self.handoff = {q.name: q.intermediate_queue_key for q in queues} if self.single else None
+        self.receipt_key = self.scheduler.receipt_key(HOLDING.owner())
+        self.idle_key = (id(connection), queues[0].key)
+        self.adopt_key = (id(connection), tuple(q.key for q in queues))
+
+    # -- the loop ------------------------------------------------------------------------
+    def next(self, timeout: int | None) -> Found | None:
+        """The next job to run and its queue; None when there is none and no timeout (burst
+        mode); ``DequeueTimeout`` when the timeout runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if HOLDING.claims(self.connection):
+            found = self._settle_claims()
+            if found is not None:
+                return found
+        self._adopt_now_and_then()
+        # A single queue whose fair backlog was empty last time: RQ's list first, which
+        # saves the dispatch call per job while the queue is uncontended. The gate still
+        # parks a job if a backlog has formed since, and then the backlog goes first again.
+        if self.single and self.idle_key in _IDLE_BACKLOG:
+            found, _moved = self._from_plain_lists()
+            if found is not None:
+                return found
+            _IDLE_BACKLOG.discard(self.idle_key)
+        while True:
+            HOLDING.check_stop()
+            batch = self._dispatch()
+            for n, item in enumerate(batch.items):
+                queue = self.by_name[item.queue]
+                try:
+                    found = self._take(queue, item.id, self.single)
+                except LOST_REPLY:
+                    for rest in batch.items[n:]:
+                        HOLDING.claim(
+                            self.connection, Claim(rest.queue, rest.id, listed=self.single)
+                        )
+                    raise
+                if found is not None:
+                    return found
+            if batch.items:
+                continue
+            # Nothing admissible in the backlog: jobs on RQ's lists join it first (several
+            # waiting there means the queue is contended), else the next one is gated alone.
+            if self._adopt():
+                continue
+            if self.single and batch.wait_ms is None:
+                _IDLE_BACKLOG.add(self.idle_key)
+            found, progressed = self._from_plain_lists()
+            if found is not None:
+                return found
+            if progressed:
+                continue
+            wait = None if batch.wait_ms is None else batch.wait_ms / 1000
+            if deadline is None:
+                if wait is None:
+                    return None
+                HOLDING.pause(min(max(wait, 0.001), POLL_INTERVAL))
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DequeueTimeout(timeout, [q.key for q in self.queues])
+            block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001), POLL_INTERVAL)
+            if self.single:
+                # Blocks while holding nothing, but a warm shutdown waits for it (at most
+                # POLL_INTERVAL): a job it moves must not be left behind.
+                queue = self.queues[0]
+                job_id = self.connection.blmove(queue.key, queue.intermediate_queue_key, block)
+                if job_id is not None:
+                    found = self._gate_popped(queue, _text(job_id), True)
+                    if found is not None:
+                        return found
+            else:
+                HOLDING.pause(block)
+
+    def _dispatch(self) -> Any:
+        nonce = HOLDING.nonce()
+        try:
+            return self.scheduler.dispatch(
+                list(self.by_name),
+                with_payload=False,
+                hand_over=True,
+                handoff_lists=self.handoff,
+                receipt=(self.receipt_key, nonce),
+            )
+        except LOST_REPLY:
+            HOLDING.claim(self.connection, Claim(None, None, nonce=nonce, listed=self.single))
+            raise
+
+    # -- RQ's own lists ------------------------------------------------------------------
+    def _adopt_now_and_then(self) -> None:
+        """Look at RQ's lists if this worker has not for ``ADOPT_INTERVAL``: a busy worker
+        that always finds work in the backlog still brings newcomers into the fair order."""
+        if time.monotonic() - _LAST_ADOPT.get(self.adopt_key, 0.0) >= ADOPT_INTERVAL:
+            self._adopt()
+
+    def _adopt(self) -> bool:
+        """Move the jobs waiting on RQ's lists into the fair backlog, oldest first, up to
+        ``ADOPT_BATCH`` per queue; True when any moved. A single job waiting on an idle
+        queue's list is left for the gate (the cheap path)."""
+        _LAST_ADOPT[self.adopt_key] = time.monotonic()
+        pipe = self.connection.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.lrange(queue.key, 0, ADOPT_BATCH - 1)
+        waiting = pipe.execute()
+        moved = False
+        for queue, ids in zip(self.queues, waiting, strict=True):
+            if len(ids) > 1 or (ids and self.scheduler.backlog(queue.name) > 0):
+                jobs = self._rate_options_of([_text(i) for i in ids])
+                moved = self.scheduler.adopt(queue.name, queue.key, jobs) > 0 or moved
+        return moved
+
+    def _rate_options_of(self, ids: list[str]) -> list[tuple[str, str | None, str, float]]:
+        """Each job's (id, tenant, priority, cost) from its meta; tenant None: the job is
+        gone. Malformed options are logged and replaced by the defaults."""
+        pipe = self.connection.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.job_class.key_for(job_id), "meta", "status")
+        serializer = resolve_serializer(self.serializer)
+        found: list[tuple[str, str | None, str, float]] = []
+        for job_id, (raw_meta, status) in zip(ids, pipe.execute(), strict=True):
+            if status is None:
+                found.append((job_id, None, "normal", 1.0))
+                continue
+            try:
+                meta = serializer.loads(raw_meta) if raw_meta else {}
+                tenant, priority, cost = rate_options(meta)
+            except RateLimitError as exc:
+                log.error(
+                    "queue-ratelimit: job %s has bad rate options (%s); defaults", job_id, exc
+                )
+                tenant, priority, cost = rate_options({})
+            except Exception as exc:  # a meta its serializer cannot read: RQ fails it later
+                log.error("queue-ratelimit: job %s has unreadable meta: %r", job_id, exc)
+                tenant, priority, cost = rate_options({})
+            found.append((job_id, tenant, priority, cost))
+        return found
+
+    def _from_plain_lists(self) -> tuple[Found | None, bool]:
+        """Pop RQ's own lists in queue order; returns (job to run, whether anything moved)."""
+        progressed = False
+        for queue in self.queues:
+            if self.single:
+                job_id = self.connection.lmove(queue.key, queue.intermediate_queue_key)
+            else:
+                job_id = self.connection.lpop(queue.key)
+            if job_id is None:
+                continue
+            progressed = True
+            found = self._gate_popped(queue, _text(job_id), self.single)
+            if found is not None:
+                return found, True
+        return None, progressed
+
+    def _gate_popped(self, queue: Any, job_id: str, in_intermediate: bool) -> Found | None:
+        """``_admit_plain``, leaving a claim on the job if a reply is lost on the way."""
+        try:
+            return self._admit_plain(queue, job_id, in_intermediate)
+        except LOST_REPLY:
+            HOLDING.claim(
+                self.connection, Claim(queue.name, job_id, gated=False, listed=in_intermediate)
+            )
+            raise
+
+    def _admit_plain(self, queue: Any, job_id: Any, in_intermediate: bool) -> Found | None:
+        """Gate a job popped from a plain list: run it, or park it in the backlog."""
+        job = self._fetch(job_id)
+        if job is None:
+            if in_intermediate:
+                self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+            return None
+        try:
+            tenant, priority, cost = rate_options(job.meta)
+        except RateLimitError as exc:
+            log.error(
+                "queue-ratelimit: job %s has bad rate options (%s); using defaults", job.id, exc
+            )
+            tenant, priority, cost = rate_options({})
+        scheduler = self.scheduler
+        verdict = scheduler.gate(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
+        if verdict.action == "run":
+            return job, queue
+        if verdict.action == "park":
+            # Into Redis first, then off RQ's list: a crash in between leaves a copy that
+            # the next gate recognises as a duplicate, never a lost job.
+            scheduler.submit(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
+        if in_intermediate:
+            self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+        return None
+
+    # -- jobs handed over --------------------------------------------------------------------
+    def _take(self, queue: Any, job_id: str, listed: bool) -> Found | None:
+        """A dispatched job, to run unless it was cancelled or deleted while it waited."""
+        job = self._fetch(job_id)
+        if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
+            return job, queue
+        if listed:
+            self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+        return None
+
+    def _settle_claims(self) -> Found | None:
+        """Settle the jobs this process may hold after a lost reply: run one, or put back.
+
+        Only this process knows of such a job: no other worker takes a job off RQ's
+        intermediate list, and a receipt names the caller it was written for.
+        """
+        connection = self.connection
+        for claim in HOLDING.claims(connection):
+            if claim.job_id is None:  # a dispatch whose reply was lost: what did it hand over?
+                raw = connection.get(self.receipt_key)
+                words = _text(raw).split() if raw is not None else []
+                handed = words[1:] if words[:1] == [claim.nonce] else []
+                HOLDING.settle(
+                    connection,
+                    claim,
+                    *(Claim(None, i, gated=True, listed=claim.listed) for i in handed),
+                )
+        for claim in HOLDING.claims(connection):
+            job = self._fetch(claim.job_id)
+            queue = self.by_name.get(claim.queue or (job.origin if job is not None else ""))
+            if queue is None:
+                if job is None:
+                    HOLDING.settle(connection, claim)
+                continue  # a queue this worker does not serve (now): keep the claim
+            if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                if claim.listed:
+                    connection.lrem(queue.intermediate_queue_key, 1, claim.job_id)
+                HOLDING.settle(connection, claim)
+                continue
+            if claim.gated:
+                log.warning("queue-ratelimit: job %s was handed over unseen; running it", job.id)
+                HOLDING.settle(connection, claim)
+                return job, queue
+            if claim.listed and connection.lpos(queue.intermediate_queue_key, job.id) is None:
+                # It left the list: it was parked (or is someone else's now).
+                HOLDING.settle(connection, claim)
+                continue
+            found = self._gate_popped(queue, job.id, claim.listed)
+            HOLDING.settle(connection, claim)
+            if found is not None:
+                return found
+        return None
+
+    def _fetch(self, job_id: Any) -> Job | None:
+        try:
+            return self.job_class.fetch(
+                _text(job_id), connection=self.connection, serializer=self.serializer
+            )
+        except NoSuchJobError:
+            return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

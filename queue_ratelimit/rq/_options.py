@@ -1,0 +1,43 @@
+"""Rate options of RQ jobs (kept in ``job.meta``) and the scheduler each process uses."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .._core import check_cost
+from .._limiter import Limiter
+from .._scheduler import FairScheduler
+from .._scopes import check_name, check_priority
+
+OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
+OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
+ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
+
+_schedulers: dict[tuple[int, str], FairScheduler] = {}
+_schedulers_lock = threading.Lock()
+
+
+def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
+    """One scheduler per Redis connection and namespace in this process."""
+    key = (id(connection), namespace)
+    with _schedulers_lock:
+        found = _schedulers.get(key)
+        if found is None or found.client is not connection:
+            found = FairScheduler(Limiter(connection, namespace=namespace))
+            _schedulers[key] = found
+        return found
+
+
+def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
+    """(tenant, priority, cost) of a job from its meta, with the defaults.
+
+    Raises:
+        InvalidName / InvalidCost: malformed values in the meta.
+    """
+    meta = meta if isinstance(meta, dict) else {}
+    return (
+        check_name("tenant", meta.get(OPTION_TENANT) or "default"),
+        check_priority(meta.get(OPTION_PRIORITY) or "normal"),
+        check_cost(meta.get(OPTION_COST) or 1),
+    )
