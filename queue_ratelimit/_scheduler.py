@@ -39,6 +39,18 @@ class DispatchedItem:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmitItem:
+    """One item for ``FairScheduler.submit_many``."""
+
+    tenant: str
+    item_id: str
+    queue: str = "default"
+    priority: str = "normal"
+    cost: float = 1
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Hint:
     """Producer-side backpressure advice for one job, computed without consuming anything.
 
@@ -223,6 +235,64 @@ class FairScheduler:
         if reply == -3:
             raise BacklogFull(queue, max_backlog)
         return reply == 1
+
+    def submit_many(
+        self, items: Sequence[SubmitItem], *, max_backlog: int = 0
+    ) -> list[Literal["queued", "duplicate", "full"]]:
+        """``submit`` for several items in one round trip (each its own atomic step, in
+        order): what became of each.
+
+        Raises:
+            InvalidName / InvalidCost: a malformed item (nothing is sent).
+        """
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
+        calls = [
+            [
+                "submit",
+                self._core.keys.base,
+                self._core.retention_ms,
+                check_name("queue", i.queue),
+                check_name("tenant", i.tenant),
+                check_priority(i.priority),
+                _check_item_id(i.item_id),
+                repr(check_cost(i.cost)),
+                i.payload,
+                max_backlog,
+            ]
+            for i in items
+        ]
+        if not calls:
+            return []
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for args in calls:
+                self._scripts.queue(pipe, "scheduler.lua", self._keys, args)
+            try:
+                replies = pipe.execute()
+                break
+            except ResponseError as exc:
+                if attempt == 2 or not self._scripts.recover(exc):
+                    raise
+        outcomes: list[Literal["queued", "duplicate", "full"]] = []
+        for item, reply in zip(items, replies, strict=True):
+            if reply == -2:
+                raise InvalidName(f"unknown priority {item.priority!r}")
+            outcomes.append("queued" if reply == 1 else "full" if reply == -3 else "duplicate")
+        return outcomes
+
+    def settle_call(
+        self, item: str | DispatchedItem, how: Literal["ack", "requeue", "drop"], remember: float
+    ) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the scheduler call that ``ack`` (``"ack"``) or ``nack``
+        (``"requeue"``, ``"drop"``) would make, for callers that send it themselves."""
+        item_id, token = _held(item)
+        base, keep = self._core.keys.base, self._core.retention_ms
+        if how == "ack":
+            done_ms = int(remember * 1000) if remember > 0 else 0
+            return self._keys, ["ack", base, keep, item_id, "0", "0", done_ms, token]
+        requeue = "1" if how == "requeue" else "0"
+        return self._keys, ["nack", base, keep, item_id, requeue, "0", 0, token]
 
     def dispatch(
         self,

@@ -26,25 +26,29 @@ from redis.exceptions import RedisError
 from vine import promise
 
 from .._durability import persistence_warning
-from .._errors import BacklogFull, RateLimitError
-from .._scheduler import DispatchedItem, GateVerdict
+from .._errors import RateLimitError
+from .._scheduler import DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
 from ._credit import CreditKey, CreditLedger
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
+from ._settler import MAX_PENDING, AsyncSettler
 from ._slots import PoolSlots, Wakeup
 
 log = logging.getLogger("queue_ratelimit.celery")
 Strategy = Callable[..., Any]
 # Re-admit at most this many jobs per dispatch call (one round trip each batch).
 DISPATCH_BATCH = 16
+# Messages that must wait are parked in batches: one round trip for up to this many, sent
+# at the latest this long (seconds) after the first of them arrived.
+PARK_BATCH = 32
+PARK_DELAY = 0.005
 # How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
 # the head of its backlog, or dropped (an invalid message).
 Settlement = Literal["ack", "requeue", "drop"]
 # Where a message that must wait went: into the backlog, nowhere (a copy of work already
 # taken over), or not yet (the backlog is full, or Redis is unreachable: None).
-Parked = Literal["parked", "duplicate", "full"]
 
 
 class Job:
@@ -104,6 +108,13 @@ class RateLimitGate(bootsteps.StartStopStep):
         # Broker messages kept unacknowledged for now: Redis is unreachable (closed fail
         # mode) or the backlog is full. Bounded by max_held; tried again on every tick.
         self.waiting: list[Delivery] = []
+        # Messages on their way into the backlog (the next batch), with the shortest wait
+        # their buckets gave; acknowledged to the broker once the batch is in Redis.
+        self.parking: list[Delivery] = []
+        self._parking_wait = float("inf")
+        self._park_timer: Any = None
+        # Settlements written but not yet answered (AsyncSettler), by item id.
+        self.settling: dict[str, DispatchedItem | str] = {}
         self.stats = {
             "admitted": 0,
             "admitted_on_credit": 0,
@@ -131,6 +142,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self.slots = PoolSlots(c, settings.reserve, self._slot_freed)
             self.slots.watch()
+            self.settler = AsyncSettler(self.runtime.scheduler)
             # Strategies capture this method when they are built (in Tasks.start), so ETA
             # tasks are gated when they fall due rather than when they arrive.
             self._apply_eta_task = c.apply_eta_task
@@ -173,6 +185,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         if self._renew_timer is not None:
             self._renew_timer.cancel()
             self._renew_timer = None
+        self._flush_parking()
+        self._collect_settled()
+        self.settler.close()
         self.credit.close()
 
     def info(self, c: Any) -> dict[str, Any]:
@@ -255,30 +270,64 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self._redis_down_since = None
 
-    def _park(self, job: Job, message: Any) -> Parked | None:
-        """Put the message in the fair backlog; None when Redis is unreachable."""
-        o = job.options
-        try:
-            queued = self._rt.scheduler.submit(
-                o.tenant,
-                job.item_id,
-                queue=job.lane,
-                priority=o.priority,
-                cost=o.cost,
-                payload=encode_message(message),
-                max_backlog=self._rt.settings.max_backlog,
+    def _park(self, d: Delivery, wait_ms: float) -> None:
+        """Queue the message for the next batch into the backlog (see ``_flush_parking``).
+
+        Until then it stays unacknowledged; the prefetch count is raised by one for it, as
+        Celery does for messages it holds for a later ETA, so the broker keeps delivering.
+        """
+        self.parking.append(d)
+        self._parking_wait = min(self._parking_wait, wait_ms)
+        self.consumer.qos.increment_eventually()
+        if len(self.parking) >= PARK_BATCH:
+            self._flush_parking()
+        elif self._park_timer is None:
+            self._park_timer = self.consumer.timer.call_after(PARK_DELAY, self._flush_parking)
+
+    def _flush_parking(self) -> None:
+        """Submit the queued messages to the backlog in one round trip, then acknowledge to
+        the broker each one that is safely in Redis (publish before ack)."""
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        batch, self.parking = self.parking, []
+        wait_ms, self._parking_wait = self._parking_wait, float("inf")
+        if not batch:
+            return
+        for _ in batch:
+            self.consumer.qos.decrement_eventually()
+        items = [
+            SubmitItem(
+                d.job.options.tenant,
+                d.job.item_id,
+                queue=d.job.lane,
+                priority=d.job.options.priority,
+                cost=d.job.options.cost,
+                payload=encode_message(d.message),
             )
-        except BacklogFull:
-            return "full"
+            for d in batch
+        ]
+        try:
+            outcomes = self._rt.scheduler.submit_many(
+                items, max_backlog=self._rt.settings.max_backlog
+            )
         except RedisError as exc:
             self._redis_failed(exc)
-            return None
+            for d in batch:
+                self._unreachable(d)
+            return
         self._redis_ok()
-        if not queued:
-            return "duplicate"
-        self.stats["parked"] += 1
-        self.backlog_seen = True
-        return "parked"
+        for d, outcome in zip(batch, outcomes, strict=True):
+            if outcome == "queued":
+                self.stats["parked"] += 1
+                d.ack()
+            elif outcome == "duplicate":
+                self._drop_duplicate(d)
+            else:
+                self._keep(d)
+        if "queued" in outcomes:
+            self.backlog_seen = True
+            self._schedule(wait_ms / 1000)
 
     # -- the gate ------------------------------------------------------------------------
     def _wrap(self, name: str, strategy: Strategy) -> Strategy:
@@ -356,16 +405,8 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _wait(self, d: Delivery, wait_ms: float) -> Any:
         """Park the message in the backlog, then acknowledge it to the broker."""
-        parked = self._park(d.job, d.message)
-        if parked == "parked":
-            d.ack()  # only now: the job is in Redis (publish before ack)
-            self._schedule(wait_ms / 1000)
-            return None
-        if parked == "duplicate":
-            return self._drop_duplicate(d)
-        if parked == "full":
-            return self._keep(d)
-        return self._unreachable(d)
+        self._park(d, wait_ms)
+        return None
 
     def _drop_duplicate(self, d: Delivery) -> Any:
         # Already parked, in flight, or run through the backlog: this is a broker
@@ -411,6 +452,7 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _readmit(self) -> None:
         delay = self._rt.settings.poll_interval
+        self._collect_settled()
         # What an outage left open is closed before anything new is taken.
         if self.unsettled and not self._settle_pending():
             self._schedule(delay)  # Redis is still unreachable: nothing to dispatch either
@@ -480,6 +522,17 @@ class RateLimitGate(bootsteps.StartStopStep):
         """
         scheduler = self._rt.scheduler
         item = self.held.get(item_id, item_id)
+        if item_id not in self.unsettled and self.settler.usable:
+            try:
+                self.settler.send(item, how, self._rt.settings.dedupe_window)
+            except RedisError:
+                pass  # the ordinary way, below
+            else:
+                self.held.pop(item_id, None)
+                self.settling[item_id] = item
+                if self.settler.pending >= MAX_PENDING:
+                    self._collect_settled()
+                return True
         try:
             if how == "ack":
                 closed = scheduler.ack(item, remember=self._rt.settings.dedupe_window)
@@ -501,6 +554,26 @@ class RateLimitGate(bootsteps.StartStopStep):
                 how,
             )
         return True
+
+    def _collect_settled(self) -> None:
+        """Read the answers to settlements sent ahead; what is in doubt is settled again the
+        ordinary way (``unsettled``), before anything new is dispatched."""
+        if not self.settler.pending:
+            return
+        for item_id, how, closed in self.settler.collect():
+            item = self.settling.pop(item_id, item_id)
+            if closed is None:
+                if isinstance(item, DispatchedItem):
+                    self.held[item_id] = item
+                self.unsettled[item_id] = how
+            elif not closed:
+                log.warning(
+                    "queue-ratelimit: %s was no longer in flight when settled (%s): its lease "
+                    "ran out first, so it may run again (or has, on another worker); raise "
+                    "'lease' above the longest Redis outage and the longest task",
+                    item_id,
+                    how,
+                )
 
     def _settle_pending(self) -> bool:
         """Settle what an outage left open; True when nothing is left."""

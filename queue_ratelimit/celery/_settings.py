@@ -62,10 +62,11 @@ class CelerySettings:
             slots free, so a quiet tenant never waits behind a noisy tenant's backlog.
             False: park only what the buckets hold back (fair only under rate contention);
             past that, Celery's own FIFO order.
-        reserve: jobs a worker takes on at once (running, or waiting for a free process)
-            before it parks what else arrives; None: three times the pool size, and never
-            more than the prefetch count. A job waits behind at most this many others on
-            one worker.
+        reserve: jobs a worker takes on at once from the fair backlog (running, or waiting
+            for a free process); None: four times the pool size. It takes them in batches
+            of half this, so a larger reserve costs fewer round trips per job; a job waits
+            behind at most this many others on one worker. Arriving work is parked once
+            twice the pool size (at most the prefetch count) is taken on.
         max_backlog: most items a queue's fair backlog in Redis may hold (all tenants and
             workers together). Past it, workers stop pulling work from the broker into
             Redis: each holds what it has received, unacknowledged (at most its prefetch

@@ -16,13 +16,14 @@ class PoolSlots:
     """Counts the jobs this worker has taken on against the jobs it may take on.
 
     "Taken on" is Celery's own count of reserved requests: every request handed to the pool
-    and not yet finished, running or waiting for a process. ``reserve`` is how many of those
-    a worker keeps: its pool size plus a few queued, so a process that finishes a job starts
-    the next without waiting for a round trip to Redis.
+    and not yet finished, running or waiting for a process. Arriving work is parked once
+    ``threshold`` are taken on (every process busy, one more job queued each); re-admitted
+    work fills the worker up to ``reserve``, in batches of at least ``refill``, so a process
+    that finishes a job starts the next without waiting for a round trip to Redis.
 
     Args:
         consumer: the Celery consumer (its ``pool`` is watched for finished jobs).
-        reserve: jobs taken on at once; None: three times the pool size.
+        reserve: jobs taken on at once; None: four times the pool size.
         on_free: called (in the thread that finished the job) after a job ends.
     """
 
@@ -41,19 +42,25 @@ class PoolSlots:
 
     @property
     def reserve(self) -> int:
-        """Jobs kept at once: as configured (default three per process), but never more
-        than the prefetch count. Past it the broker hands out no more messages, so a
-        larger reserve would never be reached and nothing would ever be parked."""
-        reserve = self._reserve or 3 * self.concurrency
+        """Jobs kept at once, as configured: by default four per process."""
+        return self._reserve or 4 * self.concurrency
+
+    @property
+    def threshold(self) -> int:
+        """Jobs taken on from the broker before arriving work is parked: every process busy
+        and one more queued each, but never more than the prefetch count (past it the
+        broker hands out no more messages, so a larger threshold would never be reached
+        and nothing would ever be parked)."""
+        threshold = min(self.reserve, 2 * self.concurrency)
         qos = getattr(self.consumer, "qos", None)
         prefetch = int(getattr(qos, "value", 0) or 0)
-        return min(reserve, prefetch) if prefetch > 0 else reserve
+        return min(threshold, prefetch) if prefetch > 0 else threshold
 
     @property
     def refill(self) -> int:
-        """Free slots worth a round trip to the backlog: one per process, so each refill
+        """Free slots worth a round trip to the backlog: half the reserve, so each refill
         brings a batch while every process still has a job queued."""
-        return max(1, min(self.concurrency, self.reserve - self.concurrency))
+        return max(1, self.reserve // 2)
 
     @staticmethod
     def taken() -> int:
@@ -62,8 +69,8 @@ class PoolSlots:
         return len(reserved_requests)
 
     def saturated(self) -> bool:
-        """True when the worker already holds all the jobs it keeps."""
-        return self.taken() >= self.reserve
+        """True when every process is busy and has work queued behind it."""
+        return self.taken() >= self.threshold
 
     def free(self) -> int:
         """How many more jobs the worker may take on now."""
