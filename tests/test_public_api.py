@@ -38,6 +38,7 @@ EXPECTED = {
     "RateLimited",
     "Scope",
     "ScopeLimit",
+    "Slot",
     "config_from_env",
     "load_config_file",
     "parse_config",
