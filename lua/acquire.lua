@@ -1,6 +1,6 @@
 -- acquire.lua: check, consume (or peek, or refund) every bucket and concurrency cap that
--- applies to one job, all-or-nothing, in one round trip, on Redis's clock; or release or
--- renew the concurrency slots a decision took. Runs with buckets.lua (one Functions
+-- applies to one job, all-or-nothing, in one round trip, on Redis's clock (slots.lua
+-- releases and renews the concurrency slots taken). Runs with buckets.lua (one Functions
 -- library, or prefixed to it as an EVALSHA script).
 --
 -- KEYS: config hash, tenant hash, shared hash
@@ -17,21 +17,7 @@
 --   2 allowed and holding concurrency slots: the reply goes on with
 --   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
 --   "!<scope>" (its wait: until the earliest lease of that cap runs out).
---
--- Slots: ARGV = slot token, "release" | "extend", hold in ms (extend), cap scopes...
--- KEYS: config hash, shared hash. Reply: 1 released / renewed, 0 not held (released
--- already, or its lease ran out).
-local mode = ARGV[2]
-if mode == 'release' or mode == 'extend' then
-  local prefix, now = string.sub(KEYS[1], 1, -7), now_us()
-  local scopes = table.concat(ARGV, ' ', 4)
-  if mode == 'release' then
-    return release_slots(prefix, ARGV[1], scopes, now) and 1 or 0
-  end
-  return extend_slots(prefix, ARGV[1], scopes, now, now + tonumber(ARGV[3]) * 1000) and 1 or 0
-end
-local tenant, keep_ms = ARGV[1], ARGV[3]
-mode = mode or 'acquire'
+local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', ARGV[3]
 keep_ms = keep_ms and keep_ms ~= '' and tonumber(keep_ms) or 900000
 local queue, cost, priority = ARGV[4] or '', ARGV[5], ARGV[6] or ''
 cost = cost and tonumber(cost) or 1
@@ -43,20 +29,20 @@ if mode == 'refund' then
   return decision_reply(ctx, '1', '0', false, NONE)
 end
 
-local status, wait, denied_by, would_deny, by_cap = judge(ctx, cost)
+local status, wait, denied_by, would_deny = judge(ctx, cost)
 if status == -1 then
   return '-1 ' .. fmt(burst_of(ctx, denied_by)) .. ' ' .. denied_by .. ' |'
 end
 if mode == 'peek' then
   return decision_reply(ctx, status == 1 and '1' or '0', fmt(wait / 1000),
-                        by_cap and '!' .. denied_by or denied_by, would_deny)
+                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)
-  return decision_reply(ctx, '0', fmt(wait / 1000), by_cap and '!' .. denied_by or denied_by,
-                        would_deny)
+  return decision_reply(ctx, '0', fmt(wait / 1000),
+                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
 end
-if ctx.plan.caps then
+if ctx.free then  -- (set by judge where concurrency caps apply)
   -- One token for every slot this decision takes (a counter no holder had before).
   local token = fmt(redis.call('HINCRBY', KEYS[3], 'n:lease', 1))
   local hold = ARGV[7]

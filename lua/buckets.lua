@@ -305,7 +305,8 @@ end
 -- than the cap hold one. A full set is first rid of holders whose deadline passed (their
 -- worker died or never released): at most the cap's worth, since a set is added to only
 -- while below its cap. A full cap's wait is the time to its earliest deadline (a release
--- may come sooner). ctx.free records which caps had a slot, for take_slots.
+-- may come sooner). ctx.free records which caps had a slot, for take_slots; ctx.by_cap
+-- whether the scope that denied is a cap.
 local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
   local caps, now, by_cap, free = ctx.plan.caps, ctx.now, false, {}
   for i = 1, #caps do
@@ -328,13 +329,13 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
       end
     end
   end
-  ctx.free = free
-  return allowed, wait, denied_by, would_deny, by_cap
+  ctx.free, ctx.by_cap = free, by_cap
+  return allowed, wait, denied_by, would_deny
 end
 
 -- Returns status (1 allowed, 0 denied, -1 cost above an enforced burst), the wait in
--- microseconds, the scope that denied (longest wait), the shadow scopes that would have,
--- and whether that scope is a concurrency cap.
+-- microseconds, the scope that denied (longest wait) and the shadow scopes that would have
+-- (ctx.by_cap: true when that scope is a concurrency cap).
 local function judge(ctx, cost)
   local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
   local slack = cost > 1 and EPSILON * cost or EPSILON
@@ -363,7 +364,7 @@ local function judge(ctx, cost)
     end
   end
   if ctx.plan.caps then return judge_caps(ctx, allowed, wait, denied_by, would_deny) end
-  return allowed, wait, denied_by, would_deny, false
+  return allowed, wait, denied_by, would_deny
 end
 
 local function burst_of(ctx, scope)

@@ -52,7 +52,7 @@ local ctx = load(config_key, base .. ':t:' .. tenant, shared_key, tenant, lane, 
 for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
 end
-local status, wait, denied_by, would_deny, by_cap = judge(ctx, cost)
+local status, wait, denied_by, would_deny = judge(ctx, cost)
 if status == 1 and ctx.plan.caps then
   local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
   local scopes = take_slots(ctx, token, ctx.now + tonumber(ARGV[9] or '60000') * 1000)
@@ -76,4 +76,4 @@ if status == 1 then
   return {1, extra}
 end
 deny(ctx, denied_by, wait / 1000, keep_ms)
-return {0, fmt(wait / 1000), denied_by, by_cap and '1' or '0'}
+return {0, fmt(wait / 1000), denied_by, ctx.by_cap and '1' or '0'}

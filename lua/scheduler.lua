@@ -240,7 +240,7 @@ if mode == 'dispatch' then
           for _, b in ipairs(ctx.buckets) do
             if not b.shadow and b.burst < charge then charge = b.burst end
           end
-          local status, wait_us, denied_by, would_deny, by_cap = judge(ctx, charge)
+          local status, wait_us, denied_by, would_deny = judge(ctx, charge)
           if status == 1 then
             redis.call('LPOP', bl)
             redis.call('ZREM', lane_key(lane, 'age'), id)
@@ -291,7 +291,7 @@ if mode == 'dispatch' then
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             redis.call('ZREM', active, tenant)
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
-            if by_cap then
+            if ctx.by_cap then
               local waiters = prefix .. 'cw:' .. denied_by
               redis.call('SADD', waiters, lane .. ' ' .. tenant)
               redis.call('PEXPIRE', waiters, math.floor(wait_us / 1000) + 60000)

@@ -88,7 +88,7 @@ class AsyncLimiter(LimiterBase):
             return False
         call = self._core.slot_call("release", slot, 0)
         with redis_errors():
-            return bool(await self._scripts.acall("acquire.lua", call.keys, call.args) == 1)
+            return bool(await self._scripts.acall("slots.lua", call.keys, call.args) == 1)
 
     async def extend_slot(self, held: Decision | Slot | str, hold: float = DEFAULT_HOLD) -> bool:
         slot = as_slot(held)
@@ -96,7 +96,7 @@ class AsyncLimiter(LimiterBase):
             return False
         call = self._core.slot_call("extend", slot, check_hold(hold))
         with redis_errors():
-            return bool(await self._scripts.acall("acquire.lua", call.keys, call.args) == 1)
+            return bool(await self._scripts.acall("slots.lua", call.keys, call.args) == 1)
 
     async def set_concurrency(
         self, scope: str | Scope, n: int | None, *, actor: str = "api"

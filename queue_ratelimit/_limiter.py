@@ -121,7 +121,7 @@ class Limiter(LimiterBase):
             return False
         call = self._core.slot_call("release", slot, 0)
         with redis_errors():
-            return bool(self._scripts.call("acquire.lua", call.keys, call.args) == 1)
+            return bool(self._scripts.call("slots.lua", call.keys, call.args) == 1)
 
     def extend_slot(self, held: Decision | Slot | str, hold: float = DEFAULT_HOLD) -> bool:
         """Hold the slots ``hold`` seconds from now (for a job running longer than its hold).
@@ -131,7 +131,7 @@ class Limiter(LimiterBase):
             return False
         call = self._core.slot_call("extend", slot, check_hold(hold))
         with redis_errors():
-            return bool(self._scripts.call("acquire.lua", call.keys, call.args) == 1)
+            return bool(self._scripts.call("slots.lua", call.keys, call.args) == 1)
 
     def set_concurrency(self, scope: str | Scope, n: int | None, *, actor: str = "api") -> int:
         """At most ``n`` jobs of ``scope`` hold a slot at once, across every worker and host
