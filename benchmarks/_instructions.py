@@ -1,14 +1,16 @@
 """Instructions Redis executes per ``acquire``, counted with callgrind: a tool for working on
 the Lua, whose figures machine noise cannot move.
 
-    python -m benchmarks._instructions [--calls N] [--denied] [--record] [--ops]
+    python -m benchmarks._instructions [--calls N] [--denied] [--record] [--caps] [--ops]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
 ``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
 --tool=callgrind`` on a free loopback port, sets up the 1-bucket and 3-bucket decisions of
 ``benchmarks/decisions.py``, and for each one zeroes the counters, runs N ``FCALL``s in one
 pipeline and dumps the counters: instructions per call, the same for the same code on any
-run. ``--record`` counts them with traffic recording on. ``--ops`` also prices single Lua
+run. ``--record`` counts them with traffic recording on. ``--caps`` also counts the 1-bucket
+decision under a concurrency cap (``tenant:*``, high enough never to deny: the slot is taken)
+and the release of each slot it took (``slots.lua``). ``--ops`` also prices single Lua
 operations (a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside
 one ``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
 temporary folder, named on stderr, for ``callgrind_annotate``.
@@ -170,6 +172,35 @@ def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record:
     return server.count(pipe.execute) / calls
 
 
+def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
+    """Instructions of a 1-bucket acquire that also takes a concurrency slot, and of the
+    release of one such slot."""
+    limiter = Limiter(server.client, namespace="qrl-instructions-cap")
+    limiter.set_limit("tenant:*", HIGH)
+    limiter.set_concurrency("tenant:*", 1_000_000)
+    for _ in range(50):
+        limiter.release(limiter.acquire(TENANT))
+    call = limiter._core.decision_call("acquire", TENANT, None, None, 1)
+    functions = limiter._scripts.functions
+    pipe = server.client.pipeline(transaction=False)
+    for _ in range(calls):
+        pipe.execute_command(
+            "FCALL", functions["acquire.lua"], len(call.keys), *call.keys, *call.args
+        )
+    replies: list[Any] = []
+    acquired = server.count(lambda: replies.extend(pipe.execute())) / calls
+    slots = [limiter._core.decision(reply, 1).slot for reply in replies]
+    pipe = server.client.pipeline(transaction=False)
+    for slot in slots:
+        assert slot is not None
+        release = limiter._core.slot_call("release", slot, 0)
+        pipe.execute_command(
+            "FCALL", functions["slots.lua"], len(release.keys), *release.keys, *release.args
+        )
+    released = server.count(pipe.execute) / calls
+    return acquired, released
+
+
 def _ops(server: Callgrind) -> dict[str, float]:
     server.client.hset("qrl-ops", mapping={"f": "999999", "g": "1764355012345678", "x": "1"})
 
@@ -187,6 +218,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="FCALLs per count (2000)")
     parser.add_argument("--denied", action="store_true", help="the denied paths too")
     parser.add_argument("--record", action="store_true", help="with traffic recording on")
+    parser.add_argument("--caps", action="store_true", help="under a concurrency cap too")
     parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
     options = parser.parse_args()
     result: dict[str, Any] = {}
@@ -198,6 +230,11 @@ def main() -> None:
             count = _decision(server, buckets, denied, options.calls, options.record)
             result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
+        if options.caps:
+            acquired, released = _capped(server, options.calls)
+            result["1bucket_cap"], result["release"] = round(acquired), round(released)
+            for name in ("1bucket_cap", "release"):
+                print(f"{name:16s} {result[name]:>9,} instructions per call", file=sys.stderr)
         if options.ops:
             result["ops"] = _ops(server)
             for op, cost in result["ops"].items():

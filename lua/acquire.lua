@@ -34,7 +34,7 @@ if status == -1 then
   return '-1 ' .. fmt(burst_of(ctx, denied_by)) .. ' ' .. denied_by .. ' |'
 end
 if mode == 'peek' then
-  return decision_reply(ctx, status == 1 and '1' or '0', fmt(wait / 1000),
+  return decision_reply(ctx, status > 0 and '1' or '0', fmt(wait / 1000),
                         ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
 end
 if status == 0 then
@@ -42,7 +42,7 @@ if status == 0 then
   return decision_reply(ctx, '0', fmt(wait / 1000),
                         ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
 end
-if ctx.free then  -- (set by judge where concurrency caps apply)
+if status == 2 then
   -- One token for every slot this decision takes (a counter no holder had before).
   local token = fmt(redis.call('HINCRBY', KEYS[3], 'n:lease', 1))
   local hold = ARGV[7]

@@ -330,10 +330,11 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
     end
   end
   ctx.free, ctx.by_cap = free, by_cap
-  return allowed, wait, denied_by, would_deny
+  return allowed == 1 and 2 or allowed, wait, denied_by, would_deny
 end
 
--- Returns status (1 allowed, 0 denied, -1 cost above an enforced burst), the wait in
+-- Returns status (1 allowed, 2 allowed where concurrency caps apply: take_slots then,
+-- 0 denied, -1 cost above an enforced burst), the wait in
 -- microseconds, the scope that denied (longest wait) and the shadow scopes that would have
 -- (ctx.by_cap: true when that scope is a concurrency cap).
 local function judge(ctx, cost)

@@ -53,7 +53,7 @@ for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
 end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
-if status == 1 and ctx.plan.caps then
+if status == 2 then
   local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
   local scopes = take_slots(ctx, token, ctx.now + tonumber(ARGV[9] or '60000') * 1000)
   admit(ctx, cost, would_deny, keep_ms, {})

@@ -241,17 +241,17 @@ if mode == 'dispatch' then
             if not b.shadow and b.burst < charge then charge = b.burst end
           end
           local status, wait_us, denied_by, would_deny = judge(ctx, charge)
-          if status == 1 then
+          if status > 0 then
             redis.call('LPOP', bl)
             redis.call('ZREM', lane_key(lane, 'age'), id)
             -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
             -- back by deadline, and equal deadlines would come back in id order instead.
             if handoff ~= '' then redis.call('RPUSH', handoff, id) end
             local slot = ''
-            if ctx.plan.caps or lease_ms > 0 then
+            if status == 2 or lease_ms > 0 then
               if token == '' then token = tostring(redis.call('HINCRBY', shared_key, 'n:lease', 1)) end
             end
-            if ctx.plan.caps then
+            if status == 2 then
               slot = take_slots(ctx, token .. '/' .. id, ctx.now + hold_ms * 1000 + #items)
             end
             if lease_ms > 0 then
