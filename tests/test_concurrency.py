@@ -683,13 +683,16 @@ def test_running_never_exceeds_the_cap_nor_releases_twice(
 PROCESSES = 6
 CAP = 2
 RUNS = 60
+RUN_STEPS = 5
 
 
-def worker(url: str, namespace: str, counter: str, start: Any, results: Any) -> None:
+def worker(url: str, namespace: str, counter: str, ready: Any, start: Any, results: Any) -> None:
     """Run RUNS jobs under the cap: acquire, count the job as running in a shared counter
-    (INCR), note how many ran at that moment, stop counting it (DECR), release."""
+    (INCR), note the most seen running at once while it "runs", stop counting it (DECR),
+    release."""
     lim = Limiter.from_url(url, namespace=namespace)
     lim.peek("acme")
+    ready.put(1)
     start.wait(60)
     most = done = denied = 0
     while done < RUNS:
@@ -698,6 +701,8 @@ def worker(url: str, namespace: str, counter: str, start: Any, results: Any) -> 
             denied += 1
             continue
         running = int(lim.client.incr(counter))
+        for _ in range(RUN_STEPS):  # the job "runs" for a few round trips, watching others
+            running = max(running, int(lim.client.get(counter) or 0))
         most = max(most, running)
         lim.client.decr(counter)
         assert lim.release(decision)
@@ -711,15 +716,18 @@ def test_processes_never_run_more_than_the_cap_at_once(limiter: Limiter, redis_u
     limiter.set_concurrency("tenant:acme", CAP)
     counter = f"{limiter.keys.base}:test-running"
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
-    results = ctx.Queue()
+    ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=worker, args=(redis_url, limiter.namespace, counter, start, results))
+        ctx.Process(
+            target=worker, args=(redis_url, limiter.namespace, counter, ready, start, results)
+        )
         for _ in range(PROCESSES)
     ]
     for proc in procs:
         proc.start()
     try:
+        for _ in procs:  # every worker at the line before any starts, so they overlap
+            ready.get(timeout=120)
         start.set()
         reports = [results.get(timeout=120) for _ in procs]
     finally:

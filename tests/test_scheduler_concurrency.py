@@ -4,6 +4,9 @@ woken by a release, the gate takes slots too."""
 
 from __future__ import annotations
 
+import multiprocessing
+from typing import Any
+
 import pytest
 import redis
 
@@ -257,3 +260,91 @@ def test_slot_text_round_trips() -> None:
     assert Slot.parse(str(slot).encode()) == slot
     with pytest.raises(ValueError, match="not a concurrency slot"):
         Slot.parse("7")
+
+
+def test_the_embedded_engine_schedules_under_caps() -> None:
+    from queue_ratelimit._embedded import embedded_client
+
+    with Limiter(embedded_client(), namespace="conc-sched") as lim:
+        lim.set_concurrency("tenant:*", 1)
+        scheduler = FairScheduler(lim, lease=3600)
+        submit(scheduler, "acme", 2)
+        submit(scheduler, "bigco", 1)
+        first = scheduler.dispatch(["q"], max_items=5).items
+        assert sorted(tenants(first)) == ["acme", "bigco"]
+        acme = next(i for i in first if i.tenant == "acme")
+        assert scheduler.ack(acme) is True
+        assert [i.id for i in scheduler.dispatch(["q"]).items] == ["acme-1"]
+        verdict = scheduler.gate("zed", "g-1", queue="q2", credit=4)
+        assert verdict.slot is not None
+        assert verdict.credit == 0
+
+
+# -- many processes dispatching ---------------------------------------------------------
+
+WORKERS = 5
+TENANT_CAP = 2
+ITEMS_PER_TENANT = 60
+RUN_STEPS = 20
+
+
+def dispatcher(url: str, namespace: str, ready: Any, start: Any, results: Any) -> None:
+    """Dispatch one item at a time until the backlog is empty; while each item "runs",
+    count it in a per-tenant counter shared by every process (INCR), note the most seen
+    running at once, then stop counting it (DECR) and ack it."""
+    lim = Limiter.from_url(url, namespace=namespace)
+    scheduler = FairScheduler(lim, lease=3600)
+    lim.peek("acme")  # connected, the library loaded
+    ready.put(1)
+    start.wait(60)
+    most: dict[str, int] = {}
+    done = 0
+    while True:
+        batch = scheduler.dispatch(["q"])
+        if not batch.items:
+            if batch.wait_ms is None:
+                break  # every backlog is empty
+            continue  # parked tenants: another worker's ack wakes them
+        (item,) = batch.items
+        counter = f"{lim.keys.base}:test-running:{item.tenant}"
+        running = int(lim.client.incr(counter))
+        for _ in range(RUN_STEPS):  # the job "runs" for a few round trips, watching others
+            running = max(running, int(lim.client.get(counter) or 0))
+        most[item.tenant] = max(most.get(item.tenant, 0), running)
+        lim.client.decr(counter)
+        assert scheduler.ack(item)
+        done += 1
+    results.put((most, done))
+    lim.close()
+
+
+@pytest.mark.slow
+def test_processes_dispatching_never_run_more_than_a_tenant_cap(
+    limiter: Limiter, redis_url: str
+) -> None:
+    limiter.set_concurrency("tenant:*", TENANT_CAP)
+    scheduler = FairScheduler(limiter)
+    for tenant in ("acme", "bigco", "carol"):
+        submit(scheduler, tenant, ITEMS_PER_TENANT)
+    ctx = multiprocessing.get_context("spawn")
+    ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=dispatcher, args=(redis_url, limiter.namespace, ready, start, results))
+        for _ in range(WORKERS)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:  # every worker at the line before any starts, so they overlap
+            ready.get(timeout=120)
+        start.set()
+        reports = [results.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+    assert sum(done for _, done in reports) == 3 * ITEMS_PER_TENANT
+    for most, _ in reports:
+        assert all(n <= TENANT_CAP for n in most.values()), most
+    for tenant in ("acme", "bigco", "carol"):
+        assert limiter.running(f"tenant:{tenant}") == 0
+    assert scheduler.in_flight() == 0
