@@ -10,9 +10,9 @@ Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgr
 pipeline and dumps the counters: instructions per call, the same for the same code on any
 run. ``--record`` counts them with traffic recording on. ``--caps`` also counts the 1-bucket
 decision under a concurrency cap (``tenant:*``, high enough never to deny: the slot is taken)
-and the release of each slot it took (``slots.lua``). ``--ops`` also prices single Lua
-operations (a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside
-one ``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
+and the release of the slot (``slots.lua``). ``--ops`` also prices single Lua operations
+(a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside one
+``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
 temporary folder, named on stderr, for ``callgrind_annotate``.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from queue_ratelimit import Limiter
+from queue_ratelimit import Limiter, Slot
 
 from .decisions import HIGH, QUEUE, TENANT, TIGHT
 
@@ -174,31 +174,41 @@ def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record:
 
 def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
     """Instructions of a 1-bucket acquire that also takes a concurrency slot, and of the
-    release of one such slot."""
+    release of that slot: ``calls`` (acquire, release) pairs in one pipeline, so the slot set
+    stays as small as a cap keeps it, then the releases alone (of acquires made before)."""
     limiter = Limiter(server.client, namespace="qrl-instructions-cap")
     limiter.set_limit("tenant:*", HIGH)
     limiter.set_concurrency("tenant:*", 1_000_000)
     for _ in range(50):
         limiter.release(limiter.acquire(TENANT))
     call = limiter._core.decision_call("acquire", TENANT, None, None, 1)
-    functions = limiter._scripts.functions
-    pipe = server.client.pipeline(transaction=False)
-    for _ in range(calls):
-        pipe.execute_command(
-            "FCALL", functions["acquire.lua"], len(call.keys), *call.keys, *call.args
-        )
+    acquire_fn = limiter._scripts.functions["acquire.lua"]
+    release_fn = limiter._scripts.functions["slots.lua"]
+    scopes = (f"tenant:{TENANT}",)
+
+    def next_token() -> int:
+        return int(server.client.hget(limiter.keys.shared, "n:lease") or 0) + 1
+
+    def pipeline(acquire: bool, release: bool, first: int) -> Any:
+        # Slot tokens are the shared counter's next values (from `first`): the releases
+        # can be sent in the same pipeline as the acquires that take them.
+        pipe = server.client.pipeline(transaction=False)
+        for i in range(calls):
+            if acquire:
+                pipe.execute_command("FCALL", acquire_fn, len(call.keys), *call.keys, *call.args)
+            if release:
+                r = limiter._core.slot_call("release", Slot(str(first + i), scopes), 0)
+                pipe.execute_command("FCALL", release_fn, len(r.keys), *r.keys, *r.args)
+        return pipe
+
+    both = server.count(pipeline(True, True, next_token()).execute) / calls
+    first = next_token()
+    pipeline(True, False, first).execute()  # slots to release, uncounted
     replies: list[Any] = []
-    acquired = server.count(lambda: replies.extend(pipe.execute())) / calls
-    slots = [limiter._core.decision(reply, 1).slot for reply in replies]
-    pipe = server.client.pipeline(transaction=False)
-    for slot in slots:
-        assert slot is not None
-        release = limiter._core.slot_call("release", slot, 0)
-        pipe.execute_command(
-            "FCALL", functions["slots.lua"], len(release.keys), *release.keys, *release.args
-        )
-    released = server.count(pipe.execute) / calls
-    return acquired, released
+    released = server.count(lambda: replies.extend(pipeline(False, True, first).execute()))
+    assert replies == [1] * calls, "every slot released once"
+    assert not server.client.exists(limiter.keys.slots(scopes[0]))
+    return both - released / calls, released / calls
 
 
 def _ops(server: Callgrind) -> dict[str, float]:
