@@ -54,12 +54,15 @@ class Hint:
         wait_ms: how long until they would (0 when allowed).
         denied_by: the binding scope, or None.
         backlog: jobs of this tenant already waiting in the queue's fair backlog.
+        concurrency: True when ``denied_by`` is a concurrency cap: ``wait_ms`` is then the
+            time until its earliest lease runs out, an upper bound (a release comes sooner).
     """
 
     allowed: bool
     wait_ms: float
     denied_by: str | None
     backlog: int
+    concurrency: bool = False
 
     def as_header(self) -> dict[str, object]:
         """A small JSON-able form, as carried in message headers."""
@@ -315,7 +318,13 @@ class FairScheduler:
                 if attempt == 2 or not self._scripts.recover(exc):
                     raise
         decision = self._core.decision(reply, cost)
-        return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
+        return Hint(
+            decision.allowed,
+            decision.wait_ms,
+            decision.denied_by,
+            int(backlog or 0),
+            decision.concurrency,
+        )
 
     def route(
         self,

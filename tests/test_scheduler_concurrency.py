@@ -348,3 +348,18 @@ def test_processes_dispatching_never_run_more_than_a_tenant_cap(
     for tenant in ("acme", "bigco", "carol"):
         assert limiter.running(f"tenant:{tenant}") == 0
     assert scheduler.in_flight() == 0
+
+
+def test_a_hint_says_when_a_concurrency_cap_binds(scheduler: FairScheduler) -> None:
+    lim = scheduler.limiter
+    lim.set_concurrency("tenant:acme", 1)
+    assert scheduler.hint("acme", queue="q").allowed
+    held = lim.acquire("acme", "q", hold=600)
+    hint = scheduler.hint("acme", queue="q")
+    assert not hint.allowed
+    assert hint.concurrency is True
+    assert hint.denied_by == "tenant:acme"
+    assert 0 < hint.wait_ms <= 600_000
+    assert "concurrency" not in hint.as_header(), "the header keeps its shape"
+    assert lim.running("tenant:acme") == 1, "a hint takes no slot"
+    lim.release(held)
