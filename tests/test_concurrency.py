@@ -325,8 +325,10 @@ def test_a_longer_rate_wait_names_the_bucket(limiter: Limiter) -> None:
 # -- release, extend, expiry ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
 @pytest.mark.parametrize("form", ["decision", "slot", "text"])
-def test_release_frees_the_slot_once(limiter: Limiter, form: str) -> None:
+def test_release_frees_the_slot_once(limiter: Limiter, form: str, transport: str) -> None:
+    limiter._scripts.transport = transport  # type: ignore[assignment]
     limiter.set_concurrency("tenant:*", 1)
     decision = limiter.acquire("acme")
     assert decision.slot is not None
@@ -378,7 +380,9 @@ def test_a_real_short_hold_runs_out(limiter: Limiter) -> None:
     assert limiter.release(first) is False
 
 
-def test_extend_renews_every_slot(limiter: Limiter) -> None:
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+def test_extend_renews_every_slot(limiter: Limiter, transport: str) -> None:
+    limiter._scripts.transport = transport  # type: ignore[assignment]
     limiter.set_concurrency("tenant:acme", 1)
     limiter.set_concurrency("global", 5)
     decision = limiter.acquire("acme", hold=1)

@@ -363,3 +363,23 @@ def test_a_hint_says_when_a_concurrency_cap_binds(scheduler: FairScheduler) -> N
     assert "concurrency" not in hint.as_header(), "the header keeps its shape"
     assert lim.running("tenant:acme") == 1, "a hint takes no slot"
     lim.release(held)
+
+
+def test_scripts_without_functions_schedule_under_caps_alike(scheduler: FairScheduler) -> None:
+    """The same flow as EVALSHA scripts (servers without Redis Functions)."""
+    lim = scheduler.limiter
+    lim._scripts.transport = "evalsha"
+    lim.set_concurrency("tenant:*", 1)
+    submit(scheduler, "acme", 2)
+    (item,) = scheduler.dispatch(["q"], max_items=5).items
+    assert item.slot is not None
+    assert "acme" in parked(scheduler, "q")
+    assert scheduler.extend(item) is True
+    assert scheduler.ack(item) is True
+    assert parked(scheduler, "q")["acme"] == 0
+    (second,) = scheduler.dispatch(["q"], max_items=5).items
+    assert scheduler.nack(second, requeue=False) is True
+    verdict = scheduler.gate("acme", "g-1", queue="q2")
+    assert verdict.slot is not None
+    assert lim.release(verdict.slot) is True
+    assert lim._scripts.transport == "evalsha"
