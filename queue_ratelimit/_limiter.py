@@ -115,7 +115,12 @@ class Limiter(LimiterBase):
     def release(self, held: Decision | Slot | str) -> bool:
         """Give back the concurrency slots a decision took (``decision``, ``decision.slot``
         or ``str(slot)``). True if they were held; False when they were released already
-        or their hold ran out (then nothing changes), or the decision holds no slot."""
+        or their hold ran out (then nothing changes), or the decision holds no slot.
+
+        Raises:
+            BackendUnavailable: Redis is unreachable; the slots then come back when their
+                hold runs out (or call ``release`` again: it is idempotent).
+        """
         slot = as_slot(held)
         if slot is None:
             return False
