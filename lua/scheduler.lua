@@ -292,9 +292,10 @@ if mode == 'dispatch' then
             redis.call('ZREM', active, tenant)
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
             if ctx.by_cap then
-              local waiters = prefix .. 'cw:' .. denied_by
+              -- Woken by a release of that cap's slots; kept at least until the wait ends.
+              local waiters, keep = prefix .. 'cw:' .. denied_by, math.floor(wait_us / 1000) + 60000
               redis.call('SADD', waiters, lane .. ' ' .. tenant)
-              redis.call('PEXPIRE', waiters, math.floor(wait_us / 1000) + 60000)
+              if redis.call('PTTL', waiters) < keep then redis.call('PEXPIRE', waiters, keep) end
             end
             redis.call('HSET', counts, ':cv', version)
             skips = skips + 1

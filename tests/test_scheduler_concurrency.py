@@ -383,3 +383,30 @@ def test_scripts_without_functions_schedule_under_caps_alike(scheduler: FairSche
     assert verdict.slot is not None
     assert lim.release(verdict.slot) is True
     assert lim._scripts.transport == "evalsha"
+
+
+def test_a_shorter_wait_does_not_cut_a_longer_waiters_registration(
+    scheduler: FairScheduler,
+) -> None:
+    lim = scheduler.limiter
+    lim.set_concurrency("tenant:acme", 2)
+    first = lim.acquire("acme", hold=3600)
+    second = lim.acquire("acme", hold=3600)
+    assert first.slot is not None
+    assert second.slot is not None
+    submit(scheduler, "acme", 1, queue="a")
+    assert scheduler.dispatch(["a"]).items == ()  # parked in lane a for about an hour
+    waiters = f"{lim.keys.base}:cw:tenant:acme"
+    assert scheduler.client.pttl(waiters) > 3_600_000
+    # The second slot's lease now ends in 10 s: lane b parks acme for 10 s only.
+    slots = lim.keys.slots("tenant:acme")
+    soon = server_ms(scheduler.client) * 1000 + 10_000_000
+    scheduler.client.zadd(slots, {second.slot.token: soon}, xx=True)
+    assert scheduler.submit("acme", "b-0", queue="b")
+    assert scheduler.dispatch(["b"]).items == ()
+    assert scheduler.client.smembers(waiters) == {b"a acme", b"b acme"}
+    assert scheduler.client.pttl(waiters) > 3_000_000, "lane a still waits for a release"
+    assert lim.release(first)
+    assert scheduler.client.exists(waiters) == 0
+    assert parked(scheduler, "a")["acme"] == 0
+    assert parked(scheduler, "b")["acme"] == 0
