@@ -574,7 +574,8 @@ local function release_slots(prefix, holder, scopes, now)
       redis.call('ZREM', key, holder)
       if deadline + 0 > now then
         released = true
-        wake(prefix, scope)
+        -- (Only tenants' own caps park a tenant; queue and global caps stop the lane.)
+        if is_tenant_scope(scope) then wake(prefix, scope) end
       end
     end
   end
