@@ -1,16 +1,18 @@
 """Instructions Redis executes per ``acquire``, counted with callgrind: a tool for working on
 the Lua, whose figures machine noise cannot move.
 
-    python -m benchmarks._instructions [--calls N] [--denied] [--record] [--ops]
+    python -m benchmarks._instructions [--calls N] [--denied] [--record] [--caps] [--ops]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
 ``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
 --tool=callgrind`` on a free loopback port, sets up the 1-bucket and 3-bucket decisions of
 ``benchmarks/decisions.py``, and for each one zeroes the counters, runs N ``FCALL``s in one
 pipeline and dumps the counters: instructions per call, the same for the same code on any
-run. ``--record`` counts them with traffic recording on. ``--ops`` also prices single Lua
-operations (a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside
-one ``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
+run. ``--record`` counts them with traffic recording on. ``--caps`` also counts the 1-bucket
+decision under a concurrency cap (``tenant:*``, high enough never to deny: the slot is taken)
+and the release of the slot (``slots.lua``). ``--ops`` also prices single Lua operations
+(a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside one
+``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
 temporary folder, named on stderr, for ``callgrind_annotate``.
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import redis
 
-from queue_ratelimit import Limiter
+from queue_ratelimit import Limiter, Slot
 
 from .decisions import HIGH, QUEUE, TENANT, TIGHT
 
@@ -170,6 +172,45 @@ def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record:
     return server.count(pipe.execute) / calls
 
 
+def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
+    """Instructions of a 1-bucket acquire that also takes a concurrency slot, and of the
+    release of that slot: ``calls`` (acquire, release) pairs in one pipeline, so the slot set
+    stays as small as a cap keeps it, then the releases alone (of acquires made before)."""
+    limiter = Limiter(server.client, namespace="qrl-instructions-cap")
+    limiter.set_limit("tenant:*", HIGH)
+    limiter.set_concurrency("tenant:*", 1_000_000)
+    for _ in range(50):
+        limiter.release(limiter.acquire(TENANT))
+    call = limiter._core.decision_call("acquire", TENANT, None, None, 1)
+    acquire_fn = limiter._scripts.functions["acquire.lua"]
+    release_fn = limiter._scripts.functions["slots.lua"]
+    scopes = (f"tenant:{TENANT}",)
+
+    def next_token() -> int:
+        return int(server.client.hget(limiter.keys.shared, "n:lease") or 0) + 1
+
+    def pipeline(acquire: bool, release: bool, first: int) -> Any:
+        # Slot tokens are the shared counter's next values (from `first`): the releases
+        # can be sent in the same pipeline as the acquires that take them.
+        pipe = server.client.pipeline(transaction=False)
+        for i in range(calls):
+            if acquire:
+                pipe.execute_command("FCALL", acquire_fn, len(call.keys), *call.keys, *call.args)
+            if release:
+                r = limiter._core.slot_call("release", Slot(str(first + i), scopes), 0)
+                pipe.execute_command("FCALL", release_fn, len(r.keys), *r.keys, *r.args)
+        return pipe
+
+    both = server.count(pipeline(True, True, next_token()).execute) / calls
+    first = next_token()
+    pipeline(True, False, first).execute()  # slots to release, uncounted
+    replies: list[Any] = []
+    released = server.count(lambda: replies.extend(pipeline(False, True, first).execute()))
+    assert replies == [1] * calls, "every slot released once"
+    assert not server.client.exists(limiter.keys.slots(scopes[0]))
+    return both - released / calls, released / calls
+
+
 def _ops(server: Callgrind) -> dict[str, float]:
     server.client.hset("qrl-ops", mapping={"f": "999999", "g": "1764355012345678", "x": "1"})
 
@@ -187,6 +228,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="FCALLs per count (2000)")
     parser.add_argument("--denied", action="store_true", help="the denied paths too")
     parser.add_argument("--record", action="store_true", help="with traffic recording on")
+    parser.add_argument("--caps", action="store_true", help="under a concurrency cap too")
     parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
     options = parser.parse_args()
     result: dict[str, Any] = {}
@@ -198,6 +240,11 @@ def main() -> None:
             count = _decision(server, buckets, denied, options.calls, options.record)
             result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
+        if options.caps:
+            acquired, released = _capped(server, options.calls)
+            result["1bucket_cap"], result["release"] = round(acquired), round(released)
+            for name in ("1bucket_cap", "release"):
+                print(f"{name:16s} {result[name]:>9,} instructions per call", file=sys.stderr)
         if options.ops:
             result["ops"] = _ops(server)
             for op, cost in result["ops"].items():

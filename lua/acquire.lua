@@ -1,16 +1,22 @@
--- acquire.lua: check, consume (or peek, or refund) every bucket that applies to one job,
--- all-or-nothing, in one round trip, on Redis's clock. Runs with buckets.lua (one
--- Functions library, or prefixed to it as an EVALSHA script).
+-- acquire.lua: check, consume (or peek, or refund) every bucket and concurrency cap that
+-- applies to one job, all-or-nothing, in one round trip, on Redis's clock (slots.lua
+-- releases and renews the concurrency slots taken). Runs with buckets.lua (one Functions
+-- library, or prefixed to it as an EVALSHA script).
 --
 -- KEYS: config hash, tenant hash, shared hash
 -- ARGV: tenant, then optionally mode ("acquire" (default) | "peek" | "refund"), counter
 --       retention in ms ("" for the default, 15 minutes: DEFAULT_RETENTION_MS in
---       _core.py), queue ("" for none), cost (default 1), priority ("" for none). Every
---       argument costs the client time to send, so trailing defaults are left out.
+--       _core.py), queue ("" for none), cost (default 1), priority ("" for none), slot
+--       hold in ms (default 60 s: DEFAULT_HOLD in _core.py; used only where a concurrency
+--       cap applies). Every argument costs the client time to send, so trailing defaults
+--       are left out.
 -- Reply: one string (a flat reply costs the client far less to parse than nested arrays;
 -- names never contain spaces):
 --   "<status> <wait_ms> <denied_by or -> <scope> <remaining> ... | <would-deny scope> ..."
---   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst)
+--   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst),
+--   2 allowed and holding concurrency slots: the reply goes on with
+--   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
+--   "!<scope>" (its wait: until the earliest lease of that cap runs out).
 local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', ARGV[3]
 keep_ms = keep_ms and keep_ms ~= '' and tonumber(keep_ms) or 900000
 local queue, cost, priority = ARGV[4] or '', ARGV[5], ARGV[6] or ''
@@ -28,11 +34,22 @@ if status == -1 then
   return '-1 ' .. fmt(burst_of(ctx, denied_by)) .. ' ' .. denied_by .. ' |'
 end
 if mode == 'peek' then
-  return decision_reply(ctx, status == 1 and '1' or '0', fmt(wait / 1000), denied_by, would_deny)
+  return decision_reply(ctx, status > 0 and '1' or '0', fmt(wait / 1000),
+                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)
-  return decision_reply(ctx, '0', fmt(wait / 1000), denied_by, would_deny)
+  return decision_reply(ctx, '0', fmt(wait / 1000),
+                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
+end
+if status == 2 then
+  -- One token for every slot this decision takes (a counter no holder had before).
+  local token = fmt(redis.call('HINCRBY', KEYS[3], 'n:lease', 1))
+  local hold = ARGV[7]
+  local scopes = take_slots(ctx, token, ctx.now + (hold and tonumber(hold) or 60000) * 1000)
+  admit(ctx, cost, would_deny, keep_ms, {})
+  if scopes == '' then return decision_reply(ctx, '1', '0', false, would_deny) end
+  return decision_reply(ctx, '2', '0', false, would_deny) .. ' # ' .. token .. ' ' .. scopes
 end
 admit(ctx, cost, would_deny, keep_ms, {})
 return decision_reply(ctx, '1', '0', false, would_deny)

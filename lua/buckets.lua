@@ -17,6 +17,17 @@
 --                                    n:w, d:<scope> (queue and global scopes),
 --                                    w:<scope>, _rev (the config revision, see below);
 --                                    never expires
+-- Concurrency caps (config conc:<scope> = n, the same six scopes as limits; tenant:* and
+-- tenant:*:queue:<q> give each tenant a cap of its own): at most n jobs of the scope hold a
+-- slot at once. A scope's slots are one sorted set, holder -> lease deadline (Redis time in
+-- us); expired holders are reclaimed by the next decision that finds the set full, so the
+-- set never holds more than its cap (bounded work), and the key expires MAX_HOLD_MS after
+-- its last admission or renewal:
+--   slots   <prefix>:{ns}:c:<scope>   zset holder -> deadline (us)
+--   waiters <prefix>:{ns}:cw:<scope>  set "<lane> <tenant>" of scheduler lanes where the
+--                                     tenant is parked by this cap: woken when a slot of
+--                                     the scope is released
+-- A decision without caps reads and writes none of this.
 -- With recording on (config mode:record = seconds kept), every admission and denial is also
 -- counted per second for previews of a configuration change (_preview.py):
 --   record  <prefix>:{ns}:rec:<minute> "<tenant> <queue or -> <second 0-59>" -> cost admitted,
@@ -54,6 +65,12 @@ local NONE = {}
 -- had; a decision reads `_rev` with its shared buckets and drops the cache when it moved.
 local CONFIGS, n_configs = {}, 0
 local MAX_CONFIGS, MAX_PLANS = 64, 10000
+-- A slot set expires this long after its last admission or renewal (no hold is longer:
+-- MAX_HOLD in _core.py, MAX_LEASE in _scheduler.py), so a dead worker's slots cost nothing
+-- for long once their scope goes quiet.
+local MAX_HOLD_MS = 7 * 86400000
+-- Slot holders woken per release (parked scheduler tenants waiting for the scope).
+local WAKE_BATCH = 64
 
 -- Redis converts Lua numbers in replies to integers: floats travel as strings.
 -- Whole numbers below 2^53 (the clock, counters, whole tokens) print the same digits with
@@ -95,13 +112,21 @@ local function build_plan(config_key, tenant, queue, priority)
   local s_tenant = 'tenant:' .. tenant
   local has_queue = queue ~= ''
   local s_q, s_tq, cfg
+  -- Limits, exemption and modes, then the concurrency caps: (scope, own field, default
+  -- field) narrowest first, whose values follow at cap_at.
+  local cap_scopes, cap_at
   if has_queue then
     s_q, s_tq = 'queue:' .. queue, s_tenant .. ':queue:' .. queue
     cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
-                     'mode:shadow', 'mode:record', s_q, s_tq, 'tenant:*:queue:' .. queue)
+                     'mode:shadow', 'mode:record', s_q, s_tq, 'tenant:*:queue:' .. queue,
+                     'conc:' .. s_tq, 'conc:tenant:*:queue:' .. queue, 'conc:' .. s_tenant,
+                     'conc:tenant:*', 'conc:' .. s_q, 'conc:global')
+    cap_scopes, cap_at = {s_tq, true, s_tenant, true, s_q, false, 'global', false}, 10
   else
     cfg = redis.call('HMGET', config_key, 'global', s_tenant, 'tenant:*', 'exempt:' .. tenant,
-                     'mode:shadow', 'mode:record')
+                     'mode:shadow', 'mode:record', 'conc:' .. s_tenant, 'conc:tenant:*',
+                     'conc:global')
+    cap_scopes, cap_at = {s_tenant, true, 'global', false}, 7
   end
   -- Enforced buckets, narrowest first (the order of `remaining` in a reply), and the
   -- fields to read: each bucket's tokens and clock; the tenant hash's expiry last.
@@ -139,6 +164,27 @@ local function build_plan(config_key, tenant, queue, priority)
       sf[#sf + 1], sf[#sf + 2] = 'b:global', 'b:global:u'
     end
   end
+  -- Concurrency caps, under the same exemptions as the buckets (a tenant scope's own cap
+  -- wins over the tenant default, as with limits).
+  local caps, at = {}, cap_at
+  local prefix = string.sub(config_key, 1, -7)
+  for i = 1, #cap_scopes, 2 do
+    local scope, of_tenant = cap_scopes[i], cap_scopes[i + 1]
+    if of_tenant then
+      v = cfg[at] or cfg[at + 1]
+      at = at + 2
+    else
+      v = cfg[at]
+      at = at + 1
+    end
+    if v and (of_tenant and exempt == '' or not of_tenant and exempt ~= 'all') then
+      local n = tonumber(v)
+      if not n or n < 1 or n % 1 ~= 0 then
+        error('queue-ratelimit: corrupt concurrency cap for ' .. scope .. ': ' .. v)
+      end
+      caps[#caps + 1] = {scope = scope, n = n, key = prefix .. 'c:' .. scope, shadow = all_shadow}
+    end
+  end
   tf[#tf + 1] = 'x'
   sf[#sf + 1] = '_rev'
   local refill_ms = 0  -- the longest a tenant bucket takes to refill from empty
@@ -153,7 +199,8 @@ local function build_plan(config_key, tenant, queue, priority)
   end
   return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
-          ap = priority ~= '' and 'a:p:' .. priority or false, record = record}
+          ap = priority ~= '' and 'a:p:' .. priority or false, record = record,
+          caps = #caps > 0 and caps or false}
 end
 
 local function cached_plan(c, tenant, queue, priority)
@@ -254,8 +301,42 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   return ctx
 end
 
--- Returns status (1 allowed, 0 denied, -1 cost above an enforced burst), the wait in
--- microseconds, the scope that denied (longest wait) and the shadow scopes that would have.
+-- Concurrency caps of a decision whose plan has any: a slot is free when fewer holders
+-- than the cap hold one. A full set is first rid of holders whose deadline passed (their
+-- worker died or never released): at most the cap's worth, since a set is added to only
+-- while below its cap. A full cap's wait is the time to its earliest deadline (a release
+-- may come sooner). ctx.free records which caps had a slot, for take_slots; ctx.by_cap
+-- whether the scope that denied is a cap.
+local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
+  local caps, now, by_cap, free = ctx.plan.caps, ctx.now, false, {}
+  for i = 1, #caps do
+    local c = caps[i]
+    local running = redis.call('ZCARD', c.key)
+    if running >= c.n then
+      running = running - redis.call('ZREMRANGEBYSCORE', c.key, '-inf', now)
+    end
+    local ok = running < c.n
+    free[i] = ok
+    if not ok then
+      if c.shadow then
+        if would_deny == NONE then would_deny = {} end
+        would_deny[#would_deny + 1] = c.scope
+      else
+        allowed = 0
+        local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
+        local need = first[2] - now
+        if need > wait or not denied_by then wait, denied_by, by_cap = need, c.scope, true end
+      end
+    end
+  end
+  ctx.free, ctx.by_cap = free, by_cap
+  return allowed == 1 and 2 or allowed, wait, denied_by, would_deny
+end
+
+-- Returns status (1 allowed, 2 allowed where concurrency caps apply: take_slots then,
+-- 0 denied, -1 cost above an enforced burst), the wait in
+-- microseconds, the scope that denied (longest wait) and the shadow scopes that would have
+-- (ctx.by_cap: true when that scope is a concurrency cap).
 local function judge(ctx, cost)
   local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
   local slack = cost > 1 and EPSILON * cost or EPSILON
@@ -283,6 +364,7 @@ local function judge(ctx, cost)
       end
     end
   end
+  if ctx.plan.caps then return judge_caps(ctx, allowed, wait, denied_by, would_deny) end
   return allowed, wait, denied_by, would_deny
 end
 
@@ -447,4 +529,81 @@ local function credit(ctx, cost, keep_ms)
   local buckets, tokens = ctx.buckets, ctx.tokens
   for i = 1, #buckets do tokens[i] = math.min(buckets[i].burst, tokens[i] + cost) end
   write(ctx, keep_ms, {})
+end
+
+-- Takes a slot of every cap of the plan that had one free (judge_caps) for `holder` until
+-- `deadline` (Redis time in us); returns the scopes taken, as text ("" when none).
+local function take_slots(ctx, holder, deadline)
+  local caps, free, scopes = ctx.plan.caps, ctx.free, {}
+  local d = fmt(deadline)
+  for i = 1, #caps do
+    if free[i] then
+      local c = caps[i]
+      redis.call('ZADD', c.key, d, holder)
+      redis.call('PEXPIRE', c.key, MAX_HOLD_MS)
+      scopes[#scopes + 1] = c.scope
+    end
+  end
+  return table.concat(scopes, ' ')
+end
+
+local function words(text)
+  local out = {}
+  for w in string.gmatch(text, '%S+') do out[#out + 1] = w end
+  return out
+end
+
+-- Parked scheduler tenants waiting for a slot of `scope` are due at once (if still parked).
+local function wake(prefix, scope)
+  local waiters = redis.call('SPOP', prefix .. 'cw:' .. scope, WAKE_BATCH)
+  for i = 1, #waiters do
+    local lane, tenant = string.match(waiters[i], '^(%S+) (%S+)$')
+    redis.call('ZADD', prefix .. 's:' .. lane .. ':parked', 'XX', 0, tenant)
+  end
+end
+
+-- Gives back `holder`'s slot in each scope (`scopes`: words). True when at least one was
+-- still live (its deadline after `now`, us); a holder already gone or expired is only
+-- removed. Releasing twice changes nothing the second time.
+local function release_slots(prefix, holder, scopes, now)
+  local released = false
+  for _, scope in ipairs(words(scopes)) do
+    local key = prefix .. 'c:' .. scope
+    local deadline = redis.call('ZSCORE', key, holder)
+    if deadline then
+      redis.call('ZREM', key, holder)
+      if deadline + 0 > now then
+        released = true
+        -- (Only tenants' own caps park a tenant; queue and global caps stop the lane.)
+        if is_tenant_scope(scope) then wake(prefix, scope) end
+      end
+    end
+  end
+  return released
+end
+
+-- Renews `holder`'s slots to `deadline` (us) if every one is still live; otherwise what is
+-- left of them is released (the slots were lost) and the reply is false.
+local function extend_slots(prefix, holder, scopes, now, deadline)
+  local list = words(scopes)
+  for _, scope in ipairs(list) do
+    local d = redis.call('ZSCORE', prefix .. 'c:' .. scope, holder)
+    if not d or d + 0 <= now then
+      release_slots(prefix, holder, scopes, now)
+      return false
+    end
+  end
+  local d = fmt(deadline)
+  for _, scope in ipairs(list) do
+    local key = prefix .. 'c:' .. scope
+    redis.call('ZADD', key, 'XX', d, holder)
+    redis.call('PEXPIRE', key, MAX_HOLD_MS)
+  end
+  return #list > 0
+end
+
+-- Redis TIME in us.
+local function now_us()
+  local t = redis.call('TIME')
+  return t[1] * 1000000 + t[2]
 end

@@ -12,10 +12,17 @@
 -- contended, so it never takes tokens someone else is waiting for; the caller refunds what
 -- it does not use. Caps hold: every credited token is taken from the buckets here.
 --
+-- Concurrency caps: a job admitted here also takes a slot of every cap that applies, held
+-- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
+-- granted then (every job needs a slot of its own).
+--
 -- KEYS: config, shared, scheduler meta hash
--- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost, credit
--- Reply: {1, credit granted} run now; {0, wait_ms, denied_by} park it ("" denied_by: the
---        lane has a backlog); {2} a duplicate: already parked, in flight or done.
+-- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost, credit,
+--       slot hold ms (default 60 s)
+-- Reply: {1, credit granted} run now, or {1, 0, "<slot token> <cap scope> ..."} holding
+--        slots; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a backlog;
+--        a 4th element "1" when denied_by is a concurrency cap); {2} a duplicate: already
+--        parked, in flight or done.
 local config_key, shared_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
 local base, keep_ms, lane, tenant, priority, id, cost, credit =
   ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]),
@@ -46,6 +53,13 @@ for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
 end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
+if status == 2 then
+  local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
+  local scopes = take_slots(ctx, token, ctx.now + tonumber(ARGV[9] or '60000') * 1000)
+  admit(ctx, cost, would_deny, keep_ms, {})
+  if scopes == '' then return {1, 0} end
+  return {1, 0, token .. ' ' .. scopes}
+end
 if status == 1 then
   local extra = 0
   if credit > 0 and #ctx.buckets > 0 then
@@ -62,4 +76,4 @@ if status == 1 then
   return {1, extra}
 end
 deny(ctx, denied_by, wait / 1000, keep_ms)
-return {0, fmt(wait / 1000), denied_by}
+return {0, fmt(wait / 1000), denied_by, ctx.by_cap and '1' or '0'}

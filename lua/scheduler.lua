@@ -20,7 +20,10 @@
 --   B:s:<lane>:age          zset item id -> ms it was first queued (oldest waiting job)
 --   B:s:inflight            zset item id -> lease deadline (ms)
 --   B:s:lease               hash item id -> lease token of its current lease: a worker
---                           whose lease ran out cannot close or renew the next holder's
+--                           whose lease ran out cannot close or renew the next holder's;
+--                           "<token> <cap scope> ..." when the item holds concurrency
+--                           slots (holder "<token>/<id>" in each B:c:<scope>, buckets.lua),
+--                           which ack, nack and reap release and extend renews
 --   (shared hash field n:lease: the last lease token handed out)
 --   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>"
 --   B:s:payload             hash item id -> opaque payload
@@ -40,6 +43,7 @@ local function lane_key(lane, suffix) return base .. ':s:' .. lane .. ':' .. suf
 local function tenant_key(tenant) return base .. ':t:' .. tenant end
 local function backlog_key(lane, tenant, priority) return lane_key(lane, 'bl:' .. tenant .. ':' .. priority) end
 local lease_key = base .. ':s:lease'
+local prefix = base .. ':'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -100,6 +104,12 @@ local function reap(now)
     enqueue(id, true)
   end
   if #expired > 0 then
+    -- Their concurrency slots ran out with their leases: give them back now.
+    local held = redis.call('HMGET', lease_key, unpack(expired))
+    for i, id in ipairs(expired) do
+      local token, scopes = string.match(held[i] or '', '^(%S*) ?(.*)$')
+      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000) end
+    end
     redis.call('HDEL', lease_key, unpack(expired))
     redis.call('HINCRBY', shared_key, 'n:reaped', #expired)
   end
@@ -195,8 +205,8 @@ if mode == 'adopt' then
 end
 
 if mode == 'dispatch' then
-  -- ARGV: max items, lease ms, max tenants skipped per lane, want payload ("1"/"0"),
-  -- receipt ("<key> <nonce>" or ""), lanes...
+  -- ARGV: max items, lease ms (or "0 <slot hold ms>": no lease), max tenants skipped per
+  -- lane, want payload ("1"/"0"), receipt ("<key> <nonce>" or ""), lanes...
   -- A lane may be given as "<lane>|<list key>": a dispatched id is then pushed onto that
   -- list (a queue system's own in-progress bookkeeping, e.g. RQ's intermediate queue).
   -- With lease 0 no in-flight record is kept: the item is handed over for good. A receipt
@@ -206,7 +216,12 @@ if mode == 'dispatch' then
   -- when something was dispatched, "-1" when every lane is empty, else the ms until the
   -- earliest moment something could be admitted. `lease` is the token that ack, nack and
   -- extend present for the item ("" without a lease): one per dispatch call, never reused.
-  local max_items, lease_ms, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+  -- An item under concurrency caps takes their slots with its tokens, held as long as its
+  -- lease (or the slot hold), and carries an 8th element "<slot token> <cap scope> ...".
+  local max_items, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7] == '1'
+  local lease_ms, hold_ms = string.match(ARGV[5], '^(%S+) ?(%S*)$')
+  lease_ms = tonumber(lease_ms)
+  hold_ms = lease_ms > 0 and lease_ms or tonumber(hold_ms) or 60000
   local now = now_ms()
   if reap(now) == REAP_BATCH and redis.call('ZCOUNT', inflight_key, '-inf', now) > 0 then
     -- More leases ran out than one call hands back. They go back newest first, each to the
@@ -216,7 +231,7 @@ if mode == 'dispatch' then
   end
   local version = redis.call('HGET', config_key, '_version') or '0'
   local items, wait, backlogged, stop_all = {}, false, false, false
-  local lease, leases = '', {}
+  local lease, leases, token = '', {}, ''
   local function note_wait(w)
     if not wait or w < wait then wait = w end
   end
@@ -263,17 +278,24 @@ if mode == 'dispatch' then
             if not b.shadow and b.burst < charge then charge = b.burst end
           end
           local status, wait_us, denied_by, would_deny = judge(ctx, charge)
-          if status == 1 then
+          if status > 0 then
             redis.call('LPOP', bl)
             redis.call('ZREM', lane_key(lane, 'age'), id)
             -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
             -- back by deadline, and equal deadlines would come back in id order instead.
             if handoff ~= '' then redis.call('RPUSH', handoff, id) end
+            local slot = ''
+            if status == 2 or lease_ms > 0 then
+              if token == '' then token = tostring(redis.call('HINCRBY', shared_key, 'n:lease', 1)) end
+            end
+            if status == 2 then
+              slot = take_slots(ctx, token .. '/' .. id, ctx.now + hold_ms * 1000 + #items)
+            end
             if lease_ms > 0 then
               redis.call('ZADD', inflight_key, now + lease_ms + #items / 1000, id)
-              if lease == '' then lease = tostring(redis.call('HINCRBY', shared_key, 'n:lease', 1)) end
+              lease = token
               leases[#leases + 1] = id
-              leases[#leases + 1] = lease
+              leases[#leases + 1] = slot == '' and lease or lease .. ' ' .. slot
             end
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
@@ -298,12 +320,20 @@ if mode == 'dispatch' then
               redis.call('HDEL', meta_key, id)
               redis.call('HDEL', payload_key, id)
             end
-            items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or '', lease}
+            items[#items + 1] = {id, lane, tenant, priority, fmt(cost), payload or '', lease,
+                                 slot == '' and '' or token .. '/' .. id .. ' ' .. slot}
           elseif is_tenant_scope(denied_by) then
-            -- Held back by its own cap: park it so it costs nothing until its tokens return.
+            -- Held back by its own cap: park it so it costs nothing until its tokens return
+            -- (a concurrency cap: until its earliest slot lease runs out, or a release).
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             redis.call('ZREM', active, tenant)
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
+            if ctx.by_cap then
+              -- Woken by a release of that cap's slots; kept at least until the wait ends.
+              local waiters, keep = prefix .. 'cw:' .. denied_by, math.floor(wait_us / 1000) + 60000
+              redis.call('SADD', waiters, lane .. ' ' .. tenant)
+              if redis.call('PTTL', waiters) < keep then redis.call('PEXPIRE', waiters, keep) end
+            end
             redis.call('HSET', counts, ':cv', version)
             skips = skips + 1
             if skips > max_skips then
@@ -341,10 +371,18 @@ if mode == 'dispatch' then
 end
 
 -- Whether the caller holds the item's current lease: any holder when no token is given
--- (callers that keep none), else only the one whose token the dispatch handed out.
+-- (callers that keep none), else only the one whose token the dispatch handed out. Also
+-- returns the lease's own token and the cap scopes whose slots it holds ("" for none).
 local function holds(id, token)
   if not redis.call('ZSCORE', inflight_key, id) then return false end
-  return token == nil or token == '' or redis.call('HGET', lease_key, id) == token
+  local lease, scopes = string.match(redis.call('HGET', lease_key, id) or '', '^(%S*) ?(.*)$')
+  if token ~= nil and token ~= '' and lease ~= token then return false end
+  return true, lease, scopes
+end
+
+-- The item's concurrency slots go back (once: the in-flight record is closed with them).
+local function release_item_slots(id, lease, scopes)
+  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000) end
 end
 
 if mode == 'ack' or mode == 'nack' then
@@ -354,9 +392,11 @@ if mode == 'ack' or mode == 'nack' then
   -- unknown). The done marker lets gate.lua recognise a broker redelivery of work that
   -- already ran through the backlog.
   local id, requeue, refund, done_ms = ARGV[4], ARGV[5] == '1', ARGV[6] == '1', tonumber(ARGV[7] or '0')
-  if not holds(id, ARGV[8]) then return 0 end
+  local held, lease, scopes = holds(id, ARGV[8])
+  if not held then return 0 end
   redis.call('ZREM', inflight_key, id)
   redis.call('HDEL', lease_key, id)
+  release_item_slots(id, lease, scopes)
   if done_ms and done_ms > 0 and not requeue then
     redis.call('SET', base .. ':s:done:' .. id, '1', 'PX', done_ms)
   end
@@ -376,9 +416,15 @@ end
 if mode == 'extend' then
   -- ARGV: item id, lease ms, lease token (optional). Reply: 1 extended, 0 not in flight
   -- for this caller.
+  -- The item's concurrency slots are renewed with it (while they are still held).
   local id, lease_ms = ARGV[4], tonumber(ARGV[5])
-  if not holds(id, ARGV[6]) then return 0 end
-  redis.call('ZADD', inflight_key, now_ms() + lease_ms, id)
+  local held, lease, scopes = holds(id, ARGV[6])
+  if not held then return 0 end
+  local now = now_ms()
+  redis.call('ZADD', inflight_key, now + lease_ms, id)
+  if scopes ~= '' then
+    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000)
+  end
   return 1
 end
 

@@ -10,17 +10,22 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
+    DEFAULT_HOLD,
     UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
     Mode,
     ScriptCall,
+    as_slot,
+    check_hold,
+    concurrency_scope,
     redis_errors,
 )
-from ._decision import Decision, ScopeLimit
+from ._decision import Decision, ScopeLimit, Slot
 from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
@@ -40,9 +45,15 @@ class AsyncLimiter(LimiterBase):
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(
-        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+        self,
+        tenant: str,
+        queue: str | None = None,
+        priority: str | None = None,
+        cost: float = 1,
+        *,
+        hold: float | None = None,
     ) -> Decision:
-        return await self._decide("acquire", tenant, queue, priority, cost)
+        return await self._decide("acquire", tenant, queue, priority, cost, hold)
 
     async def peek(
         self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
@@ -55,14 +66,58 @@ class AsyncLimiter(LimiterBase):
         return await self._decide("refund", tenant, queue, priority, cost)
 
     async def _decide(
-        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+        self,
+        mode: Mode,
+        tenant: str,
+        queue: str | None,
+        priority: str | None,
+        cost: float,
+        hold: float | None = None,
     ) -> Decision:
-        call = self._core.decision_call(mode, tenant, queue, priority, cost)
+        call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:
             reply = await self._scripts.acall_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
+
+    # -- concurrency -------------------------------------------------------------------
+    async def release(self, held: Decision | Slot | str) -> bool:
+        slot = as_slot(held)
+        if slot is None:
+            return False
+        call = self._core.slot_call("release", slot, 0)
+        with redis_errors():
+            return bool(await self._scripts.acall("slots.lua", call.keys, call.args) == 1)
+
+    async def extend_slot(self, held: Decision | Slot | str, hold: float = DEFAULT_HOLD) -> bool:
+        slot = as_slot(held)
+        if slot is None:
+            return False
+        call = self._core.slot_call("extend", slot, check_hold(hold))
+        with redis_errors():
+            return bool(await self._scripts.acall("slots.lua", call.keys, call.args) == 1)
+
+    async def set_concurrency(
+        self, scope: str | Scope, n: int | None, *, actor: str = "api"
+    ) -> int:
+        call = self._core.set_concurrency_call(scope, n, actor)
+        return await self._run_config(call, must_exist=n is None)
+
+    async def get_concurrency(self, scope: str | Scope) -> int | None:
+        name = scope_name(scope)
+        with redis_errors():
+            value = await self.client.hget(self._core.keys.config, CONCURRENCY_PREFIX + name)
+        return None if value is None else int(value)
+
+    async def concurrency(self) -> dict[str, int]:
+        return self._core.concurrency(await self._config_hash())
+
+    async def running(self, scope: str | Scope) -> int:
+        key = self._core.keys.slots(concurrency_scope(scope))
+        with redis_errors():
+            seconds, micros = await self.client.time()
+            return int(await self.client.zcount(key, f"({seconds * 1_000_000 + micros}", "+inf"))
 
     # -- configuration -----------------------------------------------------------------
     async def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:

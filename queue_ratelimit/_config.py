@@ -10,6 +10,9 @@ The accepted shape, in TOML::
     "tenant:acme:queue:emails" = { rate = "10/s", shadow = true }
     [exempt]
     vip = "tenant"                      # skip tenant caps; "all" also skips queue/global
+    [concurrency]                       # at most n jobs of the scope running at once
+    "tenant:*" = 4                      # each tenant: 4
+    "queue:reports" = 10
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._concurrency import check_concurrency
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
 from ._preview import recording_value
@@ -36,6 +40,7 @@ class ConfigSpec:
     exempt: Mapping[str, str] = field(default_factory=dict)
     shadow: bool = False
     record: float | None = None  # seconds of traffic kept for previews
+    concurrency: Mapping[str, int] = field(default_factory=dict)  # scope -> jobs at once
 
 
 def _flag(where: str, value: object) -> bool:
@@ -70,15 +75,21 @@ def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
 
 def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
     """Validate a configuration mapping; every problem raises a ``ConfigError`` naming it."""
-    unknown = set(raw) - {"limits", "exempt", "shadow", "record"}
+    unknown = set(raw) - {"limits", "exempt", "shadow", "record", "concurrency"}
     if unknown:
         raise ConfigError(
-            f"unknown configuration keys {sorted(unknown)}; expected limits, exempt, shadow, record"
+            f"unknown configuration keys {sorted(unknown)}; expected limits, exempt, shadow, "
+            f"record, concurrency"
         )
     limits_raw = raw.get("limits", {})
     exempt_raw = raw.get("exempt", {})
-    if not isinstance(limits_raw, Mapping) or not isinstance(exempt_raw, Mapping):
-        raise ConfigError("'limits' and 'exempt' must be tables (mappings)")
+    concurrency_raw = raw.get("concurrency", {})
+    if (
+        not isinstance(limits_raw, Mapping)
+        or not isinstance(exempt_raw, Mapping)
+        or not isinstance(concurrency_raw, Mapping)
+    ):
+        raise ConfigError("'limits', 'exempt' and 'concurrency' must be tables (mappings)")
     limits = {scope_name(s): _limit_entry(s, v) for s, v in limits_raw.items()}
     exempt = {}
     for tenant, mode in exempt_raw.items():
@@ -88,7 +99,14 @@ def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
     record = raw.get("record")
     if record is not None:
         recording_value(record)  # validated here, where the file's mistakes are reported
+    concurrency = {}
+    for scope, n in concurrency_raw.items():
+        try:
+            concurrency[scope_name(scope)] = check_concurrency(n)
+        except ConfigError as exc:
+            raise type(exc)(f"concurrency for {scope!r}: {exc}") from None
     return ConfigSpec(
+        concurrency=concurrency,
         limits=limits,
         exempt=exempt,
         shadow=_flag("", raw.get("shadow", False)),
@@ -105,19 +123,34 @@ def load_config_file(path: str | os.PathLike[str]) -> ConfigSpec:
             raise ConfigError(f"{path}: {exc}") from exc
 
 
+def _env_pairs(name: str, text: str, example: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        scope, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{ENV_PREFIX}{name} entry {item!r} must look like {example!r}")
+        pairs[scope.strip()] = value.strip()
+    return pairs
+
+
 def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | None:
-    """Configuration from ``QUEUE_RATELIMIT_CONFIG`` (a TOML path) or
-    ``QUEUE_RATELIMIT_LIMITS`` (``"global=1000/s;tenant:*=50/s"``); None when neither is set."""
+    """Configuration from ``QUEUE_RATELIMIT_CONFIG`` (a TOML path), or
+    ``QUEUE_RATELIMIT_LIMITS`` (``"global=1000/s;tenant:*=50/s"``) and
+    ``QUEUE_RATELIMIT_CONCURRENCY`` (``"tenant:*=4;global=100"``); None when none is set."""
     env = os.environ if environ is None else environ
     if path := env.get(f"{ENV_PREFIX}CONFIG"):
         return load_config_file(path)
     text = env.get(f"{ENV_PREFIX}LIMITS")
-    if not text:
+    caps_text = env.get(f"{ENV_PREFIX}CONCURRENCY")
+    if not text and not caps_text:
         return None
-    limits: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        scope, sep, limit = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{ENV_PREFIX}LIMITS entry {item!r} must look like 'scope=100/s'")
-        limits[scope.strip()] = limit.strip()
-    return parse_config({"limits": limits})
+    limits = _env_pairs("LIMITS", text or "", "scope=100/s")
+    caps: dict[str, object] = {}
+    for scope, n in _env_pairs("CONCURRENCY", caps_text or "", "scope=4").items():
+        try:
+            caps[scope] = int(n)
+        except ValueError:
+            raise InvalidLimit(
+                f"{ENV_PREFIX}CONCURRENCY: the cap for {scope!r} must be a whole number, got {n!r}"
+            ) from None
+    return parse_config({"limits": limits, "concurrency": caps})

@@ -20,14 +20,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._config import ConfigSpec
-from ._decision import Decision, ScopeLimit, decode_limit, encode_limit, parse_reply
+from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
 from ._errors import (
     BackendUnavailable,
     ConfigError,
     CostExceedsBurst,
     InvalidCost,
     InvalidName,
+    InvalidScope,
     LimitNotFound,
 )
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
@@ -54,6 +56,11 @@ MEMO_SIZE = 4096
 # Kept in lua/acquire.lua too, which applies it when the argument is left out.
 DEFAULT_RETENTION_MS = 900_000
 AUDIT_LENGTH = 10_000
+# Concurrency caps: config field "conc:<scope>" = n. A slot is held at most this long
+# unless renewed (lua/acquire.lua applies DEFAULT_HOLD when the argument is left out;
+# lua/buckets.lua expires an idle slot set after MAX_HOLD).
+DEFAULT_HOLD = 60.0
+MAX_HOLD = 7 * 86400.0
 
 
 @dataclass(slots=True)
@@ -118,6 +125,35 @@ def check_cost(cost: object) -> float:
     return check_positive("cost", cost, MAX_COST, InvalidCost)
 
 
+def check_hold(hold: object) -> int:
+    """A slot hold in seconds, as whole milliseconds (at least 1)."""
+    return max(1, int(check_positive("hold (seconds)", hold, MAX_HOLD, InvalidCost) * 1000))
+
+
+def as_slot(held: object) -> Slot | None:
+    """The slot of a Decision, a Slot, or its text form; None for a decision holding none."""
+    if isinstance(held, Decision):
+        return held.slot
+    if isinstance(held, Slot):
+        return held
+    if isinstance(held, (str, bytes)):
+        try:
+            return Slot.parse(held)
+        except ValueError as exc:
+            raise InvalidName(str(exc)) from None
+    raise InvalidName(f"expected a Decision, a Slot or its text, got {held!r}")
+
+
+def concurrency_scope(scope: str | Scope) -> str:
+    """The name of a scope whose slots can be counted (not a tenant default)."""
+    parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+    if parsed.is_default:
+        raise InvalidScope(
+            f"{parsed} is a default: each tenant has its own slots (ask about tenant:<t>...)"
+        )
+    return str(parsed)
+
+
 def _as_limit(limit: object) -> Limit:
     parsed = Limit.parse(limit) if isinstance(limit, str) else limit
     if not isinstance(parsed, Limit):
@@ -157,14 +193,22 @@ class LimiterCore:
 
     # -- decisions ---------------------------------------------------------------------
     def decision_call(
-        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+        self,
+        mode: Mode,
+        tenant: str,
+        queue: str | None,
+        priority: str | None,
+        cost: float,
+        hold: float | None = None,
     ) -> ScriptCall:
         # Workers decide for the same few (tenant, queue, priority, cost) over and over:
         # validating and naming keys once per combination saves the client a few
         # microseconds per decision. Only exact ints and floats are cached as costs, so
         # True (== 1) or "1" are still refused by check_cost.
-        memo_key = (mode, tenant, queue, priority, cost)
-        cacheable = type(cost) is int or type(cost) is float
+        memo_key = (mode, tenant, queue, priority, cost, hold)
+        cacheable = (type(cost) is int or type(cost) is float) and (
+            hold is None or type(hold) is int or type(hold) is float
+        )
         if cacheable:
             try:
                 call = self._calls.get(memo_key)
@@ -179,13 +223,14 @@ class LimiterCore:
         if priority is not None:
             check_priority(priority)
         amount = check_cost(cost)
+        hold_arg = "" if hold is None else str(check_hold(hold))
         k = self.keys
-        # lua/acquire.lua: tenant, mode, retention, queue, cost, priority; trailing
-        # defaults are left out (fewer arguments to send), "" stands for a default.
+        # lua/acquire.lua: tenant, mode, retention, queue, cost, priority, slot hold;
+        # trailing defaults are left out (fewer arguments to send), "" stands for a default.
         cost_arg = "1" if amount == 1 else repr(amount)
         keep = "" if self.retention_ms == DEFAULT_RETENTION_MS else str(self.retention_ms)
-        args = [tenant, mode, keep, queue or "", cost_arg, priority or ""]
-        defaults = ("", "acquire", "", "", "1", "")
+        args = [tenant, mode, keep, queue or "", cost_arg, priority or "", hold_arg]
+        defaults = ("", "acquire", "", "", "1", "", "")
         while len(args) > 1 and args[-1] == defaults[len(args) - 1]:
             args.pop()
         # Encoded once here: redis-py sends bytes as they are.
@@ -239,6 +284,32 @@ class LimiterCore:
         if self.fail_mode == "closed":
             return Decision(allowed=False, wait_ms=self.closed_retry_ms, degraded=True)
         return None
+
+    # -- concurrency slots -------------------------------------------------------------
+    def slot_call(self, mode: Literal["release", "extend"], slot: Slot, hold_ms: int) -> ScriptCall:
+        k = self.keys
+        scopes = [concurrency_scope(scope) for scope in slot.scopes]
+        if not slot.token or " " in slot.token:
+            raise InvalidName(f"not a slot token: {slot.token!r}")
+        return ScriptCall([k.config, k.shared], [slot.token, mode, hold_ms, *scopes])
+
+    def set_concurrency_call(self, scope: str | Scope, n: object, actor: str) -> ScriptCall:
+        field = CONCURRENCY_PREFIX + scope_name(scope)
+        if n is None:
+            return self.config_call("del", field, "", actor)
+        return self.config_call("set", field, str(check_concurrency(n)), actor)
+
+    @staticmethod
+    def concurrency(raw: dict[object, object]) -> dict[str, int]:
+        """Concurrency caps by scope, from the config hash."""
+        n = len(CONCURRENCY_PREFIX)
+        return dict(
+            sorted(
+                (_text(f)[n:], int(_text(v)))
+                for f, v in raw.items()
+                if _text(f).startswith(CONCURRENCY_PREFIX)
+            )
+        )
 
     # -- configuration -----------------------------------------------------------------
     def config_call(
@@ -314,6 +385,10 @@ class LimiterCore:
             calls.append(("mode:shadow", self.config_call("set", "mode:shadow", "1", actor)))
         if spec.record is not None and (overwrite or RECORD_FIELD not in present):
             calls.append((RECORD_FIELD, self.set_recording_call(spec.record, actor)))
+        for scope, n in spec.concurrency.items():
+            field = CONCURRENCY_PREFIX + scope
+            if overwrite or field not in present:
+                calls.append((field, self.set_concurrency_call(scope, n, actor)))
         return calls
 
     @staticmethod
@@ -330,7 +405,7 @@ class LimiterCore:
         out = {}
         for field, value in raw.items():
             name = _text(field)
-            if name.startswith(("exempt:", "mode:", "weight:", "_")):
+            if name.startswith(("exempt:", "mode:", "weight:", CONCURRENCY_PREFIX, "_")):
                 continue
             out[name] = decode_limit(name, _text(value))
         return dict(sorted(out.items()))

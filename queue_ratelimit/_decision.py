@@ -1,4 +1,5 @@
-"""What a decision returns: ``Decision``, and the configured limit of a scope."""
+"""What a decision returns: ``Decision`` (and the concurrency ``Slot`` it may hold), and the
+configured limit of a scope."""
 
 from __future__ import annotations
 
@@ -7,6 +8,35 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ._limit import Limit
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Concurrency slots held by one admitted job, one per concurrency cap that applied.
+
+    Give it back with ``Limiter.release`` when the job ends (or let its lease run out);
+    ``Limiter.extend_slot`` renews it. ``str(slot)`` is a compact text form (for a message
+    header, say) that ``Slot.parse`` reads back.
+
+    Attributes:
+        token: the holder's token, unique to this admission.
+        scopes: the capped scopes it holds a slot of, narrowest first (a tenant default's
+            slot is named after the tenant: ``tenant:acme``).
+    """
+
+    token: str
+    scopes: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return " ".join((self.token, *self.scopes))
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Slot:
+        """Read ``str(slot)`` back. Raises ``ValueError`` for text that is not one."""
+        parts = (text.decode() if isinstance(text, bytes) else text).split()
+        if len(parts) < 2:
+            raise ValueError(f"not a concurrency slot: {text!r}")
+        return cls(parts[0], tuple(parts[1:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +51,11 @@ class Decision:
         denied_by: the scope whose wait is longest, or None when allowed.
         would_deny: scopes in shadow (dry-run) mode that would have denied.
         degraded: True when Redis was unreachable and the fail mode decided instead.
+        slot: when allowed under one or more concurrency caps, the slots taken (release
+            them with ``Limiter.release`` when the job ends); None when no cap applied.
+        concurrency: True when ``denied_by`` is a concurrency cap (its slots are all held;
+            ``wait_ms`` is then the time until the earliest of their leases runs out, an
+            upper bound: a release frees a slot sooner).
     """
 
     allowed: bool
@@ -29,6 +64,8 @@ class Decision:
     denied_by: str | None = None
     would_deny: tuple[str, ...] = ()
     degraded: bool = False
+    slot: Slot | None = None
+    concurrency: bool = False
 
     @property
     def retry_after(self) -> float:
@@ -62,9 +99,27 @@ def decode_limit(scope: str, value: str) -> ScopeLimit:
 # of the client's cost of a decision beyond the round trip (~2 us of ~3). The slots' own
 # descriptors set the same fields directly; this is only used for replies just parsed.
 _new = object.__new__
-_set_allowed, _set_wait, _set_remaining, _set_denied_by, _set_would_deny, _set_degraded = (
+(
+    _set_allowed,
+    _set_wait,
+    _set_remaining,
+    _set_denied_by,
+    _set_would_deny,
+    _set_degraded,
+    _set_slot,
+    _set_concurrency,
+) = (
     Decision.__dict__[name].__set__
-    for name in ("allowed", "wait_ms", "remaining", "denied_by", "would_deny", "degraded")
+    for name in (
+        "allowed",
+        "wait_ms",
+        "remaining",
+        "denied_by",
+        "would_deny",
+        "degraded",
+        "slot",
+        "concurrency",
+    )
 )
 
 
@@ -74,6 +129,8 @@ def _decision(
     remaining: Mapping[str, float],
     denied_by: str | None,
     would_deny: tuple[str, ...],
+    slot: Slot | None = None,
+    concurrency: bool = False,
 ) -> Decision:
     decision: Decision = _new(Decision)
     _set_allowed(decision, allowed)
@@ -82,6 +139,8 @@ def _decision(
     _set_denied_by(decision, denied_by)
     _set_would_deny(decision, would_deny)
     _set_degraded(decision, False)
+    _set_slot(decision, slot)
+    _set_concurrency(decision, concurrency)
     return decision
 
 
@@ -113,7 +172,7 @@ def readable_config_value(field: str, value: str) -> str:
     ``100/s burst 100``, absence as ``-``, anything else as stored."""
     if not value:
         return "-"
-    if field.startswith(("exempt:", "mode:", "weight:")):
+    if field.startswith(("exempt:", "mode:", "weight:", "conc:")):
         return value
     try:
         item = decode_limit(field, value)
@@ -125,8 +184,9 @@ def readable_config_value(field: str, value: str) -> str:
 
 def parse_reply(reply: bytes | str) -> Decision:
     """Turn the acquire script's flat reply into a ``Decision``:
-    ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``
-    (status -1 is handled by callers)."""
+    ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``,
+    status 2 followed by ``" # <slot token> <cap scope> ..."``, a concurrency cap's denial
+    as ``"!<scope>"`` (status -1 is handled by callers)."""
     parts = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
     bar = parts.index("|")
     if bar == 5:  # one bucket, the common case
@@ -134,10 +194,30 @@ def parse_reply(reply: bytes | str) -> Decision:
     else:
         remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
     denied_by = parts[2]
+    status = parts[0]
+    if status == "1" or (status == "0" and denied_by[0] != "!"):
+        return _decision(
+            status == "1",
+            float(parts[1]),
+            MappingProxyType(remaining),
+            None if denied_by == "-" else denied_by,
+            tuple(parts[bar + 1 :]),
+        )
+    if status == "0":  # denied by a concurrency cap
+        return _decision(
+            False,
+            float(parts[1]),
+            MappingProxyType(remaining),
+            denied_by[1:],
+            tuple(parts[bar + 1 :]),
+            concurrency=True,
+        )
+    hash_at = parts.index("#")
     return _decision(
-        parts[0] == "1",
-        float(parts[1]),
+        True,
+        0.0,
         MappingProxyType(remaining),
-        None if denied_by == "-" else denied_by,
-        tuple(parts[bar + 1 :]),
+        None,
+        tuple(parts[bar + 1 : hash_at]),
+        Slot(parts[hash_at + 1], tuple(parts[hash_at + 2 :])),
     )

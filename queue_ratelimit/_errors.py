@@ -74,6 +74,8 @@ class LimitNotFound(RateLimitError, KeyError):
             return f"no weight is set for {name!r}"
         if kind == "exempt":
             return f"tenant {name!r} is not exempt"
+        if kind == "conc":
+            return f"no concurrency cap is set for scope {name!r}"
         return f"no limit is set for scope {self.scope!r}"
 
 

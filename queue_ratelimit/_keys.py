@@ -47,6 +47,11 @@ class KeySpace:
         """Hash of one tenant's buckets and counters; it expires once the tenant is idle."""
         return f"{self.base}:t:{tenant}"
 
+    def slots(self, scope: str) -> str:
+        """Sorted set of the holders of a capped scope's concurrency slots -> lease deadline
+        (Redis time in microseconds); ``scope`` names one tenant, not a default."""
+        return f"{self.base}:c:{scope}"
+
     def bucket_location(self, scope: Scope) -> tuple[str, str] | None:
         """The (key, field) holding a scope's bucket tokens (their Redis-clock time is in
         field ``<field>:u``); None for default scopes."""

@@ -7,17 +7,22 @@ from typing import Any, Literal
 import redis
 from redis.exceptions import ResponseError
 
+from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
+    DEFAULT_HOLD,
     UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
     Mode,
     ScriptCall,
+    as_slot,
+    check_hold,
+    concurrency_scope,
     redis_errors,
 )
-from ._decision import Decision, ScopeLimit
+from ._decision import Decision, ScopeLimit, Slot
 from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
@@ -55,17 +60,28 @@ class Limiter(LimiterBase):
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(
-        self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
+        self,
+        tenant: str,
+        queue: str | None = None,
+        priority: str | None = None,
+        cost: float = 1,
+        *,
+        hold: float | None = None,
     ) -> Decision:
         """Take ``cost`` tokens from every bucket that applies, or none if any lacks them.
 
+        Where concurrency caps apply (``set_concurrency``), the job also needs a free slot
+        of each, and takes them in the same atomic step: ``decision.slot`` holds them until
+        ``release`` or until ``hold`` seconds (default 60) have passed, whichever is first
+        (``extend_slot`` renews them). Without a cap there is no slot and nothing to release.
+
         Raises:
             InvalidName: a malformed tenant, queue or priority.
-            InvalidCost: cost not finite or not positive.
+            InvalidCost: cost not finite or not positive, or a bad ``hold``.
             CostExceedsBurst: cost is larger than an enforced bucket can ever hold.
             BackendUnavailable: Redis is unreachable and ``fail_mode`` is ``"raise"``.
         """
-        return self._decide("acquire", tenant, queue, priority, cost)
+        return self._decide("acquire", tenant, queue, priority, cost, hold)
 
     def peek(
         self, tenant: str, queue: str | None = None, priority: str | None = None, cost: float = 1
@@ -80,14 +96,81 @@ class Limiter(LimiterBase):
         return self._decide("refund", tenant, queue, priority, cost)
 
     def _decide(
-        self, mode: Mode, tenant: str, queue: str | None, priority: str | None, cost: float
+        self,
+        mode: Mode,
+        tenant: str,
+        queue: str | None,
+        priority: str | None,
+        cost: float,
+        hold: float | None = None,
     ) -> Decision:
-        call = self._core.decision_call(mode, tenant, queue, priority, cost)
+        call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:  # (no context manager here: this is the hot path)
             reply = self._scripts.call_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
+
+    # -- concurrency -------------------------------------------------------------------
+    def release(self, held: Decision | Slot | str) -> bool:
+        """Give back the concurrency slots a decision took (``decision``, ``decision.slot``
+        or ``str(slot)``). True if they were held; False when they were released already
+        or their hold ran out (then nothing changes), or the decision holds no slot.
+
+        Raises:
+            BackendUnavailable: Redis is unreachable; the slots then come back when their
+                hold runs out (or call ``release`` again: it is idempotent).
+        """
+        slot = as_slot(held)
+        if slot is None:
+            return False
+        call = self._core.slot_call("release", slot, 0)
+        with redis_errors():
+            return bool(self._scripts.call("slots.lua", call.keys, call.args) == 1)
+
+    def extend_slot(self, held: Decision | Slot | str, hold: float = DEFAULT_HOLD) -> bool:
+        """Hold the slots ``hold`` seconds from now (for a job running longer than its hold).
+        False, and the slots are given up, if they were released or their hold ran out."""
+        slot = as_slot(held)
+        if slot is None:
+            return False
+        call = self._core.slot_call("extend", slot, check_hold(hold))
+        with redis_errors():
+            return bool(self._scripts.call("slots.lua", call.keys, call.args) == 1)
+
+    def set_concurrency(self, scope: str | Scope, n: int | None, *, actor: str = "api") -> int:
+        """At most ``n`` jobs of ``scope`` hold a slot at once, across every worker and host
+        (``None`` removes the cap); returns the new configuration version.
+
+        Scopes as for ``set_limit``; ``tenant:*`` and ``tenant:*:queue:<q>`` give every
+        tenant a cap of its own. Exempt tenants skip tenant caps (``"all"``: every cap).
+
+        Raises:
+            InvalidLimit: ``n`` is not a whole number from 1 to 1,000,000.
+            LimitNotFound: ``None`` for a scope that has no cap.
+        """
+        call = self._core.set_concurrency_call(scope, n, actor)
+        return self._run_config(call, must_exist=n is None)
+
+    def get_concurrency(self, scope: str | Scope) -> int | None:
+        """The concurrency cap configured for exactly this scope, or None."""
+        name = scope_name(scope)
+        with redis_errors():
+            value = self.client.hget(self._core.keys.config, CONCURRENCY_PREFIX + name)
+        return None if value is None else int(value)
+
+    def concurrency(self) -> dict[str, int]:
+        """Every concurrency cap, by scope."""
+        with redis_errors():
+            return self._core.concurrency(self.client.hgetall(self._core.keys.config))
+
+    def running(self, scope: str | Scope) -> int:
+        """Jobs holding a slot of ``scope`` now (live holds: not released, not run out).
+        ``scope`` names one tenant (``tenant:acme``), not a default."""
+        key = self._core.keys.slots(concurrency_scope(scope))
+        with redis_errors():
+            seconds, micros = self.client.time()
+            return int(self.client.zcount(key, f"({seconds * 1_000_000 + micros}", "+inf"))
 
     # -- configuration -----------------------------------------------------------------
     def _run_config(self, call: ScriptCall, must_exist: bool = False) -> int:

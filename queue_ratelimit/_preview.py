@@ -270,7 +270,7 @@ def build_preview(
     decoded to text."""
     exempt = {f[len("exempt:") :]: v for f, v in config.items() if f.startswith("exempt:")}
     own_limits = frozenset(
-        f for f in config if not f.startswith(("exempt:", "mode:", "weight:", "_"))
+        f for f in config if not f.startswith(("exempt:", "mode:", "weight:", "conc:", "_"))
     )
     traffic = group_traffic(
         {_minute_of(key): fields for key, fields in minutes.items()},

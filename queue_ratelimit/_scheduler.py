@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from redis.exceptions import ResponseError
 
-from ._core import check_cost, check_positive, redis_errors
+from ._core import check_cost, check_hold, check_positive, redis_errors
+from ._decision import Slot
 from ._errors import BacklogFull, ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
@@ -27,6 +28,11 @@ class DispatchedItem:
     ``lease`` identifies this hand-out ("" when no lease was kept). Passing the item itself
     to ``ack``, ``nack`` or ``extend`` presents it: if the lease ran out and the item went
     to another worker, the late call changes nothing of the new holder's.
+
+    ``slot``: the concurrency slots the item took (None when no cap applied). With a lease
+    they belong to the in-flight record: ``ack``, ``nack`` and an expired lease release them,
+    ``extend`` renews them. Handed over without a lease (``hand_over``), they are held for
+    the scheduler's lease length unless given back sooner with ``Limiter.release``.
     """
 
     id: str
@@ -36,6 +42,7 @@ class DispatchedItem:
     cost: float
     payload: bytes
     lease: str = ""
+    slot: Slot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +66,15 @@ class Hint:
         wait_ms: how long until they would (0 when allowed).
         denied_by: the binding scope, or None.
         backlog: jobs of this tenant already waiting in the queue's fair backlog.
+        concurrency: True when ``denied_by`` is a concurrency cap: ``wait_ms`` is then the
+            time until its earliest lease runs out, an upper bound (a release comes sooner).
     """
 
     allowed: bool
     wait_ms: float
     denied_by: str | None
     backlog: int
+    concurrency: bool = False
 
     def as_header(self) -> dict[str, object]:
         """A small JSON-able form, as carried in message headers."""
@@ -88,12 +98,18 @@ class GateVerdict:
         denied_by: for ``"park"``, the binding scope, or None when a backlog is the reason.
         credit: for ``"run"``, how many more jobs of the same tenant, lane, priority and cost
             were admitted with this one (tokens already taken; refund what goes unused).
+            Always 0 where a concurrency cap applies: each job needs a slot of its own.
+        slot: for ``"run"`` under concurrency caps, the slots taken: release them
+            (``Limiter.release``) when the job ends; else None.
+        concurrency: for ``"park"``, True when ``denied_by`` is a concurrency cap.
     """
 
     action: Literal["run", "park", "duplicate"]
     wait_ms: float = 0.0
     denied_by: str | None = None
     credit: int = 0
+    slot: Slot | None = None
+    concurrency: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +343,7 @@ class FairScheduler:
         reply = self._run(
             "dispatch",
             max_items,
-            0 if hand_over else self.lease_ms,
+            f"0 {self.lease_ms}" if hand_over else self.lease_ms,
             self.max_skips,
             "1" if with_payload else "0",
             "" if receipt is None else f"{receipt[0]} {receipt[1]}",
@@ -344,6 +360,7 @@ class FairScheduler:
                 cost=float(_text(i[4])),
                 payload=i[5] if isinstance(i[5], bytes) else str(i[5]).encode(),
                 lease=_text(i[6]),
+                slot=Slot.parse(i[7]) if len(i) > 7 and i[7] else None,
             )
             for i in reply[1:]
         )
@@ -389,7 +406,13 @@ class FairScheduler:
                 if attempt == 2 or not self._scripts.recover(exc):
                     raise
         decision = self._core.decision(reply, cost)
-        return Hint(decision.allowed, decision.wait_ms, decision.denied_by, int(backlog or 0))
+        return Hint(
+            decision.allowed,
+            decision.wait_ms,
+            decision.denied_by,
+            int(backlog or 0),
+            decision.concurrency,
+        )
 
     def route(
         self,
@@ -463,6 +486,7 @@ class FairScheduler:
         priority: str = "normal",
         cost: float = 1,
         credit: int = 0,
+        hold: float | None = None,
     ) -> GateVerdict:
         """The worker fast path: admit work arriving from a broker now, or say it must wait.
 
@@ -474,6 +498,10 @@ class FairScheduler:
         With ``credit`` the call may also admit up to that many more jobs like this one, but
         only while every bucket stays at least half full (nothing is contended then); the
         verdict says how many, and the caller refunds the unused ones (``Limiter.refund``).
+
+        Under concurrency caps a ``"run"`` verdict carries the slots taken (``slot``), held
+        ``hold`` seconds (default: the scheduler's lease) unless released sooner with
+        ``Limiter.release(verdict.slot)``; no credit is granted then.
         """
         if isinstance(credit, bool) or not isinstance(credit, int) or credit < 0:
             raise ConfigError(f"credit must be a whole number >= 0, got {credit!r}")
@@ -494,15 +522,23 @@ class FairScheduler:
                 _check_item_id(item_id),
                 repr(amount),
                 credit,
+                self.lease_ms if hold is None else check_hold(hold),
             ],
         )
         assert isinstance(reply, list)
         code = int(reply[0])
         if code == 1:
+            if len(reply) > 2:
+                return GateVerdict("run", slot=Slot.parse(reply[2]))
             return GateVerdict("run", credit=int(reply[1]) if len(reply) > 1 else 0)
         if code == 2:
             return GateVerdict("duplicate")
-        return GateVerdict("park", float(_text(reply[1])), _text(reply[2]) or None)
+        return GateVerdict(
+            "park",
+            float(_text(reply[1])),
+            _text(reply[2]) or None,
+            concurrency=len(reply) > 3 and _text(reply[3]) == "1",
+        )
 
     def nack(
         self, item: str | DispatchedItem, *, requeue: bool = True, refund: bool = False

@@ -12,6 +12,11 @@ CLI, so it applies to the next decision in every worker. Every route but ``/heal
 audit log (``admin:<actor>``). Errors come back as ``{"error": <kind>, "detail": <what to
 fix>}``: 400 for bad input, 401 without a valid token, 404 for an unknown scope, 503 while
 Redis is unreachable. Needs the ``admin`` extra (FastAPI).
+
+Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurrency caps,
+``{"jobs": n}``, with the jobs running under each), ``/exemptions/{tenant}``, ``/shadow``,
+``/recording``, ``/weights/{kind}/{name}``, ``/scopes/{scope}``, ``/audit``, ``/snapshot``,
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from . import __version__
 from ._core import redis_errors
@@ -33,7 +38,7 @@ from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
 from ._scheduler import FairScheduler
-from ._scopes import check_name
+from ._scopes import check_name, scope_name
 from .metrics import RateLimitCollector, bucket_state, snapshot
 
 
@@ -74,6 +79,18 @@ class Version(BaseModel):
 class ExemptIn(_Body):
     mode: Literal["tenant", "all"] = Field(
         description='"tenant": skips its tenant caps; "all": the global and queue caps too.'
+    )
+
+
+class ConcurrencyIn(_Body):
+    jobs: StrictInt = Field(description="At most this many jobs of the scope at once (1-1e6).")
+
+
+class ConcurrencyOut(BaseModel):
+    scope: str
+    cap: int = Field(description="Jobs of the scope allowed to run at once.")
+    running: int | None = Field(
+        description="Jobs holding a slot now; null for a default (each tenant counts its own)."
     )
 
 
@@ -214,6 +231,30 @@ def create_app(
     @app.delete("/limits/{scope}", dependencies=[Auth], summary="Remove a scope's limit")
     def delete_limit(scope: str, who: Actor) -> Version:
         return Version(version=limiter.delete_limit(scope, actor=who))
+
+    def _cap_out(scope: str, cap: int) -> ConcurrencyOut:
+        running = None if "*" in scope else limiter.running(scope)
+        return ConcurrencyOut(scope=scope, cap=cap, running=running)
+
+    @app.get("/concurrency", dependencies=[Auth], summary="Every concurrency cap")
+    def list_concurrency() -> list[ConcurrencyOut]:
+        with redis_errors():
+            return [_cap_out(scope, cap) for scope, cap in limiter.concurrency().items()]
+
+    @app.get("/concurrency/{scope}", dependencies=[Auth], summary="One scope's concurrency cap")
+    def get_concurrency(scope: str) -> ConcurrencyOut:
+        cap = limiter.get_concurrency(scope)
+        if cap is None:
+            raise LimitNotFound(f"conc:{scope}")
+        return _cap_out(scope_name(scope), cap)
+
+    @app.put("/concurrency/{scope}", dependencies=[Auth], summary="Cap a scope's running jobs")
+    def set_concurrency(scope: str, body: ConcurrencyIn, who: Actor) -> Version:
+        return Version(version=limiter.set_concurrency(scope, body.jobs, actor=who))
+
+    @app.delete("/concurrency/{scope}", dependencies=[Auth], summary="Remove a concurrency cap")
+    def delete_concurrency(scope: str, who: Actor) -> Version:
+        return Version(version=limiter.set_concurrency(scope, None, actor=who))
 
     @app.get("/scopes/{scope}", dependencies=[Auth], summary="A scope's live bucket")
     def scope_state(scope: str) -> BucketOut:

@@ -242,9 +242,10 @@ def bench(settings: Settings, seconds: float, buckets: str, as_json: bool) -> No
     )
 
 
-@main.group(short_help="Read and change limits, exemptions and dry-run mode.")
+@main.group(short_help="Read and change limits, concurrency caps, exemptions and dry-run.")
 def limits() -> None:
-    """Read and change limits, exemptions and dry-run mode (effective on the next decision).
+    """Read and change limits, concurrency caps, exemptions and dry-run mode (effective on
+    the next decision).
 
     SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every
     tenant: tenant:* and tenant:*:queue:<q>.
@@ -255,9 +256,13 @@ def limits() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def list_(settings: Settings, as_json: bool) -> None:
-    """Every limit, the exempt tenants and the dry-run mode."""
+    """Every limit and concurrency cap (with the jobs running under it), the exempt tenants
+    and the dry-run mode."""
     with settings.limiter() as limiter:
         items = limiter.limits()
+        caps = limiter.concurrency()
+        # A default (tenant:*) caps each tenant on its own: no one running count.
+        running = {s: None if "*" in s else limiter.running(s) for s in caps}
         exempt = limiter.exemptions()
         version = limiter.config_version()
         # The namespace-wide switch has no getter on Limiter; it is this field of the config.
@@ -270,6 +275,7 @@ def list_(settings: Settings, as_json: bool) -> None:
             "dry_run": dry_run,
             "recording_s": recording,
             "limits": {scope: limit_fields(item) for scope, item in items.items()},
+            "concurrency": {s: {"cap": n, "running": running[s]} for s, n in caps.items()},
             "exempt": exempt,
         }
         click.echo(json.dumps(payload, indent=2))
@@ -294,6 +300,14 @@ def list_(settings: Settings, as_json: bool) -> None:
         ]
         headers = ["scope", "limit", "per second", "burst", "mode"]
         for line in _table(headers, rows, "lrrrl"):
+            click.echo(line)
+    if caps:
+        click.echo("concurrency caps (jobs at once):")
+        cap_rows = [
+            [s, str(n), "per tenant" if running[s] is None else str(running[s])]
+            for s, n in caps.items()
+        ]
+        for line in _table(["scope", "cap", "running"], cap_rows, "lrr"):
             click.echo(line)
     if exempt:
         what = {"tenant": "its tenant caps", "all": "every cap"}
@@ -355,6 +369,28 @@ def delete(settings: Settings, scope: str) -> None:
     with settings.limiter() as limiter:
         version = limiter.delete_limit(scope, actor=_actor())
     click.echo(f"{scope}: deleted; config version {version}")
+
+
+@limits.command()
+@click.argument("scope")
+@click.argument("jobs")
+@click.pass_obj
+def concurrency(settings: Settings, scope: str, jobs: str) -> None:
+    """At most JOBS of SCOPE running at once (across every worker), or "none" to remove
+    the cap. tenant:* gives every tenant a cap of its own."""
+    if jobs == "none":
+        n = None
+    else:
+        try:
+            n = int(jobs)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected a whole number of jobs or 'none', got {jobs!r}", param_hint="JOBS"
+            ) from None
+    with settings.limiter() as limiter:
+        version = limiter.set_concurrency(scope, n, actor=_actor())
+    done = "no concurrency cap" if n is None else f"at most {n} running at once"
+    click.echo(f"{scope}: {done}; config version {version}")
 
 
 @limits.command()

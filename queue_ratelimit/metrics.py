@@ -95,13 +95,39 @@ def bucket_state(limiter: Limiter, scope: str) -> dict[str, Any]:
 
 def _configured_tenant(field: str) -> str | None:
     """The tenant a config field is about (``tenant:<t>...``, ``exempt:<t>``,
-    ``weight:tenant:<t>``), or None."""
+    ``weight:tenant:<t>``, ``conc:tenant:<t>...``), or None."""
     parts = field.split(":")
+    if parts[0] == "conc":
+        parts = parts[1:]
     if parts[0] in ("tenant", "exempt") and len(parts) >= 2:
         return parts[1]
     if parts[:2] == ["weight", "tenant"] and len(parts) == 3:
         return parts[2]
     return None
+
+
+def _concurrency(
+    limiter: Limiter, config: dict[str, str], tenants: list[str], now_us: float
+) -> dict[str, dict[str, int]]:
+    """Each concurrency cap that applies to a concrete scope (tenant defaults expanded for
+    ``tenants``), with the jobs holding a slot of it now."""
+    caps = limiter._core.concurrency(dict(config))  # type: ignore[arg-type]
+    if not caps:
+        return {}
+    concrete = {scope: n for scope, n in caps.items() if "*" not in scope}
+    for scope, n in caps.items():
+        if "*" in scope:
+            for tenant in tenants:
+                concrete.setdefault(scope.replace("*", tenant, 1), n)
+    names = sorted(concrete)
+    pipe = limiter.client.pipeline(transaction=False)
+    for scope in names:
+        pipe.zcount(limiter.keys.slots(scope), f"({int(now_us)}", "+inf")
+    running = pipe.execute()
+    return {
+        scope: {"cap": concrete[scope], "running": int(n)}
+        for scope, n in zip(names, running, strict=True)
+    }
 
 
 def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[str, Any]:
@@ -147,6 +173,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
     for tenant in tenants:
         pipe.hgetall(keys.tenant(tenant))
     tenant_hashes = pipe.execute()
+
+    concurrency = _concurrency(limiter, config, tenants, now_us)
 
     buckets: dict[str, dict[str, float]] = {}
     for scope, setting in limits.items():
@@ -223,6 +251,9 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             "sum": float(shared.get("h:us", 0)) / 1000,
         },
         "buckets": buckets,
+        # Concurrency caps by concrete scope: {"cap": n, "running": jobs holding a slot}
+        # (a tenant default appears under each tenant shown, as tenant:<t>).
+        "concurrency": concurrency,
         "lanes": lane_stats,
         "tenants": tenant_stats,
     }
@@ -333,6 +364,22 @@ class RateLimitCollector:
             tokens.add_metric([ns, scope], b["tokens"])
         yield fill
         yield tokens
+
+        running = GaugeMetricFamily(
+            "queue_ratelimit_concurrency_running",
+            "Jobs holding a concurrency slot of a capped scope",
+            labels=["namespace", "scope"],
+        )
+        cap = GaugeMetricFamily(
+            "queue_ratelimit_concurrency_cap",
+            "Jobs of a scope allowed to run at once",
+            labels=["namespace", "scope"],
+        )
+        for scope, c in snap["concurrency"].items():
+            running.add_metric([ns, scope], c["running"])
+            cap.add_metric([ns, scope], c["cap"])
+        yield running
+        yield cap
 
         tenant_decisions = CounterMetricFamily(
             "queue_ratelimit_tenant_decisions",

@@ -177,6 +177,19 @@ def build_view(
             )
         )
 
+    # Concurrency caps beside the budgets: jobs running / the cap, the bar shows what is free.
+    for scope, c in sorted(snap.get("concurrency", {}).items()):
+        denied = _rate(snap["denied_by"].get(scope, 0), then("denied_by", scope) or 0, seconds)
+        view.budgets.append(
+            (
+                f"{scope} (concurrency)",
+                f"{c['cap']:,} at once",
+                f"{c['running']:,}/{c['cap']:,} running",
+                fill_bar(max(0.0, 1 - c["running"] / c["cap"])),
+                _per_s(denied),
+            )
+        )
+
     # Denials by the scope that decided: queue and global scopes for everyone, and each
     # listed tenant's own (their sum over the tenant is its denials).
     # Who is throttled: everyone, by queue and global scopes; then tenants, with the scope

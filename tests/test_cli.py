@@ -106,6 +106,7 @@ def test_json_output(cli: CliRunner, namespace: str) -> None:
                 "shadow": False,
             }
         },
+        "concurrency": {},
         "exempt": {"vip": "tenant"},
     }
     one = json.loads(ok(cli, "limits", "get", "tenant:*", "--json"))

@@ -39,6 +39,7 @@ EXPECTED = {
     "RateLimited",
     "Scope",
     "ScopeLimit",
+    "Slot",
     "config_from_env",
     "load_config_file",
     "parse_config",
