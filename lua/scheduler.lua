@@ -387,7 +387,7 @@ end
 
 if mode == 'ack' or mode == 'nack' then
   -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"), done-marker ttl ms ("0": none),
-  -- lease token (optional). Reply: 1 closed, 0 not in flight for this caller (its lease
+  -- lease token (optional), keep slots ("1", ack only). Reply: 1 closed, 0 not in flight for this caller (its lease
   -- ran out: the item was handed back, maybe to another worker since; or the id is
   -- unknown). The done marker lets gate.lua recognise a broker redelivery of work that
   -- already ran through the backlog.
@@ -396,7 +396,9 @@ if mode == 'ack' or mode == 'nack' then
   if not held then return 0 end
   redis.call('ZREM', inflight_key, id)
   redis.call('HDEL', lease_key, id)
-  release_item_slots(id, lease, scopes)
+  -- ARGV[9] = "1": the job has started and runs on; its slots stay held (the worker renews
+  -- them, and gives them back when the job ends: Limiter.extend_slot / release).
+  if mode == 'nack' or ARGV[9] ~= '1' then release_item_slots(id, lease, scopes) end
   if done_ms and done_ms > 0 and not requeue then
     redis.call('SET', base .. ':s:done:' .. id, '1', 'PX', done_ms)
   end

@@ -298,7 +298,12 @@ class FairScheduler:
         return outcomes
 
     def settle_call(
-        self, item: str | DispatchedItem, how: Literal["ack", "requeue", "drop"], remember: float
+        self,
+        item: str | DispatchedItem,
+        how: Literal["ack", "requeue", "drop"],
+        remember: float,
+        *,
+        keep_slot: bool = False,
     ) -> tuple[list[str], list[str | int]]:
         """The keys and arguments of the scheduler call that ``ack`` (``"ack"``) or ``nack``
         (``"requeue"``, ``"drop"``) would make, for callers that send it themselves."""
@@ -306,7 +311,8 @@ class FairScheduler:
         base, keep = self._core.keys.base, self._core.retention_ms
         if how == "ack":
             done_ms = int(remember * 1000) if remember > 0 else 0
-            return self._keys, ["ack", base, keep, item_id, "0", "0", done_ms, token]
+            slot = "1" if keep_slot else "0"
+            return self._keys, ["ack", base, keep, item_id, "0", "0", done_ms, token, slot]
         requeue = "1" if how == "requeue" else "0"
         return self._keys, ["nack", base, keep, item_id, requeue, "0", 0, token]
 
@@ -370,16 +376,21 @@ class FairScheduler:
         """A key for ``dispatch(receipt=...)`` receipts of one caller (e.g. one process)."""
         return f"{self._core.keys.base}:s:receipt:{_check_item_id(owner)}"
 
-    def ack(self, item: str | DispatchedItem, *, remember: float = 0) -> bool:
+    def ack(
+        self, item: str | DispatchedItem, *, remember: float = 0, keep_slot: bool = False
+    ) -> bool:
         """Close an in-flight record after the work ran. False if it was not in flight, or
         (given the ``DispatchedItem``) no longer under this hand-out's lease.
 
         With ``remember`` (seconds), ``gate`` treats the id as a duplicate for that long, so
         a broker redelivery of work that already ran through the backlog is not run again.
+        With ``keep_slot``, the item's concurrency slots stay held (for work acknowledged
+        when it starts): renew them with ``Limiter.extend_slot(item.slot)`` while it runs
+        and give them back with ``Limiter.release(item.slot)``; they run out with the
+        lease the dispatch gave them otherwise.
         """
-        item_id, token = _held(item)
-        done_ms = int(remember * 1000) if remember > 0 else 0
-        return self._run("ack", item_id, "0", "0", done_ms, token) == 1
+        keys, args = self.settle_call(item, "ack", remember, keep_slot=keep_slot)
+        return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
 
     def hint(
         self,

@@ -31,7 +31,8 @@ def _records() -> redis.Redis:
 
 
 def record(key: str, *args: Any, sleep: float = 0.0, fail_times: int = 0, **kwargs: Any) -> int:
-    """Record this execution, then sleep ``sleep`` s; fail the first ``fail_times`` runs.
+    """Record this execution, then sleep ``sleep`` s (and record its end in ``<key>:end``);
+    fail the first ``fail_times`` runs.
 
     Raises:
         AssertionError: a rate option reached the function (so nothing is recorded).
@@ -51,4 +52,6 @@ def record(key: str, *args: Any, sleep: float = 0.0, fail_times: int = 0, **kwar
             raise RuntimeError(f"deliberate failure {attempt} of {fail_times}")
     if sleep:
         time.sleep(sleep)
+        seconds, micros = client.time()
+        client.rpush(f"{key}:end", f"{job.id} {tenant} {seconds}.{micros:06d}")
     return len(args)

@@ -215,6 +215,78 @@ def test_busy_workers_share_slots_by_priority_weight(e2e: E2E, backlog_first: bo
     assert 2.5 <= ratio <= 3.6, f"high:low = {ratio:.2f} while both were backlogged"
 
 
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one moment (an end at the same time as a start closes
+    first)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def intervals_of(e2e: E2E, ids: set[str]) -> list[tuple[float, float]]:
+    start = {r["id"]: r["t"] for r in e2e.runs() if r["id"] in ids}
+    end = {r["id"]: r["t"] for r in e2e.runs("done") if r["id"] in ids}
+    return [(start[i], end[i]) for i in ids]
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["acks-early", "acks-late"])
+def test_a_concurrency_cap_holds_across_workers_and_holds_back_no_other_tenant(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest, acks_late: bool
+) -> None:
+    report_logs_on_failure(request.config)
+    e2e = E2E(broker=broker, redis_url=redis_url, workdir=tmp_path, acks_late=acks_late)
+    request.node.funcargs["e2e"] = e2e
+    try:
+        e2e.limiter.set_concurrency("tenant:capped", 2)
+        e2e.start_workers("w1", "w2")  # 4 processes
+        work = e2e.app().tasks["e2e.work"]
+        capped = {work.apply_async(("c", 0.3), rate_tenant="capped").id for _ in range(12)}
+        free = {work.apply_async(("f", 0.3), rate_tenant="free").id for _ in range(6)}
+        e2e.wait_runs(18, timeout=40, event="done")
+        spans = intervals_of(e2e, capped)
+        # Never more than the cap at once (by the jobs' own records), and the cap is used:
+        # 12 jobs of 0.3 s two at a time take 1.8 s.
+        assert max_overlap(spans) == 2
+        span = max(b for _, b in spans) - min(a for a, _ in spans)
+        assert span < 1.8 * 1.5, f"the cap of 2 was under-used: {span:.2f}s for 12 x 0.3s"
+        # The other tenant used the free processes meanwhile.
+        assert max(b for _, b in intervals_of(e2e, free)) < max(b for _, b in spans)
+        # Every slot was given back when its job ended, not left to run out.
+        assert e2e.limiter.running("tenant:capped") == 0
+    finally:
+        e2e.close()
+
+
+def test_a_killed_workers_concurrency_slots_come_back_within_its_lease(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    report_logs_on_failure(request.config)
+    # Acknowledged early, the killed job is not delivered again (Celery's own semantics),
+    # so nothing but the dead worker's slot stands in the next job's way.
+    e2e = E2E(broker=broker, redis_url=redis_url, workdir=tmp_path, settings={"lease": 3})
+    request.node.funcargs["e2e"] = e2e
+    try:
+        e2e.limiter.set_concurrency("tenant:capped", 1)
+        (victim,) = e2e.start_workers("w1")
+        work = e2e.app().tasks["e2e.work"]
+        first = work.apply_async(("slow", 30), rate_tenant="capped").id
+        wait_for(e2e.running, timeout=10, what="the capped job running")
+        assert e2e.limiter.running("tenant:capped") == 1
+        victim.kill()
+        killed_at = redis_now(e2e.records)
+        e2e.start_workers("w2")
+        second = work.apply_async(("next",), rate_tenant="capped").id
+        rows = e2e.wait_ids({second}, timeout=30, what="the next capped job")
+        ran_at = next(r["t"] for r in rows if r["id"] == second)
+        assert ran_at - killed_at < 3 + 2, "the dead worker's slot came back with its lease"
+        assert [r["id"] for r in e2e.runs()].count(first) == 1
+    finally:
+        e2e.close()
+
+
 @pytest.mark.parametrize("acks_late", [False, True], ids=["acks-early", "acks-late"])
 def test_no_task_lost_or_doubled_when_a_worker_is_killed(e2e: E2E, acks_late: bool) -> None:
     """SIGKILL one worker (main process and pool) while it runs re-admitted tasks.

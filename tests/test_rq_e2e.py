@@ -394,6 +394,34 @@ def test_priorities_hold_for_a_backlog_formed_before_the_workers(env: RQEnv) -> 
     assert 2.85 <= ratio <= 3.15, f"high:low = {ratio:.2f} in the first 48 jobs, expected 3"
 
 
+@pytest.mark.parametrize("simple", [True, False], ids=["SimpleWorker", "Worker"])
+def test_a_concurrency_cap_holds_across_workers_and_holds_back_no_other_tenant(
+    env: RQEnv, simple: bool
+) -> None:
+    env.limiter.set_concurrency("tenant:capped", 2)
+    queue = env.queue()
+    capped = [queue.enqueue(JOB, env.key, sleep=0.3, rate_tenant="capped") for _ in range(8)]
+    free = [queue.enqueue(JOB, env.key, sleep=0.3, rate_tenant="free") for _ in range(4)]
+    env.start_workers(3, simple=simple)
+    env.wait(lambda: env.records.llen(f"{env.key}:end") >= 12, timeout=40, what="all 12 ended")
+    starts = {r.job_id: r.at for r in env.runs()}
+    ends = {}
+    for raw in env.records.lrange(f"{env.key}:end", 0, -1):
+        job_id, _tenant, at = raw.decode().split()
+        ends[job_id] = float(at)
+    spans = [(starts[j.id], ends[j.id]) for j in capped]
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    assert most == 2, f"{most} capped jobs ran at once under a cap of 2"
+    span = max(b for _, b in spans) - min(a for a, _ in spans)
+    assert span < 8 * 0.3 / 2 * 1.6, f"the cap of 2 was under-used: {span:.2f}s"
+    assert max(ends[j.id] for j in free) < max(b for _, b in spans), "free tenant held back"
+    assert env.limiter.running("tenant:capped") == 0, "every slot given back as its job ended"
+
+
 # -- the RQ API keeps working, and everything is gated --------------------------------------
 def test_every_way_of_enqueueing_runs_gated_and_options_never_reach_the_function(
     env: RQEnv,

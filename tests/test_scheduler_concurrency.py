@@ -410,3 +410,22 @@ def test_a_shorter_wait_does_not_cut_a_longer_waiters_registration(
     assert scheduler.client.exists(waiters) == 0
     assert parked(scheduler, "a")["acme"] == 0
     assert parked(scheduler, "b")["acme"] == 0
+
+
+def test_an_ack_that_keeps_the_slot_leaves_it_for_the_running_job(
+    scheduler: FairScheduler,
+) -> None:
+    """Work acknowledged when it starts (Celery's default) keeps its slot until it ends."""
+    lim = scheduler.limiter
+    lim.set_concurrency("tenant:acme", 1)
+    submit(scheduler, "acme", 2)
+    (first,) = scheduler.dispatch(["q"], max_items=10).items
+    assert scheduler.ack(first, keep_slot=True) is True
+    assert scheduler.in_flight() == 0
+    assert lim.running("tenant:acme") == 1, "still running: the slot is held"
+    assert scheduler.dispatch(["q"]).items == ()
+    assert first.slot is not None
+    assert lim.extend_slot(first.slot, hold=60)
+    assert lim.release(first.slot) is True
+    assert lim.release(first.slot) is False, "given back once"
+    assert [i.id for i in scheduler.dispatch(["q"]).items] == ["acme-1"]

@@ -29,6 +29,7 @@ from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
+from .._slot_keeper import SlotKeeper
 from ._credit import CreditKey, CreditLedger
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -143,6 +144,8 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.slots = PoolSlots(c, settings.reserve, self._slot_freed)
             self.slots.watch()
             self.settler = AsyncSettler(self.runtime.scheduler)
+            # Concurrency slots of the jobs this worker runs, by backlog item id.
+            self.running = SlotKeeper(lambda: self._rt.limiter, settings.lease)
             # Strategies capture this method when they are built (in Tasks.start), so ETA
             # tasks are gated when they fall due rather than when they arrive.
             self._apply_eta_task = c.apply_eta_task
@@ -397,6 +400,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.stats["admitted"] += 1
             if verdict.credit:
                 self.credit.grant(d.job.credit_key, verdict.credit)
+            self.running.keep(d.job.item_id, verdict.slot)
             return d.run()
         if verdict.action == "duplicate":
             return self._drop_duplicate(d)
@@ -439,9 +443,13 @@ class RateLimitGate(bootsteps.StartStopStep):
                 return
 
     # -- re-admission ----------------------------------------------------------------------
-    def _slot_freed(self) -> None:
-        """A job ended (on whichever thread the pool reports it): feed the slot at once if
-        the backlog may hold work."""
+    def _slot_freed(self, request: Any) -> None:
+        """A job ended (on whichever thread the pool reports it): give back its concurrency
+        slot, and feed the pool slot at once if the backlog may hold work."""
+        if len(self.running) and request is not None:
+            message = getattr(request, "message", None)
+            if message is not None:
+                self.running.release(item_id_of(message.headers or {}))
         if (self.backlog_seen or self.waiting) and self.slots.free() >= self.slots.refill:
             self._schedule(0.0)
 
@@ -482,6 +490,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         c = self.consumer
         item_id = item.id
         self.held[item_id] = item
+        self.running.keep(item_id, item.slot)
         message = decode_message(item.payload, item_id, self.channel, accept=self.accept)
         name = (message.headers or {}).get("task")
         strategy = self.originals.get(name) if isinstance(name, str) else None
@@ -509,6 +518,8 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _on_backlog_reject(self, item_id: str, requeue: bool) -> None:
         # Celery discards a rejected message; so do we (remembered as done, like an ack).
+        if requeue:
+            self.running.forget(item_id)  # the requeue gives its slots back with it
         if self._settle(item_id, "requeue" if requeue else "ack") and requeue:
             self._schedule(0.0)
 
@@ -522,9 +533,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         """
         scheduler = self._rt.scheduler
         item = self.held.get(item_id, item_id)
+        # A job acknowledged as it starts keeps its concurrency slots until it ends.
+        keep_slot = how == "ack" and isinstance(item, DispatchedItem) and item.slot is not None
         if item_id not in self.unsettled and self.settler.usable:
             try:
-                self.settler.send(item, how, self._rt.settings.dedupe_window)
+                self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
             except RedisError:
                 pass  # the ordinary way, below
             else:
@@ -535,7 +548,9 @@ class RateLimitGate(bootsteps.StartStopStep):
                 return True
         try:
             if how == "ack":
-                closed = scheduler.ack(item, remember=self._rt.settings.dedupe_window)
+                closed = scheduler.ack(
+                    item, remember=self._rt.settings.dedupe_window, keep_slot=keep_slot
+                )
             else:
                 closed = scheduler.nack(item, requeue=how == "requeue")
         except RedisError as exc:
@@ -580,7 +595,17 @@ class RateLimitGate(bootsteps.StartStopStep):
         return all(self._settle(item_id, how) for item_id, how in list(self.unsettled.items()))
 
     def _renew_leases(self) -> None:
-        """Keep the leases of re-admitted jobs that are still waiting or running alive."""
+        """Keep the leases of re-admitted jobs that are still waiting or running alive, and
+        the concurrency slots of running jobs."""
+        if len(self.running):
+            from celery.worker.state import requests
+
+            self.running.release_ended(
+                item_id_of(r.message.headers or {})
+                for r in list(requests.values())
+                if getattr(r, "message", None) is not None
+            )
+            self.running.renew()
         if self.unsettled and not self._settle_pending():
             return
         for item_id, item in list(self.held.items()):

@@ -49,13 +49,15 @@ class AsyncSettler:
     def pending(self) -> int:
         return len(self._pending)
 
-    def send(self, item: str | DispatchedItem, how: Settlement, remember: float) -> None:
+    def send(
+        self, item: str | DispatchedItem, how: Settlement, remember: float, keep_slot: bool
+    ) -> None:
         """Write the settlement; its outcome comes from ``collect``.
 
         Raises:
             RedisError: it could not be written (nothing is pending for it).
         """
-        keys, args = self.scheduler.settle_call(item, how, remember)
+        keys, args = self.scheduler.settle_call(item, how, remember, keep_slot=keep_slot)
         function = self.scheduler._scripts.functions["scheduler.lua"]
         conn = self._connection()
         try:

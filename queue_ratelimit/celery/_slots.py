@@ -24,10 +24,11 @@ class PoolSlots:
     Args:
         consumer: the Celery consumer (its ``pool`` is watched for finished jobs).
         reserve: jobs taken on at once; None: four times the pool size.
-        on_free: called (in the thread that finished the job) after a job ends.
+        on_free: called (in the thread that finished the job) after a job ends, with the
+            job's Celery request (None if the pool did not say which).
     """
 
-    def __init__(self, consumer: Any, reserve: int | None, on_free: Callable[[], None]) -> None:
+    def __init__(self, consumer: Any, reserve: int | None, on_free: Callable[[Any], None]) -> None:
         self.consumer = consumer
         self._reserve = reserve
         self._on_free = on_free
@@ -94,7 +95,8 @@ class PoolSlots:
                 try:
                     return callback(*args, **kwargs)
                 finally:
-                    on_free()
+                    # The callbacks are the request's own methods (on_success, on_failure).
+                    on_free(getattr(callback, "__self__", None))
 
             return call
 

@@ -22,7 +22,7 @@ from rq.serializers import resolve_serializer
 from .._errors import RateLimitError
 from .._scheduler import FairScheduler
 from ._handover import HOLDING, LOST_REPLY, Claim
-from ._options import rate_options, scheduler_for
+from ._options import rate_options, scheduler_for, slot_keeper
 
 log = logging.getLogger("queue_ratelimit.rq")
 
@@ -62,6 +62,7 @@ class FairDequeue:
         self.job_class = job_class
         self.serializer = serializer
         self.scheduler: FairScheduler = scheduler_for(connection, namespace)
+        self.slots = slot_keeper(self.scheduler)
         # RQ removes a job from its intermediate list only for single-queue workers, so the
         # backlog hands over onto that list only then (multi-queue workers pop plainly too).
         self.single = len(queues) == 1
@@ -93,6 +94,7 @@ class FairDequeue:
             batch = self._dispatch()
             for n, item in enumerate(batch.items):
                 queue = self.by_name[item.queue]
+                self.slots.keep(item.id, item.slot)
                 try:
                     found = self._take(queue, item.id, self.single)
                 except LOST_REPLY:
@@ -244,6 +246,7 @@ class FairDequeue:
         scheduler = self.scheduler
         verdict = scheduler.gate(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
         if verdict.action == "run":
+            self.slots.keep(job.id, verdict.slot)
             return job, queue
         if verdict.action == "park":
             # Into Redis first, then off RQ's list: a crash in between leaves a copy that
@@ -259,6 +262,7 @@ class FairDequeue:
         job = self._fetch(job_id)
         if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
             return job, queue
+        self.slots.release(job_id)  # it will not run
         if listed:
             self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
         return None

@@ -9,12 +9,14 @@ from .._core import check_cost
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
 from .._scopes import check_name, check_priority
+from .._slot_keeper import SlotKeeper
 
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
 OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
 ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
+_keepers: dict[int, SlotKeeper] = {}
 _schedulers_lock = threading.Lock()
 
 
@@ -41,3 +43,16 @@ def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
         check_priority(meta.get(OPTION_PRIORITY) or "normal"),
         check_cost(meta.get(OPTION_COST) or 1),
     )
+
+
+def slot_keeper(scheduler: FairScheduler) -> SlotKeeper:
+    """The concurrency slots of the jobs this process runs through ``scheduler``; renewed
+    from a thread of their own every third of the scheduler's lease."""
+    with _schedulers_lock:
+        keeper = _keepers.get(id(scheduler))
+        if keeper is None:
+            keeper = _keepers[id(scheduler)] = SlotKeeper(
+                lambda: scheduler.limiter, scheduler.lease_ms / 1000
+            )
+    keeper.start()
+    return keeper

@@ -9,6 +9,7 @@ from rq.worker import WorkerStatus
 
 from .._durability import persistence_warning
 from ._handover import HOLDING
+from ._options import scheduler_for, slot_keeper
 from ._queue import Queue
 
 
@@ -39,6 +40,16 @@ class _WaitsForHandover:
         if warning:
             worker.log.warning("queue-ratelimit: %s", warning)
         return bool(super().work(*args, **kwargs))  # type: ignore[misc]
+
+    def execute_job(self, job: Any, queue: Any) -> Any:
+        """Run the job (RQ's way); then give back the concurrency slots it was admitted
+        with, whatever the outcome (success, failure, a retry, a stopped horse)."""
+        try:
+            return super().execute_job(job, queue)  # type: ignore[misc]
+        finally:
+            namespace = Queue.namespace_for(queue)
+            worker: Any = self
+            slot_keeper(scheduler_for(worker.connection, namespace)).release(job.id)
 
     def _shutdown(self) -> None:
         worker: Any = self
