@@ -62,7 +62,12 @@ if status == 2 then
 end
 if status == 1 then
   local extra = 0
-  if credit > 0 and #ctx.buckets > 0 then
+  if credit > 0 and #ctx.buckets == 0 then
+    -- No bucket applies: the credit takes nothing, and there is nothing to give back.
+    admit(ctx, cost, would_deny, keep_ms, {})
+    return {1, credit, '', '1'}
+  end
+  if credit > 0 then
     extra = credit
     for i, b in ipairs(ctx.buckets) do
       if not b.shadow then

@@ -102,6 +102,7 @@ class GateVerdict:
         slot: for ``"run"`` under concurrency caps, the slots taken: release them
             (``Limiter.release``) when the job ends; else None.
         concurrency: for ``"park"``, True when ``denied_by`` is a concurrency cap.
+        credit_free: the credit took no tokens (no bucket applies): nothing to refund.
     """
 
     action: Literal["run", "park", "duplicate"]
@@ -110,6 +111,7 @@ class GateVerdict:
     credit: int = 0
     slot: Slot | None = None
     concurrency: bool = False
+    credit_free: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,9 +541,13 @@ class FairScheduler:
         assert isinstance(reply, list)
         code = int(reply[0])
         if code == 1:
-            if len(reply) > 2:
-                return GateVerdict("run", slot=Slot.parse(reply[2]))
-            return GateVerdict("run", credit=int(reply[1]) if len(reply) > 1 else 0)
+            slot = _text(reply[2]) if len(reply) > 2 else ""
+            return GateVerdict(
+                "run",
+                credit=int(reply[1]) if len(reply) > 1 else 0,
+                slot=Slot.parse(slot) if slot else None,
+                credit_free=len(reply) > 3 and _text(reply[3]) == "1",
+            )
         if code == 2:
             return GateVerdict("duplicate")
         return GateVerdict(

@@ -61,11 +61,41 @@ def test_no_credit_unless_asked_and_unused_credit_can_be_refunded(
     assert tokens(limiter, "tenant:acme") == pytest.approx(18, abs=0.01)
 
 
-def test_no_credit_when_no_bucket_applies(limiter: Limiter, scheduler: FairScheduler) -> None:
-    assert scheduler.gate("acme", "j1", credit=8).credit == 0
+def test_free_credit_when_no_bucket_applies(limiter: Limiter, scheduler: FairScheduler) -> None:
+    """Nothing to take, nothing to give back: the whole credit, marked free."""
+    verdict = scheduler.gate("acme", "j1", credit=8)
+    assert (verdict.action, verdict.credit, verdict.credit_free) == ("run", 8, True)
+    limiter.set_limit("tenant:*", Limit(20, per=HOURLY, burst=20))
+    bounded = scheduler.gate("acme", "j2", credit=8)
+    assert (bounded.credit, bounded.credit_free) == (8, False)
 
 
 @pytest.mark.parametrize("credit", [-1, 1.5, True, "3"])
 def test_bad_credit_is_refused(scheduler: FairScheduler, credit: object) -> None:
     with pytest.raises(ConfigError, match="credit"):
         scheduler.gate("acme", "j1", credit=credit)  # type: ignore[arg-type]
+
+
+class _Entry:
+    def cancel(self) -> None:
+        pass
+
+
+class _Timer:
+    def call_after(self, *_: object) -> _Entry:
+        return _Entry()
+
+
+def test_the_ledger_gives_back_only_credit_that_took_tokens(limiter: Limiter) -> None:
+    from queue_ratelimit.celery._credit import CreditLedger
+
+    limiter.set_limit("tenant:*", Limit(20, per=HOURLY, burst=20))
+    limiter.acquire("acme", cost=10)
+    limiter.acquire("bigco", cost=10)
+    ledger = CreditLedger(lambda: limiter, _Timer, ttl=60)
+    ledger.grant(("acme", "default", "normal", 1.0), 4, free=True)
+    ledger.grant(("bigco", "default", "normal", 1.0), 4)
+    assert ledger.spend(("bigco", "default", "normal", 1.0))
+    ledger.close()
+    assert tokens(limiter, "tenant:acme") == pytest.approx(10, abs=0.01)  # nothing given
+    assert tokens(limiter, "tenant:bigco", tenant="bigco") == pytest.approx(13, abs=0.01)

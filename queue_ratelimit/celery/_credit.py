@@ -34,7 +34,8 @@ class CreditLedger:
         self._limiter = limiter
         self._timer = timer
         self.ttl = ttl
-        self._entries: dict[CreditKey, list[Any]] = {}  # key -> [units left, valid until]
+        # key -> [units left, valid until, refund what is left]
+        self._entries: dict[CreditKey, list[Any]] = {}
         self._expiry: Any = None
 
     def spend(self, key: CreditKey) -> bool:
@@ -45,23 +46,24 @@ class CreditLedger:
         entry[0] -= 1
         return True
 
-    def grant(self, key: CreditKey, units: int) -> None:
+    def grant(self, key: CreditKey, units: int, *, free: bool = False) -> None:
         """Hold ``units`` more admissions for ``key`` (what was left of an older grant is
-        refunded: the new one starts its own lifetime)."""
+        refunded: the new one starts its own lifetime). ``free``: they took no tokens (no
+        bucket applied), so none are given back."""
         left = self._entries.pop(key, None)
-        if left is not None and left[0] > 0:
+        if left is not None and left[0] > 0 and left[2]:
             self._refund(key, left[0])
-        self._entries[key] = [units, time.monotonic() + self.ttl]
+        self._entries[key] = [units, time.monotonic() + self.ttl, not free]
         if self._expiry is None:
             self._expiry = self._timer().call_after(self.ttl, self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
         now = time.monotonic()
-        for key, (units, until) in list(self._entries.items()):
+        for key, (units, until, refund) in list(self._entries.items()):
             if until <= now:
                 del self._entries[key]
-                if units > 0:
+                if units > 0 and refund:
                     self._refund(key, units)
         if self._entries:
             self._expiry = self._timer().call_after(self.ttl, self._expire)
@@ -71,8 +73,8 @@ class CreditLedger:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        for key, (units, _) in list(self._entries.items()):
-            if units > 0:
+        for key, (units, _, refund) in list(self._entries.items()):
+            if units > 0 and refund:
                 self._refund(key, units)
         self._entries.clear()
 

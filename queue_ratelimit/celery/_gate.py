@@ -399,7 +399,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if verdict.action == "run":
             self.stats["admitted"] += 1
             if verdict.credit:
-                self.credit.grant(d.job.credit_key, verdict.credit)
+                self.credit.grant(d.job.credit_key, verdict.credit, free=verdict.credit_free)
             self.running.keep(d.job.item_id, verdict.slot)
             return d.run()
         if verdict.action == "duplicate":

@@ -94,7 +94,10 @@ def make_publish_handler(app: Any) -> Any:
         if hint is None:
             return
         headers[HEADER_HINT] = hint.as_header()
-        if runtime.settings.policy == "delay" and not hint.allowed and not headers.get("eta"):
+        # A concurrency cap's wait is only the latest a slot could come back (the earliest
+        # hold to run out); slots usually come back sooner, when jobs end: no countdown.
+        delay = not hint.allowed and not hint.concurrency
+        if runtime.settings.policy == "delay" and delay and not headers.get("eta"):
             eta = datetime.now(UTC) + timedelta(milliseconds=hint.wait_ms)
             headers["eta"] = eta.isoformat()
 
