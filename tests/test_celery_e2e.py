@@ -194,6 +194,34 @@ def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
     assert last_quiet < 300, f"the last quiet job ran {last_quiet}th of 410"
 
 
+def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A busy worker pulls at most ``max_backlog`` jobs into Redis; the rest waits in the
+    broker (and in the worker, unacknowledged) and still runs, once."""
+    report_logs_on_failure(request.config)
+    e2e = E2E(broker=broker, redis_url=redis_url, workdir=tmp_path, settings={"max_backlog": 20})
+    request.node.funcargs["e2e"] = e2e
+    try:
+        work = e2e.app().tasks["e2e.work"]
+        ids = {work.apply_async(("b", 0.01), rate_tenant=f"t{i % 3}").id for i in range(150)}
+        e2e.start_workers("w1")
+        scheduler = e2e.limiter
+        largest = 0
+        backlog_key = f"{scheduler.keys.base}:s:{e2e.queue}:n"
+
+        def all_ran() -> bool:
+            nonlocal largest
+            largest = max(largest, int(scheduler.client.hget(backlog_key, ":total") or 0))
+            return len({r["id"] for r in e2e.runs()} & ids) == len(ids)
+
+        wait_for(all_ran, timeout=60, what="every job to run", on_timeout=e2e.logs)
+        assert 0 < largest <= 20, f"the backlog held {largest} jobs"
+        assert_exactly_once(e2e.wait_settled(timeout=10), ids)
+    finally:
+        e2e.close()
+
+
 @pytest.mark.parametrize("backlog_first", [True, False], ids=["backlog-first", "workers-first"])
 def test_busy_workers_share_slots_by_priority_weight(e2e: E2E, backlog_first: bool) -> None:
     """Worker slots, not a rate budget, are contended: high gets 3 jobs for each low."""
