@@ -42,7 +42,7 @@ from ._preview import (
     recording_kept,
     recording_value,
 )
-from ._scopes import Scope, check_name, check_priority, scope_name
+from ._scopes import Scope, _shown, check_name, check_priority, scope_name
 from ._scripts import Scripts
 
 log = logging.getLogger("queue_ratelimit")
@@ -114,10 +114,13 @@ def check_positive(
 ) -> float:
     """``value`` as a float if it is a finite number in (0, maximum], else ``error``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{what} must be a number, got {value!r}")
-    number = float(value)
+        raise error(f"{what} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise error(f"{what} must be a finite number in (0, {maximum:g}]") from None
     if not math.isfinite(number) or number <= 0 or number > maximum:
-        raise error(f"{what} must be a finite number in (0, {maximum:g}], got {value!r}")
+        raise error(f"{what} must be a finite number in (0, {maximum:g}], got {_shown(value)}")
     return number
 
 

@@ -19,13 +19,19 @@ ANY_TENANT = "*"
 ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error never echoes megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_name(kind: str, value: object) -> str:
     """Return ``value`` if it is a usable tenant or queue name, else raise ``InvalidName``."""
     if not isinstance(value, str):
         raise InvalidName(f"{kind} name must be a string, got {type(value).__name__}")
     if not _NAME_RE.fullmatch(value):
         raise InvalidName(
-            f"invalid {kind} name {value!r}: use 1-128 characters from letters, digits and "
+            f"invalid {kind} name {_shown(value)}: use 1-128 characters from letters, digits and "
             f"_ . @ + = - / (starting with a letter, digit or _; no ':', '{{', '}}', '*', spaces)"
         )
     return value
@@ -35,7 +41,7 @@ def check_namespace(value: object) -> str:
     """Return ``value`` if it is a usable namespace, else raise ``InvalidName``."""
     if not isinstance(value, str) or not _NAMESPACE_RE.fullmatch(value):
         raise InvalidName(
-            f"invalid namespace {value!r}: use 1-64 characters from letters, digits, _ . -"
+            f"invalid namespace {_shown(value)}: use 1-64 characters from letters, digits, _ . -"
         )
     return value
 
@@ -44,7 +50,7 @@ def check_priority(value: object) -> str:
     """Return ``value`` if it is a usable priority name (``high``, ``normal``...)."""
     if not isinstance(value, str) or not _PRIORITY_RE.fullmatch(value):
         raise InvalidName(
-            f"invalid priority {value!r}: use 1-32 lowercase letters, digits or _, "
+            f"invalid priority {_shown(value)}: use 1-32 lowercase letters, digits or _, "
             f"starting with a letter"
         )
     return value

@@ -11,6 +11,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -192,6 +193,56 @@ def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
     # have pulled the noisy backlog ahead of them out of the broker into Redis (they run
     # noisy jobs meanwhile), plus the few jobs each worker holds.
     assert last_quiet < 300, f"the last quiet job ran {last_quiet}th of 410"
+
+
+def test_malformed_rate_headers_from_a_foreign_producer_do_not_stop_the_worker(e2e: E2E) -> None:
+    """A producer without the plugin sends rate headers of any type: each job runs once with
+    the default options, the worker survives, the work behind it runs."""
+    e2e.start_workers("w1")
+    bad_headers = [
+        {"qrl_cost": [1]},
+        {"qrl_tenant": ["a"]},
+        {"qrl_priority": {"x": 1}},
+        {"qrl_cost": float("nan")},
+        {"qrl_cost": 2**1100},
+        {"qrl_tenant": "x" * 100_000},
+    ]
+    if e2e.broker.startswith("amqp"):
+        # RabbitMQ cannot carry these (it closes the connection on a 2**1100, losing what
+        # was sent before on it); they reach workers through the Redis broker only.
+        bad_headers = [h for h in bad_headers if "qrl_cost" not in h or h["qrl_cost"] == [1]]
+    # Published from a process of its own: this one has the plugin's publish hook, which
+    # would rewrite the headers. A header a broker cannot carry (AMQP and a 2**1100) is
+    # refused by the producer: only what was published is expected to run.
+    script = (
+        "import sys, json\n"
+        "from celery import Celery\n"
+        "app = Celery('raw', broker=sys.argv[1])\n"
+        "for i, h in enumerate(json.loads(sys.argv[3])):\n"
+        "    h = {k: (2**1100 if v == 'HUGE' else v) for k, v in h.items()}\n"
+        "    try:\n"
+        "        app.send_task('e2e.work', args=['raw'], queue=sys.argv[2], headers=h,\n"
+        "                      task_id=f'raw-{i}-{sys.argv[2]}')\n"
+        "    except Exception:\n"
+        "        continue\n"
+        "    print(f'raw-{i}-{sys.argv[2]}')\n"
+    )
+    encoded = json.dumps(
+        [{k: ("HUGE" if v == 2**1100 else v) for k, v in h.items()} for h in bad_headers]
+    )
+    published = subprocess.run(
+        [sys.executable, "-c", script, e2e.broker, e2e.queue, encoded],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert len(published) >= 4, "most malformed messages were published"
+    good = e2e.app().tasks["e2e.work"].apply_async(("good",), rate_tenant="fine").id
+    ids = set(published) | {good}
+    rows = e2e.wait_ids(ids, timeout=30, what="every job, malformed or not, to run")
+    assert_exactly_once([r for r in rows if r["id"] in ids], ids)
+    assert all(w.alive() for w in e2e.workers)
 
 
 def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(

@@ -104,7 +104,11 @@ class HeaderOptions:
     def __call__(self, headers: Mapping[str, Any]) -> RateOptions:
         """Raises InvalidName / InvalidCost for malformed values in the headers."""
         raw = (headers.get(HEADER_TENANT), headers.get(HEADER_PRIORITY), headers.get(HEADER_COST))
-        found = self._memo.get(raw)
+        try:
+            found = self._memo.get(raw)
+            memo = True
+        except TypeError:  # unhashable values (a list, a dict) from some other producer
+            found, memo = None, False
         if found is None:
             tenant, priority, cost = raw
             found = RateOptions(
@@ -112,7 +116,8 @@ class HeaderOptions:
                 check_priority(self.settings.default_priority if priority is None else priority),
                 check_cost(1 if cost is None else cost),
             )
-            if len(self._memo) >= self.MEMO_SIZE:
-                self._memo.clear()
-            self._memo[raw] = found
+            if memo:
+                if len(self._memo) >= self.MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[raw] = found
         return found
