@@ -386,6 +386,8 @@ def _share_scenario(
             got = share(run.runs, classify, a, b, skip)
             # Also with no job left out, to show what the skip changes.
             got["ratio_skip_0"] = share(run.runs, classify, a, b, 0)["ratio"]
+            # The classes in start order (first letters), to see where the ratio drifts.
+            got["sequence"] = "".join(classify(r)[0] for r in run.runs)
             got.update(run.exactly_once())
             rows.append(got)
             log(
