@@ -59,6 +59,11 @@ def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
     )
 
 
+def _has_options(meta: dict[str, Any] | None) -> bool:
+    """Whether a job's meta carries any rate option (the others take their defaults)."""
+    return meta is not None and any(k in meta for k in OPTIONS)
+
+
 class Queue(rq.Queue):
     """An ``rq.Queue`` whose jobs carry a tenant, a priority and a cost.
 
@@ -140,10 +145,11 @@ class Queue(rq.Queue):
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,
             )
+        # Only the options given go into the job's meta (checked above); the worker reads
+        # the defaults for the others (``rate_options``).
+        checked = {OPTION_TENANT: tenant, OPTION_PRIORITY: priority, OPTION_COST: cost}
         self._enqueue_options.value = {
-            OPTION_TENANT: tenant,
-            OPTION_PRIORITY: priority,
-            OPTION_COST: cost,
+            k: v for k, v in checked.items() if options.get(k) is not None
         }
         try:
             yield hint
@@ -211,7 +217,9 @@ class Queue(rq.Queue):
         if options:
             kwargs["meta"] = {**(kwargs.get("meta") or {}), **options}
         job = super().create_job(*args, **kwargs)
-        if job.meta and OPTION_TENANT in job.meta:
+        # A job made by our enqueue methods is routed by its options, given or defaults
+        # (None: inside no enqueue of ours, e.g. create_job called directly).
+        if options is not None or _has_options(job.meta):
             self._pending[job.id] = rate_options(job.meta)
         return job
 
@@ -241,7 +249,7 @@ class Queue(rq.Queue):
             )
         except NoSuchJobError:
             return None  # saved in a pipeline not yet executed: the worker gates it
-        if not job.meta or OPTION_TENANT not in job.meta:
+        if not _has_options(job.meta):
             return None
         return rate_options(job.meta)
 

@@ -1,0 +1,93 @@
+"""The plugin's RQ classes behave as RQ's own where no rate option or limit is involved.
+
+These are the differences RQ's own test suite found (``tests/rq_suite``): a job's stored
+``meta`` holds only the rate options the caller gave, ``dequeue_any(timeout=0)`` refuses
+as RQ's does, and a worker subclass's ``queue_class`` and ``job_class`` are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+import rq
+from rq.job import Job, JobStatus
+
+from queue_ratelimit.rq import Queue, SimpleWorker
+from queue_ratelimit.rq._queue import rate_options
+
+
+@pytest.fixture
+def conn(redis_client: redis.Redis, namespace: str) -> Iterator[redis.Redis]:
+    yield redis_client
+    keys = list(redis_client.scan_iter(match=f"*{namespace}*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def make_queue(conn: redis.Redis, namespace: str, suffix: str = "", **options: Any) -> Queue:
+    return Queue(f"q-{namespace}{suffix}", connection=conn, rate_namespace=namespace, **options)
+
+
+def stored_meta(conn: redis.Redis, job: Job) -> dict[str, Any]:
+    return dict(Job.fetch(job.id, connection=conn).meta)
+
+
+# -- 1. meta holds only the options given ------------------------------------------------
+def test_meta_holds_only_the_rate_options_given(conn: redis.Redis, namespace: str) -> None:
+    queue = make_queue(conn, namespace)
+
+    none = queue.enqueue(len, "abc", meta={"custom": "value"})
+    assert stored_meta(conn, none) == {"custom": "value"}
+    assert none.rate_hint is not None  # type: ignore[attr-defined]
+    assert stored_meta(conn, queue.enqueue(len, "abc")) == {}
+    assert stored_meta(conn, queue.enqueue_call(len, args=("abc",))) == {}
+    assert stored_meta(conn, queue.enqueue_in(timedelta(hours=1), len, "abc")) == {}
+
+    only_priority = queue.enqueue(len, "abc", rate_priority="high")
+    assert stored_meta(conn, only_priority) == {"rate_priority": "high"}
+    only_tenant = queue.enqueue_call(len, args=("abc",), rate_tenant="acme")
+    assert stored_meta(conn, only_tenant) == {"rate_tenant": "acme"}
+    every = queue.enqueue(len, "abc", rate_tenant="acme", rate_priority="low", rate_cost=2)
+    assert stored_meta(conn, every) == {
+        "rate_tenant": "acme",
+        "rate_priority": "low",
+        "rate_cost": 2,
+    }
+    # The worker reads the defaults for what is not there.
+    assert rate_options(stored_meta(conn, only_priority)) == ("default", "high", 1)
+    assert rate_options({}) == ("default", "normal", 1)
+
+
+def test_jobs_with_some_options_are_still_routed_by_them(conn: redis.Redis, namespace: str) -> None:
+    queue = make_queue(conn, namespace)
+    # A backlog in the lane: new jobs must join it rather than overtake it on RQ's list.
+    queue.rate_scheduler.submit("other", f"blocker-{namespace}", queue=queue.name)
+
+    queue.enqueue(len, "abc", rate_priority="high")
+    queue.enqueue(len, "abc")
+    assert queue.count == 0, "routed past the fair backlog onto RQ's list"
+    assert queue.rate_backlog == 3
+
+    # A job saved elsewhere with only a priority in its meta, pushed by a queue of ours
+    # (a requeue, a dependent, a retry) is recognised as carrying options and routed too.
+    plain = rq.Queue(queue.name, connection=conn)
+    saved = plain.create_job(len, args=("abc",), meta={"rate_priority": "high"})
+    saved.save()
+    make_queue(conn, namespace).push_job_id(saved.id)
+    assert queue.count == 0
+    assert queue.rate_backlog == 4
+    assert queue.rate_scheduler.backlog(queue.name, tenant="default") == 3
+
+
+def test_a_job_without_options_runs_with_the_defaults(conn: redis.Redis, namespace: str) -> None:
+    queue = make_queue(conn, namespace)
+    job = queue.enqueue(len, "abcd")
+    SimpleWorker([queue], connection=conn).work(burst=True)
+    job.refresh()
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.return_value() == 4
+    assert job.meta == {}
