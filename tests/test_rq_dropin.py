@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 import rq
+from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 
 from queue_ratelimit.rq import Queue, SimpleWorker
@@ -91,3 +92,33 @@ def test_a_job_without_options_runs_with_the_defaults(conn: redis.Redis, namespa
     assert job.get_status() == JobStatus.FINISHED
     assert job.return_value() == 4
     assert job.meta == {}
+
+
+# -- 2. dequeue_any(timeout=0) ----------------------------------------------------------
+@pytest.mark.parametrize("count", [0, 1, 2])
+@pytest.mark.parametrize("filled", [False, True])
+def test_dequeue_any_with_timeout_zero_refuses_as_rq_does(
+    conn: redis.Redis, namespace: str, count: int, filled: bool
+) -> None:
+    queues = [make_queue(conn, namespace, f"-{i}") for i in range(count)]
+    if filled:
+        for q in queues:
+            q.enqueue(len, "abc")
+    plain = [rq.Queue(q.name, connection=conn) for q in queues]
+    with pytest.raises(ValueError):  # noqa: PT011 (RQ's message is its own)
+        rq.Queue.dequeue_any(plain, timeout=0, connection=conn)
+    with pytest.raises(ValueError, match="timeout"):
+        Queue.dequeue_any(queues, timeout=0, connection=conn)
+    # Nothing was taken.
+    assert [q.count for q in queues] == [1 if filled else 0] * count
+
+
+def test_dequeue_any_other_timeouts_unchanged(conn: redis.Redis, namespace: str) -> None:
+    queue = make_queue(conn, namespace)
+    assert Queue.dequeue_any([queue], timeout=None, connection=conn) is None
+    with pytest.raises(DequeueTimeout):
+        Queue.dequeue_any([queue], timeout=1, connection=conn)
+    job = queue.enqueue(len, "abc")
+    found = Queue.dequeue_any([queue], timeout=1, connection=conn)
+    assert found is not None
+    assert found[0].id == job.id

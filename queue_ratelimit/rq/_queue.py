@@ -274,7 +274,15 @@ class Queue(rq.Queue):
 
         A job whose move was cut short by a lost reply (Redis restarted, the connection
         dropped) is settled by the next call, before anything else: run, or put back.
+
+        ``timeout=0`` raises ``ValueError``, as RQ's own ``dequeue_any`` does (it never
+        blocks without end).
         """
+        if timeout == 0:
+            raise ValueError(
+                "timeout=0 would block forever, which RQ does not do: give a timeout > 0, "
+                "or None not to block"
+            )
         queues = list(queues)
         if not queues:
             return None
