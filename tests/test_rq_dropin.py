@@ -17,7 +17,7 @@ import rq
 from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 
-from queue_ratelimit.rq import Queue, SimpleWorker
+from queue_ratelimit.rq import Queue, SimpleWorker, Worker
 from queue_ratelimit.rq._queue import rate_options
 
 
@@ -122,3 +122,62 @@ def test_dequeue_any_other_timeouts_unchanged(conn: redis.Redis, namespace: str)
     found = Queue.dequeue_any([queue], timeout=1, connection=conn)
     assert found is not None
     assert found[0].id == job.id
+
+
+# -- 3. queue_class and job_class of subclasses and arguments ----------------------------
+class CustomJob(Job):
+    pass
+
+
+class CustomQueue(Queue):
+    pass
+
+
+class OtherQueue(rq.Queue):
+    """Not ours at all: a worker told to use it uses it."""
+
+
+@pytest.mark.parametrize("base", [Worker, SimpleWorker])
+def test_worker_subclass_class_attributes_are_kept(conn: redis.Redis, base: type[Any]) -> None:
+    class CustomWorker(base):  # type: ignore[misc,valid-type]
+        job_class = CustomJob
+        queue_class = CustomQueue
+
+    worker = CustomWorker(CustomQueue("foo", connection=conn))
+    assert worker.queue_class is CustomQueue
+    assert worker.job_class is CustomJob
+    by_name = CustomWorker("foo", connection=conn)
+    assert type(by_name.queues[0]) is CustomQueue
+    # `rq worker` passes RQ's plain class when none was asked for: the subclass's stands.
+    for plain in (rq.Queue, "rq.Queue", "rq.queue.Queue"):
+        assert CustomWorker("foo", connection=conn, queue_class=plain).queue_class is CustomQueue
+
+    class OtherWorker(base):  # type: ignore[misc,valid-type]
+        queue_class = OtherQueue
+
+    other = OtherWorker("foo", connection=conn)
+    assert other.queue_class is OtherQueue
+    assert type(other.queues[0]) is OtherQueue
+
+
+@pytest.mark.parametrize("base", [Worker, SimpleWorker])
+def test_worker_class_arguments_are_kept(conn: redis.Redis, base: type[Any]) -> None:
+    worker = base("foo", connection=conn, queue_class=OtherQueue, job_class=CustomJob)
+    assert worker.queue_class is OtherQueue
+    assert worker.job_class is CustomJob
+    assert type(worker.queues[0]) is OtherQueue
+    # RQ's plain class, as `rq worker` passes it, still becomes the fair one.
+    assert base("foo", connection=conn, queue_class=rq.Queue).queue_class is Queue
+    assert base("foo", connection=conn).queue_class is Queue
+
+
+def test_classes_swapped_into_rq_are_not_taken_for_plain_ones(
+    conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What tests/rq_suite does: rq.Queue rebound to ours. Our queue objects are kept as
+    # they are, not rebuilt from their names (which would lose their settings).
+    monkeypatch.setattr(rq, "Queue", Queue)
+    queue = Queue("foo", connection=conn, rate_namespace="elsewhere")
+    worker = Worker([queue], connection=conn)
+    assert worker.queues[0] is queue
+    assert worker.queue_class is Queue
