@@ -84,6 +84,22 @@ def test_jobs_with_some_options_are_still_routed_by_them(conn: redis.Redis, name
     assert queue.rate_scheduler.backlog(queue.name, tenant="default") == 3
 
 
+def test_unique_still_requires_an_explicit_job_id(conn: redis.Redis, namespace: str) -> None:
+    # RQ tells an explicit id from a made-up one by whether the job has one yet: making
+    # the job must not give it one (RQ's test_enqueue_at_unique_requires_job_id).
+    queue = make_queue(conn, namespace)
+    later = timedelta(hours=1)
+    for options in ({}, {"rate_tenant": "acme"}):
+        with pytest.raises(ValueError, match="job_id"):
+            queue.enqueue_in(later, len, "abc", unique=True, **options)
+        with pytest.raises(ValueError, match="job_id"):
+            queue.enqueue_job(queue.create_job(len, meta=options), unique=True)
+    job = queue.enqueue(len, "abc", job_id=f"unique-{namespace}", unique=True, rate_tenant="a")
+    assert job.id == f"unique-{namespace}"
+    assert stored_meta(conn, job) == {"rate_tenant": "a"}
+    assert not queue._pending  # nothing left over for a job that was pushed
+
+
 def test_a_job_without_options_runs_with_the_defaults(conn: redis.Redis, namespace: str) -> None:
     queue = make_queue(conn, namespace)
     job = queue.enqueue(len, "abcd")

@@ -64,6 +64,46 @@ def _has_options(meta: dict[str, Any] | None) -> bool:
     return meta is not None and any(k in meta for k in OPTIONS)
 
 
+_UNNAMED_MAX = 64
+
+
+class _Pending(dict[str, tuple[str, str, float]]):
+    """Rate options of jobs this queue object made and has not pushed yet, by job id.
+
+    A job made without an id gets one only when RQ saves it: reading ``job.id`` earlier
+    would make one up, and RQ's ``unique=True`` check would take it for the caller's. Such
+    a job waits in ``unnamed`` and is filed under its id when one is looked up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unnamed: list[tuple[Job, tuple[str, str, float]]] = []
+
+    def add(self, job: Job, options: tuple[str, str, float]) -> None:
+        if job._id is None:
+            # One whose enqueue failed before RQ saved it is never named: keep a bounded few
+            # (a dropped one is still routed, by the options saved with it, or gated).
+            self.unnamed = [*self.unnamed[-(_UNNAMED_MAX - 1) :], (job, options)]
+        else:
+            self[job._id] = options
+
+    def pop(self, job_id: str, default: Any = None) -> Any:
+        if self.unnamed:
+            waiting = []
+            for job, options in self.unnamed:
+                if job._id is None:
+                    waiting.append((job, options))
+                else:
+                    self[job._id] = options
+            self.unnamed = waiting
+        return super().pop(job_id, default)
+
+    def forget(self, job: Job) -> None:
+        self.unnamed = [(j, o) for j, o in self.unnamed if j is not job]
+        if job._id is not None:
+            super().pop(job._id, None)
+
+
 class Queue(rq.Queue):
     """An ``rq.Queue`` whose jobs carry a tenant, a priority and a cost.
 
@@ -103,7 +143,7 @@ class Queue(rq.Queue):
             self.rate_policy = rate_policy
         if rate_hints is not None:
             self.rate_hints = rate_hints
-        self._pending: dict[str, tuple[str, str, float]] = {}
+        self._pending = _Pending()
         self._enqueue_options = threading.local()
 
     # -- configuration -----------------------------------------------------------------
@@ -169,7 +209,7 @@ class Queue(rq.Queue):
         for job in jobs:
             # Jobs RQ did not push (scheduled, deferred) are pushed later by another queue
             # object, which reads the options from the saved job.
-            self._pending.pop(job.id, None)
+            self._pending.forget(job)
             job.rate_hint = hint  # type: ignore[attr-defined]
 
     def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> Job:
@@ -220,7 +260,7 @@ class Queue(rq.Queue):
         # A job made by our enqueue methods is routed by its options, given or defaults
         # (None: inside no enqueue of ours, e.g. create_job called directly).
         if options is not None or _has_options(job.meta):
-            self._pending[job.id] = rate_options(job.meta)
+            self._pending.add(job, rate_options(job.meta))
         return job
 
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:

@@ -20,7 +20,7 @@ _RQ_QUEUE_NAMES = ("rq.Queue", "rq.queue.Queue")
 def _fair_queues(queues: Any) -> Any:
     # `rq worker` builds plain rq.Queue objects before the worker exists: pass their names
     # so the worker builds them with its own queue class instead.
-    if isinstance(queues, (str, rq.Queue)):
+    if isinstance(queues, (str, _RQ_QUEUE)):
         queues = [queues]
     return [q.name if type(q) is _RQ_QUEUE else q for q in queues]
 
