@@ -1,16 +1,17 @@
-"""Puts the plugin's RQ classes wherever RQ's own are used by name, before RQ's tests run.
+"""Puts the plugin's RQ classes wherever RQ uses its own, before RQ's tests run.
 
 Imported by ``sitecustomize`` in every Python process of the swapped run (``rq worker``
-subprocesses, spawned work horses too) and loaded as a pytest plugin (``-p qrl_rq_swap``):
+subprocesses, spawned work horses too) and loaded as a pytest plugin (``-p qrl_rq_swap``).
+Every ``rq`` module is loaded, then each reference to RQ's ``Queue``, ``Worker`` or
+``SimpleWorker`` becomes ``queue_ratelimit.rq``'s class: module globals (``from rq import
+Queue``, ``from rq.queue import Queue``, ``from rq.worker import Worker`` in the tests;
+``rq worker``'s defaults ``rq.Worker`` and ``rq.Queue``; the queues RQ makes for itself in
+registries, the scheduler, dependents), class attributes (``BaseWorker.queue_class``, so
+RQ's other workers use our queue too) and default argument values (``WorkerPool``'s
+worker class). RQ's originals stay only as our classes' bases.
 
-- every loaded ``rq`` module whose global ``Queue``, ``Worker`` or ``SimpleWorker`` is
-  RQ's class gets ``queue_ratelimit.rq``'s instead: ``from rq import Queue``, ``from
-  rq.worker import Worker``, ``rq worker``'s defaults (``rq.Worker``, ``rq.Queue``), and
-  the queues RQ makes for itself (registries, the scheduler, dependents);
-- except in the module that defines the class (``rq.queue``, ``rq.worker.worker_classes``):
-  RQ's code there compares with its own class, and pickles it by that name. While pytest
-  imports a test module, ``rq.queue.Queue`` is ours too, so ``from rq.queue import Queue``
-  in a test gives ours.
+Anything less leaves RQ's code and the tests holding different classes, and the tests
+that patch ``Queue`` or compare with it then fail for that reason alone.
 
 No limit is set: the classes must behave as RQ's.
 """
@@ -19,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pkgutil
 import sys
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import rq
 import rq.queue
 import rq.worker
@@ -45,17 +45,45 @@ def _load_all_rq_modules() -> None:
             importlib.import_module(info.name)
 
 
+def _swap_defaults(function: Any, where: str, done: list[str]) -> None:
+    """Default argument values are bound when a function is defined: replace them too."""
+    defaults = getattr(function, "__defaults__", None)
+    if defaults and any(isinstance(d, type) and d in REPLACE for d in defaults):
+        function.__defaults__ = tuple(
+            REPLACE.get(d, d) if isinstance(d, type) else d for d in defaults
+        )
+        done.append(f"{where} (default)")
+    kwdefaults = getattr(function, "__kwdefaults__", None)
+    if kwdefaults and any(isinstance(d, type) and d in REPLACE for d in kwdefaults.values()):
+        function.__kwdefaults__ = {
+            k: REPLACE.get(d, d) if isinstance(d, type) else d for k, d in kwdefaults.items()
+        }
+        done.append(f"{where} (default)")
+
+
 def swap() -> list[str]:
-    """Replace RQ's classes in every rq module but their own; returns what was replaced."""
+    """Replace RQ's classes in every rq module, class and default argument value."""
     _load_all_rq_modules()
-    done = []
+    done: list[str] = []
     for name, module in sorted(sys.modules.items()):
         if name != "rq" and not name.startswith("rq."):
             continue
         for attr, value in list(vars(module).items()):
-            if isinstance(value, type) and value in REPLACE and value.__module__ != name:
+            if isinstance(value, type) and value in REPLACE:
                 setattr(module, attr, REPLACE[value])
                 done.append(f"{name}.{attr}")
+            elif inspect.isfunction(value) and value.__module__ == name:
+                _swap_defaults(value, f"{name}.{attr}", done)
+            elif isinstance(value, type) and value.__module__ == name:
+                for cls_attr, cls_value in list(vars(value).items()):
+                    where = f"{name}.{attr}.{cls_attr}"
+                    if isinstance(cls_value, type) and cls_value in REPLACE:
+                        setattr(value, cls_attr, REPLACE[cls_value])
+                        done.append(where)
+                    elif isinstance(cls_value, (classmethod, staticmethod)):
+                        _swap_defaults(cls_value.__func__, where, done)
+                    elif inspect.isfunction(cls_value):
+                        _swap_defaults(cls_value, where, done)
     return done
 
 
@@ -66,13 +94,8 @@ def pytest_report_header(config: Any) -> str:
     return f"queue-ratelimit: queue_ratelimit.rq's classes as {', '.join(SWAPPED)}"
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector: Any) -> Iterator[None]:
-    if not isinstance(collector, pytest.Module):
-        return (yield)
-    original = rq.queue.Queue
-    rq.queue.Queue = ours.Queue
-    try:
-        return (yield)
-    finally:
-        rq.queue.Queue = original
+def pytest_sessionstart(session: Any) -> None:
+    # Something that imported RQ's classes again would make the run test RQ's.
+    for module, name in ((rq, "Queue"), (rq.queue, "Queue"), (rq.worker, "Worker")):
+        if getattr(module, name) not in REPLACE.values():
+            raise RuntimeError(f"{module.__name__}.{name} is not queue_ratelimit.rq's")
