@@ -7,8 +7,10 @@ as RQ's does, and a worker subclass's ``queue_class`` and ``job_class`` are kept
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -84,20 +86,35 @@ def test_jobs_with_some_options_are_still_routed_by_them(conn: redis.Redis, name
     assert queue.rate_scheduler.backlog(queue.name, tenant="default") == 3
 
 
-def test_unique_still_requires_an_explicit_job_id(conn: redis.Redis, namespace: str) -> None:
+def raised(call: Callable[[], object]) -> type[BaseException] | None:
+    try:
+        call()
+    except Exception as exc:
+        return type(exc)
+    return None
+
+
+@pytest.mark.skipif(
+    "unique" not in inspect.signature(rq.Queue.enqueue_job).parameters,
+    reason="this RQ has no unique jobs",
+)
+def test_unique_without_a_job_id_is_refused_as_rq_does(conn: redis.Redis, namespace: str) -> None:
     # RQ tells an explicit id from a made-up one by whether the job has one yet: making
-    # the job must not give it one (RQ's test_enqueue_at_unique_requires_job_id).
-    queue = make_queue(conn, namespace)
+    # the job must not give it one (RQ 3's test_enqueue_at_unique_requires_job_id).
+    ours = make_queue(conn, namespace)
+    plain = rq.Queue(f"plain-{namespace}", connection=conn)
     later = timedelta(hours=1)
+    expected = raised(partial(plain.enqueue_in, later, len, "abc", unique=True))
+    assert raised(partial(plain.enqueue_job, plain.create_job(len), unique=True)) is ValueError
     for options in ({}, {"rate_tenant": "acme"}):
-        with pytest.raises(ValueError, match="job_id"):
-            queue.enqueue_in(later, len, "abc", unique=True, **options)
-        with pytest.raises(ValueError, match="job_id"):
-            queue.enqueue_job(queue.create_job(len, meta=options), unique=True)
-    job = queue.enqueue(len, "abc", job_id=f"unique-{namespace}", unique=True, rate_tenant="a")
+        call = partial(ours.enqueue_in, later, len, "abc", unique=True, **options)
+        assert raised(call) is expected
+        call = partial(ours.enqueue_job, ours.create_job(len, meta=options), unique=True)
+        assert raised(call) is ValueError
+    job = ours.enqueue(len, "abc", job_id=f"unique-{namespace}", unique=True, rate_tenant="a")
     assert job.id == f"unique-{namespace}"
     assert stored_meta(conn, job) == {"rate_tenant": "a"}
-    assert not queue._pending  # nothing left over for a job that was pushed
+    assert not ours._pending  # nothing left over for a job that was pushed
 
 
 def test_a_job_without_options_runs_with_the_defaults(conn: redis.Redis, namespace: str) -> None:
