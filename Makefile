@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck bench wheel-check clean
+.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
+	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,5 +39,11 @@ test: lint typecheck
 bench: $(STAMP)
 	tests/run_with_redis.sh $(PY) -m benchmarks
 
+# RQ's own tests (the installed version's, from PyPI) stock and with queue_ratelimit.rq's
+# classes in place of RQ's; fails if a test passing stock fails swapped. Each run gets a
+# private Redis on its own localhost (Linux namespaces); see tests/rq_suite/run.py.
+rq-suite: $(STAMP)
+	$(PY) tests/rq_suite/run.py $(RQ_SUITE_ARGS)
+
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .rq-suite

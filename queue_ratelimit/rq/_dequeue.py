@@ -133,12 +133,23 @@ class FairDequeue:
                 # POLL_INTERVAL): a job it moves must not be left behind.
                 queue = self.queues[0]
                 job_id = self.connection.blmove(queue.key, queue.intermediate_queue_key, block)
+                if job_id is not None and HOLDING.stop_deferred:
+                    self._put_back(queue, _text(job_id))
+                    HOLDING.check_stop()  # raises StopRequested: stop as RQ would, idle
                 if job_id is not None:
                     found = self._gate_popped(queue, _text(job_id), True)
                     if found is not None:
                         return found
             else:
                 HOLDING.pause(block)
+
+    def _put_back(self, queue: Any, job_id: str) -> None:
+        """Return a job taken while a warm shutdown waited to the head of its queue, as
+        if it had never been taken: RQ's idle worker stops at once and takes nothing."""
+        pipe = self.connection.pipeline(transaction=True)
+        pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+        pipe.lpush(queue.key, job_id)
+        pipe.execute()
 
     def _dispatch(self) -> Any:
         nonce = HOLDING.nonce()

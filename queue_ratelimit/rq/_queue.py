@@ -32,6 +32,51 @@ from ._options import (
 log = logging.getLogger("queue_ratelimit.rq")
 
 
+def _has_options(meta: dict[str, Any] | None) -> bool:
+    """Whether a job's meta carries any rate option (the others take their defaults)."""
+    return meta is not None and any(k in meta for k in OPTIONS)
+
+
+_UNNAMED_MAX = 64
+
+
+class _Pending(dict[str, tuple[str, str, float]]):
+    """Rate options of jobs this queue object made and has not pushed yet, by job id.
+
+    A job made without an id gets one only when RQ saves it: reading ``job.id`` earlier
+    would make one up, and RQ's ``unique=True`` check would take it for the caller's. Such
+    a job waits in ``unnamed`` and is filed under its id when one is looked up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unnamed: list[tuple[Job, tuple[str, str, float]]] = []
+
+    def add(self, job: Job, options: tuple[str, str, float]) -> None:
+        if job._id is None:
+            # One whose enqueue failed before RQ saved it is never named: keep a bounded few
+            # (a dropped one is still routed, by the options saved with it, or gated).
+            self.unnamed = [*self.unnamed[-(_UNNAMED_MAX - 1) :], (job, options)]
+        else:
+            self[job._id] = options
+
+    def pop(self, job_id: str, default: Any = None) -> Any:
+        if self.unnamed:
+            waiting = []
+            for job, options in self.unnamed:
+                if job._id is None:
+                    waiting.append((job, options))
+                else:
+                    self[job._id] = options
+            self.unnamed = waiting
+        return super().pop(job_id, default)
+
+    def forget(self, job: Job) -> None:
+        self.unnamed = [(j, o) for j, o in self.unnamed if j is not job]
+        if job._id is not None:
+            super().pop(job._id, None)
+
+
 class Queue(rq.Queue):
     """An ``rq.Queue`` whose jobs carry a tenant, a priority and a cost.
 
@@ -71,7 +116,7 @@ class Queue(rq.Queue):
             self.rate_policy = rate_policy
         if rate_hints is not None:
             self.rate_hints = rate_hints
-        self._pending: dict[str, tuple[str, str, float]] = {}
+        self._pending = _Pending()
         self._enqueue_options = threading.local()
 
     # -- configuration -----------------------------------------------------------------
@@ -113,10 +158,11 @@ class Queue(rq.Queue):
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,
             )
+        # Only the options given go into the job's meta (checked above); the worker reads
+        # the defaults for the others (``rate_options``).
+        checked = {OPTION_TENANT: tenant, OPTION_PRIORITY: priority, OPTION_COST: cost}
         self._enqueue_options.value = {
-            OPTION_TENANT: tenant,
-            OPTION_PRIORITY: priority,
-            OPTION_COST: cost,
+            k: v for k, v in checked.items() if options.get(k) is not None
         }
         try:
             yield hint
@@ -136,7 +182,7 @@ class Queue(rq.Queue):
         for job in jobs:
             # Jobs RQ did not push (scheduled, deferred) are pushed later by another queue
             # object, which reads the options from the saved job.
-            self._pending.pop(job.id, None)
+            self._pending.forget(job)
             job.rate_hint = hint  # type: ignore[attr-defined]
 
     def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> Job:
@@ -184,8 +230,10 @@ class Queue(rq.Queue):
         if options:
             kwargs["meta"] = {**(kwargs.get("meta") or {}), **options}
         job = super().create_job(*args, **kwargs)
-        if job.meta and OPTION_TENANT in job.meta:
-            self._pending[job.id] = rate_options(job.meta)
+        # A job made by our enqueue methods is routed by its options, given or defaults
+        # (None: inside no enqueue of ours, e.g. create_job called directly).
+        if options is not None or _has_options(job.meta):
+            self._pending.add(job, rate_options(job.meta))
         return job
 
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
@@ -214,7 +262,7 @@ class Queue(rq.Queue):
             )
         except NoSuchJobError:
             return None  # saved in a pipeline not yet executed: the worker gates it
-        if not job.meta or OPTION_TENANT not in job.meta:
+        if not _has_options(job.meta):
             return None
         return rate_options(job.meta)
 
@@ -237,7 +285,15 @@ class Queue(rq.Queue):
         rather than leave them behind; with one it raises ``DequeueTimeout`` when it runs
         out. A job whose move was cut short by a lost reply (Redis restarted, the
         connection dropped) is settled by the next call, before anything else.
+
+        ``timeout=0`` raises ``ValueError``, as RQ's own ``dequeue_any`` does (it never
+        blocks without end).
         """
+        if timeout == 0:
+            raise ValueError(
+                "timeout=0 would block forever, which RQ does not do: give a timeout > 0, "
+                "or None not to block"
+            )
         queues = list(queues)
         if not queues:
             return None

@@ -12,20 +12,26 @@ from ._handover import HOLDING
 from ._options import scheduler_for, slot_keeper
 from ._queue import Queue
 
+# RQ's own queue class, as it was when this module was imported: rebinding ``rq.Queue``
+# later (a harness that swaps our classes in for RQ's) does not make ours look plain.
+_RQ_QUEUE = rq.Queue
+_RQ_QUEUE_NAMES = ("rq.Queue", "rq.queue.Queue")
+
 
 def _fair_queues(queues: Any) -> Any:
     # `rq worker` builds plain rq.Queue objects before the worker exists: pass their names
-    # so the worker builds fair queues instead.
-    if isinstance(queues, (str, rq.Queue)):
+    # so the worker builds them with its own queue class instead.
+    if isinstance(queues, (str, _RQ_QUEUE)):
         queues = [queues]
-    return [q.name if type(q) is rq.Queue else q for q in queues]
+    return [q.name if type(q) is _RQ_QUEUE else q for q in queues]
 
 
-def _fair_queue_class(queue_class: Any) -> Any:
-    # `rq worker` passes its default queue class explicitly; a worker of ours replaces the
-    # plain class with the fair one, and keeps any other (e.g. a subclass of ours).
-    if queue_class in (None, rq.Queue, "rq.Queue", "rq.queue.Queue"):
-        return Queue
+def _fair_queue_class(queue_class: Any, default: Any) -> Any:
+    """The queue class a worker of ours uses: the one given as an argument, except RQ's
+    plain class, which `rq worker` passes when none was asked for; then ``default``, the
+    worker class's own ``queue_class`` (ours, or whatever a subclass sets)."""
+    if queue_class is None or queue_class is _RQ_QUEUE or queue_class in _RQ_QUEUE_NAMES:
+        return default
     return queue_class
 
 
@@ -74,7 +80,7 @@ class Worker(_WaitsForHandover, rq.Worker):
     queue_class = Queue
 
     def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["queue_class"] = _fair_queue_class(kwargs.get("queue_class"))
+        kwargs["queue_class"] = _fair_queue_class(kwargs.get("queue_class"), self.queue_class)
         super().__init__(_fair_queues(queues), *args, **kwargs)
 
 
@@ -84,5 +90,5 @@ class SimpleWorker(_WaitsForHandover, rq.SimpleWorker):
     queue_class = Queue
 
     def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["queue_class"] = _fair_queue_class(kwargs.get("queue_class"))
+        kwargs["queue_class"] = _fair_queue_class(kwargs.get("queue_class"), self.queue_class)
         super().__init__(_fair_queues(queues), *args, **kwargs)
