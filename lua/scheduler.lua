@@ -174,7 +174,7 @@ if mode == 'route' then
   local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now)
   if redis.call('HSETNX', meta_key, id, meta) == 1 then
     redis.call('SADD', base .. ':s:lanes', lane)
-    enqueue(id, false)
+    enqueue(id, at_front)  -- a retry asked back to the front goes to the head of its class
   end
   return 1
 end

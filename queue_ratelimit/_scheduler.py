@@ -610,8 +610,11 @@ class FairScheduler:
     def backlog(self, queue: str = "default", tenant: str | None = None) -> int:
         """Items waiting in a queue's backlogs (of one tenant, or of all)."""
         field = ":total" if tenant is None else check_name("tenant", tenant)
-        value = self.client.hget(f"{self._core.keys.base}:s:{check_name('queue', queue)}:n", field)
-        return int(value or 0)
+        return int(self.client.hget(self.counts_key(queue), field) or 0)
+
+    def counts_key(self, queue: str) -> str:
+        """The hash of a queue's backlog sizes: field ``:total``, and one per tenant."""
+        return f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
 
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""

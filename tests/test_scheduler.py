@@ -1321,3 +1321,13 @@ def test_submit_with_a_bound_refuses_past_it_and_knows_done_ids(
     assert not scheduler.submit("a", item.id)  # remembered as done: a redelivered copy
     with pytest.raises(ConfigError):
         scheduler.submit("a", "j9", max_backlog=-1)
+
+
+def test_route_puts_a_job_asked_to_the_front_at_the_head_of_its_class(
+    scheduler: FairScheduler, limiter: Limiter
+) -> None:
+    scheduler.submit("a", "j1")
+    scheduler.submit("a", "j2")
+    assert scheduler.route("a", "retry", _plain(limiter), at_front=True) is True
+    order = [i.id for i in scheduler.dispatch(["default"], max_items=5).items]
+    assert order == ["retry", "j1", "j2"]

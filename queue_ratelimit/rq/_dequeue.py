@@ -39,6 +39,10 @@ ADOPT_INTERVAL = 0.05
 _IDLE_BACKLOG: set[tuple[int, str]] = set()
 # (connection, queue keys) -> monotonic time of the last look at RQ's lists.
 _LAST_ADOPT: dict[tuple[int, tuple[str, ...]], float] = {}
+# Rate options of jobs seen waiting on RQ's lists, by job id (None: the job was gone), so a
+# job's meta is read once however often the worker looks; cleared past OPTIONS_SEEN_MAX.
+_OPTIONS_SEEN: dict[str, tuple[str, str, float] | None] = {}
+OPTIONS_SEEN_MAX = 10_000
 
 Found = tuple[Job, Any]
 
@@ -174,44 +178,63 @@ class FairDequeue:
 
     def _adopt(self) -> bool:
         """Move the jobs waiting on RQ's lists into the fair backlog, oldest first, up to
-        ``ADOPT_BATCH`` per queue; True when any moved. A single job waiting on an idle
-        queue's list is left for the gate (the cheap path)."""
+        ``ADOPT_BATCH`` per queue; True when any moved.
+
+        Only where the order matters: jobs of one class (tenant and priority) on a queue
+        whose backlog is empty are already in fair order (FIFO), and stay on RQ's list as
+        RQ would keep them (``queue.job_ids``, ``enqueue_at_front``, positions).
+        """
         _LAST_ADOPT[self.adopt_key] = time.monotonic()
         pipe = self.connection.pipeline(transaction=False)
         for queue in self.queues:
             pipe.lrange(queue.key, 0, ADOPT_BATCH - 1)
-        waiting = pipe.execute()
+            pipe.hget(self.scheduler.counts_key(queue.name), ":total")
+        replies = pipe.execute()
         moved = False
-        for queue, ids in zip(self.queues, waiting, strict=True):
-            if len(ids) > 1 or (ids and self.scheduler.backlog(queue.name) > 0):
-                jobs = self._rate_options_of([_text(i) for i in ids])
-                moved = self.scheduler.adopt(queue.name, queue.key, jobs) > 0 or moved
+        for n, queue in enumerate(self.queues):
+            ids, backlog = replies[2 * n], int(replies[2 * n + 1] or 0)
+            if not ids or (len(ids) == 1 and backlog == 0):
+                continue  # a lone job on an idle queue: the gate takes it (the cheap path)
+            jobs = self._rate_options_of([_text(i) for i in ids])
+            classes = {(tenant, priority) for _, tenant, priority, _ in jobs if tenant}
+            if backlog == 0 and len(classes) <= 1:
+                continue
+            moved = self.scheduler.adopt(queue.name, queue.key, jobs) > 0 or moved
         return moved
 
     def _rate_options_of(self, ids: list[str]) -> list[tuple[str, str | None, str, float]]:
-        """Each job's (id, tenant, priority, cost) from its meta; tenant None: the job is
-        gone. Malformed options are logged and replaced by the defaults."""
-        pipe = self.connection.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(self.job_class.key_for(job_id), "meta", "status")
-        serializer = resolve_serializer(self.serializer)
+        """Each job's (id, tenant, priority, cost) from its meta, read once per job (then
+        remembered); tenant None: the job is gone. Malformed options are logged and
+        replaced by the defaults."""
+        unknown = [i for i in ids if i not in _OPTIONS_SEEN]
+        if unknown:
+            pipe = self.connection.pipeline(transaction=False)
+            for job_id in unknown:
+                pipe.hmget(self.job_class.key_for(job_id), "meta", "status")
+            serializer = resolve_serializer(self.serializer)
+            if len(_OPTIONS_SEEN) + len(unknown) > OPTIONS_SEEN_MAX:
+                _OPTIONS_SEEN.clear()
+            for job_id, (raw_meta, status) in zip(unknown, pipe.execute(), strict=True):
+                if status is None:
+                    _OPTIONS_SEEN[job_id] = None
+                    continue
+                try:
+                    meta = serializer.loads(raw_meta) if raw_meta else {}
+                    _OPTIONS_SEEN[job_id] = rate_options(meta)
+                except RateLimitError as exc:
+                    log.error("queue-ratelimit: job %s has bad rate options: %s", job_id, exc)
+                    _OPTIONS_SEEN[job_id] = rate_options({})
+                except Exception as exc:  # a meta its serializer cannot read: RQ fails it
+                    log.error("queue-ratelimit: job %s has unreadable meta: %r", job_id, exc)
+                    _OPTIONS_SEEN[job_id] = rate_options({})
         found: list[tuple[str, str | None, str, float]] = []
-        for job_id, (raw_meta, status) in zip(ids, pipe.execute(), strict=True):
-            if status is None:
+        for job_id in ids:
+            options = _OPTIONS_SEEN.get(job_id)
+            if options is None:
+                _OPTIONS_SEEN.pop(job_id, None)  # gone: look again if the id comes back
                 found.append((job_id, None, "normal", 1.0))
-                continue
-            try:
-                meta = serializer.loads(raw_meta) if raw_meta else {}
-                tenant, priority, cost = rate_options(meta)
-            except RateLimitError as exc:
-                log.error(
-                    "queue-ratelimit: job %s has bad rate options (%s); defaults", job_id, exc
-                )
-                tenant, priority, cost = rate_options({})
-            except Exception as exc:  # a meta its serializer cannot read: RQ fails it later
-                log.error("queue-ratelimit: job %s has unreadable meta: %r", job_id, exc)
-                tenant, priority, cost = rate_options({})
-            found.append((job_id, tenant, priority, cost))
+            else:
+                found.append((job_id, *options))
         return found
 
     def _from_plain_lists(self) -> tuple[Found | None, bool]:
