@@ -10,6 +10,7 @@ across all hosts, as their slots free (``PoolSlots``) and their budgets allow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -167,6 +168,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 continue
             self.originals[name] = strategy
             c.strategies[name] = self._wrap(name, strategy)
+        self._look_for_caps()
         self._schedule(0.0)
         self._renew_timer = c.timer.call_repeatedly(
             max(settings.lease / 3, 0.1), self._renew_leases
@@ -594,9 +596,17 @@ class RateLimitGate(bootsteps.StartStopStep):
         """Settle what an outage left open; True when nothing is left."""
         return all(self._settle(item_id, how) for item_id, how in list(self.unsettled.items()))
 
+    def _look_for_caps(self) -> None:
+        """Whether concurrency caps are configured: a worker then takes on no more jobs
+        than it has processes (a job queued here would hold a cap's slot idle)."""
+        # Redis unreachable: keep what was known; the next renewal looks again.
+        with contextlib.suppress(RedisError, RateLimitError):
+            self.slots.capped = bool(self._rt.limiter.concurrency())
+
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive, and
         the concurrency slots of running jobs."""
+        self._look_for_caps()
         if len(self.running):
             from celery.worker.state import requests
 

@@ -66,7 +66,10 @@ class CelerySettings:
             for a free process); None: four times the pool size. It takes them in batches
             of half this, so a larger reserve costs fewer round trips per job; a job waits
             behind at most this many others on one worker. Arriving work is parked once
-            twice the pool size (at most the prefetch count) is taken on.
+            twice the pool size (at most the prefetch count) is taken on. While the
+            namespace has concurrency caps, at most the pool size (a job queued in a worker
+            would hold its cap's slot without running); caps are looked for at start and
+            every third of ``lease``.
         max_backlog: most items a queue's fair backlog in Redis may hold (all tenants and
             workers together). Past it, workers stop pulling work from the broker into
             Redis: each holds what it has received, unacknowledged (at most its prefetch

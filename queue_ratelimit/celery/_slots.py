@@ -33,6 +33,8 @@ class PoolSlots:
         self._reserve = reserve
         self._on_free = on_free
         self._watched: Any = None
+        # Whether the namespace has concurrency caps (the gate looks now and then).
+        self.capped = False
 
     @property
     def concurrency(self) -> int:
@@ -43,8 +45,11 @@ class PoolSlots:
 
     @property
     def reserve(self) -> int:
-        """Jobs kept at once, as configured: by default four per process."""
-        return self._reserve or 4 * self.concurrency
+        """Jobs kept at once, as configured: by default four per process; no more than
+        the pool size while concurrency caps are configured (``capped``), since a job
+        waiting here for a process would hold a slot of its cap without running."""
+        reserve = self._reserve or 4 * self.concurrency
+        return min(reserve, self.concurrency) if self.capped else reserve
 
     @property
     def threshold(self) -> int:
