@@ -154,8 +154,8 @@ def wait(run: tuple[str, Path, Any, Any], timeout: float) -> None:
 def outer(options: argparse.Namespace) -> int:
     rq_version = options.rq_version or version("rq")
     workdir = Path(options.workdir).resolve()
-    if workdir == Path("/tmp") or Path("/tmp") in workdir.parents:
-        raise SystemExit("rq-suite: --workdir must be outside /tmp (each run mounts its own)")
+    if workdir == Path("/tmp"):
+        raise SystemExit("rq-suite: --workdir must not be /tmp itself (each run mounts its own)")
     workdir.mkdir(parents=True, exist_ok=True)
     if shutil.which("redis-server") is None:
         raise SystemExit("rq-suite: needs redis-server on the PATH")
@@ -240,13 +240,34 @@ def start_redis() -> subprocess.Popen[bytes]:
         time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation
 
 
+def private_tmp(keep: list[Path]) -> bool:
+    """An empty tmpfs on ``/tmp`` (RQ's tests use fixed file names there), keeping visible
+    the paths under ``/tmp`` that the run needs (a clone of this repository, its ``.venv``
+    and work folder may live there): the old ``/tmp`` is bound elsewhere first, and each of
+    them bound back in place. Mounts made here stay in this mount namespace."""
+    tmp = Path("/tmp")
+    found = sorted({p.resolve() for p in keep if tmp in p.resolve().parents})
+    # Outermost only: a folder inside another one kept comes along with it.
+    inside = [str(p) for p in found if not any(q in p.parents for q in found)]
+    staging = Path(f"/var/tmp/qrl-rq-suite-{os.getpid()}")
+    steps: list[list[str]] = []
+    if inside:
+        staging.mkdir(parents=True, exist_ok=True)
+        steps.append(["mount", "--bind", "/tmp", str(staging)])
+    steps.append(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"])
+    for path in inside:
+        steps.append(["mkdir", "-p", path])
+        steps.append(["mount", "--bind", str(staging / Path(path).relative_to(tmp)), path])
+    return all(subprocess.run(step, check=False).returncode == 0 for step in steps)
+
+
 def inner(options: argparse.Namespace) -> int:
     outer_netns = os.environ.pop("QRL_RQ_SUITE_OUTER_NETNS", None)
     if outer_netns in (None, os.readlink("/proc/self/ns/net")):
         print("rq-suite: --inner runs only in the namespaces run.py makes for it")
         return 2
-    mount = ["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"]
-    if subprocess.run(mount, check=False).returncode:
+    needed = [REPO, Path(options.suite), Path(options.results).parent, Path(sys.prefix)]
+    if not private_tmp(needed):
         return 2
     loopback_up()
     server = start_redis()
