@@ -25,7 +25,15 @@ from ._common import log
 
 # Run order when no names are given; modules found in the package but not listed here run
 # after these, in alphabetical order. A module is a benchmark if it defines ``run``.
-ORDER = ("decisions", "fairness", "celery", "celery_throughput", "rq", "rq_throughput")
+ORDER = (
+    "decisions",
+    "fairness",
+    "concurrency",
+    "celery",
+    "celery_throughput",
+    "rq",
+    "rq_throughput",
+)
 
 Runner = Callable[[str], dict[str, Any]]
 
