@@ -1,10 +1,13 @@
 """Concurrency caps with real workers: held, used, not in anyone else's way, and given back.
 
-``python -m benchmarks concurrency`` prints one JSON object. Three kinds of workers, in
+``python -m benchmarks concurrency`` prints one JSON object. Four kinds of workers, in
 interleaved rounds on the same Redis server:
 
 - ``celery``: two ``celery worker -P prefork -c 2`` processes (4 pool processes), Redis
-  broker in the next database of the same server, ``install(app, lease=5)``;
+  broker in the next database of the same server, ``install(app, lease=5)``, other settings
+  at their defaults;
+- ``celery_reserve_pool``: the same with ``reserve=2`` (a worker takes on from the fair
+  backlog no more than its pool size; the default is four times that);
 - ``rq``: four ``queue-ratelimit rq worker`` processes (RQ's forking ``Worker``);
 - ``rq_simple``: the same with ``--simple`` (``SimpleWorker``).
 
@@ -25,14 +28,20 @@ Figures per kind (medians over rounds, and each round's):
   target >= 0.95;
 - ``free_latency_s``: from publishing a ``free`` job (Redis TIME) to its start; target: the
   slowest within ``FREE_TARGET_S``;
+- ``slot_occupancy``: live slots (``Limiter.running``, sampled) / CAP over the same window;
+- ``gap_ms``: from a capped job's end to the start that took its place (p50, p90);
+- a baseline per kind and round, run back to back with it: no cap, exactly CAP worker
+  processes (Celery: one worker ``-c CAP``; RQ: CAP workers), the same capped jobs and no
+  free tenant: how busy CAP processes keep themselves (the ceiling for a cap of CAP);
 - ``executions``: every job ran exactly once; ``slots_left``: ``running("tenant:capped")``
   once the round is over (0: every slot was given back when its job ended).
 
-Then, once per kind, SIGKILL: one worker alone runs ``KILL_CAP`` long jobs of a tenant with
-that cap; another worker starts, the next job of that tenant is published (the cap holds it
-back), the first worker's process group is killed, and the time from the kill to that next
-job's start is measured (target: within the slot's hold, 5 s for Celery's ``lease`` here, 60
-s for RQ, plus ``KILL_SLACK_S``), with the moment ``Limiter.running`` dropped to 0.
+Then, once per kind (not ``celery_reserve_pool``), SIGKILL: one worker alone runs
+``KILL_CAP`` long jobs of a tenant with that cap (RQ: 1, a worker runs one job at a time);
+another worker starts; the next job of that tenant is published (the cap holds it back); the
+first worker's process group is killed, and the time from the kill to that next job's start
+is measured (target: within the slot's hold, 5 s for Celery's ``lease`` here, 60 s for RQ,
+plus ``KILL_SLACK_S``), with the moment ``Limiter.running`` dropped below the cap.
 
 Environment: ``QRL_BENCH_ROUNDS`` (default 3), ``QRL_CC_JOBS`` (default 120),
 ``QRL_CC_JOB_S`` (default 0.1), ``QRL_CC_KINDS`` (comma-separated subset of the kinds),
@@ -63,9 +72,14 @@ from ._common import env_float, env_int, log, machine_info, median, sig
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-KINDS = ("celery", "rq", "rq_simple")
+KINDS = ("celery", "celery_reserve_pool", "rq", "rq_simple")
 CAP = 3
 CELERY_WORKERS, CELERY_CONCURRENCY = 2, 2
+# Celery settings besides the defaults (and lease), per kind: ``celery_reserve_pool`` lets a
+# worker take on no more from the fair backlog than it has pool processes.
+CELERY_SETTINGS: dict[str, dict[str, Any]] = {
+    "celery_reserve_pool": {"reserve": CELERY_CONCURRENCY}
+}
 RQ_WORKERS = 4
 CELERY_LEASE = 5.0
 RQ_HOLD = 60.0  # the RQ integration's scheduler lease: a slot's hold, renewed while it runs
@@ -158,7 +172,9 @@ def make_app(*, broker: str, redis_url: str, namespace: str, queue: str) -> Any:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
     )
-    install(app, redis_url=redis_url, namespace=namespace, lease=CELERY_LEASE, hints=False)
+    # QRL_CC_CELERY_SETTINGS: JSON of further settings, for experiments (e.g. {"reserve": 2}).
+    extra = json.loads(os.environ.get("QRL_CC_CELERY_SETTINGS") or "{}")
+    install(app, redis_url=redis_url, namespace=namespace, lease=CELERY_LEASE, hints=False, **extra)
 
     @app.task(name="bench.cc", shared=False)
     def cc(job_id: str, tenant: str, seconds: float, published: str) -> None:
@@ -195,6 +211,8 @@ class Workers:
 
     def __init__(self, kind: str, redis_url: str, broker: str, logdir: Path) -> None:
         self.kind, self.redis_url, self.broker, self.logdir = kind, redis_url, broker, logdir
+        self.celery = kind.startswith("celery")
+        self.settings = CELERY_SETTINGS.get(kind, {})
         self.run = f"cc{uuid.uuid4().hex[:8]}"
         self.queue = f"q-{self.run}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -211,12 +229,13 @@ class Workers:
             QRL_CC_NAMESPACE=self.run,
             QRL_CC_QUEUE=self.queue,
             QUEUE_RATELIMIT_NAMESPACE=self.run,
+            QRL_CC_CELERY_SETTINGS=json.dumps(self.settings),
             PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
         )
         return env
 
     def start(self, name: str, concurrency: int = CELERY_CONCURRENCY) -> None:
-        if self.kind == "celery":
+        if self.celery:
             args = [
                 sys.executable, "-m", "celery", "-A", "benchmarks.concurrency", "worker",
                 "-P", "prefork", "-c", str(concurrency), "--without-gossip",
@@ -242,7 +261,7 @@ class Workers:
             for name in names:
                 if self.procs[name].poll() is not None:
                     raise RuntimeError(f"worker {name} exited: {self.tail(name)}")
-            if self.kind == "celery":
+            if self.celery:
                 hosts = {h.decode() for h in self.client.hkeys(_ready_key(self.run))}
                 ok = all(any(h.startswith(f"{n}.") for h in hosts) for n in names)
             else:
@@ -269,7 +288,7 @@ class Workers:
         if stamp:
             s, us = self.client.time()
             published = f"{s}.{us:06d}"
-        if self.kind == "celery":
+        if self.celery:
             if self._producer is None:
                 self._producer = make_app(
                     broker=self.broker, redis_url=self.redis_url, namespace=self.run,
@@ -310,7 +329,7 @@ class Workers:
             proc = self.procs[name]
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM if self.kind == "celery" else signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGTERM if self.celery else signal.SIGKILL)
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
@@ -325,7 +344,7 @@ class Workers:
         keys = list(self.client.scan_iter(match=f"*{self.run}*", count=1000))
         for start in range(0, len(keys), 500):
             self.client.delete(*keys[start : start + 500])
-        if self.kind == "celery":
+        if self.celery:
             broker = redis.Redis.from_url(self.broker)
             stale = list(broker.scan_iter(match=f"*{self.run}*", count=1000))
             if stale:
@@ -357,12 +376,21 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.limiter, self.scope = limiter, scope
         self.most = 0
+        self.samples: list[tuple[float, int]] = []  # (wall-clock time, live slots)
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.most = max(self.most, self.limiter.running(self.scope))
+            n = self.limiter.running(self.scope)
+            self.samples.append((time.time(), n))
+            self.most = max(self.most, n)
             self.stop.wait(SAMPLE_S)
+
+    def occupancy(self, lo: float, hi: float, cap: int) -> float:
+        """Mean live slots / cap over samples in [lo, hi] (Redis runs on this host: its TIME
+        and this wall clock are the same clock)."""
+        inside = [n for t, n in self.samples if lo <= t <= hi]
+        return sum(inside) / (len(inside) * cap) if inside else float("nan")
 
 
 def _spans(events: list[Any], tenant: str) -> dict[str, list[float]]:
@@ -414,14 +442,18 @@ def _round(
     (Celery: one worker -c CAP; RQ: CAP workers), no free tenant: how busy CAP processes
     keep themselves with the same jobs, the ceiling a cap of CAP can be compared with."""
     w = Workers(kind, redis_url, broker, logdir)
+    if baseline:
+        w.settings = {}  # the baseline is CAP processes with the defaults, whatever the kind
     try:
         if baseline:
-            names = ["w0"] if kind == "celery" else [f"w{i}" for i in range(CAP)]
+            names = ["w0"] if kind.startswith("celery") else [f"w{i}" for i in range(CAP)]
             for name in names:
                 w.start(name, concurrency=CAP)
         else:
             w.limiter.set_concurrency("tenant:capped", CAP)
-            names = [f"w{i}" for i in range(CELERY_WORKERS if kind == "celery" else RQ_WORKERS)]
+            names = [
+                f"w{i}" for i in range(CELERY_WORKERS if kind.startswith("celery") else RQ_WORKERS)
+            ]
             for name in names:
                 w.start(name)
         w.ready(*names)
@@ -447,6 +479,7 @@ def _round(
         execs = w.executions()
         spans = list(_spans(events, "capped").values())
         util, window, overlap = _utilisation(spans, CAP)
+        lo, hi = min(a for a, _ in spans), max(a for a, _ in spans)
         free = [at - pub for k, _, who, at, pub in events if k == "s" and who == "free" and pub]
         expected = {f"c{i}" for i in range(jobs)} | {f"f{i}" for i in range(free_jobs)}
         gaps = _gaps(spans, CAP)
@@ -455,6 +488,7 @@ def _round(
             "max_overlap_by_times": overlap,
             "max_running_by_limiter": sampler.most,
             "utilisation": util,
+            "slot_occupancy": sampler.occupancy(lo, hi, CAP),
             "window_s": window,
             "gap_ms_p50": median(gaps) * 1e3,
             "gap_ms_p90": sorted(gaps)[int(len(gaps) * 0.9)] * 1e3,
@@ -470,8 +504,8 @@ def _round(
 
 def _kill(kind: str, redis_url: str, broker: str, logdir: Path) -> dict[str, Any]:
     """A worker holding every slot of a cap is SIGKILLed: when does the cap admit again?"""
-    cap = KILL_CAP if kind == "celery" else 1
-    hold = CELERY_LEASE if kind == "celery" else RQ_HOLD
+    cap = KILL_CAP if kind.startswith("celery") else 1
+    hold = CELERY_LEASE if kind.startswith("celery") else RQ_HOLD
     w = Workers(kind, redis_url, broker, logdir)
     try:
         w.limiter.set_concurrency("tenant:k", cap)
@@ -532,14 +566,15 @@ def run(redis_url: str) -> dict[str, Any]:
                 log(
                     f"   round {r + 1} {kind}{' baseline' if baseline else ''}: max running "
                     f"{got['max_running_by_jobs']} (limiter {got['max_running_by_limiter']}), "
-                    f"utilisation {got['utilisation']:.3f}, gap p50 {got['gap_ms_p50']:.0f} ms "
+                    f"utilisation {got['utilisation']:.3f} (slots {got['slot_occupancy']:.3f}), "
+                    f"gap p50 {got['gap_ms_p50']:.0f} ms "
                     f"p90 {got['gap_ms_p90']:.0f} ms, free latency p50 {median(lat):.3f} s "
                     f"max {max(lat):.3f} s, lost {got['lost']} twice {got['twice']}, slots "
                     f"left {got['slots_left']}"
                 )
     kills: dict[str, Any] = {}
     if os.environ.get("QRL_CC_KILL", "1") != "0":
-        for kind in kinds:
+        for kind in [k for k in kinds if k != "celery_reserve_pool"]:
             kills[kind] = _kill(kind, redis_url, broker, logdir)
             log(f"   SIGKILL {kind}: {kills[kind]}")
 
@@ -580,6 +615,9 @@ def run(redis_url: str) -> dict[str, Any]:
                 "met": util >= TARGET_UTILISATION,
                 # From a capped job's end to the next capped start (ms), and the same
                 # figures for CAP processes and no cap (the baseline).
+                # Live slots (Limiter.running, sampled every 20 ms) / CAP over the same window:
+                # near 1 with a lower utilisation means slots held by jobs not yet running.
+                "slot_occupancy_per_round": [sig(row["slot_occupancy"], 3) for row in rows],
                 "gap_ms_p50": sig(median(row["gap_ms_p50"] for row in rows), 3),
                 "gap_ms_p90": sig(median(row["gap_ms_p90"] for row in rows), 3),
                 "baseline_no_cap_cap_processes": {
