@@ -93,14 +93,14 @@ SAMPLE_S = 0.02
 
 # One Lua call at a job's start and one at its end, on Redis's clock. KEYS: the tenant's
 # running counter, its maximum, the executions hash, the event log. ARGV: job id, tenant,
-# the time it was published ("-" if not recorded).
+# the time it was published ("-" if not recorded), "<parent pid>/<pid>" of the process.
 _START = """
 local t = redis.call('TIME')
 local n = redis.call('INCR', KEYS[1])
 if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
 redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 redis.call('RPUSH', KEYS[4], 's ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. t[1] .. '.' ..
-  string.format('%06d', t[2]) .. ' ' .. ARGV[3])
+  string.format('%06d', t[2]) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
 return n
 """
 _END = """
@@ -139,7 +139,8 @@ def job(url: str, run: str, job_id: str, tenant: str, seconds: float, published:
     sleep ``seconds``, record the end."""
     _, start, end = _recorder(url)
     cur, top, execs, events = _keys(run, tenant)
-    start(keys=[cur, top, execs, events], args=[job_id, tenant, published])
+    where = f"{os.getppid()}/{os.getpid()}"
+    start(keys=[cur, top, execs, events], args=[job_id, tenant, published, where])
     time.sleep(seconds)
     end(keys=[cur, events], args=[job_id, tenant])
 
@@ -317,6 +318,18 @@ class Workers:
             out.append((parts[0], parts[1], parts[2], float(parts[3]), published))
         return out
 
+    def busiest_worker_share(self, tenant: str) -> float:
+        """The largest share of ``tenant``'s jobs that one worker ran (Celery and forking
+        RQ: the job's parent process; SimpleWorker: the job's own process)."""
+        counts: dict[str, int] = {}
+        for raw in self.client.lrange(_keys(self.run, "-")[3], 0, -1):
+            parts = raw.decode().split()
+            if parts[0] == "s" and parts[2] == tenant and len(parts) > 5:
+                ppid, pid = parts[5].split("/")
+                who = pid if self.kind == "rq_simple" else ppid
+                counts[who] = counts.get(who, 0) + 1
+        return max(counts.values()) / sum(counts.values()) if counts else float("nan")
+
     def executions(self) -> dict[str, int]:
         raw = self.client.hgetall(_keys(self.run, "-")[2])
         return {k.decode(): int(v) for k, v in raw.items()}
@@ -489,6 +502,7 @@ def _round(
             "max_running_by_limiter": sampler.most,
             "utilisation": util,
             "slot_occupancy": sampler.occupancy(lo, hi, CAP),
+            "busiest_worker_share": w.busiest_worker_share("capped"),
             "window_s": window,
             "gap_ms_p50": median(gaps) * 1e3,
             "gap_ms_p90": sorted(gaps)[int(len(gaps) * 0.9)] * 1e3,
@@ -567,6 +581,7 @@ def run(redis_url: str) -> dict[str, Any]:
                     f"   round {r + 1} {kind}{' baseline' if baseline else ''}: max running "
                     f"{got['max_running_by_jobs']} (limiter {got['max_running_by_limiter']}), "
                     f"utilisation {got['utilisation']:.3f} (slots {got['slot_occupancy']:.3f}), "
+                    f"busiest worker {got['busiest_worker_share']:.2f}, "
                     f"gap p50 {got['gap_ms_p50']:.0f} ms "
                     f"p90 {got['gap_ms_p90']:.0f} ms, free latency p50 {median(lat):.3f} s "
                     f"max {max(lat):.3f} s, lost {got['lost']} twice {got['twice']}, slots "
@@ -618,6 +633,10 @@ def run(redis_url: str) -> dict[str, Any]:
                 # Live slots (Limiter.running, sampled every 20 ms) / CAP over the same window:
                 # near 1 with a lower utilisation means slots held by jobs not yet running.
                 "slot_occupancy_per_round": [sig(row["slot_occupancy"], 3) for row in rows],
+                # The largest share of the capped jobs that one worker ran, per round.
+                "busiest_worker_share_per_round": [
+                    sig(row["busiest_worker_share"], 3) for row in rows
+                ],
                 "gap_ms_p50": sig(median(row["gap_ms_p50"] for row in rows), 3),
                 "gap_ms_p90": sig(median(row["gap_ms_p90"] for row in rows), 3),
                 "baseline_no_cap_cap_processes": {
