@@ -45,7 +45,8 @@ plus ``KILL_SLACK_S``), with the moment ``Limiter.running`` dropped below the ca
 
 Environment: ``QRL_BENCH_ROUNDS`` (default 3), ``QRL_CC_JOBS`` (default 120),
 ``QRL_CC_JOB_S`` (default 0.1), ``QRL_CC_KINDS`` (comma-separated subset of the kinds),
-``QRL_CC_KILL`` ("0" skips the SIGKILL part).
+``QRL_CC_KILL`` ("0" skips the SIGKILL part), ``QRL_CC_RQ_WORKERS`` (default 4),
+``QRL_CC_FREE_JOBS`` (default 10; 0: no second tenant).
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ CELERY_WORKERS, CELERY_CONCURRENCY = 2, 2
 CELERY_SETTINGS: dict[str, dict[str, Any]] = {
     "celery_reserve_pool": {"reserve": CELERY_CONCURRENCY}
 }
-RQ_WORKERS = 4
+RQ_WORKERS = int(os.environ.get("QRL_CC_RQ_WORKERS") or 4)
 CELERY_LEASE = 5.0
 RQ_HOLD = 60.0  # the RQ integration's scheduler lease: a slot's hold, renewed while it runs
-FREE_JOBS = 10
+FREE_JOBS = int(os.environ.get("QRL_CC_FREE_JOBS") or 10)  # 0: no second tenant
 FREE_EVERY_S = 0.25
 FREE_TARGET_S = 0.5
 TARGET_UTILISATION = 0.95
@@ -610,7 +611,7 @@ def run(redis_url: str) -> dict[str, Any]:
         lat = [x for row in rows for x in row["free_latency_s"]]
         most = max(row["max_running_by_jobs"] for row in rows)
         util = median(row["utilisation"] for row in rows)
-        worst = max(lat)
+        worst = max(lat, default=0.0)
         lost = sum(row["lost"] for row in rows)
         twice = sum(row["twice"] for row in rows)
         left = max(row["slots_left"] for row in rows)
@@ -628,8 +629,6 @@ def run(redis_url: str) -> dict[str, Any]:
                 "window_s": [sig(row["window_s"], 3) for row in rows],
                 "target": f">= {TARGET_UTILISATION}",
                 "met": util >= TARGET_UTILISATION,
-                # From a capped job's end to the next capped start (ms), and the same
-                # figures for CAP processes and no cap (the baseline).
                 # Live slots (Limiter.running, sampled every 20 ms) / CAP over the same window:
                 # near 1 with a lower utilisation means slots held by jobs not yet running.
                 "slot_occupancy_per_round": [sig(row["slot_occupancy"], 3) for row in rows],
@@ -637,6 +636,8 @@ def run(redis_url: str) -> dict[str, Any]:
                 "busiest_worker_share_per_round": [
                     sig(row["busiest_worker_share"], 3) for row in rows
                 ],
+                # From a capped job's end to the next capped start (ms), and the same
+                # figures for CAP processes and no cap (the baseline).
                 "gap_ms_p50": sig(median(row["gap_ms_p50"] for row in rows), 3),
                 "gap_ms_p90": sig(median(row["gap_ms_p90"] for row in rows), 3),
                 "baseline_no_cap_cap_processes": {
@@ -651,9 +652,9 @@ def run(redis_url: str) -> dict[str, Any]:
                 ],
             },
             "free_tenant_latency_s": {
-                "p50": sig(median(lat), 3),
+                "p50": sig(median(lat), 3) if lat else None,
                 "max": sig(worst, 3),
-                "per_round_max": [sig(max(row["free_latency_s"]), 3) for row in rows],
+                "per_round_max": [sig(max(row["free_latency_s"], default=0.0), 3) for row in rows],
                 "target": f"max <= {FREE_TARGET_S}",
                 "met": worst <= FREE_TARGET_S,
             },
