@@ -28,6 +28,7 @@ from ._common import log
 ORDER = (
     "decisions",
     "fairness",
+    "concurrency",
     "celery",
     "celery_throughput",
     "rq",
