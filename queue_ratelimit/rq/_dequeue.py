@@ -29,6 +29,9 @@ log = logging.getLogger("queue_ratelimit.rq")
 # Longest a worker blocks before it looks at the fair backlog again (seconds): parked work
 # that became admissible elsewhere is noticed at least this often.
 POLL_INTERVAL = 0.5
+# The same while the backlog holds work: a concurrency slot given back by another worker
+# (nothing wakes this one) is taken up within this long.
+CONTENDED_POLL = 0.1
 # Jobs moved from one of RQ's lists into the backlog per step (one atomic call).
 ADOPT_BATCH = 200
 # How often a busy worker looks for jobs waiting on RQ's lists (seconds): such a job joins
@@ -122,16 +125,16 @@ class FairDequeue:
                 return found
             if progressed:
                 continue
-            wait = None if batch.wait_ms is None else batch.wait_ms / 1000
+            wait = None if batch.wait_ms is None else min(batch.wait_ms / 1000, CONTENDED_POLL)
             if deadline is None:
                 if wait is None:
                     return None
-                HOLDING.pause(min(max(wait, 0.001), POLL_INTERVAL))
+                HOLDING.pause(max(wait, 0.001))
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DequeueTimeout(timeout, [q.key for q in self.queues])
-            block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001), POLL_INTERVAL)
+            block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001))
             if self.single:
                 # Blocks while holding nothing, but a warm shutdown waits for it (at most
                 # POLL_INTERVAL): a job it moves must not be left behind.
