@@ -569,15 +569,24 @@ def rq_group() -> None:
     is_flag=True,
     help="Run jobs in the worker process (SimpleWorker) instead of forking for each job.",
 )
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=1, max=7 * 86400),
+    default=None,
+    help="Seconds a job's concurrency slots are held between renewals: how long a killed "
+    "worker's slots take to come back [env QUEUE_RATELIMIT_LEASE; default 60].",
+)
 @click.argument("rq_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def rq_worker(settings: Settings, simple: bool, rq_args: tuple[str, ...]) -> None:
+def rq_worker(
+    settings: Settings, simple: bool, lease: float | None, rq_args: tuple[str, ...]
+) -> None:
     """Start an RQ worker on QUEUES that dequeues through the fair scheduler.
 
     Takes every option of `rq worker` (QUEUES..., --url, --burst, --with-scheduler, --name,
     --max-jobs, --logging_level, ... see `rq worker --help`); the Redis URL is the one RQ
     uses (--url, else REDIS_URL), and the limits live in the namespace given by the
-    group's --namespace (QUEUE_RATELIMIT_NAMESPACE). Extra options: --simple.
+    group's --namespace (QUEUE_RATELIMIT_NAMESPACE). Extra options: --simple, --lease.
 
     \b
     queue-ratelimit --namespace prod rq worker emails reports --with-scheduler
@@ -587,6 +596,8 @@ def rq_worker(settings: Settings, simple: bool, rq_args: tuple[str, ...]) -> Non
     except ImportError as exc:
         raise click.ClickException("install queue-ratelimit[rq] to run RQ workers") from exc
     os.environ["QUEUE_RATELIMIT_NAMESPACE"] = settings.namespace
+    if lease is not None:
+        os.environ["QUEUE_RATELIMIT_LEASE"] = repr(lease)
     args = list(rq_args)
     if settings.url and not any(a in ("--url", "-u") or a.startswith("--url=") for a in args):
         args = ["--url", settings.url, *args]

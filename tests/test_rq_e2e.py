@@ -422,6 +422,24 @@ def test_a_concurrency_cap_holds_across_workers_and_holds_back_no_other_tenant(
     assert env.limiter.running("tenant:capped") == 0, "every slot given back as its job ended"
 
 
+def test_a_killed_workers_concurrency_slot_comes_back_within_its_lease(env: RQEnv) -> None:
+    env.limiter.set_concurrency("tenant:capped", 1)
+    victim = env.start_worker("victim", extra=("--lease", "3"))
+    env.wait_ready(victim)
+    (slow,) = env.enqueue("capped", sleep=60)
+    env.wait_runs(1, timeout=15)
+    assert env.limiter.running("tenant:capped") == 1
+    victim.kill()
+    killed_at = env.redis_now()
+    (nxt,) = env.enqueue("capped")
+    env.wait_ready(env.start_worker("next", extra=("--lease", "3")))
+    runs = env.wait(
+        lambda: [r for r in env.runs() if r.job_id == nxt.id], timeout=20, what="the next job"
+    )
+    assert runs[0].at - killed_at < 3 + 2, "the dead worker's slot came back with its lease"
+    assert [r.job_id for r in env.runs()].count(slow.id) == 1
+
+
 # -- the RQ API keeps working, and everything is gated --------------------------------------
 def test_every_way_of_enqueueing_runs_gated_and_options_never_reach_the_function(
     env: RQEnv,

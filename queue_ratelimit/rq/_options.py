@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 from .._core import check_cost
+from .._errors import ConfigError
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
 from .._scopes import check_name, check_priority
@@ -14,6 +16,10 @@ from .._slot_keeper import SlotKeeper
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
 OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
 ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
+# Seconds a job's concurrency slots are held between renewals (a killed worker's slots come
+# back after at most this long); the scheduler's lease.
+ENV_LEASE = "QUEUE_RATELIMIT_LEASE"
+DEFAULT_LEASE = 60.0
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
@@ -26,7 +32,7 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     with _schedulers_lock:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
-            found = FairScheduler(Limiter(connection, namespace=namespace))
+            found = FairScheduler(Limiter(connection, namespace=namespace), lease=lease())
             _schedulers[key] = found
         return found
 
@@ -56,3 +62,18 @@ def slot_keeper(scheduler: FairScheduler) -> SlotKeeper:
             )
     keeper.start()
     return keeper
+
+
+def lease() -> float:
+    """The lease from ``$QUEUE_RATELIMIT_LEASE`` (seconds), else 60.
+
+    Raises:
+        ConfigError: a value that is not a number of seconds.
+    """
+    raw = os.environ.get(ENV_LEASE)
+    if not raw:
+        return DEFAULT_LEASE
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {raw!r}") from None
