@@ -214,3 +214,25 @@ def test_classes_swapped_into_rq_are_not_taken_for_plain_ones(
     worker = Worker([queue], connection=conn)
     assert worker.queues[0] is queue
     assert worker.queue_class is Queue
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 60.0), ("", 60.0), ("3", 3.0), ("0.5", 0.5)])
+def test_the_rq_lease_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: float
+) -> None:
+    from queue_ratelimit.rq._options import ENV_LEASE, lease
+
+    if raw is None:
+        monkeypatch.delenv(ENV_LEASE, raising=False)
+    else:
+        monkeypatch.setenv(ENV_LEASE, raw)
+    assert lease() == expected
+
+
+def test_a_malformed_rq_lease_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from queue_ratelimit import ConfigError
+    from queue_ratelimit.rq._options import ENV_LEASE, lease
+
+    monkeypatch.setenv(ENV_LEASE, "soon")
+    with pytest.raises(ConfigError, match=ENV_LEASE):
+        lease()
