@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from celery import bootsteps
 from celery.exceptions import InvalidTaskError
@@ -35,7 +35,7 @@ from ._credit import CreditKey, CreditLedger
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
-from ._settler import MAX_PENDING, AsyncSettler
+from ._settler import MAX_PENDING, AsyncSettler, Settlement
 from ._slots import PoolSlots, Wakeup
 
 log = logging.getLogger("queue_ratelimit.celery")
@@ -46,11 +46,6 @@ DISPATCH_BATCH = 16
 # at the latest this long (seconds) after the first of them arrived.
 PARK_BATCH = 32
 PARK_DELAY = 0.005
-# How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
-# the head of its backlog, or dropped (an invalid message).
-Settlement = Literal["ack", "requeue", "drop"]
-# Where a message that must wait went: into the backlog, nowhere (a copy of work already
-# taken over), or not yet (the backlog is full, or Redis is unreachable: None).
 
 
 class Job:

@@ -18,6 +18,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._scheduler import DispatchedItem, FairScheduler
 
+# How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
+# the head of its backlog, or dropped (an invalid message).
 Settlement = Literal["ack", "requeue", "drop"]
 # Replies left unread before the settler reads them all (bounds what a lost connection can
 # leave in doubt, and the socket buffers).
