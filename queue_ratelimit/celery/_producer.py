@@ -33,7 +33,7 @@ def last_hint() -> Hint | None:
 
     >>> add.apply_async((1, 2), rate_tenant="acme")          # doctest: +SKIP
     >>> last_hint()                                          # doctest: +SKIP
-    Hint(allowed=True, wait_ms=0.0, denied_by=None, backlog=0)
+    Hint(allowed=True, wait_ms=0.0, denied_by=None, backlog=0, concurrency=False)
     """
     return _last_hint.get()
 

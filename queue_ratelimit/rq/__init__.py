@@ -7,7 +7,7 @@
 
     queue = Queue("emails", connection=Redis())
     job = queue.enqueue(send_email, "a@example.com", rate_tenant="acme", rate_priority="high")
-    job.rate_hint            # Hint(allowed=True, wait_ms=0.0, denied_by=None, backlog=0)
+    job.rate_hint  # Hint(allowed=True, wait_ms=0.0, denied_by=None, backlog=0, concurrency=False)
 
 Then start workers with ``queue-ratelimit rq worker emails`` (the same flags as
 ``rq worker``), or ``rq worker -w queue_ratelimit.rq.Worker emails``.
