@@ -500,7 +500,9 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
   redis.call('HINCRBY', ctx.tenant_key, field, '1')
   if not is_tenant_scope(denied_by) then redis.call('HINCRBY', ctx.shared_key, field, '1') end
   redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
-  redis.call('HINCRBY', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
+  -- A float: the total of waits a tenant can make as long as it likes (a huge cost on a
+  -- slow bucket) must never overflow a 64-bit integer, or every denial after would fail.
+  redis.call('HINCRBYFLOAT', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
   if ctx.plan.record then record(ctx, 1, ' d') end
 end
 

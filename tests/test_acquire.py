@@ -1385,3 +1385,20 @@ def test_a_skewed_client_clock_changes_nothing(
     assert stored is not None
     assert abs(stored[1] - server_us(limiter.client)) < 60 * 1_000_000
     assert not caplog.records
+
+
+@pytest.mark.parametrize(("burst", "cost", "denials"), [(9000, 9000, 200), (100_000, 1e5, 3)])
+def test_huge_waits_never_overflow_the_wait_total(
+    limiter: Limiter, burst: float, cost: float, denials: int
+) -> None:
+    """A tenant that picks huge costs on a slow bucket cannot break denials for everyone:
+    the total of waits is a float, never an overflowing integer."""
+    limiter.set_limit("tenant:attacker", Limit.parse("1/115d", burst=burst))
+    limiter.set_limit("tenant:*", Limit(1, per=3600, burst=1))
+    assert limiter.acquire("attacker", cost=cost).allowed
+    for _ in range(denials):
+        decision = limiter.acquire("attacker", cost=cost)
+        assert not decision.allowed
+        assert decision.wait_ms > 1e12
+    assert limiter.acquire("quiet").allowed
+    assert not limiter.acquire("quiet").allowed  # an ordinary denial still works
