@@ -183,24 +183,27 @@ class FairDequeue:
         """Move the jobs waiting on RQ's lists into the fair backlog, oldest first, up to
         ``ADOPT_BATCH`` per queue; True when any moved.
 
-        Only where the order matters: jobs of one class (tenant and priority) on a queue
-        whose backlog is empty are already in fair order (FIFO), and stay on RQ's list as
-        RQ would keep them (``queue.job_ids``, ``enqueue_at_front``, positions).
+        Only where the order matters: a short list (all of it seen) of jobs of one class
+        (tenant and priority) on a queue whose backlog is empty is already in fair order
+        (FIFO), and stays on RQ's list as RQ would keep it (``queue.job_ids``,
+        ``enqueue_at_front``, positions). A longer list is moved whatever its head holds:
+        another tenant's jobs may wait further down.
         """
         _LAST_ADOPT[self.adopt_key] = time.monotonic()
         pipe = self.connection.pipeline(transaction=False)
         for queue in self.queues:
             pipe.lrange(queue.key, 0, ADOPT_BATCH - 1)
+            pipe.llen(queue.key)
             pipe.hget(self.scheduler.counts_key(queue.name), ":total")
         replies = pipe.execute()
         moved = False
         for n, queue in enumerate(self.queues):
-            ids, backlog = replies[2 * n], int(replies[2 * n + 1] or 0)
-            if not ids or (len(ids) == 1 and backlog == 0):
+            ids, length, backlog = replies[3 * n], replies[3 * n + 1], int(replies[3 * n + 2] or 0)
+            if not ids or (length == 1 and backlog == 0):
                 continue  # a lone job on an idle queue: the gate takes it (the cheap path)
             jobs = self._rate_options_of([_text(i) for i in ids])
             classes = {(tenant, priority) for _, tenant, priority, _ in jobs if tenant}
-            if backlog == 0 and len(classes) <= 1:
+            if backlog == 0 and length <= ADOPT_BATCH and len(classes) <= 1:
                 continue
             moved = self.scheduler.adopt(queue.name, queue.key, jobs) > 0 or moved
         return moved
