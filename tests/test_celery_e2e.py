@@ -354,9 +354,10 @@ def test_a_killed_workers_concurrency_slots_come_back_within_its_lease(
         first = work.apply_async(("slow", 30), rate_tenant="capped").id
         wait_for(e2e.running, timeout=10, what="the capped job running")
         assert e2e.limiter.running("tenant:capped") == 1
+        # The next worker is up before the kill: only the slot's lease is measured.
+        e2e.start_workers("w2")
         victim.kill()
         killed_at = redis_now(e2e.records)
-        e2e.start_workers("w2")
         second = work.apply_async(("next",), rate_tenant="capped").id
         rows = e2e.wait_ids({second}, timeout=30, what="the next capped job")
         ran_at = next(r["t"] for r in rows if r["id"] == second)

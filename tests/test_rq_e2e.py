@@ -434,10 +434,11 @@ def test_a_killed_workers_concurrency_slot_comes_back_within_its_lease(env: RQEn
     (slow,) = env.enqueue("capped", sleep=60)
     env.wait_runs(1, timeout=15)
     assert env.limiter.running("tenant:capped") == 1
+    # The next worker is up before the kill: only the slot's lease is measured.
+    env.wait_ready(env.start_worker("next", extra=("--lease", "3")))
     victim.kill()
     killed_at = env.redis_now()
     (nxt,) = env.enqueue("capped")
-    env.wait_ready(env.start_worker("next", extra=("--lease", "3")))
     runs = env.wait(
         lambda: [r for r in env.runs() if r.job_id == nxt.id], timeout=20, what="the next job"
     )
