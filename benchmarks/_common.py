@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -209,3 +210,11 @@ def machine_info(admin: redis.Redis) -> dict[str, Any]:
         "redis_mode": server.get("redis_mode"),
         "redis_transport": "unix" if "path" in admin.connection_pool.connection_kwargs else "tcp",
     }
+
+
+def broker_url_for(redis_url: str) -> str:
+    """The next database of the same Redis server, for a Celery broker beside the limiter."""
+    parts = urlsplit(redis_url)
+    path = parts.path.strip("/")
+    db = int(path) if path.isdigit() else 0
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))

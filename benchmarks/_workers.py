@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -152,17 +151,6 @@ def wait_for(
 
 
 # -- Celery -----------------------------------------------------------------------------------
-def with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def broker_of(redis_url: str) -> str:
-    """The next database of the same server, for the Celery broker."""
-    path = urlsplit(redis_url).path.strip("/")
-    db = int(path) if path.isdigit() else 0
-    return with_db(redis_url, (db + 1) % 16)
-
-
 def celery_ready_key(namespace: str) -> str:
     return f"wb:{namespace}:ready"
 

@@ -36,7 +36,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import Celery
@@ -45,22 +44,13 @@ from celery.signals import before_task_publish, worker_ready
 from queue_ratelimit import Limit, Limiter
 from queue_ratelimit.celery import install
 
-from ._common import env_int, log, machine_info, median, sig
+from ._common import broker_url_for, env_int, log, machine_info, median, sig
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANTS = 10  # published round-robin, so the gate keeps ten tenant buckets busy
 NEVER_BINDS = Limit(1e8, burst=1e9)
 CONCURRENCY = 2
 DRAIN_POLL_S = 0.005
-
-
-def _with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def _db_of(url: str) -> int:
-    path = urlsplit(url).path.strip("/")
-    return int(path) if path.isdigit() else 0
 
 
 def ready_key(namespace: str) -> str:
@@ -336,7 +326,7 @@ def run(redis_url: str) -> dict[str, Any]:
     rounds = env_int("QRL_BENCH_ROUNDS", 3)
     count = env_int("QRL_CELERY_TASKS", 2000)
     calls = env_int("QRL_CELERY_PUBLISHES", 2000)
-    broker = _with_db(redis_url, (_db_of(redis_url) + 1) % 16)
+    broker = broker_url_for(redis_url)
     redis.Redis.from_url(broker).flushdb()
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "qrl-bench-celery"
     logdir.mkdir(parents=True, exist_ok=True)

@@ -63,13 +63,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from queue_ratelimit import Limiter
 
-from ._common import env_float, env_int, log, machine_info, median, sig
+from ._common import broker_url_for, env_float, env_int, log, machine_info, median, sig
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -147,15 +146,6 @@ def job(url: str, run: str, job_id: str, tenant: str, seconds: float, published:
 
 
 # -- Celery ------------------------------------------------------------------------------
-def _with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def _db_of(url: str) -> int:
-    path = urlsplit(url).path.strip("/")
-    return int(path) if path.isdigit() else 0
-
-
 def _ready_key(run: str) -> str:
     return f"bench:cc:{run}:ready"
 
@@ -563,7 +553,7 @@ def run(redis_url: str) -> dict[str, Any]:
     job_s = env_float("QRL_CC_JOB_S", 0.1)
     wanted = os.environ.get("QRL_CC_KINDS", ",".join(KINDS)).split(",")
     kinds = [k for k in KINDS if k in wanted]
-    broker = _with_db(redis_url, (_db_of(redis_url) + 1) % 16)
+    broker = broker_url_for(redis_url)
     redis.Redis.from_url(broker).flushdb()
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "qrl-bench-concurrency"
     logdir.mkdir(parents=True, exist_ok=True)

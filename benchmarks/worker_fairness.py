@@ -51,7 +51,7 @@ import redis
 from queue_ratelimit import FairScheduler, Limit, Limiter
 
 from . import _workers as W
-from ._common import env_int, log, machine_info, median, sig
+from ._common import broker_url_for, env_int, log, machine_info, median, sig
 
 NEVER_BINDS = Limit(1_000_000, burst=1_000_000)
 CELERY_WORKERS, CELERY_CONCURRENCY = 2, 2
@@ -107,7 +107,7 @@ class Bench:
 
     def __init__(self, redis_url: str, logdir: Path, rq_simple: bool) -> None:
         self.redis_url = redis_url
-        self.broker = W.broker_of(redis_url)
+        self.broker = broker_url_for(redis_url)
         self.logdir = logdir
         self.rq_simple = rq_simple
         self.client = redis.Redis.from_url(redis_url)
