@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from celery.worker.state import reserved_requests
+
 
 class PoolSlots:
     """Counts the jobs this worker has taken on against the jobs it may take on.
@@ -70,8 +72,6 @@ class PoolSlots:
 
     @staticmethod
     def taken() -> int:
-        from celery.worker.state import reserved_requests
-
         return len(reserved_requests)
 
     def saturated(self) -> bool:
