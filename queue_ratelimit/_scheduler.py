@@ -199,12 +199,23 @@ class FairScheduler:
             f"{k.base}:s:payload",
         ]
 
+    def _args(self, mode: str, *args: str | int | float | bytes) -> list[str | int | float | bytes]:
+        """The script's arguments for one call in ``mode``."""
+        return [mode, self._core.keys.base, self._core.retention_ms, *args]
+
     def _run(self, mode: str, *args: str | int | float | bytes, client: Any = None) -> object:
-        args_ = [mode, self._core.keys.base, self._core.retention_ms, *args]
+        args_ = self._args(mode, *args)
         if client is None:
             return self._scripts.call("scheduler.lua", self._keys, args_)
         self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", self._keys, args_)
         return client
+
+    def command(self, args: Sequence[str | int | float | bytes]) -> tuple[Any, ...]:
+        """The raw ``FCALL`` of one call (from ``submit_calls``, ``dispatch_call`` or
+        ``settle_call``), for callers that send it on a connection of their own.
+        Only while the Functions transport is in use (``scripts.transport == "fcall"``)."""
+        function = self._scripts.functions["scheduler.lua"]
+        return ("FCALL", function, len(self._keys), *self._keys, *args)
 
     def submit(
         self,
@@ -263,23 +274,7 @@ class FairScheduler:
         Raises:
             InvalidName / InvalidCost: a malformed item (nothing is sent).
         """
-        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
-            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
-        calls = [
-            [
-                "submit",
-                self._core.keys.base,
-                self._core.retention_ms,
-                check_name("queue", i.queue),
-                check_name("tenant", i.tenant),
-                check_priority(i.priority),
-                _check_item_id(i.item_id),
-                repr(check_cost(i.cost)),
-                i.payload,
-                max_backlog,
-            ]
-            for i in items
-        ]
+        calls = self.submit_calls(items, max_backlog=max_backlog)
         if not calls:
             return []
         for attempt in (1, 2):
@@ -292,6 +287,38 @@ class FairScheduler:
             except ResponseError as exc:
                 if attempt == 2 or not self._scripts.recover(exc):
                     raise
+        return self.submit_outcomes(items, replies)
+
+    def submit_calls(
+        self, items: Sequence[SubmitItem], *, max_backlog: int = 0
+    ) -> list[list[str | int | float | bytes]]:
+        """The script arguments ``submit_many`` sends, one call per item, for callers that
+        send them themselves (see ``command``); read the replies with ``submit_outcomes``.
+
+        Raises:
+            InvalidName / InvalidCost: a malformed item.
+        """
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
+        return [
+            self._args(
+                "submit",
+                check_name("queue", i.queue),
+                check_name("tenant", i.tenant),
+                check_priority(i.priority),
+                _check_item_id(i.item_id),
+                repr(check_cost(i.cost)),
+                i.payload,
+                max_backlog,
+            )
+            for i in items
+        ]
+
+    @staticmethod
+    def submit_outcomes(
+        items: Sequence[SubmitItem], replies: Sequence[object]
+    ) -> list[Literal["queued", "duplicate", "full"]]:
+        """What became of each item, from the replies to its ``submit_calls``."""
         outcomes: list[Literal["queued", "duplicate", "full"]] = []
         for item, reply in zip(items, replies, strict=True):
             if reply == -2:
@@ -306,17 +333,16 @@ class FairScheduler:
         remember: float,
         *,
         keep_slot: bool = False,
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> tuple[list[str], list[str | int | float | bytes]]:
         """The keys and arguments of the scheduler call that ``ack`` (``"ack"``) or ``nack``
         (``"requeue"``, ``"drop"``) would make, for callers that send it themselves."""
         item_id, token = _held(item)
-        base, keep = self._core.keys.base, self._core.retention_ms
         if how == "ack":
             done_ms = int(remember * 1000) if remember > 0 else 0
             slot = "1" if keep_slot else "0"
-            return self._keys, ["ack", base, keep, item_id, "0", "0", done_ms, token, slot]
+            return self._keys, self._args("ack", item_id, "0", "0", done_ms, token, slot)
         requeue = "1" if how == "requeue" else "0"
-        return self._keys, ["nack", base, keep, item_id, requeue, "0", 0, token]
+        return self._keys, self._args("nack", item_id, requeue, "0", 0, token)
 
     def dispatch(
         self,
@@ -339,6 +365,32 @@ class FairScheduler:
                 hash slot; see ``receipt_key``) is set to ``"<nonce> <id>..."`` for a day in the
                 same step, so a caller that lost the reply can learn what it was handed.
         """
+        reply = self._scripts.call(
+            "scheduler.lua",
+            self._keys,
+            self.dispatch_call(
+                queues,
+                max_items=max_items,
+                with_payload=with_payload,
+                hand_over=hand_over,
+                handoff_lists=handoff_lists,
+                receipt=receipt,
+            ),
+        )
+        return self.dispatch_result(reply)
+
+    def dispatch_call(
+        self,
+        queues: Sequence[str],
+        *,
+        max_items: int = 1,
+        with_payload: bool = True,
+        hand_over: bool = False,
+        handoff_lists: Mapping[str, str] | None = None,
+        receipt: tuple[str, str] | None = None,
+    ) -> list[str | int | float | bytes]:
+        """The script arguments of a ``dispatch`` (same parameters), for callers that send
+        it themselves (see ``command``); read the reply with ``dispatch_result``."""
         if isinstance(queues, str):
             queues = [queues]
         for q in queues:
@@ -348,7 +400,7 @@ class FairScheduler:
         if not 1 <= max_items <= MAX_DISPATCH:
             raise InvalidName(f"max_items must be 1 to {MAX_DISPATCH}, got {max_items}")
         lists = handoff_lists or {}
-        reply = self._run(
+        return self._args(
             "dispatch",
             max_items,
             f"0 {self.lease_ms}" if hand_over else self.lease_ms,
@@ -357,6 +409,10 @@ class FairScheduler:
             "" if receipt is None else f"{receipt[0]} {receipt[1]}",
             *(f"{q}|{lists[q]}" if q in lists else q for q in queues),
         )
+
+    @staticmethod
+    def dispatch_result(reply: object) -> Dispatch:
+        """The ``Dispatch`` a dispatch call's reply stands for."""
         assert isinstance(reply, list)
         head = float(_text(reply[0]))
         items = tuple(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,20 +23,21 @@ from celery.utils.time import maybe_iso8601
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.serialization import prepare_accept_content
 from kombu.utils.functional import maybe_list
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from vine import promise
 
 from .._durability import persistence_warning
 from .._errors import RateLimitError
-from .._scheduler import DispatchedItem, GateVerdict, SubmitItem
+from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
 from .._slot_keeper import SlotKeeper
 from ._credit import CreditKey, CreditLedger
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
-from ._settler import MAX_PENDING, AsyncSettler, Settlement
+from ._settler import AsyncSettler, Settlement
 from ._slots import PoolSlots, Wakeup
+from ._wire import NotSent, Reply, Wire
 
 log = logging.getLogger("queue_ratelimit.celery")
 Strategy = Callable[..., Any]
@@ -46,6 +47,9 @@ DISPATCH_BATCH = 16
 # at the latest this long (seconds) after the first of them arrived.
 PARK_BATCH = 32
 PARK_DELAY = 0.005
+# Calls sent on the wire and unanswered this long (seconds) mean a hung Redis: the
+# connection is dropped, and what was sent on it is handled as in doubt.
+WIRE_STALL = 10.0
 
 
 class Job:
@@ -110,8 +114,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.parking: list[Delivery] = []
         self._parking_wait = float("inf")
         self._park_timer: Any = None
-        # Settlements written but not yet answered (AsyncSettler), by item id.
-        self.settling: dict[str, DispatchedItem | str] = {}
+        # Items asked for by a dispatch whose reply has not come yet (on the wire).
+        self._dispatching = 0
         self.stats = {
             "admitted": 0,
             "admitted_on_credit": 0,
@@ -120,6 +124,8 @@ class RateLimitGate(bootsteps.StartStopStep):
             "readmitted": 0,
             "duplicates": 0,
             "failed_open": 0,
+            "dispatch_calls": 0,
+            "park_calls": 0,
         }
         self.lanes: list[str] = []
         self.accept: Any = None
@@ -139,7 +145,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self.slots = PoolSlots(c, settings.reserve, self._slot_freed)
             self.slots.watch()
-            self.settler = AsyncSettler(self.runtime.scheduler)
+            # Scheduler calls whose replies the event loop reads when they come.
+            self.wire = Wire(self.runtime.scheduler.client, getattr(c, "hub", None))
+            self.settler = AsyncSettler(self.runtime.scheduler, self.wire, self._on_settled)
             # Concurrency slots of the jobs this worker runs, by backlog item id.
             self.running = SlotKeeper(lambda: self._rt.limiter, settings.lease)
             # Strategies capture this method when they are built (in Tasks.start), so ETA
@@ -155,6 +163,10 @@ class RateLimitGate(bootsteps.StartStopStep):
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, c: Any) -> None:
         settings = self._rt.settings
+        # A restarted consumer has a reset event loop, which no longer watches the wire:
+        # what was sent on it before is in doubt (handled as such) and a new one connects.
+        self.wire.close()
+        self.wire.attach(getattr(c, "hub", None))
         self.lanes = self._lanes(c)
         self.accept = prepare_accept_content(c.app.conf.accept_content)
         self.slots.watch()  # a pool replaced since __init__ (the consumer restarted)
@@ -186,8 +198,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             self._renew_timer.cancel()
             self._renew_timer = None
         self._flush_parking()
-        self._collect_settled()
-        self.settler.close()
+        self._drain_wire()
+        self.wire.close()
+        self.wire.detach()
         self.credit.close()
 
     def info(self, c: Any) -> dict[str, Any]:
@@ -198,6 +211,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 "held": len(self.held),
                 "unsettled": len(self.unsettled),
                 "waiting": len(self.waiting),
+                "redis_writes": self.wire.writes,
                 "lanes": self.lanes,
             }
         }
@@ -307,16 +321,67 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             for d in batch
         ]
+        scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
+        self.stats["park_calls"] += 1
+        if self._on_wire():
+            calls = scheduler.submit_calls(items, max_backlog=bound)
+
+            def parked(result: list[Reply] | RedisError) -> None:
+                self._parked(batch, items, wait_ms, result)
+
+            self.wire.send([scheduler.command(args) for args in calls], parked)
+            return
         try:
-            outcomes = self._rt.scheduler.submit_many(
-                items, max_backlog=self._rt.settings.max_backlog
-            )
+            outcomes = scheduler.submit_many(items, max_backlog=bound)
         except RedisError as exc:
             self._redis_failed(exc)
             for d in batch:
                 self._unreachable(d)
             return
         self._redis_ok()
+        self._apply_parked(batch, outcomes, wait_ms)
+
+    def _parked(
+        self,
+        batch: list[Delivery],
+        items: list[SubmitItem],
+        wait_ms: float,
+        result: list[Reply] | RedisError,
+    ) -> None:
+        """The replies to a batch sent on the wire."""
+        if isinstance(result, NotSent):
+            self._redis_failed(result)  # Redis unreachable: the fail mode decides
+            for d in batch:
+                self._unreachable(d)
+            return
+        if isinstance(result, RedisError):
+            # Lost with the connection after it was written: whether each went in is
+            # unknown. Kept, each is tried again; one that did go in is then recognised as
+            # a duplicate (and one that did not meets the fail mode if Redis is still away).
+            self._redis_failed(result)
+            for d in batch:
+                self._keep(d)
+            return
+        if any(isinstance(reply, ResponseError) for reply in result):
+            # The server refused the calls (e.g. its functions were flushed): the ordinary
+            # way loads them again; what did go in comes back as a duplicate.
+            try:
+                outcomes = self._rt.scheduler.submit_many(
+                    items, max_backlog=self._rt.settings.max_backlog
+                )
+            except RedisError as exc:
+                self._redis_failed(exc)
+                for d in batch:
+                    self._keep(d)
+                return
+        else:
+            outcomes = self._rt.scheduler.submit_outcomes(items, result)
+        self._redis_ok()
+        self._apply_parked(batch, outcomes, wait_ms)
+
+    def _apply_parked(self, batch: list[Delivery], outcomes: Sequence[str], wait_ms: float) -> None:
+        """Acknowledge to the broker each message that is safely in Redis (publish before
+        ack); keep the ones the backlog had no room for."""
         for d, outcome in zip(batch, outcomes, strict=True):
             if outcome == "queued":
                 self.stats["parked"] += 1
@@ -327,7 +392,14 @@ class RateLimitGate(bootsteps.StartStopStep):
                 self._keep(d)
         if "queued" in outcomes:
             self.backlog_seen = True
-            self._schedule(wait_ms / 1000)
+            # Parked for want of a slot: the next job to end asks for work (_slot_freed).
+            if wait_ms > 0 or self.slots.free() >= self.slots.refill:
+                self._schedule(wait_ms / 1000)
+
+    def _on_wire(self) -> bool:
+        """Whether calls go on the wire, their replies read by the event loop (Celery's
+        hub, and a server with Functions); else they are waited for."""
+        return self.wire.hub is not None and self.settler.usable
 
     # -- the gate ------------------------------------------------------------------------
     def _wrap(self, name: str, strategy: Strategy) -> Strategy:
@@ -456,32 +528,93 @@ class RateLimitGate(bootsteps.StartStopStep):
         self._wakeup.at(time.monotonic() + delay, delay)
 
     def _readmit(self) -> None:
-        delay = self._rt.settings.poll_interval
-        self._collect_settled()
+        poll = self._rt.settings.poll_interval
+        self._check_wire()
         # What an outage left open is closed before anything new is taken.
         if self.unsettled and not self._settle_pending():
-            self._schedule(delay)  # Redis is still unreachable: nothing to dispatch either
+            self._schedule(poll)  # Redis is still unreachable: nothing to dispatch either
             return
-        free = self._capacity()
-        if free == 0:
-            delay = min(delay, 0.05)
-        else:
-            try:
-                batch = self._rt.scheduler.dispatch(self.lanes, max_items=min(free, DISPATCH_BATCH))
-            except RedisError as exc:
-                self._redis_failed(exc)
-            else:
-                self._redis_ok()
-                self.backlog_seen = bool(batch.items) or batch.wait_ms is not None
-                for item in batch.items:
-                    self._deliver(item)
-                if len(batch.items) == min(free, DISPATCH_BATCH):
-                    delay = 0.0
-                elif batch.wait_ms is not None:
-                    delay = batch.wait_ms / 1000
+        delay = self._dispatch()
         if self.waiting:
             self._retry_waiting()
-        self._schedule(delay)
+        # While a dispatch is on the wire its reply schedules what comes next; this is a
+        # watchdog in case it never comes.
+        self._schedule(poll if delay is None else delay)
+
+    def _dispatch(self) -> float | None:
+        """Ask the backlog for as many jobs as the worker may take now: the delay until
+        the next look, or None when the reply will come on the wire."""
+        if self._dispatching:
+            return None  # one at a time: its reply knows what it brought
+        free = self._capacity()
+        if free == 0:
+            return min(self._rt.settings.poll_interval, 0.05)
+        scheduler = self._rt.scheduler
+        want = min(free, DISPATCH_BATCH)
+        self.stats["dispatch_calls"] += 1
+        if self._on_wire():
+            args = scheduler.dispatch_call(self.lanes, max_items=want)
+
+            def dispatched(result: list[Reply] | RedisError) -> None:
+                self._dispatching = 0
+                reply = result if isinstance(result, RedisError) else result[0]
+                if isinstance(reply, ResponseError):
+                    delay = self._dispatch_now(want)  # e.g. functions flushed: reload
+                elif isinstance(reply, RedisError):
+                    self._redis_failed(reply)
+                    delay = self._rt.settings.poll_interval
+                else:
+                    self._redis_ok()
+                    delay = self._dispatched(scheduler.dispatch_result(reply), want)
+                self._schedule(delay)
+
+            self._dispatching = want
+            self.wire.send([scheduler.command(args)], dispatched)
+            return None
+        return self._dispatch_now(want)
+
+    def _dispatch_now(self, want: int) -> float:
+        """``_dispatch`` waiting for the reply."""
+        try:
+            batch = self._rt.scheduler.dispatch(self.lanes, max_items=want)
+        except RedisError as exc:
+            self._redis_failed(exc)
+            return self._rt.settings.poll_interval
+        self._redis_ok()
+        return self._dispatched(batch, want)
+
+    def _dispatched(self, batch: Dispatch, want: int) -> float:
+        """Hand the dispatched jobs to the pool; the delay until the next look."""
+        self.backlog_seen = bool(batch.items) or batch.wait_ms is not None
+        for item in batch.items:
+            self._deliver(item)
+        if len(batch.items) == want:
+            return 0.0
+        if batch.wait_ms is not None:
+            return batch.wait_ms / 1000
+        return self._rt.settings.poll_interval
+
+    def _check_wire(self) -> None:
+        """Read what has come in on the wire (without an event loop to do it), and drop a
+        connection whose replies are overdue: a hung Redis must not stall the gate."""
+        if self.wire.hub is None:
+            self.wire.poll()
+        else:
+            self.wire.flush()  # what the socket refused earlier, if the loop has been idle
+        stalled = self.wire.stalled_for()
+        if stalled > WIRE_STALL:
+            log.error(
+                "queue-ratelimit: no reply from Redis for %.1fs; dropping the connection",
+                stalled,
+            )
+            self.wire.close()
+
+    def _drain_wire(self) -> None:
+        """Wait for every reply still due (the worker is stopping)."""
+        try:
+            self.wire.drain()
+        except RedisError:
+            self.wire.close()
 
     def _deliver(self, item: DispatchedItem) -> None:
         c = self.consumer
@@ -533,16 +666,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         # A job acknowledged as it starts keeps its concurrency slots until it ends.
         keep_slot = how == "ack" and isinstance(item, DispatchedItem) and item.slot is not None
         if item_id not in self.unsettled and self.settler.usable:
-            try:
-                self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
-            except RedisError:
-                pass  # the ordinary way, below
-            else:
-                self.held.pop(item_id, None)
-                self.settling[item_id] = item
-                if self.settler.pending >= MAX_PENDING:
-                    self._collect_settled()
-                return True
+            self.held.pop(item_id, None)
+            self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
+            return True
         try:
             if how == "ack":
                 closed = scheduler.ack(
@@ -558,34 +684,21 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.unsettled.pop(item_id, None)
         self.held.pop(item_id, None)
         if not closed:
-            log.warning(
-                "queue-ratelimit: %s was no longer in flight when settled (%s): its lease ran "
-                "out first, so it may run again (or has, on another worker); raise 'lease' "
-                "above the longest Redis outage and the longest task",
-                item_id,
-                how,
-            )
+            _lease_ran_out(item_id, how)
         return True
 
-    def _collect_settled(self) -> None:
-        """Read the answers to settlements sent ahead; what is in doubt is settled again the
+    def _on_settled(
+        self, item_id: str, item: DispatchedItem | str, how: Settlement, closed: bool | None
+    ) -> None:
+        """The answer to a settlement sent on the wire. One in doubt is settled again the
         ordinary way (``unsettled``), before anything new is dispatched."""
-        if not self.settler.pending:
-            return
-        for item_id, how, closed in self.settler.collect():
-            item = self.settling.pop(item_id, item_id)
-            if closed is None:
-                if isinstance(item, DispatchedItem):
-                    self.held[item_id] = item
-                self.unsettled[item_id] = how
-            elif not closed:
-                log.warning(
-                    "queue-ratelimit: %s was no longer in flight when settled (%s): its lease "
-                    "ran out first, so it may run again (or has, on another worker); raise "
-                    "'lease' above the longest Redis outage and the longest task",
-                    item_id,
-                    how,
-                )
+        if closed is None:
+            if isinstance(item, DispatchedItem):
+                self.held[item_id] = item
+            self.unsettled[item_id] = how
+            self._schedule(0.0)
+        elif not closed:
+            _lease_ran_out(item_id, how)
 
     def _settle_pending(self) -> bool:
         """Settle what an outage left open; True when nothing is left."""
@@ -620,6 +733,16 @@ class RateLimitGate(bootsteps.StartStopStep):
             except RedisError as exc:
                 self._redis_failed(exc)
                 return
+
+
+def _lease_ran_out(item_id: str, how: Settlement) -> None:
+    log.warning(
+        "queue-ratelimit: %s was no longer in flight when settled (%s): its lease ran out "
+        "first, so it may run again (or has, on another worker); raise 'lease' above the "
+        "longest Redis outage and the longest task",
+        item_id,
+        how,
+    )
 
 
 def item_id_of(headers: Any) -> str:

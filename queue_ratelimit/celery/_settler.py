@@ -2,105 +2,73 @@
 
 Celery acknowledges a job from its event loop, once per job; closing the job's in-flight
 record is one scheduler call. Waiting for each reply would stall the loop a round trip per
-job, so the call is written to a connection of its own at once (the same moment a waited-for
+job, so the call is written on the gate's ``Wire`` at once (the same moment a waited-for
 call would have been sent: a worker killed right after still has it on the wire) and the
-replies are read later, in one go, when the gate next looks at the backlog.
+reply is handled when it arrives.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._scheduler import DispatchedItem, FairScheduler
+from ._wire import Reply, Wire
 
 # How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
 # the head of its backlog, or dropped (an invalid message).
 Settlement = Literal["ack", "requeue", "drop"]
-# Replies left unread before the settler reads them all (bounds what a lost connection can
-# leave in doubt, and the socket buffers).
+# Settlements left unanswered before the settler waits for them (without an event loop to
+# read them as they come): bounds what a lost connection can leave in doubt.
 MAX_PENDING = 64
+# Told of each outcome: (item id, the item as held, settlement, closed). ``closed`` is None
+# when the outcome is unknown (the connection failed, or the server refused the call): the
+# caller settles it again the ordinary way.
+OnSettled = Callable[[str, "DispatchedItem | str", Settlement, "bool | None"], None]
+
+
+def usable(scheduler: FairScheduler) -> bool:
+    """Whether the scheduler's calls can go over a ``Wire``: a plain ``redis.Redis`` client
+    on a server with Functions (the raw ``FCALL``)."""
+    scripts = scheduler._scripts
+    return (
+        bool(scripts._direct)
+        and scripts.transport == "fcall"
+        and isinstance(scheduler.client, redis.Redis)
+    )
 
 
 class AsyncSettler:
-    """Sends settlements now, reads their replies later, on a connection of its own.
+    """Sends settlements now; ``on_settled`` hears of each outcome when its reply comes."""
 
-    Only for plain ``redis.Redis`` clients on a server with Functions (the scheduler's
-    ``FCALL``); ``usable`` says so, and the gate settles the ordinary way otherwise.
-    """
-
-    def __init__(self, scheduler: FairScheduler) -> None:
+    def __init__(self, scheduler: FairScheduler, wire: Wire, on_settled: OnSettled) -> None:
         self.scheduler = scheduler
-        self._conn: Any = None
-        self._pending: list[tuple[str, Settlement]] = []
+        self.wire = wire
+        self._on_settled = on_settled
+        self.pending = 0
 
     @property
     def usable(self) -> bool:
-        scripts = self.scheduler._scripts
-        return (
-            bool(scripts._direct)
-            and scripts.transport == "fcall"
-            and isinstance(self.scheduler.client, redis.Redis)
-        )
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
+        return usable(self.scheduler)
 
     def send(
         self, item: str | DispatchedItem, how: Settlement, remember: float, keep_slot: bool
     ) -> None:
-        """Write the settlement; its outcome comes from ``collect``.
+        """Send the settlement on the wire; its outcome goes to ``on_settled`` (in doubt
+        if it could not be written)."""
+        _, args = self.scheduler.settle_call(item, how, remember, keep_slot=keep_slot)
+        item_id = item.id if isinstance(item, DispatchedItem) else item
 
-        Raises:
-            RedisError: it could not be written (nothing is pending for it).
-        """
-        keys, args = self.scheduler.settle_call(item, how, remember, keep_slot=keep_slot)
-        function = self.scheduler._scripts.functions["scheduler.lua"]
-        conn = self._connection()
-        try:
-            conn.send_packed_command(conn.pack_command("FCALL", function, len(keys), *keys, *args))
-        except RedisError:
-            self._drop_connection()
-            raise
-        self._pending.append((item.id if isinstance(item, DispatchedItem) else item, how))
+        def settled(result: list[Reply] | RedisError) -> None:
+            self.pending -= 1
+            reply = result if isinstance(result, RedisError) else result[0]
+            closed = None if isinstance(reply, RedisError | ResponseError) else reply == 1
+            self._on_settled(item_id, item, how, closed)
 
-    def collect(self) -> list[tuple[str, Settlement, bool | None]]:
-        """Read every pending reply: (item id, settlement, closed); closed is None when the
-        outcome is unknown (the connection failed, or the server refused the call): the
-        caller settles it again the ordinary way."""
-        found: list[tuple[str, Settlement, bool | None]] = []
-        pending, self._pending = self._pending, []
-        for n, (item_id, how) in enumerate(pending):
-            try:
-                reply = self._conn.read_response()
-            except ResponseError:
-                found.append((item_id, how, None))  # e.g. the library is gone: try again
-                continue
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                self._drop_connection()
-                found += [(i, h, None) for i, h in pending[n:]]
-                break
-            found.append((item_id, how, reply == 1))
-        return found
-
-    def close(self) -> None:
-        self._drop_connection()
-        self._pending.clear()
-
-    def _connection(self) -> Any:
-        if self._conn is None:
-            self._conn = self.scheduler.client.connection_pool.make_connection()
-            self._conn.connect()
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.disconnect()
-            finally:
-                self._conn = None
+        self.pending += 1
+        self.wire.send([self.scheduler.command(args)], settled)
+        if self.pending >= MAX_PENDING and self.wire.hub is None:
+            self.wire.drain()
