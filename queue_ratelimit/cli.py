@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 import redis
@@ -23,18 +22,10 @@ from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
+from ._urls import check_redis_url, mask_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
-
-
-def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+masked = mask_url  # the name this module exported before the helper moved to _urls
 
 
 def _mode(shadow: bool) -> str:
@@ -61,11 +52,12 @@ class Settings:
         return masked(self.url or DEFAULT_URL)
 
     def limiter(self) -> Limiter:
+        url = check_redis_url(self.url or DEFAULT_URL)  # a ConfigError: one line, exit 1
         try:
-            return Limiter.from_url(self.url or DEFAULT_URL, namespace=self.namespace)
+            return Limiter.from_url(url, namespace=self.namespace)
         except RateLimitError:
             raise
-        except ValueError as exc:  # redis-py's verdict on a malformed URL
+        except ValueError as exc:  # redis-py's verdict on a URL the check let through
             raise click.ClickException(f"bad Redis URL {self.target}: {exc}") from exc
 
 
@@ -124,7 +116,13 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, url: str | None, namespace: str) -> None:
     """Distributed, Redis-backed rate limits for Celery and RQ."""
-    ctx.obj = Settings(url=url or None, namespace=namespace)
+    if url is not None and not url.strip():
+        # An empty value from the environment counts as unset (click); an empty --url
+        # given on purpose is a mistake, not a request for the default server.
+        raise click.ClickException(
+            f"--url is empty: give a Redis URL such as {DEFAULT_URL}, or leave the option out"
+        )
+    ctx.obj = Settings(url=url, namespace=namespace)
 
 
 @main.command(short_help="Run a multi-tenant workload and show that the caps hold.")

@@ -13,6 +13,8 @@ from click.testing import CliRunner, Result
 from queue_ratelimit import Limiter, __version__
 from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
 from queue_ratelimit._limit import Limit
+from queue_ratelimit._urls import mask_url
+from queue_ratelimit.celery._settings import CelerySettings
 from queue_ratelimit.cli import format_limit, main, masked
 
 # None removes a variable for the invocation, so only what a test passes is seen.
@@ -237,6 +239,66 @@ def test_unreachable_redis_is_one_clean_line(args: list[str]) -> None:
     assert "s3cret" not in message
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "--url is empty"),
+        ("   ", "--url is empty"),
+        ("redis://:pw@[::1/0", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:1/0?socket_timeout=-1", "socket_timeout must be a number of seconds"),
+        ("redis://127.0.0.1:1/0?socket_connect_timeout=0", "socket_connect_timeout must be"),
+        ("redis://127.0.0.1:1/0?socket_timeout=nan", "socket_timeout must be"),
+        ("redis://127.0.0.1:1/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:1/zero", "the database must be a number"),
+        ("http://127.0.0.1:1/0", "the scheme must be one of redis, rediss, unix"),
+    ],
+)
+@pytest.mark.parametrize("args", [["limits", "list"], ["demo", "--duration", "1"]])
+def test_a_bad_url_is_one_clean_line(url: str, reason: str, args: list[str]) -> None:
+    """#11 finding 8: tracebacks for a malformed host or timeout, and '' meant localhost."""
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", url, *args]))
+    assert reason in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:{port}/0?password=hunter2",
+        "redis://127.0.0.1:{port}/0?db=0&password=hunter2&socket_timeout=1",
+        "redis://:hunter2@127.0.0.1:{port}/0",
+        "redis://app:hunter2@127.0.0.1:{port}/0",
+        "redis://hunter2@127.0.0.1:{port}/0",
+        "rediss://app:hunter2@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?sentinel_password=hunter2",
+    ],
+)
+def test_no_form_of_password_is_printed(url: str) -> None:
+    """#11 finding 9: a password given as ?password= was printed in the error."""
+    full = url.format(port=closed_port())
+    for args in (["limits", "list"], ["limits", "set", "global", "1/s"]):
+        message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", full, *args]))
+        assert "hunter2" not in message
+        assert "***" in message
+    bad = full.replace("127.0.0.1", "[::1")  # unparsable: masked all the same
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", bad, "limits", "list"]))
+    assert "hunter2" not in message
+
+
+def test_celery_settings_never_show_a_password() -> None:
+    for url in (
+        "redis://127.0.0.1:6379/0?password=hunter2",
+        "redis://:hunter2@127.0.0.1:6379/0",
+        "unix://:hunter2@/tmp/redis.sock?db=1",
+        "unix:///tmp/redis.sock?password=hunter2",
+    ):
+        settings = CelerySettings(redis_url=url)
+        assert "hunter2" not in repr(settings)
+        assert "hunter2" not in str(settings)
+        assert "***" in repr(settings)
+
+
 def test_missing_url_hints_at_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("queue_ratelimit.cli.DEFAULT_URL", f"redis://127.0.0.1:{closed_port()}/0")
     message = failed(CliRunner(env=NO_ENV).invoke(main, ["limits", "list"]))
@@ -249,6 +311,31 @@ def test_helpers() -> None:
     assert format_limit(Limit.parse("5/2s")) == "5/2s"
     assert masked("redis://:pw@host:1/0") == "redis://:***@host:1/0"
     assert masked("redis://host:1/0") == "redis://host:1/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://host:1/0", "redis://host:1/0"),
+        ("redis://:pw@host:1/0", "redis://:***@host:1/0"),
+        ("redis://app:pw@host:1/0", "redis://app:***@host:1/0"),
+        ("redis://pw@host:1/0", "redis://***@host:1/0"),  # some clients read it as a password
+        ("redis://app:p@ss:w/rd@host:1/0", "redis://app:***@host:1/0"),  # unescaped @ and /
+        ("rediss://app:pw@host:1/0", "rediss://app:***@host:1/0"),
+        ("redis://host:1/0?password=pw&db=2", "redis://host:1/0?password=***&db=2"),
+        ("redis://host/0?db=2&PASSWORD=pw", "redis://host/0?db=2&PASSWORD=***"),
+        ("redis://host/0?ssl_password=pw", "redis://host/0?ssl_password=***"),
+        ("unix://:pw@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=***"),
+        (
+            "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379",
+            "sentinel://:***@h1:26379;sentinel://:***@h2:26379",
+        ),
+        ("redis://:pw@[::1/0", "redis://:***@[::1/0"),  # too malformed to parse
+    ],
+)
+def test_every_credential_form_is_masked(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
 
 
 def test_demo_runs_on_the_embedded_engine() -> None:

@@ -6,26 +6,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ConfigError
 from .._keys import DEFAULT_NAMESPACE
 from .._scopes import check_name, check_namespace, check_priority
+from .._urls import check_redis_url, mask_url
 
 Policy = Literal["hint", "delay", "reject"]
 GateFailMode = Literal["open", "closed"]
 CONF_KEY = "queue_ratelimit"
-
-
-def mask_url(url: str | None) -> str | None:
-    """The URL with its password replaced, for logs and reprs."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +85,8 @@ class CelerySettings:
     max_backlog: int = 100_000
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
         check_namespace(self.namespace)
         check_name("tenant", self.default_tenant)
         check_priority(self.default_priority)
@@ -125,7 +116,7 @@ class CelerySettings:
             raise ConfigError(f"fair_capacity must be True or False, got {self.fair_capacity!r}")
 
     def __repr__(self) -> str:
-        url = mask_url(self.redis_url)
+        url = None if self.redis_url is None else mask_url(self.redis_url)
         return f"CelerySettings(redis_url={url!r}, namespace={self.namespace!r})"
 
     @classmethod
