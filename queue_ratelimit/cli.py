@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import getpass
+import ipaddress
 import json
 import os
 from collections.abc import Iterator
@@ -22,10 +23,22 @@ from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
+from ._scopes import _shown
 from ._urls import check_redis_url, mask_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
 masked = mask_url  # the name this module exported before the helper moved to _urls
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only.
+    Any other name counts as reachable from outside: it may resolve to anything."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _mode(shadow: bool) -> str:
@@ -154,9 +167,27 @@ def demo(settings: Settings, duration: float) -> None:
     show_envvar=True,
     help="Bearer token every request must carry (better set in the environment).",
 )
-@click.option("--no-auth", is_flag=True, help="Serve without a token: trusted local use only.")
+@click.option(
+    "--read-token",
+    envvar="QUEUE_RATELIMIT_READ_TOKEN",
+    show_envvar=True,
+    help="A second bearer token that may only read (the GET routes, /metrics): for "
+    "Prometheus and dashboards.",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without a token: trusted local use only (refused on a non-loopback --host).",
+)
 @click.pass_obj
-def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: bool) -> None:
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    read_token: str | None,
+    no_auth: bool,
+) -> None:
     """Serve the admin API: limits, exemptions, dry-run mode, weights, the audit log, live
     bucket state and Prometheus metrics of the namespace. Changes apply to the next
     decision in every worker. Interactive documentation at /docs."""
@@ -164,6 +195,12 @@ def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: 
         raise click.UsageError(
             "set QUEUE_RATELIMIT_ADMIN_TOKEN (the bearer token clients must send), "
             "or pass --no-auth for a trusted, local setup"
+        )
+    if not token and not is_loopback(host):
+        # Anyone who can reach the port could change every limit: never on a network.
+        raise click.UsageError(
+            f"--no-auth serves on loopback only ({host} is not): set "
+            f"QUEUE_RATELIMIT_ADMIN_TOKEN, or listen on --host 127.0.0.1"
         )
     try:
         import uvicorn
@@ -173,7 +210,12 @@ def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: 
         raise click.ClickException(
             f"the admin API needs the admin extra (pip install 'queue-ratelimit[admin]'): {exc}"
         ) from exc
-    app = create_app(settings.limiter(), token=token or None, allow_anonymous=no_auth)
+    try:
+        app = create_app(
+            settings.limiter(), token=token or None, read_token=read_token, allow_anonymous=no_auth
+        )
+    except ValueError as exc:  # the two tokens are the same
+        raise click.UsageError(str(exc)) from exc
     click.echo(
         f"admin API for namespace {settings.namespace!r} on {settings.target}: "
         f"http://{host}:{port}/docs",
@@ -383,7 +425,7 @@ def concurrency(settings: Settings, scope: str, jobs: str) -> None:
             n = int(jobs)
         except ValueError:
             raise click.BadParameter(
-                f"expected a whole number of jobs or 'none', got {jobs!r}", param_hint="JOBS"
+                f"expected a whole number of jobs or 'none', got {_shown(jobs)}", param_hint="JOBS"
             ) from None
     with settings.limiter() as limiter:
         version = limiter.set_concurrency(scope, n, actor=_actor())
@@ -453,7 +495,7 @@ def _seconds(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise click.BadParameter(f"expected seconds or 'off', got {text!r}") from None
+        raise click.BadParameter(f"expected seconds or 'off', got {_shown(text)}") from None
 
 
 @limits.command()

@@ -15,7 +15,7 @@ from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
 from queue_ratelimit._limit import Limit
 from queue_ratelimit._urls import mask_url
 from queue_ratelimit.celery._settings import CelerySettings
-from queue_ratelimit.cli import format_limit, main, masked
+from queue_ratelimit.cli import format_limit, is_loopback, main, masked
 
 # None removes a variable for the invocation, so only what a test passes is seen.
 NO_ENV = {
@@ -389,3 +389,40 @@ def test_bench_refuses_bad_options(cli: CliRunner) -> None:
     result = cli.invoke(main, ["bench", "--buckets", "2"])
     assert result.exit_code == 2
     assert "'2' is not one of '1', '3'" in result.output
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com", ""])
+def test_serve_without_a_token_refuses_a_non_loopback_address(host: str) -> None:
+    """#11 finding 10: `serve --no-auth --host 0.0.0.0` served an open write API."""
+    env = {**NO_ENV, "QUEUE_RATELIMIT_ADMIN_TOKEN": None}
+    result = CliRunner(env=env).invoke(main, ["serve", "--no-auth", "--host", host])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth serves on loopback only" in result.output
+
+
+def test_serve_refuses_one_token_for_both_roles() -> None:
+    env = {**NO_ENV, "QUEUE_RATELIMIT_ADMIN_TOKEN": "same", "QUEUE_RATELIMIT_READ_TOKEN": "same"}
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    result = CliRunner(env=env).invoke(main, ["--url", url, "serve"])
+    assert result.exit_code == 2, result.output
+    assert "must differ" in result.output
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.0.1", False),
+        ("localhost.example.com", False),
+        ("myhost", False),
+    ],
+)
+def test_loopback_addresses(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
