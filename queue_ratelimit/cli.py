@@ -23,6 +23,7 @@ from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
+from ._scheduler import FairScheduler
 from ._scopes import _shown
 from ._urls import check_redis_url, mask_url
 
@@ -282,10 +283,10 @@ def bench(settings: Settings, seconds: float, buckets: str, as_json: bool) -> No
     )
 
 
-@main.group(short_help="Read and change limits, concurrency caps, exemptions and dry-run.")
+@main.group(short_help="Read and change limits, caps, exemptions, weights and dry-run.")
 def limits() -> None:
-    """Read and change limits, concurrency caps, exemptions and dry-run mode (effective on
-    the next decision).
+    """Read and change limits, concurrency caps, exemptions, fair-scheduling weights and
+    dry-run mode (effective on the next decision).
 
     SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every
     tenant: tenant:* and tenant:*:queue:<q>.
@@ -304,6 +305,7 @@ def list_(settings: Settings, as_json: bool) -> None:
         # A default (tenant:*) caps each tenant on its own: no one running count.
         running = {s: None if "*" in s else limiter.running(s) for s in caps}
         exempt = limiter.exemptions()
+        weights = FairScheduler(limiter).weights()
         version = limiter.config_version()
         # The namespace-wide switch has no getter on Limiter; it is this field of the config.
         dry_run = limiter.client.hget(limiter.keys.config, "mode:shadow") is not None
@@ -317,6 +319,7 @@ def list_(settings: Settings, as_json: bool) -> None:
             "limits": {scope: limit_fields(item) for scope, item in items.items()},
             "concurrency": {s: {"cap": n, "running": running[s]} for s, n in caps.items()},
             "exempt": exempt,
+            "weights": weights,
         }
         click.echo(json.dumps(payload, indent=2))
         return
@@ -353,6 +356,9 @@ def list_(settings: Settings, as_json: bool) -> None:
         what = {"tenant": "its tenant caps", "all": "every cap"}
         listed = ", ".join(f"{t} ({what.get(m, m)})" for t, m in exempt.items())
         click.echo(f"exempt: {listed}")
+    if weights:
+        shown = ", ".join(f"{f.removeprefix('weight:')} {w:g}" for f, w in weights.items())
+        click.echo(f"weights: {shown}")
 
 
 @limits.command()
@@ -459,6 +465,33 @@ def exempt(settings: Settings, tenant: str, mode: str) -> None:
     else:
         done = "exempt from its tenant caps (queue and global caps still apply)"
     click.echo(f"{tenant}: {done}; config version {version}")
+
+
+@limits.command()
+@click.argument("kind", type=click.Choice(["tenant", "priority"]))
+@click.argument("name")
+@click.argument("weight")
+@click.pass_obj
+def weight(settings: Settings, kind: str, name: str, weight: str) -> None:
+    """Set the fair-scheduling WEIGHT (0.001 to 1e6) of a tenant or a priority NAME, or
+    "none" for the default (tenant 1, or tenant * for every tenant's; high 3, normal 2,
+    low 1). Weights share a contended budget: a weight-5 tenant gets five times a weight-1
+    tenant's share."""
+    if weight == "none":
+        value = None
+    else:
+        try:
+            value = float(weight)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected a number or 'none', got {_shown(weight)}", param_hint="WEIGHT"
+            ) from None
+    with settings.limiter() as limiter:
+        scheduler = FairScheduler(limiter)
+        setter = scheduler.set_tenant_weight if kind == "tenant" else scheduler.set_priority_weight
+        version = setter(name, value, actor=_actor())
+    done = "back to the default weight" if value is None else f"weight {value:g}"
+    click.echo(f"{kind} {name}: {done}; config version {version}")
 
 
 @limits.command("dry-run")

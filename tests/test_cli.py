@@ -110,6 +110,7 @@ def test_json_output(cli: CliRunner, namespace: str) -> None:
         },
         "concurrency": {},
         "exempt": {"vip": "tenant"},
+        "weights": {},
     }
     one = json.loads(ok(cli, "limits", "get", "tenant:*", "--json"))
     assert (one["scope"], one["burst"]) == ("tenant:*", 3.0)
@@ -426,3 +427,22 @@ def test_serve_refuses_one_token_for_both_roles() -> None:
 )
 def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_weights_are_set_listed_and_bounded(cli: CliRunner, limiter: Limiter) -> None:
+    assert ok(cli, "limits", "weight", "tenant", "bigco", "5").startswith("tenant bigco: weight 5")
+    ok(cli, "limits", "weight", "priority", "bulk", "0.5")
+    assert "weights: priority:bulk 0.5, tenant:bigco 5" in ok(cli, "limits", "list")
+    listed = json.loads(ok(cli, "limits", "list", "--json"))
+    assert listed["weights"] == {"weight:priority:bulk": 0.5, "weight:tenant:bigco": 5.0}
+    for bad in ("5e-324", "1e-320", "0", "-1", "inf", "nan", "1e7"):  # #11 finding 7
+        message = failed(cli.invoke(main, ["limits", "weight", "tenant", "tiny", "--", bad]))
+        assert "weight must be a number from 0.001 to 1e+06" in message
+    refused = cli.invoke(main, ["limits", "weight", "tenant", "tiny", "heavy"])
+    assert refused.exit_code == 2
+    assert "expected a number or 'none'" in refused.output
+    assert ok(cli, "limits", "weight", "tenant", "bigco", "none").startswith(
+        "tenant bigco: back to the default weight"
+    )
+    assert "weights: priority:bulk 0.5\n" in ok(cli, "limits", "list")
+    assert limiter.audit_log()[0].actor.startswith("cli")
