@@ -8,10 +8,10 @@ import getpass
 import ipaddress
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import redis
@@ -28,6 +28,7 @@ from ._scopes import _shown
 from ._urls import check_redis_url, mask_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
+_T = TypeVar("_T")
 masked = mask_url  # the name this module exported before the helper moved to _urls
 
 
@@ -417,6 +418,18 @@ def delete(settings: Settings, scope: str) -> None:
     click.echo(f"{scope}: deleted; config version {version}")
 
 
+def _or_none(text: str, convert: Callable[[str], _T], what: str, hint: str) -> _T | None:
+    """An argument that is a number or "none"."""
+    if text == "none":
+        return None
+    try:
+        return convert(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected {what} or 'none', got {_shown(text)}", param_hint=hint
+        ) from None
+
+
 @limits.command()
 @click.argument("scope")
 @click.argument("jobs")
@@ -424,15 +437,7 @@ def delete(settings: Settings, scope: str) -> None:
 def concurrency(settings: Settings, scope: str, jobs: str) -> None:
     """At most JOBS of SCOPE running at once (across every worker), or "none" to remove
     the cap. tenant:* gives every tenant a cap of its own."""
-    if jobs == "none":
-        n = None
-    else:
-        try:
-            n = int(jobs)
-        except ValueError:
-            raise click.BadParameter(
-                f"expected a whole number of jobs or 'none', got {_shown(jobs)}", param_hint="JOBS"
-            ) from None
+    n = _or_none(jobs, int, "a whole number of jobs", "JOBS")
     with settings.limiter() as limiter:
         version = limiter.set_concurrency(scope, n, actor=_actor())
     done = "no concurrency cap" if n is None else f"at most {n} running at once"
@@ -477,15 +482,7 @@ def weight(settings: Settings, kind: str, name: str, weight: str) -> None:
     "none" for the default (tenant 1, or tenant * for every tenant's; high 3, normal 2,
     low 1). Weights share a contended budget: a weight-5 tenant gets five times a weight-1
     tenant's share."""
-    if weight == "none":
-        value = None
-    else:
-        try:
-            value = float(weight)
-        except ValueError:
-            raise click.BadParameter(
-                f"expected a number or 'none', got {_shown(weight)}", param_hint="WEIGHT"
-            ) from None
+    value = _or_none(weight, float, "a number", "WEIGHT")
     with settings.limiter() as limiter:
         scheduler = FairScheduler(limiter)
         setter = scheduler.set_tenant_weight if kind == "tenant" else scheduler.set_priority_weight
