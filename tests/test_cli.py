@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from queue_ratelimit import Limiter, __version__
+from queue_ratelimit import AsyncLimiter, ConfigError, Limiter, __version__
 from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
 from queue_ratelimit._limit import Limit
 from queue_ratelimit._urls import mask_url
@@ -285,6 +286,16 @@ def test_no_form_of_password_is_printed(url: str) -> None:
     bad = full.replace("127.0.0.1", "[::1")  # unparsable: masked all the same
     message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", bad, "limits", "list"]))
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("make", [Limiter.from_url, AsyncLimiter.from_url])
+@pytest.mark.parametrize(
+    "url", ["", "redis://:hunter2@[::1/0", "redis://h/0?password=hunter2&socket_timeout=-1"]
+)
+def test_the_python_api_refuses_a_bad_url_with_a_typed_error(make: Any, url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make(url)
+    assert "hunter2" not in str(info.value)
 
 
 def test_celery_settings_never_show_a_password() -> None:
