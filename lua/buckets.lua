@@ -12,7 +12,9 @@
 --                                    w:<scope>; expires when idle
 --   shared  <prefix>:{ns}:shared     b:global, b:global:u, b:queue:<q>, b:queue:<q>:u,
 --                                    a:q:<q> (allowed per queue, a:q:- without one),
---                                    a:p:<p>, n:ax (allowed cost beyond 1 per job),
+--                                    a:p:<p>, a:q:~ and a:p:~ (names past the first
+--                                    512 queues / 64 priorities), n:aq and n:ap (names
+--                                    counted apart), n:ax (allowed cost beyond 1 per job),
 --                                    h:<ms> (denials by wait), h:us (their total wait),
 --                                    n:w, d:<scope> (queue and global scopes),
 --                                    w:<scope>, _rev (the config revision, see below);
@@ -71,6 +73,11 @@ local MAX_CONFIGS, MAX_PLANS = 64, 10000
 local MAX_HOLD_MS = 7 * 86400000
 -- Slot holders woken per release (parked scheduler tenants waiting for the scope).
 local WAKE_BATCH = 64
+-- Admissions per queue (a:q:<q>) and per priority (a:p:<p>) are counted in the shared hash,
+-- which never expires: past this many names of a kind, a new name counts under a:q:~ or
+-- a:p:~ ("other"), so one-off names cannot grow the hash without bound. n:aq and n:ap
+-- count the names that have a counter (MAX_QUEUE_COUNTERS in metrics.py).
+local MAX_QUEUE_COUNTERS, MAX_PRIORITY_COUNTERS = 512, 64
 
 -- Redis converts Lua numbers in replies to integers: floats travel as strings.
 -- Whole numbers below 2^53 (the clock, counters, whole tokens) print the same digits with
@@ -464,6 +471,16 @@ local function record(ctx, amount, suffix)
   if total == amount then redis.call('PEXPIRE', key, rec.keep_ms) end
 end
 
+-- A counter `field` was just created (its first count): keep it if fewer than `max` of
+-- its kind exist, else move its count to `other` (totals stay exact either way).
+local function named_counter(key, field, names, max, other)
+  if redis.call('HINCRBY', key, names, 1) > max then
+    redis.call('HDEL', key, field)
+    redis.call('HINCRBY', key, names, -1)
+    redis.call('HINCRBY', key, other, 1)
+  end
+end
+
 -- Takes `cost` from every bucket (shadow buckets only where they had it), counts the
 -- admission and writes everything back. `targs` may carry more tenant-hash fields to set.
 local function admit(ctx, cost, would_deny, keep_ms, targs)
@@ -481,8 +498,12 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
   end
   redis.call('HINCRBY', ctx.tenant_key, 'n:a', '1')
   local plan = ctx.plan
-  redis.call('HINCRBY', ctx.shared_key, plan.aq, '1')
-  if plan.ap then redis.call('HINCRBY', ctx.shared_key, plan.ap, '1') end
+  if redis.call('HINCRBY', ctx.shared_key, plan.aq, '1') == 1 then
+    named_counter(ctx.shared_key, plan.aq, 'n:aq', MAX_QUEUE_COUNTERS, 'a:q:~')
+  end
+  if plan.ap and redis.call('HINCRBY', ctx.shared_key, plan.ap, '1') == 1 then
+    named_counter(ctx.shared_key, plan.ap, 'n:ap', MAX_PRIORITY_COUNTERS, 'a:p:~')
+  end
   if cost ~= 1 then redis.call('HINCRBYFLOAT', ctx.shared_key, 'n:ax', fmt(cost - 1)) end
   if plan.record then record(ctx, cost, '') end
   write(ctx, keep_ms, targs)

@@ -55,6 +55,13 @@ local function split_meta(meta)
   return lane, tenant, priority, tonumber(cost), tonumber(queued) or 0
 end
 
+-- A pass or virtual time as stored: one that is not finite (left by that old arithmetic)
+-- counts as 0, so the lane serves its tenants again instead of failing every call.
+local function finite(x)
+  if x and x == x and x > -math.huge and x < math.huge then return x end
+  return 0
+end
+
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
 -- unless it is already active or parked.
 local function join_tenant(lane, tenant)
@@ -64,6 +71,7 @@ local function join_tenant(lane, tenant)
   end
   local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
   local vt = tonumber(redis.call('HGET', lane_key(lane, 'n'), ':vt')) or 0
+  own, vt = finite(own), finite(vt)
   local pass = own
   if own < vt then
     -- Joining at the virtual time, it would tie with every backlogged tenant there and
@@ -79,7 +87,7 @@ local function join_priority(lane, tenant, priority)
   local tp = lane_key(lane, 'tp:' .. tenant)
   if redis.call('ZSCORE', tp, priority) then return end
   local v = redis.call('HMGET', tenant_key(tenant), 'pp:' .. lane .. ':' .. priority, 'pv:' .. lane)
-  redis.call('ZADD', tp, math.max(tonumber(v[1]) or 0, tonumber(v[2]) or 0), priority)
+  redis.call('ZADD', tp, math.max(finite(tonumber(v[1])), finite(tonumber(v[2]))), priority)
 end
 
 -- Put an item back into its class backlog: at the head (its old position) or the tail.
@@ -116,10 +124,15 @@ local function reap(now)
   return #expired
 end
 
+-- A weight divides costs into virtual time. One outside what the API accepts (written
+-- before it checked, or by hand) is clamped into that range (MIN_WEIGHT, MAX_WEIGHT in
+-- _scheduler.py), so every step is finite: a denormal once made it inf, and the next join
+-- computed inf - inf.
+local MIN_WEIGHT, MAX_WEIGHT = 0.001, 1000000
 local function weight(value, default)
   local w = tonumber(value)
-  if w and w > 0 then return w end
-  return default
+  if not w or w ~= w or w <= 0 then return default end
+  return math.min(math.max(w, MIN_WEIGHT), MAX_WEIGHT)
 end
 
 if mode == 'submit' then
@@ -255,13 +268,13 @@ if mode == 'dispatch' then
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #top == 0 then break end
       backlogged = true
-      local tenant, pass = top[1], tonumber(top[2])
+      local tenant, pass = top[1], finite(tonumber(top[2]))
       local tp = lane_key(lane, 'tp:' .. tenant)
       local ptop = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
       if #ptop == 0 then
         redis.call('ZREM', active, tenant)  -- nothing left: defensive, keeps the set honest
       else
-        local priority, ppass = ptop[1], tonumber(ptop[2])
+        local priority, ppass = ptop[1], finite(tonumber(ptop[2]))
         local bl = backlog_key(lane, tenant, priority)
         local id = redis.call('LINDEX', bl, 0)
         if not id then

@@ -30,6 +30,7 @@ from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
 from ._scopes import Scope, scope_name
+from ._urls import check_redis_url
 
 
 class AsyncLimiter(LimiterBase):
@@ -41,7 +42,7 @@ class AsyncLimiter(LimiterBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
-        return cls(aioredis.Redis.from_url(url), **options)
+        return cls(aioredis.Redis.from_url(check_redis_url(url)), **options)
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(

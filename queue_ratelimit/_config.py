@@ -27,7 +27,7 @@ from ._concurrency import check_concurrency
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
 from ._preview import recording_value
-from ._scopes import check_name, scope_name
+from ._scopes import _shown, check_name, scope_name
 
 ENV_PREFIX = "QUEUE_RATELIMIT_"
 
@@ -46,7 +46,7 @@ class ConfigSpec:
 def _flag(where: str, value: object) -> bool:
     # bool("false") is True: a string here is a mistake to report, not a truthy value.
     if not isinstance(value, bool):
-        raise ConfigError(f"{where}shadow must be true or false, got {value!r}")
+        raise ConfigError(f"{where}shadow must be true or false, got {_shown(value)}")
     return value
 
 
@@ -64,13 +64,15 @@ def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
             )
         burst = value.get("burst")
         if burst is not None and not isinstance(burst, (int, float)):
-            raise InvalidLimit(f"burst for {scope!r} must be a number, got {burst!r}")
+            raise InvalidLimit(f"burst for {scope!r} must be a number, got {_shown(burst)}")
         rate = value["rate"]
         if not isinstance(rate, str):
-            raise InvalidLimit(f"rate for {scope!r} must be a string like '100/s', got {rate!r}")
+            raise InvalidLimit(
+                f"rate for {scope!r} must be a string like '100/s', got {_shown(rate)}"
+            )
         shadow = _flag(f"limit for {scope!r}: ", value.get("shadow", False))
         return Limit.parse(rate, burst=burst), shadow
-    raise InvalidLimit(f"limit for {scope!r} must be a string or a table, got {value!r}")
+    raise InvalidLimit(f"limit for {scope!r} must be a string or a table, got {_shown(value)}")
 
 
 def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
@@ -94,7 +96,9 @@ def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
     exempt = {}
     for tenant, mode in exempt_raw.items():
         if mode not in ("tenant", "all"):
-            raise ConfigError(f"exempt mode for {tenant!r} must be 'tenant' or 'all', got {mode!r}")
+            raise ConfigError(
+                f"exempt mode for {_shown(tenant)} must be 'tenant' or 'all', got {_shown(mode)}"
+            )
         exempt[check_name("tenant", tenant)] = mode
     record = raw.get("record")
     if record is not None:
@@ -104,7 +108,7 @@ def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
         try:
             concurrency[scope_name(scope)] = check_concurrency(n)
         except ConfigError as exc:
-            raise type(exc)(f"concurrency for {scope!r}: {exc}") from None
+            raise type(exc)(f"concurrency for {_shown(scope)}: {exc}") from None
     return ConfigSpec(
         concurrency=concurrency,
         limits=limits,
@@ -128,7 +132,7 @@ def _env_pairs(name: str, text: str, example: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(";"))):
         scope, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"{ENV_PREFIX}{name} entry {item!r} must look like {example!r}")
+            raise ConfigError(f"{ENV_PREFIX}{name} entry {_shown(item)} must look like {example!r}")
         pairs[scope.strip()] = value.strip()
     return pairs
 
@@ -151,6 +155,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | No
             caps[scope] = int(n)
         except ValueError:
             raise InvalidLimit(
-                f"{ENV_PREFIX}CONCURRENCY: the cap for {scope!r} must be a whole number, got {n!r}"
+                f"{ENV_PREFIX}CONCURRENCY: the cap for {_shown(scope)} must be a whole number, "
+                f"got {_shown(n)}"
             ) from None
     return parse_config({"limits": limits, "concurrency": caps})

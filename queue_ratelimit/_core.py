@@ -144,7 +144,7 @@ def as_slot(held: object) -> Slot | None:
             return Slot.parse(held)
         except ValueError as exc:
             raise InvalidName(str(exc)) from None
-    raise InvalidName(f"expected a Decision, a Slot or its text, got {held!r}")
+    raise InvalidName(f"expected a Decision, a Slot or its text, got {_shown(held)}")
 
 
 def concurrency_scope(scope: str | Scope) -> str:
@@ -160,7 +160,7 @@ def concurrency_scope(scope: str | Scope) -> str:
 def _as_limit(limit: object) -> Limit:
     parsed = Limit.parse(limit) if isinstance(limit, str) else limit
     if not isinstance(parsed, Limit):
-        raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {limit!r}")
+        raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {_shown(limit)}")
     return parsed
 
 
@@ -181,11 +181,15 @@ class LimiterCore:
         counter_retention: float,
     ) -> None:
         if fail_mode not in ("raise", "open", "closed"):
-            raise InvalidName(f"fail_mode must be 'raise', 'open' or 'closed', got {fail_mode!r}")
+            raise InvalidName(
+                f"fail_mode must be 'raise', 'open' or 'closed', got {_shown(fail_mode)}"
+            )
         if not (math.isfinite(closed_retry_ms) and closed_retry_ms > 0):
-            raise InvalidCost(f"closed_retry_ms must be > 0, got {closed_retry_ms!r}")
+            raise InvalidCost(f"closed_retry_ms must be > 0, got {_shown(closed_retry_ms)}")
         if not (math.isfinite(counter_retention) and counter_retention > 0):
-            raise InvalidCost(f"counter_retention must be > 0 seconds, got {counter_retention!r}")
+            raise InvalidCost(
+                f"counter_retention must be > 0 seconds, got {_shown(counter_retention)}"
+            )
         self.keys = KeySpace(prefix=prefix, namespace=namespace)
         self.fail_mode: FailMode = fail_mode
         self.closed_retry_ms = float(closed_retry_ms)
@@ -293,7 +297,7 @@ class LimiterCore:
         k = self.keys
         scopes = [concurrency_scope(scope) for scope in slot.scopes]
         if not slot.token or " " in slot.token:
-            raise InvalidName(f"not a slot token: {slot.token!r}")
+            raise InvalidName(f"not a slot token: {_shown(slot.token)}")
         return ScriptCall([k.config, k.shared], [slot.token, mode, hold_ms, *scopes])
 
     def set_concurrency_call(self, scope: str | Scope, n: object, actor: str) -> ScriptCall:
@@ -332,7 +336,7 @@ class LimiterCore:
         if mode is None:
             return self.config_call("del", field, "", actor)
         if mode not in ("tenant", "all"):
-            raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {mode!r}")
+            raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {_shown(mode)}")
         return self.config_call("set", field, mode, actor)
 
     def set_recording_call(self, seconds: float | None, actor: str) -> ScriptCall:

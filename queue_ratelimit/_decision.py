@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ._limit import Limit
+from ._scopes import _shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class Slot:
         """Read ``str(slot)`` back. Raises ``ValueError`` for text that is not one."""
         parts = (text.decode() if isinstance(text, bytes) else text).split()
         if len(parts) < 2:
-            raise ValueError(f"not a concurrency slot: {text!r}")
+            raise ValueError(f"not a concurrency slot: {_shown(text)}")
         return cls(parts[0], tuple(parts[1:]))
 
 

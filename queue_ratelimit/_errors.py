@@ -7,7 +7,8 @@
     │   ├── InvalidLimit               rate / per / burst not finite, <= 0 or absurd
     │   ├── InvalidName                tenant, queue, priority or namespace name
     │   ├── InvalidScope               a scope string that names no known scope
-    │   └── InvalidCost                cost not finite or <= 0
+    │   ├── InvalidCost                cost not finite or <= 0
+    │   └── InvalidWeight              a fair-scheduling weight outside [0.001, 1e6]
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
     ├── BackendUnavailable             Redis could not be reached (fail mode "raise")
@@ -43,6 +44,10 @@ class InvalidScope(ConfigError):
 
 class InvalidCost(ConfigError):
     """A cost is not a finite number greater than zero."""
+
+
+class InvalidWeight(ConfigError):
+    """A fair-scheduling weight is not a number from 0.001 to 1e6."""
 
 
 class CostExceedsBurst(RateLimitError):

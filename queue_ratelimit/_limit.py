@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ._errors import InvalidLimit
+from ._scopes import _shown
 
 # Bounds chosen so that every valid limit round-trips through the Lua script's doubles
 # with no loss that matters, and so that a typo ("1e12/s") is caught rather than obeyed.
@@ -14,6 +15,9 @@ MAX_RATE_PER_SECOND = 1e9
 MIN_RATE_PER_SECOND = 1e-7  # about one token every 116 days
 MAX_PERIOD_SECONDS = 366 * 86400.0
 MAX_BURST = 1e12
+# The longest limit text accepted ("1000000000/366d" is 15 characters): parsing a longer one
+# is refused before any pattern runs, so its cost is bounded whatever the input.
+MAX_LIMIT_TEXT = 64
 
 _UNITS = {
     "ms": 0.001,
@@ -22,18 +26,24 @@ _UNITS = {
     "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
     "d": 86400.0, "day": 86400.0, "days": 86400.0,
 }  # fmt: skip
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_LIMIT_RE = re.compile(
-    rf"^\s*(?P<rate>{_NUMBER})\s*/\s*(?P<count>{_NUMBER})?\s*(?P<unit>[a-zA-Z]+)\s*$"
-)
+_NUMBER = r"(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
+# Each side of the "/" is matched on its own (split first), with possessive quantifiers
+# only: no part can be re-split by backtracking, so a match is linear in the text. (One
+# pattern over the whole text with optional parts between spaces took 70 s on 100 KB.)
+_RATE_RE = re.compile(_NUMBER)
+_PER_RE = re.compile(rf"(?P<count>{_NUMBER})?+\s*+(?P<unit>[a-zA-Z]++)")
+_SYNTAX = "expected '<rate>/<unit>' or '<rate>/<n><unit>' such as '100/s', '6000/m' or '5/2s'"
 
 
 def _finite_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidLimit(f"{name} must be a number, got {value!r}")
-    number = float(value)
+        raise InvalidLimit(f"{name} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
     if not math.isfinite(number) or number <= 0:
-        raise InvalidLimit(f"{name} must be a finite number greater than 0, got {value!r}")
+        raise InvalidLimit(f"{name} must be a finite number greater than 0, got {_shown(value)}")
     return number
 
 
@@ -103,20 +113,23 @@ class Limit:
                 bounds.
         """
         if not isinstance(text, str):
-            raise InvalidLimit(f"a limit must be a string like '100/s', got {text!r}")
-        match = _LIMIT_RE.match(text)
-        if match is None:
+            raise InvalidLimit(f"a limit must be a string like '100/s', got {_shown(text)}")
+        if len(text) > MAX_LIMIT_TEXT:
             raise InvalidLimit(
-                f"cannot parse limit {text!r}: expected '<rate>/<unit>' or '<rate>/<n><unit>' "
-                f"such as '100/s', '6000/m' or '5/2s'"
+                f"a limit is at most {MAX_LIMIT_TEXT} characters, got {_shown(text)}: {_SYNTAX}"
             )
-        unit = match["unit"].lower()
+        rate_text, slash, per_text = text.partition("/")
+        rate = _RATE_RE.fullmatch(rate_text.strip())
+        per = _PER_RE.fullmatch(per_text.strip())
+        if not slash or rate is None or per is None:
+            raise InvalidLimit(f"cannot parse limit {_shown(text)}: {_SYNTAX}")
+        unit = per["unit"].lower()
         if unit not in _UNITS:
             raise InvalidLimit(
-                f"unknown time unit {match['unit']!r} in {text!r}; use ms, s, m, h or d"
+                f"unknown time unit {_shown(per['unit'])} in {_shown(text)}; use ms, s, m, h or d"
             )
-        count = float(match["count"]) if match["count"] else 1.0
-        return cls(float(match["rate"]), per=count * _UNITS[unit], burst=burst)
+        count = float(per["count"]) if per["count"] else 1.0
+        return cls(float(rate[0]), per=count * _UNITS[unit], burst=burst)
 
     def __str__(self) -> str:
         return f"{self.rate:g}/{self.per:g}s burst {self.capacity:g}"

@@ -27,6 +27,7 @@ from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
 from ._scopes import Scope, scope_name
+from ._urls import check_redis_url
 
 
 class Limiter(LimiterBase):
@@ -55,8 +56,12 @@ class Limiter(LimiterBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Limiter:
-        """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``."""
-        return cls(redis.Redis.from_url(url), **options)
+        """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``.
+
+        Raises:
+            ConfigError: the URL is empty or malformed (shown with its password masked).
+        """
+        return cls(redis.Redis.from_url(check_redis_url(url)), **options)
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(

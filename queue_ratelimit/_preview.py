@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ._decision import decode_limit, format_limit
 from ._errors import ConfigError
 from ._limit import Limit
-from ._scopes import ANY_TENANT, Scope
+from ._scopes import ANY_TENANT, Scope, _shown
 
 MIN_RECORDING = 60.0
 MAX_RECORDING = 86_400.0
@@ -40,7 +40,7 @@ def recording_value(seconds: object) -> str:
     ):
         raise ConfigError(
             f"recording keeps {MIN_RECORDING:.0f} to {MAX_RECORDING:.0f} seconds of traffic, "
-            f"got {seconds!r}"
+            f"got {_shown(seconds)}"
         )
     return str(math.ceil(seconds))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -10,11 +11,16 @@ from redis.exceptions import ResponseError
 
 from ._core import check_cost, check_hold, check_positive, redis_errors
 from ._decision import Slot
-from ._errors import BacklogFull, ConfigError, InvalidName
+from ._errors import BacklogFull, ConfigError, InvalidName, InvalidWeight
 from ._limiter import Limiter
-from ._scopes import check_name, check_priority
+from ._scopes import _shown, check_name, check_priority
 
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
+# Weights divide costs into virtual time (lua/scheduler.lua): a denormal weight made the
+# first step infinite and broke the lane. In [1e-3, 1e6] every step (cost / weight) is a
+# finite double, and a weight ratio of at most 1e9 stays well inside the 15-16 digits a
+# double carries, so the smallest step still moves a pass (docs/tuning.md).
+MIN_WEIGHT = 1e-3
 MAX_WEIGHT = 1e6
 MAX_ITEM_ID = 256
 MAX_LEASE = 7 * 86400.0
@@ -139,13 +145,21 @@ def _check_item_id(item_id: object) -> str:
     if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID or " " in item_id:
         raise InvalidName(
             f"item id must be a non-empty string of at most {MAX_ITEM_ID} characters without "
-            f"spaces, got {item_id!r}"
+            f"spaces, got {_shown(item_id)}"
         )
     return item_id
 
 
 def _check_weight(weight: object) -> float:
-    return check_positive("weight", weight, MAX_WEIGHT)
+    try:
+        number = check_positive("weight", weight, MAX_WEIGHT, InvalidWeight)
+    except InvalidWeight:
+        number = math.nan  # one message for every way to miss the range
+    if not MIN_WEIGHT <= number <= MAX_WEIGHT:
+        raise InvalidWeight(
+            f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {_shown(weight)}"
+        )
+    return number
 
 
 def _check_lease(lease: object) -> int:
@@ -187,7 +201,7 @@ class FairScheduler:
         self._core = limiter._core
         self.lease_ms = _check_lease(lease)
         if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
-            raise ConfigError(f"max_skips must be a whole number >= 0, got {max_skips!r}")
+            raise ConfigError(f"max_skips must be a whole number >= 0, got {_shown(max_skips)}")
         self.max_skips = max_skips
         self._scripts = limiter._scripts
         k = self._core.keys
@@ -245,7 +259,7 @@ class FairScheduler:
         check_priority(priority)
         amount = check_cost(cost)
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
-            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {_shown(max_backlog)}")
         reply = self._run(
             "submit",
             queue,
@@ -299,7 +313,7 @@ class FairScheduler:
             InvalidName / InvalidCost: a malformed item.
         """
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
-            raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {_shown(max_backlog)}")
         return [
             self._args(
                 "submit",
@@ -573,7 +587,7 @@ class FairScheduler:
         ``Limiter.release(verdict.slot)``; no credit is granted then.
         """
         if isinstance(credit, bool) or not isinstance(credit, int) or credit < 0:
-            raise ConfigError(f"credit must be a whole number >= 0, got {credit!r}")
+            raise ConfigError(f"credit must be a whole number >= 0, got {_shown(credit)}")
         check_name("tenant", tenant)
         check_name("queue", queue)
         check_priority(priority)

@@ -21,6 +21,9 @@ ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
 
 def _shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: an error never echoes megabytes back."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        # Only the head is shown: no need to build the repr of megabytes first.
+        return f"{value[:limit]!r}... ({len(value)} characters)"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
@@ -89,7 +92,7 @@ class Scope:
             if parts[2] == "queue":
                 return cls("tenant_queue", tenant=tenant, queue=check_name("queue", parts[3]))
         raise InvalidScope(
-            f"unknown scope {text!r}: expected 'global', 'queue:<q>', 'tenant:<t>', "
+            f"unknown scope {_shown(text)}: expected 'global', 'queue:<q>', 'tenant:<t>', "
             f"'tenant:<t>:queue:<q>' (use '*' for <t> to set every tenant's default)"
         )
 

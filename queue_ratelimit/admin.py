@@ -8,10 +8,15 @@
 
 Every change goes through the same versioned, audited path as ``Limiter.set_limit`` and the
 CLI, so it applies to the next decision in every worker. Every route but ``/healthz`` wants
-``Authorization: Bearer <token>``; an ``X-Actor`` header names who is changing things in the
-audit log (``admin:<actor>``). Errors come back as ``{"error": <kind>, "detail": <what to
-fix>}``: 400 for bad input, 401 without a valid token, 404 for an unknown scope, 503 while
-Redis is unreachable. Needs the ``admin`` extra (FastAPI).
+``Authorization: Bearer <token>``: the admin token for everything, or the read-only token
+(``read_token``) for the ``GET`` routes alone (dashboards, Prometheus scrapes). The audit
+log names the admin token that acted by a fingerprint, ``admin[<8 hex digits>]``, never the
+token itself, and an ``X-Actor`` header adds who is changing things
+(``admin[1a2b3c4d]:alice``). Errors come back as ``{"error": <kind>, "detail": <what to
+fix>}``, with any input they quote cut short: 400 for bad input, 401 without a valid token,
+403 for a change asked with the read-only token, 404 for an unknown scope, 413 for a body
+over 16 KiB (refused before it is read), 422 for a body of the wrong shape, 503 while Redis
+is unreachable. Needs the ``admin`` extra (FastAPI).
 
 Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurrency caps,
 ``{"jobs": n}``, with the jobs running under each), ``/exemptions/{tenant}``, ``/shadow``,
@@ -22,13 +27,18 @@ Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from ._core import redis_errors
@@ -37,9 +47,13 @@ from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
-from ._scheduler import FairScheduler
-from ._scopes import check_name, scope_name
+from ._scheduler import MAX_WEIGHT, MIN_WEIGHT, FairScheduler
+from ._scopes import _shown, check_name, scope_name
 from .metrics import RateLimitCollector, bucket_state, snapshot
+
+# Every body this API takes is a few dozen bytes; anything near this is an attack or a
+# mistake, refused before it is read (a 40 KB limit text once held the server for 11 s).
+MAX_BODY_BYTES = 16 * 1024
 
 
 class _Body(BaseModel):
@@ -99,7 +113,9 @@ class ShadowIn(_Body):
 
 
 class WeightIn(_Body):
-    weight: float = Field(gt=0, description="Share of a contended budget (relative).")
+    weight: float = Field(
+        description=f"Share of a contended budget (relative), {MIN_WEIGHT:g} to {MAX_WEIGHT:g}."
+    )
 
 
 class BucketOut(BaseModel):
@@ -119,35 +135,160 @@ def _limit_out(item: ScopeLimit) -> LimitOut:
     )
 
 
+def fingerprint(token: str) -> str:
+    """8 hex digits that tell one admin token from another in the audit log.
+
+    Slow to compute (scrypt), and only 32 bits of it: whoever reads the audit log (the
+    read-only token suffices) learns nothing that helps guess a token.
+    """
+    digest = hashlib.scrypt(
+        token.encode(), salt=b"queue-ratelimit admin token", n=2**14, r=8, p=1, dklen=16
+    )
+    return digest.hex()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokens:
+    """Who may do what: set on the app, read by the dependencies below."""
+
+    admin: str | None
+    read: str | None
+    open: bool  # served without a token: every request acts as the admin
+    admin_label: str  # the admin token's fingerprint, or "no-token"
+
+    def role(self, credentials: HTTPAuthorizationCredentials | None) -> Literal["admin", "read"]:
+        if self.open:
+            return "admin"
+        given = (credentials.credentials if credentials else "").encode()
+        # Both compared every time, so the time taken tells nothing of which one matched.
+        is_admin = self.admin is not None and hmac.compare_digest(given, self.admin.encode())
+        is_read = self.read is not None and hmac.compare_digest(given, self.read.encode())
+        if is_admin:
+            return "admin"
+        if is_read:
+            return "read"
+        raise _Unauthorized
+
+
 # Annotations are resolved in this module's namespace (by FastAPI), so what they name lives here.
 _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 WeightKind = Literal["tenant", "priority"]
 
 
-def _actor(x_actor: Annotated[str | None, Header()] = None) -> str:
-    """Who changes things, for the audit log: ``admin:<X-Actor>``, or ``admin``."""
-    return f"admin:{check_name('actor', x_actor)}" if x_actor else "admin"
+def _tokens(request: Request) -> _Tokens:
+    tokens: _Tokens = request.app.state.queue_ratelimit_tokens
+    return tokens
+
+
+def _reader(request: Request, credentials: Credentials) -> None:
+    """Either token may read."""
+    _tokens(request).role(credentials)
+
+
+def _actor(
+    request: Request, credentials: Credentials, x_actor: Annotated[str | None, Header()] = None
+) -> str:
+    """Only the admin token may change things; the audit log names it by its fingerprint,
+    and the ``X-Actor`` header after it: ``admin[1a2b3c4d]:alice``, or ``admin[1a2b3c4d]``."""
+    tokens = _tokens(request)
+    if tokens.role(credentials) != "admin":
+        raise _Forbidden
+    who = f"admin[{tokens.admin_label}]"
+    return f"{who}:{check_name('actor', x_actor)}" if x_actor else who
 
 
 Actor = Annotated[str, Depends(_actor)]
+Auth = Depends(_reader)
 
 
 def _error(status: int, kind: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": kind, "detail": detail}, status_code=status)
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors in one short line: where, what, and the input cut short
+    (its own reply would echo a 10 MB body back whole)."""
+    errors = exc.errors()
+    parts = []
+    for error in errors[:5]:
+        if error.get("type") == "json_invalid":
+            reason = _cut(str(error.get("ctx", {}).get("error", "")), 80)
+            parts.append(f"the body is not valid JSON: {reason} (at character {error['loc'][-1]})")
+            continue
+        # A location holds the names of the body's fields, which the client chose too.
+        where = ".".join(_cut(str(part), 40) for part in error.get("loc", ()) if part != "body")
+        text = f"{where or 'body'}: {_cut(str(error.get('msg', 'invalid')), 200)}"
+        if error.get("type") != "missing" and "input" in error:
+            text += f" (got {_shown(error['input'], 40)})"
+        parts.append(text)
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+class _BodyLimit:
+    """Refuse a request body over ``MAX_BODY_BYTES`` with 413: at once when its
+    Content-Length says so, else as soon as the bytes read pass it (a chunked body), before
+    it is parsed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            await _too_large()(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise _TooLarge()
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if started:
+                raise
+            await _too_large()(scope, receive, send)
+
+
+def _too_large() -> JSONResponse:
+    return _error(413, "ContentTooLarge", _TooLarge().detail)
+
+
 def create_app(
     limiter: Limiter,
     *,
     token: str | None,
+    read_token: str | None = None,
     allow_anonymous: bool = False,
     scheduler: FairScheduler | None = None,
 ) -> FastAPI:
     """The admin API over ``limiter``'s namespace.
 
     Args:
-        token: the bearer token every request but ``/healthz`` must carry.
+        token: the admin bearer token: every route but ``/healthz`` accepts it.
+        read_token: a second token that only the ``GET`` routes accept (``/metrics``,
+            ``/snapshot``, ``/limits``...): for Prometheus and dashboards, which then hold
+            no power to change anything.
         allow_anonymous: serve without a token (only for a trusted, local setup); without
             it, a missing token is refused here rather than served open by accident.
         scheduler: the fair scheduler whose weights ``/weights`` changes (default: one on
@@ -155,27 +296,40 @@ def create_app(
     """
     if not token and not allow_anonymous:
         raise ValueError("the admin API needs a token (or allow_anonymous=True, local only)")
+    if token and read_token and hmac.compare_digest(token.encode(), read_token.encode()):
+        raise ValueError("the read-only token must differ from the admin token")
     sched = scheduler or FairScheduler(limiter)
     app = FastAPI(
         title="queue-ratelimit admin",
         version=__version__,
         description=f"Limits of namespace {limiter.namespace!r}, changed at run time.",
     )
-
-    def authorized(credentials: Credentials) -> None:
-        if token is None:
-            return
-        given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise _Unauthorized
-
-    Auth = Depends(authorized)
+    app.state.queue_ratelimit_tokens = _Tokens(
+        admin=token or None,
+        read=read_token or None,
+        open=not token,
+        admin_label=fingerprint(token) if token else "no-token",
+    )
+    app.add_middleware(_BodyLimit)
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
         response = _error(401, "Unauthorized", "send Authorization: Bearer <admin token>")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(_Forbidden)
+    async def forbidden(request: Request, exc: _Forbidden) -> JSONResponse:
+        detail = "the read-only token may only read (GET); changes need the admin token"
+        return _error(403, "Forbidden", detail)
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
+        return _too_large()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "ValidationError", _validation_detail(exc))
 
     @app.exception_handler(RateLimitError)
     async def rate_limit_error(request: Request, exc: RateLimitError) -> JSONResponse:
@@ -328,4 +482,16 @@ def create_app(
 
 
 class _Unauthorized(Exception):
-    """A request without the admin token (answered 401)."""
+    """A request without a valid token (answered 401)."""
+
+
+class _Forbidden(Exception):
+    """A change asked with the read-only token (answered 403)."""
+
+
+class _TooLarge(HTTPException):
+    """A request body read past ``MAX_BODY_BYTES`` (answered 413). An HTTPException, since
+    FastAPI turns any other error raised while it reads a body into a 400."""
+
+    def __init__(self) -> None:
+        super().__init__(413, f"a request body may hold at most {MAX_BODY_BYTES} bytes")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import getpass
+import ipaddress
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
 
 import click
 import redis
@@ -23,18 +23,24 @@ from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
+from ._scheduler import FairScheduler
+from ._scopes import _shown
+from ._urls import check_redis_url, mask_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
+_T = TypeVar("_T")
+masked = mask_url  # the name this module exported before the helper moved to _urls
 
 
-def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only.
+    Any other name counts as reachable from outside: it may resolve to anything."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _mode(shadow: bool) -> str:
@@ -61,11 +67,12 @@ class Settings:
         return masked(self.url or DEFAULT_URL)
 
     def limiter(self) -> Limiter:
+        url = check_redis_url(self.url or DEFAULT_URL)  # a ConfigError: one line, exit 1
         try:
-            return Limiter.from_url(self.url or DEFAULT_URL, namespace=self.namespace)
+            return Limiter.from_url(url, namespace=self.namespace)
         except RateLimitError:
             raise
-        except ValueError as exc:  # redis-py's verdict on a malformed URL
+        except ValueError as exc:  # redis-py's verdict on a URL the check let through
             raise click.ClickException(f"bad Redis URL {self.target}: {exc}") from exc
 
 
@@ -124,7 +131,13 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, url: str | None, namespace: str) -> None:
     """Distributed, Redis-backed rate limits for Celery and RQ."""
-    ctx.obj = Settings(url=url or None, namespace=namespace)
+    if url is not None and not url.strip():
+        # An empty value from the environment counts as unset (click); an empty --url
+        # given on purpose is a mistake, not a request for the default server.
+        raise click.ClickException(
+            f"--url is empty: give a Redis URL such as {DEFAULT_URL}, or leave the option out"
+        )
+    ctx.obj = Settings(url=url, namespace=namespace)
 
 
 @main.command(short_help="Run a multi-tenant workload and show that the caps hold.")
@@ -156,9 +169,27 @@ def demo(settings: Settings, duration: float) -> None:
     show_envvar=True,
     help="Bearer token every request must carry (better set in the environment).",
 )
-@click.option("--no-auth", is_flag=True, help="Serve without a token: trusted local use only.")
+@click.option(
+    "--read-token",
+    envvar="QUEUE_RATELIMIT_READ_TOKEN",
+    show_envvar=True,
+    help="A second bearer token that may only read (the GET routes, /metrics): for "
+    "Prometheus and dashboards.",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without a token: trusted local use only (refused on a non-loopback --host).",
+)
 @click.pass_obj
-def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: bool) -> None:
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    read_token: str | None,
+    no_auth: bool,
+) -> None:
     """Serve the admin API: limits, exemptions, dry-run mode, weights, the audit log, live
     bucket state and Prometheus metrics of the namespace. Changes apply to the next
     decision in every worker. Interactive documentation at /docs."""
@@ -166,6 +197,12 @@ def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: 
         raise click.UsageError(
             "set QUEUE_RATELIMIT_ADMIN_TOKEN (the bearer token clients must send), "
             "or pass --no-auth for a trusted, local setup"
+        )
+    if not token and not is_loopback(host):
+        # Anyone who can reach the port could change every limit: never on a network.
+        raise click.UsageError(
+            f"--no-auth serves on loopback only ({host} is not): set "
+            f"QUEUE_RATELIMIT_ADMIN_TOKEN, or listen on --host 127.0.0.1"
         )
     try:
         import uvicorn
@@ -175,7 +212,12 @@ def serve(settings: Settings, host: str, port: int, token: str | None, no_auth: 
         raise click.ClickException(
             f"the admin API needs the admin extra (pip install 'queue-ratelimit[admin]'): {exc}"
         ) from exc
-    app = create_app(settings.limiter(), token=token or None, allow_anonymous=no_auth)
+    try:
+        app = create_app(
+            settings.limiter(), token=token or None, read_token=read_token, allow_anonymous=no_auth
+        )
+    except ValueError as exc:  # the two tokens are the same
+        raise click.UsageError(str(exc)) from exc
     click.echo(
         f"admin API for namespace {settings.namespace!r} on {settings.target}: "
         f"http://{host}:{port}/docs",
@@ -242,10 +284,10 @@ def bench(settings: Settings, seconds: float, buckets: str, as_json: bool) -> No
     )
 
 
-@main.group(short_help="Read and change limits, concurrency caps, exemptions and dry-run.")
+@main.group(short_help="Read and change limits, caps, exemptions, weights and dry-run.")
 def limits() -> None:
-    """Read and change limits, concurrency caps, exemptions and dry-run mode (effective on
-    the next decision).
+    """Read and change limits, concurrency caps, exemptions, fair-scheduling weights and
+    dry-run mode (effective on the next decision).
 
     SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every
     tenant: tenant:* and tenant:*:queue:<q>.
@@ -264,6 +306,7 @@ def list_(settings: Settings, as_json: bool) -> None:
         # A default (tenant:*) caps each tenant on its own: no one running count.
         running = {s: None if "*" in s else limiter.running(s) for s in caps}
         exempt = limiter.exemptions()
+        weights = FairScheduler(limiter).weights()
         version = limiter.config_version()
         # The namespace-wide switch has no getter on Limiter; it is this field of the config.
         dry_run = limiter.client.hget(limiter.keys.config, "mode:shadow") is not None
@@ -277,6 +320,7 @@ def list_(settings: Settings, as_json: bool) -> None:
             "limits": {scope: limit_fields(item) for scope, item in items.items()},
             "concurrency": {s: {"cap": n, "running": running[s]} for s, n in caps.items()},
             "exempt": exempt,
+            "weights": weights,
         }
         click.echo(json.dumps(payload, indent=2))
         return
@@ -313,6 +357,9 @@ def list_(settings: Settings, as_json: bool) -> None:
         what = {"tenant": "its tenant caps", "all": "every cap"}
         listed = ", ".join(f"{t} ({what.get(m, m)})" for t, m in exempt.items())
         click.echo(f"exempt: {listed}")
+    if weights:
+        shown = ", ".join(f"{f.removeprefix('weight:')} {w:g}" for f, w in weights.items())
+        click.echo(f"weights: {shown}")
 
 
 @limits.command()
@@ -371,6 +418,18 @@ def delete(settings: Settings, scope: str) -> None:
     click.echo(f"{scope}: deleted; config version {version}")
 
 
+def _or_none(text: str, convert: Callable[[str], _T], what: str, hint: str) -> _T | None:
+    """An argument that is a number or "none"."""
+    if text == "none":
+        return None
+    try:
+        return convert(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected {what} or 'none', got {_shown(text)}", param_hint=hint
+        ) from None
+
+
 @limits.command()
 @click.argument("scope")
 @click.argument("jobs")
@@ -378,15 +437,7 @@ def delete(settings: Settings, scope: str) -> None:
 def concurrency(settings: Settings, scope: str, jobs: str) -> None:
     """At most JOBS of SCOPE running at once (across every worker), or "none" to remove
     the cap. tenant:* gives every tenant a cap of its own."""
-    if jobs == "none":
-        n = None
-    else:
-        try:
-            n = int(jobs)
-        except ValueError:
-            raise click.BadParameter(
-                f"expected a whole number of jobs or 'none', got {jobs!r}", param_hint="JOBS"
-            ) from None
+    n = _or_none(jobs, int, "a whole number of jobs", "JOBS")
     with settings.limiter() as limiter:
         version = limiter.set_concurrency(scope, n, actor=_actor())
     done = "no concurrency cap" if n is None else f"at most {n} running at once"
@@ -419,6 +470,25 @@ def exempt(settings: Settings, tenant: str, mode: str) -> None:
     else:
         done = "exempt from its tenant caps (queue and global caps still apply)"
     click.echo(f"{tenant}: {done}; config version {version}")
+
+
+@limits.command()
+@click.argument("kind", type=click.Choice(["tenant", "priority"]))
+@click.argument("name")
+@click.argument("weight")
+@click.pass_obj
+def weight(settings: Settings, kind: str, name: str, weight: str) -> None:
+    """Set the fair-scheduling WEIGHT (0.001 to 1e6) of a tenant or a priority NAME, or
+    "none" for the default (tenant 1, or tenant * for every tenant's; high 3, normal 2,
+    low 1). Weights share a contended budget: a weight-5 tenant gets five times a weight-1
+    tenant's share."""
+    value = _or_none(weight, float, "a number", "WEIGHT")
+    with settings.limiter() as limiter:
+        scheduler = FairScheduler(limiter)
+        setter = scheduler.set_tenant_weight if kind == "tenant" else scheduler.set_priority_weight
+        version = setter(name, value, actor=_actor())
+    done = "back to the default weight" if value is None else f"weight {value:g}"
+    click.echo(f"{kind} {name}: {done}; config version {version}")
 
 
 @limits.command("dry-run")
@@ -455,7 +525,7 @@ def _seconds(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise click.BadParameter(f"expected seconds or 'off', got {text!r}") from None
+        raise click.BadParameter(f"expected seconds or 'off', got {_shown(text)}") from None
 
 
 @limits.command()

@@ -25,6 +25,15 @@ from ._scopes import Scope
 # Per-tenant series are kept for tenants with their own configuration and for those with
 # waiting work, up to this many, so a million one-off tenants cannot explode cardinality.
 MAX_TENANT_SERIES = 200
+# Per-queue and per-priority series: the busiest this many, the rest summed under OTHER.
+MAX_QUEUE_SERIES = 100
+MAX_PRIORITY_SERIES = 20
+# Names that get an admission counter of their own in Redis (lua/buckets.lua); later ones
+# are counted under "~" there, and reported under OTHER.
+MAX_QUEUE_COUNTERS = 512
+MAX_PRIORITY_COUNTERS = 64
+# What a series cap folds together. No queue, tenant or priority name can start with "~".
+OTHER = "~other"
 SNAPSHOT_TTL_SECONDS = 300
 WAIT_BOUNDS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
@@ -43,6 +52,31 @@ def _bucket_fill(
         return burst
     elapsed = max(0.0, now_us - float(updated))
     return min(burst, float(tokens) + elapsed * rate_per_s / 1e6)
+
+
+def _top(counts: dict[str, int], n: int, folded: int = 0) -> dict[str, int]:
+    """The ``n`` largest of ``counts`` (by name), and the rest, with ``folded``, summed
+    under ``OTHER``."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(sorted(ranked[:n]))
+    rest = folded + sum(count for _, count in ranked[n:])
+    if rest:
+        kept[OTHER] = rest
+    return kept
+
+
+def _top_lanes(stats: dict[str, dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
+    """The ``n`` lanes with the most parked work (by name), and the rest folded into one
+    under ``OTHER``: backlogs and tenants summed, the oldest wait the longest of them."""
+    ranked = sorted(stats, key=lambda lane: (-stats[lane]["backlog"], lane))
+    kept = {lane: stats[lane] for lane in sorted(ranked[:n])}
+    rest = [stats[lane] for lane in ranked[n:]]
+    if rest:
+        kept[OTHER] = {
+            key: max(s[key] for s in rest) if key == "oldest_wait_ms" else sum(s[key] for s in rest)
+            for key in rest[0]
+        }
+    return kept
 
 
 def effective_limit(limits: dict[str, ScopeLimit], scope: Scope) -> ScopeLimit | None:
@@ -130,8 +164,21 @@ def _concurrency(
     }
 
 
-def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[str, Any]:
-    """Everything the dashboards show, read from Redis in a few round trips."""
+def snapshot(
+    limiter: Limiter,
+    *,
+    max_tenants: int = MAX_TENANT_SERIES,
+    max_queues: int = MAX_QUEUE_SERIES,
+    max_priorities: int = MAX_PRIORITY_SERIES,
+) -> dict[str, Any]:
+    """Everything the dashboards show, read from Redis in a few round trips.
+
+    Args:
+        max_tenants: tenants shown (those configured or with parked work).
+        max_queues / max_priorities: queues (admissions; lanes by parked work) and
+            priorities shown by name, the busiest first; the rest are summed under
+            ``"~other"``, so one-off names cannot grow the output without bound.
+    """
     client = limiter.client
     keys = limiter.keys
     base = keys.base
@@ -218,6 +265,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
     by_queue = counters("a:q:")
     allowed = sum(by_queue.values())
     by_queue.pop("-", None)
+    by_priority = counters("a:p:")
     return {
         "at_ms": now_us / 1000,
         "namespace": limiter.namespace,
@@ -243,8 +291,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
         },
         "denied_by": counters("d:"),
         "would_deny_by": counters("w:"),
-        "allowed_by_queue": by_queue,
-        "allowed_by_priority": counters("a:p:"),
+        "allowed_by_queue": _top(by_queue, max_queues, by_queue.pop("~", 0)),
+        "allowed_by_priority": _top(by_priority, max_priorities, by_priority.pop("~", 0)),
         "wait_ms_histogram": {
             "bounds": list(WAIT_BOUNDS_MS),
             "counts": histogram,
@@ -254,7 +302,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
         # Concurrency caps by concrete scope: {"cap": n, "running": jobs holding a slot}
         # (a tenant default appears under each tenant shown, as tenant:<t>).
         "concurrency": concurrency,
-        "lanes": lane_stats,
+        "lanes": _top_lanes(lane_stats, max_queues),
         "tenants": tenant_stats,
     }
 
@@ -276,12 +324,23 @@ class RateLimitCollector:
     """A Prometheus collector that reads the namespace's state from Redis when scraped.
 
     Register it on a registry you own (``registry.register(RateLimitCollector(limiter))``);
-    any process may serve it, since the state it reports is the whole namespace's.
+    any process may serve it, since the state it reports is the whole namespace's. Series
+    per tenant, queue and priority are capped as in ``snapshot`` (queues and priorities
+    past the cap are summed under ``queue="~other"`` / ``priority="~other"``).
     """
 
-    def __init__(self, limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        max_tenants: int = MAX_TENANT_SERIES,
+        max_queues: int = MAX_QUEUE_SERIES,
+        max_priorities: int = MAX_PRIORITY_SERIES,
+    ) -> None:
         self.limiter = limiter
         self.max_tenants = max_tenants
+        self.max_queues = max_queues
+        self.max_priorities = max_priorities
 
     def describe(self) -> list[Any]:
         # Describing nothing keeps registration from scraping Redis.
@@ -295,7 +354,12 @@ class RateLimitCollector:
         )
 
         started = time.perf_counter()
-        snap = snapshot(self.limiter, max_tenants=self.max_tenants)
+        snap = snapshot(
+            self.limiter,
+            max_tenants=self.max_tenants,
+            max_queues=self.max_queues,
+            max_priorities=self.max_priorities,
+        )
         ns = snap["namespace"]
         decisions = CounterMetricFamily(
             "queue_ratelimit_decisions",

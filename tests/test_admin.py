@@ -17,10 +17,12 @@ from conftest import NO_RETRY, free_port, wait_until
 from fastapi.testclient import TestClient
 
 from queue_ratelimit import Limit, Limiter
-from queue_ratelimit.admin import create_app
+from queue_ratelimit.admin import MAX_BODY_BYTES, create_app, fingerprint
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ_TOKEN = "test-read-token"
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 HOUR = 3600.0
 
 
@@ -104,7 +106,9 @@ def test_a_limit_set_through_the_api_applies_to_the_next_decision(
         ("GET", "/scopes/tenant:acme", None, 404, "LimitNotFound", "no limit"),
         ("GET", "/scopes/tenant:*", None, 400, "InvalidScope", "is a default"),
         ("PUT", "/exemptions/acme", {"mode": "everything"}, 422, None, "mode"),
-        ("PUT", "/weights/tenant/acme", {"weight": 0}, 422, None, "greater than 0"),
+        ("PUT", "/weights/tenant/acme", {"weight": 0}, 400, "InvalidWeight", "weight must be"),
+        ("PUT", "/weights/tenant/x", {"weight": 1e-320}, 400, "InvalidWeight", "0.001 to 1e+06"),
+        ("PUT", "/weights/priority/p", {"weight": 1e7}, 400, "InvalidWeight", "0.001 to 1e+06"),
         ("PUT", "/weights/planet/mars", {"weight": 1}, 422, None, "kind"),
         ("DELETE", "/weights/tenant/acme", None, 404, "LimitNotFound", "no weight"),
         ("PUT", "/limits/global", {"limit": "1/s", "colour": "red"}, 422, None, "colour"),
@@ -154,10 +158,12 @@ def test_changes_are_audited_with_the_actor(api: TestClient) -> None:
     api.put("/limits/global", json={"limit": "100/s"}, headers={**AUTH, "X-Actor": "alice"})
     api.put("/limits/global", json={"limit": "50/s"}, headers=AUTH)
     entries = api.get("/audit?count=5", headers=AUTH).json()
+    token = f"admin[{fingerprint(TOKEN)}]"  # which token acted, never the token itself
     assert [(e["version"], e["field"], e["actor"]) for e in entries] == [
-        (2, "global", "admin"),
-        (1, "global", "admin:alice"),
+        (2, "global", token),
+        (1, "global", f"{token}:alice"),
     ]
+    assert TOKEN not in str(entries)
     assert entries[0]["old"].startswith("100.0 ")
     bad = api.put("/limits/global", json={"limit": "1/s"}, headers={**AUTH, "X-Actor": "a b"})
     assert bad.status_code == 400
@@ -220,6 +226,7 @@ def test_serve_runs_the_api(redis_url: str, namespace: str, limiter: Limiter) ->
 
     port = free_port()
     env["QUEUE_RATELIMIT_ADMIN_TOKEN"] = TOKEN
+    env["QUEUE_RATELIMIT_READ_TOKEN"] = READ_TOKEN
     proc = subprocess.Popen([*command, "--port", str(port)], env=env, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -235,6 +242,9 @@ def test_serve_runs_the_api(redis_url: str, namespace: str, limiter: Limiter) ->
         assert reply.json() == {"version": 1}
         assert limiter.get_limit("global").limit == Limit(7)
         assert httpx.get(f"{base}/limits", timeout=5).status_code == 401
+        assert httpx.get(f"{base}/metrics", headers=READ, timeout=5).status_code == 200
+        forbidden = httpx.put(f"{base}/shadow", json={"enabled": True}, headers=READ, timeout=5)
+        assert forbidden.status_code == 403
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -277,3 +287,124 @@ def test_a_preview_replays_recorded_traffic_and_changes_nothing(
     assert api.post("/limits/nope/preview", headers=AUTH, json=body).status_code == 400
     assert api.delete("/recording", headers=AUTH).status_code == 200
     assert api.get("/recording", headers=AUTH).json() == {"seconds": None}
+
+
+@pytest.fixture
+def api_with_reader(limiter: Limiter) -> Iterator[TestClient]:
+    with TestClient(create_app(limiter, token=TOKEN, read_token=READ_TOKEN)) as client:
+        yield client
+
+
+def test_the_read_only_token_reads_and_changes_nothing(
+    api_with_reader: TestClient, limiter: Limiter
+) -> None:
+    """#11 finding 10: a token for Prometheus and dashboards that cannot change limits."""
+    api = api_with_reader
+    limiter.set_limit("global", "100/s")
+    reads = [
+        "/limits",
+        "/limits/global",
+        "/metrics",
+        "/snapshot",
+        "/audit",
+        "/weights",
+        "/exemptions",
+        "/concurrency",
+        "/recording",
+        "/scopes/global",
+    ]
+    for path in reads:
+        assert api.get(path, headers=READ).status_code == 200, path
+        assert api.get(path, headers=AUTH).status_code == 200, path
+        assert api.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401, path
+    writes = [
+        ("PUT", "/limits/global", {"limit": "1/s"}),
+        ("DELETE", "/limits/global", None),
+        ("PUT", "/shadow", {"enabled": True}),
+        ("PUT", "/weights/tenant/acme", {"weight": 5}),
+        ("DELETE", "/weights/tenant/acme", None),
+        ("PUT", "/exemptions/acme", {"mode": "all"}),
+        ("PUT", "/concurrency/global", {"jobs": 1}),
+        ("PUT", "/recording", {"seconds": 600}),
+        ("DELETE", "/recording", None),
+    ]
+    for method, path, body in writes:
+        refused = api.request(method, path, json=body, headers=READ)
+        assert refused.status_code == 403, (method, path, refused.text)
+        assert refused.json()["error"] == "Forbidden"
+    assert limiter.config_version() == 1  # only the set_limit above
+    assert api.put("/limits/global", json={"limit": "1/s"}, headers=AUTH).status_code == 200
+
+
+def test_the_two_tokens_must_differ(limiter: Limiter) -> None:
+    with pytest.raises(ValueError, match="must differ"):
+        create_app(limiter, token=TOKEN, read_token=TOKEN)
+
+
+def test_an_open_app_names_itself_in_the_audit_log(limiter: Limiter) -> None:
+    with TestClient(create_app(limiter, token=None, allow_anonymous=True)) as api:
+        api.put("/limits/global", json={"limit": "1/s"}, headers={"X-Actor": "bob"})
+    assert limiter.audit_log()[0].actor == "admin[no-token]:bob"
+
+
+def test_fingerprints_tell_tokens_apart_and_do_not_show_them() -> None:
+    assert fingerprint(TOKEN) == fingerprint(TOKEN)
+    assert fingerprint(TOKEN) != fingerprint(READ_TOKEN)
+    assert len(fingerprint(TOKEN)) == 8
+    assert fingerprint(TOKEN) not in TOKEN
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"limit": "' + b"1" * (MAX_BODY_BYTES + 1) + b'/s"}',
+        b'{"limit": "' + b"1" * 10_000_000 + b'/s"}',  # 10 MB once came back in a 10 MB error
+    ],
+)
+def test_an_oversized_body_is_refused_before_it_is_read(api: TestClient, content: bytes) -> None:
+    """#11 finding 6: a 40 KB body held the server for 11.7 s."""
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = api.put("/limits/global", content=content, headers=headers)
+    assert response.status_code == 413, response.text[:200]
+    assert response.json()["error"] == "ContentTooLarge"
+    assert len(response.content) < 200
+    chunked = api.put(
+        "/limits/global", content=iter([content[:1000], content[1000:]]), headers=headers
+    )
+    assert chunked.status_code == 413, chunked.text[:200]
+    assert len(chunked.content) < 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        # Under the body cap, and bait for the old pattern's backtracking.
+        ({"limit": "1/" + " " * 6000 + "s" * 6000 + " !"}, 400, "InvalidLimit"),
+        ({"limit": "1" * 15_000 + "/s"}, 400, "InvalidLimit"),
+        ({"limit": ["x" * 15_000]}, 422, "ValidationError"),  # FastAPI echoed the input
+        ({"limit": "1/s", "x" * 15_000: 1}, 422, "ValidationError"),
+        ({"limit": "1/s", "burst": "x" * 15_000}, 422, "ValidationError"),
+    ],
+)
+def test_errors_quote_hostile_input_cut_short(
+    api: TestClient, body: dict[str, object], status: int, error: str
+) -> None:
+    response = api.put("/limits/global", json=body, headers=AUTH)
+    assert response.status_code == status, response.text[:300]
+    assert response.json()["error"] == error
+    assert len(response.content) < 1000, response.text[:300]
+    for path in ("/limits/tenant:" + "a" * 5000, "/limits/" + "x" * 5000):
+        long_path = api.put(path, json={"limit": "1/s"}, headers=AUTH)
+        assert long_path.status_code == 400
+        assert len(long_path.content) < 1000, long_path.text[:300]
+
+
+def test_a_request_that_is_not_json_gets_a_short_error(api: TestClient) -> None:
+    response = api.put(
+        "/limits/global",
+        content=b"{" + b"x" * 10_000,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"] == "ValidationError"
+    assert len(response.content) < 1000

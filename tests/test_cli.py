@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from queue_ratelimit import Limiter, __version__
+from queue_ratelimit import AsyncLimiter, ConfigError, Limiter, __version__
 from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
 from queue_ratelimit._limit import Limit
-from queue_ratelimit.cli import format_limit, main, masked
+from queue_ratelimit._urls import mask_url
+from queue_ratelimit.celery._settings import CelerySettings
+from queue_ratelimit.cli import format_limit, is_loopback, main, masked
 
 # None removes a variable for the invocation, so only what a test passes is seen.
 NO_ENV = {
@@ -108,6 +111,7 @@ def test_json_output(cli: CliRunner, namespace: str) -> None:
         },
         "concurrency": {},
         "exempt": {"vip": "tenant"},
+        "weights": {},
     }
     one = json.loads(ok(cli, "limits", "get", "tenant:*", "--json"))
     assert (one["scope"], one["burst"]) == ("tenant:*", 3.0)
@@ -237,6 +241,76 @@ def test_unreachable_redis_is_one_clean_line(args: list[str]) -> None:
     assert "s3cret" not in message
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "--url is empty"),
+        ("   ", "--url is empty"),
+        ("redis://:pw@[::1/0", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:1/0?socket_timeout=-1", "socket_timeout must be a number of seconds"),
+        ("redis://127.0.0.1:1/0?socket_connect_timeout=0", "socket_connect_timeout must be"),
+        ("redis://127.0.0.1:1/0?socket_timeout=nan", "socket_timeout must be"),
+        ("redis://127.0.0.1:1/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:1/zero", "the database must be a number"),
+        ("http://127.0.0.1:1/0", "the scheme must be one of redis, rediss, unix"),
+    ],
+)
+@pytest.mark.parametrize("args", [["limits", "list"], ["demo", "--duration", "1"]])
+def test_a_bad_url_is_one_clean_line(url: str, reason: str, args: list[str]) -> None:
+    """#11 finding 8: tracebacks for a malformed host or timeout, and '' meant localhost."""
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", url, *args]))
+    assert reason in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:{port}/0?password=hunter2",
+        "redis://127.0.0.1:{port}/0?db=0&password=hunter2&socket_timeout=1",
+        "redis://:hunter2@127.0.0.1:{port}/0",
+        "redis://app:hunter2@127.0.0.1:{port}/0",
+        "redis://hunter2@127.0.0.1:{port}/0",
+        "rediss://app:hunter2@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?sentinel_password=hunter2",
+    ],
+)
+def test_no_form_of_password_is_printed(url: str) -> None:
+    """#11 finding 9: a password given as ?password= was printed in the error."""
+    full = url.format(port=closed_port())
+    for args in (["limits", "list"], ["limits", "set", "global", "1/s"]):
+        message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", full, *args]))
+        assert "hunter2" not in message
+        assert "***" in message
+    bad = full.replace("127.0.0.1", "[::1")  # unparsable: masked all the same
+    message = failed(CliRunner(env=NO_ENV).invoke(main, ["--url", bad, "limits", "list"]))
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("make", [Limiter.from_url, AsyncLimiter.from_url])
+@pytest.mark.parametrize(
+    "url", ["", "redis://:hunter2@[::1/0", "redis://h/0?password=hunter2&socket_timeout=-1"]
+)
+def test_the_python_api_refuses_a_bad_url_with_a_typed_error(make: Any, url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make(url)
+    assert "hunter2" not in str(info.value)
+
+
+def test_celery_settings_never_show_a_password() -> None:
+    for url in (
+        "redis://127.0.0.1:6379/0?password=hunter2",
+        "redis://:hunter2@127.0.0.1:6379/0",
+        "unix://:hunter2@/tmp/redis.sock?db=1",
+        "unix:///tmp/redis.sock?password=hunter2",
+    ):
+        settings = CelerySettings(redis_url=url)
+        assert "hunter2" not in repr(settings)
+        assert "hunter2" not in str(settings)
+        assert "***" in repr(settings)
+
+
 def test_missing_url_hints_at_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("queue_ratelimit.cli.DEFAULT_URL", f"redis://127.0.0.1:{closed_port()}/0")
     message = failed(CliRunner(env=NO_ENV).invoke(main, ["limits", "list"]))
@@ -249,6 +323,31 @@ def test_helpers() -> None:
     assert format_limit(Limit.parse("5/2s")) == "5/2s"
     assert masked("redis://:pw@host:1/0") == "redis://:***@host:1/0"
     assert masked("redis://host:1/0") == "redis://host:1/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://host:1/0", "redis://host:1/0"),
+        ("redis://:pw@host:1/0", "redis://:***@host:1/0"),
+        ("redis://app:pw@host:1/0", "redis://app:***@host:1/0"),
+        ("redis://pw@host:1/0", "redis://***@host:1/0"),  # some clients read it as a password
+        ("redis://app:p@ss:w/rd@host:1/0", "redis://app:***@host:1/0"),  # unescaped @ and /
+        ("rediss://app:pw@host:1/0", "rediss://app:***@host:1/0"),
+        ("redis://host:1/0?password=pw&db=2", "redis://host:1/0?password=***&db=2"),
+        ("redis://host/0?db=2&PASSWORD=pw", "redis://host/0?db=2&PASSWORD=***"),
+        ("redis://host/0?ssl_password=pw", "redis://host/0?ssl_password=***"),
+        ("unix://:pw@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=***"),
+        (
+            "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379",
+            "sentinel://:***@h1:26379;sentinel://:***@h2:26379",
+        ),
+        ("redis://:pw@[::1/0", "redis://:***@[::1/0"),  # too malformed to parse
+    ],
+)
+def test_every_credential_form_is_masked(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
 
 
 def test_demo_runs_on_the_embedded_engine() -> None:
@@ -302,3 +401,59 @@ def test_bench_refuses_bad_options(cli: CliRunner) -> None:
     result = cli.invoke(main, ["bench", "--buckets", "2"])
     assert result.exit_code == 2
     assert "'2' is not one of '1', '3'" in result.output
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com", ""])
+def test_serve_without_a_token_refuses_a_non_loopback_address(host: str) -> None:
+    """#11 finding 10: `serve --no-auth --host 0.0.0.0` served an open write API."""
+    env = {**NO_ENV, "QUEUE_RATELIMIT_ADMIN_TOKEN": None}
+    result = CliRunner(env=env).invoke(main, ["serve", "--no-auth", "--host", host])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth serves on loopback only" in result.output
+
+
+def test_serve_refuses_one_token_for_both_roles() -> None:
+    env = {**NO_ENV, "QUEUE_RATELIMIT_ADMIN_TOKEN": "same", "QUEUE_RATELIMIT_READ_TOKEN": "same"}
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    result = CliRunner(env=env).invoke(main, ["--url", url, "serve"])
+    assert result.exit_code == 2, result.output
+    assert "must differ" in result.output
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.0.1", False),
+        ("localhost.example.com", False),
+        ("myhost", False),
+    ],
+)
+def test_loopback_addresses(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_weights_are_set_listed_and_bounded(cli: CliRunner, limiter: Limiter) -> None:
+    assert ok(cli, "limits", "weight", "tenant", "bigco", "5").startswith("tenant bigco: weight 5")
+    ok(cli, "limits", "weight", "priority", "bulk", "0.5")
+    assert "weights: priority:bulk 0.5, tenant:bigco 5" in ok(cli, "limits", "list")
+    listed = json.loads(ok(cli, "limits", "list", "--json"))
+    assert listed["weights"] == {"weight:priority:bulk": 0.5, "weight:tenant:bigco": 5.0}
+    for bad in ("5e-324", "1e-320", "0", "-1", "inf", "nan", "1e7"):  # #11 finding 7
+        message = failed(cli.invoke(main, ["limits", "weight", "tenant", "tiny", "--", bad]))
+        assert "weight must be a number from 0.001 to 1e+06" in message
+    refused = cli.invoke(main, ["limits", "weight", "tenant", "tiny", "heavy"])
+    assert refused.exit_code == 2
+    assert "expected a number or 'none'" in refused.output
+    assert ok(cli, "limits", "weight", "tenant", "bigco", "none").startswith(
+        "tenant bigco: back to the default weight"
+    )
+    assert "weights: priority:bulk 0.5\n" in ok(cli, "limits", "list")
+    assert limiter.audit_log()[0].actor.startswith("cli")

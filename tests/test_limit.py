@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from queue_ratelimit import ConfigError, InvalidLimit, Limit, RateLimitError
+from queue_ratelimit._limit import MAX_LIMIT_TEXT
 
 # text, rate, per (seconds), burst (default), tokens per second
 VALID = [
@@ -184,3 +188,63 @@ def test_invalid_limit_is_a_config_error_and_a_value_error() -> None:
 )
 def test_bounds_are_inclusive(kwargs: dict[str, float]) -> None:
     Limit(**kwargs)  # type: ignore[arg-type]
+
+
+# The pattern Limit.parse used before it split the text first (#11 finding 6): kept here
+# as the reference for what the text syntax accepts.
+_OLD_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_OLD_LIMIT_RE = re.compile(
+    rf"^\s*(?P<rate>{_OLD_NUMBER})\s*/\s*(?P<count>{_OLD_NUMBER})?\s*(?P<unit>[a-zA-Z]+)\s*$"
+)
+
+
+def _old_parse(text: str) -> Limit | str:
+    match = _OLD_LIMIT_RE.match(text)
+    if match is None:
+        return "invalid"
+    unit = match["unit"].lower()
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "h": 3600, "d": 86400, "min": 60}
+    if unit not in units:
+        return "invalid"
+    count = float(match["count"]) if match["count"] else 1.0
+    try:
+        return Limit(float(match["rate"]), per=count * units[unit])
+    except InvalidLimit:
+        return "invalid"
+
+
+@given(st.text(alphabet="0123456789.eE+-/ \tsmhdinc!", max_size=24))
+@settings(max_examples=500, deadline=None)
+def test_parse_accepts_what_the_old_pattern_accepted(text: str) -> None:
+    expected = _old_parse(text)
+    try:
+        got: Limit | str = Limit.parse(text)
+    except InvalidLimit:
+        got = "invalid"
+    assert got == expected, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Backtracking bait: the old pattern's time grew with the square of this length
+        # (70 s at 50,000 each), and its error echoed all of it.
+        "1/" + " " * 2000 + "s" * 2000 + " !",
+        "1/" + " " * 50000 + "s" * 50000 + " !",
+        "1" * 100_000 + "/s",
+        "1/s" + " " * 100_000,
+    ],
+)
+def test_hostile_text_is_refused_at_once_with_a_short_message(text: str) -> None:
+    with pytest.raises(InvalidLimit) as info:
+        Limit.parse(text)
+    message = str(info.value)
+    assert f"at most {MAX_LIMIT_TEXT} characters" in message
+    assert len(message) < 300
+    assert f"({len(text)} characters)" in message
+
+
+def test_the_longest_sensible_limit_fits() -> None:
+    text = " 1000000000.000 / 1.00000000000000e+00 seconds "
+    assert len(text) <= MAX_LIMIT_TEXT
+    assert Limit.parse(text) == Limit(1e9)

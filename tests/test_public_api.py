@@ -30,6 +30,7 @@ EXPECTED = {
     "InvalidLimit",
     "InvalidName",
     "InvalidScope",
+    "InvalidWeight",
     "KeySpace",
     "Limit",
     "LimitNotFound",
@@ -82,6 +83,7 @@ def test_every_exception_shares_one_root() -> None:
         ("InvalidName", queue_ratelimit.ConfigError),
         ("InvalidScope", queue_ratelimit.ConfigError),
         ("InvalidCost", queue_ratelimit.ConfigError),
+        ("InvalidWeight", queue_ratelimit.ConfigError),
         ("LimitNotFound", KeyError),
     ],
 )

@@ -21,9 +21,11 @@ from queue_ratelimit import (
     FairScheduler,
     InvalidCost,
     InvalidName,
+    InvalidWeight,
     Limit,
     Limiter,
 )
+from queue_ratelimit._scheduler import MAX_WEIGHT, MIN_WEIGHT
 
 # A rate so slow that no token comes back while a test runs: the burst is the whole budget.
 HOURLY = 3600.0
@@ -844,13 +846,83 @@ def test_the_longest_item_id_is_accepted(scheduler: FairScheduler) -> None:
     assert scheduler.dispatch(["default"]).items[0].id == item_id
 
 
-@pytest.mark.parametrize("weight", [0, -1, math.nan, math.inf, -math.inf, 1e7, True, "2", [1]])
+@pytest.mark.parametrize(
+    "weight",
+    [0, -1, math.nan, math.inf, -math.inf, 1e7, True, "2", [1], 5e-324, 1e-320, 1e-4, 2**1100],
+)
 def test_bad_weights_are_refused(scheduler: FairScheduler, weight: object) -> None:
-    with pytest.raises(ConfigError, match="weight must be"):
+    # 5e-324 and 1e-320 (denormals) were accepted and broke the lane (#11 finding 7).
+    with pytest.raises(InvalidWeight, match="weight must be"):
         scheduler.set_tenant_weight("acme", weight)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="weight must be"):
+    with pytest.raises(InvalidWeight, match="weight must be"):
         scheduler.set_priority_weight("high", weight)  # type: ignore[arg-type]
     assert scheduler.weights() == {}
+
+
+@pytest.mark.parametrize("weight", [MIN_WEIGHT, 1, MAX_WEIGHT])
+def test_the_weight_bounds_are_inclusive(scheduler: FairScheduler, weight: float) -> None:
+    scheduler.set_tenant_weight("acme", weight)
+    assert scheduler.weights() == {"weight:tenant:acme": weight}
+
+
+@pytest.mark.parametrize(
+    ("field", "stored"),
+    [
+        ("weight:tenant:tiny", "5e-324"),  # written before weights were bounded
+        ("weight:tenant:tiny", "1e-320"),
+        ("weight:tenant:*", "5e-324"),
+        ("weight:priority:normal", "5e-324"),
+        ("weight:tenant:tiny", "inf"),
+        ("weight:tenant:tiny", "nan"),
+        ("weight:tenant:tiny", "1e300"),
+    ],
+)
+def test_a_bad_stored_weight_cannot_break_a_lane(
+    scheduler: FairScheduler, limiter: Limiter, field: str, stored: str
+) -> None:
+    """#11 finding 7: after two dispatches the lane's virtual time was inf, every submit
+    raised 'value is not a valid float', and the backlog's items were orphaned."""
+    limiter.client.hset(limiter.keys.config, field, stored)
+    for i in range(4):
+        assert scheduler.submit("tiny", f"t{i}")
+        assert scheduler.submit("other", f"o{i}")
+    served = [item.id for item in scheduler.dispatch(["default"], max_items=3).items]
+    assert len(served) == 3
+    for i in range(4, 6):  # submits after the lane's virtual time moved
+        assert scheduler.submit("tiny", f"t{i}")
+        assert scheduler.submit("new", f"n{i}")
+    while batch := scheduler.dispatch(["default"], max_items=5).items:
+        served += [item.id for item in batch]
+    assert sorted(served) == sorted(
+        [f"t{i}" for i in range(6)] + [f"o{i}" for i in range(4)] + ["n4", "n5"]
+    )
+    assert scheduler.backlog("default") == 0
+    counts = limiter.client.hgetall(scheduler.counts_key("default"))
+    assert math.isfinite(float(counts[b":vt"]))
+
+
+def test_a_lane_left_with_an_infinite_virtual_time_recovers(
+    scheduler: FairScheduler, limiter: Limiter
+) -> None:
+    """State written by the old arithmetic (an inf pass and virtual time) is read as 0."""
+    scheduler.submit("a", "a0")
+    scheduler.submit("b", "b0")
+    first = scheduler.dispatch(["default"]).items  # the lane now has a virtual time
+    scheduler.submit("a", "a1")
+    client = limiter.client
+    limiter.client.hset(scheduler.counts_key("default"), ":vt", "inf")
+    # Found by content, not by name: the sorted set of the lane's backlogged tenants.
+    (active,) = (
+        key
+        for key in client.scan_iter(match=f"*{limiter.namespace}*")
+        if client.type(key) == b"zset" and client.zscore(key, "b") is not None
+    )
+    client.zadd(active, {"a": math.inf, "b": math.inf})
+    assert scheduler.submit("c", "c0")
+    served = {item.id for item in first}
+    while batch := scheduler.dispatch(["default"], max_items=2).items:
+        served |= {item.id for item in batch}
+    assert served == {"a0", "a1", "b0", "c0"}
 
 
 def test_bad_names_are_refused(scheduler: FairScheduler) -> None:
@@ -876,10 +948,13 @@ def test_bad_names_are_refused(scheduler: FairScheduler) -> None:
     assert scheduler.backlog("default") == 0
 
 
-@pytest.mark.parametrize("cost", [0, -1, math.nan, math.inf, 1e13, "1", True])
+@pytest.mark.parametrize("cost", [0, -1, math.nan, math.inf, 1e13, "1", True, 2**1100])
 def test_bad_costs_are_refused(scheduler: FairScheduler, cost: object) -> None:
+    # 2**1100: an int too large for a float once raised OverflowError (#11 finding 8).
     with pytest.raises(InvalidCost):
         scheduler.submit("acme", "job", cost=cost)  # type: ignore[arg-type]
+    with pytest.raises(InvalidCost):
+        scheduler.gate("acme", "job", cost=cost)  # type: ignore[arg-type]
     assert scheduler.backlog("default") == 0
 
 

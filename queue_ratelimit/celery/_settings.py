@@ -6,26 +6,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ConfigError
 from .._keys import DEFAULT_NAMESPACE
-from .._scopes import check_name, check_namespace, check_priority
+from .._scopes import _shown, check_name, check_namespace, check_priority
+from .._urls import check_redis_url, mask_url
 
 Policy = Literal["hint", "delay", "reject"]
 GateFailMode = Literal["open", "closed"]
 CONF_KEY = "queue_ratelimit"
-
-
-def mask_url(url: str | None) -> str | None:
-    """The URL with its password replaced, for logs and reprs."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,36 +85,46 @@ class CelerySettings:
     max_backlog: int = 100_000
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
         check_namespace(self.namespace)
         check_name("tenant", self.default_tenant)
         check_priority(self.default_priority)
         if self.fail_mode not in ("open", "closed"):
-            raise ConfigError(f"fail_mode must be 'open' or 'closed', got {self.fail_mode!r}")
+            raise ConfigError(f"fail_mode must be 'open' or 'closed', got {_shown(self.fail_mode)}")
         if self.policy not in ("hint", "delay", "reject"):
-            raise ConfigError(f"policy must be 'hint', 'delay' or 'reject', got {self.policy!r}")
+            raise ConfigError(
+                f"policy must be 'hint', 'delay' or 'reject', got {_shown(self.policy)}"
+            )
         if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 0:
-            raise ConfigError(f"credit must be a whole number >= 0, got {self.credit!r}")
+            raise ConfigError(f"credit must be a whole number >= 0, got {_shown(self.credit)}")
         for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval", "credit_ttl"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+                raise ConfigError(
+                    f"{name} must be a positive number of seconds, got {_shown(value)}"
+                )
         for name in ("max_held", "reserve"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {_shown(value)}")
         if (
             isinstance(self.max_backlog, bool)
             or not isinstance(self.max_backlog, int)
             or self.max_backlog < 1
         ):
-            raise ConfigError(f"max_backlog must be a positive integer, got {self.max_backlog!r}")
+            raise ConfigError(
+                f"max_backlog must be a positive integer, got {_shown(self.max_backlog)}"
+            )
         if not isinstance(self.fair_capacity, bool):
-            raise ConfigError(f"fair_capacity must be True or False, got {self.fair_capacity!r}")
+            raise ConfigError(
+                f"fair_capacity must be True or False, got {_shown(self.fair_capacity)}"
+            )
 
     def __repr__(self) -> str:
-        url = mask_url(self.redis_url)
+        url = None if self.redis_url is None else mask_url(self.redis_url)
         return f"CelerySettings(redis_url={url!r}, namespace={self.namespace!r})"
 
     @classmethod

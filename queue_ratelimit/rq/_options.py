@@ -10,7 +10,7 @@ from .._core import check_cost
 from .._errors import ConfigError
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
-from .._scopes import check_name, check_priority
+from .._scopes import _shown, check_name, check_priority
 from .._slot_keeper import SlotKeeper
 
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
@@ -76,4 +76,4 @@ def lease() -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {raw!r}") from None
+        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {_shown(raw)}") from None

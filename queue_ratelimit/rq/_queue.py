@@ -17,6 +17,7 @@ from rq.job import Job
 from .._errors import RateLimited, RateLimitError
 from .._keys import DEFAULT_NAMESPACE
 from .._scheduler import FairScheduler, Hint
+from .._scopes import _shown
 from ._dequeue import FairDequeue
 from ._handover import HOLDING
 from ._options import (
@@ -112,7 +113,9 @@ class Queue(rq.Queue):
             self.rate_namespace = rate_namespace
         if rate_policy is not None:
             if rate_policy not in ("hint", "reject"):
-                raise RateLimitError(f"rate_policy must be 'hint' or 'reject', got {rate_policy!r}")
+                raise RateLimitError(
+                    f"rate_policy must be 'hint' or 'reject', got {_shown(rate_policy)}"
+                )
             self.rate_policy = rate_policy
         if rate_hints is not None:
             self.rate_hints = rate_hints
