@@ -20,6 +20,7 @@ refill of a test run.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,17 +31,21 @@ from bucket_state import approx, read_bucket, write_bucket
 
 from queue_ratelimit import (
     AsyncLimiter,
+    ConfigError,
     CostExceedsBurst,
+    InvalidCost,
+    InvalidLimit,
     Limit,
     Limiter,
     RateLimitError,
     ScopeLimit,
 )
-from queue_ratelimit._core import translated
+from queue_ratelimit._core import MAX_WAIT, translated
 from queue_ratelimit._embedded import embedded_client
 from queue_ratelimit._keys import KeySpace
 
 HOUR = 3600.0
+MAX_WAIT_MS = MAX_WAIT * 1000
 # Rates of a few tokens per hour refill about 0.001 token per second, so a case that runs in
 # well under a second sees the exact token counts below, give or take TOKENS.
 TOKENS = 0.02
@@ -746,7 +751,224 @@ FROZEN = [
     ),
 ]
 
-CASES = SEQUENCES + FROZEN
+# -- numbers at the edges (issue #11, finding 2) --------------------------------------------
+# Each either works exactly or is refused with a typed error before anything is written.
+
+SLOWEST = {"rate": 1e-7}  # Limit's minimum: a token every 116 days
+EDGES: list[dict[str, Any]] = [
+    frozen(
+        "slowest rate: one token short waits 1e10 ms",
+        {"tenant:acme": Limit(1e-7, burst=1)},
+        {"tenant:acme": 0},
+        1,
+        False,
+        {"tenant:acme": 0},
+        wait_ms=1e10,
+        denied_by="tenant:acme",
+    ),
+    frozen(
+        "fastest rate, largest burst: all of it at once",
+        {"tenant:acme": Limit(1e9, burst=1e12)},
+        {},
+        1e12,
+        True,
+        {"tenant:acme": 0},
+    ),
+    frozen(
+        "fastest rate: one token short waits a microsecond",
+        {"tenant:acme": Limit(1e9, burst=1e12)},
+        {"tenant:acme": 0},
+        1,
+        False,
+        {"tenant:acme": 0},
+        wait_ms=1e-6,
+        denied_by="tenant:acme",
+    ),
+    frozen(
+        "a wait longer than MAX_WAIT is reported as MAX_WAIT",
+        {"tenant:acme": Limit(1e-7, burst=1e12)},
+        {"tenant:acme": 0},
+        1e12,
+        False,
+        {"tenant:acme": 0},
+        wait_ms=MAX_WAIT_MS,
+        denied_by="tenant:acme",
+    ),
+    frozen(
+        "cost 0.5 of a one-token bucket",
+        {"tenant:acme": Limit(1, burst=1)},
+        {"tenant:acme": 1},
+        0.5,
+        True,
+        {"tenant:acme": 0.5},
+    ),
+    frozen(
+        "cost 0.5 with a quarter token left waits 250 ms",
+        {"tenant:acme": Limit(1, burst=1)},
+        {"tenant:acme": 0.25},
+        0.5,
+        False,
+        {"tenant:acme": 0.25},
+        wait_ms=250,
+        denied_by="tenant:acme",
+    ),
+    frozen(
+        "the smallest cost, one token left",
+        {"tenant:acme": Limit(1, burst=1)},
+        {"tenant:acme": 1},
+        1e-6,
+        True,
+        {"tenant:acme": 1 - 1e-6},
+    ),
+    {
+        # A wait of 9.9e+17 us once reached Redis as text it refused, after the bucket was
+        # written (the tokens were gone, the call raised).
+        "id": "huge cost on a slow bucket: admitted, then a clamped wait",
+        "steps": [
+            {"set": "tenant:attacker", "limit": "1/115d", "burst": 100_000},
+            {"set": "tenant:*", "limit": Limit(1, per=HOUR, burst=1)},
+            {
+                "acquire": "attacker",
+                "cost": 1e5,
+                "allowed": True,
+                "remaining": {"tenant:attacker": 0},
+            },
+            {
+                "acquire": "attacker",
+                "cost": 1e5,
+                "allowed": False,
+                "wait_ms": MAX_WAIT_MS,
+                "denied_by": "tenant:attacker",
+                "remaining": {"tenant:attacker": 0},
+            },
+            {
+                "acquire": "attacker",
+                "cost": 1e5,
+                "allowed": False,
+                "wait_ms": MAX_WAIT_MS,
+                "denied_by": "tenant:attacker",
+                "remaining": {"tenant:attacker": 0},
+            },
+            {"expires": "attacker", "within_ms": 2 * MAX_WAIT_MS},
+            {"acquire": "quiet", "allowed": True, "remaining": {"tenant:quiet": 0}},
+            {
+                "acquire": "quiet",
+                "allowed": False,
+                "wait_ms": 3_600_000,
+                "denied_by": "tenant:quiet",
+                "remaining": {"tenant:quiet": 0},
+            },
+        ],
+    },
+    {
+        # The expiry of the tenant hash was refill time + retention: 1e19 s, which PEXPIREAT
+        # refused after the bucket had been written.
+        "id": "largest burst on the slowest rate: admitted, the tenant hash expires",
+        "steps": [
+            {"set": "tenant:acme", "limit": Limit(1e-7, burst=1e12)},
+            {"acquire": "acme", "cost": 1e12, "allowed": True, "remaining": {"tenant:acme": 0}},
+            {"stored": {"tenant:acme": 0}},
+            {"expires": "acme", "within_ms": 2 * MAX_WAIT_MS},
+            {
+                "acquire": "acme",
+                "cost": 1e12,
+                "allowed": False,
+                "wait_ms": MAX_WAIT_MS,
+                "denied_by": "tenant:acme",
+                "remaining": {"tenant:acme": 0},
+            },
+        ],
+    },
+    {
+        # Older versions stored an expiry PEXPIREAT refused: the hash never expired.
+        "id": "an expiry that was never applied is set again",
+        "steps": [
+            {"set": "tenant:acme", "limit": "10/h"},
+            {"tenant_fields": ("acme", {"x": "9.9360000017965085e+21", "n:a": "1"})},
+            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 9}},
+            {"expires": "acme", "within_ms": 2 * MAX_WAIT_MS},
+        ],
+    },
+    {
+        # A fractional cost made the second's field a float; a whole cost after it in the same
+        # second then failed (HINCRBY), after the decision had been counted.
+        "id": "recorded traffic: fractional and whole costs in one second",
+        "steps": [
+            {"set": "tenant:*", "limit": "10/h"},
+            {"record": 120},
+            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 9.5}},
+            {"acquire": "acme", "cost": 1, "allowed": True, "remaining": {"tenant:acme": 8.5}},
+            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 8}},
+            {"acquire": "acme", "cost": 1, "allowed": True, "remaining": {"tenant:acme": 7}},
+        ],
+    },
+    {
+        # The rounding slack (1e-9 tokens) once admitted a cost this small from an empty
+        # bucket again and again.
+        "id": "costs outside [1e-6, 1e12] are refused",
+        "steps": [
+            {"set": "tenant:acme", "limit": Limit(1, per=HOUR, burst=1)},
+            {"freeze": {"tenant:acme": 0}},
+            {"acquire": "acme", "cost": 1e-10, "raises": InvalidCost},
+            {"acquire": "acme", "cost": 5e-324, "raises": InvalidCost},
+            {"acquire": "acme", "cost": 1e12 * (1 + 1e-15), "raises": InvalidCost},
+            {"acquire": "acme", "cost": 2**63, "raises": InvalidCost},
+            {"peek": "acme", "cost": 2**1100, "raises": InvalidCost},
+            {"refund": "acme", "cost": math.nan, "raises": InvalidCost},
+            {"acquire": "acme", "cost": -0.0, "raises": InvalidCost},
+            {"untouched": True},
+            {"acquire": "acme", "cost": 2, "raises": CostExceedsBurst},
+            {"untouched": True},
+        ],
+    },
+    {
+        "id": "limits outside float-safe bounds are refused",
+        "steps": [
+            {"set": "tenant:acme", "limit": {"rate": 1e-300}, "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": {"rate": 1e300}, "raises": InvalidLimit},
+            {
+                "set": "tenant:acme",
+                "limit": {"rate": 1, "burst": 2**53 + 1},
+                "raises": InvalidLimit,
+            },
+            {
+                "set": "tenant:acme",
+                "limit": {"rate": 5e-324, "per": 5e-324},
+                "raises": InvalidLimit,
+            },
+            {"set": "tenant:acme", "limit": "1/s", "burst": 1e12 + 1, "raises": InvalidLimit},
+            {"limits": {}},
+        ],
+    },
+    {
+        # What the Python side refuses, another client could still send: the scripts check
+        # every number before they write. (Before, a negative cost minted tokens, and "inf"
+        # or a huge retention failed after the counters were written.)
+        "id": "raw arguments are checked before anything is written",
+        "steps": [
+            {"set": "tenant:acme", "limit": Limit(1, per=HOUR, burst=5)},
+            {"freeze": {"tenant:acme": 2}},
+            {"raw": ["acme", "acquire", "", "", "-1"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "nan"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "inf"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "1e13"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "1e-10"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "1e300"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "0"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "1", "", "1e300"], "raises": ConfigError},
+            {"raw": ["acme", "acquire", "", "", "1", "", "-5"], "raises": ConfigError},
+            {"raw": ["acme", "take"], "raises": ConfigError},
+            {"untouched": True},
+            {"raw": ["nobody", "refund", "", "", "inf"], "raises": ConfigError},
+            {"raw": ["nobody", "acquire", "", "", "nan"], "raises": ConfigError},
+            {"limits": {"tenant:acme": ScopeLimit("tenant:acme", Limit(1, per=HOUR, burst=5))}},
+            {"raw": ["acme", "acquire", "", "", "2"], "reply": "1"},
+            {"stored": {"tenant:acme": 0}},
+        ],
+    },
+]
+
+CASES = SEQUENCES + FROZEN + EDGES
 
 
 def bucket_fields(backend: Backend) -> dict[str, dict[bytes, bytes]]:
