@@ -63,8 +63,18 @@ local NONE = {}
 -- a decision reads no config field at all and parses no limit. Every configuration change
 -- goes through config.lua, which sets `_rev` in the shared hash to a stamp no earlier state
 -- had; a decision reads `_rev` with its shared buckets and drops the cache when it moved.
-local CONFIGS, n_configs = {}, 0
-local MAX_CONFIGS, MAX_PLANS = 64, 10000
+--
+-- The cache lives in the Lua VM of Redis Functions, which `maxmemory` does not bound
+-- (INFO memory: used_memory_vm_functions), so it is bounded here: by an estimate of its
+-- bytes, over every namespace together (one-off tenants in many namespaces add up the same
+-- as in one). Past the budget it starts over, and Lua's incremental collector frees what it
+-- dropped as it goes (a full collection there and then would stall Redis for milliseconds),
+-- so the VM holds at most about twice the budget. A plan is estimated from its shape
+-- (measured live: about 1.2 KB, 0.5 KB more per bucket, 0.4 KB per concurrency cap;
+-- docs/reliability.md has the figures and the commands).
+local CONFIGS, cache_bytes = {}, 0
+local CACHE_BYTES = 8 * 1024 * 1024
+local PLAN_BYTES, BUCKET_BYTES, CAP_BYTES, CONFIG_BYTES, VALUE_BYTES = 1300, 500, 400, 600, 120
 -- A slot set expires this long after its last admission or renewal (no hold is longer:
 -- MAX_HOLD in _core.py, MAX_LEASE in _scheduler.py), so a dead worker's slots cost nothing
 -- for long once their scope goes quiet.
@@ -122,17 +132,31 @@ local function bucket(scope, in_tenant, field, at, value, all_shadow)
           shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
 end
 
+-- Counts `bytes` more against the cache's budget (for an entry of `c`, the config cache
+-- being filled). Past the budget every cache starts over (`c` kept, empty).
+local function charge(c, bytes)
+  if cache_bytes + bytes > CACHE_BYTES then
+    CONFIGS = {[c.key] = c}
+    c.plans, c.values, c.bytes, cache_bytes = {}, {}, c.base, c.base
+  end
+  c.bytes = c.bytes + bytes
+  cache_bytes = cache_bytes + bytes
+end
+
 -- The cache of one config hash, emptied when the revision it was built at is no longer
 -- current (`rev`: the shared hash's `_rev`, or false before any change was made).
 local function config_at(config_key, rev)
   local c = CONFIGS[config_key]
   if c and c.rev == rev then return c end
-  if not c then
-    n_configs = n_configs + 1
-    if n_configs > MAX_CONFIGS then CONFIGS, n_configs = {}, 1 end
+  if c then
+    -- Dropped with its plans (their bytes no longer count).
+    cache_bytes = cache_bytes - c.bytes
   end
-  c = {rev = rev, plans = {}, n_plans = 0, values = {}, n_values = 0}
+  -- (Its own bytes count from now on; the budget is checked when an entry is added.)
+  local base = CONFIG_BYTES + #config_key
+  c = {key = config_key, rev = rev, plans = {}, values = {}, base = base, bytes = base}
   CONFIGS[config_key] = c
+  cache_bytes = cache_bytes + base
   return c
 end
 
@@ -245,11 +269,10 @@ end
 
 local function new_plan(c, config_key, tenant, queue, priority)
   local plan = build_plan(config_key, tenant, queue, priority)
-  c.n_plans = c.n_plans + 1
-  if c.n_plans > MAX_PLANS then
-    -- Bounded memory with very many tenants: start over (keeping this plan).
-    c.plans, c.n_plans = {}, 1
-  end
+  -- Its estimated size (names appear in several strings of the plan, hence twice).
+  local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority)
+  if plan.caps then bytes = bytes + CAP_BYTES * #plan.caps end
+  charge(c, bytes)  -- (may start over: the plan is added to what is left)
   local by_tenant = c.plans[tenant]
   if not by_tenant then by_tenant = {}; c.plans[tenant] = by_tenant end
   local by_queue = by_tenant[queue]
@@ -258,9 +281,8 @@ local function new_plan(c, config_key, tenant, queue, priority)
   return plan
 end
 
--- Values of more config fields (weights), cached like the plans (and as bounded).
+-- Values of more config fields (weights), cached like the plans (and in the same budget).
 local function config_values(c, config_key, names)
-  if c.n_values > MAX_PLANS then c.values, c.n_values = {}, 0 end
   local values, out, missing = c.values, {}, false
   for i = 1, #names do
     local v = values[names[i]]
@@ -268,11 +290,14 @@ local function config_values(c, config_key, names)
   end
   if missing then
     local got = redis.call('HMGET', config_key, unpack(names))
+    local bytes = 0
+    for i = 1, #names do bytes = bytes + VALUE_BYTES + #names[i] end
+    charge(c, bytes)  -- (may start over: the values go into what is left)
+    values = c.values
     for i = 1, #names do
       values[names[i]] = got[i]
       out[i] = got[i]
     end
-    c.n_values = c.n_values + #names
   end
   return out
 end

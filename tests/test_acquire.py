@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from bucket_state import approx, bucket_at, near, read_bucket, server_us, write_bucket
+from conftest import RedisProcess
 from redis.backoff import ConstantBackoff
 from redis.cache import CacheConfig
 from redis.retry import Retry
@@ -576,8 +578,8 @@ def test_a_server_that_refuses_functions_gets_scripts(
 
 
 def test_decisions_stay_right_when_the_plan_cache_starts_over(limiter: Limiter) -> None:
-    """The library keeps at most 10,000 plans per namespace and then starts over; tenants
-    decided before and after the reset keep their own buckets."""
+    """The library's plans fill a byte budget (a few thousand plans) and then it starts
+    over; tenants decided before and after the reset keep their own buckets."""
     limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=2))
     assert limiter.acquire("first").remaining == {"tenant:first": 1}
     pipe = limiter.client.pipeline(transaction=False)
@@ -591,6 +593,41 @@ def test_decisions_stay_right_when_the_plan_cache_starts_over(limiter: Limiter) 
     limiter.set_limit("tenant:*", Limit(1, per=HOUR, burst=5))  # and changes still apply
     assert limiter.acquire("newcomer").remaining == {"tenant:newcomer": 4}
     assert limiter.acquire("t10049").remaining == {"tenant:t10049": near(0)}  # no windfall
+
+
+def plan_cache_budget() -> int:
+    """The byte budget of the plan cache, as lua/buckets.lua sets it."""
+    source = (Path(__file__).parent.parent / "lua" / "buckets.lua").read_text()
+    match = re.search(r"^local CACHE_BYTES = (\d+) \* 1024 \* 1024$", source, re.MULTILINE)
+    assert match is not None
+    return int(match[1]) * 1024 * 1024
+
+
+def test_plan_cache_memory_is_bounded_across_namespaces(
+    redis_process: Callable[..., RedisProcess],
+) -> None:
+    """Plans live in the Functions library's Lua VM, which maxmemory does not bound
+    (used_memory_vm_functions). One-off tenants spread over three namespaces must not grow
+    it past the budget, plus what Lua's incremental collector has yet to free (at most about
+    the budget again) and the library itself. Before, it grew about 2 KB per tenant."""
+    client = redis.Redis.from_url(redis_process().url)
+    budget = plan_cache_budget()
+    limiters = [Limiter(client, namespace=f"mem{i}") for i in range(3)]
+    for lim in limiters:
+        lim.set_limit("tenant:*", Limit(10))
+        lim.set_limit("global", Limit(1e6))
+    tenants = 3 * budget // 1024  # about six times what fits
+    peak = 0
+    for start in range(0, tenants, 600):
+        pipe = client.pipeline(transaction=False)
+        for n in range(start, min(start + 600, tenants)):
+            lim = limiters[n % 3]
+            call = lim._core.decision_call("acquire", f"u{n}", "q" if n % 2 else None, None, 1)
+            lim._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
+        assert all(reply.startswith(b"1 ") for reply in pipe.execute())
+        peak = max(peak, int(client.info("memory")["used_memory_vm_functions"]))
+    assert peak < 2 * budget + 2 * 1024 * 1024, f"{peak / 2**20:.1f} MiB"
+    client.close()
 
 
 def test_configuration_cached_by_the_scripts_follows_a_recreated_namespace(
