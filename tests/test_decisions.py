@@ -85,6 +85,7 @@ class Backend:
             self._loop.run_until_complete(self.limiter.aclose())
             self._loop.close()
         else:
+            assert isinstance(self.limiter, Limiter)
             self.limiter.close()
 
 
