@@ -20,11 +20,21 @@
 local tenant, mode = ARGV[1], ARGV[2] or 'acquire'
 local queue, priority = ARGV[4] or '', ARGV[6] or ''
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
-local keep_ms = arg_number(ARGV[3], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
-local cost = arg_number(ARGV[5], 1, MIN_COST, MAX_COST, 'cost')
-local hold = arg_number(ARGV[7], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
-if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'refund' then
-  error('queue-ratelimit: unknown decision mode ' .. string.sub(mode, 1, 40))
+-- (Most calls leave the trailing defaults out, and pay for no check.)
+local keep_ms, cost, hold, nargs = 900000, 1, 60000, #ARGV
+if nargs > 1 then
+  if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'refund' then
+    error('queue-ratelimit: unknown decision mode ' .. string.sub(mode, 1, 40))
+  end
+  if nargs > 2 then
+    if ARGV[3] ~= '' then
+      keep_ms = arg_number(ARGV[3], keep_ms, 1, MAX_KEEP_MS, 'counter retention (ms)')
+    end
+    if nargs > 4 then
+      cost = arg_number(ARGV[5], cost, MIN_COST, MAX_COST, 'cost')
+      if nargs > 6 then hold = arg_number(ARGV[7], hold, 1, MAX_HOLD_MS, 'slot hold (ms)') end
+    end
+  end
 end
 
 local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
