@@ -17,10 +17,25 @@
 --   2 allowed and holding concurrency slots: the reply goes on with
 --   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
 --   "!<scope>" (its wait: until the earliest lease of that cap runs out).
-local tenant, mode, keep_ms = ARGV[1], ARGV[2] or 'acquire', ARGV[3]
-keep_ms = keep_ms and keep_ms ~= '' and tonumber(keep_ms) or 900000
-local queue, cost, priority = ARGV[4] or '', ARGV[5], ARGV[6] or ''
-cost = cost and tonumber(cost) or 1
+local tenant, mode = ARGV[1], ARGV[2] or 'acquire'
+local queue, priority = ARGV[4] or '', ARGV[6] or ''
+-- Numbers are checked before anything is read or written: a call that fails changes nothing.
+-- (Most calls leave the trailing defaults out, and pay for no check.)
+local keep_ms, cost, hold, nargs = 900000, 1, 60000, #ARGV
+if nargs > 1 then
+  if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'refund' then
+    error('queue-ratelimit: unknown decision mode ' .. string.sub(mode, 1, 40))
+  end
+  if nargs > 2 then
+    if ARGV[3] ~= '' then
+      keep_ms = arg_number(ARGV[3], keep_ms, 1, MAX_KEEP_MS, 'counter retention (ms)')
+    end
+    if nargs > 4 then
+      cost = arg_number(ARGV[5], cost, MIN_COST, MAX_COST, 'cost')
+      if nargs > 6 then hold = arg_number(ARGV[7], hold, 1, MAX_HOLD_MS, 'slot hold (ms)') end
+    end
+  end
+end
 
 local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
 
@@ -45,8 +60,7 @@ end
 if status == 2 then
   -- One token for every slot this decision takes (a counter no holder had before).
   local token = fmt(redis.call('HINCRBY', KEYS[3], 'n:lease', 1))
-  local hold = ARGV[7]
-  local scopes = take_slots(ctx, token, ctx.now + (hold and tonumber(hold) or 60000) * 1000)
+  local scopes = take_slots(ctx, token, ctx.now + hold * 1000)
   admit(ctx, cost, would_deny, keep_ms, {})
   if scopes == '' then return decision_reply(ctx, '1', '0', false, would_deny) end
   return decision_reply(ctx, '2', '0', false, would_deny) .. ' # ' .. token .. ' ' .. scopes

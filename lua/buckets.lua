@@ -65,8 +65,18 @@ local NONE = {}
 -- a decision reads no config field at all and parses no limit. Every configuration change
 -- goes through config.lua, which sets `_rev` in the shared hash to a stamp no earlier state
 -- had; a decision reads `_rev` with its shared buckets and drops the cache when it moved.
-local CONFIGS, n_configs = {}, 0
-local MAX_CONFIGS, MAX_PLANS = 64, 10000
+--
+-- The cache lives in the Lua VM of Redis Functions, which `maxmemory` does not bound
+-- (INFO memory: used_memory_vm_functions), so it is bounded here: by an estimate of its
+-- bytes, over every namespace together (one-off tenants in many namespaces add up the same
+-- as in one). Past the budget it starts over, and Lua's incremental collector frees what it
+-- dropped as it goes (a full collection there and then would stall Redis for milliseconds),
+-- so the VM holds at most about twice the budget. A plan is estimated from its shape
+-- (measured live: about 1.2 KB, 0.5 KB more per bucket, 0.4 KB per concurrency cap;
+-- docs/reliability.md has the figures and the commands).
+local CONFIGS, cache_bytes = {}, 0
+local CACHE_BYTES = 8 * 1024 * 1024
+local PLAN_BYTES, BUCKET_BYTES, CAP_BYTES, CONFIG_BYTES, VALUE_BYTES = 1300, 500, 400, 600, 120
 -- A slot set expires this long after its last admission or renewal (no hold is longer:
 -- MAX_HOLD in _core.py, MAX_LEASE in _scheduler.py), so a dead worker's slots cost nothing
 -- for long once their scope goes quiet.
@@ -78,6 +88,22 @@ local WAKE_BATCH = 64
 -- a:p:~ ("other"), so one-off names cannot grow the hash without bound. n:aq and n:ap
 -- count the names that have a counter (MAX_QUEUE_COUNTERS in metrics.py).
 local MAX_QUEUE_COUNTERS, MAX_PRIORITY_COUNTERS = 512, 64
+-- The longest wait a decision reports (about ten years, in us; MAX_WAIT in _core.py). Only
+-- a huge cost on a very slow bucket waits longer, and a wait that long means "not in this
+-- deployment's lifetime" either way; clamped, every wait and every time computed from one
+-- (a tenant hash's expiry, a parked tenant's wake-up) stays a whole number well below 2^53,
+-- so it prints as an integer Redis accepts (PEXPIREAT refuses "9.9e+21") and adds exactly.
+local MAX_WAIT_US = 3650 * 86400000000
+-- Bounds of the numbers a caller passes (checked before anything is written, so a call
+-- that fails changes nothing; _core.py checks the same before sending): cost, counter
+-- retention (ms) and slot hold (ms).
+local MIN_COST, MAX_COST = 1e-6, 1e12
+-- The most extra admissions one gate call may take ahead (MAX_CREDIT in _scheduler.py).
+local MAX_CREDIT = 1000000
+local MAX_KEEP_MS = MAX_WAIT_US / 1000
+-- The latest a tenant hash's expiry can be (ms after now): its buckets' refill plus the
+-- retention, each at most the above.
+local MAX_EXPIRY_MS = MAX_WAIT_US / 1000 + MAX_KEEP_MS
 
 -- Redis converts Lua numbers in replies to integers: floats travel as strings.
 -- Whole numbers below 2^53 (the clock, counters, whole tokens) print the same digits with
@@ -87,6 +113,18 @@ local function fmt(n)
     return string.format('%d', n)
   end
   return string.format('%.17g', n)
+end
+
+-- A number the caller passed, checked before anything is written: `text` (nil or "" for
+-- `default`) must read as a number in [low, high] (NaN never does).
+local function arg_number(text, default, low, high, what)
+  if text == nil or text == '' then return default end
+  local n = tonumber(text)
+  if not (n and n >= low and n <= high) then
+    error(string.format('queue-ratelimit: %s must be a number in [%g, %g], got %s', what, low,
+                        high, string.sub(tostring(text), 1, 40)))
+  end
+  return n
 end
 
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
@@ -101,17 +139,31 @@ local function bucket(scope, in_tenant, field, at, value, all_shadow)
           shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
 end
 
+-- Counts `bytes` more against the cache's budget (for an entry of `c`, the config cache
+-- being filled). Past the budget every cache starts over (`c` kept, empty).
+local function charge(c, bytes)
+  if cache_bytes + bytes > CACHE_BYTES then
+    CONFIGS = {[c.key] = c}
+    c.plans, c.values, c.bytes, cache_bytes = {}, {}, c.base, c.base
+  end
+  c.bytes = c.bytes + bytes
+  cache_bytes = cache_bytes + bytes
+end
+
 -- The cache of one config hash, emptied when the revision it was built at is no longer
 -- current (`rev`: the shared hash's `_rev`, or false before any change was made).
 local function config_at(config_key, rev)
   local c = CONFIGS[config_key]
   if c and c.rev == rev then return c end
-  if not c then
-    n_configs = n_configs + 1
-    if n_configs > MAX_CONFIGS then CONFIGS, n_configs = {}, 1 end
+  if c then
+    -- Dropped with its plans (their bytes no longer count).
+    cache_bytes = cache_bytes - c.bytes
   end
-  c = {rev = rev, plans = {}, n_plans = 0, values = {}, n_values = 0}
+  -- (Its own bytes count from now on; the budget is checked when an entry is added.)
+  local base = CONFIG_BYTES + #config_key
+  c = {key = config_key, rev = rev, plans = {}, values = {}, base = base, bytes = base}
   CONFIGS[config_key] = c
+  cache_bytes = cache_bytes + base
   return c
 end
 
@@ -194,15 +246,21 @@ local function build_plan(config_key, tenant, queue, priority)
   end
   tf[#tf + 1] = 'x'
   sf[#sf + 1] = '_rev'
-  local refill_ms = 0  -- the longest a tenant bucket takes to refill from empty
+  -- The longest a tenant bucket takes to refill from empty (at most the longest wait).
+  local refill_ms = 0
   for _, b in ipairs(buckets) do
     if b.in_tenant and b.burst / b.rate / 1000 > refill_ms then refill_ms = b.burst / b.rate / 1000 end
   end
+  if refill_ms > MAX_WAIT_US / 1000 then refill_ms = MAX_WAIT_US / 1000 end
   local record = false
   if cfg[6] then
     -- Where this plan's traffic is recorded: the minute's hash, and the field less its second.
+    local kept = tonumber(cfg[6])
+    if not (kept and kept > 0 and kept <= MAX_KEEP_MS / 1000) then
+      error('queue-ratelimit: corrupt mode:record: ' .. cfg[6])
+    end
     record = {key = string.sub(config_key, 1, -7) .. 'rec:', field = tenant .. ' ' ..
-              (has_queue and queue or '-') .. ' ', keep_ms = tonumber(cfg[6]) * 1000 + 60000}
+              (has_queue and queue or '-') .. ' ', keep_ms = math.ceil(kept) * 1000 + 60000}
   end
   return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
@@ -218,11 +276,10 @@ end
 
 local function new_plan(c, config_key, tenant, queue, priority)
   local plan = build_plan(config_key, tenant, queue, priority)
-  c.n_plans = c.n_plans + 1
-  if c.n_plans > MAX_PLANS then
-    -- Bounded memory with very many tenants: start over (keeping this plan).
-    c.plans, c.n_plans = {}, 1
-  end
+  -- Its estimated size (names appear in several strings of the plan, hence twice).
+  local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority)
+  if plan.caps then bytes = bytes + CAP_BYTES * #plan.caps end
+  charge(c, bytes)  -- (may start over: the plan is added to what is left)
   local by_tenant = c.plans[tenant]
   if not by_tenant then by_tenant = {}; c.plans[tenant] = by_tenant end
   local by_queue = by_tenant[queue]
@@ -231,9 +288,8 @@ local function new_plan(c, config_key, tenant, queue, priority)
   return plan
 end
 
--- Values of more config fields (weights), cached like the plans (and as bounded).
+-- Values of more config fields (weights), cached like the plans (and in the same budget).
 local function config_values(c, config_key, names)
-  if c.n_values > MAX_PLANS then c.values, c.n_values = {}, 0 end
   local values, out, missing = c.values, {}, false
   for i = 1, #names do
     local v = values[names[i]]
@@ -241,11 +297,14 @@ local function config_values(c, config_key, names)
   end
   if missing then
     local got = redis.call('HMGET', config_key, unpack(names))
+    local bytes = 0
+    for i = 1, #names do bytes = bytes + VALUE_BYTES + #names[i] end
+    charge(c, bytes)  -- (may start over: the values go into what is left)
+    values = c.values
     for i = 1, #names do
       values[names[i]] = got[i]
       out[i] = got[i]
     end
-    c.n_values = c.n_values + #names
   end
   return out
 end
@@ -332,6 +391,7 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
         allowed = 0
         local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
         local need = first[2] - now
+        if need > MAX_WAIT_US then need = MAX_WAIT_US end
         if need > wait or not denied_by then wait, denied_by, by_cap = need, c.scope, true end
       end
     end
@@ -341,8 +401,8 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
 end
 
 -- Returns status (1 allowed, 2 allowed where concurrency caps apply: take_slots then,
--- 0 denied, -1 cost above an enforced burst), the wait in
--- microseconds, the scope that denied (longest wait) and the shadow scopes that would have
+-- 0 denied, -1 cost above an enforced burst), the wait in microseconds (at most
+-- MAX_WAIT_US), the scope that denied (longest wait) and the shadow scopes that would have
 -- (ctx.by_cap: true when that scope is a concurrency cap).
 local function judge(ctx, cost)
   local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
@@ -357,6 +417,7 @@ local function judge(ctx, cost)
       if not fits then
         allowed = 0
         local need = short / b.rate
+        if need > MAX_WAIT_US then need = MAX_WAIT_US end
         if need > wait or not denied_by then wait, denied_by = need, b.scope end
       end
     else
@@ -393,28 +454,34 @@ local function wait_bucket(wait_ms)
   return 'h:inf'
 end
 
--- When (ms since the epoch, at least now) every tenant bucket will be full again.
+-- When (ms since the epoch, at least now, at most MAX_WAIT_US from now) every tenant
+-- bucket will be full again.
 local function tenant_full_ms(ctx)
   local now, buckets, tokens = ctx.now, ctx.buckets, ctx.tokens
-  local full_ms = now / 1000
+  local need = 0
   for i = 1, #buckets do
     local b = buckets[i]
     if b.in_tenant then
-      local full = (now + (b.burst - tokens[i]) / b.rate) / 1000
-      if full > full_ms then full_ms = full end
+      local refill = (b.burst - tokens[i]) / b.rate
+      if refill > need then need = refill end
     end
   end
-  return full_ms
+  if need > MAX_WAIT_US then need = MAX_WAIT_US end
+  return (now + need) / 1000
 end
 
 -- Pushes a later expiry of the tenant hash onto `targs` when the one it has is too close:
 -- when its buckets are full again, plus the counter retention. Moving it only when half
 -- the retention is used up keeps the PEXPIREAT off most decisions.
 local function expiry_fields(ctx, keep_ms, targs)
+  local now_ms, old_x = ctx.now / 1000, ctx.old_x
+  -- (An expiry later than any this code sets was never applied: older versions stored one
+  -- that PEXPIREAT then refused. It is set again.)
+  local sane = old_x <= now_ms + MAX_EXPIRY_MS
   -- Most decisions stop here: even from empty, the buckets refill long before the expiry.
-  if ctx.now / 1000 + ctx.plan.refill_ms + keep_ms / 2 <= ctx.old_x then return false end
+  if sane and now_ms + ctx.plan.refill_ms + keep_ms / 2 <= old_x then return false end
   local need_ms = tenant_full_ms(ctx)
-  if need_ms + keep_ms / 2 > ctx.old_x then
+  if need_ms + keep_ms / 2 > old_x or not sane then
     local x = math.ceil(need_ms + keep_ms)
     targs[#targs + 1] = 'x'
     targs[#targs + 1] = fmt(x)
@@ -461,12 +528,9 @@ local function record(ctx, amount, suffix)
   end
   local key, field = rec.at_key, rec.at_field
   if suffix ~= '' then field = field .. suffix end
-  local total
-  if amount % 1 == 0 then
-    total = redis.call('HINCRBY', key, field, amount)
-  else
-    total = tonumber(redis.call('HINCRBYFLOAT', key, field, fmt(amount)))
-  end
+  -- Always a float: a field that holds a fractional cost would refuse HINCRBY (the call
+  -- would fail after the counts were written), and a float total cannot overflow.
+  local total = tonumber(redis.call('HINCRBYFLOAT', key, field, fmt(amount)))
   -- A new field: (re)arm the expiry, once per field rather than once per decision.
   if total == amount then redis.call('PEXPIRE', key, rec.keep_ms) end
 end

@@ -24,9 +24,12 @@
 --        a 4th element "1" when denied_by is a concurrency cap); {2} a duplicate: already
 --        parked, in flight or done.
 local config_key, shared_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
-local base, keep_ms, lane, tenant, priority, id, cost, credit =
-  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]),
-  tonumber(ARGV[8] or '0') or 0
+local base, lane, tenant, priority, id = ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+-- Numbers are checked before anything is read or written: a call that fails changes nothing.
+local keep_ms = arg_number(ARGV[2], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
+local cost = arg_number(ARGV[7], 1, MIN_COST, MAX_COST, 'cost')
+local credit = math.floor(arg_number(ARGV[8], 0, 0, MAX_CREDIT, 'credit'))
+local hold = arg_number(ARGV[9], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
 
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
   return {2}
@@ -55,7 +58,7 @@ end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
 if status == 2 then
   local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
-  local scopes = take_slots(ctx, token, ctx.now + tonumber(ARGV[9] or '60000') * 1000)
+  local scopes = take_slots(ctx, token, ctx.now + hold * 1000)
   admit(ctx, cost, would_deny, keep_ms, {})
   if scopes == '' then return {1, 0} end
   return {1, 0, token .. ' ' .. scopes}

@@ -12,6 +12,7 @@ if ARGV[2] == 'release' then
   return release_slots(prefix, ARGV[1], scopes, now) and 1 or 0
 end
 if ARGV[2] == 'extend' then
-  return extend_slots(prefix, ARGV[1], scopes, now, now + tonumber(ARGV[3]) * 1000) and 1 or 0
+  local hold = arg_number(ARGV[3], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
+  return extend_slots(prefix, ARGV[1], scopes, now, now + hold * 1000) and 1 or 0
 end
 return redis.error_reply('queue-ratelimit: unknown slot operation ' .. tostring(ARGV[2]))

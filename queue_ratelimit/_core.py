@@ -51,10 +51,17 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 FailMode = Literal["raise", "open", "closed"]
 Mode = Literal["acquire", "peek", "refund"]
 ExemptMode = Literal["tenant", "all"]
-MAX_COST = 1e12
+# Costs are checked here and again by the scripts (lua/buckets.lua), before they write
+# anything. Below MIN_COST a cost would be lost in the rounding slack the scripts allow
+# (1e-9 tokens), so an empty bucket could admit it again and again.
+MIN_COST, MAX_COST = 1e-6, 1e12
 MEMO_SIZE = 4096
 # Kept in lua/acquire.lua too, which applies it when the argument is left out.
 DEFAULT_RETENTION_MS = 900_000
+# The longest wait a decision reports, about ten years (MAX_WAIT_US in lua/buckets.lua,
+# which clamps every wait it computes, so times made from one stay exact integers Redis
+# accepts); also the bound of the waits and retention given here.
+MAX_WAIT = 3650 * 86400.0
 AUDIT_LENGTH = 10_000
 # Concurrency caps: config field "conc:<scope>" = n. A slot is held at most this long
 # unless renewed (lua/acquire.lua applies DEFAULT_HOLD when the argument is left out;
@@ -110,22 +117,28 @@ def redis_errors() -> Iterator[None]:
 
 
 def check_positive(
-    what: str, value: object, maximum: float, error: type[ConfigError] = ConfigError
+    what: str,
+    value: object,
+    maximum: float,
+    error: type[ConfigError] = ConfigError,
+    minimum: float = 0.0,
 ) -> float:
-    """``value`` as a float if it is a finite number in (0, maximum], else ``error``."""
+    """``value`` as a float if it is a finite number in (0, maximum] (and at least
+    ``minimum``), else ``error``."""
+    bounds = f"[{minimum:g}, {maximum:g}]" if minimum else f"(0, {maximum:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{what} must be a number, got {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float
-        raise error(f"{what} must be a finite number in (0, {maximum:g}]") from None
-    if not math.isfinite(number) or number <= 0 or number > maximum:
-        raise error(f"{what} must be a finite number in (0, {maximum:g}], got {_shown(value)}")
+        raise error(f"{what} must be a finite number in {bounds}") from None
+    if not math.isfinite(number) or number <= 0 or number < minimum or number > maximum:
+        raise error(f"{what} must be a finite number in {bounds}, got {_shown(value)}")
     return number
 
 
 def check_cost(cost: object) -> float:
-    return check_positive("cost", cost, MAX_COST, InvalidCost)
+    return check_positive("cost", cost, MAX_COST, InvalidCost, MIN_COST)
 
 
 def check_hold(hold: object) -> int:
@@ -184,16 +197,15 @@ class LimiterCore:
             raise InvalidName(
                 f"fail_mode must be 'raise', 'open' or 'closed', got {_shown(fail_mode)}"
             )
-        if not (math.isfinite(closed_retry_ms) and closed_retry_ms > 0):
-            raise InvalidCost(f"closed_retry_ms must be > 0, got {_shown(closed_retry_ms)}")
-        if not (math.isfinite(counter_retention) and counter_retention > 0):
-            raise InvalidCost(
-                f"counter_retention must be > 0 seconds, got {_shown(counter_retention)}"
-            )
+        # Both become waits and expiries: bounded like the waits the scripts compute.
+        retry_ms = check_positive("closed_retry_ms", closed_retry_ms, MAX_WAIT * 1000, InvalidCost)
+        retention = check_positive(
+            "counter_retention (seconds)", counter_retention, MAX_WAIT, InvalidCost
+        )
         self.keys = KeySpace(prefix=prefix, namespace=namespace)
         self.fail_mode: FailMode = fail_mode
-        self.closed_retry_ms = float(closed_retry_ms)
-        self.retention_ms = int(counter_retention * 1000)
+        self.closed_retry_ms = retry_ms
+        self.retention_ms = max(1, int(retention * 1000))
         self.backend_failures = 0
         self._failing_since: float | None = None
         self._calls: dict[tuple[object, ...], ScriptCall] = {}

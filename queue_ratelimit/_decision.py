@@ -47,7 +47,8 @@ class Decision:
     Attributes:
         allowed: True when every enforced bucket admitted the cost.
         wait_ms: 0 when allowed; otherwise how long until *every* applicable bucket holds
-            the cost (the longest of their waits), in milliseconds.
+            the cost (the longest of their waits), in milliseconds; at most 3,650 days
+            (only a huge cost on a very slow bucket waits longer).
         remaining: tokens left per scope after this decision (before it, for ``peek``).
         denied_by: the scope whose wait is longest, or None when allowed.
         would_deny: scopes in shadow (dry-run) mode that would have denied.

@@ -7,7 +7,7 @@
     │   ├── InvalidLimit               rate / per / burst not finite, <= 0 or absurd
     │   ├── InvalidName                tenant, queue, priority or namespace name
     │   ├── InvalidScope               a scope string that names no known scope
-    │   ├── InvalidCost                cost not finite or <= 0
+    │   ├── InvalidCost                cost not a number in [1e-6, 1e12]
     │   └── InvalidWeight              a fair-scheduling weight outside [0.001, 1e6]
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
@@ -43,7 +43,7 @@ class InvalidScope(ConfigError):
 
 
 class InvalidCost(ConfigError):
-    """A cost is not a finite number greater than zero."""
+    """A cost (or a hold, retention or wait setting) is not a number within its bounds."""
 
 
 class InvalidWeight(ConfigError):

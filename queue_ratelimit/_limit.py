@@ -14,6 +14,9 @@ from ._scopes import _shown
 MAX_RATE_PER_SECOND = 1e9
 MIN_RATE_PER_SECOND = 1e-7  # about one token every 116 days
 MAX_PERIOD_SECONDS = 366 * 86400.0
+# A millisecond, the smallest unit parse knows: a tinier period (subnormal, even) would
+# only carry a rate given as tiny as itself, in fewer bits.
+MIN_PERIOD_SECONDS = 0.001
 MAX_BURST = 1e12
 # The longest limit text accepted ("1000000000/366d" is 15 characters): parsing a longer one
 # is refused before any pattern runs, so its cost is bounded whatever the input.
@@ -71,8 +74,10 @@ class Limit:
     def __post_init__(self) -> None:
         rate = _finite_positive("rate", self.rate)
         per = _finite_positive("per", self.per)
-        if per > MAX_PERIOD_SECONDS:
-            raise InvalidLimit(f"per must be at most {MAX_PERIOD_SECONDS:g} seconds, got {per:g}")
+        if not MIN_PERIOD_SECONDS <= per <= MAX_PERIOD_SECONDS:
+            raise InvalidLimit(
+                f"per must be {MIN_PERIOD_SECONDS:g} to {MAX_PERIOD_SECONDS:g} seconds, got {per:g}"
+            )
         per_second = rate / per
         if per_second > MAX_RATE_PER_SECOND:
             raise InvalidLimit(

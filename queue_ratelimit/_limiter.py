@@ -82,7 +82,7 @@ class Limiter(LimiterBase):
 
         Raises:
             InvalidName: a malformed tenant, queue or priority.
-            InvalidCost: cost not finite or not positive, or a bad ``hold``.
+            InvalidCost: cost not a number in [1e-6, 1e12], or a bad ``hold``.
             CostExceedsBurst: cost is larger than an enforced bucket can ever hold.
             BackendUnavailable: Redis is unreachable and ``fail_mode`` is ``"raise"``.
         """

@@ -25,6 +25,7 @@ MAX_WEIGHT = 1e6
 MAX_ITEM_ID = 256
 MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
+MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,8 +587,10 @@ class FairScheduler:
         ``hold`` seconds (default: the scheduler's lease) unless released sooner with
         ``Limiter.release(verdict.slot)``; no credit is granted then.
         """
-        if isinstance(credit, bool) or not isinstance(credit, int) or credit < 0:
-            raise ConfigError(f"credit must be a whole number >= 0, got {_shown(credit)}")
+        if isinstance(credit, bool) or not isinstance(credit, int) or not 0 <= credit <= MAX_CREDIT:
+            raise ConfigError(
+                f"credit must be a whole number in [0, {MAX_CREDIT}], got {_shown(credit)}"
+            )
         check_name("tenant", tenant)
         check_name("queue", queue)
         check_priority(priority)

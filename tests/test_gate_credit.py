@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from queue_ratelimit import ConfigError, FairScheduler, Limit, Limiter
+import pytest
+import redis
+
+from queue_ratelimit import ConfigError, FairScheduler, Limit, Limiter, _scheduler
 
 HOURLY = 3600.0  # no token returns while a test runs
 
@@ -70,10 +73,39 @@ def test_free_credit_when_no_bucket_applies(limiter: Limiter, scheduler: FairSch
     assert (bounded.credit, bounded.credit_free) == (8, False)
 
 
-@pytest.mark.parametrize("credit", [-1, 1.5, True, "3"])
+@pytest.mark.parametrize("credit", [-1, 1.5, True, "3", 1_000_001, 10**30])
 def test_bad_credit_is_refused(scheduler: FairScheduler, credit: object) -> None:
     with pytest.raises(ConfigError, match="credit"):
         scheduler.gate("acme", "j1", credit=credit)  # type: ignore[arg-type]
+
+
+def _stored(limiter: Limiter) -> dict[str, object]:
+    client = limiter.client
+    return {
+        key.decode(): client.hgetall(key) if client.type(key) == b"hash" else client.type(key)
+        for key in client.scan_iter(match=f"{limiter.keys.base}:*")
+    }
+
+
+@pytest.mark.parametrize(
+    ("cost", "credit"), [(-1.0, 0), (math.nan, 0), (1e13, 0), (1e-10, 0), (1.0, 10**30)]
+)
+def test_the_gate_script_checks_its_numbers_before_it_writes(
+    limiter: Limiter,
+    scheduler: FairScheduler,
+    monkeypatch: pytest.MonkeyPatch,
+    cost: float,
+    credit: int,
+) -> None:
+    """What the Python side refuses, gate.lua refuses too (another client could send it),
+    before anything is written. Before, a negative cost was admitted and added tokens."""
+    limiter.set_limit("tenant:*", Limit(20, per=HOURLY, burst=20))
+    monkeypatch.setattr(_scheduler, "check_cost", lambda c: c)
+    monkeypatch.setattr(_scheduler, "MAX_CREDIT", 10**40)
+    before = _stored(limiter)
+    with pytest.raises((ConfigError, redis.ResponseError), match=r"(cost|credit) must be a number"):
+        scheduler.gate("acme", "j1", cost=cost, credit=credit)
+    assert _stored(limiter) == before
 
 
 class _Entry:

@@ -105,9 +105,9 @@ INVALID_TEXT = [
     ("100/0s", "per must be a finite number greater than 0"),
     ("1e12/s", "above the maximum"),
     ("2e9/s", "above the maximum"),
-    ("1/400d", "per must be at most"),
+    ("1/400d", "per must be 0.001 to"),
     ("1e-9/s", "below the minimum"),
-    ("1/1000000000s", "per must be at most"),
+    ("1/1000000000s", "per must be 0.001 to"),
 ]
 
 
@@ -147,8 +147,13 @@ INVALID_ARGS = [
     ({"rate": 1, "per": math.nan}, "per must be a finite number"),
     ({"rate": 1, "per": math.inf}, "per must be a finite number"),
     ({"rate": 1, "per": False}, "per must be a number"),
-    ({"rate": 1, "per": 367 * 86400}, "per must be at most"),
-    ({"rate": 100, "per": 1e-9}, "above the maximum"),
+    ({"rate": 1, "per": 367 * 86400}, "per must be 0.001 to"),
+    ({"rate": 100, "per": 1e-9}, "per must be 0.001 to"),
+    # A tiny rate over a tiny period is an ordinary rate per second, carried in few bits.
+    ({"rate": 5e-324, "per": 5e-324}, "per must be 0.001 to"),
+    ({"rate": 1e-300, "per": 1e-305}, "per must be 0.001 to"),
+    ({"rate": 1e-300}, "below the minimum"),
+    ({"rate": 1, "burst": 2**53 + 1}, "burst must be at most"),
     ({"rate": 1, "burst": 0}, "burst must be a finite number greater than 0"),
     ({"rate": 1, "burst": -1}, "burst must be a finite number greater than 0"),
     ({"rate": 1, "burst": 0.5}, "burst must be at least 1 token, got 0.5"),
