@@ -31,6 +31,7 @@ from .._errors import RateLimitError
 from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
 from .._slot_keeper import SlotKeeper
+from ._broker_ack import ack_all, is_plain_ack
 from ._credit import CreditKey, CreditLedger
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -71,7 +72,7 @@ class Job:
 class Delivery:
     """One broker message in the gate's hands, with what can be done with it."""
 
-    __slots__ = ("ack", "hand_back", "job", "message", "run")
+    __slots__ = ("ack", "acked_as_usual", "hand_back", "job", "message", "run")
 
     def __init__(
         self,
@@ -80,12 +81,15 @@ class Delivery:
         run: Callable[[], Any],
         ack: Callable[[], Any],
         hand_back: Callable[[], Any],
+        acked_as_usual: bool = False,
     ) -> None:
         self.job = job
         self.message = message
         self.run = run
         self.ack = ack
         self.hand_back = hand_back
+        # ``ack`` is the message's own ack and nothing more: several may go at once.
+        self.acked_as_usual = acked_as_usual
 
 
 class RateLimitGate(bootsteps.StartStopStep):
@@ -382,14 +386,20 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _apply_parked(self, batch: list[Delivery], outcomes: Sequence[str], wait_ms: float) -> None:
         """Acknowledge to the broker each message that is safely in Redis (publish before
         ack); keep the ones the backlog had no room for."""
+        plain_acks = []
         for d, outcome in zip(batch, outcomes, strict=True):
             if outcome == "queued":
                 self.stats["parked"] += 1
-                d.ack()
+                if d.acked_as_usual:
+                    plain_acks.append(d.message)
+                else:
+                    d.ack()
             elif outcome == "duplicate":
                 self._drop_duplicate(d)
             else:
                 self._keep(d)
+        errors = self.consumer.connection_errors
+        ack_all(plain_acks, lambda m: m.ack_log_error(log, errors), errors)
         if "queued" in outcomes:
             self.backlog_seen = True
             # Parked for want of a slot: the next job to end asks for work (_slot_freed).
@@ -418,6 +428,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                     run=lambda: strategy(message, body, ack, reject, callbacks, **kw),
                     ack=lambda: ack(log, self.consumer.connection_errors),
                     hand_back=lambda: reject(log, self.consumer.connection_errors, requeue=True),
+                    acked_as_usual=is_plain_ack(ack, message),
                 )
             )
 
