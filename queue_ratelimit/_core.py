@@ -294,7 +294,10 @@ class LimiterCore:
         scopes = [concurrency_scope(scope) for scope in slot.scopes]
         if not slot.token or " " in slot.token:
             raise InvalidName(f"not a slot token: {slot.token!r}")
-        return ScriptCall([k.config, k.shared], [slot.token, mode, hold_ms, *scopes])
+        p = k.scheduler_prefixes
+        return ScriptCall(
+            [k.config, k.shared], [slot.token, mode, hold_ms, p.waiters, p.parked, *scopes]
+        )
 
     def set_concurrency_call(self, scope: str | Scope, n: object, actor: str) -> ScriptCall:
         field = CONCURRENCY_PREFIX + scope_name(scope)
@@ -349,7 +352,7 @@ class LimiterCore:
         kept = recording_kept(text)
         window_s = kept if window is None else check_positive("window", window, kept)
         at = now[0] + now[1] / 1e6
-        keys, since = recorded_minutes(self.keys.base, window_s, at)
+        keys, since = recorded_minutes(self.keys, window_s, at)
         return text, keys, since, window_s, at
 
     @staticmethod

@@ -134,22 +134,21 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
     """Everything the dashboards show, read from Redis in a few round trips."""
     client = limiter.client
     keys = limiter.keys
-    base = keys.base
     seconds, micros = client.time()
     now_us = seconds * 1e6 + micros
     config = {_text(k): _text(v) for k, v in client.hgetall(keys.config).items()}
     shared = {_text(k): _text(v) for k, v in client.hgetall(keys.shared).items()}
     limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
-    lanes = sorted(_text(x) for x in client.smembers(f"{base}:s:lanes"))
+    lanes = sorted(_text(x) for x in client.smembers(keys.lanes))
 
     pipe = client.pipeline(transaction=False)
     for lane in lanes:
-        pipe.hlen(f"{base}:s:{lane}:n")
-        pipe.hget(f"{base}:s:{lane}:n", ":total")
-        pipe.zcard(f"{base}:s:{lane}:active")
-        pipe.zcard(f"{base}:s:{lane}:parked")
-        pipe.zrange(f"{base}:s:{lane}:age", 0, 0, withscores=True)
-    pipe.zcard(f"{base}:s:inflight")
+        pipe.hlen(keys.counts(lane))
+        pipe.hget(keys.counts(lane), ":total")
+        pipe.zcard(keys.active(lane))
+        pipe.zcard(keys.parked(lane))
+        pipe.zrange(keys.age(lane), 0, 0, withscores=True)
+    pipe.zcard(keys.inflight)
     lane_replies = pipe.execute()
     lane_stats: dict[str, dict[str, Any]] = {}
     backlogged: dict[str, int] = {}
@@ -162,7 +161,7 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             "oldest_wait_ms": max(0.0, now_us / 1000 - oldest[0][1]) if oldest else 0.0,
         }
         if hlen - 2 <= max_tenants:  # the hash also holds ':total' and ':vt'
-            for tenant, count in client.hgetall(f"{base}:s:{lane}:n").items():
+            for tenant, count in client.hgetall(keys.counts(lane)).items():
                 name = _text(tenant)
                 if not name.startswith(":"):
                     backlogged[name] = backlogged.get(name, 0) + int(count)
@@ -239,6 +238,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
             "denied": sum(histogram),
             "would_deny": int(float(shared.get("n:w", 0))),
             "reaped": int(float(shared.get("n:reaped", 0))),
+            # Parked items dropped because Redis evicted their data (FairScheduler.lost).
+            "lost": int(float(shared.get("n:lost", 0))),
             "in_flight": int(lane_replies[-1]),
         },
         "denied_by": counters("d:"),
@@ -262,13 +263,13 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
 def publish_snapshot(limiter: Limiter) -> dict[str, Any]:
     """Store a snapshot in Redis (``<base>:snapshot``) for dashboards; returns it."""
     snap = snapshot(limiter)
-    limiter.client.set(f"{limiter.keys.base}:snapshot", json.dumps(snap), ex=SNAPSHOT_TTL_SECONDS)
+    limiter.client.set(limiter.keys.snapshot, json.dumps(snap), ex=SNAPSHOT_TTL_SECONDS)
     return snap
 
 
 def read_snapshot(limiter: Limiter) -> dict[str, Any] | None:
     """The latest published snapshot, or None."""
-    raw = limiter.client.get(f"{limiter.keys.base}:snapshot")
+    raw = limiter.client.get(limiter.keys.snapshot)
     return json.loads(raw) if raw else None
 
 

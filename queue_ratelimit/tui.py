@@ -56,7 +56,7 @@ class TenantSampler:
         self.per_poll = per_poll
         self.cursor = 0
         self.tenants: dict[str, TenantSample] = {}
-        self.prefix = f"{limiter.keys.base}:t:"
+        self.prefix = limiter.keys.tenant_prefix
 
     def poll(self, now_ms: float) -> None:
         client = self.limiter.client
