@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._config import ConfigSpec
 from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
+from ._durability import EvictionMode, check_eviction_mode
 from ._errors import (
     BackendUnavailable,
     ConfigError,
@@ -456,6 +457,7 @@ class LimiterBase:
         fail_mode: FailMode = "raise",
         closed_retry_ms: float = 1000.0,
         counter_retention: float = DEFAULT_RETENTION_MS / 1000,
+        eviction: EvictionMode = "warn",
     ) -> None:
         self._core = LimiterCore(
             namespace=namespace,
@@ -466,6 +468,14 @@ class LimiterBase:
         )
         self.client = client
         self._scripts = Scripts(client)
+        self.eviction = check_eviction_mode(eviction)
+        if self.eviction != "ignore":
+            # One look at the server's maxmemory-policy, before the first script call.
+            self._scripts.before_first_call(self._eviction_check)
+
+    def _eviction_check(self) -> Any:
+        """Warn about (or refuse) a server that evicts keys: ``Limiter``/``AsyncLimiter``."""
+        raise NotImplementedError
 
     @property
     def namespace(self) -> str:

@@ -137,7 +137,8 @@ class Scripts:
         again (an ``eviction="refuse"`` limiter keeps refusing)."""
         self._pending.append(check)
 
-    def _checks(self) -> None:
+    def run_checks(self) -> None:
+        """Run the pending checks now (a worker's start), not at the first script call."""
         for check in list(self._pending):
             check()
             with contextlib.suppress(ValueError):  # (another thread ran it too)
@@ -160,7 +161,7 @@ class Scripts:
     def call(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         """Run script ``name`` (e.g. ``"acquire.lua"``) and return its reply."""
         if self._pending:
-            self._checks()
+            self.run_checks()
         for attempt in (1, 2):
             if self.transport == "evalsha":
                 break
@@ -187,7 +188,7 @@ class Scripts:
         loaded and the call retried, EVALSHA servers and other clients never come here.
         """
         if self._pending:
-            self._checks()
+            self.run_checks()
         if self._direct and self.transport == "fcall":
             pool = self.client.connection_pool
             conn = pool.get_connection()
@@ -250,7 +251,7 @@ class Scripts:
         server that lost the code fails it with ``ResponseError``, and ``recover`` says
         whether a second run may succeed."""
         if self._pending:
-            self._checks()
+            self.run_checks()
         if self.transport is None:
             self.load()
         if self.transport == "fcall":
@@ -276,7 +277,7 @@ class Scripts:
         script, which redis-py makes sure is loaded (SCRIPT EXISTS) before the pipeline
         runs, so a server that lost the code since does not fail it."""
         if self._pending:
-            self._checks()
+            self.run_checks()
         self._scripts[name](keys=keys, args=args, client=pipe)
 
     # -- asyncio -----------------------------------------------------------------------

@@ -413,17 +413,16 @@ class RateLimitCollector:
         yield lane_backlog
         yield oldest
 
-        in_flight = GaugeMetricFamily(
-            "queue_ratelimit_in_flight",
-            "Jobs re-admitted and not yet acknowledged",
-            labels=["namespace"],
-        )
-        in_flight.add_metric([ns], totals["in_flight"])
-        yield in_flight
-        scrape = GaugeMetricFamily(
-            "queue_ratelimit_scrape_seconds",
-            "Time to read the state from Redis",
-            labels=["namespace"],
-        )
-        scrape.add_metric([ns], time.perf_counter() - started)
-        yield scrape
+        # One value each for the whole namespace.
+        single = [
+            (GaugeMetricFamily, "in_flight", "Jobs re-admitted and not yet acknowledged",
+             totals["in_flight"]),
+            (CounterMetricFamily, "lost", "Parked jobs dropped because Redis evicted their "
+             "data (an evicting maxmemory-policy)", totals["lost"]),
+            (GaugeMetricFamily, "scrape_seconds", "Time to read the state from Redis",
+             time.perf_counter() - started),
+        ]  # fmt: skip
+        for family, name, doc, value in single:
+            metric = family(f"queue_ratelimit_{name}", doc, labels=["namespace"])
+            metric.add_metric([ns], value)
+            yield metric

@@ -161,6 +161,8 @@ def build_view(
         view.decisions.append((name.replace("_", "-"), _per_s(rate), f"{totals[name]:,}"))
     view.decisions.append(("in flight", "", f"{totals['in_flight']:,}"))
     view.decisions.append(("reaped", "", f"{totals['reaped']:,}"))
+    if totals.get("lost"):  # only ever on a Redis that evicts keys
+        view.decisions.append(("LOST (evicted)", "", f"{totals['lost']:,}"))
 
     limits = snap["limits"]
     for scope, bucket in sorted(snap["buckets"].items()):

@@ -179,6 +179,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             warning = persistence_warning(self._rt.limiter.client)
             if warning:
                 log.warning("queue-ratelimit: %s", warning)
+            # The eviction policy (settings.eviction: warn, or refuse to start) and work
+            # left by an older key layout, now rather than at the first script call.
+            self._rt.limiter._scripts.run_checks()
 
     def stop(self, c: Any) -> None:
         self._wakeup.cancel()
