@@ -51,18 +51,19 @@
 local config_key, shared_key, inflight_key, lease_key, meta_key, payload_key, lanes_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local mode, keep_ms = ARGV[1], tonumber(ARGV[2])
--- (`wake` and `parked` are what buckets.lua's release_slots needs to wake parked tenants.)
-local K = {active = ARGV[3], parked = ARGV[4], counts = ARGV[5], age = ARGV[6],
-           classes = ARGV[7], backlog = ARGV[8], wake = ARGV[9], tenant = ARGV[10]}
+local P_ACTIVE, P_PARKED, P_COUNTS, P_AGE, P_CLASSES, P_BACKLOG, P_WAKE, P_TENANT =
+  ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+-- What buckets.lua's release_slots needs to wake tenants parked by a released cap.
+local function waking() return {wake = P_WAKE, parked = P_PARKED} end
 local A = 10  -- the mode's arguments are ARGV[A + 1], ARGV[A + 2], ...
 local DEFAULT_PRIORITY_WEIGHTS = {high = 3, normal = 2, low = 1}
 local REAP_BATCH, UNPARK_BATCH = 16, 32
 local RECEIPT_MS = 86400000  -- a dispatch receipt outlives any outage a caller recovers from
 
-local function tenant_key(tenant) return K.tenant .. tenant end
-local function classes_key(lane, tenant) return K.classes .. lane .. ':' .. tenant end
+local function tenant_key(tenant) return P_TENANT .. tenant end
+local function classes_key(lane, tenant) return P_CLASSES .. lane .. ':' .. tenant end
 local function backlog_key(lane, tenant, priority)
-  return K.backlog .. lane .. ':' .. tenant .. ':' .. priority
+  return P_BACKLOG .. lane .. ':' .. tenant .. ':' .. priority
 end
 local prefix = ns_prefix(config_key)
 
@@ -116,12 +117,12 @@ end
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
 -- unless it is already active or parked.
 local function join_tenant(lane, tenant)
-  local active = K.active .. lane
-  if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', K.parked .. lane, tenant) then
+  local active = P_ACTIVE .. lane
+  if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', P_PARKED .. lane, tenant) then
     return
   end
   local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
-  local vt = tonumber(redis.call('HGET', K.counts .. lane, ':vt')) or 0
+  local vt = tonumber(redis.call('HGET', P_COUNTS .. lane, ':vt')) or 0
   local pass = own
   if own < vt then
     -- Joining at the virtual time, it would tie with every backlogged tenant there and
@@ -147,8 +148,8 @@ local function enqueue(id, at_head)
   if not lane then return false end
   local push = at_head and 'LPUSH' or 'RPUSH'
   redis.call(push, backlog_key(lane, tenant, priority), id)
-  redis.call('ZADD', K.age .. lane, queued, id)
-  local counts = K.counts .. lane
+  redis.call('ZADD', P_AGE .. lane, queued, id)
+  local counts = P_COUNTS .. lane
   redis.call('HINCRBY', counts, tenant, 1)
   redis.call('HINCRBY', counts, ':total', 1)
   join_priority(lane, tenant, priority)
@@ -176,7 +177,7 @@ local function reap(now)
     local held = redis.call('HMGET', lease_key, unpack(expired))
     for i, id in ipairs(expired) do
       local token, scopes = string.match(held[i] or '', '^(%S*) ?(.*)$')
-      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000, K) end
+      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000, waking()) end
     end
     redis.call('HDEL', lease_key, unpack(expired))
     redis.call('HINCRBY', shared_key, 'n:reaped', #expired)
@@ -204,7 +205,7 @@ if mode == 'submit' then
   if redis.call('EXISTS', KEYS[8]) == 1 then
     return 0
   end
-  if bound > 0 and (tonumber(redis.call('HGET', K.counts .. lane, ':total')) or 0) >= bound then
+  if bound > 0 and (tonumber(redis.call('HGET', P_COUNTS .. lane, ':total')) or 0) >= bound then
     return -3
   end
   if redis.call('HSETNX', meta_key, id, record(lane, tenant, priority, cost, now_ms(), payload ~= '')) == 0 then
@@ -226,11 +227,11 @@ if mode == 'route' then
   local lane, tenant, priority, id, cost, list_key, at_front =
     ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7] == '1'
   local now = now_ms()
-  local parked = K.parked .. lane
+  local parked = P_PARKED .. lane
   -- Jobs already waiting on the plain list are older: a new job queues behind them there
   -- (workers move that list into the backlog, in order, with "adopt").
   local contended = redis.call('LLEN', list_key) == 0 and (
-    redis.call('ZCARD', K.active .. lane) > 0
+    redis.call('ZCARD', P_ACTIVE .. lane) > 0
     or redis.call('ZCOUNT', parked, '-inf', now) > 0
     or redis.call('ZSCORE', parked, tenant))
   if not contended then
@@ -303,7 +304,7 @@ if mode == 'dispatch' then
   local receipt_key, nonce = KEYS[8], ARGV[A + 5]
   for li = A + 6, #ARGV do
     local lane, handoff = string.match(ARGV[li], '^([^|]+)|?(.*)$')
-    local active, parked, counts = K.active .. lane, K.parked .. lane, K.counts .. lane
+    local active, parked, counts = P_ACTIVE .. lane, P_PARKED .. lane, P_COUNTS .. lane
     -- A tenant is parked until its tokens return under the limits it was judged by; after
     -- any configuration change (a raised cap, an exemption) every parked tenant is due now.
     if redis.call('EXISTS', parked) == 1 and redis.call('HGET', counts, ':cv') ~= version then
@@ -341,7 +342,7 @@ if mode == 'dispatch' then
           if not cost then
             -- Lost (its record or payload was evicted): drop it and look again.
             redis.call('LPOP', bl)
-            redis.call('ZREM', K.age .. lane, id)
+            redis.call('ZREM', P_AGE .. lane, id)
             lose(id)
             taken(counts, tenant)
             id = nil
@@ -365,7 +366,7 @@ if mode == 'dispatch' then
           local status, wait_us, denied_by, would_deny = judge(ctx, charge)
           if status > 0 then
             redis.call('LPOP', bl)
-            redis.call('ZREM', K.age .. lane, id)
+            redis.call('ZREM', P_AGE .. lane, id)
             -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
             -- back by deadline, and equal deadlines would come back in id order instead.
             if handoff ~= '' then redis.call('RPUSH', handoff, id) end
@@ -415,7 +416,7 @@ if mode == 'dispatch' then
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
             if ctx.by_cap then
               -- Woken by a release of that cap's slots; kept at least until the wait ends.
-              local waiters, keep = K.wake .. denied_by, math.floor(wait_us / 1000) + 60000
+              local waiters, keep = P_WAKE .. denied_by, math.floor(wait_us / 1000) + 60000
               redis.call('SADD', waiters, lane .. ' ' .. tenant)
               if redis.call('PTTL', waiters) < keep then redis.call('PEXPIRE', waiters, keep) end
             end
@@ -461,10 +462,10 @@ if mode == 'dispatch' then
         backlogged = true
       else
         redis.call('HSET', counts, ':total', 0)
-        redis.call('DEL', K.age .. lane)
+        redis.call('DEL', P_AGE .. lane)
       end
-    elseif redis.call('EXISTS', K.age .. lane) == 1 then
-      redis.call('DEL', K.age .. lane)  -- only entries of items lost with their backlog
+    elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
+      redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
     end
     if stop_all or #items >= max_items then break end
   end
@@ -498,7 +499,7 @@ end
 
 -- The item's concurrency slots go back (once: the in-flight record is closed with them).
 local function release_item_slots(id, lease, scopes)
-  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000, K) end
+  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000, waking()) end
 end
 
 if mode == 'ack' or mode == 'nack' then
@@ -544,7 +545,7 @@ if mode == 'extend' then
   local now = now_ms()
   redis.call('ZADD', inflight_key, now + lease_ms, id)
   if scopes ~= '' then
-    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000, K)
+    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000, waking())
   end
   return 1
 end
