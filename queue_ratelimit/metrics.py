@@ -220,6 +220,8 @@ def snapshot(limiter: Limiter, *, max_tenants: int = MAX_TENANT_SERIES) -> dict[
     return {
         "at_ms": now_us / 1000,
         "namespace": limiter.namespace,
+        # The server's maxmemory-policy: {"policy", "maxmemory", "evicting"} (design.md).
+        "eviction": limiter.eviction_status().as_dict(),
         "config_version": int(config.get("_version", 0)),
         "shadow": config.get("mode:shadow") == "1",
         # Seconds of traffic kept for previews, None when recording is off.
@@ -419,6 +421,9 @@ class RateLimitCollector:
              totals["in_flight"]),
             (CounterMetricFamily, "lost", "Parked jobs dropped because Redis evicted their "
              "data (an evicting maxmemory-policy)", totals["lost"]),
+            (GaugeMetricFamily, "redis_evicting", "1 when the limiter's Redis may evict "
+             "keys (an evicting maxmemory-policy under a memory limit)",
+             int(snap["eviction"]["evicting"])),
             (GaugeMetricFamily, "scrape_seconds", "Time to read the state from Redis",
              time.perf_counter() - started),
         ]  # fmt: skip

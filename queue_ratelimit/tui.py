@@ -155,6 +155,8 @@ def build_view(
     flags = " · DRY RUN (shadow): nothing is denied" if snap["shadow"] else ""
     if snap.get("recording_s"):
         flags += f" · recording the last {snap['recording_s']:g} s for previews"
+    if snap.get("eviction", {}).get("evicting"):
+        flags += f" · REDIS EVICTS KEYS ({snap['eviction']['policy']}): parked work may be lost"
     view = View(title=f"namespace {snap['namespace']} · config v{snap['config_version']}{flags}")
     for name in ("allowed", "denied", "would_deny"):
         rate = _rate(totals[name], then("totals", name), seconds)

@@ -19,7 +19,9 @@ from queue_ratelimit import AsyncLimiter, ConfigError, FairScheduler, Limiter
 from queue_ratelimit._durability import EvictionStatus
 from queue_ratelimit.admin import create_app
 from queue_ratelimit.celery._settings import CelerySettings
+from queue_ratelimit.metrics import RateLimitCollector, snapshot
 from queue_ratelimit.rq import _options
+from queue_ratelimit.tui import build_view
 
 LANE = "q"
 
@@ -334,3 +336,20 @@ def test_the_integrations_take_the_setting(
     monkeypatch.setenv(_options.ENV_EVICTION, "maybe")
     with pytest.raises(ConfigError, match="eviction must be"):
         _options.eviction()
+
+
+def test_top_and_the_metrics_show_eviction_and_lost_items(evicting: redis.Redis) -> None:
+    limiter = Limiter(evicting, namespace="shown", eviction="ignore")
+    scheduler = FairScheduler(limiter)
+    scheduler.submit("a", "a1", queue=LANE, payload=b"x")
+    evicting.delete(scheduler.keys.payload)
+    assert scheduler.dispatch([LANE]).items == ()
+    snap = snapshot(limiter)
+    assert snap["eviction"]["evicting"]
+    assert snap["totals"]["lost"] == 1
+    view = build_view(snap, None)
+    assert "REDIS EVICTS KEYS (allkeys-lru)" in view.title
+    assert ("LOST (evicted)", "", "1") in view.decisions
+    families = {m.name: m for m in RateLimitCollector(limiter).collect()}
+    assert families["queue_ratelimit_lost"].samples[0].value == 1
+    assert families["queue_ratelimit_redis_evicting"].samples[0].value == 1
