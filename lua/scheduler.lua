@@ -442,30 +442,33 @@ if mode == 'dispatch' then
       note_wait(math.max(0, tonumber(first[2]) - now))
     elseif not drained then
       backlogged = true
-    elseif (tonumber(redis.call('HGET', counts, ':total')) or 0) ~= 0 then
-      -- Nothing is scheduled in this lane, yet its counts say something waits: tenants lost
-      -- from the schedule (an evicted set). Those whose classes remain rejoin; the backlog
-      -- of the rest is gone (counted as lost).
-      local counted, rejoined = redis.call('HGETALL', counts), false
+    else
+      -- Nothing is scheduled in this lane. Tenants its counts still name were lost from the
+      -- schedule (an evicted set): those whose classes remain rejoin; the backlog of the
+      -- rest is gone (counted as lost). (Normally the hash holds only its ':' fields.)
+      local counted, rejoined, stale = redis.call('HGETALL', counts), false, false
       for i = 1, #counted, 2 do
-        local tenant = counted[i]
-        if string.sub(tenant, 1, 1) ~= ':' then
-          if redis.call('EXISTS', classes_key(lane, tenant)) == 1 then
-            join_tenant(lane, tenant)
+        local field = counted[i]
+        if string.sub(field, 1, 1) ~= ':' then
+          stale = true
+          if redis.call('EXISTS', classes_key(lane, field)) == 1 then
+            join_tenant(lane, field)
             rejoined = true
           else
-            settle_tenant(counts, tenant)
+            settle_tenant(counts, field)
           end
+        elseif field == ':total' and counted[i + 1] ~= '0' then
+          stale = true
         end
       end
       if rejoined then
         backlogged = true
-      else
+      elseif stale then
         redis.call('HSET', counts, ':total', 0)
         redis.call('DEL', P_AGE .. lane)
+      elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
+        redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
       end
-    elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
-      redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
     end
     if stop_all or #items >= max_items then break end
   end

@@ -92,6 +92,22 @@ def test_a_missing_key_never_breaks_the_lane(limiter: Limiter, case: Gone) -> No
     assert [i.id for i in scheduler.dispatch([LANE]).items] == ["c1"]
 
 
+def test_stranded_tenants_rejoin_even_when_the_total_says_nothing_waits(
+    limiter: Limiter,
+) -> None:
+    """The schedule evicted and the lane total already driven to 0 (counts recreated by
+    later work, then served): the tenants named by the counts still come back."""
+    scheduler = FairScheduler(limiter, lease=30)
+    for item_id in ("a1", "a2", "b1"):
+        scheduler.submit(item_id[0], item_id, queue=LANE, payload=b"x")
+    limiter.client.delete(scheduler.keys.active(LANE))
+    limiter.client.hset(scheduler.keys.counts(LANE), ":total", 0)
+    served = {i.id for i in scheduler.dispatch([LANE], max_items=5).items}
+    served |= {i.id for i in scheduler.dispatch([LANE], max_items=5).items}
+    assert served == {"a1", "a2", "b1"}
+    assert scheduler.lost() == 0
+
+
 @pytest.mark.parametrize("how", ["reap", "requeue"])
 def test_an_item_back_from_flight_without_its_record_is_lost_not_fatal(
     limiter: Limiter, how: str
