@@ -215,8 +215,13 @@ def test_evicted_parked_work_is_counted_and_the_rest_dispatched_once(
     assert scheduler.lost() >= len(listed) - len(survivors), "each one found without, counted"
     assert scheduler.lost() + len(served) <= len(submitted)
     assert scheduler.backlog(LANE) == 0
+    # The lane takes new work. (It may bring back items of its tenant that no index named
+    # any more, found in a class list it reuses: those ran nowhere yet, and run once now.)
     scheduler.submit("t0", "after", queue=LANE, payload=b"after".ljust(10_000, b"."))
-    assert [i.id for i in scheduler.dispatch([LANE]).items] == ["after"]
+    later = _drain(scheduler)
+    assert "after" in later
+    assert not set(later) & set(served)
+    assert set(later) <= submitted | {"after"}
 
 
 def test_dispatch_keeps_going_while_the_server_keeps_evicting(evicting: redis.Redis) -> None:
