@@ -209,9 +209,15 @@ def _redis_ms(reply: Sequence[int]) -> float:
 
 
 def _queue_submit(pipe: Any, scheduler: FairScheduler, item_id: str, flow: Flow) -> None:
-    """``FairScheduler.submit``, queued on a pipeline (its script, with the same arguments)."""
-    args = (LANE, flow.tenant, flow.priority, item_id, repr(float(flow.cost)), b"")
-    scheduler._run("submit", *args, client=pipe)
+    """``FairScheduler.submit``, queued on a pipeline."""
+    scheduler.submit(
+        flow.tenant,
+        item_id,
+        queue=LANE,
+        priority=flow.priority,
+        cost=float(flow.cost),
+        pipeline=pipe,
+    )
 
 
 def _check_submitted(replies: Iterable[object]) -> None:
@@ -263,7 +269,7 @@ def _worker(
     limiter = Limiter.from_url(url, namespace=namespace)
     scheduler = FairScheduler(limiter)
     client = limiter.client
-    inflight = f"{limiter.keys.base}:s:inflight"
+    inflight = limiter.keys.inflight
     lease = scheduler.lease_ms
     result = WorkerResult(admitted=[], quiet=[], pid=os.getpid())
     try:

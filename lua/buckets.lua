@@ -26,9 +26,10 @@
 -- set never holds more than its cap (bounded work), and the key expires MAX_HOLD_MS after
 -- its last admission or renewal:
 --   slots   <prefix>:{ns}:c:<scope>   zset holder -> deadline (us)
---   waiters <prefix>:{ns}:cw:<scope>  set "<lane> <tenant>" of scheduler lanes where the
---                                     tenant is parked by this cap: woken when a slot of
---                                     the scope is released
+--   waiters <prefix>:{ns}:s2:wake:<scope>  set "<lane> <tenant>" of scheduler lanes where
+--                                     the tenant is parked by this cap: woken when a slot
+--                                     of the scope is released (the scheduler's key, named
+--                                     by the prefixes its callers pass: KeySpace)
 -- A decision without caps reads and writes none of this.
 -- With recording on (config mode:record = seconds kept), every admission and denial is also
 -- counted per second for previews of a configuration change (_preview.py):
@@ -125,6 +126,12 @@ local function arg_number(text, default, low, high, what)
                         high, string.sub(tostring(text), 1, 40)))
   end
   return n
+end
+
+-- The prefix of the namespace's limiter keys, from its config key (`<base>:config`):
+-- slot sets are `<prefix>c:<scope>` (KeySpace.slots), recordings `<prefix>rec:<minute>`.
+local function ns_prefix(config_key)
+  return string.sub(config_key, 1, -7)
 end
 
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
@@ -226,7 +233,7 @@ local function build_plan(config_key, tenant, queue, priority)
   -- Concurrency caps, under the same exemptions as the buckets (a tenant scope's own cap
   -- wins over the tenant default, as with limits).
   local caps, at = {}, cap_at
-  local prefix = string.sub(config_key, 1, -7)
+  local prefix = ns_prefix(config_key)
   for i = 1, #cap_scopes, 2 do
     local scope, of_tenant = cap_scopes[i], cap_scopes[i + 1]
     if of_tenant then
@@ -259,7 +266,7 @@ local function build_plan(config_key, tenant, queue, priority)
     if not (kept and kept > 0 and kept <= MAX_KEEP_MS / 1000) then
       error('queue-ratelimit: corrupt mode:record: ' .. cfg[6])
     end
-    record = {key = string.sub(config_key, 1, -7) .. 'rec:', field = tenant .. ' ' ..
+    record = {key = ns_prefix(config_key) .. 'rec:', field = tenant .. ' ' ..
               (has_queue and queue or '-') .. ' ', keep_ms = math.ceil(kept) * 1000 + 60000}
   end
   return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
@@ -641,18 +648,20 @@ local function words(text)
 end
 
 -- Parked scheduler tenants waiting for a slot of `scope` are due at once (if still parked).
-local function wake(prefix, scope)
-  local waiters = redis.call('SPOP', prefix .. 'cw:' .. scope, WAKE_BATCH)
+-- `sched`: the scheduler's key prefixes (KeySpace): `wake` (the waiter sets, + scope) and
+-- `parked` (+ lane).
+local function wake(sched, scope)
+  local waiters = redis.call('SPOP', sched.wake .. scope, WAKE_BATCH)
   for i = 1, #waiters do
     local lane, tenant = string.match(waiters[i], '^(%S+) (%S+)$')
-    redis.call('ZADD', prefix .. 's:' .. lane .. ':parked', 'XX', 0, tenant)
+    if lane then redis.call('ZADD', sched.parked .. lane, 'XX', 0, tenant) end
   end
 end
 
 -- Gives back `holder`'s slot in each scope (`scopes`: words). True when at least one was
 -- still live (its deadline after `now`, us); a holder already gone or expired is only
--- removed. Releasing twice changes nothing the second time.
-local function release_slots(prefix, holder, scopes, now)
+-- removed. Releasing twice changes nothing the second time. `sched`: as for wake().
+local function release_slots(prefix, holder, scopes, now, sched)
   local released = false
   for _, scope in ipairs(words(scopes)) do
     local key = prefix .. 'c:' .. scope
@@ -662,7 +671,7 @@ local function release_slots(prefix, holder, scopes, now)
       if deadline + 0 > now then
         released = true
         -- (Only tenants' own caps park a tenant; queue and global caps stop the lane.)
-        if is_tenant_scope(scope) then wake(prefix, scope) end
+        if is_tenant_scope(scope) then wake(sched, scope) end
       end
     end
   end
@@ -671,12 +680,12 @@ end
 
 -- Renews `holder`'s slots to `deadline` (us) if every one is still live; otherwise what is
 -- left of them is released (the slots were lost) and the reply is false.
-local function extend_slots(prefix, holder, scopes, now, deadline)
+local function extend_slots(prefix, holder, scopes, now, deadline, sched)
   local list = words(scopes)
   for _, scope in ipairs(list) do
     local d = redis.call('ZSCORE', prefix .. 'c:' .. scope, holder)
     if not d or d + 0 <= now then
-      release_slots(prefix, holder, scopes, now)
+      release_slots(prefix, holder, scopes, now, sched)
       return false
     end
   end

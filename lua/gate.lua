@@ -16,32 +16,32 @@
 -- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
 -- granted then (every job needs a slot of its own).
 --
--- KEYS: config, shared, scheduler meta hash
--- ARGV: key base B, counter retention ms, lane, tenant, priority, item id, cost, credit,
---       slot hold ms (default 60 s)
+-- KEYS: config, shared, scheduler meta hash, the lane's active and parked sets, the
+--       tenant's hash, the item's done marker (all named by KeySpace)
+-- ARGV: counter retention ms, lane, tenant, priority, item id, cost, credit, slot hold ms
+--       (default 60 s)
 -- Reply: {1, credit granted} run now, or {1, 0, "<slot token> <cap scope> ..."} holding
 --        slots; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a backlog;
 --        a 4th element "1" when denied_by is a concurrency cap); {2} a duplicate: already
 --        parked, in flight or done.
-local config_key, shared_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
-local base, lane, tenant, priority, id = ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local lane, tenant, priority, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
-local keep_ms = arg_number(ARGV[2], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
-local cost = arg_number(ARGV[7], 1, MIN_COST, MAX_COST, 'cost')
-local credit = math.floor(arg_number(ARGV[8], 0, 0, MAX_CREDIT, 'credit'))
-local hold = arg_number(ARGV[9], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
+local keep_ms = arg_number(ARGV[1], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
+local cost = arg_number(ARGV[6], 1, MIN_COST, MAX_COST, 'cost')
+local credit = math.floor(arg_number(ARGV[7], 0, 0, MAX_CREDIT, 'credit'))
+local hold = arg_number(ARGV[8], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
 
-if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
+if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', done_key) == 1 then
   return {2}
 end
 -- Work waiting in the lane that could be dispatched now goes first. Tenants parked by their
 -- own caps cannot run anyway, so a job from anyone else may pass them.
-local lane_base = base .. ':s:' .. lane
-if redis.call('ZCARD', lane_base .. ':active') > 0 then
+if redis.call('ZCARD', active_key) > 0 then
   return {0, '0', ''}
 end
 local t = redis.call('TIME')
-local parked = lane_base .. ':parked'
 if redis.call('ZCOUNT', parked, '-inf', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000) > 0 then
   return {0, '0', ''}
 end
@@ -50,7 +50,7 @@ local wake = redis.call('ZSCORE', parked, tenant)
 if wake then
   return {0, fmt(math.max(0, tonumber(wake) - (tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000))), 'tenant:' .. tenant}
 end
-local ctx = load(config_key, base .. ':t:' .. tenant, shared_key, tenant, lane, priority)
+local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
 -- A cost above a burst is charged as the whole burst: a job is never refused forever.
 for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end

@@ -9,50 +9,109 @@
 -- no credit and leaving and rejoining gains nothing. A tenant denied by its own buckets is
 -- parked until its tokens return instead of being scanned on every call.
 --
--- Keys (B = <prefix>:{ns}; every key shares the namespace's hash tag):
---   B:s:<lane>:active       zset tenant -> pass (backlogged, not parked)
---   B:s:<lane>:parked       zset tenant -> ms when its own buckets allow again
---   B:s:<lane>:tp:<tenant>  zset priority -> pass (the tenant's backlogged priorities)
---   B:s:<lane>:bl:<t>:<p>   list of item ids (the class backlog, oldest first)
---   B:s:<lane>:n            hash tenant -> backlog size, ':total' -> lane backlog,
---                           ':vt' -> lane virtual time (pass of the last tenant served),
---                           ':cv' -> config version the parked tenants were judged under
---   B:s:<lane>:age          zset item id -> ms it was first queued (oldest waiting job)
---   B:s:inflight            zset item id -> lease deadline (ms)
---   B:s:lease               hash item id -> lease token of its current lease: a worker
---                           whose lease ran out cannot close or renew the next holder's;
---                           "<token> <cap scope> ..." when the item holds concurrency
---                           slots (holder "<token>/<id>" in each B:c:<scope>, buckets.lua),
---                           which ack, nack and reap release and extend renews
+-- Keys: every name comes from KeySpace (queue_ratelimit/_keys.py), whole (KEYS) or as the
+-- prefix of a kind (ARGV 3-10) that the script appends user parts to, joined by ':'. With
+-- S = <prefix>:{ns}:s2 (every key shares the namespace's hash tag):
+--   S:active:<lane>          zset tenant -> pass (backlogged, not parked)
+--   S:parked:<lane>          zset tenant -> ms when its own buckets allow again
+--   S:tp:<lane>:<tenant>     zset priority -> pass (the tenant's backlogged priorities)
+--   S:bl:<lane>:<t>:<p>      list of item ids (the class backlog, oldest first)
+--   S:n:<lane>               hash tenant -> backlog size, ':total' -> lane backlog,
+--                            ':vt' -> lane virtual time (pass of the last tenant served),
+--                            ':cv' -> config version the parked tenants were judged under
+--   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
+--   S:inflight               zset item id -> lease deadline (ms)
+--   S:lease                  hash item id -> lease token of its current lease: a worker
+--                            whose lease ran out cannot close or renew the next holder's;
+--                            "<token> <cap scope> ..." when the item holds concurrency
+--                            slots (holder "<token>/<id>" in each <prefix>:{ns}:c:<scope>,
+--                            buckets.lua), which ack, nack and reap release and extend renews
 --   (shared hash field n:lease: the last lease token handed out)
---   B:s:meta                hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>"
---   B:s:payload             hash item id -> opaque payload
+--   S:meta                   hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>
+--                            <p or ->" (p: a payload is stored)
+--   S:payload                hash item id -> opaque payload
+--   S:lanes                  set of the lanes ever used (metrics find them without SCAN)
+--   S:done:<id>              "this item already ran" (ack with remember), checked by submit
+--   S:receipt:<owner>        "<nonce> <id>..." of a caller's last dispatch
+--   S:wake:<scope>           set "<lane> <tenant>" parked by the concurrency cap <scope>
 --   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
 --   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
 --
--- KEYS: config, shared, inflight, meta, payload.  ARGV[1] = mode, ARGV[2] = key base B,
--- ARGV[3] = counter retention (ms); the rest depends on the mode (see each branch).
+-- Lost items: a Redis that evicts keys (maxmemory-policy allkeys-* or volatile-*) may drop
+-- any of these. No script fails on a missing key: an item found without its record (or
+-- without the payload its record says it has) is dropped from where it was found and
+-- counted in the shared hash's n:lost, and so is the backlog count of a tenant whose
+-- backlog vanished. Items whose whole backlog list vanished leave no trace to count.
+--
+-- KEYS: config, shared, inflight, lease, meta, payload, lanes; then per mode (see each).
+-- ARGV[1] = mode, ARGV[2] = counter retention (ms), ARGV[3..10] = the prefixes (active,
+-- parked, counts, age, classes, backlog, waiters, tenant: KeySpace.scheduler_prefixes);
+-- the mode's own arguments follow (see each branch).
 
-local config_key, shared_key, inflight_key, meta_key, payload_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local mode, base, keep_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local config_key, shared_key, inflight_key, lease_key, meta_key, payload_key, lanes_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local mode, keep_ms = ARGV[1], tonumber(ARGV[2])
+local P_ACTIVE, P_PARKED, P_COUNTS, P_AGE, P_CLASSES, P_BACKLOG, P_WAKE, P_TENANT =
+  ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+-- What buckets.lua's release_slots needs to wake tenants parked by a released cap.
+local function waking() return {wake = P_WAKE, parked = P_PARKED} end
+local A = 10  -- the mode's arguments are ARGV[A + 1], ARGV[A + 2], ...
 local DEFAULT_PRIORITY_WEIGHTS = {high = 3, normal = 2, low = 1}
 local REAP_BATCH, UNPARK_BATCH = 16, 32
 local RECEIPT_MS = 86400000  -- a dispatch receipt outlives any outage a caller recovers from
 
-local function lane_key(lane, suffix) return base .. ':s:' .. lane .. ':' .. suffix end
-local function tenant_key(tenant) return base .. ':t:' .. tenant end
-local function backlog_key(lane, tenant, priority) return lane_key(lane, 'bl:' .. tenant .. ':' .. priority) end
-local lease_key = base .. ':s:lease'
-local prefix = base .. ':'
+local function tenant_key(tenant) return P_TENANT .. tenant end
+local function classes_key(lane, tenant) return P_CLASSES .. lane .. ':' .. tenant end
+local function backlog_key(lane, tenant, priority)
+  return P_BACKLOG .. lane .. ':' .. tenant .. ':' .. priority
+end
+local prefix = ns_prefix(config_key)
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 
+local function known_priority(priority)
+  return DEFAULT_PRIORITY_WEIGHTS[priority] or redis.call('HGET', config_key, 'weight:priority:' .. priority)
+end
+
+local function record(lane, tenant, priority, cost, queued, with_payload)
+  return lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(queued) ..
+    (with_payload and ' p' or ' -')
+end
+
+-- An item's record, read: lane, tenant, priority, cost, queued ms, has a payload; nothing
+-- for a record that is missing (evicted) or unreadable.
 local function split_meta(meta)
-  local lane, tenant, priority, cost, queued = string.match(meta, '^(%S+) (%S+) (%S+) (%S+) ?(%S*)$')
-  return lane, tenant, priority, tonumber(cost), tonumber(queued) or 0
+  if not meta then return nil end
+  local lane, tenant, priority, cost, queued, stored =
+    string.match(meta, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S)$')
+  cost = tonumber(cost)
+  if not cost then return nil end
+  return lane, tenant, priority, cost, tonumber(queued) or 0, stored == 'p'
+end
+
+local function count_lost(n)
+  if n > 0 then redis.call('HINCRBY', shared_key, 'n:lost', n) end
+end
+
+-- One item of `tenant` left the lane's backlog: its counts go down (never below zero).
+local function taken(counts, tenant)
+  if redis.call('HINCRBY', counts, tenant, -1) <= 0 then redis.call('HDEL', counts, tenant) end
+  if redis.call('HINCRBY', counts, ':total', -1) < 0 then redis.call('HSET', counts, ':total', 0) end
+end
+
+-- A tenant has no backlogged class left in the lane: whatever its count still says was in
+-- backlogs that are gone (evicted). Counted as lost, and the count made true again.
+local function settle_tenant(counts, tenant)
+  local left = tonumber(redis.call('HGET', counts, tenant))
+  if not left then return end
+  redis.call('HDEL', counts, tenant)
+  if left > 0 then
+    count_lost(left)
+    if redis.call('HINCRBY', counts, ':total', -left) < 0 then redis.call('HSET', counts, ':total', 0) end
+  end
 end
 
 -- A pass or virtual time as stored: one that is not finite (left by that old arithmetic)
@@ -65,12 +124,12 @@ end
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
 -- unless it is already active or parked.
 local function join_tenant(lane, tenant)
-  local active = lane_key(lane, 'active')
-  if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', lane_key(lane, 'parked'), tenant) then
+  local active = P_ACTIVE .. lane
+  if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', P_PARKED .. lane, tenant) then
     return
   end
   local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
-  local vt = tonumber(redis.call('HGET', lane_key(lane, 'n'), ':vt')) or 0
+  local vt = tonumber(redis.call('HGET', P_COUNTS .. lane, ':vt')) or 0
   own, vt = finite(own), finite(vt)
   local pass = own
   if own < vt then
@@ -84,23 +143,33 @@ end
 
 -- Make sure `priority` is scheduled inside the tenant, joining at max(own, tenant vt).
 local function join_priority(lane, tenant, priority)
-  local tp = lane_key(lane, 'tp:' .. tenant)
+  local tp = classes_key(lane, tenant)
   if redis.call('ZSCORE', tp, priority) then return end
   local v = redis.call('HMGET', tenant_key(tenant), 'pp:' .. lane .. ':' .. priority, 'pv:' .. lane)
   redis.call('ZADD', tp, math.max(finite(tonumber(v[1])), finite(tonumber(v[2]))), priority)
 end
 
 -- Put an item back into its class backlog: at the head (its old position) or the tail.
+-- False, and nothing queued, when its record is gone (evicted): the item is lost.
 local function enqueue(id, at_head)
   local lane, tenant, priority, _, queued = split_meta(redis.call('HGET', meta_key, id))
+  if not lane then return false end
   local push = at_head and 'LPUSH' or 'RPUSH'
   redis.call(push, backlog_key(lane, tenant, priority), id)
-  redis.call('ZADD', lane_key(lane, 'age'), queued, id)
-  local counts = lane_key(lane, 'n')
+  redis.call('ZADD', P_AGE .. lane, queued, id)
+  local counts = P_COUNTS .. lane
   redis.call('HINCRBY', counts, tenant, 1)
   redis.call('HINCRBY', counts, ':total', 1)
   join_priority(lane, tenant, priority)
   join_tenant(lane, tenant)
+  return true
+end
+
+-- An item that cannot be served (its record or payload is gone) is forgotten and counted.
+local function lose(id)
+  redis.call('HDEL', meta_key, id)
+  redis.call('HDEL', payload_key, id)
+  count_lost(1)
 end
 
 -- Return items whose lease ran out (their worker died) to the head of their backlog.
@@ -109,14 +178,14 @@ local function reap(now)
   local expired = redis.call('ZREVRANGEBYSCORE', inflight_key, now, '-inf', 'LIMIT', 0, REAP_BATCH)
   for _, id in ipairs(expired) do
     redis.call('ZREM', inflight_key, id)
-    enqueue(id, true)
+    if not enqueue(id, true) then lose(id) end
   end
   if #expired > 0 then
     -- Their concurrency slots ran out with their leases: give them back now.
     local held = redis.call('HMGET', lease_key, unpack(expired))
     for i, id in ipairs(expired) do
       local token, scopes = string.match(held[i] or '', '^(%S*) ?(.*)$')
-      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000) end
+      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000, waking()) end
     end
     redis.call('HDEL', lease_key, unpack(expired))
     redis.call('HINCRBY', shared_key, 'n:reaped', #expired)
@@ -136,26 +205,27 @@ local function weight(value, default)
 end
 
 if mode == 'submit' then
-  -- ARGV: lane, tenant, priority, item id, cost, payload, backlog bound (optional; 0 or
-  -- absent: none). Reply: 1 queued, 0 duplicate id (queued, in flight, or remembered as
-  -- done by ack), -2 unknown priority, -3 the lane's backlog already holds `bound` items.
-  local lane, tenant, priority, id, cost, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-  local bound = tonumber(ARGV[10] or '0') or 0
-  if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
+  -- KEYS[8]: the item's done marker (KeySpace.done). ARGV: lane, tenant, priority, item id,
+  -- cost, payload, backlog bound (optional; 0 or absent: none). Reply: 1 queued, 0
+  -- duplicate id (queued, in flight, or remembered as done by ack), -2 unknown priority,
+  -- -3 the lane's backlog already holds `bound` items.
+  local lane, tenant, priority, id, cost, payload =
+    ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6]
+  local bound = tonumber(ARGV[A + 7] or '0') or 0
+  if not known_priority(priority) then
     return -2
   end
-  if redis.call('EXISTS', base .. ':s:done:' .. id) == 1 then
+  if redis.call('EXISTS', KEYS[8]) == 1 then
     return 0
   end
-  if bound > 0 and (tonumber(redis.call('HGET', lane_key(lane, 'n'), ':total')) or 0) >= bound then
+  if bound > 0 and (tonumber(redis.call('HGET', P_COUNTS .. lane, ':total')) or 0) >= bound then
     return -3
   end
-  local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now_ms())
-  if redis.call('HSETNX', meta_key, id, meta) == 0 then
+  if redis.call('HSETNX', meta_key, id, record(lane, tenant, priority, cost, now_ms(), payload ~= '')) == 0 then
     return 0
   end
   if payload ~= '' then redis.call('HSET', payload_key, id, payload) end
-  redis.call('SADD', base .. ':s:lanes', lane)  -- so metrics find every lane without SCAN
+  redis.call('SADD', lanes_key, lane)
   enqueue(id, false)
   return 1
 end
@@ -168,25 +238,22 @@ if mode == 'route' then
   -- the plain list (reply 0) and the worker's gate admits it there, or moves it into the
   -- backlog first ("adopt") when it found others waiting there too.
   local lane, tenant, priority, id, cost, list_key, at_front =
-    ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == '1'
+    ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7] == '1'
   local now = now_ms()
-  local parked = lane_key(lane, 'parked')
+  local parked = P_PARKED .. lane
   -- Jobs already waiting on the plain list are older: a new job queues behind them there
   -- (workers move that list into the backlog, in order, with "adopt").
   local contended = redis.call('LLEN', list_key) == 0 and (
-    redis.call('ZCARD', lane_key(lane, 'active')) > 0
+    redis.call('ZCARD', P_ACTIVE .. lane) > 0
     or redis.call('ZCOUNT', parked, '-inf', now) > 0
     or redis.call('ZSCORE', parked, tenant))
   if not contended then
     redis.call(at_front and 'LPUSH' or 'RPUSH', list_key, id)
     return 0
   end
-  if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
-    priority = 'normal'
-  end
-  local meta = lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. math.floor(now)
-  if redis.call('HSETNX', meta_key, id, meta) == 1 then
-    redis.call('SADD', base .. ':s:lanes', lane)
+  if not known_priority(priority) then priority = 'normal' end
+  if redis.call('HSETNX', meta_key, id, record(lane, tenant, priority, cost, now, false)) == 1 then
+    redis.call('SADD', lanes_key, lane)
     enqueue(id, at_front)  -- a retry asked back to the front goes to the head of its class
   end
   return 1
@@ -199,30 +266,29 @@ if mode == 'adopt' then
   -- cost for each job, oldest first; an empty tenant only takes the id off the list (its job
   -- is gone). An id no longer on the list (another worker took it) is skipped, and one the
   -- scheduler already holds is only taken off the list. Reply: jobs moved into the backlog.
-  local lane, list_key = ARGV[4], ARGV[5]
-  local now, moved = math.floor(now_ms()), 0
-  for i = 6, #ARGV - 3, 4 do
+  local lane, list_key = ARGV[A + 1], ARGV[A + 2]
+  local now, moved = now_ms(), 0
+  for i = A + 3, #ARGV - 3, 4 do
     local id, tenant, priority, cost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     if redis.call('LREM', list_key, 1, id) == 1 and tenant ~= '' then
-      if not DEFAULT_PRIORITY_WEIGHTS[priority] and not redis.call('HGET', config_key, 'weight:priority:' .. priority) then
-        priority = 'normal'
-      end
-      if redis.call('HSETNX', meta_key, id, lane .. ' ' .. tenant .. ' ' .. priority .. ' ' .. cost .. ' ' .. now) == 1 then
+      if not known_priority(priority) then priority = 'normal' end
+      if redis.call('HSETNX', meta_key, id, record(lane, tenant, priority, cost, now, false)) == 1 then
         enqueue(id, false)
         moved = moved + 1
       end
     end
   end
-  if moved > 0 then redis.call('SADD', base .. ':s:lanes', lane) end
+  if moved > 0 then redis.call('SADD', lanes_key, lane) end
   return moved
 end
 
 if mode == 'dispatch' then
-  -- ARGV: max items, lease ms (or "0 <slot hold ms>": no lease), max tenants skipped per
-  -- lane, want payload ("1"/"0"), receipt ("<key> <nonce>" or ""), lanes...
+  -- KEYS[8] (optional): the receipt key. ARGV: max items, lease ms (or "0 <slot hold ms>":
+  -- no lease), max tenants skipped per lane, want payload ("1"/"0"), receipt nonce ("" for
+  -- none), lanes...
   -- A lane may be given as "<lane>|<list key>": a dispatched id is then pushed onto that
   -- list (a queue system's own in-progress bookkeeping, e.g. RQ's intermediate queue).
-  -- With lease 0 no in-flight record is kept: the item is handed over for good. A receipt
+  -- With lease 0 no in-flight record is kept: the item is handed over for good. The receipt
   -- key is set to "<nonce> <id>..." when something is dispatched, so a caller whose reply
   -- was lost (Redis restarted, the connection dropped) can find out what it was handed.
   -- Reply: {wait_ms, {id, lane, tenant, priority, cost, payload, lease}...}; wait_ms is "0"
@@ -231,8 +297,8 @@ if mode == 'dispatch' then
   -- extend present for the item ("" without a lease): one per dispatch call, never reused.
   -- An item under concurrency caps takes their slots with its tokens, held as long as its
   -- lease (or the slot hold), and carries an 8th element "<slot token> <cap scope> ...".
-  local max_items, max_skips, want_payload = tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7] == '1'
-  local lease_ms, hold_ms = string.match(ARGV[5], '^(%S+) ?(%S*)$')
+  local max_items, max_skips, want_payload = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 3]), ARGV[A + 4] == '1'
+  local lease_ms, hold_ms = string.match(ARGV[A + 2], '^(%S+) ?(%S*)$')
   lease_ms = tonumber(lease_ms)
   hold_ms = lease_ms > 0 and lease_ms or tonumber(hold_ms) or 60000
   local now = now_ms()
@@ -248,10 +314,10 @@ if mode == 'dispatch' then
   local function note_wait(w)
     if not wait or w < wait then wait = w end
   end
-  local receipt_key, nonce = string.match(ARGV[8], '^(%S+) (%S+)$')
-  for li = 9, #ARGV do
+  local receipt_key, nonce = KEYS[8], ARGV[A + 5]
+  for li = A + 6, #ARGV do
     local lane, handoff = string.match(ARGV[li], '^([^|]+)|?(.*)$')
-    local active, parked, counts = lane_key(lane, 'active'), lane_key(lane, 'parked'), lane_key(lane, 'n')
+    local active, parked, counts = P_ACTIVE .. lane, P_PARKED .. lane, P_COUNTS .. lane
     -- A tenant is parked until its tokens return under the limits it was judged by; after
     -- any configuration change (a raised cap, an exemption) every parked tenant is due now.
     if redis.call('EXISTS', parked) == 1 and redis.call('HGET', counts, ':cv') ~= version then
@@ -263,25 +329,45 @@ if mode == 'dispatch' then
       redis.call('ZREM', parked, tenant)
       join_tenant(lane, tenant)
     end
-    local skips, blocked = 0, false
+    local skips, blocked, drained = 0, false, false
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
-      if #top == 0 then break end
-      backlogged = true
+      if #top == 0 then
+        drained = true
+        break
+      end
       local tenant, pass = top[1], finite(tonumber(top[2]))
-      local tp = lane_key(lane, 'tp:' .. tenant)
+      local tp = classes_key(lane, tenant)
       local ptop = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
       if #ptop == 0 then
         redis.call('ZREM', active, tenant)  -- nothing left: defensive, keeps the set honest
+        settle_tenant(counts, tenant)
       else
         local priority, ppass = ptop[1], finite(tonumber(ptop[2]))
         local bl = backlog_key(lane, tenant, priority)
         local id = redis.call('LINDEX', bl, 0)
+        local _, cost, stored
+        if id then
+          _, _, _, cost, _, stored = split_meta(redis.call('HGET', meta_key, id))
+          if cost and stored and want_payload and redis.call('HEXISTS', payload_key, id) == 0 then
+            cost = nil  -- its payload is gone: there is nothing to run
+          end
+          if not cost then
+            -- Lost (its record or payload was evicted): drop it and look again.
+            redis.call('LPOP', bl)
+            redis.call('ZREM', P_AGE .. lane, id)
+            lose(id)
+            taken(counts, tenant)
+            id = nil
+          end
+        end
         if not id then
-          redis.call('ZREM', tp, priority)
-          if redis.call('ZCARD', tp) == 0 then redis.call('ZREM', active, tenant) end
+          if redis.call('LLEN', bl) == 0 then redis.call('ZREM', tp, priority) end
+          if redis.call('EXISTS', tp) == 0 then
+            redis.call('ZREM', active, tenant)
+            settle_tenant(counts, tenant)
+          end
         else
-          local _, _, _, cost = split_meta(redis.call('HGET', meta_key, id))
           local ctx = load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority,
             {'weight:tenant:' .. tenant, 'weight:tenant:*', 'weight:priority:' .. priority})
           -- An item costlier than a bucket's burst (the limit was lowered after it was
@@ -293,7 +379,7 @@ if mode == 'dispatch' then
           local status, wait_us, denied_by, would_deny = judge(ctx, charge)
           if status > 0 then
             redis.call('LPOP', bl)
-            redis.call('ZREM', lane_key(lane, 'age'), id)
+            redis.call('ZREM', P_AGE .. lane, id)
             -- Deadlines of one batch are 1 us apart in dispatch order: reap() hands items
             -- back by deadline, and equal deadlines would come back in id order instead.
             if handoff ~= '' then redis.call('RPUSH', handoff, id) end
@@ -313,6 +399,7 @@ if mode == 'dispatch' then
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
+            taken(counts, tenant)
             if redis.call('LLEN', bl) == 0 then
               redis.call('ZREM', tp, priority)
             else
@@ -320,11 +407,10 @@ if mode == 'dispatch' then
             end
             if redis.call('EXISTS', tp) == 0 then
               redis.call('ZREM', active, tenant)
+              settle_tenant(counts, tenant)
             else
               redis.call('ZADD', active, new_pass, tenant)
             end
-            if redis.call('HINCRBY', counts, tenant, -1) <= 0 then redis.call('HDEL', counts, tenant) end
-            redis.call('HINCRBY', counts, ':total', -1)
             redis.call('HSET', counts, ':vt', fmt(pass))
             admit(ctx, charge, would_deny, keep_ms,
               {'sp:' .. lane, fmt(new_pass), 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
@@ -343,7 +429,7 @@ if mode == 'dispatch' then
             redis.call('ZADD', parked, now + wait_us / 1000, tenant)
             if ctx.by_cap then
               -- Woken by a release of that cap's slots; kept at least until the wait ends.
-              local waiters, keep = prefix .. 'cw:' .. denied_by, math.floor(wait_us / 1000) + 60000
+              local waiters, keep = P_WAKE .. denied_by, math.floor(wait_us / 1000) + 60000
               redis.call('SADD', waiters, lane .. ' ' .. tenant)
               if redis.call('PTTL', waiters) < keep then redis.call('PEXPIRE', waiters, keep) end
             end
@@ -367,11 +453,40 @@ if mode == 'dispatch' then
     if #first > 0 then
       backlogged = true
       note_wait(math.max(0, tonumber(first[2]) - now))
+    elseif not drained then
+      backlogged = true
+    else
+      -- Nothing is scheduled in this lane. Tenants its counts still name were lost from the
+      -- schedule (an evicted set): those whose classes remain rejoin; the backlog of the
+      -- rest is gone (counted as lost). (Normally the hash holds only its ':' fields.)
+      local counted, rejoined, stale = redis.call('HGETALL', counts), false, false
+      for i = 1, #counted, 2 do
+        local field = counted[i]
+        if string.sub(field, 1, 1) ~= ':' then
+          stale = true
+          if redis.call('EXISTS', classes_key(lane, field)) == 1 then
+            join_tenant(lane, field)
+            rejoined = true
+          else
+            settle_tenant(counts, field)
+          end
+        elseif field == ':total' and counted[i + 1] ~= '0' then
+          stale = true
+        end
+      end
+      if rejoined then
+        backlogged = true
+      elseif stale then
+        redis.call('HSET', counts, ':total', 0)
+        redis.call('DEL', P_AGE .. lane)
+      elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
+        redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
+      end
     end
     if stop_all or #items >= max_items then break end
   end
   if #leases > 0 then redis.call('HSET', lease_key, unpack(leases)) end
-  if receipt_key and #items > 0 then
+  if receipt_key and nonce ~= '' and #items > 0 then
     local ids = {nonce}
     for _, item in ipairs(items) do ids[#ids + 1] = item[1] end
     redis.call('SET', receipt_key, table.concat(ids, ' '), 'PX', RECEIPT_MS)
@@ -386,41 +501,49 @@ end
 -- Whether the caller holds the item's current lease: any holder when no token is given
 -- (callers that keep none), else only the one whose token the dispatch handed out. Also
 -- returns the lease's own token and the cap scopes whose slots it holds ("" for none).
+-- With one of the two records evicted, the other decides: a lease record without the
+-- in-flight entry is still this holder's (nothing reaped it), an in-flight entry without a
+-- lease record is anyone's.
 local function holds(id, token)
-  if not redis.call('ZSCORE', inflight_key, id) then return false end
-  local lease, scopes = string.match(redis.call('HGET', lease_key, id) or '', '^(%S*) ?(.*)$')
-  if token ~= nil and token ~= '' and lease ~= token then return false end
+  local rec = redis.call('HGET', lease_key, id)
+  if not rec and not redis.call('ZSCORE', inflight_key, id) then return false end
+  local lease, scopes = string.match(rec or '', '^(%S*) ?(.*)$')
+  if rec and token ~= nil and token ~= '' and lease ~= token then return false end
+  if not rec then lease = token or '' end
   return true, lease, scopes
 end
 
 -- The item's concurrency slots go back (once: the in-flight record is closed with them).
 local function release_item_slots(id, lease, scopes)
-  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000) end
+  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000, waking()) end
 end
 
 if mode == 'ack' or mode == 'nack' then
-  -- ARGV: item id, requeue ("1"/"0"), refund ("1"/"0"), done-marker ttl ms ("0": none),
-  -- lease token (optional), keep slots ("1", ack only). Reply: 1 closed, 0 not in flight for this caller (its lease
-  -- ran out: the item was handed back, maybe to another worker since; or the id is
-  -- unknown). The done marker lets gate.lua recognise a broker redelivery of work that
-  -- already ran through the backlog.
-  local id, requeue, refund, done_ms = ARGV[4], ARGV[5] == '1', ARGV[6] == '1', tonumber(ARGV[7] or '0')
-  local held, lease, scopes = holds(id, ARGV[8])
+  -- KEYS[8] (ack): the item's done marker. ARGV: item id, requeue ("1"/"0"), refund
+  -- ("1"/"0"), done-marker ttl ms ("0": none), lease token (optional), keep slots ("1", ack
+  -- only). Reply: 1 closed, 0 not in flight for this caller (its lease ran out: the item
+  -- was handed back, maybe to another worker since; or the id is unknown). The done marker
+  -- lets submit recognise a broker redelivery of work that already ran through the backlog.
+  local id, requeue, refund = ARGV[A + 1], ARGV[A + 2] == '1', ARGV[A + 3] == '1'
+  local done_ms = tonumber(ARGV[A + 4] or '0')
+  local held, lease, scopes = holds(id, ARGV[A + 5])
   if not held then return 0 end
   redis.call('ZREM', inflight_key, id)
   redis.call('HDEL', lease_key, id)
-  -- ARGV[9] = "1": the job has started and runs on; its slots stay held (the worker renews
-  -- them, and gives them back when the job ends: Limiter.extend_slot / release).
-  if mode == 'nack' or ARGV[9] ~= '1' then release_item_slots(id, lease, scopes) end
-  if done_ms and done_ms > 0 and not requeue then
-    redis.call('SET', base .. ':s:done:' .. id, '1', 'PX', done_ms)
+  -- ARGV "keep slots" = "1": the job has started and runs on; its slots stay held (the
+  -- worker renews them, and gives them back when the job ends: Limiter.extend_slot / release).
+  if mode == 'nack' or ARGV[A + 6] ~= '1' then release_item_slots(id, lease, scopes) end
+  if done_ms and done_ms > 0 and not requeue and KEYS[8] then
+    redis.call('SET', KEYS[8], '1', 'PX', done_ms)
   end
   if mode == 'nack' and refund then
     local lane, tenant, priority, cost = split_meta(redis.call('HGET', meta_key, id))
-    credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority), cost, keep_ms)
+    if lane then
+      credit(load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority), cost, keep_ms)
+    end
   end
   if mode == 'nack' and requeue then
-    enqueue(id, true)
+    if not enqueue(id, true) then lose(id) end
   else
     redis.call('HDEL', meta_key, id)
     redis.call('HDEL', payload_key, id)
@@ -432,13 +555,13 @@ if mode == 'extend' then
   -- ARGV: item id, lease ms, lease token (optional). Reply: 1 extended, 0 not in flight
   -- for this caller.
   -- The item's concurrency slots are renewed with it (while they are still held).
-  local id, lease_ms = ARGV[4], tonumber(ARGV[5])
-  local held, lease, scopes = holds(id, ARGV[6])
+  local id, lease_ms = ARGV[A + 1], tonumber(ARGV[A + 2])
+  local held, lease, scopes = holds(id, ARGV[A + 3])
   if not held then return 0 end
   local now = now_ms()
   redis.call('ZADD', inflight_key, now + lease_ms, id)
   if scopes ~= '' then
-    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000)
+    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000, waking())
   end
   return 1
 end

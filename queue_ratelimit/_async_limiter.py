@@ -26,6 +26,7 @@ from ._core import (
     redis_errors,
 )
 from ._decision import Decision, ScopeLimit, Slot
+from ._durability import EvictionStatus, aeviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
@@ -43,6 +44,12 @@ class AsyncLimiter(LimiterBase):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
         return cls(aioredis.Redis.from_url(check_redis_url(url)), **options)
+
+    async def eviction_status(self) -> EvictionStatus:
+        return await aeviction_status(self.client)
+
+    async def _eviction_check(self) -> None:
+        judge_eviction(await self.eviction_status(), self.eviction)
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(

@@ -100,6 +100,6 @@ def run(client: Any, *, seconds: float = 5.0, buckets: int = 1, rounds: int = 10
             "rounds": rounds,
         }
     finally:
-        keys = list(client.scan_iter(match=f"{limiter.keys.base}:*", count=1000))
+        keys = list(client.scan_iter(match=limiter.keys.pattern, count=1000))
         if keys:
             client.delete(*keys)

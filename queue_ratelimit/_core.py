@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._config import ConfigSpec
 from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
+from ._durability import EvictionMode, check_eviction_mode
 from ._errors import (
     BackendUnavailable,
     ConfigError,
@@ -310,7 +311,10 @@ class LimiterCore:
         scopes = [concurrency_scope(scope) for scope in slot.scopes]
         if not slot.token or " " in slot.token:
             raise InvalidName(f"not a slot token: {_shown(slot.token)}")
-        return ScriptCall([k.config, k.shared], [slot.token, mode, hold_ms, *scopes])
+        p = k.scheduler_prefixes
+        return ScriptCall(
+            [k.config, k.shared], [slot.token, mode, hold_ms, p.waiters, p.parked, *scopes]
+        )
 
     def set_concurrency_call(self, scope: str | Scope, n: object, actor: str) -> ScriptCall:
         field = CONCURRENCY_PREFIX + scope_name(scope)
@@ -365,7 +369,7 @@ class LimiterCore:
         kept = recording_kept(text)
         window_s = kept if window is None else check_positive("window", window, kept)
         at = now[0] + now[1] / 1e6
-        keys, since = recorded_minutes(self.keys.base, window_s, at)
+        keys, since = recorded_minutes(self.keys, window_s, at)
         return text, keys, since, window_s, at
 
     @staticmethod
@@ -469,6 +473,7 @@ class LimiterBase:
         fail_mode: FailMode = "raise",
         closed_retry_ms: float = 1000.0,
         counter_retention: float = DEFAULT_RETENTION_MS / 1000,
+        eviction: EvictionMode = "warn",
     ) -> None:
         self._core = LimiterCore(
             namespace=namespace,
@@ -479,6 +484,14 @@ class LimiterBase:
         )
         self.client = client
         self._scripts = Scripts(client)
+        self.eviction = check_eviction_mode(eviction)
+        if self.eviction != "ignore":
+            # One look at the server's maxmemory-policy, before the first script call.
+            self._scripts.before_first_call(self._eviction_check)
+
+    def _eviction_check(self) -> Any:
+        """Warn about (or refuse) a server that evicts keys: ``Limiter``/``AsyncLimiter``."""
+        raise NotImplementedError
 
     @property
     def namespace(self) -> str:

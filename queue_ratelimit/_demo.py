@@ -185,7 +185,7 @@ class Demo:
     def prepare(self) -> None:
         """Clear the demo namespace, set the limits and describe what is about to run."""
         client = self.limiter.client
-        stale = list(client.scan_iter(match=f"{self.limiter.keys.base}:*", count=1000))
+        stale = list(client.scan_iter(match=self.limiter.keys.pattern, count=1000))
         if stale:
             client.delete(*stale)
         for rule in RULES:

@@ -23,6 +23,7 @@ from ._core import (
     redis_errors,
 )
 from ._decision import Decision, ScopeLimit, Slot
+from ._durability import EvictionStatus, eviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview
@@ -52,6 +53,10 @@ class Limiter(LimiterBase):
             (allow, marked ``degraded``) or ``"closed"`` (deny for ``closed_retry_ms``).
         closed_retry_ms: the wait reported by a fail-closed decision.
         counter_retention: seconds an idle tenant's counters are kept before they expire.
+        eviction: what to do, at the first call, when the server may evict keys (an
+            ``allkeys-*`` or ``volatile-*`` maxmemory-policy under a memory limit, which
+            loses parked jobs, limits and bucket state): ``"warn"`` (log a warning),
+            ``"refuse"`` (raise ``ConfigError`` from every call) or ``"ignore"``.
     """
 
     @classmethod
@@ -62,6 +67,13 @@ class Limiter(LimiterBase):
             ConfigError: the URL is empty or malformed (shown with its password masked).
         """
         return cls(redis.Redis.from_url(check_redis_url(url)), **options)
+
+    def eviction_status(self) -> EvictionStatus:
+        """Whether the server may evict this limiter's keys (one ``INFO memory``)."""
+        return eviction_status(self.client)
+
+    def _eviction_check(self) -> None:
+        judge_eviction(self.eviction_status(), self.eviction)
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(

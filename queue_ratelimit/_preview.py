@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ._decision import decode_limit, format_limit
 from ._errors import ConfigError
+from ._keys import KeySpace
 from ._limit import Limit
 from ._scopes import ANY_TENANT, Scope, _shown
 
@@ -245,12 +246,11 @@ def recording_kept(config: Mapping[str, str]) -> float:
     return float(kept)
 
 
-def recorded_minutes(base: str, window_s: float, now: float) -> tuple[list[str], int]:
+def recorded_minutes(keys: KeySpace, window_s: float, now: float) -> tuple[list[str], int]:
     """The minute hashes to read for a preview of the last ``window_s`` seconds, and the
     first second to replay."""
     since = math.floor(now - window_s)
-    keys = [f"{base}:rec:{minute}" for minute in range(since // 60, math.floor(now) // 60 + 1)]
-    return keys, since
+    return [keys.record(m) for m in range(since // 60, math.floor(now) // 60 + 1)], since
 
 
 def _minute_of(key: str) -> int:

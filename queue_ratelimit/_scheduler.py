@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ._core import check_cost, check_hold, check_positive, redis_errors
 from ._decision import Slot
 from ._errors import BacklogFull, ConfigError, InvalidName, InvalidWeight
 from ._limiter import Limiter
-from ._scopes import _shown, check_name, check_priority
+from ._scopes import _shown, check_item_id, check_name, check_priority
 
+log = logging.getLogger("queue_ratelimit")
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
 # Weights divide costs into virtual time (lua/scheduler.lua): a denormal weight made the
 # first step infinite and broke the lane. In [1e-3, 1e6] every step (cost / weight) is a
@@ -22,7 +24,6 @@ DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
 # double carries, so the smallest step still moves a pass (docs/tuning.md).
 MIN_WEIGHT = 1e-3
 MAX_WEIGHT = 1e6
-MAX_ITEM_ID = 256
 MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
 MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
@@ -138,17 +139,8 @@ class Dispatch:
 def _held(item: str | DispatchedItem) -> tuple[str, str]:
     """An item id and the lease token to present ("" for a bare id: any holder)."""
     if isinstance(item, DispatchedItem):
-        return _check_item_id(item.id), item.lease
-    return _check_item_id(item), ""
-
-
-def _check_item_id(item_id: object) -> str:
-    if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID or " " in item_id:
-        raise InvalidName(
-            f"item id must be a non-empty string of at most {MAX_ITEM_ID} characters without "
-            f"spaces, got {_shown(item_id)}"
-        )
-    return item_id
+        return check_item_id(item.id), item.lease
+    return check_item_id(item), ""
 
 
 def _check_weight(weight: object) -> float:
@@ -205,32 +197,46 @@ class FairScheduler:
             raise ConfigError(f"max_skips must be a whole number >= 0, got {_shown(max_skips)}")
         self.max_skips = max_skips
         self._scripts = limiter._scripts
-        k = self._core.keys
-        self._keys = [
-            k.config,
-            k.shared,
-            f"{k.base}:s:inflight",
-            f"{k.base}:s:meta",
-            f"{k.base}:s:payload",
-        ]
+        self.keys = k = self._core.keys
+        # lua/scheduler.lua: these keys first (then the mode's own), and after the mode and
+        # the counter retention, the prefixes of the keys it names from user parts.
+        self._keys = [k.config, k.shared, k.inflight, k.lease, k.meta, k.payload, k.lanes]
+        self._prefixes = list(k.scheduler_prefixes)
+        # The gate's keys of a lane (active, parked), named once per lane.
+        self._lane_keys: dict[str, tuple[str, str]] = {}
+        self._scripts.before_first_call(self._legacy_check)
 
-    def _args(self, mode: str, *args: str | int | float | bytes) -> list[str | int | float | bytes]:
-        """The script's arguments for one call in ``mode``."""
-        return [mode, self._core.keys.base, self._core.retention_ms, *args]
+    def _legacy_check(self) -> None:
+        """Warn about work that a version with the older scheduler key layout left."""
+        try:
+            left = int(self.client.hlen(self.keys.legacy_meta))
+        except RedisError:
+            return
+        if left:
+            log.warning(
+                "queue-ratelimit: %d item(s) parked or in flight in the scheduler key layout "
+                "of queue-ratelimit 0.1 (%s); this version does not serve them: let a 0.1 "
+                "worker drain them (see 'Upgrading' in docs/tuning.md)",
+                left,
+                self.keys.legacy_meta,
+            )
 
-    def _run(self, mode: str, *args: str | int | float | bytes, client: Any = None) -> object:
-        args_ = self._args(mode, *args)
+    def _args(self, mode: str, args: Sequence[str | int | float | bytes]) -> list[Any]:
+        return [mode, self._core.retention_ms, *self._prefixes, *args]
+
+    def _run(
+        self,
+        mode: str,
+        *args: str | int | float | bytes,
+        client: Any = None,
+        keys: Sequence[str] = (),
+    ) -> object:
+        all_keys = [*self._keys, *keys]
+        args_ = self._args(mode, args)
         if client is None:
-            return self._scripts.call("scheduler.lua", self._keys, args_)
-        self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", self._keys, args_)
+            return self._scripts.call("scheduler.lua", all_keys, args_)
+        self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", all_keys, args_)
         return client
-
-    def command(self, args: Sequence[str | int | float | bytes]) -> tuple[Any, ...]:
-        """The raw ``FCALL`` of one call (from ``submit_calls``, ``dispatch_call`` or
-        ``settle_call``), for callers that send it on a connection of their own.
-        Only while the Functions transport is in use (``scripts.transport == "fcall"``)."""
-        function = self._scripts.functions["scheduler.lua"]
-        return ("FCALL", function, len(self._keys), *self._keys, *args)
 
     def submit(
         self,
@@ -242,7 +248,8 @@ class FairScheduler:
         cost: float = 1,
         payload: bytes = b"",
         max_backlog: int = 0,
-    ) -> bool:
+        pipeline: Any = None,
+    ) -> Any:
         """Add an item to the tail of its class backlog. False if the id is already known
         (queued, in flight, or remembered as done by ``ack(remember=...)``), which makes a
         redelivered submit harmless.
@@ -250,27 +257,19 @@ class FairScheduler:
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
                 that many items (all tenants together).
+            pipeline: queue the call on this pipeline instead (its reply comes with the
+                pipeline's: 1 queued, 0 duplicate, -2 unknown priority, -3 backlog full).
 
         Raises:
             InvalidName: malformed names, or a priority with no weight configured.
             BacklogFull: ``max_backlog`` reached; nothing was stored.
         """
-        check_name("tenant", tenant)
-        check_name("queue", queue)
-        check_priority(priority)
-        amount = check_cost(cost)
-        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
-            raise ConfigError(f"max_backlog must be a whole number >= 0, got {_shown(max_backlog)}")
-        reply = self._run(
-            "submit",
-            queue,
-            tenant,
-            priority,
-            _check_item_id(item_id),
-            repr(amount),
-            payload,
-            max_backlog,
-        )
+        item = SubmitItem(tenant, item_id, queue, priority, cost, payload)
+        keys, args = self._submit_call(item, max_backlog)
+        if pipeline is not None:
+            self._scripts.queue_on_callers_pipeline(pipeline, "scheduler.lua", keys, args)
+            return pipeline
+        reply = self._scripts.call("scheduler.lua", keys, args)
         if reply == -2:
             raise InvalidName(
                 f"unknown priority {priority!r}: use high, normal or low, or give it a weight "
@@ -279,6 +278,20 @@ class FairScheduler:
         if reply == -3:
             raise BacklogFull(queue, max_backlog)
         return reply == 1
+
+    def _submit_call(self, item: SubmitItem, max_backlog: int) -> tuple[list[str], list[Any]]:
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
+            raise ConfigError(f"max_backlog must be a whole number >= 0, got {_shown(max_backlog)}")
+        args: list[str | int | float | bytes] = [
+            check_name("queue", item.queue),
+            check_name("tenant", item.tenant),
+            check_priority(item.priority),
+            check_item_id(item.item_id),
+            repr(check_cost(item.cost)),
+            item.payload,
+            max_backlog,
+        ]
+        return [*self._keys, self.keys.done(item.item_id)], self._args("submit", args)
 
     def submit_many(
         self, items: Sequence[SubmitItem], *, max_backlog: int = 0
@@ -294,8 +307,8 @@ class FairScheduler:
             return []
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            for args in calls:
-                self._scripts.queue(pipe, "scheduler.lua", self._keys, args)
+            for keys, args in calls:
+                self._scripts.queue(pipe, "scheduler.lua", keys, args)
             try:
                 replies = pipe.execute()
                 break
@@ -306,28 +319,15 @@ class FairScheduler:
 
     def submit_calls(
         self, items: Sequence[SubmitItem], *, max_backlog: int = 0
-    ) -> list[list[str | int | float | bytes]]:
-        """The script arguments ``submit_many`` sends, one call per item, for callers that
-        send them themselves (see ``command``); read the replies with ``submit_outcomes``.
+    ) -> list[tuple[list[str], list[Any]]]:
+        """The keys and arguments of the calls ``submit_many`` makes, one per item, for
+        callers that send them themselves (see ``command``); read the replies with
+        ``submit_outcomes``.
 
         Raises:
             InvalidName / InvalidCost: a malformed item.
         """
-        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
-            raise ConfigError(f"max_backlog must be a whole number >= 0, got {_shown(max_backlog)}")
-        return [
-            self._args(
-                "submit",
-                check_name("queue", i.queue),
-                check_name("tenant", i.tenant),
-                check_priority(i.priority),
-                _check_item_id(i.item_id),
-                repr(check_cost(i.cost)),
-                i.payload,
-                max_backlog,
-            )
-            for i in items
-        ]
+        return [self._submit_call(i, max_backlog) for i in items]
 
     @staticmethod
     def submit_outcomes(
@@ -341,6 +341,13 @@ class FairScheduler:
             outcomes.append("queued" if reply == 1 else "full" if reply == -3 else "duplicate")
         return outcomes
 
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The raw ``FCALL`` of one call (from ``submit_calls``, ``dispatch_call`` or
+        ``settle_call``), for callers that send it on a connection of their own.
+        Only while the Functions transport is in use (``scripts.transport == "fcall"``)."""
+        function = self._scripts.functions["scheduler.lua"]
+        return ("FCALL", function, len(keys), *keys, *args)
+
     def settle_call(
         self,
         item: str | DispatchedItem,
@@ -348,16 +355,18 @@ class FairScheduler:
         remember: float,
         *,
         keep_slot: bool = False,
-    ) -> tuple[list[str], list[str | int | float | bytes]]:
+    ) -> tuple[list[str], list[Any]]:
         """The keys and arguments of the scheduler call that ``ack`` (``"ack"``) or ``nack``
         (``"requeue"``, ``"drop"``) would make, for callers that send it themselves."""
         item_id, token = _held(item)
         if how == "ack":
             done_ms = int(remember * 1000) if remember > 0 else 0
             slot = "1" if keep_slot else "0"
-            return self._keys, self._args("ack", item_id, "0", "0", done_ms, token, slot)
+            return [*self._keys, self.keys.done(item_id)], self._args(
+                "ack", [item_id, "0", "0", done_ms, token, slot]
+            )
         requeue = "1" if how == "requeue" else "0"
-        return self._keys, self._args("nack", item_id, requeue, "0", 0, token)
+        return self._keys, self._args("nack", [item_id, requeue, "0", 0, token])
 
     def dispatch(
         self,
@@ -380,19 +389,15 @@ class FairScheduler:
                 hash slot; see ``receipt_key``) is set to ``"<nonce> <id>..."`` for a day in the
                 same step, so a caller that lost the reply can learn what it was handed.
         """
-        reply = self._scripts.call(
-            "scheduler.lua",
-            self._keys,
-            self.dispatch_call(
-                queues,
-                max_items=max_items,
-                with_payload=with_payload,
-                hand_over=hand_over,
-                handoff_lists=handoff_lists,
-                receipt=receipt,
-            ),
+        keys, args = self.dispatch_call(
+            queues,
+            max_items=max_items,
+            with_payload=with_payload,
+            hand_over=hand_over,
+            handoff_lists=handoff_lists,
+            receipt=receipt,
         )
-        return self.dispatch_result(reply)
+        return self.dispatch_result(self._scripts.call("scheduler.lua", keys, args))
 
     def dispatch_call(
         self,
@@ -403,9 +408,9 @@ class FairScheduler:
         hand_over: bool = False,
         handoff_lists: Mapping[str, str] | None = None,
         receipt: tuple[str, str] | None = None,
-    ) -> list[str | int | float | bytes]:
-        """The script arguments of a ``dispatch`` (same parameters), for callers that send
-        it themselves (see ``command``); read the reply with ``dispatch_result``."""
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of a ``dispatch`` (same parameters), for callers that
+        send it themselves (see ``command``); read the reply with ``dispatch_result``."""
         if isinstance(queues, str):
             queues = [queues]
         for q in queues:
@@ -415,15 +420,18 @@ class FairScheduler:
         if not 1 <= max_items <= MAX_DISPATCH:
             raise InvalidName(f"max_items must be 1 to {MAX_DISPATCH}, got {max_items}")
         lists = handoff_lists or {}
-        return self._args(
+        args = self._args(
             "dispatch",
-            max_items,
-            f"0 {self.lease_ms}" if hand_over else self.lease_ms,
-            self.max_skips,
-            "1" if with_payload else "0",
-            "" if receipt is None else f"{receipt[0]} {receipt[1]}",
-            *(f"{q}|{lists[q]}" if q in lists else q for q in queues),
+            [
+                max_items,
+                f"0 {self.lease_ms}" if hand_over else self.lease_ms,
+                self.max_skips,
+                "1" if with_payload else "0",
+                "" if receipt is None else receipt[1],
+                *(f"{q}|{lists[q]}" if q in lists else q for q in queues),
+            ],
         )
+        return [*self._keys, *([] if receipt is None else [receipt[0]])], args
 
     @staticmethod
     def dispatch_result(reply: object) -> Dispatch:
@@ -447,7 +455,7 @@ class FairScheduler:
 
     def receipt_key(self, owner: str) -> str:
         """A key for ``dispatch(receipt=...)`` receipts of one caller (e.g. one process)."""
-        return f"{self._core.keys.base}:s:receipt:{_check_item_id(owner)}"
+        return self.keys.receipt(owner)
 
     def ack(
         self, item: str | DispatchedItem, *, remember: float = 0, keep_slot: bool = False
@@ -475,7 +483,7 @@ class FairScheduler:
     ) -> Hint:
         """Peek at the job's buckets and its tenant's backlog in one round trip."""
         call = self._core.decision_call("peek", tenant, queue, priority, cost)
-        backlog_key = f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
+        backlog_key = self.keys.counts(queue)
         # The script straight on the pipeline (not redis-py's script object, which would
         # send SCRIPT EXISTS first: a second round trip on every hint).
         for attempt in (1, 2):
@@ -521,7 +529,7 @@ class FairScheduler:
             check_name("queue", queue),
             check_name("tenant", tenant),
             check_priority(priority),
-            _check_item_id(item_id),
+            check_item_id(item_id),
             repr(check_cost(cost)),
             list_key,
             "1" if at_front else "0",
@@ -550,7 +558,7 @@ class FairScheduler:
         args: list[str] = []
         for item_id, tenant, priority, cost in jobs:
             args += [
-                _check_item_id(item_id),
+                check_item_id(item_id),
                 "" if tenant is None else check_name("tenant", tenant),
                 check_priority(priority),
                 repr(check_cost(cost)),
@@ -595,17 +603,21 @@ class FairScheduler:
         check_name("queue", queue)
         check_priority(priority)
         amount = check_cost(cost)
-        k = self._core.keys
+        k = self.keys
+        lane_keys = self._lane_keys.get(queue)
+        if lane_keys is None:
+            if len(self._lane_keys) >= 1024:
+                self._lane_keys.clear()
+            lane_keys = self._lane_keys[queue] = (k.active(queue), k.parked(queue))
         reply = self._scripts.call(
             "gate.lua",
-            [k.config, k.shared, self._keys[3]],
+            [k.config, k.shared, k.meta, *lane_keys, k.tenant(tenant), k.done(item_id)],
             [
-                k.base,
                 self._core.retention_ms,
                 queue,
                 tenant,
                 priority,
-                _check_item_id(item_id),
+                item_id,
                 repr(amount),
                 credit,
                 self.lease_ms if hold is None else check_hold(hold),
@@ -687,8 +699,14 @@ class FairScheduler:
 
     def counts_key(self, queue: str) -> str:
         """The hash of a queue's backlog sizes: field ``:total``, and one per tenant."""
-        return f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
+        return self.keys.counts(queue)
 
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""
-        return int(self.client.zcard(self._keys[2]))
+        return int(self.client.zcard(self.keys.inflight))
+
+    def lost(self) -> int:
+        """Items the scheduler found without their record or payload, and dropped: a Redis
+        that evicts keys (maxmemory-policy ``allkeys-*``/``volatile-*``) lost them. Counted
+        in the shared hash (field ``n:lost``), so it starts over if that is evicted too."""
+        return int(float(self.client.hget(self.keys.shared, "n:lost") or 0))

@@ -15,6 +15,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=\-/]{0,127}$")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _PRIORITY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ANY_TENANT = "*"
+MAX_ITEM_ID = 256
+_SPACE_RE = re.compile(r"\s")
 
 ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
 
@@ -36,6 +38,28 @@ def check_name(kind: str, value: object) -> str:
         raise InvalidName(
             f"invalid {kind} name {_shown(value)}: use 1-128 characters from letters, digits and "
             f"_ . @ + = - / (starting with a letter, digit or _; no ':', '{{', '}}', '*', spaces)"
+        )
+    return value
+
+
+def check_item_id(value: object) -> str:
+    """Return ``value`` if it is a usable scheduler item id (a job id), else raise
+    ``InvalidName``.
+
+    Any printable text up to 256 characters without whitespace: ids come from the queue
+    systems (Celery task ids, RQ job ids). An id is the last part of the keys it names
+    (``KeySpace.done``), so it may contain ':'; whitespace would split the replies and
+    receipts that list ids (and slot holders) by spaces.
+    """
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_ITEM_ID
+        or not value.isprintable()
+        or _SPACE_RE.search(value)
+    ):
+        raise InvalidName(
+            f"item id must be a non-empty string of at most {MAX_ITEM_ID} printable characters "
+            f"without whitespace, got {_shown(value)}"
         )
     return value
 

@@ -14,9 +14,11 @@ FLUSH``, ``FUNCTION FLUSH``): the call loads them again and is retried once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
@@ -125,6 +127,31 @@ class Scripts:
             and getattr(client.connection_pool, "cache", None) is None
         )
 
+        # Checks of the server to run once, before the first script call (the eviction
+        # policy, work left by an older key layout): before_first_call.
+        self._pending: list[Callable[[], Any]] = []
+
+    def before_first_call(self, check: Callable[[], Any]) -> None:
+        """Run ``check`` (a function, or a coroutine function for asyncio clients) before
+        the next script call. A check that raises stays pending: the next call runs it
+        again (an ``eviction="refuse"`` limiter keeps refusing)."""
+        self._pending.append(check)
+
+    def run_checks(self) -> None:
+        """Run the pending checks now (a worker's start), not at the first script call."""
+        for check in list(self._pending):
+            check()
+            with contextlib.suppress(ValueError):  # (another thread ran it too)
+                self._pending.remove(check)
+
+    async def _achecks(self) -> None:
+        for check in list(self._pending):
+            result = check()
+            if inspect.isawaitable(result):
+                await result
+            with contextlib.suppress(ValueError):
+                self._pending.remove(check)
+
     def sha(self, name: str) -> str:
         """The EVALSHA digest of a script."""
         sha: str = self._scripts[name].sha
@@ -133,6 +160,8 @@ class Scripts:
     # -- sync --------------------------------------------------------------------------
     def call(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         """Run script ``name`` (e.g. ``"acquire.lua"``) and return its reply."""
+        if self._pending:
+            self.run_checks()
         for attempt in (1, 2):
             if self.transport == "evalsha":
                 break
@@ -158,6 +187,8 @@ class Scripts:
         ``call`` (the client's own retry policy, as redis-py would), a missing library is
         loaded and the call retried, EVALSHA servers and other clients never come here.
         """
+        if self._pending:
+            self.run_checks()
         if self._direct and self.transport == "fcall":
             pool = self.client.connection_pool
             conn = pool.get_connection()
@@ -219,6 +250,8 @@ class Scripts:
         """Queue a call on a pipeline that the caller runs itself and may run again: a
         server that lost the code fails it with ``ResponseError``, and ``recover`` says
         whether a second run may succeed."""
+        if self._pending:
+            self.run_checks()
         if self.transport is None:
             self.load()
         if self.transport == "fcall":
@@ -243,10 +276,14 @@ class Scripts:
         """Queue a call on someone else's pipeline, which nobody here will run again: as a
         script, which redis-py makes sure is loaded (SCRIPT EXISTS) before the pipeline
         runs, so a server that lost the code since does not fail it."""
+        if self._pending:
+            self.run_checks()
         self._scripts[name](keys=keys, args=args, client=pipe)
 
     # -- asyncio -----------------------------------------------------------------------
     async def acall(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        if self._pending:
+            await self._achecks()
         for attempt in (1, 2):
             if self.transport == "evalsha":
                 break
@@ -265,6 +302,8 @@ class Scripts:
     async def acall_packed(self, name: str, call: PackableCall) -> Any:
         """``call_packed`` for asyncio clients. A cancelled call leaves nothing behind:
         redis-py closes a connection whose reply was not read."""
+        if self._pending:
+            await self._achecks()
         if self._direct and self.transport == "fcall":
             pool = self.client.connection_pool
             conn = await pool.get_connection()

@@ -339,11 +339,13 @@ def create_app(
             return _error(503, type(exc).__name__, str(exc))
         return _error(400, type(exc).__name__, str(exc))
 
-    @app.get("/healthz", summary="Redis reachable?")
-    def healthz() -> dict[str, str]:
+    @app.get("/healthz", summary="Redis reachable? Does it evict keys?")
+    def healthz() -> dict[str, object]:
         with redis_errors():
             limiter.client.ping()
-        return {"status": "ok", "namespace": limiter.namespace}
+        # {"policy", "maxmemory", "evicting"}: an evicting Redis loses parked jobs and limits.
+        eviction = limiter.eviction_status().as_dict()
+        return {"status": "ok", "namespace": limiter.namespace, "eviction": eviction}
 
     @app.get("/limits", dependencies=[Auth], summary="Every configured limit")
     def list_limits() -> list[LimitOut]:

@@ -181,22 +181,21 @@ def snapshot(
     """
     client = limiter.client
     keys = limiter.keys
-    base = keys.base
     seconds, micros = client.time()
     now_us = seconds * 1e6 + micros
     config = {_text(k): _text(v) for k, v in client.hgetall(keys.config).items()}
     shared = {_text(k): _text(v) for k, v in client.hgetall(keys.shared).items()}
     limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
-    lanes = sorted(_text(x) for x in client.smembers(f"{base}:s:lanes"))
+    lanes = sorted(_text(x) for x in client.smembers(keys.lanes))
 
     pipe = client.pipeline(transaction=False)
     for lane in lanes:
-        pipe.hlen(f"{base}:s:{lane}:n")
-        pipe.hget(f"{base}:s:{lane}:n", ":total")
-        pipe.zcard(f"{base}:s:{lane}:active")
-        pipe.zcard(f"{base}:s:{lane}:parked")
-        pipe.zrange(f"{base}:s:{lane}:age", 0, 0, withscores=True)
-    pipe.zcard(f"{base}:s:inflight")
+        pipe.hlen(keys.counts(lane))
+        pipe.hget(keys.counts(lane), ":total")
+        pipe.zcard(keys.active(lane))
+        pipe.zcard(keys.parked(lane))
+        pipe.zrange(keys.age(lane), 0, 0, withscores=True)
+    pipe.zcard(keys.inflight)
     lane_replies = pipe.execute()
     lane_stats: dict[str, dict[str, Any]] = {}
     backlogged: dict[str, int] = {}
@@ -209,7 +208,7 @@ def snapshot(
             "oldest_wait_ms": max(0.0, now_us / 1000 - oldest[0][1]) if oldest else 0.0,
         }
         if hlen - 2 <= max_tenants:  # the hash also holds ':total' and ':vt'
-            for tenant, count in client.hgetall(f"{base}:s:{lane}:n").items():
+            for tenant, count in client.hgetall(keys.counts(lane)).items():
                 name = _text(tenant)
                 if not name.startswith(":"):
                     backlogged[name] = backlogged.get(name, 0) + int(count)
@@ -269,6 +268,8 @@ def snapshot(
     return {
         "at_ms": now_us / 1000,
         "namespace": limiter.namespace,
+        # The server's maxmemory-policy: {"policy", "maxmemory", "evicting"} (design.md).
+        "eviction": limiter.eviction_status().as_dict(),
         "config_version": int(config.get("_version", 0)),
         "shadow": config.get("mode:shadow") == "1",
         # Seconds of traffic kept for previews, None when recording is off.
@@ -287,6 +288,8 @@ def snapshot(
             "denied": sum(histogram),
             "would_deny": int(float(shared.get("n:w", 0))),
             "reaped": int(float(shared.get("n:reaped", 0))),
+            # Parked items dropped because Redis evicted their data (FairScheduler.lost).
+            "lost": int(float(shared.get("n:lost", 0))),
             "in_flight": int(lane_replies[-1]),
         },
         "denied_by": counters("d:"),
@@ -310,13 +313,13 @@ def snapshot(
 def publish_snapshot(limiter: Limiter) -> dict[str, Any]:
     """Store a snapshot in Redis (``<base>:snapshot``) for dashboards; returns it."""
     snap = snapshot(limiter)
-    limiter.client.set(f"{limiter.keys.base}:snapshot", json.dumps(snap), ex=SNAPSHOT_TTL_SECONDS)
+    limiter.client.set(limiter.keys.snapshot, json.dumps(snap), ex=SNAPSHOT_TTL_SECONDS)
     return snap
 
 
 def read_snapshot(limiter: Limiter) -> dict[str, Any] | None:
     """The latest published snapshot, or None."""
-    raw = limiter.client.get(f"{limiter.keys.base}:snapshot")
+    raw = limiter.client.get(limiter.keys.snapshot)
     return json.loads(raw) if raw else None
 
 
@@ -476,17 +479,19 @@ class RateLimitCollector:
         yield lane_backlog
         yield oldest
 
-        in_flight = GaugeMetricFamily(
-            "queue_ratelimit_in_flight",
-            "Jobs re-admitted and not yet acknowledged",
-            labels=["namespace"],
-        )
-        in_flight.add_metric([ns], totals["in_flight"])
-        yield in_flight
-        scrape = GaugeMetricFamily(
-            "queue_ratelimit_scrape_seconds",
-            "Time to read the state from Redis",
-            labels=["namespace"],
-        )
-        scrape.add_metric([ns], time.perf_counter() - started)
-        yield scrape
+        # One value each for the whole namespace.
+        single = [
+            (GaugeMetricFamily, "in_flight", "Jobs re-admitted and not yet acknowledged",
+             totals["in_flight"]),
+            (CounterMetricFamily, "lost", "Parked jobs dropped because Redis evicted their "
+             "data (an evicting maxmemory-policy)", totals["lost"]),
+            (GaugeMetricFamily, "redis_evicting", "1 when the limiter's Redis may evict "
+             "keys (an evicting maxmemory-policy under a memory limit)",
+             int(snap["eviction"]["evicting"])),
+            (GaugeMetricFamily, "scrape_seconds", "Time to read the state from Redis",
+             time.perf_counter() - started),
+        ]  # fmt: skip
+        for family, name, doc, value in single:
+            metric = family(f"queue_ratelimit_{name}", doc, labels=["namespace"])
+            metric.add_metric([ns], value)
+            yield metric

@@ -56,7 +56,7 @@ class TenantSampler:
         self.per_poll = per_poll
         self.cursor = 0
         self.tenants: dict[str, TenantSample] = {}
-        self.prefix = f"{limiter.keys.base}:t:"
+        self.prefix = limiter.keys.tenant_prefix
 
     def poll(self, now_ms: float) -> None:
         client = self.limiter.client
@@ -155,12 +155,16 @@ def build_view(
     flags = " · DRY RUN (shadow): nothing is denied" if snap["shadow"] else ""
     if snap.get("recording_s"):
         flags += f" · recording the last {snap['recording_s']:g} s for previews"
+    if snap.get("eviction", {}).get("evicting"):
+        flags += f" · REDIS EVICTS KEYS ({snap['eviction']['policy']}): parked work may be lost"
     view = View(title=f"namespace {snap['namespace']} · config v{snap['config_version']}{flags}")
     for name in ("allowed", "denied", "would_deny"):
         rate = _rate(totals[name], then("totals", name), seconds)
         view.decisions.append((name.replace("_", "-"), _per_s(rate), f"{totals[name]:,}"))
     view.decisions.append(("in flight", "", f"{totals['in_flight']:,}"))
     view.decisions.append(("reaped", "", f"{totals['reaped']:,}"))
+    if totals.get("lost"):  # only ever on a Redis that evicts keys
+        view.decisions.append(("LOST (evicted)", "", f"{totals['lost']:,}"))
 
     limits = snap["limits"]
     for scope, bucket in sorted(snap["buckets"].items()):

@@ -266,7 +266,7 @@ def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(
         e2e.start_workers("w1")
         scheduler = e2e.limiter
         largest = 0
-        backlog_key = f"{scheduler.keys.base}:s:{e2e.queue}:n"
+        backlog_key = scheduler.keys.counts(e2e.queue)
 
         def all_ran() -> bool:
             nonlocal largest
@@ -438,11 +438,11 @@ def test_a_redelivered_copy_of_a_parked_task_does_not_run_again(e2e: E2E) -> Non
 
     # What a broker hands out again after a lost acknowledgement: the same message, with
     # the publish nonce of the original (its id in the backlog) among its headers.
-    nonces = e2e.limiter.client.hkeys(f"{e2e.limiter.keys.base}:s:payload")
+    nonces = e2e.limiter.client.hkeys(e2e.limiter.keys.payload)
     assert not nonces  # every parked payload was dropped when its job ran
     done = [
         k.decode().rsplit(":", 1)[1]
-        for k in e2e.limiter.client.scan_iter(match=f"{e2e.limiter.keys.base}:s:done:*")
+        for k in e2e.limiter.client.scan_iter(match=f"{e2e.limiter.keys.scheduler}:done:*")
     ]
     by_task = {item.split(".")[0]: item.split(".")[2] for item in done}
     assert set(by_task) == set(ids)
@@ -511,7 +511,7 @@ def test_every_task_runs_once_across_a_limiter_redis_restart(
         e2e.wait_runs(10, timeout=20)
         running = wait_for(e2e.running, timeout=10, what="a task running", on_timeout=e2e.logs)
         # Admitted before the outage: running, or waiting in a worker for a free process.
-        admitted = int(e2e.limiter.client.zcard(f"{e2e.limiter.keys.base}:s:inflight"))
+        admitted = int(e2e.limiter.client.zcard(e2e.limiter.keys.inflight))
         with contextlib.suppress(redis.ConnectionError):
             e2e.limiter.client.execute_command("SHUTDOWN")  # fsyncs the AOF, then exits
         down_at, down_t = time.monotonic(), redis_now(e2e.records)

@@ -766,10 +766,11 @@ class LosesAReply(redis.Redis):
 
 
 def script_mode(args: tuple[Any, ...]) -> str | None:
-    """The mode of a scheduler.lua call (its first argument after the five keys)."""
-    if args[0] not in ("EVALSHA", "FCALL") or len(args) < 9:
+    """The mode of a scheduler.lua call (its first argument after the keys)."""
+    if args[0] not in ("EVALSHA", "FCALL") or len(args) < 4:
         return None
-    return args[8] if isinstance(args[8], str) else None
+    at = 3 + int(args[2])  # command, script, number of keys, the keys, then the mode
+    return args[at] if len(args) > at and isinstance(args[at], str) else None
 
 
 def test_a_dispatch_whose_reply_is_lost_is_run_by_the_next_dequeue(env: RQEnv) -> None:

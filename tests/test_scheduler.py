@@ -36,9 +36,9 @@ def budget(tokens: float) -> Limit:
     return Limit(1, per=HOURLY, burst=tokens)
 
 
-def key(scheduler: FairScheduler, suffix: str) -> str:
-    """The full name of a scheduler key, ``suffix`` as in the header of scheduler.lua."""
-    return f"{scheduler.limiter.keys.base}:s:{suffix}"
+def key(scheduler: FairScheduler, kind: str, *parts: str) -> str:
+    """The full name of a scheduler key (``KeySpace`` kinds: "inflight", "backlog"...)."""
+    return scheduler.keys.name(kind, *parts)
 
 
 def text(value: object) -> str:
@@ -67,8 +67,8 @@ def submit_many(
         return len(replies)
 
     for tenant, item_id, queue, priority in items:
-        scheduler._run(
-            "submit", queue, tenant, priority, item_id, repr(float(cost)), b"", client=pipe
+        scheduler.submit(
+            tenant, item_id, queue=queue, priority=priority, cost=float(cost), pipeline=pipe
         )
         pending += 1
         if pending == chunk:
@@ -382,8 +382,8 @@ def test_a_tenant_held_back_by_its_own_cap_is_parked_and_blocks_nobody(
     assert len(first.items) == 10, "a capped tenant must not hold back the others"
     assert counts["capped"] <= 3
     assert counts["free"] >= 7
-    parked = redis_client.zscore(key(scheduler, "default:parked"), "capped")
-    active = redis_client.zscore(key(scheduler, "default:active"), "capped")
+    parked = redis_client.zscore(key(scheduler, "parked", "default"), "capped")
+    active = redis_client.zscore(key(scheduler, "active", "default"), "capped")
     assert parked is not None
     assert active is None
     # It comes back by itself once its own tokens return, while "free" keeps being served.
@@ -578,7 +578,7 @@ def test_expired_leases_return_items_to_the_head_in_their_old_order(
     assert [i.id for i in taken] == ids[:3]
     assert reap_all(scheduler, redis_client, 3) == 3
 
-    backlog = redis_client.lrange(key(scheduler, "default:bl:acme:normal"), 0, -1)
+    backlog = redis_client.lrange(key(scheduler, "backlog", "default", "acme", "normal"), 0, -1)
     assert [text(i) for i in backlog] == ids
     assert scheduler.in_flight() == 0
     assert scheduler.backlog("default", "acme") == 5
@@ -600,7 +600,7 @@ def test_many_expired_leases_come_back_in_their_old_order(
     # reap() hands back 16 per call, newest first, so the oldest end up in front.
     assert reap_all(scheduler, redis_client, 40) == 40
 
-    backlog = redis_client.lrange(key(scheduler, "default:bl:acme:normal"), 0, -1)
+    backlog = redis_client.lrange(key(scheduler, "backlog", "default", "acme", "normal"), 0, -1)
     assert [text(i) for i in backlog] == ids
 
 
@@ -752,7 +752,7 @@ def test_nack_requeues_at_the_head(scheduler: FairScheduler, redis_client: redis
 
     assert scheduler.nack(item.id) is True
 
-    backlog = redis_client.lrange(key(scheduler, "default:bl:acme:normal"), 0, -1)
+    backlog = redis_client.lrange(key(scheduler, "backlog", "default", "acme", "normal"), 0, -1)
     assert [text(i) for i in backlog] == ids
     assert scheduler.backlog("default", "acme") == 4
     assert scheduler.in_flight() == 0
@@ -1032,7 +1032,7 @@ def test_raising_a_tenant_cap_releases_a_parked_tenant_on_the_next_dispatch(
     backlogged(scheduler, "free", 10)
     first = scheduler.dispatch(["default"], max_items=4).items
     assert shares(first) == Counter(capped=1, free=3)
-    assert redis_client.zscore(key(scheduler, "default:parked"), "capped") is not None
+    assert redis_client.zscore(key(scheduler, "parked", "default"), "capped") is not None
 
     limiter.set_limit("tenant:capped", Limit(1_000_000, burst=100))
 
@@ -1122,13 +1122,16 @@ def test_idle_state_cleans_up(
 
     wait_until(drain, timeout=10, what="every item to be dispatched")
 
-    base = limiter.keys.base
-    scheduler_keys = {text(k) for k in redis_client.scan_iter(match=f"{base}:s:*")}
+    pattern = f"{scheduler.keys.scheduler}:*"
+    scheduler_keys = {text(k) for k in redis_client.scan_iter(match=pattern)}
     # What stays: each lane's counters and the set of lane names, both bounded by the lanes.
     scheduler_keys.discard(key(scheduler, "lanes"))
-    assert scheduler_keys == {key(scheduler, "default:n"), key(scheduler, "other:n")}
+    assert scheduler_keys == {
+        key(scheduler, "counts", "default"),
+        key(scheduler, "counts", "other"),
+    }
     for lane in ("default", "other"):
-        raw = redis_client.hgetall(key(scheduler, f"{lane}:n"))
+        raw = redis_client.hgetall(key(scheduler, "counts", lane))
         counts = {text(f): text(v) for f, v in raw.items()}
         assert set(counts) <= {":vt", ":total", ":cv"}
         assert int(counts[":total"]) == 0
@@ -1180,16 +1183,16 @@ def check_state(scheduler: FairScheduler, client: redis.Redis, model: Model) -> 
     classes = [(q, t, p) for q in QUEUES for t in TENANTS for p in PRIORITIES]
     pipe = client.pipeline(transaction=False)
     for queue, tenant, priority in classes:
-        pipe.lrange(key(scheduler, f"{queue}:bl:{tenant}:{priority}"), 0, -1)
-    pipe.keys(key(scheduler, "*:bl:*"))
+        pipe.lrange(key(scheduler, "backlog", queue, tenant, priority), 0, -1)
+    pipe.keys(scheduler.keys.scheduler_prefixes.backlog + "*")
     pipe.zrange(key(scheduler, "inflight"), 0, -1)
     pipe.hkeys(key(scheduler, "meta"))
     for queue in QUEUES:
-        pipe.hgetall(key(scheduler, f"{queue}:n"))
-        pipe.zrange(key(scheduler, f"{queue}:active"), 0, -1)
-        pipe.zrange(key(scheduler, f"{queue}:parked"), 0, -1)
+        pipe.hgetall(key(scheduler, "counts", queue))
+        pipe.zrange(key(scheduler, "active", queue), 0, -1)
+        pipe.zrange(key(scheduler, "parked", queue), 0, -1)
         for tenant in TENANTS:
-            pipe.zrange(key(scheduler, f"{queue}:tp:{tenant}"), 0, -1)
+            pipe.zrange(key(scheduler, "classes", queue, tenant), 0, -1)
     replies = iter(pipe.execute())
 
     seen: Counter[str] = Counter()
@@ -1198,7 +1201,7 @@ def check_state(scheduler: FairScheduler, client: redis.Redis, model: Model) -> 
         assert stored == model.backlogs.get(cls, []), f"backlog {cls}"
         seen.update(stored)
     assert {text(k) for k in next(replies)} == {
-        key(scheduler, f"{q}:bl:{t}:{p}") for (q, t, p), ids in model.backlogs.items() if ids
+        key(scheduler, "backlog", q, t, p) for (q, t, p), ids in model.backlogs.items() if ids
     }
     in_flight = {text(i) for i in next(replies)}
     assert in_flight == set(model.in_flight)

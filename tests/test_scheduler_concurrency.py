@@ -24,9 +24,7 @@ def server_ms(client: redis.Redis) -> float:
 
 
 def parked(scheduler: FairScheduler, queue: str) -> dict[str, float]:
-    raw = scheduler.client.zrange(
-        f"{scheduler.limiter.keys.base}:s:{queue}:parked", 0, -1, withscores=True
-    )
+    raw = scheduler.client.zrange(scheduler.keys.parked(queue), 0, -1, withscores=True)
     return {k.decode(): v for k, v in raw}
 
 
@@ -110,7 +108,7 @@ def test_an_expired_lease_releases_its_slots_once(scheduler: FairScheduler) -> N
     assert item.slot is not None
     assert item.slot.scopes == ("tenant:acme", "global")
     # The worker died: its lease runs out (as Redis's clock sees it) and reap hands it back.
-    inflight = f"{lim.keys.base}:s:inflight"
+    inflight = lim.keys.inflight
     scheduler.client.zadd(inflight, {item.id: server_ms(scheduler.client) - 1000}, xx=True)
     assert scheduler.reap() == 1
     assert lim.running("tenant:acme") == 0
@@ -194,7 +192,7 @@ def test_dispatch_without_caps_holds_no_slot(scheduler: FairScheduler) -> None:
     batch = scheduler.dispatch(["q"], max_items=5)
     assert [i.slot for i in batch.items] == [None, None]
     assert [i.lease for i in batch.items] == [batch.items[0].lease] * 2
-    raw = scheduler.client.hgetall(f"{scheduler.limiter.keys.base}:s:lease")
+    raw = scheduler.client.hgetall(scheduler.keys.lease)
     assert set(raw.values()) == {batch.items[0].lease.encode()}
 
 
@@ -207,7 +205,7 @@ def test_a_rate_cap_and_a_concurrency_cap_bind_together(scheduler: FairScheduler
     batch = scheduler.dispatch(["q"], max_items=5)
     assert len(batch.items) == 1
     assert lim.running("tenant:acme") == 1
-    assert scheduler.client.scard(f"{lim.keys.base}:cw:tenant:acme") == 0, (
+    assert scheduler.client.scard(lim.keys.waiters("tenant:acme")) == 0, (
         "parked by its rate bucket: no release can wake it"
     )
 
@@ -396,7 +394,7 @@ def test_a_shorter_wait_does_not_cut_a_longer_waiters_registration(
     assert second.slot is not None
     submit(scheduler, "acme", 1, queue="a")
     assert scheduler.dispatch(["a"]).items == ()  # parked in lane a for about an hour
-    waiters = f"{lim.keys.base}:cw:tenant:acme"
+    waiters = lim.keys.waiters("tenant:acme")
     assert scheduler.client.pttl(waiters) > 3_600_000
     # The second slot's lease now ends in 10 s: lane b parks acme for 10 s only.
     slots = lim.keys.slots("tenant:acme")

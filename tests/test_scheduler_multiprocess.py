@@ -63,9 +63,7 @@ def test_eight_processes_share_a_global_cap_fairly(
             for n in range(count):
                 item_id = f"{tenant}.{priority}.{n}"
                 submitted.add(item_id)
-                scheduler._run(
-                    "submit", "default", tenant, priority, item_id, "1.0", b"", client=pipe
-                )
+                scheduler.submit(tenant, item_id, priority=priority, pipeline=pipe)
     assert set(pipe.execute()) == {1}
     go_key = f"{limiter.keys.base}:test:go"
     ready_key = f"{limiter.keys.base}:test:ready"

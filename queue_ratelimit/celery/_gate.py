@@ -195,6 +195,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             warning = persistence_warning(self._rt.limiter.client)
             if warning:
                 log.warning("queue-ratelimit: %s", warning)
+            # The eviction policy (settings.eviction: warn, or refuse to start) and work
+            # left by an older key layout, now rather than at the first script call.
+            self._rt.limiter._scripts.run_checks()
 
     def stop(self, c: Any) -> None:
         self._wakeup.cancel()
@@ -333,7 +336,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             def parked(result: list[Reply] | RedisError) -> None:
                 self._parked(batch, items, wait_ms, result)
 
-            self.wire.send([scheduler.command(args) for args in calls], parked)
+            self.wire.send([scheduler.command(keys, args) for keys, args in calls], parked)
             return
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
@@ -564,7 +567,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         want = min(free, DISPATCH_BATCH)
         self.stats["dispatch_calls"] += 1
         if self._on_wire():
-            args = scheduler.dispatch_call(self.lanes, max_items=want)
+            keys, args = scheduler.dispatch_call(self.lanes, max_items=want)
 
             def dispatched(result: list[Reply] | RedisError) -> None:
                 self._dispatching = 0
@@ -580,7 +583,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 self._schedule(delay)
 
             self._dispatching = want
-            self.wire.send([scheduler.command(args)], dispatched)
+            self.wire.send([scheduler.command(keys, args)], dispatched)
             return None
         return self._dispatch_now(want)
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
 from .._keys import DEFAULT_NAMESPACE
 from .._scopes import _shown, check_name, check_namespace, check_priority
@@ -63,6 +64,9 @@ class CelerySettings:
             workers together). Past it, workers stop pulling work from the broker into
             Redis: each holds what it has received, unacknowledged (at most its prefetch
             count), and parks it once the backlog has room; the rest stays in the broker.
+        eviction: when the limiter's Redis may evict keys (an ``allkeys-*`` or
+            ``volatile-*`` maxmemory-policy), ``"warn"`` at the worker's start, ``"refuse"``
+            to start (``ConfigError``), or ``"ignore"`` (see ``Limiter``).
     """
 
     redis_url: str | None = None
@@ -83,6 +87,7 @@ class CelerySettings:
     fair_capacity: bool = True
     reserve: int | None = None
     max_backlog: int = 100_000
+    eviction: EvictionMode = "warn"
 
     def __post_init__(self) -> None:
         if self.redis_url is not None:
@@ -118,6 +123,7 @@ class CelerySettings:
             raise ConfigError(
                 f"max_backlog must be a positive integer, got {_shown(self.max_backlog)}"
             )
+        check_eviction_mode(self.eviction)
         if not isinstance(self.fair_capacity, bool):
             raise ConfigError(
                 f"fair_capacity must be True or False, got {_shown(self.fair_capacity)}"

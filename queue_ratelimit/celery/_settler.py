@@ -59,7 +59,7 @@ class AsyncSettler:
     ) -> None:
         """Send the settlement on the wire; its outcome goes to ``on_settled`` (in doubt
         if it could not be written)."""
-        _, args = self.scheduler.settle_call(item, how, remember, keep_slot=keep_slot)
+        keys, args = self.scheduler.settle_call(item, how, remember, keep_slot=keep_slot)
         item_id = item.id if isinstance(item, DispatchedItem) else item
 
         def settled(result: list[Reply] | RedisError) -> None:
@@ -69,6 +69,6 @@ class AsyncSettler:
             self._on_settled(item_id, item, how, closed)
 
         self.pending += 1
-        self.wire.send([self.scheduler.command(args)], settled)
+        self.wire.send([self.scheduler.command(keys, args)], settled)
         if self.pending >= MAX_PENDING and self.wire.hub is None:
             self.wire.drain()

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 from .._core import check_cost
+from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
@@ -20,6 +21,8 @@ ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
 # back after at most this long); the scheduler's lease.
 ENV_LEASE = "QUEUE_RATELIMIT_LEASE"
 DEFAULT_LEASE = 60.0
+# What a worker does when the limiter's Redis may evict keys: warn (default), refuse, ignore.
+ENV_EVICTION = "QUEUE_RATELIMIT_EVICTION"
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
@@ -32,7 +35,8 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     with _schedulers_lock:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
-            found = FairScheduler(Limiter(connection, namespace=namespace), lease=lease())
+            limiter = Limiter(connection, namespace=namespace, eviction=eviction())
+            found = FairScheduler(limiter, lease=lease())
             _schedulers[key] = found
         return found
 
@@ -62,6 +66,15 @@ def slot_keeper(scheduler: FairScheduler) -> SlotKeeper:
             )
     keeper.start()
     return keeper
+
+
+def eviction() -> EvictionMode:
+    """The ``eviction`` setting from ``$QUEUE_RATELIMIT_EVICTION``, else ``"warn"``.
+
+    Raises:
+        ConfigError: a value other than warn, refuse or ignore.
+    """
+    return check_eviction_mode(os.environ.get(ENV_EVICTION) or "warn")
 
 
 def lease() -> float:

@@ -38,13 +38,18 @@ def _fair_queue_class(queue_class: Any, default: Any) -> Any:
 class _WaitsForHandover:
     """A warm shutdown that arrives while a job is being moved into RQ's hands waits for the
     move to end (then the worker stops after that job), instead of stranding the job; and
-    the worker warns at start when the Redis holding parked jobs keeps nothing on disk."""
+    the worker warns at start when the Redis holding parked jobs keeps nothing on disk or
+    may evict keys."""
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         worker: Any = self
         warning = persistence_warning(worker.connection)
         if warning:
             worker.log.warning("queue-ratelimit: %s", warning)
+        # The eviction policy ($QUEUE_RATELIMIT_EVICTION: warn, or refuse to start) and work
+        # left by an older key layout, now rather than at the first script call.
+        for namespace in {Queue.namespace_for(q) for q in worker.queues}:
+            scheduler_for(worker.connection, namespace).limiter._scripts.run_checks()
         return bool(super().work(*args, **kwargs))  # type: ignore[misc]
 
     def execute_job(self, job: Any, queue: Any) -> Any:
