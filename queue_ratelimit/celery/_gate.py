@@ -464,7 +464,10 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _decide(self, d: Delivery) -> Any:
         settings = self._rt.settings
-        if settings.fair_capacity and self.slots.saturated():
+        # Jobs asked of the backlog count as taken: while their reply is on its way, a
+        # message from the broker must not slip into the slots they will fill (FIFO
+        # order would overtake the fair order).
+        if settings.fair_capacity and self.slots.saturated(self._dispatching):
             # Every slot is taken: wait in the fair backlog, where whichever worker frees
             # a slot first serves it in weighted-fair order, rather than FIFO here.
             self.stats["parked_for_slots"] += 1

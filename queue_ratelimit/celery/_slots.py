@@ -74,9 +74,10 @@ class PoolSlots:
     def taken() -> int:
         return len(reserved_requests)
 
-    def saturated(self) -> bool:
-        """True when every process is busy and has work queued behind it."""
-        return self.taken() >= self.threshold
+    def saturated(self, coming: int = 0) -> bool:
+        """True when every process is busy and has work queued behind it, counting
+        ``coming`` jobs already asked of the backlog (their reply is on its way)."""
+        return self.taken() + coming >= self.threshold
 
     def free(self) -> int:
         """How many more jobs the worker may take on now."""
