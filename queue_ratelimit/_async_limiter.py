@@ -8,13 +8,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
     DEFAULT_HOLD,
-    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
@@ -77,7 +76,7 @@ class AsyncLimiter(LimiterBase):
         call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:
             reply = await self._scripts.acall_packed("acquire.lua", call)
-        except (*UNREACHABLE, ResponseError) as exc:
+        except RedisError as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
 

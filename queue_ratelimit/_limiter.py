@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
     DEFAULT_HOLD,
-    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
@@ -107,7 +106,7 @@ class Limiter(LimiterBase):
         call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:  # (no context manager here: this is the hot path)
             reply = self._scripts.call_packed("acquire.lua", call)
-        except (*UNREACHABLE, ResponseError) as exc:
+        except RedisError as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,7 +15,12 @@ from ._errors import BacklogFull, ConfigError, InvalidName
 from ._limiter import Limiter
 from ._scopes import check_name, check_priority
 
+log = logging.getLogger("queue_ratelimit")
+
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
+# Work of a priority that has no weight is queued under this one (lua/scheduler.lua's route
+# and adopt do the same), so a job is never refused, or lost, for its priority's name.
+FALLBACK_PRIORITY = "normal"
 MAX_WEIGHT = 1e6
 MAX_ITEM_ID = 256
 MAX_LEASE = 7 * 86400.0
@@ -174,6 +180,10 @@ class FairScheduler:
     ...     run(item)
     ...     scheduler.ack(item)
 
+    Every method that talks to Redis raises ``BackendUnavailable`` when it is unreachable
+    or not serving (an outage), and ``BackendError`` when it answers with an error (broken
+    data: never to be taken for an outage), as ``Limiter`` does.
+
     Args:
         limiter: supplies the Redis client, the namespace and the buckets.
         lease: seconds a dispatched item may stay in flight before it is handed back.
@@ -190,6 +200,7 @@ class FairScheduler:
             raise ConfigError(f"max_skips must be a whole number >= 0, got {max_skips!r}")
         self.max_skips = max_skips
         self._scripts = limiter._scripts
+        self._unweighted: set[str] = set()  # priorities already warned about
         k = self._core.keys
         self._keys = [
             k.config,
@@ -202,9 +213,37 @@ class FairScheduler:
     def _run(self, mode: str, *args: str | int | float | bytes, client: Any = None) -> object:
         args_ = [mode, self._core.keys.base, self._core.retention_ms, *args]
         if client is None:
-            return self._scripts.call("scheduler.lua", self._keys, args_)
+            with redis_errors():
+                return self._scripts.call("scheduler.lua", self._keys, args_)
         self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", self._keys, args_)
         return client
+
+    def _pipelined(self, fill: Callable[[Any], None]) -> list[Any]:
+        """Run the script calls ``fill`` queues on a pipeline, in one round trip (again,
+        once, if the server had lost the scripts)."""
+        with redis_errors():
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                fill(pipe)
+                try:
+                    replies: list[Any] = pipe.execute()
+                    return replies
+                except ResponseError as exc:
+                    if attempt == 2 or not self._scripts.recover(exc):
+                        raise
+        raise AssertionError("unreachable")  # (the loop returns or raises)
+
+    def _unweighted_priority(self, priority: str) -> str:
+        """The fallback for a priority without a weight, warned about once per name."""
+        if priority not in self._unweighted and len(self._unweighted) < 1000:
+            self._unweighted.add(priority)
+            log.warning(
+                "queue-ratelimit: priority %r has no weight: its work is queued as %r (use "
+                "high, normal or low, or give it a weight with set_priority_weight)",
+                priority,
+                FALLBACK_PRIORITY,
+            )
+        return FALLBACK_PRIORITY
 
     def submit(
         self,
@@ -219,15 +258,20 @@ class FairScheduler:
     ) -> bool:
         """Add an item to the tail of its class backlog. False if the id is already known
         (queued, in flight, or remembered as done by ``ack(remember=...)``), which makes a
-        redelivered submit harmless.
+        redelivered submit harmless. A priority that has no weight (not high, normal or low,
+        nor given one with ``set_priority_weight``) is queued as ``normal``, with a warning
+        logged: the item is never refused for it.
 
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
                 that many items (all tenants together).
 
         Raises:
-            InvalidName: malformed names, or a priority with no weight configured.
+            InvalidName: malformed names.
             BacklogFull: ``max_backlog`` reached; nothing was stored.
+            BackendUnavailable: Redis is unreachable (the item may or may not be stored:
+                submit it again, which is harmless).
+            BackendError: Redis answered with an error (broken data in it).
         """
         check_name("tenant", tenant)
         check_name("queue", queue)
@@ -245,10 +289,16 @@ class FairScheduler:
             payload,
             max_backlog,
         )
-        if reply == -2:
-            raise InvalidName(
-                f"unknown priority {priority!r}: use high, normal or low, or give it a weight "
-                f"with set_priority_weight"
+        if reply == -2:  # no weight: nothing was stored
+            fallback = self._unweighted_priority(priority)
+            return self.submit(
+                tenant,
+                item_id,
+                queue=queue,
+                priority=fallback,
+                cost=cost,
+                payload=payload,
+                max_backlog=max_backlog,
             )
         if reply == -3:
             raise BacklogFull(queue, max_backlog)
@@ -262,6 +312,8 @@ class FairScheduler:
 
         Raises:
             InvalidName / InvalidCost: a malformed item (nothing is sent).
+            BackendUnavailable / BackendError: as for ``submit``; items before the failing
+                one may be stored (submitting them again is harmless).
         """
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 0:
             raise ConfigError(f"max_backlog must be a whole number >= 0, got {max_backlog!r}")
@@ -282,21 +334,31 @@ class FairScheduler:
         ]
         if not calls:
             return []
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
+
+        def fill(pipe: Any) -> None:
             for args in calls:
                 self._scripts.queue(pipe, "scheduler.lua", self._keys, args)
-            try:
-                replies = pipe.execute()
-                break
-            except ResponseError as exc:
-                if attempt == 2 or not self._scripts.recover(exc):
-                    raise
+
+        replies = self._pipelined(fill)
         outcomes: list[Literal["queued", "duplicate", "full"]] = []
         for item, reply in zip(items, replies, strict=True):
-            if reply == -2:
-                raise InvalidName(f"unknown priority {item.priority!r}")
-            outcomes.append("queued" if reply == 1 else "full" if reply == -3 else "duplicate")
+            code = reply
+            if code == -2:  # no weight: nothing was stored; again under the fallback
+                try:
+                    queued = self.submit(
+                        item.tenant,
+                        item.item_id,
+                        queue=item.queue,
+                        priority=self._unweighted_priority(item.priority),
+                        cost=item.cost,
+                        payload=item.payload,
+                        max_backlog=max_backlog,
+                    )
+                except BacklogFull:
+                    code = -3
+                else:
+                    code = 1 if queued else 0
+            outcomes.append("queued" if code == 1 else "full" if code == -3 else "duplicate")
         return outcomes
 
     def settle_call(
@@ -392,7 +454,8 @@ class FairScheduler:
         lease the dispatch gave them otherwise.
         """
         keys, args = self.settle_call(item, "ack", remember, keep_slot=keep_slot)
-        return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
+        with redis_errors():
+            return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
 
     def hint(
         self,
@@ -405,19 +468,14 @@ class FairScheduler:
         """Peek at the job's buckets and its tenant's backlog in one round trip."""
         call = self._core.decision_call("peek", tenant, queue, priority, cost)
         backlog_key = f"{self._core.keys.base}:s:{check_name('queue', queue)}:n"
+
         # The script straight on the pipeline (not redis-py's script object, which would
         # send SCRIPT EXISTS first: a second round trip on every hint).
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
+        def fill(pipe: Any) -> None:
             self._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
             pipe.hget(backlog_key, tenant)
-            try:
-                with redis_errors():
-                    reply, backlog = pipe.execute()
-                break
-            except ResponseError as exc:
-                if attempt == 2 or not self._scripts.recover(exc):
-                    raise
+
+        reply, backlog = self._pipelined(fill)
         decision = self._core.decision(reply, cost)
         return Hint(
             decision.allowed,
@@ -523,21 +581,19 @@ class FairScheduler:
         check_priority(priority)
         amount = check_cost(cost)
         k = self._core.keys
-        reply = self._scripts.call(
-            "gate.lua",
-            [k.config, k.shared, self._keys[3]],
-            [
-                k.base,
-                self._core.retention_ms,
-                queue,
-                tenant,
-                priority,
-                _check_item_id(item_id),
-                repr(amount),
-                credit,
-                self.lease_ms if hold is None else check_hold(hold),
-            ],
-        )
+        args = [
+            k.base,
+            self._core.retention_ms,
+            queue,
+            tenant,
+            priority,
+            _check_item_id(item_id),
+            repr(amount),
+            credit,
+            self.lease_ms if hold is None else check_hold(hold),
+        ]
+        with redis_errors():
+            reply = self._scripts.call("gate.lua", [k.config, k.shared, self._keys[3]], args)
         assert isinstance(reply, list)
         code = int(reply[0])
         if code == 1:
@@ -600,7 +656,8 @@ class FairScheduler:
 
     def weights(self) -> dict[str, float]:
         """Configured weights by config field (``weight:tenant:<t>``, ``weight:priority:<p>``)."""
-        raw = self.client.hgetall(self._core.keys.config)
+        with redis_errors():
+            raw = self.client.hgetall(self._core.keys.config)
         return {
             _text(f): float(_text(v))
             for f, v in sorted(raw.items())
@@ -610,7 +667,8 @@ class FairScheduler:
     def backlog(self, queue: str = "default", tenant: str | None = None) -> int:
         """Items waiting in a queue's backlogs (of one tenant, or of all)."""
         field = ":total" if tenant is None else check_name("tenant", tenant)
-        return int(self.client.hget(self.counts_key(queue), field) or 0)
+        with redis_errors():
+            return int(self.client.hget(self.counts_key(queue), field) or 0)
 
     def counts_key(self, queue: str) -> str:
         """The hash of a queue's backlog sizes: field ``:total``, and one per tenant."""
@@ -618,4 +676,5 @@ class FairScheduler:
 
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""
-        return int(self.client.zcard(self._keys[2]))
+        with redis_errors():
+            return int(self.client.zcard(self._keys[2]))

@@ -11,7 +11,8 @@ CLI, so it applies to the next decision in every worker. Every route but ``/heal
 ``Authorization: Bearer <token>``; an ``X-Actor`` header names who is changing things in the
 audit log (``admin:<actor>``). Errors come back as ``{"error": <kind>, "detail": <what to
 fix>}``: 400 for bad input, 401 without a valid token, 404 for an unknown scope, 503 while
-Redis is unreachable. Needs the ``admin`` extra (FastAPI).
+Redis is unreachable (the served client waits at most its timeout: ``Limiter.from_url``),
+500 when Redis answers with an error (``BackendError``). Needs the ``admin`` extra (FastAPI).
 
 Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurrency caps,
 ``{"jobs": n}``, with the jobs running under each), ``/exemptions/{tenant}``, ``/shadow``,
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from . import __version__
 from ._core import redis_errors
 from ._decision import ScopeLimit, limit_fields
-from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
+from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
@@ -183,6 +184,8 @@ def create_app(
             return _error(404, type(exc).__name__, str(exc).strip("'\""))
         if isinstance(exc, BackendUnavailable):
             return _error(503, type(exc).__name__, str(exc))
+        if isinstance(exc, BackendError):  # broken data in Redis, not the request's fault
+            return _error(500, type(exc).__name__, str(exc))
         return _error(400, type(exc).__name__, str(exc))
 
     @app.get("/healthz", summary="Redis reachable?")

@@ -809,6 +809,44 @@ def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
             redis.Redis(port=server.port).shutdown(nosave=True)
 
 
+def test_an_error_redis_answers_holds_tasks_even_when_failing_open(e2e: E2E) -> None:
+    """Broken data in the limiter's Redis (every key of the namespace of the wrong type, as
+    a script error would leave it) is not an outage: under fail_mode "open" the gate runs
+    none of the tasks, logs it, and runs each once when the data is fixed."""
+    e2e.settings = {"credit": 0}  # (no admission paid for in advance)
+    e2e.limiter.set_limit("tenant:*", Limit(10, burst=5))
+    e2e.start_workers("w1", "w2")
+    work = e2e.app(hints=False).tasks["e2e.work"]
+    warm = {work.apply_async(("warm",), rate_tenant="c").id for _ in range(3)}
+    e2e.wait_ids(warm, timeout=20, what="tasks before the breakage to run")
+
+    client = e2e.limiter.client
+    broken = list(client.scan_iter(match=f"*{{{e2e.namespace}}}*", count=1000))
+    for key in broken:
+        client.delete(key)
+        client.set(key, "not what the scripts expect")
+    held = {work.apply_async(("held",), rate_tenant="c").id for _ in range(10)}
+    wait_for(
+        lambda: any(t in e2e.full_logs() for t in ("answered with an error", "gate fails")),
+        timeout=20,
+        what="the gate to meet the error",
+        on_timeout=e2e.logs,
+    )
+    # A negative check over a while (the gate asks again every poll or after a rest).
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        ran = {r["id"] for r in e2e.runs()} & held
+        assert not ran, f"{len(ran)} tasks ran while Redis answered errors (failed open)"
+        time.sleep(0.1)
+    assert "gate fails OPEN" not in e2e.full_logs()  # (not taken for an outage)
+
+    client.delete(*broken)
+    e2e.limiter.set_limit("tenant:*", Limit(10, burst=5))
+    e2e.wait_ids(held, timeout=30, what="the held tasks to run once the data is fixed")
+    rows = e2e.wait_settled(timeout=15)
+    assert_exactly_once(rows, warm | held)
+
+
 def test_celery_task_rate_limit_still_applies_after_the_gate(e2e: E2E) -> None:
     """A task's own ``rate_limit`` ('5/s') throttles it on a worker although the gate,
     whose limits never bind here, admits every message at once."""

@@ -14,6 +14,7 @@ import queue_ratelimit
 EXPECTED = {
     "AsyncLimiter",
     "AuditEntry",
+    "BackendError",
     "BackendUnavailable",
     "BacklogFull",
     "BucketPreview",
@@ -82,6 +83,7 @@ def test_every_exception_shares_one_root() -> None:
         ("InvalidName", queue_ratelimit.ConfigError),
         ("InvalidScope", queue_ratelimit.ConfigError),
         ("InvalidCost", queue_ratelimit.ConfigError),
+        ("BackendError", queue_ratelimit.ConfigError),
         ("LimitNotFound", KeyError),
     ],
 )

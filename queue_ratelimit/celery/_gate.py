@@ -23,7 +23,6 @@ from celery.utils.time import maybe_iso8601
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.serialization import prepare_accept_content
 from kombu.utils.functional import maybe_list
-from redis.exceptions import RedisError
 from vine import promise
 
 from .._durability import persistence_warning
@@ -32,6 +31,7 @@ from .._scheduler import DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
 from .._slot_keeper import SlotKeeper
 from ._credit import CreditKey, CreditLedger
+from ._health import REDIS_FAILURES, RedisHealth
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
@@ -129,7 +129,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.backlog_seen = True
         self._wakeup = Wakeup(lambda: self.consumer.timer, self._readmit)
         self._renew_timer: Any = None
-        self._redis_down_since: float | None = None
+        # Whether Redis answers, is out (the fail mode decides) or is broken (work is held).
+        self.health = RedisHealth(self.runtime.settings.fail_mode if self.runtime else "open")
         self._durability_checked = False
         if self.runtime is not None:
             settings = self.runtime.settings
@@ -236,8 +237,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         return Job(item_id_of(headers), lane, options)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
-        """Ask Redis; None when it is unreachable (the fail mode decides)."""
+        """Ask Redis; None when it failed (``health`` says how)."""
+        if self.health.resting():
+            return None
         o = job.options
+        started = time.monotonic()
         try:
             verdict = self._rt.scheduler.gate(
                 o.tenant,
@@ -247,28 +251,11 @@ class RateLimitGate(bootsteps.StartStopStep):
                 cost=o.cost,
                 credit=self._rt.settings.credit,
             )
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             return None
-        self._redis_ok()
+        self.health.ok()
         return verdict
-
-    def _redis_failed(self, exc: Exception) -> None:
-        if self._redis_down_since is None:
-            self._redis_down_since = time.monotonic()
-            log.error(
-                "queue-ratelimit: Redis unreachable (%s): gate fails %s until it returns",
-                exc,
-                self._rt.settings.fail_mode.upper(),
-            )
-
-    def _redis_ok(self) -> None:
-        if self._redis_down_since is not None:
-            log.warning(
-                "queue-ratelimit: Redis reachable again after %.1fs; gate enforcing",
-                time.monotonic() - self._redis_down_since,
-            )
-            self._redis_down_since = None
 
     def _park(self, d: Delivery, wait_ms: float) -> None:
         """Queue the message for the next batch into the backlog (see ``_flush_parking``).
@@ -307,16 +294,22 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             for d in batch
         ]
+        started = time.monotonic()
         try:
-            outcomes = self._rt.scheduler.submit_many(
-                items, max_backlog=self._rt.settings.max_backlog
-            )
-        except RedisError as exc:
-            self._redis_failed(exc)
+            if self.health.resting():
+                outcomes = None
+            else:
+                outcomes = self._rt.scheduler.submit_many(
+                    items, max_backlog=self._rt.settings.max_backlog
+                )
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
+            outcomes = None
+        if outcomes is None:
             for d in batch:
                 self._unreachable(d)
             return
-        self._redis_ok()
+        self.health.ok()
         for d, outcome in zip(batch, outcomes, strict=True):
             if outcome == "queued":
                 self.stats["parked"] += 1
@@ -391,7 +384,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.stats["admitted_on_credit"] += 1
             return d.run()
         verdict = self._verdict(d.job)
-        if verdict is None:
+        if verdict is None:  # Redis failed: an outage, or broken data in it
             return self._unreachable(d)
         if verdict.action == "run":
             self.stats["admitted"] += 1
@@ -417,7 +410,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         return d.ack()
 
     def _unreachable(self, d: Delivery) -> Any:
-        if self._rt.settings.fail_mode == "open":
+        """Redis failed: the fail mode decides an outage; broken data in Redis (a script
+        error) never runs work unchecked, whatever the fail mode: the task is held."""
+        if self._rt.settings.fail_mode == "open" and not self.health.broken:
             self.stats["failed_open"] += 1
             return d.run()
         return self._keep(d)
@@ -435,7 +430,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         waiting, self.waiting = self.waiting, []
         for n, d in enumerate(waiting):
             self._decide(d)
-            if self._redis_down_since is not None:
+            if self.health.down_since is not None:
                 self.waiting.extend(waiting[n + 1 :])
                 return
 
@@ -457,6 +452,9 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _readmit(self) -> None:
         delay = self._rt.settings.poll_interval
+        if self.health.resting():  # (Redis failed a moment ago: try again after a rest)
+            self._schedule(delay)
+            return
         self._collect_settled()
         # What an outage left open is closed before anything new is taken.
         if self.unsettled and not self._settle_pending():
@@ -466,12 +464,13 @@ class RateLimitGate(bootsteps.StartStopStep):
         if free == 0:
             delay = min(delay, 0.05)
         else:
+            started = time.monotonic()
             try:
                 batch = self._rt.scheduler.dispatch(self.lanes, max_items=min(free, DISPATCH_BATCH))
-            except RedisError as exc:
-                self._redis_failed(exc)
+            except REDIS_FAILURES as exc:
+                self.health.failed(exc, started)
             else:
-                self._redis_ok()
+                self.health.ok()
                 self.backlog_seen = bool(batch.items) or batch.wait_ms is not None
                 for item in batch.items:
                     self._deliver(item)
@@ -532,10 +531,13 @@ class RateLimitGate(bootsteps.StartStopStep):
         item = self.held.get(item_id, item_id)
         # A job acknowledged as it starts keeps its concurrency slots until it ends.
         keep_slot = how == "ack" and isinstance(item, DispatchedItem) and item.slot is not None
+        if self.health.resting():  # settled when Redis is back
+            self.unsettled[item_id] = how
+            return False
         if item_id not in self.unsettled and self.settler.usable:
             try:
                 self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
-            except RedisError:
+            except REDIS_FAILURES:
                 pass  # the ordinary way, below
             else:
                 self.held.pop(item_id, None)
@@ -543,6 +545,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 if self.settler.pending >= MAX_PENDING:
                     self._collect_settled()
                 return True
+        started = time.monotonic()
         try:
             if how == "ack":
                 closed = scheduler.ack(
@@ -550,11 +553,11 @@ class RateLimitGate(bootsteps.StartStopStep):
                 )
             else:
                 closed = scheduler.nack(item, requeue=how == "requeue")
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             self.unsettled[item_id] = how
             return False
-        self._redis_ok()
+        self.health.ok()
         self.unsettled.pop(item_id, None)
         self.held.pop(item_id, None)
         if not closed:
@@ -595,13 +598,17 @@ class RateLimitGate(bootsteps.StartStopStep):
         """Whether concurrency caps are configured: a worker then takes on no more jobs
         than it has processes (a job queued here would hold a cap's slot idle)."""
         # Redis unreachable: keep what was known; the next renewal looks again.
-        with contextlib.suppress(RedisError, RateLimitError):
+        if self.health.resting():
+            return
+        with contextlib.suppress(*REDIS_FAILURES, RateLimitError):
             self.slots.capped = bool(self._rt.limiter.concurrency())
 
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive, and
         the concurrency slots of running jobs."""
         self._look_for_caps()
+        if self.health.resting():  # (renewed at the next tick after the rest)
+            return
         if len(self.running):
             from celery.worker.state import requests
 
@@ -614,11 +621,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         if self.unsettled and not self._settle_pending():
             return
         for item_id, item in list(self.held.items()):
+            started = time.monotonic()
             try:
                 if not self._rt.scheduler.extend(item):
                     self.held.pop(item_id, None)
-            except RedisError as exc:
-                self._redis_failed(exc)
+            except REDIS_FAILURES as exc:
+                self.health.failed(exc, started)
                 return
 
 
