@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ._client import REDIS_TIMEOUT, async_redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
@@ -39,8 +39,11 @@ class AsyncLimiter(LimiterBase):
     """
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
-        return cls(aioredis.Redis.from_url(url), **options)
+    def from_url(
+        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+    ) -> AsyncLimiter:
+        """As ``Limiter.from_url``: every wait on the server is bounded by ``timeout``."""
+        return cls(async_redis_client(url, timeout), **options)
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import redis
 from redis.exceptions import RedisError
 
+from ._client import REDIS_TIMEOUT, redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
@@ -53,9 +53,16 @@ class Limiter(LimiterBase):
     """
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Limiter:
-        """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``."""
-        return cls(redis.Redis.from_url(url), **options)
+    def from_url(
+        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+    ) -> Limiter:
+        """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``.
+
+        Connecting, and every reply, waits at most ``timeout`` seconds (default 2; None: no
+        bound), so the fail mode engages when a server stops answering; ``socket_timeout``
+        and ``socket_connect_timeout`` in the URL win over it.
+        """
+        return cls(redis_client(url, timeout), **options)
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(
