@@ -265,19 +265,41 @@ def rq_setup(request: pytest.FixtureRequest, redis_url: str) -> Iterator[RQSetup
         setup.close()
 
 
+def break_every_key(setup: RQSetup) -> Callable[[], None]:
+    broken = break_keys(setup.conn, setup.namespace)
+    return lambda: setup.conn.delete(*broken)
+
+
+def break_the_tenants_limit(setup: RQSetup) -> Callable[[], None]:
+    config = setup.limiter.keys.config
+    setup.conn.hset(config, "tenant:acme", "garbage")
+    return lambda: setup.conn.hdel(config, "tenant:acme")
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        # Fails the first call of the dequeue (before any job is taken).
+        pytest.param(break_every_key, id="every-key"),
+        # Fails only the gate, after the job was taken off RQ's list (with two queues it is
+        # then in this process's hands alone).
+        pytest.param(break_the_tenants_limit, id="the-tenants-limit"),
+    ],
+)
 def test_rq_holds_the_job_while_redis_answers_errors(
-    rq_setup: RQSetup, caplog: pytest.LogCaptureFixture
+    rq_setup: RQSetup,
+    breakage: Callable[[RQSetup], Callable[[], None]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """With two queues the job is popped off RQ's list, in this process's hands only, when
-    the gate fails: it must come back from there, not be lost."""
     rq_setup.limiter.set_limit("tenant:*", Limit(100, burst=100))
     job_id = rq_setup.enqueue(rate_tenant="acme")
-    broken = break_keys(rq_setup.conn, rq_setup.namespace)
+    fix = breakage(rq_setup)
     for _ in range(2):  # RQ's worker calls again after a pause: still broken, still held
-        with pytest.raises(redis.ConnectionError, match="WRONGTYPE"):
+        with pytest.raises(redis.ConnectionError, match="WRONGTYPE|corrupt limit"):
             rq_setup.dequeue()
     assert "Redis answered with an error" in caplog.text
-    rq_setup.conn.delete(*broken)  # fixed
+    fix()
+    rq_setup.limiter.set_limit("tenant:*", Limit(100, burst=100))
     found = rq_setup.dequeue()
     assert found is not None
     assert found[0].id == job_id
