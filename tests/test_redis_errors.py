@@ -295,7 +295,7 @@ def test_rq_holds_the_job_while_redis_answers_errors(
     job_id = rq_setup.enqueue(rate_tenant="acme")
     fix = breakage(rq_setup)
     for _ in range(2):  # RQ's worker calls again after a pause: still broken, still held
-        with pytest.raises(redis.ConnectionError, match="WRONGTYPE|corrupt limit"):
+        with pytest.raises(redis.ConnectionError, match=r"WRONGTYPE|corrupt limit"):
             rq_setup.dequeue()
     assert "Redis answered with an error" in caplog.text
     fix()
