@@ -322,3 +322,77 @@ def test_rq_parks_a_job_whose_priority_has_no_weight(
     found = rq_setup.dequeue()
     assert found is not None
     assert found[0].id == job_id
+
+
+# -- the Celery gate's view of its Redis ------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate_health(fail_mode: str = "open") -> tuple[Any, Clock]:
+    pytest.importorskip("celery")
+    from queue_ratelimit.celery._health import RedisHealth
+
+    clock = Clock()
+    return RedisHealth(fail_mode, clock=clock), clock
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BackendUnavailable("Redis unreachable: refused"),
+        redis.TimeoutError("Timeout reading from socket"),
+        BaseParser.parse_error("READONLY You can't write against a read only replica."),
+    ],
+)
+def test_the_gate_fails_by_its_mode_on_an_outage_and_rests_between_probes(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    health, clock = gate_health("closed")
+    health.failed(error, started=clock.now - 2.0)  # a call that waited out a 2 s timeout
+    assert (health.broken, health.resting()) == (False, True)
+    clock.now += 7.9
+    assert health.resting()  # 4x the failed call
+    clock.now += 0.2
+    assert not health.resting()
+    health.failed(error, started=clock.now)  # refused at once: the shortest rest
+    clock.now += 0.26
+    assert not health.resting()
+    assert logged(caplog, "gate fails CLOSED") == 1  # once per outage
+    health.ok()
+    assert logged(caplog, "Redis reachable again") == 1
+    assert health.down_since is None
+
+
+def test_the_gate_holds_work_on_an_error_redis_answers_and_logs_it_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    health, clock = gate_health("open")
+    wrongtype = BackendError("Redis answered with an error: WRONGTYPE Operation")
+    for _ in range(3):
+        health.failed(wrongtype, started=clock.now)
+        clock.now += 1
+        assert health.broken  # the gate's fail-open path checks this: it holds the task
+    assert logged(caplog, "Redis answered with an error") == 1
+    health.failed(redis.ResponseError("ERR increment or decrement would overflow"), clock.now)
+    assert logged(caplog, "Redis answered with an error") == 2  # another error: said
+    clock.now += 60
+    health.failed(wrongtype, started=clock.now)
+    assert logged(caplog, "Redis answered with an error") == 3  # still broken: said again
+    assert logged(caplog, "gate fails OPEN") == 0
+    health.ok()
+    assert logged(caplog, "Redis answering without errors again") == 1
+    # The same error again soon after (one part of Redis stays broken while the gate
+    # passes): neither it nor its end is logged once more.
+    health.failed(wrongtype, started=clock.now)
+    health.ok()
+    assert logged(caplog, "Redis answered with an error") == 3
+    assert logged(caplog, "without errors again") == 1
