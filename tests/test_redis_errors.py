@@ -396,3 +396,34 @@ def test_the_gate_holds_work_on_an_error_redis_answers_and_logs_it_loudly(
     health.ok()
     assert logged(caplog, "Redis answered with an error") == 3
     assert logged(caplog, "without errors again") == 1
+
+
+def test_a_failed_settlement_send_loses_none_sent_before_it(limiter: Limiter) -> None:
+    """A Redis restart leaves the settler's connection dead: the first write after it can
+    still go out (into the socket), the next one fails. The first one's reply is then lost
+    with the connection: it must be reported as unknown (settled again the ordinary way),
+    not forgotten, which left its in-flight record open until the lease handed the job out
+    again (run twice)."""
+    pytest.importorskip("celery")
+    from queue_ratelimit.celery._settler import AsyncSettler
+
+    scheduler = FairScheduler(limiter)
+    for n in range(2):
+        scheduler.submit("acme", f"j{n}")
+    first, second = scheduler.dispatch(["default"], max_items=2).items
+    settler = AsyncSettler(scheduler)
+    assert settler.usable
+    settler.send(first, "ack", 0, False)
+
+    def broken_pipe(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("Error 32 while writing to socket. Broken pipe.")
+
+    settler._conn.send_packed_command = broken_pipe
+    with pytest.raises(redis.ConnectionError):
+        settler.send(second, "ack", 0, False)
+    assert settler.pending == 1
+    assert settler.collect() == [(first.id, "ack", None)]
+    assert settler.pending == 0
+    settler.send(second, "ack", 0, False)  # on a new connection
+    assert settler.collect() == [(second.id, "ack", True)]
+    settler.close()

@@ -37,6 +37,8 @@ class AsyncSettler:
         self.scheduler = scheduler
         self._conn: Any = None
         self._pending: list[tuple[str, Settlement]] = []
+        # Settlements sent on a connection dropped since: their replies are lost with it.
+        self._lost: list[tuple[str, Settlement]] = []
 
     @property
     def usable(self) -> bool:
@@ -49,7 +51,7 @@ class AsyncSettler:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._lost)
 
     def send(
         self, item: str | DispatchedItem, how: Settlement, remember: float, keep_slot: bool
@@ -73,7 +75,8 @@ class AsyncSettler:
         """Read every pending reply: (item id, settlement, closed); closed is None when the
         outcome is unknown (the connection failed, or the server refused the call): the
         caller settles it again the ordinary way."""
-        found: list[tuple[str, Settlement, bool | None]] = []
+        found: list[tuple[str, Settlement, bool | None]] = [(i, h, None) for i, h in self._lost]
+        self._lost = []
         pending, self._pending = self._pending, []
         for n, (item_id, how) in enumerate(pending):
             try:
@@ -90,7 +93,7 @@ class AsyncSettler:
 
     def close(self) -> None:
         self._drop_connection()
-        self._pending.clear()
+        self._lost.clear()
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -99,6 +102,10 @@ class AsyncSettler:
         return self._conn
 
     def _drop_connection(self) -> None:
+        # (A send that failed after others went out on this connection must not lose
+        # theirs: they are reported as unknown, and settled again the ordinary way.)
+        self._lost += self._pending
+        self._pending = []
         if self._conn is not None:
             try:
                 self._conn.disconnect()
