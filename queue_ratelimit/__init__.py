@@ -18,6 +18,7 @@ from ._config import ConfigSpec, config_from_env, load_config_file, parse_config
 from ._core import AuditEntry
 from ._decision import Decision, ScopeLimit, Slot
 from ._errors import (
+    BackendError,
     BackendUnavailable,
     BacklogFull,
     ConfigError,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncLimiter",
     "AuditEntry",
+    "BackendError",
     "BackendUnavailable",
     "BacklogFull",
     "BucketPreview",

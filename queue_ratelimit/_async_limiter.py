@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
+from ._client import REDIS_TIMEOUT, async_redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
     DEFAULT_HOLD,
-    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
@@ -42,8 +41,11 @@ class AsyncLimiter(LimiterBase):
     """
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> AsyncLimiter:
-        return cls(aioredis.Redis.from_url(check_redis_url(url)), **options)
+    def from_url(
+        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+    ) -> AsyncLimiter:
+        """As ``Limiter.from_url``: every wait on the server is bounded by ``timeout``."""
+        return cls(async_redis_client(check_redis_url(url), timeout), **options)
 
     async def eviction_status(self) -> EvictionStatus:
         return await aeviction_status(self.client)
@@ -85,7 +87,7 @@ class AsyncLimiter(LimiterBase):
         call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:
             reply = await self._scripts.acall_packed("acquire.lua", call)
-        except (*UNREACHABLE, ResponseError) as exc:
+        except RedisError as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
@@ -25,6 +32,7 @@ from ._config import ConfigSpec
 from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
 from ._durability import EvictionMode, check_eviction_mode
 from ._errors import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     CostExceedsBurst,
@@ -93,15 +101,43 @@ class AuditEntry:
     at_ms: int
 
 
+# Replies that mean "not now" rather than "broken": the server is loading its data, busy
+# running a long script, a replica that takes no writes, out of memory, not persisting, or
+# a cluster without a master for the slot. redis-py raises its own classes for some (and
+# strips their code from the text), the others keep the code in front of the text.
+_OUTAGE_CLASSES = (
+    RedisConnectionError,  # (a loading server too: BusyLoadingError)
+    RedisTimeoutError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    ClusterDownError,  # (MasterDownError too)
+    TryAgainError,
+)
+_OUTAGE_REPLIES = re.compile(
+    r"(?:^|caused error: )(?:BUSY|LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|OOM|"
+    r"NOREPLICAS|MISCONF)\b"
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a Redis error is an outage (the fail mode applies), not broken data."""
+    if isinstance(exc, _OUTAGE_CLASSES):
+        return True
+    return isinstance(exc, RedisError) and bool(_OUTAGE_REPLIES.search(str(exc)))
+
+
 def translated(exc: Exception) -> Exception:
-    """Redis's error as ours (``exc`` itself when it is not one we translate)."""
-    if isinstance(exc, UNREACHABLE):
-        return BackendUnavailable(f"Redis unreachable: {exc}")
-    if isinstance(exc, ResponseError):
+    """Redis's error as ours: ``BackendUnavailable`` for an outage, ``BackendError`` for
+    any other error Redis answered with (``exc`` itself when it is not Redis's)."""
+    if is_outage(exc):
+        reason = "unreachable" if isinstance(exc, UNREACHABLE) else "not serving"
+        return BackendUnavailable(f"Redis {reason}: {exc}")
+    if isinstance(exc, RedisError):
         # The scripts raise "queue-ratelimit: ..." for configuration they cannot read.
         text = str(exc)
         if "queue-ratelimit:" in text:
-            return ConfigError(text[text.index("queue-ratelimit:") :])
+            return BackendError(text[text.index("queue-ratelimit:") :])
+        return BackendError(f"Redis answered with an error: {text}")
     return exc
 
 
@@ -110,11 +146,8 @@ def redis_errors() -> Iterator[None]:
     """Redis's errors as ours: one root exception for callers to catch."""
     try:
         yield
-    except (*UNREACHABLE, ResponseError) as exc:
-        error = translated(exc)
-        if error is exc:
-            raise
-        raise error from exc
+    except RedisError as exc:
+        raise translated(exc) from exc
 
 
 def check_positive(

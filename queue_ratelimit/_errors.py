@@ -8,15 +8,23 @@
     │   ├── InvalidName                tenant, queue, priority or namespace name
     │   ├── InvalidScope               a scope string that names no known scope
     │   ├── InvalidCost                cost not a number in [1e-6, 1e12]
-    │   └── InvalidWeight              a fair-scheduling weight outside [0.001, 1e6]
+    │   ├── InvalidWeight              a fair-scheduling weight outside [0.001, 1e6]
+    │   └── BackendError               Redis answered with an error: what it holds is broken
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
-    ├── BackendUnavailable             Redis could not be reached (fail mode "raise")
+    ├── BackendUnavailable             Redis unreachable or not serving: an outage
     ├── BacklogFull                    a fair backlog holds as many items as it may
     └── RateLimited                    raised only where a caller asked for "reject"
 
 Being throttled is normally a result (``Decision.allowed`` is False), not an exception;
 ``RateLimited`` exists for producer policies that want to refuse work outright.
+
+Every failure of Redis is one of two kinds. ``BackendUnavailable`` is an outage: no answer
+(refused, dropped, timed out) or an answer that says "not now" (loading, busy running a
+script, a read-only replica, out of memory); the fail mode applies to it. ``BackendError``
+is any other error Redis answers with (a key of the wrong type, a corrupt limit, a script
+that fails): retrying will not help until someone fixes the data, so it is never mistaken
+for an outage, and nothing fails open because of it.
 """
 
 from __future__ import annotations
@@ -84,8 +92,13 @@ class LimitNotFound(RateLimitError, KeyError):
         return f"no limit is set for scope {self.scope!r}"
 
 
+class BackendError(ConfigError):
+    """Redis answered with an error that is not an outage: the data or configuration it
+    holds is broken (a key of the wrong type, a corrupt limit, a script that fails)."""
+
+
 class BackendUnavailable(RateLimitError):
-    """The Redis server behind the limiter could not be reached."""
+    """The Redis server behind the limiter cannot be reached or cannot serve now."""
 
 
 class BacklogFull(RateLimitError):

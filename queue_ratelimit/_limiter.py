@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
+from ._client import REDIS_TIMEOUT, redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config
 from ._core import (
     DEFAULT_HOLD,
-    UNREACHABLE,
     AuditEntry,
     ExemptMode,
     LimiterBase,
@@ -60,13 +59,19 @@ class Limiter(LimiterBase):
     """
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Limiter:
+    def from_url(
+        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+    ) -> Limiter:
         """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``.
+
+        Connecting, and every reply, waits at most ``timeout`` seconds (default 2; None: no
+        bound), so the fail mode engages when a server stops answering; ``socket_timeout``
+        and ``socket_connect_timeout`` in the URL win over it.
 
         Raises:
             ConfigError: the URL is empty or malformed (shown with its password masked).
         """
-        return cls(redis.Redis.from_url(check_redis_url(url)), **options)
+        return cls(redis_client(check_redis_url(url), timeout), **options)
 
     def eviction_status(self) -> EvictionStatus:
         """Whether the server may evict this limiter's keys (one ``INFO memory``)."""
@@ -124,7 +129,7 @@ class Limiter(LimiterBase):
         call = self._core.decision_call(mode, tenant, queue, priority, cost, hold)
         try:  # (no context manager here: this is the hot path)
             reply = self._scripts.call_packed("acquire.lua", call)
-        except (*UNREACHABLE, ResponseError) as exc:
+        except RedisError as exc:
             return self._core.decision_failed(exc)
         return self._core.decision(reply, cost)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +18,9 @@ from ._scopes import _shown, check_item_id, check_name, check_priority
 
 log = logging.getLogger("queue_ratelimit")
 DEFAULT_PRIORITY_WEIGHTS = {"high": 3.0, "normal": 2.0, "low": 1.0}
+# Work of a priority that has no weight is queued under this one (lua/scheduler.lua's route
+# and adopt do the same), so a job is never refused, or lost, for its priority's name.
+FALLBACK_PRIORITY = "normal"
 # Weights divide costs into virtual time (lua/scheduler.lua): a denormal weight made the
 # first step infinite and broke the lane. In [1e-3, 1e6] every step (cost / weight) is a
 # finite double, and a weight ratio of at most 1e9 stays well inside the 15-16 digits a
@@ -181,6 +184,10 @@ class FairScheduler:
     ...     run(item)
     ...     scheduler.ack(item)
 
+    Every method that talks to Redis raises ``BackendUnavailable`` when it is unreachable
+    or not serving (an outage), and ``BackendError`` when it answers with an error (broken
+    data: never to be taken for an outage), as ``Limiter`` does.
+
     Args:
         limiter: supplies the Redis client, the namespace and the buckets.
         lease: seconds a dispatched item may stay in flight before it is handed back.
@@ -197,6 +204,7 @@ class FairScheduler:
             raise ConfigError(f"max_skips must be a whole number >= 0, got {_shown(max_skips)}")
         self.max_skips = max_skips
         self._scripts = limiter._scripts
+        self._unweighted: set[str] = set()  # priorities already warned about
         self.keys = k = self._core.keys
         # lua/scheduler.lua: these keys first (then the mode's own), and after the mode and
         # the counter retention, the prefixes of the keys it names from user parts.
@@ -234,9 +242,37 @@ class FairScheduler:
         all_keys = [*self._keys, *keys]
         args_ = self._args(mode, args)
         if client is None:
-            return self._scripts.call("scheduler.lua", all_keys, args_)
+            with redis_errors():
+                return self._scripts.call("scheduler.lua", all_keys, args_)
         self._scripts.queue_on_callers_pipeline(client, "scheduler.lua", all_keys, args_)
         return client
+
+    def _pipelined(self, fill: Callable[[Any], None]) -> list[Any]:
+        """Run the script calls ``fill`` queues on a pipeline, in one round trip (again,
+        once, if the server had lost the scripts)."""
+        with redis_errors():
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                fill(pipe)
+                try:
+                    replies: list[Any] = pipe.execute()
+                    return replies
+                except ResponseError as exc:
+                    if attempt == 2 or not self._scripts.recover(exc):
+                        raise
+        raise AssertionError("unreachable")  # (the loop returns or raises)
+
+    def _unweighted_priority(self, priority: str) -> str:
+        """The fallback for a priority without a weight, warned about once per name."""
+        if priority not in self._unweighted and len(self._unweighted) < 1000:
+            self._unweighted.add(priority)
+            log.warning(
+                "queue-ratelimit: priority %r has no weight: its work is queued as %r (use "
+                "high, normal or low, or give it a weight with set_priority_weight)",
+                _shown(priority),
+                FALLBACK_PRIORITY,
+            )
+        return FALLBACK_PRIORITY
 
     def submit(
         self,
@@ -252,7 +288,9 @@ class FairScheduler:
     ) -> Any:
         """Add an item to the tail of its class backlog. False if the id is already known
         (queued, in flight, or remembered as done by ``ack(remember=...)``), which makes a
-        redelivered submit harmless.
+        redelivered submit harmless. A priority that has no weight (not high, normal or low,
+        nor given one with ``set_priority_weight``) is queued as ``normal``, with a warning
+        logged: the item is never refused for it.
 
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
@@ -261,19 +299,28 @@ class FairScheduler:
                 pipeline's: 1 queued, 0 duplicate, -2 unknown priority, -3 backlog full).
 
         Raises:
-            InvalidName: malformed names, or a priority with no weight configured.
+            InvalidName: malformed names.
             BacklogFull: ``max_backlog`` reached; nothing was stored.
+            BackendUnavailable: Redis is unreachable (the item may or may not be stored:
+                submit it again, which is harmless).
+            BackendError: Redis answered with an error (broken data in it).
         """
         item = SubmitItem(tenant, item_id, queue, priority, cost, payload)
         keys, args = self._submit_call(item, max_backlog)
         if pipeline is not None:
             self._scripts.queue_on_callers_pipeline(pipeline, "scheduler.lua", keys, args)
             return pipeline
-        reply = self._scripts.call("scheduler.lua", keys, args)
-        if reply == -2:
-            raise InvalidName(
-                f"unknown priority {priority!r}: use high, normal or low, or give it a weight "
-                f"with set_priority_weight"
+        with redis_errors():
+            reply = self._scripts.call("scheduler.lua", keys, args)
+        if reply == -2:  # no weight: nothing was stored
+            return self.submit(
+                tenant,
+                item_id,
+                queue=queue,
+                priority=self._unweighted_priority(priority),
+                cost=cost,
+                payload=payload,
+                max_backlog=max_backlog,
             )
         if reply == -3:
             raise BacklogFull(queue, max_backlog)
@@ -301,21 +348,18 @@ class FairScheduler:
 
         Raises:
             InvalidName / InvalidCost: a malformed item (nothing is sent).
+            BackendUnavailable / BackendError: as for ``submit``; items before the failing
+                one may be stored (submitting them again is harmless).
         """
         calls = self.submit_calls(items, max_backlog=max_backlog)
         if not calls:
             return []
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
+
+        def fill(pipe: Any) -> None:
             for keys, args in calls:
                 self._scripts.queue(pipe, "scheduler.lua", keys, args)
-            try:
-                replies = pipe.execute()
-                break
-            except ResponseError as exc:
-                if attempt == 2 or not self._scripts.recover(exc):
-                    raise
-        return self.submit_outcomes(items, replies)
+
+        return self.submit_outcomes(items, self._pipelined(fill), max_backlog=max_backlog)
 
     def submit_calls(
         self, items: Sequence[SubmitItem], *, max_backlog: int = 0
@@ -329,16 +373,35 @@ class FairScheduler:
         """
         return [self._submit_call(i, max_backlog) for i in items]
 
-    @staticmethod
     def submit_outcomes(
-        items: Sequence[SubmitItem], replies: Sequence[object]
+        self, items: Sequence[SubmitItem], replies: Sequence[object], *, max_backlog: int = 0
     ) -> list[Literal["queued", "duplicate", "full"]]:
-        """What became of each item, from the replies to its ``submit_calls``."""
+        """What became of each item, from the replies to its ``submit_calls``. An item
+        refused for a priority without a weight (nothing was stored) is submitted again,
+        now, under the fallback priority (see ``submit``).
+
+        Raises:
+            BackendUnavailable / BackendError: as for ``submit``, from such a resubmission.
+        """
         outcomes: list[Literal["queued", "duplicate", "full"]] = []
         for item, reply in zip(items, replies, strict=True):
-            if reply == -2:
-                raise InvalidName(f"unknown priority {item.priority!r}")
-            outcomes.append("queued" if reply == 1 else "full" if reply == -3 else "duplicate")
+            code = reply
+            if code == -2:
+                try:
+                    queued = self.submit(
+                        item.tenant,
+                        item.item_id,
+                        queue=item.queue,
+                        priority=self._unweighted_priority(item.priority),
+                        cost=item.cost,
+                        payload=item.payload,
+                        max_backlog=max_backlog,
+                    )
+                except BacklogFull:
+                    code = -3
+                else:
+                    code = 1 if queued else 0
+            outcomes.append("queued" if code == 1 else "full" if code == -3 else "duplicate")
         return outcomes
 
     def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
@@ -397,7 +460,9 @@ class FairScheduler:
             handoff_lists=handoff_lists,
             receipt=receipt,
         )
-        return self.dispatch_result(self._scripts.call("scheduler.lua", keys, args))
+        with redis_errors():
+            reply = self._scripts.call("scheduler.lua", keys, args)
+        return self.dispatch_result(reply)
 
     def dispatch_call(
         self,
@@ -471,7 +536,8 @@ class FairScheduler:
         lease the dispatch gave them otherwise.
         """
         keys, args = self.settle_call(item, "ack", remember, keep_slot=keep_slot)
-        return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
+        with redis_errors():
+            return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
 
     def hint(
         self,
@@ -484,19 +550,14 @@ class FairScheduler:
         """Peek at the job's buckets and its tenant's backlog in one round trip."""
         call = self._core.decision_call("peek", tenant, queue, priority, cost)
         backlog_key = self.keys.counts(queue)
+
         # The script straight on the pipeline (not redis-py's script object, which would
         # send SCRIPT EXISTS first: a second round trip on every hint).
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
+        def fill(pipe: Any) -> None:
             self._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
             pipe.hget(backlog_key, tenant)
-            try:
-                with redis_errors():
-                    reply, backlog = pipe.execute()
-                break
-            except ResponseError as exc:
-                if attempt == 2 or not self._scripts.recover(exc):
-                    raise
+
+        reply, backlog = self._pipelined(fill)
         decision = self._core.decision(reply, cost)
         return Hint(
             decision.allowed,
@@ -609,20 +670,21 @@ class FairScheduler:
             if len(self._lane_keys) >= 1024:
                 self._lane_keys.clear()
             lane_keys = self._lane_keys[queue] = (k.active(queue), k.parked(queue))
-        reply = self._scripts.call(
-            "gate.lua",
-            [k.config, k.shared, k.meta, *lane_keys, k.tenant(tenant), k.done(item_id)],
-            [
-                self._core.retention_ms,
-                queue,
-                tenant,
-                priority,
-                item_id,
-                repr(amount),
-                credit,
-                self.lease_ms if hold is None else check_hold(hold),
-            ],
-        )
+        with redis_errors():
+            reply = self._scripts.call(
+                "gate.lua",
+                [k.config, k.shared, k.meta, *lane_keys, k.tenant(tenant), k.done(item_id)],
+                [
+                    self._core.retention_ms,
+                    queue,
+                    tenant,
+                    priority,
+                    item_id,
+                    repr(amount),
+                    credit,
+                    self.lease_ms if hold is None else check_hold(hold),
+                ],
+            )
         assert isinstance(reply, list)
         code = int(reply[0])
         if code == 1:
@@ -685,7 +747,8 @@ class FairScheduler:
 
     def weights(self) -> dict[str, float]:
         """Configured weights by config field (``weight:tenant:<t>``, ``weight:priority:<p>``)."""
-        raw = self.client.hgetall(self._core.keys.config)
+        with redis_errors():
+            raw = self.client.hgetall(self._core.keys.config)
         return {
             _text(f): float(_text(v))
             for f, v in sorted(raw.items())
@@ -695,7 +758,8 @@ class FairScheduler:
     def backlog(self, queue: str = "default", tenant: str | None = None) -> int:
         """Items waiting in a queue's backlogs (of one tenant, or of all)."""
         field = ":total" if tenant is None else check_name("tenant", tenant)
-        return int(self.client.hget(self.counts_key(queue), field) or 0)
+        with redis_errors():
+            return int(self.client.hget(self.counts_key(queue), field) or 0)
 
     def counts_key(self, queue: str) -> str:
         """The hash of a queue's backlog sizes: field ``:total``, and one per tenant."""
@@ -703,10 +767,12 @@ class FairScheduler:
 
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""
-        return int(self.client.zcard(self.keys.inflight))
+        with redis_errors():
+            return int(self.client.zcard(self.keys.inflight))
 
     def lost(self) -> int:
         """Items the scheduler found without their record or payload, and dropped: a Redis
         that evicts keys (maxmemory-policy ``allkeys-*``/``volatile-*``) lost them. Counted
         in the shared hash (field ``n:lost``), so it starts over if that is evicted too."""
-        return int(float(self.client.hget(self.keys.shared, "n:lost") or 0))
+        with redis_errors():
+            return int(float(self.client.hget(self.keys.shared, "n:lost") or 0))

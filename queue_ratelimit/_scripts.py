@@ -94,6 +94,13 @@ def library() -> Library:
     return Library("\n".join(parts), lib, names)
 
 
+def _retried(conn: Any, exc: Exception) -> bool:
+    """Whether the retry policy of ``conn`` (its client's) retries ``exc``."""
+    retry = getattr(conn, "retry", None)
+    retried = getattr(retry, "_supported_errors", ())
+    return retry is not None and retry.get_retries() > 0 and isinstance(exc, retried)
+
+
 def _missing_function(exc: ResponseError) -> bool:
     return "function not found" in str(exc).lower()
 
@@ -186,6 +193,9 @@ class Scripts:
         but a plain success goes the ordinary way: a dropped connection is retried through
         ``call`` (the client's own retry policy, as redis-py would), a missing library is
         loaded and the call retried, EVALSHA servers and other clients never come here.
+        A timeout goes the ordinary way only if the client's policy retries timeouts;
+        otherwise it is raised at once (the clients of ``queue_ratelimit._client`` do not
+        retry them: the server is not answering, and a retry would wait as long again).
         """
         if self._pending:
             self.run_checks()
@@ -195,7 +205,10 @@ class Scripts:
             try:
                 conn.send_packed_command(self._packed(name, call, conn))
                 return conn.read_response()
-            except (RedisConnectionError, RedisTimeoutError):
+            except RedisTimeoutError as exc:
+                if not _retried(conn, exc):
+                    raise
+            except RedisConnectionError:
                 pass  # (redis-py disconnected it; call() connects again)
             except ResponseError as exc:
                 if not self._retry_after(exc):
@@ -310,7 +323,10 @@ class Scripts:
             try:
                 await conn.send_packed_command(self._packed(name, call, conn))
                 return await conn.read_response()
-            except (RedisConnectionError, RedisTimeoutError):
+            except RedisTimeoutError as exc:
+                if not _retried(conn, exc):
+                    raise
+            except RedisConnectionError:
                 pass  # (redis-py disconnected it; acall() connects again)
             except ResponseError as exc:
                 if not await self._aretry_after(exc):

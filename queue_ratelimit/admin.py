@@ -16,7 +16,8 @@ token itself, and an ``X-Actor`` header adds who is changing things
 fix>}``, with any input they quote cut short: 400 for bad input, 401 without a valid token,
 403 for a change asked with the read-only token, 404 for an unknown scope, 413 for a body
 over 16 KiB (refused before it is read), 422 for a body of the wrong shape, 503 while Redis
-is unreachable. Needs the ``admin`` extra (FastAPI).
+is unreachable (the served client waits at most its timeout: ``Limiter.from_url``), 500 when
+Redis answers with an error (``BackendError``). Needs the ``admin`` extra (FastAPI).
 
 Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurrency caps,
 ``{"jobs": n}``, with the jobs running under each), ``/exemptions/{tenant}``, ``/shadow``,
@@ -43,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from ._core import redis_errors
 from ._decision import ScopeLimit, limit_fields
-from ._errors import BackendUnavailable, LimitNotFound, RateLimitError
+from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import preview_fields
@@ -337,6 +338,8 @@ def create_app(
             return _error(404, type(exc).__name__, str(exc).strip("'\""))
         if isinstance(exc, BackendUnavailable):
             return _error(503, type(exc).__name__, str(exc))
+        if isinstance(exc, BackendError):  # broken data in Redis, not the request's fault
+            return _error(500, type(exc).__name__, str(exc))
         return _error(400, type(exc).__name__, str(exc))
 
     @app.get("/healthz", summary="Redis reachable? Does it evict keys?")

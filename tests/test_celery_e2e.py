@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -478,6 +479,17 @@ def _limiter_redis_with_aof(tmp_path: Path, port: int | None = None) -> RedisPro
     return RedisProcess(tmp_path / "limiter", port=port or free_port(), extra=aof).start()
 
 
+def _warm_workers(e2e: E2E, limit: Limit) -> tuple[Any, set[str]]:
+    """Give every tenant ``limit``, start two workers and run four tasks through them
+    before a fault; returns the task (published without hints) and the ids that ran."""
+    e2e.limiter.set_limit("tenant:*", limit)
+    e2e.start_workers("w1", "w2")
+    work = e2e.app(hints=False).tasks["e2e.work"]
+    warm = {work.apply_async(("warm",), rate_tenant="c").id for _ in range(4)}
+    e2e.wait_ids(warm, timeout=20, what="tasks before the fault to run")
+    return work, warm
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 def test_every_task_runs_once_across_a_limiter_redis_restart(
     broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -785,11 +797,7 @@ def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
     )
     request.node.funcargs["e2e"] = e2e  # for the log report
     try:
-        e2e.limiter.set_limit("tenant:*", Limit(50, burst=20))  # never binds here
-        e2e.start_workers("w1", "w2")
-        work = e2e.app(hints=False).tasks["e2e.work"]
-        warm = {work.apply_async(("warm",), rate_tenant="c").id for _ in range(4)}
-        e2e.wait_ids(warm, timeout=20, what="tasks before the outage to run")
+        work, warm = _warm_workers(e2e, Limit(50, burst=20))  # never binds here
 
         server.stop()
         held = {work.apply_async(("held",), rate_tenant="c").id for _ in range(10)}
@@ -814,6 +822,75 @@ def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
         e2e.close()
         with contextlib.suppress(redis.ConnectionError):
             redis.Redis(port=server.port).shutdown(nosave=True)
+
+
+def test_an_error_redis_answers_holds_tasks_even_when_failing_open(e2e: E2E) -> None:
+    """Broken data in the limiter's Redis (every key of the namespace of the wrong type, as
+    a script error would leave it) is not an outage: under fail_mode "open" the gate runs
+    none of the tasks, logs it, and runs each once when the data is fixed."""
+    e2e.settings = {"credit": 0}  # (no admission paid for in advance)
+    work, warm = _warm_workers(e2e, Limit(10, burst=5))
+
+    client = e2e.limiter.client
+    broken = list(client.scan_iter(match=f"*{{{e2e.namespace}}}*", count=1000))
+    for key in broken:
+        client.delete(key)
+        client.set(key, "not what the scripts expect")
+    held = {work.apply_async(("held",), rate_tenant="c").id for _ in range(10)}
+    wait_for(
+        lambda: any(t in e2e.full_logs() for t in ("answered with an error", "gate fails")),
+        timeout=20,
+        what="the gate to meet the error",
+        on_timeout=e2e.logs,
+    )
+    # A negative check over a while (the gate asks again every poll or after a rest).
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        ran = {r["id"] for r in e2e.runs()} & held
+        assert not ran, f"{len(ran)} tasks ran while Redis answered errors (failed open)"
+        time.sleep(0.1)
+    assert "gate fails OPEN" not in e2e.full_logs()  # (not taken for an outage)
+
+    client.delete(*broken)
+    e2e.limiter.set_limit("tenant:*", Limit(10, burst=5))
+    e2e.wait_ids(held, timeout=30, what="the held tasks to run once the data is fixed")
+    rows = e2e.wait_settled(timeout=15)
+    assert_exactly_once(rows, warm | held)
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_a_limiter_redis_that_stops_answering_fails_open_promptly(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SIGSTOP the limiter's Redis (its sockets stay open; nothing answers): the gate gives
+    up within its timeout and, between probes, fails open at once, so the tasks published
+    meanwhile all run, once each, while it stays stopped (not one per timeout)."""
+    report_logs_on_failure(request.config)
+    server = RedisProcess(tmp_path / "limiter", port=free_port()).start()
+    assert server.proc is not None
+    e2e = E2E(
+        broker=broker,
+        redis_url=server.url,
+        record_url=redis_url,
+        workdir=tmp_path,
+        settings={"credit": 0},
+    )
+    request.node.funcargs["e2e"] = e2e  # for the log report
+    try:
+        work, warm = _warm_workers(e2e, Limit(1000, burst=100))  # never binds here
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        meanwhile = {work.apply_async(("meanwhile",), rate_tenant="c").id for _ in range(60)}
+        # A gate that waited out the timeout (2 s) for every task would need at least
+        # 60 x 2 s / 2 workers = 60 s; one that rests between probes, a few seconds.
+        e2e.wait_ids(meanwhile, timeout=30, what="the tasks to run while Redis is stopped")
+        assert "gate fails OPEN" in e2e.full_logs()
+        rows = e2e.runs()
+        assert_exactly_once(rows, warm | meanwhile)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        e2e.close()
+        server.stop()
 
 
 def test_celery_task_rate_limit_still_applies_after_the_gate(e2e: E2E) -> None:

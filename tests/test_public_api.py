@@ -14,6 +14,7 @@ import queue_ratelimit
 EXPECTED = {
     "AsyncLimiter",
     "AuditEntry",
+    "BackendError",
     "BackendUnavailable",
     "BacklogFull",
     "BucketPreview",
@@ -84,6 +85,7 @@ def test_every_exception_shares_one_root() -> None:
         ("InvalidScope", queue_ratelimit.ConfigError),
         ("InvalidCost", queue_ratelimit.ConfigError),
         ("InvalidWeight", queue_ratelimit.ConfigError),
+        ("BackendError", queue_ratelimit.ConfigError),
         ("LimitNotFound", KeyError),
     ],
 )

@@ -25,7 +25,7 @@ from queue_ratelimit import (
     Limit,
     Limiter,
 )
-from queue_ratelimit._scheduler import MAX_WEIGHT, MIN_WEIGHT
+from queue_ratelimit._scheduler import MAX_WEIGHT, MIN_WEIGHT, SubmitItem
 
 # A rate so slow that no token comes back while a test runs: the burst is the whole budget.
 HOURLY = 3600.0
@@ -815,10 +815,18 @@ def test_a_duplicate_submit_is_refused(scheduler: FairScheduler) -> None:
     assert scheduler.dispatch(["default"]).items == ()
 
 
-def test_an_unknown_priority_is_refused_until_it_has_a_weight(scheduler: FairScheduler) -> None:
-    with pytest.raises(InvalidName, match="unknown priority"):
-        scheduler.submit("acme", "job", priority="bulk")
-    assert scheduler.backlog("default") == 0
+def test_an_unknown_priority_is_queued_as_normal_until_it_has_a_weight(
+    scheduler: FairScheduler, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Never refused (a job whose producer used a new priority name must not be lost), and
+    # warned about once per name.
+    assert scheduler.submit("acme", "job", priority="bulk") is True
+    assert scheduler.submit("acme", "job", priority="bulk") is False  # a duplicate still
+    assert scheduler.submit_many([SubmitItem("acme", "job2", priority="bulk")]) == ["queued"]
+    warned = [r for r in caplog.records if "priority 'bulk' has no weight" in r.getMessage()]
+    assert len(warned) == 1
+    (item, item2) = scheduler.dispatch(["default"], max_items=2).items
+    assert (item.id, item.priority, item2.priority) == ("job", "normal", "normal")
 
     scheduler.set_priority_weight("bulk", 0.5)
     assert scheduler.weights() == {"weight:priority:bulk": 0.5}

@@ -22,8 +22,8 @@ import logging
 from typing import Any
 
 from celery.signals import before_task_publish
-from redis.exceptions import RedisError
 
+from .._errors import BackendError, BackendUnavailable
 from .._scheduler import Hint
 from ._gate import RateLimitGate
 from ._options import GATE_ATTRIBUTE
@@ -96,9 +96,9 @@ def install(
         # Static limits seed Redis; what operators changed at run time is kept.
         try:
             runtime.limiter.apply_config(dict(settings.limits), actor="celery-install")
-        except RedisError as exc:
-            # Importing the app must not fail because Redis is down; the gate's fail mode
-            # covers the outage and the next process to start seeds the limits.
+        except (BackendUnavailable, BackendError) as exc:
+            # Importing the app must not fail because Redis is down (or broken); the gate
+            # covers that and the next process to start seeds the limits.
             log.error("queue-ratelimit: could not seed limits into Redis: %s", exc)
     log.debug("queue-ratelimit installed on %s (%r)", app.main, settings)
     return runtime

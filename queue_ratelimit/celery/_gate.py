@@ -33,6 +33,7 @@ from .._scopes import check_name
 from .._slot_keeper import SlotKeeper
 from ._broker_ack import ack_all, is_plain_ack
 from ._credit import CreditKey, CreditLedger
+from ._health import REDIS_FAILURES, RedisHealth
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
@@ -139,7 +140,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.backlog_seen = True
         self._wakeup = Wakeup(lambda: self.consumer.timer, self._readmit)
         self._renew_timer: Any = None
-        self._redis_down_since: float | None = None
+        # Whether Redis answers, is out (the fail mode decides) or is broken (work is held).
+        self.health = RedisHealth(self.runtime.settings.fail_mode if self.runtime else "open")
         self._durability_checked = False
         if self.runtime is not None:
             settings = self.runtime.settings
@@ -257,8 +259,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         return Job(item_id_of(headers), lane, options)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
-        """Ask Redis; None when it is unreachable (the fail mode decides)."""
+        """Ask Redis; None when it failed (``health`` says how)."""
+        if self.health.resting():
+            return None
         o = job.options
+        started = time.monotonic()
         try:
             verdict = self._rt.scheduler.gate(
                 o.tenant,
@@ -268,28 +273,11 @@ class RateLimitGate(bootsteps.StartStopStep):
                 cost=o.cost,
                 credit=self._rt.settings.credit,
             )
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             return None
-        self._redis_ok()
+        self.health.ok()
         return verdict
-
-    def _redis_failed(self, exc: Exception) -> None:
-        if self._redis_down_since is None:
-            self._redis_down_since = time.monotonic()
-            log.error(
-                "queue-ratelimit: Redis unreachable (%s): gate fails %s until it returns",
-                exc,
-                self._rt.settings.fail_mode.upper(),
-            )
-
-    def _redis_ok(self) -> None:
-        if self._redis_down_since is not None:
-            log.warning(
-                "queue-ratelimit: Redis reachable again after %.1fs; gate enforcing",
-                time.monotonic() - self._redis_down_since,
-            )
-            self._redis_down_since = None
 
     def _park(self, d: Delivery, wait_ms: float) -> None:
         """Queue the message for the next batch into the backlog (see ``_flush_parking``).
@@ -329,23 +317,28 @@ class RateLimitGate(bootsteps.StartStopStep):
             for d in batch
         ]
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
+        if self.health.resting():  # Redis failed a moment ago: the fail mode decides
+            for d in batch:
+                self._unreachable(d)
+            return
         self.stats["park_calls"] += 1
+        started = time.monotonic()
         if self._on_wire():
             calls = scheduler.submit_calls(items, max_backlog=bound)
 
             def parked(result: list[Reply] | RedisError) -> None:
-                self._parked(batch, items, wait_ms, result)
+                self._parked(batch, items, wait_ms, result, started)
 
             self.wire.send([scheduler.command(keys, args) for keys, args in calls], parked)
             return
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             for d in batch:
                 self._unreachable(d)
             return
-        self._redis_ok()
+        self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
 
     def _parked(
@@ -354,10 +347,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         items: list[SubmitItem],
         wait_ms: float,
         result: list[Reply] | RedisError,
+        started: float,
     ) -> None:
-        """The replies to a batch sent on the wire."""
+        """The replies to a batch sent on the wire at ``started``."""
         if isinstance(result, NotSent):
-            self._redis_failed(result)  # Redis unreachable: the fail mode decides
+            self.health.failed(result, started)  # Redis unreachable: the fail mode decides
             for d in batch:
                 self._unreachable(d)
             return
@@ -365,25 +359,25 @@ class RateLimitGate(bootsteps.StartStopStep):
             # Lost with the connection after it was written: whether each went in is
             # unknown. Kept, each is tried again; one that did go in is then recognised as
             # a duplicate (and one that did not meets the fail mode if Redis is still away).
-            self._redis_failed(result)
+            self.health.failed(result, started)
             for d in batch:
                 self._keep(d)
             return
-        if any(isinstance(reply, ResponseError) for reply in result):
-            # The server refused the calls (e.g. its functions were flushed): the ordinary
-            # way loads them again; what did go in comes back as a duplicate.
-            try:
-                outcomes = self._rt.scheduler.submit_many(
-                    items, max_backlog=self._rt.settings.max_backlog
-                )
-            except RedisError as exc:
-                self._redis_failed(exc)
-                for d in batch:
-                    self._keep(d)
-                return
-        else:
-            outcomes = self._rt.scheduler.submit_outcomes(items, result)
-        self._redis_ok()
+        scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
+        try:
+            if any(isinstance(reply, ResponseError) for reply in result):
+                # The server refused the calls (its functions flushed, or broken data): the
+                # ordinary way loads them again, or says what is broken; what did go in
+                # comes back as a duplicate.
+                outcomes = scheduler.submit_many(items, max_backlog=bound)
+            else:
+                outcomes = scheduler.submit_outcomes(items, result, max_backlog=bound)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
+            for d in batch:
+                self._keep(d)
+            return
+        self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
 
     def _apply_parked(self, batch: list[Delivery], outcomes: Sequence[str], wait_ms: float) -> None:
@@ -506,7 +500,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         return d.ack()
 
     def _unreachable(self, d: Delivery) -> Any:
-        if self._rt.settings.fail_mode == "open":
+        """Redis failed: the fail mode decides an outage; broken data in Redis (a script
+        error) never runs work unchecked, whatever the fail mode: the task is held."""
+        if self._rt.settings.fail_mode == "open" and not self.health.broken:
             self.stats["failed_open"] += 1
             return d.run()
         return self._keep(d)
@@ -524,7 +520,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         waiting, self.waiting = self.waiting, []
         for n, d in enumerate(waiting):
             self._decide(d)
-            if self._redis_down_since is not None:
+            if self.health.down_since is not None:
                 self.waiting.extend(waiting[n + 1 :])
                 return
 
@@ -547,6 +543,9 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _readmit(self) -> None:
         poll = self._rt.settings.poll_interval
         self._check_wire()
+        if self.health.resting():  # (Redis failed a moment ago: try again after a rest)
+            self._schedule(poll)
+            return
         # What an outage left open is closed before anything new is taken.
         if self.unsettled and not self._settle_pending():
             self._schedule(poll)  # Redis is still unreachable: nothing to dispatch either
@@ -571,17 +570,20 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.stats["dispatch_calls"] += 1
         if self._on_wire():
             keys, args = scheduler.dispatch_call(self.lanes, max_items=want)
+            started = time.monotonic()
 
             def dispatched(result: list[Reply] | RedisError) -> None:
                 self._dispatching = 0
                 reply = result if isinstance(result, RedisError) else result[0]
                 if isinstance(reply, ResponseError):
-                    delay = self._dispatch_now(want)  # e.g. functions flushed: reload
+                    # Functions flushed (the ordinary way reloads them), or broken data
+                    # (the ordinary way says so).
+                    delay = self._dispatch_now(want)
                 elif isinstance(reply, RedisError):
-                    self._redis_failed(reply)
+                    self.health.failed(reply, started)
                     delay = self._rt.settings.poll_interval
                 else:
-                    self._redis_ok()
+                    self.health.ok()
                     delay = self._dispatched(scheduler.dispatch_result(reply), want)
                 self._schedule(delay)
 
@@ -592,12 +594,13 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _dispatch_now(self, want: int) -> float:
         """``_dispatch`` waiting for the reply."""
+        started = time.monotonic()
         try:
             batch = self._rt.scheduler.dispatch(self.lanes, max_items=want)
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             return self._rt.settings.poll_interval
-        self._redis_ok()
+        self.health.ok()
         return self._dispatched(batch, want)
 
     def _dispatched(self, batch: Dispatch, want: int) -> float:
@@ -682,10 +685,14 @@ class RateLimitGate(bootsteps.StartStopStep):
         item = self.held.get(item_id, item_id)
         # A job acknowledged as it starts keeps its concurrency slots until it ends.
         keep_slot = how == "ack" and isinstance(item, DispatchedItem) and item.slot is not None
+        if self.health.resting():  # settled when Redis is back
+            self.unsettled[item_id] = how
+            return False
         if item_id not in self.unsettled and self.settler.usable:
             self.held.pop(item_id, None)
             self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
             return True
+        started = time.monotonic()
         try:
             if how == "ack":
                 closed = scheduler.ack(
@@ -693,11 +700,11 @@ class RateLimitGate(bootsteps.StartStopStep):
                 )
             else:
                 closed = scheduler.nack(item, requeue=how == "requeue")
-        except RedisError as exc:
-            self._redis_failed(exc)
+        except REDIS_FAILURES as exc:
+            self.health.failed(exc, started)
             self.unsettled[item_id] = how
             return False
-        self._redis_ok()
+        self.health.ok()
         self.unsettled.pop(item_id, None)
         self.held.pop(item_id, None)
         if not closed:
@@ -725,13 +732,17 @@ class RateLimitGate(bootsteps.StartStopStep):
         """Whether concurrency caps are configured: a worker then takes on no more jobs
         than it has processes (a job queued here would hold a cap's slot idle)."""
         # Redis unreachable: keep what was known; the next renewal looks again.
-        with contextlib.suppress(RedisError, RateLimitError):
+        if self.health.resting():
+            return
+        with contextlib.suppress(*REDIS_FAILURES, RateLimitError):
             self.slots.capped = bool(self._rt.limiter.concurrency())
 
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive, and
         the concurrency slots of running jobs."""
         self._look_for_caps()
+        if self.health.resting():  # (renewed at the next tick after the rest)
+            return
         if len(self.running):
             from celery.worker.state import requests
 
@@ -744,11 +755,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         if self.unsettled and not self._settle_pending():
             return
         for item_id, item in list(self.held.items()):
+            started = time.monotonic()
             try:
                 if not self._rt.scheduler.extend(item):
                     self.held.pop(item_id, None)
-            except RedisError as exc:
-                self._redis_failed(exc)
+            except REDIS_FAILURES as exc:
+                self.health.failed(exc, started)
                 return
 
 

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import threading
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-import redis
-
+from .._client import redis_client
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
 from ._settings import CelerySettings
 
 APP_ATTRIBUTE = "queue_ratelimit"
-# Seconds a Redis call of the gate may take before the fail mode decides.
-REDIS_TIMEOUT = 2.0
-
-
-def _url_options(url: str) -> dict[str, Any]:
-    """The timeouts a URL sets itself (redis-py parses them; we only must not override)."""
-    query = parse_qs(urlsplit(url).query)
-    return {
-        name: float(query[name][0])
-        for name in ("socket_timeout", "socket_connect_timeout")
-        if name in query
-    }
 
 
 class Runtime:
@@ -45,17 +31,10 @@ class Runtime:
         if self._limiter is None:
             with self._lock:
                 if self._limiter is None:
-                    # Timeouts, so that a Redis that stops answering (rather than refusing
-                    # connections) trips the fail mode instead of freezing the consumer
-                    # loop; options in the URL (?socket_timeout=...) still win.
-                    client = redis.Redis.from_url(
-                        self.settings.redis_url or "",
-                        **{
-                            "socket_timeout": REDIS_TIMEOUT,
-                            "socket_connect_timeout": REDIS_TIMEOUT,
-                            **_url_options(self.settings.redis_url or ""),
-                        },
-                    )
+                    # Bounded waits (queue_ratelimit._client), so that a Redis that stops
+                    # answering (rather than refusing connections) trips the fail mode
+                    # instead of freezing the consumer loop; timeouts in the URL win.
+                    client = redis_client(self.settings.redis_url or "")
                     self._limiter = Limiter(
                         client,
                         namespace=self.settings.namespace,

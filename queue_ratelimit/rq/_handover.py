@@ -15,13 +15,17 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._errors import BackendError, BackendUnavailable
+
 try:
     from rq.exceptions import StopRequested
 except ImportError:  # RQ < 2.1 keeps it in the worker module
     from rq.worker import StopRequested  # type: ignore[attr-defined, no-redef]
 
-# After these a command may have run on the server without its reply reaching us.
-LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# After these a command may have run on the server without its reply reaching us (or, for
+# a script that failed part way, without all of it done): a job moved meanwhile may be in
+# this process's hands, unknown to RQ. The scheduler raises our errors, redis-py its own.
+LOST_REPLY = (RedisConnectionError, RedisTimeoutError, BackendUnavailable, BackendError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +79,9 @@ class Holding:
         return list(self._claims.get(id(connection), ()))
 
     def claim(self, connection: Any, claim: Claim) -> None:
-        self._claims.setdefault(id(connection), []).append(claim)
+        claims = self._claims.setdefault(id(connection), [])
+        if claim not in claims:  # (a claim settled again, and failing again, is one claim)
+            claims.append(claim)
 
     def settle(self, connection: Any, claim: Claim, *more: Claim) -> None:
         """Replace ``claim`` by ``more`` (what it turned out to be), or drop it."""

@@ -10,11 +10,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import rq
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from .._errors import RateLimited, RateLimitError
+from .._errors import BackendError, BackendUnavailable, RateLimited, RateLimitError
 from .._keys import DEFAULT_NAMESPACE
 from .._scheduler import FairScheduler, Hint
 from .._scopes import _shown
@@ -291,6 +292,11 @@ class Queue(rq.Queue):
 
         ``timeout=0`` raises ``ValueError``, as RQ's own ``dequeue_any`` does (it never
         blocks without end).
+
+        Redis failing raises ``redis.ConnectionError``, on which RQ's worker waits, longer
+        each time, and calls again: an outage, or an error Redis answered with (broken data
+        in it, logged as an error here), which must hold the jobs, never run them unchecked.
+        A job taken off RQ's list when it happened is settled by the next call.
         """
         if timeout == 0:
             raise ValueError(
@@ -309,8 +315,23 @@ class Queue(rq.Queue):
         )
         with HOLDING.moving_job():
             HOLDING.check_stop()
-            found = dequeue.next(timeout)
+            try:
+                found = dequeue.next(timeout)
+            except (BackendUnavailable, BackendError) as exc:
+                raise _for_rq(exc) from exc
         if found is not None:
             # A warm shutdown that waited for this move: the worker stops after this job.
             HOLDING.stop_deferred = False
         return found
+
+
+def _for_rq(exc: BackendUnavailable | BackendError) -> RedisConnectionError:
+    """Our error as the one RQ's worker loop retries with a growing pause (it stops the
+    worker on any other)."""
+    if isinstance(exc, BackendError):
+        log.error(
+            "queue-ratelimit: Redis answered with an error (%s): no job is taken until it is "
+            "fixed (this is broken data or configuration in Redis, not an outage)",
+            exc,
+        )
+    return RedisConnectionError(f"queue-ratelimit: {exc}")

@@ -1,0 +1,50 @@
+"""The Redis clients queue-ratelimit makes itself: every wait on the server is bounded.
+
+A Redis that stops answering (SIGSTOPped, a frozen VM, a TLS handshake that never ends)
+without closing its sockets would otherwise block each caller for as long as it stays
+silent, and the fail mode would never engage. Clients passed in by the caller are theirs,
+and used as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+
+# Seconds to connect, and to wait for any one reply, before a call gives up and the caller's
+# fail mode decides. No command of this package blocks on the server (RQ's dequeue blocks
+# at most 0.5 s per call), so a healthy server answers far sooner.
+REDIS_TIMEOUT = 2.0
+
+
+def _options(timeout: float | None, retry: Any) -> dict[str, Any]:
+    if timeout is None:
+        return {}
+    # A dropped connection (a restart, an idle socket closed) is retried once at once; a
+    # timeout is not retried: the server is not answering, and a script that did run would
+    # run twice (redis-py's default makes four attempts with growing pauses in between).
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=0.1), 1, (RedisConnectionError,)
+        ),
+    }
+
+
+def redis_client(url: str, timeout: float | None = REDIS_TIMEOUT) -> redis.Redis:
+    """A client for ``url`` whose connects and replies wait at most ``timeout`` seconds
+    (None: redis-py's defaults, no bound). Timeouts set in the URL
+    (``?socket_timeout=5&socket_connect_timeout=1``) win over ``timeout``."""
+    return redis.Redis.from_url(url, **_options(timeout, Retry))
+
+
+def async_redis_client(url: str, timeout: float | None = REDIS_TIMEOUT) -> redis.asyncio.Redis:
+    """``redis_client`` for asyncio."""
+    return redis.asyncio.Redis.from_url(url, **_options(timeout, AsyncRetry))

@@ -1,0 +1,94 @@
+"""The gate's view of its Redis: answering, out (an outage) or broken (answering errors)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from redis.exceptions import RedisError
+
+from .._core import is_outage
+from .._errors import BackendError, BackendUnavailable
+
+log = logging.getLogger("queue_ratelimit.celery")
+
+# What a call of the gate to Redis may raise: the scheduler's errors (and, from the calls
+# the gate makes on a connection itself, redis-py's).
+REDIS_FAILURES = (BackendUnavailable, BackendError, RedisError)
+# After a failure, Redis is left alone this many times as long as the failed call took
+# (within the bounds below) before the next call: a Redis that stops answering then costs
+# the consumer's event loop one timeout per probe, not one per message.
+REST_FACTOR = 4.0
+MIN_REST = 0.25
+MAX_REST = 10.0
+# A broken Redis is logged again this often while it stays broken.
+RELOG_EVERY = 60.0
+
+
+class RedisHealth:
+    """Tells an outage (the fail mode decides) from broken data in Redis (a script error, a
+    key of the wrong type: work is held, whatever the fail mode, and logged loudly), and
+    says when to ask Redis again.
+
+    Args:
+        fail_mode: the gate's fail mode, for the log.
+        clock: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(self, fail_mode: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fail_mode = fail_mode
+        self._clock = clock
+        self.down_since: float | None = None
+        self.broken = False  # the last failure was an error Redis answered with
+        self._probe_at = 0.0
+        # The last error logged and when, so that a part of Redis that stays broken while
+        # the rest answers (the gate passes, a dispatch fails) is not logged every probe.
+        self._logged: tuple[str, float] = ("", float("-inf"))
+        self._said_down = False  # this failure was logged: say when it is over
+
+    def resting(self) -> bool:
+        """True while a recent failure says not to call Redis yet."""
+        return self.down_since is not None and self._clock() < self._probe_at
+
+    def failed(self, exc: BaseException, started: float) -> None:
+        """A call that began at ``started`` (on the clock) failed with ``exc``."""
+        now = self._clock()
+        self._probe_at = now + min(max(REST_FACTOR * (now - started), MIN_REST), MAX_REST)
+        broken = not (isinstance(exc, BackendUnavailable) or is_outage(exc))
+        changed = self.down_since is None or broken != self.broken
+        self.broken = broken
+        if self.down_since is None:
+            self.down_since = now
+            self._said_down = False
+        if broken:
+            text, at = self._logged
+            if str(exc) != text or now - at >= RELOG_EVERY:
+                self._logged = (str(exc), now)
+                self._said_down = True
+                log.error(
+                    "queue-ratelimit: Redis answered with an error (%s): the gate holds "
+                    "every task (none runs, whatever the fail mode, and none is lost) until "
+                    "it is fixed; this is broken data or configuration in Redis, not an "
+                    "outage",
+                    exc,
+                )
+        elif changed:
+            self._said_down = True
+            log.error(
+                "queue-ratelimit: Redis unreachable (%s): gate fails %s until it returns",
+                exc,
+                self.fail_mode.upper(),
+            )
+
+    def ok(self) -> None:
+        """A call succeeded."""
+        if self.down_since is not None:
+            if self._said_down:
+                log.warning(
+                    "queue-ratelimit: Redis %s again after %.1fs; gate enforcing",
+                    "answering without errors" if self.broken else "reachable",
+                    self._clock() - self.down_since,
+                )
+            self.down_since = None
+            self.broken = False
