@@ -267,7 +267,7 @@ class FairScheduler:
         if priority not in self._unweighted and len(self._unweighted) < 1000:
             self._unweighted.add(priority)
             log.warning(
-                "queue-ratelimit: priority %r has no weight: its work is queued as %r (use "
+                "queue-ratelimit: priority %s has no weight: its work is queued as %r (use "
                 "high, normal or low, or give it a weight with set_priority_weight)",
                 _shown(priority),
                 FALLBACK_PRIORITY,
