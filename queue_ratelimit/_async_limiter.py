@@ -80,7 +80,23 @@ class AsyncLimiter(LimiterBase):
             reply = await self._scripts.acall_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
-        return self._core.decision(reply, cost)
+        decision = self._core.decision(reply, cost)
+        if self._core.fail_mode_pending:  # Redis is back after an outage
+            await self.report_fail_mode()
+        return decision
+
+    async def report_fail_mode(self) -> None:
+        """As ``Limiter.report_fail_mode``."""
+        counts = self._core.take_fail_mode_counts()
+        if not counts:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for mode, n in counts.items():
+                pipe.hincrby(self._core.keys.shared, f"f:{mode}", n)
+            await pipe.execute()
+        except UNREACHABLE:
+            self._core.fail_mode_unsent(counts)
 
     # -- concurrency -------------------------------------------------------------------
     async def release(self, held: Decision | Slot | str) -> bool:

@@ -43,6 +43,12 @@ class KeySpace:
         """Hash of the global and per-queue buckets and the aggregate counters."""
         return f"{self.base}:shared"
 
+    @property
+    def tenant_denials(self) -> str:
+        """Sorted set of tenant -> its denials (by any scope), the most denied kept: read by
+        the metrics for their per-tenant series (lua/buckets.lua, ``count_tenant_denial``)."""
+        return f"{self.base}:dt"
+
     def tenant(self, tenant: str) -> str:
         """Hash of one tenant's buckets and counters; it expires once the tenant is idle."""
         return f"{self.base}:t:{tenant}"
@@ -51,6 +57,33 @@ class KeySpace:
         """Sorted set of the holders of a capped scope's concurrency slots -> lease deadline
         (Redis time in microseconds); ``scope`` names one tenant, not a default."""
         return f"{self.base}:c:{scope}"
+
+    # -- the fair scheduler's keys the metrics read (lua/scheduler.lua names them) -------
+    @property
+    def lanes(self) -> str:
+        """Set of the lanes (queues) ever used, so metrics find them without SCAN."""
+        return f"{self.base}:s:lanes"
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set: dispatched item -> lease deadline (ms)."""
+        return f"{self.base}:s:inflight"
+
+    def active(self, lane: str) -> str:
+        """Sorted set: a lane's backlogged tenants -> pass."""
+        return f"{self.base}:s:{check_name('queue', lane)}:active"
+
+    def parked(self, lane: str) -> str:
+        """Sorted set: a lane's tenants held back by their own caps -> wake time (ms)."""
+        return f"{self.base}:s:{check_name('queue', lane)}:parked"
+
+    def counts(self, lane: str) -> str:
+        """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:cv``."""
+        return f"{self.base}:s:{check_name('queue', lane)}:n"
+
+    def age(self, lane: str) -> str:
+        """Sorted set: a lane's waiting items -> the time they were first queued (ms)."""
+        return f"{self.base}:s:{check_name('queue', lane)}:age"
 
     def bucket_location(self, scope: Scope) -> tuple[str, str] | None:
         """The (key, field) holding a scope's bucket tokens (their Redis-clock time is in

@@ -114,7 +114,25 @@ class Limiter(LimiterBase):
             reply = self._scripts.call_packed("acquire.lua", call)
         except (*UNREACHABLE, ResponseError) as exc:
             return self._core.decision_failed(exc)
-        return self._core.decision(reply, cost)
+        decision = self._core.decision(reply, cost)
+        if self._core.fail_mode_pending:  # Redis is back after an outage
+            self.report_fail_mode()
+        return decision
+
+    def report_fail_mode(self) -> None:
+        """Add the fail-mode decisions this process made while Redis was unreachable to the
+        namespace's counters (the metrics' ``queue_ratelimit_fail_mode_events_total``);
+        done by the first decision after Redis is back. Kept for later if Redis is away."""
+        counts = self._core.take_fail_mode_counts()
+        if not counts:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for mode, n in counts.items():
+                pipe.hincrby(self._core.keys.shared, f"f:{mode}", n)
+            pipe.execute()
+        except UNREACHABLE:
+            self._core.fail_mode_unsent(counts)
 
     # -- concurrency -------------------------------------------------------------------
     def release(self, held: Decision | Slot | str) -> bool:

@@ -155,8 +155,8 @@ def test_snapshot_metrics_and_top_show_running_and_cap(limiter: Limiter) -> None
     assert all(d.allowed for d in held)
     snap = snapshot(limiter)
     assert snap["concurrency"] == {
-        "global": {"cap": 10, "running": 2},
-        "tenant:acme": {"cap": 3, "running": 2},
+        "global": {"cap": 10, "running": 2, "limit": "global"},
+        "tenant:acme": {"cap": 3, "running": 2, "limit": "tenant:acme"},
     }
     registry = CollectorRegistry()
     registry.register(RateLimitCollector(limiter))

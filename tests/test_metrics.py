@@ -54,14 +54,14 @@ def test_one_off_queue_and_priority_names_stay_bounded(limiter: Limiter) -> None
     assert len(by_priority) == MAX_PRIORITY_SERIES + 1
     assert sum(by_priority.values()) == NAMES + 3
 
-    queues = series(limiter, "queue_ratelimit_allowed_by_queue_total")
+    queues = series(limiter, "queue_ratelimit_queue_admissions_total")
     assert len(queues) == MAX_QUEUE_SERIES + 1
     assert queues["emails"] == 3
-    priorities = series(limiter, "queue_ratelimit_allowed_by_priority_total")
+    priorities = series(limiter, "queue_ratelimit_priority_admissions_total")
     assert len(priorities) == MAX_PRIORITY_SERIES + 1
     assert sum(priorities.values()) == NAMES + 3
 
-    few = series(limiter, "queue_ratelimit_allowed_by_queue_total", max_queues=2)
+    few = series(limiter, "queue_ratelimit_queue_admissions_total", max_queues=2)
     assert few["emails"] == 3
     assert len(few) == 3
     assert sum(few.values()) == NAMES + 3
@@ -77,6 +77,6 @@ def test_one_off_lanes_are_reported_within_the_cap(limiter: Limiter) -> None:
     assert sorted(lanes) == sorted([OTHER, "big", "lane0", "lane1", "lane10", "lane11"])
     assert lanes["big"]["backlog"] == 3
     assert lanes[OTHER]["backlog"] == 36
-    backlog = series(limiter, "queue_ratelimit_queue_backlog", max_queues=5)
+    backlog = series(limiter, "queue_ratelimit_queue_parked_jobs", max_queues=5)
     assert len(backlog) == 6
     assert sum(backlog.values()) == 43

@@ -283,6 +283,8 @@ class RateLimitGate(bootsteps.StartStopStep):
                 time.monotonic() - self._redis_down_since,
             )
             self._redis_down_since = None
+            # What the fail mode decided meanwhile, into the namespace's counters.
+            self._rt.limiter.report_fail_mode()
 
     def _park(self, d: Delivery, wait_ms: float) -> None:
         """Queue the message for the next batch into the backlog (see ``_flush_parking``).
@@ -489,6 +491,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         return d.ack()
 
     def _unreachable(self, d: Delivery) -> Any:
+        self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
         if self._rt.settings.fail_mode == "open":
             self.stats["failed_open"] += 1
             return d.run()
