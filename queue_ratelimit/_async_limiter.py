@@ -87,13 +87,9 @@ class AsyncLimiter(LimiterBase):
 
     async def report_fail_mode(self) -> None:
         """As ``Limiter.report_fail_mode``."""
-        counts = self._core.take_fail_mode_counts()
-        if not counts:
-            return
+        pipe = self.client.pipeline(transaction=False)
+        counts = self._core.queue_fail_mode_counts(pipe)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for mode, n in counts.items():
-                pipe.hincrby(self._core.keys.shared, f"f:{mode}", n)
             await pipe.execute()
         except UNREACHABLE:
             self._core.fail_mode_unsent(counts)

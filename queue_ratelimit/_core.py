@@ -314,10 +314,13 @@ class LimiterCore:
         while Redis was unreachable, to be added to the namespace's counters later."""
         self.fail_mode_pending[mode] = self.fail_mode_pending.get(mode, 0) + 1
 
-    def take_fail_mode_counts(self) -> dict[str, int]:
-        """The pending fail-mode counts by mode, taken (``fail_mode_unsent`` gives them back
-        when they could not be added)."""
+    def queue_fail_mode_counts(self, pipe: Any) -> dict[str, int]:
+        """Take the pending fail-mode counts and queue their addition to the namespace's
+        counters on ``pipe`` (a redis-py pipeline); returns them, for ``fail_mode_unsent``
+        should the pipeline fail."""
         pending, self.fail_mode_pending = self.fail_mode_pending, {}
+        for mode, n in pending.items():
+            pipe.hincrby(self.keys.shared, f"f:{mode}", n)
         return pending
 
     def fail_mode_unsent(self, counts: dict[str, int]) -> None:

@@ -123,13 +123,9 @@ class Limiter(LimiterBase):
         """Add the fail-mode decisions this process made while Redis was unreachable to the
         namespace's counters (the metrics' ``queue_ratelimit_fail_mode_events_total``);
         done by the first decision after Redis is back. Kept for later if Redis is away."""
-        counts = self._core.take_fail_mode_counts()
-        if not counts:
-            return
+        pipe = self.client.pipeline(transaction=False)
+        counts = self._core.queue_fail_mode_counts(pipe)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for mode, n in counts.items():
-                pipe.hincrby(self._core.keys.shared, f"f:{mode}", n)
             pipe.execute()
         except UNREACHABLE:
             self._core.fail_mode_unsent(counts)

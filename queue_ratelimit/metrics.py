@@ -595,7 +595,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "gauge",
         "bucket_tokens",
-        "Tokens in a bucket now",
+        "Tokens left in a bucket, refilled to the time of the scrape",
         ("scope",),
         _each("buckets", "tokens"),
     ),
