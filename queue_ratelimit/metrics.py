@@ -14,6 +14,7 @@ the scrape's own two); docs/metrics.md lists them, with the names they replaced.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -158,25 +159,18 @@ def _configured_tenant(field: str) -> str | None:
     return None
 
 
-def _tenant_queues(configured: Iterable[str], tenant: str) -> list[str]:
-    """Queues with a tenant-queue limit or cap for ``tenant``: its own or the default."""
-    queues = set()
-    for name in configured:
-        parts = name.split(":")
-        if len(parts) == 4 and parts[0] == "tenant" and parts[1] in (tenant, "*"):
-            queues.add(parts[3])
-    return sorted(queues)
-
-
 def _concrete_scopes(tenants: Iterable[str], configured: Iterable[str]) -> list[Scope]:
     """The concrete scopes a configuration may govern: every configured scope that is not a
-    default, and each tenant's tenant and tenant-queue scopes."""
-    names = list(configured)
-    scopes = {str(s): s for s in map(Scope.parse, names) if not s.is_default}
+    default, and each tenant's tenant scope and tenant-queue scopes of the defaults."""
+    parsed = [Scope.parse(name) for name in configured]
+    scopes = {str(s): s for s in parsed if not s.is_default}
+    default_queues = sorted(
+        s.queue or "" for s in parsed if s.kind == "tenant_queue" and s.is_default
+    )
     for tenant in tenants:
         for scope in (
             Scope("tenant", tenant=tenant),
-            *(Scope("tenant_queue", tenant=tenant, queue=q) for q in _tenant_queues(names, tenant)),
+            *(Scope("tenant_queue", tenant=tenant, queue=q) for q in default_queues),
         ):
             scopes.setdefault(str(scope), scope)
     return [scopes[name] for name in sorted(scopes)]
@@ -266,11 +260,13 @@ def _chosen_tenants(
     configured = {t for t in map(_configured_tenant, read.config) if t is not None and t != "*"}
     denied = dict(read.tenant_denials)
     candidates = set(denied) | set(backlogged) | configured
-    ranked = sorted(
+    # (nsmallest: a scrape may see tens of thousands of candidates and keep 200.)
+    ranked = heapq.nsmallest(
+        max_tenants,
         candidates,
         key=lambda t: (-denied.get(t, 0), -backlogged.get(t, 0), t not in configured, t),
     )
-    return sorted(ranked[:max_tenants]), configured
+    return sorted(ranked), configured
 
 
 def _tenant_entry(
