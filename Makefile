@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean
+.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean screenshot
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
+	@echo "make screenshot - redraw docs/top.svg, the top dashboard at 80x24 (no Redis needed)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ typecheck: $(STAMP)
 # throwaway redis-server on a free loopback port for the run.
 test: lint typecheck
 	tests/run_with_redis.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# `top` at 80x24 on the embedded engine, as shown in the README.
+screenshot: $(STAMP)
+	$(PY) -m queue_ratelimit.tui --screenshot docs/top.svg
 
 bench: $(STAMP)
 	tests/run_with_redis.sh $(PY) -m benchmarks

@@ -16,9 +16,17 @@
 --                                    512 queues / 64 priorities), n:aq and n:ap (names
 --                                    counted apart), n:ax (allowed cost beyond 1 per job),
 --                                    h:<ms> (denials by wait), h:us (their total wait),
---                                    n:w, d:<scope> (queue and global scopes),
---                                    w:<scope>, _rev (the config revision, see below);
+--                                    n:w, d:<scope> and w:<scope> (denials and
+--                                    would-denials by the limit or cap that decided: a
+--                                    queue or global scope, or the tenant scope as
+--                                    configured, tenant:* for every tenant under the
+--                                    default), _rev (the config revision, see below);
 --                                    never expires
+--   denials <prefix>:{ns}:dt          zset tenant -> its denials (any scope), for the
+--                                    metrics' most-throttled tenants: at most
+--                                    MAX_TENANT_COUNTERS tenants; past that the least
+--                                    denied half is dropped (totals stay exact: they are
+--                                    the h:* sums); never expires
 -- Concurrency caps (config conc:<scope> = n, the same six scopes as limits; tenant:* and
 -- tenant:*:queue:<q> give each tenant a cap of its own): at most n jobs of the scope hold a
 -- slot at once. A scope's slots are one sorted set, holder -> lease deadline (Redis time in
@@ -89,6 +97,11 @@ local WAKE_BATCH = 64
 -- a:p:~ ("other"), so one-off names cannot grow the hash without bound. n:aq and n:ap
 -- count the names that have a counter (MAX_QUEUE_COUNTERS in metrics.py).
 local MAX_QUEUE_COUNTERS, MAX_PRIORITY_COUNTERS = 512, 64
+-- Tenants counted in the denials zset (MAX_TENANT_COUNTERS in metrics.py). Past it, the
+-- least denied half goes at once (one ZREMRANGEBYRANK), so a tenant new to the set has
+-- the room of half the set's worth of newcomers to climb above the cut, and dropping
+-- costs one command per that many new tenants rather than one per denial.
+local MAX_TENANT_COUNTERS = 4096
 -- The longest wait a decision reports (about ten years, in us; MAX_WAIT in _core.py). Only
 -- a huge cost on a very slow bucket waits longer, and a wait that long means "not in this
 -- deployment's lifetime" either way; clamped, every wait and every time computed from one
@@ -135,13 +148,15 @@ local function ns_prefix(config_key)
 end
 
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
-local function bucket(scope, in_tenant, field, at, value, all_shadow)
+-- `src`: the configured scope it follows (its own, or the tenant default: tenant:*), the
+-- name its denials are counted under in the shared hash.
+local function bucket(scope, src, in_tenant, field, at, value, all_shadow)
   local rate, per, burst, flags = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
   rate, per, burst = tonumber(rate), tonumber(per), tonumber(burst)
   if not (rate and per and burst) or rate <= 0 or per <= 0 or burst <= 0 then
     error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
   end
-  return {scope = scope, in_tenant = in_tenant, field = field, clock = field .. ':u', at = at,
+  return {scope = scope, src = src, in_tenant = in_tenant, field = field, clock = field .. ':u', at = at,
           rate = rate / (per * 1000000), burst = burst,
           shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
 end
@@ -204,14 +219,16 @@ local function build_plan(config_key, tenant, queue, priority)
     if has_queue then
       v = cfg[8] or cfg[9]
       if v then
-        local b = bucket(s_tq, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
+        local src = cfg[8] and s_tq or 'tenant:*:queue:' .. queue
+        local b = bucket(s_tq, src, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
         buckets[#buckets + 1] = b
         tf[#tf + 1], tf[#tf + 2] = b.field, b.clock
       end
     end
     v = cfg[2] or cfg[3]
     if v then
-      buckets[#buckets + 1] = bucket(s_tenant, true, 'b', #tf + 1, v, all_shadow)
+      local src = cfg[2] and s_tenant or 'tenant:*'
+      buckets[#buckets + 1] = bucket(s_tenant, src, true, 'b', #tf + 1, v, all_shadow)
       tf[#tf + 1], tf[#tf + 2] = 'b', 'b:u'
     end
   end
@@ -219,14 +236,14 @@ local function build_plan(config_key, tenant, queue, priority)
     if has_queue then
       v = cfg[7]
       if v then
-        local b = bucket(s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
+        local b = bucket(s_q, s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
         buckets[#buckets + 1] = b
         sf[#sf + 1], sf[#sf + 2] = b.field, b.clock
       end
     end
     v = cfg[1]
     if v then
-      buckets[#buckets + 1] = bucket('global', false, 'b:global', #sf + 1, v, all_shadow)
+      buckets[#buckets + 1] = bucket('global', 'global', false, 'b:global', #sf + 1, v, all_shadow)
       sf[#sf + 1], sf[#sf + 2] = 'b:global', 'b:global:u'
     end
   end
@@ -236,8 +253,11 @@ local function build_plan(config_key, tenant, queue, priority)
   local prefix = ns_prefix(config_key)
   for i = 1, #cap_scopes, 2 do
     local scope, of_tenant = cap_scopes[i], cap_scopes[i + 1]
+    local src = scope
     if of_tenant then
       v = cfg[at] or cfg[at + 1]
+      -- (A tenant default's name: tenant:* or tenant:*:queue:<q>.)
+      if not cfg[at] then src = 'tenant:*' .. string.sub(scope, #s_tenant + 1) end
       at = at + 2
     else
       v = cfg[at]
@@ -248,7 +268,8 @@ local function build_plan(config_key, tenant, queue, priority)
       if not n or n < 1 or n % 1 ~= 0 then
         error('queue-ratelimit: corrupt concurrency cap for ' .. scope .. ': ' .. v)
       end
-      caps[#caps + 1] = {scope = scope, n = n, key = prefix .. 'c:' .. scope, shadow = all_shadow}
+      caps[#caps + 1] = {scope = scope, src = src, n = n, key = prefix .. 'c:' .. scope,
+                         shadow = all_shadow}
     end
   end
   tf[#tf + 1] = 'x'
@@ -269,7 +290,8 @@ local function build_plan(config_key, tenant, queue, priority)
     record = {key = ns_prefix(config_key) .. 'rec:', field = tenant .. ' ' ..
               (has_queue and queue or '-') .. ' ', keep_ms = math.ceil(kept) * 1000 + 60000}
   end
-  return {buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
+  return {tenant = tenant, denials = prefix .. 'dt',
+          buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
           ap = priority ~= '' and 'a:p:' .. priority or false, record = record,
           caps = #caps > 0 and caps or false}
@@ -379,7 +401,7 @@ end
 -- worker died or never released): at most the cap's worth, since a set is added to only
 -- while below its cap. A full cap's wait is the time to its earliest deadline (a release
 -- may come sooner). ctx.free records which caps had a slot, for take_slots; ctx.by_cap
--- whether the scope that denied is a cap.
+-- whether the scope that denied is a cap (ctx.src: as in judge).
 local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
   local caps, now, by_cap, free = ctx.plan.caps, ctx.now, false, {}
   for i = 1, #caps do
@@ -392,14 +414,17 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
     free[i] = ok
     if not ok then
       if c.shadow then
-        if would_deny == NONE then would_deny = {} end
+        if would_deny == NONE then would_deny, ctx.would_src = {}, {} end
         would_deny[#would_deny + 1] = c.scope
+        ctx.would_src[#would_deny] = c.src
       else
         allowed = 0
         local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
         local need = first[2] - now
         if need > MAX_WAIT_US then need = MAX_WAIT_US end
-        if need > wait or not denied_by then wait, denied_by, by_cap = need, c.scope, true end
+        if need > wait or not denied_by then
+          wait, denied_by, by_cap, ctx.src = need, c.scope, true, c.src
+        end
       end
     end
   end
@@ -410,9 +435,10 @@ end
 -- Returns status (1 allowed, 2 allowed where concurrency caps apply: take_slots then,
 -- 0 denied, -1 cost above an enforced burst), the wait in microseconds (at most
 -- MAX_WAIT_US), the scope that denied (longest wait) and the shadow scopes that would have
--- (ctx.by_cap: true when that scope is a concurrency cap).
+-- (ctx.by_cap: true when that scope is a concurrency cap). ctx.src and ctx.would_src name
+-- the configured scopes behind them (a bucket's src), for the shared counters.
 local function judge(ctx, cost)
-  local allowed, wait, denied_by, would_deny = 1, 0, false, NONE
+  local allowed, wait, denied_by, would_deny, src = 1, 0, false, NONE, false
   local slack = cost > 1 and EPSILON * cost or EPSILON
   local buckets, tokens = ctx.buckets, ctx.tokens
   for i = 1, #buckets do
@@ -425,7 +451,7 @@ local function judge(ctx, cost)
         allowed = 0
         local need = short / b.rate
         if need > MAX_WAIT_US then need = MAX_WAIT_US end
-        if need > wait or not denied_by then wait, denied_by = need, b.scope end
+        if need > wait or not denied_by then wait, denied_by, src = need, b.scope, b.src end
       end
     else
       -- Whether a shadow bucket had the tokens (admit charges it only then); enforced
@@ -434,11 +460,13 @@ local function judge(ctx, cost)
       if not ok then ok = {}; ctx.ok = ok end
       ok[i] = fits
       if not fits then
-        if would_deny == NONE then would_deny = {} end
+        if would_deny == NONE then would_deny, ctx.would_src = {}, {} end
         would_deny[#would_deny + 1] = b.scope
+        ctx.would_src[#would_deny] = b.src
       end
     end
   end
+  ctx.src = src
   if ctx.plan.caps then return judge_caps(ctx, allowed, wait, denied_by, would_deny) end
   return allowed, wait, denied_by, would_deny
 end
@@ -562,9 +590,12 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
   if #would_deny > 0 then
     redis.call('HINCRBY', ctx.tenant_key, 'n:w', 1)
     redis.call('HINCRBY', ctx.shared_key, 'n:w', 1)
-    for _, scope in ipairs(would_deny) do
-      local key = is_tenant_scope(scope) and ctx.tenant_key or ctx.shared_key
-      redis.call('HINCRBY', key, 'w:' .. scope, 1)
+    local srcs = ctx.would_src
+    for i, scope in ipairs(would_deny) do
+      -- A tenant scope counts in the tenant's hash, and in the shared one under the
+      -- configured scope (tenant:* for every tenant under the default): bounded names.
+      if is_tenant_scope(scope) then redis.call('HINCRBY', ctx.tenant_key, 'w:' .. scope, 1) end
+      redis.call('HINCRBY', ctx.shared_key, 'w:' .. srcs[i], 1)
     end
   end
   redis.call('HINCRBY', ctx.tenant_key, 'n:a', '1')
@@ -580,7 +611,18 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
   write(ctx, keep_ms, targs)
 end
 
--- Counts a denial (per tenant, per scope, in the wait histogram) without touching a bucket.
+-- Counts a denial of the tenant in the denials zset (see the top of this file).
+local function count_tenant_denial(plan)
+  local key = plan.denials
+  if redis.call('ZINCRBY', key, 1, plan.tenant) + 0 == 1 and
+      redis.call('ZCARD', key) > MAX_TENANT_COUNTERS then
+    redis.call('ZREMRANGEBYRANK', key, 0, MAX_TENANT_COUNTERS / 2 - 1)
+  end
+end
+
+-- Counts a denial (per tenant, per scope, in the wait histogram) without touching a bucket:
+-- in the tenant's hash under the scope that denied (tenant:acme), in the shared hash under
+-- the configured scope (judge's ctx.src: tenant:* when acme runs under the default).
 local function deny(ctx, denied_by, wait_ms, keep_ms)
   local targs = {}
   local x = expiry_fields(ctx, keep_ms, targs)
@@ -588,9 +630,9 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
     redis.call('HSET', ctx.tenant_key, unpack(targs))
     redis.call('PEXPIREAT', ctx.tenant_key, x)
   end
-  local field = 'd:' .. denied_by
-  redis.call('HINCRBY', ctx.tenant_key, field, '1')
-  if not is_tenant_scope(denied_by) then redis.call('HINCRBY', ctx.shared_key, field, '1') end
+  redis.call('HINCRBY', ctx.tenant_key, 'd:' .. denied_by, '1')
+  redis.call('HINCRBY', ctx.shared_key, 'd:' .. (ctx.src or denied_by), '1')
+  count_tenant_denial(ctx.plan)
   redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
   -- A float: the total of waits a tenant can make as long as it likes (a huge cost on a
   -- slow bucket) must never overflow a 64-bit integer, or every denial after would fail.

@@ -89,7 +89,19 @@ class AsyncLimiter(LimiterBase):
             reply = await self._scripts.acall_packed("acquire.lua", call)
         except RedisError as exc:
             return self._core.decision_failed(exc)
-        return self._core.decision(reply, cost)
+        decision = self._core.decision(reply, cost)
+        if self._core.fail_mode_pending:  # Redis is back after an outage
+            await self.report_fail_mode()
+        return decision
+
+    async def report_fail_mode(self) -> None:
+        """As ``Limiter.report_fail_mode``."""
+        pipe = self.client.pipeline(transaction=False)
+        counts = self._core.queue_fail_mode_counts(pipe)
+        try:
+            await pipe.execute()
+        except RedisError:  # still away: kept for the next time
+            self._core.fail_mode_unsent(counts)
 
     # -- concurrency -------------------------------------------------------------------
     async def release(self, held: Decision | Slot | str) -> bool:

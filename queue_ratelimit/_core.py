@@ -241,6 +241,10 @@ class LimiterCore:
         self.closed_retry_ms = retry_ms
         self.retention_ms = max(1, int(retention * 1000))
         self.backend_failures = 0
+        # Fail-mode decisions not yet added to the namespace's counters (the shared hash's
+        # f:<mode>, read by the metrics): Redis was away when they were made, so they are
+        # added by the first call after it is back (``fail_mode_counts``).
+        self.fail_mode_pending: dict[str, int] = {}
         self._failing_since: float | None = None
         self._calls: dict[tuple[object, ...], ScriptCall] = {}
 
@@ -325,6 +329,7 @@ class LimiterCore:
     def unavailable(self, error: Exception) -> Decision | None:
         """The fail-mode decision when Redis cannot be reached (None means re-raise)."""
         self.backend_failures += 1
+        self.count_fail_mode(self.fail_mode)
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.error(
@@ -337,6 +342,24 @@ class LimiterCore:
         if self.fail_mode == "closed":
             return Decision(allowed=False, wait_ms=self.closed_retry_ms, degraded=True)
         return None
+
+    def count_fail_mode(self, mode: str) -> None:
+        """One more decision made by the fail mode ``mode`` ("open", "closed" or "raise")
+        while Redis was unreachable, to be added to the namespace's counters later."""
+        self.fail_mode_pending[mode] = self.fail_mode_pending.get(mode, 0) + 1
+
+    def queue_fail_mode_counts(self, pipe: Any) -> dict[str, int]:
+        """Take the pending fail-mode counts and queue their addition to the namespace's
+        counters on ``pipe`` (a redis-py pipeline); returns them, for ``fail_mode_unsent``
+        should the pipeline fail."""
+        pending, self.fail_mode_pending = self.fail_mode_pending, {}
+        for mode, n in pending.items():
+            pipe.hincrby(self.keys.shared, f"f:{mode}", n)
+        return pending
+
+    def fail_mode_unsent(self, counts: dict[str, int]) -> None:
+        for mode, n in counts.items():
+            self.fail_mode_pending[mode] = self.fail_mode_pending.get(mode, 0) + n
 
     # -- concurrency slots -------------------------------------------------------------
     def slot_call(self, mode: Literal["release", "extend"], slot: Slot, hold_ms: int) -> ScriptCall:

@@ -38,7 +38,7 @@ SCHEDULER_TAG = "s2"
 
 # Kinds of key by tag, and how many user parts follow the tag. Tags under the scheduler's
 # are spelled "s2:<tag>"; "legacy" is any key of scheduler layout 1 ("s:...").
-_FIXED = {"config", "audit", "shared", "snapshot"}
+_FIXED = {"config", "audit", "shared", "snapshot", "dt"}
 _ONE_PART = {"t": "tenant", "c": "slots", "rec": "record"}
 _SCHEDULER_FIXED = {"inflight", "lease", "meta", "payload", "lanes"}
 _SCHEDULER_PARTS = {
@@ -122,6 +122,12 @@ class KeySpace:
     def tenant_prefix(self) -> str:
         """What every tenant hash's name starts with (the tenant name follows)."""
         return f"{self.base}:t:"
+
+    @property
+    def tenant_denials(self) -> str:
+        """Sorted set of tenant -> its denials (by any scope), the most denied kept: read by
+        the metrics for their per-tenant series (lua/buckets.lua, ``count_tenant_denial``)."""
+        return f"{self.base}:dt"
 
     def tenant(self, tenant: str) -> str:
         """Hash of one tenant's buckets and counters; it expires once the tenant is idle."""

@@ -131,7 +131,21 @@ class Limiter(LimiterBase):
             reply = self._scripts.call_packed("acquire.lua", call)
         except RedisError as exc:
             return self._core.decision_failed(exc)
-        return self._core.decision(reply, cost)
+        decision = self._core.decision(reply, cost)
+        if self._core.fail_mode_pending:  # Redis is back after an outage
+            self.report_fail_mode()
+        return decision
+
+    def report_fail_mode(self) -> None:
+        """Add the fail-mode decisions this process made while Redis was unreachable to the
+        namespace's counters (the metrics' ``queue_ratelimit_fail_mode_events_total``);
+        done by the first decision after Redis is back. Kept for later if Redis is away."""
+        pipe = self.client.pipeline(transaction=False)
+        counts = self._core.queue_fail_mode_counts(pipe)
+        try:
+            pipe.execute()
+        except RedisError:  # still away: kept for the next time
+            self._core.fail_mode_unsent(counts)
 
     # -- concurrency -------------------------------------------------------------------
     def release(self, held: Decision | Slot | str) -> bool:

@@ -173,25 +173,26 @@ def group_traffic(
 def _bucket_of(
     scope: Scope, tenant: str, queue: str, exempt: str | None, own_limits: frozenset[str]
 ) -> str | None:
-    """The bucket of ``scope`` a decision of (tenant, queue) went through, or None."""
+    """The bucket of ``scope`` a decision of (tenant, queue) went through, or None: the
+    concrete scope of its kind for that decision, if ``scope``'s limit is the one it follows
+    (``Scope.limit_source``, with ``scope`` taken as configured)."""
+    concrete: Scope | None
     if scope.kind == "global":
-        return None if exempt == "all" else "global"
-    if scope.kind == "queue":
-        return None if exempt == "all" or queue != scope.queue else str(scope)
-    if exempt is not None:  # tenant caps do not apply to exempt tenants
+        concrete = scope
+    elif scope.kind == "queue":
+        concrete = scope if queue == scope.queue else None
+    elif scope.tenant not in (ANY_TENANT, tenant):
+        concrete = None
+    elif scope.kind == "tenant":
+        concrete = Scope("tenant", tenant=tenant)
+    elif queue == scope.queue:
+        concrete = Scope("tenant_queue", tenant=tenant, queue=queue)
+    else:
+        concrete = None
+    if concrete is None:
         return None
-    if scope.kind == "tenant":
-        if scope.tenant == ANY_TENANT:
-            own = f"tenant:{tenant}"
-            return None if own in own_limits else own
-        return str(scope) if tenant == scope.tenant else None
-    # tenant_queue
-    if queue != scope.queue:
-        return None
-    if scope.tenant == ANY_TENANT:
-        own = f"tenant:{tenant}:queue:{queue}"
-        return None if own in own_limits else own
-    return str(scope) if tenant == scope.tenant else None
+    source = concrete.limit_source(own_limits | {str(scope)}, exempt)
+    return str(concrete) if source == str(scope) else None
 
 
 def preview(
@@ -279,15 +280,11 @@ def build_preview(
         exempt,
         own_limits,
     )
-    name = str(scope)
-    current = config.get(name)
-    if current is None and scope.kind in ("tenant", "tenant_queue") and not scope.is_default:
-        default = "tenant:*" if scope.kind == "tenant" else f"tenant:*:queue:{scope.queue}"
-        current = config.get(default)
+    source = scope.limit_source(config)
     return preview(
         scope,
         limit,
-        None if current is None else decode_limit(name, current).limit,
+        None if source is None else decode_limit(source, config[source]).limit,
         traffic,
         window_s,
         now,

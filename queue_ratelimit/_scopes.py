@@ -4,6 +4,7 @@ validation of every name that ends up inside a Redis key."""
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,6 +125,34 @@ class Scope:
     def is_default(self) -> bool:
         """True for ``tenant:*`` and ``tenant:*:queue:<q>``, the per-tenant defaults."""
         return self.tenant == ANY_TENANT
+
+    @property
+    def default(self) -> Scope | None:
+        """The per-tenant default a tenant scope falls back to (``tenant:*`` or
+        ``tenant:*:queue:<q>``; a default is its own), None for queue and global scopes."""
+        if self.kind == "tenant":
+            return Scope("tenant", tenant=ANY_TENANT)
+        if self.kind == "tenant_queue":
+            return Scope("tenant_queue", tenant=ANY_TENANT, queue=self.queue)
+        return None
+
+    def limit_source(self, configured: Container[str], exempt: str | None = None) -> str | None:
+        """The configured scope whose limit this scope's bucket follows: its own, else its
+        tenant default; None when neither is in ``configured``, or when the tenant's
+        exemption (``exempt``: ``"tenant"`` lifts tenant scopes, ``"all"`` every scope)
+        lifts it. The rule ``build_plan`` in lua/buckets.lua applies to each decision;
+        this is its one Python version (metrics, previews, the dashboard).
+
+        >>> Scope.parse("tenant:acme:queue:emails").limit_source({"tenant:*:queue:emails"})
+        'tenant:*:queue:emails'
+        """
+        default = self.default
+        if exempt == "all" or (exempt is not None and default is not None):
+            return None
+        for candidate in (str(self), str(default) if default is not None else None):
+            if candidate is not None and candidate in configured:
+                return candidate
+        return None
 
     def __str__(self) -> str:
         if self.kind == "global":

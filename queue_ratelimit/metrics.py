@@ -7,23 +7,32 @@ whichever process is scraped reports the whole namespace.
 >>> from prometheus_client import CollectorRegistry
 >>> registry = CollectorRegistry()
 >>> registry.register(RateLimitCollector(limiter))          # doctest: +SKIP
+
+The families the collector exports are the table ``FAMILIES`` (plus the wait histogram and
+the scrape's own two); docs/metrics.md lists them, with the names they replaced.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
 
 from ._core import redis_errors
 from ._decision import ScopeLimit
-from ._errors import InvalidScope, LimitNotFound
+from ._errors import InvalidScope, LimitNotFound, RateLimitError
 from ._limiter import Limiter
 from ._scopes import Scope
 
-# Per-tenant series are kept for tenants with their own configuration and for those with
-# waiting work, up to this many, so a million one-off tenants cannot explode cardinality.
+PREFIX = "queue_ratelimit_"
+# Per-tenant series: the most throttled tenants, and those with parked work or a
+# configuration of their own, up to this many; the rest are summed under OTHER, so a
+# million one-off tenants cannot explode cardinality.
 MAX_TENANT_SERIES = 200
 # Per-queue and per-priority series: the busiest this many, the rest summed under OTHER.
 MAX_QUEUE_SERIES = 100
@@ -32,14 +41,25 @@ MAX_PRIORITY_SERIES = 20
 # are counted under "~" there, and reported under OTHER.
 MAX_QUEUE_COUNTERS = 512
 MAX_PRIORITY_COUNTERS = 64
+# Tenants whose denials Redis counts one by one (the denials zset, lua/buckets.lua): past
+# this many, the least denied half is dropped there (and counted under OTHER here).
+MAX_TENANT_COUNTERS = 4096
 # What a series cap folds together. No queue, tenant or priority name can start with "~".
 OTHER = "~other"
 SNAPSHOT_TTL_SECONDS = 300
 WAIT_BOUNDS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+OUTCOMES = ("allowed", "denied", "would_deny")
+FAIL_MODES = ("open", "closed", "raise")
+# A lane's counts hash holds one field per tenant with parked work, plus these.
+LANE_COUNT_FIELDS = (":total", ":vt", ":cv")
 
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
 
 
 def _bucket_fill(
@@ -79,14 +99,13 @@ def _top_lanes(stats: dict[str, dict[str, Any]], n: int) -> dict[str, dict[str, 
     return kept
 
 
-def effective_limit(limits: dict[str, ScopeLimit], scope: Scope) -> ScopeLimit | None:
-    """The limit a concrete scope's bucket follows: its own, else its default."""
-    name = str(scope)
-    if scope.kind == "tenant":
-        return limits.get(name) or limits.get("tenant:*")
-    if scope.kind == "tenant_queue":
-        return limits.get(name) or limits.get(f"tenant:*:queue:{scope.queue}")
-    return limits.get(name)
+def effective_limit(
+    limits: dict[str, ScopeLimit], scope: Scope, exempt: str | None = None
+) -> ScopeLimit | None:
+    """The limit a concrete scope's bucket follows: its own, else its default
+    (``Scope.limit_source``)."""
+    source = scope.limit_source(limits, exempt)
+    return None if source is None else limits[source]
 
 
 def bucket_state(limiter: Limiter, scope: str) -> dict[str, Any]:
@@ -140,27 +159,137 @@ def _configured_tenant(field: str) -> str | None:
     return None
 
 
-def _concurrency(
-    limiter: Limiter, config: dict[str, str], tenants: list[str], now_us: float
-) -> dict[str, dict[str, int]]:
-    """Each concurrency cap that applies to a concrete scope (tenant defaults expanded for
-    ``tenants``), with the jobs holding a slot of it now."""
-    caps = limiter._core.concurrency(dict(config))  # type: ignore[arg-type]
-    if not caps:
-        return {}
-    concrete = {scope: n for scope, n in caps.items() if "*" not in scope}
-    for scope, n in caps.items():
-        if "*" in scope:
-            for tenant in tenants:
-                concrete.setdefault(scope.replace("*", tenant, 1), n)
-    names = sorted(concrete)
+def _concrete_scopes(tenants: Iterable[str], configured: Iterable[str]) -> list[Scope]:
+    """The concrete scopes a configuration may govern: every configured scope that is not a
+    default, and each tenant's tenant scope and tenant-queue scopes of the defaults."""
+    parsed = [Scope.parse(name) for name in configured]
+    scopes = {str(s): s for s in parsed if not s.is_default}
+    default_queues = sorted(
+        s.queue or "" for s in parsed if s.kind == "tenant_queue" and s.is_default
+    )
+    for tenant in tenants:
+        for scope in (
+            Scope("tenant", tenant=tenant),
+            *(Scope("tenant_queue", tenant=tenant, queue=q) for q in default_queues),
+        ):
+            scopes.setdefault(str(scope), scope)
+    return [scopes[name] for name in sorted(scopes)]
+
+
+@dataclass
+class _Read:
+    """What a snapshot read from Redis, before it is shaped."""
+
+    now_us: float
+    config: dict[str, str]
+    shared: dict[str, str]
+    in_flight: int
+    tenant_denials: list[tuple[str, float]]
+    lanes: list[str]
+
+
+def _read_base(limiter: Limiter, max_tenants: int) -> _Read:
+    """One round trip: the clock, the config and shared hashes, the lanes, the most
+    denied tenants and the in-flight count."""
+    keys = limiter.keys
     pipe = limiter.client.pipeline(transaction=False)
-    for scope in names:
-        pipe.zcount(limiter.keys.slots(scope), f"({int(now_us)}", "+inf")
-    running = pipe.execute()
+    pipe.time()
+    pipe.hgetall(keys.config)
+    pipe.hgetall(keys.shared)
+    pipe.smembers(keys.lanes)
+    pipe.zcard(keys.inflight)
+    pipe.zrange(keys.tenant_denials, 0, max(0, max_tenants - 1), desc=True, withscores=True)
+    (seconds, micros), config, shared, lanes, in_flight, denials = pipe.execute()
+    return _Read(
+        now_us=seconds * 1e6 + micros,
+        config=_decoded(config),
+        shared=_decoded(shared),
+        in_flight=int(in_flight),
+        tenant_denials=[(_text(t), n) for t, n in denials] if max_tenants > 0 else [],
+        lanes=sorted(_text(x) for x in lanes),
+    )
+
+
+def _read_lanes(
+    limiter: Limiter, lanes: list[str], now_ms: float, max_tenants: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, int], list[str]]:
+    """Two round trips whatever the number of lanes: each lane's totals, then the
+    per-tenant counts of the lanes small enough to read whole (at most ``max_tenants``
+    tenants each). Returns the stats by lane, the parked jobs by tenant found in those,
+    and the lanes too large to read whole."""
+    keys = limiter.keys
+    pipe = limiter.client.pipeline(transaction=False)
+    for lane in lanes:
+        pipe.hlen(keys.counts(lane))
+        pipe.hget(keys.counts(lane), ":total")
+        pipe.zcard(keys.active(lane))
+        pipe.zcard(keys.parked(lane))
+        pipe.zrange(keys.age(lane), 0, 0, withscores=True)
+    replies = pipe.execute()
+    stats: dict[str, dict[str, Any]] = {}
+    small: list[str] = []
+    large: list[str] = []
+    for i, lane in enumerate(lanes):
+        fields, total, active, parked, oldest = replies[5 * i : 5 * i + 5]
+        stats[lane] = {
+            "backlog": int(total or 0),
+            "active_tenants": int(active),
+            "parked_tenants": int(parked),
+            "oldest_wait_ms": max(0.0, now_ms - oldest[0][1]) if oldest else 0.0,
+        }
+        if stats[lane]["backlog"]:
+            (small if fields - len(LANE_COUNT_FIELDS) <= max_tenants else large).append(lane)
+    pipe = limiter.client.pipeline(transaction=False)
+    for lane in small:
+        pipe.hgetall(keys.counts(lane))
+    backlogged: dict[str, int] = {}
+    for counts in pipe.execute() if small else []:
+        for tenant, count in counts.items():
+            name = _text(tenant)
+            if not name.startswith(":") and int(count) > 0:
+                backlogged[name] = backlogged.get(name, 0) + int(count)
+    return stats, backlogged, large
+
+
+def _chosen_tenants(
+    read: _Read, backlogged: dict[str, int], max_tenants: int
+) -> tuple[list[str], set[str]]:
+    """The tenants shown one by one: the most denied first, then those with parked work,
+    then those with a configuration of their own; at most ``max_tenants``. Also returns
+    the configured ones."""
+    configured = {t for t in map(_configured_tenant, read.config) if t is not None and t != "*"}
+    denied = dict(read.tenant_denials)
+    candidates = set(denied) | set(backlogged) | configured
+    # (nsmallest: a scrape may see tens of thousands of candidates and keep 200.)
+    ranked = heapq.nsmallest(
+        max_tenants,
+        candidates,
+        key=lambda t: (-denied.get(t, 0), -backlogged.get(t, 0), t not in configured, t),
+    )
+    return sorted(ranked), configured
+
+
+def _tenant_entry(
+    fields: dict[str, str], backlog: int, exempt: str | None, denials: float
+) -> dict[str, Any]:
+    denied_by = {k[2:]: int(float(v)) for k, v in sorted(fields.items()) if k.startswith("d:")}
     return {
-        scope: {"cap": concrete[scope], "running": int(n)}
-        for scope, n in zip(names, running, strict=True)
+        "allowed": int(float(fields.get("n:a", 0))),
+        # Every denial of the tenant counts under the scope that denied it.
+        "denied": sum(denied_by.values()),
+        "denied_by": denied_by,
+        "would_deny": int(float(fields.get("n:w", 0))),
+        # Denials counted since the tenant entered the denials zset (they outlive the
+        # tenant's hash, which expires when the tenant is idle).
+        "denials": int(denials),
+        "backlog": backlog,
+        "exempt": exempt,
+    }
+
+
+def _counters(shared: dict[str, str], prefix: str) -> dict[str, int]:
+    return {
+        k[len(prefix) :]: int(float(v)) for k, v in sorted(shared.items()) if k.startswith(prefix)
     }
 
 
@@ -171,100 +300,100 @@ def snapshot(
     max_queues: int = MAX_QUEUE_SERIES,
     max_priorities: int = MAX_PRIORITY_SERIES,
 ) -> dict[str, Any]:
-    """Everything the dashboards show, read from Redis in a few round trips.
+    """Everything the dashboards show, read from Redis in four round trips whatever the
+    number of queues and tenants.
 
     Args:
-        max_tenants: tenants shown (those configured or with parked work).
+        max_tenants: tenants shown one by one: the most denied, then those with parked
+            work or a configuration of their own; the rest are summed under ``"~other"``
+            (``tenant_denials``, ``tenant_backlog``).
         max_queues / max_priorities: queues (admissions; lanes by parked work) and
             priorities shown by name, the busiest first; the rest are summed under
             ``"~other"``, so one-off names cannot grow the output without bound.
     """
     client = limiter.client
     keys = limiter.keys
-    seconds, micros = client.time()
-    now_us = seconds * 1e6 + micros
-    config = {_text(k): _text(v) for k, v in client.hgetall(keys.config).items()}
-    shared = {_text(k): _text(v) for k, v in client.hgetall(keys.shared).items()}
+    read = _read_base(limiter, max_tenants)
+    now_us, config, shared = read.now_us, read.config, read.shared
     limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
-    lanes = sorted(_text(x) for x in client.smembers(keys.lanes))
+    caps = limiter._core.concurrency(dict(config))  # type: ignore[arg-type]
+    exemptions = limiter._core.exemptions(dict(config))  # type: ignore[arg-type]
+    lane_stats, backlogged, large_lanes = _read_lanes(
+        limiter, read.lanes, now_us / 1000, max_tenants
+    )
+    tenants, _ = _chosen_tenants(read, backlogged, max_tenants)
 
-    pipe = client.pipeline(transaction=False)
-    for lane in lanes:
-        pipe.hlen(keys.counts(lane))
-        pipe.hget(keys.counts(lane), ":total")
-        pipe.zcard(keys.active(lane))
-        pipe.zcard(keys.parked(lane))
-        pipe.zrange(keys.age(lane), 0, 0, withscores=True)
-    pipe.zcard(keys.inflight)
-    lane_replies = pipe.execute()
-    lane_stats: dict[str, dict[str, Any]] = {}
-    backlogged: dict[str, int] = {}
-    for i, lane in enumerate(lanes):
-        hlen, total, active, parked, oldest = lane_replies[5 * i : 5 * i + 5]
-        lane_stats[lane] = {
-            "backlog": int(total or 0),
-            "active_tenants": int(active),
-            "parked_tenants": int(parked),
-            "oldest_wait_ms": max(0.0, now_us / 1000 - oldest[0][1]) if oldest else 0.0,
-        }
-        if hlen - 2 <= max_tenants:  # the hash also holds ':total' and ':vt'
-            for tenant, count in client.hgetall(keys.counts(lane)).items():
-                name = _text(tenant)
-                if not name.startswith(":"):
-                    backlogged[name] = backlogged.get(name, 0) + int(count)
-
-    configured = {t for t in map(_configured_tenant, config) if t is not None and t != "*"}
-    tenants = sorted(configured | set(backlogged))[:max_tenants]
+    # The last round trip: the shown tenants' hashes, their parked jobs in the lanes too
+    # large to read whole, and the jobs holding each concurrency cap's slots.
+    cap_scopes = [
+        (scope, source)
+        for scope in _concrete_scopes(tenants, caps)
+        if (source := scope.limit_source(caps, exemptions.get(scope.tenant or ""))) is not None
+    ]
+    large_lanes = large_lanes if tenants else []
     pipe = client.pipeline(transaction=False)
     for tenant in tenants:
         pipe.hgetall(keys.tenant(tenant))
-    tenant_hashes = pipe.execute()
+    for lane in large_lanes:
+        pipe.hmget(keys.counts(lane), tenants)
+    for scope, _ in cap_scopes:
+        pipe.zcount(keys.slots(str(scope)), f"({int(now_us)}", "+inf")
+    replies = pipe.execute() if len(pipe) else []
+    tenant_hashes = [_decoded(raw) for raw in replies[: len(tenants)]]
+    for counts in replies[len(tenants) : len(tenants) + len(large_lanes)]:
+        for tenant, count in zip(tenants, counts, strict=True):
+            if count is not None and int(count) > 0:
+                backlogged[tenant] = backlogged.get(tenant, 0) + int(count)
+    running = replies[len(tenants) + len(large_lanes) :]
+    concurrency = {
+        str(scope): {"cap": caps[source], "running": int(n), "limit": source}
+        for (scope, source), n in zip(cap_scopes, running, strict=True)
+    }
 
-    concurrency = _concurrency(limiter, config, tenants, now_us)
-
-    buckets: dict[str, dict[str, float]] = {}
-    for scope, setting in limits.items():
-        if "*" in scope or scope.startswith("tenant:"):
+    # Every bucket a limit governs: shared ones (global, queues), and each shown tenant's
+    # (its own limits, and the defaults it has a bucket under).
+    by_tenant = dict(zip(tenants, tenant_hashes, strict=True))
+    buckets: dict[str, dict[str, Any]] = {}
+    for scope in _concrete_scopes(tenants, limits):
+        source = scope.limit_source(limits, exemptions.get(scope.tenant or ""))
+        location = keys.bucket_location(scope)
+        if source is None or location is None:
             continue
-        field = "b:global" if scope == "global" else f"b:{scope}"
-        burst, rate = setting.limit.capacity, setting.limit.rate_per_second
-        tokens = _bucket_fill(shared, field, burst, rate, now_us)
-        buckets[scope] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
-
-    tenant_stats: dict[str, dict[str, Any]] = {}
-    for tenant, raw in zip(tenants, tenant_hashes, strict=True):
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        entry: dict[str, Any] = {
-            "allowed": int(float(fields.get("n:a", 0))),
-            # Every denial of the tenant counts under the scope that denied it.
-            "denied": sum(int(float(v)) for k, v in fields.items() if k.startswith("d:")),
-            "would_deny": int(float(fields.get("n:w", 0))),
-            "backlog": backlogged.get(tenant, 0),
-            "exempt": config.get(f"exempt:{tenant}"),
-        }
-        tenant_limit = effective_limit(limits, Scope("tenant", tenant=tenant))
-        if tenant_limit is not None:
-            burst, rate = tenant_limit.limit.capacity, tenant_limit.limit.rate_per_second
-            tokens = _bucket_fill(fields, "b", burst, rate, now_us)
-            buckets[f"tenant:{tenant}"] = {"tokens": tokens, "burst": burst, "fill": tokens / burst}
-        tenant_stats[tenant] = entry
-
-    def counters(prefix: str) -> dict[str, int]:
-        return {
-            k[len(prefix) :]: int(float(v))
-            for k, v in sorted(shared.items())
-            if k.startswith(prefix)
+        if scope.tenant is not None and scope.tenant not in by_tenant:
+            continue  # a configured tenant past the cap
+        field = location[1]
+        fields = by_tenant[scope.tenant] if scope.tenant is not None else shared
+        if scope.kind == "tenant_queue" and source != str(scope) and field not in fields:
+            continue  # a default tenant-queue bucket this tenant never used
+        setting = limits[source].limit
+        tokens = _bucket_fill(fields, field, setting.capacity, setting.rate_per_second, now_us)
+        buckets[str(scope)] = {
+            "tokens": tokens,
+            "burst": setting.capacity,
+            "fill": tokens / setting.capacity,
+            "limit": source,
         }
 
+    denials = dict(read.tenant_denials)
+    tenant_stats = {
+        tenant: _tenant_entry(
+            fields, backlogged.get(tenant, 0), exemptions.get(tenant), denials.get(tenant, 0)
+        )
+        for tenant, fields in by_tenant.items()
+    }
     histogram = [int(shared.get(f"h:{b}", 0)) for b in WAIT_BOUNDS_MS] + [
         int(shared.get("h:inf", 0))
     ]
+    denied = sum(histogram)
+    parked = sum(s["backlog"] for s in lane_stats.values())
     # Totals are sums of the finer counters (one counter less per decision, lua/buckets.lua):
     # every admission counts under its queue ("-" for none), every denial in the histogram.
-    by_queue = counters("a:q:")
+    by_queue = _counters(shared, "a:q:")
     allowed = sum(by_queue.values())
     by_queue.pop("-", None)
-    by_priority = counters("a:p:")
+    by_priority = _counters(shared, "a:p:")
+    shown_denials = {t: int(n) for t, n in read.tenant_denials}
+    shown_backlog = {t: backlogged[t] for t in tenants if backlogged.get(t)}
     return {
         "at_ms": now_us / 1000,
         "namespace": limiter.namespace,
@@ -282,18 +411,30 @@ def snapshot(
             }
             for scope, s in limits.items()
         },
+        "caps": caps,
+        "exemptions": exemptions,
         "totals": {
             "allowed": allowed,
             "allowed_tokens": allowed + float(shared.get("n:ax", 0)),
-            "denied": sum(histogram),
+            "denied": denied,
             "would_deny": int(float(shared.get("n:w", 0))),
             "reaped": int(float(shared.get("n:reaped", 0))),
             # Parked items dropped because Redis evicted their data (FairScheduler.lost).
             "lost": int(float(shared.get("n:lost", 0))),
-            "in_flight": int(lane_replies[-1]),
+            "in_flight": read.in_flight,
+            "parked": parked,
         },
-        "denied_by": counters("d:"),
-        "would_deny_by": counters("w:"),
+        # Decisions the fail mode made while Redis was unreachable, added by each process
+        # once it is back (Limiter.report_fail_mode).
+        "fail_mode": {mode: int(float(shared.get(f"f:{mode}", 0))) for mode in FAIL_MODES},
+        # Denials and would-denials by the limit or cap that decided, as configured:
+        # tenant:* counts every tenant under the default (lua/buckets.lua).
+        "denied_by": _counters(shared, "d:"),
+        "would_deny_by": _counters(shared, "w:"),
+        # The most denied tenants, the rest of the denials under "~other".
+        "tenant_denials": _top(shown_denials, max_tenants, denied - sum(shown_denials.values())),
+        # Parked jobs of the shown tenants, the rest under "~other".
+        "tenant_backlog": _top(shown_backlog, max_tenants, parked - sum(shown_backlog.values())),
         "allowed_by_queue": _top(by_queue, max_queues, by_queue.pop("~", 0)),
         "allowed_by_priority": _top(by_priority, max_priorities, by_priority.pop("~", 0)),
         "wait_ms_histogram": {
@@ -301,9 +442,10 @@ def snapshot(
             "counts": histogram,
             "sum": float(shared.get("h:us", 0)) / 1000,
         },
+        # By concrete scope: tokens, burst, fill and the configured scope it follows.
         "buckets": buckets,
-        # Concurrency caps by concrete scope: {"cap": n, "running": jobs holding a slot}
-        # (a tenant default appears under each tenant shown, as tenant:<t>).
+        # Concurrency caps by concrete scope: {"cap": n, "running": jobs holding a slot,
+        # "limit": the configured scope} (a tenant default appears under each tenant shown).
         "concurrency": concurrency,
         "lanes": _top_lanes(lane_stats, max_queues),
         "tenants": tenant_stats,
@@ -323,13 +465,219 @@ def read_snapshot(limiter: Limiter) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+Samples = Iterable[tuple[tuple[str, ...], float]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family of the collector: its samples are ``samples(snapshot)``, each
+    (label values after ``namespace``, value)."""
+
+    kind: Literal["counter", "gauge"]
+    name: str  # after PREFIX; a counter's is exported with "_total"
+    help: str
+    labels: tuple[str, ...]
+    samples: Callable[[dict[str, Any]], Samples]
+
+    @property
+    def exported(self) -> str:
+        """The name of its samples on /metrics."""
+        return f"{PREFIX}{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+def _each(key: str, field: str | None = None) -> Callable[[dict[str, Any]], Samples]:
+    """Samples from a dict of the snapshot: one per key, its value (or its ``field``)."""
+
+    def samples(snap: dict[str, Any]) -> Samples:
+        for name, value in snap[key].items():
+            yield (name,), value if field is None else value[field]
+
+    return samples
+
+
+def _outcomes(snap: dict[str, Any]) -> Samples:
+    for outcome in OUTCOMES:
+        yield (outcome,), snap["totals"][outcome]
+
+
+def _scope_outcomes(snap: dict[str, Any]) -> Samples:
+    for outcome, key in (("denied", "denied_by"), ("would_deny", "would_deny_by")):
+        for scope, n in snap[key].items():
+            yield (scope, outcome), n
+
+
+def _tenant_outcomes(snap: dict[str, Any]) -> Samples:
+    for tenant, stats in snap["tenants"].items():
+        for outcome in OUTCOMES:
+            yield (tenant, outcome), stats[outcome]
+
+
+def _lane_tenants(snap: dict[str, Any]) -> Samples:
+    for lane, stats in snap["lanes"].items():
+        yield (lane, "waiting"), stats["active_tenants"]
+        yield (lane, "held"), stats["parked_tenants"]
+
+
+def _total(key: str) -> Callable[[dict[str, Any]], Samples]:
+    return lambda snap: [((), snap["totals"][key])]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "counter",
+        "decisions",
+        "Rate-limit decisions, by outcome: allowed, denied, would_deny (admitted, but a "
+        "shadow scope would have denied it)",
+        ("outcome",),
+        _outcomes,
+    ),
+    Family(
+        "counter",
+        "scope_decisions",
+        "Denials and shadow would-denials by the limit or concurrency cap that decided, as "
+        'configured: scope="tenant:*" counts every tenant under the default',
+        ("scope", "outcome"),
+        _scope_outcomes,
+    ),
+    Family(
+        "counter",
+        "tenant_denials",
+        "Denials by tenant, whatever the scope that denied: the most denied tenants, the "
+        'rest under tenant="~other"',
+        ("tenant",),
+        _each("tenant_denials"),
+    ),
+    Family(
+        "counter",
+        "tenant_decisions",
+        "Decisions of each tenant shown, by outcome, from its own counters (they restart "
+        "when an idle tenant's counters expire)",
+        ("tenant", "outcome"),
+        _tenant_outcomes,
+    ),
+    Family(
+        "counter",
+        "queue_admissions",
+        'Jobs admitted, by queue: the busiest queues, the rest under queue="~other"',
+        ("queue",),
+        _each("allowed_by_queue"),
+    ),
+    Family(
+        "counter",
+        "priority_admissions",
+        'Jobs admitted, by priority: the busiest, the rest under priority="~other"',
+        ("priority",),
+        _each("allowed_by_priority"),
+    ),
+    Family(
+        "counter",
+        "fail_mode_events",
+        "Decisions made by the fail mode while Redis was unreachable (open: allowed, "
+        "closed: held back, raise: errors raised), added by each process once Redis is back",
+        ("mode",),
+        lambda snap: (((mode,), n) for mode, n in snap["fail_mode"].items()),
+    ),
+    Family(
+        "counter",
+        "reaped",
+        "Re-admitted jobs whose lease ran out before they were acknowledged (handed back "
+        "to their backlog)",
+        (),
+        _total("reaped"),
+    ),
+    Family(
+        "gauge",
+        "bucket_fill_ratio",
+        "Tokens in a bucket over its burst: 1 is full (idle), 0 is empty (throttling)",
+        ("scope",),
+        _each("buckets", "fill"),
+    ),
+    Family(
+        "gauge",
+        "bucket_tokens",
+        "Tokens left in a bucket, refilled to the time of the scrape",
+        ("scope",),
+        _each("buckets", "tokens"),
+    ),
+    Family(
+        "gauge",
+        "concurrency_running",
+        "Jobs holding a slot of a concurrency-capped scope now",
+        ("scope",),
+        _each("concurrency", "running"),
+    ),
+    Family(
+        "gauge",
+        "concurrency_cap",
+        "Jobs of a capped scope allowed to run at once",
+        ("scope",),
+        _each("concurrency", "cap"),
+    ),
+    Family(
+        "gauge",
+        "queue_parked_jobs",
+        'Jobs waiting in the fair backlog, by queue: the fullest, the rest under queue="~other"',
+        ("queue",),
+        _each("lanes", "backlog"),
+    ),
+    Family(
+        "gauge",
+        "tenant_parked_jobs",
+        'Jobs waiting in the fair backlog, by tenant: those shown, the rest under tenant="~other"',
+        ("tenant",),
+        _each("tenant_backlog"),
+    ),
+    Family(
+        "gauge",
+        "queue_tenants",
+        "Tenants with parked work in a queue: waiting their turn, or held back by their own "
+        "limits until they refill",
+        ("queue", "state"),
+        _lane_tenants,
+    ),
+    Family(
+        "gauge",
+        "oldest_parked_age_seconds",
+        "How long the oldest job parked in a queue has waited",
+        ("queue",),
+        lambda snap: (((q,), s["oldest_wait_ms"] / 1000) for q, s in snap["lanes"].items()),
+    ),
+    Family(
+        "gauge",
+        "in_flight_jobs",
+        "Jobs re-admitted from the fair backlog and not yet acknowledged",
+        (),
+        _total("in_flight"),
+    ),
+    Family(
+        "counter",
+        "lost",
+        "Parked jobs dropped because Redis evicted their data (an evicting maxmemory-policy)",
+        (),
+        _total("lost"),
+    ),
+    Family(
+        "gauge",
+        "redis_evicting",
+        "1 when the limiter's Redis may evict keys (an evicting maxmemory-policy under a "
+        "memory limit)",
+        (),
+        lambda snap: [((), int(snap["eviction"]["evicting"]))],
+    ),
+)
+
+WAIT_HISTOGRAM = "denied_wait_seconds"
+WAIT_HELP = "Waits (seconds) the limiter reported to denied decisions"
+
+
 class RateLimitCollector:
     """A Prometheus collector that reads the namespace's state from Redis when scraped.
 
     Register it on a registry you own (``registry.register(RateLimitCollector(limiter))``);
     any process may serve it, since the state it reports is the whole namespace's. Series
-    per tenant, queue and priority are capped as in ``snapshot`` (queues and priorities
-    past the cap are summed under ``queue="~other"`` / ``priority="~other"``).
+    per tenant, queue and priority are capped as in ``snapshot`` (past the cap, summed
+    under ``tenant="~other"``, ``queue="~other"``, ``priority="~other"``). When Redis cannot
+    be read, only ``queue_ratelimit_up`` (0) and the scrape's duration are reported.
     """
 
     def __init__(
@@ -357,141 +705,44 @@ class RateLimitCollector:
         )
 
         started = time.perf_counter()
-        snap = snapshot(
-            self.limiter,
-            max_tenants=self.max_tenants,
-            max_queues=self.max_queues,
-            max_priorities=self.max_priorities,
-        )
-        ns = snap["namespace"]
-        decisions = CounterMetricFamily(
-            "queue_ratelimit_decisions",
-            "Rate limit decisions in the namespace, by outcome",
-            labels=["namespace", "outcome"],
-        )
-        totals = snap["totals"]
-        for outcome, key in (
-            ("allowed", "allowed"),
-            ("denied", "denied"),
-            ("would_deny", "would_deny"),
-        ):
-            decisions.add_metric([ns, outcome], totals[key])
-        yield decisions
-
-        by_scope = CounterMetricFamily(
-            "queue_ratelimit_scope_decisions",
-            "Denials and shadow-mode would-denials, by the scope that decided",
-            labels=["namespace", "scope", "outcome"],
-        )
-        for scope, n in snap["denied_by"].items():
-            by_scope.add_metric([ns, scope, "denied"], n)
-        for scope, n in snap["would_deny_by"].items():
-            by_scope.add_metric([ns, scope, "would_deny"], n)
-        yield by_scope
-
-        allowed_q = CounterMetricFamily(
-            "queue_ratelimit_allowed_by_queue", "Admissions by queue", labels=["namespace", "queue"]
-        )
-        for queue, n in snap["allowed_by_queue"].items():
-            allowed_q.add_metric([ns, queue], n)
-        yield allowed_q
-
-        allowed_p = CounterMetricFamily(
-            "queue_ratelimit_allowed_by_priority",
-            "Admissions by priority",
-            labels=["namespace", "priority"],
-        )
-        for priority, n in snap["allowed_by_priority"].items():
-            allowed_p.add_metric([ns, priority], n)
-        yield allowed_p
-
-        hist = snap["wait_ms_histogram"]
-        cumulative, buckets = 0, []
-        for bound, count in zip([*hist["bounds"], "+Inf"], hist["counts"], strict=True):
-            cumulative += count
-            buckets.append((str(bound), cumulative))
-        wait = HistogramMetricFamily(
-            "queue_ratelimit_denied_wait_ms",
-            "Wait (ms) reported to denied decisions",
+        ns = self.limiter.namespace
+        try:
+            snap: dict[str, Any] | None = snapshot(
+                self.limiter,
+                max_tenants=self.max_tenants,
+                max_queues=self.max_queues,
+                max_priorities=self.max_priorities,
+            )
+        except (RedisError, RateLimitError, OSError):
+            snap = None
+        if snap is not None:
+            for family in FAMILIES:
+                kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+                metric = kind(
+                    PREFIX + family.name, family.help, labels=["namespace", *family.labels]
+                )
+                for labels, value in family.samples(snap):
+                    metric.add_metric([ns, *labels], value)
+                yield metric
+            hist = snap["wait_ms_histogram"]
+            cumulative, buckets = 0, []
+            for bound, count in zip([*hist["bounds"], "+Inf"], hist["counts"], strict=True):
+                cumulative += count
+                buckets.append((str(bound if bound == "+Inf" else bound / 1000), cumulative))
+            wait = HistogramMetricFamily(PREFIX + WAIT_HISTOGRAM, WAIT_HELP, labels=["namespace"])
+            wait.add_metric([ns], buckets, sum_value=hist["sum"] / 1000)
+            yield wait
+        up = GaugeMetricFamily(
+            PREFIX + "up",
+            "1 when this scrape read the namespace from Redis, else 0",
             labels=["namespace"],
         )
-        wait.add_metric([ns], buckets, sum_value=hist["sum"])
-        yield wait
-
-        fill = GaugeMetricFamily(
-            "queue_ratelimit_bucket_fill_ratio",
-            "Tokens in a bucket over its burst (1 = full, idle)",
-            labels=["namespace", "scope"],
+        up.add_metric([ns], 1 if snap is not None else 0)
+        yield up
+        scrape = GaugeMetricFamily(
+            PREFIX + "scrape_duration_seconds",
+            "Time this scrape took to read the namespace from Redis",
+            labels=["namespace"],
         )
-        tokens = GaugeMetricFamily(
-            "queue_ratelimit_bucket_tokens", "Tokens in a bucket", labels=["namespace", "scope"]
-        )
-        for scope, b in snap["buckets"].items():
-            fill.add_metric([ns, scope], b["fill"])
-            tokens.add_metric([ns, scope], b["tokens"])
-        yield fill
-        yield tokens
-
-        running = GaugeMetricFamily(
-            "queue_ratelimit_concurrency_running",
-            "Jobs holding a concurrency slot of a capped scope",
-            labels=["namespace", "scope"],
-        )
-        cap = GaugeMetricFamily(
-            "queue_ratelimit_concurrency_cap",
-            "Jobs of a scope allowed to run at once",
-            labels=["namespace", "scope"],
-        )
-        for scope, c in snap["concurrency"].items():
-            running.add_metric([ns, scope], c["running"])
-            cap.add_metric([ns, scope], c["cap"])
-        yield running
-        yield cap
-
-        tenant_decisions = CounterMetricFamily(
-            "queue_ratelimit_tenant_decisions",
-            "Decisions per tenant (configured or backlogged tenants only)",
-            labels=["namespace", "tenant", "outcome"],
-        )
-        parked = GaugeMetricFamily(
-            "queue_ratelimit_parked_jobs",
-            "Jobs waiting in the fair backlog, per tenant",
-            labels=["namespace", "tenant"],
-        )
-        for tenant, t in snap["tenants"].items():
-            for outcome in ("allowed", "denied", "would_deny"):
-                tenant_decisions.add_metric([ns, tenant, outcome], t[outcome])
-            parked.add_metric([ns, tenant], t["backlog"])
-        yield tenant_decisions
-        yield parked
-
-        lane_backlog = GaugeMetricFamily(
-            "queue_ratelimit_queue_backlog", "Jobs parked per queue", labels=["namespace", "queue"]
-        )
-        oldest = GaugeMetricFamily(
-            "queue_ratelimit_oldest_parked_ms",
-            "Age of the oldest parked job per queue",
-            labels=["namespace", "queue"],
-        )
-        for lane, stats in snap["lanes"].items():
-            lane_backlog.add_metric([ns, lane], stats["backlog"])
-            oldest.add_metric([ns, lane], stats["oldest_wait_ms"])
-        yield lane_backlog
-        yield oldest
-
-        # One value each for the whole namespace.
-        single = [
-            (GaugeMetricFamily, "in_flight", "Jobs re-admitted and not yet acknowledged",
-             totals["in_flight"]),
-            (CounterMetricFamily, "lost", "Parked jobs dropped because Redis evicted their "
-             "data (an evicting maxmemory-policy)", totals["lost"]),
-            (GaugeMetricFamily, "redis_evicting", "1 when the limiter's Redis may evict "
-             "keys (an evicting maxmemory-policy under a memory limit)",
-             int(snap["eviction"]["evicting"])),
-            (GaugeMetricFamily, "scrape_seconds", "Time to read the state from Redis",
-             time.perf_counter() - started),
-        ]  # fmt: skip
-        for family, name, doc, value in single:
-            metric = family(f"queue_ratelimit_{name}", doc, labels=["namespace"])
-            metric.add_metric([ns], value)
-            yield metric
+        scrape.add_metric([ns], time.perf_counter() - started)
+        yield scrape

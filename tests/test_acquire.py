@@ -780,6 +780,7 @@ def test_counters_and_wait_histogram(limiter: Limiter) -> None:
         "n:aq": 2,  # names with a counter of their own (bounded: lua/buckets.lua)
         "n:ap": 2,
         "d:global": 1,
+        "d:tenant:acme": 2,  # tenant scopes too, under the limit as configured (#12)
         "h:100": 2,
         "h:inf": 1,
         "h:us": approx((140 + 3_600_000) * 1000),

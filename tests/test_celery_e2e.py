@@ -693,9 +693,9 @@ def test_metrics_task_publishes_a_snapshot_and_the_collector_reads_it(e2e: E2E) 
         "queue_ratelimit_decisions",
         "queue_ratelimit_scope_decisions",
         "queue_ratelimit_bucket_fill_ratio",
-        "queue_ratelimit_parked_jobs",
-        "queue_ratelimit_denied_wait_ms",
-        "queue_ratelimit_in_flight",
+        "queue_ratelimit_tenant_parked_jobs",
+        "queue_ratelimit_denied_wait_seconds",
+        "queue_ratelimit_in_flight_jobs",
     }
     value = registry.get_sample_value(
         "queue_ratelimit_tenant_decisions_total",

@@ -155,8 +155,8 @@ def test_snapshot_metrics_and_top_show_running_and_cap(limiter: Limiter) -> None
     assert all(d.allowed for d in held)
     snap = snapshot(limiter)
     assert snap["concurrency"] == {
-        "global": {"cap": 10, "running": 2},
-        "tenant:acme": {"cap": 3, "running": 2},
+        "global": {"cap": 10, "running": 2, "limit": "global"},
+        "tenant:acme": {"cap": 3, "running": 2, "limit": "tenant:acme"},
     }
     registry = CollectorRegistry()
     registry.register(RateLimitCollector(limiter))
@@ -166,8 +166,9 @@ def test_snapshot_metrics_and_top_show_running_and_cap(limiter: Limiter) -> None
     assert f'queue_ratelimit_concurrency_cap{{namespace="{ns}",scope="tenant:acme"}} 3.0' in text
     view = build_view(snap, None)
     rows = {row[0]: row for row in view.budgets}
-    assert rows["tenant:acme (concurrency)"][1:3] == ("3 at once", "2/3 running")
-    assert rows["global (concurrency)"][3].endswith(" 80%"), "the bar shows the free share"
+    assert rows["tenant:acme running"][1:3] == ("cap 3", "2/3")
+    assert rows["global running"][3].endswith(" 80%"), "the bar shows the free share"
+    assert rows["tenant:* running"][1] == "cap 2"  # the default, no tenant of its own shown
     limiter.release(held[0])
     assert snapshot(limiter)["concurrency"]["tenant:acme"]["running"] == 1
 

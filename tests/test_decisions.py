@@ -969,7 +969,85 @@ EDGES: list[dict[str, Any]] = [
     },
 ]
 
-CASES = SEQUENCES + FROZEN + EDGES
+
+# -- what each denial is counted under ------------------------------------------------------
+# The shared hash counts every denial and would-denial under the limit or cap that decided,
+# as configured (tenant:* for every tenant under the default: a bounded set of names), and
+# the tenant-denials zset counts each tenant's denials (the metrics' most-throttled
+# tenants). Both were missing for tenant scopes: tenants counted only in their own hashes,
+# which expire.
+
+
+def counting(
+    id: str,
+    setup: list[dict[str, Any]],
+    calls: list[tuple[str, str | None]],
+    shared: dict[str, int],
+    tenants: dict[str, int],
+) -> dict[str, Any]:
+    """A case: configure, ``acquire`` once per (tenant, queue) of ``calls`` (outcomes not
+    checked here), then the shared hash's ``d:*`` / ``w:*`` fields and the tenant denials
+    must be exactly these."""
+    return {
+        "id": f"counted-{id}",
+        "steps": [*setup, {"calls": calls}, {"counted": {"shared": shared, "tenants": tenants}}],
+    }
+
+
+def one_an_hour(*scopes: str, shadow: bool = False) -> list[dict[str, Any]]:
+    return [{"set": scope, "limit": "1/h", "shadow": shadow} for scope in scopes]
+
+
+COUNTING = [
+    counting(
+        "tenant-default",
+        one_an_hour("tenant:*"),
+        [("acme", None)] * 3 + [("beta", None)] * 2,
+        {"d:tenant:*": 3},
+        {"acme": 2, "beta": 1},
+    ),
+    counting(
+        "tenant-own-and-default",
+        [*one_an_hour("tenant:*"), {"set": "tenant:acme", "limit": "2/h"}],
+        [("acme", None)] * 3 + [("beta", None)] * 2,
+        {"d:tenant:acme": 1, "d:tenant:*": 1},
+        {"acme": 1, "beta": 1},
+    ),
+    counting(
+        "tenant-queue-own-and-default",
+        one_an_hour("tenant:*:queue:emails", "tenant:acme:queue:emails"),
+        [("acme", "emails")] * 2 + [("beta", "emails")] * 3 + [("beta", "reports")] * 2,
+        {"d:tenant:acme:queue:emails": 1, "d:tenant:*:queue:emails": 2},
+        {"acme": 1, "beta": 2},
+    ),
+    counting(
+        "queue-and-global",
+        [*one_an_hour("queue:emails"), {"set": "global", "limit": "2/h"}],
+        [("acme", "emails"), ("acme", "emails"), ("beta", None), ("beta", None)],
+        {"d:queue:emails": 1, "d:global": 1},
+        {"acme": 1, "beta": 1},
+    ),
+    counting(
+        "shadow-tenant-scopes",
+        one_an_hour("tenant:*", "tenant:acme:queue:emails", shadow=True),
+        [("acme", "emails")] * 3 + [("beta", None)] * 2,
+        {"w:tenant:*": 3, "w:tenant:acme:queue:emails": 2},
+        {},
+    ),
+    counting(
+        "concurrency-caps",
+        [
+            {"concurrency": "tenant:*", "n": 1},
+            {"concurrency": "tenant:acme", "n": 2},
+            {"concurrency": "tenant:*:queue:emails", "n": 1},
+        ],
+        [("acme", None)] * 3 + [("beta", None)] * 2 + [("gamma", "emails")] * 2,
+        {"d:tenant:acme": 1, "d:tenant:*": 1, "d:tenant:*:queue:emails": 1},
+        {"acme": 1, "beta": 1, "gamma": 1},
+    ),
+]
+
+CASES = SEQUENCES + FROZEN + EDGES + COUNTING
 
 
 def bucket_fields(backend: Backend) -> dict[str, dict[bytes, bytes]]:
@@ -1020,6 +1098,18 @@ def run_step(
         backend.call("set_shadow", step["dry_run"])
     elif "record" in step:
         backend.call("set_recording", step["record"])
+    elif "concurrency" in step:
+        backend.call("set_concurrency", step["concurrency"], step["n"])
+    elif "calls" in step:
+        for tenant, queue in step["calls"]:
+            backend.call("acquire", tenant, queue=queue)
+    elif "counted" in step:
+        shared = backend.client.hgetall(backend.keys.shared)
+        assert {
+            f.decode(): int(v) for f, v in shared.items() if f.startswith((b"d:", b"w:"))
+        } == step["counted"]["shared"]
+        denials = backend.client.zrange(backend.keys.tenant_denials, 0, -1, withscores=True)
+        assert {t.decode(): n for t, n in denials} == step["counted"]["tenants"]
     elif "get" in step:
         assert backend.call("get_limit", step["get"]) == step["is"]
     elif "limits" in step:
@@ -1134,6 +1224,12 @@ def store_state(backend: Backend) -> dict[str, Any]:
             state[name] = [
                 {k.decode(): v.decode() for k, v in f.items() if k != b"at_ms"} for _, f in entries
             ]
+            continue
+        if client.type(key) == b"zset":
+            # The tenant denials' counts; slot holders' deadlines are times (left out).
+            members = client.zrange(key, 0, -1, withscores=True)
+            timed = key != backend.keys.tenant_denials
+            state[name] = {m.decode(): None if timed else n for m, n in members}
             continue
         fields = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
         # Times differ between the runs: bucket clocks (<field>:u), the tenant hash's expiry

@@ -141,7 +141,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         self._wakeup = Wakeup(lambda: self.consumer.timer, self._readmit)
         self._renew_timer: Any = None
         # Whether Redis answers, is out (the fail mode decides) or is broken (work is held).
-        self.health = RedisHealth(self.runtime.settings.fail_mode if self.runtime else "open")
+        self.health = RedisHealth(
+            self.runtime.settings.fail_mode if self.runtime else "open",
+            # What the fail mode decided meanwhile, into the namespace's counters.
+            on_back=self.runtime.limiter.report_fail_mode if self.runtime else None,
+        )
         self._durability_checked = False
         if self.runtime is not None:
             settings = self.runtime.settings
@@ -502,7 +506,10 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _unreachable(self, d: Delivery) -> Any:
         """Redis failed: the fail mode decides an outage; broken data in Redis (a script
         error) never runs work unchecked, whatever the fail mode: the task is held."""
-        if self._rt.settings.fail_mode == "open" and not self.health.broken:
+        if self.health.broken:
+            return self._keep(d)
+        self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
+        if self._rt.settings.fail_mode == "open":
             self.stats["failed_open"] += 1
             return d.run()
         return self._keep(d)

@@ -34,11 +34,18 @@ class RedisHealth:
     Args:
         fail_mode: the gate's fail mode, for the log.
         clock: seconds, monotonic (tests pass their own).
+        on_back: called when a call succeeds after failures (Redis is back).
     """
 
-    def __init__(self, fail_mode: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        fail_mode: str,
+        clock: Callable[[], float] = time.monotonic,
+        on_back: Callable[[], None] | None = None,
+    ) -> None:
         self.fail_mode = fail_mode
         self._clock = clock
+        self._on_back = on_back
         self.down_since: float | None = None
         self.broken = False  # the last failure was an error Redis answered with
         self._probe_at = 0.0
@@ -92,3 +99,8 @@ class RedisHealth:
                 )
             self.down_since = None
             self.broken = False
+            if self._on_back is not None:
+                try:
+                    self._on_back()
+                except Exception:  # (on the event loop: nothing may escape)
+                    log.exception("queue-ratelimit: error after Redis came back")
