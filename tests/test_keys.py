@@ -168,7 +168,7 @@ def test_every_key_the_scripts_write_is_named_by_keyspace(
     finally:
         redis_client.delete(plain)
     types = {
-        "config": "hash", "audit": "stream", "shared": "hash", "snapshot": "string",
+        "config": "hash", "audit": "stream", "shared": "hash", "snapshot": "string", "dt": "zset",
         "tenant": "hash", "slots": "zset", "record": "hash", "inflight": "zset",
         "lease": "hash", "meta": "hash", "payload": "hash", "lanes": "set", "active": "zset",
         "parked": "zset", "counts": "hash", "age": "zset", "classes": "zset",
