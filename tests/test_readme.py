@@ -9,7 +9,10 @@ The layout table names every module of the package.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,3 +139,37 @@ def test_the_layout_names_every_module() -> None:
         if module.endswith("/__init__"):
             continue  # the package rows name them
         assert f"| `{module}` |" in layout, f"{module} is missing from the README's layout"
+
+
+def test_the_examples_share_a_namespace_and_say_how_to_watch_it() -> None:
+    """#12: the examples used "example", "default" and "demo": a plain `top` showed nothing
+    for the Celery one."""
+    for path in ("examples/celery_app/proj.py", "examples/rq_app/enqueue.py"):
+        text = (ROOT / path).read_text(encoding="utf-8")
+        assert 'os.environ.get("QUEUE_RATELIMIT_NAMESPACE", "example")' in text, path
+        assert "queue-ratelimit --namespace example top" in text, path
+
+
+def test_the_rq_example_runs_in_its_namespace(redis_url: str, redis_client: redis.Redis) -> None:
+    folder = ROOT / "examples" / "rq_app"
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("QUEUE_RATELIMIT_NAMESPACE", None)
+    run = subprocess.run(
+        [sys.executable, "enqueue.py"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    try:
+        assert "watch it: queue-ratelimit --namespace example top" in run.stdout
+        assert "run them: queue-ratelimit --namespace example rq worker emails" in run.stdout
+        example = Limiter.from_url(redis_url, namespace="example")
+        assert example.get_limit("tenant:bigco").limit == Limit(25)
+        example.close()
+    finally:
+        keys = [*redis_client.scan_iter(match="qrl:{example}:*"), *redis_client.scan_iter("rq:*")]
+        if keys:
+            redis_client.delete(*keys)
