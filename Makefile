@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CHECKSUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(CHECKSUM)
+# The demo needs the package and the embedded engine only (fakeredis + lupa), not the
+# whole dev toolchain: a venv that has the dev extra already serves it as it is.
+DEMO_STAMP := $(VENV)/.demo-$(CHECKSUM)
 
 .PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean screenshot
 
@@ -22,7 +26,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -e $(STAMP) || $(PY) -m pip install --quiet -e '.[embedded]'
+	rm -f $(VENV)/.demo-*
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/queue-ratelimit demo
 
 lint: $(STAMP)

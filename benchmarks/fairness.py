@@ -22,6 +22,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -71,8 +72,10 @@ SCALE_ROUNDS = 20  # short interleaved rounds: paired ratios cancel slow load ch
 SCALE_SECONDS = 0.3
 SCALE_STAT_CALLS = 2_000
 SUBMIT_BATCH = 2_000
-# $QRL_FAIRNESS_PLOT overrides where the PNG goes; set it empty for no plot.
-PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "fairness.png"
+# The PNG goes outside the repository unless asked: $QRL_FAIRNESS_PLOT (or --plot) names
+# another path, docs/fairness.png to refresh the figure in docs/benchmarks.md; empty for none.
+PLOT_PATH = Path(tempfile.gettempdir()) / "qrl-bench" / "fairness.png"
+DOCS_PLOT = Path(__file__).resolve().parent.parent / "docs" / "fairness.png"
 
 
 # -- scenario description --------------------------------------------------------------------
@@ -954,7 +957,8 @@ def run(redis_url: str, seconds: float | None = None, plot: Path | None = None) 
         redis_url: a server the benchmark may flush.
         seconds: measured seconds per scenario; default ``$QRL_FAIRNESS_SECONDS``, then
             ``$QRL_BENCH_SECONDS``, then 10 (the utilisation scenario measures at least 10).
-        plot: where to write the PNG; default ``$QRL_FAIRNESS_PLOT`` or docs/fairness.png.
+        plot: where to write the PNG; default ``$QRL_FAIRNESS_PLOT``, else a file in the
+            temporary folder (never the tracked docs/fairness.png unless named).
     """
     plot = plot or _default_plot()
     if seconds is None:
@@ -1052,6 +1056,7 @@ def run(redis_url: str, seconds: float | None = None, plot: Path | None = None) 
     if plot is not None:
         from ._fairness_plot import plot_runs
 
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_runs(runs, scale, plot)
         result["plot"] = str(plot)
     admin.close()
@@ -1073,7 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
         "$QRL_BENCH_SECONDS or 10; the utilisation scenario runs at least 10)",
     )
     parser.add_argument(
-        "--plot", help="PNG path (default $QRL_FAIRNESS_PLOT or docs/fairness.png; '' for none)"
+        "--plot",
+        help=f"PNG path (default $QRL_FAIRNESS_PLOT or {PLOT_PATH}; '' for none; "
+        f"{DOCS_PLOT.relative_to(DOCS_PLOT.parent.parent)} refreshes the documented figure)",
     )
     args = parser.parse_args(argv)
     if not args.redis_url:

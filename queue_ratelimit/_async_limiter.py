@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from ._client import REDIS_TIMEOUT, async_redis_client
 from ._concurrency import CONCURRENCY_PREFIX
-from ._config import ConfigSpec, parse_config
+from ._config import ConfigSpec, parse_config, seed_calls
 from ._core import (
     DEFAULT_HOLD,
     AuditEntry,
@@ -28,7 +28,7 @@ from ._decision import Decision, ScopeLimit, Slot
 from ._durability import EvictionStatus, aeviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._limit import Limit
-from ._preview import RECORD_FIELD, Preview
+from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
 from ._urls import check_redis_url
 
@@ -185,7 +185,7 @@ class AsyncLimiter(LimiterBase):
         return await self._run_config(self._core.config_call(op, "mode:shadow", "1", actor))
 
     async def set_recording(self, seconds: float | None, *, actor: str = "api") -> int:
-        return await self._run_config(self._core.set_recording_call(seconds, actor))
+        return await self._run_config(recording_call(self._core, seconds, actor))
 
     async def recording(self) -> float | None:
         with redis_errors():
@@ -196,14 +196,14 @@ class AsyncLimiter(LimiterBase):
         self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
     ) -> Preview:
         with redis_errors():
-            config, keys, since, window_s, now = self._core.preview_reads(
-                await self._config_hash(), window, await self.client.time()
+            config, keys, since, window_s, now = preview_reads(
+                self._core, await self._config_hash(), window, await self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
             minutes = await pipe.execute()
-        return self._core.preview(scope, limit, config, keys, minutes, since, window_s, now)
+        return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     async def config_version(self) -> int:
         with redis_errors():
@@ -220,7 +220,7 @@ class AsyncLimiter(LimiterBase):
         spec = config if isinstance(config, ConfigSpec) else parse_config(config)
         present = {f.decode() if isinstance(f, bytes) else f for f in await self._config_hash()}
         written = []
-        for field, call in self._core.seed_calls(spec, present, overwrite, actor):
+        for field, call in seed_calls(self._core, spec, present, overwrite, actor):
             await self._run_config(call)
             written.append(field)
         return written

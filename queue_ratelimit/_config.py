@@ -23,10 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._concurrency import check_concurrency
+from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
+from ._core import LimiterCore, ScriptCall
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
-from ._preview import recording_value
+from ._preview import RECORD_FIELD, recording_call, recording_value
 from ._scopes import _shown, check_name, scope_name
 
 ENV_PREFIX = "QUEUE_RATELIMIT_"
@@ -159,3 +160,27 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | No
                 f"got {_shown(n)}"
             ) from None
     return parse_config({"limits": limits, "concurrency": caps})
+
+
+def seed_calls(
+    core: LimiterCore, spec: ConfigSpec, present: set[str], overwrite: bool, actor: str
+) -> list[tuple[str, ScriptCall]]:
+    """The config writes that seed ``spec`` (fields already ``present`` kept unless
+    ``overwrite``): Redis holds the truth, static configuration only fills gaps."""
+    calls: list[tuple[str, ScriptCall]] = []
+    for scope, (limit, shadow) in spec.limits.items():
+        if overwrite or scope not in present:
+            calls.append((scope, core.set_limit_call(scope, limit, shadow, actor)))
+    for tenant, mode in spec.exempt.items():
+        field = f"exempt:{tenant}"
+        if overwrite or field not in present:
+            calls.append((field, core.set_exempt_call(tenant, mode, actor)))  # type: ignore[arg-type]
+    if spec.shadow and (overwrite or "mode:shadow" not in present):
+        calls.append(("mode:shadow", core.config_call("set", "mode:shadow", "1", actor)))
+    if spec.record is not None and (overwrite or RECORD_FIELD not in present):
+        calls.append((RECORD_FIELD, recording_call(core, spec.record, actor)))
+    for scope, n in spec.concurrency.items():
+        field = CONCURRENCY_PREFIX + scope
+        if overwrite or field not in present:
+            calls.append((field, core.set_concurrency_call(scope, n, actor)))
+    return calls

@@ -28,7 +28,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
-from ._config import ConfigSpec
 from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
 from ._durability import EvictionMode, check_eviction_mode
 from ._errors import (
@@ -43,14 +42,6 @@ from ._errors import (
 )
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
 from ._limit import Limit
-from ._preview import (
-    RECORD_FIELD,
-    Preview,
-    build_preview,
-    recorded_minutes,
-    recording_kept,
-    recording_value,
-)
 from ._scopes import Scope, _shown, check_name, check_priority, scope_name
 from ._scripts import Scripts
 
@@ -410,65 +401,6 @@ class LimiterCore:
         if mode not in ("tenant", "all"):
             raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {_shown(mode)}")
         return self.config_call("set", field, mode, actor)
-
-    def set_recording_call(self, seconds: float | None, actor: str) -> ScriptCall:
-        if seconds is None:
-            return self.config_call("del", RECORD_FIELD, "", actor)
-        return self.config_call("set", RECORD_FIELD, recording_value(seconds), actor)
-
-    def preview_reads(
-        self, config: dict[object, object], window: float | None, now: tuple[int, int]
-    ) -> tuple[dict[str, str], list[str], int, float, float]:
-        """For a preview: the config as text, the minute hashes to read, the first second
-        to replay, the window and now (Redis ``TIME``) in seconds."""
-        text = {_text(k): _text(v) for k, v in config.items()}
-        kept = recording_kept(text)
-        window_s = kept if window is None else check_positive("window", window, kept)
-        at = now[0] + now[1] / 1e6
-        keys, since = recorded_minutes(self.keys, window_s, at)
-        return text, keys, since, window_s, at
-
-    @staticmethod
-    def preview(
-        scope: str | Scope,
-        limit: Limit | str,
-        config: dict[str, str],
-        keys: list[str],
-        minutes: list[dict[object, object]],
-        since: int,
-        window_s: float,
-        now: float,
-    ) -> Preview:
-        parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
-        proposed = _as_limit(limit)
-        read = {
-            key: {_text(f): _text(v) for f, v in fields.items()}
-            for key, fields in zip(keys, minutes, strict=True)
-        }
-        return build_preview(config, read, parsed, proposed, since, window_s, now)
-
-    def seed_calls(
-        self, spec: ConfigSpec, present: set[str], overwrite: bool, actor: str
-    ) -> list[tuple[str, ScriptCall]]:
-        """The config writes that seed ``spec`` (fields already ``present`` kept unless
-        ``overwrite``): Redis holds the truth, static configuration only fills gaps."""
-        calls: list[tuple[str, ScriptCall]] = []
-        for scope, (limit, shadow) in spec.limits.items():
-            if overwrite or scope not in present:
-                calls.append((scope, self.set_limit_call(scope, limit, shadow, actor)))
-        for tenant, mode in spec.exempt.items():
-            field = f"exempt:{tenant}"
-            if overwrite or field not in present:
-                calls.append((field, self.set_exempt_call(tenant, mode, actor)))  # type: ignore[arg-type]
-        if spec.shadow and (overwrite or "mode:shadow" not in present):
-            calls.append(("mode:shadow", self.config_call("set", "mode:shadow", "1", actor)))
-        if spec.record is not None and (overwrite or RECORD_FIELD not in present):
-            calls.append((RECORD_FIELD, self.set_recording_call(spec.record, actor)))
-        for scope, n in spec.concurrency.items():
-            field = CONCURRENCY_PREFIX + scope
-            if overwrite or field not in present:
-                calls.append((field, self.set_concurrency_call(scope, n, actor)))
-        return calls
 
     @staticmethod
     def config_version(reply: list[object], field: str, must_exist: bool) -> int:

@@ -83,6 +83,8 @@ class LimitNotFound(RateLimitError, KeyError):
 
     def __str__(self) -> str:
         kind, _, name = self.scope.partition(":")
+        if self.scope == "mode:record":
+            return "traffic is not being recorded"
         if kind == "weight":
             return f"no weight is set for {name!r}"
         if kind == "exempt":

@@ -35,6 +35,12 @@ _NUMBER = r"(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
 # pattern over the whole text with optional parts between spaces took 70 s on 100 KB.)
 _RATE_RE = re.compile(_NUMBER)
 _PER_RE = re.compile(rf"(?P<count>{_NUMBER})?+\s*+(?P<unit>[a-zA-Z]++)")
+# The portable form of a limit, as a JSON-schema pattern (the admin API's document): every
+# text it matches is within the bounds above, so a client that checks against it is never
+# refused. 999999/ms is 9.99999e8/s, 1/99d is 1.17e-7/s; parse also reads more (0.5/s,
+# 1e3/m, 100/second, spaces).
+_DOC_UNIT = "|".join(sorted(_UNITS, key=len, reverse=True))  # "seconds" before "s"
+LIMIT_PATTERN = rf"^[1-9][0-9]{{0,5}}/([1-9][0-9]?)?({_DOC_UNIT})$"
 _SYNTAX = "expected '<rate>/<unit>' or '<rate>/<n><unit>' such as '100/s', '6000/m' or '5/2s'"
 
 

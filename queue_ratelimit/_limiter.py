@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 from ._client import REDIS_TIMEOUT, redis_client
 from ._concurrency import CONCURRENCY_PREFIX
-from ._config import ConfigSpec, parse_config
+from ._config import ConfigSpec, parse_config, seed_calls
 from ._core import (
     DEFAULT_HOLD,
     AuditEntry,
@@ -25,7 +25,7 @@ from ._decision import Decision, ScopeLimit, Slot
 from ._durability import EvictionStatus, eviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._limit import Limit
-from ._preview import RECORD_FIELD, Preview
+from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
 from ._urls import check_redis_url
 
@@ -265,7 +265,7 @@ class Limiter(LimiterBase):
         86,400); ``None`` stops recording. Each decision then also counts its cost (or its
         denial) in a per-second record: one more ``redis.call`` per decision, and memory
         that grows with the active (tenant, queue) pairs per second kept."""
-        return self._run_config(self._core.set_recording_call(seconds, actor))
+        return self._run_config(recording_call(self._core, seconds, actor))
 
     def recording(self) -> float | None:
         """Seconds of traffic kept for previews, or None when recording is off."""
@@ -289,14 +289,14 @@ class Limiter(LimiterBase):
             ConfigError: recording is off, or ``window`` is outside what it keeps.
         """
         with redis_errors():
-            config, keys, since, window_s, now = self._core.preview_reads(
-                self.client.hgetall(self._core.keys.config), window, self.client.time()
+            config, keys, since, window_s, now = preview_reads(
+                self._core, self.client.hgetall(self._core.keys.config), window, self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
             minutes = pipe.execute()
-        return self._core.preview(scope, limit, config, keys, minutes, since, window_s, now)
+        return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     def config_version(self) -> int:
         """A number that grows with every configuration change."""
@@ -324,7 +324,7 @@ class Limiter(LimiterBase):
                 for f in self.client.hkeys(self._core.keys.config)
             }
         written = []
-        for field, call in self._core.seed_calls(spec, present, overwrite, actor):
+        for field, call in seed_calls(self._core, spec, present, overwrite, actor):
             self._run_config(call)
             written.append(field)
         return written

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ._core import LimiterCore, ScriptCall, _as_limit, _text, check_positive
 from ._decision import decode_limit, format_limit
 from ._errors import ConfigError
 from ._keys import KeySpace
@@ -289,6 +290,45 @@ def build_preview(
         window_s,
         now,
     )
+
+
+def recording_call(core: LimiterCore, seconds: float | None, actor: str) -> ScriptCall:
+    """The config write that keeps ``seconds`` of traffic for previews (None: stop)."""
+    if seconds is None:
+        return core.config_call("del", RECORD_FIELD, "", actor)
+    return core.config_call("set", RECORD_FIELD, recording_value(seconds), actor)
+
+
+def preview_reads(
+    core: LimiterCore, config: Mapping[object, object], window: float | None, now: tuple[int, int]
+) -> tuple[dict[str, str], list[str], int, float, float]:
+    """For a preview: the config as text, the minute hashes to read, the first second to
+    replay, the window and now (Redis ``TIME``) in seconds."""
+    text = {_text(k): _text(v) for k, v in config.items()}
+    kept = recording_kept(text)
+    window_s = kept if window is None else check_positive("window", window, kept)
+    at = now[0] + now[1] / 1e6
+    keys, since = recorded_minutes(core.keys, window_s, at)
+    return text, keys, since, window_s, at
+
+
+def preview_read(
+    scope: str | Scope,
+    limit: Limit | str,
+    config: dict[str, str],
+    keys: list[str],
+    minutes: list[dict[object, object]],
+    since: int,
+    window_s: float,
+    now: float,
+) -> Preview:
+    """The preview from the replies to what ``preview_reads`` asked for."""
+    parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+    read = {
+        key: {_text(f): _text(v) for f, v in fields.items()}
+        for key, fields in zip(keys, minutes, strict=True)
+    }
+    return build_preview(config, read, parsed, _as_limit(limit), since, window_s, now)
 
 
 def preview_fields(result: Preview, top: int = 20) -> dict[str, object]:

@@ -12,12 +12,19 @@ from ._errors import InvalidName, InvalidScope
 
 # Colons separate key parts, braces are Redis Cluster hash tags, "*" marks a default scope,
 # and whitespace or control characters make keys unreadable in redis-cli: none may appear.
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=\-/]{0,127}$")
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+=\-/]{0,127}"
+PRIORITY_PATTERN = r"[a-z][a-z0-9_]{0,31}"
+_NAME_RE = re.compile(NAME_PATTERN)
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
-_PRIORITY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_PRIORITY_RE = re.compile(PRIORITY_PATTERN)
 ANY_TENANT = "*"
 MAX_ITEM_ID = 256
 _SPACE_RE = re.compile(r"\s")
+# Every scope Scope.parse reads, and the concrete ones (no default): for documents such as
+# the admin API's OpenAPI schema, where a pattern must say exactly what is accepted.
+_Q = rf"queue:{NAME_PATTERN}"
+SCOPE_PATTERN = rf"^(global|{_Q}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
+CONCRETE_SCOPE_PATTERN = rf"^(global|{_Q}|tenant:{NAME_PATTERN}(:{_Q})?)$"
 
 ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
 

@@ -13,11 +13,17 @@ CLI, so it applies to the next decision in every worker. Every route but ``/heal
 log names the admin token that acted by a fingerprint, ``admin[<8 hex digits>]``, never the
 token itself, and an ``X-Actor`` header adds who is changing things
 (``admin[1a2b3c4d]:alice``). Errors come back as ``{"error": <kind>, "detail": <what to
-fix>}``, with any input they quote cut short: 400 for bad input, 401 without a valid token,
-403 for a change asked with the read-only token, 404 for an unknown scope, 413 for a body
-over 16 KiB (refused before it is read), 422 for a body of the wrong shape, 503 while Redis
-is unreachable (the served client waits at most its timeout: ``Limiter.from_url``), 500 when
-Redis answers with an error (``BackendError``). Needs the ``admin`` extra (FastAPI).
+fix>}``, with any input they quote cut short: 400 for any bad input (a malformed body, a
+value out of range, an invalid name or limit), 401 without a valid token, 403 for a change
+asked with the read-only token, 404 for something that is not set (a ``GET`` or a
+``DELETE`` of it: a delete never answers 200 for nothing), 409 for a preview the namespace's
+state refuses (recording off, or a window longer than it keeps), 413 for a body over 16 KiB
+(refused before it is read), 503 while Redis is unreachable (the served client waits at
+most its timeout: ``Limiter.from_url``), 500 when Redis answers with an error
+(``BackendError``: broken data, not the request's fault). Names may hold ``/``
+(``/limits/tenant:a/b``, or ``%2F``). The OpenAPI document (``/openapi.json``) states each
+route's answers and every pattern and range; ``/docs`` (Swagger UI) and ``/redoc`` are served
+from the package, so they work offline. Needs the ``admin`` extra (FastAPI).
 
 Routes: ``/limits[/{scope}]`` (rate limits), ``/concurrency[/{scope}]`` (concurrency caps,
 ``{"jobs": n}``, with the jobs running under each), ``/exemptions/{tenant}``, ``/shadow``,
@@ -30,104 +36,75 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi.types import DecoratedCallable
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from ._admin_models import (
+    DELETES,
+    READ_ONE,
+    READS,
+    WRITES,
+    ActorHeader,
+    Answers,
+    BucketOut,
+    ConcreteScopePath,
+    ConcurrencyIn,
+    ConcurrencyOut,
+    CountQuery,
+    ExemptIn,
+    LimitIn,
+    LimitOut,
+    PreviewIn,
+    PriorityPath,
+    RecordingIn,
+    ScopePath,
+    ShadowIn,
+    TenantPath,
+    TenantWeightPath,
+    TopQuery,
+    Version,
+    WeightIn,
+    answers,
+)
 from ._core import redis_errors
 from ._decision import ScopeLimit, limit_fields
 from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
-from ._preview import preview_fields
-from ._scheduler import MAX_WEIGHT, MIN_WEIGHT, FairScheduler
+from ._preview import RECORD_FIELD, preview_fields
+from ._scheduler import FairScheduler
 from ._scopes import _shown, check_name, scope_name
 from .metrics import RateLimitCollector, bucket_state, snapshot
+
+
+class _Name(PathConvertor):
+    """A name or scope in a path: anything up to the end, ``/`` and line breaks included
+    (Starlette's ``path`` stops at a line break, and the route would be a bare 404), so
+    that the library's own check answers a bad one with 400 and a reason."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("name", _Name())
 
 # Every body this API takes is a few dozen bytes; anything near this is an attack or a
 # mistake, refused before it is read (a 40 KB limit text once held the server for 11 s).
 MAX_BODY_BYTES = 16 * 1024
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LimitIn(_Body):
-    limit: str = Field(description='Rate: "100/s", "6000/m", "10/h", "5/2s".', examples=["100/s"])
-    burst: float | None = Field(None, description="Bucket capacity (default: one period).")
-    shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
-
-
-class LimitOut(BaseModel):
-    scope: str
-    limit: str = Field(description='As written: "100/s", "6000/m", "5/2s".')
-    rate: float
-    per: float
-    burst: float
-    rate_per_second: float
-    shadow: bool
-
-
-class PreviewIn(LimitIn):
-    window: float | None = Field(
-        None, gt=0, description="Seconds of recorded traffic to replay (default: all kept)."
-    )
-
-
-class RecordingIn(_Body):
-    seconds: float = Field(description="Seconds of traffic to keep for previews (60-86400).")
-
-
-class Version(BaseModel):
-    version: int = Field(description="The configuration version after the change.")
-
-
-class ExemptIn(_Body):
-    mode: Literal["tenant", "all"] = Field(
-        description='"tenant": skips its tenant caps; "all": the global and queue caps too.'
-    )
-
-
-class ConcurrencyIn(_Body):
-    jobs: StrictInt = Field(description="At most this many jobs of the scope at once (1-1e6).")
-
-
-class ConcurrencyOut(BaseModel):
-    scope: str
-    cap: int = Field(description="Jobs of the scope allowed to run at once.")
-    running: int | None = Field(
-        description="Jobs holding a slot now; null for a default (each tenant counts its own)."
-    )
-
-
-class ShadowIn(_Body):
-    enabled: bool
-
-
-class WeightIn(_Body):
-    weight: float = Field(
-        description=f"Share of a contended budget (relative), {MIN_WEIGHT:g} to {MAX_WEIGHT:g}."
-    )
-
-
-class BucketOut(BaseModel):
-    scope: str
-    limit_scope: str = Field(description="Where its limit comes from (e.g. tenant:*).")
-    limit: LimitOut
-    tokens: float
-    burst: float
-    fill: float
-    wait_ms_for_one: float = Field(description="How long until one token is there.")
-    updated_at_ms: float | None = Field(description="Last change of its state (Redis clock).")
 
 
 def _limit_out(item: ScopeLimit) -> LimitOut:
@@ -174,7 +151,6 @@ class _Tokens:
 # Annotations are resolved in this module's namespace (by FastAPI), so what they name lives here.
 _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-WeightKind = Literal["tenant", "priority"]
 
 
 def _tokens(request: Request) -> _Tokens:
@@ -187,16 +163,15 @@ def _reader(request: Request, credentials: Credentials) -> None:
     _tokens(request).role(credentials)
 
 
-def _actor(
-    request: Request, credentials: Credentials, x_actor: Annotated[str | None, Header()] = None
-) -> str:
+def _actor(request: Request, credentials: Credentials, x_actor: ActorHeader = None) -> str:
     """Only the admin token may change things; the audit log names it by its fingerprint,
     and the ``X-Actor`` header after it: ``admin[1a2b3c4d]:alice``, or ``admin[1a2b3c4d]``."""
     tokens = _tokens(request)
     if tokens.role(credentials) != "admin":
         raise _Forbidden
     who = f"admin[{tokens.admin_label}]"
-    return f"{who}:{check_name('actor', x_actor)}" if x_actor else who
+    # An empty header is a mistake like any other bad name, not "no actor".
+    return who if x_actor is None else f"{who}:{check_name('actor', x_actor)}"
 
 
 Actor = Annotated[str, Depends(_actor)]
@@ -300,7 +275,7 @@ def create_app(
     if token and read_token and hmac.compare_digest(token.encode(), read_token.encode()):
         raise ValueError("the read-only token must differ from the admin token")
     sched = scheduler or FairScheduler(limiter)
-    app = FastAPI(
+    app = _offline_app(
         title="queue-ratelimit admin",
         version=__version__,
         description=f"Limits of namespace {limiter.namespace!r}, changed at run time.",
@@ -312,37 +287,11 @@ def create_app(
         admin_label=fingerprint(token) if token else "no-token",
     )
     app.add_middleware(_BodyLimit)
+    _add_error_handlers(app)
+    _document_errors_only_as_sent(app)
+    route = _Routes(app)
 
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
-        response = _error(401, "Unauthorized", "send Authorization: Bearer <admin token>")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-
-    @app.exception_handler(_Forbidden)
-    async def forbidden(request: Request, exc: _Forbidden) -> JSONResponse:
-        detail = "the read-only token may only read (GET); changes need the admin token"
-        return _error(403, "Forbidden", detail)
-
-    @app.exception_handler(_TooLarge)
-    async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
-        return _too_large()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "ValidationError", _validation_detail(exc))
-
-    @app.exception_handler(RateLimitError)
-    async def rate_limit_error(request: Request, exc: RateLimitError) -> JSONResponse:
-        if isinstance(exc, LimitNotFound):
-            return _error(404, type(exc).__name__, str(exc).strip("'\""))
-        if isinstance(exc, BackendUnavailable):
-            return _error(503, type(exc).__name__, str(exc))
-        if isinstance(exc, BackendError):  # broken data in Redis, not the request's fault
-            return _error(500, type(exc).__name__, str(exc))
-        return _error(400, type(exc).__name__, str(exc))
-
-    @app.get("/healthz", summary="Redis reachable? Does it evict keys?")
+    @app.get("/healthz", summary="Redis reachable? Does it evict keys?", responses=answers())
     def healthz() -> dict[str, object]:
         with redis_errors():
             limiter.client.ping()
@@ -350,73 +299,73 @@ def create_app(
         eviction = limiter.eviction_status().as_dict()
         return {"status": "ok", "namespace": limiter.namespace, "eviction": eviction}
 
-    @app.get("/limits", dependencies=[Auth], summary="Every configured limit")
+    @route.get("/limits", "Every configured limit", READS)
     def list_limits() -> list[LimitOut]:
         with redis_errors():
             return [_limit_out(item) for item in limiter.limits().values()]
 
-    @app.get("/limits/{scope}", dependencies=[Auth], summary="One scope's limit")
-    def get_limit(scope: str) -> LimitOut:
+    @route.get("/limits/{scope:name}", "One scope's limit")
+    def get_limit(scope: ScopePath) -> LimitOut:
         return _limit_out(limiter.get_limit(scope))
 
-    @app.put("/limits/{scope}", dependencies=[Auth], summary="Set a scope's limit")
-    def set_limit(scope: str, body: LimitIn, who: Actor) -> Version:
+    @route.put("/limits/{scope:name}", "Set a scope's limit")
+    def set_limit(scope: ScopePath, body: LimitIn, who: Actor) -> Version:
         limit = Limit.parse(body.limit, burst=body.burst)
         return Version(version=limiter.set_limit(scope, limit, shadow=body.shadow, actor=who))
 
-    @app.post(
-        "/limits/{scope}/preview",
-        dependencies=[Auth],
-        summary="What a proposed limit would have done to recorded traffic (changes nothing)",
+    @route.post(
+        "/preview/{scope:name}",
+        "What a proposed limit would have done to recorded traffic (changes nothing)",
+        answers(400, 409, 413),
     )
-    def preview(
-        scope: str, body: PreviewIn, top: Annotated[int, Query(ge=0, le=1000)] = 20
-    ) -> dict[str, Any]:
+    def preview(scope: ScopePath, body: PreviewIn, top: TopQuery = 20) -> dict[str, Any]:
+        name = scope_name(scope)
         limit = Limit.parse(body.limit, burst=body.burst)
-        return preview_fields(limiter.preview(scope, limit, window=body.window), top)
+        _check_recording(limiter, body.window)
+        return preview_fields(limiter.preview(name, limit, window=body.window), top)
 
-    @app.get("/recording", dependencies=[Auth], summary="Traffic recording for previews")
+    @route.get("/recording", "Traffic recording for previews", READS)
     def recording() -> dict[str, float | None]:
         return {"seconds": limiter.recording()}
 
-    @app.put("/recording", dependencies=[Auth], summary="Record traffic for previews")
+    @route.put("/recording", "Record traffic for previews")
     def record(body: RecordingIn, who: Actor) -> Version:
         return Version(version=limiter.set_recording(body.seconds, actor=who))
 
-    @app.delete("/recording", dependencies=[Auth], summary="Stop recording traffic")
+    @route.delete("/recording", "Stop recording traffic")
     def stop_recording(who: Actor) -> Version:
-        return Version(version=limiter.set_recording(None, actor=who))
+        return _deleted(limiter.set_recording(None, actor=who), RECORD_FIELD)
 
-    @app.delete("/limits/{scope}", dependencies=[Auth], summary="Remove a scope's limit")
-    def delete_limit(scope: str, who: Actor) -> Version:
+    @route.delete("/limits/{scope:name}", "Remove a scope's limit")
+    def delete_limit(scope: ScopePath, who: Actor) -> Version:
         return Version(version=limiter.delete_limit(scope, actor=who))
 
     def _cap_out(scope: str, cap: int) -> ConcurrencyOut:
         running = None if "*" in scope else limiter.running(scope)
         return ConcurrencyOut(scope=scope, cap=cap, running=running)
 
-    @app.get("/concurrency", dependencies=[Auth], summary="Every concurrency cap")
+    @route.get("/concurrency", "Every concurrency cap", READS)
     def list_concurrency() -> list[ConcurrencyOut]:
         with redis_errors():
             return [_cap_out(scope, cap) for scope, cap in limiter.concurrency().items()]
 
-    @app.get("/concurrency/{scope}", dependencies=[Auth], summary="One scope's concurrency cap")
-    def get_concurrency(scope: str) -> ConcurrencyOut:
+    @route.get("/concurrency/{scope:name}", "One scope's concurrency cap")
+    def get_concurrency(scope: ScopePath) -> ConcurrencyOut:
         cap = limiter.get_concurrency(scope)
         if cap is None:
             raise LimitNotFound(f"conc:{scope}")
         return _cap_out(scope_name(scope), cap)
 
-    @app.put("/concurrency/{scope}", dependencies=[Auth], summary="Cap a scope's running jobs")
-    def set_concurrency(scope: str, body: ConcurrencyIn, who: Actor) -> Version:
+    @route.put("/concurrency/{scope:name}", "Cap a scope's running jobs")
+    def set_concurrency(scope: ScopePath, body: ConcurrencyIn, who: Actor) -> Version:
         return Version(version=limiter.set_concurrency(scope, body.jobs, actor=who))
 
-    @app.delete("/concurrency/{scope}", dependencies=[Auth], summary="Remove a concurrency cap")
-    def delete_concurrency(scope: str, who: Actor) -> Version:
+    @route.delete("/concurrency/{scope:name}", "Remove a concurrency cap")
+    def delete_concurrency(scope: ScopePath, who: Actor) -> Version:
         return Version(version=limiter.set_concurrency(scope, None, actor=who))
 
-    @app.get("/scopes/{scope}", dependencies=[Auth], summary="A scope's live bucket")
-    def scope_state(scope: str) -> BucketOut:
+    @route.get("/scopes/{scope:name}", "A scope's live bucket")
+    def scope_state(scope: ConcreteScopePath) -> BucketOut:
         state = bucket_state(limiter, scope)
         return BucketOut(
             scope=state["scope"],
@@ -429,51 +378,42 @@ def create_app(
             updated_at_ms=state["updated_at_ms"],
         )
 
-    @app.get("/exemptions", dependencies=[Auth], summary="Exempt (VIP) tenants")
+    @route.get("/exemptions", "Exempt (VIP) tenants", READS)
     def exemptions() -> dict[str, str]:
         with redis_errors():
             return dict(limiter.exemptions())
 
-    @app.put("/exemptions/{tenant}", dependencies=[Auth], summary="Exempt a tenant")
-    def exempt(tenant: str, body: ExemptIn, who: Actor) -> Version:
+    @route.put("/exemptions/{tenant:name}", "Exempt a tenant")
+    def exempt(tenant: TenantPath, body: ExemptIn, who: Actor) -> Version:
         return Version(version=limiter.set_exempt(tenant, body.mode, actor=who))
 
-    @app.delete("/exemptions/{tenant}", dependencies=[Auth], summary="End an exemption")
-    def unexempt(tenant: str, who: Actor) -> Version:
-        return Version(version=limiter.set_exempt(tenant, None, actor=who))
+    @route.delete("/exemptions/{tenant:name}", "End an exemption")
+    def unexempt(tenant: TenantPath, who: Actor) -> Version:
+        return _deleted(limiter.set_exempt(tenant, None, actor=who), f"exempt:{tenant}")
 
-    @app.put("/shadow", dependencies=[Auth], summary="Shadow (dry-run) mode for every scope")
+    @route.put("/shadow", "Shadow (dry-run) mode for every scope")
     def shadow(body: ShadowIn, who: Actor) -> Version:
         return Version(version=limiter.set_shadow(body.enabled, actor=who))
 
-    @app.get("/weights", dependencies=[Auth], summary="Fair-scheduling weights")
+    @route.get("/weights", "Fair-scheduling weights", READS)
     def weights() -> dict[str, float]:
         with redis_errors():
             return sched.weights()
 
-    def change_weight(kind: WeightKind, name: str, weight: float | None, who: str) -> Version:
-        setter = sched.set_tenant_weight if kind == "tenant" else sched.set_priority_weight
-        return Version(version=setter(name, weight, actor=who))
+    _weight_routes(route, "tenant", TenantWeightPath, sched.set_tenant_weight)
+    _weight_routes(route, "priority", PriorityPath, sched.set_priority_weight)
 
-    @app.put("/weights/{kind}/{name}", dependencies=[Auth], summary="Set a weight")
-    def set_weight(kind: WeightKind, name: str, body: WeightIn, who: Actor) -> Version:
-        return change_weight(kind, name, body.weight, who)
-
-    @app.delete("/weights/{kind}/{name}", dependencies=[Auth], summary="Back to the default")
-    def delete_weight(kind: WeightKind, name: str, who: Actor) -> Version:
-        return change_weight(kind, name, None, who)
-
-    @app.get("/audit", dependencies=[Auth], summary="Recent configuration changes")
-    def audit(count: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[dict[str, Any]]:
+    @route.get("/audit", "Recent configuration changes", answers(400))
+    def audit(count: CountQuery = 100) -> list[dict[str, Any]]:
         with redis_errors():
             return [dataclasses.asdict(entry) for entry in limiter.audit_log(count=count)]
 
-    @app.get("/snapshot", dependencies=[Auth], summary="Counters, buckets, backlogs")
+    @route.get("/snapshot", "Counters, buckets, backlogs", READS)
     def snap() -> dict[str, Any]:
         with redis_errors():
             return snapshot(limiter)
 
-    @app.get("/metrics", dependencies=[Auth], summary="Prometheus text format")
+    @route.get("/metrics", "Prometheus text format", READS, response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -486,12 +426,187 @@ def create_app(
     return app
 
 
+class _Routes:
+    """The routes' decorators: every route here wants a token (``Auth``: either one; a
+    change also names the admin token through ``Actor``), and each kind of route documents
+    the errors it can answer (a read of one thing READ_ONE, a change WRITES, a delete
+    DELETES)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def get(
+        self, path: str, summary: str, responses: Answers = READ_ONE, **kw: Any
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        return self.app.get(path, dependencies=[Auth], summary=summary, responses=responses, **kw)
+
+    def post(
+        self, path: str, summary: str, responses: Answers
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        return self.app.post(path, dependencies=[Auth], summary=summary, responses=responses)
+
+    def put(
+        self, path: str, summary: str, name: str | None = None
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        return self.app.put(path, dependencies=[Auth], summary=summary, responses=WRITES, name=name)
+
+    def delete(
+        self, path: str, summary: str, name: str | None = None
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        return self.app.delete(
+            path, dependencies=[Auth], summary=summary, responses=DELETES, name=name
+        )
+
+
+def _weight_routes(
+    route: _Routes, kind: str, name_type: object, setter: Callable[..., int]
+) -> None:
+    """PUT and DELETE ``/weights/<kind>/{name}``: a tenant's or a priority's weight, each
+    kind with its own name pattern."""
+
+    def set_weight(name: str, body: WeightIn, who: Actor) -> Version:
+        return Version(version=setter(name, body.weight, actor=who))
+
+    def delete_weight(name: str, who: Actor) -> Version:
+        return Version(version=setter(name, None, actor=who))
+
+    for endpoint in (set_weight, delete_weight):
+        endpoint.__annotations__["name"] = name_type  # FastAPI documents and reads it
+    path = f"/weights/{kind}/{{name:name}}"
+    route.put(path, f"Set a {kind}'s weight", name=f"set_{kind}")(set_weight)
+    route.delete(path, f"A {kind}'s weight back to the default", name=f"delete_{kind}")(
+        delete_weight
+    )
+
+
+def _offline_app(**kwargs: Any) -> FastAPI:
+    """A FastAPI app whose ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and
+    styles from this server (the fastapi-offline package ships them), not from a CDN: the
+    pages work on a network with no way out."""
+    from fastapi_offline import FastAPIOffline
+
+    app: FastAPI = FastAPIOffline(**kwargs)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": <kind>, "detail": <what to fix>}``, with one status per
+    kind of mistake (bad input is 400, however it is bad)."""
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        response = _error(401, "Unauthorized", "send Authorization: Bearer <admin token>")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(_Forbidden)
+    async def forbidden(request: Request, exc: _Forbidden) -> JSONResponse:
+        detail = "the read-only token may only read (GET); changes need the admin token"
+        return _error(403, "Forbidden", detail)
+
+    @app.exception_handler(_Conflict)
+    async def conflict(request: Request, exc: _Conflict) -> JSONResponse:
+        return _error(409, "Conflict", str(exc))
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
+        return _too_large()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's and Starlette's own: no route (404), a body it cannot read (400), a
+        # method the path does not take (405, with every method the path does take).
+        kind = HTTPStatus(exc.status_code).phrase.replace(" ", "")
+        response = _error(exc.status_code, kind, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_methods_at(app, request.scope))
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "ValidationError", _validation_detail(exc))
+
+    @app.exception_handler(RateLimitError)
+    async def rate_limit_error(request: Request, exc: RateLimitError) -> JSONResponse:
+        if isinstance(exc, LimitNotFound):
+            return _error(404, type(exc).__name__, str(exc))
+        if isinstance(exc, BackendUnavailable):
+            return _error(503, type(exc).__name__, str(exc))
+        if isinstance(exc, BackendError):  # broken data in Redis, not the request's fault
+            return _error(500, type(exc).__name__, str(exc))
+        return _error(400, type(exc).__name__, str(exc))
+
+
+def _document_errors_only_as_sent(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; this API answers bad input
+    with 400 (documented per route), so the 422s and their schemas are left out."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    responses = operation.get("responses", {})
+                    responses.pop("422", None)
+                    for status, response in responses.items():
+                        if status.startswith(("4", "5")):  # JSON, whatever the route sends
+                            response["content"] = error
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _methods_at(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+def _check_recording(limiter: Limiter, window: float | None) -> None:
+    """A preview needs recording on, keeping at least ``window`` seconds: else 409 (the
+    request is sound; the namespace's state refuses it)."""
+    kept = limiter.recording()
+    if kept is None:
+        raise _Conflict(
+            "traffic is not being recorded, so there is nothing to preview a change on: "
+            'PUT /recording {"seconds": 900} and preview once it has seen the traffic'
+        )
+    if window is not None and window > kept:
+        raise _Conflict(f"recording keeps {kept:g} s; ask for a window of at most that")
+
+
+def _deleted(version: int, what: str) -> Version:
+    """A delete's answer: 404 when there was nothing to delete (the config script changes
+    nothing then and answers version 0), as for every other delete."""
+    if not version:
+        raise LimitNotFound(what)
+    return Version(version=version)
+
+
 class _Unauthorized(Exception):
     """A request without a valid token (answered 401)."""
 
 
 class _Forbidden(Exception):
     """A change asked with the read-only token (answered 403)."""
+
+
+class _Conflict(Exception):
+    """A sound request that the namespace's state refuses (answered 409)."""
 
 
 class _TooLarge(HTTPException):

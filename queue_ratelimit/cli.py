@@ -7,6 +7,7 @@ import datetime
 import getpass
 import ipaddress
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +56,11 @@ def _actor() -> str:
         return "cli"
 
 
+# For commands that take numbers as arguments: "-5/s" or "-5" is a value to refuse with a
+# reason, not an unknown option.
+NUMBERS = {"ignore_unknown_options": True}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The group's options, shared with every subcommand."""
@@ -81,6 +87,13 @@ def _clean_errors(ctx: click.Context) -> Iterator[None]:
     """Turn our errors and Redis's into one-line messages and a non-zero exit."""
     try:
         yield
+    except click.MissingParameter:
+        raise  # a usage mistake: the usage block and exit 2
+    except click.BadParameter as exc:
+        # A bad value is bad input like an invalid limit: one line and exit 1, as the
+        # README promises, not the usage block and exit 2 (kept for a missing argument
+        # or an unknown command or option).
+        raise click.ClickException(exc.format_message()) from exc
     except BackendUnavailable as exc:
         raise click.ClickException(_unreachable(ctx, exc.__cause__ or exc)) from exc
     except RateLimitError as exc:
@@ -379,21 +392,31 @@ def get(settings: Settings, scope: str, as_json: bool) -> None:
     )
 
 
-@limits.command("set")
+@limits.command("set", context_settings=NUMBERS)
 @click.argument("scope")
 @click.argument("limit")
 @click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
 @click.option(
-    "--shadow/--enforce",
-    default=None,
-    help="Dry run (decide and count, never deny) or enforce [default: keep the scope's mode; "
-    "enforce for a new scope].",
+    "--shadow",
+    "shadow_flag",
+    is_flag=True,
+    help="Dry run: decide and count, never deny [default: keep the scope's mode; enforce "
+    "for a new scope].",
 )
+@click.option("--enforce", is_flag=True, help="Deny what the limit does not admit.")
 @click.pass_obj
 def set_(
-    settings: Settings, scope: str, limit: str, burst: float | None, shadow: bool | None
+    settings: Settings,
+    scope: str,
+    limit: str,
+    burst: float | None,
+    shadow_flag: bool,
+    enforce: bool,
 ) -> None:
     """Set SCOPE's LIMIT, such as 100/s, 6000/m, 10/h or 5/2s."""
+    if shadow_flag and enforce:
+        raise click.ClickException("--shadow and --enforce exclude each other: give one")
+    shadow = True if shadow_flag else False if enforce else None
     parsed = Limit.parse(limit, burst=burst)
     with settings.limiter() as limiter:
         if shadow is None:
@@ -430,7 +453,7 @@ def _or_none(text: str, convert: Callable[[str], _T], what: str, hint: str) -> _
         ) from None
 
 
-@limits.command()
+@limits.command(context_settings=NUMBERS)
 @click.argument("scope")
 @click.argument("jobs")
 @click.pass_obj
@@ -472,7 +495,7 @@ def exempt(settings: Settings, tenant: str, mode: str) -> None:
     click.echo(f"{tenant}: {done}; config version {version}")
 
 
-@limits.command()
+@limits.command(context_settings=NUMBERS)
 @click.argument("kind", type=click.Choice(["tenant", "priority"]))
 @click.argument("name")
 @click.argument("weight")
@@ -505,7 +528,7 @@ def dry_run(settings: Settings, state: str) -> None:
     click.echo(f"namespace {settings.namespace!r}: dry-run {what}; config version {version}")
 
 
-@limits.command()
+@limits.command(context_settings=NUMBERS)
 @click.argument("seconds")
 @click.pass_obj
 def record(settings: Settings, seconds: str) -> None:
@@ -525,10 +548,12 @@ def _seconds(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise click.BadParameter(f"expected seconds or 'off', got {_shown(text)}") from None
+        raise click.BadParameter(
+            f"expected seconds or 'off', got {_shown(text)}", param_hint="SECONDS"
+        ) from None
 
 
-@limits.command()
+@limits.command(context_settings=NUMBERS)
 @click.argument("scope")
 @click.argument("limit")
 @click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
@@ -565,22 +590,22 @@ def preview(
         click.echo("  no recorded traffic goes through this scope's buckets")
         return
     click.echo(
-        f"  {result.work:.6g} admitted in {len(result.buckets)} bucket(s); "
-        f"{result.delayed:.6g} ({result.delayed_fraction:.1%}) would have waited, "
-        f"up to {result.max_delay_s:.1f} s; {result.backlog_at_end:.6g} still waiting now"
+        f"  {_jobs(result.work)} admitted in {len(result.buckets)} bucket(s); "
+        f"{_jobs(result.delayed)} ({result.delayed_fraction:.1%}) would have waited, "
+        f"up to {result.max_delay_s:.1f} s; {_jobs(result.backlog_at_end)} still waiting now"
     )
-    if result.current is not None:
+    if result.current is not None and result.current_delayed is not None:
         click.echo(
             f"  under the current {fields['current']}: "
-            f"{result.current_delayed:.6g} would have waited (the model's check)"
+            f"{_jobs(result.current_delayed)} would have waited (the model's check)"
         )
     if result.denied:
         click.echo(f"  {result.denied} denials recorded for this traffic (demand turned away)")
     rows = [
         [
             b.scope,
-            f"{b.work:.6g}",
-            f"{b.delayed:.6g}",
+            _jobs(b.work),
+            _jobs(b.delayed),
             f"{b.delayed_fraction:.1%}",
             f"{b.max_delay_s:.1f}",
         ]
@@ -591,6 +616,12 @@ def preview(
         headers = ["bucket", "admitted", "would wait", "share", "max wait s"]
         for line in _table(headers, rows, "lrrrr"):
             click.echo(line)
+
+
+def _jobs(amount: float) -> str:
+    """Work in whole jobs: the replay is a fluid model, and a job that has waited at all,
+    or is partly served, counts whole (424.821 still waiting is 425 jobs)."""
+    return f"{math.ceil(round(amount, 6)):,}"
 
 
 @limits.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
 from queue_ratelimit._limit import Limit
 from queue_ratelimit._urls import mask_url
 from queue_ratelimit.celery._settings import CelerySettings
-from queue_ratelimit.cli import format_limit, is_loopback, main, masked
+from queue_ratelimit.cli import _jobs, format_limit, is_loopback, main, masked
 
 # None removes a variable for the invocation, so only what a test passes is seen.
 NO_ENV = {
@@ -181,9 +182,9 @@ def test_record_and_preview(cli: CliRunner, limiter: Limiter) -> None:
 
     assert "recording off" in ok(cli, "limits", "record", "off")
     assert "not being recorded" in failed(cli.invoke(main, ["limits", "preview", "global", "1/s"]))
-    usage = cli.invoke(main, ["limits", "record", "soon"])
-    assert usage.exit_code == 2
-    assert "expected seconds or 'off', got 'soon'" in usage.output
+    assert "expected seconds or 'off', got 'soon'" in failed(
+        cli.invoke(main, ["limits", "record", "soon"])
+    )
     assert "60 to 86400 seconds" in failed(cli.invoke(main, ["limits", "record", "10"]))
 
 
@@ -212,9 +213,40 @@ def test_bad_input_gets_a_clear_error(cli: CliRunner, args: list[str], message: 
     assert message in failed(cli.invoke(main, args))
 
 
-def test_usage_errors_exit_2(cli: CliRunner) -> None:
-    result = cli.invoke(main, ["limits", "dry-run", "maybe"])
-    assert result.exit_code == 2
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # #12: each of these printed a usage block and exited 2; the README promises one
+        # line and exit 1 for bad values, negative numbers included.
+        (["limits", "set", "global", "-5/s"], "cannot parse limit '-5/s'"),
+        (["limits", "set", "global", "5/s", "--burst", "abc"], "'abc' is not a valid float"),
+        (["limits", "set", "global", "5/s", "--burst", "-5"], "burst must be a finite number"),
+        (["limits", "exempt", "acme", "--mode", "bogus"], "'bogus' is not one of"),
+        (["limits", "record", "-5"], "recording keeps 60 to 86400 seconds"),
+        (["limits", "preview", "global", "-1/s"], "cannot parse limit '-1/s'"),
+        (["limits", "weight", "tenant", "acme", "-5"], "weight must be a number from 0.001"),
+        (["limits", "concurrency", "global", "-2"], "must be between 1 and 1,000,000 jobs"),
+        (["limits", "dry-run", "maybe"], "'maybe' is not one of 'on', 'off'"),
+        (["bench", "--buckets", "2"], "'2' is not one of '1', '3'"),
+        # #12: both were accepted, the last one winning.
+        (["limits", "set", "global", "5/s", "--shadow", "--enforce"], "exclude each other"),
+        (["limits", "set", "global", "5/s", "--enforce", "--shadow"], "exclude each other"),
+    ],
+)
+def test_bad_values_are_one_line_and_exit_1(
+    cli: CliRunner, limiter: Limiter, args: list[str], message: str
+) -> None:
+    assert message in failed(cli.invoke(main, args))
+    assert limiter.config_version() == 0  # nothing was changed
+
+
+@pytest.mark.parametrize(
+    "args", [["limits", "set", "global"], ["limits", "bogus"], ["limits", "list", "--bogus"]]
+)
+def test_usage_mistakes_show_the_usage_and_exit_2(cli: CliRunner, args: list[str]) -> None:
+    result = cli.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output
     assert "Traceback" not in result.output
 
 
@@ -397,12 +429,6 @@ def test_bench_measures_and_cleans_up(
     assert "one Redis core" in text
 
 
-def test_bench_refuses_bad_options(cli: CliRunner) -> None:
-    result = cli.invoke(main, ["bench", "--buckets", "2"])
-    assert result.exit_code == 2
-    assert "'2' is not one of '1', '3'" in result.output
-
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com", ""])
 def test_serve_without_a_token_refuses_a_non_loopback_address(host: str) -> None:
     """#11 finding 10: `serve --no-auth --host 0.0.0.0` served an open write API."""
@@ -447,13 +473,40 @@ def test_weights_are_set_listed_and_bounded(cli: CliRunner, limiter: Limiter) ->
     listed = json.loads(ok(cli, "limits", "list", "--json"))
     assert listed["weights"] == {"weight:priority:bulk": 0.5, "weight:tenant:bigco": 5.0}
     for bad in ("5e-324", "1e-320", "0", "-1", "inf", "nan", "1e7"):  # #11 finding 7
-        message = failed(cli.invoke(main, ["limits", "weight", "tenant", "tiny", "--", bad]))
+        message = failed(cli.invoke(main, ["limits", "weight", "tenant", "tiny", bad]))
         assert "weight must be a number from 0.001 to 1e+06" in message
-    refused = cli.invoke(main, ["limits", "weight", "tenant", "tiny", "heavy"])
-    assert refused.exit_code == 2
-    assert "expected a number or 'none'" in refused.output
+    refused = failed(cli.invoke(main, ["limits", "weight", "tenant", "tiny", "heavy"]))
+    assert "expected a number or 'none'" in refused
     assert ok(cli, "limits", "weight", "tenant", "bigco", "none").startswith(
         "tenant bigco: back to the default weight"
     )
     assert "weights: priority:bulk 0.5\n" in ok(cli, "limits", "list")
     assert limiter.audit_log()[0].actor.startswith("cli")
+
+
+def test_preview_counts_whole_jobs(cli: CliRunner, limiter: Limiter) -> None:
+    """#12: `preview` printed "424.821 still waiting now": the replay is a fluid model, but
+    jobs come whole."""
+    limiter.set_limit("tenant:*", "1000/s")
+    ok(cli, "limits", "record", "600")
+    for _ in range(30):
+        limiter.acquire("acme")
+    text = ok(cli, "limits", "preview", "tenant:*", "7/3s", "--burst", "1")
+    counts = re.fullmatch(
+        r"  (\d+) admitted in 1 bucket\(s\); (\d+) \(\d+\.\d%\) would have waited, "
+        r"up to \d+\.\d s; (\d+) still waiting now",
+        text.splitlines()[1],
+    )
+    assert counts is not None, text
+    admitted, waited, waiting = map(int, counts.groups())
+    assert (admitted, waited) == (30, 29)
+    assert 0 < waiting <= 29
+    assert text.splitlines()[-1].split()[1:3] == ["30", "29"]  # the bucket's row too
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [(0.0, "0"), (424.821, "425"), (3.0000000001, "3"), (2.2, "3"), (12345.0, "12,345")],
+)
+def test_job_counts_round_up_a_partly_served_job(amount: float, shown: str) -> None:
+    assert _jobs(amount) == shown

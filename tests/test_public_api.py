@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import queue_ratelimit
+import queue_ratelimit._core
 
 # Adding a public name is deliberate: add it here too.
 EXPECTED = {
@@ -107,3 +110,17 @@ def test_import_does_not_pull_in_optional_dependencies() -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(queue_ratelimit.__version__, str)
     assert queue_ratelimit.__version__.count(".") >= 1
+
+
+# The I/O-free core sits below the features built on it: they import it, never the reverse.
+CORE_MUST_NOT_IMPORT = {"_config", "_preview"}
+
+
+def test_the_core_does_not_import_feature_modules() -> None:
+    tree = ast.parse(Path(queue_ratelimit._core.__file__).read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            imported.add(node.module or "")
+            imported.update(alias.name for alias in node.names if not node.module)
+    assert imported & CORE_MUST_NOT_IMPORT == set()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proj import send_email
+from proj import NAMESPACE, send_email
 
 from queue_ratelimit.celery import last_hint
 
@@ -13,3 +13,4 @@ if __name__ == "__main__":
                 (f"user{i}@{tenant}.example",), rate_tenant=tenant, rate_priority=priority
             )
     print("last hint:", last_hint())
+    print(f"watch it: queue-ratelimit --namespace {NAMESPACE} top")
