@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean
+.PHONY: help install demo test lint typecheck bench rq-suite celery-suite wheel-check clean
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
+	@echo "make celery-suite - Celery's canvas and task integration tests, stock and with the"
+	@echo "                plugin under a binding limit (README, Celery; about 20 minutes)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,5 +47,8 @@ bench: $(STAMP)
 rq-suite: $(STAMP)
 	$(PY) tests/rq_suite/run.py $(RQ_SUITE_ARGS)
 
+celery-suite: $(STAMP)
+	$(PY) tests/celery_suite/run.py $(CELERY_SUITE_ARGS)
+
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .rq-suite
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .rq-suite .celery-suite
