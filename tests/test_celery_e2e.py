@@ -273,6 +273,24 @@ def test_a_producer_without_the_plugin_may_reuse_a_task_id(e2e: E2E) -> None:
     assert "dropping duplicate" not in e2e.full_logs()
 
 
+def test_task_replace_under_a_binding_limit_runs_every_replacement(e2e: E2E) -> None:
+    """``Task.replace`` gives the replacement the replaced task's id. Under a binding limit
+    the replaced task ran through the backlog and left its done marker; the replacement
+    (published by the worker, with a publish nonce of its own) must run all the same, once.
+    Issue 11, finding 0: it was dropped as a duplicate and its result never came."""
+    e2e.limiter.set_limit("tenant:rep", Limit(2, burst=1))
+    e2e.start_workers("w1")
+    assert e2e.limiter.acquire("rep").allowed  # an empty bucket: everything is parked
+    task = e2e.app().tasks["e2e.replaced"]
+    ids = {task.apply_async((f"r{i}",), rate_tenant="rep").id for i in range(4)}
+    rows = e2e.wait_ids(ids, timeout=30, what="every replacement to run")
+    assert sorted(r["tag"] for r in rows) == [f"r{i}-replacement" for i in range(4)]
+    assert len(e2e.runs("replaced")) == 4
+    rows = e2e.wait_settled(timeout=10)
+    assert_exactly_once(rows, ids)
+    assert "dropping duplicate" not in e2e.full_logs()
+
+
 def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(
     broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
