@@ -28,7 +28,7 @@ from queue_ratelimit._scopes import check_name, check_priority
 from queue_ratelimit.celery import CelerySettings
 from queue_ratelimit.celery._gate import RateLimitGate, _due_later
 from queue_ratelimit.celery._identity import item_id_of, publish_identity
-from queue_ratelimit.celery._options import HeaderOptions, RateOptions
+from queue_ratelimit.celery._options import HeaderOptions, RateOptions, resolve
 from queue_ratelimit.rq._options import rate_options, stored_rate_options
 
 SETTINGS = CelerySettings(redis_url="redis://127.0.0.1:1/0")
@@ -343,3 +343,44 @@ def test_rq_meta_values_of_pickled_types(value: Any) -> None:
     for key in ("rate_tenant", "rate_priority", "rate_cost"):
         found = stored_rate_options({key: value}, "job-1")
         assert _is_valid(RateOptions(*found))
+
+
+# -- Celery: the producer side ----------------------------------------------------------------
+def test_explicit_options_of_any_type_give_a_typed_error_at_the_call_site() -> None:
+    for value in NASTY:
+        for option in ("rate_tenant", "rate_priority", "rate_cost"):
+            try:
+                options = resolve(SETTINGS, None, {option: value})
+            except TYPED:
+                continue
+            assert _is_valid(options)
+
+
+@pytest.mark.parametrize(
+    ("parent", "expected"),
+    [
+        ({"qrl_tenant": "acme", "qrl_cost": 2}, RateOptions("acme", "normal", 2.0)),
+        # Headers a producer without the plugin sent to the running task: the gate ran it
+        # with the defaults, and what it publishes gets them too (an error before).
+        ({"qrl_tenant": "acme", "qrl_cost": [1]}, DEFAULTS),
+        ({"qrl_priority": Unreadable()}, DEFAULTS),
+    ],
+)
+def test_work_a_task_publishes_inherits_its_options_unless_they_are_malformed(
+    parent: dict[str, Any], expected: RateOptions
+) -> None:
+    from celery import Celery
+    from celery._state import _task_stack
+
+    app = Celery("parents", set_as_current=False)
+
+    @app.task(bind=True, shared=False)
+    def running(self: Any) -> None: ...
+
+    running.push_request(called_directly=False, **parent)
+    _task_stack.push(running)
+    try:
+        assert resolve(SETTINGS, None, {}) == expected
+    finally:
+        _task_stack.pop()
+        running.pop_request()

@@ -6,10 +6,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._core import check_cost
 from .._errors import RateLimitError
 from .._job_options import read_rate_options
-from .._scopes import check_name, check_priority
 from ._settings import CelerySettings
 
 # apply_async / signature options; unknown options would travel as message *properties*,
@@ -83,7 +81,7 @@ def resolve(
     tenant = pick(OPTION_TENANT, HEADER_TENANT, settings.default_tenant)
     priority = pick(OPTION_PRIORITY, HEADER_PRIORITY, settings.default_priority)
     cost = pick(OPTION_COST, HEADER_COST, 1)
-    return RateOptions(check_name("tenant", tenant), check_priority(priority), check_cost(cost))
+    return RateOptions(*read_rate_options(tenant, priority, cost))
 
 
 def pop_options(options: MutableMapping[str, Any]) -> dict[str, Any]:
