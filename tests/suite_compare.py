@@ -81,8 +81,9 @@ def compare(
     known_lost = [i for i in lost if i in known]
     lost = [i for i in lost if i not in known]
     flaky: list[str] = []
-    if lost and rerun is not None:
-        again = rerun(lost)
+    again: Results = {}
+    if (lost or known_lost) and rerun is not None:
+        again = rerun(lost + known_lost)
         flaky = sorted(i for i in lost if again.get(i, ("",))[0] == "passed")
         lost = [i for i in lost if i not in flaky]
     gained = sorted(passed(other) - passed(stock))
@@ -100,7 +101,8 @@ def compare(
     if known_lost:
         print(f"\npassed stock, failed {name}, a KNOWN DIFFERENCE (KNOWN in run.py):")
         for i in known_lost:
-            print(f"  {i}: {other[i][1]}\n    {known[i]}")
+            alone = {"passed": "; passes run again alone"}.get(again.get(i, ("",))[0], "")
+            print(f"  {i}: {other[i][1]}{alone}\n    {known[i]}")
     failed_both = sorted(
         i for i in stock if stock[i][0] == "failed" and other.get(i, ("",))[0] == "failed"
     )

@@ -66,7 +66,23 @@ TIMEOUT_LINE = re.compile(r"^TIMEOUT = (\d+)$", re.MULTILINE)
 
 # Differences we know of and have not fixed yet: reported on every run, not failing it.
 # Each says why; delete an entry once the difference is gone.
-KNOWN: dict[str, str] = {}
+_LEFTOVERS = (
+    "runs after test_revoked_by_headers_complex_canvas (which fails stock too) and waits at "
+    "most 5-10 s for its task; that test leaves dozens of 2-4 s sleeping tasks queued. "
+    "Celery's harness purges the broker queue between tests (control.purge), but with the "
+    "plugin most of them are parked in the fair backlog, which no purge reaches, so they "
+    "keep the one-process worker busy for the next tests. Passes alone."
+)
+KNOWN: dict[str, str] = {
+    f"t/integration/test_tasks.py::test_tasks::{name}": _LEFTOVERS
+    for name in (
+        "test_wrong_arguments",
+        "test_retry",
+        "test_retry_switches_from_kwargs_to_args",
+        "test_retry_switches_from_args_to_kwargs",
+        "test_retry_with_unpickleable_exception",
+    )
+}
 
 
 @dataclass
