@@ -36,8 +36,8 @@ from ._credit import CreditKey, CreditLedger
 from ._identity import (
     FLAGGED_REDELIVERY_TRANSPORTS,
     STABLE_TAG_TRANSPORTS,
+    backlog_id,
     item_id_of,
-    publish_identity,
 )
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -243,8 +243,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         task = self.consumer.app.tasks.get(name) if isinstance(name, str) else None
         if task is None or not gated(task):
             return None
-        tag = message.delivery_tag if self._stable_tags else None
-        item_id = item_id_of(headers, tag)
+        item_id, exact = backlog_id(headers, message.delivery_tag if self._stable_tags else None)
         try:
             options = self.header_options(headers)
         except RateLimitError as exc:
@@ -253,7 +252,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             options = self.header_options({})
         routing_key = (message.delivery_info or {}).get("routing_key")
         lane = routing_key if routing_key in self.lanes else self.lanes[0]
-        return Job(item_id, lane, options, publish_identity(headers, tag) is not None)
+        return Job(item_id, lane, options, exact)
 
     def _item_id(self, message: Any) -> str:
         """The backlog id of a message the pool ran (as ``_job`` gave it)."""

@@ -28,10 +28,6 @@ from typing import Any
 
 from ._options import HEADER_NONCE
 
-_NONCE = re.compile(r"[A-Za-z0-9]{1,32}")
-# A task id or retry count used as it is: printable ASCII without spaces (backlog ids are
-# space-separated in places) and short enough that the whole id stays far below the limit.
-_PLAIN = re.compile(r"[!-~]{1,128}")
 _TAG = re.compile(r"[0-9a-fA-F-]{16,64}")
 # Brokers whose delivery tag names the publish, not the delivery (see the module docstring).
 STABLE_TAG_TRANSPORTS = frozenset({"redis"})
@@ -50,27 +46,31 @@ def _digest(value: object) -> str:
 
 
 def _part(value: object, default: str) -> str:
+    """``value`` as it is if it is short printable ASCII text without spaces (backlog ids
+    are space-separated in places) or a small whole number, else a digest of it."""
     if value is None:
         return default
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**12:
+    if type(value) is str:  # the hot path: a Celery task id
+        if 0 < len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
+            return value
+    elif type(value) is int and 0 <= value < 10**12:
         return str(value)
-    if isinstance(value, str) and _PLAIN.fullmatch(value):
-        return value
     return _digest(value)
 
 
 def publish_identity(headers: Mapping[str, Any], delivery_tag: object = None) -> str | None:
     """The nonce of the publish (``qrl_nonce``), else a stable delivery tag, else None."""
     nonce = headers.get(HEADER_NONCE)
-    if isinstance(nonce, str) and _NONCE.fullmatch(nonce):
+    if type(nonce) is str and len(nonce) <= 32 and nonce.isascii() and nonce.isalnum():
         return nonce
     if isinstance(delivery_tag, str) and _TAG.fullmatch(delivery_tag):
         return delivery_tag.replace("-", "")
     return None
 
 
-def item_id_of(headers: Mapping[str, Any], delivery_tag: object = None) -> str:
-    """The backlog id of a message with these headers.
+def backlog_id(headers: Mapping[str, Any], delivery_tag: object = None) -> tuple[str, bool]:
+    """The backlog id of a message with these headers, and whether it names the publish
+    (a nonce or a stable delivery tag: a copy of it can only be a redelivery).
 
     Args:
         delivery_tag: the broker's delivery tag, given only for brokers that keep it through
@@ -79,8 +79,13 @@ def item_id_of(headers: Mapping[str, Any], delivery_tag: object = None) -> str:
     item_id = f"{_part(headers.get('id'), 'none')}.{_part(headers.get('retries'), '0')}"
     identity = publish_identity(headers, delivery_tag)
     if identity is not None:
-        return f"{item_id}.{identity}"
+        return f"{item_id}.{identity}", True
     nesting = headers.get("replaced_task_nesting")
-    if isinstance(nesting, int) and not isinstance(nesting, bool) and nesting > 0:
+    if type(nesting) is int and nesting > 0:
         item_id = f"{item_id}.n{_part(nesting, '0')}"
-    return item_id
+    return item_id, False
+
+
+def item_id_of(headers: Mapping[str, Any], delivery_tag: object = None) -> str:
+    """The backlog id of a message with these headers (see ``backlog_id``)."""
+    return backlog_id(headers, delivery_tag)[0]
