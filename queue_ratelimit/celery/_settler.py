@@ -75,6 +75,9 @@ class AsyncSettler:
         caller settles it again the ordinary way."""
         found: list[tuple[str, Settlement, bool | None]] = []
         pending, self._pending = self._pending, []
+        if self._conn is None:
+            # A later send broke the connection these were written on: in doubt.
+            return [(i, h, None) for i, h in pending]
         for n, (item_id, how) in enumerate(pending):
             try:
                 reply = self._conn.read_response()
