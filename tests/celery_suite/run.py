@@ -83,6 +83,13 @@ KNOWN: dict[str, str] = {
         "test_retry_with_unpickleable_exception",
     )
 }
+KNOWN["t/integration/test_tasks.py::test_task_replacement::test_replaced_task_nesting_level_0"] = (
+    "a race in the test: it sets assertion_result = False after publishing, so when the "
+    "worker's task_received handler (which sets it True) runs first, the test fails. It "
+    "fails stock too (1 of 3 full stock runs; under parallel load about 1 in 3); the "
+    "plugin's timing makes it more frequent. Instrumented, the handler was seen to run "
+    "before the assignment in the stock and the plugin runs alike."
+)
 
 
 @dataclass
