@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(CHECKSUM)
 # whole dev toolchain: a venv that has the dev extra already serves it as it is.
 DEMO_STAMP := $(VENV)/.demo-$(CHECKSUM)
 
-.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean screenshot
+.PHONY: help install demo test lint typecheck bench rq-suite celery-suite wheel-check clean screenshot
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
@@ -16,6 +16,8 @@ help:
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 	@echo "make screenshot - redraw docs/top.svg, the top dashboard at 80x24 (no Redis needed)"
+	@echo "make celery-suite - Celery's canvas and task integration tests, stock and with the"
+	@echo "                plugin under a binding limit (README, Celery; about 20 minutes)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,5 +62,8 @@ bench: $(STAMP)
 rq-suite: $(STAMP)
 	$(PY) tests/rq_suite/run.py $(RQ_SUITE_ARGS)
 
+celery-suite: $(STAMP)
+	$(PY) tests/celery_suite/run.py $(CELERY_SUITE_ARGS)
+
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .rq-suite
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .rq-suite .celery-suite

@@ -129,6 +129,13 @@ def build_app(
             time.sleep(sleep)
             recorder.record(self, "done", tag=tag)
 
+    @app.task(bind=True, shared=False, name="e2e.replaced")
+    def replaced(self: Any, tag: str = "") -> Any:
+        """Record the execution (event "replaced"), then replace itself by ``e2e.work``,
+        which runs with this task's id (``Task.replace``)."""
+        recorder.record(self, "replaced", tag=tag)
+        return self.replace(work.si(f"{tag}-replacement"))
+
     @app.task(bind=True, shared=False, name="e2e.flaky", max_retries=3)
     def flaky(self: Any, tag: str = "") -> None:
         """Record the execution; the first one retries itself (with a short countdown)."""

@@ -237,6 +237,34 @@ class E2E:
         self._apps.append(app)
         return app
 
+    def publish_raw(self, messages: list[dict[str, Any]]) -> list[str]:
+        """Publish ``e2e.work`` messages as a producer without the plugin does: from a
+        process of its own (this one has the plugin's publish hook, which would rewrite the
+        headers and add a nonce). Each message is ``{"task_id", "args", "headers"}``; a header
+        value ``"HUGE"`` is sent as ``2**1100``. Returns the ids published: one the broker
+        cannot carry (AMQP and a 2**1100) is refused by the producer and left out."""
+        script = (
+            "import sys, json\n"
+            "from celery import Celery\n"
+            "app = Celery('raw', broker=sys.argv[1])\n"
+            "for m in json.loads(sys.argv[3]):\n"
+            "    h = {k: (2**1100 if v == 'HUGE' else v) for k, v in m['headers'].items()}\n"
+            "    try:\n"
+            "        app.send_task('e2e.work', args=m['args'], queue=sys.argv[2], headers=h,\n"
+            "                      task_id=m['task_id'])\n"
+            "    except Exception:\n"
+            "        continue\n"
+            "    print(json.dumps(m['task_id']))\n"
+        )
+        published = subprocess.run(
+            [sys.executable, "-c", script, self.broker, self.queue, json.dumps(messages)],
+            check=True,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+        return [json.loads(line) for line in published]
+
     # -- records -------------------------------------------------------------------------
     def runs(self, event: str = "run") -> list[dict[str, Any]]:
         """Every execution recorded so far, in order."""

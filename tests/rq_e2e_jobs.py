@@ -42,7 +42,10 @@ def record(key: str, *args: Any, sleep: float = 0.0, fail_times: int = 0, **kwar
     assert not leaked, f"rate options reached the job function: {leaked}"
     job = get_current_job()
     assert job is not None
-    tenant = (job.meta or {}).get("rate_tenant") or "-"
+    # Other code may have put anything in the meta (the tests do): recorded as "-" then.
+    given = job.meta.get("rate_tenant") if isinstance(job.meta, dict) else None
+    tenant = given if isinstance(given, str) and given and given.isprintable() else "-"
+    tenant = tenant if " " not in tenant else "-"
     client = _records()
     seconds, micros = client.time()
     client.rpush(key, f"{job.id} {tenant} {seconds}.{micros:06d}")
@@ -55,3 +58,23 @@ def record(key: str, *args: Any, sleep: float = 0.0, fail_times: int = 0, **kwar
         seconds, micros = client.time()
         client.rpush(f"{key}:end", f"{job.id} {tenant} {seconds}.{micros:06d}")
     return len(args)
+
+
+class Unreadable:
+    """A value other code may pickle into a job's meta (or a Celery message): every method
+    a reader might call on it raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr")
+
+    def __hash__(self) -> int:
+        raise RuntimeError("hash")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("eq")
+
+    def __bool__(self) -> bool:
+        raise RuntimeError("bool")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text("Unreadable()")  # how hypothesis shows it in a failing example

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -204,53 +203,100 @@ def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
 
 
 def test_malformed_rate_headers_from_a_foreign_producer_do_not_stop_the_worker(e2e: E2E) -> None:
-    """A producer without the plugin sends rate headers of any type: each job runs once with
-    the default options, the worker survives, the work behind it runs."""
+    """A producer without the plugin sends rate headers of any type and task ids Celery
+    accepts but a backlog id cannot hold as they are: each job runs once (the malformed
+    ones with the default options, through the backlog: the default tenant's bucket binds),
+    the worker survives, the work behind it runs."""
+    e2e.limiter.set_limit("tenant:default", Limit(20, burst=1))
     e2e.start_workers("w1")
-    bad_headers = [
+    bad_headers: list[dict[str, Any]] = [
         {"qrl_cost": [1]},
         {"qrl_tenant": ["a"]},
         {"qrl_priority": {"x": 1}},
         {"qrl_cost": float("nan")},
-        {"qrl_cost": 2**1100},
+        {"qrl_cost": "HUGE"},
         {"qrl_tenant": "x" * 100_000},
+        {"qrl_tenant": None, "qrl_cost": -1},
+        {"qrl_cost": True, "qrl_priority": "HIGH"},
+        {"qrl_tenant": "é" * 50, "qrl_nonce": ["x"]},
+        {"qrl_nonce": "not a nonce", "replaced_task_nesting": "x"},
+        {"qrl_tenant": {"a": [1, {"b": None}]}, "qrl_nonce": 12},
     ]
     if e2e.broker.startswith("amqp"):
         # RabbitMQ cannot carry these (it closes the connection on a 2**1100, losing what
         # was sent before on it); they reach workers through the Redis broker only.
-        bad_headers = [h for h in bad_headers if "qrl_cost" not in h or h["qrl_cost"] == [1]]
-    # Published from a process of its own: this one has the plugin's publish hook, which
-    # would rewrite the headers. A header a broker cannot carry (AMQP and a 2**1100) is
-    # refused by the producer: only what was published is expected to run.
-    script = (
-        "import sys, json\n"
-        "from celery import Celery\n"
-        "app = Celery('raw', broker=sys.argv[1])\n"
-        "for i, h in enumerate(json.loads(sys.argv[3])):\n"
-        "    h = {k: (2**1100 if v == 'HUGE' else v) for k, v in h.items()}\n"
-        "    try:\n"
-        "        app.send_task('e2e.work', args=['raw'], queue=sys.argv[2], headers=h,\n"
-        "                      task_id=f'raw-{i}-{sys.argv[2]}')\n"
-        "    except Exception:\n"
-        "        continue\n"
-        "    print(f'raw-{i}-{sys.argv[2]}')\n"
-    )
-    encoded = json.dumps(
-        [{k: ("HUGE" if v == 2**1100 else v) for k, v in h.items()} for h in bad_headers]
-    )
-    published = subprocess.run(
-        [sys.executable, "-c", script, e2e.broker, e2e.queue, encoded],
-        check=True,
-        timeout=60,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    assert len(published) >= 4, "most malformed messages were published"
+        bad_headers = [h for h in bad_headers if repr(h.get("qrl_cost")) not in ("'HUGE'", "nan")]
+    messages = [
+        {"task_id": f"raw-{i}-{e2e.queue}", "args": ["raw"], "headers": h}
+        for i, h in enumerate(bad_headers)
+    ]
+    # Task ids with a space, of 300 characters, not ASCII: valid for Celery.
+    messages += [
+        {"task_id": task_id, "args": ["raw-id"], "headers": {}}
+        for task_id in (f"raw id {e2e.queue}", f"{e2e.queue}-" + "x" * 300, f"é-{e2e.queue}")
+    ]
+    published = e2e.publish_raw(messages)
+    assert len(published) >= len(messages) - 2, "most malformed messages were published"
     good = e2e.app().tasks["e2e.work"].apply_async(("good",), rate_tenant="fine").id
     ids = set(published) | {good}
     rows = e2e.wait_ids(ids, timeout=30, what="every job, malformed or not, to run")
     assert_exactly_once([r for r in rows if r["id"] in ids], ids)
     assert all(w.alive() for w in e2e.workers)
+    assert "using defaults" in e2e.full_logs()
+
+
+def test_a_producer_without_the_plugin_may_reuse_a_task_id(e2e: E2E) -> None:
+    """Task ids are reused on purpose (``Task.replace``, callers' own ids). A producer
+    without the plugin adds no publish nonce, yet a second message with an id whose first
+    message went through the backlog (and left its done marker) runs too: on the Redis
+    broker its delivery tag names the publish, on RabbitMQ it was never delivered before."""
+    e2e.limiter.set_limit("tenant:reuse", Limit(1, per=3600, burst=1))
+    e2e.start_workers("w1")
+    assert e2e.limiter.acquire("reuse").allowed  # an empty bucket: the first is parked
+    task_id = f"reused-{e2e.namespace}"
+    headers = {"qrl_tenant": "reuse"}
+    first = {"task_id": task_id, "args": ["first"], "headers": headers}
+    assert e2e.publish_raw([first]) == [task_id]
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(lambda: scheduler.backlog(e2e.queue) == 1, timeout=20, what="the first to park")
+    e2e.limiter.set_limit("tenant:reuse", Limit(100, burst=100))
+    e2e.wait_ids({task_id}, timeout=20, what="the first message to run")
+    done = f"{e2e.limiter.keys.base}:s:done:{task_id}.*"
+    wait_for(
+        lambda: list(e2e.limiter.client.scan_iter(match=done)),
+        timeout=10,
+        what="the first message's done marker",
+        on_timeout=e2e.logs,
+    )
+    # Again, and once more as a replacement would be published (Task.replace).
+    again = [
+        {"task_id": task_id, "args": ["second"], "headers": headers},
+        {"task_id": task_id, "args": ["third"], "headers": {**headers, "replaced_task_nesting": 1}},
+    ]
+    assert e2e.publish_raw(again) == [task_id, task_id]
+    rows = e2e.wait_runs(3, timeout=20)
+    assert sorted(r["tag"] for r in rows if r["id"] == task_id) == ["first", "second", "third"]
+    rows = e2e.wait_settled(timeout=10)
+    assert len([r for r in rows if r["id"] == task_id]) == 3
+    assert "dropping duplicate" not in e2e.full_logs()
+
+
+def test_task_replace_under_a_binding_limit_runs_every_replacement(e2e: E2E) -> None:
+    """``Task.replace`` gives the replacement the replaced task's id. Under a binding limit
+    the replaced task ran through the backlog and left its done marker; the replacement
+    (published by the worker, with a publish nonce of its own) must run all the same, once.
+    Issue 11, finding 0: it was dropped as a duplicate and its result never came."""
+    e2e.limiter.set_limit("tenant:rep", Limit(2, burst=1))
+    e2e.start_workers("w1")
+    assert e2e.limiter.acquire("rep").allowed  # an empty bucket: everything is parked
+    task = e2e.app().tasks["e2e.replaced"]
+    ids = {task.apply_async((f"r{i}",), rate_tenant="rep").id for i in range(4)}
+    rows = e2e.wait_ids(ids, timeout=30, what="every replacement to run")
+    assert sorted(r["tag"] for r in rows) == [f"r{i}-replacement" for i in range(4)]
+    assert len(e2e.runs("replaced")) == 4
+    rows = e2e.wait_settled(timeout=10)
+    assert_exactly_once(rows, ids)
+    assert "dropping duplicate" not in e2e.full_logs()
 
 
 def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(

@@ -453,6 +453,40 @@ def test_a_killed_workers_concurrency_slot_comes_back_within_its_lease(env: RQEn
 
 
 # -- the RQ API keeps working, and everything is gated --------------------------------------
+def test_rate_options_of_any_type_in_job_meta_run_each_job_once(env: RQEnv) -> None:
+    """Other code may put anything in ``job.meta`` (pickled: any object at all). Each job
+    runs once, with the defaults where an option is malformed, whether the worker gates it
+    off RQ's list, adopts it into the backlog or pushes it again for a retry; no worker
+    dies."""
+    from rq_e2e_jobs import Unreadable
+
+    env.limiter.set_limit("tenant:*", Limit(50, burst=5))  # binding: work is parked
+    nasty: list[Any] = [[1], {"x": 1}, float("nan"), 2**1100, "x" * 100_000, "", 0, -1]
+    nasty += [True, "tenant:*", "a b", "HIGH", Unreadable()]
+    plain = env.plain_queue()
+    jobs: list[Job] = []
+    # Enqueued before any worker runs: a long list of several tenants, which workers adopt
+    # into the fair backlog (reading every job's meta), interleaved with good work.
+    for i, value in enumerate(nasty):
+        for option in ("rate_tenant", "rate_priority", "rate_cost"):
+            jobs.append(plain.enqueue(JOB, env.key, meta={option: value}))
+        jobs.append(plain.enqueue(JOB, env.key, meta={"rate_tenant": f"good{i % 3}"}))
+    retried = plain.enqueue(
+        JOB, env.key, fail_times=1, retry=rq.Retry(max=1), meta={"rate_cost": [1]}
+    )
+    env.start_workers(2)
+    runs = env.wait_runs(len(jobs) + 2, timeout=60)
+    env.wait(
+        lambda: set(env.statuses([j.id for j in [*jobs, retried]]).values()) == {"finished"},
+        timeout=20,
+        what="every job finished",
+    )
+    counts = Counter(r.job_id for r in env.runs())
+    assert counts == {**{j.id: 1 for j in jobs}, retried.id: 2}, runs
+    assert all(w.alive() for w in env.workers)
+    assert "bad rate options" in "".join(w.log.read_text() for w in env.workers)
+
+
 def test_every_way_of_enqueueing_runs_gated_and_options_never_reach_the_function(
     env: RQEnv,
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,12 @@ from .._slot_keeper import SlotKeeper
 from ._broker_ack import ack_all, is_plain_ack
 from ._credit import CreditKey, CreditLedger
 from ._health import REDIS_FAILURES, RedisHealth
+from ._identity import (
+    FLAGGED_REDELIVERY_TRANSPORTS,
+    STABLE_TAG_TRANSPORTS,
+    backlog_id,
+    item_id_of,
+)
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
@@ -57,12 +64,15 @@ WIRE_STALL = 10.0
 class Job:
     """A task message as the gate sees it."""
 
-    __slots__ = ("item_id", "lane", "options")
+    __slots__ = ("exact", "item_id", "lane", "options")
 
-    def __init__(self, item_id: str, lane: str, options: RateOptions) -> None:
+    def __init__(self, item_id: str, lane: str, options: RateOptions, exact: bool = True) -> None:
         self.item_id = item_id
         self.lane = lane
         self.options = options
+        # Whether the id names the publish (a nonce or a stable delivery tag), so that a
+        # copy of it can only be a redelivery (see _identity).
+        self.exact = exact
 
     @property
     def credit_key(self) -> CreditKey:
@@ -147,6 +157,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             on_back=self.runtime.limiter.report_fail_mode if self.runtime else None,
         )
         self._durability_checked = False
+        # What the broker's messages tell about redeliveries (set in start, see _identity).
+        self._stable_tags = False
+        self._flagged_redeliveries = False
         if self.runtime is not None:
             settings = self.runtime.settings
             self.header_options = HeaderOptions(settings)
@@ -178,6 +191,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.wire.close()
         self.wire.attach(getattr(c, "hub", None))
         self.lanes = self._lanes(c)
+        driver = getattr(getattr(c.connection, "transport", None), "driver_type", None)
+        self._stable_tags = driver in STABLE_TAG_TRANSPORTS
+        self._flagged_redeliveries = driver in FLAGGED_REDELIVERY_TRANSPORTS
         self.accept = prepare_accept_content(c.app.conf.accept_content)
         self.slots.watch()  # a pool replaced since __init__ (the consumer restarted)
         for name, strategy in list(c.strategies.items()):
@@ -250,17 +266,27 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _job(self, message: Any) -> Job | None:
         """The gate's view of a message; None for tasks that are not gated."""
         headers = message.headers or {}
-        task = self.consumer.app.tasks.get(headers.get("task"))
+        name = headers.get("task")
+        task = self.consumer.app.tasks.get(name) if isinstance(name, str) else None
         if task is None or not gated(task):
             return None
+        item_id, exact = backlog_id(headers, message.delivery_tag if self._stable_tags else None)
         try:
             options = self.header_options(headers)
         except RateLimitError as exc:
-            log.error("queue-ratelimit: %s in message %s; using defaults", exc, headers.get("id"))
+            # Another producer's headers (any type, any size): run it with the defaults.
+            log.error("queue-ratelimit: %s in message %s; using defaults", exc, item_id)
             options = self.header_options({})
         routing_key = (message.delivery_info or {}).get("routing_key")
         lane = routing_key if routing_key in self.lanes else self.lanes[0]
-        return Job(item_id_of(headers), lane, options)
+        return Job(item_id, lane, options, exact)
+
+    def _item_id(self, message: Any) -> str:
+        """The backlog id of a message the pool ran (as ``_job`` gave it)."""
+        if from_backlog(message):
+            return str(message.delivery_tag)
+        tag = message.delivery_tag if self._stable_tags else None
+        return item_id_of(message.headers or {}, tag)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
         """Ask Redis; None when it failed (``health`` says how)."""
@@ -470,7 +496,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             # a slot first serves it in weighted-fair order, rather than FIFO here.
             self.stats["parked_for_slots"] += 1
             return self._wait(d, 0.0)
-        redelivered = bool((d.message.delivery_info or {}).get("redelivered"))
+        redelivered = _redelivered(d.message)
         # A redelivered message always asks Redis: only Redis can tell whether it already
         # ran through the backlog.
         if not redelivered and self.credit.spend(d.job.credit_key):
@@ -497,6 +523,15 @@ class RateLimitGate(bootsteps.StartStopStep):
         return None
 
     def _drop_duplicate(self, d: Delivery) -> Any:
+        if not d.job.exact and self._flagged_redeliveries and not _redelivered(d.message):
+            # The id is known but the broker never delivered this message before: a new
+            # message that reuses a task id, from a producer without the plugin (no nonce).
+            # It gets a nonce of its own, in its headers so that every later look at the
+            # message (slot release, the backlog copy) finds the same id.
+            nonce = uuid.uuid4().hex
+            d.message.headers[HEADER_NONCE] = nonce
+            d.job.item_id, d.job.exact = f"{d.job.item_id}.{nonce}", True
+            return self._decide(d)
         # Already parked, in flight, or run through the backlog: this is a broker
         # redelivery of a message we took over; acknowledging it loses nothing.
         self.stats["duplicates"] += 1
@@ -538,7 +573,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if len(self.running) and request is not None:
             message = getattr(request, "message", None)
             if message is not None:
-                self.running.release(item_id_of(message.headers or {}))
+                self.running.release(self._item_id(message))
         if (self.backlog_seen or self.waiting) and self.slots.free() >= self.slots.refill:
             self._schedule(0.0)
 
@@ -754,7 +789,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             from celery.worker.state import requests
 
             self.running.release_ended(
-                item_id_of(r.message.headers or {})
+                self._item_id(r.message)
                 for r in list(requests.values())
                 if getattr(r, "message", None) is not None
             )
@@ -781,26 +816,19 @@ def _lease_ran_out(item_id: str, how: Settlement) -> None:
     )
 
 
-def item_id_of(headers: Any) -> str:
-    """The backlog id of a message: its task id and retry count, and the publish nonce our
-    producer hook adds. A broker redelivery keeps all three, so it is recognised as a copy;
-    a new message that reuses the task id (``Task.replace``) carries a new nonce."""
-    item_id = f"{headers.get('id')}.{headers.get('retries') or 0}"
-    nonce = headers.get(HEADER_NONCE)
-    if isinstance(nonce, str) and 0 < len(nonce) <= 32 and nonce.isalnum():
-        item_id = f"{item_id}.{nonce}"
-    return item_id
+def _redelivered(message: Any) -> bool:
+    return bool((message.delivery_info or {}).get("redelivered"))
 
 
 def _due_later(message: Any) -> bool:
     """True for ETA/countdown messages not yet due: Celery holds them, and the gate sees
     them when they fall due (through ``apply_eta_task``)."""
     eta = (message.headers or {}).get("eta")
-    if not eta:
+    if not isinstance(eta, (str, datetime)) or not eta:  # any other type: Celery's to judge
         return False
     try:
         when = maybe_iso8601(eta)
-    except (TypeError, ValueError):
+    except ValueError:
         return False
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

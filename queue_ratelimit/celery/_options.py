@@ -6,8 +6,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._core import check_cost
-from .._scopes import check_name, check_priority
+from .._errors import RateLimitError
+from .._job_options import read_rate_options
 from ._settings import CelerySettings
 
 # apply_async / signature options; unknown options would travel as message *properties*,
@@ -43,6 +43,12 @@ def _parent_headers() -> Mapping[str, Any]:
         return {}
     request = current_task.request
     found = {h: getattr(request, h, None) for h in (HEADER_TENANT, HEADER_PRIORITY, HEADER_COST)}
+    try:
+        read_rate_options(*found.values())
+    except RateLimitError:
+        # Malformed headers from a producer without the plugin: the gate ran the task with
+        # the defaults (and said so), and its children get them too rather than an error.
+        return {}
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -75,7 +81,7 @@ def resolve(
     tenant = pick(OPTION_TENANT, HEADER_TENANT, settings.default_tenant)
     priority = pick(OPTION_PRIORITY, HEADER_PRIORITY, settings.default_priority)
     cost = pick(OPTION_COST, HEADER_COST, 1)
-    return RateOptions(check_name("tenant", tenant), check_priority(priority), check_cost(cost))
+    return RateOptions(*read_rate_options(tenant, priority, cost))
 
 
 def pop_options(options: MutableMapping[str, Any]) -> dict[str, Any]:
@@ -86,6 +92,9 @@ def pop_options(options: MutableMapping[str, Any]) -> dict[str, Any]:
 def gated(task: Any) -> bool:
     """Whether the gate applies to this task (True unless it opted out)."""
     return getattr(task, GATE_ATTRIBUTE, True) is not False
+
+
+_PLAIN = (str, int, float, type(None))
 
 
 class HeaderOptions:
@@ -102,19 +111,26 @@ class HeaderOptions:
         self._memo: dict[tuple[Any, Any, Any], RateOptions] = {}
 
     def __call__(self, headers: Mapping[str, Any]) -> RateOptions:
-        """Raises InvalidName / InvalidCost for malformed values in the headers."""
-        raw = (headers.get(HEADER_TENANT), headers.get(HEADER_PRIORITY), headers.get(HEADER_COST))
-        try:
-            found = self._memo.get(raw)
-            memo = True
-        except TypeError:  # unhashable values (a list, a dict) from some other producer
-            found, memo = None, False
+        """Raises InvalidName / InvalidCost for malformed values in the headers (and no
+        other exception, whatever they hold)."""
+        tenant, priority, cost = raw = (
+            headers.get(HEADER_TENANT),
+            headers.get(HEADER_PRIORITY),
+            headers.get(HEADER_COST),
+        )
+        # Only plain values are remembered: some other producer may send lists and dicts
+        # (unhashable) or, with pickle, objects whose hash or == raise.
+        memo = type(tenant) in _PLAIN and type(priority) in _PLAIN and type(cost) in _PLAIN
+        found = self._memo.get(raw) if memo else None
         if found is None:
-            tenant, priority, cost = raw
             found = RateOptions(
-                check_name("tenant", self.settings.default_tenant if tenant is None else tenant),
-                check_priority(self.settings.default_priority if priority is None else priority),
-                check_cost(1 if cost is None else cost),
+                *read_rate_options(
+                    tenant,
+                    priority,
+                    cost,
+                    default_tenant=self.settings.default_tenant,
+                    default_priority=self.settings.default_priority,
+                )
             )
             if memo:
                 if len(self._memo) >= self.MEMO_SIZE:

@@ -19,10 +19,9 @@ from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import resolve_serializer
 
-from .._errors import RateLimitError
 from .._scheduler import FairScheduler
 from ._handover import HOLDING, LOST_REPLY, Claim
-from ._options import rate_options, scheduler_for, slot_keeper
+from ._options import scheduler_for, slot_keeper, stored_rate_options
 
 log = logging.getLogger("queue_ratelimit.rq")
 
@@ -226,13 +225,10 @@ class FairDequeue:
                     continue
                 try:
                     meta = serializer.loads(raw_meta) if raw_meta else {}
-                    _OPTIONS_SEEN[job_id] = rate_options(meta)
-                except RateLimitError as exc:
-                    log.error("queue-ratelimit: job %s has bad rate options: %s", job_id, exc)
-                    _OPTIONS_SEEN[job_id] = rate_options({})
                 except Exception as exc:  # a meta its serializer cannot read: RQ fails it
                     log.error("queue-ratelimit: job %s has unreadable meta: %r", job_id, exc)
-                    _OPTIONS_SEEN[job_id] = rate_options({})
+                    meta = {}
+                _OPTIONS_SEEN[job_id] = stored_rate_options(meta, job_id)
         found: list[tuple[str, str | None, str, float]] = []
         for job_id in ids:
             options = _OPTIONS_SEEN.get(job_id)
@@ -276,13 +272,7 @@ class FairDequeue:
             if in_intermediate:
                 self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
             return None
-        try:
-            tenant, priority, cost = rate_options(job.meta)
-        except RateLimitError as exc:
-            log.error(
-                "queue-ratelimit: job %s has bad rate options (%s); using defaults", job.id, exc
-            )
-            tenant, priority, cost = rate_options({})
+        tenant, priority, cost = stored_rate_options(job.meta, job.id)
         scheduler = self.scheduler
         verdict = scheduler.gate(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
         if verdict.action == "run":

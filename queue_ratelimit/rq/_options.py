@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
 
-from .._core import check_cost
 from .._durability import EvictionMode, check_eviction_mode
-from .._errors import ConfigError
+from .._errors import ConfigError, RateLimitError
+from .._job_options import read_rate_options
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
-from .._scopes import _shown, check_name, check_priority
+from .._scopes import _shown
 from .._slot_keeper import SlotKeeper
 
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
@@ -24,6 +25,7 @@ DEFAULT_LEASE = 60.0
 # What a worker does when the limiter's Redis may evict keys: warn (default), refuse, ignore.
 ENV_EVICTION = "QUEUE_RATELIMIT_EVICTION"
 
+log = logging.getLogger("queue_ratelimit.rq")
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
 _schedulers_lock = threading.Lock()
@@ -42,17 +44,32 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
 
 
 def rate_options(meta: dict[str, Any] | None) -> tuple[str, str, float]:
-    """(tenant, priority, cost) of a job from its meta, with the defaults.
+    """(tenant, priority, cost) of a job from its meta, with the defaults for those absent
+    (or None).
 
     Raises:
-        InvalidName / InvalidCost: malformed values in the meta.
+        InvalidName / InvalidCost: malformed values in the meta (and no other exception,
+            whatever the meta holds).
     """
     meta = meta if isinstance(meta, dict) else {}
-    return (
-        check_name("tenant", meta.get(OPTION_TENANT) or "default"),
-        check_priority(meta.get(OPTION_PRIORITY) or "normal"),
-        check_cost(meta.get(OPTION_COST) or 1),
+    return read_rate_options(
+        meta.get(OPTION_TENANT), meta.get(OPTION_PRIORITY), meta.get(OPTION_COST)
     )
+
+
+def stored_rate_options(meta: dict[str, Any] | None, job_id: str | None) -> tuple[str, str, float]:
+    """Rate options of a job whose meta any code may have written: malformed values are
+    logged and the defaults used, so that the job still runs (once). ``job_id`` is for the
+    log (None for a job being made: asking RQ for its id would give it one)."""
+    try:
+        return rate_options(meta)
+    except RateLimitError as exc:
+        log.error(
+            "queue-ratelimit: job %s has bad rate options (%s); using defaults",
+            job_id or "(new)",
+            exc,
+        )
+        return rate_options({})
 
 
 def slot_keeper(scheduler: FairScheduler) -> SlotKeeper:

@@ -29,6 +29,7 @@ from ._options import (
     OPTIONS,
     rate_options,
     scheduler_for,
+    stored_rate_options,
 )
 
 log = logging.getLogger("queue_ratelimit.rq")
@@ -36,7 +37,7 @@ log = logging.getLogger("queue_ratelimit.rq")
 
 def _has_options(meta: dict[str, Any] | None) -> bool:
     """Whether a job's meta carries any rate option (the others take their defaults)."""
-    return meta is not None and any(k in meta for k in OPTIONS)
+    return isinstance(meta, dict) and any(k in meta for k in OPTIONS)
 
 
 _UNNAMED_MAX = 64
@@ -236,8 +237,10 @@ class Queue(rq.Queue):
         job = super().create_job(*args, **kwargs)
         # A job made by our enqueue methods is routed by its options, given or defaults
         # (None: inside no enqueue of ours, e.g. create_job called directly).
-        if options is not None or _has_options(job.meta):
-            self._pending.add(job, rate_options(job.meta))
+        if options is not None:
+            self._pending.add(job, rate_options(job.meta))  # bad meta given here: raise
+        elif _has_options(job.meta):
+            self._pending.add(job, stored_rate_options(job.meta, None))
         return job
 
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
@@ -268,7 +271,7 @@ class Queue(rq.Queue):
             return None  # saved in a pipeline not yet executed: the worker gates it
         if not _has_options(job.meta):
             return None
-        return rate_options(job.meta)
+        return stored_rate_options(job.meta, job_id)
 
     # -- worker side -------------------------------------------------------------------------
     @classmethod

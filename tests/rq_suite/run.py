@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from importlib.metadata import version
@@ -41,6 +39,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 PLUGINS = HERE / "plugins"
+sys.path.insert(0, str(HERE.parent))
+import suite_compare as shared  # noqa: E402
+
 MODES = ("stock", "swapped")
 
 # Differences we know of and have not fixed yet: reported on every run, not failing it.
@@ -51,28 +52,12 @@ KNOWN: dict[str, str] = {}
 # -- outside the namespaces --------------------------------------------------------------
 def fetch_tests(rq_version: str, workdir: Path) -> Path:
     """RQ's ``tests/`` and ``pyproject.toml`` (its pytest settings) from its sdist."""
-    cache = workdir / "sdist"
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / f"rq-{rq_version}.tar.gz"
-    if not sdist.exists():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-             "--no-deps", f"rq=={rq_version}", "-d", str(cache)],
-            check=True,
-        )  # fmt: skip
-    suite = workdir / f"rq-{rq_version}"
-    shutil.rmtree(suite, ignore_errors=True)
-    suite.mkdir()
-    top = f"rq-{rq_version}/"
-    with tarfile.open(sdist) as tar:
-        members = [
-            m for m in tar.getmembers() if m.name.startswith(f"{top}tests/")
-            or m.name == f"{top}pyproject.toml"
-        ]  # fmt: skip
-        for m in members:
-            m.name = m.name[len(top) :]
-        tar.extractall(suite, members=members, filter="data")
-    return suite
+    return shared.fetch_sdist(
+        "rq",
+        rq_version,
+        workdir,
+        lambda name: name.startswith("tests/") or name == "pyproject.toml",
+    )
 
 
 def unshare_prefix() -> list[str]:
@@ -102,25 +87,6 @@ def start_run(prefix: list[str], mode: str, suite: Path, results: Path, ids: lis
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
-def read_results(path: Path) -> dict[str, tuple[str, str]]:
-    """Test id -> (outcome, detail); a test that failed anywhere counts as failed."""
-    found: dict[str, tuple[str, str]] = {}
-    if not path.exists():
-        return found
-    rank = {"skipped": 0, "passed": 1, "failed": 2}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        seen = found.get(row["id"])
-        if seen is None or rank[row["outcome"]] > rank[seen[0]]:
-            found[row["id"]] = (row["outcome"], row["detail"])
-    return found
-
-
-def summary_line(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
 def run_modes(
     prefix: list[str], suite: Path, workdir: Path, modes: dict[str, list[str]], parallel: bool,
     timeout: float, suffix: str = "",
@@ -136,7 +102,7 @@ def run_modes(
     if parallel:
         for run in started:
             wait(run, timeout)
-    return {mode: read_results(results) for mode, results, _, _ in started}
+    return {mode: shared.read_results(results) for mode, results, _, _ in started}
 
 
 def wait(run: tuple[str, Path, Any, Any], timeout: float) -> None:
@@ -148,7 +114,7 @@ def wait(run: tuple[str, Path, Any, Any], timeout: float) -> None:
         proc.wait()
         print(f"rq-suite: the {mode} run took over {timeout:.0f} s and was stopped")
     log.close()
-    print(f"{results.stem:>14}: {summary_line(results.with_suffix('.log'))}")
+    print(f"{results.stem:>14}: {shared.summary_line(results.with_suffix('.log'))}")
 
 
 def outer(options: argparse.Namespace) -> int:
@@ -169,40 +135,19 @@ def outer(options: argparse.Namespace) -> int:
     if not stock or not swapped:
         print("rq-suite: a run reported no test; see the logs above")
         return 2
-    passed = {m: {i for i, (o, _) in found[m].items() if o == "passed"} for m in MODES}
-    lost = sorted(passed["stock"] - passed["swapped"])
-    known = sorted(i for i in lost if i in KNOWN)
-    lost = [i for i in lost if i not in KNOWN]
-    flaky: list[str] = []
-    if lost and options.rerun:
+
+    def rerun(ids: list[str]) -> shared.Results:
         again = run_modes(
-            prefix, suite, workdir, {"swapped": lost}, False, options.timeout, "-rerun"
+            prefix, suite, workdir, {"swapped": ids}, False, options.timeout, "-rerun"
         )
-        flaky = sorted(i for i in lost if again["swapped"].get(i, ("",))[0] == "passed")
-        lost = [i for i in lost if i not in flaky]
-    gained = sorted(passed["swapped"] - passed["stock"])
-    for title, ids, where in (
-        ("passed stock, FAILED swapped (a difference)", lost, swapped),
-        ("passed stock, failed swapped once, passed swapped again (flaky)", flaky, swapped),
-        ("failed stock, passed swapped (flaky or environmental in RQ's suite)", gained, stock),
-    ):
-        if ids:
-            print(f"\n{title}:")
-            for i in ids:
-                outcome, detail = where.get(i, ("not run", ""))
-                print(f"  {i}: {outcome} {detail}".rstrip())
-    if known:
-        print("\npassed stock, failed swapped, a KNOWN DIFFERENCE (KNOWN in run.py):")
-        for i in known:
-            print(f"  {i}: {swapped[i][1]}\n    {KNOWN[i]}")
-    failed_both = sorted(
-        i for i in stock if stock[i][0] == "failed" and swapped.get(i, ("",))[0] == "failed"
+        return again["swapped"]
+
+    lost, known, flaky, gained = shared.compare(
+        "swapped", stock, swapped, KNOWN, rerun if options.rerun else None
     )
-    if failed_both:
-        print(f"\nfailed in both runs ({len(failed_both)}): " + ", ".join(failed_both))
     print(
-        f"\nrq-suite: RQ {rq_version}: stock {len(passed['stock'])} passed, swapped "
-        f"{len(passed['swapped'])} passed; {len(lost)} passing stock fail swapped, "
+        f"\nrq-suite: RQ {rq_version}: stock {len(shared.passed(stock))} passed, swapped "
+        f"{len(shared.passed(swapped))} passed; {len(lost)} passing stock fail swapped, "
         f"{len(known)} known, {len(flaky)} flaky, {len(gained)} pass only swapped; "
         f"{time.monotonic() - began:.0f} s"
     )
@@ -273,10 +218,10 @@ def inner(options: argparse.Namespace) -> int:
     server = start_redis()
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["QRL_RQ_RESULTS"] = options.results
-    paths = [str(PLUGINS)]
+    env["QRL_SUITE_RESULTS"] = options.results
+    paths = [str(PLUGINS), str(shared.PLUGINS)]
     args = [sys.executable, "-m", "pytest", "-c", "pyproject.toml", "--rootdir", "."]
-    args += ["-p", "no:cacheprovider", "-p", "no:timeout", "-p", "qrl_rq_results", "-q"]
+    args += ["-p", "no:cacheprovider", "-p", "no:timeout", "-p", "qrl_suite_results", "-q"]
     if options.inner == "swapped":
         paths.insert(0, str(PLUGINS / "site"))
         env["QRL_RQ_SWAP"] = "1"
@@ -298,23 +243,12 @@ def inner(options: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--workdir",
-        default=str(REPO / ".rq-suite"),
-        help="sdist cache, RQ's tests, logs and results (default: .rq-suite)",
-    )
-    parser.add_argument("--rq-version", help="default: the installed RQ's")
+    shared.add_common_arguments(parser, "rq", "RQ")
     parser.add_argument(
         "--sequential",
         dest="parallel",
         action="store_false",
         help="run stock, then swapped (default: side by side)",
-    )
-    parser.add_argument(
-        "--no-rerun",
-        dest="rerun",
-        action="store_false",
-        help="no second swapped try of tests that failed swapped only",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--inner", choices=MODES, help=argparse.SUPPRESS)

@@ -1,12 +1,13 @@
-"""Pytest plugin: writes each test's outcome to ``$QRL_RQ_RESULTS`` as it is known.
+"""Pytest plugin: writes each test's outcome to ``$QRL_SUITE_RESULTS`` as it is known.
 
 One JSON object a line (``{"id", "outcome", "detail"}``; outcome ``passed``, ``failed``
 or ``skipped``; a failure in setup or teardown, or of a subtest, fails the test), written
 as the run goes, so a run that is killed still tells what it got through.
 
-At the very end it leaves with ``os._exit``: a failed RQ test can leave a process behind
-(a worker pool's workers), which Python's exit would wait for forever; run.py's PID
-namespace ends such leftovers.
+Used by the runs of RQ's and Celery's own suites (tests/rq_suite, tests/celery_suite).
+At the very end it leaves with ``os._exit``: a failed test can leave a process or a thread
+behind (an RQ worker pool's workers, Celery's in-process worker), which Python's exit would
+wait for forever; the runner ends such leftovers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _exit = {"status": 0}
 
 
 def _write(nodeid: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("QRL_RQ_RESULTS")
+    path = os.environ.get("QRL_SUITE_RESULTS")
     if path:
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps({"id": nodeid, "outcome": outcome, "detail": detail}) + "\n")
@@ -50,7 +51,7 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: Any) -> None:
-    if os.environ.get("QRL_RQ_RESULTS"):
+    if os.environ.get("QRL_SUITE_RESULTS"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit["status"])
