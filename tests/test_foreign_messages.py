@@ -23,7 +23,7 @@ from rq_e2e_jobs import Unreadable
 
 from queue_ratelimit import InvalidCost, InvalidName
 from queue_ratelimit._job_options import read_rate_options
-from queue_ratelimit._scheduler import _check_item_id
+from queue_ratelimit._scopes import check_item_id as _check_item_id
 from queue_ratelimit._scopes import check_name, check_priority
 from queue_ratelimit.celery import CelerySettings
 from queue_ratelimit.celery._gate import RateLimitGate, _due_later
