@@ -16,16 +16,21 @@
 -- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
 -- granted then (every job needs a slot of its own).
 --
+-- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived:
+-- its entry goes, whatever the verdict. Jobs admitted on credit pass no gate, so a grant
+-- of n takes the n entries that lapse first (the tenant's next jobs, most likely).
+--
 -- KEYS: config, shared, scheduler meta hash, the lane's active and parked sets, the
---       tenant's hash, the item's done marker (all named by KeySpace)
+--       tenant's hash, the item's done marker, the tenant's transit set in the lane (all
+--       named by KeySpace; the transit set is optional)
 -- ARGV: counter retention ms, lane, tenant, priority, item id, cost, credit, slot hold ms
 --       (default 60 s)
 -- Reply: {1, credit granted} run now, or {1, 0, "<slot token> <cap scope> ..."} holding
 --        slots; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a backlog;
 --        a 4th element "1" when denied_by is a concurrency cap); {2} a duplicate: already
 --        parked, in flight or done.
-local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key, transit =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local lane, tenant, priority, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
 local keep_ms = arg_number(ARGV[1], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
@@ -33,6 +38,14 @@ local cost = arg_number(ARGV[6], 1, MIN_COST, MAX_COST, 'cost')
 local credit = math.floor(arg_number(ARGV[7], 0, 0, MAX_CREDIT, 'credit'))
 local hold = arg_number(ARGV[8], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
 
+-- The `n` transit entries that lapse first go (live ones: lapsed entries are dropped first).
+local function credited(n, now_us)
+  if not transit or n <= 0 then return end
+  redis.call('ZREMRANGEBYSCORE', transit, '-inf', now_us / 1000)
+  redis.call('ZPOPMIN', transit, n)
+end
+
+if transit then redis.call('ZREM', transit, id) end
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', done_key) == 1 then
   return {2}
 end
@@ -67,6 +80,7 @@ if status == 1 then
   local extra = 0
   if credit > 0 and #ctx.buckets == 0 then
     -- No bucket applies: the credit takes nothing, and there is nothing to give back.
+    credited(credit, ctx.now)
     admit(ctx, cost, would_deny, keep_ms, {})
     return {1, credit, '', '1'}
   end
@@ -79,6 +93,7 @@ if status == 1 then
       end
     end
     if extra < 0 then extra = 0 end
+    credited(extra, ctx.now)
   end
   admit(ctx, cost * (1 + extra), would_deny, keep_ms, {})
   return {1, extra}

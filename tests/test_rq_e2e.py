@@ -740,10 +740,12 @@ def test_reject_policy_raises_and_enqueues_nothing(env: RQEnv) -> None:
     assert caught.value.denied_by == "tenant:acme"
     assert not Job.exists("refused-1", connection=env.conn)
     assert env.waiting() == 1
-    # The default policy enqueues and says how long the job will wait.
+    # The default policy enqueues and says how long the job will wait: behind the first
+    # one, still on RQ's list, it needs the next two tokens.
     hinted = env.queue().enqueue(JOB, env.key, rate_tenant="acme")
     assert hinted.rate_hint.allowed is False
-    assert 0 < hinted.rate_hint.wait_ms <= 60_000
+    assert hinted.rate_hint.backlog == 1
+    assert 60_000 < hinted.rate_hint.wait_ms <= 120_000
     assert hinted.rate_hint.denied_by == "tenant:acme"
     assert env.waiting() == 2
     # Other tenants are not refused.

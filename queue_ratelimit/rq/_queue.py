@@ -92,7 +92,7 @@ class Queue(rq.Queue):
             ``"default"``).
         rate_policy: ``"hint"`` (default) or ``"reject"``: raise ``RateLimited`` instead of
             enqueueing when the job's buckets would not admit it now.
-        rate_hints: peek at the buckets when enqueueing (one round trip).
+        rate_hints: predict when each job would start, as it is enqueued (one round trip).
     """
 
     rate_namespace: str | None = None
@@ -167,10 +167,13 @@ class Queue(rq.Queue):
         self._enqueue_options.value = {
             k: v for k, v in checked.items() if options.get(k) is not None
         }
+        # The wait it predicts: how long the job counts as in transit on RQ's list (route).
+        self._enqueue_options.wait_ms = hint.wait_ms if hint is not None else 0.0
         try:
             yield hint
         finally:
             self._enqueue_options.value = None
+            self._enqueue_options.wait_ms = 0.0
 
     @staticmethod
     def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +257,7 @@ class Queue(rq.Queue):
             cost=cost,
             at_front=at_front,
             pipeline=pipeline,
+            wait_ms=getattr(self._enqueue_options, "wait_ms", 0.0),
         )
         return None
 
