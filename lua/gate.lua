@@ -17,8 +17,8 @@
 -- granted then (every job needs a slot of its own).
 --
 -- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived:
--- its entry goes, whatever the verdict. Jobs admitted on credit pass no gate, so a grant
--- of n takes the n entries that lapse first (the tenant's next jobs, most likely).
+-- its entry goes, whatever the verdict. (Jobs admitted on credit pass no gate: the worker
+-- takes their entries off itself, by id, in batches: celery/_credit.py.)
 --
 -- KEYS: config, shared, scheduler meta hash, the lane's active and parked sets, the
 --       tenant's hash, the item's done marker, the tenant's transit set in the lane (all
@@ -37,13 +37,6 @@ local keep_ms = arg_number(ARGV[1], 900000, 1, MAX_KEEP_MS, 'counter retention (
 local cost = arg_number(ARGV[6], 1, MIN_COST, MAX_COST, 'cost')
 local credit = math.floor(arg_number(ARGV[7], 0, 0, MAX_CREDIT, 'credit'))
 local hold = arg_number(ARGV[8], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
-
--- The `n` transit entries that lapse first go (live ones: lapsed entries are dropped first).
-local function credited(n, now_us)
-  if not transit or n <= 0 then return end
-  redis.call('ZREMRANGEBYSCORE', transit, '-inf', now_us / 1000)
-  redis.call('ZPOPMIN', transit, n)
-end
 
 if transit then redis.call('ZREM', transit, id) end
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', done_key) == 1 then
@@ -80,7 +73,6 @@ if status == 1 then
   local extra = 0
   if credit > 0 and #ctx.buckets == 0 then
     -- No bucket applies: the credit takes nothing, and there is nothing to give back.
-    credited(credit, ctx.now)
     admit(ctx, cost, would_deny, keep_ms, {})
     return {1, credit, '', '1'}
   end
@@ -93,7 +85,6 @@ if status == 1 then
       end
     end
     if extra < 0 then extra = 0 end
-    credited(extra, ctx.now)
   end
   admit(ctx, cost * (1 + extra), would_deny, keep_ms, {})
   return {1, extra}

@@ -238,6 +238,9 @@ if mode == 'submit' then
   end
   if payload ~= '' then redis.call('HSET', payload_key, id, payload) end
   redis.call('SADD', lanes_key, lane)
+  -- Counted in the backlog from now on, no longer in transit (parked without a gate call:
+  -- a saturated Celery worker parks what arrives as it is).
+  redis.call('ZREM', transit_key(lane, tenant), id)
   enqueue(id, false)
   return 1
 end

@@ -635,6 +635,38 @@ def test_hint_policy_attaches_hints_and_last_hint_returns_them(e2e: E2E) -> None
     assert headers["qrl_tenant"] == "busy"
 
 
+def test_hints_count_the_jobs_ahead_and_workers_take_them_off(e2e: E2E) -> None:
+    """The issue's example at an hourly rate (nothing refills while the test runs): 90 jobs
+    at once into ``tenant:*`` 10 per period, no worker running. Each is told when it would
+    start behind those published before it (in the broker); once a worker has run them all
+    (at once, on credit, or from the backlog), none is counted ahead of the next job."""
+    e2e.limiter.set_limit("tenant:*", Limit(10, per=3600, burst=10))
+    app = e2e.app()
+    work = app.tasks["e2e.work"]
+    hints, ids = [], set()
+    for n in range(90):
+        if n % 10 == 9:  # a publish that bypasses RateLimitedTask.apply_async
+            result = app.send_task("e2e.work", ("ahead",), rate_tenant="acme")
+        else:
+            result = work.apply_async(("ahead",), rate_tenant="acme")
+        hints.append(last_hint())
+        ids.add(result.id)
+    assert (hints[4].allowed, hints[4].wait_ms, hints[4].backlog) == (True, 0, 4)
+    assert [h.backlog for h in hints] == list(range(90))
+    assert hints[89].wait_ms == pytest.approx(80 * 360_000, rel=1e-3)
+
+    e2e.limiter.set_limit("tenant:*", Limit(1000, burst=100))
+    e2e.start_workers("w1")
+    assert_exactly_once(e2e.wait_runs(90, timeout=60), ids)
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(
+        lambda: scheduler.hint("acme", queue=e2e.queue).backlog == 0,
+        timeout=10,
+        what="no job counted ahead any more",
+        on_timeout=e2e.logs,
+    )
+
+
 def test_delay_policy_sets_a_countdown_from_the_hint(e2e: E2E) -> None:
     work = e2e.app(policy="delay").tasks["e2e.work"]
     e2e.limiter.set_limit("tenant:busy", Limit(1, per=60, burst=1))

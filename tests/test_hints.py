@@ -243,20 +243,50 @@ def test_a_gate_takes_the_job_out_of_transit_whatever_its_verdict(
     assert scheduler.hint("acme").backlog == 2
 
 
-def test_credit_takes_as_many_entries_as_jobs_it_admits(
+def test_a_job_parked_without_a_gate_call_leaves_transit_for_the_backlog(
     limiter: Limiter, scheduler: FairScheduler
 ) -> None:
-    """Jobs admitted on credit pass no gate: the grant takes their entries."""
+    """A saturated Celery worker parks what arrives without asking the gate."""
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    hints(scheduler, "acme", 3)
+    scheduler.submit("acme", "acme-0", payload=b"x")
+    assert transit(scheduler, "acme") == 2
+    assert scheduler.hint("acme").backlog == 3, "counted once, in the backlog"
+
+
+class NoTimer:
+    """A consumer timer that never fires (the test flushes by hand)."""
+
+    def call_after(self, *_: object) -> NoTimer:
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_jobs_admitted_on_credit_are_taken_off_by_the_worker(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """Jobs admitted on credit pass no gate call: the worker's credit ledger takes them off
+    the transit count by id, one round trip per flush."""
+    from queue_ratelimit.celery._credit import CreditLedger
+
     limiter.set_limit("tenant:*", hourly(100, 100))
     hints(scheduler, "acme", 10)
     verdict = scheduler.gate("acme", "acme-0", credit=4)
     assert (verdict.action, verdict.credit) == ("run", 4)
-    assert transit(scheduler, "acme") == 5, "10, less this one, less the 4 credited"
-    limiter.set_exempt("free")  # no bucket applies: the credit is free
-    hints(scheduler, "free", 6)
-    free = scheduler.gate("free", "free-0", credit=3)
-    assert (free.credit_free, free.credit) == (True, 3)
-    assert transit(scheduler, "free") == 2
+    assert transit(scheduler, "acme") == 9, "the gate takes off only the job it saw"
+
+    ledger = CreditLedger(lambda: limiter, NoTimer, ttl=60)
+    key = ("acme", "default", "normal", 1.0)
+    ledger.grant(key, verdict.credit)
+    assert all(ledger.spend(key, f"acme-{i}") for i in (3, 1, 2, 4))
+    assert not ledger.spend(key, "acme-5"), "only as many as granted"
+    assert transit(scheduler, "acme") == 9, "nothing sent yet"
+    ledger.flush()
+    left = scheduler.client.zrange(scheduler.keys.transit("default", "acme"), 0, -1)
+    assert sorted(i.decode() for i in left) == [f"acme-{i}" for i in range(5, 10)]
+    ledger.close()
 
 
 def test_route_counts_jobs_on_the_plain_list_and_adopt_moves_them(

@@ -752,6 +752,25 @@ def test_reject_policy_raises_and_enqueues_nothing(env: RQEnv) -> None:
     assert strict.enqueue(JOB, env.key, rate_tenant="other").rate_hint.allowed
 
 
+def test_hints_count_the_jobs_ahead_and_workers_take_them_off(env: RQEnv) -> None:
+    """The issue's example at an hourly rate (nothing refills while the test runs): 90 jobs
+    at once into ``tenant:*`` 10 per period, no worker. Each is told when it would start
+    behind the ones before it, which wait on RQ's list; once a worker has run them all,
+    none is counted ahead of the next job."""
+    env.limiter.set_limit("tenant:*", Limit(10, per=3600, burst=10))
+    jobs = env.enqueue("acme", 90)
+    hints = [j.rate_hint for j in jobs]
+    assert (hints[4].allowed, hints[4].wait_ms, hints[4].backlog) == (True, 0, 4)
+    assert hints[89].backlog == 89
+    assert hints[89].wait_ms == pytest.approx(80 * 360_000, rel=1e-3)
+
+    env.limiter.set_limit("tenant:*", Limit(1000, burst=100))
+    env.start_worker("w", burst=True)
+    assert_exactly_once(env.wait_runs(90, timeout=60), [j.id for j in jobs])
+    scheduler = env.queue().rate_scheduler
+    assert scheduler.hint("acme", queue=env.queue_name).backlog == 0
+
+
 # -- a lost reply strands nothing (in process, deterministic) ---------------------------------
 class LosesAReply(redis.Redis):
     """A client that, once armed, runs a matching command and then fails as if the reply was

@@ -4,6 +4,10 @@ One gate call may admit several jobs of the same tenant, queue, priority and cos
 (``FairScheduler.gate(credit=...)``): their tokens are taken then, and the worker spends
 them on the next such jobs without a round trip. Credit lives ``ttl`` seconds; what is left
 then is refunded, so unused admissions never hold tokens for long.
+
+A job admitted on credit passes no gate call, which is where a job a producer's hint
+counted as in transit stops counting (lua/gate.lua): the ledger takes those jobs off the
+transit count itself, by id, in one round trip per ``ttl`` while credit is being spent.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from .._errors import RateLimitError
 from .._limiter import Limiter
@@ -37,13 +43,18 @@ class CreditLedger:
         # key -> [units left, valid until, refund what is left]
         self._entries: dict[CreditKey, list[Any]] = {}
         self._expiry: Any = None
+        # (lane, tenant) -> ids of the jobs admitted on credit since the last flush.
+        self._spent: dict[tuple[str, str], list[str]] = {}
 
-    def spend(self, key: CreditKey) -> bool:
-        """Take one admission for ``key`` if one is held; True when it was."""
+    def spend(self, key: CreditKey, item_id: str = "") -> bool:
+        """Take one admission for ``key`` if one is held; True when it was. ``item_id``:
+        the job it admits, taken off the transit count at the next flush."""
         entry = self._entries.get(key)
         if entry is None or entry[0] <= 0 or entry[1] < time.monotonic():
             return False
         entry[0] -= 1
+        if item_id:
+            self._spent.setdefault((key[1], key[0]), []).append(item_id)
         return True
 
     def grant(self, key: CreditKey, units: int, *, free: bool = False) -> None:
@@ -59,6 +70,7 @@ class CreditLedger:
 
     def _expire(self) -> None:
         self._expiry = None
+        self.flush()
         now = time.monotonic()
         for key, (units, until, refund) in list(self._entries.items()):
             if until <= now:
@@ -73,10 +85,27 @@ class CreditLedger:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        self.flush()
         for key, (units, _, refund) in list(self._entries.items()):
             if units > 0 and refund:
                 self._refund(key, units)
         self._entries.clear()
+
+    def flush(self) -> None:
+        """Take the jobs admitted on credit off their tenants' transit counts (one round
+        trip). Redis unreachable: they stay counted until their entries lapse."""
+        spent, self._spent = self._spent, {}
+        if not spent:
+            return
+        limiter = self._limiter()
+        pipe = limiter.client.pipeline(transaction=False)
+        for (lane, tenant), ids in spent.items():
+            pipe.zrem(limiter.keys.transit(lane, tenant), *ids)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            jobs = sum(len(ids) for ids in spent.values())
+            log.warning("queue-ratelimit: %s; %d job(s) stay counted as in transit", exc, jobs)
 
     def _refund(self, key: CreditKey, units: int) -> None:
         tenant, lane, priority, cost = key

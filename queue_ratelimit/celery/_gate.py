@@ -472,7 +472,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         redelivered = bool((d.message.delivery_info or {}).get("redelivered"))
         # A redelivered message always asks Redis: only Redis can tell whether it already
         # ran through the backlog.
-        if not redelivered and self.credit.spend(d.job.credit_key):
+        if not redelivered and self.credit.spend(d.job.credit_key, d.job.item_id):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
             return d.run()
