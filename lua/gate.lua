@@ -16,9 +16,10 @@
 -- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
 -- granted then (every job needs a slot of its own).
 --
--- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived:
--- its entry goes, whatever the verdict. (Jobs admitted on credit pass no gate: the worker
--- takes their entries off itself, by id, in batches: celery/_credit.py.)
+-- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived.
+-- Its entry goes when it runs (or is a duplicate); one to be parked keeps it until "submit"
+-- counts it in the backlog, so it is counted all along. (Jobs admitted on credit pass no
+-- gate: the worker takes their entries off itself, by id: celery/_credit.py.)
 --
 -- KEYS: config, shared, scheduler meta hash, the lane's active and parked sets, the
 --       tenant's hash, the item's done marker, the tenant's transit set in the lane (all
@@ -38,8 +39,8 @@ local cost = arg_number(ARGV[6], 1, MIN_COST, MAX_COST, 'cost')
 local credit = math.floor(arg_number(ARGV[7], 0, 0, MAX_CREDIT, 'credit'))
 local hold = arg_number(ARGV[8], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
 
-if transit then redis.call('ZREM', transit, id) end
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', done_key) == 1 then
+  if transit then redis.call('ZREM', transit, id) end
   return {2}
 end
 -- Work waiting in the lane that could be dispatched now goes first. Tenants parked by their
@@ -62,6 +63,7 @@ for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
 end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
+if status > 0 and transit then redis.call('ZREM', transit, id) end
 if status == 2 then
   local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
   local scopes = take_slots(ctx, token, ctx.now + hold * 1000)

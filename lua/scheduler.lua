@@ -97,11 +97,13 @@ local function split_meta(meta)
 end
 
 -- A job is in transit until a gate sees it: `id` joins the tenant's set, its entry lapsing
--- at `lapse_ms`; the set itself goes when its last entry lapses.
-local function in_transit(key, id, lapse_ms)
+-- at `lapse_ms`; entries lapsed by `now` (ms) are dropped, and the set itself goes when its
+-- last entry lapses.
+local function in_transit(key, id, now, lapse_ms)
   lapse_ms = math.ceil(lapse_ms)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, lapse_ms, id)
-  if redis.call('PTTL', key) < lapse_ms - now_ms() then redis.call('PEXPIREAT', key, lapse_ms) end
+  if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
 end
 
 local function count_lost(n)
@@ -266,7 +268,7 @@ if mode == 'route' then
     or redis.call('ZSCORE', parked, tenant))
   if not contended then
     redis.call(at_front and 'LPUSH' or 'RPUSH', list_key, id)
-    if lasts and lasts > 0 then in_transit(transit_key(lane, tenant), id, now + lasts) end
+    if lasts and lasts > 0 then in_transit(transit_key(lane, tenant), id, now, now + lasts) end
     return 0
   end
   if not known_priority(priority) then priority = 'normal' end
@@ -322,8 +324,7 @@ if mode == 'hint' then
   local count = ARGV[A + 6] or '0'
   local grace = arg_number(ARGV[A + 7], 300000, 0, MAX_KEEP_MS, 'grace (ms)')
   local now = now_ms()
-  redis.call('ZREMRANGEBYSCORE', transit, '-inf', now)
-  local ahead = redis.call('ZCARD', transit)
+  local ahead = redis.call('ZCOUNT', transit, '(' .. now, '+inf')
   if id ~= '' and ahead > 0 and redis.call('ZSCORE', transit, id) then ahead = ahead - 1 end
   local counted = redis.call('HMGET', P_COUNTS .. lane, tenant, ':total')
   local queued = tonumber(counted[1]) or 0
@@ -353,7 +354,7 @@ if mode == 'hint' then
   end
   local starts = not denied_by
   if id ~= '' and (count == '1' or (count == '2' and starts)) then
-    in_transit(transit, id, now + 2 * wait / 1000 + grace)
+    in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
   end
   return (starts and '1 ' or '0 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
     ahead .. (by_cap and ' 1' or ' 0')

@@ -229,13 +229,17 @@ def test_if_allowed_counts_only_jobs_that_would_start(
     assert transit(scheduler, "acme") == 2
 
 
-def test_a_gate_takes_the_job_out_of_transit_whatever_its_verdict(
+def test_a_job_leaves_transit_when_it_runs_or_joins_the_backlog(
     limiter: Limiter, scheduler: FairScheduler
 ) -> None:
+    """Counted all along: a job the gate parks stays in transit until its submit counts it
+    in the backlog (a worker may park several in one batch, a moment later)."""
     limiter.set_limit("tenant:*", hourly(1, 1))
     hints(scheduler, "acme", 3)
     assert scheduler.gate("acme", "acme-0").action == "run"
+    assert transit(scheduler, "acme") == 2
     assert scheduler.gate("acme", "acme-1").action == "park"
+    assert scheduler.hint("acme").backlog == 2
     scheduler.submit("acme", "acme-1")  # where a parked job goes: counted in the backlog now
     assert transit(scheduler, "acme") == 1
     assert scheduler.hint("acme").backlog == 2  # acme-1 in the backlog, acme-2 in transit
@@ -289,6 +293,36 @@ def test_jobs_admitted_on_credit_are_taken_off_by_the_worker(
     ledger.close()
 
 
+class RecordingWire:
+    """The gate's wire as the ledger sees it: ``send`` queues calls for the event loop."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.sent: list[tuple[object, ...]] = []
+
+    def send(self, commands: list[tuple[object, ...]], on_reply: object) -> None:
+        self.sent.extend(commands)
+        for command in commands:  # (what the event loop would write)
+            self.client.execute_command(*command)
+
+
+def test_with_the_gates_wire_credited_jobs_leave_transit_as_they_are_admitted(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    from queue_ratelimit.celery._credit import CreditLedger
+
+    hints(scheduler, "acme", 3)
+    wire = RecordingWire(scheduler.client)
+    ledger = CreditLedger(lambda: limiter, NoTimer, ttl=60)
+    ledger.wire = lambda: wire  # type: ignore[assignment,return-value]
+    key = ("acme", "default", "normal", 1.0)
+    ledger.grant(key, 2, free=True)
+    assert ledger.spend(key, "acme-1")
+    assert wire.sent == [("ZREM", scheduler.keys.transit("default", "acme"), "acme-1")]
+    assert transit(scheduler, "acme") == 2
+    ledger.close()
+
+
 def test_route_counts_jobs_on_the_plain_list_and_adopt_moves_them(
     limiter: Limiter, scheduler: FairScheduler, redis_client: redis.Redis
 ) -> None:
@@ -304,8 +338,10 @@ def test_route_counts_jobs_on_the_plain_list_and_adopt_moves_them(
         assert scheduler.adopt("default", plain, [("r0", "acme", "normal", 1.0)]) == 1
         assert transit(scheduler, "acme") == 3
         assert scheduler.hint("acme").backlog == 4, "r0 waits in the backlog now"
-        redis_client.lrem(plain, 1, "r1")
-        assert scheduler.gate("acme", "r1").action in ("run", "park")
+        redis_client.lrem(plain, 1, "r1")  # a worker pops it, and gates it
+        assert scheduler.gate("acme", "r1").action == "park"  # behind r0
+        assert transit(scheduler, "acme") == 3, "counted until it is in the backlog"
+        scheduler.submit("acme", "r1")
         assert transit(scheduler, "acme") == 2
     finally:
         redis_client.delete(plain)

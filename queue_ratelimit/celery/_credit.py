@@ -7,7 +7,8 @@ then is refunded, so unused admissions never hold tokens for long.
 
 A job admitted on credit passes no gate call, which is where a job a producer's hint
 counted as in transit stops counting (lua/gate.lua): the ledger takes those jobs off the
-transit count itself, by id, in one round trip per ``ttl`` while credit is being spent.
+transit count itself, by id: on the gate's wire as they are admitted (written with the event
+loop's other calls, never waited for), else in one round trip per ``ttl``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from .._errors import RateLimitError
 from .._limiter import Limiter
+
+if TYPE_CHECKING:
+    from ._wire import Reply, Wire
 
 log = logging.getLogger("queue_ratelimit.celery")
 
@@ -45,6 +49,10 @@ class CreditLedger:
         self._expiry: Any = None
         # (lane, tenant) -> ids of the jobs admitted on credit since the last flush.
         self._spent: dict[tuple[str, str], list[str]] = {}
+        # The gate's wire while it is in use (set by the gate), and transit keys by
+        # (lane, tenant).
+        self.wire: Callable[[], Wire | None] = lambda: None
+        self._transit_keys: dict[tuple[str, str], str] = {}
 
     def spend(self, key: CreditKey, item_id: str = "") -> bool:
         """Take one admission for ``key`` if one is held; True when it was. ``item_id``:
@@ -54,8 +62,20 @@ class CreditLedger:
             return False
         entry[0] -= 1
         if item_id:
-            self._spent.setdefault((key[1], key[0]), []).append(item_id)
+            wire = self.wire()
+            if wire is None:
+                self._spent.setdefault((key[1], key[0]), []).append(item_id)
+            else:
+                wire.send([("ZREM", self._transit_key(key[1], key[0]), item_id)], _ignored)
         return True
+
+    def _transit_key(self, lane: str, tenant: str) -> str:
+        found = self._transit_keys.get((lane, tenant))
+        if found is None:
+            if len(self._transit_keys) >= 10_000:
+                self._transit_keys.clear()
+            found = self._transit_keys[(lane, tenant)] = self._limiter().keys.transit(lane, tenant)
+        return found
 
     def grant(self, key: CreditKey, units: int, *, free: bool = False) -> None:
         """Hold ``units`` more admissions for ``key`` (what was left of an older grant is
@@ -97,10 +117,9 @@ class CreditLedger:
         spent, self._spent = self._spent, {}
         if not spent:
             return
-        limiter = self._limiter()
-        pipe = limiter.client.pipeline(transaction=False)
+        pipe = self._limiter().client.pipeline(transaction=False)
         for (lane, tenant), ids in spent.items():
-            pipe.zrem(limiter.keys.transit(lane, tenant), *ids)
+            pipe.zrem(self._transit_key(lane, tenant), *ids)
         try:
             pipe.execute()
         except RedisError as exc:
@@ -114,3 +133,7 @@ class CreditLedger:
         except RateLimitError as exc:
             # Unused tokens stay spent: the caps only get stricter, never looser.
             log.warning("queue-ratelimit: could not refund %d unused credit: %s", units, exc)
+
+
+def _ignored(_: list[Reply] | RedisError) -> None:
+    """A transit entry taken off or not: nothing depends on it (a lost one lapses)."""

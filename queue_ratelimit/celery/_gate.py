@@ -152,6 +152,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             # Scheduler calls whose replies the event loop reads when they come.
             self.wire = Wire(self.runtime.scheduler.client, getattr(c, "hub", None))
             self.settler = AsyncSettler(self.runtime.scheduler, self.wire, self._on_settled)
+            self.credit.wire = lambda: self.wire if self._on_wire() else None
             # Concurrency slots of the jobs this worker runs, by backlog item id.
             self.running = SlotKeeper(lambda: self._rt.limiter, settings.lease)
             # Strategies capture this method when they are built (in Tasks.start), so ETA
