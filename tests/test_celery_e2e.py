@@ -680,6 +680,52 @@ def test_delay_policy_sets_a_countdown_from_the_hint(e2e: E2E) -> None:
     assert idle.get("eta") is None
 
 
+def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling(
+    e2e: E2E,
+) -> None:
+    """``celery -A app inspect qrl_gate``: per worker, the gate's counters, what it holds and
+    what waits in its queue's backlog; ``inspect stats`` carries the counters too; and the
+    worker says at INFO what it holds back, a line per tenant per ``log_interval``."""
+    e2e.settings = {"log_interval": 0.5}
+    e2e.limiter.set_limit("tenant:slow", Limit(1, per=3600, burst=2))
+    (worker,) = e2e.start_workers("w1")
+    work = e2e.app().tasks["e2e.work"]
+    for _ in range(6):
+        work.apply_async(("inspected",), rate_tenant="slow")
+    e2e.wait_runs(2, timeout=20)
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(lambda: scheduler.backlog(e2e.queue) == 4, timeout=20, what="4 parked",
+             on_timeout=e2e.logs)  # fmt: skip
+
+    (host,) = e2e.ready_hosts()  # (named, the command returns when it has answered)
+    command = [sys.executable, "-m", "celery", "-A", "celery_e2e_app", "inspect", "qrl_gate",
+               "--json", "--timeout", "10", "--destination", host]  # fmt: skip
+    done = subprocess.run(
+        command, check=False, cwd=Path(__file__).parent, env=e2e.env(), capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    (reply,) = json.loads(done.stdout).values()
+    assert reply["namespace"] == e2e.namespace
+    assert reply["lanes"] == [e2e.queue]
+    assert reply["redis"] == "ok"
+    assert reply["counters"]["parked"] == 4
+    assert reply["worker"]["held"] == 0
+    queue = reply["queues"][e2e.queue]
+    assert (queue["waiting"], queue["tenants"]) == (4, {"slow": 4})
+    assert queue["parked_tenants"]["slow"] > 60, "until its next token, in seconds"
+
+    stats = e2e.app().control.inspect(timeout=10, destination=[host]).stats()
+    (gate,) = (s["queue_ratelimit"] for s in stats.values())
+    assert gate["parked"] == 4
+
+    def said() -> bool:
+        return f"queue-ratelimit: throttled: tenant slow on {e2e.queue}: " in e2e.full_logs()
+
+    wait_for(said, timeout=20, what="a throttling line at INFO", on_timeout=e2e.logs)
+    assert worker.alive()
+
+
 def test_metrics_task_publishes_a_snapshot_and_the_collector_reads_it(e2e: E2E) -> None:
     from prometheus_client import CollectorRegistry
 

@@ -771,6 +771,22 @@ def test_hints_count_the_jobs_ahead_and_workers_take_them_off(env: RQEnv) -> Non
     assert scheduler.hint("acme", queue=env.queue_name).backlog == 0
 
 
+def test_a_worker_says_at_info_what_it_holds_back(
+    env: RQEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker waiting for the budgets is not silent: a line per tenant per interval."""
+    monkeypatch.setenv("QUEUE_RATELIMIT_LOG_INTERVAL", "0.5")
+    env.limiter.set_limit("tenant:acme", Limit(1, per=3600, burst=1))
+    env.enqueue("acme", 4)
+    worker = env.start_worker("w")
+    env.wait_runs(1, timeout=30)
+    line = f"queue-ratelimit: throttled: tenant acme on {env.queue_name}: "
+    env.wait(lambda: line in worker.log.read_text(errors="replace"), timeout=30,
+             what="a throttling line")  # fmt: skip
+    said = [x for x in worker.log.read_text(errors="replace").splitlines() if line in x]
+    assert said[-1].endswith("3 waiting"), said[-1]
+
+
 # -- a lost reply strands nothing (in process, deterministic) ---------------------------------
 class LosesAReply(redis.Redis):
     """A client that, once armed, runs a matching command and then fails as if the reply was

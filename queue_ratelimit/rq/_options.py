@@ -13,6 +13,7 @@ from .._limiter import Limiter
 from .._scheduler import FairScheduler
 from .._scopes import _shown, check_name, check_priority
 from .._slot_keeper import SlotKeeper
+from .._throttle_log import DEFAULT_INTERVAL
 
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
 OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
@@ -23,6 +24,8 @@ ENV_LEASE = "QUEUE_RATELIMIT_LEASE"
 DEFAULT_LEASE = 60.0
 # What a worker does when the limiter's Redis may evict keys: warn (default), refuse, ignore.
 ENV_EVICTION = "QUEUE_RATELIMIT_EVICTION"
+# Seconds between a worker's INFO summaries of throttled work (0: none).
+ENV_LOG_INTERVAL = "QUEUE_RATELIMIT_LOG_INTERVAL"
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
@@ -75,6 +78,24 @@ def eviction() -> EvictionMode:
         ConfigError: a value other than warn, refuse or ignore.
     """
     return check_eviction_mode(os.environ.get(ENV_EVICTION) or "warn")
+
+
+def log_interval() -> float:
+    """The ``log_interval`` from ``$QUEUE_RATELIMIT_LOG_INTERVAL`` (seconds), else 10.
+
+    Raises:
+        ConfigError: a value that is not a number of seconds >= 0.
+    """
+    raw = os.environ.get(ENV_LOG_INTERVAL)
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{ENV_LOG_INTERVAL} must be a number of seconds >= 0, got {_shown(raw)}")
+    return seconds
 
 
 def lease() -> float:
