@@ -122,3 +122,19 @@ def test_interval_zero_says_nothing(clock: Clock, caplog: pytest.LogCaptureFixtu
     throttled.parked("q", "acme", "tenant:acme")
     clock.now += 3600
     assert not throttled.due()
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "10"])
+def test_a_bad_log_interval_is_refused(value: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from queue_ratelimit import ConfigError
+    from queue_ratelimit.celery import CelerySettings
+    from queue_ratelimit.rq._options import ENV_LOG_INTERVAL, log_interval
+
+    with pytest.raises(ConfigError, match="log_interval"):
+        CelerySettings(log_interval=value)  # type: ignore[arg-type]
+    if isinstance(value, float | int):
+        monkeypatch.setenv(ENV_LOG_INTERVAL, str(value))
+        with pytest.raises(ConfigError, match=ENV_LOG_INTERVAL):
+            log_interval()
+    monkeypatch.setenv(ENV_LOG_INTERVAL, "0")
+    assert log_interval() == 0

@@ -70,6 +70,9 @@ class CelerySettings:
             to start (``ConfigError``), or ``"ignore"`` (see ``Limiter``).
         log_interval: seconds between a worker's INFO summaries of the work it holds back
             (a line per tenant: jobs parked, the binding scope, jobs waiting); 0: none.
+        transit_grace: seconds a published job stays counted by later hints beyond twice
+            the wait predicted for it, unless a worker's gate sees it sooner (a job lost in
+            the broker stops counting then).
     """
 
     redis_url: str | None = None
@@ -92,6 +95,7 @@ class CelerySettings:
     max_backlog: int = 100_000
     eviction: EvictionMode = "warn"
     log_interval: float = 10.0
+    transit_grace: float = 300.0
 
     def __post_init__(self) -> None:
         if self.redis_url is not None:
@@ -107,7 +111,14 @@ class CelerySettings:
             )
         if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 0:
             raise ConfigError(f"credit must be a whole number >= 0, got {_shown(self.credit)}")
-        for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval", "credit_ttl"):
+        for name in (
+            "lease",
+            "poll_interval",
+            "dedupe_window",
+            "metrics_interval",
+            "credit_ttl",
+            "transit_grace",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(

@@ -10,7 +10,7 @@ from .._core import check_cost
 from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
 from .._limiter import Limiter
-from .._scheduler import FairScheduler
+from .._scheduler import TRANSIT_GRACE, FairScheduler
 from .._scopes import _shown, check_name, check_priority
 from .._slot_keeper import SlotKeeper
 from .._throttle_log import DEFAULT_INTERVAL
@@ -26,6 +26,9 @@ DEFAULT_LEASE = 60.0
 ENV_EVICTION = "QUEUE_RATELIMIT_EVICTION"
 # Seconds between a worker's INFO summaries of throttled work (0: none).
 ENV_LOG_INTERVAL = "QUEUE_RATELIMIT_LOG_INTERVAL"
+# Seconds an enqueued job stays counted by hints beyond twice its predicted wait, unless a
+# worker sees it sooner (FairScheduler's transit_grace).
+ENV_TRANSIT_GRACE = "QUEUE_RATELIMIT_TRANSIT_GRACE"
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
@@ -39,7 +42,7 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
             limiter = Limiter(connection, namespace=namespace, eviction=eviction())
-            found = FairScheduler(limiter, lease=lease())
+            found = FairScheduler(limiter, lease=lease(), transit_grace=transit_grace())
             _schedulers[key] = found
         return found
 
@@ -86,15 +89,9 @@ def log_interval() -> float:
     Raises:
         ConfigError: a value that is not a number of seconds >= 0.
     """
-    raw = os.environ.get(ENV_LOG_INTERVAL)
-    if not raw:
-        return DEFAULT_INTERVAL
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
+    seconds = _seconds(ENV_LOG_INTERVAL, DEFAULT_INTERVAL)
     if not 0 <= seconds < float("inf"):
-        raise ConfigError(f"{ENV_LOG_INTERVAL} must be a number of seconds >= 0, got {_shown(raw)}")
+        raise ConfigError(f"{ENV_LOG_INTERVAL} must be a number of seconds >= 0, got {seconds}")
     return seconds
 
 
@@ -104,10 +101,23 @@ def lease() -> float:
     Raises:
         ConfigError: a value that is not a number of seconds.
     """
-    raw = os.environ.get(ENV_LEASE)
+    return _seconds(ENV_LEASE, DEFAULT_LEASE)
+
+
+def transit_grace() -> float:
+    """``transit_grace`` from ``$QUEUE_RATELIMIT_TRANSIT_GRACE`` (seconds), else 300.
+
+    Raises:
+        ConfigError: a value that is not a number of seconds.
+    """
+    return _seconds(ENV_TRANSIT_GRACE, TRANSIT_GRACE)
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_LEASE
+        return default
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {_shown(raw)}") from None
+        raise ConfigError(f"{name} must be a number of seconds, got {_shown(raw)}") from None
