@@ -60,11 +60,13 @@ LONG_MS = 1000.0  # relative errors are taken over hints of at least this
 
 @dataclass(frozen=True, slots=True)
 class Told:
-    """One job: its id, when it was enqueued (Redis clock, s) and the wait it was told."""
+    """One job: its id, when it was enqueued (Redis clock, s), the wait it was told and
+    the jobs it was told were ahead of it."""
 
     job_id: str
     enqueued: float
     wait_ms: float
+    ahead: int
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -77,6 +79,7 @@ def summarise(scenario: Scenario, told: list[Told], starts: dict[str, float]) ->
     pairs = [
         (t.wait_ms, (starts[t.job_id] - t.enqueued) * 1000) for t in told if t.job_id in starts
     ]
+    aheads = [t.ahead for t in told if t.job_id in starts]
     errors = [abs(start - hint) for hint, start in pairs]
     long = [(hint, start) for hint, start in pairs if hint >= LONG_MS]
     relative = [abs(start - hint) / hint for hint, start in long]
@@ -108,7 +111,8 @@ def summarise(scenario: Scenario, told: list[Told], starts: dict[str, float]) ->
             if relative
             else None,
         },
-        "jobs_ms": [[sig(hint, 5), sig(start, 5)] for hint, start in pairs],
+        # Per job: told (ms), started after (ms), jobs told ahead.
+        "jobs": [[sig(h, 5), sig(s, 5), a] for (h, s), a in zip(pairs, aheads, strict=True)],
     }
 
 
@@ -176,7 +180,8 @@ class Bench:
                     result = task.apply_async(
                         (TENANT, "normal", 0.0), rate_tenant=TENANT, producer=pub
                     )
-                    told.append(Told(result.id, enqueued, result.rate_hint.wait_ms))
+                    hint = result.rate_hint
+                    told.append(Told(result.id, enqueued, hint.wait_ms, hint.backlog))
             return self._finish(scenario, limiter, queue, key, told, workers)
         finally:
             for w in workers:
@@ -201,7 +206,8 @@ class Bench:
             for _ in range(scenario.jobs):
                 enqueued = W.redis_now(self.client)
                 job = queue.enqueue(W.rq_record, key, TENANT, "normal", 0.0, rate_tenant=TENANT)
-                told.append(Told(job.id, enqueued, job.rate_hint.wait_ms))  # type: ignore[attr-defined]
+                hint = job.rate_hint  # type: ignore[attr-defined]
+                told.append(Told(job.id, enqueued, hint.wait_ms, hint.backlog))
             return self._finish(scenario, limiter, queue_name, key, told, workers)
         finally:
             for w in workers:
