@@ -16,16 +16,22 @@
 -- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
 -- granted then (every job needs a slot of its own).
 --
+-- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived.
+-- Its entry goes when it runs (or is a duplicate); one to be parked keeps it until "submit"
+-- counts it in the backlog, so it is counted all along. (Jobs admitted on credit pass no
+-- gate: the worker takes their entries off itself, by id: celery/_credit.py.)
+--
 -- KEYS: config, shared, scheduler meta hash, the lane's active and parked sets, the
---       tenant's hash, the item's done marker (all named by KeySpace)
+--       tenant's hash, the item's done marker, the tenant's transit set in the lane (all
+--       named by KeySpace; the transit set is optional)
 -- ARGV: counter retention ms, lane, tenant, priority, item id, cost, credit, slot hold ms
 --       (default 60 s)
 -- Reply: {1, credit granted} run now, or {1, 0, "<slot token> <cap scope> ..."} holding
 --        slots; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a backlog;
 --        a 4th element "1" when denied_by is a concurrency cap); {2} a duplicate: already
 --        parked, in flight or done.
-local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key, transit =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local lane, tenant, priority, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
 local keep_ms = arg_number(ARGV[1], 900000, 1, MAX_KEEP_MS, 'counter retention (ms)')
@@ -34,6 +40,7 @@ local credit = math.floor(arg_number(ARGV[7], 0, 0, MAX_CREDIT, 'credit'))
 local hold = arg_number(ARGV[8], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
 
 if redis.call('HEXISTS', meta_key, id) == 1 or redis.call('EXISTS', done_key) == 1 then
+  if transit then redis.call('ZREM', transit, id) end
   return {2}
 end
 -- Work waiting in the lane that could be dispatched now goes first. Tenants parked by their
@@ -56,6 +63,7 @@ for _, b in ipairs(ctx.buckets) do
   if not b.shadow and b.burst < cost then cost = b.burst end
 end
 local status, wait, denied_by, would_deny = judge(ctx, cost)
+if status > 0 and transit then redis.call('ZREM', transit, id) end
 if status == 2 then
   local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
   local scopes = take_slots(ctx, token, ctx.now + hold * 1000)

@@ -51,6 +51,7 @@ _SCHEDULER_PARTS = {
     "done": ("done", 1),
     "receipt": ("receipt", 1),
     "wake": ("waiters", 1),
+    "tr": ("transit", 2),
 }
 KINDS = frozenset(
     {*_FIXED, *_ONE_PART.values(), *_SCHEDULER_FIXED, *(k for k, _ in _SCHEDULER_PARTS.values())}
@@ -60,7 +61,8 @@ KINDS = frozenset(
 class SchedulerPrefixes(NamedTuple):
     """The prefixes lua/scheduler.lua appends user parts to (joined by ':'), passed in this
     order: a lane's keys (+ lane), a tenant's classes (+ lane:tenant), a class backlog
-    (+ lane:tenant:priority), a cap's waiters (+ scope), a tenant hash (+ tenant)."""
+    (+ lane:tenant:priority), a cap's waiters (+ scope), a tenant hash (+ tenant), a
+    tenant's jobs in transit (+ lane:tenant)."""
 
     active: str
     parked: str
@@ -70,6 +72,7 @@ class SchedulerPrefixes(NamedTuple):
     backlog: str
     waiters: str
     tenant: str
+    transit: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +229,13 @@ class KeySpace:
         """Set of ``"<lane> <tenant>"`` parked by a concurrency cap, woken by a release."""
         return f"{self.scheduler}:wake:{Scope.parse(scope)}"
 
+    def transit(self, lane: str, tenant: str) -> str:
+        """Sorted set: a tenant's jobs in transit in a lane (enqueued with a hint, not yet
+        seen by a gate: in the broker, on RQ's list) -> when the entry lapses (ms). What a
+        hint counts as waiting ahead besides the backlog; entries of jobs lost on the way
+        lapse on their own (docs/design.md, "Hints")."""
+        return f"{self.scheduler}:tr:{check_name('queue', lane)}:{check_name('tenant', tenant)}"
+
     @property
     def scheduler_prefixes(self) -> SchedulerPrefixes:
         """The prefixes of the scheduler's keys whose user parts only the scripts know."""
@@ -239,6 +249,7 @@ class KeySpace:
             f"{s}:bl:",
             f"{s}:wake:",
             self.tenant_prefix,
+            f"{s}:tr:",
         )
 
     # -- layout 1 (queue-ratelimit 0.1) --------------------------------------------------

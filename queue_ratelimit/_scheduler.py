@@ -30,6 +30,9 @@ MAX_WEIGHT = 1e6
 MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
 MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
+# How long (seconds) a job counted in transit by a hint stays counted beyond twice the wait
+# predicted for it, unless a gate sees it sooner (lua/scheduler.lua "hint"; docs/design.md).
+TRANSIT_GRACE = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +73,18 @@ class SubmitItem:
 
 @dataclass(frozen=True, slots=True)
 class Hint:
-    """Producer-side backpressure advice for one job, computed without consuming anything.
+    """Producer-side backpressure advice for one job: when it would start if enqueued now,
+    behind the same tenant's jobs already waiting in its queue. Computed without consuming
+    anything (``FairScheduler.hint``).
 
     Attributes:
-        allowed: whether the job's buckets would admit it now.
-        wait_ms: how long until they would (0 when allowed).
+        allowed: whether the job would start at once.
+        wait_ms: how long until it would start (0 when allowed): until its buckets hold
+            the tokens of the jobs ahead of it and its own.
         denied_by: the binding scope, or None.
-        backlog: jobs of this tenant already waiting in the queue's fair backlog.
+        backlog: jobs of this tenant waiting ahead of it in the queue: in the fair backlog,
+            and enqueued with a hint but not yet seen by a worker (in the broker, on RQ's
+            list).
         concurrency: True when ``denied_by`` is a concurrency cap: ``wait_ms`` is then the
             time until its earliest lease runs out, an upper bound (a release comes sooner).
     """
@@ -193,9 +201,19 @@ class FairScheduler:
         lease: seconds a dispatched item may stay in flight before it is handed back.
         max_skips: tenants parked (held back by their own caps) per lane in one dispatch
             before it gives up for this call; bounds the cost of a call.
+        transit_grace: seconds a job counted by ``hint`` as in transit (enqueued, not yet
+            seen by a gate) stays counted beyond twice its predicted wait; a job lost on
+            the way (a purged broker queue) stops counting then.
     """
 
-    def __init__(self, limiter: Limiter, *, lease: float = 60.0, max_skips: int = 32) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        lease: float = 60.0,
+        max_skips: int = 32,
+        transit_grace: float = TRANSIT_GRACE,
+    ) -> None:
         self.limiter = limiter
         self.client = limiter.client
         self._core = limiter._core
@@ -203,6 +221,9 @@ class FairScheduler:
         if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
             raise ConfigError(f"max_skips must be a whole number >= 0, got {_shown(max_skips)}")
         self.max_skips = max_skips
+        self.transit_grace_ms = int(
+            check_positive("transit_grace", transit_grace, MAX_LEASE) * 1000
+        )
         self._scripts = limiter._scripts
         self._unweighted: set[str] = set()  # priorities already warned about
         self.keys = k = self._core.keys
@@ -546,25 +567,39 @@ class FairScheduler:
         queue: str = "default",
         priority: str = "normal",
         cost: float = 1,
+        item_id: str | None = None,
+        count: Literal["always", "if_allowed"] = "always",
     ) -> Hint:
-        """Peek at the job's buckets and its tenant's backlog in one round trip."""
-        call = self._core.decision_call("peek", tenant, queue, priority, cost)
-        backlog_key = self.keys.counts(queue)
+        """When a job enqueued now would start: its buckets, and the same tenant's jobs
+        ahead of it in the queue (in the fair backlog and in transit), in one round trip.
 
-        # The script straight on the pipeline (not redis-py's script object, which would
-        # send SCRIPT EXISTS first: a second round trip on every hint).
-        def fill(pipe: Any) -> None:
-            self._scripts.queue(pipe, "acquire.lua", call.keys, call.args)
-            pipe.hget(backlog_key, tenant)
-
-        reply, backlog = self._pipelined(fill)
-        decision = self._core.decision(reply, cost)
+        Args:
+            item_id: the id the job will arrive at a gate with: it is counted as in
+                transit (ahead of the tenant's next jobs) until a gate sees it, or until
+                twice its predicted wait plus ``transit_grace`` have passed. None: count
+                nothing (a producer whose jobs reach the queue counted otherwise, e.g.
+                ``route``).
+            count: ``"if_allowed"`` counts the job only when it would start at once (a
+                producer that refuses the others).
+        """
+        args = [
+            check_name("queue", queue),
+            check_name("tenant", tenant),
+            check_priority(priority),
+            repr(check_cost(cost)),
+            "" if item_id is None else check_item_id(item_id),
+            "0" if item_id is None else "2" if count == "if_allowed" else "1",
+            self.transit_grace_ms,
+        ]
+        with redis_errors():
+            reply = self._run("hint", *args, keys=[self.keys.transit(queue, tenant)])
+        starts, wait_ms, denied_by, ahead, by_cap = _text(reply).split(" ")
         return Hint(
-            decision.allowed,
-            decision.wait_ms,
-            decision.denied_by,
-            int(backlog or 0),
-            decision.concurrency,
+            starts == "1",
+            float(wait_ms),
+            None if denied_by == "-" else denied_by,
+            int(ahead),
+            by_cap == "1",
         )
 
     def route(
@@ -578,12 +613,16 @@ class FairScheduler:
         cost: float = 1,
         at_front: bool = False,
         pipeline: Any = None,
+        wait_ms: float = 0.0,
     ) -> Any:
         """Producer side: push ``item_id`` onto the plain list ``list_key`` when its queue is
         uncontended (the worker's gate admits it there), else into the fair backlog.
 
-        With ``pipeline`` the call is queued on it (and its reply comes with the pipeline's);
-        otherwise it returns True when the item joined the backlog.
+        An item pushed onto the list is counted as in transit (see ``hint``) for twice
+        ``wait_ms`` (the wait its hint predicted) plus ``transit_grace``, unless a gate or
+        ``adopt`` sees it sooner. With ``pipeline`` the call is queued on it (and its reply
+        comes with the pipeline's); otherwise it returns True when the item joined the
+        backlog.
         """
         reply = self._run(
             "route",
@@ -594,6 +633,7 @@ class FairScheduler:
             repr(check_cost(cost)),
             list_key,
             "1" if at_front else "0",
+            int(2 * max(0.0, wait_ms)) + self.transit_grace_ms,
             client=pipeline,
         )
         return reply if pipeline is not None else reply == 1
@@ -673,7 +713,15 @@ class FairScheduler:
         with redis_errors():
             reply = self._scripts.call(
                 "gate.lua",
-                [k.config, k.shared, k.meta, *lane_keys, k.tenant(tenant), k.done(item_id)],
+                [
+                    k.config,
+                    k.shared,
+                    k.meta,
+                    *lane_keys,
+                    k.tenant(tenant),
+                    k.done(item_id),
+                    k.transit(queue, tenant),
+                ],
                 [
                     self._core.retention_ms,
                     queue,

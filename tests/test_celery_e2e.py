@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -693,6 +694,38 @@ def test_hint_policy_attaches_hints_and_last_hint_returns_them(e2e: E2E) -> None
     assert headers["qrl_tenant"] == "busy"
 
 
+def test_hints_count_the_jobs_ahead_and_workers_take_them_off(e2e: E2E) -> None:
+    """The issue's example at an hourly rate (nothing refills while the test runs): 90 jobs
+    at once into ``tenant:*`` 10 per period, no worker running. Each is told when it would
+    start behind those published before it (in the broker); once a worker has run them all
+    (at once, on credit, or from the backlog), none is counted ahead of the next job."""
+    e2e.limiter.set_limit("tenant:*", Limit(10, per=3600, burst=10))
+    app = e2e.app()
+    work = app.tasks["e2e.work"]
+    hints, ids = [], set()
+    for n in range(90):
+        if n % 10 == 9:  # a publish that bypasses RateLimitedTask.apply_async
+            result = app.send_task("e2e.work", ("ahead",), rate_tenant="acme")
+        else:
+            result = work.apply_async(("ahead",), rate_tenant="acme")
+        hints.append(last_hint())
+        ids.add(result.id)
+    assert (hints[4].allowed, hints[4].wait_ms, hints[4].backlog) == (True, 0, 4)
+    assert [h.backlog for h in hints] == list(range(90))
+    assert hints[89].wait_ms == pytest.approx(80 * 360_000, rel=1e-3)
+
+    e2e.limiter.set_limit("tenant:*", Limit(1000, burst=100))
+    e2e.start_workers("w1")
+    assert_exactly_once(e2e.wait_runs(90, timeout=60), ids)
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(
+        lambda: scheduler.hint("acme", queue=e2e.queue).backlog == 0,
+        timeout=10,
+        what="no job counted ahead any more",
+        on_timeout=e2e.logs,
+    )
+
+
 def test_delay_policy_sets_a_countdown_from_the_hint(e2e: E2E) -> None:
     work = e2e.app(policy="delay").tasks["e2e.work"]
     e2e.limiter.set_limit("tenant:busy", Limit(1, per=60, burst=1))
@@ -704,6 +737,52 @@ def test_delay_policy_sets_a_countdown_from_the_hint(e2e: E2E) -> None:
     eta = datetime.fromisoformat(busy["eta"])
     assert timedelta(seconds=50) < eta - before < timedelta(seconds=61)
     assert idle.get("eta") is None
+
+
+def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling(
+    e2e: E2E,
+) -> None:
+    """``celery -A app inspect qrl_gate``: per worker, the gate's counters, what it holds and
+    what waits in its queue's backlog; ``inspect stats`` carries the counters too; and the
+    worker says at INFO what it holds back, a line per tenant per ``log_interval``."""
+    e2e.settings = {"log_interval": 0.5}
+    e2e.limiter.set_limit("tenant:slow", Limit(1, per=3600, burst=2))
+    (worker,) = e2e.start_workers("w1")
+    work = e2e.app().tasks["e2e.work"]
+    for _ in range(6):
+        work.apply_async(("inspected",), rate_tenant="slow")
+    e2e.wait_runs(2, timeout=20)
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(lambda: scheduler.backlog(e2e.queue) == 4, timeout=20, what="4 parked",
+             on_timeout=e2e.logs)  # fmt: skip
+
+    (host,) = e2e.ready_hosts()  # (named, the command returns when it has answered)
+    command = [sys.executable, "-m", "celery", "-A", "celery_e2e_app", "inspect", "qrl_gate",
+               "--json", "--timeout", "10", "--destination", host]  # fmt: skip
+    done = subprocess.run(
+        command, check=False, cwd=Path(__file__).parent, env=e2e.env(), capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    (reply,) = json.loads(done.stdout).values()
+    assert reply["namespace"] == e2e.namespace
+    assert reply["lanes"] == [e2e.queue]
+    assert reply["redis"] == "ok"
+    assert reply["counters"]["parked"] == 4
+    assert reply["worker"]["held"] == 0
+    queue = reply["queues"][e2e.queue]
+    assert (queue["waiting"], queue["tenants"]) == (4, {"slow": 4})
+    assert queue["parked_tenants"]["slow"] > 60, "until its next token, in seconds"
+
+    stats = e2e.app().control.inspect(timeout=10, destination=[host]).stats()
+    (gate,) = (s["queue_ratelimit"] for s in stats.values())
+    assert gate["parked"] == 4
+
+    def said() -> bool:
+        return f"queue-ratelimit: throttled: tenant slow on {e2e.queue}: " in e2e.full_logs()
+
+    wait_for(said, timeout=20, what="a throttling line at INFO", on_timeout=e2e.logs)
+    assert worker.alive()
 
 
 def test_metrics_task_publishes_a_snapshot_and_the_collector_reads_it(e2e: E2E) -> None:

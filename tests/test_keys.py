@@ -97,6 +97,7 @@ keyed = st.one_of(
         lambda kl: (kl[0], (kl[1],))
     ),
     st.tuples(names, names).map(lambda lt: ("classes", lt)),
+    st.tuples(names, names).map(lambda lt: ("transit", lt)),
     st.tuples(names, names, priorities).map(lambda ltp: ("backlog", ltp)),
     st.tuples(st.sampled_from(["done", "receipt"]), item_ids).map(lambda ki: (ki[0], (ki[1],))),
     scopes.map(lambda s: ("waiters", (s,))),
@@ -164,6 +165,7 @@ def test_every_key_the_scripts_write_is_named_by_keyspace(
         decision = limiter.acquire("capped")
         limiter.release(decision)
         scheduler.submit("acme", "waits", queue="later")
+        scheduler.hint("acme", queue="later", item_id="hinted")
         publish_snapshot(limiter)
     finally:
         redis_client.delete(plain)
@@ -173,6 +175,7 @@ def test_every_key_the_scripts_write_is_named_by_keyspace(
         "lease": "hash", "meta": "hash", "payload": "hash", "lanes": "set", "active": "zset",
         "parked": "zset", "counts": "hash", "age": "zset", "classes": "zset",
         "backlog": "list", "done": "string", "receipt": "string", "waiters": "set",
+        "transit": "zset",
     }  # fmt: skip
     seen = set()
     for raw in redis_client.scan_iter(match=limiter.keys.pattern, count=1000):
@@ -183,7 +186,16 @@ def test_every_key_the_scripts_write_is_named_by_keyspace(
         assert redis_client.type(key).decode() == types[parsed[0]], key
         seen.add(parsed[0])
     # The run touched the scheduler's kinds, not only the limiter's.
-    assert {"backlog", "classes", "active", "parked", "done", "receipt", "waiters"} <= seen
+    assert {
+        "backlog",
+        "classes",
+        "active",
+        "parked",
+        "done",
+        "receipt",
+        "waiters",
+        "transit",
+    } <= seen
 
 
 def test_work_left_in_the_old_layout_is_reported(

@@ -774,14 +774,51 @@ def test_reject_policy_raises_and_enqueues_nothing(env: RQEnv) -> None:
     assert caught.value.denied_by == "tenant:acme"
     assert not Job.exists("refused-1", connection=env.conn)
     assert env.waiting() == 1
-    # The default policy enqueues and says how long the job will wait.
+    # The default policy enqueues and says how long the job will wait: behind the first
+    # one, still on RQ's list, it needs the next two tokens.
     hinted = env.queue().enqueue(JOB, env.key, rate_tenant="acme")
     assert hinted.rate_hint.allowed is False
-    assert 0 < hinted.rate_hint.wait_ms <= 60_000
+    assert hinted.rate_hint.backlog == 1
+    assert 60_000 < hinted.rate_hint.wait_ms <= 120_000
     assert hinted.rate_hint.denied_by == "tenant:acme"
     assert env.waiting() == 2
     # Other tenants are not refused.
     assert strict.enqueue(JOB, env.key, rate_tenant="other").rate_hint.allowed
+
+
+def test_hints_count_the_jobs_ahead_and_workers_take_them_off(env: RQEnv) -> None:
+    """The issue's example at an hourly rate (nothing refills while the test runs): 90 jobs
+    at once into ``tenant:*`` 10 per period, no worker. Each is told when it would start
+    behind the ones before it, which wait on RQ's list; once a worker has run them all,
+    none is counted ahead of the next job."""
+    env.limiter.set_limit("tenant:*", Limit(10, per=3600, burst=10))
+    jobs = env.enqueue("acme", 90)
+    hints = [j.rate_hint for j in jobs]
+    assert (hints[4].allowed, hints[4].wait_ms, hints[4].backlog) == (True, 0, 4)
+    assert hints[89].backlog == 89
+    assert hints[89].wait_ms == pytest.approx(80 * 360_000, rel=1e-3)
+
+    env.limiter.set_limit("tenant:*", Limit(1000, burst=100))
+    env.start_worker("w", burst=True)
+    assert_exactly_once(env.wait_runs(90, timeout=60), [j.id for j in jobs])
+    scheduler = env.queue().rate_scheduler
+    assert scheduler.hint("acme", queue=env.queue_name).backlog == 0
+
+
+def test_a_worker_says_at_info_what_it_holds_back(
+    env: RQEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker waiting for the budgets is not silent: a line per tenant per interval."""
+    monkeypatch.setenv("QUEUE_RATELIMIT_LOG_INTERVAL", "0.5")
+    env.limiter.set_limit("tenant:acme", Limit(1, per=3600, burst=1))
+    env.enqueue("acme", 4)
+    worker = env.start_worker("w")
+    env.wait_runs(1, timeout=30)
+    line = f"queue-ratelimit: throttled: tenant acme on {env.queue_name}: "
+    env.wait(lambda: line in worker.log.read_text(errors="replace"), timeout=30,
+             what="a throttling line")  # fmt: skip
+    said = [x for x in worker.log.read_text(errors="replace").splitlines() if line in x]
+    assert said[-1].endswith("3 waiting"), said[-1]
 
 
 # -- a lost reply strands nothing (in process, deterministic) ---------------------------------

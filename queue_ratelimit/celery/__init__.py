@@ -25,6 +25,7 @@ from celery.signals import before_task_publish
 
 from .._errors import BackendError, BackendUnavailable
 from .._scheduler import Hint
+from . import _inspect  # noqa: F401 (registers `celery inspect qrl_gate`)
 from ._gate import RateLimitGate
 from ._options import GATE_ATTRIBUTE
 from ._producer import RateLimitedTask, last_hint, make_publish_handler

@@ -4,6 +4,11 @@ One gate call may admit several jobs of the same tenant, queue, priority and cos
 (``FairScheduler.gate(credit=...)``): their tokens are taken then, and the worker spends
 them on the next such jobs without a round trip. Credit lives ``ttl`` seconds; what is left
 then is refunded, so unused admissions never hold tokens for long.
+
+A job admitted on credit passes no gate call, which is where a job a producer's hint
+counted as in transit stops counting (lua/gate.lua): the ledger takes those jobs off the
+transit count itself, by id: on the gate's wire as they are admitted (written with the event
+loop's other calls, never waited for), else in one round trip per ``ttl``.
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
 
 from .._errors import RateLimitError
 from .._limiter import Limiter
+
+if TYPE_CHECKING:
+    from ._wire import Reply, Wire
 
 log = logging.getLogger("queue_ratelimit.celery")
 
@@ -37,14 +47,35 @@ class CreditLedger:
         # key -> [units left, valid until, refund what is left]
         self._entries: dict[CreditKey, list[Any]] = {}
         self._expiry: Any = None
+        # (lane, tenant) -> ids of the jobs admitted on credit since the last flush.
+        self._spent: dict[tuple[str, str], list[str]] = {}
+        # The gate's wire while it is in use (set by the gate), and transit keys by
+        # (lane, tenant).
+        self.wire: Callable[[], Wire | None] = lambda: None
+        self._transit_keys: dict[tuple[str, str], str] = {}
 
-    def spend(self, key: CreditKey) -> bool:
-        """Take one admission for ``key`` if one is held; True when it was."""
+    def spend(self, key: CreditKey, item_id: str = "") -> bool:
+        """Take one admission for ``key`` if one is held; True when it was. ``item_id``:
+        the job it admits, taken off the transit count at the next flush."""
         entry = self._entries.get(key)
         if entry is None or entry[0] <= 0 or entry[1] < time.monotonic():
             return False
         entry[0] -= 1
+        if item_id:
+            wire = self.wire()
+            if wire is None:
+                self._spent.setdefault((key[1], key[0]), []).append(item_id)
+            else:
+                wire.send([("ZREM", self._transit_key(key[1], key[0]), item_id)], _ignored)
         return True
+
+    def _transit_key(self, lane: str, tenant: str) -> str:
+        found = self._transit_keys.get((lane, tenant))
+        if found is None:
+            if len(self._transit_keys) >= 10_000:
+                self._transit_keys.clear()
+            found = self._transit_keys[(lane, tenant)] = self._limiter().keys.transit(lane, tenant)
+        return found
 
     def grant(self, key: CreditKey, units: int, *, free: bool = False) -> None:
         """Hold ``units`` more admissions for ``key`` (what was left of an older grant is
@@ -59,6 +90,7 @@ class CreditLedger:
 
     def _expire(self) -> None:
         self._expiry = None
+        self.flush()
         now = time.monotonic()
         for key, (units, until, refund) in list(self._entries.items()):
             if until <= now:
@@ -73,10 +105,26 @@ class CreditLedger:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        self.flush()
         for key, (units, _, refund) in list(self._entries.items()):
             if units > 0 and refund:
                 self._refund(key, units)
         self._entries.clear()
+
+    def flush(self) -> None:
+        """Take the jobs admitted on credit off their tenants' transit counts (one round
+        trip). Redis unreachable: they stay counted until their entries lapse."""
+        spent, self._spent = self._spent, {}
+        if not spent:
+            return
+        pipe = self._limiter().client.pipeline(transaction=False)
+        for (lane, tenant), ids in spent.items():
+            pipe.zrem(self._transit_key(lane, tenant), *ids)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            jobs = sum(len(ids) for ids in spent.values())
+            log.warning("queue-ratelimit: %s; %d job(s) stay counted as in transit", exc, jobs)
 
     def _refund(self, key: CreditKey, units: int) -> None:
         tenant, lane, priority, cost = key
@@ -85,3 +133,7 @@ class CreditLedger:
         except RateLimitError as exc:
             # Unused tokens stay spent: the caps only get stricter, never looser.
             log.warning("queue-ratelimit: could not refund %d unused credit: %s", units, exc)
+
+
+def _ignored(_: list[Reply] | RedisError) -> None:
+    """A transit entry taken off or not: nothing depends on it (a lost one lapses)."""

@@ -32,6 +32,7 @@ from .._errors import RateLimitError
 from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
 from .._scopes import check_name
 from .._slot_keeper import SlotKeeper
+from .._throttle_log import ThrottleLog
 from ._broker_ack import ack_all, is_plain_ack
 from ._credit import CreditKey, CreditLedger
 from ._health import REDIS_FAILURES, RedisHealth
@@ -171,6 +172,8 @@ class RateLimitGate(bootsteps.StartStopStep):
             # Scheduler calls whose replies the event loop reads when they come.
             self.wire = Wire(self.runtime.scheduler.client, getattr(c, "hub", None))
             self.settler = AsyncSettler(self.runtime.scheduler, self.wire, self._on_settled)
+            self.credit.wire = lambda: self.wire if self._on_wire() else None
+            self.throttled = ThrottleLog(log, settings.log_interval)
             # Concurrency slots of the jobs this worker runs, by backlog item id.
             self.running = SlotKeeper(lambda: self._rt.limiter, settings.lease)
             # Strategies capture this method when they are built (in Tasks.start), so ETA
@@ -499,7 +502,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         redelivered = _redelivered(d.message)
         # A redelivered message always asks Redis: only Redis can tell whether it already
         # ran through the backlog.
-        if not redelivered and self.credit.spend(d.job.credit_key):
+        if not redelivered and self.credit.spend(d.job.credit_key, d.job.item_id):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
             return d.run()
@@ -515,6 +518,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if verdict.action == "duplicate":
             return self._drop_duplicate(d)
         self.backlog_seen = True
+        self.throttled.parked(d.job.lane, d.job.options.tenant, verdict.denied_by)
         return self._wait(d, verdict.wait_ms)
 
     def _wait(self, d: Delivery, wait_ms: float) -> Any:
@@ -595,6 +599,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         delay = self._dispatch()
         if self.waiting:
             self._retry_waiting()
+        self.throttled.report(self._rt.scheduler, self.lanes)
         # While a dispatch is on the wire its reply schedules what comes next; this is a
         # watchdog in case it never comes.
         self._schedule(poll if delay is None else delay)
@@ -653,6 +658,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         if len(batch.items) == want:
             return 0.0
         if batch.wait_ms is not None:
+            if batch.wait_ms > 0:
+                self.throttled.waited()
             return batch.wait_ms / 1000
         return self._rt.settings.poll_interval
 

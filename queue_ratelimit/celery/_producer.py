@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
+from kombu.utils.uuid import uuid as celery_uuid
 from redis.exceptions import RedisError
 
 from .._errors import RateLimited, RateLimitError
 from .._scheduler import Hint
+from ._identity import item_id_of
 from ._options import HEADER_HINT, HEADER_NONCE, RateOptions, gated, pop_options, resolve
 from ._runtime import Runtime, runtime_of
 
@@ -21,9 +23,10 @@ log = logging.getLogger("queue_ratelimit.celery")
 # The hint of the latest publish in this thread / task, for callers that want it.
 _last_hint: ContextVar[Hint | None] = ContextVar("queue_ratelimit_last_hint", default=None)
 # Options already resolved (and validated) by RateLimitedTask.apply_async for the publish
-# under way, so the signal handler neither resolves twice nor peeks twice. The runtime is
-# kept with them: the receivers of every installed app see every publish in the process.
-_prepared: ContextVar[tuple[Runtime, RateOptions, Hint | None] | None] = ContextVar(
+# under way, so the signal handler neither resolves twice nor peeks twice, and the publish
+# nonce the hint counted the job under. The runtime is kept with them: the receivers of
+# every installed app see every publish in the process.
+_prepared: ContextVar[tuple[Runtime, RateOptions, Hint | None, str] | None] = ContextVar(
     "queue_ratelimit_prepared", default=None
 )
 
@@ -38,12 +41,25 @@ def last_hint() -> Hint | None:
     return _last_hint.get()
 
 
-def _hint(runtime: Runtime, options: RateOptions, queue: str) -> Hint | None:
+def _hint(
+    runtime: Runtime,
+    options: RateOptions,
+    queue: str,
+    item_id: str | None,
+    reject: bool = False,
+) -> Hint | None:
+    """The hint for a job about to be published; ``item_id`` (None for a job due later:
+    an ETA or countdown) counts it as in transit until a worker's gate sees it."""
     if not runtime.settings.hints:
         return None
     try:
         return runtime.scheduler.hint(
-            options.tenant, queue=queue, priority=options.priority, cost=options.cost
+            options.tenant,
+            queue=queue,
+            priority=options.priority,
+            cost=options.cost,
+            item_id=item_id,
+            count="if_allowed" if reject else "always",
         )
     except (RedisError, RateLimitError) as exc:
         # Publishing never fails because advice could not be had.
@@ -73,8 +89,11 @@ def make_publish_handler(app: Any) -> Any:
         explicit = pop_options(properties)
         if task is not None and not gated(task):
             return
+        nonce = headers.get(HEADER_NONCE)
         if prepared is not None:
             options, hint = prepared[1], prepared[2]
+            if not isinstance(nonce, str):
+                nonce = prepared[3]  # the one its hint counted it under
             _prepared.set(None)
         else:
             try:
@@ -84,12 +103,16 @@ def make_publish_handler(app: Any) -> Any:
                 # error at the call site; here it can only be logged loudly.
                 log.error("queue-ratelimit: %s; %s published with default options", exc, sender)
                 options = resolve(runtime.settings, task, {}, {})
-            hint = _hint(runtime, options, routing_key or app.conf.task_default_queue)
+            if not isinstance(nonce, str):
+                nonce = uuid.uuid4().hex
+            due_later = bool(headers.get("eta"))
+            item_id = None if due_later else item_id_of({**headers, HEADER_NONCE: nonce})
+            queue = routing_key or app.conf.task_default_queue
+            hint = _hint(runtime, options, queue, item_id)
         headers.update(options.headers())
         # A nonce given on the call is kept: it is how a caller republishes a copy of a
         # message on purpose (as a broker would redeliver it).
-        if not isinstance(headers.get(HEADER_NONCE), str):
-            headers[HEADER_NONCE] = uuid.uuid4().hex
+        headers[HEADER_NONCE] = nonce
         _last_hint.set(hint)
         if hint is None:
             return
@@ -125,15 +148,25 @@ class RateLimitedTask(Task):
         rate = resolve(runtime.settings, self, explicit, options.get("headers"))
         queue = options.get("queue") or getattr(self, "queue", None)
         queue = queue if isinstance(queue, str) else self.app.conf.task_default_queue
-        hint = _hint(runtime, rate, queue)
-        if runtime.settings.policy == "reject" and hint is not None and not hint.allowed:
+        # The id the gate will know the message by (item_id_of), so the hint can count it
+        # as in transit: the task id and the publish nonce are chosen here.
+        options["task_id"] = options.get("task_id") or celery_uuid()
+        given = (options.get("headers") or {}).get(HEADER_NONCE)
+        nonce = given if isinstance(given, str) else uuid.uuid4().hex
+        item_id = item_id_of(
+            {"id": options["task_id"], "retries": options.get("retries"), HEADER_NONCE: nonce}
+        )
+        due_later = options.get("eta") is not None or options.get("countdown") is not None
+        policy = runtime.settings.policy
+        hint = _hint(runtime, rate, queue, None if due_later else item_id, policy == "reject")
+        if policy == "reject" and hint is not None and not hint.allowed:
             raise RateLimited(
                 f"{self.name} for tenant {rate.tenant!r} refused: {hint.denied_by or 'backlog'} "
                 f"would admit it in {hint.wait_ms:.0f} ms",
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,
             )
-        token = _prepared.set((runtime, rate, hint))
+        token = _prepared.set((runtime, rate, hint, nonce))
         try:
             result = super().apply_async(args, kwargs, **options)
         finally:

@@ -48,7 +48,11 @@ class Runtime:
         if self._scheduler is None:
             with self._lock:
                 if self._scheduler is None:
-                    self._scheduler = FairScheduler(self.limiter, lease=self.settings.lease)
+                    self._scheduler = FairScheduler(
+                        self.limiter,
+                        lease=self.settings.lease,
+                        transit_grace=self.settings.transit_grace,
+                    )
         return self._scheduler
 
 

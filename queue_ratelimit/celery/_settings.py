@@ -31,7 +31,8 @@ class CelerySettings:
         default_tenant / default_priority: for tasks published without rate options.
         policy: producer policy: ``"hint"`` (attach advice), ``"delay"`` (set a countdown
             from it) or ``"reject"`` (raise ``RateLimited`` before publishing).
-        hints: peek at the buckets when publishing (one round trip); off saves it.
+        hints: predict when each published job would start, behind the same tenant's jobs
+            already waiting (one round trip); off saves it.
         lease: seconds a re-admitted job may stay unacknowledged before it is handed back;
             the worker renews it while the job runs.
         poll_interval: how often an idle worker looks for re-admissible work (seconds).
@@ -67,6 +68,11 @@ class CelerySettings:
         eviction: when the limiter's Redis may evict keys (an ``allkeys-*`` or
             ``volatile-*`` maxmemory-policy), ``"warn"`` at the worker's start, ``"refuse"``
             to start (``ConfigError``), or ``"ignore"`` (see ``Limiter``).
+        log_interval: seconds between a worker's INFO summaries of the work it holds back
+            (a line per tenant: jobs parked, the binding scope, jobs waiting); 0: none.
+        transit_grace: seconds a published job stays counted by later hints beyond twice
+            the wait predicted for it, unless a worker's gate sees it sooner (a job lost in
+            the broker stops counting then).
     """
 
     redis_url: str | None = None
@@ -88,6 +94,8 @@ class CelerySettings:
     reserve: int | None = None
     max_backlog: int = 100_000
     eviction: EvictionMode = "warn"
+    log_interval: float = 10.0
+    transit_grace: float = 300.0
 
     def __post_init__(self) -> None:
         if self.redis_url is not None:
@@ -103,7 +111,14 @@ class CelerySettings:
             )
         if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 0:
             raise ConfigError(f"credit must be a whole number >= 0, got {_shown(self.credit)}")
-        for name in ("lease", "poll_interval", "dedupe_window", "metrics_interval", "credit_ttl"):
+        for name in (
+            "lease",
+            "poll_interval",
+            "dedupe_window",
+            "metrics_interval",
+            "credit_ttl",
+            "transit_grace",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(
@@ -124,6 +139,11 @@ class CelerySettings:
                 f"max_backlog must be a positive integer, got {_shown(self.max_backlog)}"
             )
         check_eviction_mode(self.eviction)
+        interval = self.log_interval
+        if not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
+            raise ConfigError(
+                f"log_interval must be a number of seconds >= 0, got {_shown(interval)}"
+            )
         if not isinstance(self.fair_capacity, bool):
             raise ConfigError(
                 f"fair_capacity must be True or False, got {_shown(self.fair_capacity)}"

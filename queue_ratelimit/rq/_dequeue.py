@@ -20,8 +20,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import resolve_serializer
 
 from .._scheduler import FairScheduler
+from .._throttle_log import ThrottleLog
 from ._handover import HOLDING, LOST_REPLY, Claim
-from ._options import scheduler_for, slot_keeper, stored_rate_options
+from ._options import log_interval, scheduler_for, slot_keeper, stored_rate_options
 
 log = logging.getLogger("queue_ratelimit.rq")
 
@@ -47,6 +48,16 @@ _OPTIONS_SEEN: dict[str, tuple[str, str, float] | None] = {}
 OPTIONS_SEEN_MAX = 10_000
 
 Found = tuple[Job, Any]
+
+# What this process's worker held back, summarised at INFO on RQ's worker logger (the one
+# `rq worker` shows at INFO), made on first use: it reads the interval from the environment.
+_THROTTLE: list[ThrottleLog] = []
+
+
+def throttle_log() -> ThrottleLog:
+    if not _THROTTLE:
+        _THROTTLE.append(ThrottleLog(logging.getLogger("rq.worker"), log_interval()))
+    return _THROTTLE[0]
 
 
 class FairDequeue:
@@ -95,8 +106,10 @@ class FairDequeue:
             if found is not None:
                 return found
             _IDLE_BACKLOG.discard(self.idle_key)
+        throttled = throttle_log()
         while True:
             HOLDING.check_stop()
+            throttled.report(self.scheduler, self.by_name)
             batch = self._dispatch()
             for n, item in enumerate(batch.items):
                 queue = self.by_name[item.queue]
@@ -124,6 +137,8 @@ class FairDequeue:
                 return found
             if progressed:
                 continue
+            if batch.wait_ms is not None:
+                throttled.waited()
             wait = None if batch.wait_ms is None else min(batch.wait_ms / 1000, CONTENDED_POLL)
             if deadline is None:
                 if wait is None:
@@ -282,6 +297,7 @@ class FairDequeue:
             # Into Redis first, then off RQ's list: a crash in between leaves a copy that
             # the next gate recognises as a duplicate, never a lost job.
             scheduler.submit(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
+            throttle_log().parked(queue.name, tenant, verdict.denied_by)
         if in_intermediate:
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
         return None

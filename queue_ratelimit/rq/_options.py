@@ -11,9 +11,10 @@ from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError, RateLimitError
 from .._job_options import read_rate_options
 from .._limiter import Limiter
-from .._scheduler import FairScheduler
+from .._scheduler import TRANSIT_GRACE, FairScheduler
 from .._scopes import _shown
 from .._slot_keeper import SlotKeeper
+from .._throttle_log import DEFAULT_INTERVAL
 
 OPTION_TENANT, OPTION_PRIORITY, OPTION_COST = "rate_tenant", "rate_priority", "rate_cost"
 OPTIONS = (OPTION_TENANT, OPTION_PRIORITY, OPTION_COST)
@@ -24,6 +25,11 @@ ENV_LEASE = "QUEUE_RATELIMIT_LEASE"
 DEFAULT_LEASE = 60.0
 # What a worker does when the limiter's Redis may evict keys: warn (default), refuse, ignore.
 ENV_EVICTION = "QUEUE_RATELIMIT_EVICTION"
+# Seconds between a worker's INFO summaries of throttled work (0: none).
+ENV_LOG_INTERVAL = "QUEUE_RATELIMIT_LOG_INTERVAL"
+# Seconds an enqueued job stays counted by hints beyond twice its predicted wait, unless a
+# worker sees it sooner (FairScheduler's transit_grace).
+ENV_TRANSIT_GRACE = "QUEUE_RATELIMIT_TRANSIT_GRACE"
 
 log = logging.getLogger("queue_ratelimit.rq")
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
@@ -38,7 +44,7 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
             limiter = Limiter(connection, namespace=namespace, eviction=eviction())
-            found = FairScheduler(limiter, lease=lease())
+            found = FairScheduler(limiter, lease=lease(), transit_grace=transit_grace())
             _schedulers[key] = found
         return found
 
@@ -94,16 +100,41 @@ def eviction() -> EvictionMode:
     return check_eviction_mode(os.environ.get(ENV_EVICTION) or "warn")
 
 
+def log_interval() -> float:
+    """The ``log_interval`` from ``$QUEUE_RATELIMIT_LOG_INTERVAL`` (seconds), else 10.
+
+    Raises:
+        ConfigError: a value that is not a number of seconds >= 0.
+    """
+    seconds = _seconds(ENV_LOG_INTERVAL, DEFAULT_INTERVAL)
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{ENV_LOG_INTERVAL} must be a number of seconds >= 0, got {seconds}")
+    return seconds
+
+
 def lease() -> float:
     """The lease from ``$QUEUE_RATELIMIT_LEASE`` (seconds), else 60.
 
     Raises:
         ConfigError: a value that is not a number of seconds.
     """
-    raw = os.environ.get(ENV_LEASE)
+    return _seconds(ENV_LEASE, DEFAULT_LEASE)
+
+
+def transit_grace() -> float:
+    """``transit_grace`` from ``$QUEUE_RATELIMIT_TRANSIT_GRACE`` (seconds), else 300.
+
+    Raises:
+        ConfigError: a value that is not a number of seconds.
+    """
+    return _seconds(ENV_TRANSIT_GRACE, TRANSIT_GRACE)
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_LEASE
+        return default
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {_shown(raw)}") from None
+        raise ConfigError(f"{name} must be a number of seconds, got {_shown(raw)}") from None

@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import rq
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,7 +19,7 @@ from .._errors import BackendError, BackendUnavailable, RateLimited, RateLimitEr
 from .._keys import DEFAULT_NAMESPACE
 from .._scheduler import FairScheduler, Hint
 from .._scopes import _shown
-from ._dequeue import FairDequeue
+from ._dequeue import FairDequeue, _text
 from ._handover import HOLDING
 from ._options import (
     ENV_NAMESPACE,
@@ -94,7 +94,7 @@ class Queue(rq.Queue):
             ``"default"``).
         rate_policy: ``"hint"`` (default) or ``"reject"``: raise ``RateLimited`` instead of
             enqueueing when the job's buckets would not admit it now.
-        rate_hints: peek at the buckets when enqueueing (one round trip).
+        rate_hints: predict when each job would start, as it is enqueued (one round trip).
     """
 
     rate_namespace: str | None = None
@@ -141,8 +141,52 @@ class Queue(rq.Queue):
 
     @property
     def rate_backlog(self) -> int:
-        """Jobs of this queue waiting in the fair backlog (``count`` covers the plain list)."""
+        """Jobs of this queue waiting in the fair backlog (``count`` covers them too)."""
         return self.rate_scheduler.backlog(self.name)
+
+    # -- RQ's views of what waits --------------------------------------------------------
+    # A job waits on RQ's list or in the fair backlog (its status is "queued" in both), so
+    # RQ's views count both: ``rq info --queue-class queue_ratelimit.rq.Queue`` and
+    # ``len(queue)`` tell how many wait, ``job_ids`` which (RQ's list first, then the
+    # backlog, longest waiting first; the backlog is served in fair order, not that one).
+    def _lane_key(self, kind: str) -> str | None:
+        """A key of this queue's lane (``counts`` or ``age``); None for a name that is no
+        valid lane (such a queue never has a backlog)."""
+        try:
+            keys = self.rate_scheduler.keys
+            return keys.counts(self.name) if kind == "counts" else keys.age(self.name)
+        except RateLimitError:
+            return None
+
+    @property
+    def count(self) -> int:
+        """Jobs waiting in this queue: on RQ's list and in the fair backlog."""
+        counts = self._lane_key("counts")
+        if counts is None:
+            return int(super().count)
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.llen(self.key)
+        pipe.hget(counts, ":total")
+        listed, parked = pipe.execute()
+        return int(listed) + int(parked or 0)
+
+    def get_job_ids(self, offset: int = 0, length: int = -1) -> list[str]:
+        """A slice of the ids of the jobs waiting in this queue: RQ's list, then the fair
+        backlog (longest waiting first)."""
+        age = self._lane_key("age")
+        if age is None or length == 0:
+            return list(super().get_job_ids(offset, length))
+        last = offset + length - 1 if length > 0 else -1
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.llen(self.key)
+        pipe.lrange(self.key, offset, last)
+        listed, ids = pipe.execute()
+        start = max(0, offset - listed)
+        stop = -1 if last < 0 else last - listed
+        if stop < -1 or (last >= 0 and stop < start):
+            return [_text(i) for i in ids]
+        parked = cast("list[Any]", self.connection.zrange(age, start, stop))
+        return [_text(i) for i in (*ids, *parked)]
 
     # -- producer side ----------------------------------------------------------------------
     @contextmanager
@@ -169,10 +213,13 @@ class Queue(rq.Queue):
         self._enqueue_options.value = {
             k: v for k, v in checked.items() if options.get(k) is not None
         }
+        # The wait it predicts: how long the job counts as in transit on RQ's list (route).
+        self._enqueue_options.wait_ms = hint.wait_ms if hint is not None else 0.0
         try:
             yield hint
         finally:
             self._enqueue_options.value = None
+            self._enqueue_options.wait_ms = 0.0
 
     @staticmethod
     def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +305,7 @@ class Queue(rq.Queue):
             cost=cost,
             at_front=at_front,
             pipeline=pipeline,
+            wait_ms=getattr(self._enqueue_options, "wait_ms", 0.0),
         )
         return None
 

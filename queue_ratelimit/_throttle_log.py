@@ -1,0 +1,129 @@
+"""A worker's INFO summary of throttled work: a line per tenant every few seconds.
+
+Workers park throttled jobs and wait for their budgets without a word otherwise (a
+30-second silent gap was seen). Logging each park would flood the log; this summarises:
+every ``interval`` seconds in which something was held back, one line per tenant (the
+busiest ``max_tenants``), with the jobs parked in that time, the scope that held them back
+and the jobs of the tenant waiting in the lane's fair backlog now.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from ._scheduler import FairScheduler
+
+DEFAULT_INTERVAL = 10.0
+MAX_TENANTS = 10
+
+Lane = tuple[str, str]  # (lane, tenant)
+
+
+class ThrottleLog:
+    """Counts what a worker holds back and says so at INFO, at most once per ``interval``.
+
+    Args:
+        logger: where the lines go.
+        interval: seconds between summaries (0: never).
+        max_tenants: tenants named per summary; the rest are summed in one more line.
+        clock: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        max_tenants: int = MAX_TENANTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.max_tenants = max_tenants
+        self.clock = clock
+        self._parked: Counter[Lane] = Counter()
+        self._scopes: dict[Lane, str] = {}
+        self._waited = False
+        self._since = clock()
+
+    def parked(self, lane: str, tenant: str, denied_by: str | None) -> None:
+        """A job of ``tenant`` was parked (``denied_by``: the binding scope; None: others
+        were queued ahead of it)."""
+        self._start()
+        self._parked[(lane, tenant)] += 1
+        self._scopes[(lane, tenant)] = denied_by or "queued behind others"
+
+    def waited(self) -> None:
+        """The worker found work waiting that no budget admits yet."""
+        self._start()
+        self._waited = True
+
+    def _start(self) -> None:
+        """A summary's time starts with the first thing it counts."""
+        if not self._parked and not self._waited:
+            self._since = self.clock()
+
+    def due(self) -> bool:
+        return (
+            self.interval > 0
+            and (bool(self._parked) or self._waited)
+            and self.clock() - self._since >= self.interval
+        )
+
+    def report(self, scheduler: FairScheduler, lanes: Iterable[str]) -> None:
+        """Log the summary if one is due, with each tenant's backlog in ``lanes`` (one
+        pipelined read; without it if Redis does not answer)."""
+        if not self.due():
+            return
+        lanes = list(lanes)
+        waiting: dict[Lane, int] = {}
+        try:
+            pipe = scheduler.client.pipeline(transaction=False)
+            for lane in lanes:
+                pipe.hgetall(scheduler.counts_key(lane))
+            for lane, counts in zip(lanes, pipe.execute(), strict=True):
+                for field, n in counts.items():
+                    tenant = field.decode() if isinstance(field, bytes) else str(field)
+                    if not tenant.startswith(":") and int(n) > 0:
+                        waiting[(lane, tenant)] = int(n)
+        except RedisError:
+            waiting = {}
+        self.emit(waiting)
+
+    def emit(self, waiting: dict[Lane, int]) -> None:
+        """Log one line per tenant held back since the last summary or waiting now."""
+        seconds = self.clock() - self._since
+        keys = set(self._parked) | set(waiting)
+        ranked = sorted(keys, key=lambda k: (-(self._parked[k] + waiting.get(k, 0)), k))
+        for lane, tenant in ranked[: self.max_tenants]:
+            key = (lane, tenant)
+            scope = self._scopes.get(key)
+            self.logger.info(
+                "queue-ratelimit: throttled: tenant %s on %s: %d parked in the last %.0f s%s, "
+                "%d waiting",
+                tenant,
+                lane,
+                self._parked[key],
+                seconds,
+                f" ({scope})" if scope else "",
+                waiting.get(key, 0),
+            )
+        rest = ranked[self.max_tenants :]
+        if rest:
+            self.logger.info(
+                "queue-ratelimit: throttled: %d more tenant(s): %d parked, %d waiting",
+                len(rest),
+                sum(self._parked[k] for k in rest),
+                sum(waiting.get(k, 0) for k in rest),
+            )
+        self._parked.clear()
+        self._scopes.clear()
+        self._waited = False
+        self._since = self.clock()

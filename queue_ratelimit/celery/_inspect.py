@@ -1,0 +1,112 @@
+"""``celery -A proj inspect qrl_gate``: each worker's gate, and what waits in its queues.
+
+``celery inspect stats`` carries the gate's counters (``RateLimitGate.info``) among
+everything else a worker reports; this command answers with the gate alone, readable per
+worker: its counters, the work it holds, its settings, Redis's state as it sees it, and the
+fair backlog of each of its queues (jobs waiting per tenant, tenants parked until their
+budgets return). Registered with Celery's remote-control panel when the integration is
+imported, so the ``celery`` command of an app with ``install`` knows it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery.worker.control import inspect_command
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from ._gate import RateLimitGate
+
+COMMAND = "qrl_gate"
+TOP_TENANTS = 20  # tenants shown per queue, the most waiting first
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gate_of(consumer: Any) -> RateLimitGate | None:
+    """The consumer's gate step, if it runs one."""
+    from ._gate import RateLimitGate
+
+    for step in getattr(consumer, "steps", None) or ():
+        if isinstance(step, RateLimitGate):
+            return step
+    return None
+
+
+def backlog_report(gate: RateLimitGate) -> dict[str, Any]:
+    """What waits in the gate's queues, from Redis (one pipelined read)."""
+    scheduler = gate._rt.scheduler
+    keys = scheduler.keys
+    pipe = scheduler.client.pipeline(transaction=False)
+    pipe.time()
+    pipe.zcard(keys.inflight)
+    for lane in gate.lanes:
+        pipe.hgetall(keys.counts(lane))
+        pipe.zrange(keys.parked(lane), 0, TOP_TENANTS - 1, withscores=True)
+    replies = pipe.execute()
+    seconds, micros = replies[0]
+    now_ms = seconds * 1000 + micros / 1000
+    queues = {}
+    for n, lane in enumerate(gate.lanes):
+        fields = {_text(f): _text(v) for f, v in replies[2 + 2 * n].items()}
+        # (Fields starting with ':' are the lane's own: its total, its virtual time...)
+        tenants = {t: int(c) for t, c in fields.items() if not t.startswith(":")}
+        top = sorted(tenants.items(), key=lambda tc: (-tc[1], tc[0]))[:TOP_TENANTS]
+        parked = replies[3 + 2 * n]
+        queues[lane] = {
+            "waiting": int(fields.get(":total", 0)),
+            "tenants": dict(top),
+            "parked_tenants": {
+                _text(t): round(max(0.0, wake - now_ms) / 1000, 3) for t, wake in parked
+            },
+        }
+    return {"in_flight": int(replies[1]), "queues": queues}
+
+
+def report(gate: RateLimitGate) -> dict[str, Any]:
+    """The gate's state as ``qrl_gate`` answers it."""
+    settings = gate._rt.settings
+    down_since = gate._redis_down_since
+    out: dict[str, Any] = {
+        "namespace": settings.namespace,
+        "lanes": list(gate.lanes),
+        "settings": {
+            "fail_mode": settings.fail_mode,
+            "fair_capacity": settings.fair_capacity,
+            "credit": settings.credit,
+            "max_backlog": settings.max_backlog,
+        },
+        "redis": "ok"
+        if down_since is None
+        else f"unreachable for {time.monotonic() - down_since:.1f} s",
+        "counters": {**gate.stats, "redis_writes": gate.wire.writes},
+        "worker": {
+            "reserve": gate.slots.reserve,
+            "taken": gate.slots.taken(),
+            "free": gate.slots.free(),
+            "held": len(gate.held),
+            "parking": len(gate.parking),
+            "waiting": len(gate.waiting),
+            "unsettled": len(gate.unsettled),
+            "running_with_slots": len(gate.running),
+            "concurrency_caps": gate.slots.capped,
+        },
+    }
+    try:
+        out.update(backlog_report(gate))
+    except RedisError as exc:
+        out["backlog_error"] = str(exc)
+    return out
+
+
+@inspect_command(name=COMMAND)
+def qrl_gate(state: Any, **_: Any) -> dict[str, Any]:
+    """The queue-ratelimit gate of this worker: counters, held work, its queues' backlogs."""
+    gate = gate_of(state.consumer)
+    if gate is None or not gate.enabled:
+        return {"error": "no queue-ratelimit gate on this worker (install(app) not called)"}
+    return report(gate)

@@ -1,0 +1,379 @@
+"""Producer hints that see queued demand: ``FairScheduler.hint`` and the transit count.
+
+A hint predicts when a job enqueued now would start: its buckets must hold the tokens of
+the same tenant's jobs ahead of it (in the fair backlog, and in transit: enqueued with a
+hint, not yet seen by a gate) before its own. Buckets here refill by the hour, so no token
+comes back while a test runs and every predicted wait is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+from conftest import wait_until
+
+from queue_ratelimit import FairScheduler, Limit, Limiter
+from queue_ratelimit._scheduler import Hint
+
+HOUR_MS = 3_600_000.0
+
+
+def hourly(n: float, burst: float) -> Limit:
+    """``n`` per hour: a token every ``3600 / n`` seconds, none back while a test runs."""
+    return Limit(n, per=3600, burst=burst)
+
+
+@pytest.fixture
+def scheduler(limiter: Limiter) -> FairScheduler:
+    return FairScheduler(limiter)
+
+
+def hints(scheduler: FairScheduler, tenant: str, n: int, **kw: object) -> list[Hint]:
+    """``n`` jobs of ``tenant`` enqueued at once, each counted as in transit."""
+    return [
+        scheduler.hint(tenant, item_id=f"{tenant}-{i}", **kw)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+def transit(scheduler: FairScheduler, tenant: str, queue: str = "default") -> int:
+    return int(scheduler.client.zcard(scheduler.keys.transit(queue, tenant)))
+
+
+# -- what a hint predicts (table-driven) -------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """Limits, work already queued, then one hint: the jobs ahead and the wait it predicts."""
+
+    name: str
+    limits: dict[str, Limit]
+    backlog: dict[str, int] = field(default_factory=dict)  # tenant -> jobs in the backlog
+    in_transit: int = 0  # acme's jobs enqueued with a hint before this one
+    cost: float = 1
+    exempt: bool = False
+    shadow: bool = False
+    ahead: int = 0
+    wait_ms: float = 0.0
+    denied_by: str | None = None
+
+
+CASES = [
+    Case("nothing queued, tokens left", {"tenant:*": hourly(10, 10)}),
+    Case("fifth of a burst of ten", {"tenant:*": hourly(10, 10)}, in_transit=4, ahead=4),
+    Case(
+        "eleventh waits one token",
+        {"tenant:*": hourly(10, 10)},
+        in_transit=10,
+        ahead=10,
+        wait_ms=HOUR_MS / 10,
+        denied_by="tenant:acme",
+    ),
+    Case(
+        "ninetieth waits eighty tokens",
+        {"tenant:*": hourly(10, 10)},
+        in_transit=89,
+        ahead=89,
+        wait_ms=80 * HOUR_MS / 10,
+        denied_by="tenant:acme",
+    ),
+    Case(
+        "the backlog counts too",
+        {"tenant:acme": hourly(2, 2)},
+        backlog={"acme": 3},
+        in_transit=1,
+        ahead=4,
+        wait_ms=3 * HOUR_MS / 2,
+        denied_by="tenant:acme",
+    ),
+    Case(
+        "another tenant's backlog is not ahead under a tenant bucket",
+        {"tenant:*": hourly(2, 2)},
+        backlog={"other": 50},
+    ),
+    Case(
+        "a queue bucket serves the others about one for one (equal weights)",
+        {"queue:default": hourly(4, 4)},
+        backlog={"b": 50, "c": 50},
+        in_transit=2,
+        ahead=2,
+        # 2 of acme's own, 2 x 3 of b's and c's, then this one: 9 tokens, 4 there.
+        wait_ms=5 * HOUR_MS / 4,
+        denied_by="queue:default",
+    ),
+    Case(
+        "the others ahead are at most what they have",
+        {"queue:default": hourly(4, 4)},
+        backlog={"b": 1},
+        in_transit=5,
+        ahead=5,
+        wait_ms=3 * HOUR_MS / 4,  # 5 + 1 + 1 = 7 tokens, 4 there
+        denied_by="queue:default",
+    ),
+    Case(
+        "jobs ahead are taken to cost what this one does",
+        {"tenant:*": hourly(10, 10)},
+        in_transit=4,
+        cost=2,
+        ahead=4,
+        wait_ms=0,  # (4 + 1) x 2 = 10 tokens, all there
+    ),
+    Case(
+        "costlier jobs wait sooner",
+        {"tenant:*": hourly(10, 10)},
+        in_transit=5,
+        cost=2,
+        ahead=5,
+        wait_ms=2 * HOUR_MS / 10,
+        denied_by="tenant:acme",
+    ),
+    Case(
+        "an exempt tenant never waits",
+        {"tenant:*": hourly(1, 1)},
+        in_transit=5,
+        exempt=True,
+        ahead=5,
+    ),
+    Case("dry-run never waits", {"tenant:*": hourly(1, 1)}, in_transit=5, shadow=True, ahead=5),
+    Case(
+        "a cost above the burst is charged as the burst, as the gate does",
+        {"tenant:*": hourly(2, 2)},
+        in_transit=1,
+        cost=5,
+        ahead=1,
+        wait_ms=2 * HOUR_MS / 2,
+        denied_by="tenant:acme",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_hint_predicts_the_start_behind_the_jobs_ahead(
+    limiter: Limiter, scheduler: FairScheduler, case: Case
+) -> None:
+    for scope, limit in case.limits.items():
+        limiter.set_limit(scope, limit)
+    if case.exempt:
+        limiter.set_exempt("acme")
+    if case.shadow:
+        limiter.set_shadow(True)
+    for tenant, n in case.backlog.items():
+        for i in range(n):
+            scheduler.submit(tenant, f"bl-{tenant}-{i}")
+    for i in range(case.in_transit):
+        scheduler.hint("acme", item_id=f"before-{i}", cost=case.cost)
+
+    hint = scheduler.hint("acme", item_id="this", cost=case.cost)
+
+    assert hint.backlog == case.ahead
+    assert hint.wait_ms == pytest.approx(case.wait_ms, rel=1e-3, abs=1e-6)
+    assert hint.allowed is (case.wait_ms == 0)
+    assert hint.denied_by == case.denied_by
+    assert hint.concurrency is False
+
+
+def test_ninety_jobs_at_once_are_told_when_each_would_start(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """The issue's example, at an hourly rate so nothing refills while it runs: 90 jobs at
+    once into ``tenant:*`` 10 per period, burst 10, no worker. The first ten start at once;
+    each later one a token (a tenth of the period) after the one before."""
+    limiter.set_limit("tenant:*", hourly(10, 10))
+    told = hints(scheduler, "acme", 90)
+    assert [h.backlog for h in told] == list(range(90))
+    assert told[4] == Hint(True, 0.0, None, 4)
+    for k, hint in enumerate(told, start=1):
+        assert hint.wait_ms == pytest.approx(max(0, k - 10) * HOUR_MS / 10, rel=1e-3)
+    assert told[89].denied_by == "tenant:acme"
+
+
+def test_six_jobs_into_a_per_minute_bucket(limiter: Limiter, scheduler: FairScheduler) -> None:
+    limiter.set_limit("tenant:*", Limit(2, per=60, burst=2))
+    told = hints(scheduler, "acme", 6)
+    # (A token comes back every 30 s: the milliseconds this takes move each by well under 1%.)
+    expected = [0, 0, 30_000, 60_000, 90_000, 120_000]
+    assert [h.wait_ms for h in told] == pytest.approx(expected, rel=1e-2, abs=1)
+    assert [h.allowed for h in told] == [True, True, False, False, False, False]
+
+
+def test_lanes_and_tenants_are_counted_apart(limiter: Limiter, scheduler: FairScheduler) -> None:
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    hints(scheduler, "acme", 3, queue="emails")
+    assert scheduler.hint("acme", queue="emails").backlog == 3
+    assert scheduler.hint("acme", queue="reports").backlog == 0
+    assert scheduler.hint("other", queue="emails").backlog == 0
+
+
+# -- what counts a job, and what stops counting it ---------------------------------------------
+def test_a_hint_without_an_id_counts_nothing(limiter: Limiter, scheduler: FairScheduler) -> None:
+    for _ in range(3):
+        assert scheduler.hint("acme").backlog == 0
+    assert transit(scheduler, "acme") == 0
+
+
+def test_hinting_the_same_job_twice_counts_it_once(scheduler: FairScheduler) -> None:
+    scheduler.hint("acme", item_id="j1")
+    again = scheduler.hint("acme", item_id="j1")
+    assert again.backlog == 0, "a job is not ahead of itself"
+    assert transit(scheduler, "acme") == 1
+
+
+def test_if_allowed_counts_only_jobs_that_would_start(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """The reject policy: a refused job is never enqueued, so it must not count."""
+    limiter.set_limit("tenant:*", hourly(2, 2))
+    told = [scheduler.hint("acme", item_id=f"j{i}", count="if_allowed") for i in range(5)]
+    assert [h.allowed for h in told] == [True, True, False, False, False]
+    assert transit(scheduler, "acme") == 2
+
+
+def test_a_job_leaves_transit_when_it_runs_or_joins_the_backlog(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """Counted all along: a job the gate parks stays in transit until its submit counts it
+    in the backlog (a worker may park several in one batch, a moment later)."""
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    hints(scheduler, "acme", 3)
+    assert scheduler.gate("acme", "acme-0").action == "run"
+    assert transit(scheduler, "acme") == 2
+    assert scheduler.gate("acme", "acme-1").action == "park"
+    assert scheduler.hint("acme").backlog == 2
+    scheduler.submit("acme", "acme-1")  # where a parked job goes: counted in the backlog now
+    assert transit(scheduler, "acme") == 1
+    assert scheduler.hint("acme").backlog == 2  # acme-1 in the backlog, acme-2 in transit
+    assert scheduler.gate("acme", "acme-1").action == "duplicate"
+    assert scheduler.hint("acme").backlog == 2
+
+
+def test_a_job_parked_without_a_gate_call_leaves_transit_for_the_backlog(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """A saturated Celery worker parks what arrives without asking the gate."""
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    hints(scheduler, "acme", 3)
+    scheduler.submit("acme", "acme-0", payload=b"x")
+    assert transit(scheduler, "acme") == 2
+    assert scheduler.hint("acme").backlog == 3, "counted once, in the backlog"
+
+
+class NoTimer:
+    """A consumer timer that never fires (the test flushes by hand)."""
+
+    def call_after(self, *_: object) -> NoTimer:
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_jobs_admitted_on_credit_are_taken_off_by_the_worker(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """Jobs admitted on credit pass no gate call: the worker's credit ledger takes them off
+    the transit count by id, one round trip per flush."""
+    from queue_ratelimit.celery._credit import CreditLedger
+
+    limiter.set_limit("tenant:*", hourly(100, 100))
+    hints(scheduler, "acme", 10)
+    verdict = scheduler.gate("acme", "acme-0", credit=4)
+    assert (verdict.action, verdict.credit) == ("run", 4)
+    assert transit(scheduler, "acme") == 9, "the gate takes off only the job it saw"
+
+    ledger = CreditLedger(lambda: limiter, NoTimer, ttl=60)
+    key = ("acme", "default", "normal", 1.0)
+    ledger.grant(key, verdict.credit)
+    assert all(ledger.spend(key, f"acme-{i}") for i in (3, 1, 2, 4))
+    assert not ledger.spend(key, "acme-5"), "only as many as granted"
+    assert transit(scheduler, "acme") == 9, "nothing sent yet"
+    ledger.flush()
+    left = scheduler.client.zrange(scheduler.keys.transit("default", "acme"), 0, -1)
+    assert sorted(i.decode() for i in left) == [f"acme-{i}" for i in range(5, 10)]
+    ledger.close()
+
+
+class RecordingWire:
+    """The gate's wire as the ledger sees it: ``send`` queues calls for the event loop."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.sent: list[tuple[object, ...]] = []
+
+    def send(self, commands: list[tuple[object, ...]], on_reply: object) -> None:
+        self.sent.extend(commands)
+        for command in commands:  # (what the event loop would write)
+            self.client.execute_command(*command)
+
+
+def test_with_the_gates_wire_credited_jobs_leave_transit_as_they_are_admitted(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    from queue_ratelimit.celery._credit import CreditLedger
+
+    hints(scheduler, "acme", 3)
+    wire = RecordingWire(scheduler.client)
+    ledger = CreditLedger(lambda: limiter, NoTimer, ttl=60)
+    ledger.wire = lambda: wire  # type: ignore[assignment,return-value]
+    key = ("acme", "default", "normal", 1.0)
+    ledger.grant(key, 2, free=True)
+    assert ledger.spend(key, "acme-1")
+    assert wire.sent == [("ZREM", scheduler.keys.transit("default", "acme"), "acme-1")]
+    assert transit(scheduler, "acme") == 2
+    ledger.close()
+
+
+def test_route_counts_jobs_on_the_plain_list_and_adopt_moves_them(
+    limiter: Limiter, scheduler: FairScheduler, redis_client: redis.Redis
+) -> None:
+    """RQ: a job put on RQ's list is in transit; moved into the backlog it is counted
+    there; taken by a gate it is no longer ahead of anything."""
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    plain = f"{limiter.keys.base}-plain"
+    try:
+        for i in range(4):
+            scheduler.route("acme", f"r{i}", plain, wait_ms=1000.0 * i)
+        assert redis_client.llen(plain) == 4
+        assert scheduler.hint("acme").backlog == 4
+        assert scheduler.adopt("default", plain, [("r0", "acme", "normal", 1.0)]) == 1
+        assert transit(scheduler, "acme") == 3
+        assert scheduler.hint("acme").backlog == 4, "r0 waits in the backlog now"
+        redis_client.lrem(plain, 1, "r1")  # a worker pops it, and gates it
+        assert scheduler.gate("acme", "r1").action == "park"  # behind r0
+        assert transit(scheduler, "acme") == 3, "counted until it is in the backlog"
+        scheduler.submit("acme", "r1")
+        assert transit(scheduler, "acme") == 2
+    finally:
+        redis_client.delete(plain)
+
+
+# -- drift: lost jobs stop counting ------------------------------------------------------------
+def test_jobs_lost_in_transit_stop_counting(limiter: Limiter) -> None:
+    """Jobs counted at enqueue and then lost (a purged broker queue, a deleted RQ list)
+    never reach a gate: their entries lapse, twice their predicted wait plus the grace
+    after they were counted, and the transit set goes with the last of them."""
+    scheduler = FairScheduler(limiter, transit_grace=0.2)
+    limiter.set_limit("tenant:*", Limit(100, burst=5))  # waits of 10 ms each past the 5th
+    told = hints(scheduler, "acme", 20)
+    assert told[-1].backlog == 19
+    assert told[-1].wait_ms == pytest.approx(150, abs=20)
+    key = scheduler.keys.transit("default", "acme")
+    assert 0 < scheduler.client.pttl(key) <= 200 + 2 * 200 + 100
+
+    wait_until(lambda: scheduler.hint("acme").backlog == 0, timeout=10, what="entries lapse")
+    wait_until(lambda: not scheduler.client.exists(key), timeout=10, what="the set expires")
+    assert scheduler.hint("acme", item_id="next").allowed, "a fresh start: nothing ahead"
+
+
+def test_a_long_predicted_wait_keeps_its_job_counted_that_long(limiter: Limiter) -> None:
+    """The lapse follows the prediction: a job told it waits an hour is not forgotten
+    after the grace (a short grace here, hence no sleep: its lapse time is read)."""
+    scheduler = FairScheduler(limiter, transit_grace=1)
+    limiter.set_limit("tenant:*", hourly(1, 1))
+    hints(scheduler, "acme", 3)
+    key = scheduler.keys.transit("default", "acme")
+    now_ms = scheduler.client.time()[0] * 1000
+    lapses = [s for _, s in scheduler.client.zrange(key, 0, -1, withscores=True)]
+    assert lapses[0] == pytest.approx(now_ms + 1000, abs=2000)
+    assert lapses[2] == pytest.approx(now_ms + 2 * 2 * HOUR_MS + 1000, rel=1e-3)
+    assert scheduler.client.pttl(key) == pytest.approx(2 * 2 * HOUR_MS + 1000, rel=1e-3)
