@@ -262,7 +262,7 @@ def test_a_producer_without_the_plugin_may_reuse_a_task_id(e2e: E2E) -> None:
     wait_for(lambda: scheduler.backlog(e2e.queue) == 1, timeout=20, what="the first to park")
     e2e.limiter.set_limit("tenant:reuse", Limit(100, burst=100))
     e2e.wait_ids({task_id}, timeout=20, what="the first message to run")
-    done = f"{e2e.limiter.keys.base}:s:done:{task_id}.*"
+    done = e2e.limiter.keys.done(task_id) + ".*"
     wait_for(
         lambda: list(e2e.limiter.client.scan_iter(match=done)),
         timeout=10,
