@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from celery.worker.control import inspect_command
 from redis.exceptions import RedisError
 
+from .._errors import RateLimitError
+
 if TYPE_CHECKING:
     from ._gate import RateLimitGate
 
@@ -70,7 +72,8 @@ def backlog_report(gate: RateLimitGate) -> dict[str, Any]:
 def report(gate: RateLimitGate) -> dict[str, Any]:
     """The gate's state as ``qrl_gate`` answers it."""
     settings = gate._rt.settings
-    down_since = gate._redis_down_since
+    health = gate.health
+    down_since = health.down_since
     out: dict[str, Any] = {
         "namespace": settings.namespace,
         "lanes": list(gate.lanes),
@@ -82,7 +85,8 @@ def report(gate: RateLimitGate) -> dict[str, Any]:
         },
         "redis": "ok"
         if down_since is None
-        else f"unreachable for {time.monotonic() - down_since:.1f} s",
+        else f"{'answering errors' if health.broken else 'unreachable'} for "
+        f"{time.monotonic() - down_since:.1f} s",
         "counters": {**gate.stats, "redis_writes": gate.wire.writes},
         "worker": {
             "reserve": gate.slots.reserve,
@@ -98,7 +102,7 @@ def report(gate: RateLimitGate) -> dict[str, Any]:
     }
     try:
         out.update(backlog_report(gate))
-    except RedisError as exc:
+    except (RedisError, RateLimitError) as exc:
         out["backlog_error"] = str(exc)
     return out
 
