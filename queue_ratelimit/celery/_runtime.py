@@ -57,7 +57,10 @@ class Runtime:
                         },
                     )
                     self._limiter = Limiter(
-                        client, namespace=self.settings.namespace, fail_mode="raise"
+                        client,
+                        namespace=self.settings.namespace,
+                        fail_mode="raise",
+                        counter_retention=self.settings.counter_retention,
                     )
         return self._limiter
 

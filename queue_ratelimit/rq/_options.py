@@ -6,7 +6,7 @@ import os
 import threading
 from typing import Any
 
-from .._core import check_cost
+from .._core import DEFAULT_RETENTION_MS, check_cost
 from .._errors import ConfigError
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
@@ -20,6 +20,8 @@ ENV_NAMESPACE = "QUEUE_RATELIMIT_NAMESPACE"
 # back after at most this long); the scheduler's lease.
 ENV_LEASE = "QUEUE_RATELIMIT_LEASE"
 DEFAULT_LEASE = 60.0
+# Seconds an idle tenant's counters are kept (``Limiter``'s ``counter_retention``).
+ENV_RETENTION = "QUEUE_RATELIMIT_COUNTER_RETENTION"
 
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
 _keepers: dict[int, SlotKeeper] = {}
@@ -32,7 +34,14 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     with _schedulers_lock:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
-            found = FairScheduler(Limiter(connection, namespace=namespace), lease=lease())
+            retention = _env_seconds(ENV_RETENTION)
+            limiter = Limiter(
+                connection,
+                namespace=namespace,
+                # The Limiter checks its bounds; unset: the Limiter's default.
+                counter_retention=DEFAULT_RETENTION_MS / 1000 if retention is None else retention,
+            )
+            found = FairScheduler(limiter, lease=lease())
             _schedulers[key] = found
         return found
 
@@ -64,16 +73,26 @@ def slot_keeper(scheduler: FairScheduler) -> SlotKeeper:
     return keeper
 
 
+def _env_seconds(name: str) -> float | None:
+    """A number of seconds from the environment variable ``name``; None when unset.
+
+    Raises:
+        ConfigError: a value that is not a number.
+    """
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {_shown(raw)}") from None
+
+
 def lease() -> float:
     """The lease from ``$QUEUE_RATELIMIT_LEASE`` (seconds), else 60.
 
     Raises:
         ConfigError: a value that is not a number of seconds.
     """
-    raw = os.environ.get(ENV_LEASE)
-    if not raw:
-        return DEFAULT_LEASE
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{ENV_LEASE} must be a number of seconds, got {_shown(raw)}") from None
+    seconds = _env_seconds(ENV_LEASE)
+    return DEFAULT_LEASE if seconds is None else seconds
