@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck bench rq-suite wheel-check clean
+.PHONY: help install demo test lint typecheck bench soak rq-suite wheel-check clean
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
+	@echo "make soak   - patterned load through real workers for SOAK_SECONDS (default 600; docs/reliability.md)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 
 $(STAMP): pyproject.toml
@@ -38,6 +39,11 @@ test: lint typecheck
 
 bench: $(STAMP)
 	tests/run_with_redis.sh $(PY) -m benchmarks
+
+# Patterned load through real Celery and RQ workers (benchmarks/soak.py; SOAK_* settings).
+# The limiter gets a redis-server of the soak's own; records and the broker the throwaway one.
+soak: $(STAMP)
+	tests/run_with_redis.sh $(PY) -m benchmarks soak
 
 # RQ's own tests (the installed version's, from PyPI) stock and with queue_ratelimit.rq's
 # classes in place of RQ's; fails if a test passing stock fails swapped. Each run gets a
