@@ -54,22 +54,33 @@ def redis_now(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
-def record(url: str, key: str, job_id: str, tenant: str, priority: str, sleep: float) -> None:
-    """What every benchmark job does: stamp its start, sleep, record start and end."""
+def started_key(key: str) -> str:
+    """Where jobs asked to (``mark_start``) push their id as they start."""
+    return f"{key}:started"
+
+
+def record(
+    url: str, key: str, job_id: str, tenant: str, priority: str, sleep: float, mark_start: bool
+) -> None:
+    """What every benchmark job does: stamp its start, sleep, record start and end.
+    ``mark_start``: also push the id onto ``started_key(key)`` first (a job killed while it
+    sleeps still shows that it started)."""
     client, end = _recorder(url)
+    if mark_start:
+        client.rpush(started_key(key), job_id)
     seconds, micros = client.time()
     if sleep:
         time.sleep(sleep)
     end(keys=[key], args=[f"{job_id} {tenant} {priority} {seconds}.{micros:06d}"])
 
 
-def rq_record(key: str, tenant: str, priority: str, sleep: float) -> None:
+def rq_record(key: str, tenant: str, priority: str, sleep: float, mark_start: bool = False) -> None:
     """The RQ job: records itself in the Redis named by ``$QRL_WB_RECORD``."""
     from rq import get_current_job
 
     job = get_current_job()
     assert job is not None
-    record(os.environ["QRL_WB_RECORD"], key, job.id, tenant, priority, sleep)
+    record(os.environ["QRL_WB_RECORD"], key, job.id, tenant, priority, sleep, mark_start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +177,14 @@ def build_celery_app(
     mode: str,
     record_url: str | None = None,
     settings: dict[str, Any] | None = None,
+    conf: dict[str, Any] | None = None,
 ) -> Any:
     """The benchmark's Celery app. ``mode``: ``fair`` (``install``, fair dispatch of worker
     capacity on), ``fifo`` (``install(fair_capacity=False)``), ``plain`` (no ``install``),
     ``producer`` (``install`` without hints: publishes rate headers, for the producer).
 
     Executions are recorded on ``record_url`` (default: the limiter's Redis); ``settings``
-    go to ``install`` as well."""
+    go to ``install`` as well, ``conf`` to ``app.conf`` (``task_acks_late``...)."""
     records = record_url or redis_url
     from celery import Celery
     from celery.signals import worker_ready
@@ -184,6 +196,7 @@ def build_celery_app(
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
     )
+    app.conf.update(conf or {})
     if mode != "plain":
         from queue_ratelimit.celery import install
 
@@ -197,8 +210,10 @@ def build_celery_app(
         )
 
     @app.task(bind=True, shared=False, name="bench.record")
-    def record_task(self: Any, tenant: str, priority: str, sleep: float) -> None:
-        record(records, record_key, self.request.id, tenant, priority, sleep)
+    def record_task(
+        self: Any, tenant: str, priority: str, sleep: float, mark_start: bool = False
+    ) -> None:
+        record(records, record_key, self.request.id, tenant, priority, sleep, mark_start)
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:
@@ -224,6 +239,7 @@ def _celery_app_from_env() -> Any:
         mode=env["QRL_WB_MODE"],
         record_url=env.get("QRL_WB_RECORD") or None,
         settings=json.loads(env.get("QRL_WB_SETTINGS") or "{}"),
+        conf=json.loads(env.get("QRL_WB_CONF") or "{}"),
     )
 
 
@@ -254,9 +270,10 @@ def start_celery_workers(
     record_url: str | None = None,
     settings: dict[str, Any] | None = None,
     name: str = "w",
+    conf: dict[str, Any] | None = None,
 ) -> list[WorkerProcess]:
     """``count`` prefork workers (``-c concurrency``) on ``queue``; returns once each one
-    consumes (its ``worker_ready`` signal). ``record_url`` and ``settings``: as
+    consumes (its ``worker_ready`` signal). ``record_url``, ``settings`` and ``conf``: as
     ``build_celery_app``; ``name`` starts each worker's name."""
     records = record_url or redis_url
     env = {
@@ -268,6 +285,7 @@ def start_celery_workers(
         "QRL_WB_MODE": mode,
         "QRL_WB_RECORD": records,
         "QRL_WB_SETTINGS": json.dumps(settings or {}),
+        "QRL_WB_CONF": json.dumps(conf or {}),
     }
     client = redis.Redis.from_url(records)
     ready_before = client.hlen(celery_ready_key(namespace))
