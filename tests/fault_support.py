@@ -176,21 +176,23 @@ class FaultEnv:
             entry.refused = f"{type(exc).__name__}: {exc}"
         return job_id
 
-    def start_producing(self, per_second: float = 27.0) -> None:
-        """Publish ``per_second`` jobs per framework, round-robin over the tenants (a bit
-        more than their limits take: a backlog forms, slowly), from a thread per framework
-        (a fault that stalls one producer leaves the other going) until ``stop_producing``.
+    def start_producing(self, per_second: float = 27.0, rq_per_second: float | None = None) -> None:
+        """Publish ``per_second`` jobs per framework (RQ: ``rq_per_second`` if given),
+        round-robin over the tenants (a bit more than their limits take: a backlog forms,
+        slowly), from a thread per framework (a fault that stalls one producer leaves the
+        other going) until ``stop_producing``.
 
         Each framework has tenants of its own: one tenant's budget shared by two queues goes
         mostly to the queue whose workers ask first (docs/reliability.md, "Soak")."""
 
         def produce(framework: str) -> None:
+            rate = rq_per_second if framework == "rq" and rq_per_second else per_second
             n = 0
             begun = time.monotonic()
             while not self._stop.is_set():
                 self.publish(framework, f"{framework[0]}{TENANTS[n % len(TENANTS)]}")
                 n += 1
-                delay = begun + n / per_second - time.monotonic()
+                delay = begun + n / rate - time.monotonic()
                 if delay > 0:
                     self._stop.wait(delay)
 
@@ -283,9 +285,15 @@ class FaultEnv:
         return ids <= set(self.starts())
 
     def held_by_rq(self, job_ids: set[str]) -> dict[str, str]:
-        """Of the RQ jobs ``job_ids`` that never ran, those RQ's own bookkeeping holds: a job
-        whose start (or whose worker) a fault cut short is failed or left started by RQ
-        (its failed-job registry, its abandoned-job handling), as without us. Id -> status."""
+        """Of the RQ jobs ``job_ids`` that never ran, those RQ's own bookkeeping holds, as it
+        would without us: failed by RQ, or left started (its abandoned-job handling), when a
+        fault cut the job's start short; or ``intermediate``: left on RQ's intermediate list
+        when the reply of the move onto it was lost (RQ's maintenance fails such a job as
+        "stuck in intermediate queue", every 10 minutes; stock RQ moves jobs the same way).
+        Id -> how it is held."""
+        intermediate = {
+            i.decode() for i in self.client.lrange(f"rq:queue:{self.rq_queue}:intermediate", 0, -1)
+        }
         held = {}
         for job_id in sorted(job_ids):
             if not job_id.startswith("r-"):
@@ -293,6 +301,8 @@ class FaultEnv:
             status = self.client.hget(f"rq:job:{job_id}", "status")
             if status in (b"failed", b"started"):
                 held[job_id] = status.decode()
+            elif status == b"queued" and job_id in intermediate:
+                held[job_id] = "intermediate"
         return held
 
     def outcome(self) -> dict[str, Any]:

@@ -268,10 +268,10 @@ def test_client_kill_under_load_loses_and_doubles_nothing(
     a second apart, while jobs flow: workers and producers reconnect; a call whose reply was
     lost is settled as in doubt (the gate's wire, RQ's receipts); nothing is lost or doubled.
 
-    One thing is RQ's own: a kill that lands while an RQ worker starts a job (its status
-    write, after our hand-over) makes RQ fail that job (or leave it started, for its
-    abandoned-job handling), as RQ does on any connection error there; the job is in RQ's
-    failed registry, not run. At most one per RQ worker per kill."""
+    One thing is RQ's own: a kill that lands while an RQ worker moves a job onto its
+    intermediate list or starts it makes RQ fail that job (or leave it for its abandoned-
+    or stuck-job handling), as RQ does on any connection error there (``held_by_rq``). At
+    most one per RQ worker per kill."""
     env = make_env()
     env.start_celery()
     env.start_rq()
@@ -355,22 +355,29 @@ def test_a_worker_killed_mid_dispatch_hands_its_jobs_back_within_the_lease(
     RQ: the job the worker was running is cut short and left to RQ's abandoned-job handling,
     as without us (tests/test_rq_e2e.py); nothing else is lost."""
     env = make_env(acks_late=True, job_seconds=0.1)
-    celery = env.start_celery()
-    rq_workers = env.start_rq()
-    env.start_producing(per_second=15)  # what one RQ worker left takes at 0.1 s a job
-    flowing(env, 100)
+    # The victims work alone at first, so whatever is in flight or running is theirs.
+    (celery,) = env.start_celery(1)
+    (rq_worker,) = env.start_rq(1)
+    env.start_producing(rq_per_second=8)  # what one RQ worker takes at 0.1 s a job
+    flowing(env, 50)
     scheduler = FairScheduler(env.limiter)
     shared = env.limiter.keys.shared
 
     def reaped() -> int:
         return int(env.client.hget(shared, "n:reaped") or 0)
 
-    env.wait(lambda: scheduler.in_flight() >= 2, timeout=30, what="jobs in flight")
+    def both_busy() -> bool:
+        running = set(env.starts()) - {r.job_id for r in env.runs()}
+        return scheduler.in_flight() >= 2 and any(i.startswith("r-") for i in running)
+
+    env.wait(both_busy, timeout=30, what="jobs in flight and an RQ job running")
     before, in_flight = reaped(), scheduler.in_flight()
     killed_at = env.now()
-    for victim in (celery[0], rq_workers[0]):
+    for victim in (celery, rq_worker):
         victim.kill()
         env.workers.remove(victim)
+    env.start_celery(1)
+    env.start_rq(1)
     returned_at = None
     until = time.monotonic() + LEASE + 3  # past the lease: whatever it held is back by then
     while time.monotonic() < until:
@@ -398,3 +405,4 @@ def test_a_worker_killed_mid_dispatch_hands_its_jobs_back_within_the_lease(
     assert outcome["rq"]["twice"] == {}
     assert outcome["rq"]["lost"] == []
     assert sum(outcome["rq"]["held_by_rq"].values()) + outcome["rq"]["cut_short"] <= 1
+    assert reaped() > before, "the killed worker's in-flight jobs came back"
