@@ -28,10 +28,11 @@ patterned tenant's limit, burst ``SOAK_BURST``, default 5):
 - one-off tenants: ``SOAK_ONEOFF`` (default 100,000) tenants never seen before, one job each,
   spread evenly over the run (under ``tenant:*``, 5/s: each is admitted at once).
 
-Each pattern has a Celery tenant and an RQ tenant (``c-steady``, ``r-steady``...); one-off
-jobs alternate between the two. Workers: ``SOAK_CELERY_WORKERS`` (2) prefork Celery workers
-(``-c 2``, the gate installed, fair capacity on) and ``SOAK_RQ_WORKERS`` (2) of our RQ
-``SimpleWorker``. The global limit (10,000/s) never binds; it is checked all the same.
+Each pattern has a Celery tenant and an RQ tenant (``c-steady``, ``r-steady``...); three
+in four one-off jobs go through Celery, whose workers take more per second. Workers:
+``SOAK_CELERY_WORKERS`` (2) prefork Celery workers (``-c 2``, the gate installed, fair
+capacity on) and ``SOAK_RQ_WORKERS`` (2) of our RQ ``SimpleWorker``. The global limit
+(10,000/s) never binds; it is checked all the same.
 
 Redis: the limiter (and RQ's jobs, which live with it) gets a ``redis-server`` of the soak's
 own on a free loopback port, so its memory is the soak's alone. Job records and the Celery
