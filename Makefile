@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed-$(CHECKSUM)
 # whole dev toolchain: a venv that has the dev extra already serves it as it is.
 DEMO_STAMP := $(VENV)/.demo-$(CHECKSUM)
 
-.PHONY: help install demo test lint typecheck bench rq-suite celery-suite wheel-check clean screenshot
+.PHONY: help install demo test lint typecheck bench soak rq-suite celery-suite wheel-check clean screenshot
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
+	@echo "make soak   - patterned load through real workers for SOAK_SECONDS (default 600; docs/reliability.md)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 	@echo "make screenshot - redraw docs/top.svg, the top dashboard at 80x24 (no Redis needed)"
 	@echo "make celery-suite - Celery's canvas and task integration tests, stock and with the"
@@ -55,6 +56,11 @@ screenshot: $(STAMP)
 
 bench: $(STAMP)
 	tests/run_with_redis.sh $(PY) -m benchmarks
+
+# Patterned load through real Celery and RQ workers (benchmarks/soak.py; SOAK_* settings).
+# The limiter gets a redis-server of the soak's own; records and the broker the throwaway one.
+soak: $(STAMP)
+	tests/run_with_redis.sh $(PY) -m benchmarks soak
 
 # RQ's own tests (the installed version's, from PyPI) stock and with queue_ratelimit.rq's
 # classes in place of RQ's; fails if a test passing stock fails swapped. Each run gets a

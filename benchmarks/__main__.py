@@ -36,6 +36,9 @@ ORDER = (
     "worker_fairness",
 )
 
+# Run only when named (``make soak``): minutes long, and not a benchmark of speed.
+ON_REQUEST = ("soak",)
+
 Runner = Callable[[str], dict[str, Any]]
 
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "names",
         nargs="*",
         metavar="NAME",
-        help=f"benchmarks to run (default: all of {list(available)})",
+        help=f"benchmarks to run (default: all of {list(available)} but {list(ON_REQUEST)})",
     )
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="default: $REDIS_URL"
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     failed = False
-    for name in args.names or list(available):
+    for name in args.names or [n for n in available if n not in ON_REQUEST]:
         runner = load(available[name])
         if runner is None:
             if name in args.names:

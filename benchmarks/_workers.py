@@ -14,6 +14,7 @@ SIGKILL of that group once the benchmark has every record it waits for.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -53,22 +54,33 @@ def redis_now(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
-def record(url: str, key: str, job_id: str, tenant: str, priority: str, sleep: float) -> None:
-    """What every benchmark job does: stamp its start, sleep, record start and end."""
+def started_key(key: str) -> str:
+    """Where jobs asked to (``mark_start``) push their id as they start."""
+    return f"{key}:started"
+
+
+def record(
+    url: str, key: str, job_id: str, tenant: str, priority: str, sleep: float, mark_start: bool
+) -> None:
+    """What every benchmark job does: stamp its start, sleep, record start and end.
+    ``mark_start``: also push the id onto ``started_key(key)`` first (a job killed while it
+    sleeps still shows that it started)."""
     client, end = _recorder(url)
+    if mark_start:
+        client.rpush(started_key(key), job_id)
     seconds, micros = client.time()
     if sleep:
         time.sleep(sleep)
     end(keys=[key], args=[f"{job_id} {tenant} {priority} {seconds}.{micros:06d}"])
 
 
-def rq_record(key: str, tenant: str, priority: str, sleep: float) -> None:
+def rq_record(key: str, tenant: str, priority: str, sleep: float, mark_start: bool = False) -> None:
     """The RQ job: records itself in the Redis named by ``$QRL_WB_RECORD``."""
     from rq import get_current_job
 
     job = get_current_job()
     assert job is not None
-    record(os.environ["QRL_WB_RECORD"], key, job.id, tenant, priority, sleep)
+    record(os.environ["QRL_WB_RECORD"], key, job.id, tenant, priority, sleep, mark_start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +175,17 @@ def build_celery_app(
     queue: str,
     record_key: str,
     mode: str,
+    record_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+    conf: dict[str, Any] | None = None,
 ) -> Any:
     """The benchmark's Celery app. ``mode``: ``fair`` (``install``, fair dispatch of worker
     capacity on), ``fifo`` (``install(fair_capacity=False)``), ``plain`` (no ``install``),
-    ``producer`` (``install`` without hints: publishes rate headers, for the producer)."""
+    ``producer`` (``install`` without hints: publishes rate headers, for the producer).
+
+    Executions are recorded on ``record_url`` (default: the limiter's Redis); ``settings``
+    go to ``install`` as well, ``conf`` to ``app.conf`` (``task_acks_late``...)."""
+    records = record_url or redis_url
     from celery import Celery
     from celery.signals import worker_ready
 
@@ -177,6 +196,7 @@ def build_celery_app(
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
     )
+    app.conf.update(conf or {})
     if mode != "plain":
         from queue_ratelimit.celery import install
 
@@ -186,15 +206,18 @@ def build_celery_app(
             namespace=namespace,
             hints=mode != "producer",
             fair_capacity=mode != "fifo",
+            **(settings or {}),
         )
 
     @app.task(bind=True, shared=False, name="bench.record")
-    def record_task(self: Any, tenant: str, priority: str, sleep: float) -> None:
-        record(redis_url, record_key, self.request.id, tenant, priority, sleep)
+    def record_task(
+        self: Any, tenant: str, priority: str, sleep: float, mark_start: bool = False
+    ) -> None:
+        record(records, record_key, self.request.id, tenant, priority, sleep, mark_start)
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(records)
         try:
             client.hset(celery_ready_key(namespace), str(getattr(sender, "hostname", "?")), 1)
         finally:
@@ -214,6 +237,9 @@ def _celery_app_from_env() -> Any:
         queue=env["QRL_WB_QUEUE"],
         record_key=env["QRL_WB_KEY"],
         mode=env["QRL_WB_MODE"],
+        record_url=env.get("QRL_WB_RECORD") or None,
+        settings=json.loads(env.get("QRL_WB_SETTINGS") or "{}"),
+        conf=json.loads(env.get("QRL_WB_CONF") or "{}"),
     )
 
 
@@ -241,9 +267,15 @@ def start_celery_workers(
     mode: str,
     logdir: Path,
     timeout: float = 60.0,
+    record_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+    name: str = "w",
+    conf: dict[str, Any] | None = None,
 ) -> list[WorkerProcess]:
     """``count`` prefork workers (``-c concurrency``) on ``queue``; returns once each one
-    consumes (its ``worker_ready`` signal)."""
+    consumes (its ``worker_ready`` signal). ``record_url``, ``settings`` and ``conf``: as
+    ``build_celery_app``; ``name`` starts each worker's name."""
+    records = record_url or redis_url
     env = {
         "QRL_WB_BROKER": broker,
         "QRL_WB_REDIS": redis_url,
@@ -251,20 +283,25 @@ def start_celery_workers(
         "QRL_WB_QUEUE": queue,
         "QRL_WB_KEY": record_key,
         "QRL_WB_MODE": mode,
+        "QRL_WB_RECORD": records,
+        "QRL_WB_SETTINGS": json.dumps(settings or {}),
+        "QRL_WB_CONF": json.dumps(conf or {}),
     }
+    client = redis.Redis.from_url(records)
+    ready_before = client.hlen(celery_ready_key(namespace))
     workers = []
     for i in range(count):
-        name = f"w{i}-{namespace}-{mode}"
+        worker_name = f"{name}{i}-{namespace}-{mode}"
         args = [
             sys.executable, "-m", "celery", "-A", "benchmarks._workers", "worker",
             "-P", "prefork", "-c", str(concurrency), "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-n", f"{name}@%h", "-Q", queue, "--loglevel", "WARNING",
+            "--without-heartbeat", "-n", f"{worker_name}@%h", "-Q", queue,
+            "--loglevel", "WARNING",
         ]  # fmt: skip
-        workers.append(_spawn(name, args, env, logdir))
-    client = redis.Redis.from_url(redis_url)
+        workers.append(_spawn(worker_name, args, env, logdir))
     try:
         wait_for(
-            lambda: client.hlen(celery_ready_key(namespace)) >= count,
+            lambda: client.hlen(celery_ready_key(namespace)) >= ready_before + count,
             timeout=timeout,
             what="celery workers ready",
             workers=workers,
@@ -289,14 +326,23 @@ def start_rq_workers(
     simple: bool,
     logdir: Path,
     timeout: float = 60.0,
+    record_url: str | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "w",
 ) -> list[WorkerProcess]:
     """``count`` RQ workers on ``queue``: ours (``queue-ratelimit rq worker``) or stock
-    (``rq worker``), ``SimpleWorker`` or forking; returns once each has registered."""
-    env = {"QRL_WB_RECORD": redis_url, "QUEUE_RATELIMIT_NAMESPACE": namespace}
+    (``rq worker``), ``SimpleWorker`` or forking; returns once each has registered.
+    Executions are recorded on ``record_url`` (default: ``redis_url``); ``env`` adds to the
+    workers' environment; ``name`` starts each worker's name."""
+    env = {
+        "QRL_WB_RECORD": record_url or redis_url,
+        "QUEUE_RATELIMIT_NAMESPACE": namespace,
+        **(env or {}),
+    }
     workers = []
     for i in range(count):
-        name = f"w{i}-{namespace}-{'ours' if ours else 'stock'}"
-        common = [queue, "--url", redis_url, "--name", name, "--logging_level", "WARNING"]
+        worker_name = f"{name}{i}-{namespace}-{'ours' if ours else 'stock'}"
+        common = [queue, "--url", redis_url, "--name", worker_name, "--logging_level", "WARNING"]
         if ours:
             args = [str(BIN / "queue-ratelimit"), "--namespace", namespace, "rq", "worker"]
             args += ["--simple", *common] if simple else common
@@ -304,7 +350,7 @@ def start_rq_workers(
             args = [str(BIN / "rq"), "worker", *common]
             if simple:
                 args += ["-w", "rq.SimpleWorker"]
-        workers.append(_spawn(name, args, env, logdir))
+        workers.append(_spawn(worker_name, args, env, logdir))
     client = redis.Redis.from_url(redis_url)
     try:
         wait_for(

@@ -300,6 +300,24 @@ def test_task_replace_under_a_binding_limit_runs_every_replacement(e2e: E2E) -> 
     assert "dropping duplicate" not in e2e.full_logs()
 
 
+def test_a_parked_item_this_gate_did_not_write_is_discarded_and_the_rest_runs(e2e: E2E) -> None:
+    """An RQ queue of the same name in the same namespace parks items with no payload (and
+    any other client may park anything). Handed one, the gate used to raise on it half-way
+    through a batch: the item stayed held (its lease renewed for ever) and the rest of the
+    batch waited for its lease to run out. Now it is discarded, loudly, and the rest runs."""
+    e2e.limiter.set_limit("tenant:*", Limit(20, burst=1))
+    scheduler = FairScheduler(e2e.limiter)
+    scheduler.submit("rq", "rq-job-1", queue=e2e.queue)  # what an RQ producer parks
+    scheduler.submit("other", "junk-1", queue=e2e.queue, payload=b"not json")
+    work = e2e.app().tasks["e2e.work"]
+    published = {work.apply_async(("after",), rate_tenant="t").id for _ in range(6)}
+    e2e.start_workers("w1")
+    e2e.wait_ids(published, timeout=30, what="the parked tasks to run")
+    rows = e2e.wait_settled(timeout=15)  # nothing left held or in flight
+    assert_exactly_once(rows, published)
+    assert e2e.full_logs().count("discarding") == 2
+
+
 def test_past_max_backlog_work_stays_in_the_broker_and_none_is_lost(
     broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -236,3 +236,22 @@ def test_a_malformed_rq_lease_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(ENV_LEASE, "soon")
     with pytest.raises(ConfigError, match=ENV_LEASE):
         lease()
+
+
+# -- 5. what RQ cannot run ---------------------------------------------------------------
+def test_an_item_that_is_not_an_rq_job_is_dropped_and_the_worker_goes_on(
+    conn: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Celery gate parks items named ``<task id>.<retries>.<nonce>`` under its queue's
+    name; an RQ queue of the same name in the same namespace is handed them. RQ refuses
+    such an id (``ValueError``), which used to stop the worker (and each one after it)."""
+    queue = make_queue(conn, namespace)
+    scheduler = queue.rate_scheduler
+    scheduler.submit("celery", "0b6c4e5a-celery-task.0.ab12cd34", queue=queue.name)
+    job = queue.enqueue(len, "abc", rate_tenant="rq")  # contended: it joins the backlog
+    assert queue.rate_backlog == 2
+    SimpleWorker([queue], connection=conn).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert queue.rate_backlog == 0
+    assert conn.llen(queue.intermediate_queue_key) == 0
+    assert "not an RQ job id" in caplog.text

@@ -30,7 +30,7 @@ from vine import promise
 from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
-from .._scopes import check_name
+from .._scopes import _shown, check_name
 from .._slot_keeper import SlotKeeper
 from .._throttle_log import ThrottleLog
 from ._broker_ack import ack_all, is_plain_ack
@@ -690,7 +690,19 @@ class RateLimitGate(bootsteps.StartStopStep):
         item_id = item.id
         self.held[item_id] = item
         self.running.keep(item_id, item.slot)
-        message = decode_message(item.payload, item_id, self.channel, accept=self.accept)
+        try:
+            message = decode_message(item.payload, item_id, self.channel, accept=self.accept)
+        except Exception as exc:  # whatever the payload: never stop the consumer
+            # Not a message this gate parked: no payload (an RQ queue of the same name in
+            # this namespace) or one another client wrote. Raising here left the item held
+            # (its lease renewed for ever) and the rest of its batch undelivered.
+            log.error(
+                "queue-ratelimit: discarding parked item %s: not a message a gate parked (%r)",
+                _shown(item_id),
+                exc,
+            )
+            self._settle(item_id, "drop")
+            return
         name = (message.headers or {}).get("task")
         strategy = self.originals.get(name) if isinstance(name, str) else None
         if strategy is None:

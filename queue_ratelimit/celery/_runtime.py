@@ -40,6 +40,7 @@ class Runtime:
                         namespace=self.settings.namespace,
                         fail_mode="raise",
                         eviction=self.settings.eviction,
+                        counter_retention=self.settings.counter_retention,
                     )
         return self._limiter
 

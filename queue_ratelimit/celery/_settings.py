@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .._core import DEFAULT_RETENTION_MS, MAX_WAIT
 from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
 from .._keys import DEFAULT_NAMESPACE
@@ -41,6 +42,8 @@ class CelerySettings:
             reserve.
         dedupe_window: seconds a job that ran through the backlog is remembered, so that a
             broker redelivery of its original message is not run again.
+        counter_retention: seconds an idle tenant's counters (and its pass in the fair
+            backlog) are kept before they expire (``Limiter``'s; default 15 minutes).
         metrics_interval: seconds between runs of the metrics beat task.
         credit: while a tenant's buckets are at least half full (nothing contended), one
             gate call may admit up to this many more of its jobs on the same queue, so they
@@ -87,6 +90,7 @@ class CelerySettings:
     poll_interval: float = 0.25
     max_held: int | None = None
     dedupe_window: float = 3600.0
+    counter_retention: float = DEFAULT_RETENTION_MS / 1000
     metrics_interval: float = 15.0
     credit: int = 16
     credit_ttl: float = 0.25
@@ -115,6 +119,7 @@ class CelerySettings:
             "lease",
             "poll_interval",
             "dedupe_window",
+            "counter_retention",
             "metrics_interval",
             "credit_ttl",
             "transit_grace",
@@ -124,6 +129,11 @@ class CelerySettings:
                 raise ConfigError(
                     f"{name} must be a positive number of seconds, got {_shown(value)}"
                 )
+        if self.counter_retention > MAX_WAIT:
+            raise ConfigError(
+                f"counter_retention must be at most {MAX_WAIT:.0f} seconds, "
+                f"got {_shown(self.counter_retention)}"
+            )
         for name in ("max_held", "reserve"):
             value = getattr(self, name)
             if value is not None and (

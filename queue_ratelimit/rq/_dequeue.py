@@ -20,6 +20,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import resolve_serializer
 
 from .._scheduler import FairScheduler
+from .._scopes import _shown
 from .._throttle_log import ThrottleLog
 from ._handover import HOLDING, LOST_REPLY, Claim
 from ._options import log_interval, scheduler_for, slot_keeper, stored_rate_options
@@ -357,11 +358,23 @@ class FairDequeue:
         return None
 
     def _fetch(self, job_id: Any) -> Job | None:
+        text = _text(job_id)
         try:
             return self.job_class.fetch(
-                _text(job_id), connection=self.connection, serializer=self.serializer
+                text, connection=self.connection, serializer=self.serializer
             )
         except NoSuchJobError:
+            return None
+        except ValueError as exc:
+            # Not an RQ job id (RQ refuses to load it): someone else's work parked under
+            # this queue's name in this namespace, e.g. a Celery queue of the same name.
+            # RQ cannot run it; raising would stop this worker, and every worker after it.
+            log.error(
+                "queue-ratelimit: dropping %s from the fair backlog of this RQ queue: not an RQ "
+                "job id (%s); give Celery and RQ queues different names in one namespace",
+                _shown(text),
+                exc,
+            )
             return None
 
 

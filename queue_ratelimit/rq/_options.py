@@ -7,6 +7,7 @@ import os
 import threading
 from typing import Any
 
+from .._core import DEFAULT_RETENTION_MS
 from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError, RateLimitError
 from .._job_options import read_rate_options
@@ -30,6 +31,8 @@ ENV_LOG_INTERVAL = "QUEUE_RATELIMIT_LOG_INTERVAL"
 # Seconds an enqueued job stays counted by hints beyond twice its predicted wait, unless a
 # worker sees it sooner (FairScheduler's transit_grace).
 ENV_TRANSIT_GRACE = "QUEUE_RATELIMIT_TRANSIT_GRACE"
+# Seconds an idle tenant's counters are kept (``Limiter``'s ``counter_retention``).
+ENV_RETENTION = "QUEUE_RATELIMIT_COUNTER_RETENTION"
 
 log = logging.getLogger("queue_ratelimit.rq")
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
@@ -43,7 +46,13 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     with _schedulers_lock:
         found = _schedulers.get(key)
         if found is None or found.client is not connection:
-            limiter = Limiter(connection, namespace=namespace, eviction=eviction())
+            retention = _seconds(ENV_RETENTION, DEFAULT_RETENTION_MS / 1000)
+            limiter = Limiter(
+                connection,
+                namespace=namespace,
+                eviction=eviction(),
+                counter_retention=retention,  # (the Limiter checks its bounds)
+            )
             found = FairScheduler(limiter, lease=lease(), transit_grace=transit_grace())
             _schedulers[key] = found
         return found
