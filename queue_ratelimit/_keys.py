@@ -26,9 +26,14 @@ The fair scheduler's keys carry the layout's version in their tag (``s2``). Vers
 
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from ._errors import ConfigError
 from ._scopes import Scope, check_item_id, check_name, check_namespace, check_priority
 
 DEFAULT_PREFIX = "qrl"
@@ -36,9 +41,13 @@ DEFAULT_NAMESPACE = "default"
 # The fair scheduler's key tag, with the layout version: s2 = layout 2 (see the docstring).
 SCHEDULER_TAG = "s2"
 
+# The most shards a namespace may be spread over (Limiter(shards=...)): far more than the
+# primaries any cluster has, and few enough that a rebalance stays a small job.
+MAX_SHARDS = 1024
+
 # Kinds of key by tag, and how many user parts follow the tag. Tags under the scheduler's
 # are spelled "s2:<tag>"; "legacy" is any key of scheduler layout 1 ("s:...").
-_FIXED = {"config", "audit", "shared", "snapshot", "dt"}
+_FIXED = {"config", "audit", "shared", "snapshot", "dt", "share", "rebalance"}
 _ONE_PART = {"t": "tenant", "c": "slots", "rec": "record"}
 _SCHEDULER_FIXED = {"inflight", "lease", "meta", "payload", "lanes"}
 _SCHEDULER_PARTS = {
@@ -56,6 +65,40 @@ _SCHEDULER_PARTS = {
 KINDS = frozenset(
     {*_FIXED, *_ONE_PART.values(), *_SCHEDULER_FIXED, *(k for k, _ in _SCHEDULER_PARTS.values())}
 )
+
+
+def check_shards(shards: object) -> int:
+    """``shards`` if it is a whole number from 1 to MAX_SHARDS, else ``ConfigError``."""
+    if type(shards) is not int or not 1 <= shards <= MAX_SHARDS:
+        raise ConfigError(f"shards must be a whole number from 1 to {MAX_SHARDS}, got {shards!r}")
+    return shards
+
+
+def shard_of(tenant: str, shards: int) -> int:
+    """The shard of a tenant: CRC-32 of its name, so every process agrees without asking."""
+    if shards == 1:
+        return 0
+    return zlib.crc32(tenant.encode()) % shards
+
+
+@functools.cache
+def shard_tag(namespace: str, shard: int, shards: int) -> str:
+    """The hash tag of one shard: ``<namespace>:<shard>``, or ``<namespace>:<shard>.<n>``
+    for the first n whose hash slot falls in the shard's share of the slot space
+    (``shard/shards`` to ``(shard+1)/shards`` of it).
+
+    So the shards spread evenly over the slots, and over the primaries of a cluster whose
+    slots are spread evenly (``redis-cli --cluster create`` gives each primary one range):
+    plain ``<namespace>:<shard>`` tags land where CRC16 puts them, three of them on one
+    primary of three in one case of nine. Every process computes the same tags.
+    """
+    low = shard * REDIS_CLUSTER_HASH_SLOTS // shards
+    high = (shard + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+    tag, n = f"{namespace}:{shard}", 0
+    while not low <= key_slot(tag.encode()) < high:
+        n += 1
+        tag = f"{namespace}:{shard}.{n}"
+    return tag
 
 
 class SchedulerPrefixes(NamedTuple):
@@ -85,14 +128,47 @@ class KeySpace:
 
     prefix: str = DEFAULT_PREFIX
     namespace: str = DEFAULT_NAMESPACE
+    # One shard of a namespace spread over ``shards`` hash slots (docs/design.md, "Shards"),
+    # or None: the namespace's own keys (every key of an unsharded namespace, and the home
+    # of a sharded one: its configuration as set, the audit, the lease state).
+    shard: int | None = None
+    shards: int = 1
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
         check_namespace(self.prefix)
+        check_shards(self.shards)
+        if self.shard is not None and not (
+            type(self.shard) is int and 0 <= self.shard < self.shards
+        ):
+            raise ConfigError(f"shard must be None or 0 to {self.shards - 1}, got {self.shard!r}")
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{{{self.namespace}}}"
+        if self.shard is None:
+            return f"{self.prefix}:{{{self.namespace}}}"
+        return f"{self.prefix}:{{{shard_tag(self.namespace, self.shard, self.shards)}}}"
+
+    # -- shards ------------------------------------------------------------------------
+    def for_shard(self, shard: int) -> KeySpace:
+        """The key layout of one shard of this namespace (``shards`` > 1)."""
+        return KeySpace(self.prefix, self.namespace, shard, self.shards)
+
+    def shard_of(self, tenant: str) -> int:
+        """The shard a tenant's buckets, slots and backlogs live on (0 when unsharded)."""
+        return shard_of(tenant, self.shards)
+
+    @property
+    def share(self) -> str:
+        """Hash of a sharded namespace's lease state (on its home slot): the rebalancer's
+        lock, its fencing epoch, the counters it last saw per shard (_leases.py)."""
+        return f"{self.base}:share"
+
+    @property
+    def rebalance(self) -> str:
+        """String: the rebalancer's lock (on a sharded namespace's home slot), held for one
+        rebalance interval by the process whose turn it is."""
+        return f"{self.base}:rebalance"
 
     @property
     def pattern(self) -> str:

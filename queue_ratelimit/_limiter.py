@@ -23,7 +23,8 @@ from ._core import (
 )
 from ._decision import Decision, ScopeLimit, Slot
 from ._durability import EvictionStatus, eviction_status, judge_eviction
-from ._errors import LimitNotFound
+from ._errors import ConfigError, LimitNotFound
+from ._keys import check_shards
 from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
@@ -56,7 +57,36 @@ class Limiter(LimiterBase):
             ``allkeys-*`` or ``volatile-*`` maxmemory-policy under a memory limit, which
             loses parked jobs, limits and bucket state): ``"warn"`` (log a warning),
             ``"refuse"`` (raise ``ConfigError`` from every call) or ``"ignore"``.
+        shards: spread the namespace over this many hash slots (1 to 1024; default 1, one
+            slot): each tenant is decided on its own shard, so a Redis Cluster spreads the
+            decisions over its primaries; the shared scopes are sliced between the shards
+            and rebalanced by demand (docs/design.md, "Shards").
+        rebalance_interval: with shards, seconds between rebalances of the slices
+            (default 1; ignored without shards).
     """
+
+    shards: int = 1
+
+    def __new__(cls, client: Any = None, *args: Any, shards: int = 1, **options: Any) -> Limiter:
+        if shards != 1 and cls is Limiter:
+            from ._shards import ShardedLimiter
+
+            check_shards(shards)
+            return super().__new__(ShardedLimiter)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        shards: int = 1,
+        rebalance_interval: float | None = None,
+        **options: Any,
+    ) -> None:
+        # (ShardedLimiter, which Limiter(shards=N) makes, passes no shards here.)
+        if check_shards(shards) != 1:
+            raise ConfigError("shards > 1: make the limiter with Limiter(...) itself")
+        super().__init__(client, **options)
 
     @classmethod
     def from_url(

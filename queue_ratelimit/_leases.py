@@ -1,0 +1,348 @@
+"""Slices of the shared scopes of a sharded namespace, and the rebalancer that moves them.
+
+A sharded namespace (``Limiter(..., shards=N)``) decides each tenant on its own shard, in one
+round trip to one hash slot. The shared scopes (``global``, ``queue:<q>``) cannot live on
+one slot without a cross-slot call per decision, so each shard enforces a *slice* of them:
+``share * rate`` and ``max(share * burst, min(burst, 1))`` of each limit, and a whole-number
+part of each concurrency cap. The shares of a scope sum to 1, so the shards together never
+refill faster than the limit (docs/design.md, "Shards", has the bound and why it holds).
+
+Shares follow demand: every interval one process (whichever takes the lock on the home
+slot) reads each shard's counters of admissions and denials per shared scope, gives the
+shards that were never denied what they used plus headroom, and splits the rest among the
+denied ones in proportion to their traffic. Pure arithmetic here (``allocate``,
+``slices``); the I/O is ``Rebalancer``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._core import redis_errors
+
+if TYPE_CHECKING:
+    from ._shards import ShardedLimiter
+
+log = logging.getLogger("queue_ratelimit")
+
+# The share of a scope kept, over all shards together, for shards that use none of it: a
+# shard whose tenants start sending has a rate at once (and a burst of at least one token),
+# and is given more at the next rebalance. Under demand on one shard, this is what the
+# others hold idle: at most 2% of the rate.
+FLOOR = 0.02
+# A shard that was never denied keeps what it used and this much more (of what it used).
+HEADROOM = 0.10
+# Shares that moved less than this (for every shard) are not written: each write makes the
+# shard's decisions plan again once (a config revision), which costs more than the slice.
+MIN_MOVE = 0.01
+
+
+def shared_scope(field: str) -> str | None:
+    """The shared scope a config field limits or caps (``global``, ``queue:<q>``), or None
+    for a field every shard holds whole (tenant scopes, exemptions, modes, weights)."""
+    scope = field.removeprefix("conc:")
+    if scope == "global" or scope.startswith("queue:"):
+        return scope
+    return None
+
+
+def equal_shares(n: int) -> list[float]:
+    return [1.0 / n] * n
+
+
+def allocate(
+    current: Sequence[float],
+    admitted: Sequence[float],
+    denied: Sequence[float],
+    capacity: float | None,
+) -> list[float]:
+    """New shares of one shared scope, from one interval of observed demand.
+
+    Args:
+        current: each shard's share now (summing to 1).
+        admitted: each shard's admissions under the scope in the interval.
+        denied: each shard's denials by the scope in the interval.
+        capacity: what the whole scope could admit in the interval (rate x seconds), or
+            None for a scope with a concurrency cap only (its admissions stand in for it).
+
+    Shards never denied are "satisfied": they keep what they used plus HEADROOM (never
+    more than they hold now), at least their floor. The denied ones split the rest in
+    proportion to their traffic (admissions and denials), at least their floor. With no
+    denial anywhere, every shard gets what it used plus HEADROOM and the spare is spread in
+    proportion; with no traffic at all, nothing moves.
+    """
+    n = len(current)
+    floor = FLOOR / n
+    total_admitted = sum(admitted)
+    if capacity is None or capacity <= 0:
+        capacity = max(total_admitted, 1.0)
+    hungry = [d > 0 for d in denied]
+    if not any(hungry):
+        if total_admitted <= 0:
+            return list(current)
+        wants = [max(floor, a / capacity * (1 + HEADROOM)) for a in admitted]
+        return _normalized(wants, floor)
+    shares = [0.0] * n
+    for i in range(n):
+        if not hungry[i]:
+            used = admitted[i] / capacity * (1 + HEADROOM) + floor
+            shares[i] = max(floor, min(current[i], used))
+    rest = 1.0 - sum(shares)
+    traffic = [admitted[i] + denied[i] if hungry[i] else 0.0 for i in range(n)]
+    weight = sum(traffic)
+    for i in range(n):
+        if hungry[i]:
+            shares[i] = max(floor, rest * traffic[i] / weight)
+    return _normalized(shares, floor)
+
+
+def _normalized(wants: Sequence[float], floor: float) -> list[float]:
+    total = sum(wants)
+    return [max(floor, w) / total for w in wants]
+
+
+def moved(old: Sequence[float], new: Sequence[float]) -> bool:
+    return any(abs(a - b) >= MIN_MOVE for a, b in zip(old, new, strict=True))
+
+
+def _limit_slices(value: str, shares: Sequence[float]) -> list[str]:
+    parts = value.split(" ")
+    try:
+        rate, per, burst = (float(p) for p in parts[:3])
+    except ValueError:
+        return [value] * len(shares)
+    if len(parts) != 4 or not (rate > 0 and per > 0 and burst > 0):
+        # A kind of limit this version does not know how to slice: every shard holds it
+        # whole (docs/design.md says what that does to the bound).
+        return [value] * len(shares)
+    floor = min(burst, 1.0)
+    return [f"{rate * s!r} {per!r} {max(burst * s, floor)!r} {parts[3]}" for s in shares]
+
+
+def _cap_slices(value: str, shares: Sequence[float]) -> list[str]:
+    """A cap of n split by largest remainder, each shard at least 1 (a cap of 0 cannot be
+    configured): the parts sum to n when n >= the shards, else each shard holds 1."""
+    total = int(value)
+    n = len(shares)
+    if total <= n:
+        return ["1"] * n
+    spare = total - n
+    exact = [spare * s for s in shares]
+    parts = [math.floor(e) for e in exact]
+    order = sorted(range(n), key=lambda i: exact[i] - parts[i], reverse=True)
+    for i in order[: spare - sum(parts)]:
+        parts[i] += 1
+    return [str(1 + p) for p in parts]
+
+
+def slices(field: str, value: str, shares: Sequence[float]) -> list[str]:
+    """What each shard enforces for one config field: its slice for a shared scope's
+    limit or cap, the value itself otherwise ("" deletes it everywhere)."""
+    if value == "" or shared_scope(field) is None:
+        return [value] * len(shares)
+    if field.startswith("conc:"):
+        return _cap_slices(value, shares)
+    return _limit_slices(value, shares)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def counters(shared: Mapping[Any, Any], scope: str) -> tuple[float, float]:
+    """(admissions, denials) of a shared scope in one shard's shared hash (lua/buckets.lua
+    names the counters): every queue's admissions for ``global``."""
+    fields = {_text(k): _text(v) for k, v in shared.items()}
+    denied = float(fields.get(f"d:{scope}", 0))
+    if scope == "global":
+        admitted = sum(float(v) for k, v in fields.items() if k.startswith("a:q:"))
+    else:
+        admitted = float(fields.get(f"a:q:{scope.removeprefix('queue:')}", 0))
+    return admitted, denied
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceReport:
+    """What one rebalance did.
+
+    Attributes:
+        epoch: the rebalancer's fencing epoch (grows with every rebalance).
+        version: the configuration version the slices were computed from.
+        shares: each shared scope's shares after the round, by scope.
+        writes: shard writes made (slices moved, shards brought up to date).
+        synced: shards found behind the configuration and copied it whole.
+        seconds: how long the round took, as the client saw it.
+    """
+
+    epoch: int
+    version: int
+    shares: dict[str, tuple[float, ...]]
+    writes: int
+    synced: int
+    seconds: float
+
+
+class Rebalancer:
+    """Moves the shared scopes' slices between the shards of one namespace by demand.
+
+    ``tick`` (called after decisions) runs a round at most once per ``interval`` in this
+    process, and only when it takes the namespace's lock (``SET NX PX``) for the interval:
+    one process of all rebalances each interval. A round is a pipeline of reads, a write
+    per shard whose slices moved (shrinking slices first, so the shards' sum never goes
+    over the limit while they move), and a write of the state at home.
+    """
+
+    def __init__(self, limiter: ShardedLimiter, interval: float) -> None:
+        self.limiter = limiter
+        self.interval = interval
+        self.due = time.monotonic() + interval
+        self._busy = threading.Lock()
+        self._owner = uuid.uuid4().hex
+        self.last: RebalanceReport | None = None
+
+    def tick(self) -> None:
+        """Rebalance if it is this process's turn; never raises (a failed round is logged
+        and tried again an interval later)."""
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            self.due = time.monotonic() + self.interval
+            if self._take_lock():
+                self.last = self.run()
+        except Exception as exc:  # (a round is best effort: decisions must go on)
+            log.warning("queue-ratelimit: rebalancing the shards failed: %s", exc)
+        finally:
+            self._busy.release()
+
+    def _take_lock(self) -> bool:
+        keys = self.limiter.keys
+        ms = max(1, int(self.interval * 1000))
+        return bool(self.limiter.client.set(keys.rebalance, self._owner, nx=True, px=ms))
+
+    def run(self) -> RebalanceReport:
+        """One round now, lock or not (``Limiter.rebalance``).
+
+        Raises:
+            BackendUnavailable / BackendError: as the limiter's calls do.
+        """
+        started = time.perf_counter()
+        lim = self.limiter
+        home = lim.keys
+        client = lim.client
+        with redis_errors():
+            epoch = int(client.hincrby(home.share, "epoch", 1))
+            seconds, micros = client.time()
+            now_us = seconds * 1_000_000 + micros
+            pipe = client.pipeline()
+            pipe.hgetall(home.config)
+            pipe.hgetall(home.share)
+            for keys in lim.shard_keys:
+                pipe.hget(keys.config, "_version")
+                pipe.hgetall(keys.shared)
+            replies = pipe.execute()
+        config = {_text(k): _text(v) for k, v in replies[0].items()}
+        state = {_text(k): _text(v) for k, v in replies[1].items()}
+        versions = [int(_text(v or 0)) for v in replies[2::2]]
+        shared = replies[3::2]
+        version = int(config.get("_version", 0))
+        n = lim.shards
+
+        scopes = sorted({s for f in config if (s := shared_scope(f)) is not None})
+        old = {s: lim.parse_shares(state.get(f"shares:{s}"), n) for s in scopes}
+        seen = json.loads(state.get("seen", "{}"))
+        new = dict(old)
+        counts: dict[str, list[list[float]]] = {}
+        elapsed = (now_us - int(seen.get("at", now_us))) / 1e6
+        for scope in scopes:
+            now_counts = [list(counters(shared[i], scope)) for i in range(n)]
+            counts[scope] = now_counts
+            before = seen.get("n", {}).get(scope)
+            if not before or len(before) != n or elapsed <= 0:
+                continue
+            admitted = [_delta(c[0], b[0]) for c, b in zip(now_counts, before, strict=True)]
+            denied = [_delta(c[1], b[1]) for c, b in zip(now_counts, before, strict=True)]
+            shares = allocate(old[scope], admitted, denied, _capacity(config.get(scope), elapsed))
+            if moved(old[scope], shares):
+                new[scope] = shares
+
+        writes, synced = self._write(config, version, epoch, old, new, versions)
+        state_fields: dict[str, str] = {"seen": json.dumps({"at": now_us, "n": counts})}
+        for scope, shares in new.items():
+            state_fields[f"shares:{scope}"] = " ".join(repr(round(s, 6)) for s in shares)
+        with redis_errors():
+            client.hset(home.share, mapping=state_fields)
+        return RebalanceReport(
+            epoch,
+            version,
+            {s: tuple(v) for s, v in new.items()},
+            writes,
+            synced,
+            time.perf_counter() - started,
+        )
+
+    def _write(
+        self,
+        config: Mapping[str, str],
+        version: int,
+        epoch: int,
+        old: Mapping[str, Sequence[float]],
+        new: Mapping[str, Sequence[float]],
+        versions: Sequence[int],
+    ) -> tuple[int, int]:
+        """Write the slices that moved (shrinking ones first) and copy the configuration
+        whole to shards behind it; returns (writes, shards synced)."""
+        lim = self.limiter
+        n = lim.shards
+        shrink: list[list[str]] = [[] for _ in range(n)]
+        grow: list[list[str]] = [[] for _ in range(n)]
+        for scope, shares in new.items():
+            if shares is old[scope]:
+                continue
+            for field in (scope, f"conc:{scope}"):
+                value = config.get(field)
+                if value is None:
+                    continue
+                parts = slices(field, value, shares)
+                flag = "" if field.startswith("conc:") else "1"
+                for i in range(n):
+                    target = shrink if shares[i] <= old[scope][i] else grow
+                    target[i] += [field, parts[i], flag]
+        writes = synced = 0
+        for batch in (shrink, grow):
+            for i in range(n):
+                if versions[i] < version:
+                    continue  # copied whole below
+                if batch[i]:
+                    lim.write_shard(i, version, str(epoch), "", batch[i])
+                    writes += 1
+        for i in range(n):
+            if versions[i] < version:
+                lim.write_shard(i, version, str(epoch), "sync", lim.shard_fields(config, new, i))
+                writes += 1
+                synced += 1
+        return writes, synced
+
+
+def _delta(now: float, before: float) -> float:
+    """A counter's growth; one that went down was reset (its hash lost): all it holds is
+    new."""
+    return now - before if now >= before else now
+
+
+def _capacity(value: str | None, elapsed: float) -> float | None:
+    """Tokens a limit (config value) refills in ``elapsed`` seconds, or None."""
+    if not value:
+        return None
+    try:
+        rate, per = (float(p) for p in value.split(" ")[:2])
+    except ValueError:
+        return None
+    return rate / per * elapsed if per > 0 else None
