@@ -1,0 +1,320 @@
+"""A namespace spread over shards (``Limiter(client, shards=N)``) on one Redis server: key
+names, routing, configuration on every shard, slices and their rebalancing, lua/shards.lua.
+The cluster tests (tests/test_cluster.py) check the spread over primaries and the bound."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from queue_ratelimit import ConfigError, CostExceedsBurst, KeySpace, Limit, Limiter
+from queue_ratelimit._leases import FLOOR, allocate, slices
+from queue_ratelimit._shards import ShardedLimiter
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def sharded(redis_client: redis.Redis, namespace: str) -> Iterator[ShardedLimiter]:
+    lim = Limiter(redis_client, namespace=namespace, shards=3, rebalance_interval=3600)
+    assert isinstance(lim, ShardedLimiter)
+    yield lim
+    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def tenants_on(lim: ShardedLimiter, shard: int, count: int = 1) -> list[str]:
+    found = [t for t in (f"tenant{i}" for i in range(10_000)) if lim.shard_of(t) == shard]
+    return found[:count]
+
+
+# -- shards=1 is the layout as it was ----------------------------------------------------------
+def test_one_shard_keeps_every_key_name_and_the_plain_limiter(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    lim = Limiter(redis_client, namespace=namespace, shards=1)
+    assert type(lim) is Limiter
+    assert type(Limiter(redis_client, namespace=namespace)) is Limiter
+    k = lim.keys
+    assert (k.base, k.config, k.shared, k.tenant("acme")) == (
+        f"qrl:{{{namespace}}}",
+        f"qrl:{{{namespace}}}:config",
+        f"qrl:{{{namespace}}}:shared",
+        f"qrl:{{{namespace}}}:t:acme",
+    )
+    assert KeySpace(namespace="ns", shards=1) == KeySpace(namespace="ns")
+    call = lim._core.decision_call("acquire", "acme", "q", None, 1)
+    assert list(call.keys) == [
+        f"qrl:{{{namespace}}}:config".encode(),
+        f"qrl:{{{namespace}}}:t:acme".encode(),
+        f"qrl:{{{namespace}}}:shared".encode(),
+    ]
+    # The same method: one packed FCALL per decision, nothing added on its path.
+    assert type(lim)._decide is Limiter._decide
+    lim.set_limit("tenant:*", "10/s")
+    lim.acquire("acme")  # (loads the library)
+    redis_client.config_resetstat()
+    lim.acquire("acme")
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_fcall"]["calls"] == 1
+    # (What the script calls is counted too; nothing a rebalancer would send is there.)
+    assert not {"cmdstat_set", "cmdstat_hgetall", "cmdstat_hincrbyfloat"} & set(stats)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 2.0, "3", True])
+def test_a_bad_shard_count_is_refused(redis_client: redis.Redis, bad: object) -> None:
+    with pytest.raises(ConfigError, match="shards"):
+        Limiter(redis_client, shards=bad)  # type: ignore[arg-type]
+
+
+# -- the key layout of shards ------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 3, 7, 64])
+def test_shard_tags_spread_over_the_slot_space(n: int) -> None:
+    home = KeySpace(namespace="ns", shards=n)
+    for i in range(n):
+        keys = home.for_shard(i)
+        slot = key_slot(keys.config.encode())
+        assert i * REDIS_CLUSTER_HASH_SLOTS // n <= slot < (i + 1) * REDIS_CLUSTER_HASH_SLOTS // n
+        assert keys.base.startswith(f"qrl:{{ns:{i}")
+        # Every kind reads back through the shard's own layout, never the home's.
+        assert keys.parse(keys.tenant("acme")) == ("tenant", ("acme",))
+        assert home.parse(keys.tenant("acme")) is None
+    assert home.base == "qrl:{ns}"
+
+
+def test_a_tenant_has_one_shard_every_process_agrees_on() -> None:
+    home = KeySpace(namespace="ns", shards=5)
+    assert home.shard_of("acme") == zlib.crc32(b"acme") % 5
+    assert KeySpace(namespace="ns").shard_of("acme") == 0
+
+
+def test_decisions_use_the_tenants_shard_only(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    sharded.set_limit("tenant:*", Limit(1, per=HOUR, burst=2))
+    for shard in range(3):
+        (tenant,) = tenants_on(sharded, shard)
+        assert sharded.acquire(tenant).allowed
+        assert redis_client.exists(sharded.shard_keys[shard].tenant(tenant))
+        for other in set(range(3)) - {shard}:
+            assert not redis_client.exists(sharded.shard_keys[other].tenant(tenant))
+        assert not redis_client.exists(sharded.keys.tenant(tenant))
+        assert sharded.acquire(tenant).allowed
+        assert sharded.acquire(tenant).denied_by == f"tenant:{tenant}"
+
+
+# -- configuration reaches every shard ----------------------------------------------------------
+def test_configuration_is_written_to_every_shard_and_read_at_home(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    assert sharded.set_limit("global", Limit(30, per=1, burst=60)) == 1
+    assert sharded.set_limit("tenant:*", "5/s") == 2
+    assert sharded.set_concurrency("queue:q", 10) == 3
+    assert sharded.set_exempt("vip", "all") == 4
+    assert sharded.set_shadow(True) == 5
+    for keys in sharded.shard_keys:
+        config = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.config).items()}
+        assert config["_version"] == "5"
+        assert config["global"] == "10.0 1.0 20.0 -"  # a third of the rate and of the burst
+        assert config["tenant:*"] == redis_client.hget(sharded.keys.config, "tenant:*").decode()
+        assert config["exempt:vip"] == "all"
+        assert config["mode:shadow"] == "1"
+    caps = [int(redis_client.hget(k.config, "conc:queue:q")) for k in sharded.shard_keys]
+    assert sum(caps) == 10
+    assert min(caps) >= 3
+    # Reads give the limit as set, from the home slot.
+    assert sharded.get_limit("global").limit == Limit(30, per=1, burst=60)
+    assert sharded.concurrency() == {"queue:q": 10}
+    assert sharded.config_version() == 5
+    assert [e.field for e in sharded.audit_log(count=2)] == ["mode:shadow", "exempt:vip"]
+    assert sharded.delete_limit("global") == 6
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "global") is None
+
+
+def test_an_older_write_of_a_field_changes_nothing_on_a_shard(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """Two processes setting one field may reach a shard in either order: the newer
+    version stays (lua/shards.lua's per-field register)."""
+    sharded.set_limit("tenant:*", "5/s")
+    sharded.set_limit("tenant:*", "7/s")
+    config = sharded.shard_keys[0].config
+    assert sharded.write_shard(0, 1, "", "", ["tenant:*", "5.0 1.0 5.0 -", ""]) == 0
+    assert redis_client.hget(config, "tenant:*") == b"7.0 1.0 7.0 -"
+    assert sharded.write_shard(0, 2, "", "", ["tenant:*", "", ""]) == 1  # (same version: a retry)
+    assert redis_client.hget(config, "tenant:*") is None
+
+
+def test_a_rebalancer_with_an_older_epoch_is_fenced_off(sharded: ShardedLimiter) -> None:
+    sharded.set_limit("global", "30/s")
+    assert sharded.write_shard(0, 1, "5", "", ["global", "20.0 1.0 20.0 -", "1"]) == 1
+    assert sharded.write_shard(0, 1, "4", "", ["global", "5.0 1.0 5.0 -", "1"]) == -1
+
+
+def test_a_shard_behind_the_configuration_is_copied_whole(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """A change that reached the home slot but not a shard (the process died between) is
+    repaired by the next rebalance."""
+    sharded.set_limit("tenant:*", "5/s")
+    shard = sharded.shard_keys[1].config
+    redis_client.hset(shard, mapping={"_version": 0, "stray": "x"})
+    redis_client.hdel(shard, "tenant:*", "_v:tenant:*")
+    report = sharded.rebalance()
+    assert report.synced == 1
+    assert redis_client.hget(shard, "tenant:*") == b"5.0 1.0 5.0 -"
+    assert redis_client.hget(shard, "stray") is None
+    assert redis_client.hget(shard, "_version") == b"1"
+
+
+# -- settling a bucket when its slice moves ------------------------------------------------------
+def test_a_growing_slice_refills_nothing_retroactively(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """Emptied under a slow slice, a bucket whose slice grows refills from the change on,
+    not from its last write: the settle in lua/shards.lua."""
+    sharded.set_limit("global", Limit(3, per=HOUR, burst=3))  # 1 per hour per shard, burst 1
+    (tenant,) = tenants_on(sharded, 0)
+    assert sharded.acquire(tenant).allowed
+    assert not sharded.acquire(tenant).allowed
+    shared = sharded.shard_keys[0].shared
+    # Its last write an hour ago: at the old rate it holds one token now (its burst).
+    seconds, micros = redis_client.time()
+    redis_client.hset(shared, "b:global:u", (seconds - 3600) * 1_000_000 + micros)
+    sharded.write_shard(0, 1, "1", "", ["global", f"{3000 / HOUR!r} 1.0 100.0 -", "1"])
+    tokens = float(redis_client.hget(shared, "b:global"))
+    assert tokens == pytest.approx(1.0, abs=0.01)  # not 100: the hour refilled at the old rate
+    assert sharded.acquire(tenant).allowed
+    assert not sharded.acquire(tenant).allowed
+
+
+# -- costs above a slice ------------------------------------------------------------------------
+def test_a_cost_above_the_slice_but_within_the_burst_is_denied_not_refused(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    sharded.set_limit("global", Limit(30, per=1, burst=30))
+    (tenant,) = tenants_on(sharded, 2)
+    decision = sharded.acquire(tenant, cost=20)
+    assert not decision.allowed
+    assert decision.denied_by == "global"
+    assert redis_client.hget(sharded.shard_keys[2].shared, "d:global") == b"1"
+    with pytest.raises(CostExceedsBurst) as info:
+        sharded.acquire(tenant, cost=31)
+    assert info.value.burst == 30
+
+
+# -- concurrency slots --------------------------------------------------------------------------
+def test_slots_are_released_on_the_shard_that_holds_them(sharded: ShardedLimiter) -> None:
+    sharded.set_concurrency("tenant:*", 1)
+    sharded.set_concurrency("global", 30)
+    for shard in range(3):
+        (tenant,) = tenants_on(sharded, shard)
+        held = sharded.acquire(tenant)
+        assert held.slot is not None
+        assert held.slot.token.startswith(f"{shard}.")
+        assert sharded.running(f"tenant:{tenant}") == 1
+        assert not sharded.acquire(tenant).allowed
+        assert sharded.extend_slot(held, 30)
+        assert sharded.release(str(held.slot))
+        assert not sharded.release(held)
+        assert sharded.acquire(tenant).allowed
+    assert sharded.running("global") == 3
+
+
+# -- the allocation -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("current", "admitted", "denied", "capacity", "expected"),
+    [
+        # All demand on shard 0: the others keep their floor.
+        ([1 / 3] * 3, [100, 0, 0], [500, 0, 0], 100, [1 - 2 * FLOOR / 3, FLOOR / 3, FLOOR / 3]),
+        # Uniform saturation: equal.
+        ([1 / 3] * 3, [33, 33, 33], [90, 90, 90], 100, [1 / 3] * 3),
+        # No traffic at all: nothing moves.
+        ([0.5, 0.3, 0.2], [0, 0, 0], [0, 0, 0], 100, [0.5, 0.3, 0.2]),
+        # Shard 1 satisfied with 20 of 100: keeps 20 + headroom, the hungry one the rest.
+        (
+            [0.5, 0.5],
+            [
+                50,
+                20,
+            ],
+            [10, 0],
+            100,
+            [1 - 0.23, 0.23],
+        ),
+    ],
+)
+def test_allocate(
+    current: list[float],
+    admitted: list[float],
+    denied: list[float],
+    capacity: float,
+    expected: list[float],
+) -> None:
+    assert allocate(current, admitted, denied, capacity) == pytest.approx(expected, abs=1e-6)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.integers(1, 16).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.floats(0.01, 1), min_size=n, max_size=n),
+            st.lists(st.floats(0, 1e4), min_size=n, max_size=n),
+            st.lists(st.floats(0, 1e4), min_size=n, max_size=n),
+            st.one_of(st.none(), st.floats(0.1, 1e5)),
+        )
+    )
+)
+def test_shares_always_sum_to_one_and_keep_a_floor(
+    drawn: tuple[list[float], list[float], list[float], float | None],
+) -> None:
+    current, admitted, denied, capacity = drawn
+    total = sum(current)
+    current = [c / total for c in current]
+    shares = allocate(current, admitted, denied, capacity)
+    assert sum(shares) == pytest.approx(1.0)
+    assert min(shares) >= FLOOR / len(shares) / 2
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.lists(st.floats(0.001, 1), min_size=1, max_size=16),
+    st.integers(1, 10_000),
+    st.floats(0.001, 1e6),
+    st.floats(0.001, 1e6),
+)
+def test_slices_sum_to_the_whole(raw: list[float], cap: int, rate: float, burst: float) -> None:
+    shares = [s / sum(raw) for s in raw]
+    n = len(shares)
+    caps = [int(c) for c in slices("conc:global", str(cap), shares)]
+    assert min(caps) >= 1
+    assert sum(caps) == max(cap, n)
+    limits = [v.split(" ") for v in slices("queue:q", f"{rate!r} 1.0 {burst!r} -", shares)]
+    assert sum(float(p[0]) for p in limits) == pytest.approx(rate)
+    assert sum(float(p[2]) for p in limits) <= burst + n * min(burst, 1.0) + 1e-6
+    assert slices("tenant:*", "5.0 1.0 5.0 -", shares) == ["5.0 1.0 5.0 -"] * n
+
+
+def test_a_rebalance_moves_the_slice_to_the_denied_shard(sharded: ShardedLimiter) -> None:
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    sharded.rebalance()  # (the first round only notes the counters)
+    (tenant,) = tenants_on(sharded, 1)
+    while sharded.acquire(tenant).allowed:
+        pass
+    sharded.acquire(tenant)
+    report = sharded.rebalance()
+    shares = report.shares["global"]
+    assert shares[1] == pytest.approx(1 - 2 * FLOOR / 3, abs=1e-3)
+    assert sharded.shares()["global"] == pytest.approx(list(shares), abs=1e-5)
+    assert report.writes == 3
+    # The denied shard now holds nearly the whole burst; what it had spent stays spent.
+    assert not sharded.acquire(tenant).allowed
+    assert sharded.rebalance().writes == 0  # nothing moved: nothing written
