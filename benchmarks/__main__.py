@@ -34,6 +34,7 @@ ORDER = (
     "rq",
     "rq_throughput",
     "worker_fairness",
+    "shards",
 )
 
 # Run only when named (``make soak``): minutes long, and not a benchmark of speed.

@@ -40,9 +40,11 @@ log = logging.getLogger("queue_ratelimit")
 FLOOR = 0.02
 # A shard that was never denied keeps what it used and this much more (of what it used).
 HEADROOM = 0.10
-# Shares that moved less than this (for every shard) are not written: each write makes the
-# shard's decisions plan again once (a config revision), which costs more than the slice.
-MIN_MOVE = 0.01
+# Shares that moved less than this, in absolute terms or relative to the share (for every
+# shard), are not written: each write makes the shard's decisions plan again once (a
+# config revision, about 27 us per active tenant: docs/benchmarks.md), and under uniform
+# saturation the traffic each shard sees wobbles by a few percent from round to round.
+MIN_MOVE, MIN_RELATIVE_MOVE = 0.01, 0.10
 
 
 def shared_scope(field: str) -> str | None:
@@ -73,23 +75,20 @@ def allocate(
         capacity: what the whole scope could admit in the interval (rate x seconds), or
             None for a scope with a concurrency cap only (its admissions stand in for it).
 
-    Shards never denied are "satisfied": they keep what they used plus HEADROOM (never
-    more than they hold now), at least their floor. The denied ones split the rest in
-    proportion to their traffic (admissions and denials), at least their floor. With no
-    denial anywhere, every shard gets what it used plus HEADROOM and the spare is spread in
-    proportion; with no traffic at all, nothing moves.
+    When no shard was denied by the scope, nothing moves: every shard had what it asked
+    for. Otherwise the shards never denied are "satisfied": they keep what they used plus
+    HEADROOM (never more than they hold now), at least their floor; the denied ones split
+    the rest in proportion to their traffic (admissions and denials), at least their floor.
     """
     n = len(current)
     floor = FLOOR / n
-    total_admitted = sum(admitted)
     if capacity is None or capacity <= 0:
-        capacity = max(total_admitted, 1.0)
+        capacity = max(sum(admitted), 1.0)
     hungry = [d > 0 for d in denied]
     if not any(hungry):
-        if total_admitted <= 0:
-            return list(current)
-        wants = [max(floor, a / capacity * (1 + HEADROOM)) for a in admitted]
-        return _normalized(wants, floor)
+        # Every shard had what it asked for: moving slices would only make every shard's
+        # decisions plan again.
+        return list(current)
     shares = [0.0] * n
     for i in range(n):
         if not hungry[i]:
@@ -110,7 +109,9 @@ def _normalized(wants: Sequence[float], floor: float) -> list[float]:
 
 
 def moved(old: Sequence[float], new: Sequence[float]) -> bool:
-    return any(abs(a - b) >= MIN_MOVE for a, b in zip(old, new, strict=True))
+    return any(
+        abs(a - b) >= max(MIN_MOVE, MIN_RELATIVE_MOVE * a) for a, b in zip(old, new, strict=True)
+    )
 
 
 def _limit_slices(value: str, shares: Sequence[float]) -> list[str]:

@@ -214,6 +214,9 @@ class FairScheduler:
         max_skips: int = 32,
         transit_grace: float = TRANSIT_GRACE,
     ) -> None:
+        if limiter.shards != 1:
+            # (Its keys would be the home slot's, and its buckets not the decisions'.)
+            raise ConfigError("FairScheduler does not run on a sharded namespace yet (shards=1)")
         self.limiter = limiter
         self.client = limiter.client
         self._core = limiter._core

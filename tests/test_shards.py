@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from queue_ratelimit import ConfigError, CostExceedsBurst, KeySpace, Limit, Limiter
+from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpace, Limit, Limiter
 from queue_ratelimit._leases import FLOOR, allocate, slices
 from queue_ratelimit._shards import ShardedLimiter
 
@@ -237,8 +237,9 @@ def test_slots_are_released_on_the_shard_that_holds_them(sharded: ShardedLimiter
         ([1 / 3] * 3, [100, 0, 0], [500, 0, 0], 100, [1 - 2 * FLOOR / 3, FLOOR / 3, FLOOR / 3]),
         # Uniform saturation: equal.
         ([1 / 3] * 3, [33, 33, 33], [90, 90, 90], 100, [1 / 3] * 3),
-        # No traffic at all: nothing moves.
+        # No traffic at all, or no denial: nothing moves.
         ([0.5, 0.3, 0.2], [0, 0, 0], [0, 0, 0], 100, [0.5, 0.3, 0.2]),
+        ([0.5, 0.3, 0.2], [10, 30, 20], [0, 0, 0], 100, [0.5, 0.3, 0.2]),
         # Shard 1 satisfied with 20 of 100: keeps 20 + headroom, the hungry one the rest.
         (
             [0.5, 0.5],
@@ -281,7 +282,10 @@ def test_shares_always_sum_to_one_and_keep_a_floor(
     current = [c / total for c in current]
     shares = allocate(current, admitted, denied, capacity)
     assert sum(shares) == pytest.approx(1.0)
-    assert min(shares) >= FLOOR / len(shares) / 2
+    if any(denied):
+        assert min(shares) >= FLOOR / len(shares) / 2
+    else:
+        assert shares == current
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -318,3 +322,9 @@ def test_a_rebalance_moves_the_slice_to_the_denied_shard(sharded: ShardedLimiter
     # The denied shard now holds nearly the whole burst; what it had spent stays spent.
     assert not sharded.acquire(tenant).allowed
     assert sharded.rebalance().writes == 0  # nothing moved: nothing written
+
+
+def test_the_fair_scheduler_refuses_a_sharded_namespace(sharded: ShardedLimiter) -> None:
+    """Its keys would be the home slot's and its buckets not the decisions' (open)."""
+    with pytest.raises(ConfigError, match="sharded"):
+        FairScheduler(sharded)
