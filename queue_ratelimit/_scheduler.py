@@ -206,6 +206,14 @@ class FairScheduler:
             the way (a purged broker queue) stops counting then.
     """
 
+    def __new__(cls, limiter: Limiter, *args: Any, **options: Any) -> FairScheduler:
+        if limiter.shards != 1 and cls is FairScheduler:
+            # Lanes per shard (docs/design.md, "Shards").
+            from ._sharded_scheduler import ShardedScheduler
+
+            return super().__new__(ShardedScheduler)
+        return super().__new__(cls)
+
     def __init__(
         self,
         limiter: Limiter,
@@ -214,9 +222,6 @@ class FairScheduler:
         max_skips: int = 32,
         transit_grace: float = TRANSIT_GRACE,
     ) -> None:
-        if limiter.shards != 1:
-            # (Its keys would be the home slot's, and its buckets not the decisions'.)
-            raise ConfigError("FairScheduler does not run on a sharded namespace yet (shards=1)")
         self.limiter = limiter
         self.client = limiter.client
         self._core = limiter._core
@@ -815,6 +820,10 @@ class FairScheduler:
     def counts_key(self, queue: str) -> str:
         """The hash of a queue's backlog sizes: field ``:total``, and one per tenant."""
         return self.keys.counts(queue)
+
+    def counts_keys(self, queue: str) -> list[str]:
+        """Every hash of a queue's backlog sizes (one per shard of a sharded namespace)."""
+        return [self.counts_key(queue)]
 
     def in_flight(self) -> int:
         """Items dispatched and not yet acked or handed back."""

@@ -15,6 +15,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpace, Limit, Limiter
 from queue_ratelimit._leases import FLOOR, allocate, slices
+from queue_ratelimit._sharded_scheduler import ShardedScheduler
 from queue_ratelimit._shards import ShardedLimiter
 
 HOUR = 3600.0
@@ -324,7 +325,59 @@ def test_a_rebalance_moves_the_slice_to_the_denied_shard(sharded: ShardedLimiter
     assert sharded.rebalance().writes == 0  # nothing moved: nothing written
 
 
-def test_the_fair_scheduler_refuses_a_sharded_namespace(sharded: ShardedLimiter) -> None:
-    """Its keys would be the home slot's and its buckets not the decisions' (open)."""
-    with pytest.raises(ConfigError, match="sharded"):
-        FairScheduler(sharded)
+# -- the fair scheduler: lanes per shard ------------------------------------------------------
+def test_the_scheduler_keeps_each_tenants_work_on_its_shard_and_runs_it_once(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    scheduler = FairScheduler(sharded, lease=30)
+    assert isinstance(scheduler, ShardedScheduler)
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s, 2)]
+    items = {f"{t}-{i}": t for t in tenants for i in range(5)}
+    for item_id, tenant in items.items():
+        assert scheduler.submit(tenant, item_id, queue="q", payload=item_id.encode())
+    assert not scheduler.submit(tenants[0], f"{tenants[0]}-0", queue="q")  # a duplicate
+    for tenant in tenants:
+        shard = sharded.shard_keys[sharded.shard_of(tenant)]
+        assert redis_client.llen(shard.backlog("q", tenant, "normal")) == 5
+    assert scheduler.backlog("q") == 30
+    assert scheduler.backlog("q", tenants[0]) == 5
+    seen: list[str] = []
+    shards_served = set()
+    while True:
+        batch = scheduler.dispatch(["q"], max_items=4)
+        if not batch.items:
+            assert batch.wait_ms is None
+            break
+        shards_served.add({sharded.shard_of(i.tenant) for i in batch.items}.pop())
+        assert scheduler.in_flight() == len(batch.items)
+        for item in batch.items:
+            assert item.payload == item.id.encode()
+            seen.append(item.id)
+            assert scheduler.ack(item)
+    assert sorted(seen) == sorted(items)
+    assert shards_served == {0, 1, 2}
+    assert scheduler.backlog("q") == 0
+
+
+def test_the_scheduler_under_a_sharded_cap_and_slots(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    scheduler = FairScheduler(sharded, lease=30)
+    sharded.set_limit("global", Limit(6, per=HOUR, burst=6))  # 2 per shard
+    sharded.set_concurrency("tenant:*", 1)
+    (tenant,) = tenants_on(sharded, 1)
+    verdict = scheduler.gate(tenant, "g1", queue="q")
+    assert verdict.action == "run"
+    assert verdict.slot is not None and verdict.slot.token.startswith("1.")
+    assert scheduler.gate(tenant, "g2", queue="q").action == "park"
+    assert sharded.release(verdict.slot)
+    for i in range(3):
+        scheduler.submit(tenant, f"s{i}", queue="q")
+    batch = scheduler.dispatch(["q"], max_items=5)
+    assert [i.id for i in batch.items] == ["s0"]  # its cap: one at a time
+    assert batch.items[0].slot is not None and batch.items[0].slot.token.startswith("1.")
+    assert scheduler.ack(batch.items[0].id)  # a bare id: found on its shard
+    batch = scheduler.dispatch(["q"], max_items=5)
+    assert batch.items == ()  # the shard's slice of the global cap (2) is spent
+    assert batch.wait_ms is not None and batch.wait_ms > 0
+    assert scheduler.nack("s1") is False
