@@ -368,16 +368,19 @@ def test_the_scheduler_under_a_sharded_cap_and_slots(
     (tenant,) = tenants_on(sharded, 1)
     verdict = scheduler.gate(tenant, "g1", queue="q")
     assert verdict.action == "run"
-    assert verdict.slot is not None and verdict.slot.token.startswith("1.")
+    assert verdict.slot is not None
+    assert verdict.slot.token.startswith("1.")
     assert scheduler.gate(tenant, "g2", queue="q").action == "park"
     assert sharded.release(verdict.slot)
     for i in range(3):
         scheduler.submit(tenant, f"s{i}", queue="q")
     batch = scheduler.dispatch(["q"], max_items=5)
     assert [i.id for i in batch.items] == ["s0"]  # its cap: one at a time
-    assert batch.items[0].slot is not None and batch.items[0].slot.token.startswith("1.")
+    assert batch.items[0].slot is not None
+    assert batch.items[0].slot.token.startswith("1.")
     assert scheduler.ack(batch.items[0].id)  # a bare id: found on its shard
     batch = scheduler.dispatch(["q"], max_items=5)
     assert batch.items == ()  # the shard's slice of the global cap (2) is spent
-    assert batch.wait_ms is not None and batch.wait_ms > 0
+    assert batch.wait_ms is not None
+    assert batch.wait_ms > 0
     assert scheduler.nack("s1") is False
