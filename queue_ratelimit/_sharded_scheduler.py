@@ -13,6 +13,7 @@ lease rebalancer (``_leases``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,6 +104,13 @@ class ShardedScheduler(FairScheduler):
         ]
         self._turn = 0
 
+    def _tick(self) -> None:
+        """Rebalance the shared scopes' slices when due (workers that only gate and
+        dispatch make no ``Limiter`` decision that would)."""
+        rebalancer = self.sharded.rebalancer
+        if time.monotonic() >= rebalancer.due:
+            rebalancer.tick()
+
     def part(self, tenant: str) -> tuple[int, FairScheduler]:
         shard = self.sharded.shard_of(tenant)
         return shard, self.parts[shard]
@@ -146,6 +154,7 @@ class ShardedScheduler(FairScheduler):
     def gate(self, tenant: str, item_id: str, **options: Any) -> GateVerdict:
         shard, part = self.part(tenant)
         verdict = part.gate(tenant, item_id, **options)
+        self._tick()
         if verdict.slot is None:
             return verdict
         return GateVerdict(
@@ -174,6 +183,7 @@ class ShardedScheduler(FairScheduler):
         """``FairScheduler.dispatch`` over the shards in turn: the items of the first shard
         (from one further on than the last call) that has any admissible now. With
         ``receipt``, the one call that hands anything over writes it, as unsharded."""
+        self._tick()
         n = len(self.parts)
         start, self._turn = self._turn, (self._turn + 1) % n
         waits: list[float] = []

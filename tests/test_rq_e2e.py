@@ -876,3 +876,29 @@ def test_a_gate_whose_reply_is_lost_gates_the_job_again(env: RQEnv) -> None:
     assert found[0].id == job.id
     assert env.intermediate() == [job.id]  # RQ takes it off when the worker starts it
     client.close()
+
+
+# -- a sharded namespace (docs/design.md, "Shards") ------------------------------------------
+def test_a_sharded_namespace_runs_every_job_once_under_its_caps(
+    env: RQEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers and producers with QUEUE_RATELIMIT_SHARDS=3: each tenant's work on its
+    shard, the global cap sliced between the shards (its bound: R*T + B + N)."""
+    monkeypatch.setenv("QUEUE_RATELIMIT_SHARDS", "3")
+    sharded = Limiter(env.conn, namespace=env.namespace, shards=3, rebalance_interval=0.25)
+    sharded.set_limit("global", Limit(40, burst=4))
+    sharded.set_limit("tenant:*", Limit(15, burst=3))
+    tenants = [f"t{i}" for i in range(9)]
+    assert {sharded.shard_of(t) for t in tenants} == {0, 1, 2}
+    jobs = [j for t in tenants for j in env.enqueue(t, 10)]
+    env.start_workers(3)
+    jobs += [j for t in tenants for j in env.enqueue(t, 8)]
+
+    runs = env.wait_runs(len(jobs), timeout=60)
+    assert_exactly_once(runs, [j.id for j in jobs])
+    assert_cap([r.at for r in runs], 40, 4 + 3, "global (sharded)")
+    for tenant in tenants:
+        assert_cap([r.at for r in runs if r.tenant == tenant], 15, 3, f"tenant {tenant}")
+        shard = sharded.shard_keys[sharded.shard_of(tenant)]
+        assert int(env.conn.hget(shard.tenant(tenant), "n:a") or 0) >= 1
+    env.wait(lambda: env.queue().count == 0, timeout=5, what="nothing left waiting")

@@ -206,14 +206,18 @@ class FairDequeue:
         """
         _LAST_ADOPT[self.adopt_key] = time.monotonic()
         pipe = self.connection.pipeline(transaction=False)
-        for queue in self.queues:
+        # (One backlog-size hash per shard of a sharded namespace: their sum.)
+        counts = [self.scheduler.counts_keys(queue.name) for queue in self.queues]
+        for queue, keys in zip(self.queues, counts, strict=True):
             pipe.lrange(queue.key, 0, ADOPT_BATCH - 1)
             pipe.llen(queue.key)
-            pipe.hget(self.scheduler.counts_key(queue.name), ":total")
-        replies = pipe.execute()
+            for key in keys:
+                pipe.hget(key, ":total")
+        replies = iter(pipe.execute())
         moved = False
-        for n, queue in enumerate(self.queues):
-            ids, length, backlog = replies[3 * n], replies[3 * n + 1], int(replies[3 * n + 2] or 0)
+        for queue, keys in zip(self.queues, counts, strict=True):
+            ids, length = next(replies), next(replies)
+            backlog = sum(int(next(replies) or 0) for _ in keys)
             if not ids or (length == 1 and backlog == 0):
                 continue  # a lone job on an idle queue: the gate takes it (the cheap path)
             jobs = self._rate_options_of([_text(i) for i in ids])

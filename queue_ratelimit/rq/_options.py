@@ -33,6 +33,8 @@ ENV_LOG_INTERVAL = "QUEUE_RATELIMIT_LOG_INTERVAL"
 ENV_TRANSIT_GRACE = "QUEUE_RATELIMIT_TRANSIT_GRACE"
 # Seconds an idle tenant's counters are kept (``Limiter``'s ``counter_retention``).
 ENV_RETENTION = "QUEUE_RATELIMIT_COUNTER_RETENTION"
+# The shards the namespace is spread over (``Limiter``'s ``shards``; docs/design.md).
+ENV_SHARDS = "QUEUE_RATELIMIT_SHARDS"
 
 log = logging.getLogger("queue_ratelimit.rq")
 _schedulers: dict[tuple[int, str], FairScheduler] = {}
@@ -40,18 +42,34 @@ _keepers: dict[int, SlotKeeper] = {}
 _schedulers_lock = threading.Lock()
 
 
+def shards() -> int:
+    """The shards the namespace is spread over (``QUEUE_RATELIMIT_SHARDS``, default 1):
+    every worker and producer of a namespace must use the same number."""
+    raw = os.environ.get(ENV_SHARDS, "").strip()
+    if not raw:
+        return 1
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{ENV_SHARDS} must be a whole number from 1 to 1024, got {_shown(raw)}"
+        ) from None
+
+
 def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     """One scheduler per Redis connection and namespace in this process."""
+    count = shards()
     key = (id(connection), namespace)
     with _schedulers_lock:
         found = _schedulers.get(key)
-        if found is None or found.client is not connection:
+        if found is None or found.client is not connection or found.limiter.shards != count:
             retention = _seconds(ENV_RETENTION, DEFAULT_RETENTION_MS / 1000)
             limiter = Limiter(
                 connection,
                 namespace=namespace,
                 eviction=eviction(),
                 counter_retention=retention,  # (the Limiter checks its bounds)
+                shards=count,  # (checked by the Limiter)
             )
             found = FairScheduler(limiter, lease=lease(), transit_grace=transit_grace())
             _schedulers[key] = found

@@ -161,14 +161,14 @@ class Queue(rq.Queue):
     @property
     def count(self) -> int:
         """Jobs waiting in this queue: on RQ's list and in the fair backlog."""
-        counts = self._lane_key("counts")
-        if counts is None:
+        if self._lane_key("counts") is None:
             return int(super().count)
         pipe = self.connection.pipeline(transaction=False)
         pipe.llen(self.key)
-        pipe.hget(counts, ":total")
-        listed, parked = pipe.execute()
-        return int(listed) + int(parked or 0)
+        for counts in self.rate_scheduler.counts_keys(self.name):  # (one per shard)
+            pipe.hget(counts, ":total")
+        listed, *parked = pipe.execute()
+        return int(listed) + sum(int(p or 0) for p in parked)
 
     def get_job_ids(self, offset: int = 0, length: int = -1) -> list[str]:
         """A slice of the ids of the jobs waiting in this queue: RQ's list, then the fair
