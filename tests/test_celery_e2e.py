@@ -37,7 +37,7 @@ from celery_harness import (
 from conftest import REDIS_SERVER, RedisProcess, free_port, wait_until
 from e2e_support import assert_cap, max_in_window
 
-from queue_ratelimit import FairScheduler, Limit, RateLimited
+from queue_ratelimit import FairScheduler, Limit, Limiter, RateLimited
 from queue_ratelimit.celery import METRICS_TASK, last_hint
 from queue_ratelimit.metrics import RateLimitCollector, read_snapshot
 
@@ -115,6 +115,33 @@ def test_tenant_and_global_caps_hold_across_workers(e2e: E2E) -> None:
     # The global cap binds (3 x 10/s > 25/s) and is used: 120 jobs take about 115/25 s.
     span = max(r["t"] for r in rows) - min(r["t"] for r in rows)
     assert 115 / 25 * 0.9 <= span <= 115 / 25 * 1.5
+
+
+def test_a_sharded_namespace_runs_every_task_once_under_its_caps(e2e: E2E) -> None:
+    """Workers and producer with ``shards=3``: each tenant decided and parked on its shard,
+    the global cap sliced between the shards (its bound: R*T + B + N; docs/design.md)."""
+    e2e.settings["shards"] = 3
+    sharded = Limiter.from_url(e2e.redis_url, namespace=e2e.namespace, shards=3)
+    sharded.set_limit("tenant:*", Limit(10, burst=5))
+    sharded.set_limit("global", Limit(25, burst=5))
+    tenants_of = ["t0", "t1", "t3", "t4", "t7", "t8"]  # two on each shard
+    assert {sharded.shard_of(t) for t in tenants_of} == {0, 1, 2}
+    e2e.start_workers("w1", "w2")
+    work = e2e.app().tasks["e2e.work"]
+    tenants = {}
+    for _ in range(20):
+        for tenant in tenants_of:
+            tenants[work.apply_async(("cap",), rate_tenant=tenant).id] = tenant
+
+    rows = e2e.wait_runs(len(tenants), timeout=40)
+    assert_exactly_once(rows, set(tenants))
+    assert all(r["tenant"] == tenants[r["id"]] for r in rows)
+    assert_cap([r["t"] for r in rows], 25, 5 + 3, "global (sharded)")
+    for tenant in tenants_of:
+        assert_cap([r["t"] for r in rows if r["tenant"] == tenant], 10, 5, f"tenant {tenant}")
+        shard = sharded.shard_keys[sharded.shard_of(tenant)]
+        assert int(e2e.limiter.client.hget(shard.tenant(tenant), "n:a") or 0) >= 1
+    sharded.close()
 
 
 def test_priority_weights_hold_under_contention(e2e: E2E) -> None:

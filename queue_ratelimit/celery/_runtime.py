@@ -41,6 +41,7 @@ class Runtime:
                         fail_mode="raise",
                         eviction=self.settings.eviction,
                         counter_retention=self.settings.counter_retention,
+                        shards=self.settings.shards,
                     )
         return self._limiter
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from .._core import DEFAULT_RETENTION_MS, MAX_WAIT
 from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
-from .._keys import DEFAULT_NAMESPACE
+from .._keys import DEFAULT_NAMESPACE, check_shards
 from .._scopes import _shown, check_name, check_namespace, check_priority
 from .._urls import check_redis_url, mask_url
 
@@ -76,6 +76,8 @@ class CelerySettings:
         transit_grace: seconds a published job stays counted by later hints beyond twice
             the wait predicted for it, unless a worker's gate sees it sooner (a job lost in
             the broker stops counting then).
+        shards: hash slots the namespace is spread over (``Limiter``'s ``shards``; every
+            worker and producer of a namespace must use the same number).
     """
 
     redis_url: str | None = None
@@ -100,6 +102,7 @@ class CelerySettings:
     eviction: EvictionMode = "warn"
     log_interval: float = 10.0
     transit_grace: float = 300.0
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.redis_url is not None:
@@ -149,6 +152,7 @@ class CelerySettings:
                 f"max_backlog must be a positive integer, got {_shown(self.max_backlog)}"
             )
         check_eviction_mode(self.eviction)
+        check_shards(self.shards)
         interval = self.log_interval
         if not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
             raise ConfigError(
