@@ -16,7 +16,7 @@ from conftest import NO_RETRY, REDIS_SERVER, RedisProcess, free_port, wait_until
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from queue_ratelimit import CostExceedsBurst, Limit, Limiter, LimitNotFound
+from queue_ratelimit import CostExceedsBurst, FairScheduler, Limit, Limiter, LimitNotFound
 
 pytestmark = pytest.mark.cluster
 
@@ -260,5 +260,48 @@ def test_a_sharded_global_cap_holds_its_bound_and_delivers_its_rate(
         shares = lim.shares()["global"]
         if demand == "skewed":
             assert shares[0] > 0.95
+    finally:
+        cleanup_sharded(cluster_client, namespace)
+
+
+def test_a_sharded_fair_scheduler_runs_every_item_once_on_a_cluster(
+    cluster: list[RedisProcess], cluster_client: RedisCluster
+) -> None:
+    """Lanes per shard, each in its shard's slot; three threads dispatch and ack."""
+    namespace = f"c{uuid.uuid4().hex[:10]}"
+    lim = Limiter(cluster_client, namespace=namespace, shards=3)
+    try:
+        lim.set_limit("global", Limit(1000, per=1, burst=1000))
+        lim.set_concurrency("tenant:*", 2)
+        scheduler = FairScheduler(lim, lease=30)
+        tenants = [f"t{i}" for i in range(12)]
+        items = {f"{t}-{i}" for t in tenants for i in range(10)}
+        for item in sorted(items):
+            scheduler.submit(item.split("-")[0], item, queue="q")
+        ran: list[str] = []
+        lock = threading.Lock()
+
+        def work() -> None:
+            client = RedisCluster(host="127.0.0.1", port=cluster[0].port, socket_timeout=5)
+            mine = FairScheduler(Limiter(client, namespace=namespace, shards=3), lease=30)
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < 1.0:
+                batch = mine.dispatch(["q"], max_items=5)
+                if batch.items:
+                    idle_since = time.monotonic()
+                for item in batch.items:
+                    with lock:
+                        ran.append(item.id)
+                    assert mine.ack(item)
+            client.close()
+
+        pool = [threading.Thread(target=work) for _ in range(3)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        assert sorted(ran) == sorted(items)
+        assert scheduler.backlog("q") == 0
+        assert scheduler.in_flight() == 0
     finally:
         cleanup_sharded(cluster_client, namespace)
