@@ -2,7 +2,7 @@
 
 ``python -m benchmarks shards`` starts its own cluster (three ``redis-server
 --cluster-enabled yes`` on free loopback ports, ``redis-cli --cluster create``, stopped by
-pid at the end; the ``--redis-url`` server is not used) and prints one JSON object:
+pid at the end; the ``--redis-url`` server only for ``one_server``) and prints one JSON object:
 
 - ``spread``: a uniform load over ``QRL_SH_TENANTS`` tenants (each decision: its tenant's
   bucket and the global one, never binding) from ``QRL_SH_PROCS`` processes for
@@ -17,6 +17,8 @@ pid at the end; the ``--redis-url`` server is not used) and prints one JSON obje
 - ``rebalance``: what one rebalance that moves the slices costs: client milliseconds and
   server microseconds (all primaries, all commands), and the extra server time of the
   decisions that plan again afterwards (one per active tenant and shard);
+- ``one_server``: the FCALL's server time per decision with 1 and 3 shards on the
+  ``--redis-url`` server (one process serving both: the cost of a decision itself);
 - ``capacity``: from the measured server microseconds per decision, the decisions per
   second one primary's core can serve, and N primaries at the measured imbalance.
 
@@ -338,8 +340,36 @@ def _rebalance(ports: list[int], tenants: list[str]) -> dict[str, Any]:
     return result
 
 
+def _one_server(redis_url: str, tenants: list[str], rounds: int) -> dict[str, Any]:
+    """The FCALL's server time per decision with 1 and 3 shards on one server (the
+    ``--redis-url`` one): the same process serves both, so the comparison is not blurred
+    by three servers waiting for two cores. One client, interleaved rounds of 2 s."""
+    admin = redis.Redis.from_url(redis_url)
+    per: dict[int, list[float]] = {1: [], 3: []}
+    for _ in range(rounds + 1):
+        for shards, values in per.items():
+            namespace = f"b{uuid.uuid4().hex[:8]}"
+            lim = Limiter(admin, namespace=namespace, shards=shards)
+            lim.set_limit("tenant:*", Limit(1e6, per=1, burst=1e6))
+            lim.set_limit("global", Limit(1e9, per=1, burst=1e9))
+            for tenant in tenants:
+                lim.acquire(tenant)
+            admin.config_resetstat()
+            n, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 2.0:
+                for tenant in tenants:
+                    lim.acquire(tenant)
+                n += len(tenants)
+            values.append(int(admin.info("commandstats")["cmdstat_fcall"]["usec"]) / n)
+            for key in admin.scan_iter(match=f"qrl:{{{namespace}*", count=1000):
+                admin.delete(key)
+    out = {f"shards_{k}_server_us": sig(statistics.median(v), 3) for k, v in per.items()}
+    out["ratio_3_to_1"] = sig(out["shards_3_server_us"] / out["shards_1_server_us"], 3)
+    log(f"  one server: {out}")
+    return out
+
+
 def run(redis_url: str) -> dict[str, Any]:
-    del redis_url  # (a cluster of its own)
     seconds = env_float("QRL_BENCH_SECONDS", 4.0)
     procs = env_int("QRL_SH_PROCS", 2)
     rounds = env_int("QRL_BENCH_ROUNDS", DEFAULT_ROUNDS)
@@ -351,6 +381,7 @@ def run(redis_url: str) -> dict[str, Any]:
         accuracy = _accuracy(ports, seconds, procs, tenants)
         rebalance = _rebalance(ports, tenants)
         server_version = redis.Redis(port=ports[0]).info("server")["redis_version"]
+    one_server = _one_server(redis_url, tenants, rounds)
     per_decision = spread["shards_3"]["server_cpu_us_per_decision"]
     one_core = 1e6 / per_decision
     busiest = spread["shards_3"]["busiest_primary_cpu_share"]
@@ -376,5 +407,6 @@ def run(redis_url: str) -> dict[str, Any]:
         "spread": spread,
         "accuracy": accuracy,
         "rebalance": rebalance,
+        "one_server": one_server,
         "capacity": capacity,
     }
