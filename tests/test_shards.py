@@ -384,3 +384,30 @@ def test_the_scheduler_under_a_sharded_cap_and_slots(
     assert batch.wait_ms is not None
     assert batch.wait_ms > 0
     assert scheduler.nack("s1") is False
+
+
+def test_every_key_a_sharded_namespace_writes_is_named_by_its_layouts(
+    sharded: ShardedLimiter, redis_client: redis.Redis, namespace: str
+) -> None:
+    scheduler = FairScheduler(sharded, lease=30)
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    sharded.set_concurrency("tenant:*", 1)
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s)]
+    for tenant in tenants:
+        held = sharded.acquire(tenant, queue="q")
+        sharded.release(held)
+        scheduler.submit(tenant, f"{tenant}-1", queue="q")
+    for _ in range(3):
+        for item in scheduler.dispatch(["q"], max_items=3).items:
+            scheduler.ack(item, remember=60)
+    sharded.acquire(tenants[0])
+    sharded.rebalancer.tick()
+    sharded.rebalance()
+    layouts = [sharded.keys, *sharded.shard_keys]
+    kinds = set()
+    for raw in redis_client.scan_iter(match=f"qrl:{{{namespace}*", count=1000):
+        key = raw.decode()
+        parsed = [p for p in (k.parse(key) for k in layouts) if p is not None]
+        assert len(parsed) == 1, key
+        kinds.add(parsed[0][0])
+    assert {"config", "shared", "tenant", "share", "rebalance", "done", "audit"} <= kinds
