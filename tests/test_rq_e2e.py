@@ -30,6 +30,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from queue_ratelimit import Limit, Limiter, RateLimited
+from queue_ratelimit._counters import flush_counters
 from queue_ratelimit.rq import Queue
 
 pytestmark = pytest.mark.slow
@@ -205,6 +206,7 @@ class RQEnv:
 
     def admitted(self, tenant: str) -> int:
         """Admissions counted by the limiter for a tenant (each gated execution is one)."""
+        flush_counters(self.limiter)
         return int(float(self.conn.hget(self.limiter.keys.tenant(tenant), "n:a") or 0))
 
     def logs(self) -> str:
