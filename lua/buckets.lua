@@ -394,7 +394,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   -- (ctx.ok is added only by judge with shadow buckets; texts by write.)
   local ctx = {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
                tokens = tokens, now = now, now_s = now_s, old_x = (tv[plan.x_at] or 0) + 0,
-               plan = plan, texts = false}
+               plan = plan, texts = false, rev = c.rev}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
   return ctx
 end
@@ -601,16 +601,42 @@ end
 local in_library = false
 local PENDING, pending_namespaces = {}, 0
 local PENDING_MAX, PENDING_US, PENDING_NAMESPACES = 100, 1000000, 64
+-- Counts are kept per namespace *and configuration revision*: the library's memory is one
+-- for the whole server, while key names repeat across its databases (two applications on
+-- db 0 and db 1 with the same namespace), and a call cannot ask which database it runs in.
+-- A revision is a stamp of the moment its database's configuration last changed
+-- (config.lua), so (shared hash, revision) names one database's namespace. A namespace
+-- whose configuration never changed has no revision and writes its counts at once;
+-- config.lua writes the counts of the revision it replaces before it moves it.
+-- An entry no decision has written for STALE_US (its namespace deleted, FLUSHDB) is dropped
+-- when the table is full, its counts with it: the bound above, per such namespace.
+local STALE_US = 60000000
 
--- The pending counts of the namespace of `shared_key` (a table), or false when counts are
--- written at once (EVALSHA, or too many namespaces have counts pending: bounded memory).
--- `now`: Redis time (us), which dates a new table's flush.
-local function pending(shared_key, now)
-  local p = PENDING[shared_key]
-  if p then return p end
-  if not in_library or pending_namespaces >= PENDING_NAMESPACES then return false end
-  p = {due = now + PENDING_US, n = 0, ints = {}, floats = {}, dt = {}, keep = {}}
-  PENDING[shared_key], pending_namespaces = p, pending_namespaces + 1
+local function pending_id(shared_key, rev)
+  return shared_key .. ' ' .. rev
+end
+
+-- Drops pending entries overdue by STALE_US (see above); returns how many are left.
+local function drop_stale(now)
+  for id, p in pairs(PENDING) do
+    if now - p.due > STALE_US then
+      PENDING[id], pending_namespaces = nil, pending_namespaces - 1
+    end
+  end
+  return pending_namespaces
+end
+
+-- The pending counts of `id` (pending_id's) in the namespace of `shared_key` (a table), or
+-- false when counts are written at once (EVALSHA, or too many namespaces have counts
+-- pending: bounded memory). `now`: Redis time (us), which dates a new table's flush.
+local function pending(id, shared_key, now)
+  if not in_library then return false end
+  if pending_namespaces >= PENDING_NAMESPACES and drop_stale(now) >= PENDING_NAMESPACES then
+    return false
+  end
+  local p = {shared = shared_key, due = now + PENDING_US, n = 0, ints = {}, floats = {},
+             dt = {}, keep = {}}
+  PENDING[id], pending_namespaces = p, pending_namespaces + 1
   return p
 end
 
@@ -631,12 +657,15 @@ local function bump(p, key, field, n, float)
   fields[field] = (fields[field] or 0) + n
 end
 
--- Writes the counts pending for the namespace of `shared_key`, if any; returns how many
--- decisions they counted.
-local function flush_counts(shared_key)
-  local p = PENDING[shared_key]
+-- Writes the counts pending for the namespace of `shared_key` at revision `rev` (the
+-- shared hash's `_rev`, read by the caller in the database it runs in), if any; returns
+-- how many decisions they counted.
+local function flush_counts(shared_key, rev)
+  if not rev then return 0 end
+  local id = pending_id(shared_key, rev)
+  local p = PENDING[id]
   if not p then return 0 end
-  PENDING[shared_key], pending_namespaces = nil, pending_namespaces - 1
+  PENDING[id], pending_namespaces = nil, pending_namespaces - 1
   for key, fields in pairs(p.ints) do
     local keep = p.keep[key]
     for field, n in pairs(fields) do
@@ -671,14 +700,17 @@ end
 -- The pending counts a decision adds to (false: write them at once), after writing those
 -- that are due. Counts one decision; `keep_ms` is the tenant hash's retention.
 local function counts_of(ctx, keep_ms)
+  local rev = ctx.rev
+  if not rev then return false end
   local shared_key = ctx.shared_key
-  local p = PENDING[shared_key]
+  local id = pending_id(shared_key, rev)
+  local p = PENDING[id]
   if p and (ctx.now >= p.due or p.n >= PENDING_MAX) then
-    flush_counts(shared_key)
+    flush_counts(shared_key, rev)
     p = nil
   end
   if not p then
-    p = pending(shared_key, ctx.now)
+    p = pending(id, shared_key, ctx.now)
     if not p then return false end
   end
   p.n = p.n + 1

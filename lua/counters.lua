@@ -3,6 +3,6 @@
 -- made before it. Every reader of counters in the package calls it first (_counters.py).
 -- As an EVALSHA script it finds nothing to write: that form writes every count at once.
 --
--- KEYS: shared hash
+-- KEYS: shared hash (its `_rev` names this database's counts: buckets.lua)
 -- Reply: the number of decisions whose counts were written
-return flush_counts(KEYS[1])
+return flush_counts(KEYS[1], redis.call('HGET', KEYS[1], '_rev'))

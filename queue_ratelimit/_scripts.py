@@ -31,7 +31,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
-_USES_LIBRARY = frozenset({"acquire.lua", "counters.lua", "gate.lua", "scheduler.lua", "slots.lua"})
+_USES_LIBRARY = frozenset(
+    {"acquire.lua", "config.lua", "counters.lua", "gate.lua", "scheduler.lua", "slots.lua"}
+)
 SCRIPTS = ("acquire.lua", "config.lua", "counters.lua", "gate.lua", "scheduler.lua", "slots.lua")
 # Run once when the Functions library loads, after buckets.lua: the library keeps the
 # counts of decisions in memory between calls (buckets.lua, "Counters kept in memory");

@@ -183,3 +183,46 @@ def test_a_config_change_binds_the_very_next_decision(
     assert not limiter.acquire("acme").allowed
     admin.delete_limit("tenant:acme")
     assert limiter.acquire("acme").allowed
+
+
+def test_namespaces_of_the_same_name_in_two_databases_keep_their_own_counts(
+    redis_process: Callable[..., RedisProcess],
+) -> None:
+    """The library's memory is the server's, key names repeat across databases: counts of
+    db 0 must never be written into db 1's hashes."""
+    server = redis_process()
+    zero, one = (
+        Limiter(redis.Redis(host="127.0.0.1", port=server.port, db=db), namespace="n")
+        for db in (0, 1)
+    )
+    for limiter in (zero, one):
+        limiter._scripts.load()
+        limiter.set_limit("tenant:*", HIGH)
+    for _ in range(3):
+        assert zero.acquire("acme").allowed
+    for _ in range(5):
+        assert one.acquire("acme").allowed
+    assert (flush_counters(zero), flush_counters(one)) == (3, 5)
+    assert (allowed(zero), allowed(one)) == (3, 5)
+
+
+def test_a_namespace_never_configured_writes_its_counts_at_once(
+    redis_process: Callable[..., RedisProcess],
+) -> None:
+    server = redis_process()
+    limiter = Limiter(redis.Redis.from_url(server.url), namespace="n")
+    limiter._scripts.load()
+    assert limiter.acquire("acme").allowed
+    assert allowed(limiter) == 1, "no revision names this database's namespace: not kept"
+
+
+def test_a_configuration_change_writes_the_counts_of_the_revision_it_ends(
+    redis_process: Callable[..., RedisProcess],
+) -> None:
+    limiter = fresh(redis_process)
+    for _ in range(4):
+        assert limiter.acquire("acme").allowed
+    assert allowed(limiter) == 0
+    limiter.set_limit("tenant:other", TIGHT)
+    assert allowed(limiter) == 4
+    assert flush_counters(limiter) == 0
