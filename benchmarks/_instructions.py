@@ -2,6 +2,7 @@
 the Lua, whose figures machine noise cannot move.
 
     python -m benchmarks._instructions [--calls N] [--denied] [--record] [--caps] [--ops]
+                                       [--no-peers]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
 ``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
@@ -211,6 +212,46 @@ def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
     return both - released / calls, released / calls
 
 
+def _peer_sliding_window(server: Callgrind, calls: int) -> float:
+    """Instructions of ``limits``' ``SlidingWindowCounterRateLimiter.hit`` (the cheapest
+    other library in ``benchmarks/decisions.py``): its script call, captured from one real
+    ``hit`` with the benchmark's limit and tenant, sent ``calls`` times in one pipeline."""
+    from limits import RateLimitItemPerSecond
+    from limits.storage import RedisStorage
+    from limits.strategies import SlidingWindowCounterRateLimiter
+
+    storage = RedisStorage(f"redis://127.0.0.1:{server.port}", key_prefix="qrl-peer")
+    script = storage.lua_acquire_sliding_window
+    captured: list[tuple[Any, Any]] = []
+
+    def capture(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        captured.append((keys, args))
+        return script(keys=keys, args=args, client=client)
+
+    storage.lua_acquire_sliding_window = capture  # type: ignore[assignment]
+    limiter = SlidingWindowCounterRateLimiter(storage)
+    item = RateLimitItemPerSecond(HIGH.rate)
+    for _ in range(50):
+        assert limiter.hit(item, TENANT)
+    keys, args = captured[-1]
+    return _evalsha_count(server, script.sha, keys, args, calls)
+
+
+def _evalsha_count(server: Callgrind, sha: str, keys: Any, args: Any, calls: int) -> float:
+    pipe = server.client.pipeline(transaction=False)
+    for _ in range(calls):
+        pipe.evalsha(sha, len(keys), *keys, *args)
+    replies: list[Any] = []
+    count = server.count(lambda: replies.extend(pipe.execute()))
+    assert all(replies), "every call allowed"
+    return count / calls
+
+
+def _floor(server: Callgrind, calls: int) -> float:
+    sha = server.client.script_load("return 1")
+    return _evalsha_count(server, sha, (), (), calls)
+
+
 def _ops(server: Callgrind) -> dict[str, float]:
     server.client.hset("qrl-ops", mapping={"f": "999999", "g": "1764355012345678", "x": "1"})
 
@@ -230,6 +271,9 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="with traffic recording on")
     parser.add_argument("--caps", action="store_true", help="under a concurrency cap too")
     parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip limits' sliding window counter and the floor"
+    )
     options = parser.parse_args()
     result: dict[str, Any] = {}
     with callgrind() as server:
@@ -245,6 +289,18 @@ def main() -> None:
             result["1bucket_cap"], result["release"] = round(acquired), round(released)
             for name in ("1bucket_cap", "release"):
                 print(f"{name:16s} {result[name]:>9,} instructions per call", file=sys.stderr)
+        if not options.no_peers:
+            result["limits_sliding_window_counter"] = round(
+                _peer_sliding_window(server, options.calls)
+            )
+            result["floor"] = round(_floor(server, options.calls))
+            peer = result["limits_sliding_window_counter"]
+            for name in ("limits_sliding_window_counter", "floor"):
+                print(f"{name:16s} {result[name]:>9,} instructions per call", file=sys.stderr)
+            # The targets (issue #14): 1 bucket <= 1.0 x the peer, 3 buckets <= 1.5 x.
+            for name in [n for n, _, _ in paths] + ["1bucket_cap"] * options.caps:
+                result[f"{name}_vs_peer"] = round(result[name] / peer, 3)
+                print(f"{name + ' / peer':24s} {result[name] / peer:.3f}", file=sys.stderr)
         if options.ops:
             result["ops"] = _ops(server)
             for op, cost in result["ops"].items():

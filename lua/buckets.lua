@@ -45,7 +45,10 @@
 --                                      the same field + " d" -> denials; expires when no
 --                                      longer within the recording's reach
 -- Totals are sums (allowed = sum of a:q:*, denied = sum of h:*, a tenant's denials = sum of
--- its d:*), which saves a counter per decision. A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
+-- its d:*), which saves a counter per decision. As a Functions library, the counters of a
+-- decision (every field above but the buckets, x and _rev, and the denials zset) are first
+-- added up in the library's memory and written at most a second later (see "Counters kept
+-- in memory" below); readers flush them first (counters.lua). A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
 -- in microseconds they were counted at (field F:u). A missing bucket is a full one, which is
 -- why a tenant hash may expire as soon as all its buckets would have refilled.
 --
@@ -391,7 +394,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   -- (ctx.ok is added only by judge with shadow buckets; texts by write.)
   local ctx = {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
                tokens = tokens, now = now, now_s = now_s, old_x = (tv[plan.x_at] or 0) + 0,
-               plan = plan, texts = false}
+               plan = plan, texts = false, rev = c.rev}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
   return ctx
 end
@@ -570,14 +573,150 @@ local function record(ctx, amount, suffix)
   if total == amount then redis.call('PEXPIRE', key, rec.keep_ms) end
 end
 
--- A counter `field` was just created (its first count): keep it if fewer than `max` of
--- its kind exist, else move its count to `other` (totals stay exact either way).
-local function named_counter(key, field, names, max, other)
+-- A counter `field` was just created (its first count, `amount`: 1 unless counts were
+-- kept in memory): keep it if fewer than `max` of its kind exist, else move its count to
+-- `other` (totals stay exact either way).
+local function named_counter(key, field, names, max, other, amount)
   if redis.call('HINCRBY', key, names, 1) > max then
     redis.call('HDEL', key, field)
     redis.call('HINCRBY', key, names, -1)
-    redis.call('HINCRBY', key, other, 1)
+    redis.call('HINCRBY', key, other, amount or 1)
   end
+end
+
+-- Counters kept in memory. A decision's counters are HINCRBYs (6,000+ instructions each,
+-- two on the allowed path, five on the denied one: most of what separates a decision from
+-- the bare bucket arithmetic). As a Functions library the Lua VM outlives a call, so the
+-- counts of a namespace are added up here and written with one HINCRBY per field when the
+-- first count kept is a second old (Redis time) or PENDING_MAX decisions were counted,
+-- whichever comes first; a read (counters.lua, which every reader in the package calls
+-- first) writes them at once. The flush runs inside a decision or read of the same
+-- namespace, so it touches only keys of its hash tag (one Cluster slot).
+-- What a server that loses its VM loses (restart, FUNCTION FLUSH or a reload of this
+-- library, failover to a replica): the counts not yet written, at most PENDING_MAX
+-- decisions per namespace, all made within one second. Counters only: buckets, caps and
+-- the configuration are written by every call as before. As EVALSHA scripts (no VM state
+-- between calls) every count is written at once, as it always was. `in_library` is set by
+-- the Functions library's own code (_scripts.py), never by the EVALSHA form.
+local in_library = false
+local PENDING, pending_namespaces = {}, 0
+local PENDING_MAX, PENDING_US, PENDING_NAMESPACES = 100, 1000000, 64
+-- Counts are kept per namespace *and configuration revision*: the library's memory is one
+-- for the whole server, while key names repeat across its databases (two applications on
+-- db 0 and db 1 with the same namespace), and a call cannot ask which database it runs in.
+-- A revision is a stamp of the moment its database's configuration last changed
+-- (config.lua), so (shared hash, revision) names one database's namespace. A namespace
+-- whose configuration never changed has no revision and writes its counts at once;
+-- config.lua writes the counts of the revision it replaces before it moves it.
+-- An entry no decision has written for STALE_US (its namespace deleted, FLUSHDB) is dropped
+-- when the table is full, its counts with it: the bound above, per such namespace.
+local STALE_US = 60000000
+
+local function pending_id(shared_key, rev)
+  return shared_key .. ' ' .. rev
+end
+
+-- Drops pending entries overdue by STALE_US (see above); returns how many are left.
+local function drop_stale(now)
+  for id, p in pairs(PENDING) do
+    if now - p.due > STALE_US then
+      PENDING[id], pending_namespaces = nil, pending_namespaces - 1
+    end
+  end
+  return pending_namespaces
+end
+
+-- The pending counts of `id` (pending_id's) in the namespace of `shared_key` (a table), or
+-- false when counts are written at once (EVALSHA, or too many namespaces have counts
+-- pending: bounded memory). `now`: Redis time (us), which dates a new table's flush.
+local function pending(id, shared_key, now)
+  if not in_library then return false end
+  if pending_namespaces >= PENDING_NAMESPACES and drop_stale(now) >= PENDING_NAMESPACES then
+    return false
+  end
+  local p = {shared = shared_key, due = now + PENDING_US, n = 0, ints = {}, floats = {},
+             dt = {}, keep = {}}
+  PENDING[id], pending_namespaces = p, pending_namespaces + 1
+  return p
+end
+
+-- Adds `n` to counter `field` of hash `key`, now or in `p` (pending's); `float`: a float
+-- counter (HINCRBYFLOAT), whose values are not whole numbers or may pass 2^63.
+local function bump(p, key, field, n, float)
+  if not p then
+    if float then
+      redis.call('HINCRBYFLOAT', key, field, fmt(n))
+    else
+      redis.call('HINCRBY', key, field, n)
+    end
+    return
+  end
+  local by_key = float and p.floats or p.ints
+  local fields = by_key[key]
+  if not fields then fields = {}; by_key[key] = fields end
+  fields[field] = (fields[field] or 0) + n
+end
+
+-- Writes the counts pending for the namespace of `shared_key` at revision `rev` (the
+-- shared hash's `_rev`, read by the caller in the database it runs in), if any; returns
+-- how many decisions they counted.
+local function flush_counts(shared_key, rev)
+  if not rev then return 0 end
+  local id = pending_id(shared_key, rev)
+  local p = PENDING[id]
+  if not p then return 0 end
+  PENDING[id], pending_namespaces = nil, pending_namespaces - 1
+  for key, fields in pairs(p.ints) do
+    local keep = p.keep[key]
+    for field, n in pairs(fields) do
+      if redis.call('HINCRBY', key, field, n) == n then
+        -- A new field. In the shared hash: a queue's or priority's first count (bounded
+        -- names, as admit did per decision). In a tenant hash: the hash may have expired
+        -- since the count, and HINCRBY made it again, without an expiry: give it the
+        -- retention (NX: a hash that has one keeps it).
+        if keep then
+          redis.call('PEXPIRE', key, math.ceil(keep), 'NX')
+        elseif string.sub(field, 1, 4) == 'a:q:' then
+          named_counter(shared_key, field, 'n:aq', MAX_QUEUE_COUNTERS, 'a:q:~', n)
+        elseif string.sub(field, 1, 4) == 'a:p:' then
+          named_counter(shared_key, field, 'n:ap', MAX_PRIORITY_COUNTERS, 'a:p:~', n)
+        end
+      end
+    end
+  end
+  for key, fields in pairs(p.floats) do
+    for field, x in pairs(fields) do redis.call('HINCRBYFLOAT', key, field, fmt(x)) end
+  end
+  local denials = p.dt_key
+  for tenant, n in pairs(p.dt) do
+    if redis.call('ZINCRBY', denials, n, tenant) + 0 == n and
+        redis.call('ZCARD', denials) > MAX_TENANT_COUNTERS then
+      redis.call('ZREMRANGEBYRANK', denials, 0, MAX_TENANT_COUNTERS / 2 - 1)
+    end
+  end
+  return p.n
+end
+
+-- The pending counts a decision adds to (false: write them at once), after writing those
+-- that are due. Counts one decision; `keep_ms` is the tenant hash's retention.
+local function counts_of(ctx, keep_ms)
+  local rev = ctx.rev
+  if not rev then return false end
+  local shared_key = ctx.shared_key
+  local id = pending_id(shared_key, rev)
+  local p = PENDING[id]
+  if p and (ctx.now >= p.due or p.n >= PENDING_MAX) then
+    flush_counts(shared_key, rev)
+    p = nil
+  end
+  if not p then
+    p = pending(id, shared_key, ctx.now)
+    if not p then return false end
+  end
+  p.n = p.n + 1
+  local keep = p.keep[ctx.tenant_key]
+  if not keep or keep < keep_ms then p.keep[ctx.tenant_key] = keep_ms end
+  return p
 end
 
 -- Takes `cost` from every bucket (shadow buckets only where they had it), counts the
@@ -587,26 +726,37 @@ local function admit(ctx, cost, would_deny, keep_ms, targs)
   for i = 1, #buckets do
     if not buckets[i].shadow or ok[i] then tokens[i] = tokens[i] - cost end
   end
+  -- Counted in memory where the library keeps counts (counts_of), else written now.
+  local p = counts_of(ctx, keep_ms)
+  local tenant_key, shared_key = ctx.tenant_key, ctx.shared_key
   if #would_deny > 0 then
-    redis.call('HINCRBY', ctx.tenant_key, 'n:w', 1)
-    redis.call('HINCRBY', ctx.shared_key, 'n:w', 1)
+    bump(p, tenant_key, 'n:w', 1)
+    bump(p, shared_key, 'n:w', 1)
     local srcs = ctx.would_src
     for i, scope in ipairs(would_deny) do
       -- A tenant scope counts in the tenant's hash, and in the shared one under the
       -- configured scope (tenant:* for every tenant under the default): bounded names.
-      if is_tenant_scope(scope) then redis.call('HINCRBY', ctx.tenant_key, 'w:' .. scope, 1) end
-      redis.call('HINCRBY', ctx.shared_key, 'w:' .. srcs[i], 1)
+      if is_tenant_scope(scope) then bump(p, tenant_key, 'w:' .. scope, 1) end
+      bump(p, shared_key, 'w:' .. srcs[i], 1)
     end
   end
-  redis.call('HINCRBY', ctx.tenant_key, 'n:a', '1')
   local plan = ctx.plan
-  if redis.call('HINCRBY', ctx.shared_key, plan.aq, '1') == 1 then
-    named_counter(ctx.shared_key, plan.aq, 'n:aq', MAX_QUEUE_COUNTERS, 'a:q:~')
+  if p then
+    -- (The first count of a queue or priority is checked against the bound on names when
+    -- written: flush_counts.)
+    bump(p, tenant_key, 'n:a', 1)
+    bump(p, shared_key, plan.aq, 1)
+    if plan.ap then bump(p, shared_key, plan.ap, 1) end
+  else
+    redis.call('HINCRBY', tenant_key, 'n:a', '1')
+    if redis.call('HINCRBY', shared_key, plan.aq, '1') == 1 then
+      named_counter(shared_key, plan.aq, 'n:aq', MAX_QUEUE_COUNTERS, 'a:q:~')
+    end
+    if plan.ap and redis.call('HINCRBY', shared_key, plan.ap, '1') == 1 then
+      named_counter(shared_key, plan.ap, 'n:ap', MAX_PRIORITY_COUNTERS, 'a:p:~')
+    end
   end
-  if plan.ap and redis.call('HINCRBY', ctx.shared_key, plan.ap, '1') == 1 then
-    named_counter(ctx.shared_key, plan.ap, 'n:ap', MAX_PRIORITY_COUNTERS, 'a:p:~')
-  end
-  if cost ~= 1 then redis.call('HINCRBYFLOAT', ctx.shared_key, 'n:ax', fmt(cost - 1)) end
+  if cost ~= 1 then bump(p, shared_key, 'n:ax', cost - 1, true) end
   if plan.record then record(ctx, cost, '') end
   write(ctx, keep_ms, targs)
 end
@@ -630,13 +780,22 @@ local function deny(ctx, denied_by, wait_ms, keep_ms)
     redis.call('HSET', ctx.tenant_key, unpack(targs))
     redis.call('PEXPIREAT', ctx.tenant_key, x)
   end
-  redis.call('HINCRBY', ctx.tenant_key, 'd:' .. denied_by, '1')
-  redis.call('HINCRBY', ctx.shared_key, 'd:' .. (ctx.src or denied_by), '1')
-  count_tenant_denial(ctx.plan)
-  redis.call('HINCRBY', ctx.shared_key, wait_bucket(wait_ms), '1')
+  -- Counted in memory where the library keeps counts (counts_of), else written now.
+  local p = counts_of(ctx, keep_ms)
+  local shared_key = ctx.shared_key
+  bump(p, ctx.tenant_key, 'd:' .. denied_by, 1)
+  bump(p, shared_key, 'd:' .. (ctx.src or denied_by), 1)
+  if p then
+    local plan = ctx.plan
+    p.dt_key = plan.denials
+    p.dt[plan.tenant] = (p.dt[plan.tenant] or 0) + 1
+  else
+    count_tenant_denial(ctx.plan)
+  end
+  bump(p, shared_key, wait_bucket(wait_ms), 1)
   -- A float: the total of waits a tenant can make as long as it likes (a huge cost on a
   -- slow bucket) must never overflow a 64-bit integer, or every denial after would fail.
-  redis.call('HINCRBYFLOAT', ctx.shared_key, 'h:us', fmt(math.floor(wait_ms * 1000 + 0.5)))
+  bump(p, shared_key, 'h:us', math.floor(wait_ms * 1000 + 0.5), true)
   if ctx.plan.record then record(ctx, 1, ' d') end
 end
 

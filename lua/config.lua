@@ -26,6 +26,9 @@ if op == 'del' then
 elseif old == value then
   return {tonumber(redis.call('HGET', config_key, '_version') or 0), old}
 end
+-- Counts kept in memory are kept per revision (buckets.lua): write those of the revision
+-- this change ends, while it is still the one this database holds.
+flush_counts(shared_key, redis.call('HGET', shared_key, '_rev'))
 local version = redis.call('HINCRBY', config_key, '_version', 1)
 local t = redis.call('TIME')
 if op ~= 'del' then redis.call('HSET', config_key, field, value) end

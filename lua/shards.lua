@@ -10,6 +10,7 @@
 --       triples: field, value ("" deletes it), "1" when the field is a shared scope's limit
 --       (its bucket is settled before the limit changes) or "".
 -- Reply: the fields changed, or -1 when a newer rebalancer's lease is on the shard.
+-- Runs with buckets.lua (fmt, flush_counts).
 --
 -- Each field is a last-writer-wins register ordered by home version: `_v:<field>` keeps the
 -- version of the write that last set or deleted it, and an older write of it changes
@@ -26,13 +27,6 @@
 -- rests on.
 local config_key, shared_key = KEYS[1], KEYS[2]
 local version, epoch, sync = tonumber(ARGV[1]), ARGV[2], ARGV[3] == 'sync'
-
-local function fmt(n)
-  if n % 1 == 0 and n > -9007199254740992 and n < 9007199254740992 then
-    return string.format('%d', n)
-  end
-  return string.format('%.17g', n)
-end
 
 if epoch ~= '' then
   local seen = tonumber(redis.call('HGET', config_key, '_lease') or '0')
@@ -116,6 +110,9 @@ end
 local current = tonumber(redis.call('HGET', config_key, '_version') or '0')
 if version > current then redis.call('HSET', config_key, '_version', fmt(version)) end
 if changed > 0 then
+  -- Counts kept in memory are kept per revision (buckets.lua): write those of the
+  -- revision this write ends, as config.lua does.
+  flush_counts(shared_key, redis.call('HGET', shared_key, '_rev'))
   -- A stamp no earlier state had: decisions drop the plans they cached (buckets.lua).
   local t = redis.call('TIME')
   redis.call('HSET', shared_key, '_rev', t[1] .. '.' .. t[2] .. ':' .. fmt(version) .. ':s')

@@ -238,6 +238,8 @@ class Rebalancer:
         lim = self.limiter
         home = lim.keys
         client = lim.client
+        # Every decision counted so far, in the shards' hashes (counts kept in memory).
+        lim.flush_counters()
         with redis_errors():
             epoch = int(client.hincrby(home.share, "epoch", 1))
             seconds, micros = client.time()

@@ -31,8 +31,30 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
-_USES_LIBRARY = frozenset({"acquire.lua", "gate.lua", "scheduler.lua", "slots.lua"})
-SCRIPTS = ("acquire.lua", "config.lua", "gate.lua", "scheduler.lua", "slots.lua", "shards.lua")
+_USES_LIBRARY = frozenset(
+    {
+        "acquire.lua",
+        "config.lua",
+        "counters.lua",
+        "gate.lua",
+        "scheduler.lua",
+        "slots.lua",
+        "shards.lua",
+    }
+)
+SCRIPTS = (
+    "acquire.lua",
+    "config.lua",
+    "counters.lua",
+    "gate.lua",
+    "scheduler.lua",
+    "slots.lua",
+    "shards.lua",
+)
+# Run once when the Functions library loads, after buckets.lua: the library keeps the
+# counts of decisions in memory between calls (buckets.lua, "Counters kept in memory");
+# the EVALSHA form, which has no memory between calls, never runs this.
+_LIBRARY_ONLY = "in_library = true"
 
 Transport = Literal["fcall", "evalsha"]
 
@@ -83,11 +105,12 @@ def library() -> Library:
     """
     bodies = {name: _read(name) for name in SCRIPTS}
     digest = hashlib.sha1(
-        "\0".join([_read(_LIBRARY), *bodies.values()]).encode(), usedforsecurity=False
+        "\0".join([_read(_LIBRARY), _LIBRARY_ONLY, *bodies.values()]).encode(),
+        usedforsecurity=False,
     ).hexdigest()[:12]
     lib = f"qrl_{digest}"
     names = {name: f"{lib}_{name.removesuffix('.lua')}" for name in SCRIPTS}
-    parts = [f"#!lua name={lib}", _read(_LIBRARY)]
+    parts = [f"#!lua name={lib}", _read(_LIBRARY), _LIBRARY_ONLY]
     for name, body in bodies.items():
         # The body runs as is: KEYS and ARGV become the function's parameters.
         parts.append(f"redis.register_function('{names[name]}', function(KEYS, ARGV)\n{body}\nend)")
@@ -226,17 +249,22 @@ class Scripts:
         return packed
 
     def load(self) -> None:
-        """Load the Functions library (REPLACE: the same digest is the same code), or settle
-        on EVALSHA when the server has no Functions or refuses them."""
+        """Load the Functions library, or settle on EVALSHA when the server has no
+        Functions or refuses them.
+
+        Never with REPLACE: a library of that name is this code (the name carries its
+        digest), and replacing it would drop what it keeps in memory between calls (the
+        plans it cached, and the counts not yet written: lua/buckets.lua), every time a
+        process starts. "Already exists" means loaded."""
         try:
-            self.client.function_load(self.library, replace=True)
+            self.client.function_load(self.library)
         except ResponseError as exc:
             self._loaded(exc)
         else:
             self._loaded(None)
 
     def _loaded(self, error: ResponseError | None) -> None:
-        if error is None:
+        if error is None or "already exists" in str(error).lower():
             self.transport = "fcall"
         elif _no_functions(error):
             self.transport = "evalsha"
@@ -339,7 +367,7 @@ class Scripts:
         step = self._after_fcall_error(exc)
         if step == "load":
             try:
-                await self.client.function_load(self.library, replace=True)
+                await self.client.function_load(self.library)  # (as load())
             except ResponseError as load_exc:
                 self._loaded(load_exc)
             else:

@@ -235,6 +235,18 @@ class ShardedLimiter(Limiter):
                 )
         return out
 
+    def flush_counters(self) -> int:
+        """Write the counts the server keeps in memory for every shard (as
+        ``_counters.flush_counters`` does for an unsharded namespace): readers of a shard's
+        counters call it first. Returns how many decisions they counted."""
+        if self._scripts.transport == "evalsha":
+            return 0
+        with redis_errors():
+            return sum(
+                int(self._scripts.call("counters.lua", [keys.shared], []))
+                for keys in self.shard_keys
+            )
+
     def rebalance(self) -> RebalanceReport:
         """Move the shared scopes' slices by the demand seen since the last rebalance, now
         (decisions do this themselves every ``rebalance_interval``, one process at a time).

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from ._core import redis_errors
+from ._counters import queue_flush_counters
 from ._decision import ScopeLimit
 from ._errors import InvalidScope, LimitNotFound, RateLimitError
 from ._limiter import Limiter
@@ -193,13 +194,19 @@ def _read_base(limiter: Limiter, max_tenants: int) -> _Read:
     denied tenants and the in-flight count."""
     keys = limiter.keys
     pipe = limiter.client.pipeline(transaction=False)
+    # Counts the server keeps in memory for a moment are written first (_counters.py).
+    flushed = queue_flush_counters(limiter, pipe)
     pipe.time()
     pipe.hgetall(keys.config)
     pipe.hgetall(keys.shared)
     pipe.smembers(keys.lanes)
     pipe.zcard(keys.inflight)
     pipe.zrange(keys.tenant_denials, 0, max(0, max_tenants - 1), desc=True, withscores=True)
-    (seconds, micros), config, shared, lanes, in_flight, denials = pipe.execute()
+    replies = pipe.execute(raise_on_error=False)[1 if flushed else 0 :]
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    (seconds, micros), config, shared, lanes, in_flight, denials = replies
     return _Read(
         now_us=seconds * 1e6 + micros,
         config=_decoded(config),

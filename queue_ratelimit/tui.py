@@ -26,6 +26,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 
 from ._core import AuditEntry
+from ._counters import flush_counters
 from ._decision import readable_config_value
 from ._errors import RateLimitError
 from ._limit import Limit
@@ -76,6 +77,8 @@ class TenantSampler:
         self.cursor, keys = client.scan(self.cursor, match=f"{self.prefix}*", count=self.per_poll)
         if not keys:
             return
+        # The counts the server keeps in memory for a moment, written first (_counters.py).
+        flush_counters(self.limiter)
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)

@@ -38,12 +38,15 @@ from queue_ratelimit import (
     parse_config,
 )
 from queue_ratelimit._core import MAX_WAIT
+from queue_ratelimit._counters import flush_counters
 
 HOUR = 3600.0
 
 
 def counters(lim: Limiter, tenant: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Every numeric non-bucket field of the tenant hash and of the shared hash."""
+    """Every numeric non-bucket field of the tenant hash and of the shared hash (the counts
+    the server keeps in memory written first)."""
+    flush_counters(lim)
 
     def numbers(key: str) -> dict[str, float]:
         raw = lim.client.hgetall(key)

@@ -38,6 +38,7 @@ from conftest import REDIS_SERVER, RedisProcess, free_port, wait_until
 from e2e_support import assert_cap, max_in_window
 
 from queue_ratelimit import FairScheduler, Limit, Limiter, RateLimited
+from queue_ratelimit._counters import flush_counters
 from queue_ratelimit.celery import METRICS_TASK, last_hint
 from queue_ratelimit.metrics import RateLimitCollector, read_snapshot
 
@@ -140,6 +141,7 @@ def test_a_sharded_namespace_runs_every_task_once_under_its_caps(e2e: E2E) -> No
     for tenant in tenants_of:
         assert_cap([r["t"] for r in rows if r["tenant"] == tenant], 10, 5, f"tenant {tenant}")
         shard = sharded.shard_keys[sharded.shard_of(tenant)]
+        sharded.flush_counters()
         assert int(e2e.limiter.client.hget(shard.tenant(tenant), "n:a") or 0) >= 1
     sharded.close()
 
@@ -685,6 +687,7 @@ def test_rate_options_survive_retry_defaults_canvas_and_eta(e2e: E2E) -> None:
     # Gated when due, not on arrival: its one admission debited the tenant's bucket, and
     # the bucket was last written (Redis TIME, µs) when the task fell due, or when the
     # credit that admission took along went back unused (credit_ttl, 250 ms, later).
+    flush_counters(e2e.limiter)
     tenant_hash = e2e.limiter.client.hgetall(e2e.limiter.keys.tenant("eta"))
     assert float(tenant_hash[b"n:a"]) == 1
     debited_at = float(tenant_hash[b"b:u"]) / 1e6

@@ -79,6 +79,10 @@ class Backend:
             return self._loop.run_until_complete(scripts.acall(script, keys, args))
         return scripts.call(script, keys, args)
 
+    def flush(self) -> None:
+        """Write the counts the server keeps in memory (Functions only: _counters.py)."""
+        self.raw("counters.lua", [self.keys.shared], [])
+
     def close(self) -> None:
         if self._loop:
             assert isinstance(self.limiter, AsyncLimiter)
@@ -1104,6 +1108,7 @@ def run_step(
         for tenant, queue in step["calls"]:
             backend.call("acquire", tenant, queue=queue)
     elif "counted" in step:
+        backend.flush()
         shared = backend.client.hgetall(backend.keys.shared)
         assert {
             f.decode(): int(v) for f, v in shared.items() if f.startswith((b"d:", b"w:"))
@@ -1215,6 +1220,7 @@ def store_state(backend: Backend) -> dict[str, Any]:
     """Everything the scripts wrote, minus what depends on the moment it ran, by key less
     the namespace's base (namespaces differ between backends on one server)."""
     client, base = backend.client, backend.keys.base
+    backend.flush()
     state: dict[str, Any] = {}
     for raw_key in sorted(client.scan_iter(match=f"{base}:*", count=1000)):
         key = raw_key.decode()
