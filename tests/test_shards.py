@@ -411,3 +411,17 @@ def test_every_key_a_sharded_namespace_writes_is_named_by_its_layouts(
         assert len(parsed) == 1, key
         kinds.add(parsed[0][0])
     assert {"config", "shared", "tenant", "share", "rebalance", "done", "audit"} <= kinds
+
+
+def test_a_change_made_without_the_shards_reaches_them_at_the_next_rebalance(
+    sharded: ShardedLimiter, redis_client: redis.Redis, namespace: str
+) -> None:
+    """The CLI and the admin API write the home slot only (a Limiter without shards): the
+    next rebalance finds the shards behind its version and copies the configuration."""
+    sharded.set_limit("tenant:*", "5/s")
+    Limiter(redis_client, namespace=namespace).set_limit("global", Limit(30, per=1, burst=30))
+    assert redis_client.hget(sharded.shard_keys[0].config, "global") is None
+    assert sharded.rebalance().synced == 3
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "global") == b"10.0 1.0 10.0 -"
+        assert redis_client.hget(keys.config, "tenant:*") == b"5.0 1.0 5.0 -"
