@@ -69,7 +69,7 @@ class Limiter(LimiterBase):
 
     def __new__(cls, client: Any = None, *args: Any, shards: int = 1, **options: Any) -> Limiter:
         if shards != 1 and cls is Limiter:
-            from ._shards import ShardedLimiter
+            from ._shards import ShardedLimiter  # (here: it subclasses Limiter)
 
             check_shards(shards)
             return super().__new__(ShardedLimiter)

@@ -209,7 +209,7 @@ class FairScheduler:
     def __new__(cls, limiter: Limiter, *args: Any, **options: Any) -> FairScheduler:
         if limiter.shards != 1 and cls is FairScheduler:
             # Lanes per shard (docs/design.md, "Shards").
-            from ._sharded_scheduler import ShardedScheduler
+            from ._sharded_scheduler import ShardedScheduler  # (a subclass of this)
 
             return super().__new__(ShardedScheduler)
         return super().__new__(cls)

@@ -87,7 +87,7 @@ class ShardedScheduler(FairScheduler):
         max_skips: int = 32,
         transit_grace: float = TRANSIT_GRACE,
     ) -> None:
-        from ._shards import ShardedLimiter
+        from ._shards import ShardedLimiter  # (here: _shards imports _limiter, as this does)
 
         if not isinstance(limiter, ShardedLimiter):
             raise TypeError("ShardedScheduler needs a limiter with shards")

@@ -318,6 +318,17 @@ def snapshot(
             priorities shown by name, the busiest first; the rest are summed under
             ``"~other"``, so one-off names cannot grow the output without bound.
     """
+    if limiter.shards != 1:
+        # One snapshot per shard, added up (docs/design.md, "Shards").
+        from ._sharded_metrics import sharded_snapshot  # (here: it imports metrics)
+
+        return sharded_snapshot(
+            limiter,  # type: ignore[arg-type]
+            snapshot,
+            max_tenants=max_tenants,
+            max_queues=max_queues,
+            max_priorities=max_priorities,
+        )
     client = limiter.client
     keys = limiter.keys
     read = _read_base(limiter, max_tenants)

@@ -15,6 +15,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpace, Limit, Limiter
 from queue_ratelimit._leases import FLOOR, allocate, slices
+from queue_ratelimit.metrics import snapshot
 from queue_ratelimit._sharded_scheduler import ShardedScheduler
 from queue_ratelimit._shards import ShardedLimiter
 
@@ -425,3 +426,34 @@ def test_a_change_made_without_the_shards_reaches_them_at_the_next_rebalance(
     for keys in sharded.shard_keys:
         assert redis_client.hget(keys.config, "global") == b"10.0 1.0 10.0 -"
         assert redis_client.hget(keys.config, "tenant:*") == b"5.0 1.0 5.0 -"
+
+
+def test_the_metrics_snapshot_adds_up_the_shards(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    sharded.set_limit("tenant:*", Limit(2, per=HOUR, burst=2))
+    sharded.set_concurrency("global", 30)
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s)]
+    held = []
+    for tenant in tenants:
+        for _ in range(3):  # two admitted, one denied by the tenant's own bucket
+            held.append(sharded.acquire(tenant, queue="q"))
+    scheduler = FairScheduler(sharded, lease=30)
+    scheduler.submit(tenants[1], "parked-1", queue="q")
+    snap = snapshot(sharded)
+    assert snap["shards"] == 3
+    assert snap["totals"]["allowed"] == 6
+    assert snap["totals"]["denied"] == 3
+    assert snap["totals"]["parked"] == 1
+    assert snap["denied_by"] == {"tenant:*": 3}
+    assert snap["allowed_by_queue"] == {"q": 6}
+    assert set(snap["tenants"]) == set(tenants)
+    assert all(snap["tenants"][t]["allowed"] == 2 for t in tenants)
+    assert snap["limits"]["global"]["burst"] == 30  # as set, not a slice
+    assert snap["buckets"]["global"]["burst"] == 30
+    assert snap["buckets"]["global"]["tokens"] == pytest.approx(24, abs=0.1)
+    assert snap["concurrency"]["global"] == {"cap": 30, "running": 6, "limit": "global"}
+    assert snap["lanes"]["q"]["backlog"] == 1
+    assert snap["tenant_backlog"] == {tenants[1]: 1}
+    assert sum(snap["wait_ms_histogram"]["counts"]) == 3
