@@ -31,8 +31,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
-_USES_LIBRARY = frozenset({"acquire.lua", "gate.lua", "scheduler.lua", "slots.lua"})
-SCRIPTS = ("acquire.lua", "config.lua", "gate.lua", "scheduler.lua", "slots.lua")
+_USES_LIBRARY = frozenset({"acquire.lua", "gate.lua", "hint.lua", "scheduler.lua", "slots.lua"})
+SCRIPTS = ("acquire.lua", "config.lua", "gate.lua", "hint.lua", "scheduler.lua", "slots.lua")
 
 Transport = Literal["fcall", "evalsha"]
 
