@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["acquire.lua", "buckets.lua", "config.lua"]
+SCRIPTS = ["acquire.lua", "buckets.lua", "config.lua", "hint.lua"]
 
 PROBE = """
 import json, os, sys

@@ -1,17 +1,16 @@
 """The ``queue-ratelimit`` command: the demo, and runtime control of limits in Redis.
 
-One module per command group; importing each registers its commands on :func:`main`:
+One module per command group; importing each registers its commands on :func:`main`::
 
-\b
-_app             the group, its options (--url, --namespace) and one-line errors
-_format          tables, modes and whole jobs as the commands print them
-_demo            demo
-_bench           bench
-_serve           serve
-_top             top
-_limits          limits: list, get, set, delete, concurrency, exempt, weight, dry-run
-_limits_history  limits: record, preview, audit
-_rq              rq: worker, info
+    _app             the group, its options (--url, --namespace) and one-line errors
+    _format          tables, modes and whole jobs as the commands print them
+    _demo            demo
+    _bench           bench
+    _serve           serve
+    _top             top
+    _limits          limits: list, get, set, delete, concurrency, exempt, weight, dry-run
+    _limits_history  limits: record, preview, audit
+    _rq              rq: worker, info
 """
 
 from __future__ import annotations
