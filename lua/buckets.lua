@@ -904,3 +904,13 @@ local function now_us()
   local t = redis.call('TIME')
   return t[1] * 1000000 + t[2]
 end
+
+-- A job is in transit until a gate sees it (hint.lua, scheduler.lua "route"): `id` joins the tenant's set, its entry lapsing
+-- at `lapse_ms`; entries lapsed by `now` (ms) are dropped, and the set itself goes when its
+-- last entry lapses.
+local function in_transit(key, id, now, lapse_ms)
+  lapse_ms = math.ceil(lapse_ms)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('ZADD', key, lapse_ms, id)
+  if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
+end

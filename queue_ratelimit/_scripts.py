@@ -32,9 +32,25 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
 _LIBRARY = "buckets.lua"
 _USES_LIBRARY = frozenset(
-    {"acquire.lua", "config.lua", "counters.lua", "gate.lua", "scheduler.lua", "slots.lua"}
+    {
+        "acquire.lua",
+        "config.lua",
+        "counters.lua",
+        "gate.lua",
+        "hint.lua",
+        "scheduler.lua",
+        "slots.lua",
+    }
 )
-SCRIPTS = ("acquire.lua", "config.lua", "counters.lua", "gate.lua", "scheduler.lua", "slots.lua")
+SCRIPTS = (
+    "acquire.lua",
+    "config.lua",
+    "counters.lua",
+    "gate.lua",
+    "hint.lua",
+    "scheduler.lua",
+    "slots.lua",
+)
 # Run once when the Functions library loads, after buckets.lua: the library keeps the
 # counts of decisions in memory between calls (buckets.lua, "Counters kept in memory");
 # the EVALSHA form, which has no memory between calls, never runs this.
