@@ -147,6 +147,39 @@ local function ns_prefix(config_key)
   return string.sub(config_key, 1, -7)
 end
 
+-- Burst credits (a limit's flags "c<credit>"): while the bucket is full its refill flows on
+-- into a bank of at most `credit` tokens, spent after the bucket's own. The bank regrows
+-- only while the bucket is full, so bucket and bank together fill at the bucket's rate up
+-- to burst + credit and are spent like one bucket of that size: a credit bucket is judged
+-- (and waited for, refilled, refunded, expired) as such, b.burst being burst + credit. What
+-- is kept apart is the split: the bucket's own tokens in field F (never above its burst,
+-- b.bucket), the bank in F:c (b.bank). A stored bucket without F:c has an empty bank; a
+-- missing bucket is full, bank included (its hash expires only once both would be full).
+local function with_credit(b, text, value)
+  local credit = tonumber(text)
+  if not (credit and credit >= 0 and credit < 1e15) then
+    error('queue-ratelimit: corrupt credit for ' .. b.scope .. ': ' .. value)
+  end
+  if credit > 0 then
+    b.bucket, b.credit, b.bank = b.burst, credit, b.field .. ':c'
+    b.burst = b.burst + credit
+  end
+end
+
+-- Several windows per scope ("100 1 100 -;10000 86400 10000 -", at most MAX_WINDOWS): one
+-- bucket each, all judged in the same decision (every window must admit). The shortest
+-- window keeps the scope's own fields (a single-window limit is stored as it always was);
+-- each longer one has fields of its own, named by its period (F:w<seconds>), so a daily
+-- window's state is not mixed up with a per-second one's, whichever order they are given.
+local MAX_WINDOWS = 4
+local PERIOD_UNITS = {[1] = 's', [60] = 'm', [3600] = 'h', [86400] = 'd'}
+
+-- A window as Limit.parse reads it and format_limit (_decision.py) writes it: "10000/d".
+local function window_label(rate, per)
+  local unit = PERIOD_UNITS[per] or (string.format('%.15g', per) .. 's')
+  return string.format('%.15g', rate) .. '/' .. unit
+end
+
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
 -- `src`: the configured scope it follows (its own, or the tenant default: tenant:*), the
 -- name its denials are counted under in the shared hash.
@@ -156,9 +189,51 @@ local function bucket(scope, src, in_tenant, field, at, value, all_shadow)
   if not (rate and per and burst) or rate <= 0 or per <= 0 or burst <= 0 then
     error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
   end
-  return {scope = scope, src = src, in_tenant = in_tenant, field = field, clock = field .. ':u', at = at,
-          rate = rate / (per * 1000000), burst = burst,
-          shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
+  local b = {scope = scope, name = scope, src = src, in_tenant = in_tenant, field = field,
+             clock = field .. ':u', at = at, rate = rate / (per * 1000000), burst = burst,
+             shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil, per = per,
+             limit_rate = rate}
+  local credit = string.match(flags, 'c(.+)$')
+  if credit then with_credit(b, credit, value) end
+  return b
+end
+
+-- Appends bucket `b` to a plan's `buckets`, and the fields to read for it to `fields` (its
+-- tokens, clock, and the bank of a credit bucket: b.at is where they start).
+local function push_bucket(buckets, fields, b)
+  buckets[#buckets + 1] = b
+  local n = #fields
+  fields[n + 1], fields[n + 2] = b.field, b.clock
+  if b.bank then fields[n + 3] = b.bank end
+end
+
+-- The buckets of one scope's limit `value` (one per window, see MAX_WINDOWS), pushed onto
+-- the plan's `buckets` and `fields`. A window's bucket is named in replies after its scope
+-- (the shortest window) or "<scope>(<window>)"; it counts denials under its scope.
+local function add_buckets(buckets, fields, scope, src, in_tenant, field, value, all_shadow)
+  if not string.find(value, ';', 1, true) then
+    push_bucket(buckets, fields, bucket(scope, src, in_tenant, field, #fields + 1, value, all_shadow))
+    return
+  end
+  local pers, seen, shortest = {}, {}, false
+  for w in string.gmatch(value, '[^;]+') do
+    local per = tonumber(string.match(w, '^%S+ (%S+) '))
+    if not per or seen[per] or #pers >= MAX_WINDOWS then
+      error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
+    end
+    pers[#pers + 1], seen[per] = per, true
+    if not shortest or per < shortest then shortest = per end
+  end
+  local i = 0
+  for w in string.gmatch(value, '[^;]+') do
+    i = i + 1
+    local per = pers[i]
+    local f = per == shortest and field or field .. ':w' .. fmt(per)
+    local b = bucket(scope, src, in_tenant, f, #fields + 1, w, all_shadow)
+    b.window = window_label(b.limit_rate, per)
+    if per ~= shortest then b.name = scope .. '(' .. b.window .. ')' end
+    push_bucket(buckets, fields, b)
+  end
 end
 
 -- Counts `bytes` more against the cache's budget (for an entry of `c`, the config cache
@@ -220,32 +295,22 @@ local function build_plan(config_key, tenant, queue, priority)
       v = cfg[8] or cfg[9]
       if v then
         local src = cfg[8] and s_tq or 'tenant:*:queue:' .. queue
-        local b = bucket(s_tq, src, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
-        buckets[#buckets + 1] = b
-        tf[#tf + 1], tf[#tf + 2] = b.field, b.clock
+        add_buckets(buckets, tf, s_tq, src, true, 'bq:' .. queue, v, all_shadow)
       end
     end
     v = cfg[2] or cfg[3]
     if v then
       local src = cfg[2] and s_tenant or 'tenant:*'
-      buckets[#buckets + 1] = bucket(s_tenant, src, true, 'b', #tf + 1, v, all_shadow)
-      tf[#tf + 1], tf[#tf + 2] = 'b', 'b:u'
+      add_buckets(buckets, tf, s_tenant, src, true, 'b', v, all_shadow)
     end
   end
   if exempt ~= 'all' then
     if has_queue then
       v = cfg[7]
-      if v then
-        local b = bucket(s_q, s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
-        buckets[#buckets + 1] = b
-        sf[#sf + 1], sf[#sf + 2] = b.field, b.clock
-      end
+      if v then add_buckets(buckets, sf, s_q, s_q, false, 'b:' .. s_q, v, all_shadow) end
     end
     v = cfg[1]
-    if v then
-      buckets[#buckets + 1] = bucket('global', 'global', false, 'b:global', #sf + 1, v, all_shadow)
-      sf[#sf + 1], sf[#sf + 2] = 'b:global', 'b:global:u'
-    end
+    if v then add_buckets(buckets, sf, 'global', 'global', false, 'b:global', v, all_shadow) end
   end
   -- Concurrency caps, under the same exemptions as the buckets (a tenant scope's own cap
   -- wins over the tenant default, as with limits).
@@ -290,7 +355,9 @@ local function build_plan(config_key, tenant, queue, priority)
     record = {key = ns_prefix(config_key) .. 'rec:', field = tenant .. ' ' ..
               (has_queue and queue or '-') .. ' ', keep_ms = math.ceil(kept) * 1000 + 60000}
   end
-  return {tenant = tenant, denials = prefix .. 'dt',
+  local credit = false
+  for _, b in ipairs(buckets) do credit = credit or b.bank ~= nil end
+  return {tenant = tenant, denials = prefix .. 'dt', credit = credit,
           buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
           ap = priority ~= '' and 'a:p:' .. priority or false, record = record,
@@ -338,6 +405,25 @@ local function config_values(c, config_key, names)
   return out
 end
 
+-- The bank of each credit bucket (by index) as of now: `tokens` (its tokens and bank together,
+-- refilled) less the bucket's own. Refill goes to the bucket first, so the bank is what
+-- was stored, or more once the bucket is full; never above the credit.
+local function banked(buckets, tokens, tv, sv)
+  local out = {}
+  for i = 1, #buckets do
+    local b = buckets[i]
+    if b.bank then
+      local vals = b.in_tenant and tv or sv
+      local c = vals[b.at] and vals[b.at + 1] and vals[b.at + 2] or 0
+      c = c + 0
+      if tokens[i] - b.bucket > c then c = tokens[i] - b.bucket end
+      if c > b.credit then c = b.credit end
+      out[i] = c
+    end
+  end
+  return out
+end
+
 -- Reads the bucket states of one decision (one HMGET per hash, and TIME) and refills every
 -- bucket to now. `cfg_extra` names more config fields to read (ctx.cfg_extra: their values).
 local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra)
@@ -380,6 +466,8 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
     local t = b.burst
     if have and updated then
       have, updated = have + 0, updated + 0
+      -- (A credit bucket: tokens and bank refill as one, see with_credit.)
+      if b.bank and vals[b.at + 2] then have = have + vals[b.at + 2] end
       -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
       local elapsed = now - updated
       if not (elapsed > 0) then elapsed = 0 end
@@ -393,6 +481,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
                tokens = tokens, now = now, now_s = now_s, old_x = (tv[plan.x_at] or 0) + 0,
                plan = plan, texts = false}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
+  if plan.credit then ctx.banked = banked(buckets, tokens, tv, sv) end
   return ctx
 end
 
@@ -451,7 +540,10 @@ local function judge(ctx, cost)
         allowed = 0
         local need = short / b.rate
         if need > MAX_WAIT_US then need = MAX_WAIT_US end
-        if need > wait or not denied_by then wait, denied_by, src = need, b.scope, b.src end
+        if need > wait or not denied_by then
+          wait, denied_by, src = need, b.scope, b.src
+          ctx.bound = b
+        end
       end
     else
       -- Whether a shadow bucket had the tokens (admit charges it only then); enforced
@@ -526,6 +618,19 @@ local function expiry_fields(ctx, keep_ms, targs)
   return false
 end
 
+-- A credit bucket's tokens (ctx.tokens[i]: its own and its bank's together) split back into
+-- the two as stored: spending takes the bucket's own first and refunds refill them first,
+-- so the bank is what it was at load (ctx.banked) unless the bucket's own ran out. Returns
+-- both as text, and sets texts[i] to the reply's "<tokens>:<bank>".
+local function split_credit(ctx, i, texts)
+  local b, total = ctx.buckets[i], ctx.tokens[i]
+  local own = total - ctx.banked[i]
+  if own < 0 then own = 0 elseif own > b.bucket then own = b.bucket end
+  local bank = fmt(total - own)
+  texts[i] = (total > 0 and texts[i] or '0') .. ':' .. bank
+  return fmt(own), bank
+end
+
 -- Stores every bucket (tokens as of now) plus the tenant-hash fields already in targs.
 -- ctx.texts keeps the tokens as written, for a reply to reuse (formatting costs).
 local function write(ctx, keep_ms, targs)
@@ -536,13 +641,17 @@ local function write(ctx, keep_ms, targs)
     local b = buckets[i]
     local text = fmt(tokens[i])
     texts[i] = text
+    local bank
+    if b.bank then text, bank = split_credit(ctx, i, texts) end
     if b.in_tenant then
       targs[nt + 1], targs[nt + 2], targs[nt + 3], targs[nt + 4] = b.field, text, b.clock, now_s
       nt = nt + 4
+      if bank then targs[nt + 1], targs[nt + 2], nt = b.bank, bank, nt + 2 end
     else
       if ns == 0 then sargs = {} end
       sargs[ns + 1], sargs[ns + 2], sargs[ns + 3], sargs[ns + 4] = b.field, text, b.clock, now_s
       ns = ns + 4
+      if bank then sargs[ns + 1], sargs[ns + 2], ns = b.bank, bank, ns + 2 end
     end
   end
   ctx.texts = texts
@@ -643,10 +752,25 @@ end
 -- The flat reply of a decision (see acquire.lua): remaining tokens as written by
 -- admit/credit (already formatted), else formatted here.
 local function remaining_text(ctx, i)
+  local texts, banked = ctx.texts, ctx.banked
+  if banked and banked[i] then
+    -- A credit bucket: "<tokens>:<bank>", as written (split_credit) or as loaded.
+    if texts then return texts[i] end
+    local left = ctx.tokens[i]
+    return (left > 0 and fmt(left) or '0') .. ':' .. fmt(banked[i])
+  end
   local left = ctx.tokens[i]
   if not (left > 0) then return '0' end
-  local texts = ctx.texts
   return texts and texts[i] or fmt(left)
+end
+
+-- The denied_by of a reply: "!<scope>" for a concurrency cap, "<scope>(<window>)" for a
+-- window of a scope with several, else the scope (false: none).
+local function denied_text(ctx, denied_by)
+  if ctx.by_cap then return '!' .. denied_by end
+  local b = ctx.bound
+  if denied_by and b and b.window then return denied_by .. '(' .. b.window .. ')' end
+  return denied_by
 end
 
 local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
@@ -654,7 +778,7 @@ local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
   local buckets = ctx.buckets
   local text = status .. ' ' .. wait_ms .. ' ' .. (denied_by or '-')
   for i = 1, #buckets do
-    text = text .. ' ' .. buckets[i].scope .. ' ' .. remaining_text(ctx, i)
+    text = text .. ' ' .. buckets[i].name .. ' ' .. remaining_text(ctx, i)
   end
   if #would_deny == 0 then return text .. ' |' end
   return text .. ' | ' .. table.concat(would_deny, ' ')

@@ -67,12 +67,12 @@ from ._admin_models import (
     ConcurrencyOut,
     CountQuery,
     ExemptIn,
-    LimitIn,
     LimitOut,
     PreviewIn,
     PriorityPath,
     RecordingIn,
     ScopePath,
+    SetLimitIn,
     ShadowIn,
     TenantPath,
     TenantWeightPath,
@@ -83,7 +83,13 @@ from ._admin_models import (
 )
 from ._core import redis_errors
 from ._decision import ScopeLimit, limit_fields
-from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
+from ._errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidLimit,
+    LimitNotFound,
+    RateLimitError,
+)
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import RECORD_FIELD, preview_fields
@@ -105,6 +111,18 @@ register_url_convertor("name", _Name())
 # Every body this API takes is a few dozen bytes; anything near this is an attack or a
 # mistake, refused before it is read (a 40 KB limit text once held the server for 11 s).
 MAX_BODY_BYTES = 16 * 1024
+
+
+def _set_limit_value(body: SetLimitIn) -> Limit | list[Limit]:
+    """The limit (or windows) a PUT /limits body asks for; InvalidLimit (400) when not one."""
+    if isinstance(body.limit, str):
+        return Limit.parse(body.limit, burst=body.burst, credit=body.credit)
+    if body.burst is not None or body.credit is not None:
+        raise InvalidLimit(
+            "burst and credit apply to one limit: with a list of windows each has the tokens "
+            "of its period as its burst"
+        )
+    return [Limit.parse(text) for text in body.limit]
 
 
 def _limit_out(item: ScopeLimit) -> LimitOut:
@@ -309,8 +327,8 @@ def create_app(
         return _limit_out(limiter.get_limit(scope))
 
     @route.put("/limits/{scope:name}", "Set a scope's limit")
-    def set_limit(scope: ScopePath, body: LimitIn, who: Actor) -> Version:
-        limit = Limit.parse(body.limit, burst=body.burst)
+    def set_limit(scope: ScopePath, body: SetLimitIn, who: Actor) -> Version:
+        limit = _set_limit_value(body)
         return Version(version=limiter.set_limit(scope, limit, shadow=body.shadow, actor=who))
 
     @route.post(
