@@ -167,10 +167,11 @@ local function with_credit(b, text, value)
 end
 
 -- Several windows per scope ("100 1 100 -;10000 86400 10000 -", at most MAX_WINDOWS): one
--- bucket each, all judged in the same decision (every window must admit). The shortest
--- window keeps the scope's own fields (a single-window limit is stored as it always was);
--- each longer one has fields of its own, named by its period (F:w<seconds>), so a daily
--- window's state is not mixed up with a per-second one's, whichever order they are given.
+-- bucket each, all judged in the same decision (every window must admit). The (first)
+-- shortest window keeps the scope's own fields (a single-window limit is stored as it
+-- always was); each other one has fields of its own, named by its period (F:w<seconds>,
+-- then F:w<seconds>:2... for more of the same period), so a daily window's state is not
+-- mixed up with a per-second one's, whichever order they are given in.
 local MAX_WINDOWS = 4
 local PERIOD_UNITS = {[1] = 's', [60] = 'm', [3600] = 'h', [86400] = 'd'}
 
@@ -215,23 +216,29 @@ local function add_buckets(buckets, fields, scope, src, in_tenant, field, value,
     push_bucket(buckets, fields, bucket(scope, src, in_tenant, field, #fields + 1, value, all_shadow))
     return
   end
-  local pers, seen, shortest = {}, {}, false
+  local pers, shortest = {}, false
   for w in string.gmatch(value, '[^;]+') do
     local per = tonumber(string.match(w, '^%S+ (%S+) '))
-    if not per or seen[per] or #pers >= MAX_WINDOWS then
+    if not per or #pers >= MAX_WINDOWS then
       error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
     end
-    pers[#pers + 1], seen[per] = per, true
+    pers[#pers + 1] = per
     if not shortest or per < shortest then shortest = per end
   end
-  local i = 0
+  local i, seen = 0, {}
   for w in string.gmatch(value, '[^;]+') do
     i = i + 1
     local per = pers[i]
-    local f = per == shortest and field or field .. ':w' .. fmt(per)
+    local n = (seen[per] or 0) + 1
+    seen[per] = n
+    local f = field
+    if per ~= shortest or n > 1 then
+      f = field .. ':w' .. fmt(per)
+      if n > 1 then f = f .. ':' .. n end
+    end
     local b = bucket(scope, src, in_tenant, f, #fields + 1, w, all_shadow)
     b.window = window_label(b.limit_rate, per)
-    if per ~= shortest then b.name = scope .. '(' .. b.window .. ')' end
+    if f ~= field then b.name = scope .. '(' .. b.window .. ')' end
     push_bucket(buckets, fields, b)
   end
 end

@@ -132,23 +132,26 @@ LimitText = Annotated[
 class SetLimitIn(_Body):
     """A scope's limit: one window, or several that must every one admit a job."""
 
-    limit: LimitText | list[LimitText] = Field(
-        description=LIMIT_DESCRIPTION + " A list gives several windows of different periods "
-        f'(at most {MAX_WINDOWS}), e.g. ["100/s", "10000/d"]: a job needs the tokens of each.',
-        examples=["100/s", ["100/s", "10000/d"]],
+    limit: LimitText | Annotated[list[LimitText], Field(min_length=1, max_length=MAX_WINDOWS)] = (
+        Field(
+            description=LIMIT_DESCRIPTION + " A list gives several windows of different periods "
+            f'(at most {MAX_WINDOWS}), e.g. ["100/s", "10000/d"]: a job needs the tokens of each '
+            "(a window given twice counts once).",
+            examples=["100/s", ["100/s", "10000/d"]],
+        )
     )
     burst: float | None = Field(
         None,
         ge=1,
         le=MAX_BURST,
-        description="Bucket capacity (default: one period's tokens); one window only.",
+        description="Bucket capacity (default: one period's tokens); of the first window.",
     )
     credit: float | None = Field(
         None,
         ge=0,
         le=MAX_BURST,
         description="Burst credits: tokens banked while the bucket is full, spent once it is "
-        "empty (default: none); one window only.",
+        "empty (default: none); of the first window.",
     )
     shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
 

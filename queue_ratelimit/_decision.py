@@ -111,21 +111,21 @@ class ScopeLimit:
 
 
 def check_windows(scope: str, windows: tuple[Limit, ...]) -> tuple[Limit, ...]:
-    """``windows`` if they can be a scope's limit: 1 to MAX_WINDOWS, no two of one period
-    (each window's state is kept under its period), else ``InvalidLimit``."""
+    """``windows`` if they can be a scope's limit: 1 to MAX_WINDOWS, no window twice (the
+    same rate over the same period), else ``InvalidLimit``."""
     if not windows:
         raise InvalidLimit(f"the limit of {scope} needs at least one window, got none")
     if len(windows) > MAX_WINDOWS:
         raise InvalidLimit(
             f"the limit of {scope} has {len(windows)} windows; at most {MAX_WINDOWS} are allowed"
         )
-    periods = [w.per for w in windows]
-    for per in periods:
-        if periods.count(per) > 1:
+    seen = set()
+    for w in windows:
+        if (w.rate, w.per) in seen:
             raise InvalidLimit(
-                f"two windows of {scope} have the same period ({per:g}s): give each period "
-                f"once (the tightest of them is the one that binds)"
+                f"the limit of {scope} gives the window {format_limit(w)} twice: give each once"
             )
+        seen.add((w.rate, w.per))
     return windows
 
 

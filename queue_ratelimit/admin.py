@@ -86,7 +86,6 @@ from ._decision import ScopeLimit, limit_fields
 from ._errors import (
     BackendError,
     BackendUnavailable,
-    InvalidLimit,
     LimitNotFound,
     RateLimitError,
 )
@@ -114,15 +113,18 @@ MAX_BODY_BYTES = 16 * 1024
 
 
 def _set_limit_value(body: SetLimitIn) -> Limit | list[Limit]:
-    """The limit (or windows) a PUT /limits body asks for; InvalidLimit (400) when not one."""
+    """The limit (or windows) a PUT /limits body asks for (InvalidLimit, 400, when not one):
+    ``burst`` and ``credit`` are the first window's; a window given twice (the same rate
+    and period, however spelt) counts once, so every body the schema admits is taken."""
+    texts = [body.limit] if isinstance(body.limit, str) else body.limit
+    first = Limit.parse(texts[0], burst=body.burst, credit=body.credit)
     if isinstance(body.limit, str):
-        return Limit.parse(body.limit, burst=body.burst, credit=body.credit)
-    if body.burst is not None or body.credit is not None:
-        raise InvalidLimit(
-            "burst and credit apply to one limit: with a list of windows each has the tokens "
-            "of its period as its burst"
-        )
-    return [Limit.parse(text) for text in body.limit]
+        return first
+    windows = {(first.rate, first.per): first}
+    for text in texts[1:]:
+        window = Limit.parse(text)
+        windows.setdefault((window.rate, window.per), window)
+    return list(windows.values())
 
 
 def _limit_out(item: ScopeLimit) -> LimitOut:
@@ -317,12 +319,13 @@ def create_app(
         eviction = limiter.eviction_status().as_dict()
         return {"status": "ok", "namespace": limiter.namespace, "eviction": eviction}
 
-    @route.get("/limits", "Every configured limit", READS)
+    # (credit and windows appear only where set: a plain limit reads as it always did.)
+    @route.get("/limits", "Every configured limit", READS, response_model_exclude_none=True)
     def list_limits() -> list[LimitOut]:
         with redis_errors():
             return [_limit_out(item) for item in limiter.limits().values()]
 
-    @route.get("/limits/{scope:name}", "One scope's limit")
+    @route.get("/limits/{scope:name}", "One scope's limit", response_model_exclude_none=True)
     def get_limit(scope: ScopePath) -> LimitOut:
         return _limit_out(limiter.get_limit(scope))
 

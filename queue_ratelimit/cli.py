@@ -424,16 +424,14 @@ def set_(
     enforce: bool,
 ) -> None:
     """Set SCOPE's LIMIT, such as 100/s, 6000/m, 10/h or 5/2s; several LIMITs (100/s
-    10000/d) are windows that must every one admit a job (at most 4, periods all different)."""
+    10000/d) are windows that must every one admit a job (at most 4; --burst and --credit
+    are the first one's)."""
     if shadow_flag and enforce:
         raise click.ClickException("--shadow and --enforce exclude each other: give one")
-    if len(limit) > 1 and (burst is not None or credit is not None):
-        raise click.ClickException(
-            "--burst and --credit apply to one LIMIT: with several windows each has the "
-            "tokens of its period as its burst (set others through the API or the config file)"
-        )
     shadow = True if shadow_flag else False if enforce else None
-    windows = tuple(Limit.parse(text, burst=burst, credit=credit) for text in limit)
+    # (--burst and --credit are the first LIMIT's; the others' burst is their period's tokens.)
+    windows: tuple[Limit, ...] = (Limit.parse(limit[0], burst=burst, credit=credit),)
+    windows += tuple(Limit.parse(text) for text in limit[1:])
     parsed: Limit | list[Limit] = windows[0] if len(windows) == 1 else list(windows)
     with settings.limiter() as limiter:
         if shadow is None:
