@@ -4,7 +4,8 @@
 -- prepended to each script for EVALSHA), so the bucket arithmetic exists once. All state of
 -- one decision lives in three hashes, whose keys share the namespace's {hash tag} (one Redis
 -- Cluster slot):
---   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>", exempt:<t>,
+--   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>" (windows joined
+--                                    by ';', flags 's' shadow and 'c<n>' credit), exempt:<t>,
 --                                    mode:shadow, mode:record, weight:*, _version
 --   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
 --                                    bucket), x (expiry, ms since epoch), n:a (allowed),
@@ -46,8 +47,10 @@
 --                                      longer within the recording's reach
 -- Totals are sums (allowed = sum of a:q:*, denied = sum of h:*, a tenant's denials = sum of
 -- its d:*), which saves a counter per decision. A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
--- in microseconds they were counted at (field F:u). A missing bucket is a full one, which is
--- why a tenant hash may expire as soon as all its buckets would have refilled.
+-- in microseconds they were counted at (field F:u); a bucket with credit has its bank in
+-- F:c (with_credit), a scope's further windows their own F:w<seconds> (add_buckets). A
+-- missing bucket is a full one, which is why a tenant hash may expire as soon as all its
+-- buckets would have refilled.
 --
 -- Cost: every redis.call, every field it returns, every number parsed or printed and every
 -- table built costs thousands of CPU instructions inside Redis (measured with callgrind:
