@@ -545,7 +545,10 @@ local function judge(ctx, cost)
     local short = cost - tokens[i]
     local fits = short <= slack
     if not b.shadow then
-      if cost > b.burst + EPSILON then return -1, 0, b.scope, would_deny end
+      if cost > b.burst + EPSILON then
+        ctx.bound = b  -- (burst_of: which of a scope's windows)
+        return -1, 0, b.scope, would_deny
+      end
       if not fits then
         allowed = 0
         local need = short / b.rate
@@ -574,6 +577,8 @@ local function judge(ctx, cost)
 end
 
 local function burst_of(ctx, scope)
+  local bound = ctx.bound
+  if bound and bound.scope == scope then return bound.burst end
   for _, b in ipairs(ctx.buckets) do
     if b.scope == scope then return b.burst end
   end

@@ -562,8 +562,9 @@ def demo_limiter() -> Limiter:
     limiter.set_limit("queue:emails", Limit(50, burst=50))
     limiter.set_limit("tenant:*", Limit(5, burst=10))
     limiter.set_limit("tenant:*:queue:emails", Limit(2, burst=4))
-    limiter.set_limit("tenant:acme", Limit(20, burst=40))
+    limiter.set_limit("tenant:acme", Limit(20, burst=40, credit=100))  # burst credits
     limiter.set_limit("tenant:acme:queue:reports", Limit(1, per=3600, burst=2))
+    limiter.set_limit("tenant:zed", ["2/s", "100/h"])  # two windows
     limiter.set_exempt("bigco", "tenant")
     limiter.set_concurrency("tenant:*", 4)
     scheduler = FairScheduler(limiter)

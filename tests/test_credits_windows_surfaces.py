@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from queue_ratelimit import InvalidLimit, Limit, Limiter, ScopeLimit
+from queue_ratelimit import CostExceedsBurst, InvalidLimit, Limit, Limiter, ScopeLimit
 from queue_ratelimit._config import config_from_env, parse_config
 from queue_ratelimit._decision import parse_reply
 from queue_ratelimit.admin import create_app
@@ -104,6 +104,17 @@ def test_bad_window_lists_are_clear_errors(
     with pytest.raises(InvalidLimit, match=fragment):
         parse_config({"limits": {"tenant:acme": windows}})
     assert limiter.limits() == {}
+
+
+def test_a_cost_above_a_windows_burst_names_that_burst(limiter: Limiter) -> None:
+    limiter.set_limit("tenant:acme", ["5/h", "2/d"])
+    with pytest.raises(CostExceedsBurst) as info:
+        limiter.acquire("acme", cost=3)
+    assert (info.value.scope, info.value.burst) == ("tenant:acme", 2)
+    limiter.set_limit("tenant:beta", Limit(1, burst=2, credit=3))
+    with pytest.raises(CostExceedsBurst) as info:
+        limiter.acquire("beta", cost=5.5)
+    assert info.value.burst == 5, "burst and credit: what the bucket can ever hold"
 
 
 def test_corrupt_windows_in_redis_are_refused_by_the_script(limiter: Limiter) -> None:
@@ -208,8 +219,9 @@ def test_admin_api_takes_windows_and_credit(limiter: Limiter) -> None:
 
 
 def test_metrics_show_every_window_and_the_bank(limiter: Limiter) -> None:
-    limiter.set_limit("tenant:acme", ["10/s", "100/d"])
-    limiter.set_limit("global", Limit(1, per=60, burst=2, credit=8))
+    # (Slow refills: a loaded machine's delays change nothing here.)
+    limiter.set_limit("tenant:acme", ["10/h", "100/d"])
+    limiter.set_limit("global", Limit(1, per=3600, burst=2, credit=8))
     for _ in range(5):
         assert limiter.acquire("acme").allowed
     snap = snapshot(limiter)
@@ -220,7 +232,7 @@ def test_metrics_show_every_window_and_the_bank(limiter: Limiter) -> None:
     assert buckets["global"]["tokens"] == pytest.approx(0, abs=0.01)
     assert buckets["global"]["credit"] == pytest.approx(5, abs=0.01)
     assert buckets["global"]["credit_cap"] == 8
-    assert snap["limits"]["tenant:acme"]["windows"] == ["10/s", "100/d"]
+    assert snap["limits"]["tenant:acme"]["windows"] == ["10/h", "100/d"]
     assert snap["limits"]["global"]["credit"] == 8
     assert bucket_state(limiter, "global")["credit"] == pytest.approx(5, abs=0.01)
     registry = CollectorRegistry()
@@ -237,6 +249,6 @@ def test_metrics_show_every_window_and_the_bank(limiter: Limiter) -> None:
     )
     view = build_view(snap, None)
     rows = {row[0]: row for row in view.budgets}
-    assert rows["global"][1] == "1/m (2+8)"
+    assert rows["global"][1] == "1/h (2+8)"
     assert rows["global"][2] == "0.0+5"
     assert rows["  (100/d)"][2] == "95.0"
