@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import click
 
-from .._decision import limit_fields
+from .._decision import describe_window, limit_fields
 from .._errors import LimitNotFound
 from .._limit import Limit
 from .._scheduler import FairScheduler
@@ -67,12 +67,13 @@ def list_(settings: Settings, as_json: bool) -> None:
     if not items:
         click.echo("no limits set")
     else:
+        # (A scope with several windows shows each, joined by "+"; credit beside the burst.)
         rows = [
             [
                 scope,
-                format_limit(item.limit),
-                f"{item.limit.rate_per_second:.15g}",
-                f"{item.limit.capacity:.15g}",
+                " + ".join(format_limit(w) for w in item.windows),
+                " + ".join(f"{w.rate_per_second:.15g}" for w in item.windows),
+                " + ".join(_burst_text(w) for w in item.windows),
                 _mode(item.shadow),
             ]
             for scope, item in items.items()
@@ -108,16 +109,24 @@ def get(settings: Settings, scope: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"scope": item.scope, **limit_fields(item)}, indent=2))
         return
-    lim = item.limit
-    click.echo(
-        f"{item.scope}  {format_limit(lim)}  burst {lim.capacity:.15g}  {_mode(item.shadow)}"
-    )
+    windows = "  +  ".join(f"{format_limit(w)}  burst {_burst_text(w)}" for w in item.windows)
+    click.echo(f"{item.scope}  {windows}  {_mode(item.shadow)}")
+
+
+def _burst_text(limit: Limit) -> str:
+    credit = "" if limit.credit is None else f" (+{limit.credit:.15g} credit)"
+    return f"{limit.capacity:.15g}{credit}"
 
 
 @limits.command("set", context_settings=NUMBERS)
 @click.argument("scope")
-@click.argument("limit")
+@click.argument("limit", nargs=-1, required=True)
 @click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
+@click.option(
+    "--credit",
+    type=float,
+    help="Burst credits: tokens banked while the bucket is full, spent after it [default: none].",
+)
 @click.option(
     "--shadow",
     "shadow_flag",
@@ -130,16 +139,22 @@ def get(settings: Settings, scope: str, as_json: bool) -> None:
 def set_(
     settings: Settings,
     scope: str,
-    limit: str,
+    limit: tuple[str, ...],
     burst: float | None,
+    credit: float | None,
     shadow_flag: bool,
     enforce: bool,
 ) -> None:
-    """Set SCOPE's LIMIT, such as 100/s, 6000/m, 10/h or 5/2s."""
+    """Set SCOPE's LIMIT, such as 100/s, 6000/m, 10/h or 5/2s; several LIMITs (100/s
+    10000/d) are windows that must every one admit a job (at most 4; --burst and --credit
+    are the first one's)."""
     if shadow_flag and enforce:
         raise click.ClickException("--shadow and --enforce exclude each other: give one")
     shadow = True if shadow_flag else False if enforce else None
-    parsed = Limit.parse(limit, burst=burst)
+    # (--burst and --credit are the first LIMIT's; the others' burst is their period's tokens.)
+    windows: tuple[Limit, ...] = (Limit.parse(limit[0], burst=burst, credit=credit),)
+    windows += tuple(Limit.parse(text) for text in limit[1:])
+    parsed: Limit | list[Limit] = windows[0] if len(windows) == 1 else list(windows)
     with settings.limiter() as limiter:
         if shadow is None:
             try:
@@ -147,10 +162,8 @@ def set_(
             except LimitNotFound:
                 shadow = False
         version = limiter.set_limit(scope, parsed, shadow=shadow, actor=_actor())
-    click.echo(
-        f"{scope}: {format_limit(parsed)} burst {parsed.capacity:.15g} ({_mode(shadow)}); "
-        f"config version {version}"
-    )
+    shown = " + ".join(describe_window(w) for w in windows)
+    click.echo(f"{scope}: {shown} ({_mode(shadow)}); config version {version}")
 
 
 @limits.command()
