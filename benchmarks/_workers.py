@@ -20,12 +20,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from queue_ratelimit import Limiter
+
+from ._common import broker_url_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -313,6 +318,36 @@ def start_celery_workers(
     finally:
         client.close()
     return workers
+
+
+class Databases:
+    """The two databases a worker benchmark runs on: the limits' (``redis_url``) and the
+    Celery broker's (the next database of the same server), emptied before each run."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.broker = broker_url_for(redis_url)
+        self.client = redis.Redis.from_url(redis_url)
+        self.broker_client = redis.Redis.from_url(self.broker)
+
+    def close(self) -> None:
+        self.client.close()
+        self.broker_client.close()
+
+    def fresh(self, prefix: str) -> tuple[str, Limiter]:
+        """Both databases flushed, and a new namespace (``prefix`` and 8 hex digits) with
+        its limiter (closed by the caller)."""
+        self.client.flushdb()
+        self.broker_client.flushdb()
+        namespace = f"{prefix}{uuid.uuid4().hex[:8]}"
+        return namespace, Limiter.from_url(self.redis_url, namespace=namespace)
+
+    def celery_options(self, namespace: str, queue: str, record_key: str) -> dict[str, Any]:
+        """What ``build_celery_app`` and ``start_celery_workers`` take about where to run."""
+        return {
+            "broker": self.broker, "redis_url": self.redis_url, "namespace": namespace,
+            "queue": queue, "record_key": record_key,
+        }  # fmt: skip
 
 
 # -- RQ ---------------------------------------------------------------------------------------

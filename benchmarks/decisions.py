@@ -11,6 +11,9 @@ equivalent), on the same Redis server, in the same run:
 - ``acquire_1bucket[_denied]``: ``Limiter.acquire(tenant)`` with only ``tenant:*`` set;
 - ``acquire_3bucket[_denied]``: ``Limiter.acquire(tenant, queue)`` with ``tenant:*:queue:q``,
   ``tenant:*`` and ``global`` set;
+- ``acquire_credit[_denied]``: ``acquire(tenant)`` with ``tenant:*`` a limit with burst
+  credits (#13); ``acquire_2window[_denied]``: ``tenant:*`` two windows, a second and a day
+  (denied: the daily one exhausted);
 - ``limits`` (moving window, sliding window counter), ``throttled-py`` (token bucket, GCRA),
   ``pyrate-limiter`` (``RedisBucket``, and ``StateBucket`` + ``RedisStateStore`` token bucket).
 
@@ -127,6 +130,26 @@ def _ours(buckets: int, denied: bool, url: str, prefix: str) -> Prepared:
     return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
 
 
+# A day's worth of HIGH, and one token a day (burst 1): the second window of a 2-window case.
+HIGH_DAILY = Limit(HIGH_RATE * 86400.0, per=86400.0)
+TIGHT_DAILY = Limit(1, per=86400.0)
+
+
+def _ours_kind(kind: str, denied: bool, url: str, prefix: str) -> Prepared:
+    """acquire(tenant) under a tenant:* limit with burst credits, or with two windows."""
+    limiter = Limiter.from_url(url, namespace=prefix)
+    if kind == "credit":
+        base = TIGHT if denied else HIGH
+        limiter.set_limit("tenant:*", Limit(base.rate, base.per, base.burst, credit=base.burst))
+    else:
+        limiter.set_limit("tenant:*", [HIGH, TIGHT_DAILY if denied else HIGH_DAILY])
+    call = partial(limiter.acquire, TENANT)
+    call()  # exhausts the tight bucket of a denied case (and, the second, its bank)
+    if denied:
+        call()
+    return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
+
+
 # -- limits ----------------------------------------------------------------------------------
 def _limits(strategy: str, url: str, prefix: str) -> Prepared:
     from limits import RateLimitItemPerSecond
@@ -226,6 +249,28 @@ CASES: tuple[Case, ...] = (
         "acquire_3bucket_denied",
         "Limiter.acquire(tenant, queue): tenant:queue bucket exhausted, denied",
         partial(_ours, 3, True),
+        expect_allowed=False,
+    ),
+    Case(
+        "acquire_credit",
+        "Limiter.acquire(tenant): tenant:* bucket with burst credits, allowed",
+        partial(_ours_kind, "credit", False),
+    ),
+    Case(
+        "acquire_credit_denied",
+        "Limiter.acquire(tenant): tenant:* bucket and bank exhausted, denied",
+        partial(_ours_kind, "credit", True),
+        expect_allowed=False,
+    ),
+    Case(
+        "acquire_2window",
+        "Limiter.acquire(tenant): tenant:* with two windows (per second, per day), allowed",
+        partial(_ours_kind, "windows", False),
+    ),
+    Case(
+        "acquire_2window_denied",
+        "Limiter.acquire(tenant): tenant:* with two windows, the daily one exhausted, denied",
+        partial(_ours_kind, "windows", True),
         expect_allowed=False,
     ),
     Case(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import redis
 from queue_ratelimit import FairScheduler, Limit, Limiter
 
 from . import _workers as W
-from ._common import broker_url_for, env_int, log, machine_info, median, sig
+from ._common import env_int, log, machine_info, median, sig
 
 
 @dataclass(frozen=True)
@@ -116,25 +115,15 @@ def summarise(scenario: Scenario, told: list[Told], starts: dict[str, float]) ->
     }
 
 
-class Bench:
+class Bench(W.Databases):
     """One run on one platform, in a fresh pair of databases."""
 
     def __init__(self, redis_url: str, logdir: Path) -> None:
-        self.redis_url = redis_url
-        self.broker = broker_url_for(redis_url)
+        super().__init__(redis_url)
         self.logdir = logdir
-        self.client = redis.Redis.from_url(redis_url)
-        self.broker_client = redis.Redis.from_url(self.broker)
-
-    def close(self) -> None:
-        self.client.close()
-        self.broker_client.close()
 
     def _fresh(self, scenario: Scenario) -> tuple[str, Limiter]:
-        self.client.flushdb()
-        self.broker_client.flushdb()
-        namespace = f"hb{uuid.uuid4().hex[:8]}"
-        limiter = Limiter.from_url(self.redis_url, namespace=namespace)
+        namespace, limiter = self.fresh("hb")
         limiter.set_limit("tenant:*", scenario.limit)
         return namespace, limiter
 
@@ -162,10 +151,7 @@ class Bench:
     def celery(self, scenario: Scenario) -> dict[str, Any]:
         namespace, limiter = self._fresh(scenario)
         queue, key = f"hb-{namespace}", f"wb:{namespace}:runs"
-        common: dict[str, Any] = {
-            "broker": self.broker, "redis_url": self.redis_url, "namespace": namespace,
-            "queue": queue, "record_key": key,
-        }  # fmt: skip
+        common = self.celery_options(namespace, queue, key)
         workers: list[W.WorkerProcess] = []
         producer = W.build_celery_app(mode="fair", **common)
         try:

@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ import redis
 from queue_ratelimit import FairScheduler, Limit, Limiter
 
 from . import _workers as W
-from ._common import broker_url_for, env_int, log, machine_info, median, sig
+from ._common import env_int, log, machine_info, median, sig
 
 NEVER_BINDS = Limit(1_000_000, burst=1_000_000)
 CELERY_WORKERS, CELERY_CONCURRENCY = 2, 2
@@ -102,26 +101,16 @@ class Outcome:
         }
 
 
-class Bench:
+class Bench(W.Databases):
     """Runs one scenario run on one platform, in a fresh pair of databases."""
 
     def __init__(self, redis_url: str, logdir: Path, rq_simple: bool) -> None:
-        self.redis_url = redis_url
-        self.broker = broker_url_for(redis_url)
+        super().__init__(redis_url)
         self.logdir = logdir
         self.rq_simple = rq_simple
-        self.client = redis.Redis.from_url(redis_url)
-        self.broker_client = redis.Redis.from_url(self.broker)
-
-    def close(self) -> None:
-        self.client.close()
-        self.broker_client.close()
 
     def _fresh(self, setup: Setup) -> tuple[str, Limiter]:
-        self.client.flushdb()
-        self.broker_client.flushdb()
-        namespace = f"wf{uuid.uuid4().hex[:8]}"
-        limiter = Limiter.from_url(self.redis_url, namespace=namespace)
+        namespace, limiter = self.fresh("wf")
         for scope, limit in setup.limits.items():
             limiter.set_limit(scope, limit)
         scheduler = FairScheduler(limiter)
@@ -155,10 +144,7 @@ class Bench:
     def celery(self, mode: str, jobs: list[Job], setup: Setup, *, backlog_first: bool) -> Outcome:
         namespace, limiter = self._fresh(setup)
         queue, key = f"wf-{namespace}", f"wb:{namespace}:runs"
-        common: dict[str, Any] = {
-            "broker": self.broker, "redis_url": self.redis_url, "namespace": namespace,
-            "queue": queue, "record_key": key,
-        }  # fmt: skip
+        common = self.celery_options(namespace, queue, key)
         producer = W.build_celery_app(mode="producer", **common)
         task = producer.tasks["bench.record"]
         ids: list[str] = []

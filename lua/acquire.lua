@@ -50,12 +50,11 @@ if status == -1 then
 end
 if mode == 'peek' then
   return decision_reply(ctx, status > 0 and '1' or '0', fmt(wait / 1000),
-                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
+                        denied_text(ctx, denied_by), would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)
-  return decision_reply(ctx, '0', fmt(wait / 1000),
-                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
+  return decision_reply(ctx, '0', fmt(wait / 1000), denied_text(ctx, denied_by), would_deny)
 end
 if status == 2 then
   -- One token for every slot this decision takes (a counter no holder had before).

@@ -4,7 +4,8 @@
 -- prepended to each script for EVALSHA), so the bucket arithmetic exists once. All state of
 -- one decision lives in three hashes, whose keys share the namespace's {hash tag} (one Redis
 -- Cluster slot):
---   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>", exempt:<t>,
+--   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>" (windows joined
+--                                    by ';', flags 's' shadow and 'c<n>' credit), exempt:<t>,
 --                                    mode:shadow, mode:record, weight:*, _version
 --   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
 --                                    bucket), x (expiry, ms since epoch), n:a (allowed),
@@ -48,8 +49,10 @@
 -- its d:*), which saves a counter per decision. As a Functions library, the counters of a
 -- decision (every field above but the buckets, x and _rev, and the denials zset) are first
 -- added up in the library's memory and written at most a second later (see "Counters kept
--- in memory" below); readers flush them first (counters.lua). A bucket is two numbers in two fields: its tokens (field F) and the Redis TIME
--- in microseconds they were counted at (field F:u). A missing bucket is a full one, which is
+-- in memory" below); readers flush them first (counters.lua). A bucket is two numbers in
+-- two fields: its tokens (field F) and the Redis TIME in microseconds they were counted at
+-- (field F:u); a bucket with credit has its bank in F:c (with_credit), a scope's further
+-- windows their own F:w<seconds> (add_buckets). A missing bucket is a full one, which is
 -- why a tenant hash may expire as soon as all its buckets would have refilled.
 --
 -- Cost: every redis.call, every field it returns, every number parsed or printed and every
@@ -150,6 +153,40 @@ local function ns_prefix(config_key)
   return string.sub(config_key, 1, -7)
 end
 
+-- Burst credits (a limit's flags "c<credit>"): while the bucket is full its refill flows on
+-- into a bank of at most `credit` tokens, spent after the bucket's own. The bank regrows
+-- only while the bucket is full, so bucket and bank together fill at the bucket's rate up
+-- to burst + credit and are spent like one bucket of that size: a credit bucket is judged
+-- (and waited for, refilled, refunded, expired) as such, b.burst being burst + credit. What
+-- is kept apart is the split: the bucket's own tokens in field F (never above its burst,
+-- b.bucket), the bank in F:c (b.bank). A stored bucket without F:c has an empty bank; a
+-- missing bucket is full, bank included (its hash expires only once both would be full).
+local function with_credit(b, text, value)
+  local credit = tonumber(text)
+  if not (credit and credit >= 0 and credit < 1e15) then
+    error('queue-ratelimit: corrupt credit for ' .. b.scope .. ': ' .. value)
+  end
+  if credit > 0 then
+    b.bucket, b.credit, b.bank = b.burst, credit, b.field .. ':c'
+    b.burst = b.burst + credit
+  end
+end
+
+-- Several windows per scope ("100 1 100 -;10000 86400 10000 -", at most MAX_WINDOWS): one
+-- bucket each, all judged in the same decision (every window must admit). The (first)
+-- shortest window keeps the scope's own fields (a single-window limit is stored as it
+-- always was); each other one has fields of its own, named by its period (F:w<seconds>,
+-- then F:w<seconds>:2... for more of the same period), so a daily window's state is not
+-- mixed up with a per-second one's, whichever order they are given in.
+local MAX_WINDOWS = 4
+local PERIOD_UNITS = {[1] = 's', [60] = 'm', [3600] = 'h', [86400] = 'd'}
+
+-- A window as Limit.parse reads it and format_limit (_decision.py) writes it: "10000/d".
+local function window_label(rate, per)
+  local unit = PERIOD_UNITS[per] or (string.format('%.15g', per) .. 's')
+  return string.format('%.15g', rate) .. '/' .. unit
+end
+
 -- A bucket of the plan: where it lives and its limit (rate in tokens per microsecond).
 -- `src`: the configured scope it follows (its own, or the tenant default: tenant:*), the
 -- name its denials are counted under in the shared hash.
@@ -159,9 +196,57 @@ local function bucket(scope, src, in_tenant, field, at, value, all_shadow)
   if not (rate and per and burst) or rate <= 0 or per <= 0 or burst <= 0 then
     error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
   end
-  return {scope = scope, src = src, in_tenant = in_tenant, field = field, clock = field .. ':u', at = at,
-          rate = rate / (per * 1000000), burst = burst,
-          shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil}
+  local b = {scope = scope, name = scope, src = src, in_tenant = in_tenant, field = field,
+             clock = field .. ':u', at = at, rate = rate / (per * 1000000), burst = burst,
+             shadow = all_shadow or string.find(flags, 's', 1, true) ~= nil, per = per,
+             limit_rate = rate}
+  local credit = string.match(flags, 'c(.+)$')
+  if credit then with_credit(b, credit, value) end
+  return b
+end
+
+-- Appends bucket `b` to a plan's `buckets`, and the fields to read for it to `fields` (its
+-- tokens, clock, and the bank of a credit bucket: b.at is where they start).
+local function push_bucket(buckets, fields, b)
+  buckets[#buckets + 1] = b
+  local n = #fields
+  fields[n + 1], fields[n + 2] = b.field, b.clock
+  if b.bank then fields[n + 3] = b.bank end
+end
+
+-- The buckets of one scope's limit `value` (one per window, see MAX_WINDOWS), pushed onto
+-- the plan's `buckets` and `fields`. A window's bucket is named in replies after its scope
+-- (the shortest window) or "<scope>(<window>)"; it counts denials under its scope.
+local function add_buckets(buckets, fields, scope, src, in_tenant, field, value, all_shadow)
+  if not string.find(value, ';', 1, true) then
+    push_bucket(buckets, fields, bucket(scope, src, in_tenant, field, #fields + 1, value, all_shadow))
+    return
+  end
+  local pers, shortest = {}, false
+  for w in string.gmatch(value, '[^;]+') do
+    local per = tonumber(string.match(w, '^%S+ (%S+) '))
+    if not per or #pers >= MAX_WINDOWS then
+      error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
+    end
+    pers[#pers + 1] = per
+    if not shortest or per < shortest then shortest = per end
+  end
+  local i, seen = 0, {}
+  for w in string.gmatch(value, '[^;]+') do
+    i = i + 1
+    local per = pers[i]
+    local n = (seen[per] or 0) + 1
+    seen[per] = n
+    local f = field
+    if per ~= shortest or n > 1 then
+      f = field .. ':w' .. fmt(per)
+      if n > 1 then f = f .. ':' .. n end
+    end
+    local b = bucket(scope, src, in_tenant, f, #fields + 1, w, all_shadow)
+    b.window = window_label(b.limit_rate, per)
+    if f ~= field then b.name = scope .. '(' .. b.window .. ')' end
+    push_bucket(buckets, fields, b)
+  end
 end
 
 -- Counts `bytes` more against the cache's budget (for an entry of `c`, the config cache
@@ -223,32 +308,22 @@ local function build_plan(config_key, tenant, queue, priority)
       v = cfg[8] or cfg[9]
       if v then
         local src = cfg[8] and s_tq or 'tenant:*:queue:' .. queue
-        local b = bucket(s_tq, src, true, 'bq:' .. queue, #tf + 1, v, all_shadow)
-        buckets[#buckets + 1] = b
-        tf[#tf + 1], tf[#tf + 2] = b.field, b.clock
+        add_buckets(buckets, tf, s_tq, src, true, 'bq:' .. queue, v, all_shadow)
       end
     end
     v = cfg[2] or cfg[3]
     if v then
       local src = cfg[2] and s_tenant or 'tenant:*'
-      buckets[#buckets + 1] = bucket(s_tenant, src, true, 'b', #tf + 1, v, all_shadow)
-      tf[#tf + 1], tf[#tf + 2] = 'b', 'b:u'
+      add_buckets(buckets, tf, s_tenant, src, true, 'b', v, all_shadow)
     end
   end
   if exempt ~= 'all' then
     if has_queue then
       v = cfg[7]
-      if v then
-        local b = bucket(s_q, s_q, false, 'b:' .. s_q, #sf + 1, v, all_shadow)
-        buckets[#buckets + 1] = b
-        sf[#sf + 1], sf[#sf + 2] = b.field, b.clock
-      end
+      if v then add_buckets(buckets, sf, s_q, s_q, false, 'b:' .. s_q, v, all_shadow) end
     end
     v = cfg[1]
-    if v then
-      buckets[#buckets + 1] = bucket('global', 'global', false, 'b:global', #sf + 1, v, all_shadow)
-      sf[#sf + 1], sf[#sf + 2] = 'b:global', 'b:global:u'
-    end
+    if v then add_buckets(buckets, sf, 'global', 'global', false, 'b:global', v, all_shadow) end
   end
   -- Concurrency caps, under the same exemptions as the buckets (a tenant scope's own cap
   -- wins over the tenant default, as with limits).
@@ -293,7 +368,9 @@ local function build_plan(config_key, tenant, queue, priority)
     record = {key = ns_prefix(config_key) .. 'rec:', field = tenant .. ' ' ..
               (has_queue and queue or '-') .. ' ', keep_ms = math.ceil(kept) * 1000 + 60000}
   end
-  return {tenant = tenant, denials = prefix .. 'dt',
+  local credit = false
+  for _, b in ipairs(buckets) do credit = credit or b.bank ~= nil end
+  return {tenant = tenant, denials = prefix .. 'dt', credit = credit,
           buckets = buckets, tf = tf, sf = sf, x_at = #tf, rev_at = #sf, refill_ms = refill_ms,
           aq = has_queue and 'a:q:' .. queue or 'a:q:-',
           ap = priority ~= '' and 'a:p:' .. priority or false, record = record,
@@ -341,6 +418,25 @@ local function config_values(c, config_key, names)
   return out
 end
 
+-- The bank of each credit bucket (by index) as of now: `tokens` (its tokens and bank together,
+-- refilled) less the bucket's own. Refill goes to the bucket first, so the bank is what
+-- was stored, or more once the bucket is full; never above the credit.
+local function banked(buckets, tokens, tv, sv)
+  local out = {}
+  for i = 1, #buckets do
+    local b = buckets[i]
+    if b.bank then
+      local vals = b.in_tenant and tv or sv
+      local c = vals[b.at] and vals[b.at + 1] and vals[b.at + 2] or 0
+      c = c + 0
+      if tokens[i] - b.bucket > c then c = tokens[i] - b.bucket end
+      if c > b.credit then c = b.credit end
+      out[i] = c
+    end
+  end
+  return out
+end
+
 -- Reads the bucket states of one decision (one HMGET per hash, and TIME) and refills every
 -- bucket to now. `cfg_extra` names more config fields to read (ctx.cfg_extra: their values).
 local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra)
@@ -383,6 +479,8 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
     local t = b.burst
     if have and updated then
       have, updated = have + 0, updated + 0
+      -- (A credit bucket: tokens and bank refill as one, see with_credit.)
+      if b.bank and vals[b.at + 2] then have = have + vals[b.at + 2] end
       -- A clock that stepped backwards (failover to a replica, NTP) refills nothing.
       local elapsed = now - updated
       if not (elapsed > 0) then elapsed = 0 end
@@ -396,6 +494,7 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
                tokens = tokens, now = now, now_s = now_s, old_x = (tv[plan.x_at] or 0) + 0,
                plan = plan, texts = false, rev = c.rev}
   if cfg_extra then ctx.cfg_extra = config_values(c, config_key, cfg_extra) end
+  if plan.credit then ctx.banked = banked(buckets, tokens, tv, sv) end
   return ctx
 end
 
@@ -449,12 +548,18 @@ local function judge(ctx, cost)
     local short = cost - tokens[i]
     local fits = short <= slack
     if not b.shadow then
-      if cost > b.burst + EPSILON then return -1, 0, b.scope, would_deny end
+      if cost > b.burst + EPSILON then
+        ctx.bound = b  -- (burst_of: which of a scope's windows)
+        return -1, 0, b.scope, would_deny
+      end
       if not fits then
         allowed = 0
         local need = short / b.rate
         if need > MAX_WAIT_US then need = MAX_WAIT_US end
-        if need > wait or not denied_by then wait, denied_by, src = need, b.scope, b.src end
+        if need > wait or not denied_by then
+          wait, denied_by, src = need, b.scope, b.src
+          ctx.bound = b
+        end
       end
     else
       -- Whether a shadow bucket had the tokens (admit charges it only then); enforced
@@ -475,6 +580,8 @@ local function judge(ctx, cost)
 end
 
 local function burst_of(ctx, scope)
+  local bound = ctx.bound
+  if bound and bound.scope == scope then return bound.burst end
   for _, b in ipairs(ctx.buckets) do
     if b.scope == scope then return b.burst end
   end
@@ -529,6 +636,19 @@ local function expiry_fields(ctx, keep_ms, targs)
   return false
 end
 
+-- A credit bucket's tokens (ctx.tokens[i]: its own and its bank's together) split back into
+-- the two as stored: spending takes the bucket's own first and refunds refill them first,
+-- so the bank is what it was at load (ctx.banked) unless the bucket's own ran out. Returns
+-- both as text, and sets texts[i] to the reply's "<tokens>:<bank>".
+local function split_credit(ctx, i, texts)
+  local b, total = ctx.buckets[i], ctx.tokens[i]
+  local own = total - ctx.banked[i]
+  if own < 0 then own = 0 elseif own > b.bucket then own = b.bucket end
+  local bank = fmt(total - own)
+  texts[i] = (total > 0 and texts[i] or '0') .. ':' .. bank
+  return fmt(own), bank
+end
+
 -- Stores every bucket (tokens as of now) plus the tenant-hash fields already in targs.
 -- ctx.texts keeps the tokens as written, for a reply to reuse (formatting costs).
 local function write(ctx, keep_ms, targs)
@@ -539,13 +659,17 @@ local function write(ctx, keep_ms, targs)
     local b = buckets[i]
     local text = fmt(tokens[i])
     texts[i] = text
+    local bank
+    if b.bank then text, bank = split_credit(ctx, i, texts) end
     if b.in_tenant then
       targs[nt + 1], targs[nt + 2], targs[nt + 3], targs[nt + 4] = b.field, text, b.clock, now_s
       nt = nt + 4
+      if bank then targs[nt + 1], targs[nt + 2], nt = b.bank, bank, nt + 2 end
     else
       if ns == 0 then sargs = {} end
       sargs[ns + 1], sargs[ns + 2], sargs[ns + 3], sargs[ns + 4] = b.field, text, b.clock, now_s
       ns = ns + 4
+      if bank then sargs[ns + 1], sargs[ns + 2], ns = b.bank, bank, ns + 2 end
     end
   end
   ctx.texts = texts
@@ -802,10 +926,25 @@ end
 -- The flat reply of a decision (see acquire.lua): remaining tokens as written by
 -- admit/credit (already formatted), else formatted here.
 local function remaining_text(ctx, i)
+  local texts, banked = ctx.texts, ctx.banked
+  if banked and banked[i] then
+    -- A credit bucket: "<tokens>:<bank>", as written (split_credit) or as loaded.
+    if texts then return texts[i] end
+    local left = ctx.tokens[i]
+    return (left > 0 and fmt(left) or '0') .. ':' .. fmt(banked[i])
+  end
   local left = ctx.tokens[i]
   if not (left > 0) then return '0' end
-  local texts = ctx.texts
   return texts and texts[i] or fmt(left)
+end
+
+-- The denied_by of a reply: "!<scope>" for a concurrency cap, "<scope>(<window>)" for a
+-- window of a scope with several, else the scope (false: none).
+local function denied_text(ctx, denied_by)
+  if ctx.by_cap then return '!' .. denied_by end
+  local b = ctx.bound
+  if denied_by and b and b.window then return denied_by .. '(' .. b.window .. ')' end
+  return denied_by
 end
 
 local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
@@ -813,7 +952,7 @@ local function decision_reply(ctx, status, wait_ms, denied_by, would_deny)
   local buckets = ctx.buckets
   local text = status .. ' ' .. wait_ms .. ' ' .. (denied_by or '-')
   for i = 1, #buckets do
-    text = text .. ' ' .. buckets[i].scope .. ' ' .. remaining_text(ctx, i)
+    text = text .. ' ' .. buckets[i].name .. ' ' .. remaining_text(ctx, i)
   end
   if #would_deny == 0 then return text .. ' |' end
   return text .. ' | ' .. table.concat(would_deny, ' ')
@@ -903,4 +1042,14 @@ end
 local function now_us()
   local t = redis.call('TIME')
   return t[1] * 1000000 + t[2]
+end
+
+-- A job is in transit until a gate sees it (hint.lua, scheduler.lua "route"): `id` joins the tenant's set, its entry lapsing
+-- at `lapse_ms`; entries lapsed by `now` (ms) are dropped, and the set itself goes when its
+-- last entry lapses.
+local function in_transit(key, id, now, lapse_ms)
+  lapse_ms = math.ceil(lapse_ms)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('ZADD', key, lapse_ms, id)
+  if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
 end

@@ -16,7 +16,7 @@
 -- for `hold` ms unless released sooner (Limiter.release with the token); no credit is
 -- granted then (every job needs a slot of its own).
 --
--- Transit: a job a producer's hint counted as in transit (scheduler.lua "hint") has arrived.
+-- Transit: a job a producer's hint counted as in transit (hint.lua) has arrived.
 -- Its entry goes when it runs (or is a duplicate); one to be parked keeps it until "submit"
 -- counts it in the backlog, so it is counted all along. (Jobs admitted on credit pass no
 -- gate: the worker takes their entries off itself, by id: celery/_credit.py.)

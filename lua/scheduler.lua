@@ -36,7 +36,7 @@
 --   S:wake:<scope>           set "<lane> <tenant>" parked by the concurrency cap <scope>
 --   S:tr:<lane>:<tenant>     zset item id -> ms its entry lapses: the tenant's jobs in
 --                            transit (enqueued with a hint, not yet seen by a gate: in the
---                            broker, on RQ's list); see "hint" below
+--                            broker, on RQ's list); see hint.lua
 --   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
 --   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
 --
@@ -94,16 +94,6 @@ local function split_meta(meta)
   cost = tonumber(cost)
   if not cost then return nil end
   return lane, tenant, priority, cost, tonumber(queued) or 0, stored == 'p'
-end
-
--- A job is in transit until a gate sees it: `id` joins the tenant's set, its entry lapsing
--- at `lapse_ms`; entries lapsed by `now` (ms) are dropped, and the set itself goes when its
--- last entry lapses.
-local function in_transit(key, id, now, lapse_ms)
-  lapse_ms = math.ceil(lapse_ms)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  redis.call('ZADD', key, lapse_ms, id)
-  if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
 end
 
 local function count_lost(n)
@@ -254,7 +244,7 @@ if mode == 'route' then
   -- overtake fairly queued work or sit behind a noisy tenant's jobs; otherwise it goes onto
   -- the plain list (reply 0) and the worker's gate admits it there, or moves it into the
   -- backlog first ("adopt") when it found others waiting there too. A job put on the list
-  -- is in transit (see "hint"); optional ARGV: how long its entry lasts (ms; 0: none).
+  -- is in transit (see hint.lua); optional ARGV: how long its entry lasts (ms; 0: none).
   local lane, tenant, priority, id, cost, list_key, at_front =
     ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7] == '1'
   local lasts = tonumber(ARGV[A + 8] or '')
@@ -301,63 +291,6 @@ if mode == 'adopt' then
   end
   if moved > 0 then redis.call('SADD', lanes_key, lane) end
   return moved
-end
-
-if mode == 'hint' then
-  -- Producer side: when a job enqueued now would start. KEYS[8]: the tenant's transit set
-  -- in the lane (KeySpace.transit). ARGV: lane, tenant, priority, cost, item id ("" for
-  -- none), count it ("1": as in transit; "2": only if it would start at once; "0"/absent:
-  -- no), grace (ms; see below). Writes nothing but the transit set.
-  -- Reply: "<1 starts at once | 0> <wait ms> <binding scope or -> <jobs ahead> <1 | 0>"
-  -- (the last: the scope is a concurrency cap, whose wait is an upper bound).
-  --
-  -- The tenant's jobs ahead of it are those in its lane's backlog and those in transit. A
-  -- tenant bucket must hold their tokens and the job's before it starts; a queue or global
-  -- bucket also serves the other tenants backlogged in the lane, about one job of each per
-  -- job of this tenant in fair order (equal weights assumed), at most all they have. Each
-  -- job ahead is taken to cost what this one does. A counted entry lapses twice the
-  -- predicted wait plus the grace after now: a job the broker or RQ lost (purged, deleted)
-  -- stops counting then, while one that is served as predicted is taken off by its gate
-  -- ("gate", "adopt") long before.
-  local transit, lane, tenant, priority, id = KEYS[8], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 5]
-  local cost = arg_number(ARGV[A + 4], 1, MIN_COST, MAX_COST, 'cost')
-  local count = ARGV[A + 6] or '0'
-  local grace = arg_number(ARGV[A + 7], 300000, 0, MAX_KEEP_MS, 'grace (ms)')
-  local now = now_ms()
-  local ahead = redis.call('ZCOUNT', transit, '(' .. now, '+inf')
-  if id ~= '' and ahead > 0 and redis.call('ZSCORE', transit, id) then ahead = ahead - 1 end
-  local counted = redis.call('HMGET', P_COUNTS .. lane, tenant, ':total')
-  local queued = tonumber(counted[1]) or 0
-  ahead = ahead + queued
-  local active = P_ACTIVE .. lane
-  local rivals = redis.call('ZCARD', active)
-  if rivals > 0 and redis.call('ZSCORE', active, tenant) then rivals = rivals - 1 end
-  local others = math.min(math.max(0, (tonumber(counted[2]) or 0) - queued), rivals * (ahead + 1))
-  local ctx = load(config_key, tenant_key(tenant), shared_key, tenant, lane, priority)
-  local wait, denied_by, by_cap = 0, false, false
-  for i, b in ipairs(ctx.buckets) do
-    if not b.shadow then
-      -- (A cost above the burst is charged as the whole burst, as the gate does.)
-      local charge = math.min(cost, b.burst)
-      local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
-      if short > EPSILON * math.max(1, charge) then
-        local need = math.min(short / b.rate, MAX_WAIT_US)
-        if need > wait then wait, denied_by = need, b.scope end
-      end
-    end
-  end
-  if ctx.plan.caps then
-    local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
-    if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
-      wait, denied_by, by_cap = cap_wait, cap_scope, true
-    end
-  end
-  local starts = not denied_by
-  if id ~= '' and (count == '1' or (count == '2' and starts)) then
-    in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
-  end
-  return (starts and '1 ' or '0 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
-    ahead .. (by_cap and ' 1' or ' 0')
 end
 
 if mode == 'dispatch' then

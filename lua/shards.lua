@@ -44,32 +44,62 @@ local function clock()
   return now
 end
 
-local function limit_parts(value)
-  local rate, per, burst = string.match(value or '', '^(%S+) (%S+) (%S+) %S+$')
-  rate, per, burst = tonumber(rate), tonumber(per), tonumber(burst)
-  if rate and per and burst and rate > 0 and per > 0 and burst > 0 then
-    return rate / (per * 1000000), burst
+-- The windows of a limit (lua/buckets.lua, add_buckets): per window its rate (tokens per
+-- us), burst, credit and the suffix of its fields after the scope's bucket field: "" for
+-- the (first) shortest window, ":w<seconds>" (":<n>" for more of one period) for others.
+-- Nil for a value that is no limit.
+local function windows(value)
+  local out, shortest = {}, false
+  for w in string.gmatch(value or '', '[^;]+') do
+    local rate, per, burst, flags = string.match(w, '^(%S+) (%S+) (%S+) (%S+)$')
+    rate, per, burst = tonumber(rate), tonumber(per), tonumber(burst)
+    if not (rate and per and burst and rate > 0 and per > 0 and burst > 0) then return nil end
+    local credit = tonumber(string.match(flags, 'c(.+)$') or '0') or 0
+    out[#out + 1] = {rate = rate / (per * 1000000), burst = burst, credit = credit, per = per}
+    if not shortest or per < shortest then shortest = per end
   end
-  return nil
+  if #out == 0 then return nil end
+  local seen = {}
+  for _, w in ipairs(out) do
+    local n = (seen[w.per] or 0) + 1
+    seen[w.per] = n
+    w.suffix = ''
+    if #out > 1 and (w.per ~= shortest or n > 1) then
+      w.suffix = ':w' .. fmt(w.per)
+      if n > 1 then w.suffix = w.suffix .. ':' .. n end
+    end
+  end
+  return out
 end
 
--- Brings the bucket of a shared limit to now at its old limit, clipped to the new burst.
+-- Brings the buckets of a shared limit to now at its old limit, clipped to the new one:
+-- each window the old and the new limit share; a credit bucket as one bucket of burst +
+-- credit (buckets.lua, with_credit), split back into its own tokens and its bank.
 local function settle(field, old, new)
-  local old_rate, old_burst = limit_parts(old)
-  local _, new_burst = limit_parts(new)
-  if not (old_rate and new_burst) then return end
-  local b = 'b:' .. field
-  local got = redis.call('HMGET', shared_key, b, b .. ':u')
-  local t = old_burst
-  local at = clock()
-  if got[1] and got[2] then
-    local elapsed = at - got[2]
-    if not (elapsed > 0) then elapsed = 0 end
-    local refilled = got[1] + elapsed * old_rate
-    if refilled < t then t = refilled end
+  local olds, news = windows(old), windows(new)
+  if not (olds and news) then return end
+  local by_suffix = {}
+  for _, w in ipairs(olds) do by_suffix[w.suffix] = w end
+  for _, nw in ipairs(news) do
+    local ow = by_suffix[nw.suffix]
+    if ow then
+      local b = 'b:' .. field .. nw.suffix
+      local got = redis.call('HMGET', shared_key, b, b .. ':u', b .. ':c')
+      local t = ow.burst + ow.credit
+      local at = clock()
+      if got[1] and got[2] then
+        local elapsed = at - got[2]
+        if not (elapsed > 0) then elapsed = 0 end
+        local refilled = got[1] + (got[3] or 0) + elapsed * ow.rate
+        if refilled < t then t = refilled end
+      end
+      if t > nw.burst + nw.credit then t = nw.burst + nw.credit end
+      local own = t
+      if own > nw.burst then own = nw.burst end
+      redis.call('HSET', shared_key, b, fmt(own), b .. ':u', now_s)
+      if nw.credit > 0 or got[3] then redis.call('HSET', shared_key, b .. ':c', fmt(t - own)) end
+    end
   end
-  if t > new_burst then t = new_burst end
-  redis.call('HSET', shared_key, b, fmt(t), b .. ':u', now_s)
 end
 
 local changed, named = 0, {}

@@ -14,7 +14,7 @@ from fastapi import Header, Path, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ._concurrency import MAX_CONCURRENCY
-from ._limit import LIMIT_PATTERN, MAX_BURST, MAX_LIMIT_TEXT
+from ._limit import LIMIT_PATTERN, MAX_BURST, MAX_LIMIT_TEXT, MAX_WINDOWS
 from ._preview import MAX_RECORDING, MIN_RECORDING
 from ._scheduler import MAX_WEIGHT, MIN_WEIGHT
 from ._scopes import CONCRETE_SCOPE_PATTERN, NAME_PATTERN, PRIORITY_PATTERN, SCOPE_PATTERN
@@ -124,14 +124,58 @@ class LimitIn(_Body):
     shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
 
 
+LimitText = Annotated[
+    str, Field(json_schema_extra={"pattern": LIMIT_PATTERN, "maxLength": MAX_LIMIT_TEXT})
+]
+
+
+class SetLimitIn(_Body):
+    """A scope's limit: one window, or several that must every one admit a job."""
+
+    limit: LimitText | Annotated[list[LimitText], Field(min_length=1, max_length=MAX_WINDOWS)] = (
+        Field(
+            description=LIMIT_DESCRIPTION + " A list gives several windows of different periods "
+            f'(at most {MAX_WINDOWS}), e.g. ["100/s", "10000/d"]: a job needs the tokens of each '
+            "(a window given twice counts once).",
+            examples=["100/s", ["100/s", "10000/d"]],
+        )
+    )
+    burst: float | None = Field(
+        None,
+        ge=1,
+        le=MAX_BURST,
+        description="Bucket capacity (default: one period's tokens); of the first window.",
+    )
+    credit: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_BURST,
+        description="Burst credits: tokens banked while the bucket is full, spent once it is "
+        "empty (default: none); of the first window.",
+    )
+    shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
+
+
+class WindowOut(BaseModel):
+    limit: str = Field(description='As written: "100/s", "10000/d".')
+    rate: float
+    per: float
+    burst: float
+    credit: float | None = None
+
+
 class LimitOut(BaseModel):
     scope: str
-    limit: str = Field(description='As written: "100/s", "6000/m", "5/2s".')
+    limit: str = Field(description='As written: "100/s", "6000/m", "5/2s" (the first window).')
     rate: float
     per: float
     burst: float
     rate_per_second: float
     shadow: bool
+    credit: float | None = Field(None, description="Burst credits of the (first) window, if any.")
+    windows: list[WindowOut] | None = Field(
+        None, description="Every window, when the scope has several."
+    )
 
 
 class PreviewIn(LimitIn):

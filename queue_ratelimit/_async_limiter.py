@@ -17,6 +17,7 @@ from ._core import (
     AuditEntry,
     ExemptMode,
     LimiterBase,
+    LimitSpec,
     Mode,
     ScriptCall,
     as_slot,
@@ -153,7 +154,7 @@ class AsyncLimiter(LimiterBase):
         return raw
 
     async def set_limit(
-        self, scope: str | Scope, limit: Limit | str, *, shadow: bool = False, actor: str = "api"
+        self, scope: str | Scope, limit: LimitSpec, *, shadow: bool = False, actor: str = "api"
     ) -> int:
         return await self._run_config(self._core.set_limit_call(scope, limit, shadow, actor))
 

@@ -8,6 +8,8 @@ The accepted shape, in TOML::
     "global" = "1000/s"
     "tenant:*" = { rate = "50/s", burst = 100 }
     "tenant:acme:queue:emails" = { rate = "10/s", shadow = true }
+    "tenant:beta" = { rate = "10/s", burst = 10, credit = 50 }   # burst credits
+    "tenant:gamma" = ["100/s", "10000/d"]   # several windows: each must admit
     [exempt]
     vip = "tenant"                      # skip tenant caps; "all" also skips queue/global
     [concurrency]                       # at most n jobs of the scope running at once
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._core import LimiterCore, ScriptCall
+from ._decision import check_windows
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
 from ._preview import RECORD_FIELD, recording_call, recording_value
@@ -37,7 +40,8 @@ ENV_PREFIX = "QUEUE_RATELIMIT_"
 class ConfigSpec:
     """Validated static configuration."""
 
-    limits: Mapping[str, tuple[Limit, bool]] = field(default_factory=dict)
+    # scope -> (its limit, or its windows when several; shadow)
+    limits: Mapping[str, tuple[Limit | tuple[Limit, ...], bool]] = field(default_factory=dict)
     exempt: Mapping[str, str] = field(default_factory=dict)
     shadow: bool = False
     record: float | None = None  # seconds of traffic kept for previews
@@ -51,29 +55,60 @@ def _flag(where: str, value: object) -> bool:
     return value
 
 
-def _limit_entry(scope: str, value: object) -> tuple[Limit, bool]:
+def _window(scope: str, value: object) -> Limit:
+    """One window: "100/s", a Limit, or a table of rate, burst and credit."""
+    if isinstance(value, str):
+        return Limit.parse(value)
+    if isinstance(value, Limit):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"rate", "burst", "credit"}
+        if unknown or not isinstance(value.get("rate"), str):
+            raise InvalidLimit(
+                f"a window of {scope!r} must have 'rate' (a string like '100/s') and may have "
+                f"'burst' and 'credit'; got {_shown(dict(value))}"
+            )
+        return Limit.parse(value["rate"], burst=value.get("burst"), credit=value.get("credit"))
+    raise InvalidLimit(f"a window of {scope!r} must be a string or a table, got {_shown(value)}")
+
+
+def _windows(scope: str, value: list[object] | tuple[object, ...]) -> tuple[Limit, ...]:
+    return check_windows(scope, tuple(_window(scope, item) for item in value))
+
+
+def _limit_entry(scope: str, value: object) -> tuple[Limit | tuple[Limit, ...], bool]:
     if isinstance(value, str):
         return Limit.parse(value), False
     if isinstance(value, Limit):
         return value, False
+    if isinstance(value, (list, tuple)):
+        return _windows(scope, value), False
     if isinstance(value, Mapping):
-        unknown = set(value) - {"rate", "burst", "shadow"}
+        unknown = set(value) - {"rate", "burst", "credit", "shadow"}
         if unknown or "rate" not in value:
             raise InvalidLimit(
-                f"limit for {scope!r} must have 'rate' and may have 'burst' and 'shadow'; "
-                f"got keys {sorted(value)}"
+                f"limit for {scope!r} must have 'rate' and may have 'burst', 'credit' and "
+                f"'shadow'; got keys {sorted(value)}"
             )
-        burst = value.get("burst")
+        burst, credit = value.get("burst"), value.get("credit")
         if burst is not None and not isinstance(burst, (int, float)):
             raise InvalidLimit(f"burst for {scope!r} must be a number, got {_shown(burst)}")
+        if credit is not None and not isinstance(credit, (int, float)):
+            raise InvalidLimit(f"credit for {scope!r} must be a number, got {_shown(credit)}")
         rate = value["rate"]
+        shadow = _flag(f"limit for {scope!r}: ", value.get("shadow", False))
+        if isinstance(rate, list) and burst is None and credit is None:
+            return _windows(scope, rate), shadow
         if not isinstance(rate, str):
             raise InvalidLimit(
-                f"rate for {scope!r} must be a string like '100/s', got {_shown(rate)}"
+                f"rate for {scope!r} must be a string like '100/s' (or, without burst and "
+                f"credit, a list of windows), got {_shown(rate)}"
             )
-        shadow = _flag(f"limit for {scope!r}: ", value.get("shadow", False))
-        return Limit.parse(rate, burst=burst), shadow
-    raise InvalidLimit(f"limit for {scope!r} must be a string or a table, got {_shown(value)}")
+        return Limit.parse(rate, burst=burst, credit=credit), shadow
+    raise InvalidLimit(
+        f"limit for {scope!r} must be a string or a table, or a list of windows, "
+        f"got {_shown(value)}"
+    )
 
 
 def parse_config(raw: Mapping[str, object]) -> ConfigSpec:
@@ -140,7 +175,8 @@ def _env_pairs(name: str, text: str, example: str) -> dict[str, str]:
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | None:
     """Configuration from ``QUEUE_RATELIMIT_CONFIG`` (a TOML path), or
-    ``QUEUE_RATELIMIT_LIMITS`` (``"global=1000/s;tenant:*=50/s"``) and
+    ``QUEUE_RATELIMIT_LIMITS`` (``"global=1000/s;tenant:*=50/s"``; several windows of one
+    scope separated by commas: ``"tenant:acme=100/s,10000/d"``) and
     ``QUEUE_RATELIMIT_CONCURRENCY`` (``"tenant:*=4;global=100"``); None when none is set."""
     env = os.environ if environ is None else environ
     if path := env.get(f"{ENV_PREFIX}CONFIG"):
@@ -149,7 +185,11 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> ConfigSpec | No
     caps_text = env.get(f"{ENV_PREFIX}CONCURRENCY")
     if not text and not caps_text:
         return None
-    limits = _env_pairs("LIMITS", text or "", "scope=100/s")
+    # (Several windows of a scope: "tenant:acme=100/s,10000/d".)
+    limits: dict[str, object] = {
+        scope: value.split(",") if "," in value else value
+        for scope, value in _env_pairs("LIMITS", text or "", "scope=100/s").items()
+    }
     caps: dict[str, object] = {}
     for scope, n in _env_pairs("CONCURRENCY", caps_text or "", "scope=4").items():
         try:

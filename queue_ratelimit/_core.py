@@ -28,7 +28,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
-from ._decision import Decision, ScopeLimit, Slot, decode_limit, encode_limit, parse_reply
+from ._decision import (
+    Decision,
+    ScopeLimit,
+    Slot,
+    check_windows,
+    decode_limit,
+    encode_limit,
+    parse_reply,
+)
 from ._durability import EvictionMode, check_eviction_mode
 from ._errors import (
     BackendError,
@@ -200,6 +208,17 @@ def _as_limit(limit: object) -> Limit:
     if not isinstance(parsed, Limit):
         raise InvalidCost(f"limit must be a Limit or a string like '100/s', got {_shown(limit)}")
     return parsed
+
+
+#: What ``set_limit`` takes: one limit, or the windows of a scope (every one must admit).
+LimitSpec = Limit | str | Sequence[Limit | str]
+
+
+def limit_windows(scope: str, limit: object) -> tuple[Limit, ...]:
+    """A scope's limit as its windows: one ``Limit`` (or its text), or a list of them."""
+    if isinstance(limit, (list, tuple)):
+        return check_windows(scope, tuple(_as_limit(item) for item in limit))
+    return (_as_limit(limit),)
 
 
 def _text(value: object) -> str:
@@ -389,10 +408,11 @@ class LimiterCore:
         return ScriptCall([k.config, k.audit, k.shared], [op, field, value, actor, AUDIT_LENGTH])
 
     def set_limit_call(
-        self, scope: str | Scope, limit: Limit | str, shadow: bool, actor: str
+        self, scope: str | Scope, limit: LimitSpec, shadow: bool, actor: str
     ) -> ScriptCall:
         name = scope_name(scope)
-        return self.config_call("set", name, encode_limit(_as_limit(limit), bool(shadow)), actor)
+        windows = limit_windows(name, limit)
+        return self.config_call("set", name, encode_limit(windows, bool(shadow)), actor)
 
     def set_exempt_call(self, tenant: str, mode: ExemptMode | None, actor: str) -> ScriptCall:
         field = f"exempt:{check_name('tenant', tenant)}"

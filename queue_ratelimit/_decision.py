@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
-from ._limit import Limit
+from ._errors import InvalidLimit
+from ._limit import MAX_WINDOWS, Limit
 from ._scopes import _shown
 
 
@@ -49,7 +51,10 @@ class Decision:
         wait_ms: 0 when allowed; otherwise how long until *every* applicable bucket holds
             the cost (the longest of their waits), in milliseconds; at most 3,650 days
             (only a huge cost on a very slow bucket waits longer).
-        remaining: tokens left per scope after this decision (before it, for ``peek``).
+        remaining: tokens left per scope after this decision (before it, for ``peek``); a
+            limit with credit counts its bank in too, and a scope with several windows has
+            its shortest window under its own name and each longer one under
+            ``"<scope> (<window>)"``, e.g. ``"tenant:acme (10000/d)"``.
         denied_by: the scope whose wait is longest, or None when allowed.
         would_deny: scopes in shadow (dry-run) mode that would have denied.
         degraded: True when Redis was unreachable and the fail mode decided instead.
@@ -58,6 +63,10 @@ class Decision:
         concurrency: True when ``denied_by`` is a concurrency cap (its slots are all held;
             ``wait_ms`` is then the time until the earliest of their leases runs out, an
             upper bound: a release frees a slot sooner).
+        credit: the credit bank of each scope whose limit has burst credits (part of its
+            ``remaining``), after this decision.
+        window: when ``denied_by`` has several windows, the one that bound (``"10000/d"``);
+            None otherwise (``denied_by`` itself is the scope's name either way).
     """
 
     allowed: bool
@@ -68,6 +77,8 @@ class Decision:
     degraded: bool = False
     slot: Slot | None = None
     concurrency: bool = False
+    credit: Mapping[str, float] = field(default_factory=lambda: _NO_CREDIT)
+    window: str | None = None
 
     @property
     def retry_after(self) -> float:
@@ -78,23 +89,73 @@ class Decision:
         return self.allowed
 
 
+_NO_CREDIT: Mapping[str, float] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class ScopeLimit:
-    """A limit as configured in Redis for one scope."""
+    """A limit as configured in Redis for one scope.
+
+    ``windows``: every window of the scope, as set (``limit`` is the first); one for a
+    scope with a single limit.
+    """
 
     scope: str
     limit: Limit
     shadow: bool = False
+    windows: tuple[Limit, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            object.__setattr__(self, "windows", (self.limit,))
 
 
-def encode_limit(limit: Limit, shadow: bool) -> str:
-    """The config-hash value the Lua scripts parse: ``"<rate> <per> <burst> <flags>"``."""
-    return f"{limit.rate!r} {limit.per!r} {limit.capacity!r} {'s' if shadow else '-'}"
+def check_windows(scope: str, windows: tuple[Limit, ...]) -> tuple[Limit, ...]:
+    """``windows`` if they can be a scope's limit: 1 to MAX_WINDOWS, no window twice (the
+    same rate over the same period), else ``InvalidLimit``."""
+    if not windows:
+        raise InvalidLimit(f"the limit of {scope} needs at least one window, got none")
+    if len(windows) > MAX_WINDOWS:
+        raise InvalidLimit(
+            f"the limit of {scope} has {len(windows)} windows; at most {MAX_WINDOWS} are allowed"
+        )
+    seen = set()
+    for w in windows:
+        if (w.rate, w.per) in seen:
+            raise InvalidLimit(
+                f"the limit of {scope} gives the window {format_limit(w)} twice: give each once"
+            )
+        seen.add((w.rate, w.per))
+    return windows
+
+
+def _flags(limit: Limit, shadow: bool) -> str:
+    # "s" shadow, "c<credit>" burst credits (an older version ignores the latter: it
+    # enforces the limit without credit, never more than the limit with it).
+    flags = "s" if shadow else "-"
+    return flags if limit.credit is None else f"{flags}c{limit.credit!r}"
+
+
+def encode_limit(limit: Limit | tuple[Limit, ...], shadow: bool) -> str:
+    """The config-hash value the Lua scripts parse: ``"<rate> <per> <burst> <flags>"``,
+    one per window, separated by ``;``."""
+    windows = (limit,) if isinstance(limit, Limit) else limit
+    return ";".join(f"{w.rate!r} {w.per!r} {w.capacity!r} {_flags(w, shadow)}" for w in windows)
+
+
+def _decode_window(text: str) -> tuple[Limit, bool]:
+    rate, per, burst, flags = text.split(" ")
+    shadow, _, credit = flags.partition("c")
+    limit = Limit(float(rate), float(per), float(burst), float(credit) if credit else None)
+    return limit, "s" in shadow
 
 
 def decode_limit(scope: str, value: str) -> ScopeLimit:
-    rate, per, burst, flags = value.split(" ")
-    return ScopeLimit(scope, Limit(float(rate), float(per), float(burst)), "s" in flags)
+    if ";" not in value:
+        limit, shadow = _decode_window(value)
+        return ScopeLimit(scope, limit, shadow)
+    windows = [_decode_window(text) for text in value.split(";")]
+    return ScopeLimit(scope, windows[0][0], windows[0][1], tuple(limit for limit, _ in windows))
 
 
 # A frozen dataclass sets each field through object.__setattr__ in __init__, which is most
@@ -110,6 +171,8 @@ _new = object.__new__
     _set_degraded,
     _set_slot,
     _set_concurrency,
+    _set_credit,
+    _set_window,
 ) = (
     Decision.__dict__[name].__set__
     for name in (
@@ -121,6 +184,8 @@ _new = object.__new__
         "degraded",
         "slot",
         "concurrency",
+        "credit",
+        "window",
     )
 )
 
@@ -133,6 +198,8 @@ def _decision(
     would_deny: tuple[str, ...],
     slot: Slot | None = None,
     concurrency: bool = False,
+    credit: Mapping[str, float] = _NO_CREDIT,
+    window: str | None = None,
 ) -> Decision:
     decision: Decision = _new(Decision)
     _set_allowed(decision, allowed)
@@ -143,6 +210,8 @@ def _decision(
     _set_degraded(decision, False)
     _set_slot(decision, slot)
     _set_concurrency(decision, concurrency)
+    _set_credit(decision, credit)
+    _set_window(decision, window)
     return decision
 
 
@@ -157,21 +226,45 @@ def format_limit(limit: Limit) -> str:
     return f"{limit.rate:.15g}/{limit.per:.15g}s"
 
 
-def limit_fields(item: ScopeLimit) -> dict[str, str | float | bool]:
-    """A configured limit as plain fields (the CLI's JSON, the admin API)."""
+def limit_fields(item: ScopeLimit) -> dict[str, Any]:
+    """A configured limit as plain fields (the CLI's JSON, the admin API): its first window
+    as before (``credit`` added when set), and ``windows`` when it has several."""
     lim = item.limit
-    return {
+    fields: dict[str, Any] = {
         "limit": format_limit(lim),
         "rate": lim.rate,
         "per": lim.per,
         "burst": lim.capacity,
         "shadow": item.shadow,
     }
+    if lim.credit is not None:
+        fields["credit"] = lim.credit
+    if len(item.windows) > 1:
+        fields["windows"] = [_window_fields(w) for w in item.windows]
+    return fields
+
+
+def _window_fields(lim: Limit) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "limit": format_limit(lim),
+        "rate": lim.rate,
+        "per": lim.per,
+        "burst": lim.capacity,
+    }
+    if lim.credit is not None:
+        fields["credit"] = lim.credit
+    return fields
+
+
+def describe_window(limit: Limit) -> str:
+    """``100/s burst 100`` (and ``credit 50`` when set)."""
+    credit = "" if limit.credit is None else f" credit {limit.credit:.15g}"
+    return f"{format_limit(limit)} burst {limit.capacity:.15g}{credit}"
 
 
 def readable_config_value(field: str, value: str) -> str:
     """A config value as people write it (audit logs, dashboards): limits as
-    ``100/s burst 100``, absence as ``-``, anything else as stored."""
+    ``100/s burst 100`` (windows joined by ``+``), absence as ``-``, anything else as stored."""
     if not value:
         return "-"
     if field.startswith(("exempt:", "mode:", "weight:", "conc:")):
@@ -181,21 +274,50 @@ def readable_config_value(field: str, value: str) -> str:
     except ValueError:  # not a limit we can read (Limit refuses it with a ValueError too)
         return value
     shadow = " shadow" if item.shadow else ""
-    return f"{format_limit(item.limit)} burst {item.limit.capacity:.15g}{shadow}"
+    return " + ".join(describe_window(w) for w in item.windows) + shadow
+
+
+def _extended(parts: list[str], bar: int) -> tuple[dict[str, float], dict[str, float], str]:
+    """Remaining tokens, credit banks and denied_by of a reply with credit (``<tokens>:<bank>``)
+    or windows (``<scope>(<window>)``), as ``Decision`` shows them."""
+    remaining: dict[str, float] = {}
+    credit: dict[str, float] = {}
+    for i in range(3, bar, 2):
+        name, tokens = parts[i], parts[i + 1]
+        if name[-1] == ")":
+            name = name.replace("(", " (", 1)
+        left, colon, bank = tokens.partition(":")
+        remaining[name] = float(left)
+        if colon:
+            credit[name] = float(bank)
+    return remaining, credit, parts[2]
 
 
 def parse_reply(reply: bytes | str) -> Decision:
     """Turn the acquire script's flat reply into a ``Decision``:
     ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``,
     status 2 followed by ``" # <slot token> <cap scope> ..."``, a concurrency cap's denial
-    as ``"!<scope>"`` (status -1 is handled by callers)."""
-    parts = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
+    as ``"!<scope>"``, a window's as ``"<scope>(<window>)"``, a credit bucket's remaining as
+    ``"<tokens>:<bank>"`` (status -1 is handled by callers)."""
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    parts = text.split(" ")
     bar = parts.index("|")
-    if bar == 5:  # one bucket, the common case
-        remaining = {parts[3]: float(parts[4])}
-    else:
-        remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
+    credit: Mapping[str, float] = _NO_CREDIT
+    window = None
+    try:
+        if bar == 5:  # one bucket, the common case
+            remaining = {parts[3]: float(parts[4])}
+        else:
+            remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
+        plain = bar == 5 or ")" not in text
+    except ValueError:  # a credit bucket's "<tokens>:<bank>"
+        plain = False
     denied_by = parts[2]
+    if not plain:
+        remaining, banks, denied_by = _extended(parts, bar)
+        credit = MappingProxyType(banks) if banks else _NO_CREDIT
+        if denied_by[-1] == ")":
+            denied_by, _, window = denied_by[:-1].partition("(")
     status = parts[0]
     if status == "1" or (status == "0" and denied_by[0] != "!"):
         return _decision(
@@ -204,6 +326,10 @@ def parse_reply(reply: bytes | str) -> Decision:
             MappingProxyType(remaining),
             None if denied_by == "-" else denied_by,
             tuple(parts[bar + 1 :]),
+            None,
+            False,
+            credit,
+            window,
         )
     if status == "0":  # denied by a concurrency cap
         return _decision(
@@ -213,6 +339,7 @@ def parse_reply(reply: bytes | str) -> Decision:
             denied_by[1:],
             tuple(parts[bar + 1 :]),
             concurrency=True,
+            credit=credit,
         )
     hash_at = parts.index("#")
     return _decision(
@@ -222,4 +349,5 @@ def parse_reply(reply: bytes | str) -> Decision:
         None,
         tuple(parts[bar + 1 : hash_at]),
         Slot(parts[hash_at + 1], tuple(parts[hash_at + 2 :])),
+        credit=credit,
     )

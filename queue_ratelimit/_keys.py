@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -235,6 +236,23 @@ class KeySpace:
         key = self.tenant(scope.tenant)
         return (key, "b") if scope.kind == "tenant" else (key, f"bq:{scope.queue}")
 
+    @staticmethod
+    def window_fields(field: str, periods: Sequence[float]) -> list[str]:
+        """The field of each window of a scope (lua/buckets.lua add_buckets), ``field``
+        being the scope's own (``bucket_location``): the first shortest window keeps it,
+        each other is ``<field>:w<period in seconds>`` (``...:2``, ``...:3`` for further
+        windows of one period). A credit bank is ``<field>:c``."""
+        shortest = min(periods)
+        seen: dict[float, int] = {}
+        names = []
+        for per in periods:
+            n = seen[per] = seen.get(per, 0) + 1
+            if per == shortest and n == 1:
+                names.append(field)
+            else:
+                names.append(f"{field}:w{_lua_number(per)}" + (f":{n}" if n > 1 else ""))
+        return names
+
     # -- the fair scheduler (lua/scheduler.lua) -----------------------------------------
     @property
     def scheduler(self) -> str:
@@ -375,3 +393,10 @@ class KeySpace:
                 raise TypeError(f"{kind} takes no parts")
             return str(getattr(self, kind))
         return str(getattr(self, kind)(*parts))
+
+
+def _lua_number(n: float) -> str:
+    """A number as lua/buckets.lua's fmt prints it (into field names)."""
+    if n % 1 == 0 and n != 0 and -(2**53) < n < 2**53:
+        return str(int(n))
+    return f"{n:.17g}"

@@ -115,17 +115,32 @@ def moved(old: Sequence[float], new: Sequence[float]) -> bool:
 
 
 def _limit_slices(value: str, shares: Sequence[float]) -> list[str]:
-    parts = value.split(" ")
-    try:
-        rate, per, burst = (float(p) for p in parts[:3])
-    except ValueError:
-        return [value] * len(shares)
-    if len(parts) != 4 or not (rate > 0 and per > 0 and burst > 0):
-        # A kind of limit this version does not know how to slice: every shard holds it
-        # whole (docs/design.md says what that does to the bound).
-        return [value] * len(shares)
-    floor = min(burst, 1.0)
-    return [f"{rate * s!r} {per!r} {max(burst * s, floor)!r} {parts[3]}" for s in shares]
+    """Each shard's slice of a limit: per window (``;``-joined), the rate, the burst (at
+    least ``min(burst, 1)``) and the burst credit (flags ``c<n>``) times the share."""
+    windows = []
+    for text in value.split(";"):
+        parts = text.split(" ")
+        try:
+            rate, per, burst = (float(p) for p in parts[:3])
+            shadow, _, credit_text = parts[3].partition("c")
+            credit = float(credit_text) if credit_text else None
+        except (ValueError, IndexError):
+            return [value] * len(shares)
+        if len(parts) != 4 or not (rate > 0 and per > 0 and burst > 0):
+            # A kind of limit this version does not know how to slice: every shard holds
+            # it whole (docs/design.md says what that does to the bound).
+            return [value] * len(shares)
+        windows.append((rate, per, burst, shadow, credit))
+    out = []
+    for share in shares:
+        sliced = []
+        for rate, per, burst, shadow, credit in windows:
+            flags = shadow if credit is None else f"{shadow}c{credit * share!r}"
+            sliced.append(
+                f"{rate * share!r} {per!r} {max(burst * share, min(burst, 1.0))!r} {flags}"
+            )
+        out.append(";".join(sliced))
+    return out
 
 
 def _cap_slices(value: str, shares: Sequence[float]) -> list[str]:

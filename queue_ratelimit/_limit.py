@@ -18,6 +18,9 @@ MAX_PERIOD_SECONDS = 366 * 86400.0
 # only carry a rate given as tiny as itself, in fewer bits.
 MIN_PERIOD_SECONDS = 0.001
 MAX_BURST = 1e12
+# The most windows one scope's limit may have (100/s and 10000/d are two); lua/buckets.lua
+# refuses more.
+MAX_WINDOWS = 4
 # The longest limit text accepted ("1000000000/366d" is 15 characters): parsing a longer one
 # is refused before any pattern runs, so its cost is bounded whatever the input.
 MAX_LIMIT_TEXT = 64
@@ -56,12 +59,17 @@ def _finite_positive(name: str, value: object) -> float:
     return number
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Limit:
     """``rate`` tokens every ``per`` seconds, with a bucket that holds ``burst`` tokens.
 
     ``burst`` defaults to the tokens of one period (at least 1), so ``Limit(100)`` admits
     100 jobs at once after a quiet spell and 100 per second after that.
+
+    ``credit`` (burst credits, default none): while the bucket is full its refill keeps
+    flowing into a bank of at most ``credit`` tokens, spent once the bucket is empty. A
+    tenant quiet long enough gets ``burst + credit`` at once; over any interval ``T`` at
+    most ``rate_per_second * T + burst + credit`` are admitted (docs/tuning.md).
 
     >>> Limit(100)
     Limit(rate=100.0, per=1.0, burst=100.0)
@@ -69,13 +77,14 @@ class Limit:
     100.0
 
     Raises:
-        InvalidLimit: a value is not finite, is ``<= 0``, is absurdly large or small, or
-            ``burst`` is below 1.
+        InvalidLimit: a value is not finite, is ``<= 0``, is absurdly large or small,
+            ``burst`` is below 1, or ``credit`` is negative or above ``MAX_BURST``.
     """
 
     rate: float
     per: float = 1.0
     burst: float | None = None
+    credit: float | None = None
 
     def __post_init__(self) -> None:
         rate = _finite_positive("rate", self.rate)
@@ -103,6 +112,12 @@ class Limit:
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "per", per)
         object.__setattr__(self, "burst", burst)
+        object.__setattr__(self, "credit", _credit(self.credit))
+
+    def __repr__(self) -> str:
+        # (credit only when set: the repr of a limit without it is what it always was.)
+        credit = "" if self.credit is None else f", credit={self.credit!r}"
+        return f"Limit(rate={self.rate!r}, per={self.per!r}, burst={self.burst!r}{credit})"
 
     @property
     def rate_per_second(self) -> float:
@@ -115,8 +130,13 @@ class Limit:
         assert self.burst is not None
         return self.burst
 
+    @property
+    def credit_cap(self) -> float:
+        """The most credit the bank holds (0 without credit)."""
+        return self.credit or 0.0
+
     @classmethod
-    def parse(cls, text: str, burst: float | None = None) -> Limit:
+    def parse(cls, text: str, burst: float | None = None, credit: float | None = None) -> Limit:
         """Build a limit from ``"100/s"``, ``"6000/m"``, ``"10/h"``, ``"5/2s"`` or ``"1/d"``.
 
         Raises:
@@ -140,7 +160,25 @@ class Limit:
                 f"unknown time unit {_shown(per['unit'])} in {_shown(text)}; use ms, s, m, h or d"
             )
         count = float(per["count"]) if per["count"] else 1.0
-        return cls(float(rate[0]), per=count * _UNITS[unit], burst=burst)
+        return cls(float(rate[0]), per=count * _UNITS[unit], burst=burst, credit=credit)
 
     def __str__(self) -> str:
-        return f"{self.rate:g}/{self.per:g}s burst {self.capacity:g}"
+        credit = "" if self.credit is None else f" credit {self.credit:g}"
+        return f"{self.rate:g}/{self.per:g}s burst {self.capacity:g}{credit}"
+
+
+def _credit(value: object) -> float | None:
+    """A credit as given (None or 0: none), checked: a finite number in [0, MAX_BURST]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidLimit(f"credit must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number) or number < 0 or number > MAX_BURST:
+        raise InvalidLimit(
+            f"credit must be a finite number from 0 to {MAX_BURST:g} tokens, got {_shown(value)}"
+        )
+    return number or None

@@ -14,6 +14,7 @@ from ._core import (
     AuditEntry,
     ExemptMode,
     LimiterBase,
+    LimitSpec,
     Mode,
     ScriptCall,
     as_slot,
@@ -245,13 +246,20 @@ class Limiter(LimiterBase):
         return self._core.config_version(reply, str(call.args[1]), must_exist)
 
     def set_limit(
-        self, scope: str | Scope, limit: Limit | str, *, shadow: bool = False, actor: str = "api"
+        self, scope: str | Scope, limit: LimitSpec, *, shadow: bool = False, actor: str = "api"
     ) -> int:
         """Set a scope's limit; returns the new configuration version.
 
         ``scope`` is ``"global"``, ``"queue:<q>"``, ``"tenant:<t>"``, ``"tenant:<t>:queue:<q>"``
         or a default for every tenant (``"tenant:*"``, ``"tenant:*:queue:<q>"``). With
         ``shadow=True`` the scope decides and counts but never denies.
+
+        ``limit`` is a ``Limit`` or its text (``"100/s"``), or a list of up to four windows of
+        different periods (``["100/s", "10000/d"]``) that must every one admit a job.
+
+        Raises:
+            InvalidLimit: a malformed limit, or a list of windows that is empty, longer than
+                four or gives a period twice.
         """
         return self._run_config(self._core.set_limit_call(scope, limit, shadow, actor))
 

@@ -31,7 +31,7 @@ MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
 MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
 # How long (seconds) a job counted in transit by a hint stays counted beyond twice the wait
-# predicted for it, unless a gate sees it sooner (lua/scheduler.lua "hint"; docs/design.md).
+# predicted for it, unless a gate sees it sooner (lua/hint.lua; docs/design.md).
 TRANSIT_GRACE = 300.0
 
 
@@ -599,8 +599,17 @@ class FairScheduler:
             "0" if item_id is None else "2" if count == "if_allowed" else "1",
             self.transit_grace_ms,
         ]
+        k = self.keys
+        keys = [
+            k.config,
+            k.shared,
+            k.tenant(tenant),
+            k.counts(queue),
+            k.active(queue),
+            k.transit(queue, tenant),
+        ]
         with redis_errors():
-            reply = self._run("hint", *args, keys=[self.keys.transit(queue, tenant)])
+            reply = self._scripts.call("hint.lua", keys, args)
         starts, wait_ms, denied_by, ahead, by_cap = _text(reply).split(" ")
         return Hint(
             starts == "1",

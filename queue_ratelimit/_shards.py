@@ -125,9 +125,11 @@ class ShardedLimiter(Limiter):
             whole = self.client.hget(self.keys.config, scope)
         if whole is None:
             raise exc
-        burst = decode_limit(scope, whole.decode() if isinstance(whole, bytes) else whole)
-        if exc.cost > burst.limit.capacity:
-            raise CostExceedsBurst(scope, exc.cost, burst.limit.capacity) from None
+        limit = decode_limit(scope, whole.decode() if isinstance(whole, bytes) else whole)
+        # (Every window must hold the cost; a credit bucket holds burst + credit.)
+        most = min(w.capacity + (w.credit or 0) for w in limit.windows)
+        if exc.cost > most:
+            raise CostExceedsBurst(scope, exc.cost, most) from None
         with redis_errors():
             self.client.hincrby(self.shard_keys[shard].shared, f"d:{scope}", 1)
         return Decision(False, self.rebalancer.interval * 1000, denied_by=scope)

@@ -67,12 +67,12 @@ from ._admin_models import (
     ConcurrencyOut,
     CountQuery,
     ExemptIn,
-    LimitIn,
     LimitOut,
     PreviewIn,
     PriorityPath,
     RecordingIn,
     ScopePath,
+    SetLimitIn,
     ShadowIn,
     TenantPath,
     TenantWeightPath,
@@ -83,7 +83,12 @@ from ._admin_models import (
 )
 from ._core import redis_errors
 from ._decision import ScopeLimit, limit_fields
-from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
+from ._errors import (
+    BackendError,
+    BackendUnavailable,
+    LimitNotFound,
+    RateLimitError,
+)
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import RECORD_FIELD, preview_fields
@@ -105,6 +110,21 @@ register_url_convertor("name", _Name())
 # Every body this API takes is a few dozen bytes; anything near this is an attack or a
 # mistake, refused before it is read (a 40 KB limit text once held the server for 11 s).
 MAX_BODY_BYTES = 16 * 1024
+
+
+def _set_limit_value(body: SetLimitIn) -> Limit | list[Limit]:
+    """The limit (or windows) a PUT /limits body asks for (InvalidLimit, 400, when not one):
+    ``burst`` and ``credit`` are the first window's; a window given twice (the same rate
+    and period, however spelt) counts once, so every body the schema admits is taken."""
+    texts = [body.limit] if isinstance(body.limit, str) else body.limit
+    first = Limit.parse(texts[0], burst=body.burst, credit=body.credit)
+    if isinstance(body.limit, str):
+        return first
+    windows = {(first.rate, first.per): first}
+    for text in texts[1:]:
+        window = Limit.parse(text)
+        windows.setdefault((window.rate, window.per), window)
+    return list(windows.values())
 
 
 def _limit_out(item: ScopeLimit) -> LimitOut:
@@ -299,18 +319,19 @@ def create_app(
         eviction = limiter.eviction_status().as_dict()
         return {"status": "ok", "namespace": limiter.namespace, "eviction": eviction}
 
-    @route.get("/limits", "Every configured limit", READS)
+    # (credit and windows appear only where set: a plain limit reads as it always did.)
+    @route.get("/limits", "Every configured limit", READS, response_model_exclude_none=True)
     def list_limits() -> list[LimitOut]:
         with redis_errors():
             return [_limit_out(item) for item in limiter.limits().values()]
 
-    @route.get("/limits/{scope:name}", "One scope's limit")
+    @route.get("/limits/{scope:name}", "One scope's limit", response_model_exclude_none=True)
     def get_limit(scope: ScopePath) -> LimitOut:
         return _limit_out(limiter.get_limit(scope))
 
     @route.put("/limits/{scope:name}", "Set a scope's limit")
-    def set_limit(scope: ScopePath, body: LimitIn, who: Actor) -> Version:
-        limit = Limit.parse(body.limit, burst=body.burst)
+    def set_limit(scope: ScopePath, body: SetLimitIn, who: Actor) -> Version:
+        limit = _set_limit_value(body)
         return Version(version=limiter.set_limit(scope, limit, shadow=body.shadow, actor=who))
 
     @route.post(

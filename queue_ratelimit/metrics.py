@@ -25,8 +25,10 @@ from redis.exceptions import RedisError
 
 from ._core import redis_errors
 from ._counters import queue_flush_counters
-from ._decision import ScopeLimit
+from ._decision import ScopeLimit, format_limit
 from ._errors import InvalidScope, LimitNotFound, RateLimitError
+from ._keys import KeySpace
+from ._limit import Limit
 from ._limiter import Limiter
 from ._scopes import Scope
 
@@ -63,16 +65,47 @@ def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
-def _bucket_fill(
-    fields: dict[str, str], field: str, burst: float, rate_per_s: float, now_us: float
-) -> float:
-    """Tokens in a stored bucket (``field`` and its clock ``field:u``, see lua/buckets.lua),
-    refilled to now; a missing bucket is full."""
+def _window_state(
+    fields: dict[str, str], field: str, limit: Limit, now_us: float
+) -> tuple[float, float]:
+    """(tokens, credit bank) of one window stored in ``field`` (its clock ``field:u``, its
+    bank ``field:c``), refilled to now as lua/buckets.lua does: the bucket first, then the
+    bank; a missing bucket is full, bank included."""
+    burst, credit = limit.capacity, limit.credit_cap
     tokens, updated = fields.get(field), fields.get(f"{field}:u")
     if tokens is None or updated is None:
-        return burst
+        return burst, credit
     elapsed = max(0.0, now_us - float(updated))
-    return min(burst, float(tokens) + elapsed * rate_per_s / 1e6)
+    bank = float(fields.get(f"{field}:c", 0)) if credit else 0.0
+    total = min(burst + credit, float(tokens) + bank + elapsed * limit.rate_per_second / 1e6)
+    bank = min(credit, max(bank, total - burst))
+    return total - bank, bank
+
+
+def scope_buckets(
+    scope: str, setting: ScopeLimit, fields: dict[str, str], field: str, now_us: float
+) -> dict[str, dict[str, Any]]:
+    """The buckets of one concrete scope (``field``: its own, KeySpace.bucket_location), by
+    name: the scope for its shortest window, ``"<scope> (<window>)"`` for each other one
+    (as in ``Decision.remaining``). Each: tokens, burst, fill, and for a limit with burst
+    credits its bank (``credit``) and the most it holds (``credit_cap``)."""
+    windows = setting.windows
+    names = KeySpace.window_fields(field, [w.per for w in windows])
+    out: dict[str, dict[str, Any]] = {}
+    for window, name in zip(windows, names, strict=True):
+        tokens, bank = _window_state(fields, name, window, now_us)
+        shown = scope if name == field else f"{scope} ({format_limit(window)})"
+        entry: dict[str, Any] = {
+            "tokens": tokens,
+            "burst": window.capacity,
+            "fill": tokens / window.capacity,
+            "limit": setting.scope,
+        }
+        if window.credit is not None:
+            entry["credit"] = bank
+            entry["credit_cap"] = window.credit
+        out[shown] = entry
+    return out
 
 
 def _top(counts: dict[str, int], n: int, folded: int = 0) -> dict[str, int]:
@@ -131,12 +164,19 @@ def bucket_state(limiter: Limiter, scope: str) -> dict[str, Any]:
         if setting is None:
             raise LimitNotFound(str(parsed))
         seconds, micros = limiter.client.time()
-        tokens_raw, updated_raw = limiter.client.hmget(key, [field, f"{field}:u"])
+        tokens_raw, updated_raw, bank_raw = limiter.client.hmget(
+            key, [field, f"{field}:u", f"{field}:c"]
+        )
     now_us = seconds * 1e6 + micros
     burst, rate = setting.limit.capacity, setting.limit.rate_per_second
     stored = {field: _text(tokens_raw), f"{field}:u": _text(updated_raw)} if tokens_raw else {}
-    tokens = _bucket_fill(stored, field, burst, rate, now_us)
+    if bank_raw is not None:
+        stored[f"{field}:c"] = _text(bank_raw)
+    # (The first window's bucket; snapshot() shows every window.)
+    tokens, bank = _window_state(stored, field, setting.limit, now_us)
+    extra = {} if setting.limit.credit is None else {"credit": bank}
     return {
+        **extra,
         "scope": str(parsed),
         "limit": setting,
         "tokens": tokens,
@@ -383,14 +423,7 @@ def snapshot(
         fields = by_tenant[scope.tenant] if scope.tenant is not None else shared
         if scope.kind == "tenant_queue" and source != str(scope) and field not in fields:
             continue  # a default tenant-queue bucket this tenant never used
-        setting = limits[source].limit
-        tokens = _bucket_fill(fields, field, setting.capacity, setting.rate_per_second, now_us)
-        buckets[str(scope)] = {
-            "tokens": tokens,
-            "burst": setting.capacity,
-            "fill": tokens / setting.capacity,
-            "limit": source,
-        }
+        buckets.update(scope_buckets(str(scope), limits[source], fields, field, now_us))
 
     denials = dict(read.tenant_denials)
     tenant_stats = {
@@ -421,14 +454,7 @@ def snapshot(
         "shadow": config.get("mode:shadow") == "1",
         # Seconds of traffic kept for previews, None when recording is off.
         "recording_s": float(config["mode:record"]) if "mode:record" in config else None,
-        "limits": {
-            scope: {
-                "rate_per_s": s.limit.rate_per_second,
-                "burst": s.limit.capacity,
-                "shadow": s.shadow,
-            }
-            for scope, s in limits.items()
-        },
+        "limits": {scope: _limit_summary(s) for scope, s in limits.items()},
         "caps": caps,
         "exemptions": exemptions,
         "totals": {
@@ -468,6 +494,22 @@ def snapshot(
         "lanes": _top_lanes(lane_stats, max_queues),
         "tenants": tenant_stats,
     }
+
+
+def _limit_summary(setting: ScopeLimit) -> dict[str, Any]:
+    """A configured limit in the snapshot: its (first) window's rate and burst as always,
+    its credit when set, and every window (as written) when it has several."""
+    lim = setting.limit
+    out: dict[str, Any] = {
+        "rate_per_s": lim.rate_per_second,
+        "burst": lim.capacity,
+        "shadow": setting.shadow,
+    }
+    if lim.credit is not None:
+        out["credit"] = lim.credit
+    if len(setting.windows) > 1:
+        out["windows"] = [format_limit(w) for w in setting.windows]
+    return out
 
 
 def publish_snapshot(limiter: Limiter) -> dict[str, Any]:
@@ -616,6 +658,14 @@ FAMILIES: tuple[Family, ...] = (
         "Tokens left in a bucket, refilled to the time of the scrape",
         ("scope",),
         _each("buckets", "tokens"),
+    ),
+    Family(
+        "gauge",
+        "bucket_credit_tokens",
+        "Burst credits banked for a bucket (limits with credit only): refill that flowed on "
+        "while the bucket was full, spent once it is empty",
+        ("scope",),
+        lambda snap: (((s,), b["credit"]) for s, b in snap["buckets"].items() if "credit" in b),
     ),
     Family(
         "gauge",

@@ -138,18 +138,37 @@ def _per_s(value: float | None) -> str:
 
 
 def limit_text(setting: dict[str, Any]) -> str:
-    """``50/s (100)``: a limit's rate in its most readable unit, and its burst."""
+    """``50/s (100)``: a limit's rate in its most readable unit, and its burst (``10/s
+    (10+50)`` with 50 burst credits; each further window of the scope has a row of its own)."""
     rate = setting["rate_per_s"]
     for unit, seconds in (("s", 1), ("m", 60), ("h", 3600), ("d", 86400)):
         if rate * seconds >= 1 or unit == "d":
             text = f"{rate * seconds:.3g}/{unit}"
             break
     shadow = " shadow" if setting.get("shadow") else ""
-    return f"{text} ({setting['burst']:g}){shadow}"
+    credit = f"+{setting['credit']:g}" if setting.get("credit") else ""
+    return f"{text} ({setting['burst']:g}{credit}){shadow}"
 
 
 def _tokens(value: float) -> str:
     return f"{value:,.1f}" if value < 10_000 else f"{value:,.0f}"
+
+
+def _bucket_tokens(bucket: dict[str, Any]) -> str:
+    """A bucket's tokens, and its banked burst credits when its limit has them: ``4.0+50``."""
+    if "credit" not in bucket:
+        return _tokens(bucket["tokens"])
+    return f"{_tokens(bucket['tokens'])}+{bucket['credit']:,.0f}"
+
+
+def _window_rows(scope: str, buckets: dict[str, Any]) -> list[tuple[float, Row5]]:
+    """The further windows of a scope with several (buckets ``"<scope> (<window>)"``)."""
+    head = f"{scope} ("
+    return [
+        (b["fill"], (f"  {name[len(scope) + 1 :]}", "", _bucket_tokens(b), fill_bar(b["fill"]), ""))
+        for name, b in buckets.items()
+        if name.startswith(head)
+    ]
 
 
 @dataclass
@@ -207,13 +226,16 @@ def _limit_groups(
             rows: list[Row5] = [(scope, "exempt", "–", f"{exempt} scopes", "")]
         elif bucket is not None:
             fill = bucket["fill"]
-            cells = (_tokens(bucket["tokens"]), fill_bar(fill))
+            cells = (_bucket_tokens(bucket), fill_bar(fill))
             rows = [(scope, limit_text(setting), *cells, _per_s(denied_rate(scope)))]
+            windows = _window_rows(scope, buckets)
+            rows += [row for _, row in windows]
+            fill = min([fill, *(f for f, _ in windows)])
         else:  # a default, or a tenant past the snapshot's cap
             rows = [(scope, limit_text(setting), "", "", _per_s(denied_rate(scope)))]
         if parsed.is_default:
             members = [
-                (b["fill"], (name, "", _tokens(b["tokens"]), fill_bar(b["fill"]), rate))
+                (b["fill"], (name, "", _bucket_tokens(b), fill_bar(b["fill"]), rate))
                 for name, b in buckets.items()
                 if b.get("limit") == scope
                 for rate in (_per_s(tenant_rate(name)),)
@@ -543,8 +565,9 @@ def demo_limiter() -> Limiter:
     limiter.set_limit("queue:emails", Limit(50, burst=50))
     limiter.set_limit("tenant:*", Limit(5, burst=10))
     limiter.set_limit("tenant:*:queue:emails", Limit(2, burst=4))
-    limiter.set_limit("tenant:acme", Limit(20, burst=40))
+    limiter.set_limit("tenant:acme", Limit(20, burst=40, credit=100))  # burst credits
     limiter.set_limit("tenant:acme:queue:reports", Limit(1, per=3600, burst=2))
+    limiter.set_limit("tenant:zed", ["2/s", "100/h"])  # two windows
     limiter.set_exempt("bigco", "tenant")
     limiter.set_concurrency("tenant:*", 4)
     scheduler = FairScheduler(limiter)

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from queue_ratelimit import ConfigError, Limit, Limiter
-from queue_ratelimit._limit import LIMIT_PATTERN
+from queue_ratelimit._limit import LIMIT_PATTERN, MAX_WINDOWS
 from queue_ratelimit._scopes import (
     CONCRETE_SCOPE_PATTERN,
     NAME_PATTERN,
@@ -446,7 +446,9 @@ def test_an_oversized_body_is_refused_before_it_is_read(api: TestClient, content
         # Under the body cap, and bait for the old pattern's backtracking.
         ({"limit": "1/" + " " * 6000 + "s" * 6000 + " !"}, 400, "InvalidLimit"),
         ({"limit": "1" * 15_000 + "/s"}, 400, "InvalidLimit"),
-        ({"limit": ["x" * 15_000]}, 400, "ValidationError"),  # FastAPI echoed the input
+        # (A list is a scope's windows: each one is parsed, and refused as any limit.)
+        ({"limit": ["x" * 15_000]}, 400, "InvalidLimit"),
+        ({"limit": ["1/s"] * 50}, 400, "ValidationError"),  # FastAPI echoed the input
         ({"limit": "1/s", "x" * 15_000: 1}, 400, "ValidationError"),
         ({"limit": "1/s", "burst": "x" * 15_000}, 400, "ValidationError"),
     ],
@@ -508,8 +510,11 @@ def test_the_openapi_document_states_every_answer_and_constraint(api: TestClient
     assert bodies["WeightIn"]["properties"]["weight"]["maximum"] == 1e6
     assert bodies["RecordingIn"]["properties"]["seconds"]["minimum"] == 60
     assert bodies["ConcurrencyIn"]["properties"]["jobs"]["type"] == "integer"
-    assert bodies["LimitIn"]["properties"]["limit"]["pattern"] == LIMIT_PATTERN
-    assert bodies["LimitIn"]["additionalProperties"] is False
+    one, several = bodies["SetLimitIn"]["properties"]["limit"]["anyOf"]
+    assert one["pattern"] == several["items"]["pattern"] == LIMIT_PATTERN
+    assert several["maxItems"] == MAX_WINDOWS
+    assert bodies["SetLimitIn"]["additionalProperties"] is False
+    assert bodies["PreviewIn"]["properties"]["limit"]["pattern"] == LIMIT_PATTERN
 
 
 @settings(max_examples=300, deadline=None)

@@ -37,6 +37,19 @@ def hub() -> Iterator[Hub]:
     loop.close()
 
 
+@pytest.fixture
+def replies() -> Replies:
+    return Replies()
+
+
+@pytest.fixture
+def wire(hub: Hub, redis_client: redis.Redis) -> Iterator[Wire]:
+    """A wire to the test server on the event loop, closed after the test."""
+    on_loop = Wire(redis_client, hub)
+    yield on_loop
+    on_loop.close()
+
+
 def run_until(hub: Hub, condition: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Turn the event loop until ``condition`` gives something truthy, and return it (fails
     the test after ``timeout``)."""
@@ -49,10 +62,8 @@ def run_until(hub: Hub, condition: Callable[[], Any], timeout: float = 10.0) -> 
 
 
 def test_sends_of_one_turn_go_out_in_one_write_and_replies_reach_their_callers(
-    hub: Hub, redis_client: redis.Redis, namespace: str
+    hub: Hub, wire: Wire, replies: Replies, redis_client: redis.Redis, namespace: str
 ) -> None:
-    wire = Wire(redis_client, hub)
-    replies = Replies()
     key = f"{namespace}:wire"
     wire.send([("SET", key, "a"), ("GET", key)], replies.to("first"))
     wire.send([("INCR", f"{key}:n")], replies.to("second"))
@@ -68,28 +79,22 @@ def test_sends_of_one_turn_go_out_in_one_write_and_replies_reach_their_callers(
     assert isinstance(error, ResponseError)
     assert "WRONGTYPE" in str(error)
     assert wire.pending == 0
-    wire.close()
 
 
 def test_a_write_larger_than_the_socket_takes_goes_out_in_parts(
-    hub: Hub, redis_client: redis.Redis, namespace: str
+    hub: Hub, wire: Wire, replies: Replies, redis_client: redis.Redis, namespace: str
 ) -> None:
-    wire = Wire(redis_client, hub)
-    replies = Replies()
     big = os.urandom(8 << 20)  # far more than a loopback socket buffers
     wire.send([("SET", f"{namespace}:big", big), ("STRLEN", f"{namespace}:big")], replies.to("big"))
     wire.send([("PING",)], replies.to("after"))
     run_until(hub, lambda: len(replies.got) == 2, timeout=30)
     assert replies.got == [("big", [b"OK", len(big)]), ("after", [b"PONG"])]
     assert redis_client.get(f"{namespace}:big") == big
-    wire.close()
 
 
 def test_a_lost_connection_tells_every_caller_and_the_next_send_reconnects(
-    hub: Hub, redis_client: redis.Redis, namespace: str
+    hub: Hub, wire: Wire, replies: Replies, redis_client: redis.Redis, namespace: str
 ) -> None:
-    wire = Wire(redis_client, hub)
-    replies = Replies()
     key = f"{namespace}:blocked"
     # A call that will not answer for a long while, then the server drops the connection.
     wire.send([("CLIENT", "SETNAME", "qrl-wire-test")], replies.to("named"))
@@ -115,14 +120,12 @@ def test_a_lost_connection_tells_every_caller_and_the_next_send_reconnects(
     wire.send([("PING",)], replies.to("again"))
     run_until(hub, lambda: len(replies.got) == 4)
     assert replies.got[3] == ("again", [b"PONG"])
-    wire.close()
 
 
 def test_without_an_event_loop_calls_are_written_at_once_and_read_on_poll_or_drain(
-    redis_client: redis.Redis, namespace: str
+    redis_client: redis.Redis, namespace: str, replies: Replies
 ) -> None:
     wire = Wire(redis_client)
-    replies = Replies()
     key = f"{namespace}:plain"
     wire.send([("SET", key, "1")], replies.to("set"))
     assert wire.writes == 1
@@ -140,12 +143,11 @@ def test_without_an_event_loop_calls_are_written_at_once_and_read_on_poll_or_dra
 
 
 def test_close_reports_calls_not_yet_written_and_a_stalled_server_is_measured(
-    hub: Hub, redis_process: Callable[..., RedisProcess]
+    hub: Hub, redis_process: Callable[..., RedisProcess], replies: Replies
 ) -> None:
     server = redis_process()
     client = redis.Redis.from_url(server.url, socket_timeout=5)
     wire = Wire(client, hub)
-    replies = Replies()
     wire.send([("PING",)], replies.to("before"))
     run_until(hub, lambda: len(replies.got) == 1)
     assert server.proc is not None
@@ -169,12 +171,13 @@ def test_close_reports_calls_not_yet_written_and_a_stalled_server_is_measured(
     client.close()
 
 
-def test_calls_to_an_unreachable_server_are_reported_as_never_sent(hub: Hub) -> None:
+def test_calls_to_an_unreachable_server_are_reported_as_never_sent(
+    hub: Hub, replies: Replies
+) -> None:
     from conftest import free_port
 
     client = redis.Redis(port=free_port(), socket_connect_timeout=1)
     wire = Wire(client, hub)
-    replies = Replies()
     wire.send([("PING",)], replies.to("refused"))
     run_until(hub, lambda: replies.got)
     [(name, error)] = replies.got

@@ -70,6 +70,7 @@ def exported(limiter: Limiter) -> dict[str, set[str]]:
     limiter.set_limit("global", Limit(1000, per=HOUR))
     limiter.set_limit("tenant:*", Limit(1, per=HOUR))
     limiter.set_limit("queue:shadowed", Limit(1, per=HOUR), shadow=True)
+    limiter.set_limit("queue:banked", Limit(1, per=HOUR, credit=2))  # burst credits
     limiter.set_concurrency("tenant:*", 5)
     for tenant in ("acme", "beta"):
         for _ in range(3):

@@ -1051,7 +1051,231 @@ COUNTING = [
     ),
 ]
 
-CASES = SEQUENCES + FROZEN + EDGES + COUNTING
+# -- burst credits and several windows per scope (#13) --------------------------------------
+
+DAY = 86400.0
+
+
+def credit_limit(rate: float, burst: float, credit: float) -> dict[str, float]:
+    """A limit with burst credits of ``rate`` tokens an hour (built by the step: it may raise)."""
+    return {"rate": rate, "per": HOUR, "burst": burst, "credit": credit}
+
+
+CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
+    {
+        # Bucket first, then the bank; a denial waits for the bucket's refill; a refund
+        # fills the bucket first. Tenant 2 an hour, burst 2, credit 3: 5 at once.
+        "id": "credit-spends-bucket-then-bank",
+        "steps": [
+            {"set": "tenant:*", "limit": credit_limit(2, 2, 3)},
+            {
+                "peek": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 5},
+                "credit": {"tenant:acme": 3},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 4},
+                "credit": {"tenant:acme": 3},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 3},
+                "credit": {"tenant:acme": 3},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 2},
+                "credit": {"tenant:acme": 2},
+            },
+            {
+                "acquire": "acme",
+                "cost": 2,
+                "allowed": True,
+                "remaining": {"tenant:acme": 0},
+                "credit": {"tenant:acme": 0},
+            },
+            {
+                "acquire": "acme",
+                "allowed": False,
+                "denied_by": "tenant:acme",
+                "wait_ms": 1_800_000,
+                "remaining": {"tenant:acme": 0},
+                "credit": {"tenant:acme": 0},
+            },
+            {
+                "refund": "acme",
+                "cost": 3,
+                "allowed": True,
+                "remaining": {"tenant:acme": 3},
+                "credit": {"tenant:acme": 1},
+            },
+            {
+                "acquire": "beta",
+                "allowed": True,
+                "remaining": {"tenant:beta": 4},
+                "credit": {"tenant:beta": 3},
+            },
+        ],
+    },
+    {
+        # A cost above the burst fits in burst + credit; above both it never will.
+        "id": "credit-admits-costs-up-to-burst-plus-credit",
+        "steps": [
+            {"set": "global", "limit": credit_limit(1, 2, 3)},
+            {
+                "acquire": "acme",
+                "cost": 4,
+                "allowed": True,
+                "remaining": {"global": 1},
+                "credit": {"global": 1},
+            },
+            {"acquire": "acme", "cost": 6, "raises": CostExceedsBurst},
+        ],
+    },
+    {
+        "id": "credit-read-back",
+        "steps": [
+            {"set": "tenant:acme", "limit": credit_limit(2, 2, 3)},
+            {
+                "get": "tenant:acme",
+                "is": ScopeLimit("tenant:acme", Limit(2, per=HOUR, burst=2, credit=3)),
+            },
+        ],
+    },
+    {
+        # Every window must admit; the shortest under the scope's name, the others beside.
+        "id": "windows-all-or-nothing",
+        "steps": [
+            {"set": "tenant:acme", "limit": ["2/h", "3/d"]},
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 1, "tenant:acme (3/d)": 2},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 0, "tenant:acme (3/d)": 1},
+            },
+            {
+                "acquire": "acme",
+                "allowed": False,
+                "denied_by": "tenant:acme",
+                "window": "2/h",
+                "wait_ms": 1_800_000,
+                "remaining": {"tenant:acme": 0, "tenant:acme (3/d)": 1},
+            },
+            {
+                "get": "tenant:acme",
+                "is": ScopeLimit(
+                    "tenant:acme",
+                    Limit(2, per=HOUR),
+                    False,
+                    (Limit(2, per=HOUR), Limit(3, per=DAY)),
+                ),
+            },
+        ],
+    },
+    {
+        # The daily window binds: its wait, its name. Given longest first, it keeps its
+        # place in `remaining`, and its own fields.
+        "id": "windows-the-long-one-binds",
+        "steps": [
+            {"set": "tenant:*", "limit": ["2/d", "5/h"]},
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme (2/d)": 1, "tenant:acme": 4},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
+            },
+            {
+                "acquire": "acme",
+                "allowed": False,
+                "denied_by": "tenant:acme",
+                "window": "2/d",
+                "wait_ms": 43_200_000,
+                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
+            },
+            {
+                "peek": "acme",
+                "allowed": False,
+                "denied_by": "tenant:acme",
+                "window": "2/d",
+                "wait_ms": 43_200_000,
+                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
+            },
+        ],
+    },
+    {
+        # Shared scopes, windows of one period, a window with credit, and a single-window
+        # scope beside them whose replies are as they always were.
+        "id": "windows-shared-and-credit",
+        "steps": [
+            {"set": "queue:emails", "limit": ["3/h", "4/h", "9/d"]},
+            {"set": "global", "limit": [credit_limit(1, 1, 1), "5/d"]},
+            {"set": "tenant:*", "limit": "5/h"},
+            {
+                "acquire": "acme",
+                "queue": "emails",
+                "allowed": True,
+                "remaining": {
+                    "tenant:acme": 4,
+                    "queue:emails": 2,
+                    "queue:emails (4/h)": 3,
+                    "queue:emails (9/d)": 8,
+                    "global": 1,
+                    "global (5/d)": 4,
+                },
+                "credit": {"global": 1},
+            },
+            {
+                "acquire": "acme",
+                "allowed": True,
+                "remaining": {"tenant:acme": 3, "global": 0, "global (5/d)": 3},
+                "credit": {"global": 0},
+            },
+            {
+                "acquire": "acme",
+                "allowed": False,
+                "denied_by": "global",
+                "window": "1/h",
+                "wait_ms": 3_600_000,
+                "remaining": {"tenant:acme": 3, "global": 0, "global (5/d)": 3},
+                "credit": {"global": 0},
+            },
+        ],
+    },
+    {
+        "id": "windows-bad-lists",
+        "steps": [
+            {"set": "tenant:acme", "limit": [], "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": ["1/h", "1/h"], "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": ["1/h", "1/60m"], "raises": InvalidLimit},
+            {
+                "set": "tenant:acme",
+                "limit": ["1/s", "1/m", "1/h", "1/d", "1/2d"],
+                "raises": InvalidLimit,
+            },
+            {"set": "tenant:acme", "limit": ["1/h", 5], "raises": InvalidCost},
+            {"set": "tenant:acme", "limit": credit_limit(1, 1, -1), "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": credit_limit(1, 1, math.nan), "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": credit_limit(1, 1, 1e13), "raises": InvalidLimit},
+            {"set": "tenant:acme", "limit": credit_limit(1, 1, math.inf), "raises": InvalidLimit},
+            {"limits": {}},
+        ],
+    },
+]
+
+CASES = SEQUENCES + FROZEN + EDGES + COUNTING + CREDITS_AND_WINDOWS
 
 
 def bucket_fields(backend: Backend) -> dict[str, dict[bytes, bytes]]:
@@ -1093,6 +1317,8 @@ def run_step(
             limit = Limit.parse(limit, burst=step.get("burst"))
         elif isinstance(limit, dict):  # built here: it may raise
             limit = Limit(**limit)
+        elif isinstance(limit, list):  # windows
+            limit = [Limit(**w) if isinstance(w, dict) else w for w in limit]
         backend.call("set_limit", step["set"], limit, shadow=step.get("shadow", False))
     elif "delete" in step:
         backend.call("delete_limit", step["delete"])
@@ -1161,6 +1387,8 @@ def run_step(
             "wait_ms": d.wait_ms,
             "remaining": dict(d.remaining),
             "would_deny": d.would_deny,
+            "credit": dict(d.credit),
+            "window": d.window,
         }
     return None
 
@@ -1181,6 +1409,8 @@ def expected(case: dict[str, Any]) -> list[dict[str, Any]]:
                     "wait_ms": step.get("wait_ms", 0.0),
                     "remaining": step["remaining"],
                     "would_deny": step.get("would_deny", ()),
+                    "credit": step.get("credit", {}),
+                    "window": step.get("window"),
                 }
             )
     return out
@@ -1194,17 +1424,20 @@ def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]], exact: bo
         if "raises" in w or "raises" in g or "reply" in w:
             assert g == w, f"step {i}"
             continue
-        assert (g["allowed"], g["denied_by"], g["would_deny"]) == (
+        assert (g["allowed"], g["denied_by"], g["would_deny"], g["window"]) == (
             w["allowed"],
             w["denied_by"],
             w["would_deny"],
+            w["window"],
         ), f"step {i}"
         assert list(g["remaining"]) == list(w["remaining"]), f"step {i}: scopes or their order"
-        for scope, value in w["remaining"].items():
-            if exact:
-                assert g["remaining"][scope] == approx(value), f"step {i}"
-            else:
-                assert g["remaining"][scope] == pytest.approx(value, abs=TOKENS), f"step {i}"
+        assert list(g["credit"]) == list(w["credit"]), f"step {i}: credit banks"
+        for what in ("remaining", "credit"):
+            for scope, value in w[what].items():
+                if exact:
+                    assert g[what][scope] == approx(value), f"step {i}: {what}"
+                else:
+                    assert g[what][scope] == pytest.approx(value, abs=TOKENS), f"step {i}: {what}"
         if exact:
             assert g["wait_ms"] == approx(w["wait_ms"]), f"step {i}"
         else:
@@ -1243,7 +1476,7 @@ def store_state(backend: Backend) -> dict[str, Any]:
         for field, value in list(fields.items()):
             if field in ("x", "_rev") or field.endswith(":u"):
                 del fields[field]
-            elif field == "b" or field.startswith(("bq:", "b:")):
+            elif field == "b" or field.startswith(("bq:", "b:")):  # (banks b...:c too)
                 fields[field] = round(float(value), 1)
             elif field == "h:us":
                 fields[field] = round(float(value), -7)  # waits of an hour or so, in us

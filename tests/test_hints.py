@@ -45,113 +45,75 @@ def transit(scheduler: FairScheduler, tenant: str, queue: str = "default") -> in
 # -- what a hint predicts (table-driven) -------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """Limits, work already queued, then one hint: the jobs ahead and the wait it predicts."""
+    """Limits, work already queued, then one hint: the jobs ahead and the wait it predicts
+    (``wait_h``, in hours: the buckets refill by the hour), and the scope that binds."""
 
     name: str
     limits: dict[str, Limit]
+    ahead: int = 0
+    wait_h: float = 0.0
+    denied_by: str | None = None
     backlog: dict[str, int] = field(default_factory=dict)  # tenant -> jobs in the backlog
     in_transit: int = 0  # acme's jobs enqueued with a hint before this one
     cost: float = 1
     exempt: bool = False
     shadow: bool = False
-    ahead: int = 0
-    wait_ms: float = 0.0
-    denied_by: str | None = None
 
 
+TEN, TWO, ONE = ({"tenant:*": hourly(n, n)} for n in (10, 2, 1))
+ACME, Q = "tenant:acme", "queue:default"
+OWN2, QUEUE4 = {ACME: hourly(2, 2)}, {Q: hourly(4, 4)}
 CASES = [
-    Case("nothing queued, tokens left", {"tenant:*": hourly(10, 10)}),
-    Case("fifth of a burst of ten", {"tenant:*": hourly(10, 10)}, in_transit=4, ahead=4),
-    Case(
-        "eleventh waits one token",
-        {"tenant:*": hourly(10, 10)},
-        in_transit=10,
-        ahead=10,
-        wait_ms=HOUR_MS / 10,
-        denied_by="tenant:acme",
-    ),
-    Case(
-        "ninetieth waits eighty tokens",
-        {"tenant:*": hourly(10, 10)},
-        in_transit=89,
-        ahead=89,
-        wait_ms=80 * HOUR_MS / 10,
-        denied_by="tenant:acme",
-    ),
-    Case(
-        "the backlog counts too",
-        {"tenant:acme": hourly(2, 2)},
-        backlog={"acme": 3},
-        in_transit=1,
-        ahead=4,
-        wait_ms=3 * HOUR_MS / 2,
-        denied_by="tenant:acme",
-    ),
-    Case(
-        "another tenant's backlog is not ahead under a tenant bucket",
-        {"tenant:*": hourly(2, 2)},
-        backlog={"other": 50},
-    ),
+    Case("nothing queued, tokens left", TEN),
+    Case("fifth of a burst of ten", TEN, 4, in_transit=4),
+    Case("eleventh waits one token", TEN, 10, 1 / 10, ACME, in_transit=10),
+    Case("ninetieth waits eighty tokens", TEN, 89, 80 / 10, ACME, in_transit=89),
+    Case("the backlog counts too", OWN2, 4, 3 / 2, ACME, backlog={"acme": 3}, in_transit=1),
+    Case("another tenant's backlog is not ahead under a tenant bucket", TWO, backlog={"other": 50}),
+    # 2 of acme's own, 2 x 3 of b's and c's, then this one: 9 tokens, 4 there.
     Case(
         "a queue bucket serves the others about one for one (equal weights)",
-        {"queue:default": hourly(4, 4)},
+        QUEUE4,
+        2,
+        5 / 4,
+        Q,
         backlog={"b": 50, "c": 50},
         in_transit=2,
-        ahead=2,
-        # 2 of acme's own, 2 x 3 of b's and c's, then this one: 9 tokens, 4 there.
-        wait_ms=5 * HOUR_MS / 4,
-        denied_by="queue:default",
     ),
+    # 5 + 1 + 1 = 7 tokens, 4 there.
     Case(
         "the others ahead are at most what they have",
-        {"queue:default": hourly(4, 4)},
+        QUEUE4,
+        5,
+        3 / 4,
+        Q,
         backlog={"b": 1},
         in_transit=5,
-        ahead=5,
-        wait_ms=3 * HOUR_MS / 4,  # 5 + 1 + 1 = 7 tokens, 4 there
-        denied_by="queue:default",
     ),
-    Case(
-        "jobs ahead are taken to cost what this one does",
-        {"tenant:*": hourly(10, 10)},
-        in_transit=4,
-        cost=2,
-        ahead=4,
-        wait_ms=0,  # (4 + 1) x 2 = 10 tokens, all there
-    ),
-    Case(
-        "costlier jobs wait sooner",
-        {"tenant:*": hourly(10, 10)},
-        in_transit=5,
-        cost=2,
-        ahead=5,
-        wait_ms=2 * HOUR_MS / 10,
-        denied_by="tenant:acme",
-    ),
-    Case(
-        "an exempt tenant never waits",
-        {"tenant:*": hourly(1, 1)},
-        in_transit=5,
-        exempt=True,
-        ahead=5,
-    ),
-    Case("dry-run never waits", {"tenant:*": hourly(1, 1)}, in_transit=5, shadow=True, ahead=5),
+    # (4 + 1) x 2 = 10 tokens, all there.
+    Case("jobs ahead are taken to cost what this one does", TEN, 4, in_transit=4, cost=2),
+    Case("costlier jobs wait sooner", TEN, 5, 2 / 10, ACME, in_transit=5, cost=2),
+    Case("an exempt tenant never waits", ONE, 5, in_transit=5, exempt=True),
+    Case("dry-run never waits", ONE, 5, in_transit=5, shadow=True),
     Case(
         "a cost above the burst is charged as the burst, as the gate does",
-        {"tenant:*": hourly(2, 2)},
+        TWO,
+        1,
+        2 / 2,
+        ACME,
         in_transit=1,
         cost=5,
-        ahead=1,
-        wait_ms=2 * HOUR_MS / 2,
-        denied_by="tenant:acme",
     ),
 ]
 
 
+# Both transports run the same Lua: the Functions library, and scripts with it prepended.
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_hint_predicts_the_start_behind_the_jobs_ahead(
-    limiter: Limiter, scheduler: FairScheduler, case: Case
+    limiter: Limiter, scheduler: FairScheduler, case: Case, transport: str
 ) -> None:
+    limiter._scripts.transport = transport  # type: ignore[assignment]
     for scope, limit in case.limits.items():
         limiter.set_limit(scope, limit)
     if case.exempt:
@@ -167,10 +129,11 @@ def test_a_hint_predicts_the_start_behind_the_jobs_ahead(
     hint = scheduler.hint("acme", item_id="this", cost=case.cost)
 
     assert hint.backlog == case.ahead
-    assert hint.wait_ms == pytest.approx(case.wait_ms, rel=1e-3, abs=1e-6)
-    assert hint.allowed is (case.wait_ms == 0)
+    assert hint.wait_ms == pytest.approx(case.wait_h * HOUR_MS, rel=1e-3, abs=1e-6)
+    assert hint.allowed is (case.wait_h == 0)
     assert hint.denied_by == case.denied_by
     assert hint.concurrency is False
+    assert limiter._scripts.transport == transport
 
 
 def test_ninety_jobs_at_once_are_told_when_each_would_start(

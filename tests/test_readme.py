@@ -121,6 +121,8 @@ def test_the_configuration_file_loads_and_seeds(tmp_path: Path, limiter: Limiter
     spec = load_config_file(path)
     assert spec.limits["tenant:*"] == (Limit(50, burst=100), False)
     assert spec.limits["tenant:acme:queue:emails"] == (Limit(5), True)
+    assert spec.limits["tenant:quiet"] == (Limit(10, burst=10, credit=50), False)
+    assert spec.limits["tenant:trial"] == ((Limit(100), Limit(10000, per=86400)), False)
     assert spec.record == 900
     written = limiter.apply_config(spec)
     assert "global" in written

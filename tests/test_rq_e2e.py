@@ -8,6 +8,7 @@ assertions are made on those records. Worker logs are attached to the report of 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 import rq
+from click.testing import CliRunner
 from conftest import REDIS_SERVER, RedisProcess, wait_until
 from e2e_support import HANDOFF, GroupProcess, assert_cap, report_logs_on_failure
 from rq.job import Job, JobStatus
@@ -31,6 +33,7 @@ from rq.registry import StartedJobRegistry
 
 from queue_ratelimit import Limit, Limiter, RateLimited
 from queue_ratelimit._counters import flush_counters
+from queue_ratelimit.cli import main as cli_main
 from queue_ratelimit.rq import Queue
 
 pytestmark = pytest.mark.slow
@@ -878,6 +881,30 @@ def test_a_gate_whose_reply_is_lost_gates_the_job_again(env: RQEnv) -> None:
     assert found[0].id == job.id
     assert env.intermediate() == [job.id]  # RQ takes it off when the worker starts it
     client.close()
+
+
+def test_rq_info_shows_running_and_parked_per_tenant(env: RQEnv) -> None:
+    """`queue-ratelimit rq info` against real workers: a job running (RQ's started registry
+    and its slot), one parked by a worker's gate (the cap), one routed into the backlog."""
+    env.limiter.set_concurrency("tenant:capped", 1)
+    env.start_workers(2)
+    (running,) = env.enqueue("capped", sleep=60)
+    env.wait_runs(1, timeout=15)
+    env.enqueue("capped", sleep=60)  # a free worker takes it off RQ's list: its gate parks it
+    env.wait(lambda: env.backlog() == 1, timeout=15, what="parked by the cap")
+    env.enqueue("capped")  # the lane is contended now: routed into the backlog
+    assert env.backlog() == 2
+    result = CliRunner().invoke(
+        cli_main,
+        ["--url", env.redis_url, "--namespace", env.namespace, "rq", "info", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    (q,) = [q for q in shown["queues"] if q["queue"] == env.queue_name]
+    assert (q["waiting"], q["parked"], q["running"]) == (0, 2, 1)
+    assert q["tenants"] == {"capped": {"waiting": 0, "parked": 2, "running": 1}}
+    assert shown["slots"] == {"tenant:capped": {"cap": 1, "held": 1}}
+    assert StartedJobRegistry(env.queue_name, connection=env.conn).get_job_ids() == [running.id]
 
 
 # -- a sharded namespace (docs/design.md, "Shards") ------------------------------------------

@@ -1,4 +1,5 @@
-"""RQ's own views tell the truth: jobs waiting in the fair backlog count and are listed.
+"""RQ's own views tell the truth: jobs waiting in the fair backlog count and are listed;
+``queue-ratelimit rq info`` shows them per queue and tenant.
 
 A job of our ``Queue`` waits on RQ's list or in the fair backlog (status "queued" in both).
 ``Queue.count``, ``len(queue)``, ``job_ids``/``get_job_ids`` and ``jobs`` cover both, and so
@@ -7,6 +8,7 @@ does ``rq info --queue-class queue_ratelimit.rq.Queue``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,8 @@ from click.testing import CliRunner
 from rq.cli.cli import main as rq_main
 from rq.job import JobStatus
 
+from queue_ratelimit import Limiter
+from queue_ratelimit.cli import main
 from queue_ratelimit.rq import Queue
 
 
@@ -87,3 +91,102 @@ def test_rq_info_with_our_queue_class_counts_the_backlog(
     assert "1 queues, 6 jobs total" in ours.output
     plain = runner.invoke(rq_main, args)
     assert "1 queues, 2 jobs total" in plain.output, "RQ's own class: its list only"
+
+
+# -- queue-ratelimit rq info: per queue and tenant ------------------------------------------
+def rq_info(redis_url: str, namespace: str, *args: str) -> str:
+    result = CliRunner().invoke(
+        main, ["--url", redis_url, "--namespace", namespace, "rq", "info", *args]
+    )
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_rq_info_counts_waiting_and_parked_per_tenant(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    waiting_in_both(queue)
+    shown = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))
+    assert shown["namespace"] == namespace
+    (q,) = shown["queues"]
+    assert (q["queue"], q["waiting"], q["parked"], q["running"]) == (queue.name, 2, 4, 0)
+    assert q["tenants"] == {
+        "acme": {"waiting": 0, "parked": 3, "running": 0},
+        "default": {"waiting": 2, "parked": 0, "running": 0},  # plain RQ jobs: no options
+        "other": {"waiting": 0, "parked": 1, "running": 0},
+    }
+    assert q["unread"] == {"waiting": 0, "parked": 0, "running": 0}
+    assert shown["slots"] == {}
+    text = rq_info(redis_url, namespace, queue.name)
+    assert [line.split() for line in text.splitlines()[1:]] == [
+        ["queue", "tenant", "waiting", "parked", "running"],
+        [queue.name, "(all)", "2", "4", "0"],
+        ["acme", "0", "3", "0"],
+        ["default", "2", "0", "0"],
+        ["other", "0", "1", "0"],
+    ]
+    # Without QUEUES: every queue RQ knows, ours among them.
+    every = json.loads(rq_info(redis_url, namespace, "--json"))
+    assert queue.name in [found["queue"] for found in every["queues"]]
+
+
+def test_rq_info_reads_tenants_as_a_worker_does(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    conn = queue.connection
+    plain = rq.Queue(queue.name, connection=conn)
+    ours = [queue.enqueue(len, "x", rate_tenant=t).id for t in ("acme", "acme", "zed")]
+    odd = plain.enqueue(len, "y", meta={"rate_tenant": "not a name"})  # runs as the default
+    broken = plain.enqueue(len, "z")
+    conn.hset(broken.key, "meta", b"not a pickle")  # another serializer's: not ours to read
+    assert conn.llen(queue.key) == 5, "uncontended: all on RQ's list"
+    (q,) = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))["queues"]
+    assert q["waiting"] == 5
+    waiting = {t: c["waiting"] for t, c in q["tenants"].items()}
+    assert waiting == {"acme": 2, "zed": 1, "default": 1}, (ours, odd.id)
+    assert q["unread"]["waiting"] == 1
+    # Past --max-read, jobs count as unread (in the totals, under no tenant).
+    (q,) = json.loads(rq_info(redis_url, namespace, queue.name, "--json", "--max-read", "2"))[
+        "queues"
+    ]
+    assert (q["waiting"], q["unread"]["waiting"]) == (5, 3)
+    assert {t: c["waiting"] for t, c in q["tenants"].items()} == {"acme": 2}
+    text = rq_info(redis_url, namespace, queue.name, "--max-read", "2")
+    assert ["(unread)", "3", "0"] in [line.split() for line in text.splitlines()]
+
+
+def test_rq_info_shows_the_slots_held_against_each_cap_that_applies(
+    queue: Queue, redis_url: str, namespace: str, limiter: Limiter
+) -> None:
+    waiting_in_both(queue)
+    limiter.set_concurrency("tenant:*", 4)
+    limiter.set_concurrency("tenant:acme", 1)  # its own cap wins over the default
+    limiter.set_concurrency(f"tenant:*:queue:{queue.name}", 2)
+    held = limiter.acquire("acme", queue.name)  # a job of acme running: one slot held
+    assert held.allowed
+    assert held.slot is not None
+    slots = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))["slots"]
+    assert slots == {
+        "tenant:acme": {"cap": 1, "held": 1},
+        f"tenant:acme:queue:{queue.name}": {"cap": 2, "held": 1},
+        "tenant:default": {"cap": 4, "held": 0},
+        f"tenant:default:queue:{queue.name}": {"cap": 2, "held": 0},
+        "tenant:other": {"cap": 4, "held": 0},
+        f"tenant:other:queue:{queue.name}": {"cap": 2, "held": 0},
+    }
+    text = rq_info(redis_url, namespace, queue.name)
+    assert "concurrency slots held: tenant:acme 1/1, " in text
+
+
+def test_rq_info_with_no_queue_and_without_redis(namespace: str, redis_url: str) -> None:
+    result = CliRunner().invoke(
+        main, ["--url", redis_url, "--namespace", namespace, "rq", "info", f"none-{namespace}"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [line.split() for line in result.output.splitlines()[1:]] == [
+        ["queue", "tenant", "waiting", "parked", "running"],
+        [f"none-{namespace}", "(all)", "0", "0", "0"],
+    ]
+    down = CliRunner().invoke(main, ["--url", "redis://127.0.0.1:1/0", "rq", "info"])
+    assert down.exit_code == 1
+    assert down.output.startswith("Error: cannot reach Redis at redis://127.0.0.1:1/0")

@@ -15,9 +15,9 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpace, Limit, Limiter
 from queue_ratelimit._leases import FLOOR, allocate, slices
-from queue_ratelimit.metrics import snapshot
 from queue_ratelimit._sharded_scheduler import ShardedScheduler
 from queue_ratelimit._shards import ShardedLimiter
+from queue_ratelimit.metrics import snapshot
 
 HOUR = 3600.0
 
@@ -457,3 +457,39 @@ def test_the_metrics_snapshot_adds_up_the_shards(
     assert snap["lanes"]["q"]["backlog"] == 1
     assert snap["tenant_backlog"] == {tenants[1]: 1}
     assert sum(snap["wait_ms_histogram"]["counts"]) == 3
+
+
+def test_windows_and_burst_credits_are_sliced_and_settled_window_by_window(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """Several windows per scope and burst credits (#13): each window's rate, burst and
+    credit are sliced; a slice that moves settles every window's bucket and bank."""
+    windows = (Limit(30, per=1, burst=30, credit=60), Limit(3000, per=86400, burst=3000))
+    sharded.set_limit("global", windows)
+    config = sharded.shard_keys[0].config
+    assert redis_client.hget(config, "global") == b"10.0 1.0 10.0 -c20.0;1000.0 86400.0 1000.0 -"
+    (tenant,) = tenants_on(sharded, 0)
+    for _ in range(30):
+        assert sharded.acquire(tenant).allowed  # 10 of the bucket, then the bank's 20
+    shared = sharded.shard_keys[0].shared
+    day = redis_client.hmget(shared, "b:global:w86400", "b:global:w86400:u")
+    assert float(day[0]) == pytest.approx(1000 - 30, abs=0.1)
+    # Last written an hour ago; then the slice doubles: every window is settled at the old
+    # rate (the bucket and its bank refill to the old 10 + 20; the day window by 1000/24 up
+    # to its old 1000), not at the new one (to 60, and by 2000/24).
+    seconds, micros = redis_client.time()
+    hour_ago = (seconds - 3600) * 1_000_000 + micros
+    redis_client.hset(shared, mapping={"b:global:u": hour_ago, "b:global:w86400:u": hour_ago})
+    value = "20.0 1.0 20.0 -c40.0;2000.0 86400.0 2000.0 -"
+    sharded.write_shard(0, sharded.config_version(), "9", "", ["global", value, "1"])
+    got = redis_client.hmget(shared, "b:global", "b:global:c", "b:global:w86400")
+    assert (float(got[0]), float(got[1])) == pytest.approx((20, 10), abs=0.01)
+    assert float(got[2]) == pytest.approx(1000, abs=0.01)
+    while sharded.acquire(tenant).allowed:
+        pass
+    # A cost within the whole window's burst + credit but above the slice's is denied.
+    decision = sharded.acquire(tenant, cost=80)
+    assert not decision.allowed
+    with pytest.raises(CostExceedsBurst) as info:
+        sharded.acquire(tenant, cost=91)
+    assert info.value.burst == 90

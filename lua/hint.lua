@@ -1,0 +1,66 @@
+-- hint.lua: the producer's hint, when a job enqueued now would start. Runs with buckets.lua
+-- (one Functions library, or prefixed to it as an EVALSHA script).
+--
+-- A script of its own rather than a scheduler.lua mode: it names the six keys it reads and
+-- takes seven arguments, where a scheduler.lua call carries 26 (every mode's keys and
+-- prefixes) and builds every mode's helpers first; that was most of a hint's server time
+-- (docs/benchmarks.md, "Hint cost").
+--
+-- KEYS: config, shared, the tenant's hash, the lane's counts hash and active set, the
+--       tenant's transit set in the lane (all named by KeySpace)
+-- ARGV: lane, tenant, priority, cost, item id ("" for none), count it ("1": as in transit;
+--       "2": only if it would start at once; "0"/absent: no), grace (ms; see below).
+-- Writes nothing but the transit set.
+-- Reply: "<1 starts at once | 0> <wait ms> <binding scope or -> <jobs ahead> <1 | 0>"
+-- (the last: the scope is a concurrency cap, whose wait is an upper bound).
+--
+-- The tenant's jobs ahead of it are those in its lane's backlog and those in transit
+-- (enqueued with a hint, not yet seen by a gate: in the broker, on RQ's list). A tenant
+-- bucket must hold their tokens and the job's before it starts; a queue or global bucket
+-- also serves the other tenants backlogged in the lane, about one job of each per job of
+-- this tenant in fair order (equal weights assumed), at most all they have. Each job ahead
+-- is taken to cost what this one does. A counted entry lapses twice the predicted wait plus
+-- the grace after now: a job the broker or RQ lost (purged, deleted) stops counting then,
+-- while one that is served as predicted is taken off by its gate (gate.lua, scheduler.lua
+-- "adopt") long before.
+local config_key, shared_key, tenant_key, counts_key, active, transit =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local lane, tenant, priority, id = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+-- Numbers are checked before anything is read or written: a call that fails changes nothing.
+local cost = arg_number(ARGV[4], 1, MIN_COST, MAX_COST, 'cost')
+local count = ARGV[6] or '0'
+local grace = arg_number(ARGV[7], 300000, 0, MAX_KEEP_MS, 'grace (ms)')
+local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
+local now = ctx.now / 1000  -- ms, on the clock load read (one TIME per call)
+local ahead = redis.call('ZCOUNT', transit, '(' .. now, '+inf')
+if id ~= '' and ahead > 0 and redis.call('ZSCORE', transit, id) then ahead = ahead - 1 end
+local counted = redis.call('HMGET', counts_key, tenant, ':total')
+local queued = tonumber(counted[1]) or 0
+ahead = ahead + queued
+local rivals = redis.call('ZCARD', active)
+if rivals > 0 and redis.call('ZSCORE', active, tenant) then rivals = rivals - 1 end
+local others = math.min(math.max(0, (tonumber(counted[2]) or 0) - queued), rivals * (ahead + 1))
+local wait, denied_by, by_cap = 0, false, false
+for i, b in ipairs(ctx.buckets) do
+  if not b.shadow then
+    -- (A cost above the burst is charged as the whole burst, as the gate does.)
+    local charge = math.min(cost, b.burst)
+    local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
+    if short > EPSILON * math.max(1, charge) then
+      local need = math.min(short / b.rate, MAX_WAIT_US)
+      if need > wait then wait, denied_by = need, b.scope end
+    end
+  end
+end
+if ctx.plan.caps then
+  local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
+  if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
+    wait, denied_by, by_cap = cap_wait, cap_scope, true
+  end
+end
+local starts = not denied_by
+if id ~= '' and (count == '1' or (count == '2' and starts)) then
+  in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
+end
+return (starts and '1 ' or '0 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
+  ahead .. (by_cap and ' 1' or ' 0')
