@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -17,6 +18,7 @@ from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpa
 from queue_ratelimit._leases import FLOOR, allocate, slices
 from queue_ratelimit._sharded_scheduler import ShardedScheduler
 from queue_ratelimit._shards import ShardedLimiter
+from queue_ratelimit.cli import main as cli_main
 from queue_ratelimit.metrics import snapshot
 
 HOUR = 3600.0
@@ -493,3 +495,22 @@ def test_windows_and_burst_credits_are_sliced_and_settled_window_by_window(
     with pytest.raises(CostExceedsBurst) as info:
         sharded.acquire(tenant, cost=91)
     assert info.value.burst == 90
+
+
+def test_the_cli_writes_and_reads_a_sharded_namespace(
+    sharded: ShardedLimiter, redis_client: redis.Redis, redis_url: str, namespace: str
+) -> None:
+    runner = CliRunner(
+        env={
+            "REDIS_URL": redis_url,
+            "QUEUE_RATELIMIT_NAMESPACE": namespace,
+            "QUEUE_RATELIMIT_URL": None,
+        }
+    )
+    result = runner.invoke(cli_main, ["--shards", "3", "limits", "set", "global", "30/s"])
+    assert result.exit_code == 0, result.output
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "global") == b"10.0 1.0 10.0 -"
+    result = runner.invoke(cli_main, ["--shards", "0", "limits", "list"])
+    assert result.exit_code == 2
+    assert "--shards" in result.output

@@ -13,6 +13,7 @@ import redis
 
 from .. import __version__
 from .._errors import BackendUnavailable, RateLimitError
+from .._keys import MAX_SHARDS
 from .._limiter import Limiter
 from .._urls import check_redis_url, mask_url
 
@@ -47,6 +48,7 @@ class Settings:
 
     url: str | None
     namespace: str
+    shards: int = 1
 
     @property
     def target(self) -> str:
@@ -55,7 +57,7 @@ class Settings:
     def limiter(self) -> Limiter:
         url = check_redis_url(self.url or _default_url())  # a ConfigError: one line, exit 1
         try:
-            return Limiter.from_url(url, namespace=self.namespace)
+            return Limiter.from_url(url, namespace=self.namespace, shards=self.shards)
         except RateLimitError:
             raise
         except ValueError as exc:  # redis-py's verdict on a URL the check let through
@@ -121,8 +123,17 @@ class _Group(click.Group):
     show_default=True,
     help="Namespace of the limits (one deployment's keys).",
 )
+@click.option(
+    "--shards",
+    envvar="QUEUE_RATELIMIT_SHARDS",
+    show_envvar=True,
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, MAX_SHARDS),
+    help="Hash slots the namespace is spread over (Limiter's shards; the same in every process).",
+)
 @click.pass_context
-def main(ctx: click.Context, url: str | None, namespace: str) -> None:
+def main(ctx: click.Context, url: str | None, namespace: str, shards: int) -> None:
     """Distributed, Redis-backed rate limits for Celery and RQ."""
     if url is not None and not url.strip():
         # An empty value from the environment counts as unset (click); an empty --url
@@ -130,4 +141,4 @@ def main(ctx: click.Context, url: str | None, namespace: str) -> None:
         raise click.ClickException(
             f"--url is empty: give a Redis URL such as {DEFAULT_URL}, or leave the option out"
         )
-    ctx.obj = Settings(url=url, namespace=namespace)
+    ctx.obj = Settings(url=url, namespace=namespace, shards=shards)

@@ -54,6 +54,7 @@ def rq_worker(
     except ImportError as exc:
         raise click.ClickException("install queue-ratelimit[rq] to run RQ workers") from exc
     os.environ["QUEUE_RATELIMIT_NAMESPACE"] = settings.namespace
+    os.environ["QUEUE_RATELIMIT_SHARDS"] = str(settings.shards)
     if lease is not None:
         os.environ["QUEUE_RATELIMIT_LEASE"] = repr(lease)
     args = list(rq_args)
