@@ -16,7 +16,8 @@
 --   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst),
 --   2 allowed and holding concurrency slots: the reply goes on with
 --   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
---   "!<scope>" (its wait: until the earliest lease of that cap runs out).
+--   "!<scope>" (its wait: until the earliest lease of that cap runs out), one by a pause
+--   as "~<scope>" (its wait: the time left of the pause).
 local tenant, mode = ARGV[1], ARGV[2] or 'acquire'
 local queue, priority = ARGV[4] or '', ARGV[6] or ''
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
@@ -50,12 +51,11 @@ if status == -1 then
 end
 if mode == 'peek' then
   return decision_reply(ctx, status > 0 and '1' or '0', fmt(wait / 1000),
-                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
+                        denied_text(ctx, denied_by), would_deny)
 end
 if status == 0 then
   deny(ctx, denied_by, wait / 1000, keep_ms)
-  return decision_reply(ctx, '0', fmt(wait / 1000),
-                        ctx.by_cap and '!' .. denied_by or denied_by, would_deny)
+  return decision_reply(ctx, '0', fmt(wait / 1000), denied_text(ctx, denied_by), would_deny)
 end
 if status == 2 then
   -- One token for every slot this decision takes (a counter no holder had before).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import MappingProxyType
 
 from ._limit import Limit
@@ -58,6 +59,8 @@ class Decision:
         concurrency: True when ``denied_by`` is a concurrency cap (its slots are all held;
             ``wait_ms`` is then the time until the earliest of their leases runs out, an
             upper bound: a release frees a slot sooner).
+        paused: True when ``denied_by`` is a paused scope (``Limiter.pause``); ``wait_ms``
+            is then the time left of the pause (``resume`` ends it sooner).
     """
 
     allowed: bool
@@ -68,6 +71,7 @@ class Decision:
     degraded: bool = False
     slot: Slot | None = None
     concurrency: bool = False
+    paused: bool = False
 
     @property
     def retry_after(self) -> float:
@@ -110,6 +114,7 @@ _new = object.__new__
     _set_degraded,
     _set_slot,
     _set_concurrency,
+    _set_paused,
 ) = (
     Decision.__dict__[name].__set__
     for name in (
@@ -121,6 +126,7 @@ _new = object.__new__
         "degraded",
         "slot",
         "concurrency",
+        "paused",
     )
 )
 
@@ -133,6 +139,7 @@ def _decision(
     would_deny: tuple[str, ...],
     slot: Slot | None = None,
     concurrency: bool = False,
+    paused: bool = False,
 ) -> Decision:
     decision: Decision = _new(Decision)
     _set_allowed(decision, allowed)
@@ -143,10 +150,43 @@ def _decision(
     _set_degraded(decision, False)
     _set_slot(decision, slot)
     _set_concurrency(decision, concurrency)
+    _set_paused(decision, paused)
     return decision
 
 
 _PERIODS = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+# Pauses are config fields "pause:<scope>" = Redis time (ms) their pause ends (lua/config.lua).
+PAUSE_PREFIX = "pause:"
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A paused scope: nothing of it is admitted until ``until_ms``.
+
+    Attributes:
+        scope: the paused scope.
+        until_ms: when the pause ends, in milliseconds since the epoch on Redis's clock.
+        remaining_ms: how long it still had to run when it was read (or set).
+    """
+
+    scope: str
+    until_ms: int
+    remaining_ms: float
+
+    @property
+    def remaining(self) -> float:
+        """``remaining_ms`` in seconds."""
+        return self.remaining_ms / 1000.0
+
+
+def pause_text(value: str) -> str:
+    """A stored pause end as people read it: ``until 2024-05-01T12:00:30.000Z``."""
+    try:
+        until_ms = int(float(value))
+    except ValueError:
+        return value
+    at = datetime.fromtimestamp(until_ms / 1000, UTC)
+    return f"until {at.strftime('%Y-%m-%dT%H:%M:%S')}.{until_ms % 1000:03d}Z"
 
 
 def format_limit(limit: Limit) -> str:
@@ -174,6 +214,8 @@ def readable_config_value(field: str, value: str) -> str:
     ``100/s burst 100``, absence as ``-``, anything else as stored."""
     if not value:
         return "-"
+    if field.startswith(PAUSE_PREFIX):
+        return pause_text(value)
     if field.startswith(("exempt:", "mode:", "weight:", "conc:")):
         return value
     try:
@@ -188,7 +230,7 @@ def parse_reply(reply: bytes | str) -> Decision:
     """Turn the acquire script's flat reply into a ``Decision``:
     ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``,
     status 2 followed by ``" # <slot token> <cap scope> ..."``, a concurrency cap's denial
-    as ``"!<scope>"`` (status -1 is handled by callers)."""
+    as ``"!<scope>"``, a pause's as ``"~<scope>"`` (status -1 is handled by callers)."""
     parts = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
     bar = parts.index("|")
     if bar == 5:  # one bucket, the common case
@@ -197,7 +239,7 @@ def parse_reply(reply: bytes | str) -> Decision:
         remaining = {parts[i]: float(parts[i + 1]) for i in range(3, bar, 2)}
     denied_by = parts[2]
     status = parts[0]
-    if status == "1" or (status == "0" and denied_by[0] != "!"):
+    if status == "1" or (status == "0" and denied_by[0] not in "!~"):
         return _decision(
             status == "1",
             float(parts[1]),
@@ -205,14 +247,15 @@ def parse_reply(reply: bytes | str) -> Decision:
             None if denied_by == "-" else denied_by,
             tuple(parts[bar + 1 :]),
         )
-    if status == "0":  # denied by a concurrency cap
+    if status == "0":  # denied by a concurrency cap ("!") or a pause ("~")
         return _decision(
             False,
             float(parts[1]),
             MappingProxyType(remaining),
             denied_by[1:],
             tuple(parts[bar + 1 :]),
-            concurrency=True,
+            concurrency=denied_by[0] == "!",
+            paused=denied_by[0] == "~",
         )
     hash_at = parts.index("#")
     return _decision(
