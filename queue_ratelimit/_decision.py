@@ -179,6 +179,15 @@ class Pause:
         return self.remaining_ms / 1000.0
 
 
+def pause_fields(pause: Pause) -> dict[str, str | float | int]:
+    """A pause as plain fields (the CLI's JSON, the admin API)."""
+    return {
+        "scope": pause.scope,
+        "until_ms": pause.until_ms,
+        "remaining_s": round(pause.remaining, 3),
+    }
+
+
 def pause_text(value: str) -> str:
     """A stored pause end as people read it: ``until 2024-05-01T12:00:30.000Z``."""
     try:

@@ -26,6 +26,8 @@ _Q = rf"queue:{NAME_PATTERN}"
 _P = rf"priority:{PRIORITY_PATTERN}"
 SCOPE_PATTERN = rf"^(global|{_Q}|{_P}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
 CONCRETE_SCOPE_PATTERN = rf"^(global|{_Q}|{_P}|tenant:{NAME_PATTERN}(:{_Q})?)$"
+# The scopes a concurrency cap may be set on (every one but a priority).
+CAP_SCOPE_PATTERN = rf"^(global|{_Q}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
 
 ScopeKind = Literal["global", "queue", "tenant", "tenant_queue", "priority"]
 
