@@ -5,12 +5,14 @@
 -- one decision lives in three hashes, whose keys share the namespace's {hash tag} (one Redis
 -- Cluster slot):
 --   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>", exempt:<t>,
---                                    mode:shadow, mode:record, weight:*, _version
+--                                    mode:shadow, mode:record, weight:*, _version,
+--                                    pause:<scope> (see plan_pauses)
 --   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
 --                                    bucket), x (expiry, ms since epoch), n:a (allowed),
 --                                    d:<scope> (denied, by any scope), n:w (would deny),
 --                                    w:<scope>; expires when idle
 --   shared  <prefix>:{ns}:shared     b:global, b:global:u, b:queue:<q>, b:queue:<q>:u,
+--                                    b:priority:<p>, b:priority:<p>:u,
 --                                    a:q:<q> (allowed per queue, a:q:- without one),
 --                                    a:p:<p>, a:q:~ and a:p:~ (names past the first
 --                                    512 queues / 64 priorities), n:aq and n:ap (names
