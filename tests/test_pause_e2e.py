@@ -59,7 +59,11 @@ def check_pause_window(
     )
 
 
-def test_celery_task_pauses_its_tenant_on_a_429_and_runs_once_after(e2e: E2E) -> None:
+@pytest.mark.parametrize("acks_late", [False, True], ids=["acks-early", "acks-late"])
+def test_celery_task_pauses_its_tenant_on_a_429_and_runs_once_after(
+    e2e: E2E, acks_late: bool
+) -> None:
+    e2e.acks_late = acks_late
     e2e.limiter.set_limit("tenant:*", Limit(20, burst=4))
     e2e.records.set(f"e2e:{e2e.namespace}:partner:fails_at", FAILS_AT)
     work = e2e.app().tasks["e2e.partner"]
