@@ -3,6 +3,7 @@ the Lua, whose figures machine noise cannot move.
 
     python -m benchmarks._instructions [--calls N] [--denied] [--record] [--caps] [--ops]
                                        [--no-peers]
+                                       [--kinds]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
 ``redis-server`` on PATH. It starts its own ``redis-server`` under ``valgrind
@@ -163,14 +164,45 @@ def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record:
         limiter.set_limit("tenant:*", HIGH)
         limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else HIGH)
         queue = QUEUE
+    return _fcalls(server, limiter, queue, None, calls)
+
+
+def _fcalls(
+    server: Callgrind, limiter: Limiter, queue: str | None, priority: str | None, calls: int
+) -> float:
+    """Instructions per ``acquire`` FCALL of ``TENANT`` (in a pipeline of ``calls``)."""
     for _ in range(50):  # the library loaded, its plan cached, a denied bucket emptied
-        limiter.acquire(TENANT, queue)
-    call = limiter._core.decision_call("acquire", TENANT, queue, None, 1)
+        limiter.acquire(TENANT, queue, priority)
+    call = limiter._core.decision_call("acquire", TENANT, queue, priority, 1)
     function = limiter._scripts.functions["acquire.lua"]
     pipe = server.client.pipeline(transaction=False)
     for _ in range(calls):
         pipe.execute_command("FCALL", function, len(call.keys), *call.keys, *call.args)
     return server.count(pipe.execute) / calls
+
+
+# Priority scopes and pauses (issue #13), as in benchmarks/decisions.py's _ours_kinds.
+KINDS = ("priority", "priority_denied", "paused", "pause_ended", "pause_elsewhere")
+
+
+def _kind(server: Callgrind, kind: str, calls: int) -> float:
+    limiter = Limiter(server.client, namespace=f"qrl-instructions-{kind}")
+    limiter.set_limit("tenant:*", HIGH)
+    priority = None
+    if kind.startswith("priority"):
+        limiter.set_limit("priority:low", TIGHT if kind.endswith("denied") else HIGH)
+        priority = "low"
+    elif kind == "paused":
+        limiter.pause(f"tenant:{TENANT}", 30 * 86400)
+    elif kind == "pause_ended":
+        ends = limiter.pause(f"tenant:{TENANT}", 0.001).until_ms
+        while True:  # (until Redis's clock passes it: a millisecond)
+            seconds, micros = server.client.time()
+            if seconds * 1000 + micros / 1000 > ends:
+                break
+    else:
+        limiter.pause("tenant:someone-else", 30 * 86400)
+    return _fcalls(server, limiter, None, priority, calls)
 
 
 def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
@@ -274,6 +306,9 @@ def main() -> None:
     parser.add_argument(
         "--no-peers", action="store_true", help="skip limits' sliding window counter and the floor"
     )
+    parser.add_argument(
+        "--kinds", action="store_true", help="a priority scope and pauses too (1 bucket)"
+    )
     options = parser.parse_args()
     result: dict[str, Any] = {}
     with callgrind() as server:
@@ -284,6 +319,10 @@ def main() -> None:
             count = _decision(server, buckets, denied, options.calls, options.record)
             result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
+        if options.kinds:
+            for kind in KINDS:
+                result[kind] = round(_kind(server, kind, options.calls))
+                print(f"{kind:16s} {result[kind]:>9,} instructions per decision", file=sys.stderr)
         if options.caps:
             acquired, released = _capped(server, options.calls)
             result["1bucket_cap"], result["release"] = round(acquired), round(released)

@@ -150,6 +150,32 @@ def _ours_kind(kind: str, denied: bool, url: str, prefix: str) -> Prepared:
     return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
 
 
+def _ours_kinds(kind: str, url: str, prefix: str) -> Prepared:
+    """Our decision with a priority scope or a pause (issue #13): ``priority`` and
+    ``priority_denied`` (tenant:* and priority:low, the latter exhausted); ``paused`` (the
+    tenant paused for the whole run: every decision is denied by the pause);
+    ``pause_ended`` (a pause of the tenant that ran out: the plan still holds it, and each
+    decision compares it with the clock); ``pause_elsewhere`` (another tenant paused)."""
+    limiter = Limiter.from_url(url, namespace=prefix)
+    limiter.set_limit("tenant:*", HIGH)
+    call: Callable[[], Decision] = partial(limiter.acquire, TENANT)
+    if kind.startswith("priority"):
+        limiter.set_limit("priority:low", TIGHT if kind.endswith("denied") else HIGH)
+        call = partial(limiter.acquire, TENANT, None, "low")
+        call()  # exhausts the tight bucket of the denied case
+    elif kind == "paused":
+        limiter.pause(f"tenant:{TENANT}", 30 * 86400)
+    elif kind == "pause_ended":
+        ends = limiter.pause(f"tenant:{TENANT}", 0.001).until_ms
+        while True:  # (until Redis's clock passes it: a millisecond)
+            seconds, micros = limiter.client.time()
+            if seconds * 1000 + micros / 1000 > ends:
+                break
+    else:
+        limiter.pause("tenant:someone-else", 30 * 86400)
+    return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
+
+
 # -- limits ----------------------------------------------------------------------------------
 def _limits(strategy: str, url: str, prefix: str) -> Prepared:
     from limits import RateLimitItemPerSecond
@@ -274,6 +300,33 @@ CASES: tuple[Case, ...] = (
         expect_allowed=False,
     ),
     Case(
+        "acquire_priority",
+        "Limiter.acquire(tenant, priority='low'): tenant:* + priority:low, allowed",
+        partial(_ours_kinds, "priority"),
+    ),
+    Case(
+        "acquire_priority_denied",
+        "Limiter.acquire(tenant, priority='low'): priority:low exhausted, denied",
+        partial(_ours_kinds, "priority_denied"),
+        expect_allowed=False,
+    ),
+    Case(
+        "acquire_1bucket_paused",
+        "Limiter.acquire(tenant): tenant:* bucket, the tenant paused: denied by the pause",
+        partial(_ours_kinds, "paused"),
+        expect_allowed=False,
+    ),
+    Case(
+        "acquire_1bucket_pause_ended",
+        "Limiter.acquire(tenant): tenant:* bucket, a pause of the tenant that ran out",
+        partial(_ours_kinds, "pause_ended"),
+    ),
+    Case(
+        "acquire_1bucket_pause_elsewhere",
+        "Limiter.acquire(tenant): tenant:* bucket, another tenant paused",
+        partial(_ours_kinds, "pause_elsewhere"),
+    ),
+    Case(
         "limits_moving_window",
         "limits MovingWindowRateLimiter.hit, RedisStorage",
         partial(_limits, "moving_window"),
@@ -315,6 +368,13 @@ LIBRARIES = (
     "throttled_gcra",
     "pyrate_redis_bucket",
     "pyrate_state_token_bucket",
+)
+KINDS = (
+    "acquire_priority",
+    "acquire_priority_denied",
+    "acquire_1bucket_paused",
+    "acquire_1bucket_pause_ended",
+    "acquire_1bucket_pause_elsewhere",
 )
 REFERENCE = "throttled_token_bucket"  # the single-bucket script our server time is held to
 
@@ -385,6 +445,11 @@ def _ratios(samples: dict[str, list[Sample]], cases: dict[str, Case]) -> dict[st
             ratios[f"{ours}_vs_{lib}"] = _paired(samples, ours, lib, _rate, cases)
     for ours in OURS:
         ratios[f"server_{ours}_vs_{REFERENCE}"] = _paired(samples, ours, REFERENCE, _server, cases)
+    # Priority scopes and pauses against the one-bucket decision, server time (issue #13).
+    for kind in KINDS:
+        ratios[f"server_{kind}_vs_acquire_1bucket"] = _paired(
+            samples, kind, "acquire_1bucket", _server, cases
+        )
     return ratios
 
 

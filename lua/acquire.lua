@@ -16,7 +16,8 @@
 --   status 1 allowed, 0 denied, -1 cost exceeds the burst of scope `denied_by` (wait = burst),
 --   2 allowed and holding concurrency slots: the reply goes on with
 --   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
---   "!<scope>" (its wait: until the earliest lease of that cap runs out).
+--   "!<scope>" (its wait: until the earliest lease of that cap runs out), one by a pause
+--   as "~<scope>" (its wait: the time left of the pause).
 local tenant, mode = ARGV[1], ARGV[2] or 'acquire'
 local queue, priority = ARGV[4] or '', ARGV[6] or ''
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.

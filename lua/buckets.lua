@@ -6,12 +6,14 @@
 -- Cluster slot):
 --   config  <prefix>:{ns}:config     scope -> "<rate> <per> <burst> <flags>" (windows joined
 --                                    by ';', flags 's' shadow and 'c<n>' credit), exempt:<t>,
---                                    mode:shadow, mode:record, weight:*, _version
+--                                    mode:shadow, mode:record, weight:*, _version,
+--                                    pause:<scope> (see plan_pauses)
 --   tenant  <prefix>:{ns}:t:<tenant> b, b:u (tenant bucket), bq:<q>, bq:<q>:u (tenant-queue
 --                                    bucket), x (expiry, ms since epoch), n:a (allowed),
 --                                    d:<scope> (denied, by any scope), n:w (would deny),
 --                                    w:<scope>; expires when idle
 --   shared  <prefix>:{ns}:shared     b:global, b:global:u, b:queue:<q>, b:queue:<q>:u,
+--                                    b:priority:<p>, b:priority:<p>:u,
 --                                    a:q:<q> (allowed per queue, a:q:- without one),
 --                                    a:p:<p>, a:q:~ and a:p:~ (names past the first
 --                                    512 queues / 64 priorities), n:aq and n:ap (names
@@ -277,6 +279,51 @@ local function config_at(config_key, rev)
   return c
 end
 
+-- Priority scopes (config priority:<p>): one bucket per priority, across every tenant and
+-- queue, kept in the shared hash (b:priority:<p>, b:priority:<p>:u). It caps what work of
+-- that priority may take, whatever its weight in the fair scheduler; exempt "all" tenants
+-- skip it, as they skip queue and global limits. Appended to the plan's buckets (before
+-- global: narrowest first) when the config has one.
+local function add_priority_bucket(config_key, priority, buckets, sf, all_shadow)
+  if priority == '' then return end
+  local scope = 'priority:' .. priority
+  local v = redis.call('HGET', config_key, scope)
+  if not v then return end
+  -- (Through add_buckets: a priority's limit may have several windows and burst credits.)
+  add_buckets(buckets, sf, scope, scope, false, 'b:' .. scope, v, all_shadow)
+end
+
+-- Pauses (config pause:<scope> = Redis time in ms until which nothing of the scope is
+-- admitted; set by config.lua "pause", on Redis's clock). A plan keeps the pauses of its
+-- scopes, read once per config revision like everything else it holds: a decision pays
+-- nothing for them unless one is set. A pause that ran out stays in the plan until the
+-- next revision and is simply past (judge_pauses compares it with now): it expires on its
+-- own. Pauses apply whatever the exemptions and the shadow mode: they are an operator's
+-- (or a task's) explicit word that the downstream accepts nothing now.
+local function plan_pauses(config_key, tenant, queue, priority)
+  local scopes = {'tenant:' .. tenant, 'global'}
+  if queue ~= '' then
+    scopes[3], scopes[4] = 'tenant:' .. tenant .. ':queue:' .. queue, 'queue:' .. queue
+  end
+  if priority ~= '' then scopes[#scopes + 1] = 'priority:' .. priority end
+  local fields = {}
+  for i = 1, #scopes do fields[i] = 'pause:' .. scopes[i] end
+  local got = redis.call('HMGET', config_key, unpack(fields))
+  local pauses = false
+  for i = 1, #scopes do
+    local untl = tonumber(got[i])
+    if untl then
+      if not pauses then pauses = {} end
+      -- A tenant's pauses count in the shared hash under one name (bounded names, as
+      -- tenant:* does for limits); the others under their own.
+      local src = 'pause:' .. scopes[i]
+      if i == 1 or i == 3 then src = 'pause:tenant:*' .. (i == 3 and ':queue:' .. queue or '') end
+      pauses[#pauses + 1] = {scope = scopes[i], src = src, untl = untl * 1000}
+    end
+  end
+  return pauses
+end
+
 local function build_plan(config_key, tenant, queue, priority)
   local s_tenant = 'tenant:' .. tenant
   local has_queue = queue ~= ''
@@ -322,6 +369,7 @@ local function build_plan(config_key, tenant, queue, priority)
       v = cfg[7]
       if v then add_buckets(buckets, sf, s_q, s_q, false, 'b:' .. s_q, v, all_shadow) end
     end
+    add_priority_bucket(config_key, priority, buckets, sf, all_shadow)
     v = cfg[1]
     if v then add_buckets(buckets, sf, 'global', 'global', false, 'b:global', v, all_shadow) end
   end
@@ -385,6 +433,7 @@ end
 
 local function new_plan(c, config_key, tenant, queue, priority)
   local plan = build_plan(config_key, tenant, queue, priority)
+  plan.pauses = plan_pauses(config_key, tenant, queue, priority)
   -- Its estimated size (names appear in several strings of the plan, hence twice).
   local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority)
   if plan.caps then bytes = bytes + CAP_BYTES * #plan.caps end
@@ -534,6 +583,25 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
   return allowed == 1 and 2 or allowed, wait, denied_by, would_deny
 end
 
+-- Pauses of a decision whose plan has any: a pause still running denies, its wait the
+-- time left of it (the longest wait names the scope that denied, as with buckets);
+-- ctx.paused says the scope that denied is a pause (ctx.src: its name in the shared hash).
+local function judge_pauses(ctx, allowed, wait, denied_by, would_deny)
+  local pauses, now = ctx.plan.pauses, ctx.now
+  for i = 1, #pauses do
+    local p = pauses[i]
+    local left = p.untl - now
+    if left > 0 then
+      if left > MAX_WAIT_US then left = MAX_WAIT_US end
+      allowed = 0
+      if left > wait or not denied_by then
+        wait, denied_by, ctx.src, ctx.paused, ctx.by_cap = left, p.scope, p.src, true, false
+      end
+    end
+  end
+  return allowed, wait, denied_by, would_deny
+end
+
 -- Returns status (1 allowed, 2 allowed where concurrency caps apply: take_slots then,
 -- 0 denied, -1 cost above an enforced burst), the wait in microseconds (at most
 -- MAX_WAIT_US), the scope that denied (longest wait) and the shadow scopes that would have
@@ -575,7 +643,12 @@ local function judge(ctx, cost)
     end
   end
   ctx.src = src
-  if ctx.plan.caps then return judge_caps(ctx, allowed, wait, denied_by, would_deny) end
+  local pauses = ctx.plan.pauses
+  if ctx.plan.caps then
+    if not pauses then return judge_caps(ctx, allowed, wait, denied_by, would_deny) end
+    allowed, wait, denied_by, would_deny = judge_caps(ctx, allowed, wait, denied_by, would_deny)
+  end
+  if pauses then return judge_pauses(ctx, allowed, wait, denied_by, would_deny) end
   return allowed, wait, denied_by, would_deny
 end
 
@@ -938,10 +1011,11 @@ local function remaining_text(ctx, i)
   return texts and texts[i] or fmt(left)
 end
 
--- The denied_by of a reply: "!<scope>" for a concurrency cap, "<scope>(<window>)" for a
--- window of a scope with several, else the scope (false: none).
+-- The denied_by of a reply: "!<scope>" for a concurrency cap, "~<scope>" for a pause,
+-- "<scope>(<window>)" for a window of a scope with several, else the scope (false: none).
 local function denied_text(ctx, denied_by)
   if ctx.by_cap then return '!' .. denied_by end
+  if ctx.paused then return '~' .. denied_by end
   local b = ctx.bound
   if denied_by and b and b.window then return denied_by .. '(' .. b.window .. ')' end
   return denied_by

@@ -58,6 +58,11 @@ if ctx.plan.caps then
     wait, denied_by, by_cap = cap_wait, cap_scope, true
   end
 end
+if ctx.plan.pauses then
+  -- A paused scope: the job starts no sooner than the pause ends.
+  local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
+  if ctx.paused then wait, denied_by, by_cap = pause_wait, pause_scope, false end
+end
 local starts = not denied_by
 if id ~= '' and (count == '1' or (count == '2' and starts)) then
   in_transit(transit, id, now, now + 2 * wait / 1000 + grace)

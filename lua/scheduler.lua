@@ -208,9 +208,35 @@ local function weight(value, default)
   return math.min(math.max(w, MIN_WEIGHT), MAX_WEIGHT)
 end
 
+local function is_priority_scope(scope)
+  return string.sub(scope, 1, 9) == 'priority:'
+end
+
+-- The backlogged priority of a tenant to serve next: its lowest pass among those not held
+-- (`held`: priority -> ms its priority scope admits again, learnt by this dispatch call).
+-- Nothing when the tenant has no backlogged priority; false and the ms the first held one
+-- is due when every one is held.
+local function pick_priority(tp, held)
+  if next(held) == nil then
+    local top = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
+    if #top == 0 then return nil end
+    return top[1], finite(tonumber(top[2]))
+  end
+  local all = redis.call('ZRANGE', tp, 0, -1, 'WITHSCORES')
+  if #all == 0 then return nil end
+  local soonest = false
+  for i = 1, #all, 2 do
+    local due = held[all[i]]
+    if not due then return all[i], finite(tonumber(all[i + 1])) end
+    if not soonest or due < soonest then soonest = due end
+  end
+  return false, soonest
+end
+
 if mode == 'submit' then
   -- KEYS[8]: the item's done marker (KeySpace.done). ARGV: lane, tenant, priority, item id,
-  -- cost, payload, backlog bound (optional; 0 or absent: none). Reply: 1 queued, 0
+  -- cost, payload, backlog bound (optional; 0 or absent: none), at the head of its class
+  -- ("1": a job handed back, e.g. after its downstream's 429; optional). Reply: 1 queued, 0
   -- duplicate id (queued, in flight, or remembered as done by ack), -2 unknown priority,
   -- -3 the lane's backlog already holds `bound` items.
   local lane, tenant, priority, id, cost, payload =
@@ -233,7 +259,7 @@ if mode == 'submit' then
   -- Counted in the backlog from now on, no longer in transit (parked without a gate call:
   -- a saturated Celery worker parks what arrives as it is).
   redis.call('ZREM', transit_key(lane, tenant), id)
-  enqueue(id, false)
+  enqueue(id, ARGV[A + 8] == '1')
   return 1
 end
 
@@ -321,6 +347,10 @@ if mode == 'dispatch' then
   end
   local version = redis.call('HGET', config_key, '_version') or '0'
   local items, wait, backlogged, stop_all = {}, false, false, false
+  -- Priorities denied by their priority scope (a cap on all work of that priority, or its
+  -- pause) in this call: priority -> ms it admits again. Their classes are passed over, so
+  -- the other priorities share what the caps leave (priority scopes span every lane).
+  local held = {}
   local lease, leases, token = '', {}, ''
   local function note_wait(w)
     if not wait or w < wait then wait = w end
@@ -341,6 +371,18 @@ if mode == 'dispatch' then
       join_tenant(lane, tenant)
     end
     local skips, blocked, drained = 0, false, false
+    -- Parks `tenant` until `due` (ms) so that it costs nothing until then; past max_skips
+    -- parked in one call the lane stops for this call (bounded work).
+    local function park(tenant, due)
+      redis.call('ZREM', active, tenant)
+      redis.call('ZADD', parked, due, tenant)
+      redis.call('HSET', counts, ':cv', version)
+      skips = skips + 1
+      if skips > max_skips then
+        note_wait(0)
+        blocked = true
+      end
+    end
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #top == 0 then
@@ -349,12 +391,15 @@ if mode == 'dispatch' then
       end
       local tenant, pass = top[1], finite(tonumber(top[2]))
       local tp = classes_key(lane, tenant)
-      local ptop = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
-      if #ptop == 0 then
+      local priority, ppass = pick_priority(tp, held)
+      if priority == nil then
         redis.call('ZREM', active, tenant)  -- nothing left: defensive, keeps the set honest
         settle_tenant(counts, tenant)
+      elseif not priority then
+        -- Every priority the tenant has waiting is held by its priority scope: the tenant
+        -- is parked until the first is due (ppass), as one held back by its own caps.
+        park(tenant, ppass)
       else
-        local priority, ppass = ptop[1], finite(tonumber(ptop[2]))
         local bl = backlog_key(lane, tenant, priority)
         local id = redis.call('LINDEX', bl, 0)
         local _, cost, stored
@@ -436,20 +481,18 @@ if mode == 'dispatch' then
             -- Held back by its own cap: park it so it costs nothing until its tokens return
             -- (a concurrency cap: until its earliest slot lease runs out, or a release).
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
-            redis.call('ZREM', active, tenant)
-            redis.call('ZADD', parked, now + wait_us / 1000, tenant)
             if ctx.by_cap then
               -- Woken by a release of that cap's slots; kept at least until the wait ends.
               local waiters, keep = P_WAKE .. denied_by, math.floor(wait_us / 1000) + 60000
               redis.call('SADD', waiters, lane .. ' ' .. tenant)
               if redis.call('PTTL', waiters) < keep then redis.call('PEXPIRE', waiters, keep) end
             end
-            redis.call('HSET', counts, ':cv', version)
-            skips = skips + 1
-            if skips > max_skips then
-              note_wait(0)
-              blocked = true
-            end
+            park(tenant, now + wait_us / 1000)
+          elseif is_priority_scope(denied_by) then
+            -- A priority scope binds that priority everywhere: its classes are passed
+            -- over (this call) until it admits again; the tenant's others go on.
+            deny(ctx, denied_by, wait_us / 1000, keep_ms)
+            held[priority] = now + wait_us / 1000
           else
             -- A queue or global cap binds everyone in this lane (global: every lane).
             deny(ctx, denied_by, wait_us / 1000, keep_ms)

@@ -16,7 +16,7 @@ importing this package never imports Celery, RQ, Textual or prometheus_client.
 from ._async_limiter import AsyncLimiter
 from ._config import ConfigSpec, config_from_env, load_config_file, parse_config
 from ._core import AuditEntry
-from ._decision import Decision, ScopeLimit, Slot
+from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._errors import (
     BackendError,
     BackendUnavailable,
@@ -66,6 +66,7 @@ __all__ = [
     "Limit",
     "LimitNotFound",
     "Limiter",
+    "Pause",
     "Preview",
     "RateLimitError",
     "RateLimited",

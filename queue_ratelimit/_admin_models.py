@@ -14,10 +14,17 @@ from fastapi import Header, Path, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ._concurrency import MAX_CONCURRENCY
+from ._core import MAX_PAUSE
 from ._limit import LIMIT_PATTERN, MAX_BURST, MAX_LIMIT_TEXT, MAX_WINDOWS
 from ._preview import MAX_RECORDING, MIN_RECORDING
 from ._scheduler import MAX_WEIGHT, MIN_WEIGHT
-from ._scopes import CONCRETE_SCOPE_PATTERN, NAME_PATTERN, PRIORITY_PATTERN, SCOPE_PATTERN
+from ._scopes import (
+    CAP_SCOPE_PATTERN,
+    CONCRETE_SCOPE_PATTERN,
+    NAME_PATTERN,
+    PRIORITY_PATTERN,
+    SCOPE_PATTERN,
+)
 
 # The longest scope: "tenant:" + a name + ":queue:" + a name.
 MAX_SCOPE = 7 + 128 + 7 + 128
@@ -37,9 +44,21 @@ ScopePath = Annotated[
         **_documented(
             SCOPE_PATTERN,
             MAX_SCOPE,
+            "global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, priority:<p>, or a default "
+            "for every tenant: tenant:* or tenant:*:queue:<q>. Names may hold '/' (send it as "
+            "is or as %2F).",
+            "tenant:acme",
+        )
+    ),
+]
+CapScopePath = Annotated[
+    str,
+    Path(
+        **_documented(
+            CAP_SCOPE_PATTERN,
+            MAX_SCOPE,
             "global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every "
-            "tenant: tenant:* or tenant:*:queue:<q>. Names may hold '/' (send it as is or "
-            "as %2F).",
+            "tenant: tenant:* or tenant:*:queue:<q> (a priority takes no concurrency cap).",
             "tenant:acme",
         )
     ),
@@ -50,8 +69,8 @@ ConcreteScopePath = Annotated[
         **_documented(
             CONCRETE_SCOPE_PATTERN,
             MAX_SCOPE,
-            "A scope with a bucket of its own: global, queue:<q>, tenant:<t> or "
-            "tenant:<t>:queue:<q> (not a tenant:* default).",
+            "A scope with a bucket of its own: global, queue:<q>, tenant:<t>, "
+            "tenant:<t>:queue:<q> or priority:<p> (not a tenant:* default).",
             "tenant:acme",
         )
     ),
@@ -216,6 +235,18 @@ class ConcurrencyOut(BaseModel):
     running: int | None = Field(
         description="Jobs holding a slot now; null for a default (each tenant counts its own)."
     )
+
+
+class PauseIn(_Body):
+    seconds: float = Field(
+        gt=0, le=MAX_PAUSE, description="Admit nothing of the scope for this long (Redis clock)."
+    )
+
+
+class PauseOut(BaseModel):
+    scope: str
+    until_ms: int = Field(description="When the pause ends: ms since the epoch, Redis's clock.")
+    remaining_s: float = Field(description="Seconds it still had to run when read.")
 
 
 class ShadowIn(_Body):

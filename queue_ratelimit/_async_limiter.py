@@ -25,7 +25,7 @@ from ._core import (
     concurrency_scope,
     redis_errors,
 )
-from ._decision import Decision, ScopeLimit, Slot
+from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._durability import EvictionStatus, aeviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._limit import Limit
@@ -172,6 +172,23 @@ class AsyncLimiter(LimiterBase):
 
     async def limits(self) -> dict[str, ScopeLimit]:
         return self._core.limits(await self._config_hash())
+
+    async def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
+        call = self._core.pause_call(scope, seconds, actor)
+        with redis_errors():
+            reply = await self._scripts.acall("config.lua", call.keys, call.args)
+        return self._core.pause_result(call, reply)
+
+    async def resume(self, scope: str | Scope, *, actor: str = "api") -> bool:
+        call = self._core.resume_call(scope, actor)
+        with redis_errors():
+            reply = await self._scripts.acall("config.lua", call.keys, call.args)
+        return int(reply[0]) != -1
+
+    async def pauses(self) -> dict[str, Pause]:
+        with redis_errors():
+            seconds, micros = await self.client.time()
+        return self._core.pauses(await self._config_hash(), seconds * 1000 + micros / 1000)
 
     async def set_exempt(
         self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"

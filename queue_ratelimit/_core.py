@@ -29,7 +29,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._decision import (
+    PAUSE_PREFIX,
     Decision,
+    Pause,
     ScopeLimit,
     Slot,
     check_windows,
@@ -76,6 +78,9 @@ AUDIT_LENGTH = 10_000
 # lua/buckets.lua expires an idle slot set after MAX_HOLD).
 DEFAULT_HOLD = 60.0
 MAX_HOLD = 7 * 86400.0
+# The longest pause (MAX_PAUSE_MS in lua/config.lua, which checks it again): a downstream's
+# Retry-After longer than a month is better handled by an operator than by a timer.
+MAX_PAUSE = 30 * 86400.0
 
 
 @dataclass(slots=True)
@@ -199,6 +204,17 @@ def concurrency_scope(scope: str | Scope) -> str:
     if parsed.is_default:
         raise InvalidScope(
             f"{parsed} is a default: each tenant has its own slots (ask about tenant:<t>...)"
+        )
+    return str(parsed)
+
+
+def pause_scope(scope: str | Scope) -> str:
+    """The name of a scope that can be paused: any concrete scope (not a tenant default)."""
+    parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+    if parsed.is_default:
+        raise InvalidScope(
+            f"{parsed} is a default: pause one tenant (tenant:<t>, tenant:<t>:queue:<q>), "
+            f"a queue, a priority, or global"
         )
     return str(parsed)
 
@@ -383,7 +399,13 @@ class LimiterCore:
         )
 
     def set_concurrency_call(self, scope: str | Scope, n: object, actor: str) -> ScriptCall:
-        field = CONCURRENCY_PREFIX + scope_name(scope)
+        parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+        if parsed.kind == "priority":
+            raise InvalidScope(
+                f"{parsed}: concurrency caps apply to tenant, queue and global scopes; "
+                f"a priority takes a rate limit (set_limit)"
+            )
+        field = CONCURRENCY_PREFIX + str(parsed)
         if n is None:
             return self.config_call("del", field, "", actor)
         return self.config_call("set", field, str(check_concurrency(n)), actor)
@@ -422,6 +444,48 @@ class LimiterCore:
             raise InvalidName(f"exempt mode must be 'tenant', 'all' or None, got {_shown(mode)}")
         return self.config_call("set", field, mode, actor)
 
+    # -- pauses ------------------------------------------------------------------------
+    def pause_call(self, scope: str | Scope, seconds: object, actor: str) -> ScriptCall:
+        field = PAUSE_PREFIX + pause_scope(scope)
+        ms = check_positive("pause (seconds)", seconds, MAX_PAUSE) * 1000
+        k = self.keys
+        # At least 1 ms (lua/config.lua refuses less); a float's digits as they are.
+        return ScriptCall(
+            [k.config, k.audit, k.shared, k.pauses],
+            ["pause", field, repr(max(1.0, ms)), actor, AUDIT_LENGTH],
+        )
+
+    def resume_call(self, scope: str | Scope, actor: str) -> ScriptCall:
+        k = self.keys
+        field = PAUSE_PREFIX + pause_scope(scope)
+        return ScriptCall(
+            [k.config, k.audit, k.shared, k.pauses], ["resume", field, "", actor, AUDIT_LENGTH]
+        )
+
+    @staticmethod
+    def pause_result(call: ScriptCall, reply: list[object]) -> Pause:
+        """The pause a pause call left in place (longer than asked when one was running)."""
+        until_ms, now_ms = int(reply[2]), int(reply[3])  # type: ignore[call-overload]
+        scope = str(call.args[1])[len(PAUSE_PREFIX) :]
+        return Pause(scope, until_ms, float(max(0, until_ms - now_ms)))
+
+    @staticmethod
+    def pauses(raw: dict[object, object], now_ms: float) -> dict[str, Pause]:
+        """Pauses still running at ``now_ms`` (Redis time), by scope, from the config hash."""
+        out = {}
+        for f, v in raw.items():
+            name = _text(f)
+            if not name.startswith(PAUSE_PREFIX):
+                continue
+            try:
+                until_ms = int(float(_text(v)))
+            except ValueError:
+                raise BackendError(f"queue-ratelimit: corrupt {name}: {_shown(v)}") from None
+            if until_ms > now_ms:
+                scope = name[len(PAUSE_PREFIX) :]
+                out[scope] = Pause(scope, until_ms, until_ms - now_ms)
+        return dict(sorted(out.items()))
+
     @staticmethod
     def config_version(reply: list[object], field: str, must_exist: bool) -> int:
         version: int = int(reply[0])  # type: ignore[call-overload]
@@ -436,7 +500,9 @@ class LimiterCore:
         out = {}
         for field, value in raw.items():
             name = _text(field)
-            if name.startswith(("exempt:", "mode:", "weight:", CONCURRENCY_PREFIX, "_")):
+            if name.startswith(
+                ("exempt:", "mode:", "weight:", CONCURRENCY_PREFIX, PAUSE_PREFIX, "_")
+            ):
                 continue
             out[name] = decode_limit(name, _text(value))
         return dict(sorted(out.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -67,6 +68,8 @@ class Decision:
             ``remaining``), after this decision.
         window: when ``denied_by`` has several windows, the one that bound (``"10000/d"``);
             None otherwise (``denied_by`` itself is the scope's name either way).
+        paused: True when ``denied_by`` is a paused scope (``Limiter.pause``); ``wait_ms``
+            is then the time left of the pause (``resume`` ends it sooner).
     """
 
     allowed: bool
@@ -79,6 +82,7 @@ class Decision:
     concurrency: bool = False
     credit: Mapping[str, float] = field(default_factory=lambda: _NO_CREDIT)
     window: str | None = None
+    paused: bool = False
 
     @property
     def retry_after(self) -> float:
@@ -173,6 +177,7 @@ _new = object.__new__
     _set_concurrency,
     _set_credit,
     _set_window,
+    _set_paused,
 ) = (
     Decision.__dict__[name].__set__
     for name in (
@@ -186,6 +191,7 @@ _new = object.__new__
         "concurrency",
         "credit",
         "window",
+        "paused",
     )
 )
 
@@ -200,6 +206,7 @@ def _decision(
     concurrency: bool = False,
     credit: Mapping[str, float] = _NO_CREDIT,
     window: str | None = None,
+    paused: bool = False,
 ) -> Decision:
     decision: Decision = _new(Decision)
     _set_allowed(decision, allowed)
@@ -212,10 +219,52 @@ def _decision(
     _set_concurrency(decision, concurrency)
     _set_credit(decision, credit)
     _set_window(decision, window)
+    _set_paused(decision, paused)
     return decision
 
 
 _PERIODS = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+# Pauses are config fields "pause:<scope>" = Redis time (ms) their pause ends (lua/config.lua).
+PAUSE_PREFIX = "pause:"
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A paused scope: nothing of it is admitted until ``until_ms``.
+
+    Attributes:
+        scope: the paused scope.
+        until_ms: when the pause ends, in milliseconds since the epoch on Redis's clock.
+        remaining_ms: how long it still had to run when it was read (or set).
+    """
+
+    scope: str
+    until_ms: int
+    remaining_ms: float
+
+    @property
+    def remaining(self) -> float:
+        """``remaining_ms`` in seconds."""
+        return self.remaining_ms / 1000.0
+
+
+def pause_fields(pause: Pause) -> dict[str, str | float | int]:
+    """A pause as plain fields (the CLI's JSON, the admin API)."""
+    return {
+        "scope": pause.scope,
+        "until_ms": pause.until_ms,
+        "remaining_s": round(pause.remaining, 3),
+    }
+
+
+def pause_text(value: str) -> str:
+    """A stored pause end as people read it: ``until 2024-05-01T12:00:30.000Z``."""
+    try:
+        until_ms = int(float(value))
+    except ValueError:
+        return value
+    at = datetime.fromtimestamp(until_ms / 1000, UTC)
+    return f"until {at.strftime('%Y-%m-%dT%H:%M:%S')}.{until_ms % 1000:03d}Z"
 
 
 def format_limit(limit: Limit) -> str:
@@ -267,6 +316,8 @@ def readable_config_value(field: str, value: str) -> str:
     ``100/s burst 100`` (windows joined by ``+``), absence as ``-``, anything else as stored."""
     if not value:
         return "-"
+    if field.startswith(PAUSE_PREFIX):
+        return pause_text(value)
     if field.startswith(("exempt:", "mode:", "weight:", "conc:")):
         return value
     try:
@@ -297,8 +348,8 @@ def parse_reply(reply: bytes | str) -> Decision:
     """Turn the acquire script's flat reply into a ``Decision``:
     ``"<status> <wait_ms> <denied_by|-> <scope> <remaining> ... | <would-deny> ..."``,
     status 2 followed by ``" # <slot token> <cap scope> ..."``, a concurrency cap's denial
-    as ``"!<scope>"``, a window's as ``"<scope>(<window>)"``, a credit bucket's remaining as
-    ``"<tokens>:<bank>"`` (status -1 is handled by callers)."""
+    as ``"!<scope>"``, a pause's as ``"~<scope>"``, a window's as ``"<scope>(<window>)"``, a
+    credit bucket's remaining as ``"<tokens>:<bank>"`` (status -1 is handled by callers)."""
     text = reply.decode() if isinstance(reply, bytes) else reply
     parts = text.split(" ")
     bar = parts.index("|")
@@ -319,7 +370,7 @@ def parse_reply(reply: bytes | str) -> Decision:
         if denied_by[-1] == ")":
             denied_by, _, window = denied_by[:-1].partition("(")
     status = parts[0]
-    if status == "1" or (status == "0" and denied_by[0] != "!"):
+    if status == "1" or (status == "0" and denied_by[0] not in "!~"):
         return _decision(
             status == "1",
             float(parts[1]),
@@ -331,15 +382,16 @@ def parse_reply(reply: bytes | str) -> Decision:
             credit,
             window,
         )
-    if status == "0":  # denied by a concurrency cap
+    if status == "0":  # denied by a concurrency cap ("!") or a pause ("~")
         return _decision(
             False,
             float(parts[1]),
             MappingProxyType(remaining),
             denied_by[1:],
             tuple(parts[bar + 1 :]),
-            concurrency=True,
+            concurrency=denied_by[0] == "!",
             credit=credit,
+            paused=denied_by[0] == "~",
         )
     hash_at = parts.index("#")
     return _decision(

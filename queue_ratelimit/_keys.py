@@ -48,7 +48,7 @@ MAX_SHARDS = 1024
 
 # Kinds of key by tag, and how many user parts follow the tag. Tags under the scheduler's
 # are spelled "s2:<tag>"; "legacy" is any key of scheduler layout 1 ("s:...").
-_FIXED = {"config", "audit", "shared", "snapshot", "dt", "share", "rebalance"}
+_FIXED = {"config", "audit", "shared", "snapshot", "dt", "pauses", "share", "rebalance"}
 _ONE_PART = {"t": "tenant", "c": "slots", "rec": "record"}
 _SCHEDULER_FIXED = {"inflight", "lease", "meta", "payload", "lanes"}
 _SCHEDULER_PARTS = {
@@ -189,6 +189,13 @@ class KeySpace:
         return f"{self.base}:audit"
 
     @property
+    def pauses(self) -> str:
+        """Sorted set of paused scope -> Redis time (ms) its pause ends: the index that lets
+        lua/config.lua forget pauses that ran out (the pauses themselves are config fields
+        ``pause:<scope>``)."""
+        return f"{self.base}:pauses"
+
+    @property
     def shared(self) -> str:
         """Hash of the global and per-queue buckets and the aggregate counters."""
         return f"{self.base}:shared"
@@ -232,6 +239,8 @@ class KeySpace:
             return self.shared, "b:global"
         if scope.kind == "queue":
             return self.shared, f"b:queue:{scope.queue}"
+        if scope.kind == "priority":
+            return self.shared, f"b:priority:{scope.priority}"
         assert scope.tenant is not None
         key = self.tenant(scope.tenant)
         return (key, "b") if scope.kind == "tenant" else (key, f"bq:{scope.queue}")

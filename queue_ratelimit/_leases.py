@@ -48,10 +48,11 @@ MIN_MOVE, MIN_RELATIVE_MOVE = 0.01, 0.10
 
 
 def shared_scope(field: str) -> str | None:
-    """The shared scope a config field limits or caps (``global``, ``queue:<q>``), or None
-    for a field every shard holds whole (tenant scopes, exemptions, modes, weights)."""
+    """The shared scope a config field limits or caps (``global``, ``queue:<q>``,
+    ``priority:<p>``), or None for a field every shard holds whole (tenant scopes,
+    exemptions, modes, weights, pauses: a pause is a moment, the same on every shard)."""
     scope = field.removeprefix("conc:")
-    if scope == "global" or scope.startswith("queue:"):
+    if scope == "global" or scope.startswith(("queue:", "priority:")):
         return scope
     return None
 
@@ -175,11 +176,14 @@ def _text(value: object) -> str:
 
 def counters(shared: Mapping[Any, Any], scope: str) -> tuple[float, float]:
     """(admissions, denials) of a shared scope in one shard's shared hash (lua/buckets.lua
-    names the counters): every queue's admissions for ``global``."""
+    names the counters): every queue's admissions for ``global``, the priority's for
+    ``priority:<p>``."""
     fields = {_text(k): _text(v) for k, v in shared.items()}
     denied = float(fields.get(f"d:{scope}", 0))
     if scope == "global":
         admitted = sum(float(v) for k, v in fields.items() if k.startswith("a:q:"))
+    elif scope.startswith("priority:"):
+        admitted = float(fields.get(f"a:p:{scope.removeprefix('priority:')}", 0))
     else:
         admitted = float(fields.get(f"a:q:{scope.removeprefix('queue:')}", 0))
     return admitted, denied

@@ -22,7 +22,7 @@ from ._core import (
     concurrency_scope,
     redis_errors,
 )
-from ._decision import Decision, ScopeLimit, Slot
+from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._durability import EvictionStatus, eviction_status, judge_eviction
 from ._errors import ConfigError, LimitNotFound
 from ._keys import check_shards
@@ -280,6 +280,46 @@ class Limiter(LimiterBase):
         """Every configured limit, by scope name."""
         with redis_errors():
             return self._core.limits(self.client.hgetall(self._core.keys.config))
+
+    # -- pauses ------------------------------------------------------------------------
+    def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
+        """Admit nothing of ``scope`` for ``seconds`` (on Redis's clock), across every
+        worker: for a downstream that answered ``429 Retry-After``. Decisions in the scope
+        are denied with ``paused=True``, ``denied_by=scope`` and ``wait_ms`` the time left.
+
+        A pause only ever grows: a shorter one while a longer runs leaves the longer (the
+        returned ``Pause`` says which). It ends by itself, or with ``resume``. It applies
+        whatever the exemptions and shadow mode, and is in the audit log.
+
+        Args:
+            scope: ``global``, ``queue:<q>``, ``tenant:<t>``, ``tenant:<t>:queue:<q>`` or
+                ``priority:<p>`` (not a tenant default).
+            seconds: how long, at most 30 days.
+
+        Raises:
+            InvalidScope / InvalidName: a scope that names nothing that can be paused.
+            ConfigError: ``seconds`` not a finite number in (0, 30 days].
+        """
+        call = self._core.pause_call(scope, seconds, actor)
+        with redis_errors():
+            reply = self._scripts.call("config.lua", call.keys, call.args)
+        return self._core.pause_result(call, reply)
+
+    def resume(self, scope: str | Scope, *, actor: str = "api") -> bool:
+        """End a pause now; False when the scope was not paused (or its pause ran out)."""
+        call = self._core.resume_call(scope, actor)
+        with redis_errors():
+            reply = self._scripts.call("config.lua", call.keys, call.args)
+        return int(reply[0]) != -1
+
+    def pauses(self) -> dict[str, Pause]:
+        """The pauses running now, by scope."""
+        with redis_errors():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(self._core.keys.config)
+            (seconds, micros), raw = pipe.execute()
+        return self._core.pauses(raw, seconds * 1000 + micros / 1000)
 
     def set_exempt(
         self, tenant: str, mode: ExemptMode | None = "tenant", *, actor: str = "api"

@@ -324,6 +324,11 @@ def preview_read(
 ) -> Preview:
     """The preview from the replies to what ``preview_reads`` asked for."""
     parsed = scope if isinstance(scope, Scope) else Scope.parse(scope)
+    if parsed.kind == "priority":
+        raise ConfigError(
+            f"{parsed}: recorded traffic is counted by tenant and queue, not by priority, "
+            f"so a priority scope has no preview"
+        )
     read = {
         key: {_text(f): _text(v) for f, v in fields.items()}
         for key, fields in zip(keys, minutes, strict=True)

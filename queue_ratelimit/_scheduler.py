@@ -69,6 +69,9 @@ class SubmitItem:
     priority: str = "normal"
     cost: float = 1
     payload: bytes = b""
+    # At the head of its class backlog rather than the tail: a job handed back (its
+    # downstream answered 429) keeps its place.
+    at_front: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ class GateVerdict:
             (``Limiter.release``) when the job ends; else None.
         concurrency: for ``"park"``, True when ``denied_by`` is a concurrency cap.
         credit_free: the credit took no tokens (no bucket applies): nothing to refund.
+        paused: for ``"park"``, True when ``denied_by`` is a paused scope
+            (``Limiter.pause``): ``wait_ms`` is the time left of the pause.
     """
 
     action: Literal["run", "park", "duplicate"]
@@ -131,6 +136,7 @@ class GateVerdict:
     slot: Slot | None = None
     concurrency: bool = False
     credit_free: bool = False
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,12 +320,13 @@ class FairScheduler:
         payload: bytes = b"",
         max_backlog: int = 0,
         pipeline: Any = None,
+        at_front: bool = False,
     ) -> Any:
-        """Add an item to the tail of its class backlog. False if the id is already known
-        (queued, in flight, or remembered as done by ``ack(remember=...)``), which makes a
-        redelivered submit harmless. A priority that has no weight (not high, normal or low,
-        nor given one with ``set_priority_weight``) is queued as ``normal``, with a warning
-        logged: the item is never refused for it.
+        """Add an item to the tail of its class backlog (the head with ``at_front``). False
+        if the id is already known (queued, in flight, or remembered as done by
+        ``ack(remember=...)``), which makes a redelivered submit harmless. A priority that
+        has no weight (not high, normal or low, nor given one with ``set_priority_weight``)
+        is queued as ``normal``, with a warning logged: the item is never refused for it.
 
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
@@ -334,7 +341,7 @@ class FairScheduler:
                 submit it again, which is harmless).
             BackendError: Redis answered with an error (broken data in it).
         """
-        item = SubmitItem(tenant, item_id, queue, priority, cost, payload)
+        item = SubmitItem(tenant, item_id, queue, priority, cost, payload, at_front)
         keys, args = self._submit_call(item, max_backlog)
         if pipeline is not None:
             self._scripts.queue_on_callers_pipeline(pipeline, "scheduler.lua", keys, args)
@@ -350,6 +357,7 @@ class FairScheduler:
                 cost=cost,
                 payload=payload,
                 max_backlog=max_backlog,
+                at_front=at_front,
             )
         if reply == -3:
             raise BacklogFull(queue, max_backlog)
@@ -367,6 +375,8 @@ class FairScheduler:
             item.payload,
             max_backlog,
         ]
+        if item.at_front:
+            args.append("1")
         return [*self._keys, self.keys.done(item.item_id)], self._args("submit", args)
 
     def submit_many(
@@ -425,6 +435,7 @@ class FairScheduler:
                         cost=item.cost,
                         payload=item.payload,
                         max_backlog=max_backlog,
+                        at_front=item.at_front,
                     )
                 except BacklogFull:
                     code = -3
@@ -762,11 +773,13 @@ class FairScheduler:
             )
         if code == 2:
             return GateVerdict("duplicate")
+        flag = _text(reply[3]) if len(reply) > 3 else "0"
         return GateVerdict(
             "park",
             float(_text(reply[1])),
             _text(reply[2]) or None,
-            concurrency=len(reply) > 3 and _text(reply[3]) == "1",
+            concurrency=flag == "1",
+            paused=flag == "2",
         )
 
     def nack(

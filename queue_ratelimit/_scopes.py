@@ -1,5 +1,5 @@
-"""Scope names (``global``, ``tenant:<t>``, ``tenant:<t>:queue:<q>``, ``queue:<q>``) and the
-validation of every name that ends up inside a Redis key."""
+"""Scope names (``global``, ``tenant:<t>``, ``tenant:<t>:queue:<q>``, ``queue:<q>``,
+``priority:<p>``) and the validation of every name that ends up inside a Redis key."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ _SPACE_RE = re.compile(r"\s")
 # Every scope Scope.parse reads, and the concrete ones (no default): for documents such as
 # the admin API's OpenAPI schema, where a pattern must say exactly what is accepted.
 _Q = rf"queue:{NAME_PATTERN}"
-SCOPE_PATTERN = rf"^(global|{_Q}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
-CONCRETE_SCOPE_PATTERN = rf"^(global|{_Q}|tenant:{NAME_PATTERN}(:{_Q})?)$"
+_P = rf"priority:{PRIORITY_PATTERN}"
+SCOPE_PATTERN = rf"^(global|{_Q}|{_P}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
+CONCRETE_SCOPE_PATTERN = rf"^(global|{_Q}|{_P}|tenant:{NAME_PATTERN}(:{_Q})?)$"
+# The scopes a concurrency cap may be set on (every one but a priority).
+CAP_SCOPE_PATTERN = rf"^(global|{_Q}|tenant:(\*|{NAME_PATTERN})(:{_Q})?)$"
 
-ScopeKind = Literal["global", "queue", "tenant", "tenant_queue"]
+ScopeKind = Literal["global", "queue", "tenant", "tenant_queue", "priority"]
 
 
 def _shown(value: object, limit: int = 80) -> str:
@@ -93,11 +96,16 @@ def check_priority(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """A parsed scope. ``tenant`` is ``"*"`` for the default that applies to every tenant."""
+    """A parsed scope. ``tenant`` is ``"*"`` for the default that applies to every tenant.
+
+    ``priority:<p>`` is one bucket for all work of priority ``<p>``, across every tenant
+    and queue (a ceiling on ``low``, say, whatever its weight in the fair scheduler).
+    """
 
     kind: ScopeKind
     tenant: str | None = None
     queue: str | None = None
+    priority: str | None = None
 
     @classmethod
     def parse(cls, text: object) -> Scope:
@@ -117,6 +125,8 @@ class Scope:
             return cls("global")
         if len(parts) == 2 and parts[0] == "queue":
             return cls("queue", queue=check_name("queue", parts[1]))
+        if len(parts) == 2 and parts[0] == "priority":
+            return cls("priority", priority=check_priority(parts[1]))
         if len(parts) in (2, 4) and parts[0] == "tenant":
             tenant = parts[1] if parts[1] == ANY_TENANT else check_name("tenant", parts[1])
             if len(parts) == 2:
@@ -125,7 +135,8 @@ class Scope:
                 return cls("tenant_queue", tenant=tenant, queue=check_name("queue", parts[3]))
         raise InvalidScope(
             f"unknown scope {_shown(text)}: expected 'global', 'queue:<q>', 'tenant:<t>', "
-            f"'tenant:<t>:queue:<q>' (use '*' for <t> to set every tenant's default)"
+            f"'tenant:<t>:queue:<q>', 'priority:<p>' (use '*' for <t> to set every tenant's "
+            f"default)"
         )
 
     @property
@@ -166,6 +177,8 @@ class Scope:
             return "global"
         if self.kind == "queue":
             return f"queue:{self.queue}"
+        if self.kind == "priority":
+            return f"priority:{self.priority}"
         if self.kind == "tenant":
             return f"tenant:{self.tenant}"
         return f"tenant:{self.tenant}:queue:{self.queue}"

@@ -13,6 +13,7 @@ lease rebalancer (``_leases``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,16 +58,7 @@ def _in_shard(slot: Slot | None, shard: int) -> Slot | None:
 def _item_in_shard(item: DispatchedItem, shard: int) -> DispatchedItem:
     if item.slot is None:
         return item
-    return DispatchedItem(
-        item.id,
-        item.queue,
-        item.tenant,
-        item.priority,
-        item.cost,
-        item.payload,
-        item.lease,
-        _in_shard(item.slot, shard),
-    )
+    return dataclasses.replace(item, slot=_in_shard(item.slot, shard))
 
 
 class ShardedScheduler(FairScheduler):
@@ -157,15 +149,7 @@ class ShardedScheduler(FairScheduler):
         self._tick()
         if verdict.slot is None:
             return verdict
-        return GateVerdict(
-            verdict.action,
-            verdict.wait_ms,
-            verdict.denied_by,
-            verdict.credit,
-            _in_shard(verdict.slot, shard),
-            verdict.concurrency,
-            verdict.credit_free,
-        )
+        return dataclasses.replace(verdict, slot=_in_shard(verdict.slot, shard))
 
     def hint(self, tenant: str, **options: Any) -> Hint:
         return self.part(tenant)[1].hint(tenant, **options)

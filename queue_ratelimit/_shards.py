@@ -23,8 +23,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ._core import ScriptCall, as_slot, check_hold, concurrency_scope, redis_errors
-from ._decision import Decision, Slot, decode_limit
+from ._core import (
+    ScriptCall,
+    as_slot,
+    check_hold,
+    concurrency_scope,
+    pause_scope,
+    redis_errors,
+)
+from ._decision import PAUSE_PREFIX, Decision, Pause, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
 from ._keys import KeySpace, check_shards, shard_of
 from ._leases import Rebalancer, RebalanceReport, equal_shares, shared_scope, slices
@@ -186,6 +193,25 @@ class ShardedLimiter(Limiter):
         for i in range(self.shards):
             self.write_shard(i, version, "", "", [field, parts[i], flag])
         return version
+
+    def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
+        """``Limiter.pause``: set at home, then on every shard (the same moment: Redis time
+        at home, which every shard's decisions compare with their own clock)."""
+        pause = super().pause(scope, seconds, actor=actor)
+        self._push_pause(pause.scope, str(pause.until_ms))
+        return pause
+
+    def resume(self, scope: str | Scope, *, actor: str = "api") -> bool:
+        resumed = super().resume(scope, actor=actor)
+        if resumed:
+            self._push_pause(pause_scope(scope), "")
+        return resumed
+
+    def _push_pause(self, scope: str, value: str) -> None:
+        field = PAUSE_PREFIX + scope
+        version = self.config_version()
+        for i in range(self.shards):
+            self.write_shard(i, version, "", "", [field, value, ""])
 
     def write_shard(
         self, shard: int, version: int, epoch: str, mode: str, triples: Sequence[str]

@@ -62,12 +62,15 @@ from ._admin_models import (
     ActorHeader,
     Answers,
     BucketOut,
+    CapScopePath,
     ConcreteScopePath,
     ConcurrencyIn,
     ConcurrencyOut,
     CountQuery,
     ExemptIn,
     LimitOut,
+    PauseIn,
+    PauseOut,
     PreviewIn,
     PriorityPath,
     RecordingIn,
@@ -82,13 +85,8 @@ from ._admin_models import (
     answers,
 )
 from ._core import redis_errors
-from ._decision import ScopeLimit, limit_fields
-from ._errors import (
-    BackendError,
-    BackendUnavailable,
-    LimitNotFound,
-    RateLimitError,
-)
+from ._decision import Pause, ScopeLimit, limit_fields
+from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import RECORD_FIELD, preview_fields
@@ -371,19 +369,37 @@ def create_app(
             return [_cap_out(scope, cap) for scope, cap in limiter.concurrency().items()]
 
     @route.get("/concurrency/{scope:name}", "One scope's concurrency cap")
-    def get_concurrency(scope: ScopePath) -> ConcurrencyOut:
+    def get_concurrency(scope: CapScopePath) -> ConcurrencyOut:
         cap = limiter.get_concurrency(scope)
         if cap is None:
             raise LimitNotFound(f"conc:{scope}")
         return _cap_out(scope_name(scope), cap)
 
     @route.put("/concurrency/{scope:name}", "Cap a scope's running jobs")
-    def set_concurrency(scope: ScopePath, body: ConcurrencyIn, who: Actor) -> Version:
+    def set_concurrency(scope: CapScopePath, body: ConcurrencyIn, who: Actor) -> Version:
         return Version(version=limiter.set_concurrency(scope, body.jobs, actor=who))
 
     @route.delete("/concurrency/{scope:name}", "Remove a concurrency cap")
-    def delete_concurrency(scope: ScopePath, who: Actor) -> Version:
+    def delete_concurrency(scope: CapScopePath, who: Actor) -> Version:
         return Version(version=limiter.set_concurrency(scope, None, actor=who))
+
+    def _pause_out(pause: Pause) -> PauseOut:
+        return PauseOut(scope=pause.scope, until_ms=pause.until_ms, remaining_s=pause.remaining)
+
+    @route.get("/pauses", "Paused scopes (nothing admitted until their end)", READS)
+    def list_pauses() -> list[PauseOut]:
+        with redis_errors():
+            return [_pause_out(p) for p in limiter.pauses().values()]
+
+    @route.put("/pauses/{scope:name}", "Pause a scope (a downstream's 429): only ever lengthened")
+    def pause(scope: ConcreteScopePath, body: PauseIn, who: Actor) -> PauseOut:
+        return _pause_out(limiter.pause(scope, body.seconds, actor=who))
+
+    @route.delete("/pauses/{scope:name}", "End a pause now")
+    def resume(scope: ConcreteScopePath, who: Actor) -> dict[str, bool]:
+        if not limiter.resume(scope, actor=who):
+            raise LimitNotFound(f"pause:{scope}")
+        return {"resumed": True}
 
     @route.get("/scopes/{scope:name}", "A scope's live bucket")
     def scope_state(scope: ConcreteScopePath) -> BucketOut:

@@ -376,6 +376,7 @@ def snapshot(
     limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
     caps = limiter._core.concurrency(dict(config))  # type: ignore[arg-type]
     exemptions = limiter._core.exemptions(dict(config))  # type: ignore[arg-type]
+    pauses = limiter._core.pauses(dict(config), now_us / 1000)  # type: ignore[arg-type]
     lane_stats, backlogged, large_lanes = _read_lanes(
         limiter, read.lanes, now_us / 1000, max_tenants
     )
@@ -457,6 +458,11 @@ def snapshot(
         "limits": {scope: _limit_summary(s) for scope, s in limits.items()},
         "caps": caps,
         "exemptions": exemptions,
+        # Pauses running at the snapshot's time (Limiter.pause), by scope.
+        "pauses": {
+            scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
+            for scope, p in pauses.items()
+        },
         "totals": {
             "allowed": allowed,
             "allowed_tokens": allowed + float(shared.get("n:ax", 0)),
@@ -680,6 +686,13 @@ FAMILIES: tuple[Family, ...] = (
         "Jobs of a capped scope allowed to run at once",
         ("scope",),
         _each("concurrency", "cap"),
+    ),
+    Family(
+        "gauge",
+        "pause_remaining_seconds",
+        "Seconds left of a scope's pause (Limiter.pause): nothing of it is admitted meanwhile",
+        ("scope",),
+        _each("pauses", "remaining_s"),
     ),
     Family(
         "gauge",

@@ -272,13 +272,24 @@ def _cap_groups(snap: dict[str, Any]) -> list[Group]:
     return groups
 
 
+def _pause_groups(snap: dict[str, Any]) -> list[Group]:
+    """Paused scopes (Limiter.pause), above everything else: nothing of them is admitted."""
+    pauses: dict[str, dict[str, Any]] = snap.get("pauses", {})
+    return [
+        ((-1.0, 0, scope), [(scope, "PAUSED", f"{p['remaining_s']:,.1f} s left", "", "")])
+        for scope, p in sorted(pauses.items())
+    ]
+
+
 def _budget_rows(
     snap: dict[str, Any], denied_rate: Callable[[str], float | None], tenant_rate: TenantRate
 ) -> list[Row5]:
     """Every configured limit, each default followed by its most throttled tenants, the
     exemptions, and the concurrency caps with the jobs running under them. Groups come
-    emptiest first (a binding scope at the top, whatever its name), then by name."""
-    groups = _limit_groups(snap, denied_rate, tenant_rate) + _cap_groups(snap)
+    emptiest first (a binding scope at the top, whatever its name), then by name; paused
+    scopes before them all."""
+    groups = _pause_groups(snap) + _limit_groups(snap, denied_rate, tenant_rate)
+    groups += _cap_groups(snap)
     return [row for _, rows in sorted(groups) for row in rows]
 
 
@@ -335,7 +346,8 @@ def build_view(
     # snapshot lists.
     listed = {tenant for tenant, _ in tenants or []}
     for scope, count in sorted(snap["denied_by"].items(), key=lambda kv: -kv[1]):
-        parsed = Scope.parse(scope)
+        # (A pause's denials count as "pause:<scope>", tenants' as "pause:tenant:*".)
+        parsed = Scope.parse(scope.removeprefix("pause:"))
         who = "everyone" if parsed.tenant in (None, "*") else str(parsed.tenant)
         if who not in listed:  # (a sampled tenant has a row of its own below)
             view.throttled.append((who, scope, _per_s(denied_rate(scope)), f"{count:,}"))

@@ -155,6 +155,22 @@ def build_app(
         """Record the execution; Celery's own per-task rate limit applies (5/s)."""
         recorder.record(self, "run", tag=tag)
 
+    @app.task(bind=True, shared=False, name="e2e.partner", max_retries=0)
+    def partner(self: Any, tag: str = "", retry_after: float = 1.5) -> None:
+        """Call a fake partner API (a counter in Redis) that answers 429 to the call
+        numbered ``tag``'s key says (once): then pause the tenant and hand the task back
+        (event "429", with the pause's end on Redis's clock); else record the run."""
+        client = recorder.client
+        if client.incr(f"e2e:{namespace}:partner:calls") == int(
+            client.get(f"e2e:{namespace}:partner:fails_at") or 0
+        ):
+            from queue_ratelimit.celery import pause_and_retry, pause_scope
+
+            pause = pause_scope(self, retry_after)
+            recorder.record(self, "429", tag=tag, until_ms=pause.until_ms)
+            pause_and_retry(self, retry_after)
+        recorder.record(self, "run", tag=tag)
+
     @app.task(shared=False, name="e2e.noop")
     def noop() -> None:
         """Does nothing (for throughput)."""

@@ -78,3 +78,22 @@ class Unreadable:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text("Unreadable()")  # how hypothesis shows it in a failing example
+
+
+def partner(key: str, retry_after: float = 1.5) -> None:
+    """Call a fake partner API (a counter in the records' Redis) that answers 429 to the
+    call numbered ``<key>:fails_at`` (once): then pause the job's tenant and hand the job
+    back (``pause_and_requeue``), after recording ``"<job id> <tenant> <now> <until>"`` in
+    ``<key>:429`` on Redis's clock; any other call records the run as ``record`` does."""
+    from queue_ratelimit.rq import pause_and_requeue, pause_current_scope
+
+    client = _records()
+    if client.incr(f"{key}:calls") == int(client.get(f"{key}:fails_at") or 0):
+        pause = pause_current_scope(retry_after)
+        job = get_current_job()
+        assert job is not None
+        seconds, micros = client.time()
+        tenant = job.meta.get("rate_tenant", "-")
+        client.rpush(f"{key}:429", f"{job.id} {tenant} {seconds}.{micros:06d} {pause.until_ms}")
+        pause_and_requeue(retry_after)
+    record(key)

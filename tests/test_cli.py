@@ -113,6 +113,7 @@ def test_json_output(cli: CliRunner, namespace: str) -> None:
         "concurrency": {},
         "exempt": {"vip": "tenant"},
         "weights": {},
+        "pauses": {},
     }
     one = json.loads(ok(cli, "limits", "get", "tenant:*", "--json"))
     assert (one["scope"], one["burst"]) == ("tenant:*", 3.0)

@@ -72,6 +72,7 @@ def exported(limiter: Limiter) -> dict[str, set[str]]:
     limiter.set_limit("queue:shadowed", Limit(1, per=HOUR), shadow=True)
     limiter.set_limit("queue:banked", Limit(1, per=HOUR, credit=2))  # burst credits
     limiter.set_concurrency("tenant:*", 5)
+    limiter.pause("queue:paused", 600)
     for tenant in ("acme", "beta"):
         for _ in range(3):
             limiter.acquire(tenant, queue="shadowed", priority="high")

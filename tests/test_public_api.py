@@ -39,6 +39,7 @@ EXPECTED = {
     "Limit",
     "LimitNotFound",
     "Limiter",
+    "Pause",
     "Preview",
     "RateLimitError",
     "RateLimited",

@@ -514,3 +514,24 @@ def test_the_cli_writes_and_reads_a_sharded_namespace(
     result = runner.invoke(cli_main, ["--shards", "0", "limits", "list"])
     assert result.exit_code == 2
     assert "--shards" in result.output
+
+
+def test_priority_scopes_are_sliced_and_pauses_reach_every_shard(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """Priority scopes are shared (sliced like global and queues); a pause is a moment,
+    copied to every shard, and so is its end."""
+    sharded.set_limit("priority:low", Limit(30, per=HOUR, burst=30))
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "priority:low") == b"10.0 3600.0 10.0 -"
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s)]
+    assert sharded.acquire(tenants[0], priority="low").remaining["priority:low"] == 9
+    pause = sharded.pause("queue:q", 60)
+    for tenant in tenants:
+        decision = sharded.acquire(tenant, queue="q")
+        assert not decision.allowed
+        assert decision.paused
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "pause:queue:q") == str(pause.until_ms).encode()
+    assert sharded.resume("queue:q")
+    assert all(sharded.acquire(t, queue="q").allowed for t in tenants)

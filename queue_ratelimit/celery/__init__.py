@@ -28,6 +28,7 @@ from .._scheduler import Hint
 from . import _inspect  # noqa: F401 (registers `celery inspect qrl_gate`)
 from ._gate import RateLimitGate
 from ._options import GATE_ATTRIBUTE
+from ._pause import pause_and_retry, pause_scope
 from ._producer import RateLimitedTask, last_hint, make_publish_handler
 from ._runtime import APP_ATTRIBUTE, Runtime, runtime_of
 from ._settings import CelerySettings
@@ -40,6 +41,8 @@ __all__ = [
     "RateLimitedTask",
     "install",
     "last_hint",
+    "pause_and_retry",
+    "pause_scope",
     "runtime_of",
 ]
 

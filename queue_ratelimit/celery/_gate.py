@@ -42,7 +42,7 @@ from ._identity import (
     backlog_id,
     item_id_of,
 )
-from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
+from ._options import HEADER_FRONT, HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
 from ._settler import AsyncSettler, Settlement
@@ -346,6 +346,7 @@ class RateLimitGate(bootsteps.StartStopStep):
                 priority=d.job.options.priority,
                 cost=d.job.options.cost,
                 payload=encode_message(d.message),
+                at_front=(d.message.headers or {}).get(HEADER_FRONT) == "1",
             )
             for d in batch
         ]

@@ -19,6 +19,8 @@ HEADER_HINT = "qrl_hint"
 # A nonce per publish: tells a broker redelivery (same nonce) from a new message that
 # reuses a task id (Task.replace gives the replacement the replaced task's id).
 HEADER_NONCE = "qrl_nonce"
+# Set on a task handed back by pause_and_retry: the gate parks it at the head of its class.
+HEADER_FRONT = "qrl_front"
 # Tasks with this attribute set to False are never gated (the metrics task, for one).
 GATE_ATTRIBUTE = "rate_gate"
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import click
 
-from .._decision import describe_window, limit_fields
+from .._decision import describe_window, limit_fields, pause_fields, pause_text
 from .._errors import LimitNotFound
 from .._limit import Limit
 from .._scheduler import FairScheduler
@@ -24,8 +24,8 @@ def limits() -> None:
     """Read and change limits, concurrency caps, exemptions, fair-scheduling weights and
     dry-run mode (effective on the next decision).
 
-    SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, or a default for every
-    tenant: tenant:* and tenant:*:queue:<q>.
+    SCOPE is global, queue:<q>, tenant:<t>, tenant:<t>:queue:<q>, priority:<p> (all work
+    of one priority), or a default for every tenant: tenant:* and tenant:*:queue:<q>.
     """
 
 
@@ -33,10 +33,11 @@ def limits() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def list_(settings: Settings, as_json: bool) -> None:
-    """Every limit and concurrency cap (with the jobs running under it), the exempt tenants
-    and the dry-run mode."""
+    """Every limit and concurrency cap (with the jobs running under it), the pauses, the
+    exempt tenants and the dry-run mode."""
     with settings.limiter() as limiter:
         items = limiter.limits()
+        pauses = limiter.pauses()
         caps = limiter.concurrency()
         # A default (tenant:*) caps each tenant on its own: no one running count.
         running = {s: None if "*" in s else limiter.running(s) for s in caps}
@@ -56,6 +57,7 @@ def list_(settings: Settings, as_json: bool) -> None:
             "concurrency": {s: {"cap": n, "running": running[s]} for s, n in caps.items()},
             "exempt": exempt,
             "weights": weights,
+            "pauses": {s: pause_fields(p) for s, p in pauses.items()},
         }
         click.echo(json.dumps(payload, indent=2))
         return
@@ -88,6 +90,14 @@ def list_(settings: Settings, as_json: bool) -> None:
             for s, n in caps.items()
         ]
         for line in _table(["scope", "cap", "running"], cap_rows, "lrr"):
+            click.echo(line)
+    if pauses:
+        click.echo("paused (nothing admitted until then):")
+        pause_rows = [
+            [s, pause_text(str(p.until_ms)).removeprefix("until "), f"{p.remaining:.1f}"]
+            for s, p in pauses.items()
+        ]
+        for line in _table(["scope", "until (UTC)", "seconds left"], pause_rows, "llr"):
             click.echo(line)
     if exempt:
         what = {"tenant": "its tenant caps", "all": "every cap"}
@@ -174,6 +184,28 @@ def delete(settings: Settings, scope: str) -> None:
     with settings.limiter() as limiter:
         version = limiter.delete_limit(scope, actor=_actor())
     click.echo(f"{scope}: deleted; config version {version}")
+
+
+@limits.command(context_settings=NUMBERS)
+@click.argument("scope")
+@click.argument("seconds", type=float)
+@click.pass_obj
+def pause(settings: Settings, scope: str, seconds: float) -> None:
+    """Admit nothing of SCOPE for SECONDS (on Redis's clock, across every worker), as for
+    a downstream's 429 Retry-After. A running pause is only ever lengthened."""
+    with settings.limiter() as limiter:
+        held = limiter.pause(scope, seconds, actor=_actor())
+    click.echo(f"{held.scope}: paused {pause_text(str(held.until_ms))} ({held.remaining:.1f} s)")
+
+
+@limits.command()
+@click.argument("scope")
+@click.pass_obj
+def resume(settings: Settings, scope: str) -> None:
+    """End SCOPE's pause now."""
+    with settings.limiter() as limiter:
+        resumed = limiter.resume(scope, actor=_actor())
+    click.echo(f"{scope}: {'resumed' if resumed else 'was not paused'}")
 
 
 def _or_none(text: str, convert: Callable[[str], _T], what: str, hint: str) -> _T | None:

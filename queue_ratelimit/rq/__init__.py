@@ -14,7 +14,17 @@ Then start workers with ``queue-ratelimit rq worker emails`` (the same flags as
 """
 
 from ._options import OPTIONS, scheduler_for
+from ._pause import PauseRequested, pause_and_requeue, pause_current_scope
 from ._queue import Queue
 from ._worker import SimpleWorker, Worker
 
-__all__ = ["OPTIONS", "Queue", "SimpleWorker", "Worker", "scheduler_for"]
+__all__ = [
+    "OPTIONS",
+    "PauseRequested",
+    "Queue",
+    "SimpleWorker",
+    "Worker",
+    "pause_and_requeue",
+    "pause_current_scope",
+    "scheduler_for",
+]

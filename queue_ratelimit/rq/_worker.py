@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import rq
+from rq.rate_limit import release_slot
 from rq.worker import WorkerStatus
 
 from .._durability import persistence_warning
 from ._handover import HOLDING
 from ._options import scheduler_for, slot_keeper
+from ._pause import PauseRequested
 from ._queue import Queue
 
 # RQ's own queue class, as it was when this module was imported: rebinding ``rq.Queue``
@@ -61,6 +63,24 @@ class _WaitsForHandover:
             namespace = Queue.namespace_for(queue)
             worker: Any = self
             slot_keeper(scheduler_for(worker.connection, namespace)).release(job.id)
+
+    def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
+        """A job that raised ``PauseRequested`` (``pause_and_requeue``) goes back to the head
+        of its queue, queued, rather than failing: no failure callback, no failed-job count,
+        no retry used. (RQ 3 calls this in the work horse for every job that raised.)"""
+        if not isinstance(exc_info[1], PauseRequested):
+            super()._finalize_failure(job, queue, execution, exc_info)  # type: ignore[misc]
+            return
+        worker: Any = self
+        worker.handle_execution_ended(job, queue, job.failure_callback_timeout)
+        with worker.connection.pipeline() as pipe:
+            worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+            # Through our queue: into the fair backlog's head of its class when contended
+            # (the pause makes it so for a paused tenant), else the head of RQ's list.
+            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        release_slot(job)  # RQ's own concurrency slot, as a retry gives it back
+        worker.log.info("Job %s: handed back (%s)", job.id, exc_info[1])
 
     def _shutdown(self) -> None:
         worker: Any = self

@@ -1,0 +1,468 @@
+"""Priority scopes (``priority:<p>``): one bucket per priority across every tenant and queue,
+checked with the others in the same decision, on every backend; its cap holds (R·T + B on
+a virtual clock, against a reference model); and the fair scheduler shares what the caps
+allow by weight, passing over a priority its cap holds back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_decisions import (
+    BACKENDS,
+    Backend,
+    assert_same,
+    drop,
+    expected,
+    open_backend,
+    run_case,
+)
+from test_properties import TOLERANCE, Model, VirtualClock, check_windows, server_us
+from test_scheduler import backlogged, budget, shares, take
+
+from queue_ratelimit import (
+    CostExceedsBurst,
+    FairScheduler,
+    InvalidName,
+    InvalidScope,
+    Limit,
+    Limiter,
+    Scope,
+    ScopeLimit,
+)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> Iterator[Backend]:
+    opened = open_backend(request.param, redis_url, namespace)
+    yield opened
+    drop(opened)
+
+
+# -- the decision table, on every backend (slow buckets: about a token an hour) -------------
+
+CASES: list[dict[str, Any]] = [
+    {
+        "id": "one-bucket-per-priority-across-tenants",
+        "steps": [
+            {"set": "priority:low", "limit": "2/h"},
+            {
+                "acquire": "acme",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {"priority:low": 1},
+            },
+            {
+                "acquire": "beta",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {"priority:low": 0},
+            },
+            {
+                "acquire": "gamma",
+                "priority": "low",
+                "queue": "emails",
+                "allowed": False,
+                "denied_by": "priority:low",
+                "wait_ms": 1_800_000,
+                "remaining": {"priority:low": 0},
+            },
+            # Other priorities, and work without one, are not in that bucket.
+            {"acquire": "acme", "priority": "high", "allowed": True, "remaining": {}},
+            {"acquire": "acme", "allowed": True, "remaining": {}},
+        ],
+    },
+    {
+        "id": "narrowest-first-and-all-or-nothing",
+        "steps": [
+            {"set": "global", "limit": "10/h"},
+            {"set": "queue:emails", "limit": "10/h"},
+            {"set": "tenant:*", "limit": "10/h"},
+            {"set": "tenant:*:queue:emails", "limit": "10/h"},
+            {"set": "priority:low", "limit": "1/h"},
+            {
+                "acquire": "acme",
+                "queue": "emails",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {
+                    "tenant:acme:queue:emails": 9,
+                    "tenant:acme": 9,
+                    "queue:emails": 9,
+                    "priority:low": 0,
+                    "global": 9,
+                },
+            },
+            # Denied by the priority: no other bucket is charged.
+            {
+                "acquire": "beta",
+                "queue": "emails",
+                "priority": "low",
+                "allowed": False,
+                "denied_by": "priority:low",
+                "wait_ms": 3_600_000,
+                "remaining": {
+                    "tenant:beta:queue:emails": 10,
+                    "tenant:beta": 10,
+                    "queue:emails": 9,
+                    "priority:low": 0,
+                    "global": 9,
+                },
+            },
+            {
+                "acquire": "beta",
+                "queue": "emails",
+                "priority": "high",
+                "allowed": True,
+                "remaining": {
+                    "tenant:beta:queue:emails": 9,
+                    "tenant:beta": 9,
+                    "queue:emails": 8,
+                    "global": 8,
+                },
+            },
+        ],
+    },
+    {
+        "id": "global-denial-leaves-the-priority-bucket",
+        "steps": [
+            {"set": "global", "limit": "1/h"},
+            {"set": "priority:low", "limit": "5/h"},
+            {
+                "acquire": "acme",
+                "priority": "high",
+                "allowed": True,
+                "remaining": {"global": 0},
+            },
+            {
+                "acquire": "acme",
+                "priority": "low",
+                "allowed": False,
+                "denied_by": "global",
+                "wait_ms": 3_600_000,
+                "remaining": {"priority:low": 5, "global": 0},
+            },
+        ],
+    },
+    {
+        "id": "exemptions",
+        "steps": [
+            {"set": "priority:low", "limit": "1/h"},
+            {"exempt": "vip", "mode": "tenant"},
+            {"exempt": "ops", "mode": "all"},
+            # Exempt from tenant limits only: the priority still applies.
+            {
+                "acquire": "vip",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {"priority:low": 0},
+            },
+            {
+                "acquire": "vip",
+                "priority": "low",
+                "allowed": False,
+                "denied_by": "priority:low",
+                "wait_ms": 3_600_000,
+                "remaining": {"priority:low": 0},
+            },
+            # Exempt from everything: no priority bucket either.
+            {"acquire": "ops", "priority": "low", "allowed": True, "remaining": {}},
+        ],
+    },
+    {
+        "id": "shadow-priority-only-would-deny",
+        "steps": [
+            {"set": "priority:low", "limit": "1/h", "shadow": True},
+            {
+                "acquire": "acme",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {"priority:low": 0},
+            },
+            {
+                "acquire": "acme",
+                "priority": "low",
+                "allowed": True,
+                "remaining": {"priority:low": 0},
+                "would_deny": ("priority:low",),
+            },
+        ],
+    },
+    {
+        "id": "peek-refund-and-cost",
+        "steps": [
+            {"set": "priority:batch", "limit": "4/h"},
+            {
+                "peek": "acme",
+                "priority": "batch",
+                "cost": 3,
+                "allowed": True,
+                "remaining": {"priority:batch": 4},
+            },
+            {
+                "acquire": "acme",
+                "priority": "batch",
+                "cost": 3,
+                "allowed": True,
+                "remaining": {"priority:batch": 1},
+            },
+            {
+                "refund": "beta",
+                "priority": "batch",
+                "cost": 2,
+                "allowed": True,
+                "remaining": {"priority:batch": 3},
+            },
+            {"acquire": "beta", "priority": "batch", "cost": 5, "raises": CostExceedsBurst},
+        ],
+    },
+    {
+        "id": "configuration-reads-back",
+        "steps": [
+            {"set": "priority:low", "limit": "20/s"},
+            {"get": "priority:low", "is": ScopeLimit("priority:low", Limit.parse("20/s"))},
+            {"limits": {"priority:low": ScopeLimit("priority:low", Limit.parse("20/s"))}},
+            {"delete": "priority:low"},
+            {"acquire": "acme", "priority": "low", "allowed": True, "remaining": {}},
+        ],
+    },
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_priority_decision_table(backend: Backend, case: dict[str, Any]) -> None:
+    assert_same(run_case(backend, case), expected(case), False)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [("priority:", InvalidName), ("priority:Low", InvalidName), ("priority:a:b", InvalidScope)],
+)
+def test_bad_priority_scopes_are_refused(limiter: Limiter, text: str, error: type) -> None:
+    with pytest.raises(error):
+        limiter.set_limit(text, "1/s")
+
+
+def test_priority_scope_parses_and_prints() -> None:
+    scope = Scope.parse("priority:low")
+    assert (scope.kind, scope.priority, str(scope)) == ("priority", "low", "priority:low")
+    assert scope.limit_source({"priority:low"}, "tenant") == "priority:low"
+    assert scope.limit_source({"priority:low"}, "all") is None
+
+
+def test_a_priority_takes_no_concurrency_cap(limiter: Limiter) -> None:
+    with pytest.raises(InvalidScope, match="rate limit"):
+        limiter.set_concurrency("priority:low", 3)
+
+
+# -- the cap holds: R·T + B on a virtual clock, against a reference model -------------------
+
+
+def run_priorities(
+    client: redis.Redis, limits: dict[str, Limit], ops: list[tuple[str, str, float, float]]
+) -> None:
+    """Replay (tenant, priority, cost, pause) steps: each scope's bucket (priority:low takes
+    only low work, global everything) is fed with the decisions it saw, compared with its
+    model, and every window of its admissions holds R·T + B."""
+    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
+    scopes = list(limits)
+    try:
+        for scope, limit in limits.items():
+            lim.set_limit(scope, limit)
+        clock = VirtualClock(lim, scopes)
+        models = [Model(limit.rate_per_second / 1e6, limit.capacity) for limit in limits.values()]
+        admitted: dict[str, list[tuple[int, float]]] = {s: [] for s in scopes}
+
+        def applies(scope: str, priority: str) -> bool:
+            return scope == "global" or scope == f"priority:{priority}"
+
+        for tenant, priority, cost, pause in ops:
+            clock.advance(pause)
+            earliest = server_us(client) + clock.shift_us
+            decision = lim.acquire(tenant, priority=priority, cost=cost)
+            if decision.allowed:
+                for index, (scope, model) in enumerate(zip(scopes, models, strict=True)):
+                    if not applies(scope, priority):
+                        continue
+                    tokens, updated = clock.stored(index)
+                    now = updated + clock.shift_us
+                    assert model.level(now) >= cost - TOLERANCE, "admitted without the tokens"
+                    model.tokens, model.at_us = model.level(now) - cost, now
+                    assert tokens == pytest.approx(model.tokens, abs=TOLERANCE)
+                    admitted[scope].append((now, cost))
+            else:
+                short = [
+                    s
+                    for s, m in zip(scopes, models, strict=True)
+                    if applies(s, priority) and m.level(earliest) < cost
+                ]
+                assert short, f"denied {cost} of {priority} although every bucket held it"
+                assert decision.denied_by in short
+        for scope, limit in limits.items():
+            check_windows(admitted[scope], limit)
+    finally:
+        keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    low=st.tuples(st.sampled_from([0.5, 2.0, 10.0]), st.sampled_from([1.0, 2.0, 5.0])),
+    total=st.tuples(st.sampled_from([5.0, 20.0]), st.sampled_from([5.0, 10.0])),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["acme", "beta", "gamma"]),
+            st.sampled_from(["low", "low", "high"]),
+            st.sampled_from([0.25, 0.5, 1.0]),
+            st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1.0)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_a_priority_cap_holds_rate_times_time_plus_burst(
+    client: redis.Redis,
+    low: tuple[float, float],
+    total: tuple[float, float],
+    ops: list[tuple[str, str, float, float]],
+) -> None:
+    limits = {
+        "priority:low": Limit(low[0], burst=low[1]),
+        "global": Limit(total[0], burst=total[1]),
+    }
+    run_priorities(client, limits, ops)
+
+
+# -- the fair scheduler under a priority cap ---------------------------------------------
+
+
+@pytest.fixture
+def scheduler(limiter: Limiter) -> FairScheduler:
+    return FairScheduler(limiter)
+
+
+def test_a_binding_low_cap_gives_high_the_rest(limiter: Limiter, scheduler: FairScheduler) -> None:
+    """Weights 3:1 would give low a quarter (100 of 400); its cap allows 50, and high takes
+    every token the cap leaves: nothing stalls while high work waits."""
+    limiter.set_limit("global", budget(400))
+    limiter.set_limit("priority:low", budget(50))
+    for tenant in ("acme", "beta"):
+        backlogged(scheduler, tenant, 300, priority="high")
+        backlogged(scheduler, tenant, 300, priority="low")
+
+    items = take(scheduler, 400)
+
+    counts = shares(items, "priority")
+    assert counts["low"] == 50
+    assert counts["high"] == 350
+    # Until the cap binds, the weights share as ever: about one low in four.
+    low = 0
+    for n, item in enumerate(items, start=1):
+        low += item.priority == "low"
+        if low < 50:
+            assert abs(low - 0.25 * n) <= 3, f"after {n} dispatches {low} were low"
+    # Tenants still share equally.
+    assert abs(shares(items)["acme"] - 200) <= 2
+    denied = scheduler.dispatch(["default"])
+    assert denied.items == ()
+    assert denied.wait_ms is not None
+    assert denied.wait_ms > 0
+
+
+def test_a_cap_above_the_weighted_share_changes_nothing(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("global", budget(400))
+    limiter.set_limit("priority:low", budget(200))
+    backlogged(scheduler, "acme", 500, priority="high")
+    backlogged(scheduler, "acme", 500, priority="low")
+
+    counts = shares(take(scheduler, 400), "priority")
+
+    assert abs(counts["low"] - 100) <= 2
+    assert abs(counts["high"] - 300) <= 2
+
+
+def test_tenants_with_only_capped_work_are_parked_and_others_go_on(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("priority:low", budget(10))
+    for tenant in ("t1", "t2", "t3", "t4"):
+        backlogged(scheduler, tenant, 20, priority="low")
+    backlogged(scheduler, "urgent", 30, priority="high")
+
+    items = take(scheduler, 40)
+
+    counts = shares(items, "priority")
+    assert counts == {"low": 10, "high": 30}
+    result = scheduler.dispatch(["default"], max_items=10)
+    assert result.items == ()
+    # The low tenants wait for their priority's tokens, and the reply says for how long.
+    assert result.wait_ms is not None
+    assert result.wait_ms > 60_000
+    parked = limiter.client.zrange(limiter.keys.parked("default"), 0, -1)
+    assert sorted(p.decode() for p in parked) == ["t1", "t2", "t3", "t4"]
+
+
+def test_lifting_the_cap_releases_the_parked_tenants_at_once(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    limiter.set_limit("priority:low", budget(2))
+    backlogged(scheduler, "acme", 5, priority="low")
+    assert len(take(scheduler, 2)) == 2
+    assert scheduler.dispatch(["default"]).items == ()
+
+    limiter.delete_limit("priority:low")
+
+    assert len(take(scheduler, 3)) == 3
+
+
+def test_on_the_real_clock_low_never_exceeds_its_cap_and_everything_runs_once(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """Parked low work wakes when its priority's tokens return, with no one polling faster
+    than the waits the dispatches report; over the run, low holds R·T + B."""
+    low_limit = Limit(40, burst=2)
+    limiter.set_limit("priority:low", low_limit)
+    ids = backlogged(scheduler, "acme", 30, priority="low")
+    ids += backlogged(scheduler, "beta", 30, priority="low")
+    ids += backlogged(scheduler, "beta", 20, priority="high")
+    client = limiter.client
+    seen: list[str] = []
+    low_at: list[int] = []
+    deadline = server_us(client) + 20_000_000
+    while len(seen) < len(ids):
+        assert server_us(client) < deadline, f"only {len(seen)} of {len(ids)} dispatched"
+        result = scheduler.dispatch(["default"], max_items=8)
+        now = server_us(client)
+        for item in result.items:
+            seen.append(item.id)
+            scheduler.ack(item)
+            if item.priority == "low":
+                low_at.append(now)
+        if not result.items:
+            assert result.wait_ms is not None
+            # Wait what the scheduler says (on the clock it is measured by), no less.
+            target = now + int(result.wait_ms * 1000)
+            wait_until(lambda t=target: server_us(client) >= t, timeout=5, what="the reported wait")
+    assert sorted(seen) == sorted(ids)
+    # Each low admission was recorded after its dispatch returned: a window's count may
+    # include one admission made up to a round trip earlier.
+    for i, start in enumerate(low_at):
+        for j in range(i, len(low_at)):
+            span = (low_at[j] - start) / 1e6
+            assert j - i + 1 <= low_limit.rate_per_second * (span + 0.01) + low_limit.capacity
