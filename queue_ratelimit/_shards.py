@@ -35,7 +35,9 @@ from ._decision import PAUSE_PREFIX, Decision, Pause, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
 from ._keys import KeySpace, check_shards, shard_of
 from ._leases import Rebalancer, RebalanceReport, equal_shares, shared_scope, slices
+from ._limit import Limit
 from ._limiter import Limiter
+from ._preview import Preview, preview_read, preview_reads
 from ._scopes import Scope, _shown, check_name
 
 DEFAULT_REBALANCE_INTERVAL = 1.0
@@ -193,6 +195,30 @@ class ShardedLimiter(Limiter):
         for i in range(self.shards):
             self.write_shard(i, version, "", "", [field, parts[i], flag])
         return version
+
+    def preview(
+        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+    ) -> Preview:
+        """``Limiter.preview`` over every shard's recorded traffic (each shard records its
+        own tenants': the minutes of all shards are added up, then replayed)."""
+        with redis_errors():
+            config, keys, since, window_s, now = preview_reads(
+                self._core, self.client.hgetall(self.keys.config), window, self.client.time()
+            )
+            pipe = self.client.pipeline()
+            for key in keys:
+                minute = int(key.rsplit(":", 1)[1])
+                for shard in self.shard_keys:
+                    pipe.hgetall(shard.record(minute))
+            replies = pipe.execute()
+        minutes: list[dict[object, object]] = []
+        for i in range(len(keys)):
+            merged: dict[object, object] = {}
+            for fields in replies[i * self.shards : (i + 1) * self.shards]:
+                for field, value in fields.items():
+                    merged[field] = float(merged.get(field, 0)) + float(value)  # type: ignore[arg-type]
+            minutes.append(merged)
+        return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
         """``Limiter.pause``: set at home, then on every shard (the same moment: Redis time

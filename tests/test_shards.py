@@ -535,3 +535,15 @@ def test_priority_scopes_are_sliced_and_pauses_reach_every_shard(
         assert redis_client.hget(keys.config, "pause:queue:q") == str(pause.until_ms).encode()
     assert sharded.resume("queue:q")
     assert all(sharded.acquire(t, queue="q").allowed for t in tenants)
+
+
+def test_a_preview_replays_every_shards_recorded_traffic(sharded: ShardedLimiter) -> None:
+    sharded.set_recording(600)
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s)]
+    for tenant in tenants:
+        for _ in range(5):
+            assert sharded.acquire(tenant, queue="q").allowed
+    preview = sharded.preview("global", Limit(1, per=HOUR, burst=3))
+    assert preview.work == 15  # every shard's traffic, not the home slot's (none)
+    assert preview.delayed == 12
+    assert sharded.preview("tenant:*", Limit(1, per=HOUR, burst=5)).delayed == 0
