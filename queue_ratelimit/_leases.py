@@ -226,6 +226,7 @@ class Rebalancer:
         self.due = time.monotonic() + interval
         self._busy = threading.Lock()
         self._owner = uuid.uuid4().hex
+        self._failing = False
         self.last: RebalanceReport | None = None
 
     def tick(self) -> None:
@@ -237,8 +238,12 @@ class Rebalancer:
             self.due = time.monotonic() + self.interval
             if self._take_lock():
                 self.last = self.run()
+            self._failing = False
         except Exception as exc:  # (a round is best effort: decisions must go on)
-            log.warning("queue-ratelimit: rebalancing the shards failed: %s", exc)
+            # Once per streak of failures (Redis away: every interval would fail alike).
+            level = logging.DEBUG if self._failing else logging.WARNING
+            log.log(level, "queue-ratelimit: rebalancing the shards failed: %s", exc)
+            self._failing = True
         finally:
             self._busy.release()
 

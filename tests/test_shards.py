@@ -4,6 +4,7 @@ The cluster tests (tests/test_cluster.py) check the spread over primaries and th
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Iterator
 
@@ -547,3 +548,34 @@ def test_a_preview_replays_every_shards_recorded_traffic(sharded: ShardedLimiter
     assert preview.work == 15  # every shard's traffic, not the home slot's (none)
     assert preview.delayed == 12
     assert sharded.preview("tenant:*", Limit(1, per=HOUR, burst=5)).delayed == 0
+
+
+def test_a_sharded_namespace_over_evalsha(sharded: ShardedLimiter) -> None:
+    """Servers without Functions run the same scripts as EVALSHA (shards.lua included)."""
+    sharded._scripts.transport = "evalsha"
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s)]
+    for tenant in tenants:
+        assert sharded.acquire(tenant).remaining["global"] == 9
+    sharded.rebalance()
+    while sharded.acquire(tenants[1]).allowed:
+        pass
+    assert sharded.rebalance().shares["global"][1] > 0.9
+    assert sharded._scripts.transport == "evalsha"
+
+
+def test_a_failing_rebalance_never_fails_a_decision_and_warns_once(
+    sharded: ShardedLimiter, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise redis.ConnectionError("away")
+
+    monkeypatch.setattr(sharded.rebalancer, "run", broken)
+    (tenant,) = tenants_on(sharded, 0)
+    with caplog.at_level(logging.DEBUG, logger="queue_ratelimit"):
+        for _ in range(3):
+            sharded.rebalancer.due = 0.0
+            sharded.client.delete(sharded.keys.rebalance)
+            assert sharded.acquire(tenant).allowed
+    failures = [r for r in caplog.records if "rebalancing the shards failed" in r.message]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
