@@ -213,7 +213,7 @@ class FairScheduler:
     """
 
     def __new__(cls, limiter: Limiter, *args: Any, **options: Any) -> FairScheduler:
-        if limiter.shards != 1 and cls is FairScheduler:
+        if getattr(limiter, "shards", 1) != 1 and cls is FairScheduler:
             # Lanes per shard (docs/design.md, "Shards").
             from ._sharded_scheduler import ShardedScheduler  # (a subclass of this)
 

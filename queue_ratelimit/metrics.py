@@ -358,7 +358,7 @@ def snapshot(
             priorities shown by name, the busiest first; the rest are summed under
             ``"~other"``, so one-off names cannot grow the output without bound.
     """
-    if limiter.shards != 1:
+    if getattr(limiter, "shards", 1) != 1:
         # One snapshot per shard, added up (docs/design.md, "Shards").
         from ._sharded_metrics import sharded_snapshot  # (here: it imports metrics)
 

@@ -39,7 +39,7 @@ def usable(scheduler: FairScheduler) -> bool:
         and scripts.transport == "fcall"
         and isinstance(scheduler.client, redis.Redis)
         # (A sharded namespace's dispatch is one call per shard: made the ordinary way.)
-        and scheduler.limiter.shards == 1
+        and getattr(scheduler.limiter, "shards", 1) == 1
     )
 
 

@@ -62,7 +62,11 @@ def scheduler_for(connection: Any, namespace: str) -> FairScheduler:
     key = (id(connection), namespace)
     with _schedulers_lock:
         found = _schedulers.get(key)
-        if found is None or found.client is not connection or found.limiter.shards != count:
+        if (
+            found is None
+            or found.client is not connection
+            or getattr(found.limiter, "shards", 1) != count
+        ):
             retention = _seconds(ENV_RETENTION, DEFAULT_RETENTION_MS / 1000)
             limiter = Limiter(
                 connection,
