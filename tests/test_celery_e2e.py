@@ -182,8 +182,11 @@ def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
     work = e2e.app().tasks["e2e.work"]
     if not backlog_first:
         e2e.start_workers("w1", "w2")
-    noisy = [work.apply_async(("noisy", 0.01), rate_tenant="noisy").id for _ in range(400)]
-    quiet = {work.apply_async(("quiet", 0.01), rate_tenant="quiet").id for _ in range(10)}
+    # (Jobs of 30 ms: long enough that the pool, not the consumer, is the bottleneck even
+    # on a loaded machine; with 10 ms jobs a slow consumer left the pool idle at times, and
+    # an idle pool rightly runs what arrives in the broker's order.)
+    noisy = [work.apply_async(("noisy", 0.03), rate_tenant="noisy").id for _ in range(400)]
+    quiet = {work.apply_async(("quiet", 0.03), rate_tenant="quiet").id for _ in range(10)}
     if backlog_first:
         e2e.start_workers("w1", "w2")
 
@@ -355,7 +358,8 @@ def test_busy_workers_share_slots_by_priority_weight(e2e: E2E, backlog_first: bo
         e2e.start_workers("w1", "w2")
     for _ in range(120):
         for priority in ("low", "high"):
-            work.apply_async(("weights", 0.01), rate_tenant="w", rate_priority=priority)
+            # (30 ms: the pool stays the bottleneck on a loaded machine, as above.)
+            work.apply_async(("weights", 0.03), rate_tenant="w", rate_priority=priority)
     if backlog_first:
         e2e.start_workers("w1", "w2")
 
