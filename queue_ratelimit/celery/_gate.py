@@ -27,6 +27,7 @@ from kombu.utils.functional import maybe_list
 from redis.exceptions import RedisError, ResponseError
 from vine import promise
 
+from .._breaker import refused
 from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
@@ -84,7 +85,7 @@ class Job:
 class Delivery:
     """One broker message in the gate's hands, with what can be done with it."""
 
-    __slots__ = ("ack", "acked_as_usual", "hand_back", "job", "message", "run")
+    __slots__ = ("ack", "acked_as_usual", "hand_back", "in_doubt", "job", "message", "run")
 
     def __init__(
         self,
@@ -102,6 +103,9 @@ class Delivery:
         self.hand_back = hand_back
         # ``ack`` is the message's own ack and nothing more: several may go at once.
         self.acked_as_usual = acked_as_usual
+        # A park of it was lost with its connection: it may be in the backlog already, so
+        # only Redis may decide it (never credit, never the fail mode).
+        self.in_doubt = False
 
 
 class RateLimitGate(bootsteps.StartStopStep):
@@ -351,8 +355,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         ]
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
         if self.health.resting():  # Redis failed a moment ago: the fail mode decides
-            for d in batch:
-                self._unreachable(d)
+            self._park_failed(batch)
             return
         self.stats["park_calls"] += 1
         started = time.monotonic()
@@ -367,12 +370,28 @@ class RateLimitGate(bootsteps.StartStopStep):
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
-            for d in batch:
-                self._unreachable(d)
+            self._park_failed(batch, exc, started, in_doubt=not refused(exc, NotSent))
             return
         self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
+
+    def _park_failed(
+        self,
+        batch: list[Delivery],
+        exc: BaseException | None = None,
+        started: float = 0.0,
+        in_doubt: bool = False,
+    ) -> None:
+        """A batch could not be parked (``exc``: the failure of the call begun at
+        ``started``; None: not tried, Redis failed a moment ago). ``in_doubt``: the call
+        may have run, so each message may be in the backlog already: kept until Redis
+        answers (it then tells a duplicate), whatever the fail mode; otherwise the fail mode
+        decides."""
+        if exc is not None:
+            self.health.failed(exc, started)
+        for d in batch:
+            d.in_doubt = d.in_doubt or in_doubt
+            self._unreachable(d)
 
     def _parked(
         self,
@@ -383,18 +402,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         started: float,
     ) -> None:
         """The replies to a batch sent on the wire at ``started``."""
-        if isinstance(result, NotSent):
-            self.health.failed(result, started)  # Redis unreachable: the fail mode decides
-            for d in batch:
-                self._unreachable(d)
-            return
         if isinstance(result, RedisError):
-            # Lost with the connection after it was written: whether each went in is
-            # unknown. Kept, each is tried again; one that did go in is then recognised as
-            # a duplicate (and one that did not meets the fail mode if Redis is still away).
-            self.health.failed(result, started)
-            for d in batch:
-                self._keep(d)
+            # NotSent: Redis unreachable, the fail mode decides. Else lost with the
+            # connection after it was written: whether each went in is unknown. Kept, each
+            # is tried again once Redis answers; one that did go in is then recognised as
+            # a duplicate.
+            self._park_failed(batch, result, started, in_doubt=not isinstance(result, NotSent))
             return
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
         try:
@@ -406,9 +419,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 outcomes = scheduler.submit_outcomes(items, result, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
-            for d in batch:
-                self._keep(d)
+            self._park_failed(batch, exc, started, in_doubt=True)
             return
         self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
@@ -502,7 +513,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         redelivered = _redelivered(d.message)
         # A redelivered message always asks Redis: only Redis can tell whether it already
         # ran through the backlog.
-        if not redelivered and self.credit.spend(d.job.credit_key, d.job.item_id):
+        if not (redelivered or d.in_doubt) and self.credit.spend(d.job.credit_key, d.job.item_id):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
             return d.run()
@@ -527,7 +538,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         return None
 
     def _drop_duplicate(self, d: Delivery) -> Any:
-        if not d.job.exact and self._flagged_redeliveries and not _redelivered(d.message):
+        if (
+            not d.job.exact
+            and self._flagged_redeliveries
+            and not _redelivered(d.message)
+            and not d.in_doubt  # (the copy the lost park put in the backlog)
+        ):
             # The id is known but the broker never delivered this message before: a new
             # message that reuses a task id, from a producer without the plugin (no nonce).
             # It gets a nonce of its own, in its headers so that every later look at the
@@ -543,9 +559,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         return d.ack()
 
     def _unreachable(self, d: Delivery) -> Any:
-        """Redis failed: the fail mode decides an outage; broken data in Redis (a script
-        error) never runs work unchecked, whatever the fail mode: the task is held."""
-        if self.health.broken:
+        """Redis failed: the fail mode decides an outage. Held whatever the fail mode:
+        work while Redis answers errors (broken data, wrong credentials), which never runs
+        unchecked; and a message that may be in the backlog already (a park in doubt, a
+        broker redelivery), which only Redis can tell from a new one (run now, it could
+        run again from the backlog)."""
+        if self.health.broken or d.in_doubt or _redelivered(d.message):
             return self._keep(d)
         self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
         if self._rt.settings.fail_mode == "open":
