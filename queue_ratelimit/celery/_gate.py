@@ -85,7 +85,16 @@ class Job:
 class Delivery:
     """One broker message in the gate's hands, with what can be done with it."""
 
-    __slots__ = ("ack", "acked_as_usual", "hand_back", "in_doubt", "job", "message", "run")
+    __slots__ = (
+        "ack",
+        "acked_as_usual",
+        "counted",
+        "hand_back",
+        "in_doubt",
+        "job",
+        "message",
+        "run",
+    )
 
     def __init__(
         self,
@@ -106,6 +115,8 @@ class Delivery:
         # A park of it was lost with its connection: it may be in the backlog already, so
         # only Redis may decide it (never credit, never the fail mode).
         self.in_doubt = False
+        # The prefetch count is raised by one for it while it waits here (``_count``).
+        self.counted = False
 
 
 class RateLimitGate(bootsteps.StartStopStep):
@@ -319,12 +330,13 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _park(self, d: Delivery, wait_ms: float) -> None:
         """Queue the message for the next batch into the backlog (see ``_flush_parking``).
 
-        Until then it stays unacknowledged; the prefetch count is raised by one for it, as
-        Celery does for messages it holds for a later ETA, so the broker keeps delivering.
+        Until the batch's reply says where it is, it stays unacknowledged, and the prefetch
+        count is raised by one for it (``_count``): a park that hangs with Redis does not
+        stop the broker delivering new work (which meets the fail mode).
         """
         self.parking.append(d)
         self._parking_wait = min(self._parking_wait, wait_ms)
-        self.consumer.qos.increment_eventually()
+        self._count(d)
         if len(self.parking) >= PARK_BATCH:
             self._flush_parking()
         elif self._park_timer is None:
@@ -340,8 +352,6 @@ class RateLimitGate(bootsteps.StartStopStep):
         wait_ms, self._parking_wait = self._parking_wait, float("inf")
         if not batch:
             return
-        for _ in batch:
-            self.consumer.qos.decrement_eventually()
         items = [
             SubmitItem(
                 d.job.options.tenant,
@@ -390,6 +400,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if exc is not None:
             self.health.failed(exc, started)
         for d in batch:
+            self._uncount(d)
             d.in_doubt = d.in_doubt or in_doubt
             self._unreachable(d)
 
@@ -429,6 +440,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         ack); keep the ones the backlog had no room for."""
         plain_acks = []
         for d, outcome in zip(batch, outcomes, strict=True):
+            self._uncount(d)
             if outcome == "queued":
                 self.stats["parked"] += 1
                 if d.acked_as_usual:
@@ -574,16 +586,37 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _keep(self, d: Delivery) -> Any:
         """Hold the message unacknowledged and try again on the next tick; past max_held,
-        hand it back to the broker (nothing is lost, memory stays bounded)."""
+        hand it back to the broker (nothing is lost, memory stays bounded).
+
+        One held only until Redis can say whether it is in the backlog already (in doubt,
+        a redelivery) raises the prefetch count while it waits, so that new work keeps
+        coming (and meets the fail mode) during an outage; one held by the fail mode or a
+        full backlog does not: the broker keeps the rest."""
         if len(self.waiting) >= self._max_held:
+            self._uncount(d)
             return d.hand_back()
+        if d.in_doubt or _redelivered(d.message):
+            self._count(d)
         self.waiting.append(d)
         return None
+
+    def _count(self, d: Delivery) -> None:
+        """Raise the prefetch count by one while ``d`` waits in the gate (as Celery does
+        for a message it holds for a later ETA), so the broker keeps delivering."""
+        if not d.counted:
+            d.counted = True
+            self.consumer.qos.increment_eventually()
+
+    def _uncount(self, d: Delivery) -> None:
+        if d.counted:
+            d.counted = False
+            self.consumer.qos.decrement_eventually()
 
     def _retry_waiting(self) -> None:
         """Give the messages kept back another try, oldest first, while Redis answers."""
         waiting, self.waiting = self.waiting, []
         for n, d in enumerate(waiting):
+            self._uncount(d)
             self._decide(d)
             if self.health.down_since is not None:
                 self.waiting.extend(waiting[n + 1 :])
