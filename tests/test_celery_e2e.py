@@ -1137,6 +1137,33 @@ def test_work_keeps_flowing_while_the_limiter_redis_hangs(
         server.stop()
 
 
+def test_protocol_1_messages_are_gated_like_protocol_2(e2e: E2E) -> None:
+    """A producer on Celery's task protocol 1 (``task_protocol=1``: the task's name, id and
+    retries travel in the body; the headers hold only what was added, here the publish
+    hook's rate options and nonce) goes through the gate as protocol 2 does: a tenant at
+    its burst is parked, not run, and runs once each when the limit allows (issue #11:
+    the gate read the name from the headers only, so such messages ran ungated)."""
+    e2e.limiter.set_limit("tenant:*", Limit(1, per=3600, burst=2))
+    e2e.start_workers("w1", "w2")
+    app = e2e.app(hints=False)
+    app.conf.task_protocol = 1
+    work = app.tasks["e2e.work"]
+    published = {work.apply_async(("v1",), rate_tenant="old").id for _ in range(6)}
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(
+        lambda: scheduler.backlog(e2e.queue, "old") == 4,
+        timeout=20,
+        what="4 protocol 1 tasks parked",
+        on_timeout=e2e.logs,
+    )
+    rows = e2e.wait_runs(2, timeout=20)
+    assert {r["tenant"] for r in rows} == {"old"}  # the tenant came through the headers
+    assert len({r["id"] for r in rows} & published) == 2  # the burst, no more
+    e2e.limiter.set_limit("tenant:*", Limit(1000, burst=1000))
+    e2e.wait_ids(published, timeout=30, what="the parked protocol 1 tasks to run")
+    assert_exactly_once(e2e.wait_settled(timeout=20), published)
+
+
 def test_celery_task_rate_limit_still_applies_after_the_gate(e2e: E2E) -> None:
     """A task's own ``rate_limit`` ('5/s') throttles it on a worker although the gate,
     whose limits never bind here, admits every message at once."""

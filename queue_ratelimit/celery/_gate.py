@@ -42,6 +42,7 @@ from ._identity import (
     STABLE_TAG_TRANSPORTS,
     backlog_id,
     item_id_of,
+    task_fields,
 )
 from ._options import HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -283,7 +284,7 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _job(self, message: Any) -> Job | None:
         """The gate's view of a message; None for tasks that are not gated."""
-        headers = message.headers or {}
+        headers = task_fields(message)
         name = headers.get("task")
         task = self.consumer.app.tasks.get(name) if isinstance(name, str) else None
         if task is None or not gated(task):
@@ -304,7 +305,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if from_backlog(message):
             return str(message.delivery_tag)
         tag = message.delivery_tag if self._stable_tags else None
-        return item_id_of(message.headers or {}, tag)
+        return item_id_of(task_fields(message), tag)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
         """Ask Redis; None when it failed (``health`` says how)."""
@@ -755,7 +756,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self._settle(item_id, "drop")
             return
-        name = (message.headers or {}).get("task")
+        name = task_fields(message).get("task")
         strategy = self.originals.get(name) if isinstance(name, str) else None
         if strategy is None:
             log.error("queue-ratelimit: no task %r on this worker; handing %s back", name, item_id)
@@ -894,7 +895,7 @@ def _redelivered(message: Any) -> bool:
 def _due_later(message: Any) -> bool:
     """True for ETA/countdown messages not yet due: Celery holds them, and the gate sees
     them when they fall due (through ``apply_eta_task``)."""
-    eta = (message.headers or {}).get("eta")
+    eta = task_fields(message).get("eta")
     if not isinstance(eta, (str, datetime)) or not eta:  # any other type: Celery's to judge
         return False
     try:
