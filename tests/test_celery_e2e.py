@@ -765,7 +765,8 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
     worker says at INFO what it holds back, a line per tenant per ``log_interval``."""
     if e2e.broker.startswith("amqp"):
         # Over RabbitMQ the broadcast inspect went unanswered within its 10 s in some runs
-        # (a CI run and two local ones): not understood yet, so checked on Redis only.
+        # (a CI run and two local ones): not understood yet, so checked on Redis only. (With
+        # this skip removed it passed 3 runs of 3 on the hungredis branch: still open.)
         pytest.skip("inspect over RabbitMQ: replies missing in some runs (open)")
     e2e.settings = {"log_interval": 0.5}
     e2e.limiter.set_limit("tenant:slow", Limit(1, per=3600, burst=2))
