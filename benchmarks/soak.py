@@ -66,6 +66,7 @@ from typing import Any, cast
 import redis
 
 from queue_ratelimit import Limit, Limiter
+from queue_ratelimit._counters import flush_counters
 
 from . import _workers as W
 from ._common import broker_url_for, env_float, env_int, log, machine_info, sig
@@ -500,6 +501,8 @@ class Soak:
 
     def _ttls(self) -> dict[str, int]:
         """Every key of the limiter's Redis and its PTTL (-1: none)."""
+        # (Counts the server keeps in memory first: they make keys of their own.)
+        flush_counters(self.limiter)
         keys = [k.decode() for k in self.client.scan_iter(count=1000)]
         pipe = self.client.pipeline(transaction=False)
         for k in keys:

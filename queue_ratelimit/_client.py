@@ -4,6 +4,10 @@ A Redis that stops answering (SIGSTOPped, a frozen VM, a TLS handshake that neve
 without closing its sockets would otherwise block each caller for as long as it stays
 silent, and the fail mode would never engage. Clients passed in by the caller are theirs,
 and used as they are.
+
+A call that waits out the timeout also opens the client's breaker (``_breaker``): for a
+back-off window the next calls fail at once, as an outage, while a probe in the background
+finds out when Redis answers again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
+
+from ._breaker import DEFAULT_BACKOFF, Backoff, check_backoff, guarded_client
 
 # Seconds to connect, and to wait for any one reply, before a call gives up and the caller's
 # fail mode decides. No command of this package blocks on the server (RQ's dequeue blocks
@@ -38,11 +44,19 @@ def _options(timeout: float | None, retry: Any) -> dict[str, Any]:
     }
 
 
-def redis_client(url: str, timeout: float | None = REDIS_TIMEOUT) -> redis.Redis:
+def redis_client(
+    url: str, timeout: float | None = REDIS_TIMEOUT, backoff: Backoff | None = DEFAULT_BACKOFF
+) -> redis.Redis:
     """A client for ``url`` whose connects and replies wait at most ``timeout`` seconds
     (None: redis-py's defaults, no bound). Timeouts set in the URL
-    (``?socket_timeout=5&socket_connect_timeout=1``) win over ``timeout``."""
-    return redis.Redis.from_url(url, **_options(timeout, Retry))
+    (``?socket_timeout=5&socket_connect_timeout=1``) win over ``timeout``.
+
+    After a call has waited out its timeout, calls fail at once (an outage) until Redis
+    answers a probe, sent ``backoff[0]`` seconds later, then at intervals doubling up to
+    ``backoff[1]`` (None: every call waits out its own timeout)."""
+    if backoff is None or timeout is None:
+        return redis.Redis.from_url(url, **_options(timeout, Retry))
+    return guarded_client(url, check_backoff(backoff), **_options(timeout, Retry))
 
 
 def async_redis_client(url: str, timeout: float | None = REDIS_TIMEOUT) -> redis.asyncio.Redis:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -123,8 +125,18 @@ _OUTAGE_REPLIES = re.compile(
 )
 
 
+# Credentials Redis refuses (a wrong password or user: WRONGPASS, NOAUTH, "invalid
+# password"; an ACL user not allowed to connect): redis-py raises them as connection errors,
+# but they are configuration to fix, not an outage: failing open on them would let every
+# job through for as long as nobody fixes the password.
+_REFUSED_CREDENTIALS = (AuthenticationError, AuthorizationError)
+
+
 def is_outage(exc: BaseException) -> bool:
-    """Whether a Redis error is an outage (the fail mode applies), not broken data."""
+    """Whether a Redis error is an outage (the fail mode applies), not broken data or
+    configuration (wrong credentials)."""
+    if isinstance(exc, _REFUSED_CREDENTIALS):
+        return False
     if isinstance(exc, _OUTAGE_CLASSES):
         return True
     return isinstance(exc, RedisError) and bool(_OUTAGE_REPLIES.search(str(exc)))
@@ -136,6 +148,11 @@ def translated(exc: Exception) -> Exception:
     if is_outage(exc):
         reason = "unreachable" if isinstance(exc, UNREACHABLE) else "not serving"
         return BackendUnavailable(f"Redis {reason}: {exc}")
+    if isinstance(exc, _REFUSED_CREDENTIALS):
+        return BackendError(
+            f"Redis refused the credentials ({exc}): check the password and user in the "
+            "Redis URL; nothing is decided until it accepts them, whatever the fail mode"
+        )
     if isinstance(exc, RedisError):
         # The scripts raise "queue-ratelimit: ..." for configuration they cannot read.
         text = str(exc)
@@ -272,6 +289,7 @@ class LimiterCore:
         # added by the first call after it is back (``fail_mode_counts``).
         self.fail_mode_pending: dict[str, int] = {}
         self._failing_since: float | None = None
+        self._credentials_logged = float("-inf")
         self._calls: dict[tuple[object, ...], ScriptCall] = {}
 
     # -- decisions ---------------------------------------------------------------------
@@ -348,6 +366,8 @@ class LimiterCore:
             fallback = self.unavailable(error)
             if fallback is not None:
                 return fallback
+        elif isinstance(exc, _REFUSED_CREDENTIALS):
+            self.credentials_refused(error)
         if error is exc:
             raise exc
         raise error from exc
@@ -368,6 +388,14 @@ class LimiterCore:
         if self.fail_mode == "closed":
             return Decision(allowed=False, wait_ms=self.closed_retry_ms, degraded=True)
         return None
+
+    def credentials_refused(self, error: Exception) -> None:
+        """Say loudly (once a minute while it lasts) that Redis refuses the credentials:
+        every decision raises ``BackendError`` meanwhile, whatever the fail mode."""
+        now = time.monotonic()
+        if now - self._credentials_logged >= 60.0:
+            self._credentials_logged = now
+            log.error("queue-ratelimit: %s", error)
 
     def count_fail_mode(self, mode: str) -> None:
         """One more decision made by the fail mode ``mode`` ("open", "closed" or "raise")

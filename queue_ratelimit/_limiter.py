@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
+from ._breaker import DEFAULT_BACKOFF
 from ._client import REDIS_TIMEOUT, redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config, seed_calls
@@ -91,18 +92,27 @@ class Limiter(LimiterBase):
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+        cls,
+        url: str,
+        *,
+        timeout: float | None = REDIS_TIMEOUT,
+        backoff: tuple[float, float] | None = DEFAULT_BACKOFF,
+        **options: Any,
     ) -> Limiter:
         """Connect to a ``redis://``, ``rediss://`` or ``unix://`` URL; options as ``__init__``.
 
         Connecting, and every reply, waits at most ``timeout`` seconds (default 2; None: no
         bound), so the fail mode engages when a server stops answering; ``socket_timeout``
-        and ``socket_connect_timeout`` in the URL win over it.
+        and ``socket_connect_timeout`` in the URL win over it. Once a call has waited out
+        the timeout, the next ones fail at once (the fail mode applies without a wait)
+        until Redis answers a probe in the background, sent ``backoff[0]`` seconds later
+        and then at intervals doubling up to ``backoff[1]`` (default 0.25 s to 5 s; None:
+        every call waits out its own timeout).
 
         Raises:
             ConfigError: the URL is empty or malformed (shown with its password masked).
         """
-        return cls(redis_client(check_redis_url(url), timeout), **options)
+        return cls(redis_client(check_redis_url(url), timeout, backoff), **options)
 
     def eviction_status(self) -> EvictionStatus:
         """Whether the server may evict this limiter's keys (one ``INFO memory``)."""

@@ -210,8 +210,11 @@ def test_busy_workers_serve_a_quiet_tenant_before_a_noisy_backlog(
     work = e2e.app().tasks["e2e.work"]
     if not backlog_first:
         e2e.start_workers("w1", "w2")
-    noisy = [work.apply_async(("noisy", 0.01), rate_tenant="noisy").id for _ in range(400)]
-    quiet = {work.apply_async(("quiet", 0.01), rate_tenant="quiet").id for _ in range(10)}
+    # (Jobs of 30 ms: long enough that the pool, not the consumer, is the bottleneck even
+    # on a loaded machine; with 10 ms jobs a slow consumer left the pool idle at times, and
+    # an idle pool rightly runs what arrives in the broker's order.)
+    noisy = [work.apply_async(("noisy", 0.03), rate_tenant="noisy").id for _ in range(400)]
+    quiet = {work.apply_async(("quiet", 0.03), rate_tenant="quiet").id for _ in range(10)}
     if backlog_first:
         e2e.start_workers("w1", "w2")
 
@@ -383,7 +386,8 @@ def test_busy_workers_share_slots_by_priority_weight(e2e: E2E, backlog_first: bo
         e2e.start_workers("w1", "w2")
     for _ in range(120):
         for priority in ("low", "high"):
-            work.apply_async(("weights", 0.01), rate_tenant="w", rate_priority=priority)
+            # (30 ms: the pool stays the bottleneck on a loaded machine, as above.)
+            work.apply_async(("weights", 0.03), rate_tenant="w", rate_priority=priority)
     if backlog_first:
         e2e.start_workers("w1", "w2")
 
@@ -795,7 +799,8 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
     worker says at INFO what it holds back, a line per tenant per ``log_interval``."""
     if e2e.broker.startswith("amqp"):
         # Over RabbitMQ the broadcast inspect went unanswered within its 10 s in some runs
-        # (a CI run and two local ones): not understood yet, so checked on Redis only.
+        # (a CI run and two local ones): not understood yet, so checked on Redis only. (With
+        # this skip removed it passed 3 runs of 3 on the hungredis branch: still open.)
         pytest.skip("inspect over RabbitMQ: replies missing in some runs (open)")
     e2e.settings = {"log_interval": 0.5}
     e2e.limiter.set_limit("tenant:slow", Limit(1, per=3600, burst=2))
@@ -1075,6 +1080,123 @@ def test_a_limiter_redis_that_stops_answering_fails_open_promptly(
         os.kill(server.proc.pid, signal.SIGCONT)
         e2e.close()
         server.stop()
+
+
+# What a worker logs when a call to the limiter's Redis has waited out its timeout: the
+# client's breaker (now), or the gate's fail mode (also before the breaker).
+NOTICED = ("did not answer within the timeout", "gate fails OPEN")
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+@pytest.mark.parametrize("hints", [True, False], ids=["hints", "no-hints"])
+def test_work_keeps_flowing_while_the_limiter_redis_hangs(
+    broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest, hints: bool
+) -> None:
+    """SIGSTOP the limiter's Redis while the workers hold parked and re-admitted work (their
+    timers renew leases, look for caps, settle jobs) and a producer publishes with hints.
+
+    Once one call has waited out the timeout, every call of the process fails at once (the
+    client's breaker) until a probe finds Redis answering: the producer publishes without a
+    hint at once, the gates fail open at once, so every task published while Redis is
+    stopped runs before it is continued (issue #11: before, a hinted publish waited 2 s each
+    and the workers ran 4 jobs in 15 s). Afterwards the parked work drains, all once each."""
+    report_logs_on_failure(request.config)
+    server = RedisProcess(tmp_path / "limiter", port=free_port()).start()
+    assert server.proc is not None
+    e2e = E2E(
+        broker=broker,
+        redis_url=server.url,
+        record_url=redis_url,
+        workdir=tmp_path,
+        # Longer than the fault: a lease that ran out during it would hand a job that is
+        # running (its settlement waiting for Redis) to another worker.
+        settings={"lease": 90},
+    )
+    request.node.funcargs["e2e"] = e2e  # for the log report
+    count = 60
+    # For all of it: publishing, then the runs (a gate or a producer that waits out the
+    # timeout for each of them needs 60 x 2 s or half that over two workers).
+    deadline = 45.0
+    stopped = False
+    try:
+        e2e.limiter.set_limit("tenant:*", Limit(10, burst=2))
+        e2e.start_workers("w1", "w2")
+        quiet = e2e.app(hints=False).tasks["e2e.work"]
+        # More than the limit admits: a backlog of parked work, re-admitted as it allows.
+        before = {
+            quiet.apply_async(("before",), kwargs={"sleep": 0.05}, rate_tenant=f"b{n % 3}").id
+            for n in range(90)
+        }
+        e2e.wait_runs(10, timeout=30)
+        work = e2e.app(hints=hints).tasks["e2e.work"]
+        # (the producer's client connected before the fault)
+        before.add(work.apply_async(("probe",), rate_tenant="m").id)
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        stopped = True
+        # Until a worker has found Redis silent (a call waited out the timeout), what it
+        # sent Redis is in doubt: parked work may be in the backlog or not, so it is held
+        # until Redis can tell (run now, it might run again from the backlog). A few tasks
+        # published now make each worker find out.
+        early: set[str] = set()
+
+        def noticed() -> bool:
+            early.add(quiet.apply_async(("early",), rate_tenant="e").id)
+            logs = [w.log.read_text(errors="replace") for w in e2e.workers]
+            return all(any(sign in text for sign in NOTICED) for text in logs)
+
+        wait_for(noticed, timeout=30, what="both workers to find Redis silent", interval=0.5)
+        begun = time.monotonic()
+        meanwhile: set[str] = set()
+        while len(meanwhile) < count:
+            assert time.monotonic() - begun < deadline, (
+                f"{len(meanwhile)} of {count} published within {deadline}s of the stop"
+            )
+            meanwhile.add(work.apply_async(("meanwhile",), rate_tenant=f"m{len(meanwhile) % 3}").id)
+        left = max(deadline - (time.monotonic() - begun), 1.0)
+        rows = e2e.wait_ids(meanwhile, timeout=left, what="the tasks published while stopped")
+        ran_while_stopped = {r["id"] for r in rows} & meanwhile
+        assert len(ran_while_stopped) == count  # all of them, with Redis still stopped
+        assert "gate fails OPEN" in e2e.full_logs()
+
+        os.kill(server.proc.pid, signal.SIGCONT)
+        stopped = False
+        published = before | early | meanwhile
+        e2e.wait_ids(published, timeout=120, what="the held and parked work after the resume")
+        rows = e2e.wait_settled(timeout=30)
+        assert_exactly_once(rows, published)
+    finally:
+        if stopped:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        e2e.close()
+        server.stop()
+
+
+def test_protocol_1_messages_are_gated_like_protocol_2(e2e: E2E) -> None:
+    """A producer on Celery's task protocol 1 (``task_protocol=1``: the task's name, id and
+    retries travel in the body; the headers hold only what was added, here the publish
+    hook's rate options and nonce) goes through the gate as protocol 2 does: a tenant at
+    its burst is parked, not run, and runs once each when the limit allows (issue #11:
+    the gate read the name from the headers only, so such messages ran ungated)."""
+    e2e.limiter.set_limit("tenant:*", Limit(1, per=3600, burst=2))
+    e2e.start_workers("w1", "w2")
+    app = e2e.app(hints=False)
+    app.conf.task_protocol = 1
+    work = app.tasks["e2e.work"]
+    published = {work.apply_async(("v1",), rate_tenant="old").id for _ in range(6)}
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(
+        lambda: scheduler.backlog(e2e.queue, "old") == 4,
+        timeout=20,
+        what="4 protocol 1 tasks parked",
+        on_timeout=e2e.logs,
+    )
+    rows = e2e.wait_runs(2, timeout=20)
+    assert {r["tenant"] for r in rows} == {"old"}  # the tenant came through the headers
+    assert len({r["id"] for r in rows} & published) == 2  # the burst, no more
+    e2e.limiter.set_limit("tenant:*", Limit(1000, burst=1000))
+    e2e.wait_ids(published, timeout=30, what="the parked protocol 1 tasks to run")
+    assert_exactly_once(e2e.wait_settled(timeout=20), published)
 
 
 def test_celery_task_rate_limit_still_applies_after_the_gate(e2e: E2E) -> None:

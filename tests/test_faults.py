@@ -27,7 +27,7 @@ from queue_ratelimit import FairScheduler, Limit
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.soak,
+    pytest.mark.faults,
     pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed"),
 ]
 

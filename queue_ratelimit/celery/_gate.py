@@ -27,6 +27,7 @@ from kombu.utils.functional import maybe_list
 from redis.exceptions import RedisError, ResponseError
 from vine import promise
 
+from .._breaker import refused
 from .._durability import persistence_warning
 from .._errors import RateLimitError
 from .._scheduler import Dispatch, DispatchedItem, GateVerdict, SubmitItem
@@ -41,6 +42,7 @@ from ._identity import (
     STABLE_TAG_TRANSPORTS,
     backlog_id,
     item_id_of,
+    task_fields,
 )
 from ._options import HEADER_FRONT, HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
@@ -84,7 +86,16 @@ class Job:
 class Delivery:
     """One broker message in the gate's hands, with what can be done with it."""
 
-    __slots__ = ("ack", "acked_as_usual", "hand_back", "job", "message", "run")
+    __slots__ = (
+        "ack",
+        "acked_as_usual",
+        "counted",
+        "hand_back",
+        "in_doubt",
+        "job",
+        "message",
+        "run",
+    )
 
     def __init__(
         self,
@@ -102,6 +113,11 @@ class Delivery:
         self.hand_back = hand_back
         # ``ack`` is the message's own ack and nothing more: several may go at once.
         self.acked_as_usual = acked_as_usual
+        # A park of it was lost with its connection: it may be in the backlog already, so
+        # only Redis may decide it (never credit, never the fail mode).
+        self.in_doubt = False
+        # The prefetch count is raised by one for it while it waits here (``_count``).
+        self.counted = False
 
 
 class RateLimitGate(bootsteps.StartStopStep):
@@ -268,7 +284,7 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _job(self, message: Any) -> Job | None:
         """The gate's view of a message; None for tasks that are not gated."""
-        headers = message.headers or {}
+        headers = task_fields(message)
         name = headers.get("task")
         task = self.consumer.app.tasks.get(name) if isinstance(name, str) else None
         if task is None or not gated(task):
@@ -289,7 +305,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if from_backlog(message):
             return str(message.delivery_tag)
         tag = message.delivery_tag if self._stable_tags else None
-        return item_id_of(message.headers or {}, tag)
+        return item_id_of(task_fields(message), tag)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
         """Ask Redis; None when it failed (``health`` says how)."""
@@ -315,12 +331,13 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _park(self, d: Delivery, wait_ms: float) -> None:
         """Queue the message for the next batch into the backlog (see ``_flush_parking``).
 
-        Until then it stays unacknowledged; the prefetch count is raised by one for it, as
-        Celery does for messages it holds for a later ETA, so the broker keeps delivering.
+        Until the batch's reply says where it is, it stays unacknowledged, and the prefetch
+        count is raised by one for it (``_count``): a park that hangs with Redis does not
+        stop the broker delivering new work (which meets the fail mode).
         """
         self.parking.append(d)
         self._parking_wait = min(self._parking_wait, wait_ms)
-        self.consumer.qos.increment_eventually()
+        self._count(d)
         if len(self.parking) >= PARK_BATCH:
             self._flush_parking()
         elif self._park_timer is None:
@@ -336,8 +353,6 @@ class RateLimitGate(bootsteps.StartStopStep):
         wait_ms, self._parking_wait = self._parking_wait, float("inf")
         if not batch:
             return
-        for _ in batch:
-            self.consumer.qos.decrement_eventually()
         items = [
             SubmitItem(
                 d.job.options.tenant,
@@ -352,8 +367,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         ]
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
         if self.health.resting():  # Redis failed a moment ago: the fail mode decides
-            for d in batch:
-                self._unreachable(d)
+            self._park_failed(batch)
             return
         self.stats["park_calls"] += 1
         started = time.monotonic()
@@ -368,12 +382,29 @@ class RateLimitGate(bootsteps.StartStopStep):
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
-            for d in batch:
-                self._unreachable(d)
+            self._park_failed(batch, exc, started, in_doubt=not refused(exc, NotSent))
             return
         self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
+
+    def _park_failed(
+        self,
+        batch: list[Delivery],
+        exc: BaseException | None = None,
+        started: float = 0.0,
+        in_doubt: bool = False,
+    ) -> None:
+        """A batch could not be parked (``exc``: the failure of the call begun at
+        ``started``; None: not tried, Redis failed a moment ago). ``in_doubt``: the call
+        may have run, so each message may be in the backlog already: kept until Redis
+        answers (it then tells a duplicate), whatever the fail mode; otherwise the fail mode
+        decides."""
+        if exc is not None:
+            self.health.failed(exc, started)
+        for d in batch:
+            self._uncount(d)
+            d.in_doubt = d.in_doubt or in_doubt
+            self._unreachable(d)
 
     def _parked(
         self,
@@ -384,18 +415,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         started: float,
     ) -> None:
         """The replies to a batch sent on the wire at ``started``."""
-        if isinstance(result, NotSent):
-            self.health.failed(result, started)  # Redis unreachable: the fail mode decides
-            for d in batch:
-                self._unreachable(d)
-            return
         if isinstance(result, RedisError):
-            # Lost with the connection after it was written: whether each went in is
-            # unknown. Kept, each is tried again; one that did go in is then recognised as
-            # a duplicate (and one that did not meets the fail mode if Redis is still away).
-            self.health.failed(result, started)
-            for d in batch:
-                self._keep(d)
+            # NotSent: Redis unreachable, the fail mode decides. Else lost with the
+            # connection after it was written: whether each went in is unknown. Kept, each
+            # is tried again once Redis answers; one that did go in is then recognised as
+            # a duplicate.
+            self._park_failed(batch, result, started, in_doubt=not isinstance(result, NotSent))
             return
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
         try:
@@ -407,9 +432,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 outcomes = scheduler.submit_outcomes(items, result, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
-            for d in batch:
-                self._keep(d)
+            self._park_failed(batch, exc, started, in_doubt=True)
             return
         self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
@@ -419,6 +442,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         ack); keep the ones the backlog had no room for."""
         plain_acks = []
         for d, outcome in zip(batch, outcomes, strict=True):
+            self._uncount(d)
             if outcome == "queued":
                 self.stats["parked"] += 1
                 if d.acked_as_usual:
@@ -503,7 +527,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         redelivered = _redelivered(d.message)
         # A redelivered message always asks Redis: only Redis can tell whether it already
         # ran through the backlog.
-        if not redelivered and self.credit.spend(d.job.credit_key, d.job.item_id):
+        if not (redelivered or d.in_doubt) and self.credit.spend(d.job.credit_key, d.job.item_id):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
             return d.run()
@@ -528,7 +552,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         return None
 
     def _drop_duplicate(self, d: Delivery) -> Any:
-        if not d.job.exact and self._flagged_redeliveries and not _redelivered(d.message):
+        if (
+            not d.job.exact
+            and self._flagged_redeliveries
+            and not _redelivered(d.message)
+            and not d.in_doubt  # (the copy the lost park put in the backlog)
+        ):
             # The id is known but the broker never delivered this message before: a new
             # message that reuses a task id, from a producer without the plugin (no nonce).
             # It gets a nonce of its own, in its headers so that every later look at the
@@ -544,9 +573,12 @@ class RateLimitGate(bootsteps.StartStopStep):
         return d.ack()
 
     def _unreachable(self, d: Delivery) -> Any:
-        """Redis failed: the fail mode decides an outage; broken data in Redis (a script
-        error) never runs work unchecked, whatever the fail mode: the task is held."""
-        if self.health.broken:
+        """Redis failed: the fail mode decides an outage. Held whatever the fail mode:
+        work while Redis answers errors (broken data, wrong credentials), which never runs
+        unchecked; and a message that may be in the backlog already (a park in doubt, a
+        broker redelivery), which only Redis can tell from a new one (run now, it could
+        run again from the backlog)."""
+        if self.health.broken or d.in_doubt or _redelivered(d.message):
             return self._keep(d)
         self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
         if self._rt.settings.fail_mode == "open":
@@ -556,16 +588,37 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _keep(self, d: Delivery) -> Any:
         """Hold the message unacknowledged and try again on the next tick; past max_held,
-        hand it back to the broker (nothing is lost, memory stays bounded)."""
+        hand it back to the broker (nothing is lost, memory stays bounded).
+
+        One held only until Redis can say whether it is in the backlog already (in doubt,
+        a redelivery) raises the prefetch count while it waits, so that new work keeps
+        coming (and meets the fail mode) during an outage; one held by the fail mode or a
+        full backlog does not: the broker keeps the rest."""
         if len(self.waiting) >= self._max_held:
+            self._uncount(d)
             return d.hand_back()
+        if d.in_doubt or _redelivered(d.message):
+            self._count(d)
         self.waiting.append(d)
         return None
+
+    def _count(self, d: Delivery) -> None:
+        """Raise the prefetch count by one while ``d`` waits in the gate (as Celery does
+        for a message it holds for a later ETA), so the broker keeps delivering."""
+        if not d.counted:
+            d.counted = True
+            self.consumer.qos.increment_eventually()
+
+    def _uncount(self, d: Delivery) -> None:
+        if d.counted:
+            d.counted = False
+            self.consumer.qos.decrement_eventually()
 
     def _retry_waiting(self) -> None:
         """Give the messages kept back another try, oldest first, while Redis answers."""
         waiting, self.waiting = self.waiting, []
         for n, d in enumerate(waiting):
+            self._uncount(d)
             self._decide(d)
             if self.health.down_since is not None:
                 self.waiting.extend(waiting[n + 1 :])
@@ -704,7 +757,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             self._settle(item_id, "drop")
             return
-        name = (message.headers or {}).get("task")
+        name = task_fields(message).get("task")
         strategy = self.originals.get(name) if isinstance(name, str) else None
         if strategy is None:
             log.error("queue-ratelimit: no task %r on this worker; handing %s back", name, item_id)
@@ -843,7 +896,7 @@ def _redelivered(message: Any) -> bool:
 def _due_later(message: Any) -> bool:
     """True for ETA/countdown messages not yet due: Celery holds them, and the gate sees
     them when they fall due (through ``apply_eta_task``)."""
-    eta = (message.headers or {}).get("eta")
+    eta = task_fields(message).get("eta")
     if not isinstance(eta, (str, datetime)) or not eta:  # any other type: Celery's to judge
         return False
     try:

@@ -58,6 +58,30 @@ def _part(value: object, default: str) -> str:
     return _digest(value)
 
 
+# What a protocol 1 message keeps in its body that protocol 2 keeps in its headers, and
+# the gate reads: the task's name, id, retry count and ETA.
+_PROTOCOL_1_FIELDS = ("task", "id", "retries", "eta")
+
+
+def task_fields(message: Any) -> Mapping[str, Any]:
+    """The fields of a task message the gate reads (task, id, retries, eta, the rate
+    options and nonce): its headers, in Celery's task protocol 2. Protocol 1
+    (``task_protocol=1``) keeps the task's name, id, retries and eta in the body, and the
+    headers hold only what was added to them (the publish hook's rate options and nonce):
+    those body fields, with the headers over them. A body that cannot be decoded gives the
+    headers alone (Celery rejects such a message itself)."""
+    headers = message.headers or {}
+    if "task" in headers:  # protocol 2: the hot path
+        return headers
+    try:
+        body = message.payload
+    except Exception:  # any body, any content type: Celery's to refuse
+        return headers
+    if not isinstance(body, dict) or "task" not in body:
+        return headers
+    return {**{k: body.get(k) for k in _PROTOCOL_1_FIELDS}, **headers}
+
+
 def publish_identity(headers: Mapping[str, Any], delivery_tag: object = None) -> str | None:
     """The nonce of the publish (``qrl_nonce``), else a stable delivery tag, else None."""
     nonce = headers.get(HEADER_NONCE)

@@ -12,6 +12,7 @@ from celery import Task
 from kombu.utils.uuid import uuid as celery_uuid
 from redis.exceptions import RedisError
 
+from .._breaker import refused
 from .._errors import RateLimited, RateLimitError
 from .._scheduler import Hint
 from ._identity import item_id_of
@@ -62,8 +63,11 @@ def _hint(
             count="if_allowed" if reject else "always",
         )
     except (RedisError, RateLimitError) as exc:
-        # Publishing never fails because advice could not be had.
-        log.warning("queue-ratelimit: no backpressure hint for %s: %s", options.tenant, exc)
+        # Publishing never fails because advice could not be had. While Redis is known not
+        # to answer the hint is refused at once (the client's breaker), and that is said
+        # once, when the breaker opens.
+        level = logging.DEBUG if refused(exc) else logging.WARNING
+        log.log(level, "queue-ratelimit: no backpressure hint for %s: %s", options.tenant, exc)
         return None
 
 

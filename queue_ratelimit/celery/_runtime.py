@@ -33,8 +33,11 @@ class Runtime:
                 if self._limiter is None:
                     # Bounded waits (queue_ratelimit._client), so that a Redis that stops
                     # answering (rather than refusing connections) trips the fail mode
-                    # instead of freezing the consumer loop; timeouts in the URL win.
-                    client = redis_client(self.settings.redis_url or "")
+                    # instead of freezing the consumer loop; timeouts in the URL win. After
+                    # one timeout, calls fail at once until Redis answers a probe.
+                    client = redis_client(
+                        self.settings.redis_url or "", backoff=self.settings.redis_backoff
+                    )
                     self._limiter = Limiter(
                         client,
                         namespace=self.settings.namespace,

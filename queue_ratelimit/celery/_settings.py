@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .._breaker import DEFAULT_BACKOFF, check_backoff
 from .._core import DEFAULT_RETENTION_MS, MAX_WAIT
 from .._durability import EvictionMode, check_eviction_mode
 from .._errors import ConfigError
@@ -76,6 +77,11 @@ class CelerySettings:
         transit_grace: seconds a published job stays counted by later hints beyond twice
             the wait predicted for it, unless a worker's gate sees it sooner (a job lost in
             the broker stops counting then).
+        redis_backoff: (first, most) seconds. Once a call to the limiter's Redis has
+            waited out its timeout (2 s), every call of the process fails at once (the
+            fail mode decides: ``"open"`` runs work, ``"closed"`` holds it) until Redis
+            answers a probe, sent in the background after ``first`` seconds and then at
+            intervals doubling up to ``most``. None: each call waits out its own timeout.
         shards: hash slots the namespace is spread over (``Limiter``'s ``shards``; every
             worker and producer of a namespace must use the same number).
     """
@@ -102,6 +108,7 @@ class CelerySettings:
     eviction: EvictionMode = "warn"
     log_interval: float = 10.0
     transit_grace: float = 300.0
+    redis_backoff: tuple[float, float] | None = DEFAULT_BACKOFF
     shards: int = 1
 
     def __post_init__(self) -> None:
@@ -152,6 +159,8 @@ class CelerySettings:
                 f"max_backlog must be a positive integer, got {_shown(self.max_backlog)}"
             )
         check_eviction_mode(self.eviction)
+        if self.redis_backoff is not None:  # (a list from app.conf is fine)
+            object.__setattr__(self, "redis_backoff", check_backoff(self.redis_backoff))
         check_shards(self.shards)
         interval = self.log_interval
         if not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:

@@ -32,6 +32,8 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from .._breaker import breaker_of
+
 log = logging.getLogger("queue_ratelimit.celery")
 
 # A reply: a value, or the ResponseError the server answered one call with.
@@ -44,7 +46,7 @@ OnReply = Callable[[list[Reply] | RedisError], None]
 
 class NotSent(RedisConnectionError):
     """The calls never reached Redis (it could not be reached, or the wire was closed
-    first): nothing of them ran."""
+    first, or it is known not to answer now): nothing of them ran."""
 
 
 def _connection_error(exc: BaseException) -> RedisError:
@@ -72,6 +74,9 @@ class Wire:
         # Replies read so far of the oldest send (its callback wants them all at once).
         self._partial: list[Reply] = []
         self.writes = 0
+        # The client's breaker (``queue_ratelimit._breaker``): while it says Redis does not
+        # answer, calls are refused at once (not sent), like the client's own.
+        self.breaker = breaker_of(client)
         self.attach(hub)
 
     def attach(self, hub: Any) -> None:
@@ -114,6 +119,12 @@ class Wire:
             if self._unsent and self._conn is not None:
                 self._write()
             return
+        if self.breaker is not None and not self.breaker.allow():
+            # Known not to answer: refused without a write (what is pending stays so).
+            refused = NotSent(self.breaker.refusal())
+            for _, on_reply in outbox:
+                self._call(on_reply, refused)
+            return
         try:
             conn = self._connection()
             packed = conn.pack_commands([c for commands, _ in outbox for c in commands])
@@ -133,8 +144,15 @@ class Wire:
         self._write()
 
     def stalled_for(self) -> float:
-        """Seconds the oldest unanswered send has waited (0 when none is pending)."""
-        return time.monotonic() - self._pending[0][2] if self._pending else 0.0
+        """Seconds the oldest unanswered send has waited (0 when none is pending); past the
+        connection's timeout, the breaker hears that Redis does not answer."""
+        if not self._pending:
+            return 0.0
+        stalled = time.monotonic() - self._pending[0][2]
+        timeout = getattr(self._conn, "socket_timeout", None)
+        if self.breaker is not None and timeout is not None and stalled > timeout:
+            self.breaker.failed()
+        return stalled
 
     def poll(self) -> None:
         """Handle every reply already received, without waiting for the others."""

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from .._breaker import guard_of, report
 from .._errors import BackendError, BackendUnavailable, RateLimited, RateLimitError
 from .._keys import DEFAULT_NAMESPACE
 from .._scheduler import FairScheduler, Hint
@@ -193,13 +194,22 @@ class Queue(rq.Queue):
     def _rate(self, options: dict[str, Any]) -> Iterator[Hint | None]:
         tenant, priority, cost = rate_options(options)
         hint = None
-        if self.rate_hints or self.rate_policy == "reject":
+        # While this Redis is known not to answer (a hint waited out its timeout a moment
+        # ago), no hint is asked for: the job is enqueued without one, at once.
+        guard = guard_of(self.connection)
+        if (self.rate_hints or self.rate_policy == "reject") and guard.allow():
             try:
                 hint = self.rate_scheduler.hint(
                     tenant, queue=self.name, priority=priority, cost=cost
                 )
             except (RedisError, RateLimitError) as exc:
+                report(guard, exc)
                 log.warning("queue-ratelimit: no backpressure hint for %s: %s", tenant, exc)
+            except BaseException:
+                guard.release()
+                raise
+            else:
+                report(guard, None)
         if self.rate_policy == "reject" and hint is not None and not hint.allowed:
             raise RateLimited(
                 f"job for tenant {tenant!r} refused: {hint.denied_by or 'backlog'} would admit "

@@ -1,0 +1,350 @@
+"""Per-process memory of a Redis that stopped answering, so that each call does not wait
+out the client's timeout again.
+
+A Redis that hangs (SIGSTOPped, a frozen VM) costs every call the whole timeout. A process
+that makes many calls, above all a Celery consumer whose one thread feeds the whole worker,
+then does next to nothing while the fail mode was meant to keep it going. So once a call has
+waited out its timeout, the client's pool refuses connections at once (``RedisDown``, an
+outage: the fail mode applies at once) for a back-off window, while one probe at a time asks
+Redis whether it answers again: a thread of its own for the clients this package makes (no
+caller ever waits for it), or, for a client someone else made (``guard_of``), the first
+caller after the window.
+
+Only a call that waited out the timeout counts: a refused or dropped connection fails at
+once, so finding that out again costs nothing (and a restarted server is used again at once).
+Nothing is sent while Redis is known down, so a refused call never ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# The fail mode's own lines (the limiter's, the gate's) say what an outage means for work;
+# these say what the client does about it.
+log = logging.getLogger("queue_ratelimit.redis")
+
+# Seconds Redis is left alone after a call waited out its timeout, then after each probe
+# that did too (doubled each time, up to the second figure).
+DEFAULT_BACKOFF = (0.25, 5.0)
+Backoff = tuple[float, float]
+
+
+class RedisDown(RedisConnectionError):
+    """Not sent: Redis did not answer a call within the timeout a moment ago, and has not
+    answered a probe since. Nothing of the call reached Redis."""
+
+
+def check_backoff(backoff: object) -> Backoff:
+    """``backoff`` as (first, most) seconds; raises ValueError unless 0 < first <= most."""
+    from ._errors import InvalidCost
+
+    if (
+        isinstance(backoff, str)
+        or not isinstance(backoff, tuple | list)
+        or len(backoff) != 2
+        or not all(type(v) in (int, float) for v in backoff)
+        or not 0 < backoff[0] <= backoff[1] <= 3600
+    ):
+        raise InvalidCost(
+            f"backoff must be (first, most) seconds with 0 < first <= most <= 3600, got "
+            f"{backoff!r:.100}"
+        )
+    return float(backoff[0]), float(backoff[1])
+
+
+class Breaker:
+    """Whether the Redis of one client is known not to answer, and when to ask it again.
+
+    Args:
+        backoff: (first, most) seconds between probes; doubled after each unanswered one.
+        probe: asks Redis once (with the client's timeout): True when it answered anything.
+            Given, a thread runs the probes and callers never pass while Redis is down;
+            None, the first caller after each window is let through as the probe.
+        name: the server, for the log.
+        clock: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        probe: Callable[[], bool] | None = None,
+        name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first, self.most = check_backoff(backoff)
+        self.name = name
+        self._probe = probe
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        # When the first call timed out (None: Redis answers, as far as we know).
+        self.down_since: float | None = None
+        self._backoff = self.first
+        self._retry_at = 0.0
+        self._probing = False  # a caller let through as the probe has not come back
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.refused = 0  # calls refused at once while down (for tests and stats)
+
+    @property
+    def down(self) -> bool:
+        """Whether Redis is known not to answer now (in this process)."""
+        if self.down_since is None:
+            return False
+        if os.getpid() != self._pid:
+            self._forked()
+            return False
+        return True
+
+    def allow(self) -> bool:
+        """Whether a call may go to Redis now (False: refuse it at once)."""
+        if self.down_since is None:  # the hot path
+            return True
+        if os.getpid() != self._pid:
+            self._forked()
+            return True
+        if self._probe is None:
+            with self._lock:
+                if not self._probing and self._clock() >= self._retry_at:
+                    self._probing = True
+                    return True
+        self.refused += 1
+        return False
+
+    def failed(self) -> None:
+        """A call waited out its timeout: Redis is down for a while."""
+        if os.getpid() != self._pid:
+            self._forked()
+        with self._lock:
+            now = self._clock()
+            if self.down_since is None:
+                self.down_since = now
+                self._backoff = self.first
+                log.warning(
+                    "queue-ratelimit: Redis%s did not answer within the timeout: calls fail "
+                    "at once (the fail mode decides) until it answers a probe again "
+                    "(every %gs to %gs)",
+                    f" at {self.name}" if self.name else "",
+                    self.first,
+                    self.most,
+                )
+                if self._probe is not None:
+                    self._start_prober()
+            elif self._probing:  # the caller let through as the probe timed out too
+                self._backoff = min(self._backoff * 2, self.most)
+            self._probing = False
+            self._retry_at = now + self._backoff
+
+    def ok(self) -> None:
+        """Redis answered: calls go through again."""
+        if self.down_since is None:
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            log.info(
+                "queue-ratelimit: Redis%s answering again after %.1fs",
+                f" at {self.name}" if self.name else "",
+                self._clock() - self.down_since,
+            )
+            self.down_since = None
+            self._probing = False
+            self._backoff = self.first
+            self._wake.set()  # (a prober waiting for its next turn ends now)
+
+    def refusal(self) -> str:
+        """Why a call is refused now."""
+        since = self.down_since
+        silent = 0.0 if since is None else self._clock() - since
+        return (
+            f"queue-ratelimit: not sent: Redis has not answered for {silent:.1f}s (a call "
+            "waited out its timeout); calls fail at once until it answers a probe"
+        )
+
+    def release(self) -> None:
+        """A caller let through as the probe made no call after all."""
+        self._probing = False
+
+    def close(self) -> None:
+        """Stop probing (the client is closed)."""
+        self._probe = None
+        self._wake.set()
+
+    # -- internals -------------------------------------------------------------------------
+    def _forked(self) -> None:
+        # A child of a process that knew Redis down (a prefork pool's new process): the
+        # parent's prober is not here, so the child finds out for itself.
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.down_since = None
+        self._probing = False
+        self._thread = None
+        self._wake = threading.Event()
+
+    def _start_prober(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._wake = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_probes, name="queue-ratelimit-redis-probe", daemon=True
+        )
+        self._thread.start()
+
+    def _run_probes(self) -> None:
+        wake = self._wake
+        delay = self.first
+        while self.down_since is not None and self._probe is not None:
+            if wake.wait(delay):
+                return  # answered meanwhile (a reply to a call sent before), or closed
+            probe = self._probe
+            if probe is None:
+                return
+            if probe():
+                self.ok()
+                return
+            delay = min(delay * 2, self.most)
+            with self._lock:
+                self._backoff = delay
+                self._retry_at = self._clock() + delay
+
+
+class _Guarded:
+    """Mixed into a redis-py connection class: a call that waits out its timeout (to
+    connect, write or read) tells the breaker."""
+
+    breaker: Breaker
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().connect(*args, **kwargs)  # type: ignore[misc]
+        except RedisTimeoutError:
+            self.breaker.failed()
+            raise
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
+        except RedisTimeoutError:
+            self.breaker.failed()
+            raise
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except RedisTimeoutError:
+            self.breaker.failed()
+            raise
+
+
+class GuardedPool(redis.ConnectionPool):
+    """A connection pool that refuses connections at once while its breaker says Redis is
+    down (``RedisDown``). Made by ``guarded_client``."""
+
+    breaker: Breaker
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.breaker.allow():
+            raise RedisDown(self.breaker.refusal())
+        return super().get_connection(*args, **kwargs)
+
+
+def _probe_of(base: type, kwargs: dict[str, Any]) -> Callable[[], bool]:
+    """A PING on a connection of its own (a plain one: its outcome is the probe's)."""
+
+    def probe() -> bool:
+        conn = base(**kwargs)
+        try:
+            conn.connect()
+            conn.send_command("PING")
+            conn.read_response()
+        except RedisTimeoutError:
+            return False
+        except (AuthenticationError, AuthorizationError, RedisError, OSError):
+            return True  # an answer (or a refusal at once): nothing to wait for
+        finally:
+            with contextlib.suppress(Exception):  # a probe's connection, gone either way
+                conn.disconnect()
+        return True
+
+    return probe
+
+
+def guarded_client(url: str, backoff: Backoff, **options: Any) -> redis.Redis:
+    """``redis.Redis.from_url(url, **options)`` whose pool has a breaker (see the module)."""
+    pool = GuardedPool.from_url(url, **options)
+    base = pool.connection_class
+    kwargs = dict(pool.connection_kwargs)
+    where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    breaker = Breaker(backoff, probe=_probe_of(base, kwargs), name=str(where))
+    pool.breaker = breaker
+    pool.connection_class = type(f"Guarded{base.__name__}", (_Guarded, base), {"breaker": breaker})
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
+
+
+def breaker_of(client: Any) -> Breaker | None:
+    """The breaker of a client ``guarded_client`` made; None for any other."""
+    pool = getattr(client, "connection_pool", None)
+    return pool.breaker if isinstance(pool, GuardedPool) else None
+
+
+# Breakers of clients made elsewhere (RQ's connection), kept as long as each client lives.
+_foreign: weakref.WeakKeyDictionary[Any, Breaker] = weakref.WeakKeyDictionary()
+_foreign_lock = threading.Lock()
+
+
+def guard_of(client: Any) -> Breaker:
+    """The breaker for calls on ``client``: its pool's if ``guarded_client`` made it; else
+    one without a prober, kept with the client, for callers that ask ``allow`` first and
+    ``report`` how the call went (while Redis is known down, one caller per back-off
+    window is let through to find out, and the others skip the call)."""
+    own = breaker_of(client)
+    if own is not None:
+        return own
+    with _foreign_lock:
+        try:
+            found = _foreign.get(client)
+            if found is None:
+                found = _foreign[client] = Breaker()
+        except TypeError:  # (not weakly referenceable: nothing to remember it by)
+            found = Breaker()
+        return found
+
+
+def refused(exc: BaseException, *also: type[BaseException]) -> bool:
+    """Whether a failed call was refused before anything was sent (``RedisDown``, or one
+    of ``also``, raised or the cause of what was raised): nothing of it ran."""
+    kinds: tuple[type[BaseException], ...] = (RedisDown, *also)
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, kinds):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def report(breaker: Breaker, exc: BaseException | None) -> None:
+    """Tell ``breaker`` how a call it allowed went: ``exc`` is what the call raised (ours
+    or redis-py's), None when it returned."""
+    redis_exc = exc
+    while redis_exc is not None and not isinstance(redis_exc, RedisError):
+        redis_exc = redis_exc.__cause__
+    if exc is not None and redis_exc is None:
+        breaker.release()  # not Redis's error (bad input, say): the call never went out
+    elif isinstance(redis_exc, RedisTimeoutError):
+        breaker.failed()
+    elif not isinstance(redis_exc, RedisDown):
+        breaker.ok()  # an answer, or an error at once: nothing to wait for
