@@ -179,7 +179,9 @@ end
 -- shortest window keeps the scope's own fields (a single-window limit is stored as it
 -- always was); each other one has fields of its own, named by its period (F:w<seconds>,
 -- then F:w<seconds>:2... for more of the same period), so a daily window's state is not
--- mixed up with a per-second one's, whichever order they are given in.
+-- mixed up with a per-second one's, whichever order they are given in. When a scope's
+-- windows change, config.lua keeps each period's state where it was, marking the place in
+-- the window's flags where it is not the default one ("@w86400", "@" for F; default_places).
 local MAX_WINDOWS = 4
 local PERIOD_UNITS = {[1] = 's', [60] = 'm', [3600] = 'h', [86400] = 'd'}
 
@@ -216,37 +218,58 @@ local function push_bucket(buckets, fields, b)
   if b.bank then fields[n + 3] = b.bank end
 end
 
+-- Where the state of each window of `ws` ({per = seconds}, as listed) is by default: a field
+-- suffix, '' for the scope's own field (the first shortest window), else w<seconds> (then
+-- w<seconds>:2... for more of one period). config.lua may mark other places (see below).
+local function default_places(ws)
+  local shortest = false
+  for _, w in ipairs(ws) do
+    if not shortest or w.per < shortest then shortest = w.per end
+  end
+  local seen, out = {}, {}
+  for i, w in ipairs(ws) do
+    local n = (seen[w.per] or 0) + 1
+    seen[w.per] = n
+    if w.per == shortest and n == 1 then
+      out[i] = ''
+    else
+      out[i] = 'w' .. fmt(w.per) .. (n > 1 and ':' .. n or '')
+    end
+  end
+  return out
+end
+
+-- The field of a window whose flags may mark its place ("-@w86400c50": config.lua keeps a
+-- window's state where it was when a limit's windows change), else `default`'s.
+local function placed(field, flags, default)
+  local place = string.match(flags, '@([^c]*)') or default
+  return place == '' and field or field .. ':' .. place
+end
+
 -- The buckets of one scope's limit `value` (one per window, see MAX_WINDOWS), pushed onto
 -- the plan's `buckets` and `fields`. A window's bucket is named in replies after its scope
--- (the shortest window) or "<scope>(<window>)"; it counts denials under its scope.
+-- (the first shortest window) or "<scope>(<window>)"; it counts denials under its scope.
 local function add_buckets(buckets, fields, scope, src, in_tenant, field, value, all_shadow)
   if not string.find(value, ';', 1, true) then
-    push_bucket(buckets, fields, bucket(scope, src, in_tenant, field, #fields + 1, value, all_shadow))
+    local f = field
+    if string.find(value, '@', 1, true) then f = placed(field, value, '') end
+    push_bucket(buckets, fields, bucket(scope, src, in_tenant, f, #fields + 1, value, all_shadow))
     return
   end
-  local pers, shortest = {}, false
+  local ws = {}
   for w in string.gmatch(value, '[^;]+') do
     local per = tonumber(string.match(w, '^%S+ (%S+) '))
-    if not per or #pers >= MAX_WINDOWS then
+    if not per or #ws >= MAX_WINDOWS then
       error('queue-ratelimit: corrupt limit for ' .. scope .. ': ' .. value)
     end
-    pers[#pers + 1] = per
-    if not shortest or per < shortest then shortest = per end
+    ws[#ws + 1] = {per = per, text = w}
   end
-  local i, seen = 0, {}
-  for w in string.gmatch(value, '[^;]+') do
-    i = i + 1
-    local per = pers[i]
-    local n = (seen[per] or 0) + 1
-    seen[per] = n
-    local f = field
-    if per ~= shortest or n > 1 then
-      f = field .. ':w' .. fmt(per)
-      if n > 1 then f = f .. ':' .. n end
-    end
-    local b = bucket(scope, src, in_tenant, f, #fields + 1, w, all_shadow)
-    b.window = window_label(b.limit_rate, per)
-    if f ~= field then b.name = scope .. '(' .. b.window .. ')' end
+  local defaults = default_places(ws)
+  for i, w in ipairs(ws) do
+    local b = bucket(scope, src, in_tenant, placed(field, w.text, defaults[i]), #fields + 1,
+                     w.text, all_shadow)
+    b.window = window_label(b.limit_rate, w.per)
+    if defaults[i] ~= '' then b.name = scope .. '(' .. b.window .. ')' end
     push_bucket(buckets, fields, b)
   end
 end

@@ -69,7 +69,93 @@ if op == 'pause' or op == 'resume' then
   return {version, old or false, untl, now}
 end
 
+-- A limit's windows keep their state where it was: a window's bucket follows its period,
+-- not its place in the list (buckets.lua add_buckets names the fields). Without a record
+-- of the layout, changing "10000/d" alone into {"100/s", "10000/d"} would move the daily
+-- state out of the scope's own field (now the shortest window's) and start the day full:
+-- a day's quota once more. So the new value says where each window's state is when that
+-- differs from the default layout: a window of a period the old limit had keeps that
+-- window's field; a new period takes the default field if free (inheriting what a limit of
+-- another period left there, as changing a single limit always has), else one named by its
+-- period. The marks ("@<suffix>" in a window's flags) are only written where needed, so a
+-- limit that never had several windows is stored exactly as before.
+local function is_limit_field(f)
+  return f == 'global' or string.find(f, '^tenant:') ~= nil or string.find(f, '^queue:') ~= nil
+    or string.find(f, '^priority:') ~= nil
+end
+
+local function limit_windows(v)
+  local out = {}
+  for w in string.gmatch(v, '[^;]+') do
+    local rate, per, burst, flags = string.match(w, '^(%S+) (%S+) (%S+) (%S+)$')
+    if not (flags and tonumber(per)) then return nil end
+    local tag = string.match(flags, '@([^c]*)')
+    local bare = string.gsub(flags, '@[^c]*', '')
+    out[#out + 1] = {head = rate .. ' ' .. per .. ' ' .. burst .. ' ', flags = bare,
+                     per = tonumber(per), tag = tag}
+  end
+  return out
+end
+
+-- Where each window's state is (a field suffix, '' for the scope's own field): its mark,
+-- else the default layout (window_suffix in buckets.lua).
+local function window_places(ws)
+  local defaults = default_places(ws)
+  local out = {}
+  for i, w in ipairs(ws) do out[i] = w.tag or defaults[i] end
+  return out
+end
+
+local function laid_out(old_value, value)
+  local new = limit_windows(value)
+  if not new then return value end
+  local old = old_value and limit_windows(old_value)
+  local want, got, taken = default_places(new), {}, {}
+  if old then
+    local was, used = window_places(old), {}
+    for i, w in ipairs(new) do
+      for j, o in ipairs(old) do
+        if not used[j] and o.per == w.per then
+          used[j], got[i] = true, was[j]
+          taken[was[j]] = true
+          break
+        end
+      end
+    end
+  end
+  local marked = false
+  for i, w in ipairs(new) do
+    if not got[i] then
+      local place, n = want[i], 1
+      if taken[place] then place = 'w' .. fmt(w.per) end
+      while taken[place] do
+        n = n + 1
+        place = 'w' .. fmt(w.per) .. ':' .. n
+      end
+      got[i] = place
+      taken[place] = true
+    end
+    marked = marked or got[i] ~= want[i]
+  end
+  local parts = {}
+  for i, w in ipairs(new) do
+    local flags = w.flags
+    if marked then flags = string.sub(flags, 1, 1) .. '@' .. got[i] .. string.sub(flags, 2) end
+    parts[i] = w.head .. flags
+  end
+  return table.concat(parts, ';')
+end
+
 local old = redis.call('HGET', config_key, field)
+if op == 'set' and is_limit_field(field) then
+  -- (A tenant's first limit of its own takes over the state its default left.)
+  local was = old
+  if not was and string.sub(field, 1, 7) == 'tenant:' then
+    local tq = string.find(field, ':queue:', 8, true)
+    was = redis.call('HGET', config_key, tq and 'tenant:*' .. string.sub(field, tq) or 'tenant:*')
+  end
+  value = laid_out(was, value)
+end
 if op == 'del' then
   if not old then return {-1, false} end
   redis.call('HDEL', config_key, field)

@@ -28,7 +28,8 @@
 --       (default 60 s)
 -- Reply: {1, credit granted} run now, or {1, 0, "<slot token> <cap scope> ..."} holding
 --        slots; {0, wait_ms, denied_by} park it ("" denied_by: the lane has a backlog;
---        a 4th element "1" when denied_by is a concurrency cap, "2" when it is a pause);
+--        a 4th element "1" when denied_by is a concurrency cap, "2" when it is a pause,
+--        and a 5th, the window that bound ("10000/d"), when denied_by has several);
 --        {2} a duplicate: already parked, in flight or done.
 local config_key, shared_key, meta_key, active_key, parked, tenant_key, done_key, transit =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -92,4 +93,8 @@ if status == 1 then
   return {1, extra}
 end
 deny(ctx, denied_by, wait / 1000, keep_ms)
-return {0, fmt(wait / 1000), denied_by, ctx.by_cap and '1' or ctx.paused and '2' or '0'}
+local flag = ctx.by_cap and '1' or ctx.paused and '2' or '0'
+-- (The window that bound, when the denying scope has several: as acquire.lua names it.)
+local bound = flag == '0' and ctx.bound
+if bound and bound.window then return {0, fmt(wait / 1000), denied_by, flag, bound.window} end
+return {0, fmt(wait / 1000), denied_by, flag}

@@ -12,7 +12,8 @@
 --       "2": only if it would start at once; "0"/absent: no), grace (ms; see below).
 -- Writes nothing but the transit set.
 -- Reply: "<1 starts at once | 0> <wait ms> <binding scope or -> <jobs ahead> <1 | 0>"
--- (the last: the scope is a concurrency cap, whose wait is an upper bound).
+-- (the last: the scope is a concurrency cap, whose wait is an upper bound), then the
+-- window that binds ("10000/d") when the binding scope has several.
 --
 -- The tenant's jobs ahead of it are those in its lane's backlog and those in transit
 -- (enqueued with a hint, not yet seen by a gate: in the broker, on RQ's list). A tenant
@@ -40,7 +41,7 @@ ahead = ahead + queued
 local rivals = redis.call('ZCARD', active)
 if rivals > 0 and redis.call('ZSCORE', active, tenant) then rivals = rivals - 1 end
 local others = math.min(math.max(0, (tonumber(counted[2]) or 0) - queued), rivals * (ahead + 1))
-local wait, denied_by, by_cap = 0, false, false
+local wait, denied_by, by_cap, window = 0, false, false, false
 for i, b in ipairs(ctx.buckets) do
   if not b.shadow then
     -- (A cost above the burst is charged as the whole burst, as the gate does.)
@@ -48,24 +49,24 @@ for i, b in ipairs(ctx.buckets) do
     local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
     if short > EPSILON * math.max(1, charge) then
       local need = math.min(short / b.rate, MAX_WAIT_US)
-      if need > wait then wait, denied_by = need, b.scope end
+      if need > wait then wait, denied_by, window = need, b.scope, b.window end
     end
   end
 end
 if ctx.plan.caps then
   local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
   if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
-    wait, denied_by, by_cap = cap_wait, cap_scope, true
+    wait, denied_by, by_cap, window = cap_wait, cap_scope, true, false
   end
 end
 if ctx.plan.pauses then
   -- A paused scope: the job starts no sooner than the pause ends.
   local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
-  if ctx.paused then wait, denied_by, by_cap = pause_wait, pause_scope, false end
+  if ctx.paused then wait, denied_by, by_cap, window = pause_wait, pause_scope, false, false end
 end
 local starts = not denied_by
 if id ~= '' and (count == '1' or (count == '2' and starts)) then
   in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
 end
 return (starts and '1 ' or '0 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
-  ahead .. (by_cap and ' 1' or ' 0')
+  ahead .. (by_cap and ' 1' or ' 0') .. (window and ' ' .. window or '')

@@ -131,24 +131,12 @@ LIMIT_DESCRIPTION = (
 )
 
 
-class LimitIn(_Body):
-    limit: str = Field(
-        description=LIMIT_DESCRIPTION,
-        examples=["100/s"],
-        json_schema_extra={"pattern": LIMIT_PATTERN, "maxLength": MAX_LIMIT_TEXT},
-    )
-    burst: float | None = Field(
-        None, ge=1, le=MAX_BURST, description="Bucket capacity (default: one period's tokens)."
-    )
-    shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
-
-
 LimitText = Annotated[
     str, Field(json_schema_extra={"pattern": LIMIT_PATTERN, "maxLength": MAX_LIMIT_TEXT})
 ]
 
 
-class SetLimitIn(_Body):
+class _WindowsIn(_Body):
     """A scope's limit: one window, or several that must every one admit a job."""
 
     limit: LimitText | Annotated[list[LimitText], Field(min_length=1, max_length=MAX_WINDOWS)] = (
@@ -172,6 +160,11 @@ class SetLimitIn(_Body):
         description="Burst credits: tokens banked while the bucket is full, spent once it is "
         "empty (default: none); of the first window.",
     )
+
+
+class SetLimitIn(_WindowsIn):
+    """A scope's limit: one window, or several that must every one admit a job."""
+
     shadow: bool = Field(False, description="Decide and count, but never deny (dry run).")
 
 
@@ -197,7 +190,9 @@ class LimitOut(BaseModel):
     )
 
 
-class PreviewIn(LimitIn):
+class PreviewIn(_WindowsIn):
+    """A proposed limit (as for PUT /limits: one window or several, burst, credit)."""
+
     window: float | None = Field(
         None,
         gt=0,

@@ -28,7 +28,6 @@ from ._core import (
 from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._durability import EvictionStatus, aeviction_status, judge_eviction
 from ._errors import LimitNotFound
-from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
 from ._urls import check_redis_url
@@ -211,7 +210,7 @@ class AsyncLimiter(LimiterBase):
         return None if value is None else float(value)
 
     async def preview(
-        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+        self, scope: str | Scope, limit: LimitSpec, *, window: float | None = None
     ) -> Preview:
         with redis_errors():
             config, keys, since, window_s, now = preview_reads(

@@ -108,6 +108,10 @@ class ScopeLimit:
     limit: Limit
     shadow: bool = False
     windows: tuple[Limit, ...] = ()
+    # Where each window's state is kept when not where it would be by default (a field
+    # suffix, "" for the scope's own field; lua/config.lua marks it when windows change):
+    # storage, not configuration, so it takes no part in comparisons.
+    _places: tuple[str | None, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -147,19 +151,24 @@ def encode_limit(limit: Limit | tuple[Limit, ...], shadow: bool) -> str:
     return ";".join(f"{w.rate!r} {w.per!r} {w.capacity!r} {_flags(w, shadow)}" for w in windows)
 
 
-def _decode_window(text: str) -> tuple[Limit, bool]:
+def _decode_window(text: str) -> tuple[Limit, bool, str | None]:
     rate, per, burst, flags = text.split(" ")
+    # (flags: "s" or "-", a place "@<suffix>" marked by lua/config.lua, "c<credit>".)
     shadow, _, credit = flags.partition("c")
+    shadow, at, place = shadow.partition("@")
     limit = Limit(float(rate), float(per), float(burst), float(credit) if credit else None)
-    return limit, "s" in shadow
+    return limit, "s" in shadow, place if at else None
 
 
 def decode_limit(scope: str, value: str) -> ScopeLimit:
-    if ";" not in value:
-        limit, shadow = _decode_window(value)
-        return ScopeLimit(scope, limit, shadow)
     windows = [_decode_window(text) for text in value.split(";")]
-    return ScopeLimit(scope, windows[0][0], windows[0][1], tuple(limit for limit, _ in windows))
+    places = tuple(place for _, _, place in windows)
+    if all(place is None for place in places):
+        places = ()
+    first, shadow, _ = windows[0]
+    if len(windows) == 1:
+        return ScopeLimit(scope, first, shadow, _places=places)
+    return ScopeLimit(scope, first, shadow, tuple(w for w, _, _ in windows), _places=places)
 
 
 # A frozen dataclass sets each field through object.__setattr__ in __init__, which is most

@@ -246,20 +246,25 @@ class KeySpace:
         return (key, "b") if scope.kind == "tenant" else (key, f"bq:{scope.queue}")
 
     @staticmethod
-    def window_fields(field: str, periods: Sequence[float]) -> list[str]:
+    def window_fields(
+        field: str, periods: Sequence[float], places: Sequence[str | None] = ()
+    ) -> list[str]:
         """The field of each window of a scope (lua/buckets.lua add_buckets), ``field``
         being the scope's own (``bucket_location``): the first shortest window keeps it,
         each other is ``<field>:w<period in seconds>`` (``...:2``, ``...:3`` for further
-        windows of one period). A credit bank is ``<field>:c``."""
+        windows of one period), unless ``places`` (``ScopeLimit._places``: where
+        lua/config.lua kept a window's state when the windows changed) says otherwise. A
+        credit bank is ``<field>:c``."""
         shortest = min(periods)
         seen: dict[float, int] = {}
         names = []
-        for per in periods:
+        for i, per in enumerate(periods):
             n = seen[per] = seen.get(per, 0) + 1
-            if per == shortest and n == 1:
-                names.append(field)
-            else:
-                names.append(f"{field}:w{_lua_number(per)}" + (f":{n}" if n > 1 else ""))
+            place = places[i] if i < len(places) else None
+            if place is None:
+                place = "" if per == shortest and n == 1 else f"w{_lua_number(per)}"
+                place += f":{n}" if n > 1 else ""
+            names.append(f"{field}:{place}" if place else field)
         return names
 
     # -- the fair scheduler (lua/scheduler.lua) -----------------------------------------

@@ -27,7 +27,6 @@ from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._durability import EvictionStatus, eviction_status, judge_eviction
 from ._errors import ConfigError, LimitNotFound
 from ._keys import check_shards
-from ._limit import Limit
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
 from ._urls import check_redis_url
@@ -362,10 +361,12 @@ class Limiter(LimiterBase):
         return None if value is None else float(value)
 
     def preview(
-        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+        self, scope: str | Scope, limit: LimitSpec, *, window: float | None = None
     ) -> Preview:
         """What ``limit`` on ``scope`` would have done to the recorded traffic of the last
         ``window`` seconds (default: all that recording keeps), without changing anything.
+        ``limit`` is what ``set_limit`` takes: one limit, or several windows (every one must
+        admit), each with its burst and credit.
 
         >>> limiter.set_recording(900)
         >>> ...                                     # traffic flows for a while

@@ -16,12 +16,12 @@ away; ``denied`` (the denials recorded for the same traffic) is that side of the
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ._core import LimiterCore, ScriptCall, _as_limit, _text, check_positive
-from ._decision import decode_limit, format_limit
+from ._core import LimiterCore, LimitSpec, ScriptCall, _text, check_positive, limit_windows
+from ._decision import decode_limit, describe_window, format_limit
 from ._errors import ConfigError
 from ._keys import KeySpace
 from ._limit import Limit
@@ -72,7 +72,9 @@ class Preview:
     ``buckets`` lists every bucket the limit would have governed, most delayed first;
     ``current`` is the limit that governs that traffic now (``current_delayed``: the same
     replay under it, a check of the model, near 0 when the recorded work ran unhindered);
-    ``denied`` counts the denials recorded for the same traffic.
+    ``denied`` counts the denials recorded for the same traffic. For a scope with several
+    windows, ``limit`` and ``current`` are the first and ``windows`` and ``current_windows``
+    all of them (every one is replayed: work waits until each admits it).
     """
 
     scope: str
@@ -86,39 +88,94 @@ class Preview:
     buckets: tuple[BucketPreview, ...]
     current: Limit | None
     current_delayed: float | None
+    windows: tuple[Limit, ...] = ()
+    current_windows: tuple[Limit, ...] = ()
 
     @property
     def delayed_fraction(self) -> float:
         return self.delayed / self.work if self.work else 0.0
 
 
+def bucket_shapes(limit: Limit | Sequence[Limit]) -> tuple[tuple[float, float], ...]:
+    """(tokens per second, capacity) of each bucket a limit makes, as lua/buckets.lua judges
+    them: one per window (every one must admit), and a window with burst credits judged as
+    one bucket of ``burst + credit`` (``with_credit``: bucket and bank fill together at the
+    window's rate and are spent as one; the split between them changes no decision)."""
+    windows = (limit,) if isinstance(limit, Limit) else tuple(limit)
+    return tuple((w.rate_per_second, w.capacity + w.credit_cap) for w in windows)
+
+
 def replay(
-    arrivals: Iterable[tuple[float, float]], limit: Limit, end: float
+    arrivals: Iterable[tuple[float, float]], limit: Limit | Sequence[Limit], end: float
 ) -> tuple[float, float, float]:
-    """Work arriving as (time in seconds, cost), in time order, through a bucket of
-    ``limit`` that starts full: (cost delayed, longest wait in seconds, cost still waiting
-    at ``end``). Waiting work is served in arrival order at the bucket's rate."""
-    rate = limit.rate_per_second
-    burst = limit.capacity
-    tokens, at = burst, -math.inf  # tokens held at time `at` (no work waiting since)
-    busy_until = -math.inf  # when the work waiting now will all have started
-    delayed = longest = 0.0
+    """Work arriving as (time in seconds, cost), in time order, through the buckets of
+    ``limit`` (one ``Limit`` or a scope's windows, ``bucket_shapes``), which start full
+    (a tenant new to the limiter, bank included): (cost delayed, longest wait in seconds,
+    cost still waiting at ``end``).
+
+    Waiting work is served in arrival order, as fast as every bucket allows at once: at the
+    rate of the slowest empty bucket, each bucket losing what is served and refilling at its
+    own rate, never above its capacity (so a per-second window that binds lets a daily one
+    drain until the daily one binds instead)."""
+    shapes = bucket_shapes(limit)
+    rates = [rate for rate, _ in shapes]
+    caps = [cap for _, cap in shapes]
+    near_empty = [EPSILON * max(1.0, cap) for cap in caps]
+    tokens = list(caps)
+    at = -math.inf  # the time `tokens` and the queue are as of (full until the first arrival)
+    queue: deque[list[float]] = deque()  # [arrival time, cost still waiting], oldest first
+    waiting = delayed = longest = 0.0
+
+    def elapse(until: float) -> None:
+        """Let time pass to ``until``: refill, and serve what waits."""
+        nonlocal at, waiting, longest
+        if at == -math.inf:
+            at = until
+            return
+        while at < until:
+            if waiting <= 0:
+                for i, cap in enumerate(caps):
+                    tokens[i] = min(cap, tokens[i] + rates[i] * (until - at))
+                at = until
+                return
+            # Something waits, so some bucket is empty: serve at the slowest empty one's
+            # rate until the queue is served, another bucket runs dry, or `until`.
+            empty = [i for i, t in enumerate(tokens) if t <= near_empty[i]]
+            speed = min(rates[i] for i in empty)
+            step, dry = min(until - at, waiting / speed), -1
+            for i, t in enumerate(tokens):
+                if i not in empty and rates[i] < speed and t / (speed - rates[i]) < step:
+                    step, dry = t / (speed - rates[i]), i
+            for i, cap in enumerate(caps):
+                tokens[i] = min(cap, max(0.0, tokens[i] + (rates[i] - speed) * step))
+            if dry >= 0:
+                tokens[dry] = 0.0
+            served, done = speed * step, 0.0
+            while queue and queue[0][1] <= served - done + EPSILON:
+                first = queue.popleft()
+                done += first[1]
+                longest = max(longest, at + done / speed - first[0])
+            if queue:
+                queue[0][1] -= served - done
+            waiting = max(0.0, waiting - served) if queue else 0.0
+            at += step
+
     for when, cost in arrivals:
-        if when >= busy_until:
-            since = max(at, busy_until)
-            available = burst if since == -math.inf else min(burst, tokens + rate * (when - since))
+        elapse(when)
+        late = cost
+        if waiting <= 0:
+            available = min(tokens)
             if cost <= available + EPSILON:  # (0.7 - 0.4 s refills 0.29999999999999993)
-                tokens, at = max(0.0, available - cost), when
+                tokens[:] = [max(0.0, t - cost) for t in tokens]
                 continue
             late = cost - available
-            tokens, at = 0.0, when
-            busy_until = when + late / rate
-        else:
-            late = cost
-            busy_until += cost / rate
+            tokens[:] = [0.0 if t == available else max(0.0, t - available) for t in tokens]
+        queue.append([when, late])
+        waiting += late
         delayed += late
-        longest = max(longest, busy_until - when)
-    backlog = max(0.0, (busy_until - end) * rate)
+    elapse(max(end, at))
+    backlog = waiting
+    elapse(math.inf)  # (the longest wait may end after `end`)
     return delayed, longest, backlog
 
 
@@ -198,28 +255,31 @@ def _bucket_of(
 
 def preview(
     scope: Scope,
-    limit: Limit,
-    current: Limit | None,
+    limit: Limit | tuple[Limit, ...],
+    current: Limit | tuple[Limit, ...] | None,
     traffic: Mapping[str, _Traffic],
     window_s: float,
     end: float,
 ) -> Preview:
-    """Replay ``traffic`` (from ``group_traffic``) under ``limit``, and under ``current``."""
+    """Replay ``traffic`` (from ``group_traffic``) under ``limit`` (one limit or a scope's
+    windows), and under ``current``."""
+    windows = (limit,) if isinstance(limit, Limit) else limit
+    now_windows = () if current is None else (current,) if isinstance(current, Limit) else current
     results = []
     current_delayed = 0.0 if current is not None else None
     denied = 0
     for name, recorded in traffic.items():
         arrivals = sorted(recorded.work.items())
-        delayed, longest, backlog = replay(arrivals, limit, end)
+        delayed, longest, backlog = replay(arrivals, windows, end)
         work = sum(cost for _, cost in arrivals)
         results.append(BucketPreview(name, work, delayed, longest, backlog))
         denied += recorded.denied
         if current is not None and current_delayed is not None:
-            current_delayed += replay(arrivals, current, end)[0]
+            current_delayed += replay(arrivals, now_windows, end)[0]
     results.sort(key=lambda b: (-b.delayed_fraction, -b.delayed, b.scope))
     return Preview(
         scope=str(scope),
-        limit=limit,
+        limit=windows[0],
         window_s=window_s,
         work=sum(b.work for b in results),
         delayed=sum(b.delayed for b in results),
@@ -227,8 +287,10 @@ def preview(
         backlog_at_end=sum(b.backlog_at_end for b in results),
         denied=denied,
         buckets=tuple(results),
-        current=current,
+        current=now_windows[0] if now_windows else None,
         current_delayed=current_delayed,
+        windows=windows,
+        current_windows=now_windows,
     )
 
 
@@ -263,7 +325,7 @@ def build_preview(
     config: Mapping[str, str],
     minutes: Mapping[str, Mapping[str, str]],
     scope: Scope,
-    limit: Limit,
+    limit: tuple[Limit, ...],
     since: int,
     window_s: float,
     now: float,
@@ -285,7 +347,7 @@ def build_preview(
     return preview(
         scope,
         limit,
-        None if source is None else decode_limit(source, config[source]).limit,
+        None if source is None else decode_limit(source, config[source]).windows,
         traffic,
         window_s,
         now,
@@ -314,7 +376,7 @@ def preview_reads(
 
 def preview_read(
     scope: str | Scope,
-    limit: Limit | str,
+    limit: LimitSpec,
     config: dict[str, str],
     keys: list[str],
     minutes: list[dict[object, object]],
@@ -333,19 +395,24 @@ def preview_read(
         key: {_text(f): _text(v) for f, v in fields.items()}
         for key, fields in zip(keys, minutes, strict=True)
     }
-    return build_preview(config, read, parsed, _as_limit(limit), since, window_s, now)
+    windows = limit_windows(str(parsed), limit)
+    return build_preview(config, read, parsed, windows, since, window_s, now)
 
 
 def preview_fields(result: Preview, top: int = 20) -> dict[str, object]:
     """A preview as plain fields (the CLI's JSON, the admin API): the ``top`` most delayed
     buckets only, the totals over all of them."""
 
-    def limit_text(limit: Limit | None) -> str | None:
-        return None if limit is None else f"{format_limit(limit)} burst {limit.capacity:g}"
+    def limit_text(windows: tuple[Limit, ...]) -> str | None:
+        if not windows:
+            return None
+        if len(windows) == 1 and windows[0].credit is None:  # (as it always read)
+            return f"{format_limit(windows[0])} burst {windows[0].capacity:g}"
+        return " + ".join(describe_window(w) for w in windows)
 
     return {
         "scope": result.scope,
-        "limit": limit_text(result.limit),
+        "limit": limit_text(result.windows or (result.limit,)),
         "window_s": result.window_s,
         "work": result.work,
         "delayed": result.delayed,
@@ -353,7 +420,9 @@ def preview_fields(result: Preview, top: int = 20) -> dict[str, object]:
         "max_delay_s": round(result.max_delay_s, 3),
         "backlog_at_end": round(result.backlog_at_end, 3),
         "denied": result.denied,
-        "current": limit_text(result.current),
+        "current": limit_text(
+            result.current_windows or (() if result.current is None else (result.current,))
+        ),
         "current_delayed": result.current_delayed,
         "bucket_count": len(result.buckets),
         "buckets": [

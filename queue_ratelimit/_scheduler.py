@@ -90,6 +90,8 @@ class Hint:
             list).
         concurrency: True when ``denied_by`` is a concurrency cap: ``wait_ms`` is then the
             time until its earliest lease runs out, an upper bound (a release comes sooner).
+        window: when ``denied_by`` has several windows, the one that binds (``"10000/d"``);
+            None otherwise.
     """
 
     allowed: bool
@@ -97,15 +99,30 @@ class Hint:
     denied_by: str | None
     backlog: int
     concurrency: bool = False
+    window: str | None = None
+
+    @property
+    def binding(self) -> str | None:
+        """``denied_by`` with its window, as people read it: ``tenant:acme (10000/d)``."""
+        return binding_text(self.denied_by, self.window)
 
     def as_header(self) -> dict[str, object]:
         """A small JSON-able form, as carried in message headers."""
-        return {
+        header: dict[str, object] = {
             "allowed": self.allowed,
             "wait_ms": round(self.wait_ms, 3),
             "denied_by": self.denied_by,
             "backlog": self.backlog,
         }
+        if self.window is not None:
+            header["window"] = self.window
+        return header
+
+
+def binding_text(scope: str | None, window: str | None) -> str | None:
+    """A binding scope with the window that bound: ``tenant:acme (10000/d)`` (as
+    ``Decision.remaining`` names a window), or the scope alone."""
+    return scope if scope is None or window is None else f"{scope} ({window})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,8 @@ class GateVerdict:
         credit_free: the credit took no tokens (no bucket applies): nothing to refund.
         paused: for ``"park"``, True when ``denied_by`` is a paused scope
             (``Limiter.pause``): ``wait_ms`` is the time left of the pause.
+        window: for ``"park"``, when ``denied_by`` has several windows, the one that bound
+            (``"10000/d"``); None otherwise.
     """
 
     action: Literal["run", "park", "duplicate"]
@@ -137,6 +156,12 @@ class GateVerdict:
     concurrency: bool = False
     credit_free: bool = False
     paused: bool = False
+    window: str | None = None
+
+    @property
+    def binding(self) -> str | None:
+        """``denied_by`` with its window, as people read it: ``tenant:acme (10000/d)``."""
+        return binding_text(self.denied_by, self.window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,13 +646,14 @@ class FairScheduler:
         ]
         with redis_errors():
             reply = self._scripts.call("hint.lua", keys, args)
-        starts, wait_ms, denied_by, ahead, by_cap = _text(reply).split(" ")
+        starts, wait_ms, denied_by, ahead, by_cap, *window = _text(reply).split(" ")
         return Hint(
             starts == "1",
             float(wait_ms),
             None if denied_by == "-" else denied_by,
             int(ahead),
             by_cap == "1",
+            window[0] if window else None,
         )
 
     def route(
@@ -780,6 +806,7 @@ class FairScheduler:
             _text(reply[2]) or None,
             concurrency=flag == "1",
             paused=flag == "2",
+            window=_text(reply[4]) if len(reply) > 4 else None,
         )
 
     def nack(

@@ -24,6 +24,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ._core import (
+    LimitSpec,
     ScriptCall,
     as_slot,
     check_hold,
@@ -35,7 +36,6 @@ from ._decision import PAUSE_PREFIX, Decision, Pause, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
 from ._keys import KeySpace, check_shards, shard_of
 from ._leases import Rebalancer, RebalanceReport, equal_shares, shared_scope, slices
-from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import Preview, preview_read, preview_reads
 from ._scopes import Scope, _shown, check_name
@@ -197,7 +197,7 @@ class ShardedLimiter(Limiter):
         return version
 
     def preview(
-        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
+        self, scope: str | Scope, limit: LimitSpec, *, window: float | None = None
     ) -> Preview:
         """``Limiter.preview`` over every shard's recorded traffic (each shard records its
         own tenants': the minutes of all shards are added up, then replayed)."""

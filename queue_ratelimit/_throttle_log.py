@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 
 DEFAULT_INTERVAL = 10.0
 MAX_TENANTS = 10
+MAX_REMEMBERED = 1000  # tenants whose binding scope a worker's gate report shows
 
 Lane = tuple[str, str]  # (lane, tenant)
+
+
+def _same_scope(known: str | None, scope: str) -> bool:
+    """``known`` names ``scope`` with the window that bound: ``tenant:acme (10000/d)``."""
+    return known is not None and known.startswith(scope + " (")
 
 
 class ThrottleLog:
@@ -50,15 +56,40 @@ class ThrottleLog:
         self.clock = clock
         self._parked: Counter[Lane] = Counter()
         self._scopes: dict[Lane, str] = {}
+        self._bound: dict[Lane, str] = {}  # (not cleared by a summary: see bindings)
         self._waited = False
         self._since = clock()
 
     def parked(self, lane: str, tenant: str, denied_by: str | None) -> None:
-        """A job of ``tenant`` was parked (``denied_by``: the binding scope; None: others
-        were queued ahead of it)."""
+        """A job of ``tenant`` was parked (``denied_by``: the binding scope, with the window
+        that bound when it has several, ``GateVerdict.binding``: ``tenant:acme (10000/d)``;
+        None: others were queued ahead of it)."""
         self._start()
-        self._parked[(lane, tenant)] += 1
-        self._scopes[(lane, tenant)] = denied_by or "queued behind others"
+        key = (lane, tenant)
+        self._parked[key] += 1
+        # Jobs queued behind the tenant's own first one, held back by a scope, are held
+        # back by that scope too: the summary names it rather than the queue. And the
+        # gate parks them behind it by its tenant scope alone, without judging the
+        # buckets again: that keeps the window a first job named (tenant:acme (10000/d)).
+        if denied_by and _same_scope(self._scopes.get(key), denied_by):
+            denied_by = self._scopes[key]
+        if denied_by or key not in self._scopes:
+            self._scopes[key] = denied_by or "queued behind others"
+        if denied_by:
+            if _same_scope(self._bound.get(key), denied_by):
+                return
+            if len(self._bound) >= MAX_REMEMBERED and key not in self._bound:
+                self._bound.clear()  # (bounded: what the busiest recently met comes back)
+            self._bound[key] = denied_by
+
+    def bindings(self) -> dict[str, dict[str, str]]:
+        """The scope (and window) that last held each tenant back, by lane and tenant: the
+        latest ``MAX_REMEMBERED`` tenants parked for a budget, whether or not a summary
+        has said so since."""
+        out: dict[str, dict[str, str]] = {}
+        for (lane, tenant), scope in sorted(self._bound.items()):
+            out.setdefault(lane, {})[tenant] = scope
+        return out
 
     def waited(self) -> None:
         """The worker found work waiting that no budget admits yet."""

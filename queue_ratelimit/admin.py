@@ -110,7 +110,7 @@ register_url_convertor("name", _Name())
 MAX_BODY_BYTES = 16 * 1024
 
 
-def _set_limit_value(body: SetLimitIn) -> Limit | list[Limit]:
+def _set_limit_value(body: SetLimitIn | PreviewIn) -> Limit | list[Limit]:
     """The limit (or windows) a PUT /limits body asks for (InvalidLimit, 400, when not one):
     ``burst`` and ``credit`` are the first window's; a window given twice (the same rate
     and period, however spelt) counts once, so every body the schema admits is taken."""
@@ -339,7 +339,7 @@ def create_app(
     )
     def preview(scope: ScopePath, body: PreviewIn, top: TopQuery = 20) -> dict[str, Any]:
         name = scope_name(scope)
-        limit = Limit.parse(body.limit, burst=body.burst)
+        limit = _set_limit_value(body)
         _check_recording(limiter, body.window)
         return preview_fields(limiter.preview(name, limit, window=body.window), top)
 

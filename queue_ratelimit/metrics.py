@@ -90,11 +90,14 @@ def scope_buckets(
     (as in ``Decision.remaining``). Each: tokens, burst, fill, and for a limit with burst
     credits its bank (``credit``) and the most it holds (``credit_cap``)."""
     windows = setting.windows
-    names = KeySpace.window_fields(field, [w.per for w in windows])
+    periods = [w.per for w in windows]
+    names = KeySpace.window_fields(field, periods, setting._places)
+    # (Named as in replies: the scope for the first shortest window, wherever it is kept.)
+    plain = KeySpace.window_fields(field, periods)
     out: dict[str, dict[str, Any]] = {}
-    for window, name in zip(windows, names, strict=True):
+    for window, name, default in zip(windows, names, plain, strict=True):
         tokens, bank = _window_state(fields, name, window, now_us)
-        shown = scope if name == field else f"{scope} ({format_limit(window)})"
+        shown = scope if default == field else f"{scope} ({format_limit(window)})"
         entry: dict[str, Any] = {
             "tokens": tokens,
             "burst": window.capacity,

@@ -346,6 +346,11 @@ def test_a_preview_replays_recorded_traffic_and_changes_nothing(
     assert limiter.config_version() == version
     assert limiter.get_limit("tenant:*").limit == Limit(1000)
 
+    banked = {"limit": ["5/s", "12/d"], "burst": 5, "credit": 15}
+    windows = api.post("/preview/tenant:*", headers=AUTH, json=banked).json()
+    assert windows["limit"] == "5/s burst 5 credit 15 + 12/d burst 12"
+    assert windows["delayed"] == pytest.approx(8)  # 20 fit the second's bank, 12 the day
+
     long_window = api.post("/preview/tenant:*", headers=AUTH, json={**body, "window": 601})
     assert long_window.status_code == 409
     assert "recording keeps 600 s" in long_window.json()["detail"]
@@ -514,7 +519,9 @@ def test_the_openapi_document_states_every_answer_and_constraint(api: TestClient
     assert one["pattern"] == several["items"]["pattern"] == LIMIT_PATTERN
     assert several["maxItems"] == MAX_WINDOWS
     assert bodies["SetLimitIn"]["additionalProperties"] is False
-    assert bodies["PreviewIn"]["properties"]["limit"]["pattern"] == LIMIT_PATTERN
+    one, several = bodies["PreviewIn"]["properties"]["limit"]["anyOf"]
+    assert one["pattern"] == several["items"]["pattern"] == LIMIT_PATTERN
+    assert "credit" in bodies["PreviewIn"]["properties"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -803,7 +803,8 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
         # this skip removed it passed 3 runs of 3 on the hungredis branch: still open.)
         pytest.skip("inspect over RabbitMQ: replies missing in some runs (open)")
     e2e.settings = {"log_interval": 0.5}
-    e2e.limiter.set_limit("tenant:slow", Limit(1, per=3600, burst=2))
+    # Two windows: the hour's binds, and the gate's views say which.
+    e2e.limiter.set_limit("tenant:slow", [Limit(100), Limit(1, per=3600, burst=2)])
     (worker,) = e2e.start_workers("w1")
     work = e2e.app().tasks["e2e.work"]
     for _ in range(6):
@@ -839,11 +840,15 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
     queue = reply["queues"][e2e.queue]
     assert (queue["waiting"], queue["tenants"]) == (4, {"slow": 4})
     assert queue["parked_tenants"]["slow"] > 60, "until its next token, in seconds"
+    assert reply["held_back_by"] == {e2e.queue: {"slow": "tenant:slow (1/h)"}}
 
     assert parked_by_the_gate() == 4  # (inspect stats carries the counters too)
 
     def said() -> bool:
-        return f"queue-ratelimit: throttled: tenant slow on {e2e.queue}: " in e2e.full_logs()
+        logs = e2e.full_logs()
+        return f"queue-ratelimit: throttled: tenant slow on {e2e.queue}: " in logs and (
+            "(tenant:slow (1/h))" in logs
+        )
 
     wait_for(said, timeout=20, what="a throttling line at INFO", on_timeout=e2e.logs)
     assert worker.alive()

@@ -180,6 +180,12 @@ def test_record_and_preview(cli: CliRunner, limiter: Limiter) -> None:
     assert 20 <= result["delayed"] <= 25
     quiet = ok(cli, "limits", "preview", "queue:sms", "1/s")
     assert "no recorded traffic goes through this scope's buckets" in quiet
+    # Windows and credit, as `limits set` takes them.
+    windows = json.loads(
+        ok(cli, "limits", "preview", "tenant:acme", "5/s", "10/d", "--credit", "40", "--json")
+    )
+    assert windows["limit"] == "5/s burst 5 credit 40 + 10/d burst 10"
+    assert windows["delayed"] == pytest.approx(20)  # the day's 10 bind
 
     assert "recording off" in ok(cli, "limits", "record", "off")
     assert "not being recorded" in failed(cli.invoke(main, ["limits", "preview", "global", "1/s"]))

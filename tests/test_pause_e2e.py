@@ -123,3 +123,81 @@ def test_rq_job_pauses_its_tenant_on_a_429_and_runs_once_after(env: RQEnv, simpl
     assert FailedJobRegistry(env.queue_name, connection=env.conn).count == 0
     worker = env.conn.hget(f"rq:worker:{env.namespace}-w1", "failed_job_count")
     assert worker in (None, b"0")
+
+
+@pytest.fixture
+def e2e_defaults(
+    broker: str,  # noqa: F811 (the fixture imported above)
+    redis_url: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[E2E]:
+    report_logs_on_failure(request.config)
+    # The default gate credit (16) and reserve (4 x the pool): a worker holds admissions
+    # ahead of its pool when the pause comes; strict_pauses makes each look as it starts.
+    opened = E2E(
+        broker=broker, redis_url=redis_url, workdir=tmp_path, settings={"strict_pauses": True}
+    )
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_celery_work_admitted_before_a_pause_does_not_start_during_it(
+    e2e_defaults: E2E,
+) -> None:
+    """With default credit and reserve and ``strict_pauses``, jobs of the paused tenant are
+    admitted and held by the worker when the 429 comes: none of them starts during the
+    pause (Redis time), but
+    for at most one already on its way to the pool; each runs exactly once, after it."""
+    e2e = e2e_defaults
+    e2e.limiter.set_limit("tenant:*", Limit(1000))  # uncontended: credit is granted
+    e2e.records.set(f"e2e:{e2e.namespace}:partner:fails_at", FAILS_AT)
+    work = e2e.app().tasks["e2e.partner"]
+    # Two processes (a reserve of 8), and mostly the tenant that will be paused: the
+    # worker holds several of its jobs, admitted, when one of them gets the 429.
+    e2e.start_worker("w1", concurrency=2)
+    wait_for(e2e.ready_hosts, timeout=30, what="worker ready", on_timeout=e2e.logs)
+    published = {}
+    for i in range(30):
+        tenant = "b" if i % 6 == 5 else "a"
+        published[work.apply_async((f"{tenant}{i}", RETRY_AFTER), rate_tenant=tenant).id] = tenant
+
+    rows = e2e.wait_runs(len(published), timeout=60)
+    assert_exactly_once(rows, set(published))
+    [hit] = e2e.runs("429")  # (mostly a's, though b's may be the one: both are checked)
+    set_at, until = hit["t"], hit["until_ms"] / 1000
+    during = [r for r in rows if r["tenant"] == hit["tenant"] and set_at <= r["t"] < until]
+    assert len(during) <= 1, f"ran during the pause [{set_at}, {until}): {during}"
+    later = [r for r in rows if r["tenant"] == hit["tenant"] and r["t"] >= until]
+    assert later, "the handed-back work ran after the pause"
+    assert "Traceback" not in e2e.logs()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_tasks_look_for_pauses_as_they_start_only_with_strict_pauses(
+    redis_url: str, strict: bool
+) -> None:
+    """The look costs a round trip per task: only ``strict_pauses`` installs it."""
+    from celery import Celery
+    from celery.signals import worker_init
+
+    from queue_ratelimit.celery import install
+
+    app = Celery(f"strict_pauses_check_{strict}", broker="memory://", set_as_current=False)
+
+    name = f"strict_pauses_check.work_{strict}"  # (task names are process-wide)
+
+    @app.task(name=name)
+    def work() -> None: ...
+
+    install(app, redis_url=redis_url, namespace="strictcheck", strict_pauses=strict)
+
+    class Worker:  # what worker_init sends: the worker, which knows its app
+        pass
+
+    sender = Worker()
+    sender.app = app  # type: ignore[attr-defined]
+    worker_init.send(sender=sender)
+    assert getattr(app.tasks[name], "_qrl_pause_guarded", False) is strict

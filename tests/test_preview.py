@@ -4,14 +4,16 @@ property-based), which traffic a scope governs, and the whole path on a real Red
 from __future__ import annotations
 
 import math
+import uuid
 
 import pytest
 import redis
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_credits_windows import VirtualClock
 
-from queue_ratelimit import ConfigError, FairScheduler, Limit, Limiter, Scope
-from queue_ratelimit._preview import _bucket_of, group_traffic, replay
+from queue_ratelimit import ConfigError, FairScheduler, InvalidLimit, Limit, Limiter, Scope
+from queue_ratelimit._preview import _bucket_of, group_traffic, preview_fields, replay
 
 HOUR = 3600.0
 
@@ -45,6 +47,50 @@ def test_replay(
 ) -> None:
     delayed, longest, backlog = replay(arrivals, limit, end)
     assert (delayed, longest, backlog) == pytest.approx(expected)
+
+
+MINUTE_20 = Limit(20, per=60)
+WITH_CREDIT = Limit(10, burst=10, credit=50)
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "windows", "end", "expected"),
+    [
+        # The per-second window binds first (10/s), and the minute's 20 tokens drain
+        # meanwhile; once both are dry, the minute's 1/3 per second: started by t is
+        # 20 + t/3, so the last of 30 starts at 30 s.
+        pytest.param([(0, 30)], [Limit(10), MINUTE_20], 60, (20, 30, 0), id="the longer binds"),
+        pytest.param([(0, 30)], [Limit(10), MINUTE_20], 3, (20, 30, 9), id="waiting at the end"),
+        pytest.param(
+            [(t, 10) for t in range(3)],
+            [Limit(10), MINUTE_20],
+            60,
+            (28 / 3, 28, 0),  # (the minute has 2/3 left at 2 s; the rest by 30 s)
+            id="the minute's quota runs out at the second's rate",
+        ),
+        pytest.param([(0, 5), (30, 5)], [Limit(10), MINUTE_20], 60, (0, 0, 0), id="within both"),
+        pytest.param([(0, 60)], [WITH_CREDIT], 10, (0, 0, 0), id="burst and credit at once"),
+        pytest.param([(0, 70)], [WITH_CREDIT], 10, (10, 1, 0), id="beyond burst and credit"),
+        # The bank regrows only once the bucket is full: 3 s after spending both, 30 back.
+        pytest.param([(0, 60), (3, 60)], [WITH_CREDIT], 10, (30, 3, 0), id="credit regrows"),
+        pytest.param(
+            [(0, 60)],
+            [WITH_CREDIT, MINUTE_20],
+            60,  # (20 of the 40 still wait then)
+            (40, 120, 20),
+            id="credit under a tighter window",
+        ),
+    ],
+)
+def test_replay_of_windows_and_credit(
+    arrivals: list[tuple[float, float]],
+    windows: list[Limit],
+    end: float,
+    expected: tuple[float, float, float],
+) -> None:
+    assert replay(arrivals, windows, end) == pytest.approx(expected)
+    if len(windows) == 1:  # one Limit or a list of one: the same replay
+        assert replay(arrivals, windows[0], end) == pytest.approx(expected)
 
 
 def test_replay_does_not_delay_what_float_rounding_leaves_short() -> None:
@@ -100,6 +146,73 @@ def test_the_work_served_by_any_moment_stays_within_the_bucket(
     assert started <= limit.capacity + limit.rate * len(counts) + 1e-6
     if delayed:
         assert sum(counts) > min(limit.capacity, limit.rate)
+
+
+@settings(max_examples=200, deadline=None)
+@given(per_second, limits, limits.map(lambda w: Limit(w.rate * 30, per=60, burst=w.capacity * 3)))
+def test_a_second_window_never_delays_less_and_holds_both_caps(
+    counts: list[int], short: Limit, long: Limit
+) -> None:
+    """Adding a window only ever delays more; what starts by any moment stays within each
+    window's bucket."""
+    arrivals = as_arrivals(counts)
+    one = replay(arrivals, short, len(counts))
+    both = replay(arrivals, [short, long], len(counts))
+    assert both[0] >= one[0] - 1e-6
+    started = sum(counts) - both[2]
+    for w in (short, long):
+        assert started <= w.capacity + w.rate_per_second * len(counts) + 1e-6
+
+
+# The windows the replay is checked against the Lua with: each admits whole costs of up to
+# its smallest capacity (burst + credit), at rates whose refills fall on thirds of a token,
+# far from the few milliseconds of real time that pass between two calls.
+LUA_WINDOWS = [
+    [Limit(5, burst=5)],
+    [Limit(5, burst=5, credit=10)],
+    [Limit(5, burst=5), Limit(20, per=60)],
+    [Limit(3, burst=2, credit=4), Limit(40, per=60, burst=30)],
+]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # (a client: nothing to reset)
+)
+@given(
+    st.sampled_from(LUA_WINDOWS),
+    st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12)), min_size=1, max_size=12),
+)
+def test_the_replay_admits_what_the_lua_admits(
+    redis_client: redis.Redis, windows: list[Limit], steps: list[tuple[int, int]]
+) -> None:
+    """The replay's buckets are the script's: lumps of work arriving on a virtual clock,
+    each a single decision, are all admitted by acquire.lua exactly as long as the replay
+    delays none of them (up to the first, both are the same buckets; from it on, the
+    script denies and the replay makes it wait)."""
+    lim = Limiter(redis_client, namespace=f"p{uuid.uuid4().hex[:12]}")
+    try:
+        lim.set_limit("tenant:acme", windows)
+        most = min(w.capacity + w.credit_cap for w in windows)
+        clock = VirtualClock(lim, "acme")
+        arrivals: list[tuple[float, float]] = []
+        at = 0.0
+        for gap, asked in steps:
+            cost = min(asked, int(most))
+            at += gap
+            clock.advance(gap)
+            arrivals.append((at, float(cost)))
+            delayed = replay(arrivals, windows, at)[0]
+            allowed = lim.acquire("acme", cost=cost).allowed
+            assert allowed == (delayed == 0), (arrivals, delayed)
+            if not allowed:
+                break
+    finally:
+        keys = list(redis_client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
+        if keys:
+            redis_client.delete(*keys)
 
 
 # -- which traffic a scope's limit governs ---------------------------------------------------
@@ -239,6 +352,38 @@ def test_a_preview_replays_the_recorded_work_under_the_proposed_limit(
     assert everyone.work == 55 + 40 + 1
     assert everyone.delayed == 0
     assert limiter.preview("queue:sms", "1/s").buckets == ()
+
+
+def test_a_preview_takes_windows_and_credit_as_set_limit_does(
+    limiter: Limiter, redis_client: redis.Redis
+) -> None:
+    limiter.set_limit("tenant:*", ["1000/s", "100000/d"])
+    limiter.set_recording(600)
+    for _ in range(60):
+        assert limiter.acquire("acme").allowed
+
+    plain = limiter.preview("tenant:*", Limit(10, burst=10))
+    banked = limiter.preview("tenant:*", Limit(10, burst=10, credit=50))
+    # The 60 fell within a second or two: bucket and bank take them all at once.
+    assert plain.delayed >= 40
+    assert banked.delayed == 0
+    assert banked.windows == (Limit(10, burst=10, credit=50),)
+
+    # A daily window of 30 under the same per-second one: 30 of the 60 wait for the day.
+    daily = limiter.preview("tenant:*", ["10/s", "30/d"])
+    assert daily.windows == (Limit(10), Limit(30, per=86400))
+    assert daily.limit == Limit(10)
+    assert daily.delayed == pytest.approx(plain.delayed)  # the same 10 at once...
+    assert daily.backlog_at_end >= 30  # ...but 30 wait for the day's refill
+    assert daily.max_delay_s > 86400 / 30 * 29
+    # The current limit is replayed with every window too.
+    assert daily.current_windows == (Limit(1000), Limit(100000, per=86400))
+    assert daily.current_delayed == 0
+    with pytest.raises(InvalidLimit):
+        limiter.preview("tenant:*", ["10/s", "10/s"])
+    fields = preview_fields(daily)
+    assert fields["limit"] == "10/s burst 10 + 30/d burst 30"
+    assert fields["current"] == "1000/s burst 1000 + 100000/d burst 100000"
 
 
 @pytest.mark.parametrize("seconds", [0, 59, 86_401, math.nan, True, "600"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import before_task_publish
+from celery.signals import before_task_publish, worker_init
 
 from .._errors import BackendError, BackendUnavailable
 from .._scheduler import Hint
@@ -29,6 +29,7 @@ from . import _inspect  # noqa: F401 (registers `celery inspect qrl_gate`)
 from ._gate import RateLimitGate
 from ._options import GATE_ATTRIBUTE
 from ._pause import pause_and_retry, pause_scope
+from ._pause_check import guard_tasks
 from ._producer import RateLimitedTask, last_hint, make_publish_handler
 from ._runtime import APP_ATTRIBUTE, Runtime, runtime_of
 from ._settings import CelerySettings
@@ -81,6 +82,16 @@ def install(
     runtime.publish_handler = handler  # type: ignore[attr-defined]  # keep it referenced
     before_task_publish.connect(handler, weak=False, dispatch_uid=f"queue_ratelimit:{id(app)}")
     app.steps["consumer"].add(RateLimitGate)
+
+    # With strict_pauses, work admitted before a pause looks for it as it starts
+    # (_pause_check): the tasks are guarded as the worker starts, before its pool's
+    # processes are made. Off by default: it costs a round trip per task.
+    def guard(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is app:
+            guard_tasks(app)
+
+    if settings.strict_pauses:
+        worker_init.connect(guard, weak=False, dispatch_uid=f"queue_ratelimit:guard:{id(app)}")
 
     # shared=False: a shared task would be added to every other app of the process too,
     # bound to this app's runtime.

@@ -543,7 +543,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if verdict.action == "duplicate":
             return self._drop_duplicate(d)
         self.backlog_seen = True
-        self.throttled.parked(d.job.lane, d.job.options.tenant, verdict.denied_by)
+        self.throttled.parked(d.job.lane, d.job.options.tenant, verdict.binding)
         return self._wait(d, verdict.wait_ms)
 
     def _wait(self, d: Delivery, wait_ms: float) -> Any:

@@ -99,6 +99,9 @@ def report(gate: RateLimitGate) -> dict[str, Any]:
             "running_with_slots": len(gate.running),
             "concurrency_caps": gate.slots.capped,
         },
+        # The scope (with the window, for a scope of several) that last held each tenant's
+        # work back, by queue.
+        "held_back_by": gate.throttled.bindings(),
     }
     try:
         out.update(backlog_report(gate))

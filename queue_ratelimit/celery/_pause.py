@@ -73,6 +73,13 @@ def pause_and_retry(task: Any, seconds: float, *, scope: str = "tenant") -> NoRe
     if getattr(request, "called_directly", True):
         raise ConfigError("pause_and_retry hands back a task running in a worker")
     pause_scope(task, seconds, scope)
+    hand_back(task)
+
+
+def hand_back(task: Any) -> NoReturn:
+    """Publish the running task again, marked for the head of its class in the fair
+    backlog, and end this execution with ``Ignore`` (see ``pause_and_retry``)."""
+    request = task.request
     headers = {
         k: v for k, v in (request.headers or {}).items() if k not in (HEADER_HINT, HEADER_NONCE)
     }

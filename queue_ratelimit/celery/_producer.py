@@ -165,7 +165,7 @@ class RateLimitedTask(Task):
         hint = _hint(runtime, rate, queue, None if due_later else item_id, policy == "reject")
         if policy == "reject" and hint is not None and not hint.allowed:
             raise RateLimited(
-                f"{self.name} for tenant {rate.tenant!r} refused: {hint.denied_by or 'backlog'} "
+                f"{self.name} for tenant {rate.tenant!r} refused: {hint.binding or 'backlog'} "
                 f"would admit it in {hint.wait_ms:.0f} ms",
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,

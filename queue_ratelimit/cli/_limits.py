@@ -123,6 +123,16 @@ def get(settings: Settings, scope: str, as_json: bool) -> None:
     click.echo(f"{item.scope}  {windows}  {_mode(item.shadow)}")
 
 
+def limit_spec(
+    texts: tuple[str, ...], burst: float | None, credit: float | None
+) -> Limit | list[Limit]:
+    """The limit of LIMIT arguments: one, or windows (--burst and --credit are the first
+    LIMIT's; the others' burst is their period's tokens)."""
+    windows = [Limit.parse(texts[0], burst=burst, credit=credit)]
+    windows += [Limit.parse(text) for text in texts[1:]]
+    return windows[0] if len(windows) == 1 else windows
+
+
 def _burst_text(limit: Limit) -> str:
     credit = "" if limit.credit is None else f" (+{limit.credit:.15g} credit)"
     return f"{limit.capacity:.15g}{credit}"
@@ -161,10 +171,8 @@ def set_(
     if shadow_flag and enforce:
         raise click.ClickException("--shadow and --enforce exclude each other: give one")
     shadow = True if shadow_flag else False if enforce else None
-    # (--burst and --credit are the first LIMIT's; the others' burst is their period's tokens.)
-    windows: tuple[Limit, ...] = (Limit.parse(limit[0], burst=burst, credit=credit),)
-    windows += tuple(Limit.parse(text) for text in limit[1:])
-    parsed: Limit | list[Limit] = windows[0] if len(windows) == 1 else list(windows)
+    parsed = limit_spec(limit, burst, credit)
+    windows = (parsed,) if isinstance(parsed, Limit) else tuple(parsed)
     with settings.limiter() as limiter:
         if shadow is None:
             try:

@@ -9,12 +9,11 @@ import json
 import click
 
 from .._decision import readable_config_value
-from .._limit import Limit
 from .._preview import preview_fields
 from .._scopes import _shown
 from ._app import NUMBERS, Settings, _actor
 from ._format import _jobs, _table
-from ._limits import limits
+from ._limits import limit_spec, limits
 
 
 @limits.command(context_settings=NUMBERS)
@@ -44,8 +43,13 @@ def _seconds(text: str) -> float:
 
 @limits.command(context_settings=NUMBERS)
 @click.argument("scope")
-@click.argument("limit")
+@click.argument("limit", nargs=-1, required=True)
 @click.option("--burst", type=float, help="Bucket size in tokens [default: one period's tokens].")
+@click.option(
+    "--credit",
+    type=float,
+    help="Burst credits: tokens banked while the bucket is full, spent after it [default: none].",
+)
 @click.option("--window", type=float, help="Seconds to replay [default: all that is recorded].")
 @click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -53,8 +57,9 @@ def _seconds(text: str) -> float:
 def preview(
     settings: Settings,
     scope: str,
-    limit: str,
+    limit: tuple[str, ...],
     burst: float | None,
+    credit: float | None,
     window: float | None,
     top: int,
     as_json: bool,
@@ -63,9 +68,10 @@ def preview(
 
     The work that ran in the window is replayed, per second, through a bucket with the
     proposed limit (one per tenant for tenant:* defaults): how much of it would have waited,
-    and how long. Needs `limits record` on for a while first.
+    and how long. Several LIMITs (100/s 10000/d) are windows as for `limits set` (--burst
+    and --credit are the first one's). Needs `limits record` on for a while first.
     """
-    parsed = Limit.parse(limit, burst=burst)
+    parsed = limit_spec(limit, burst, credit)
     with settings.limiter() as limiter:
         result = limiter.preview(scope, parsed, window=window)
     fields = preview_fields(result, top)

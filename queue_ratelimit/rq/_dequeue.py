@@ -302,7 +302,7 @@ class FairDequeue:
             # Into Redis first, then off RQ's list: a crash in between leaves a copy that
             # the next gate recognises as a duplicate, never a lost job.
             scheduler.submit(tenant, job.id, queue=queue.name, priority=priority, cost=cost)
-            throttle_log().parked(queue.name, tenant, verdict.denied_by)
+            throttle_log().parked(queue.name, tenant, verdict.binding)
         if in_intermediate:
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
         return None

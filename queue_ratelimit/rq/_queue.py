@@ -212,7 +212,7 @@ class Queue(rq.Queue):
                 report(guard, None)
         if self.rate_policy == "reject" and hint is not None and not hint.allowed:
             raise RateLimited(
-                f"job for tenant {tenant!r} refused: {hint.denied_by or 'backlog'} would admit "
+                f"job for tenant {tenant!r} refused: {hint.binding or 'backlog'} would admit "
                 f"it in {hint.wait_ms:.0f} ms",
                 wait_ms=hint.wait_ms,
                 denied_by=hint.denied_by,
