@@ -128,11 +128,59 @@ local function settle_tenant(counts, tenant)
   end
 end
 
+-- The fields of a lane's counts hash that are not tenants (metrics.LANE_COUNT_FIELDS).
+local LANE_FIELDS = {':total', ':vt', ':cv', ':ep'}
+
+-- A lane with nothing scheduled, parked or counted is forgotten: its counts hash (virtual
+-- time and epoch with it) and its member of the lanes set go, so a queue used once leaves
+-- nothing behind. Its next item starts a new epoch (lane_clock). Items of the lane in
+-- flight are not its backlog: a nack or reap brings the lane back (enqueue).
+local function forget_lane(lane)
+  if redis.call('EXISTS', P_ACTIVE .. lane) == 1 or redis.call('EXISTS', P_PARKED .. lane) == 1 then
+    return
+  end
+  local counts = P_COUNTS .. lane
+  local v = redis.call('HMGET', counts, unpack(LANE_FIELDS))
+  local known = 0
+  for i = 1, #LANE_FIELDS do
+    if v[i] then known = known + 1 end
+  end
+  if (v[1] and tonumber(v[1]) ~= 0) or redis.call('HLEN', counts) > known then return end
+  redis.call('DEL', counts, P_AGE .. lane)
+  redis.call('SREM', lanes_key, lane)
+end
+
 -- A pass or virtual time as stored: one that is not finite (left by that old arithmetic)
 -- counts as 0, so the lane serves its tenants again instead of failing every call.
 local function finite(x)
   if x and x == x and x > -math.huge and x < math.huge then return x end
   return 0
+end
+
+-- A lane's clock: its virtual time and its epoch. A lane whose counts hash is gone (it
+-- emptied and was forgotten: forget_lane) starts a new epoch, numbered from the shared
+-- hash's s:ep; a tenant's own pass (sp:<lane>, "<pass>@<epoch>") counts only in the epoch
+-- it was written in, so a tenant that was busy in an earlier life of the lane is not held
+-- back by that pass now. A lane from before epochs existed has none: its untagged passes
+-- count. (Only the first join of an epoch writes; virtual time starts at 0.)
+local function lane_clock(lane)
+  local counts = P_COUNTS .. lane
+  local v = redis.call('HMGET', counts, ':vt', ':ep')
+  local ep = v[2]
+  if not v[1] and not ep then
+    ep = tostring(redis.call('HINCRBY', shared_key, 's:ep', 1))
+    redis.call('HSET', counts, ':ep', ep)
+  end
+  return finite(tonumber(v[1])), ep or ''
+end
+
+-- A tenant's own pass in a lane as stored: its value if it was written in the lane's
+-- current epoch `ep`, else 0 (an earlier epoch's pass means nothing now).
+local function own_pass(stored, ep)
+  if not stored then return 0 end
+  local pass, tag = string.match(stored, '^([^@]*)@?(.*)$')
+  if tag ~= ep then return 0 end
+  return finite(tonumber(pass))
 end
 
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
@@ -142,14 +190,15 @@ local function join_tenant(lane, tenant)
   if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', P_PARKED .. lane, tenant) then
     return
   end
-  local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
-  local vt = tonumber(redis.call('HGET', P_COUNTS .. lane, ':vt')) or 0
-  own, vt = finite(own), finite(vt)
+  local vt, ep = lane_clock(lane)
+  local own = own_pass(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane), ep)
   local pass = own
   if own < vt then
     -- Joining at the virtual time, it would tie with every backlogged tenant there and
-    -- wait for those whose names sort first: a whole round. A hair below them puts it
-    -- next, as a quiet tenant should be, and banks no credit (it is only one tie).
+    -- wait for those whose names sort first. A hair below puts it before them, and banks
+    -- no credit: the virtual time runs at the pace of the lane's service (see dispatch),
+    -- so tenants that joined earlier and still wait below it go first, and a stream of
+    -- new tenants cannot keep a waiting one out.
     pass = vt - 1e-9 * math.max(1, math.abs(vt))
   end
   redis.call('ZADD', active, pass, tenant)
@@ -173,7 +222,10 @@ local function enqueue(id, at_head)
   redis.call('ZADD', P_AGE .. lane, queued, id)
   local counts = P_COUNTS .. lane
   redis.call('HINCRBY', counts, tenant, 1)
-  redis.call('HINCRBY', counts, ':total', 1)
+  if redis.call('HINCRBY', counts, ':total', 1) == 1 then
+    -- The lane may have been forgotten while this item was in flight (reap, nack).
+    redis.call('SADD', lanes_key, lane)
+  end
   join_priority(lane, tenant, priority)
   join_tenant(lane, tenant)
   return true
@@ -408,6 +460,10 @@ if mode == 'dispatch' then
       join_tenant(lane, tenant)
     end
     local skips, blocked, drained = 0, false, false
+    -- The lane's clock, read without starting an epoch (an empty lane stays without a hash).
+    local clock = redis.call('HMGET', counts, ':vt', ':ep')
+    local vt, served = finite(tonumber(clock[1])), false
+    local tag = clock[2] and '@' .. clock[2] or ''
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #top == 0 then
@@ -477,6 +533,14 @@ if mode == 'dispatch' then
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
+            -- Virtual time runs at the pace of fair service: serving `charge` to one of n
+            -- backlogged tenants moves it charge / (weight x n). Over a round, in which
+            -- each tenant is served in proportion to its weight, that is what every pass
+            -- moved; a tenant joining now starts there. (It used to be the pass of the
+            -- tenant served: tenants joining at it, each served at once, kept it still,
+            -- and a stream of new tenants kept every waiting one out.)
+            vt = math.max(vt, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
+            served = true
             taken(counts, tenant)
             if redis.call('LLEN', bl) == 0 then
               redis.call('ZREM', tp, priority)
@@ -489,9 +553,8 @@ if mode == 'dispatch' then
             else
               redis.call('ZADD', active, new_pass, tenant)
             end
-            redis.call('HSET', counts, ':vt', fmt(pass))
             admit(ctx, charge, would_deny, keep_ms,
-              {'sp:' .. lane, fmt(new_pass), 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
+              {'sp:' .. lane, fmt(new_pass) .. tag, 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
             local payload = want_payload and redis.call('HGET', payload_key, id) or false
             if lease_ms <= 0 then
               redis.call('HDEL', meta_key, id)
@@ -527,11 +590,12 @@ if mode == 'dispatch' then
         end
       end
     end
+    if served then redis.call('HSET', counts, ':vt', fmt(vt)) end
     local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
     if #first > 0 then
       backlogged = true
       note_wait(math.max(0, tonumber(first[2]) - now))
-    elseif not drained then
+    elseif not drained and redis.call('EXISTS', active) == 1 then
       backlogged = true
     else
       -- Nothing is scheduled in this lane. Tenants its counts still name were lost from the
@@ -560,6 +624,7 @@ if mode == 'dispatch' then
       elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
         redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
       end
+      if not rejoined then forget_lane(lane) end
     end
     if stop_all or #items >= max_items then break end
   end
@@ -646,6 +711,78 @@ end
 
 if mode == 'reap' then
   return reap(now_ms())
+end
+
+if mode == 'purge' then
+  -- Drop the work waiting in a lane's backlog: every tenant's, or one tenant's. ARGV: lane,
+  -- tenant ("" for every tenant), at most this many items per call. Items in flight (handed
+  -- out, not yet acked) are not waiting and are left alone. Counts, classes, the active and
+  -- parked sets and the age index are kept true as items go; a tenant left with nothing
+  -- leaves the schedule, and a lane left with nothing is forgotten (forget_lane).
+  -- Reply: {more ("1": call again, the limit was reached), id...} the ids dropped, whose
+  -- records and payloads are gone.
+  local lane, only, limit = ARGV[A + 1], ARGV[A + 2], math.floor(tonumber(ARGV[A + 3]) or 0)
+  if limit < 1 then return redis.error_reply('queue-ratelimit: purge limit must be >= 1') end
+  local active, parked, counts, age = P_ACTIVE .. lane, P_PARKED .. lane, P_COUNTS .. lane, P_AGE .. lane
+  local tenants = {only}
+  if only == '' then
+    -- A bounded slice of the schedule per call: a tenant emptied leaves it, so the next
+    -- call goes on with the rest. With nothing scheduled, the counts name what is left.
+    tenants = redis.call('ZRANGE', active, 0, limit - 1)
+    for _, t in ipairs(redis.call('ZRANGE', parked, 0, limit - 1)) do tenants[#tenants + 1] = t end
+    if #tenants == 0 then
+      local counted = redis.call('HKEYS', counts)
+      for _, field in ipairs(counted) do
+        if string.sub(field, 1, 1) ~= ':' then tenants[#tenants + 1] = field end
+      end
+    end
+  end
+  local reply, more = {'0'}, false
+  for _, tenant in ipairs(tenants) do
+    local tp = classes_key(lane, tenant)
+    local dropped = 0
+    for _, priority in ipairs(redis.call('ZRANGE', tp, 0, -1)) do
+      local room = limit - (#reply - 1)
+      if room < 1 then break end
+      local bl = backlog_key(lane, tenant, priority)
+      local ids = redis.call('LRANGE', bl, 0, room - 1)
+      if #ids > 0 then
+        redis.call('LTRIM', bl, #ids, -1)
+        redis.call('ZREM', age, unpack(ids))
+        for _, id in ipairs(ids) do
+          -- An id also in flight (only after broken data) keeps the record its holder needs.
+          if not redis.call('ZSCORE', inflight_key, id) then
+            redis.call('HDEL', meta_key, id)
+            redis.call('HDEL', payload_key, id)
+          end
+          reply[#reply + 1] = id
+        end
+        dropped = dropped + #ids
+      end
+      if redis.call('EXISTS', bl) == 0 then redis.call('ZREM', tp, priority) end
+    end
+    if dropped > 0 then
+      if redis.call('HINCRBY', counts, tenant, -dropped) <= 0 then redis.call('HDEL', counts, tenant) end
+      if redis.call('HINCRBY', counts, ':total', -dropped) < 0 then redis.call('HSET', counts, ':total', 0) end
+    end
+    if redis.call('EXISTS', tp) == 0 then
+      redis.call('ZREM', active, tenant)
+      redis.call('ZREM', parked, tenant)
+      settle_tenant(counts, tenant)  -- a count left over was of items lost before (evicted)
+    else
+      more = true
+    end
+  end
+  if only == '' and (redis.call('EXISTS', active) == 1 or redis.call('EXISTS', parked) == 1) then
+    more = true
+  end
+  if more then
+    reply[1] = '1'
+  else
+    if only == '' and redis.call('HGET', counts, ':total') then redis.call('HSET', counts, ':total', 0) end
+    forget_lane(lane)
+  end
+  return reply
 end
 
 return redis.error_reply('queue-ratelimit: unknown scheduler mode ' .. tostring(mode))

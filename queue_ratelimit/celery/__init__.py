@@ -29,6 +29,7 @@ from . import _inspect  # noqa: F401 (registers `celery inspect qrl_gate`)
 from ._gate import RateLimitGate
 from ._options import GATE_ATTRIBUTE
 from ._producer import RateLimitedTask, last_hint, make_publish_handler
+from ._purge import purge, purge_backlog_with_broker
 from ._runtime import APP_ATTRIBUTE, Runtime, runtime_of
 from ._settings import CelerySettings
 
@@ -40,6 +41,7 @@ __all__ = [
     "RateLimitedTask",
     "install",
     "last_hint",
+    "purge",
     "runtime_of",
 ]
 
@@ -78,6 +80,13 @@ def install(
     runtime.publish_handler = handler  # type: ignore[attr-defined]  # keep it referenced
     before_task_publish.connect(handler, weak=False, dispatch_uid=f"queue_ratelimit:{id(app)}")
     app.steps["consumer"].add(RateLimitGate)
+    # Celery's purge empties the broker; the tasks workers parked are purged with it.
+    if not purge_backlog_with_broker(app):
+        log.info(
+            "queue-ratelimit: %s has a control class of its own: app.control.purge() leaves "
+            "parked tasks in the backlog (use queue_ratelimit.celery.purge)",
+            app.main,
+        )
 
     # shared=False: a shared task would be added to every other app of the process too,
     # bound to this app's runtime.
