@@ -6,8 +6,10 @@
 -- inside it the priority with the lowest pass; serving `cost` advances the tenant's pass by
 -- cost / tenant_weight and the priority's by cost / priority_weight. A class that becomes
 -- backlogged joins at max(its own last pass, the current virtual time), so idle time banks
--- no credit and leaving and rejoining gains nothing. A tenant denied by its own buckets is
--- parked until its tokens return instead of being scanned on every call.
+-- no credit and leaving and rejoining gains nothing; the lane's virtual time runs at the
+-- pace of fair service (dispatch). A tenant denied by its own buckets is parked until its
+-- tokens return instead of being scanned on every call. A lane that empties is forgotten
+-- (forget_lane); "purge" drops what waits in one.
 --
 -- Keys: every name comes from KeySpace (queue_ratelimit/_keys.py), whole (KEYS) or as the
 -- prefix of a kind (ARGV 3-10) that the script appends user parts to, joined by ':'. With
@@ -17,8 +19,9 @@
 --   S:tp:<lane>:<tenant>     zset priority -> pass (the tenant's backlogged priorities)
 --   S:bl:<lane>:<t>:<p>      list of item ids (the class backlog, oldest first)
 --   S:n:<lane>               hash tenant -> backlog size, ':total' -> lane backlog,
---                            ':vt' -> lane virtual time (pass of the last tenant served),
---                            ':cv' -> config version the parked tenants were judged under
+--                            ':vt' -> lane virtual time, ':ep' -> the lane's epoch (see
+--                            lane_clock), ':cv' -> config version the parked tenants were
+--                            judged under; gone once the lane empties
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
 --   S:inflight               zset item id -> lease deadline (ms)
 --   S:lease                  hash item id -> lease token of its current lease: a worker
@@ -30,14 +33,15 @@
 --   S:meta                   hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>
 --                            <p or ->" (p: a payload is stored)
 --   S:payload                hash item id -> opaque payload
---   S:lanes                  set of the lanes ever used (metrics find them without SCAN)
+--   S:lanes                  set of the lanes with work (metrics find them without SCAN)
 --   S:done:<id>              "this item already ran" (ack with remember), checked by submit
 --   S:receipt:<owner>        "<nonce> <id>..." of a caller's last dispatch
 --   S:wake:<scope>           set "<lane> <tenant>" parked by the concurrency cap <scope>
 --   S:tr:<lane>:<tenant>     zset item id -> ms its entry lapses: the tenant's jobs in
 --                            transit (enqueued with a hint, not yet seen by a gate: in the
 --                            broker, on RQ's list); see "hint" below
---   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
+--   tenant hash (buckets.lua) fields sp:<lane> (tenant pass, "<pass>@<lane epoch>"; a lane
+--   from before epochs: "<pass>"), pp:<lane>:<p> (priority pass),
 --   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
 --
 -- Lost items: a Redis that evicts keys (maxmemory-policy allkeys-* or volatile-*) may drop
