@@ -133,7 +133,7 @@ local function settle_tenant(counts, tenant)
 end
 
 -- The fields of a lane's counts hash that are not tenants (metrics.LANE_COUNT_FIELDS).
-local LANE_FIELDS = {':total', ':vt', ':cv', ':ep'}
+local LANE_FIELDS = {':total', ':vt', ':cv', ':ep', ':gv', ':st'}
 
 -- A lane with nothing scheduled, parked or counted is forgotten: its counts hash (virtual
 -- time and epoch with it) and its member of the lanes set go, so a queue used once leaves
@@ -161,21 +161,31 @@ local function finite(x)
   return 0
 end
 
--- A lane's clock: its virtual time and its epoch. A lane whose counts hash is gone (it
--- emptied and was forgotten: forget_lane) starts a new epoch, numbered from the shared
--- hash's s:ep; a tenant's own pass (sp:<lane>, "<pass>@<epoch>") counts only in the epoch
--- it was written in, so a tenant that was busy in an earlier life of the lane is not held
--- back by that pass now. A lane from before epochs existed has none: its untagged passes
--- count. (Only the first join of an epoch writes; virtual time starts at 0.)
+-- Where a tenant that becomes backlogged in `lane` joins: a hair below the lane's virtual
+-- time ':vt' (the pass of the tenant served last), so a quiet tenant goes before the
+-- tenants tied there instead of waiting a round for those whose names sort first; but no
+-- lower than one stride (':st', the last service's cost / weight) below the fair clock
+-- ':gv', which runs at the pace of fair service (see dispatch). Tenants served at once
+-- after joining do not move ':vt'; they move ':gv', so a stream of new tenants cannot keep
+-- a waiting one out: it is served once ':gv' has run a stride past its pass.
+--
+-- And the lane's epoch: a lane whose counts hash is gone (it emptied and was forgotten:
+-- forget_lane) starts a new one, numbered from the shared hash's s:ep; a tenant's own pass
+-- (sp:<lane>, "<pass>@<epoch>") counts only in the epoch it was written in, so a tenant
+-- that was busy in an earlier life of the lane is not held back by that pass now. A lane
+-- from before epochs has none: its untagged passes count. (The first join of an epoch
+-- writes it; the clocks start at 0.)
 local function lane_clock(lane)
   local counts = P_COUNTS .. lane
-  local v = redis.call('HMGET', counts, ':vt', ':ep')
+  local v = redis.call('HMGET', counts, ':vt', ':ep', ':gv', ':st')
   local ep = v[2]
   if not v[1] and not ep then
     ep = tostring(redis.call('HINCRBY', shared_key, 's:ep', 1))
     redis.call('HSET', counts, ':ep', ep)
   end
-  return finite(tonumber(v[1])), ep or ''
+  local vt = finite(tonumber(v[1]))
+  local floor = finite(tonumber(v[3])) - finite(tonumber(v[4]))
+  return math.max(vt - 1e-9 * math.max(1, math.abs(vt)), floor), ep or ''
 end
 
 -- A tenant's own pass in a lane as stored: its value if it was written in the lane's
@@ -194,18 +204,9 @@ local function join_tenant(lane, tenant)
   if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', P_PARKED .. lane, tenant) then
     return
   end
-  local vt, ep = lane_clock(lane)
+  local at, ep = lane_clock(lane)
   local own = own_pass(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane), ep)
-  local pass = own
-  if own < vt then
-    -- Joining at the virtual time, it would tie with every backlogged tenant there and
-    -- wait for those whose names sort first. A hair below puts it before them, and banks
-    -- no credit: the virtual time runs at the pace of the lane's service (see dispatch),
-    -- so tenants that joined earlier and still wait below it go first, and a stream of
-    -- new tenants cannot keep a waiting one out.
-    pass = vt - 1e-9 * math.max(1, math.abs(vt))
-  end
-  redis.call('ZADD', active, pass, tenant)
+  redis.call('ZADD', active, math.max(own, at), tenant)
 end
 
 -- Make sure `priority` is scheduled inside the tenant, joining at max(own, tenant vt).
@@ -465,8 +466,8 @@ if mode == 'dispatch' then
     end
     local skips, blocked, drained = 0, false, false
     -- The lane's clock, read without starting an epoch (an empty lane stays without a hash).
-    local clock = redis.call('HMGET', counts, ':vt', ':ep')
-    local vt, served = finite(tonumber(clock[1])), false
+    local clock = redis.call('HMGET', counts, ':gv', ':ep')
+    local gv, vt, stride = finite(tonumber(clock[1])), false, false
     local tag = clock[2] and '@' .. clock[2] or ''
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
@@ -537,14 +538,13 @@ if mode == 'dispatch' then
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
-            -- Virtual time runs at the pace of fair service: serving `charge` to one of n
+            -- The fair clock runs at the pace of fair service: serving `charge` to one of n
             -- backlogged tenants moves it charge / (weight x n). Over a round, in which
             -- each tenant is served in proportion to its weight, that is what every pass
-            -- moved; a tenant joining now starts there. (It used to be the pass of the
-            -- tenant served: tenants joining at it, each served at once, kept it still,
-            -- and a stream of new tenants kept every waiting one out.)
-            vt = math.max(vt, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
-            served = true
+            -- moved. (With ':vt' alone, tenants joining below it and served at once kept
+            -- it still, and one new tenant per dispatch kept every waiting one out.)
+            gv = math.max(gv, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
+            vt, stride = pass, charge / wt
             taken(counts, tenant)
             if redis.call('LLEN', bl) == 0 then
               redis.call('ZREM', tp, priority)
@@ -594,7 +594,7 @@ if mode == 'dispatch' then
         end
       end
     end
-    if served then redis.call('HSET', counts, ':vt', fmt(vt)) end
+    if vt then redis.call('HSET', counts, ':vt', fmt(vt), ':gv', fmt(gv), ':st', fmt(stride)) end
     local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
     if #first > 0 then
       backlogged = true
