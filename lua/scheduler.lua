@@ -6,9 +6,9 @@
 -- inside it the priority with the lowest pass; serving `cost` advances the tenant's pass by
 -- cost / tenant_weight and the priority's by cost / priority_weight. A class that becomes
 -- backlogged joins at max(its own last pass, the current virtual time), so idle time banks
--- no credit and leaving and rejoining gains nothing; the lane's virtual time runs at the
--- pace of fair service (dispatch). A tenant denied by its own buckets is parked until its
--- tokens return instead of being scanned on every call. A lane that empties is forgotten
+-- no credit and leaving and rejoining gains nothing; a fair clock that runs at the pace of
+-- service bounds how far ahead a joining tenant goes (lane_clock). A tenant denied by its
+-- own buckets is parked until its tokens return instead of being scanned on every call. A lane that empties is forgotten
 -- (forget_lane); "purge" drops what waits in one.
 --
 -- Keys: every name comes from KeySpace (queue_ratelimit/_keys.py), whole (KEYS) or as the
@@ -19,9 +19,10 @@
 --   S:tp:<lane>:<tenant>     zset priority -> pass (the tenant's backlogged priorities)
 --   S:bl:<lane>:<t>:<p>      list of item ids (the class backlog, oldest first)
 --   S:n:<lane>               hash tenant -> backlog size, ':total' -> lane backlog,
---                            ':vt' -> lane virtual time, ':ep' -> the lane's epoch (see
---                            lane_clock), ':cv' -> config version the parked tenants were
---                            judged under; gone once the lane empties
+--                            ':vt' -> lane virtual time (pass of the last tenant served),
+--                            ':gv' -> fair clock, ':st' -> last stride, ':ep' -> epoch
+--                            (all: lane_clock), ':cv' -> config version the parked
+--                            tenants were judged under; gone once the lane empties
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
 --   S:inflight               zset item id -> lease deadline (ms)
 --   S:lease                  hash item id -> lease token of its current lease: a worker
@@ -133,7 +134,10 @@ local function settle_tenant(counts, tenant)
 end
 
 -- The fields of a lane's counts hash that are not tenants (metrics.LANE_COUNT_FIELDS).
-local LANE_FIELDS = {':total', ':vt', ':cv', ':ep', ':gv', ':st'}
+local LANE_FIELDS = {':total', ':vt', ':cv', ':ep', ':gv', ':st', ':jb'}
+-- First services of joining tenants a lane does not count on its fair clock (see dispatch):
+-- at most JUMP_BUDGET in a row, JUMP_REFILL more per service.
+local JUMP_BUDGET, JUMP_REFILL = 8, 0.1
 
 -- A lane with nothing scheduled, parked or counted is forgotten: its counts hash (virtual
 -- time and epoch with it) and its member of the lanes set go, so a queue used once leaves
@@ -466,8 +470,9 @@ if mode == 'dispatch' then
     end
     local skips, blocked, drained = 0, false, false
     -- The lane's clock, read without starting an epoch (an empty lane stays without a hash).
-    local clock = redis.call('HMGET', counts, ':gv', ':ep')
+    local clock = redis.call('HMGET', counts, ':gv', ':ep', ':jb')
     local gv, vt, stride = finite(tonumber(clock[1])), false, false
+    local budget = tonumber(clock[3]) or JUMP_BUDGET
     local tag = clock[2] and '@' .. clock[2] or ''
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
@@ -542,8 +547,19 @@ if mode == 'dispatch' then
             -- backlogged tenants moves it charge / (weight x n). Over a round, in which
             -- each tenant is served in proportion to its weight, that is what every pass
             -- moved. (With ':vt' alone, tenants joining below it and served at once kept
-            -- it still, and one new tenant per dispatch kept every waiting one out.)
-            gv = math.max(gv, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
+            -- it still, and one new tenant per dispatch kept every waiting one out.) The
+            -- first service of a tenant that joined at the clock (its pass is not its own
+            -- from its last service) is free while the lane's budget lasts (it refills by
+            -- JUMP_REFILL a service): a quiet tenant served now and then would otherwise
+            -- move the clock ahead of the tenants that wait, a little each time, until it
+            -- lost its place in front; a stream of new tenants soon spends the budget.
+            budget = math.min(JUMP_BUDGET, budget + JUMP_REFILL)
+            local own = own_pass(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane), clock[2] or '')
+            if own ~= pass and budget >= 1 then
+              budget = budget - 1
+            else
+              gv = math.max(gv, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
+            end
             vt, stride = pass, charge / wt
             taken(counts, tenant)
             if redis.call('LLEN', bl) == 0 then
@@ -594,7 +610,9 @@ if mode == 'dispatch' then
         end
       end
     end
-    if vt then redis.call('HSET', counts, ':vt', fmt(vt), ':gv', fmt(gv), ':st', fmt(stride)) end
+    if vt then
+      redis.call('HSET', counts, ':vt', fmt(vt), ':gv', fmt(gv), ':st', fmt(stride), ':jb', fmt(budget))
+    end
     local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
     if #first > 0 then
       backlogged = true

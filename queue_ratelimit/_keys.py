@@ -200,8 +200,8 @@ class KeySpace:
         return f"{self.scheduler}:parked:{check_name('queue', lane)}"
 
     def counts(self, lane: str) -> str:
-        """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:ep``, ``:cv``;
-        gone once the lane empties."""
+        """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:gv``, ``:st``,
+        ``:ep``, ``:cv``; gone once the lane empties."""
         return f"{self.scheduler}:n:{check_name('queue', lane)}"
 
     def age(self, lane: str) -> str:

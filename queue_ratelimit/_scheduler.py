@@ -30,6 +30,9 @@ MAX_WEIGHT = 1e6
 MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
 PURGE_BATCH = 1000  # items one purge step drops (lua/scheduler.lua "purge"): bounded work
+# A lane lets tenants that join go first without moving its fair clock (lua/scheduler.lua
+# JUMP_BUDGET, JUMP_REFILL): at most this many in a row, and this many more per item served.
+JUMP_BUDGET, JUMP_REFILL = 8, 0.1
 MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
 # How long (seconds) a job counted in transit by a hint stays counted beyond twice the wait
 # predicted for it, unless a gate sees it sooner (lua/scheduler.lua "hint"; docs/design.md).
