@@ -21,8 +21,9 @@
 --   S:n:<lane>               hash tenant -> backlog size, ':total' -> lane backlog,
 --                            ':vt' -> lane virtual time (pass of the last tenant served),
 --                            ':gv' -> fair clock, ':st' -> last stride, ':ep' -> epoch
---                            (all: lane_clock), ':cv' -> config version the parked
---                            tenants were judged under; gone once the lane empties
+--                            (all: lane_clock), ':jb' -> budget of free first services
+--                            (dispatch), ':cv' -> config version the parked tenants were
+--                            judged under; gone once the lane empties
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
 --   S:inflight               zset item id -> lease deadline (ms)
 --   S:lease                  hash item id -> lease token of its current lease: a worker
