@@ -140,10 +140,13 @@ local LANE_FIELDS = {':total', ':vt', ':cv', ':ep', ':gv', ':st', ':jb'}
 -- at most JUMP_BUDGET in a row, JUMP_REFILL more per service.
 local JUMP_BUDGET, JUMP_REFILL = 8, 0.1
 
--- A lane with nothing scheduled, parked or counted is forgotten: its counts hash (virtual
--- time and epoch with it) and its member of the lanes set go, so a queue used once leaves
--- nothing behind. Its next item starts a new epoch (lane_clock). Items of the lane in
--- flight are not its backlog: a nack or reap brings the lane back (enqueue).
+-- A lane with nothing scheduled, parked or counted is forgotten: it leaves the lanes set at
+-- once, and its counts hash (its clocks and epoch) expires after the counter retention, as
+-- an idle tenant's hash does, so a queue used once leaves nothing behind. Work that comes
+-- back sooner finds the lane's clocks as they were (enqueue keeps the hash again): a lane
+-- that drains between bursts keeps its fair order. After that, its next item starts a new
+-- epoch (lane_clock). Items of the lane in flight are not its backlog: a nack or reap
+-- brings the lane back (enqueue).
 local function forget_lane(lane)
   if redis.call('EXISTS', P_ACTIVE .. lane) == 1 or redis.call('EXISTS', P_PARKED .. lane) == 1 then
     return
@@ -155,7 +158,8 @@ local function forget_lane(lane)
     if v[i] then known = known + 1 end
   end
   if (v[1] and tonumber(v[1]) ~= 0) or redis.call('HLEN', counts) > known then return end
-  redis.call('DEL', counts, P_AGE .. lane)
+  redis.call('DEL', P_AGE .. lane)
+  if redis.call('PTTL', counts) == -1 then redis.call('PEXPIRE', counts, keep_ms) end
   redis.call('SREM', lanes_key, lane)
 end
 
@@ -233,7 +237,8 @@ local function enqueue(id, at_head)
   local counts = P_COUNTS .. lane
   redis.call('HINCRBY', counts, tenant, 1)
   if redis.call('HINCRBY', counts, ':total', 1) == 1 then
-    -- The lane may have been forgotten while this item was in flight (reap, nack).
+    -- The lane may have been forgotten (forget_lane): it is back, and its clocks stay.
+    redis.call('PERSIST', counts)
     redis.call('SADD', lanes_key, lane)
   end
   join_priority(lane, tenant, priority)

@@ -23,7 +23,8 @@ def scheduler(limiter: Limiter) -> FairScheduler:
 
 
 def lane_keys(scheduler: FairScheduler, client: redis.Redis, queue: str) -> set[str]:
-    """Every scheduler key of one lane that exists (its sets, hashes, lists)."""
+    """The scheduler keys of one lane that exist and do not expire (its sets, hashes,
+    lists): a lane that empties keeps only its counts hash (its clocks), which expires."""
     k = scheduler.keys
     found = {
         name
@@ -33,7 +34,7 @@ def lane_keys(scheduler: FairScheduler, client: redis.Redis, queue: str) -> set[
     prefixes = k.scheduler_prefixes
     for prefix in (prefixes.classes, prefixes.backlog):
         found |= {text(x) for x in client.scan_iter(match=f"{prefix}{queue}:*")}
-    return found
+    return {name for name in found if client.pttl(name) == -1}
 
 
 def scheduler_state(scheduler: FairScheduler, client: redis.Redis) -> dict[str, object]:
@@ -253,10 +254,13 @@ def test_purge_while_others_submit_and_dispatch_loses_track_of_nothing(
 
 
 def test_one_off_lanes_and_tenants_leave_nothing_behind(
-    limiter: Limiter, scheduler: FairScheduler, redis_client: redis.Redis
+    redis_client: redis.Redis, namespace: str
 ) -> None:
     """A queue or tenant used once (parked once, then served) leaves no key, hash field or
-    set member once its work is done: the state comes back to where it was."""
+    set member once its work is done and the counter retention (1 s here) has passed: the
+    state comes back to where it was, key for key."""
+    limiter = Limiter(redis_client, namespace=namespace, counter_retention=1.0)
+    scheduler = FairScheduler(limiter)
     # A lane that lives on, with a tenant of its own that stays backlogged (parked by its
     # cap, which admits one item an hour).
     limiter.set_limit("tenant:steady", Limit(1, per=3600, burst=1))
@@ -285,23 +289,35 @@ def test_one_off_lanes_and_tenants_leave_nothing_behind(
 
     wait_until(drained, timeout=30, what="every one-off item to be served")
     scheduler.limiter.delete_limit("tenant:*")
+    assert {text(x) for x in redis_client.smembers(scheduler.keys.lanes)} == {"main"}
 
-    assert scheduler_state(scheduler, redis_client) == baseline
+    wait_until(
+        lambda: scheduler_state(scheduler, redis_client) == baseline,
+        timeout=10,
+        what="the one-off lanes' clocks and tenants to expire",
+    )
     assert redis_client.hlen(scheduler.keys.meta) == 2  # steady's two items, still waiting
     counts = {text(f) for f in redis_client.hkeys(scheduler.keys.counts("main"))}
     assert counts == {":total", ":vt", ":gv", ":st", ":jb", ":ep", ":cv", "steady"}
 
 
 def test_a_lane_that_comes_back_starts_a_new_epoch_without_old_passes(
-    scheduler: FairScheduler, redis_client: redis.Redis
+    redis_client: redis.Redis, namespace: str
 ) -> None:
     """A tenant that was served a lot in a lane's earlier life (its pass is still in its
-    tenant hash) is not held back by that pass when the lane comes back."""
+    tenant hash, kept alive by its work elsewhere) is not held back by that pass when the
+    lane comes back after its clocks expired."""
+    scheduler = FairScheduler(Limiter(redis_client, namespace=namespace, counter_retention=0.5))
     for i in range(300):
         scheduler.submit("busy", f"old{i}")
     while scheduler.dispatch(["default"], max_items=100).items:
         pass
-    assert not redis_client.exists(scheduler.keys.counts("default"))  # forgotten
+    assert redis_client.persist(scheduler.keys.tenant("busy"))  # busy elsewhere: it lives on
+    wait_until(
+        lambda: not redis_client.exists(scheduler.keys.counts("default")),
+        timeout=10,
+        what="the lane's clocks to expire",
+    )
     for i in range(20):
         scheduler.submit("busy", f"b{i}")
         scheduler.submit("fresh", f"f{i}")
@@ -311,6 +327,27 @@ def test_a_lane_that_comes_back_starts_a_new_epoch_without_old_passes(
         counts[item.tenant] += 1
 
     assert counts == {"busy": 10, "fresh": 10}
+
+
+def test_a_lane_that_drains_between_bursts_keeps_its_fair_order(
+    scheduler: FairScheduler, redis_client: redis.Redis
+) -> None:
+    """A lane that empties keeps its clocks for the counter retention, so weights hold
+    across bursts that drain it (workers faster than producers): the weight-5 tenant, whose
+    pass moves a fifth as far per item, goes first in nearly every burst. Forgotten at
+    once, every burst started afresh and the tenant whose name sorts first went first
+    every time."""
+    scheduler.set_tenant_weight("b-premium", 5)
+    first: list[str] = []
+    for burst in range(60):
+        scheduler.submit("a-standard", f"a{burst}")
+        scheduler.submit("b-premium", f"b{burst}")
+        batch = scheduler.dispatch(["default"], max_items=2).items
+        first.append(batch[0].tenant)
+        assert scheduler.dispatch(["default"]).wait_ms is None  # drained
+        assert not redis_client.sismember(scheduler.keys.lanes, "default")
+
+    assert first.count("b-premium") >= 50, first
 
 
 # -- joining a saturated lane ------------------------------------------------------------------
