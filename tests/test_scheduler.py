@@ -1135,7 +1135,10 @@ def test_idle_state_cleans_up(
     scheduler_keys = {text(k) for k in redis_client.scan_iter(match=pattern)}
     # Nothing stays: drained lanes leave the lanes set, and their counts (the lanes' clocks)
     # expire after the counter retention, as the tenant hashes do.
-    assert scheduler_keys == {key(scheduler, "counts", "default"), key(scheduler, "counts", "other")}
+    assert scheduler_keys == {
+        key(scheduler, "counts", "default"),
+        key(scheduler, "counts", "other"),
+    }
     for name in scheduler_keys:
         assert 0 < redis_client.pttl(name) <= limiter._core.retention_ms
     for tenant in ("capped", "free"):
