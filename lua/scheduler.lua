@@ -23,7 +23,7 @@
 --                            ':gv' -> fair clock, ':st' -> last stride, ':ep' -> epoch
 --                            (all: lane_clock), ':jb' -> budget of free first services
 --                            (dispatch), ':cv' -> config version the parked tenants were
---                            judged under; gone once the lane empties
+--                            judged under; expires after the lane empties (forget_lane)
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
 --   S:inflight               zset item id -> lease deadline (ms)
 --   S:lease                  hash item id -> lease token of its current lease: a worker

@@ -201,7 +201,7 @@ class KeySpace:
 
     def counts(self, lane: str) -> str:
         """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:gv``, ``:st``,
-        ``:jb``, ``:ep``, ``:cv``; gone once the lane empties."""
+        ``:jb``, ``:ep``, ``:cv``; expires the counter retention after the lane empties."""
         return f"{self.scheduler}:n:{check_name('queue', lane)}"
 
     def age(self, lane: str) -> str:
