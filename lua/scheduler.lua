@@ -152,6 +152,10 @@ local function forget_lane(lane)
     return
   end
   local counts = P_COUNTS .. lane
+  if redis.call('PTTL', counts) ~= -1 then  -- forgotten already, or never used
+    redis.call('SREM', lanes_key, lane)
+    return
+  end
   local v = redis.call('HMGET', counts, unpack(LANE_FIELDS))
   local known = 0
   for i = 1, #LANE_FIELDS do
@@ -159,7 +163,7 @@ local function forget_lane(lane)
   end
   if (v[1] and tonumber(v[1]) ~= 0) or redis.call('HLEN', counts) > known then return end
   redis.call('DEL', P_AGE .. lane)
-  if redis.call('PTTL', counts) == -1 then redis.call('PEXPIRE', counts, keep_ms) end
+  redis.call('PEXPIRE', counts, keep_ms)
   redis.call('SREM', lanes_key, lane)
 end
 
