@@ -6,8 +6,10 @@
 -- inside it the priority with the lowest pass; serving `cost` advances the tenant's pass by
 -- cost / tenant_weight and the priority's by cost / priority_weight. A class that becomes
 -- backlogged joins at max(its own last pass, the current virtual time), so idle time banks
--- no credit and leaving and rejoining gains nothing. A tenant denied by its own buckets is
--- parked until its tokens return instead of being scanned on every call.
+-- no credit and leaving and rejoining gains nothing; a fair clock that runs at the pace of
+-- service bounds how far ahead a joining tenant goes (lane_clock). A tenant denied by its
+-- own buckets is parked until its tokens return instead of being scanned on every call. A lane that empties is forgotten
+-- (forget_lane); "purge" drops what waits in one.
 --
 -- Keys: every name comes from KeySpace (queue_ratelimit/_keys.py), whole (KEYS) or as the
 -- prefix of a kind (ARGV 3-10) that the script appends user parts to, joined by ':'. With
@@ -18,7 +20,10 @@
 --   S:bl:<lane>:<t>:<p>      list of item ids (the class backlog, oldest first)
 --   S:n:<lane>               hash tenant -> backlog size, ':total' -> lane backlog,
 --                            ':vt' -> lane virtual time (pass of the last tenant served),
---                            ':cv' -> config version the parked tenants were judged under
+--                            ':gv' -> fair clock, ':st' -> last stride, ':ep' -> epoch
+--                            (all: lane_clock), ':jb' -> budget of free first services
+--                            (dispatch), ':cv' -> config version the parked tenants were
+--                            judged under; expires after the lane empties (forget_lane)
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
 --   S:inflight               zset item id -> lease deadline (ms)
 --   S:lease                  hash item id -> lease token of its current lease: a worker
@@ -30,14 +35,15 @@
 --   S:meta                   hash item id -> "<lane> <tenant> <priority> <cost> <queued ms>
 --                            <p or ->" (p: a payload is stored)
 --   S:payload                hash item id -> opaque payload
---   S:lanes                  set of the lanes ever used (metrics find them without SCAN)
+--   S:lanes                  set of the lanes with work (metrics find them without SCAN)
 --   S:done:<id>              "this item already ran" (ack with remember), checked by submit
 --   S:receipt:<owner>        "<nonce> <id>..." of a caller's last dispatch
 --   S:wake:<scope>           set "<lane> <tenant>" parked by the concurrency cap <scope>
 --   S:tr:<lane>:<tenant>     zset item id -> ms its entry lapses: the tenant's jobs in
 --                            transit (enqueued with a hint, not yet seen by a gate: in the
 --                            broker, on RQ's list); see hint.lua
---   tenant hash (buckets.lua) fields sp:<lane> (tenant pass), pp:<lane>:<p> (priority pass),
+--   tenant hash (buckets.lua) fields sp:<lane> (tenant pass, "<pass>@<lane epoch>"; a lane
+--   from before epochs: "<pass>"), pp:<lane>:<p> (priority pass),
 --   pv:<lane> (tenant-local virtual time); they expire with the tenant when it is idle.
 --
 -- Lost items: a Redis that evicts keys (maxmemory-policy allkeys-* or volatile-*) may drop
@@ -118,11 +124,80 @@ local function settle_tenant(counts, tenant)
   end
 end
 
+-- The fields of a lane's counts hash that are not tenants (metrics.LANE_COUNT_FIELDS).
+local LANE_FIELDS = {':total', ':vt', ':cv', ':ep', ':gv', ':st', ':jb'}
+-- First services of joining tenants a lane does not count on its fair clock (see dispatch):
+-- at most JUMP_BUDGET in a row, JUMP_REFILL more per service.
+local JUMP_BUDGET, JUMP_REFILL = 8, 0.1
+
+-- A lane with nothing scheduled, parked or counted is forgotten: it leaves the lanes set at
+-- once, and its counts hash (its clocks and epoch) expires after the counter retention, as
+-- an idle tenant's hash does, so a queue used once leaves nothing behind. Work that comes
+-- back sooner finds the lane's clocks as they were (enqueue keeps the hash again): a lane
+-- that drains between bursts keeps its fair order. After that, its next item starts a new
+-- epoch (lane_clock). Items of the lane in flight are not its backlog: a nack or reap
+-- brings the lane back (enqueue).
+local function forget_lane(lane)
+  if redis.call('EXISTS', P_ACTIVE .. lane) == 1 or redis.call('EXISTS', P_PARKED .. lane) == 1 then
+    return
+  end
+  local counts = P_COUNTS .. lane
+  if redis.call('PTTL', counts) ~= -1 then  -- forgotten already, or never used
+    redis.call('SREM', lanes_key, lane)
+    return
+  end
+  local v = redis.call('HMGET', counts, unpack(LANE_FIELDS))
+  local known = 0
+  for i = 1, #LANE_FIELDS do
+    if v[i] then known = known + 1 end
+  end
+  if (v[1] and tonumber(v[1]) ~= 0) or redis.call('HLEN', counts) > known then return end
+  redis.call('DEL', P_AGE .. lane)
+  redis.call('PEXPIRE', counts, keep_ms)
+  redis.call('SREM', lanes_key, lane)
+end
+
 -- A pass or virtual time as stored: one that is not finite (left by that old arithmetic)
 -- counts as 0, so the lane serves its tenants again instead of failing every call.
 local function finite(x)
   if x and x == x and x > -math.huge and x < math.huge then return x end
   return 0
+end
+
+-- Where a tenant that becomes backlogged in `lane` joins: a hair below the lane's virtual
+-- time ':vt' (the pass of the tenant served last), so a quiet tenant goes before the
+-- tenants tied there instead of waiting a round for those whose names sort first; but no
+-- lower than one stride (':st', the last service's cost / weight) below the fair clock
+-- ':gv', which runs at the pace of fair service (see dispatch). Tenants served at once
+-- after joining do not move ':vt'; they move ':gv', so a stream of new tenants cannot keep
+-- a waiting one out: it is served once ':gv' has run a stride past its pass.
+--
+-- And the lane's epoch: a lane whose counts hash is gone (it emptied and was forgotten:
+-- forget_lane) starts a new one, numbered from the shared hash's s:ep; a tenant's own pass
+-- (sp:<lane>, "<pass>@<epoch>") counts only in the epoch it was written in, so a tenant
+-- that was busy in an earlier life of the lane is not held back by that pass now. A lane
+-- from before epochs has none: its untagged passes count. (The first join of an epoch
+-- writes it; the clocks start at 0.)
+local function lane_clock(lane)
+  local counts = P_COUNTS .. lane
+  local v = redis.call('HMGET', counts, ':vt', ':ep', ':gv', ':st')
+  local ep = v[2]
+  if not v[1] and not ep then
+    ep = tostring(redis.call('HINCRBY', shared_key, 's:ep', 1))
+    redis.call('HSET', counts, ':ep', ep)
+  end
+  local vt = finite(tonumber(v[1]))
+  local floor = finite(tonumber(v[3])) - finite(tonumber(v[4]))
+  return math.max(vt - 1e-9 * math.max(1, math.abs(vt)), floor), ep or ''
+end
+
+-- A tenant's own pass in a lane as stored: its value if it was written in the lane's
+-- current epoch `ep`, else 0 (an earlier epoch's pass means nothing now).
+local function own_pass(stored, ep)
+  if not stored then return 0 end
+  local pass, tag = string.match(stored, '^([^@]*)@?(.*)$')
+  if tag ~= ep then return 0 end
+  return finite(tonumber(pass))
 end
 
 -- Make sure `tenant` is scheduled in `lane`: active at max(own pass, lane virtual time)
@@ -132,17 +207,9 @@ local function join_tenant(lane, tenant)
   if redis.call('ZSCORE', active, tenant) or redis.call('ZSCORE', P_PARKED .. lane, tenant) then
     return
   end
-  local own = tonumber(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane)) or 0
-  local vt = tonumber(redis.call('HGET', P_COUNTS .. lane, ':vt')) or 0
-  own, vt = finite(own), finite(vt)
-  local pass = own
-  if own < vt then
-    -- Joining at the virtual time, it would tie with every backlogged tenant there and
-    -- wait for those whose names sort first: a whole round. A hair below them puts it
-    -- next, as a quiet tenant should be, and banks no credit (it is only one tie).
-    pass = vt - 1e-9 * math.max(1, math.abs(vt))
-  end
-  redis.call('ZADD', active, pass, tenant)
+  local at, ep = lane_clock(lane)
+  local own = own_pass(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane), ep)
+  redis.call('ZADD', active, math.max(own, at), tenant)
 end
 
 -- Make sure `priority` is scheduled inside the tenant, joining at max(own, tenant vt).
@@ -163,7 +230,11 @@ local function enqueue(id, at_head)
   redis.call('ZADD', P_AGE .. lane, queued, id)
   local counts = P_COUNTS .. lane
   redis.call('HINCRBY', counts, tenant, 1)
-  redis.call('HINCRBY', counts, ':total', 1)
+  if redis.call('HINCRBY', counts, ':total', 1) == 1 then
+    -- The lane may have been forgotten (forget_lane): it is back, and its clocks stay.
+    redis.call('PERSIST', counts)
+    redis.call('SADD', lanes_key, lane)
+  end
   join_priority(lane, tenant, priority)
   join_tenant(lane, tenant)
   return true
@@ -383,6 +454,11 @@ if mode == 'dispatch' then
         blocked = true
       end
     end
+    -- The lane's clock, read without starting an epoch (an empty lane stays without a hash).
+    local clock = redis.call('HMGET', counts, ':gv', ':ep', ':jb')
+    local gv, vt, stride = finite(tonumber(clock[1])), false, false
+    local budget = tonumber(clock[3]) or JUMP_BUDGET
+    local tag = clock[2] and '@' .. clock[2] or ''
     while #items < max_items and not blocked do
       local top = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #top == 0 then
@@ -455,6 +531,24 @@ if mode == 'dispatch' then
             local wt = weight(ctx.cfg_extra[1], weight(ctx.cfg_extra[2], 1))
             local wp = weight(ctx.cfg_extra[3], DEFAULT_PRIORITY_WEIGHTS[priority] or 1)
             local new_pass, new_ppass = pass + charge / wt, ppass + charge / wp
+            -- The fair clock runs at the pace of fair service: serving `charge` to one of n
+            -- backlogged tenants moves it charge / (weight x n). Over a round, in which
+            -- each tenant is served in proportion to its weight, that is what every pass
+            -- moved. (With ':vt' alone, tenants joining below it and served at once kept
+            -- it still, and one new tenant per dispatch kept every waiting one out.) The
+            -- first service of a tenant that joined at the clock (its pass is not its own
+            -- from its last service) is free while the lane's budget lasts (it refills by
+            -- JUMP_REFILL a service): a quiet tenant served now and then would otherwise
+            -- move the clock ahead of the tenants that wait, a little each time, until it
+            -- lost its place in front; a stream of new tenants soon spends the budget.
+            budget = math.min(JUMP_BUDGET, budget + JUMP_REFILL)
+            local own = own_pass(redis.call('HGET', tenant_key(tenant), 'sp:' .. lane), clock[2] or '')
+            if own ~= pass and budget >= 1 then
+              budget = budget - 1
+            else
+              gv = math.max(gv, pass) + charge / (wt * math.max(1, redis.call('ZCARD', active)))
+            end
+            vt, stride = pass, charge / wt
             taken(counts, tenant)
             if redis.call('LLEN', bl) == 0 then
               redis.call('ZREM', tp, priority)
@@ -467,9 +561,8 @@ if mode == 'dispatch' then
             else
               redis.call('ZADD', active, new_pass, tenant)
             end
-            redis.call('HSET', counts, ':vt', fmt(pass))
             admit(ctx, charge, would_deny, keep_ms,
-              {'sp:' .. lane, fmt(new_pass), 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
+              {'sp:' .. lane, fmt(new_pass) .. tag, 'pp:' .. lane .. ':' .. priority, fmt(new_ppass), 'pv:' .. lane, fmt(ppass)})
             local payload = want_payload and redis.call('HGET', payload_key, id) or false
             if lease_ms <= 0 then
               redis.call('HDEL', meta_key, id)
@@ -503,11 +596,14 @@ if mode == 'dispatch' then
         end
       end
     end
+    if vt then
+      redis.call('HSET', counts, ':vt', fmt(vt), ':gv', fmt(gv), ':st', fmt(stride), ':jb', fmt(budget))
+    end
     local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
     if #first > 0 then
       backlogged = true
       note_wait(math.max(0, tonumber(first[2]) - now))
-    elseif not drained then
+    elseif not drained and redis.call('EXISTS', active) == 1 then
       backlogged = true
     else
       -- Nothing is scheduled in this lane. Tenants its counts still name were lost from the
@@ -536,6 +632,7 @@ if mode == 'dispatch' then
       elseif redis.call('EXISTS', P_AGE .. lane) == 1 then
         redis.call('DEL', P_AGE .. lane)  -- only entries of items lost with their backlog
       end
+      if not rejoined then forget_lane(lane) end
     end
     if stop_all or #items >= max_items then break end
   end
@@ -622,6 +719,78 @@ end
 
 if mode == 'reap' then
   return reap(now_ms())
+end
+
+if mode == 'purge' then
+  -- Drop the work waiting in a lane's backlog: every tenant's, or one tenant's. ARGV: lane,
+  -- tenant ("" for every tenant), at most this many items per call. Items in flight (handed
+  -- out, not yet acked) are not waiting and are left alone. Counts, classes, the active and
+  -- parked sets and the age index are kept true as items go; a tenant left with nothing
+  -- leaves the schedule, and a lane left with nothing is forgotten (forget_lane).
+  -- Reply: {more ("1": call again, the limit was reached), id...} the ids dropped, whose
+  -- records and payloads are gone.
+  local lane, only, limit = ARGV[A + 1], ARGV[A + 2], math.floor(tonumber(ARGV[A + 3]) or 0)
+  if limit < 1 then return redis.error_reply('queue-ratelimit: purge limit must be >= 1') end
+  local active, parked, counts, age = P_ACTIVE .. lane, P_PARKED .. lane, P_COUNTS .. lane, P_AGE .. lane
+  local tenants = {only}
+  if only == '' then
+    -- A bounded slice of the schedule per call: a tenant emptied leaves it, so the next
+    -- call goes on with the rest. With nothing scheduled, the counts name what is left.
+    tenants = redis.call('ZRANGE', active, 0, limit - 1)
+    for _, t in ipairs(redis.call('ZRANGE', parked, 0, limit - 1)) do tenants[#tenants + 1] = t end
+    if #tenants == 0 then
+      local counted = redis.call('HKEYS', counts)
+      for _, field in ipairs(counted) do
+        if string.sub(field, 1, 1) ~= ':' then tenants[#tenants + 1] = field end
+      end
+    end
+  end
+  local reply, more = {'0'}, false
+  for _, tenant in ipairs(tenants) do
+    local tp = classes_key(lane, tenant)
+    local dropped = 0
+    for _, priority in ipairs(redis.call('ZRANGE', tp, 0, -1)) do
+      local room = limit - (#reply - 1)
+      if room < 1 then break end
+      local bl = backlog_key(lane, tenant, priority)
+      local ids = redis.call('LRANGE', bl, 0, room - 1)
+      if #ids > 0 then
+        redis.call('LTRIM', bl, #ids, -1)
+        redis.call('ZREM', age, unpack(ids))
+        for _, id in ipairs(ids) do
+          -- An id also in flight (only after broken data) keeps the record its holder needs.
+          if not redis.call('ZSCORE', inflight_key, id) then
+            redis.call('HDEL', meta_key, id)
+            redis.call('HDEL', payload_key, id)
+          end
+          reply[#reply + 1] = id
+        end
+        dropped = dropped + #ids
+      end
+      if redis.call('EXISTS', bl) == 0 then redis.call('ZREM', tp, priority) end
+    end
+    if dropped > 0 then
+      if redis.call('HINCRBY', counts, tenant, -dropped) <= 0 then redis.call('HDEL', counts, tenant) end
+      if redis.call('HINCRBY', counts, ':total', -dropped) < 0 then redis.call('HSET', counts, ':total', 0) end
+    end
+    if redis.call('EXISTS', tp) == 0 then
+      redis.call('ZREM', active, tenant)
+      redis.call('ZREM', parked, tenant)
+      settle_tenant(counts, tenant)  -- a count left over was of items lost before (evicted)
+    else
+      more = true
+    end
+  end
+  if only == '' and (redis.call('EXISTS', active) == 1 or redis.call('EXISTS', parked) == 1) then
+    more = true
+  end
+  if more then
+    reply[1] = '1'
+  else
+    if only == '' and redis.call('HGET', counts, ':total') then redis.call('HSET', counts, ':total', 0) end
+    forget_lane(lane)
+  end
+  return reply
 end
 
 return redis.error_reply('queue-ratelimit: unknown scheduler mode ' .. tostring(mode))

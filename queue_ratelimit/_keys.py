@@ -295,7 +295,8 @@ class KeySpace:
 
     @property
     def lanes(self) -> str:
-        """Set of the lanes (queues) ever used, so metrics find them without SCAN."""
+        """Set of the lanes (queues) with work, so metrics find them without SCAN; a lane
+        leaves it when it empties."""
         return f"{self.scheduler}:lanes"
 
     def active(self, lane: str) -> str:
@@ -307,7 +308,8 @@ class KeySpace:
         return f"{self.scheduler}:parked:{check_name('queue', lane)}"
 
     def counts(self, lane: str) -> str:
-        """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:cv``."""
+        """Hash: a lane's backlog size per tenant, ``:total``, ``:vt``, ``:gv``, ``:st``,
+        ``:jb``, ``:ep``, ``:cv``; expires the counter retention after the lane empties."""
         return f"{self.scheduler}:n:{check_name('queue', lane)}"
 
     def age(self, lane: str) -> str:

@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -29,6 +29,10 @@ MIN_WEIGHT = 1e-3
 MAX_WEIGHT = 1e6
 MAX_LEASE = 7 * 86400.0
 MAX_DISPATCH = 1000  # items per dispatch call: one reply, one atomic step
+PURGE_BATCH = 1000  # items one purge step drops (lua/scheduler.lua "purge"): bounded work
+# A lane lets tenants that join go first without moving its fair clock (lua/scheduler.lua
+# JUMP_BUDGET, JUMP_REFILL): at most this many in a row, and this many more per item served.
+JUMP_BUDGET, JUMP_REFILL = 8, 0.1
 MAX_CREDIT = 1_000_000  # admissions one gate call may take ahead (lua/buckets.lua too)
 # How long (seconds) a job counted in transit by a hint stays counted beyond twice the wait
 # predicted for it, unless a gate sees it sooner (lua/hint.lua; docs/design.md).
@@ -176,6 +180,16 @@ class Dispatch:
 
     items: tuple[DispatchedItem, ...]
     wait_ms: float | None
+
+
+class DispatchOptions(TypedDict, total=False):
+    """The options of ``FairScheduler.dispatch`` and ``dispatch_call``, by keyword."""
+
+    max_items: int
+    with_payload: bool
+    hand_over: bool
+    handoff_lists: Mapping[str, str] | None
+    receipt: tuple[str, str] | None
 
 
 def _held(item: str | DispatchedItem) -> tuple[str, str]:
@@ -496,19 +510,12 @@ class FairScheduler:
         requeue = "1" if how == "requeue" else "0"
         return self._keys, self._args("nack", [item_id, requeue, "0", 0, token])
 
-    def dispatch(
-        self,
-        queues: Sequence[str],
-        *,
-        max_items: int = 1,
-        with_payload: bool = True,
-        hand_over: bool = False,
-        handoff_lists: Mapping[str, str] | None = None,
-        receipt: tuple[str, str] | None = None,
-    ) -> Dispatch:
+    def dispatch(self, queues: Sequence[str], **options: Unpack[DispatchOptions]) -> Dispatch:
         """Admit up to ``max_items`` items from ``queues`` (earlier queues first), fairly.
 
-        Args:
+        Options (``DispatchOptions``; the defaults are ``dispatch_call``'s):
+            max_items: at most this many items (1 to 1000; default 1).
+            with_payload: return each item's payload (default True).
             hand_over: keep no in-flight record (no lease, no ``ack``): for callers whose
                 own bookkeeping takes over in the same step, via ``handoff_lists``.
             handoff_lists: queue -> Redis list that each dispatched id is pushed onto, in
@@ -517,14 +524,7 @@ class FairScheduler:
                 hash slot; see ``receipt_key``) is set to ``"<nonce> <id>..."`` for a day in the
                 same step, so a caller that lost the reply can learn what it was handed.
         """
-        keys, args = self.dispatch_call(
-            queues,
-            max_items=max_items,
-            with_payload=with_payload,
-            hand_over=hand_over,
-            handoff_lists=handoff_lists,
-            receipt=receipt,
-        )
+        keys, args = self.dispatch_call(queues, **options)
         with redis_errors():
             reply = self._scripts.call("scheduler.lua", keys, args)
         return self.dispatch_result(reply)
@@ -539,8 +539,9 @@ class FairScheduler:
         handoff_lists: Mapping[str, str] | None = None,
         receipt: tuple[str, str] | None = None,
     ) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of a ``dispatch`` (same parameters), for callers that
-        send it themselves (see ``command``); read the reply with ``dispatch_result``."""
+        """The keys and arguments of a ``dispatch`` (same options, ``DispatchOptions``), for
+        callers that send it themselves (see ``command``); read the reply with
+        ``dispatch_result``."""
         if isinstance(queues, str):
             queues = [queues]
         for q in queues:
@@ -831,6 +832,29 @@ class FairScheduler:
         reply = self._run("reap")
         assert isinstance(reply, int)
         return reply
+
+    def purge(self, queue: str = "default", *, tenant: str | None = None) -> list[str]:
+        """Drop the items waiting in a queue's backlog (of one tenant, or of all): they will
+        never be dispatched. Items in flight (dispatched, not yet acked) are left alone.
+
+        Runs in steps of at most ``PURGE_BATCH`` items, each atomic, until nothing is left;
+        items submitted meanwhile may go too. Every count and index stays true, and a queue
+        left empty is forgotten (as one drained by ``dispatch`` is). The payloads go with
+        the items; work kept elsewhere under these ids (RQ's job records) is the caller's
+        to delete (``queue_ratelimit.rq.Queue.empty`` does).
+
+        Returns:
+            The ids dropped, oldest first within each backlog.
+        """
+        lane = check_name("queue", queue)
+        who = "" if tenant is None else check_name("tenant", tenant)
+        dropped: list[str] = []
+        while True:
+            reply = self._run("purge", lane, who, PURGE_BATCH)
+            assert isinstance(reply, list)
+            dropped += [_text(i) for i in reply[1:]]
+            if _text(reply[0]) != "1":
+                return dropped
 
     def set_tenant_weight(self, tenant: str, weight: float | None, *, actor: str = "api") -> int:
         """A tenant's share of contended budgets (default 1; ``"*"`` sets the default)."""

@@ -227,6 +227,12 @@ class ShardedScheduler(FairScheduler):
     def reap(self) -> int:
         return sum(part.reap() for part in self.parts)
 
+    def purge(self, queue: str = "default", *, tenant: str | None = None) -> list[str]:
+        """``FairScheduler.purge`` on the tenant's shard, or on every shard."""
+        if tenant is not None:
+            return self.part(tenant)[1].purge(queue, tenant=tenant)
+        return [item for part in self.parts for item in part.purge(queue)]
+
     # -- reading ---------------------------------------------------------------------------
     def backlog(self, queue: str = "default", tenant: str | None = None) -> int:
         if tenant is not None:

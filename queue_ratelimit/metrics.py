@@ -54,7 +54,7 @@ WAIT_BOUNDS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 3000
 OUTCOMES = ("allowed", "denied", "would_deny")
 FAIL_MODES = ("open", "closed", "raise")
 # A lane's counts hash holds one field per tenant with parked work, plus these.
-LANE_COUNT_FIELDS = (":total", ":vt", ":cv")
+LANE_COUNT_FIELDS = (":total", ":vt", ":cv", ":ep", ":gv", ":st", ":jb")
 
 
 def _text(value: object) -> str:

@@ -973,6 +973,33 @@ def test_warm_shutdown_with_parked_and_running_work_loses_nothing(e2e: E2E) -> N
     assert_exactly_once(rows, published)
 
 
+def test_control_purge_reaches_the_tasks_parked_in_the_backlog(e2e: E2E) -> None:
+    """#11: ``app.control.purge()`` (what ``celery purge`` and a worker's ``--purge`` do)
+    emptied the broker only; the tasks a worker had parked were acknowledged to the broker
+    already and ran later. Now the purge drops them too, and counts them."""
+    e2e.limiter.set_limit("tenant:*", Limit(1, per=3600, burst=2))  # 2 each run, 6 wait
+    e2e.limiter.set_limit("tenant:after", Limit(100, burst=100))
+    e2e.start_workers("w1")
+    app = e2e.app()
+    work = app.tasks["e2e.work"]
+    published = {work.apply_async(("held",), rate_tenant=f"t{i % 3}").id for i in range(24)}
+    scheduler = FairScheduler(e2e.limiter)
+    wait_for(lambda: len(e2e.runs()) == 6 and scheduler.backlog(e2e.queue) == 18, timeout=30,
+             what="6 tasks run and 18 parked", on_timeout=e2e.logs)  # fmt: skip
+    ran = {r["id"] for r in e2e.runs()}
+
+    assert app.control.purge() == 18
+
+    assert scheduler.backlog(e2e.queue) == 0
+    # What was left would be admitted now; only the task published after the purge runs.
+    e2e.limiter.delete_limit("tenant:*")
+    after = work.apply_async(("after",), rate_tenant="after").id
+    e2e.wait_ids({after}, timeout=30, what="the task published after the purge")
+    rows = e2e.wait_settled(timeout=15)
+    assert ran <= published
+    assert_exactly_once(rows, {*ran, after})
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 def test_fail_closed_holds_tasks_while_the_limiter_redis_is_down(
     broker: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest

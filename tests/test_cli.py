@@ -517,3 +517,35 @@ def test_preview_counts_whole_jobs(cli: CliRunner, limiter: Limiter) -> None:
 )
 def test_job_counts_round_up_a_partly_served_job(amount: float, shown: str) -> None:
     assert _jobs(amount) == shown
+
+
+# -- backlog purge ----------------------------------------------------------------------------
+
+
+def test_backlog_purge_drops_waiting_work_of_a_queue_or_a_tenant(
+    cli: CliRunner, limiter: Limiter
+) -> None:
+    from queue_ratelimit import FairScheduler
+
+    scheduler = FairScheduler(limiter)
+    for i in range(3):
+        scheduler.submit("acme", f"a{i}", queue="emails")
+        scheduler.submit("other", f"o{i}", queue="emails")
+        scheduler.submit("acme", f"r{i}", queue="reports")
+
+    out = ok(cli, "backlog", "purge", "--queue", "emails", "--tenant", "acme", "--yes")
+    assert out == "emails: purged 3 item(s) of tenant acme from the backlog\n"
+    assert (scheduler.backlog("emails", "acme"), scheduler.backlog("emails")) == (0, 3)
+
+    refused = cli.invoke(main, ["backlog", "purge", "-Q", "emails", "-Q", "reports"], input="n\n")
+    assert refused.exit_code == 1
+    assert "Drop 6 item(s)" in refused.output
+    assert scheduler.backlog("emails") + scheduler.backlog("reports") == 6
+
+    out = ok(cli, "backlog", "purge", "-Q", "emails", "-Q", "reports", "-f")
+    assert out.splitlines() == [
+        "emails: purged 3 item(s) from the backlog",
+        "reports: purged 3 item(s) from the backlog",
+    ]
+    assert scheduler.backlog("emails") == scheduler.backlog("reports") == 0
+    assert "invalid queue name" in failed(cli.invoke(main, ["backlog", "purge", "-Q", "a:b", "-f"]))

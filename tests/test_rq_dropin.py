@@ -157,6 +157,39 @@ def test_dequeue_any_other_timeouts_unchanged(conn: redis.Redis, namespace: str)
     assert found[0].id == job.id
 
 
+def test_a_throttled_wait_is_a_pause_not_a_blocking_pop(
+    conn: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#11 (a tenant budget shared by two queues): waiting for a tenant's tokens, the
+    dequeue blocked on RQ's list with BLMOVE, whose timeout Redis ends on its own clock tick
+    (a 25 ms timeout returned after about 100 ms), so every throttled wait ran late and an
+    RQ queue lost each returning token to a Celery queue sharing the tenant. Only an idle
+    queue (nothing in the backlog) blocks on its list now."""
+    from queue_ratelimit import Limit, Limiter
+
+    Limiter(conn, namespace=namespace).set_limit("tenant:acme", Limit(1, per=3600, burst=1))
+    queue = make_queue(conn, namespace)
+    first = queue.enqueue(len, "a", rate_tenant="acme")
+    queue.enqueue(len, "b", rate_tenant="acme")
+    found = Queue.dequeue_any([queue], timeout=1, connection=conn)
+    assert found is not None
+    assert found[0].id == first.id
+    blocked: list[float] = []
+    real = conn.blmove
+
+    def blmove(first_list: str, second_list: str, timeout: float, *args: Any) -> Any:
+        blocked.append(timeout)
+        return real(first_list, second_list, timeout, *args)
+
+    monkeypatch.setattr(conn, "blmove", blmove)
+
+    with pytest.raises(DequeueTimeout):
+        Queue.dequeue_any([queue], timeout=1, connection=conn)  # acme waits an hour
+
+    assert blocked == []
+    assert queue.rate_backlog == 1
+
+
 # -- 3. queue_class and job_class of subclasses and arguments ----------------------------
 class CustomJob(Job):
     pass

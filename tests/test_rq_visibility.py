@@ -190,3 +190,42 @@ def test_rq_info_with_no_queue_and_without_redis(namespace: str, redis_url: str)
     down = CliRunner().invoke(main, ["--url", "redis://127.0.0.1:1/0", "rq", "info"])
     assert down.exit_code == 1
     assert down.output.startswith("Error: cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+# -- emptying: RQ's list and the fair backlog ----------------------------------------------------
+
+
+def test_empty_removes_the_jobs_waiting_in_the_backlog_too(queue: Queue) -> None:
+    """#11: ``Queue.empty()`` left the jobs a worker had parked in the fair backlog, to run
+    later. Now both go, with their records, as RQ's ``empty`` removes the listed ones."""
+    listed, parked = waiting_in_both(queue)
+    conn = queue.connection
+    # Two jobs a worker took from the backlog already: in progress, not waiting.
+    dispatched = queue.rate_scheduler.dispatch([queue.name], max_items=2, hand_over=True).items
+    taken = {i.id for i in dispatched}
+    assert len(taken) == 2
+    assert taken <= set(parked)
+    still = [i for i in parked if i not in taken]
+
+    assert queue.empty() == len(listed) + len(still)
+
+    assert (queue.count, queue.job_ids, queue.rate_backlog) == (0, [], 0)
+    for job_id in listed + still:
+        assert not conn.exists(f"rq:job:{job_id}"), job_id
+    for job_id in taken:
+        assert conn.exists(f"rq:job:{job_id}"), f"{job_id} was handed out: not ours to delete"
+    assert not conn.sismember(queue.rate_scheduler.keys.lanes, queue.name)
+
+
+def test_rq_empty_with_our_queue_class_empties_the_backlog(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    waiting_in_both(queue)
+    result = CliRunner().invoke(
+        rq_main,
+        ["empty", "--url", redis_url, "--queue-class", "queue_ratelimit.rq.Queue", queue.name],
+        env={"QUEUE_RATELIMIT_NAMESPACE": namespace},
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 jobs removed" in result.output
+    assert queue.count == 0

@@ -363,6 +363,21 @@ def test_the_scheduler_keeps_each_tenants_work_on_its_shard_and_runs_it_once(
     assert scheduler.backlog("q") == 0
 
 
+def test_purge_reaches_every_shard(sharded: ShardedLimiter) -> None:
+    scheduler = FairScheduler(sharded, lease=30)
+    tenants = [t for s in range(3) for t in tenants_on(sharded, s, 1)]
+    for tenant in tenants:
+        for i in range(3):
+            assert scheduler.submit(tenant, f"{tenant}-{i}", queue="q")
+    assert sorted(scheduler.purge("q", tenant=tenants[1])) == [
+        f"{tenants[1]}-{i}" for i in range(3)
+    ]
+    assert scheduler.backlog("q") == 6
+    assert len(scheduler.purge("q")) == 6
+    assert scheduler.backlog("q") == 0
+    assert not scheduler.dispatch(["q"], max_items=4).items
+
+
 def test_the_scheduler_under_a_sharded_cap_and_slots(
     sharded: ShardedLimiter, redis_client: redis.Redis
 ) -> None:

@@ -31,6 +31,7 @@ from ._options import GATE_ATTRIBUTE
 from ._pause import pause_and_retry, pause_scope
 from ._pause_check import guard_tasks
 from ._producer import RateLimitedTask, last_hint, make_publish_handler
+from ._purge import purge, purge_backlog_with_broker
 from ._runtime import APP_ATTRIBUTE, Runtime, runtime_of
 from ._settings import CelerySettings
 
@@ -44,6 +45,7 @@ __all__ = [
     "last_hint",
     "pause_and_retry",
     "pause_scope",
+    "purge",
     "runtime_of",
 ]
 
@@ -82,6 +84,13 @@ def install(
     runtime.publish_handler = handler  # type: ignore[attr-defined]  # keep it referenced
     before_task_publish.connect(handler, weak=False, dispatch_uid=f"queue_ratelimit:{id(app)}")
     app.steps["consumer"].add(RateLimitGate)
+    # Celery's purge empties the broker; the tasks workers parked are purged with it.
+    if not purge_backlog_with_broker(app):
+        log.info(
+            "queue-ratelimit: %s has a control class of its own: app.control.purge() leaves "
+            "parked tasks in the backlog (use queue_ratelimit.celery.purge)",
+            app.main,
+        )
 
     # With strict_pauses, work admitted before a pause looks for it as it starts
     # (_pause_check): the tasks are guarded as the worker starts, before its pool's

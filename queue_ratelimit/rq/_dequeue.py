@@ -141,6 +141,12 @@ class FairDequeue:
             if batch.wait_ms is not None:
                 throttled.waited()
             wait = None if batch.wait_ms is None else min(batch.wait_ms / 1000, CONTENDED_POLL)
+            # Waiting for tokens (the backlog is not empty), a pause, not a BLMOVE on RQ's
+            # list: Redis ends a blocking command's timeout on its own clock tick (hz 10:
+            # a 25 ms timeout returned after 100 ms, median), which made every throttled
+            # wait up to 100 ms longer, and lost each returning token to any other caller
+            # of the same budget (a Celery queue sharing a tenant: docs/reliability.md).
+            # A job pushed meanwhile waits at most CONTENDED_POLL for the next look.
             if deadline is None:
                 if wait is None:
                     return None
@@ -150,7 +156,7 @@ class FairDequeue:
             if left <= 0:
                 raise DequeueTimeout(timeout, [q.key for q in self.queues])
             block = min(left, POLL_INTERVAL if wait is None else max(wait, 0.001))
-            if self.single:
+            if self.single and wait is None:
                 # Blocks while holding nothing, but a warm shutdown waits for it (at most
                 # POLL_INTERVAL): a job it moves must not be left behind.
                 queue = self.queues[0]

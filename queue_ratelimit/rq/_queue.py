@@ -189,6 +189,31 @@ class Queue(rq.Queue):
         parked = cast("list[Any]", self.connection.zrange(age, start, stop))
         return [_text(i) for i in (*ids, *parked)]
 
+    def empty(self) -> int:
+        """Remove every job waiting in this queue, as ``rq.Queue.empty`` does (the jobs'
+        records, results and dependents lists go with them), on RQ's list and in the fair
+        backlog. Jobs already handed to a worker are not waiting and are left alone.
+        Returns how many jobs were removed (``rq empty`` prints it).
+
+        RQ's list goes first, then the backlog (``FairScheduler.purge``, in atomic steps);
+        a job a worker moves from the one to the other meanwhile goes too.
+        """
+        removed = int(super().empty() or 0)
+        if self._lane_key("counts") is None:
+            return removed  # a name no lane can have: RQ's list is all there is
+        dropped = self.rate_scheduler.purge(self.name)
+        if dropped:
+            from rq.results import Result
+
+            prefix, results = self.job_class.redis_job_namespace_prefix, Result.get_key("")
+            for start in range(0, len(dropped), 1000):
+                with self.connection.pipeline(transaction=False) as pipe:
+                    for job_id in dropped[start : start + 1000]:
+                        pipe.delete(f"{prefix}{job_id}", f"{results}{job_id}")
+                        pipe.delete(f"{prefix}{job_id}:dependents")
+                    pipe.execute()
+        return removed + len(dropped)
+
     # -- producer side ----------------------------------------------------------------------
     @contextmanager
     def _rate(self, options: dict[str, Any]) -> Iterator[Hint | None]:

@@ -11,6 +11,11 @@
   (``QRL_CELERY_SUITE_REDIS``). Its publish hook is a process-wide signal receiver, so
   what the tests publish with their own apps gets the rate headers and the nonce too, as
   the worker's own publishes do (``Task.replace``, chain and chord continuations).
+- Celery's harness purges the broker between tests (``Manager.wait_until_idle`` calls
+  ``control.purge()`` until it returns 0) with the tests' own app, which has no ``install``
+  (the session worker's app has). With the plugin installed, that purge also purges the
+  installed app's fair backlog, as ``app.control.purge()`` of an installed app does: what a
+  user who installs the plugin on the app they purge with gets.
 - When the worker stops, the gate's counters (parked, re-admitted, duplicates dropped...)
   are written to ``QRL_CELERY_SUITE_STATS`` (JSON), so the run can show that the limit
   bound and that nothing was dropped.
@@ -37,10 +42,28 @@ def _one_reply_inspect(self: Any, *args: Any, **kwargs: Any) -> None:
 control.Inspect.__init__ = _one_reply_inspect  # type: ignore[method-assign]
 
 
+_installed: list[Any] = []
+_broker_purge = control.Control.purge
+
+
+def _purge_with_backlog(self: Any, connection: Any = None) -> int:
+    count = int(_broker_purge(self, connection) or 0)
+    if _installed:
+        from queue_ratelimit.celery import purge
+
+        count += sum(purge(app) for app in _installed if app is not self.app)
+    return count
+
+
+control.Control.purge = _purge_with_backlog  # type: ignore[method-assign]
+
+
 def _install(sender: Any = None, **_: Any) -> None:
     if os.environ.get("QRL_CELERY_SUITE_INSTALL") != "1" or sender is None:
         return
     from queue_ratelimit.celery import install
+
+    _installed.append(sender)
 
     limits = json.loads(os.environ.get("QRL_CELERY_SUITE_LIMITS") or "{}")
     install(
