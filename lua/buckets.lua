@@ -790,6 +790,11 @@ local function flush_counts(shared_key, rev)
   local p = PENDING[id]
   if not p then return 0 end
   PENDING[id], pending_namespaces = nil, pending_namespaces - 1
+  -- (Admissions the lean path counted by plan, see lean_plan: added in first.)
+  local folds = p.folds
+  if folds then
+    for i = 1, #folds do folds[i](p) end
+  end
   for key, fields in pairs(p.ints) do
     local keep = p.keep[key]
     for field, n in pairs(fields) do
@@ -1052,4 +1057,325 @@ local function in_transit(key, id, now, lapse_ms)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, lapse_ms, id)
   if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
+end
+
+-- The lean path. An `acquire` whose plan uses none of the features above but plain
+-- buckets (no shadow, no credit, no windows, no concurrency cap, no recording, no priority
+-- bucket, no feature this code does not know) and is admitted is decided here, by code
+-- written for that case alone: the same reads, the same writes, the same counts and the
+-- same reply as load / judge / admit / write / decision_reply, for about half their Lua.
+-- Anything else goes the general way: a plan the lean path does not know is never lean
+-- (lean_plan, once per plan); a decision that denies, or one whose cost exceeds a burst,
+-- hands its loaded state to judge (the ctx load() would have built), so the general code
+-- decides every denial. tests/test_lean.py runs the same decisions through both paths and
+-- compares replies and stored state.
+--
+-- Where the savings come from (callgrind, docs/benchmarks.md "The lean path"): in Redis's
+-- Lua each VM instruction costs about 80 CPU instructions, a table access about 110, an
+-- upvalue 25, a global 300. So a lean plan is a closure over its constants and state, and
+-- so is each of its buckets (lean_bucket): no ctx, tokens, texts or argument tables are
+-- built per call (reused ones are), the reply's fixed parts are built once per plan, and
+-- redis.call, string.format and unpack are upvalues. Admissions are counted per plan and
+-- added to the namespace's pending counts when those are written (flush_counts). A number
+-- this plan wrote last (a bucket's tokens and clock, the expiry) is recognised by its text
+-- (Lua strings are interned: the test compares two pointers) rather than parsed again,
+-- and tokens that are what they were last time (a bucket that stays full) are not printed
+-- again. Only in the Functions library: the EVALSHA form has no plan cached between calls,
+-- so it always takes the general path.
+
+-- Keys of a plan (build_plan) and of a bucket (bucket) that the lean path knows. A key
+-- not listed here whose value is not false (a feature added later: pauses, a priority
+-- bucket...) makes the plan general.
+local LEAN_PLAN_KEYS = {tenant = true, denials = true, credit = true, buckets = true, tf = true,
+                        sf = true, x_at = true, rev_at = true, refill_ms = true, aq = true,
+                        ap = true, record = true, caps = true, lean = true}
+local LEAN_BUCKET_KEYS = {scope = true, name = true, src = true, in_tenant = true, field = true,
+                          clock = true, at = true, rate = true, burst = true, shadow = true,
+                          per = true, limit_rate = true}
+-- Estimated bytes of a plan's lean state (as PLAN_BYTES: counted against the cache budget).
+local LEAN_BYTES, LEAN_BUCKET_BYTES = 1500, 700
+-- Globals the lean path calls, kept once the library runs (none may be touched while it
+-- loads).
+local rcall, sformat, runpack = false, false, false
+
+-- The scopes whose buckets the lean path knows (a priority scope's is not among them).
+local function lean_scope(scope)
+  return scope == 'global' or string.sub(scope, 1, 7) == 'tenant:' or
+         string.sub(scope, 1, 6) == 'queue:'
+end
+
+-- Bucket `b` of a lean plan, as a function of the values read from its hash (`vals`), the
+-- time (`now`, and as text `now_s`) and the cost: whether the bucket has the cost, its
+-- tokens as of now (as load), the reply's text of what is left if it has (as
+-- remaining_text), and whether its fields held what this function wrote last. It also
+-- puts what is left and the clock into `args` (the HSET of its hash, at `pos`), written if
+-- every bucket has the cost. `text` and `num` are the tokens it printed last (as fmt),
+-- `clock_text` and `clock` the time it wrote last.
+local function lean_bucket(b, vals_at, args, pos)
+  local at, at_clock, rate, burst = vals_at, vals_at + 1, b.rate, b.burst
+  -- (None yet: a missing field reads as false, and no number equals NaN.)
+  local text, num, clock_text, clock = nil, 0 / 0, nil, 0
+  return function(vals, now, now_s, cost, slack)
+    local have, updated = vals[at], vals[at_clock]
+    local t, hit = burst, false
+    if have == text and updated == clock_text then
+      have, updated, hit = num, clock, true
+    elseif have and updated then
+      have, updated = have + 0, updated + 0
+    else
+      have = false
+    end
+    if have then
+      local elapsed = now - updated
+      if not (elapsed > 0) then elapsed = 0 end
+      local refilled = have + elapsed * rate
+      if refilled < t then t = refilled end
+    end
+    if cost - t > slack then return false, t end
+    local left = t - cost
+    if left ~= num then
+      if left % 1 == 0 and left ~= 0 and left < TWO_53 and left > -TWO_53 then
+        text = sformat('%d', left)
+      else
+        text = sformat('%.17g', left)
+      end
+      num = left
+    end
+    clock_text, clock = now_s, now
+    args[pos], args[pos + 2] = text, now_s
+    if left > 0 then return true, t, text, hit end
+    return true, t, '0', hit
+  end
+end
+
+-- Whether `plan` is one the lean path knows (see LEAN_PLAN_KEYS), and its buckets' hashes
+-- and fields (tenant buckets first, as build_plan orders them).
+local function lean_known(plan)
+  for k, v in pairs(plan) do
+    if v and not LEAN_PLAN_KEYS[k] then return false end
+  end
+  if plan.credit or plan.record or plan.caps then return false end
+  local buckets, tf, sf = plan.buckets, plan.tf, plan.sf
+  if #buckets > 4 then return false end
+  local nt, ns = 0, 0
+  for i = 1, #buckets do
+    local b = buckets[i]
+    for k, v in pairs(b) do
+      if v and not LEAN_BUCKET_KEYS[k] then return false end
+    end
+    if b.shadow or b.name ~= b.scope or not lean_scope(b.scope) then return false end
+    if b.in_tenant then
+      if ns > 0 or b.at ~= 2 * nt + 1 then return false end
+      nt = nt + 1
+    elseif b.at ~= 2 * ns + 1 then
+      return false
+    else
+      ns = ns + 1
+    end
+    local fields = b.in_tenant and tf or sf
+    if fields[b.at] ~= b.field or fields[b.at + 1] ~= b.clock then return false end
+  end
+  -- Every field read is a bucket's, but the tenant hash's expiry and the revision, last.
+  return #tf == 2 * nt + 1 and plan.x_at == #tf and tf[#tf] == 'x' and
+         #sf == 2 * ns + 1 and plan.rev_at == #sf and sf[#sf] == '_rev'
+end
+
+-- The lean path of `plan` (cached in config `c`, first decided on with these keys): a
+-- function of (tenant key, shared key, cost, retention) that returns the reply of an
+-- admission, or nothing (other keys, or the configuration moved: load() from scratch),
+-- or false and the ctx load() would have built (for judge and what follows). False when
+-- the plan needs the general path.
+--
+-- The tenant hash's expiry (x) is read only when this plan may not know it. Every writer
+-- of x only ever moves it later (expiry_fields), until the hash is deleted or expires,
+-- which takes the buckets with it. So when every tenant bucket holds what this plan wrote
+-- last (nobody wrote them since, the hash was not deleted), the x it last read or wrote is
+-- at most the one stored: enough to keep the expiry where it is. Wherever a decision
+-- needs more (the expiry moves, a denial, another writer of the buckets), x is read, and
+-- read along with the buckets until they hold what this plan wrote again.
+local function lean_plan(c, plan, tenant_key, shared_key)
+  local rev = c.rev
+  if not (in_library and rev and lean_known(plan)) then return false end
+  rcall, sformat, runpack = redis.call, string.format, unpack
+  local buckets, tf, sf, refill_ms = plan.buckets, plan.tf, plan.sf, plan.refill_ms
+  local x_at, rev_at, aq, ap = plan.x_at, plan.rev_at, plan.aq, plan.ap
+  local n = #buckets
+  local ta, sa, fns, heads, min_burst = {}, {}, {}, {}, false
+  for i = 1, n do
+    local b = buckets[i]
+    local args = b.in_tenant and ta or sa
+    local at = #args
+    args[at + 1], args[at + 2], args[at + 3], args[at + 4] = b.field, '', b.clock, ''
+    fns[i] = lean_bucket(b, b.at, args, at + 2)
+    heads[i] = ' ' .. b.scope .. ' '
+    if not min_burst or b.burst < min_burst then min_burst = b.burst end
+  end
+  -- (judge's "cost exceeds a burst", for every bucket at once.)
+  local limit = min_burst and min_burst + EPSILON or math.huge
+  local nt, nta, nsa = #ta / 4, #ta, #sa
+  local tbf = {}  -- the tenant hash's fields but x
+  for i = 1, #tf - 1 do tbf[i] = tf[i] end
+  local head = '1 0 -' .. (heads[1] or ' |')  -- (the allowed reply's; no bucket: all of it)
+  local h2, h3, h4 = heads[2], heads[3], heads[4]
+  local ts, rs = {}, {}
+  local x_text, x_num, read_x = false, 0, true
+  -- Admissions counted since the namespace's pending counts `p` were made (`na`), added
+  -- to them when they are written (fold, called by flush_counts); `kept`: the retention
+  -- these counts give the tenant hash.
+  local pid = pending_id(shared_key, rev)
+  local p, na, kept = false, 0, 0
+
+  local function fold(q)
+    if q ~= p then return end
+    p = false
+    if na == 0 then return end
+    local ints = q.ints
+    local tc, sc = ints[tenant_key], ints[shared_key]
+    if not tc then tc = {}; ints[tenant_key] = tc end
+    if not sc then sc = {}; ints[shared_key] = sc end
+    tc['n:a'] = (tc['n:a'] or 0) + na
+    sc[aq] = (sc[aq] or 0) + na
+    if ap then sc[ap] = (sc[ap] or 0) + na end
+    na = 0
+  end
+
+  -- The pending counts to add to (as counts_of: those that are due written first); false
+  -- when this namespace's counts are written at once (too many namespaces keep counts).
+  local function renew(now, keep_ms)
+    local q = PENDING[pid]
+    if q and (now >= q.due or q.n >= PENDING_MAX) then
+      flush_counts(shared_key, rev)
+      q = nil
+    end
+    if not q then
+      q = pending(pid, shared_key, now)
+      if not q then return false end
+    end
+    if q ~= p then
+      -- (Counts of a `p` dropped as stale are dropped with it, as its other counts.)
+      p, na, kept = q, 0, 0
+      local folds = q.folds
+      if not folds then folds = {}; q.folds = folds end
+      folds[#folds + 1] = fold
+    end
+    if kept < keep_ms then
+      local keep = q.keep[tenant_key]
+      if not keep or keep < keep_ms then q.keep[tenant_key] = keep_ms end
+      kept = keep_ms
+    end
+    return true
+  end
+
+  -- The stored x (ms; 0 when none), read now.
+  local function expiry()
+    local text = rcall('HGET', tenant_key, 'x')
+    if text ~= x_text then x_text, x_num = text, (text or 0) + 0 end
+    return x_num
+  end
+
+  local function handover(now, now_s, old_x)
+    local tokens = {}
+    for i = 1, n do tokens[i] = ts[i] end
+    return false, {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
+                   tokens = tokens, now = now, now_s = now_s, old_x = old_x, plan = plan,
+                   texts = false, rev = rev}
+  end
+
+  charge(c, LEAN_BYTES + LEAN_BUCKET_BYTES * n)
+  return function(tk, sk, cost, keep_ms)
+    if tk ~= tenant_key or sk ~= shared_key then return end
+    -- The revision (and the shared buckets), as load() reads them.
+    local sv = NONE
+    if nsa == 0 then
+      if rcall('HGET', sk, '_rev') ~= rev then return end
+    else
+      sv = rcall('HMGET', sk, runpack(sf))
+      if sv[rev_at] ~= rev then return end
+    end
+    local with_x = read_x or nt == 0
+    local tv = rcall('HMGET', tk, runpack(with_x and tf or tbf))
+    local time = rcall('TIME')
+    local usec = time[2]
+    if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
+    local now_s = time[1] .. usec
+    local now = now_s + 0
+    -- Every bucket refilled (as load) and judged (as judge), what is left ready to write.
+    local slack = cost > 1 and EPSILON * cost or EPSILON
+    local fits, hits, vals = cost <= limit, true, tv
+    for i = 1, n do
+      if i > nt then vals = sv end
+      local ok, t, r, hit = fns[i](vals, now, now_s, cost, slack)
+      ts[i], rs[i] = t, r
+      if not ok then fits = false end
+      if not hit and i <= nt then hits = false end
+    end
+    -- The expiry (see above): read, or at most the one stored (when `hits`).
+    local old_x = x_num
+    if with_x then
+      local text = tv[x_at]
+      if text ~= x_text then
+        old_x = (text or 0) + 0
+        x_text, x_num = text, old_x
+      end
+    elseif not hits then
+      old_x = expiry()
+    end
+    read_x = not hits
+    if not fits then
+      if not with_x and hits then old_x = expiry() end
+      read_x = true
+      return handover(now, now_s, old_x)
+    end
+    -- Counted (as counts_of and admit): in memory.
+    if not p or now >= p.due or p.n >= PENDING_MAX or kept < keep_ms then
+      if not renew(now, keep_ms) then
+        if not with_x and hits then old_x = expiry() end
+        return handover(now, now_s, old_x)
+      end
+    end
+    p.n, na = p.n + 1, na + 1
+    if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
+    -- Written (as write), the tenant hash's expiry first (as expiry_fields): most
+    -- decisions stop at its first test.
+    local now_ms, x, nx = now / 1000, false, nta
+    if not (old_x <= now_ms + MAX_EXPIRY_MS and now_ms + refill_ms + keep_ms / 2 <= old_x) then
+      if not with_x and hits then old_x = expiry() end
+      local tokens, xargs = {}, {}
+      for i = 1, n do tokens[i] = ts[i] - cost end
+      x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = buckets,
+                         tokens = tokens}, keep_ms, xargs)
+      if x then
+        ta[nta + 1], ta[nta + 2], nx = 'x', xargs[2], nta + 2
+        x_text, x_num = xargs[2], x
+      end
+    end
+    if nx > 0 then rcall('HSET', tk, runpack(ta, 1, nx)) end
+    if x then rcall('PEXPIREAT', tk, x) end
+    if nsa > 0 then rcall('HSET', sk, runpack(sa)) end
+    -- The reply (as decision_reply).
+    if n == 1 then return head .. rs[1] .. ' |' end
+    if n == 2 then return head .. rs[1] .. h2 .. rs[2] .. ' |' end
+    if n == 3 then return head .. rs[1] .. h2 .. rs[2] .. h3 .. rs[3] .. ' |' end
+    if n == 4 then return head .. rs[1] .. h2 .. rs[2] .. h3 .. rs[3] .. h4 .. rs[4] .. ' |' end
+    return head
+  end
+end
+
+-- A decision's `acquire` (acquire.lua) on the lean path: its reply when the lean path
+-- decided it; else nothing (no lean plan cached: load() from scratch), or false and the
+-- ctx load() would have built (the general path decides on it: judge and what follows).
+local function lean_acquire(config_key, tenant_key, shared_key, tenant, queue, priority, cost,
+                            keep_ms)
+  local c = CONFIGS[config_key]
+  if not c then return end
+  local by_tenant = c.plans[tenant]
+  local by_queue = by_tenant and by_tenant[queue]
+  local plan = by_queue and by_queue[priority]
+  if not plan then return end
+  local decide = plan.lean
+  if decide == nil then
+    decide = lean_plan(c, plan, tenant_key, shared_key)
+    plan.lean = decide
+  end
+  if decide then return decide(tenant_key, shared_key, cost, keep_ms) end
 end
