@@ -1104,50 +1104,6 @@ local function lean_scope(scope)
          string.sub(scope, 1, 6) == 'queue:'
 end
 
--- Bucket `b` of a lean plan, as a function of the values read from its hash (`vals`), the
--- time (`now`, and as text `now_s`) and the cost: whether the bucket has the cost, its
--- tokens as of now (as load), the reply's text of what is left if it has (as
--- remaining_text), and whether its fields held what this function wrote last. It also
--- puts what is left and the clock into `args` (the HSET of its hash, at `pos`), written if
--- every bucket has the cost. `text` and `num` are the tokens it printed last (as fmt),
--- `clock_text` and `clock` the time it wrote last.
-local function lean_bucket(b, vals_at, args, pos)
-  local at, at_clock, rate, burst = vals_at, vals_at + 1, b.rate, b.burst
-  -- (None yet: a missing field reads as false, and no number equals NaN.)
-  local text, num, clock_text, clock = nil, 0 / 0, nil, 0
-  return function(vals, now, now_s, cost, slack)
-    local have, updated = vals[at], vals[at_clock]
-    local t, hit = burst, false
-    if have == text and updated == clock_text then
-      have, updated, hit = num, clock, true
-    elseif have and updated then
-      have, updated = have + 0, updated + 0
-    else
-      have = false
-    end
-    if have then
-      local elapsed = now - updated
-      if not (elapsed > 0) then elapsed = 0 end
-      local refilled = have + elapsed * rate
-      if refilled < t then t = refilled end
-    end
-    if cost - t > slack then return false, t end
-    local left = t - cost
-    if left ~= num then
-      if left % 1 == 0 and left ~= 0 and left < TWO_53 and left > -TWO_53 then
-        text = sformat('%d', left)
-      else
-        text = sformat('%.17g', left)
-      end
-      num = left
-    end
-    clock_text, clock = now_s, now
-    args[pos], args[pos + 2] = text, now_s
-    if left > 0 then return true, t, text, hit end
-    return true, t, '0', hit
-  end
-end
-
 -- Whether `plan` is one the lean path knows (see LEAN_PLAN_KEYS), and its buckets' hashes
 -- and fields (tenant buckets first, as build_plan orders them).
 local function lean_known(plan)
@@ -1200,6 +1156,51 @@ local function lean_plan(c, plan, tenant_key, shared_key)
   local buckets, tf, sf, refill_ms = plan.buckets, plan.tf, plan.sf, plan.refill_ms
   local x_at, rev_at, aq, ap = plan.x_at, plan.rev_at, plan.aq, plan.ap
   local n = #buckets
+  -- The clock (text and number) of this plan's last write: that of every bucket it wrote.
+  local clock_text, clock = nil, 0
+
+  -- Bucket `b` (its fields at `at` in the values read), as a function of those values
+  -- (`vals`), the time (`now`, and as text `now_s`) and the cost: 0 when it lacks the cost,
+  -- else 1, or 2 if it held what this plan wrote last; its tokens as of now (as load); and
+  -- if it has the cost, the reply's text of what is left (as remaining_text). It also puts
+  -- what is left and the clock into `args` at `pos` (the HSET of its hash), written if
+  -- every bucket has the cost. `text` and `num`: the tokens it printed last (as fmt).
+  local function lean_bucket(b, at, args, pos)
+    local at_clock, at_now, rate, burst = at + 1, pos + 2, b.rate, b.burst
+    -- (None yet: a missing field reads as false, and no number equals NaN.)
+    local text, num = nil, 0 / 0
+    return function(vals, now, now_s, cost, slack)
+      local have, updated = vals[at], vals[at_clock]
+      local t, status = burst, 1
+      if have == text and updated == clock_text then
+        have, updated, status = num, clock, 2
+      elseif have and updated then
+        have, updated = have + 0, updated + 0
+      else
+        have = false
+      end
+      if have then
+        local elapsed = now - updated
+        if not (elapsed > 0) then elapsed = 0 end
+        local refilled = have + elapsed * rate
+        if refilled < t then t = refilled end
+      end
+      if cost - t > slack then return 0, t end
+      local left = t - cost
+      if left ~= num then
+        if left % 1 == 0 and left ~= 0 and left < TWO_53 and left > -TWO_53 then
+          text = sformat('%d', left)
+        else
+          text = sformat('%.17g', left)
+        end
+        num = left
+      end
+      args[pos], args[at_now] = text, now_s
+      if left > 0 then return status, t, text end
+      return status, t, '0'
+    end
+  end
+
   local ta, sa, fns, heads, min_burst = {}, {}, {}, {}, false
   for i = 1, n do
     local b = buckets[i]
@@ -1218,7 +1219,7 @@ local function lean_plan(c, plan, tenant_key, shared_key)
   local head = '1 0 -' .. (heads[1] or ' |')  -- (the allowed reply's; no bucket: all of it)
   local h2, h3, h4 = heads[2], heads[3], heads[4]
   local ts, rs = {}, {}
-  local x_text, x_num, read_x = false, 0, true
+  local x_text, x_num, read_x = false, 0, true  -- (read_x stays true without tenant buckets)
   -- Admissions counted since the namespace's pending counts `p` were made (`na`), added
   -- to them when they are written (fold, called by flush_counts); `kept`: the retention
   -- these counts give the tenant hash.
@@ -1292,7 +1293,7 @@ local function lean_plan(c, plan, tenant_key, shared_key)
       sv = rcall('HMGET', sk, runpack(sf))
       if sv[rev_at] ~= rev then return end
     end
-    local with_x = read_x or nt == 0
+    local with_x = read_x
     local tv = rcall('HMGET', tk, runpack(with_x and tf or tbf))
     local time = rcall('TIME')
     local usec = time[2]
@@ -1301,13 +1302,19 @@ local function lean_plan(c, plan, tenant_key, shared_key)
     local now = now_s + 0
     -- Every bucket refilled (as load) and judged (as judge), what is left ready to write.
     local slack = cost > 1 and EPSILON * cost or EPSILON
-    local fits, hits, vals = cost <= limit, true, tv
-    for i = 1, n do
-      if i > nt then vals = sv end
-      local ok, t, r, hit = fns[i](vals, now, now_s, cost, slack)
+    local fits, hits = cost <= limit, true
+    for i = 1, nt do
+      local status, t, r = fns[i](tv, now, now_s, cost, slack)
       ts[i], rs[i] = t, r
-      if not ok then fits = false end
-      if not hit and i <= nt then hits = false end
+      if status < 2 then
+        hits = false
+        if status == 0 then fits = false end
+      end
+    end
+    for i = nt + 1, n do
+      local status, t, r = fns[i](sv, now, now_s, cost, slack)
+      ts[i], rs[i] = t, r
+      if status == 0 then fits = false end
     end
     -- The expiry (see above): read, or at most the one stored (when `hits`).
     local old_x = x_num
@@ -1320,7 +1327,7 @@ local function lean_plan(c, plan, tenant_key, shared_key)
     elseif not hits then
       old_x = expiry()
     end
-    read_x = not hits
+    read_x = not hits or nt == 0
     if not fits then
       if not with_x and hits then old_x = expiry() end
       read_x = true
@@ -1352,6 +1359,7 @@ local function lean_plan(c, plan, tenant_key, shared_key)
     if nx > 0 then rcall('HSET', tk, runpack(ta, 1, nx)) end
     if x then rcall('PEXPIREAT', tk, x) end
     if nsa > 0 then rcall('HSET', sk, runpack(sa)) end
+    clock_text, clock = now_s, now
     -- The reply (as decision_reply).
     if n == 1 then return head .. rs[1] .. ' |' end
     if n == 2 then return head .. rs[1] .. h2 .. rs[2] .. ' |' end
