@@ -1061,27 +1061,31 @@ end
 
 -- The lean path. An `acquire` whose plan uses none of the features above but plain
 -- buckets (no shadow, no credit, no windows, no concurrency cap, no recording, no priority
--- bucket, no feature this code does not know) and is admitted is decided here, by code
--- written for that case alone: the same reads, the same writes, the same counts and the
--- same reply as load / judge / admit / write / decision_reply, for about half their Lua.
--- Anything else goes the general way: a plan the lean path does not know is never lean
--- (lean_plan, once per plan); a decision that denies, or one whose cost exceeds a burst,
--- hands its loaded state to judge (the ctx load() would have built), so the general code
--- decides every denial. tests/test_lean.py runs the same decisions through both paths and
--- compares replies and stored state.
+-- bucket, no feature this code does not know) and is admitted is decided by code written
+-- for that case alone: the same reads, the same writes, the same counts and the same reply
+-- as load / judge / admit / write / decision_reply, for about half their Lua. Anything else
+-- goes the general way: a plan the lean path does not know is never lean (lean_known,
+-- once per plan); a decision that denies, or whose cost exceeds a burst, hands its loaded
+-- state to judge (the ctx load() would have built), so the general code decides every
+-- denial. tests/test_lean.py runs the same decisions through both paths and compares
+-- replies and stored state.
 --
--- Where the savings come from (callgrind, docs/benchmarks.md "The lean path"): in Redis's
--- Lua each VM instruction costs about 80 CPU instructions, a table access about 110, an
--- upvalue 25, a global 300. So a lean plan is a closure over its constants and state, and
--- so is each of its buckets (lean_bucket): no ctx, tokens, texts or argument tables are
--- built per call (reused ones are), the reply's fixed parts are built once per plan, and
--- redis.call, string.format and unpack are upvalues. Admissions are counted per plan and
--- added to the namespace's pending counts when those are written (flush_counts). A number
--- this plan wrote last (a bucket's tokens and clock, the expiry) is recognised by its text
--- (Lua strings are interned: the test compares two pointers) rather than parsed again,
--- and tokens that are what they were last time (a bucket that stays full) are not printed
--- again. Only in the Functions library: the EVALSHA form has no plan cached between calls,
--- so it always takes the general path.
+-- Why it is built the way it is (callgrind, docs/benchmarks.md "The lean path"): in
+-- Redis's Lua every VM instruction costs about 40 CPU instructions, a table access about
+-- 110, a call of a Lua function about 600, an upvalue 25, a global 300. A lean decision is
+-- therefore one function per plan, over upvalues that hold the plan's constants and what
+-- it last wrote, with a straight line of code per bucket: no loop, no call, no table built
+-- per bucket or per call. Lua has no macros, so that code is generated, once per shape of
+-- plan (how many buckets in the tenant hash and in the shared hash, at most 2 and 2:
+-- LEAN_SOURCE) and compiled with loadstring; the source depends on those two counts alone,
+-- never on a name or a number from the configuration, which reach the code as arguments.
+-- Admissions are counted per plan and added to the namespace's pending counts when those
+-- are written (flush_counts calls the plan's fold). A number the plan wrote last (a
+-- bucket's tokens and clock, the expiry) is recognised by its text (Lua strings are
+-- interned: the test compares two pointers) rather than parsed again, and tokens that are
+-- what they were last time (a bucket that stays full) are not printed again. Only in the
+-- Functions library: the EVALSHA form has no plan cached between calls, so it always takes
+-- the general path.
 
 -- Keys of a plan (build_plan) and of a bucket (bucket) that the lean path knows. A key
 -- not listed here whose value is not false (a feature added later: pauses, a priority
@@ -1092,11 +1096,8 @@ local LEAN_PLAN_KEYS = {tenant = true, denials = true, credit = true, buckets = 
 local LEAN_BUCKET_KEYS = {scope = true, name = true, src = true, in_tenant = true, field = true,
                           clock = true, at = true, rate = true, burst = true, shadow = true,
                           per = true, limit_rate = true}
--- Estimated bytes of a plan's lean state (as PLAN_BYTES: counted against the cache budget).
-local LEAN_BYTES, LEAN_BUCKET_BYTES = 1500, 700
--- Globals the lean path calls, kept once the library runs (none may be touched while it
--- loads).
-local rcall, sformat, runpack = false, false, false
+-- Estimated bytes of a plan's lean function (as PLAN_BYTES: against the cache budget).
+local LEAN_BYTES, LEAN_BUCKET_BYTES = 2500, 400
 
 -- The scopes whose buckets the lean path knows (a priority scope's is not among them).
 local function lean_scope(scope)
@@ -1104,15 +1105,14 @@ local function lean_scope(scope)
          string.sub(scope, 1, 6) == 'queue:'
 end
 
--- Whether `plan` is one the lean path knows (see LEAN_PLAN_KEYS), and its buckets' hashes
--- and fields (tenant buckets first, as build_plan orders them).
+-- The plan's shape (tenant buckets, shared buckets) if the lean path knows the plan (see
+-- LEAN_PLAN_KEYS), else false. build_plan puts the tenant buckets first.
 local function lean_known(plan)
   for k, v in pairs(plan) do
     if v and not LEAN_PLAN_KEYS[k] then return false end
   end
   if plan.credit or plan.record or plan.caps then return false end
   local buckets, tf, sf = plan.buckets, plan.tf, plan.sf
-  if #buckets > 4 then return false end
   local nt, ns = 0, 0
   for i = 1, #buckets do
     local b = buckets[i]
@@ -1120,6 +1120,7 @@ local function lean_known(plan)
       if v and not LEAN_BUCKET_KEYS[k] then return false end
     end
     if b.shadow or b.name ~= b.scope or not lean_scope(b.scope) then return false end
+    local fields = b.in_tenant and tf or sf
     if b.in_tenant then
       if ns > 0 or b.at ~= 2 * nt + 1 then return false end
       nt = nt + 1
@@ -1128,102 +1129,55 @@ local function lean_known(plan)
     else
       ns = ns + 1
     end
-    local fields = b.in_tenant and tf or sf
     if fields[b.at] ~= b.field or fields[b.at + 1] ~= b.clock then return false end
   end
-  -- Every field read is a bucket's, but the tenant hash's expiry and the revision, last.
-  return #tf == 2 * nt + 1 and plan.x_at == #tf and tf[#tf] == 'x' and
-         #sf == 2 * ns + 1 and plan.rev_at == #sf and sf[#sf] == '_rev'
+  -- At most 2 and 2; every field read a bucket's, but the expiry and the revision, last.
+  if nt > 2 or ns > 2 or #tf ~= 2 * nt + 1 or plan.x_at ~= #tf or tf[#tf] ~= 'x' or
+      #sf ~= 2 * ns + 1 or plan.rev_at ~= #sf or sf[#sf] ~= '_rev' then
+    return false
+  end
+  return nt, ns
 end
 
--- The lean path of `plan` (cached in config `c`, first decided on with these keys): a
--- function of (tenant key, shared key, cost, retention) that returns the reply of an
--- admission, or nothing (other keys, or the configuration moved: load() from scratch),
--- or false and the ctx load() would have built (for judge and what follows). False when
--- the plan needs the general path.
+-- The source of the lean path for a shape (lean_source): a function of the library's parts
+-- (L) returning a function of one plan's (P) returning that plan's decision function (see
+-- lean_plan). In it, `{{...}}` is code repeated for every bucket, `{{T ...}}` for the
+-- tenant buckets and `{{S ...}}` for the shared ones, where `#` is the bucket's number
+-- (tenant buckets first), `$V` the values read from its hash (tv or sv), `$AT` and `$AT1`
+-- where its tokens and clock are in them, and `$MISS` what a tenant bucket that held
+-- something else says of the expiry; `<<S ...>>` is code for a plan with shared buckets,
+-- `<<N ...>>` for one without, `<<T ...>>` for one with tenant buckets; `@NAME@` a
+-- number. The plan's names, limits and state are upvalues (a Lua function has at most 60:
+-- hence literals where the shape or the library fixes the value).
 --
--- The tenant hash's expiry (x) is read only when this plan may not know it. Every writer
--- of x only ever moves it later (expiry_fields), until the hash is deleted or expires,
--- which takes the buckets with it. So when every tenant bucket holds what this plan wrote
--- last (nobody wrote them since, the hash was not deleted), the x it last read or wrote is
--- at most the one stored: enough to keep the expiry where it is. Wherever a decision
--- needs more (the expiry moves, a denial, another writer of the buckets), x is read, and
--- read along with the buckets until they hold what this plan wrote again.
-local function lean_plan(c, plan, tenant_key, shared_key)
-  local rev = c.rev
-  if not (in_library and rev and lean_known(plan)) then return false end
-  rcall, sformat, runpack = redis.call, string.format, unpack
-  local buckets, tf, sf, refill_ms = plan.buckets, plan.tf, plan.sf, plan.refill_ms
-  local x_at, rev_at, aq, ap = plan.x_at, plan.rev_at, plan.aq, plan.ap
-  local n = #buckets
-  -- The clock (text and number) of this plan's last write: that of every bucket it wrote.
+-- The expiry (x) of the tenant hash is read only when the plan may not know it. Every
+-- writer of x only ever moves it later (expiry_fields), until the hash is deleted or
+-- expires, which takes the buckets with it. So when every tenant bucket holds what this
+-- plan wrote last (nobody wrote them since, the hash was not deleted), the x it last read
+-- or wrote is at most the one stored: enough to keep the expiry where it is. Wherever a
+-- decision needs more (the expiry moves, a denial, another writer of the buckets), x is
+-- read, and read along with the buckets until they hold what this plan wrote again.
+local LEAN_SOURCE = [=[
+local L = ...
+local rcall, runpack, sformat, srep = L.rcall, L.runpack, L.sformat, L.srep
+local PENDING, pending, flush_counts = L.PENDING, L.pending, L.flush_counts
+local bump, expiry_fields = L.bump, L.expiry_fields
+return function(P)
+  local plan, tenant_key, shared_key, rev, pid = P.plan, P.tenant_key, P.shared_key, P.rev,
+                                                 P.pid
+  local sf, tf, tbf, refill_ms, limit = plan.sf, plan.tf, P.tbf, plan.refill_ms, P.limit
+  local aq, ap, B, heads = plan.aq, plan.ap, plan.buckets, P.heads
+  {{local rate#, burst#, field#, clock_field#, head# = B[#].rate, B[#].burst, B[#].field,
+                                                       B[#].clock, heads[#]
+  local text#, num# = nil, 0 / 0  -- (none yet: a missing field reads false; NaN equals none)
+  }}
+  -- The clock of the plan's last write (that of every bucket it wrote); the expiry (x)
+  -- last read or written; whether to read x with the buckets.
   local clock_text, clock = nil, 0
-
-  -- Bucket `b` (its fields at `at` in the values read), as a function of those values
-  -- (`vals`), the time (`now`, and as text `now_s`) and the cost: 0 when it lacks the cost,
-  -- else 1, or 2 if it held what this plan wrote last; its tokens as of now (as load); and
-  -- if it has the cost, the reply's text of what is left (as remaining_text). It also puts
-  -- what is left and the clock into `args` at `pos` (the HSET of its hash), written if
-  -- every bucket has the cost. `text` and `num`: the tokens it printed last (as fmt).
-  local function lean_bucket(b, at, args, pos)
-    local at_clock, at_now, rate, burst = at + 1, pos + 2, b.rate, b.burst
-    -- (None yet: a missing field reads as false, and no number equals NaN.)
-    local text, num = nil, 0 / 0
-    return function(vals, now, now_s, cost, slack)
-      local have, updated = vals[at], vals[at_clock]
-      local t, status = burst, 1
-      if have == text and updated == clock_text then
-        have, updated, status = num, clock, 2
-      elseif have and updated then
-        have, updated = have + 0, updated + 0
-      else
-        have = false
-      end
-      if have then
-        local elapsed = now - updated
-        if not (elapsed > 0) then elapsed = 0 end
-        local refilled = have + elapsed * rate
-        if refilled < t then t = refilled end
-      end
-      if cost - t > slack then return 0, t end
-      local left = t - cost
-      if left ~= num then
-        if left % 1 == 0 and left ~= 0 and left < TWO_53 and left > -TWO_53 then
-          text = sformat('%d', left)
-        else
-          text = sformat('%.17g', left)
-        end
-        num = left
-      end
-      args[pos], args[at_now] = text, now_s
-      if left > 0 then return status, t, text end
-      return status, t, '0'
-    end
-  end
-
-  local ta, sa, fns, heads, min_burst = {}, {}, {}, {}, false
-  for i = 1, n do
-    local b = buckets[i]
-    local args = b.in_tenant and ta or sa
-    local at = #args
-    args[at + 1], args[at + 2], args[at + 3], args[at + 4] = b.field, '', b.clock, ''
-    fns[i] = lean_bucket(b, b.at, args, at + 2)
-    heads[i] = ' ' .. b.scope .. ' '
-    if not min_burst or b.burst < min_burst then min_burst = b.burst end
-  end
-  -- (judge's "cost exceeds a burst", for every bucket at once.)
-  local limit = min_burst and min_burst + EPSILON or math.huge
-  local nt, nta, nsa = #ta / 4, #ta, #sa
-  local tbf = {}  -- the tenant hash's fields but x
-  for i = 1, #tf - 1 do tbf[i] = tf[i] end
-  local head = '1 0 -' .. (heads[1] or ' |')  -- (the allowed reply's; no bucket: all of it)
-  local h2, h3, h4 = heads[2], heads[3], heads[4]
-  local ts, rs = {}, {}
-  local x_text, x_num, read_x = false, 0, true  -- (read_x stays true without tenant buckets)
+  local x_text, x_num, read_x = false, 0, true
   -- Admissions counted since the namespace's pending counts `p` were made (`na`), added
   -- to them when they are written (fold, called by flush_counts); `kept`: the retention
-  -- these counts give the tenant hash.
-  local pid = pending_id(shared_key, rev)
+  -- those counts give the tenant hash.
   local p, na, kept = false, 0, 0
 
   local function fold(q)
@@ -1244,7 +1198,7 @@ local function lean_plan(c, plan, tenant_key, shared_key)
   -- when this namespace's counts are written at once (too many namespaces keep counts).
   local function renew(now, keep_ms)
     local q = PENDING[pid]
-    if q and (now >= q.due or q.n >= PENDING_MAX) then
+    if q and (now >= q.due or q.n >= @PENDING_MAX@) then
       flush_counts(shared_key, rev)
       q = nil
     end
@@ -1274,52 +1228,49 @@ local function lean_plan(c, plan, tenant_key, shared_key)
     return x_num
   end
 
-  local function handover(now, now_s, old_x)
-    local tokens = {}
-    for i = 1, n do tokens[i] = ts[i] end
-    return false, {tenant_key = tenant_key, shared_key = shared_key, buckets = buckets,
+  -- What the general path needs to go on: the ctx load() would have built.
+  local function handover(now, now_s, old_x, tokens)
+    return false, {tenant_key = tenant_key, shared_key = shared_key, buckets = B,
                    tokens = tokens, now = now, now_s = now_s, old_x = old_x, plan = plan,
                    texts = false, rev = rev}
   end
 
-  charge(c, LEAN_BYTES + LEAN_BUCKET_BYTES * n)
   return function(tk, sk, cost, keep_ms)
     if tk ~= tenant_key or sk ~= shared_key then return end
     -- The revision (and the shared buckets), as load() reads them.
-    local sv = NONE
-    if nsa == 0 then
-      if rcall('HGET', sk, '_rev') ~= rev then return end
-    else
-      sv = rcall('HMGET', sk, runpack(sf))
-      if sv[rev_at] ~= rev then return end
-    end
+    <<N if rcall('HGET', sk, '_rev') ~= rev then return end>>
+    <<S local sv = rcall('HMGET', sk, runpack(sf))
+    if sv[@REV_AT@] ~= rev then return end>>
     local with_x = read_x
     local tv = rcall('HMGET', tk, runpack(with_x and tf or tbf))
     local time = rcall('TIME')
     local usec = time[2]
-    if #usec < 6 then usec = string.rep('0', 6 - #usec) .. usec end
+    if #usec < 6 then usec = srep('0', 6 - #usec) .. usec end
     local now_s = time[1] .. usec
     local now = now_s + 0
-    -- Every bucket refilled (as load) and judged (as judge), what is left ready to write.
-    local slack = cost > 1 and EPSILON * cost or EPSILON
-    local fits, hits = cost <= limit, true
-    for i = 1, nt do
-      local status, t, r = fns[i](tv, now, now_s, cost, slack)
-      ts[i], rs[i] = t, r
-      if status < 2 then
-        hits = false
-        if status == 0 then fits = false end
-      end
+    -- Every bucket refilled (as load); `hits`: every tenant bucket held what this plan
+    -- wrote last.
+    local hits, have, updated, elapsed, refilled = true
+    {{local t# = burst#
+    have, updated = $V[$AT], $V[$AT1]
+    if have == text# and updated == clock_text then
+      have, updated = num#, clock
+    elseif have and updated then
+      have, updated = have + 0, updated + 0$MISS
+    else
+      have = false$MISS
     end
-    for i = nt + 1, n do
-      local status, t, r = fns[i](sv, now, now_s, cost, slack)
-      ts[i], rs[i] = t, r
-      if status == 0 then fits = false end
+    if have then
+      elapsed = now - updated
+      if not (elapsed > 0) then elapsed = 0 end
+      refilled = have + elapsed * rate#
+      if refilled < t# then t# = refilled end
     end
-    -- The expiry (see above): read, or at most the one stored (when `hits`).
+    }}
+    -- The expiry: read, or at most the one stored (when `hits`: see LEAN_SOURCE).
     local old_x = x_num
     if with_x then
-      local text = tv[x_at]
+      local text = tv[@X_AT@]
       if text ~= x_text then
         old_x = (text or 0) + 0
         x_text, x_num = text, old_x
@@ -1327,46 +1278,133 @@ local function lean_plan(c, plan, tenant_key, shared_key)
     elseif not hits then
       old_x = expiry()
     end
-    read_x = not hits or nt == 0
-    if not fits then
+    read_x = not hits or @NT@ == 0
+    -- Judged (as judge: every bucket must have the cost, and none a burst below it).
+    local slack = cost > 1 and @EPSILON@ * cost or @EPSILON@
+    if not (cost <= limit{{ and cost - t# <= slack}}) then
       if not with_x and hits then old_x = expiry() end
       read_x = true
-      return handover(now, now_s, old_x)
+      return handover(now, now_s, old_x, { {{t#, }} })
     end
     -- Counted (as counts_of and admit): in memory.
-    if not p or now >= p.due or p.n >= PENDING_MAX or kept < keep_ms then
+    if not p or now >= p.due or p.n >= @PENDING_MAX@ or kept < keep_ms then
       if not renew(now, keep_ms) then
         if not with_x and hits then old_x = expiry() end
-        return handover(now, now_s, old_x)
+        return handover(now, now_s, old_x, { {{t#, }} })
       end
     end
     p.n, na = p.n + 1, na + 1
     if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
-    -- Written (as write), the tenant hash's expiry first (as expiry_fields): most
-    -- decisions stop at its first test.
-    local now_ms, x, nx = now / 1000, false, nta
-    if not (old_x <= now_ms + MAX_EXPIRY_MS and now_ms + refill_ms + keep_ms / 2 <= old_x) then
+    -- Taken, and printed (as fmt) unless as last time.
+    {{t# = t# - cost
+    if t# ~= num# then
+      if t# % 1 == 0 and t# ~= 0 and t# < @TWO_53@ and t# > -@TWO_53@ then
+        text# = sformat('%d', t#)
+      else
+        text# = sformat('%.17g', t#)
+      end
+      num# = t#
+    end
+    }}
+    -- Written (as write), the expiry first (as expiry_fields): most decisions stop at its
+    -- first test.
+    local now_ms, x = now / 1000, false
+    if not (old_x <= now_ms + @MAX_EXPIRY_MS@ and now_ms + refill_ms + keep_ms / 2 <= old_x) then
       if not with_x and hits then old_x = expiry() end
-      local tokens, xargs = {}, {}
-      for i = 1, n do tokens[i] = ts[i] - cost end
-      x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = buckets,
-                         tokens = tokens}, keep_ms, xargs)
+      local xargs = {}
+      x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
+                         tokens = { {{t#, }} }}, keep_ms, xargs)
       if x then
-        ta[nta + 1], ta[nta + 2], nx = 'x', xargs[2], nta + 2
+        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
+        rcall('PEXPIREAT', tk, x)
         x_text, x_num = xargs[2], x
       end
     end
-    if nx > 0 then rcall('HSET', tk, runpack(ta, 1, nx)) end
-    if x then rcall('PEXPIREAT', tk, x) end
-    if nsa > 0 then rcall('HSET', sk, runpack(sa)) end
+    <<T if not x then rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}) end>>
+    <<S rcall('HSET', sk{{S , field#, text#, clock_field#, now_s}})>>
     clock_text, clock = now_s, now
     -- The reply (as decision_reply).
-    if n == 1 then return head .. rs[1] .. ' |' end
-    if n == 2 then return head .. rs[1] .. h2 .. rs[2] .. ' |' end
-    if n == 3 then return head .. rs[1] .. h2 .. rs[2] .. h3 .. rs[3] .. ' |' end
-    if n == 4 then return head .. rs[1] .. h2 .. rs[2] .. h3 .. rs[3] .. h4 .. rs[4] .. ' |' end
-    return head
+    return '1 0 -'{{ .. head# .. (t# > 0 and text# or '0')}} .. ' |'
   end
+end
+]=]
+
+-- The library's constants the lean source has as literals (@NAME@).
+local LEAN_LITERALS = {PENDING_MAX = PENDING_MAX, EPSILON = EPSILON, TWO_53 = TWO_53,
+                       MAX_EXPIRY_MS = MAX_EXPIRY_MS}
+
+-- LEAN_SOURCE for `nt` tenant buckets and `ns` shared ones.
+local function lean_source(nt, ns)
+  local function each(first, last, body)
+    local out = {}
+    for i = first, last do
+      local tenant, j = i <= nt, i <= nt and i or i - nt
+      local text = string.gsub(body, '%$AT1', tostring(2 * j))
+      text = string.gsub(text, '%$AT', tostring(2 * j - 1))
+      text = string.gsub(text, '%$V', tenant and 'tv' or 'sv')
+      text = string.gsub(text, '%$MISS', tenant and '; hits = false' or '')
+      out[#out + 1] = string.gsub(text, '#', tostring(i))
+    end
+    return table.concat(out)
+  end
+  local src = string.gsub(LEAN_SOURCE, '{{T (.-)}}', function(body) return each(1, nt, body) end)
+  src = string.gsub(src, '{{S (.-)}}', function(body) return each(nt + 1, nt + ns, body) end)
+  src = string.gsub(src, '{{(.-)}}', function(body) return each(1, nt + ns, body) end)
+  src = string.gsub(src, '<<(%u) (.-)>>', function(kind, body)
+    local keep = kind == 'T' and nt > 0 or kind == 'S' and ns > 0 or kind == 'N' and ns == 0
+    return keep and body or ''
+  end)
+  local literals = {X_AT = 2 * nt + 1, REV_AT = 2 * ns + 1, NT = nt}
+  for name, value in pairs(LEAN_LITERALS) do literals[name] = value end
+  return (string.gsub(src, '@(%u[%u%d_]*)@', function(name)
+    return string.format('%.17g', literals[name])
+  end))
+end
+
+-- Compiled lean sources, by shape; false where this server cannot compile them.
+local LEAN_SHAPES = {}
+
+-- The lean path's plan maker for a shape (compiled the first time), or false.
+local function lean_maker(nt, ns)
+  local shape = nt * 3 + ns
+  local maker = LEAN_SHAPES[shape]
+  if maker == nil then
+    maker = false
+    local chunk = type(loadstring) == 'function' and loadstring(lean_source(nt, ns), '=lean')
+    if chunk then
+      maker = chunk({rcall = redis.call, runpack = unpack, sformat = string.format,
+                     srep = string.rep, PENDING = PENDING, pending = pending,
+                     flush_counts = flush_counts, bump = bump, expiry_fields = expiry_fields})
+    end
+    LEAN_SHAPES[shape] = maker
+  end
+  return maker
+end
+
+-- The lean path of `plan` (cached in config `c`, first decided on with these keys): a
+-- function of (tenant key, shared key, cost, retention) that returns the reply of an
+-- admission, or nothing (other keys, or the configuration moved: load() from scratch),
+-- or false and the ctx load() would have built (for judge and what follows). False when
+-- the plan needs the general path.
+local function lean_plan(c, plan, tenant_key, shared_key)
+  local rev = c.rev
+  if not (in_library and rev) then return false end  -- (counts kept in memory only)
+  local nt, ns = lean_known(plan)
+  local maker = nt and lean_maker(nt, ns)
+  if not maker then return false end
+  local buckets, heads, min_burst = plan.buckets, {}, false
+  for i = 1, #buckets do
+    local b = buckets[i]
+    heads[i] = ' ' .. b.scope .. ' '
+    if not min_burst or b.burst < min_burst then min_burst = b.burst end
+  end
+  local tbf = {}  -- (the tenant hash's fields but x)
+  for i = 1, #plan.tf - 1 do tbf[i] = plan.tf[i] end
+  charge(c, LEAN_BYTES + LEAN_BUCKET_BYTES * #buckets)
+  return maker({plan = plan, tenant_key = tenant_key, shared_key = shared_key, rev = rev,
+                pid = pending_id(shared_key, rev), tbf = tbf, heads = heads,
+                -- (judge's "cost exceeds a burst", for every bucket at once)
+                limit = min_burst and min_burst + EPSILON or math.huge})
 end
 
 -- A decision's `acquire` (acquire.lua) on the lean path: its reply when the lean path
