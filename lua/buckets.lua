@@ -1162,6 +1162,7 @@ local L = ...
 local rcall, runpack, sformat, srep = L.rcall, L.runpack, L.sformat, L.srep
 local PENDING, pending, flush_counts = L.PENDING, L.pending, L.flush_counts
 local bump, expiry_fields = L.bump, L.expiry_fields
+
 return function(P)
   local plan, tenant_key, shared_key, rev, pid = P.plan, P.tenant_key, P.shared_key, P.rev,
                                                  P.pid
@@ -1310,14 +1311,21 @@ return function(P)
     -- first test.
     local now_ms, x = now / 1000, false
     if not (old_x <= now_ms + @MAX_EXPIRY_MS@ and now_ms + refill_ms + keep_ms / 2 <= old_x) then
-      if not with_x and hits then old_x = expiry() end
-      local xargs = {}
-      x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
-                         tokens = { {{t#, }} }}, keep_ms, xargs)
-      if x then
-        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
-        rcall('PEXPIREAT', tk, x)
-        x_text, x_num = xargs[2], x
+      -- When the tenant buckets are full again (as tenant_full_ms): does x move?
+      local need = 0
+      {{T if (burst# - t#) / rate# > need then need = (burst# - t#) / rate# end
+      }}if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
+      if (now + need) / 1000 + keep_ms / 2 > old_x or not (old_x <= now_ms + @MAX_EXPIRY_MS@) then
+        -- (It does, or may: expiry_fields decides, on the stored x.)
+        if not with_x and hits then old_x = expiry() end
+        local xargs = {}
+        x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
+                           tokens = { {{t#, }} }}, keep_ms, xargs)
+        if x then
+          rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
+          rcall('PEXPIREAT', tk, x)
+          x_text, x_num = xargs[2], x
+        end
       end
     end
     <<T if not x then rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}) end>>
@@ -1331,7 +1339,7 @@ end
 
 -- The library's constants the lean source has as literals (@NAME@).
 local LEAN_LITERALS = {PENDING_MAX = PENDING_MAX, EPSILON = EPSILON, TWO_53 = TWO_53,
-                       MAX_EXPIRY_MS = MAX_EXPIRY_MS}
+                       MAX_EXPIRY_MS = MAX_EXPIRY_MS, MAX_WAIT_US = MAX_WAIT_US}
 
 -- LEAN_SOURCE for `nt` tenant buckets and `ns` shared ones.
 local function lean_source(nt, ns)
@@ -1424,4 +1432,16 @@ local function lean_acquire(config_key, tenant_key, shared_key, tenant, queue, p
     plan.lean = decide
   end
   if decide then return decide(tenant_key, shared_key, cost, keep_ms) end
+end
+
+-- What lean.lua reports for a (tenant, queue, priority): "lean", "general" or "none".
+local function lean_status(config_key, tenant_key, shared_key, tenant, queue, priority)
+  local c = CONFIGS[config_key]
+  if not c or redis.call('HGET', shared_key, '_rev') ~= c.rev then return 'none' end
+  local by_tenant = c.plans[tenant]
+  local by_queue = by_tenant and by_tenant[queue]
+  local plan = by_queue and by_queue[priority]
+  if not plan then return 'none' end
+  if plan.lean == nil then plan.lean = lean_plan(c, plan, tenant_key, shared_key) end
+  return plan.lean and 'lean' or 'general'
 end

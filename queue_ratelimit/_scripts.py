@@ -38,6 +38,7 @@ _USES_LIBRARY = frozenset(
         "counters.lua",
         "gate.lua",
         "hint.lua",
+        "lean.lua",
         "scheduler.lua",
         "slots.lua",
     }
@@ -48,6 +49,7 @@ SCRIPTS = (
     "counters.lua",
     "gate.lua",
     "hint.lua",
+    "lean.lua",
     "scheduler.lua",
     "slots.lua",
 )
