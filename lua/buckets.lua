@@ -592,11 +592,16 @@ local function is_tenant_scope(scope)
   return string.sub(scope, 1, 7) == 'tenant:'
 end
 
+-- The histogram field of a wait: that of the first bound it does not exceed (a binary
+-- search: throttled tenants wait long, past every bound).
 local function wait_bucket(wait_ms)
-  for i = 1, #WAIT_BOUNDS do
-    if wait_ms <= WAIT_BOUNDS[i] then return WAIT_FIELDS[i] end
+  local low, high = 1, #WAIT_BOUNDS
+  if not (wait_ms <= WAIT_BOUNDS[high]) then return 'h:inf' end
+  while low < high do
+    local mid = math.floor((low + high) / 2)
+    if wait_ms <= WAIT_BOUNDS[mid] then high = mid else low = mid + 1 end
   end
-  return 'h:inf'
+  return WAIT_FIELDS[low]
 end
 
 -- When (ms since the epoch, at least now, at most MAX_WAIT_US from now) every tenant
@@ -1160,15 +1165,19 @@ end
 -- read, and read along with the buckets until they hold what this plan wrote again.
 local LEAN_SOURCE = [=[
 local L = ...
-local rcall, runpack, sformat, srep = L.rcall, L.runpack, L.sformat, L.srep
+local rcall, sformat, srep = L.rcall, L.sformat, L.srep
 local PENDING, pending, flush_counts = L.PENDING, L.pending, L.flush_counts
-local bump, expiry_fields = L.bump, L.expiry_fields
+local bump, expiry_fields, fmt, wait_bucket, mfloor = L.bump, L.expiry_fields, L.fmt,
+                                                     L.wait_bucket, L.mfloor
 
 return function(P)
   local plan, tenant_key, shared_key, rev, pid = P.plan, P.tenant_key, P.shared_key, P.rev,
                                                  P.pid
-  local sf, tf, tbf, refill_ms, limit = plan.sf, plan.tf, P.tbf, plan.refill_ms, P.limit
+  local refill_ms, limit = plan.refill_ms, P.limit
   local aq, ap, B, heads = plan.aq, plan.ap, plan.buckets, P.heads
+  -- Per bucket, what a denial by it counts (as deny: in the tenant hash, in the shared
+  -- hash) and names; the denials zset.
+  local denials, tenant, dt_key = P.denials, plan.tenant, plan.denials
   {{local rate#, burst#, field#, clock_field#, head# = B[#].rate, B[#].burst, B[#].field,
                                                        B[#].clock, heads[#]
   local text#, num# = nil, 0 / 0  -- (none yet: a missing field reads false; NaN equals none)
@@ -1241,10 +1250,14 @@ return function(P)
     if tk ~= tenant_key or sk ~= shared_key then return end
     -- The revision (and the shared buckets), as load() reads them.
     <<N if rcall('HGET', sk, '_rev') ~= rev then return end>>
-    <<S local sv = rcall('HMGET', sk, runpack(sf))
+    <<S local sv = rcall('HMGET', sk{{S , field#, clock_field#}}, '_rev')
     if sv[@REV_AT@] ~= rev then return end>>
-    local with_x = read_x
-    local tv = rcall('HMGET', tk, runpack(with_x and tf or tbf))
+    local with_x, tv = read_x
+    if with_x then
+      tv = rcall('HMGET', tk{{T , field#, clock_field#}}, 'x')
+    else
+      tv = rcall('HMGET', tk{{T , field#, clock_field#}})
+    end
     local time = rcall('TIME')
     local usec = time[2]
     if #usec < 6 then usec = srep('0', 6 - #usec) .. usec end
@@ -1281,62 +1294,102 @@ return function(P)
       old_x = expiry()
     end
     read_x = not hits or @NT@ == 0
-    -- Judged (as judge: every bucket must have the cost, and none a burst below it).
+    -- Judged (as judge: every bucket must have the cost; a cost above a burst is refused
+    -- the general way).
     local slack = cost > 1 and @EPSILON@ * cost or @EPSILON@
-    if not (cost <= limit{{ and cost - t# <= slack}}) then
+    local fits = cost <= limit{{ and cost - t# <= slack}}
+    if not fits and cost > limit then
       if not with_x and hits then old_x = expiry() end
       read_x = true
       return handover(now, now_s, old_x, { {{t#, }} })
     end
-    -- Counted (as counts_of and admit): in memory.
+    -- Counted (as counts_of): in memory.
     if not p or now >= p.due or p.n >= @PENDING_MAX@ or kept < keep_ms then
       if not renew(now, keep_ms) then
         if not with_x and hits then old_x = expiry() end
+        read_x = true
         return handover(now, now_s, old_x, { {{t#, }} })
       end
     end
-    p.n, na = p.n + 1, na + 1
-    if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
-    -- Taken, and printed (as fmt) unless as last time.
-    {{t# = t# - cost
-    if t# ~= num# then
-      if t# % 1 == 0 and t# ~= 0 and t# < @TWO_53@ and t# > -@TWO_53@ then
-        text# = sformat('%d', t#)
-      else
-        text# = sformat('%.17g', t#)
+    p.n = p.n + 1
+    local now_ms, x, xargs = now / 1000, false, false
+    if fits then
+      na = na + 1
+      if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
+      -- Taken, and printed (as fmt) unless as last time.
+      {{t# = t# - cost
+      if t# ~= num# then
+        if t# % 1 == 0 and t# ~= 0 and t# < @TWO_53@ and t# > -@TWO_53@ then
+          text# = sformat('%d', t#)
+        else
+          text# = sformat('%.17g', t#)
+        end
+        num# = t#
       end
-      num# = t#
+      }}
+      -- Written (as write), the expiry first.
+      @EXPIRY@
+      if x then
+        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
+        rcall('PEXPIREAT', tk, x)
+      <<T else
+        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}})>>
+      end
+      <<S rcall('HSET', sk{{S , field#, text#, clock_field#, now_s}})>>
+      clock_text, clock = now_s, now
+      -- The reply (as decision_reply).
+      return '1 0 -'{{ .. head# .. (t# > 0 and text# or '0')}} .. ' |'
+    end
+    -- Denied (as judge and deny): by the bucket that waits longest (the first of equals).
+    local wait, by, need = 0, false
+    {{if cost - t# > slack then
+      need = (cost - t#) / rate#
+      if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
+      if need > wait or not by then wait, by = need, # end
     end
     }}
-    -- Written (as write), the expiry first (as expiry_fields): most decisions stop at its
-    -- first test.
-    local now_ms, x = now / 1000, false
-    if not (old_x <= now_ms + @MAX_EXPIRY_MS@ and now_ms + refill_ms + keep_ms / 2 <= old_x) then
-      -- When the tenant buckets are full again (as tenant_full_ms): does x move?
-      local need = 0
-      {{T if (burst# - t#) / rate# > need then need = (burst# - t#) / rate# end
-      }}if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
-      if (now + need) / 1000 + keep_ms / 2 > old_x or not (old_x <= now_ms + @MAX_EXPIRY_MS@) then
-        -- (It does, or may: expiry_fields decides, on the stored x.)
-        if not with_x and hits then old_x = expiry() end
-        local xargs = {}
-        x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
-                           tokens = { {{t#, }} }}, keep_ms, xargs)
-        if x then
-          rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
-          rcall('PEXPIREAT', tk, x)
-          x_text, x_num = xargs[2], x
-        end
-      end
+    @EXPIRY@
+    if x then
+      rcall('HSET', tk, 'x', xargs[2])
+      rcall('PEXPIREAT', tk, x)
     end
-    <<T if not x then rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}) end>>
-    <<S rcall('HSET', sk{{S , field#, text#, clock_field#, now_s}})>>
-    clock_text, clock = now_s, now
-    -- The reply (as decision_reply).
-    return '1 0 -'{{ .. head# .. (t# > 0 and text# or '0')}} .. ' |'
+    -- (As bump's, in memory.)
+    local denial, wait_ms, ints, floats, dt = denials[by], wait / 1000, p.ints, p.floats, p.dt
+    local tc, sc, fc = ints[tk], ints[sk], floats[sk]
+    if not tc then tc = {}; ints[tk] = tc end
+    if not sc then sc = {}; ints[sk] = sc end
+    if not fc then fc = {}; floats[sk] = fc end
+    local field = denial[1]
+    tc[field] = (tc[field] or 0) + 1
+    field = denial[2]
+    sc[field] = (sc[field] or 0) + 1
+    p.dt_key, dt[tenant] = dt_key, (dt[tenant] or 0) + 1
+    field = wait_bucket(wait_ms)
+    sc[field] = (sc[field] or 0) + 1
+    fc['h:us'] = (fc['h:us'] or 0) + mfloor(wait_ms * 1000 + 0.5)
+    -- The reply (as decision_reply, with what each bucket has now).
+    return '0 ' .. fmt(wait_ms) .. ' ' .. denial[3]{{ .. head# .. (t# > 0 and fmt(t#) or '0')}} .. ' |'
   end
 end
 ]=]
+
+-- Where LEAN_SOURCE has @EXPIRY@ (as expiry_fields on the tokens as they are then): `x`,
+-- and `xargs` (its text at 2), when the expiry moves.
+local LEAN_EXPIRY = [=[
+if not (old_x <= now_ms + @MAX_EXPIRY_MS@ and now_ms + refill_ms + keep_ms / 2 <= old_x) then
+        -- When the tenant buckets are full again (as tenant_full_ms): does x move?
+        local need = 0
+        {{T if (burst# - t#) / rate# > need then need = (burst# - t#) / rate# end
+        }}if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
+        if (now + need) / 1000 + keep_ms / 2 > old_x or not (old_x <= now_ms + @MAX_EXPIRY_MS@) then
+          -- (It does, or may: expiry_fields decides, on the stored x.)
+          if not with_x and hits then old_x = expiry() end
+          xargs = {}
+          x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
+                             tokens = { {{t#, }} }}, keep_ms, xargs)
+          if x then x_text, x_num = xargs[2], x end
+        end
+      end]=]
 
 -- The library's constants the lean source has as literals (@NAME@).
 local LEAN_LITERALS = {PENDING_MAX = PENDING_MAX, EPSILON = EPSILON, TWO_53 = TWO_53,
@@ -1356,7 +1409,8 @@ local function lean_source(nt, ns)
     end
     return table.concat(out)
   end
-  local src = string.gsub(LEAN_SOURCE, '{{T (.-)}}', function(body) return each(1, nt, body) end)
+  local src = string.gsub(LEAN_SOURCE, '@EXPIRY@', function() return LEAN_EXPIRY end)
+  src = string.gsub(src, '{{T (.-)}}', function(body) return each(1, nt, body) end)
   src = string.gsub(src, '{{S (.-)}}', function(body) return each(nt + 1, nt + ns, body) end)
   src = string.gsub(src, '{{(.-)}}', function(body) return each(1, nt + ns, body) end)
   src = string.gsub(src, '<<(%u) (.-)>>', function(kind, body)
@@ -1381,9 +1435,10 @@ local function lean_maker(nt, ns)
     maker = false
     local chunk = type(loadstring) == 'function' and loadstring(lean_source(nt, ns), '=lean')
     if chunk then
-      maker = chunk({rcall = redis.call, runpack = unpack, sformat = string.format,
+      maker = chunk({rcall = redis.call, sformat = string.format,
                      srep = string.rep, PENDING = PENDING, pending = pending,
-                     flush_counts = flush_counts, bump = bump, expiry_fields = expiry_fields})
+                     flush_counts = flush_counts, bump = bump, expiry_fields = expiry_fields,
+                     fmt = fmt, wait_bucket = wait_bucket, mfloor = math.floor})
     end
     LEAN_SHAPES[shape] = maker
   end
@@ -1401,17 +1456,16 @@ local function lean_plan(c, plan, tenant_key, shared_key)
   local nt, ns = lean_known(plan)
   local maker = nt and lean_maker(nt, ns)
   if not maker then return false end
-  local buckets, heads, min_burst = plan.buckets, {}, false
+  local buckets, heads, denials, min_burst = plan.buckets, {}, {}, false
   for i = 1, #buckets do
     local b = buckets[i]
     heads[i] = ' ' .. b.scope .. ' '
+    denials[i] = {'d:' .. b.scope, 'd:' .. b.src, b.scope}
     if not min_burst or b.burst < min_burst then min_burst = b.burst end
   end
-  local tbf = {}  -- (the tenant hash's fields but x)
-  for i = 1, #plan.tf - 1 do tbf[i] = plan.tf[i] end
   charge(c, LEAN_BYTES + LEAN_BUCKET_BYTES * #buckets)
   return maker({plan = plan, tenant_key = tenant_key, shared_key = shared_key, rev = rev,
-                pid = pending_id(shared_key, rev), tbf = tbf, heads = heads,
+                pid = pending_id(shared_key, rev), heads = heads, denials = denials,
                 -- (judge's "cost exceeds a burst", for every bucket at once)
                 limit = min_burst and min_burst + EPSILON or math.huge})
 end
