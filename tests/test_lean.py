@@ -377,3 +377,12 @@ def test_random_sequences_decide_and_store_alike(
     finally:
         drop(lean)
         drop(general)
+
+
+def test_the_wait_histogram_field_is_the_first_bound_not_exceeded() -> None:
+    _, wait_bucket = library_function("wait_bucket")
+    bounds = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+    waits = [0, 0.5, 60001, 1e12, *bounds, *(b + 1e-9 for b in bounds), *(b - 1e-9 for b in bounds)]
+    for wait in waits:
+        want = next((f"h:{b}" for b in bounds if wait <= b), "h:inf")
+        assert wait_bucket(wait) == want, wait
