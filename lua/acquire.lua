@@ -37,8 +37,8 @@ if nargs > 1 then
   end
 end
 
--- Most admissions take the lean path (buckets.lua): its reply, or the state it loaded when
--- the general path must decide (false, ctx), or nothing (load from scratch).
+-- Plans of plain buckets take the lean path (buckets.lua): its reply, or the state it
+-- loaded when the general path must decide (false, ctx), or nothing (load from scratch).
 local ctx
 if mode == 'acquire' then
   local reply

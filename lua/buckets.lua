@@ -1066,13 +1066,13 @@ end
 
 -- The lean path. An `acquire` whose plan uses none of the features above but plain
 -- buckets (no shadow, no credit, no windows, no concurrency cap, no recording, no priority
--- bucket, no feature this code does not know) and is admitted is decided by code written
--- for that case alone: the same reads, the same writes, the same counts and the same reply
--- as load / judge / admit / write / decision_reply, for about half their Lua. Anything else
--- goes the general way: a plan the lean path does not know is never lean (lean_known,
--- once per plan); a decision that denies, or whose cost exceeds a burst, hands its loaded
--- state to judge (the ctx load() would have built), so the general code decides every
--- denial. tests/test_lean.py runs the same decisions through both paths and compares
+-- bucket, no feature this code does not know) is decided, admitted or denied, by code
+-- written for that case alone: the same reads, the same writes, the same counts and the
+-- same reply as load / judge / admit / deny / write / decision_reply, for about half their
+-- Lua. Anything else goes the general way: a plan the lean path does not know is never
+-- lean (lean_known, once per plan); a decision whose cost exceeds a burst, or whose counts
+-- cannot be kept in memory, hands its loaded state to judge (the ctx load() would have
+-- built). tests/test_lean.py runs the same decisions through both paths and compares
 -- replies and stored state.
 --
 -- Why it is built the way it is (callgrind, docs/benchmarks.md "The lean path"): in
@@ -1152,17 +1152,19 @@ end
 -- (tenant buckets first), `$V` the values read from its hash (tv or sv), `$AT` and `$AT1`
 -- where its tokens and clock are in them, and `$MISS` what a tenant bucket that held
 -- something else says of the expiry; `<<S ...>>` is code for a plan with shared buckets,
--- `<<N ...>>` for one without, `<<T ...>>` for one with tenant buckets; `@NAME@` a
--- number. The plan's names, limits and state are upvalues (a Lua function has at most 60:
--- hence literals where the shape or the library fixes the value).
+-- `<<N ...>>` for one without, `<<T ...>>` for one with tenant buckets; `@EXPIRY@` the
+-- code of LEAN_EXPIRY, `@NAME@` a number. The plan's names, limits and state are upvalues
+-- (a Lua function has at most 60: hence literals where the shape or the library fixes the
+-- value).
 --
 -- The expiry (x) of the tenant hash is read only when the plan may not know it. Every
 -- writer of x only ever moves it later (expiry_fields), until the hash is deleted or
 -- expires, which takes the buckets with it. So when every tenant bucket holds what this
 -- plan wrote last (nobody wrote them since, the hash was not deleted), the x it last read
 -- or wrote is at most the one stored: enough to keep the expiry where it is. Wherever a
--- decision needs more (the expiry moves, a denial, another writer of the buckets), x is
--- read, and read along with the buckets until they hold what this plan wrote again.
+-- decision needs more (the expiry may move, the general path takes over, another writer
+-- wrote the buckets), x is read, and read along with the buckets until they hold what this
+-- plan wrote again.
 local LEAN_SOURCE = [=[
 local L = ...
 local rcall, sformat, srep = L.rcall, L.sformat, L.srep
