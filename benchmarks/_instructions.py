@@ -2,7 +2,7 @@
 the Lua, whose figures machine noise cannot move.
 
     python -m benchmarks._instructions [--calls N] [--denied] [--record] [--caps] [--ops]
-                                       [--no-peers]
+                                       [--drained] [--no-peers]
                                        [--kinds]
 
 Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgrind`` and
@@ -12,10 +12,12 @@ Not part of ``python -m benchmarks`` (its name starts with ``_``). Needs ``valgr
 pipeline and dumps the counters: instructions per call, the same for the same code on any
 run. ``--record`` counts them with traffic recording on. ``--caps`` also counts the 1-bucket
 decision under a concurrency cap (``tenant:*``, high enough never to deny: the slot is taken)
-and the release of the slot (``slots.lua``). ``--ops`` also prices single Lua operations
-(a ``tonumber``, a table, a ``redis.call`` ...), each in a loop of 1,000 inside one
-``EVAL``, net of an empty loop. Prints JSON on stdout; the server's dumps are left in a
-temporary folder, named on stderr, for ``callgrind_annotate``.
+and the release of the slot (``slots.lua``). ``--drained`` also counts the allowed decisions
+on buckets that never fill, whose tokens are fractions printed in full on every decision.
+``--ops`` also prices single Lua operations (a ``tonumber``, a table, a ``redis.call`` ...),
+each in a loop of 1,000 inside one ``EVAL``, net of an empty loop. Prints JSON on stdout;
+the server's dumps are left in a temporary folder, named on stderr, for
+``callgrind_annotate``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ from typing import Any
 
 import redis
 
-from queue_ratelimit import Limiter, Slot
+from queue_ratelimit import Limit, Limiter, Slot
 
 from .decisions import HIGH, QUEUE, TENANT, TIGHT
 
 CLOCK = ("999999", "1764355012345678")  # a token count and a clock in microseconds
+# --drained: buckets that never fill (a burst of 1e9), so that their tokens are fractions,
+# printed in full (17 digits) by every decision; HIGH's stay full, and print as integers.
+DRAINED = Limit(1000.5, per=1.0, burst=1e9)
 # Lua operations priced by --ops: (name, loop body, ARGV).
 OPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("tonumber of 16 digits", "x = tonumber(ARGV[1])", ("1764355012345678",)),
@@ -153,16 +158,20 @@ def callgrind() -> Iterator[Callgrind]:
         server.close()
 
 
-def _decision(server: Callgrind, buckets: int, denied: bool, calls: int, record: bool) -> float:
-    limiter = Limiter(server.client, namespace=f"qrl-instructions-{buckets}{'d' * denied}")
+def _decision(
+    server: Callgrind, buckets: int, denied: bool, calls: int, record: bool, drained: bool = False
+) -> float:
+    name = f"qrl-instructions-{buckets}{'d' * denied}{'r' * drained}"
+    limiter = Limiter(server.client, namespace=name)
     limiter.set_recording(900 if record else None)
     queue = None
+    high = DRAINED if drained else HIGH
     if buckets == 1:
-        limiter.set_limit("tenant:*", TIGHT if denied else HIGH)
+        limiter.set_limit("tenant:*", TIGHT if denied else high)
     else:
-        limiter.set_limit("global", HIGH)
-        limiter.set_limit("tenant:*", HIGH)
-        limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else HIGH)
+        limiter.set_limit("global", high)
+        limiter.set_limit("tenant:*", high)
+        limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else high)
         queue = QUEUE
     return _fcalls(server, limiter, queue, None, calls)
 
@@ -302,6 +311,9 @@ def main() -> None:
     parser.add_argument("--denied", action="store_true", help="the denied paths too")
     parser.add_argument("--record", action="store_true", help="with traffic recording on")
     parser.add_argument("--caps", action="store_true", help="under a concurrency cap too")
+    parser.add_argument(
+        "--drained", action="store_true", help="on buckets that never fill (fractional tokens)"
+    )
     parser.add_argument("--ops", action="store_true", help="price single Lua operations too")
     parser.add_argument(
         "--no-peers", action="store_true", help="skip limits' sliding window counter and the floor"
@@ -315,8 +327,11 @@ def main() -> None:
         paths = [("1bucket", 1, False), ("3bucket", 3, False)]
         if options.denied:
             paths += [("1bucket_denied", 1, True), ("3bucket_denied", 3, True)]
-        for name, buckets, denied in paths:
-            count = _decision(server, buckets, denied, options.calls, options.record)
+        drained = [("1bucket_drained", 1, False), ("3bucket_drained", 3, False)]
+        for name, buckets, denied in paths + drained * options.drained:
+            count = _decision(
+                server, buckets, denied, options.calls, options.record, name.endswith("drained")
+            )
             result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
         if options.kinds:
@@ -337,7 +352,8 @@ def main() -> None:
             for name in ("limits_sliding_window_counter", "floor"):
                 print(f"{name:16s} {result[name]:>9,} instructions per call", file=sys.stderr)
             # The targets (issue #14): 1 bucket <= 1.0 x the peer, 3 buckets <= 1.5 x.
-            for name in [n for n, _, _ in paths] + ["1bucket_cap"] * options.caps:
+            named = paths + drained * options.drained
+            for name in [n for n, _, _ in named] + ["1bucket_cap"] * options.caps:
                 result[f"{name}_vs_peer"] = round(result[name] / peer, 3)
                 print(f"{name + ' / peer':24s} {result[name] / peer:.3f}", file=sys.stderr)
         if options.ops:

@@ -38,7 +38,15 @@ if nargs > 1 then
   end
 end
 
-local ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority)
+-- Plans of plain buckets take the lean path (buckets.lua): its reply, or the state it
+-- loaded when the general path must decide (false, ctx), or nothing (load from scratch).
+local ctx
+if mode == 'acquire' then
+  local reply
+  reply, ctx = lean_acquire(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority, cost, keep_ms)
+  if reply then return reply end
+end
+if not ctx then ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority) end
 
 if mode == 'refund' then
   credit(ctx, cost, keep_ms)

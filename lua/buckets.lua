@@ -688,11 +688,16 @@ local function is_tenant_scope(scope)
   return string.sub(scope, 1, 7) == 'tenant:'
 end
 
+-- The histogram field of a wait: that of the first bound it does not exceed (a binary
+-- search: throttled tenants wait long, past every bound).
 local function wait_bucket(wait_ms)
-  for i = 1, #WAIT_BOUNDS do
-    if wait_ms <= WAIT_BOUNDS[i] then return WAIT_FIELDS[i] end
+  local low, high = 1, #WAIT_BOUNDS
+  if not (wait_ms <= WAIT_BOUNDS[high]) then return 'h:inf' end
+  while low < high do
+    local mid = math.floor((low + high) / 2)
+    if wait_ms <= WAIT_BOUNDS[mid] then high = mid else low = mid + 1 end
   end
-  return 'h:inf'
+  return WAIT_FIELDS[low]
 end
 
 -- When (ms since the epoch, at least now, at most MAX_WAIT_US from now) every tenant
@@ -886,6 +891,11 @@ local function flush_counts(shared_key, rev)
   local p = PENDING[id]
   if not p then return 0 end
   PENDING[id], pending_namespaces = nil, pending_namespaces - 1
+  -- (Admissions the lean path counted by plan, see lean_plan: added in first.)
+  local folds = p.folds
+  if folds then
+    for i = 1, #folds do folds[i](p) end
+  end
   for key, fields in pairs(p.ints) do
     local keep = p.keep[key]
     for field, n in pairs(fields) do
@@ -1149,4 +1159,443 @@ local function in_transit(key, id, now, lapse_ms)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, lapse_ms, id)
   if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
+end
+
+-- The lean path. An `acquire` whose plan uses none of the features above but plain
+-- buckets (no shadow, no credit, no windows, no concurrency cap, no recording, no priority
+-- bucket, no feature this code does not know) is decided, admitted or denied, by code
+-- written for that case alone: the same reads, the same writes, the same counts and the
+-- same reply as load / judge / admit / deny / write / decision_reply, for about half their
+-- Lua. Anything else goes the general way: a plan the lean path does not know is never
+-- lean (lean_known, once per plan); a decision whose cost exceeds a burst, or whose counts
+-- cannot be kept in memory, hands its loaded state to judge (the ctx load() would have
+-- built). tests/test_lean.py runs the same decisions through both paths and compares
+-- replies and stored state.
+--
+-- Why it is built the way it is (callgrind, docs/benchmarks.md "The lean path"): in
+-- Redis's Lua every VM instruction costs about 40 CPU instructions, a table access about
+-- 110, a call of a Lua function about 600, an upvalue 25, a global 300. A lean decision is
+-- therefore one function per plan, over upvalues that hold the plan's constants and what
+-- it last wrote, with a straight line of code per bucket: no loop, no call, no table built
+-- per bucket or per call. Lua has no macros, so that code is generated, once per shape of
+-- plan (how many buckets in the tenant hash and in the shared hash, at most 2 and 2:
+-- LEAN_SOURCE) and compiled with loadstring; the source depends on those two counts alone,
+-- never on a name or a number from the configuration, which reach the code as arguments.
+-- Admissions are counted per plan and added to the namespace's pending counts when those
+-- are written (flush_counts calls the plan's fold). A number the plan wrote last (a
+-- bucket's tokens and clock, the expiry) is recognised by its text (Lua strings are
+-- interned: the test compares two pointers) rather than parsed again, and tokens that are
+-- what they were last time (a bucket that stays full) are not printed again. Only in the
+-- Functions library: the EVALSHA form has no plan cached between calls, so it always takes
+-- the general path.
+
+-- Keys of a plan (build_plan) and of a bucket (bucket) that the lean path knows. A key
+-- not listed here whose value is not false (a feature added later: pauses, a priority
+-- bucket...) makes the plan general.
+local LEAN_PLAN_KEYS = {tenant = true, denials = true, credit = true, buckets = true, tf = true,
+                        sf = true, x_at = true, rev_at = true, refill_ms = true, aq = true,
+                        ap = true, record = true, caps = true, lean = true}
+local LEAN_BUCKET_KEYS = {scope = true, name = true, src = true, in_tenant = true, field = true,
+                          clock = true, at = true, rate = true, burst = true, shadow = true,
+                          per = true, limit_rate = true}
+-- Estimated bytes of a plan's lean function (as PLAN_BYTES: against the cache budget;
+-- measured live: 2.2 KB with one bucket, 2.6 KB with two).
+local LEAN_BYTES, LEAN_BUCKET_BYTES = 1900, 400
+
+-- The scopes whose buckets the lean path knows (a priority scope's is not among them).
+local function lean_scope(scope)
+  return scope == 'global' or string.sub(scope, 1, 7) == 'tenant:' or
+         string.sub(scope, 1, 6) == 'queue:'
+end
+
+-- The plan's shape (tenant buckets, shared buckets) if the lean path knows the plan (see
+-- LEAN_PLAN_KEYS), else false. build_plan puts the tenant buckets first.
+local function lean_known(plan)
+  for k, v in pairs(plan) do
+    if v and not LEAN_PLAN_KEYS[k] then return false end
+  end
+  if plan.credit or plan.record or plan.caps then return false end
+  local buckets, tf, sf = plan.buckets, plan.tf, plan.sf
+  local nt, ns = 0, 0
+  for i = 1, #buckets do
+    local b = buckets[i]
+    for k, v in pairs(b) do
+      if v and not LEAN_BUCKET_KEYS[k] then return false end
+    end
+    if b.shadow or b.name ~= b.scope or not lean_scope(b.scope) then return false end
+    local fields = b.in_tenant and tf or sf
+    if b.in_tenant then
+      if ns > 0 or b.at ~= 2 * nt + 1 then return false end
+      nt = nt + 1
+    elseif b.at ~= 2 * ns + 1 then
+      return false
+    else
+      ns = ns + 1
+    end
+    if fields[b.at] ~= b.field or fields[b.at + 1] ~= b.clock then return false end
+  end
+  -- At most 2 and 2; every field read a bucket's, but the expiry and the revision, last.
+  if nt > 2 or ns > 2 or #tf ~= 2 * nt + 1 or plan.x_at ~= #tf or tf[#tf] ~= 'x' or
+      #sf ~= 2 * ns + 1 or plan.rev_at ~= #sf or sf[#sf] ~= '_rev' then
+    return false
+  end
+  return nt, ns
+end
+
+-- The source of the lean path for a shape (lean_source): a function of the library's parts
+-- (L) returning a function of one plan's (P) returning that plan's decision function (see
+-- lean_plan). In it, `{{...}}` is code repeated for every bucket, `{{T ...}}` for the
+-- tenant buckets and `{{S ...}}` for the shared ones, where `#` is the bucket's number
+-- (tenant buckets first), `$V` the values read from its hash (tv or sv), `$AT` and `$AT1`
+-- where its tokens and clock are in them, and `$MISS` what a tenant bucket that held
+-- something else says of the expiry; `<<S ...>>` is code for a plan with shared buckets,
+-- `<<N ...>>` for one without, `<<T ...>>` for one with tenant buckets; `@EXPIRY@` the
+-- code of LEAN_EXPIRY, `@NAME@` a number. The plan's names, limits and state are upvalues
+-- (a Lua function has at most 60: hence literals where the shape or the library fixes the
+-- value).
+--
+-- The expiry (x) of the tenant hash is read only when the plan may not know it. Every
+-- writer of x only ever moves it later (expiry_fields), until the hash is deleted or
+-- expires, which takes the buckets with it. So when every tenant bucket holds what this
+-- plan wrote last (nobody wrote them since, the hash was not deleted), the x it last read
+-- or wrote is at most the one stored: enough to keep the expiry where it is. Wherever a
+-- decision needs more (the expiry may move, the general path takes over, another writer
+-- wrote the buckets), x is read, and read along with the buckets until they hold what this
+-- plan wrote again.
+local LEAN_SOURCE = [=[
+local L = ...
+local rcall, sformat, srep = L.rcall, L.sformat, L.srep
+local PENDING, pending, flush_counts = L.PENDING, L.pending, L.flush_counts
+local bump, expiry_fields, fmt, wait_bucket, mfloor = L.bump, L.expiry_fields, L.fmt,
+                                                     L.wait_bucket, L.mfloor
+
+return function(P)
+  local plan, tenant_key, shared_key, rev, pid = P.plan, P.tenant_key, P.shared_key, P.rev,
+                                                 P.pid
+  local refill_ms, limit = plan.refill_ms, P.limit
+  local aq, ap, B, heads = plan.aq, plan.ap, plan.buckets, P.heads
+  -- Per bucket, what a denial by it counts (as deny: in the tenant hash, in the shared
+  -- hash) and names; the denials zset.
+  local denials, tenant, dt_key = P.denials, plan.tenant, plan.denials
+  {{local rate#, burst#, field#, clock_field#, head# = B[#].rate, B[#].burst, B[#].field,
+                                                       B[#].clock, heads[#]
+  local text#, num# = nil, 0 / 0  -- (none yet: a missing field reads false; NaN equals none)
+  }}
+  -- The clock of the plan's last write (that of every bucket it wrote); the expiry (x)
+  -- last read or written; whether to read x with the buckets.
+  local clock_text, clock = nil, 0
+  local x_text, x_num, read_x = false, 0, true
+  -- Admissions counted since the namespace's pending counts `p` were made (`na`), added
+  -- to them when they are written (fold, called by flush_counts); `kept`: the retention
+  -- those counts give the tenant hash.
+  local p, na, kept = false, 0, 0
+
+  local function fold(q)
+    if q ~= p then return end
+    p = false
+    if na == 0 then return end
+    local ints = q.ints
+    local tc, sc = ints[tenant_key], ints[shared_key]
+    if not tc then tc = {}; ints[tenant_key] = tc end
+    if not sc then sc = {}; ints[shared_key] = sc end
+    tc['n:a'] = (tc['n:a'] or 0) + na
+    sc[aq] = (sc[aq] or 0) + na
+    if ap then sc[ap] = (sc[ap] or 0) + na end
+    na = 0
+  end
+
+  -- The pending counts to add to (as counts_of: those that are due written first); false
+  -- when this namespace's counts are written at once (too many namespaces keep counts).
+  local function renew(now, keep_ms)
+    local q = PENDING[pid]
+    if q and (now >= q.due or q.n >= @PENDING_MAX@) then
+      flush_counts(shared_key, rev)
+      q = nil
+    end
+    if not q then
+      q = pending(pid, shared_key, now)
+      if not q then return false end
+    end
+    if q ~= p then
+      -- (Counts of a `p` dropped as stale are dropped with it, as its other counts.)
+      p, na, kept = q, 0, 0
+      local folds = q.folds
+      if not folds then folds = {}; q.folds = folds end
+      folds[#folds + 1] = fold
+    end
+    if kept < keep_ms then
+      local keep = q.keep[tenant_key]
+      if not keep or keep < keep_ms then q.keep[tenant_key] = keep_ms end
+      kept = keep_ms
+    end
+    return true
+  end
+
+  -- The stored x (ms; 0 when none), read now.
+  local function expiry()
+    local text = rcall('HGET', tenant_key, 'x')
+    if text ~= x_text then x_text, x_num = text, (text or 0) + 0 end
+    return x_num
+  end
+
+  -- What the general path needs to go on: the ctx load() would have built.
+  local function handover(now, now_s, old_x, tokens)
+    return false, {tenant_key = tenant_key, shared_key = shared_key, buckets = B,
+                   tokens = tokens, now = now, now_s = now_s, old_x = old_x, plan = plan,
+                   texts = false, rev = rev}
+  end
+
+  return function(tk, sk, cost, keep_ms)
+    if tk ~= tenant_key or sk ~= shared_key then return end
+    -- The revision (and the shared buckets), as load() reads them.
+    <<N if rcall('HGET', sk, '_rev') ~= rev then return end>>
+    <<S local sv = rcall('HMGET', sk{{S , field#, clock_field#}}, '_rev')
+    if sv[@REV_AT@] ~= rev then return end>>
+    local with_x, tv = read_x
+    if with_x then
+      tv = rcall('HMGET', tk{{T , field#, clock_field#}}, 'x')
+    else
+      tv = rcall('HMGET', tk{{T , field#, clock_field#}})
+    end
+    local time = rcall('TIME')
+    local usec = time[2]
+    if #usec < 6 then usec = srep('0', 6 - #usec) .. usec end
+    local now_s = time[1] .. usec
+    local now = now_s + 0
+    -- Every bucket refilled (as load); `hits`: every tenant bucket held what this plan
+    -- wrote last.
+    local hits, have, updated, elapsed, refilled = true
+    {{local t# = burst#
+    have, updated = $V[$AT], $V[$AT1]
+    if have == text# and updated == clock_text then
+      have, updated = num#, clock
+    elseif have and updated then
+      have, updated = have + 0, updated + 0$MISS
+    else
+      have = false$MISS
+    end
+    if have then
+      elapsed = now - updated
+      if not (elapsed > 0) then elapsed = 0 end
+      refilled = have + elapsed * rate#
+      if refilled < t# then t# = refilled end
+    end
+    }}
+    -- The expiry: read, or at most the one stored (when `hits`: see LEAN_SOURCE).
+    local old_x = x_num
+    if with_x then
+      local text = tv[@X_AT@]
+      if text ~= x_text then
+        old_x = (text or 0) + 0
+        x_text, x_num = text, old_x
+      end
+    elseif not hits then
+      old_x = expiry()
+    end
+    read_x = not hits or @NT@ == 0
+    -- Judged (as judge: every bucket must have the cost; a cost above a burst is refused
+    -- the general way).
+    local slack = cost > 1 and @EPSILON@ * cost or @EPSILON@
+    local fits = cost <= limit{{ and cost - t# <= slack}}
+    if not fits and cost > limit then
+      if not with_x and hits then old_x = expiry() end
+      read_x = true
+      return handover(now, now_s, old_x, { {{t#, }} })
+    end
+    -- Counted (as counts_of): in memory.
+    if not p or now >= p.due or p.n >= @PENDING_MAX@ or kept < keep_ms then
+      if not renew(now, keep_ms) then
+        if not with_x and hits then old_x = expiry() end
+        read_x = true
+        return handover(now, now_s, old_x, { {{t#, }} })
+      end
+    end
+    p.n = p.n + 1
+    local now_ms, x, xargs = now / 1000, false, false
+    if fits then
+      na = na + 1
+      if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
+      -- Taken, and printed (as fmt) unless as last time.
+      {{t# = t# - cost
+      if t# ~= num# then
+        if t# % 1 == 0 and t# ~= 0 and t# < @TWO_53@ and t# > -@TWO_53@ then
+          text# = sformat('%d', t#)
+        else
+          text# = sformat('%.17g', t#)
+        end
+        num# = t#
+      end
+      }}
+      -- Written (as write), the expiry first.
+      @EXPIRY@
+      if x then
+        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}}, 'x', xargs[2])
+        rcall('PEXPIREAT', tk, x)
+      <<T else
+        rcall('HSET', tk{{T , field#, text#, clock_field#, now_s}})>>
+      end
+      <<S rcall('HSET', sk{{S , field#, text#, clock_field#, now_s}})>>
+      clock_text, clock = now_s, now
+      -- The reply (as decision_reply).
+      return '1 0 -'{{ .. head# .. (t# > 0 and text# or '0')}} .. ' |'
+    end
+    -- Denied (as judge and deny): by the bucket that waits longest (the first of equals).
+    local wait, by, need = 0, false
+    {{if cost - t# > slack then
+      need = (cost - t#) / rate#
+      if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
+      if need > wait or not by then wait, by = need, # end
+    end
+    }}
+    @EXPIRY@
+    if x then
+      rcall('HSET', tk, 'x', xargs[2])
+      rcall('PEXPIREAT', tk, x)
+    end
+    -- (As bump's, in memory.)
+    local denial, wait_ms, ints, floats, dt = denials[by], wait / 1000, p.ints, p.floats, p.dt
+    local tc, sc, fc = ints[tk], ints[sk], floats[sk]
+    if not tc then tc = {}; ints[tk] = tc end
+    if not sc then sc = {}; ints[sk] = sc end
+    if not fc then fc = {}; floats[sk] = fc end
+    local field = denial[1]
+    tc[field] = (tc[field] or 0) + 1
+    field = denial[2]
+    sc[field] = (sc[field] or 0) + 1
+    p.dt_key, dt[tenant] = dt_key, (dt[tenant] or 0) + 1
+    field = wait_bucket(wait_ms)
+    sc[field] = (sc[field] or 0) + 1
+    fc['h:us'] = (fc['h:us'] or 0) + mfloor(wait_ms * 1000 + 0.5)
+    -- The reply (as decision_reply, with what each bucket has now).
+    return '0 ' .. fmt(wait_ms) .. ' ' .. denial[3]{{ .. head# .. (t# > 0 and fmt(t#) or '0')}} .. ' |'
+  end
+end
+]=]
+
+-- Where LEAN_SOURCE has @EXPIRY@ (as expiry_fields on the tokens as they are then): `x`,
+-- and `xargs` (its text at 2), when the expiry moves.
+local LEAN_EXPIRY = [=[
+if not (old_x <= now_ms + @MAX_EXPIRY_MS@ and now_ms + refill_ms + keep_ms / 2 <= old_x) then
+        -- When the tenant buckets are full again (as tenant_full_ms): does x move?
+        local need = 0
+        {{T if (burst# - t#) / rate# > need then need = (burst# - t#) / rate# end
+        }}if need > @MAX_WAIT_US@ then need = @MAX_WAIT_US@ end
+        if (now + need) / 1000 + keep_ms / 2 > old_x or not (old_x <= now_ms + @MAX_EXPIRY_MS@) then
+          -- (It does, or may: expiry_fields decides, on the stored x.)
+          if not with_x and hits then old_x = expiry() end
+          xargs = {}
+          x = expiry_fields({now = now, old_x = old_x, plan = plan, buckets = B,
+                             tokens = { {{t#, }} }}, keep_ms, xargs)
+          if x then x_text, x_num = xargs[2], x end
+        end
+      end]=]
+
+-- The library's constants the lean source has as literals (@NAME@).
+local LEAN_LITERALS = {PENDING_MAX = PENDING_MAX, EPSILON = EPSILON, TWO_53 = TWO_53,
+                       MAX_EXPIRY_MS = MAX_EXPIRY_MS, MAX_WAIT_US = MAX_WAIT_US}
+
+-- LEAN_SOURCE for `nt` tenant buckets and `ns` shared ones.
+local function lean_source(nt, ns)
+  local function each(first, last, body)
+    local out = {}
+    for i = first, last do
+      local tenant, j = i <= nt, i <= nt and i or i - nt
+      local text = string.gsub(body, '%$AT1', tostring(2 * j))
+      text = string.gsub(text, '%$AT', tostring(2 * j - 1))
+      text = string.gsub(text, '%$V', tenant and 'tv' or 'sv')
+      text = string.gsub(text, '%$MISS', tenant and '; hits = false' or '')
+      out[#out + 1] = string.gsub(text, '#', tostring(i))
+    end
+    return table.concat(out)
+  end
+  local src = string.gsub(LEAN_SOURCE, '@EXPIRY@', function() return LEAN_EXPIRY end)
+  src = string.gsub(src, '{{T (.-)}}', function(body) return each(1, nt, body) end)
+  src = string.gsub(src, '{{S (.-)}}', function(body) return each(nt + 1, nt + ns, body) end)
+  src = string.gsub(src, '{{(.-)}}', function(body) return each(1, nt + ns, body) end)
+  src = string.gsub(src, '<<(%u) (.-)>>', function(kind, body)
+    local keep = kind == 'T' and nt > 0 or kind == 'S' and ns > 0 or kind == 'N' and ns == 0
+    return keep and body or ''
+  end)
+  local literals = {X_AT = 2 * nt + 1, REV_AT = 2 * ns + 1, NT = nt}
+  for name, value in pairs(LEAN_LITERALS) do literals[name] = value end
+  return (string.gsub(src, '@(%u[%u%d_]*)@', function(name)
+    return string.format('%.17g', literals[name])
+  end))
+end
+
+-- Compiled lean sources, by shape; false where this server cannot compile them.
+local LEAN_SHAPES = {}
+
+-- The lean path's plan maker for a shape (compiled the first time), or false.
+local function lean_maker(nt, ns)
+  local shape = nt * 3 + ns
+  local maker = LEAN_SHAPES[shape]
+  if maker == nil then
+    maker = false
+    local chunk = type(loadstring) == 'function' and loadstring(lean_source(nt, ns), '=lean')
+    if chunk then
+      maker = chunk({rcall = redis.call, sformat = string.format,
+                     srep = string.rep, PENDING = PENDING, pending = pending,
+                     flush_counts = flush_counts, bump = bump, expiry_fields = expiry_fields,
+                     fmt = fmt, wait_bucket = wait_bucket, mfloor = math.floor})
+    end
+    LEAN_SHAPES[shape] = maker
+  end
+  return maker
+end
+
+-- The lean path of `plan` (cached in config `c`, first decided on with these keys): a
+-- function of (tenant key, shared key, cost, retention) that returns the reply of an
+-- admission, or nothing (other keys, or the configuration moved: load() from scratch),
+-- or false and the ctx load() would have built (for judge and what follows). False when
+-- the plan needs the general path.
+local function lean_plan(c, plan, tenant_key, shared_key)
+  local rev = c.rev
+  if not (in_library and rev) then return false end  -- (counts kept in memory only)
+  local nt, ns = lean_known(plan)
+  local maker = nt and lean_maker(nt, ns)
+  if not maker then return false end
+  local buckets, heads, denials, min_burst = plan.buckets, {}, {}, false
+  for i = 1, #buckets do
+    local b = buckets[i]
+    heads[i] = ' ' .. b.scope .. ' '
+    denials[i] = {'d:' .. b.scope, 'd:' .. b.src, b.scope}
+    if not min_burst or b.burst < min_burst then min_burst = b.burst end
+  end
+  charge(c, LEAN_BYTES + LEAN_BUCKET_BYTES * #buckets)
+  return maker({plan = plan, tenant_key = tenant_key, shared_key = shared_key, rev = rev,
+                pid = pending_id(shared_key, rev), heads = heads, denials = denials,
+                -- (judge's "cost exceeds a burst", for every bucket at once)
+                limit = min_burst and min_burst + EPSILON or math.huge})
+end
+
+-- A decision's `acquire` (acquire.lua) on the lean path: its reply when the lean path
+-- decided it; else nothing (no lean plan cached: load() from scratch), or false and the
+-- ctx load() would have built (the general path decides on it: judge and what follows).
+local function lean_acquire(config_key, tenant_key, shared_key, tenant, queue, priority, cost,
+                            keep_ms)
+  local c = CONFIGS[config_key]
+  if not c then return end
+  local by_tenant = c.plans[tenant]
+  local by_queue = by_tenant and by_tenant[queue]
+  local plan = by_queue and by_queue[priority]
+  if not plan then return end
+  local decide = plan.lean
+  if decide == nil then
+    decide = lean_plan(c, plan, tenant_key, shared_key)
+    plan.lean = decide
+  end
+  if decide then return decide(tenant_key, shared_key, cost, keep_ms) end
+end
+
+-- What lean.lua reports for a (tenant, queue, priority): "lean", "general" or "none".
+local function lean_status(config_key, tenant_key, shared_key, tenant, queue, priority)
+  local c = CONFIGS[config_key]
+  if not c or redis.call('HGET', shared_key, '_rev') ~= c.rev then return 'none' end
+  local by_tenant = c.plans[tenant]
+  local by_queue = by_tenant and by_tenant[queue]
+  local plan = by_queue and by_queue[priority]
+  if not plan then return 'none' end
+  if plan.lean == nil then plan.lean = lean_plan(c, plan, tenant_key, shared_key) end
+  return plan.lean and 'lean' or 'general'
 end

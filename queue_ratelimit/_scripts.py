@@ -38,6 +38,7 @@ _USES_LIBRARY = frozenset(
         "counters.lua",
         "gate.lua",
         "hint.lua",
+        "lean.lua",
         "scheduler.lua",
         "slots.lua",
         "shards.lua",
@@ -49,6 +50,7 @@ SCRIPTS = (
     "counters.lua",
     "gate.lua",
     "hint.lua",
+    "lean.lua",
     "scheduler.lua",
     "slots.lua",
     "shards.lua",
@@ -79,7 +81,9 @@ def script_source(name: str) -> str:
     """The full source of a script for EVALSHA, with the shared library prepended where used."""
     body = _read(name)
     if name in _USES_LIBRARY:
-        return _EVAL_PROLOGUE + _read(_LIBRARY) + "\n" + body
+        # The body runs as a function of its own, as in the Functions library: Lua allows a
+        # function 200 locals, and the library's and a script's together pass that.
+        return f"{_EVAL_PROLOGUE}{_read(_LIBRARY)}\nreturn (function()\n{body}\nend)()\n"
     return body
 
 

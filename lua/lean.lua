@@ -1,0 +1,8 @@
+-- lean.lua: which path decides the admissions of a (tenant, queue, priority) in this
+-- library, for tests and diagnostics (buckets.lua, "The lean path"): "lean", "general",
+-- or "none" when no plan is cached yet for the configuration now in force (always, as an
+-- EVALSHA script: that form keeps no plan between calls). Reads the revision only.
+--
+-- KEYS: config hash, tenant hash, shared hash
+-- ARGV: tenant, queue ("" for none), priority ("" for none)
+return lean_status(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2] or '', ARGV[3] or '')
