@@ -39,7 +39,17 @@ class AsyncLimiter(LimiterBase):
 
     >>> limiter = AsyncLimiter.from_url("redis://localhost:6379/0")
     >>> decision = await limiter.acquire("acme", queue="emails")   # doctest: +SKIP
+
+    ``shards=N`` (N > 1) spreads the namespace over N hash slots as ``Limiter`` does, with
+    the same keys: ``AsyncLimiter(client, shards=N)`` makes an ``AsyncShardedLimiter``
+    (docs/design.md, "Shards"); ``rebalance_interval`` as for ``Limiter``.
     """
+
+    @classmethod
+    def _sharded(cls) -> type[Any]:
+        from ._async_shards import AsyncShardedLimiter  # (here: it subclasses this)
+
+        return AsyncShardedLimiter
 
     @classmethod
     def from_url(

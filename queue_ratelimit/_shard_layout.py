@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._core import LimiterCore, ScriptCall
+from ._core import LimiterBase, LimiterCore, Mode, ScriptCall
 from ._decision import PAUSE_PREFIX, Decision, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
 from ._keys import KeySpace, check_shards, shard_of
@@ -60,16 +60,25 @@ def merge_minutes(replies: Sequence[Mapping[Any, Any]], n: int) -> list[dict[obj
     return minutes
 
 
-class ShardLayout:
-    """Mixed into a limiter (``Limiter`` or ``AsyncLimiter``) to spread it over shards;
-    ``_init_shards`` must run after the limiter's own ``__init__``."""
+class ShardLayout(LimiterBase):
+    """Mixed into a limiter (``Limiter`` or ``AsyncLimiter``: ``class X(ShardLayout,
+    Limiter)``) to spread it over shards; ``rebalancer_class`` names its rebalancer."""
 
-    _core: LimiterCore
+    rebalancer_class: Callable[[Any, float], Any]
     shards: int
     shard_keys: list[KeySpace]
     _cores: list[LimiterCore]
 
-    def _init_shards(self, shards: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        shards: int,
+        rebalance_interval: float = DEFAULT_REBALANCE_INTERVAL,
+        **options: Any,
+    ) -> None:
+        super().__init__(client, **options)  # (the limiter's own)
+        interval = check_interval(rebalance_interval)
         n = check_shards(shards)
         home = self._core.keys
         self._core.keys = KeySpace(home.prefix, home.namespace, None, n)
@@ -84,6 +93,7 @@ class ShardLayout:
             core._calls = {}
             self._cores.append(core)
         self._shard_memo: dict[str, int] = {}
+        self.rebalancer = self.rebalancer_class(self, interval)
 
     # -- routing -----------------------------------------------------------------------
     def shard_of(self, tenant: str) -> int:
@@ -95,6 +105,12 @@ class ShardLayout:
                 self._shard_memo.clear()
             self._shard_memo[tenant] = shard
         return shard
+
+    def route(self, mode: Mode, tenant: str, *rest: Any) -> tuple[int, ScriptCall]:
+        """The tenant's shard and the decision call to make there (``rest``: queue,
+        priority, cost, hold, as ``LimiterCore.decision_call`` takes them)."""
+        shard = self.shard_of(tenant)
+        return shard, self._cores[shard].decision_call(mode, tenant, *rest)
 
     @staticmethod
     def in_shard(decision: Decision, shard: int) -> Decision:

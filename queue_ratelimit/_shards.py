@@ -32,7 +32,6 @@ from ._scopes import Scope
 from ._shard_layout import (
     DEFAULT_REBALANCE_INTERVAL,
     ShardLayout,
-    check_interval,
     merge_minutes,
     shares_of,
 )
@@ -50,18 +49,8 @@ class ShardedLimiter(ShardLayout, Limiter):
     ``preview`` and the metrics read the home slot only (open: docs/design.md).
     """
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        shards: int,
-        rebalance_interval: float = DEFAULT_REBALANCE_INTERVAL,
-        **options: Any,
-    ) -> None:
-        super().__init__(client, **options)
-        interval = check_interval(rebalance_interval)
-        self._init_shards(shards)
-        self.rebalancer = Rebalancer(self, interval)
+    rebalancer: Rebalancer
+    rebalancer_class = Rebalancer
 
     def _decide(
         self,
@@ -72,8 +61,7 @@ class ShardedLimiter(ShardLayout, Limiter):
         cost: float,
         hold: float | None = None,
     ) -> Decision:
-        shard = self.shard_of(tenant)
-        call = self._cores[shard].decision_call(mode, tenant, queue, priority, cost, hold)
+        shard, call = self.route(mode, tenant, queue, priority, cost, hold)
         try:
             reply = self._scripts.call_packed("acquire.lua", call)
         except RedisError as exc:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterator
 
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import tenants_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -23,21 +23,6 @@ from queue_ratelimit.cli import main as cli_main
 from queue_ratelimit.metrics import snapshot
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-def sharded(redis_client: redis.Redis, namespace: str) -> Iterator[ShardedLimiter]:
-    lim = Limiter(redis_client, namespace=namespace, shards=3, rebalance_interval=3600)
-    assert isinstance(lim, ShardedLimiter)
-    yield lim
-    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
-
-
-def tenants_on(lim: ShardedLimiter, shard: int, count: int = 1) -> list[str]:
-    found = [t for t in (f"tenant{i}" for i in range(10_000)) if lim.shard_of(t) == shard]
-    return found[:count]
 
 
 # -- shards=1 is the layout as it was ----------------------------------------------------------
