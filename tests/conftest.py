@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -17,8 +18,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from queue_ratelimit import Limiter
-from queue_ratelimit._shard_layout import ShardLayout
 from queue_ratelimit._shards import ShardedLimiter
+
+if TYPE_CHECKING:
+    from queue_ratelimit._shard_layout import ShardLayout
 
 REDIS_SERVER = shutil.which("redis-server")
 # redis-py retries a refused connection with backoff by default; probes should not wait.

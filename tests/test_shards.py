@@ -5,6 +5,7 @@ The cluster tests (tests/test_cluster.py) check the spread over primaries and th
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 
 import pytest
@@ -564,3 +565,65 @@ def test_a_failing_rebalance_never_fails_a_decision_and_warns_once(
             assert sharded.acquire(tenant).allowed
     failures = [r for r in caplog.records if "rebalancing the shards failed" in r.message]
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+# -- rounds that overlap, pauses that ran out ---------------------------------------------------
+def test_a_round_fences_every_shard_so_an_older_round_writes_nowhere(
+    sharded: ShardedLimiter,
+) -> None:
+    """An older round (its lock ran out while it stalled) is refused on every shard once a
+    newer round started, also on shards the newer one had nothing to write to."""
+    sharded.set_limit("global", "30/s")
+    report = sharded.rebalance()
+    assert report.writes == 0  # (nothing moved: the round wrote no slice)
+    for shard in range(3):
+        stale = sharded.write_shard(shard, 1, str(report.epoch - 1), "", ["global", "", "1"])
+        assert stale == -1
+    assert all(sharded.client.hget(k.config, "global") for k in sharded.shard_keys)
+
+
+def test_a_fenced_round_leaves_the_shards_and_the_state_at_home_to_the_newer_one(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    sharded.rebalance()
+    (tenant,) = tenants_on(sharded, 1)
+    while sharded.acquire(tenant).allowed:
+        pass
+    before = redis_client.hgetall(sharded.keys.share)
+    # A newer round's epoch is on shard 2 already (this process stalled past its lock).
+    redis_client.hset(sharded.shard_keys[2].config, "_lease", 10**9)
+    report = sharded.rebalance()
+    after = redis_client.hgetall(sharded.keys.share)
+    assert {k: v for k, v in after.items() if k != b"epoch"} == {
+        k: v for k, v in before.items() if k != b"epoch"
+    }
+    assert report.fenced
+    assert report.writes == 0
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "global") == b"10.0 3600.0 10.0 -"
+
+
+def test_pauses_the_home_slot_forgets_are_forgotten_on_the_shards(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """A pause or resume at home forgets the pauses that ran out (lua/config.lua); the
+    shards forget them too, rather than keep them as past moments."""
+    ran_out = sharded.pause("queue:a", 0.001)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seconds, micros = redis_client.time()
+        if seconds * 1000 + micros / 1000 > ran_out.until_ms:
+            break
+    sharded.pause("queue:b", 60)
+    assert redis_client.hget(sharded.keys.config, "pause:queue:a") is None
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "pause:queue:a") is None
+        assert redis_client.hget(keys.config, "pause:queue:b") is not None
+    # A resume forgets them as well (here: none left), and a later pause of the same scope
+    # (a newer version) is written whatever came first.
+    assert sharded.resume("queue:b")
+    sharded.pause("queue:a", 60)
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "pause:queue:b") is None
+        assert redis_client.hget(keys.config, "pause:queue:a") is not None
