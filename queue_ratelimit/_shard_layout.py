@@ -219,3 +219,12 @@ class ShardLayout(LimiterBase):
     def parse_shares(self, raw: str | None, n: int) -> list[float]:
         """Shares as stored at home ("0.5 0.25 0.25"); equal ones when absent or stale."""
         return parse_shares(raw, n)
+
+
+def layouts(limiter: LimiterBase) -> list[KeySpace]:
+    """The key layouts that hold a namespace's tenants (their backlogs, buckets, slots):
+    each shard's for a sharded limiter, else the namespace's own. Readers that add up what
+    waits (``rq info``, RQ's ``job_ids``, ``celery inspect qrl_gate``) read every one."""
+    if isinstance(limiter, ShardLayout):
+        return list(limiter.shard_keys)
+    return [limiter.keys]

@@ -627,3 +627,25 @@ def test_pauses_the_home_slot_forgets_are_forgotten_on_the_shards(
     for keys in sharded.shard_keys:
         assert redis_client.hget(keys.config, "pause:queue:b") is None
         assert redis_client.hget(keys.config, "pause:queue:a") is not None
+
+
+# -- what waits, read over every shard -----------------------------------------------------------
+def test_celery_inspect_adds_up_every_shards_backlog(sharded: ShardedLimiter) -> None:
+    """``celery inspect qrl_gate``'s backlog figures: every shard's lanes, added up."""
+    from types import SimpleNamespace
+
+    from queue_ratelimit.celery._inspect import backlog_report
+
+    scheduler = FairScheduler(sharded)
+    tenants = [tenants_on(sharded, shard)[0] for shard in range(3)]
+    for n, tenant in enumerate(tenants):
+        for i in range(n + 1):
+            scheduler.submit(tenant, f"{tenant}-{i}", queue="q")
+    assert scheduler.dispatch(["q"]).items  # one in flight, on whichever shard it came from
+    gate = SimpleNamespace(_rt=SimpleNamespace(scheduler=scheduler), lanes=["q"])
+    shown = backlog_report(gate)  # type: ignore[arg-type]
+    assert shown["in_flight"] == 1
+    assert shown["queues"]["q"]["waiting"] == 5
+    assert sum(shown["queues"]["q"]["tenants"].values()) == 5
+    assert set(shown["queues"]["q"]["tenants"]) <= set(tenants)
+    assert shown["queues"]["q"]["tenants"][tenants[2]] >= 2
