@@ -228,9 +228,8 @@ class AsyncLimiter(LimiterBase):
                 self._core, await self._config_hash(), window, await self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            minutes = await pipe.execute()
+            self._queue_record_reads(pipe, keys)
+            minutes = self._recorded(await pipe.execute())
         return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     async def config_version(self) -> int:

@@ -29,12 +29,9 @@ from ._core import (
 from ._decision import Decision, Pause, Slot
 from ._errors import CostExceedsBurst
 from ._leases import RebalanceReport, RoundClock, shared_scope
-from ._limit import Limit
-from ._preview import Preview, preview_read, preview_reads
 from ._scopes import Scope
 from ._shard_layout import (
     ShardLayout,
-    merge_minutes,
     shares_of,
 )
 
@@ -98,16 +95,10 @@ class AsyncShardedLimiter(ShardLayout, AsyncLimiter):
     rebalancer_class = AsyncRebalancer
 
     # -- decisions ---------------------------------------------------------------------
-    async def _decide(
-        self,
-        mode: Mode,
-        tenant: str,
-        queue: str | None,
-        priority: str | None,
-        cost: float,
-        hold: float | None = None,
-    ) -> Decision:
-        shard, call = self.route(mode, tenant, queue, priority, cost, hold)
+    async def _decide(self, mode: Mode, tenant: str, *rest: Any) -> Decision:
+        # (rest: queue, priority, cost and perhaps hold, as the limiter's own _decide)
+        shard, call = self.route(mode, tenant, *rest)
+        cost = rest[2]
         try:
             reply = await self._scripts.acall_packed("acquire.lua", call)
         except RedisError as exc:
@@ -167,18 +158,6 @@ class AsyncShardedLimiter(ShardLayout, AsyncLimiter):
         for i, triple in enumerate(self.config_triples(call, await self.shares())):
             await self.write_shard(i, version, "", "", triple)
         return version
-
-    async def preview(
-        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
-    ) -> Preview:
-        with redis_errors():
-            config, keys, since, window_s, now = preview_reads(
-                self._core, await self._config_hash(), window, await self.client.time()
-            )
-            pipe = self.client.pipeline(transaction=False)
-            self.queue_record_reads(pipe, keys)
-            minutes = merge_minutes(await pipe.execute(), self.shards)
-        return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     async def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
         call = self._core.pause_call(scope, seconds, actor)

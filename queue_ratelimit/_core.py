@@ -616,6 +616,16 @@ class LimiterBase:
         """Warn about (or refuse) a server that evicts keys: ``Limiter``/``AsyncLimiter``."""
         raise NotImplementedError
 
+    def _queue_record_reads(self, pipe: Any, keys: Sequence[str]) -> None:
+        """``preview``'s reads of the recorded minutes ``keys`` (a sharded limiter reads
+        every shard's)."""
+        for key in keys:
+            pipe.hgetall(key)
+
+    def _recorded(self, replies: Sequence[Any]) -> list[Any]:
+        """The recorded minutes from the replies to ``_queue_record_reads``."""
+        return list(replies)
+
     @property
     def namespace(self) -> str:
         return self._core.keys.namespace

@@ -363,9 +363,8 @@ class Limiter(LimiterBase):
                 self._core, self.client.hgetall(self._core.keys.config), window, self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            minutes = pipe.execute()
+            self._queue_record_reads(pipe, keys)
+            minutes = self._recorded(pipe.execute())
         return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     def config_version(self) -> int:

@@ -195,12 +195,17 @@ class ShardLayout(LimiterBase):
         gone = [f for f, v in zip(fields, values, strict=True) if v is None]
         return int(_text(version or 0)), [x for f in gone for x in (f, "", "")]
 
-    def queue_record_reads(self, pipe: Any, keys: Sequence[str]) -> None:
-        """Every shard's record of each recorded minute (home's keys), for ``merge_minutes``."""
+    def _queue_record_reads(self, pipe: Any, keys: Sequence[str]) -> None:
+        """Every shard's record of each recorded minute (``keys``: home's names of them):
+        each shard records its own tenants' traffic."""
         for key in keys:
             minute = int(key.rsplit(":", 1)[1])
             for shard in self.shard_keys:
                 pipe.hgetall(shard.record(minute))
+
+    def _recorded(self, replies: Sequence[Any]) -> list[Any]:
+        """Each recorded minute, added up over the shards."""
+        return merge_minutes(replies, self.shards)
 
     def write_call(
         self, shard: int, version: int, epoch: str, mode: str, triples: Sequence[str]

@@ -21,18 +21,23 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ._core import ScriptCall, as_slot, check_hold, concurrency_scope, pause_scope, redis_errors
+from ._core import (
+    Mode,
+    ScriptCall,
+    as_slot,
+    check_hold,
+    concurrency_scope,
+    pause_scope,
+    redis_errors,
+)
 from ._decision import Decision, Pause, Slot
 from ._errors import CostExceedsBurst
 from ._leases import Rebalancer, RebalanceReport, shared_scope
-from ._limit import Limit
 from ._limiter import Limiter
-from ._preview import Preview, preview_read, preview_reads
 from ._scopes import Scope
 from ._shard_layout import (
     DEFAULT_REBALANCE_INTERVAL,
     ShardLayout,
-    merge_minutes,
     shares_of,
 )
 
@@ -45,23 +50,19 @@ class ShardedLimiter(ShardLayout, Limiter):
     Everything ``Limiter`` offers works the same, with these differences: ``remaining``
     of a shared scope (``global``, ``queue:<q>``) in a decision is the tokens of this
     shard's slice; a cost larger than the shard's slice of a shared burst (but not the
-    whole burst) is denied until a rebalance gives the shard more, rather than refused;
-    ``preview`` and the metrics read the home slot only (open: docs/design.md).
+    whole burst) is denied until a rebalance gives the shard more, rather than refused.
+    ``preview`` adds up every shard's recorded traffic, and the metrics every shard's
+    counters (``_sharded_metrics``). The rules are ``ShardLayout``'s, shared with
+    ``AsyncShardedLimiter``; this class adds the (synchronous) I/O.
     """
 
     rebalancer: Rebalancer
     rebalancer_class = Rebalancer
 
-    def _decide(
-        self,
-        mode: Any,
-        tenant: str,
-        queue: str | None,
-        priority: str | None,
-        cost: float,
-        hold: float | None = None,
-    ) -> Decision:
-        shard, call = self.route(mode, tenant, queue, priority, cost, hold)
+    def _decide(self, mode: Mode, tenant: str, *rest: Any) -> Decision:
+        # (rest: queue, priority, cost and perhaps hold, as the limiter's own _decide)
+        shard, call = self.route(mode, tenant, *rest)
+        cost = rest[2]
         try:
             reply = self._scripts.call_packed("acquire.lua", call)
         except RedisError as exc:
@@ -124,20 +125,6 @@ class ShardedLimiter(ShardLayout, Limiter):
         for i, triple in enumerate(self.config_triples(call, self.shares())):
             self.write_shard(i, version, "", "", triple)
         return version
-
-    def preview(
-        self, scope: str | Scope, limit: Limit | str, *, window: float | None = None
-    ) -> Preview:
-        """``Limiter.preview`` over every shard's recorded traffic (each shard records its
-        own tenants': the minutes of all shards are added up, then replayed)."""
-        with redis_errors():
-            config, keys, since, window_s, now = preview_reads(
-                self._core, self.client.hgetall(self.keys.config), window, self.client.time()
-            )
-            pipe = self.client.pipeline()
-            self.queue_record_reads(pipe, keys)
-            minutes = merge_minutes(pipe.execute(), self.shards)
-        return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     def pause(self, scope: str | Scope, seconds: float, *, actor: str = "api") -> Pause:
         """``Limiter.pause``: set at home, then on every shard (the same moment: Redis time
