@@ -233,3 +233,10 @@ def layouts(limiter: LimiterBase) -> list[KeySpace]:
     if isinstance(limiter, ShardLayout):
         return list(limiter.shard_keys)
     return [limiter.keys]
+
+
+def tenant_keys(limiter: LimiterBase, tenant: str) -> KeySpace:
+    """The key layout holding a tenant's keys: its shard's, or the namespace's own."""
+    if isinstance(limiter, ShardLayout):
+        return limiter.shard_keys[limiter.shard_of(tenant)]
+    return limiter.keys

@@ -649,3 +649,43 @@ def test_celery_inspect_adds_up_every_shards_backlog(sharded: ShardedLimiter) ->
     assert sum(shown["queues"]["q"]["tenants"].values()) == 5
     assert set(shown["queues"]["q"]["tenants"]) <= set(tenants)
     assert shown["queues"]["q"]["tenants"][tenants[2]] >= 2
+
+
+# -- the Celery gate's wire on a sharded namespace ----------------------------------------------
+def test_a_sharded_schedulers_calls_go_over_the_wire_turn_by_turn(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """The gate's calls on a sharded namespace go over its wire (one connection: every
+    shard's slot is on the one server): a dispatch is one shard per turn, the turns go round
+    the shards, and a settlement of a dispatched item reaches its shard."""
+    from queue_ratelimit.celery._settler import usable
+    from queue_ratelimit.celery._wire import Wire
+
+    scheduler = FairScheduler(sharded)
+    sharded.set_concurrency("tenant:*", 5)
+    assert usable(scheduler)
+    (tenant,) = tenants_on(sharded, 2)
+    for i in range(3):
+        scheduler.submit(tenant, f"job-{i}", queue="q")
+    wire = Wire(redis_client, None)
+    got: list[tuple[int, object]] = []
+    readers = []
+    assert scheduler.dispatch_turns == 3
+    for turn in range(scheduler.dispatch_turns):
+        keys, args, read = scheduler.dispatch_turn(["q"], max_items=5)
+        readers.append(read)
+        wire.send([scheduler.command(keys, args)], lambda r, n=turn: got.append((n, r)))
+    wire.drain()
+    batches = [readers[n](result[0]) for n, result in got]  # type: ignore[index]
+    (found,) = [b for b in batches if b.items]
+    assert sorted(i.id for i in found.items) == ["job-0", "job-1", "job-2"]
+    assert all(i.slot is not None and i.slot.token.startswith("2.") for i in found.items)
+    assert scheduler.in_flight() == 3
+    settled: list[object] = []
+    for item in found.items:
+        keys, args = scheduler.settle_call(item, "ack", 0)
+        wire.send([scheduler.command(keys, args)], settled.append)
+    wire.drain()
+    assert [r[0] for r in settled] == [1, 1, 1]  # type: ignore[index]
+    assert scheduler.in_flight() == 0
+    wire.close()
