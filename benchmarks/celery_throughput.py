@@ -67,12 +67,20 @@ def done_key_of(namespace: str) -> str:
 # never bind; the same with no limit configured at all; fair only under rate contention.
 MODES = ("plain", "fair", "fair_no_limits", "rate_only")
 # Run when named in QRL_CELERY_MODES: "fair" on a namespace over QRL_CELERY_SHARDS shards
-# (default 3; docs/design.md, "Shards"), whose gate makes its calls the ordinary way.
-EXTRA_MODES = ("fair_shards",)
+# (default 3; docs/design.md, "Shards"), its gate's calls on the event-loop wire; and the
+# same with the calls made the ordinary way, waited for (as before the wire took them).
+EXTRA_MODES = ("fair_shards", "fair_shards_sync")
 
 
 def shards_of(mode: str) -> int:
-    return env_int("QRL_CELERY_SHARDS", 3) if mode == "fair_shards" else 1
+    return env_int("QRL_CELERY_SHARDS", 3) if mode.startswith("fair_shards") else 1
+
+
+def _no_wire() -> None:
+    """The gate's calls made the ordinary way (the worker of "fair_shards_sync")."""
+    from queue_ratelimit.celery import _settler
+
+    _settler.usable = lambda scheduler: False  # type: ignore[assignment]
 
 
 def make_app(
@@ -129,6 +137,8 @@ def _app_from_env() -> Celery | None:
     env = os.environ
     if "QRL_BENCH_CELERY_BROKER" not in env:
         return None
+    if env.get("QRL_BENCH_CELERY_MODE") == "fair_shards_sync":
+        _no_wire()
     return make_app(
         broker=env["QRL_BENCH_CELERY_BROKER"],
         redis_url=env["QRL_BENCH_CELERY_REDIS"],
