@@ -21,7 +21,9 @@ from an app without the integration, with it and hints off (rate options into he
 and with it and hints on (one pipelined peek per publish), in interleaved rounds.
 
 Environment: ``QRL_BENCH_ROUNDS`` (default 3), ``QRL_CELERY_TASKS`` (N, default 2000),
-``QRL_CELERY_PUBLISHES`` (calls per latency round, default 2000).
+``QRL_CELERY_PUBLISHES`` (calls per latency round, default 2000), ``QRL_CELERY_MODES`` (the
+worker modes to run, comma-separated: of ``MODES`` and ``EXTRA_MODES``; plain always runs),
+``QRL_CELERY_SHARDS`` (the shards of the ``fair_shards`` mode, default 3).
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ def done_key_of(namespace: str) -> str:
 # Worker modes: no plugin; the plugin with fair dispatch of worker capacity and limits that
 # never bind; the same with no limit configured at all; fair only under rate contention.
 MODES = ("plain", "fair", "fair_no_limits", "rate_only")
+# Run when named in QRL_CELERY_MODES: "fair" on a namespace over QRL_CELERY_SHARDS shards
+# (default 3; docs/design.md, "Shards"), its gate's calls on the event-loop wire; and the
+# same with the calls made the ordinary way, waited for (as before the wire took them).
+EXTRA_MODES = ("fair_shards", "fair_shards_sync")
+
+
+def shards_of(mode: str) -> int:
+    return env_int("QRL_CELERY_SHARDS", 3) if mode.startswith("fair_shards") else 1
+
+
+def _no_wire() -> None:
+    """The gate's calls made the ordinary way (the worker of "fair_shards_sync")."""
+    from queue_ratelimit.celery import _settler
+
+    _settler.usable = lambda scheduler: False  # type: ignore[assignment]
 
 
 def make_app(
@@ -75,6 +92,7 @@ def make_app(
     gate: bool,
     hints: bool = True,
     fair_capacity: bool = True,
+    shards: int = 1,
 ) -> Celery:
     """The benchmark's app: one no-op task; the integration installed when ``gate``."""
     app = Celery(f"bench-{namespace}", broker=broker)
@@ -91,6 +109,7 @@ def make_app(
             namespace=namespace,
             hints=hints,
             fair_capacity=fair_capacity,
+            shards=shards,
         )
 
     done_key = done_key_of(namespace)
@@ -118,6 +137,8 @@ def _app_from_env() -> Celery | None:
     env = os.environ
     if "QRL_BENCH_CELERY_BROKER" not in env:
         return None
+    if env.get("QRL_BENCH_CELERY_MODE") == "fair_shards_sync":
+        _no_wire()
     return make_app(
         broker=env["QRL_BENCH_CELERY_BROKER"],
         redis_url=env["QRL_BENCH_CELERY_REDIS"],
@@ -125,6 +146,7 @@ def _app_from_env() -> Celery | None:
         queue=env["QRL_BENCH_CELERY_QUEUE"],
         gate=env.get("QRL_BENCH_CELERY_MODE") != "plain",
         fair_capacity=env.get("QRL_BENCH_CELERY_MODE") != "rate_only",
+        shards=shards_of(env.get("QRL_BENCH_CELERY_MODE", "")),
     )
 
 
@@ -178,7 +200,7 @@ def _worker_round(
     """Queue ``count`` tasks, start a worker, time it until the queue is drained."""
     namespace = f"bc{uuid.uuid4().hex[:8]}"
     queue = f"bench-{namespace}"
-    limiter = Limiter.from_url(redis_url, namespace=namespace)
+    limiter = Limiter.from_url(redis_url, namespace=namespace, shards=shards_of(mode))
     if mode != "fair_no_limits":
         limiter.set_limit("global", NEVER_BINDS)
         limiter.set_limit("tenant:*", NEVER_BINDS)
@@ -331,7 +353,8 @@ def run(redis_url: str) -> dict[str, Any]:
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "qrl-bench-celery"
     logdir.mkdir(parents=True, exist_ok=True)
 
-    modes = [m for m in MODES if m in os.environ.get("QRL_CELERY_MODES", ",".join(MODES))]
+    chosen = os.environ.get("QRL_CELERY_MODES", ",".join(MODES)).split(",")
+    modes = [m for m in MODES + EXTRA_MODES if m in chosen]
     if "plain" not in modes:
         modes.insert(0, "plain")
     per_mode: dict[str, list[dict[str, float]]] = {m: [] for m in modes}

@@ -6,10 +6,12 @@
 -- KEYS: the shard's config hash, its shared hash
 -- ARGV: version (of the home configuration this write comes from), lease epoch ("" for a
 --       configuration write, which no epoch fences), "sync" to delete every field not named
---       here (a shard found behind: the home configuration is copied whole) or "", then
---       triples: field, value ("" deletes it), "1" when the field is a shared scope's limit
---       (its bucket is settled before the limit changes) or "".
--- Reply: the fields changed, or -1 when a newer rebalancer's lease is on the shard.
+--       here (a shard found behind: the home configuration is copied whole), "fence" (no
+--       triples: a round starting, see below) or "", then triples: field, value ("" deletes
+--       it), "1" when the field is a shared scope's limit (its bucket is settled before the
+--       limit changes) or "".
+-- Reply: the fields changed (for "fence": the decisions whose counts it wrote), or -1 when
+-- a newer rebalancer's lease is on the shard.
 -- Runs with buckets.lua (fmt, flush_counts).
 --
 -- Each field is a last-writer-wins register ordered by home version: `_v:<field>` keeps the
@@ -17,7 +19,10 @@
 -- nothing (two processes changing one field write the shards in any order; the newer
 -- version stays). A lease write carries the version its slices were computed from, so it
 -- never brings back a limit a newer configuration replaced. `_lease` keeps the newest
--- rebalancer epoch seen: a rebalancer whose lock ran out while it stalled is refused.
+-- rebalancer epoch seen: a rebalancer whose lock ran out while it stalled is refused. A round
+-- fences every shard with its epoch before it reads ("fence", which also writes the counts
+-- the library keeps in memory, as counters.lua does, for the round to read): from then on
+-- an older round is refused on every shard, not only on those the newer one writes.
 --
 -- Settling: a decision refills a bucket at the rate it reads now, from the time the bucket
 -- was last written. A slice that grows would otherwise refill the time since then at the
@@ -33,6 +38,7 @@ if epoch ~= '' then
   if tonumber(epoch) < seen then return -1 end
   redis.call('HSET', config_key, '_lease', epoch)
 end
+if ARGV[3] == 'fence' then return flush_counts(shared_key, redis.call('HGET', shared_key, '_rev')) end
 
 local now, now_s = nil, nil
 local function clock()

@@ -38,7 +38,17 @@ class AsyncLimiter(LimiterBase):
 
     >>> limiter = AsyncLimiter.from_url("redis://localhost:6379/0")
     >>> decision = await limiter.acquire("acme", queue="emails")   # doctest: +SKIP
+
+    ``shards=N`` (N > 1) spreads the namespace over N hash slots as ``Limiter`` does, with
+    the same keys: ``AsyncLimiter(client, shards=N)`` makes an ``AsyncShardedLimiter``
+    (docs/design.md, "Shards"); ``rebalance_interval`` as for ``Limiter``.
     """
+
+    @classmethod
+    def _sharded(cls) -> type[Any]:
+        from ._async_shards import AsyncShardedLimiter  # (here: it subclasses this)
+
+        return AsyncShardedLimiter
 
     @classmethod
     def from_url(
@@ -217,9 +227,8 @@ class AsyncLimiter(LimiterBase):
                 self._core, await self._config_hash(), window, await self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            minutes = await pipe.execute()
+            self._queue_record_reads(pipe, keys)
+            minutes = self._recorded(await pipe.execute())
         return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     async def config_version(self) -> int:

@@ -52,7 +52,7 @@ from ._errors import (
     InvalidScope,
     LimitNotFound,
 )
-from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace
+from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace, check_shards
 from ._limit import Limit
 from ._scopes import Scope, _shown, check_name, check_priority, scope_name
 from ._scripts import Scripts
@@ -566,6 +566,21 @@ class LimiterCore:
 class LimiterBase:
     """What ``Limiter`` and ``AsyncLimiter`` share: the rules, the client, the scripts."""
 
+    shards: int = 1
+
+    @classmethod
+    def _sharded(cls) -> type[Any] | None:
+        """The class ``cls(..., shards=N)`` makes for N > 1 (None: ``cls`` takes no shards)."""
+        return None
+
+    def __new__(cls, client: Any = None, *args: Any, shards: int = 1, **options: Any) -> Any:
+        # (Only the plain classes choose: a subclass, sharded or not, is made as it is.)
+        sharded = cls._sharded() if shards != 1 and "_sharded" in cls.__dict__ else None
+        if sharded is not None:
+            check_shards(shards)
+            return super().__new__(sharded)
+        return super().__new__(cls)
+
     def __init__(
         self,
         client: Any,
@@ -576,7 +591,13 @@ class LimiterBase:
         closed_retry_ms: float = 1000.0,
         counter_retention: float = DEFAULT_RETENTION_MS / 1000,
         eviction: EvictionMode = "warn",
+        shards: int = 1,
+        rebalance_interval: float | None = None,
     ) -> None:
+        # (The sharded classes, which cls(shards=N) makes, pass no shards here.)
+        if check_shards(shards) != 1:
+            plain = next(c for c in type(self).__mro__ if "_sharded" in vars(c))
+            raise ConfigError(f"shards > 1: make the limiter with {plain.__name__}(...) itself")
         self._core = LimiterCore(
             namespace=namespace,
             prefix=prefix,
@@ -594,6 +615,16 @@ class LimiterBase:
     def _eviction_check(self) -> Any:
         """Warn about (or refuse) a server that evicts keys: ``Limiter``/``AsyncLimiter``."""
         raise NotImplementedError
+
+    def _queue_record_reads(self, pipe: Any, keys: Sequence[str]) -> None:
+        """``preview``'s reads of the recorded minutes ``keys`` (a sharded limiter reads
+        every shard's)."""
+        for key in keys:
+            pipe.hgetall(key)
+
+    def _recorded(self, replies: Sequence[Any]) -> list[Any]:
+        """The recorded minutes from the replies to ``_queue_record_reads``."""
+        return list(replies)
 
     @property
     def namespace(self) -> str:

@@ -24,11 +24,12 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._core import redis_errors
 
 if TYPE_CHECKING:
+    from ._keys import KeySpace
     from ._shards import ShardedLimiter
 
 log = logging.getLogger("queue_ratelimit")
@@ -170,6 +171,33 @@ def slices(field: str, value: str, shares: Sequence[float]) -> list[str]:
     return _limit_slices(value, shares)
 
 
+def parse_shares(raw: str | None, n: int) -> list[float]:
+    """Shares as stored at home ("0.5 0.25 0.25"); equal ones when absent or stale."""
+    try:
+        shares = [float(s) for s in (raw or "").split()]
+    except ValueError:
+        shares = []
+    if len(shares) != n or not all(s > 0 for s in shares):
+        return equal_shares(n)
+    return shares
+
+
+def shard_fields(
+    config: Mapping[str, str], shares: Mapping[str, Sequence[float]], shard: int, n: int
+) -> list[str]:
+    """The whole configuration as shard ``shard`` of ``n`` enforces it, as lua/shards.lua's
+    triples (field, value, "1" for a shared scope's limit)."""
+    out: list[str] = []
+    for field, value in config.items():
+        if field.startswith("_"):
+            continue
+        scope = shared_scope(field)
+        of_scope = shares.get(scope) if scope is not None else None
+        part = slices(field, value, of_scope or equal_shares(n))[shard]
+        out += [field, part, "1" if scope is not None and field == scope else ""]
+    return out
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -200,6 +228,9 @@ class RebalanceReport:
         writes: shard writes made (slices moved, shards brought up to date).
         synced: shards found behind the configuration and copied it whole.
         seconds: how long the round took, as the client saw it.
+        fenced: a newer round started meanwhile (its lock taken after this one's ran
+            out): this one stopped at the first shard that refused it, and left the
+            state at home to the newer one.
     """
 
     epoch: int
@@ -208,82 +239,100 @@ class RebalanceReport:
     writes: int
     synced: int
     seconds: float
+    fenced: bool = False
 
 
-class Rebalancer:
-    """Moves the shared scopes' slices between the shards of one namespace by demand.
+class RoundPlan:
+    """What one rebalance round writes, computed from its reads (I/O-free: the sync and the
+    asyncio rebalancer run the same plan).
 
-    ``tick`` (called after decisions) runs a round at most once per ``interval`` in this
-    process, and only when it takes the namespace's lock (``SET NX PX``) for the interval:
-    one process of all rebalances each interval. A round is a pipeline of reads, a write
-    per shard whose slices moved (shrinking slices first, so the shards' sum never goes
-    over the limit while they move), and a write of the state at home.
+    Attributes:
+        version: the home configuration version the slices come from.
+        shares: each shared scope's shares after the round.
+        writes: (shard, mode, triples) in the order to write them: slices that shrink,
+            then slices that grow, then whole copies to shards behind the configuration.
+        synced: shards found behind, copied whole.
+        state: the fields of the home slot's lease hash to write after the shards.
     """
 
-    def __init__(self, limiter: ShardedLimiter, interval: float) -> None:
-        self.limiter = limiter
+    __slots__ = ("shares", "state", "synced", "version", "writes")
+
+    def __init__(
+        self,
+        version: int,
+        shares: dict[str, list[float]],
+        writes: list[tuple[int, str, list[str]]],
+        synced: int,
+        state: dict[str, str],
+    ) -> None:
+        self.version, self.shares, self.writes = version, shares, writes
+        self.synced, self.state = synced, state
+
+    def report(self, epoch: int, writes: int, seconds: float, fenced: bool) -> RebalanceReport:
+        shares = {s: tuple(v) for s, v in self.shares.items()}
+        return RebalanceReport(epoch, self.version, shares, writes, self.synced, seconds, fenced)
+
+
+class Sharded(Protocol):
+    """What a rebalancer needs of its limiter's layout (``_shard_layout.ShardLayout``)."""
+
+    shards: int
+    shard_keys: list[KeySpace]
+
+    @property
+    def keys(self) -> KeySpace: ...
+
+
+class RoundClock:
+    """The part of a rebalancer that is no I/O: when the next round is due in this process,
+    the lock it takes, what it reads and what it makes of the replies (``plan``). Subclassed
+    by ``Rebalancer`` (redis) and ``_async_shards.AsyncRebalancer`` (redis.asyncio)."""
+
+    def __init__(self, limiter: Sharded, interval: float) -> None:
+        self.limiter: Sharded = limiter
         self.interval = interval
         self.due = time.monotonic() + interval
-        self._busy = threading.Lock()
-        self._owner = uuid.uuid4().hex
+        self.owner = uuid.uuid4().hex
         self._failing = False
         self.last: RebalanceReport | None = None
 
-    def tick(self) -> None:
-        """Rebalance if it is this process's turn; never raises (a failed round is logged
-        and tried again an interval later)."""
-        if not self._busy.acquire(blocking=False):
-            return
-        try:
-            self.due = time.monotonic() + self.interval
-            if self._take_lock():
-                self.last = self.run()
+    def lock_args(self) -> tuple[str, str, int]:
+        """The lock a round takes for one interval (``SET key owner NX PX ms``)."""
+        return self.limiter.keys.rebalance, self.owner, max(1, int(self.interval * 1000))
+
+    def started(self) -> None:
+        self.due = time.monotonic() + self.interval
+
+    def failed(self, exc: Exception | None) -> None:
+        """A round's outcome: logged once per streak of failures (Redis away: every
+        interval would fail alike)."""
+        if exc is None:
             self._failing = False
-        except Exception as exc:  # (a round is best effort: decisions must go on)
-            # Once per streak of failures (Redis away: every interval would fail alike).
-            level = logging.DEBUG if self._failing else logging.WARNING
-            log.log(level, "queue-ratelimit: rebalancing the shards failed: %s", exc)
-            self._failing = True
-        finally:
-            self._busy.release()
+            return
+        level = logging.DEBUG if self._failing else logging.WARNING
+        log.log(level, "queue-ratelimit: rebalancing the shards failed: %s", exc)
+        self._failing = True
 
-    def _take_lock(self) -> bool:
-        keys = self.limiter.keys
-        ms = max(1, int(self.interval * 1000))
-        return bool(self.limiter.client.set(keys.rebalance, self._owner, nx=True, px=ms))
-
-    def run(self) -> RebalanceReport:
-        """One round now, lock or not (``Limiter.rebalance``).
-
-        Raises:
-            BackendUnavailable / BackendError: as the limiter's calls do.
-        """
-        started = time.perf_counter()
+    def queue_reads(self, pipe: Any) -> None:
+        """A round's reads, on one pipeline (sync or asyncio: queueing is the same)."""
         lim = self.limiter
-        home = lim.keys
-        client = lim.client
-        # Every decision counted so far, in the shards' hashes (counts kept in memory).
-        lim.flush_counters()
-        with redis_errors():
-            epoch = int(client.hincrby(home.share, "epoch", 1))
-            seconds, micros = client.time()
-            now_us = seconds * 1_000_000 + micros
-            pipe = client.pipeline()
-            pipe.hgetall(home.config)
-            pipe.hgetall(home.share)
-            for keys in lim.shard_keys:
-                pipe.hget(keys.config, "_version")
-                pipe.hgetall(keys.shared)
-            replies = pipe.execute()
+        pipe.hgetall(lim.keys.config)
+        pipe.hgetall(lim.keys.share)
+        for keys in lim.shard_keys:
+            pipe.hget(keys.config, "_version")
+            pipe.hgetall(keys.shared)
+
+    def plan(self, now_us: int, replies: Sequence[Any]) -> RoundPlan:
+        """The round's writes, from ``queue_reads``' replies at Redis time ``now_us``."""
+        n = self.limiter.shards
         config = {_text(k): _text(v) for k, v in replies[0].items()}
         state = {_text(k): _text(v) for k, v in replies[1].items()}
         versions = [int(_text(v or 0)) for v in replies[2::2]]
         shared = replies[3::2]
         version = int(config.get("_version", 0))
-        n = lim.shards
 
         scopes = sorted({s for f in config if (s := shared_scope(f)) is not None})
-        old = {s: lim.parse_shares(state.get(f"shares:{s}"), n) for s in scopes}
+        old = {s: parse_shares(state.get(f"shares:{s}"), n) for s in scopes}
         seen = json.loads(state.get("seen", "{}"))
         new = dict(old)
         counts: dict[str, list[list[float]]] = {}
@@ -300,62 +349,110 @@ class Rebalancer:
             if moved(old[scope], shares):
                 new[scope] = shares
 
-        writes, synced = self._write(config, version, epoch, old, new, versions)
+        writes = _slice_writes(config, old, new, versions, version)
+        behind = [i for i in range(n) if versions[i] < version]
+        for i in behind:
+            writes.append((i, "sync", shard_fields(config, new, i, n)))
         state_fields: dict[str, str] = {"seen": json.dumps({"at": now_us, "n": counts})}
         for scope, shares in new.items():
             state_fields[f"shares:{scope}"] = " ".join(repr(round(s, 6)) for s in shares)
-        with redis_errors():
-            client.hset(home.share, mapping=state_fields)
-        return RebalanceReport(
-            epoch,
-            version,
-            {s: tuple(v) for s, v in new.items()},
-            writes,
-            synced,
-            time.perf_counter() - started,
-        )
+        return RoundPlan(version, new, writes, len(behind), state_fields)
 
-    def _write(
-        self,
-        config: Mapping[str, str],
-        version: int,
-        epoch: int,
-        old: Mapping[str, Sequence[float]],
-        new: Mapping[str, Sequence[float]],
-        versions: Sequence[int],
-    ) -> tuple[int, int]:
-        """Write the slices that moved (shrinking ones first) and copy the configuration
-        whole to shards behind it; returns (writes, shards synced)."""
-        lim = self.limiter
-        n = lim.shards
-        shrink: list[list[str]] = [[] for _ in range(n)]
-        grow: list[list[str]] = [[] for _ in range(n)]
-        for scope, shares in new.items():
-            if shares is old[scope]:
+
+def _slice_writes(
+    config: Mapping[str, str],
+    old: Mapping[str, Sequence[float]],
+    new: Mapping[str, Sequence[float]],
+    versions: Sequence[int],
+    version: int,
+) -> list[tuple[int, str, list[str]]]:
+    """Writes of the slices that moved, shrinking ones first (so the shards' rates never sum
+    to more than the limit while they move); shards behind are copied whole instead."""
+    n = len(versions)
+    shrink: list[list[str]] = [[] for _ in range(n)]
+    grow: list[list[str]] = [[] for _ in range(n)]
+    for scope, shares in new.items():
+        if shares is old[scope]:
+            continue
+        for field in (scope, f"conc:{scope}"):
+            value = config.get(field)
+            if value is None:
                 continue
-            for field in (scope, f"conc:{scope}"):
-                value = config.get(field)
-                if value is None:
-                    continue
-                parts = slices(field, value, shares)
-                flag = "" if field.startswith("conc:") else "1"
-                for i in range(n):
-                    target = shrink if shares[i] <= old[scope][i] else grow
-                    target[i] += [field, parts[i], flag]
-        writes = synced = 0
-        for batch in (shrink, grow):
+            parts = slices(field, value, shares)
+            flag = "" if field.startswith("conc:") else "1"
             for i in range(n):
-                if versions[i] < version:
-                    continue  # copied whole below
-                if batch[i]:
-                    lim.write_shard(i, version, str(epoch), "", batch[i])
-                    writes += 1
-        for i in range(n):
-            if versions[i] < version:
-                lim.write_shard(i, version, str(epoch), "sync", lim.shard_fields(config, new, i))
-                writes += 1
-                synced += 1
-        return writes, synced
+                target = shrink if shares[i] <= old[scope][i] else grow
+                target[i] += [field, parts[i], flag]
+    return [
+        (i, "", batch[i])
+        for batch in (shrink, grow)
+        for i in range(n)
+        if batch[i] and versions[i] >= version
+    ]
+
+
+class Rebalancer(RoundClock):
+    """Moves the shared scopes' slices between the shards of one namespace by demand.
+
+    ``tick`` (called after decisions) runs a round at most once per ``interval`` in this
+    process, and only when it takes the namespace's lock (``SET NX PX``) for the interval:
+    one process of all rebalances each interval. A round takes a new epoch and fences every
+    shard with it (an older round still writing is refused from then on, everywhere), then
+    one pipeline of reads, a write per shard whose slices moved (shrinking slices first, so
+    the shards' sum never goes over the limit while they move), and a write of the state at
+    home, unless a newer round fenced this one off meanwhile.
+    """
+
+    limiter: ShardedLimiter
+
+    def __init__(self, limiter: ShardedLimiter, interval: float) -> None:
+        super().__init__(limiter, interval)
+        self._busy = threading.Lock()
+
+    def tick(self) -> None:
+        """Rebalance if it is this process's turn; never raises (a failed round is logged
+        and tried again an interval later)."""
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            self.started()
+            key, owner, ms = self.lock_args()
+            if self.limiter.client.set(key, owner, nx=True, px=ms):
+                self.last = self.run()
+            self.failed(None)
+        except Exception as exc:  # (a round is best effort: decisions must go on)
+            self.failed(exc)
+        finally:
+            self._busy.release()
+
+    def run(self) -> RebalanceReport:
+        """One round now, lock or not (``Limiter.rebalance``).
+
+        Raises:
+            BackendUnavailable / BackendError: as the limiter's calls do.
+        """
+        started = time.perf_counter()
+        lim = self.limiter
+        with redis_errors():
+            epoch = int(lim.client.hincrby(lim.keys.share, "epoch", 1))
+        # Fenced everywhere at once (and every decision counted so far written, in the
+        # shards' hashes: the counts kept in memory).
+        if any(lim.write_shard(i, 0, str(epoch), "fence", []) < 0 for i in range(lim.shards)):
+            return RebalanceReport(epoch, 0, {}, 0, 0, time.perf_counter() - started, True)
+        with redis_errors():
+            seconds, micros = lim.client.time()
+            pipe = lim.client.pipeline()
+            self.queue_reads(pipe)
+            replies = pipe.execute()
+        plan = self.plan(seconds * 1_000_000 + micros, replies)
+        writes = 0
+        for shard, mode, triples in plan.writes:
+            if lim.write_shard(shard, plan.version, str(epoch), mode, triples) < 0:
+                return plan.report(epoch, writes, time.perf_counter() - started, True)
+            writes += 1
+        with redis_errors():
+            lim.client.hset(lim.keys.share, mapping=plan.state)
+        return plan.report(epoch, writes, time.perf_counter() - started, False)
 
 
 def _delta(now: float, before: float) -> float:

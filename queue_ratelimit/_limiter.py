@@ -25,8 +25,7 @@ from ._core import (
 )
 from ._decision import Decision, Pause, ScopeLimit, Slot
 from ._durability import EvictionStatus, eviction_status, judge_eviction
-from ._errors import ConfigError, LimitNotFound
-from ._keys import check_shards
+from ._errors import LimitNotFound
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
 from ._urls import check_redis_url
@@ -66,28 +65,11 @@ class Limiter(LimiterBase):
             (default 1; ignored without shards).
     """
 
-    shards: int = 1
+    @classmethod
+    def _sharded(cls) -> type[Any]:
+        from ._shards import ShardedLimiter  # (here: it subclasses Limiter)
 
-    def __new__(cls, client: Any = None, *args: Any, shards: int = 1, **options: Any) -> Limiter:
-        if shards != 1 and cls is Limiter:
-            from ._shards import ShardedLimiter  # (here: it subclasses Limiter)
-
-            check_shards(shards)
-            return super().__new__(ShardedLimiter)
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        client: Any,
-        *,
-        shards: int = 1,
-        rebalance_interval: float | None = None,
-        **options: Any,
-    ) -> None:
-        # (ShardedLimiter, which Limiter(shards=N) makes, passes no shards here.)
-        if check_shards(shards) != 1:
-            raise ConfigError("shards > 1: make the limiter with Limiter(...) itself")
-        super().__init__(client, **options)
+        return ShardedLimiter
 
     @classmethod
     def from_url(
@@ -382,9 +364,8 @@ class Limiter(LimiterBase):
                 self._core, self.client.hgetall(self._core.keys.config), window, self.client.time()
             )
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            minutes = pipe.execute()
+            self._queue_record_reads(pipe, keys)
+            minutes = self._recorded(pipe.execute())
         return preview_read(scope, limit, config, keys, minutes, since, window_s, now)
 
     def config_version(self) -> int:

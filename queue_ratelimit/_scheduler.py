@@ -564,6 +564,18 @@ class FairScheduler:
         )
         return [*self._keys, *([] if receipt is None else [receipt[0]])], args
 
+    # A sender of its own (the Celery gate's wire) dispatches in turns: one call per turn,
+    # read by the turn's own reader; a sharded scheduler takes one shard per turn, and a
+    # turn that finds nothing is followed by the next, up to ``dispatch_turns`` of them.
+    dispatch_turns = 1
+
+    def dispatch_turn(
+        self, queues: Sequence[str], **options: Any
+    ) -> tuple[list[str], list[Any], Callable[[object], Dispatch]]:
+        """The next turn's ``dispatch_call`` (same parameters) and its reply's reader."""
+        keys, args = self.dispatch_call(queues, **options)
+        return keys, args, self.dispatch_result
+
     @staticmethod
     def dispatch_result(reply: object) -> Dispatch:
         """The ``Dispatch`` a dispatch call's reply stands for."""

@@ -190,6 +190,25 @@ class ShardedScheduler(FairScheduler):
     def dispatch_call(self, queues: Sequence[str], **options: Any) -> tuple[list[str], list[Any]]:
         raise NotImplementedError("a sharded dispatch is one call per shard: use dispatch()")
 
+    @property
+    def dispatch_turns(self) -> int:  # type: ignore[override]
+        return len(self.parts)
+
+    def dispatch_turn(
+        self, queues: Sequence[str], **options: Any
+    ) -> tuple[list[str], list[Any], Callable[[object], Dispatch]]:
+        """One shard's dispatch call (one further on than the last turn or ``dispatch``),
+        and the reader of its reply, whose items name their shard as ``dispatch``'s do."""
+        self._tick()
+        shard, self._turn = self._turn, (self._turn + 1) % len(self.parts)
+        keys, args = self.parts[shard].dispatch_call(queues, **options)
+
+        def read(reply: object) -> Dispatch:
+            got = FairScheduler.dispatch_result(reply)
+            return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), got.wait_ms)
+
+        return keys, args, read
+
     # -- settling --------------------------------------------------------------------------
     def _settle(
         self, item: str | DispatchedItem, how: Callable[[FairScheduler, str | DispatchedItem], bool]

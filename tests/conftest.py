@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -17,6 +18,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from queue_ratelimit import Limiter
+from queue_ratelimit._shards import ShardedLimiter
+
+if TYPE_CHECKING:
+    from queue_ratelimit._shard_layout import ShardLayout
 
 REDIS_SERVER = shutil.which("redis-server")
 # redis-py retries a refused connection with backoff by default; probes should not wait.
@@ -163,3 +168,20 @@ def redis_process(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def sharded(redis_client: redis.Redis, namespace: str) -> Iterator[ShardedLimiter]:
+    """A namespace over 3 shards, rebalanced only when a test asks (tests/test_shards.py)."""
+    lim = Limiter(redis_client, namespace=namespace, shards=3, rebalance_interval=3600)
+    assert isinstance(lim, ShardedLimiter)
+    yield lim
+    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def tenants_on(lim: ShardLayout, shard: int, count: int = 1) -> list[str]:
+    """The first ``count`` tenant names (tenant0, tenant1...) that live on ``shard``."""
+    found = [t for t in (f"tenant{i}" for i in range(10_000)) if lim.shard_of(t) == shard]
+    return found[:count]

@@ -18,13 +18,21 @@ from click.testing import CliRunner
 from rq.cli.cli import main as rq_main
 from rq.job import JobStatus
 
-from queue_ratelimit import Limiter
 from queue_ratelimit.cli import main
 from queue_ratelimit.rq import Queue
 
 
-@pytest.fixture
-def queue(redis_client: redis.Redis, namespace: str) -> Iterator[Queue]:
+@pytest.fixture(params=[1, 3], ids=["one-slot", "3-shards"])
+def queue(
+    redis_client: redis.Redis,
+    namespace: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Queue]:
+    """Every view on one slot and on a namespace over 3 shards (QUEUE_RATELIMIT_SHARDS, as
+    workers, producers and the CLI take it): the tenants of ``waiting_in_both`` then live
+    on different shards (acme on 2, other on 0, default on 1)."""
+    monkeypatch.setenv("QUEUE_RATELIMIT_SHARDS", str(request.param))
     yield Queue(f"q-{namespace}", connection=redis_client, rate_namespace=namespace)
     keys = list(redis_client.scan_iter(match=f"*{namespace}*", count=1000))
     if keys:
@@ -33,13 +41,17 @@ def queue(redis_client: redis.Redis, namespace: str) -> Iterator[Queue]:
 
 def waiting_in_both(queue: Queue) -> tuple[list[str], list[str]]:
     """Jobs of plain RQ producers on RQ's list, and jobs of ours in the fair backlog (a
-    backlog formed: a job another tenant parked there first). Returns (listed, parked)."""
+    backlog formed: the first job of each tenant parked there directly, so the lane is
+    contended on the shard of each). Returns (listed, parked)."""
     conn = queue.connection
     plain = rq.Queue(queue.name, connection=conn)
-    first = plain.create_job(len, args=("a",))
-    first.save()
-    queue.rate_scheduler.submit("other", first.id, queue=queue.name)
-    parked = [first.id, *(queue.enqueue(len, "abc", rate_tenant="acme").id for _ in range(3))]
+    first = []
+    for tenant in ("other", "acme"):
+        job = plain.create_job(len, args=("a",), meta={"rate_tenant": tenant})
+        job.save()
+        queue.rate_scheduler.submit(tenant, job.id, queue=queue.name)
+        first.append(job.id)
+    parked = [*first, *(queue.enqueue(len, "abc", rate_tenant="acme").id for _ in range(2))]
     listed = [plain.enqueue(len, "x").id for _ in range(2)]
     assert conn.llen(queue.key) == 2
     assert queue.rate_backlog == 4
@@ -156,9 +168,10 @@ def test_rq_info_reads_tenants_as_a_worker_does(
 
 
 def test_rq_info_shows_the_slots_held_against_each_cap_that_applies(
-    queue: Queue, redis_url: str, namespace: str, limiter: Limiter
+    queue: Queue, redis_url: str, namespace: str
 ) -> None:
     waiting_in_both(queue)
+    limiter = queue.rate_scheduler.limiter  # (with the queue's shards)
     limiter.set_concurrency("tenant:*", 4)
     limiter.set_concurrency("tenant:acme", 1)  # its own cap wins over the default
     limiter.set_concurrency(f"tenant:*:queue:{queue.name}", 2)
@@ -201,8 +214,13 @@ def test_empty_removes_the_jobs_waiting_in_the_backlog_too(queue: Queue) -> None
     listed, parked = waiting_in_both(queue)
     conn = queue.connection
     # Two jobs a worker took from the backlog already: in progress, not waiting.
-    dispatched = queue.rate_scheduler.dispatch([queue.name], max_items=2, hand_over=True).items
-    taken = {i.id for i in dispatched}
+    # (On a sharded namespace a dispatch serves one shard: ask until two are out.)
+    taken: set[str] = set()
+    while len(taken) < 2:
+        batch = queue.rate_scheduler.dispatch(
+            [queue.name], max_items=2 - len(taken), hand_over=True
+        )
+        taken |= {i.id for i in batch.items}
     assert len(taken) == 2
     assert taken <= set(parked)
     still = [i for i in parked if i not in taken]

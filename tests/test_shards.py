@@ -5,12 +5,13 @@ The cluster tests (tests/test_cluster.py) check the spread over primaries and th
 from __future__ import annotations
 
 import logging
+import time
 import zlib
-from collections.abc import Iterator
 
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import tenants_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -23,21 +24,6 @@ from queue_ratelimit.cli import main as cli_main
 from queue_ratelimit.metrics import snapshot
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-def sharded(redis_client: redis.Redis, namespace: str) -> Iterator[ShardedLimiter]:
-    lim = Limiter(redis_client, namespace=namespace, shards=3, rebalance_interval=3600)
-    assert isinstance(lim, ShardedLimiter)
-    yield lim
-    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
-
-
-def tenants_on(lim: ShardedLimiter, shard: int, count: int = 1) -> list[str]:
-    found = [t for t in (f"tenant{i}" for i in range(10_000)) if lim.shard_of(t) == shard]
-    return found[:count]
 
 
 # -- shards=1 is the layout as it was ----------------------------------------------------------
@@ -594,3 +580,127 @@ def test_a_failing_rebalance_never_fails_a_decision_and_warns_once(
             assert sharded.acquire(tenant).allowed
     failures = [r for r in caplog.records if "rebalancing the shards failed" in r.message]
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+# -- rounds that overlap, pauses that ran out ---------------------------------------------------
+def test_a_round_fences_every_shard_so_an_older_round_writes_nowhere(
+    sharded: ShardedLimiter,
+) -> None:
+    """An older round (its lock ran out while it stalled) is refused on every shard once a
+    newer round started, also on shards the newer one had nothing to write to."""
+    sharded.set_limit("global", "30/s")
+    report = sharded.rebalance()
+    assert report.writes == 0  # (nothing moved: the round wrote no slice)
+    for shard in range(3):
+        stale = sharded.write_shard(shard, 1, str(report.epoch - 1), "", ["global", "", "1"])
+        assert stale == -1
+    assert all(sharded.client.hget(k.config, "global") for k in sharded.shard_keys)
+
+
+def test_a_fenced_round_leaves_the_shards_and_the_state_at_home_to_the_newer_one(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    sharded.set_limit("global", Limit(30, per=HOUR, burst=30))
+    sharded.rebalance()
+    (tenant,) = tenants_on(sharded, 1)
+    while sharded.acquire(tenant).allowed:
+        pass
+    before = redis_client.hgetall(sharded.keys.share)
+    # A newer round's epoch is on shard 2 already (this process stalled past its lock).
+    redis_client.hset(sharded.shard_keys[2].config, "_lease", 10**9)
+    report = sharded.rebalance()
+    after = redis_client.hgetall(sharded.keys.share)
+    assert {k: v for k, v in after.items() if k != b"epoch"} == {
+        k: v for k, v in before.items() if k != b"epoch"
+    }
+    assert report.fenced
+    assert report.writes == 0
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "global") == b"10.0 3600.0 10.0 -"
+
+
+def test_pauses_the_home_slot_forgets_are_forgotten_on_the_shards(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """A pause or resume at home forgets the pauses that ran out (lua/config.lua); the
+    shards forget them too, rather than keep them as past moments."""
+    ran_out = sharded.pause("queue:a", 0.001)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seconds, micros = redis_client.time()
+        if seconds * 1000 + micros / 1000 > ran_out.until_ms:
+            break
+    sharded.pause("queue:b", 60)
+    assert redis_client.hget(sharded.keys.config, "pause:queue:a") is None
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "pause:queue:a") is None
+        assert redis_client.hget(keys.config, "pause:queue:b") is not None
+    # A resume forgets them as well (here: none left), and a later pause of the same scope
+    # (a newer version) is written whatever came first.
+    assert sharded.resume("queue:b")
+    sharded.pause("queue:a", 60)
+    for keys in sharded.shard_keys:
+        assert redis_client.hget(keys.config, "pause:queue:b") is None
+        assert redis_client.hget(keys.config, "pause:queue:a") is not None
+
+
+# -- what waits, read over every shard -----------------------------------------------------------
+def test_celery_inspect_adds_up_every_shards_backlog(sharded: ShardedLimiter) -> None:
+    """``celery inspect qrl_gate``'s backlog figures: every shard's lanes, added up."""
+    from types import SimpleNamespace
+
+    from queue_ratelimit.celery._inspect import backlog_report
+
+    scheduler = FairScheduler(sharded)
+    tenants = [tenants_on(sharded, shard)[0] for shard in range(3)]
+    for n, tenant in enumerate(tenants):
+        for i in range(n + 1):
+            scheduler.submit(tenant, f"{tenant}-{i}", queue="q")
+    assert scheduler.dispatch(["q"]).items  # one in flight, on whichever shard it came from
+    gate = SimpleNamespace(_rt=SimpleNamespace(scheduler=scheduler), lanes=["q"])
+    shown = backlog_report(gate)  # type: ignore[arg-type]
+    assert shown["in_flight"] == 1
+    assert shown["queues"]["q"]["waiting"] == 5
+    assert sum(shown["queues"]["q"]["tenants"].values()) == 5
+    assert set(shown["queues"]["q"]["tenants"]) <= set(tenants)
+    assert shown["queues"]["q"]["tenants"][tenants[2]] >= 2
+
+
+# -- the Celery gate's wire on a sharded namespace ----------------------------------------------
+def test_a_sharded_schedulers_calls_go_over_the_wire_turn_by_turn(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """The gate's calls on a sharded namespace go over its wire (one connection: every
+    shard's slot is on the one server): a dispatch is one shard per turn, the turns go round
+    the shards, and a settlement of a dispatched item reaches its shard."""
+    from queue_ratelimit.celery._settler import usable
+    from queue_ratelimit.celery._wire import Wire
+
+    scheduler = FairScheduler(sharded)
+    sharded.set_concurrency("tenant:*", 5)
+    assert usable(scheduler)
+    (tenant,) = tenants_on(sharded, 2)
+    for i in range(3):
+        scheduler.submit(tenant, f"job-{i}", queue="q")
+    wire = Wire(redis_client, None)
+    got: list[tuple[int, object]] = []
+    readers = []
+    assert scheduler.dispatch_turns == 3
+    for turn in range(scheduler.dispatch_turns):
+        keys, args, read = scheduler.dispatch_turn(["q"], max_items=5)
+        readers.append(read)
+        wire.send([scheduler.command(keys, args)], lambda r, n=turn: got.append((n, r)))
+    wire.drain()
+    batches = [readers[n](result[0]) for n, result in got]  # type: ignore[index]
+    (found,) = [b for b in batches if b.items]
+    assert sorted(i.id for i in found.items) == ["job-0", "job-1", "job-2"]
+    assert all(i.slot is not None and i.slot.token.startswith("2.") for i in found.items)
+    assert scheduler.in_flight() == 3
+    settled: list[object] = []
+    for item in found.items:
+        keys, args = scheduler.settle_call(item, "ack", 0)
+        wire.send([scheduler.command(keys, args)], settled.append)
+    wire.drain()
+    assert [r[0] for r in settled] == [1, 1, 1]  # type: ignore[index]
+    assert scheduler.in_flight() == 0
+    wire.close()

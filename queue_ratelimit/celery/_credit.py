@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from .._errors import RateLimitError
 from .._limiter import Limiter
+from .._shard_layout import tenant_keys
 
 if TYPE_CHECKING:
     from ._wire import Reply, Wire
@@ -74,7 +75,9 @@ class CreditLedger:
         if found is None:
             if len(self._transit_keys) >= 10_000:
                 self._transit_keys.clear()
-            found = self._transit_keys[(lane, tenant)] = self._limiter().keys.transit(lane, tenant)
+            # (On a sharded namespace, the tenant's shard holds its transit count.)
+            keys = tenant_keys(self._limiter(), tenant)
+            found = self._transit_keys[(lane, tenant)] = keys.transit(lane, tenant)
         return found
 
     def grant(self, key: CreditKey, units: int, *, free: bool = False) -> None:

@@ -670,28 +670,46 @@ class RateLimitGate(bootsteps.StartStopStep):
         want = min(free, DISPATCH_BATCH)
         self.stats["dispatch_calls"] += 1
         if self._on_wire():
-            keys, args = scheduler.dispatch_call(self.lanes, max_items=want)
-            started = time.monotonic()
-
-            def dispatched(result: list[Reply] | RedisError) -> None:
-                self._dispatching = 0
-                reply = result if isinstance(result, RedisError) else result[0]
-                if isinstance(reply, ResponseError):
-                    # Functions flushed (the ordinary way reloads them), or broken data
-                    # (the ordinary way says so).
-                    delay = self._dispatch_now(want)
-                elif isinstance(reply, RedisError):
-                    self.health.failed(reply, started)
-                    delay = self._rt.settings.poll_interval
-                else:
-                    self.health.ok()
-                    delay = self._dispatched(scheduler.dispatch_result(reply), want)
-                self._schedule(delay)
-
             self._dispatching = want
-            self.wire.send([scheduler.command(keys, args)], dispatched)
+            self._dispatch_on_wire(want, scheduler.dispatch_turns, [])
             return None
         return self._dispatch_now(want)
+
+    def _dispatch_on_wire(self, want: int, turns: int, waits: list[float]) -> None:
+        """Send the scheduler's next dispatch turn on the wire; its reply hands the jobs to
+        the pool. A turn that found nothing is followed by the next while ``turns`` last
+        (a sharded namespace: one shard per turn), from the reply, without a poll."""
+        scheduler = self._rt.scheduler
+        keys, args, read = scheduler.dispatch_turn(self.lanes, max_items=want)
+        started = time.monotonic()
+
+        def dispatched(result: list[Reply] | RedisError) -> None:
+            reply = result if isinstance(result, RedisError) else result[0]
+            if isinstance(reply, ResponseError):
+                # Functions flushed (the ordinary way reloads them), or broken data (the
+                # ordinary way says so).
+                self._dispatching = 0
+                delay = self._dispatch_now(want)
+            elif isinstance(reply, RedisError):
+                self._dispatching = 0
+                self.health.failed(reply, started)
+                delay = self._rt.settings.poll_interval
+            else:
+                self.health.ok()
+                batch = read(reply)
+                if not batch.items and turns > 1:
+                    if batch.wait_ms is not None:
+                        waits.append(batch.wait_ms)
+                    self._dispatch_on_wire(want, turns - 1, waits)
+                    return
+                if not batch.items and waits:
+                    wait = min([*waits, *([] if batch.wait_ms is None else [batch.wait_ms])])
+                    batch = Dispatch((), wait)
+                self._dispatching = 0
+                delay = self._dispatched(batch, want)
+            self._schedule(delay)
+
+        self.wire.send([scheduler.command(keys, args)], dispatched)
 
     def _dispatch_now(self, want: int) -> float:
         """``_dispatch`` waiting for the reply."""
@@ -803,7 +821,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         if self.health.resting():  # settled when Redis is back
             self.unsettled[item_id] = how
             return False
-        if item_id not in self.unsettled and self.settler.usable:
+        if item_id not in self.unsettled and self.settler.sendable(item):
             self.held.pop(item_id, None)
             self.settler.send(item, how, self._rt.settings.dedupe_window, keep_slot)
             return True

@@ -17,6 +17,7 @@ from celery.worker.control import inspect_command
 from redis.exceptions import RedisError
 
 from .._errors import RateLimitError
+from .._shard_layout import layouts
 
 if TYPE_CHECKING:
     from ._gate import RateLimitGate
@@ -40,33 +41,45 @@ def gate_of(consumer: Any) -> RateLimitGate | None:
 
 
 def backlog_report(gate: RateLimitGate) -> dict[str, Any]:
-    """What waits in the gate's queues, from Redis (one pipelined read)."""
+    """What waits in the gate's queues, from Redis (one pipelined read; on a sharded
+    namespace every shard's lanes, added up)."""
     scheduler = gate._rt.scheduler
-    keys = scheduler.keys
+    spaces = layouts(scheduler.limiter)
     pipe = scheduler.client.pipeline(transaction=False)
     pipe.time()
-    pipe.zcard(keys.inflight)
-    for lane in gate.lanes:
-        pipe.hgetall(keys.counts(lane))
-        pipe.zrange(keys.parked(lane), 0, TOP_TENANTS - 1, withscores=True)
+    for keys in spaces:
+        pipe.zcard(keys.inflight)
+        for lane in gate.lanes:
+            pipe.hgetall(keys.counts(lane))
+            pipe.zrange(keys.parked(lane), 0, TOP_TENANTS - 1, withscores=True)
     replies = pipe.execute()
     seconds, micros = replies[0]
     now_ms = seconds * 1000 + micros / 1000
+    per_shard = 1 + 2 * len(gate.lanes)
+    shards = [replies[1 + i * per_shard : 1 + (i + 1) * per_shard] for i in range(len(spaces))]
     queues = {}
     for n, lane in enumerate(gate.lanes):
-        fields = {_text(f): _text(v) for f, v in replies[2 + 2 * n].items()}
-        # (Fields starting with ':' are the lane's own: its total, its virtual time...)
-        tenants = {t: int(c) for t, c in fields.items() if not t.startswith(":")}
+        total = 0
+        tenants: dict[str, int] = {}
+        parked: list[tuple[Any, float]] = []
+        for shard in shards:
+            fields = {_text(f): _text(v) for f, v in shard[1 + 2 * n].items()}
+            total += int(fields.get(":total", 0))
+            # (Fields starting with ':' are the lane's own: its total, its virtual time...)
+            for t, c in fields.items():
+                if not t.startswith(":"):
+                    tenants[t] = tenants.get(t, 0) + int(c)
+            parked += shard[2 + 2 * n]
         top = sorted(tenants.items(), key=lambda tc: (-tc[1], tc[0]))[:TOP_TENANTS]
-        parked = replies[3 + 2 * n]
+        soonest = sorted(parked, key=lambda tw: tw[1])[:TOP_TENANTS]
         queues[lane] = {
-            "waiting": int(fields.get(":total", 0)),
+            "waiting": total,
             "tenants": dict(top),
             "parked_tenants": {
-                _text(t): round(max(0.0, wake - now_ms) / 1000, 3) for t, wake in parked
+                _text(t): round(max(0.0, wake - now_ms) / 1000, 3) for t, wake in soonest
             },
         }
-    return {"in_flight": int(replies[1]), "queues": queues}
+    return {"in_flight": sum(int(shard[0]) for shard in shards), "queues": queues}
 
 
 def report(gate: RateLimitGate) -> dict[str, Any]:

@@ -32,14 +32,14 @@ OnSettled = Callable[[str, "DispatchedItem | str", Settlement, "bool | None"], N
 
 def usable(scheduler: FairScheduler) -> bool:
     """Whether the scheduler's calls can go over a ``Wire``: a plain ``redis.Redis`` client
-    on a server with Functions (the raw ``FCALL``)."""
+    on a server with Functions (the raw ``FCALL``). A sharded namespace's calls too: on one
+    server every shard's slot is on the one connection (a dispatch there is one call per
+    shard, sent turn by turn: ``FairScheduler.dispatch_turn``)."""
     scripts = scheduler._scripts
     return (
         bool(scripts._direct)
         and scripts.transport == "fcall"
         and isinstance(scheduler.client, redis.Redis)
-        # (A sharded namespace's dispatch is one call per shard: made the ordinary way.)
-        and getattr(scheduler.limiter, "shards", 1) == 1
     )
 
 
@@ -55,6 +55,14 @@ class AsyncSettler:
     @property
     def usable(self) -> bool:
         return usable(self.scheduler)
+
+    def sendable(self, item: str | DispatchedItem) -> bool:
+        """Whether ``send`` can settle ``item``: on a sharded namespace only an item as
+        dispatched names its shard (a bare id is settled the ordinary way, which asks
+        the shards in turn)."""
+        return self.usable and (
+            isinstance(item, DispatchedItem) or getattr(self.scheduler.limiter, "shards", 1) == 1
+        )
 
     def send(
         self, item: str | DispatchedItem, how: Settlement, remember: float, keep_slot: bool

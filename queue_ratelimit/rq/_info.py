@@ -20,6 +20,7 @@ from .._errors import RateLimitError
 from .._keys import KeySpace
 from .._limiter import Limiter
 from .._scopes import Scope
+from .._shard_layout import layouts
 from ._dequeue import _text
 from ._options import rate_options
 
@@ -83,11 +84,13 @@ def queue_info(
     integration keeps both on one server). Reads only: nothing is cleaned up or moved.
     """
     connection = limiter.client
-    keys = limiter._core.keys
-    return [_one(connection, keys, name, serializer, max_read) for name in sorted(set(names))]
+    spaces = layouts(limiter)  # (a sharded namespace's backlog is on every shard)
+    return [_one(connection, spaces, name, serializer, max_read) for name in sorted(set(names))]
 
 
-def _one(connection: Any, keys: KeySpace, name: str, serializer: Any, max_read: int) -> QueueInfo:
+def _one(
+    connection: Any, spaces: Sequence[KeySpace], name: str, serializer: Any, max_read: int
+) -> QueueInfo:
     info = QueueInfo(name)
     queue = rq.Queue(name, connection=connection, serializer=serializer)
     pipe = connection.pipeline(transaction=False)  # one moment's list: its length and head
@@ -105,15 +108,19 @@ def _one(connection: Any, keys: KeySpace, name: str, serializer: Any, max_read: 
     for tenant in _tenants(connection, queue, running):
         (info.unread if tenant is None else info.tenant(tenant)).running += 1
     try:
-        counts_key = keys.counts(name)
+        counts_keys = [keys.counts(name) for keys in spaces]
     except RateLimitError:
         return info  # a name that is no valid lane never has a backlog
-    for raw_field, raw_value in connection.hgetall(counts_key).items():
-        tenant = _text(raw_field)
-        if tenant == ":total":
-            info.total.parked = int(_text(raw_value))
-        elif not tenant.startswith(":"):  # (":cv" and such: the lane's own fields)
-            info.tenant(tenant).parked = int(_text(raw_value))
+    pipe = connection.pipeline(transaction=False)
+    for counts_key in counts_keys:
+        pipe.hgetall(counts_key)
+    for counts in pipe.execute():
+        for raw_field, raw_value in counts.items():
+            tenant = _text(raw_field)
+            if tenant == ":total":
+                info.total.parked += int(_text(raw_value))
+            elif not tenant.startswith(":"):  # (":cv" and such: the lane's own fields)
+                info.tenant(tenant).parked += int(_text(raw_value))
     return info
 
 

@@ -20,6 +20,7 @@ from .._errors import BackendError, BackendUnavailable, RateLimited, RateLimitEr
 from .._keys import DEFAULT_NAMESPACE
 from .._scheduler import FairScheduler, Hint
 from .._scopes import _shown
+from .._shard_layout import layouts
 from ._dequeue import FairDequeue, _text
 from ._handover import HOLDING
 from ._options import (
@@ -150,32 +151,34 @@ class Queue(rq.Queue):
     # RQ's views count both: ``rq info --queue-class queue_ratelimit.rq.Queue`` and
     # ``len(queue)`` tell how many wait, ``job_ids`` which (RQ's list first, then the
     # backlog, longest waiting first; the backlog is served in fair order, not that one).
-    def _lane_key(self, kind: str) -> str | None:
-        """A key of this queue's lane (``counts`` or ``age``); None for a name that is no
-        valid lane (such a queue never has a backlog)."""
+    def _lane_keys(self, kind: str) -> list[str] | None:
+        """A key of this queue's lane (``counts`` or ``age``) on every shard (one for an
+        unsharded namespace); None for a name that is no valid lane (such a queue never
+        has a backlog)."""
         try:
-            keys = self.rate_scheduler.keys
-            return keys.counts(self.name) if kind == "counts" else keys.age(self.name)
+            spaces = layouts(self.rate_scheduler.limiter)
+            return [k.counts(self.name) if kind == "counts" else k.age(self.name) for k in spaces]
         except RateLimitError:
             return None
 
     @property
     def count(self) -> int:
         """Jobs waiting in this queue: on RQ's list and in the fair backlog."""
-        if self._lane_key("counts") is None:
+        counts_keys = self._lane_keys("counts")
+        if counts_keys is None:
             return int(super().count)
         pipe = self.connection.pipeline(transaction=False)
         pipe.llen(self.key)
-        for counts in self.rate_scheduler.counts_keys(self.name):  # (one per shard)
+        for counts in counts_keys:  # (one per shard)
             pipe.hget(counts, ":total")
         listed, *parked = pipe.execute()
         return int(listed) + sum(int(p or 0) for p in parked)
 
     def get_job_ids(self, offset: int = 0, length: int = -1) -> list[str]:
         """A slice of the ids of the jobs waiting in this queue: RQ's list, then the fair
-        backlog (longest waiting first)."""
-        age = self._lane_key("age")
-        if age is None or length == 0:
+        backlog (longest waiting first, over every shard)."""
+        ages = self._lane_keys("age")
+        if ages is None or length == 0:
             return list(super().get_job_ids(offset, length))
         last = offset + length - 1 if length > 0 else -1
         pipe = self.connection.pipeline(transaction=False)
@@ -186,8 +189,20 @@ class Queue(rq.Queue):
         stop = -1 if last < 0 else last - listed
         if stop < -1 or (last >= 0 and stop < start):
             return [_text(i) for i in ids]
-        parked = cast("list[Any]", self.connection.zrange(age, start, stop))
-        return [_text(i) for i in (*ids, *parked)]
+        return [_text(i) for i in (*ids, *self._parked_ids(ages, start, stop))]
+
+    def _parked_ids(self, ages: list[str], start: int, stop: int) -> list[Any]:
+        """Positions ``start`` to ``stop`` (-1: the end) of the fair backlog, longest waiting
+        first: a range of the one lane, or of the shards' lanes merged by first-queued time
+        (ties by id, as a sorted set orders them)."""
+        if len(ages) == 1:
+            return cast("list[Any]", self.connection.zrange(ages[0], start, stop))
+        pipe = self.connection.pipeline(transaction=False)
+        for age in ages:
+            pipe.zrange(age, 0, stop, withscores=True)  # (each shard's first stop + 1)
+        merged = sorted((score, item) for reply in pipe.execute() for item, score in reply)
+        chosen = merged[start:] if stop < 0 else merged[start : stop + 1]
+        return [item for _, item in chosen]
 
     def empty(self) -> int:
         """Remove every job waiting in this queue, as ``rq.Queue.empty`` does (the jobs'
@@ -199,7 +214,7 @@ class Queue(rq.Queue):
         a job a worker moves from the one to the other meanwhile goes too.
         """
         removed = int(super().empty() or 0)
-        if self._lane_key("counts") is None:
+        if self._lane_keys("counts") is None:
             return removed  # a name no lane can have: RQ's list is all there is
         dropped = self.rate_scheduler.purge(self.name)
         if dropped:
