@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
+from ._breaker import DEFAULT_BACKOFF
 from ._client import REDIS_TIMEOUT, async_redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config, seed_calls
@@ -52,10 +53,19 @@ class AsyncLimiter(LimiterBase):
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float | None = REDIS_TIMEOUT, **options: Any
+        cls,
+        url: str,
+        *,
+        timeout: float | None = REDIS_TIMEOUT,
+        backoff: tuple[float, float] | None = DEFAULT_BACKOFF,
+        **options: Any,
     ) -> AsyncLimiter:
-        """As ``Limiter.from_url``: every wait on the server is bounded by ``timeout``."""
-        return cls(async_redis_client(check_redis_url(url), timeout), **options)
+        """As ``Limiter.from_url``: every wait on the server is bounded by ``timeout``, and
+        once a call has waited it out the next ones fail at once (the fail mode decides)
+        until Redis answers again. No thread probes: the first call after each back-off
+        window (``backoff``, as ``Limiter.from_url``'s) is sent as the probe, and may wait
+        out the timeout; the calls meanwhile are refused without a wait."""
+        return cls(async_redis_client(check_redis_url(url), timeout, backoff), **options)
 
     async def eviction_status(self) -> EvictionStatus:
         return await aeviction_status(self.client)

@@ -7,8 +7,9 @@ then does next to nothing while the fail mode was meant to keep it going. So onc
 waited out its timeout, the client's pool refuses connections at once (``RedisDown``, an
 outage: the fail mode applies at once) for a back-off window, while one probe at a time asks
 Redis whether it answers again: a thread of its own for the clients this package makes (no
-caller ever waits for it), or, for a client someone else made (``guard_of``), the first
-caller after the window.
+caller ever waits for it), or, for a client someone else made (``guard_of``) and for the
+asyncio clients (``_async_breaker``), the first caller after the window. Both run one state
+machine, ``BreakerCore``, which does no I/O of its own.
 
 Only a call that waited out the timeout counts: a refused or dropped connection fails at
 once, so finding that out again costs nothing (and a restarted server is used again at once).
@@ -64,8 +65,122 @@ def check_backoff(backoff: object) -> Backoff:
     return float(backoff[0]), float(backoff[1])
 
 
-class Breaker:
-    """Whether the Redis of one client is known not to answer, and when to ask it again.
+class BreakerCore:
+    """The breaker's state machine, and nothing else: no lock, no thread, no socket (the
+    caller serialises calls; ``Breaker`` adds a lock and a prober thread for threads, the
+    asyncio pool of ``_async_breaker`` uses it as it is on its event loop).
+
+    While Redis is known down, ``allow`` refuses every call; with ``caller_probes`` the
+    first call after each back-off window is let through as the probe instead (one at a
+    time), and how it went (``failed``, ``ok``, ``release``) decides the next window.
+
+    Args:
+        backoff: (first, most) seconds between probes; doubled after each unanswered one.
+        name: the server, for the log.
+        clock: seconds, monotonic (tests pass their own).
+        caller_probes: whether callers are let through as probes (False: something else
+            probes, and calls ``ok`` when Redis answers).
+    """
+
+    def __init__(
+        self,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        caller_probes: bool = True,
+    ) -> None:
+        self.first, self.most = check_backoff(backoff)
+        self.name = name
+        self.caller_probes = caller_probes
+        self._clock = clock
+        # When the first call timed out (None: Redis answers, as far as we know).
+        self.down_since: float | None = None
+        self._backoff = self.first
+        self._retry_at = 0.0
+        self._probing = False  # a caller let through as the probe has not come back
+        # Counts since the client was made (for tests and stats): calls refused at once,
+        # calls that waited out the timeout, callers let through as probes.
+        self.refused = 0
+        self.timeouts = 0
+        self.probes = 0
+
+    @property
+    def down(self) -> bool:
+        """Whether Redis is known not to answer now."""
+        return self.down_since is not None
+
+    def allow(self) -> bool:
+        """Whether a call may go to Redis now (False: refuse it at once)."""
+        if self.down_since is None:  # the hot path
+            return True
+        if self.caller_probes and not self._probing and self._clock() >= self._retry_at:
+            self._probing = True
+            self.probes += 1
+            return True
+        self.refused += 1
+        return False
+
+    def failed(self) -> bool:
+        """A call waited out its timeout: Redis is down for a while. True when this call
+        found it out (the breaker was closed until now)."""
+        now = self._clock()
+        self.timeouts += 1
+        opened = self.down_since is None
+        if opened:
+            self.down_since = now
+            self._backoff = self.first
+            log.warning(
+                "queue-ratelimit: Redis%s did not answer within the timeout: calls fail "
+                "at once (the fail mode decides) until it answers a probe again "
+                "(every %gs to %gs)",
+                f" at {self.name}" if self.name else "",
+                self.first,
+                self.most,
+            )
+        elif self._probing:  # the caller let through as the probe timed out too
+            self._backoff = min(self._backoff * 2, self.most)
+        self._probing = False
+        self._retry_at = now + self._backoff
+        return opened
+
+    def ok(self) -> None:
+        """Redis answered: calls go through again."""
+        if self.down_since is None:
+            return
+        log.info(
+            "queue-ratelimit: Redis%s answering again after %.1fs",
+            f" at {self.name}" if self.name else "",
+            self._clock() - self.down_since,
+        )
+        self.down_since = None
+        self._probing = False
+        self._backoff = self.first
+
+    def missed(self) -> float:
+        """A probe made by someone else went unanswered: the seconds until the next one
+        (the window doubled, up to its bound)."""
+        self._backoff = min(self._backoff * 2, self.most)
+        self._retry_at = self._clock() + self._backoff
+        return self._backoff
+
+    def refusal(self) -> str:
+        """Why a call is refused now."""
+        since = self.down_since
+        silent = 0.0 if since is None else self._clock() - since
+        return (
+            f"queue-ratelimit: not sent: Redis has not answered for {silent:.1f}s (a call "
+            "waited out its timeout); calls fail at once until it answers a probe"
+        )
+
+    def release(self) -> None:
+        """A caller let through as the probe made no call after all."""
+        self._probing = False
+
+
+class Breaker(BreakerCore):
+    """``BreakerCore`` for threads: a lock around its steps, a fresh state in a forked
+    child, and, given ``probe``, a thread of its own that probes (callers never pass while
+    Redis is down).
 
     Args:
         backoff: (first, most) seconds between probes; doubled after each unanswered one.
@@ -83,20 +198,12 @@ class Breaker:
         name: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.first, self.most = check_backoff(backoff)
-        self.name = name
+        super().__init__(backoff, name, clock, caller_probes=probe is None)
         self._probe = probe
-        self._clock = clock
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        # When the first call timed out (None: Redis answers, as far as we know).
-        self.down_since: float | None = None
-        self._backoff = self.first
-        self._retry_at = 0.0
-        self._probing = False  # a caller let through as the probe has not come back
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self.refused = 0  # calls refused at once while down (for tests and stats)
 
     @property
     def down(self) -> bool:
@@ -109,77 +216,34 @@ class Breaker:
         return True
 
     def allow(self) -> bool:
-        """Whether a call may go to Redis now (False: refuse it at once)."""
-        if self.down_since is None:  # the hot path
+        if self.down_since is None:  # the hot path, without the lock
             return True
         if os.getpid() != self._pid:
             self._forked()
             return True
-        if self._probe is None:
-            with self._lock:
-                if not self._probing and self._clock() >= self._retry_at:
-                    self._probing = True
-                    return True
-        self.refused += 1
-        return False
+        with self._lock:
+            return super().allow()
 
-    def failed(self) -> None:
-        """A call waited out its timeout: Redis is down for a while."""
+    def failed(self) -> bool:
         if os.getpid() != self._pid:
             self._forked()
         with self._lock:
-            now = self._clock()
-            if self.down_since is None:
-                self.down_since = now
-                self._backoff = self.first
-                log.warning(
-                    "queue-ratelimit: Redis%s did not answer within the timeout: calls fail "
-                    "at once (the fail mode decides) until it answers a probe again "
-                    "(every %gs to %gs)",
-                    f" at {self.name}" if self.name else "",
-                    self.first,
-                    self.most,
-                )
-                if self._probe is not None:
-                    self._start_prober()
-            elif self._probing:  # the caller let through as the probe timed out too
-                self._backoff = min(self._backoff * 2, self.most)
-            self._probing = False
-            self._retry_at = now + self._backoff
+            opened = super().failed()
+            if opened and self._probe is not None:
+                self._start_prober()
+            return opened
 
     def ok(self) -> None:
-        """Redis answered: calls go through again."""
         if self.down_since is None:
             return
         with self._lock:
-            if self.down_since is None:
-                return
-            log.info(
-                "queue-ratelimit: Redis%s answering again after %.1fs",
-                f" at {self.name}" if self.name else "",
-                self._clock() - self.down_since,
-            )
-            self.down_since = None
-            self._probing = False
-            self._backoff = self.first
+            super().ok()
             self._wake.set()  # (a prober waiting for its next turn ends now)
 
-    def refusal(self) -> str:
-        """Why a call is refused now."""
-        since = self.down_since
-        silent = 0.0 if since is None else self._clock() - since
-        return (
-            f"queue-ratelimit: not sent: Redis has not answered for {silent:.1f}s (a call "
-            "waited out its timeout); calls fail at once until it answers a probe"
-        )
-
-    def release(self) -> None:
-        """A caller let through as the probe made no call after all."""
-        self._probing = False
-
     def close(self) -> None:
-        """Stop probing (the client is closed)."""
+        """Stop probing (the client is closed): callers probe from now on."""
         self._probe = None
+        self.caller_probes = True
         self._wake.set()
 
     # -- internals -------------------------------------------------------------------------
@@ -214,29 +278,32 @@ class Breaker:
             if probe():
                 self.ok()
                 return
-            delay = min(delay * 2, self.most)
             with self._lock:
-                self._backoff = delay
-                self._retry_at = self._clock() + delay
+                delay = self.missed()
 
 
 class _Guarded:
     """Mixed into a redis-py connection class: a call that waits out its timeout (to
-    connect, write or read) tells the breaker."""
+    connect, write or read) tells the breaker, once (a handshake's read that timed out
+    fails the connect too)."""
 
     breaker: Breaker
+    _heard = False  # the breaker was told of this connect's timeout already
 
     def connect(self, *args: Any, **kwargs: Any) -> Any:
+        self._heard = False
         try:
             return super().connect(*args, **kwargs)  # type: ignore[misc]
         except RedisTimeoutError:
-            self.breaker.failed()
+            if not self._heard:
+                self.breaker.failed()
             raise
 
     def send_packed_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
         except RedisTimeoutError:
+            self._heard = True
             self.breaker.failed()
             raise
 
@@ -244,6 +311,7 @@ class _Guarded:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except RedisTimeoutError:
+            self._heard = True
             self.breaker.failed()
             raise
 

@@ -21,6 +21,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
+from ._async_breaker import async_guarded_client
 from ._breaker import DEFAULT_BACKOFF, Backoff, check_backoff, guarded_client
 
 # Seconds to connect, and to wait for any one reply, before a call gives up and the caller's
@@ -59,6 +60,11 @@ def redis_client(
     return guarded_client(url, check_backoff(backoff), **_options(timeout, Retry))
 
 
-def async_redis_client(url: str, timeout: float | None = REDIS_TIMEOUT) -> redis.asyncio.Redis:
-    """``redis_client`` for asyncio."""
-    return redis.asyncio.Redis.from_url(url, **_options(timeout, AsyncRetry))
+def async_redis_client(
+    url: str, timeout: float | None = REDIS_TIMEOUT, backoff: Backoff | None = DEFAULT_BACKOFF
+) -> redis.asyncio.Redis:
+    """``redis_client`` for asyncio. Its breaker has no thread: while Redis is known down,
+    the first call after each back-off window is the probe, and the others fail at once."""
+    if backoff is None or timeout is None:
+        return redis.asyncio.Redis.from_url(url, **_options(timeout, AsyncRetry))
+    return async_guarded_client(url, check_backoff(backoff), **_options(timeout, AsyncRetry))

@@ -26,7 +26,14 @@ from queue_ratelimit import (
     Limit,
     Limiter,
 )
-from queue_ratelimit._breaker import Breaker, RedisDown, breaker_of, guard_of, report
+from queue_ratelimit._breaker import (
+    Breaker,
+    BreakerCore,
+    RedisDown,
+    breaker_of,
+    guard_of,
+    report,
+)
 from queue_ratelimit._errors import InvalidCost
 
 PASSWORD = "s3cret-pass"
@@ -41,9 +48,14 @@ class Clock:
 
 
 # -- the breaker alone (a caller is the probe) ---------------------------------------------------
-def test_one_caller_per_window_probes_and_the_window_doubles_up_to_its_bound() -> None:
+@pytest.mark.parametrize("make", [Breaker, BreakerCore], ids=["threads", "core"])
+def test_one_caller_per_window_probes_and_the_window_doubles_up_to_its_bound(
+    make: type[BreakerCore],
+) -> None:
+    """The state machine (``BreakerCore``, the asyncio pool's as it is) and the threads'
+    breaker built on it behave alike."""
     clock = Clock()
-    breaker = Breaker((0.25, 1.0), clock=clock)
+    breaker = make((0.25, 1.0), clock=clock)
     assert breaker.allow()
     assert not breaker.down
     breaker.failed()  # a call waited out its timeout

@@ -6,6 +6,7 @@ Runs kombu's real event loop (``Hub``) against a real Redis server.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from conftest import RedisProcess
 from kombu.asynchronous import Hub
 from redis.exceptions import RedisError, ResponseError
 
-from queue_ratelimit.celery._wire import NotSent, Wire
+from queue_ratelimit.celery._wire import WIRE_STALL, NotSent, Wire
 
 
 class Replies:
@@ -183,3 +184,64 @@ def test_calls_to_an_unreachable_server_are_reported_as_never_sent(
     [(name, error)] = replies.got
     assert name == "refused"
     assert isinstance(error, NotSent)
+
+
+def test_the_stall_limit_is_ten_seconds_or_the_clients_timeout_if_longer() -> None:
+    """A reply the client's other calls would still wait for is never given up on; a
+    shorter timeout does not shorten the 10 s (a short stall of the server would leave
+    what is on the wire in doubt, to settle again, for nothing: docs/tuning.md)."""
+    url = "redis://127.0.0.1:1/0"
+    assert Wire(redis.Redis.from_url(url)).stall_limit == WIRE_STALL == 10.0
+    assert Wire(redis.Redis.from_url(url, socket_timeout=2)).stall_limit == WIRE_STALL
+    assert Wire(redis.Redis.from_url(url, socket_timeout=30)).stall_limit == 30.0
+    assert Wire(redis.Redis.from_url(f"{url}?socket_timeout=12")).stall_limit == 12.0
+
+
+def test_a_send_overdue_past_the_limit_is_dropped_as_in_doubt(
+    hub: Hub, redis_process: Callable[..., RedisProcess], replies: Replies
+) -> None:
+    server = redis_process()
+    client = redis.Redis.from_url(server.url)
+    wire = Wire(client, hub, min_stall=0.2)
+    wire.send([("PING",)], replies.to("before"))
+    run_until(hub, lambda: len(replies.got) == 1)
+    assert wire.drop_if_hung() == 0.0  # nothing pending: kept
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        wire.send([("PING",)], replies.to("hung"))
+        run_until(hub, lambda: wire.stalled_for() > 0.2)
+        assert wire.drop_if_hung() > 0.2
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    [(name, error)] = replies.got[1:]
+    assert name == "hung"
+    assert isinstance(error, RedisError)
+    assert not isinstance(error, NotSent)  # written: in doubt
+    wire.send([("PING",)], replies.to("after"))  # a new connection
+    run_until(hub, lambda: len(replies.got) == 3)
+    assert replies.got[2] == ("after", [b"PONG"])
+    wire.close()
+    client.close()
+
+
+def test_a_reply_that_came_while_the_loop_was_busy_is_read_not_dropped(
+    hub: Hub, redis_process: Callable[..., RedisProcess], replies: Replies
+) -> None:
+    """A consumer held up longer than the limit (a slow task handler, a loaded machine)
+    finds replies waiting in the socket: they are read before the stall is judged."""
+    server = redis_process()
+    client = redis.Redis.from_url(server.url)
+    wire = Wire(client, hub, min_stall=0.05)
+    wire.send([("PING",)], replies.to("first"))  # connects
+    run_until(hub, lambda: replies.got)
+    wire.send([("PING",)], replies.to("late"))
+    wire.flush()  # written, and the loop does not turn again until the check
+    sock = wire._conn._sock
+    deadline = time.monotonic() + 10
+    while not select.select([sock], [], [], 0.05)[0] or wire.stalled_for() <= 0.05:
+        assert time.monotonic() < deadline, "no reply"
+    assert wire.drop_if_hung() == 0.0
+    assert replies.got[1] == ("late", [b"PONG"])
+    wire.close()
+    client.close()

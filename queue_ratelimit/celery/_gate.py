@@ -59,9 +59,6 @@ DISPATCH_BATCH = 16
 # at the latest this long (seconds) after the first of them arrived.
 PARK_BATCH = 32
 PARK_DELAY = 0.005
-# Calls sent on the wire and unanswered this long (seconds) mean a hung Redis: the
-# connection is dropped, and what was sent on it is handled as in doubt.
-WIRE_STALL = 10.0
 
 
 class Job:
@@ -736,19 +733,20 @@ class RateLimitGate(bootsteps.StartStopStep):
         return self._rt.settings.poll_interval
 
     def _check_wire(self) -> None:
-        """Read what has come in on the wire (without an event loop to do it), and drop a
-        connection whose replies are overdue: a hung Redis must not stall the gate."""
-        if self.wire.hub is None:
-            self.wire.poll()
-        else:
+        """Read what has come in on the wire, and drop a connection whose replies are
+        overdue (``Wire.drop_if_hung``: 10 s, or the client's socket timeout if longer): a
+        hung Redis, or a connection that died without a word, must not stall the gate (a
+        dispatch waiting on it stops re-admission)."""
+        if self.wire.hub is not None:
             self.wire.flush()  # what the socket refused earlier, if the loop has been idle
-        stalled = self.wire.stalled_for()
-        if stalled > WIRE_STALL:
+        stalled = self.wire.drop_if_hung()
+        if stalled:
             log.error(
-                "queue-ratelimit: no reply from Redis for %.1fs; dropping the connection",
+                "queue-ratelimit: no reply from Redis for %.1fs (the limit is %gs); "
+                "dropping the connection",
                 stalled,
+                self.wire.stall_limit,
             )
-            self.wire.close()
 
     def _drain_wire(self) -> None:
         """Wait for every reply still due (the worker is stopping)."""

@@ -44,6 +44,11 @@ Reply = Any
 OnReply = Callable[[list[Reply] | RedisError], None]
 
 
+# Seconds a send may wait for its replies before the connection counts as hung, unless the
+# client's socket timeout is longer (see ``Wire.stall_limit``).
+WIRE_STALL = 10.0
+
+
 class NotSent(RedisConnectionError):
     """The calls never reached Redis (it could not be reached, or the wire was closed
     first, or it is known not to answer now): nothing of them ran."""
@@ -60,8 +65,9 @@ class Wire:
     ``poll`` and ``drain``).
     """
 
-    def __init__(self, client: redis.Redis, hub: Any = None) -> None:
+    def __init__(self, client: redis.Redis, hub: Any = None, min_stall: float = WIRE_STALL) -> None:
         self.client = client
+        self.min_stall = min_stall
         self.hub: Any = None
         self._conn: Any = None  # a redis-py Connection
         self._fd: int | None = None
@@ -152,6 +158,33 @@ class Wire:
         timeout = getattr(self._conn, "socket_timeout", None)
         if self.breaker is not None and timeout is not None and stalled > timeout:
             self.breaker.failed()
+        return stalled
+
+    @property
+    def stall_limit(self) -> float:
+        """Seconds the oldest send may wait for its replies before the connection counts as
+        hung: ``min_stall``, or the client's socket timeout if that is longer (a reply its
+        other calls would still wait for is not given up on).
+
+        Not the timeout itself: the breaker already hears of a stall at the timeout (new
+        work meets the fail mode at once), while a connection kept through a short stall of
+        the server gets its replies when the server goes on; dropped, every call on it is
+        in doubt and is settled again once Redis answers (docs/tuning.md).
+        """
+        kwargs = getattr(self.client.connection_pool, "connection_kwargs", {})
+        timeout = kwargs.get("socket_timeout") or 0.0
+        return max(self.min_stall, float(timeout))
+
+    def drop_if_hung(self) -> float:
+        """Read the replies that have come (a busy event loop may not have yet), then drop
+        the connection if the oldest send has still waited longer than ``stall_limit``:
+        its callers learn that their calls are in doubt, and the next send connects again.
+        The seconds it waited; 0 if kept."""
+        self.poll()
+        stalled = self.stalled_for()
+        if stalled <= self.stall_limit:
+            return 0.0
+        self.close()
         return stalled
 
     def poll(self) -> None:
