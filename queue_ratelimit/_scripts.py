@@ -29,21 +29,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# Scripts that admit work are prefixed with this library so the bucket arithmetic exists once.
+# The scripts, each a function of the Functions library. Every one of them now uses the
+# shared library (buckets.lua: the bucket arithmetic, the counts kept in memory), so the
+# EVALSHA form prefixes it to each.
 _LIBRARY = "buckets.lua"
-_USES_LIBRARY = frozenset(
-    {
-        "acquire.lua",
-        "config.lua",
-        "counters.lua",
-        "gate.lua",
-        "hint.lua",
-        "lean.lua",
-        "scheduler.lua",
-        "slots.lua",
-        "shards.lua",
-    }
-)
 SCRIPTS = (
     "acquire.lua",
     "config.lua",
@@ -55,6 +44,7 @@ SCRIPTS = (
     "slots.lua",
     "shards.lua",
 )
+_USES_LIBRARY = frozenset(SCRIPTS)
 # Run once when the Functions library loads, after buckets.lua: the library keeps the
 # counts of decisions in memory between calls (buckets.lua, "Counters kept in memory");
 # the EVALSHA form, which has no memory between calls, never runs this.
