@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed-$(CHECKSUM)
 # whole dev toolchain: a venv that has the dev extra already serves it as it is.
 DEMO_STAMP := $(VENV)/.demo-$(CHECKSUM)
 
-.PHONY: help install demo test lint typecheck bench soak rq-suite celery-suite wheel-check clean screenshot
+.PHONY: help install demo test faults lint typecheck bench soak rq-suite celery-suite wheel-check clean screenshot
 
 help:
 	@echo "make demo   - run the multi-tenant demo (embedded engine unless REDIS_URL is set)"
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
 	@echo "make soak   - patterned load through real workers for SOAK_SECONDS (default 600; docs/reliability.md)"
+	@echo "make faults - the fault scenarios through real workers (about 2 minutes; not in make test)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 	@echo "make screenshot - redraw docs/top.svg, the top dashboard at 80x24 (no Redis needed)"
 	@echo "make celery-suite - Celery's canvas and task integration tests, stock and with the"
@@ -45,13 +46,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# The short soak (tests/test_soak.py, 45 s of load) stays out of `make test` to keep CI within
-# its time: `make soak` runs the long form, PYTEST_ARGS="-m soak" the short one (a later -m
-# replaces the first). The fault scenarios (tests/test_faults.py) do run.
+# The short soak (tests/test_soak.py, 45 s of load) and the fault scenarios (`make faults`,
+# about 2 minutes) stay out of `make test` to keep CI within its 15 minutes: `make soak`
+# runs the long soak, PYTEST_ARGS="-m soak" the short one (a later -m replaces the first).
 # tests/run_with_redis.sh reuses $REDIS_URL or a server on 127.0.0.1:6379, else starts a
 # throwaway redis-server on a free loopback port for the run.
 test: lint typecheck
-	tests/run_with_redis.sh $(PY) -m pytest -m "not soak" $(PYTEST_ARGS)
+	tests/run_with_redis.sh $(PY) -m pytest -m "not soak and not faults" $(PYTEST_ARGS)
+
+# The fault scenarios through real workers (tests/test_faults.py: SIGSTOP, restarts,
+# CLIENT KILL, FUNCTION FLUSH, a killed worker; about 2 minutes; docs/reliability.md).
+faults: $(STAMP)
+	tests/run_with_redis.sh $(PY) -m pytest -m faults $(PYTEST_ARGS)
 
 # `top` at 80x24 on the embedded engine, as shown in the README.
 screenshot: $(STAMP)
