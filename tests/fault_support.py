@@ -75,6 +75,10 @@ class FaultEnv:
     workdir: Path
     acks_late: bool = False
     job_seconds: float = JOB_SECONDS
+    # Longer than the longest stall a scenario makes (the lease must outlast an outage: a
+    # job's settlement that cannot reach Redis waits for it, and an item whose lease ran out
+    # meanwhile is handed out again at once when Redis answers).
+    lease: float = LEASE
     namespace: str = field(default_factory=lambda: f"flt{uuid.uuid4().hex[:8]}")
     workers: list[W.WorkerProcess] = field(default_factory=list)
     published: dict[str, Published] = field(default_factory=dict)
@@ -111,7 +115,7 @@ class FaultEnv:
             count=count, concurrency=2, broker=self.broker, redis_url=self.server.url,
             namespace=self.namespace, queue=self.celery_queue, record_key=self.key,
             mode="fair", logdir=self.workdir, record_url=self.records_url,
-            settings={"lease": LEASE},
+            settings={"lease": self.lease},
             # Redelivered within the scenario when a worker dies holding it unacknowledged.
             conf={"task_acks_late": self.acks_late,
                   "broker_transport_options": {"visibility_timeout": 10}},
@@ -125,7 +129,7 @@ class FaultEnv:
         started = W.start_rq_workers(
             count=count, redis_url=self.server.url, namespace=self.namespace,
             queue=self.rq_queue, ours=True, simple=True, logdir=self.workdir,
-            record_url=self.records_url, env={"QUEUE_RATELIMIT_LEASE": str(LEASE)},
+            record_url=self.records_url, env={"QUEUE_RATELIMIT_LEASE": str(self.lease)},
             name=f"r{self._started_workers}-",
         )  # fmt: skip
         self.workers += started
