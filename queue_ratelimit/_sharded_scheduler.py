@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from ._decision import Slot
 from ._limiter import Limiter
@@ -24,6 +24,7 @@ from ._scheduler import (
     TRANSIT_GRACE,
     Dispatch,
     DispatchedItem,
+    DispatchOptions,
     FairScheduler,
     GateVerdict,
     Hint,
@@ -154,16 +155,7 @@ class ShardedScheduler(FairScheduler):
     def hint(self, tenant: str, **options: Any) -> Hint:
         return self.part(tenant)[1].hint(tenant, **options)
 
-    def dispatch(
-        self,
-        queues: Sequence[str],
-        *,
-        max_items: int = 1,
-        with_payload: bool = True,
-        hand_over: bool = False,
-        handoff_lists: Mapping[str, str] | None = None,
-        receipt: tuple[str, str] | None = None,
-    ) -> Dispatch:
+    def dispatch(self, queues: Sequence[str], **options: Unpack[DispatchOptions]) -> Dispatch:
         """``FairScheduler.dispatch`` over the shards in turn: the items of the first shard
         (from one further on than the last call) that has any admissible now. With
         ``receipt``, the one call that hands anything over writes it, as unsharded."""
@@ -173,14 +165,7 @@ class ShardedScheduler(FairScheduler):
         waits: list[float] = []
         for k in range(n):
             shard = (start + k) % n
-            got = self.parts[shard].dispatch(
-                queues,
-                max_items=max_items,
-                with_payload=with_payload,
-                hand_over=hand_over,
-                handoff_lists=handoff_lists,
-                receipt=receipt,
-            )
+            got = self.parts[shard].dispatch(queues, **options)
             if got.items:
                 return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), 0.0)
             if got.wait_ms is not None:
