@@ -19,13 +19,13 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.exceptions import RedisError
 
-from ._core import redis_errors
+from ._core import ExemptMode, redis_errors
 from ._counters import queue_flush_counters
-from ._decision import ScopeLimit, format_limit
+from ._decision import Pause, ScopeLimit, format_limit
 from ._errors import InvalidScope, LimitNotFound, RateLimitError
 from ._keys import KeySpace
 from ._limit import Limit
@@ -343,6 +343,212 @@ def _counters(shared: dict[str, str], prefix: str) -> dict[str, int]:
     }
 
 
+@dataclass
+class _Settings:
+    """The configuration a snapshot reports, as it stood at the snapshot's time."""
+
+    limits: dict[str, ScopeLimit]
+    caps: dict[str, int]
+    exemptions: dict[str, ExemptMode]
+    pauses: dict[str, Pause]
+
+    @classmethod
+    def of(cls, limiter: Limiter, read: _Read) -> _Settings:
+        core = limiter._core
+        # (The core's parsers take the config hash as Redis returns it: any keys.)
+        config = cast("dict[object, object]", read.config)
+        return cls(
+            limits=core.limits(config),
+            caps=core.concurrency(config),
+            exemptions=core.exemptions(config),
+            pauses=core.pauses(config, read.now_us / 1000),
+        )
+
+    def source(self, table: dict[str, Any], scope: Scope) -> str | None:
+        """The configured scope of ``table`` (limits or caps) that ``scope`` follows, the
+        scope's tenant's exemption applied."""
+        return scope.limit_source(table, self.exemptions.get(scope.tenant or ""))
+
+
+@dataclass
+class _Shown:
+    """What the last round trip read about the tenants shown one by one."""
+
+    hashes: dict[str, dict[str, str]]  # each tenant's own hash, by tenant
+    backlog: dict[str, int]  # their parked jobs in the lanes too large to read whole
+    running: list[int]  # the jobs holding each capped scope's slots (as _capped_scopes)
+
+
+def _capped_scopes(tenants: list[str], settings: _Settings) -> list[tuple[Scope, str]]:
+    """Each concrete scope under a concurrency cap, with the cap's configured scope."""
+    return [
+        (scope, source)
+        for scope in _concrete_scopes(tenants, settings.caps)
+        if (source := settings.source(settings.caps, scope)) is not None
+    ]
+
+
+def _read_shown(
+    limiter: Limiter,
+    now_us: float,
+    tenants: list[str],
+    large_lanes: list[str],
+    capped: list[tuple[Scope, str]],
+) -> _Shown:
+    """The last round trip: the shown tenants' hashes, their parked jobs in the lanes too
+    large to read whole, and the jobs holding each concurrency cap's slots."""
+    keys = limiter.keys
+    large_lanes = large_lanes if tenants else []
+    pipe = limiter.client.pipeline(transaction=False)
+    for tenant in tenants:
+        pipe.hgetall(keys.tenant(tenant))
+    for lane in large_lanes:
+        pipe.hmget(keys.counts(lane), tenants)
+    for scope, _ in capped:
+        pipe.zcount(keys.slots(str(scope)), f"({int(now_us)}", "+inf")
+    replies = pipe.execute() if len(pipe) else []
+    hashes = replies[: len(tenants)]
+    lane_counts = replies[len(tenants) : len(tenants) + len(large_lanes)]
+    backlog: dict[str, int] = {}
+    for counts in lane_counts:
+        for tenant, count in zip(tenants, counts, strict=True):
+            if count is not None and int(count) > 0:
+                backlog[tenant] = backlog.get(tenant, 0) + int(count)
+    return _Shown(
+        hashes={t: _decoded(raw) for t, raw in zip(tenants, hashes, strict=True)},
+        backlog=backlog,
+        running=[int(n) for n in replies[len(tenants) + len(large_lanes) :]],
+    )
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Counts by name, of both."""
+    return {name: a.get(name, 0) + b.get(name, 0) for name in {**a, **b}}
+
+
+def _concurrency(
+    capped: list[tuple[Scope, str]], caps: dict[str, int], running: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Each capped concrete scope: its cap, the jobs holding its slots, the cap's scope."""
+    return {
+        str(scope): {"cap": caps[source], "running": n, "limit": source}
+        for (scope, source), n in zip(capped, running, strict=True)
+    }
+
+
+def _buckets(
+    keys: KeySpace,
+    settings: _Settings,
+    read: _Read,
+    tenant_hashes: dict[str, dict[str, str]],
+) -> dict[str, dict[str, Any]]:
+    """Every bucket a limit governs: shared ones (global, queues), and each shown tenant's
+    (its own limits, and the defaults it has a bucket under)."""
+    limits = settings.limits
+    buckets: dict[str, dict[str, Any]] = {}
+    for scope in _concrete_scopes(tenant_hashes, limits):
+        source = settings.source(limits, scope)
+        location = keys.bucket_location(scope)
+        if source is None or location is None:
+            continue
+        if scope.tenant is not None and scope.tenant not in tenant_hashes:
+            continue  # a configured tenant past the cap
+        field = location[1]
+        fields = tenant_hashes[scope.tenant] if scope.tenant is not None else read.shared
+        if scope.kind == "tenant_queue" and source != str(scope) and field not in fields:
+            continue  # a default tenant-queue bucket this tenant never used
+        buckets.update(scope_buckets(str(scope), limits[source], fields, field, read.now_us))
+    return buckets
+
+
+def _tenant_stats(
+    tenant_hashes: dict[str, dict[str, str]],
+    backlogged: dict[str, int],
+    exemptions: dict[str, ExemptMode],
+    tenant_denials: list[tuple[str, float]],
+) -> dict[str, dict[str, Any]]:
+    denials = dict(tenant_denials)
+    return {
+        tenant: _tenant_entry(
+            fields, backlogged.get(tenant, 0), exemptions.get(tenant), denials.get(tenant, 0)
+        )
+        for tenant, fields in tenant_hashes.items()
+    }
+
+
+def _configuration(limiter: Limiter, read: _Read, settings: _Settings) -> dict[str, Any]:
+    """The snapshot's head: when, which namespace on what server, and what is configured."""
+    config = read.config
+    return {
+        "at_ms": read.now_us / 1000,
+        "namespace": limiter.namespace,
+        # The server's maxmemory-policy: {"policy", "maxmemory", "evicting"} (design.md).
+        "eviction": limiter.eviction_status().as_dict(),
+        "config_version": int(config.get("_version", 0)),
+        "shadow": config.get("mode:shadow") == "1",
+        # Seconds of traffic kept for previews, None when recording is off.
+        "recording_s": float(config["mode:record"]) if "mode:record" in config else None,
+        "limits": {scope: _limit_summary(s) for scope, s in settings.limits.items()},
+        "caps": settings.caps,
+        "exemptions": settings.exemptions,
+        # Pauses running at the snapshot's time (Limiter.pause), by scope.
+        "pauses": {
+            scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
+            for scope, p in settings.pauses.items()
+        },
+    }
+
+
+def _wait_histogram(shared: dict[str, str]) -> dict[str, Any]:
+    """The waits told to denied decisions: one count per bound of WAIT_BOUNDS_MS and one
+    past the last (every denial counts in one), and their sum in ms."""
+    counts = [int(shared.get(f"h:{b}", 0)) for b in WAIT_BOUNDS_MS]
+    return {
+        "bounds": list(WAIT_BOUNDS_MS),
+        "counts": [*counts, int(shared.get("h:inf", 0))],
+        "sum": float(shared.get("h:us", 0)) / 1000,
+    }
+
+
+def _admissions(
+    shared: dict[str, str], max_queues: int, max_priorities: int
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """All admissions, and their series by queue and by priority: the busiest names, the
+    rest under OTHER (with the names Redis counts together, past MAX_QUEUE_COUNTERS or
+    MAX_PRIORITY_COUNTERS, under "~")."""
+    by_queue = _counters(shared, "a:q:")
+    by_priority = _counters(shared, "a:p:")
+    # (Every admission counts under its queue, "-" for none: the total is their sum.)
+    allowed = sum(by_queue.values())
+    by_queue.pop("-", None)
+    return (
+        allowed,
+        _top(by_queue, max_queues, by_queue.pop("~", 0)),
+        _top(by_priority, max_priorities, by_priority.pop("~", 0)),
+    )
+
+
+def _totals(
+    shared: dict[str, str], allowed: int, denied: int, in_flight: int, parked: int
+) -> dict[str, Any]:
+    return {
+        "allowed": allowed,
+        "allowed_tokens": allowed + float(shared.get("n:ax", 0)),
+        "denied": denied,
+        "would_deny": int(float(shared.get("n:w", 0))),
+        "reaped": int(float(shared.get("n:reaped", 0))),
+        # Parked items dropped because Redis evicted their data (FairScheduler.lost).
+        "lost": int(float(shared.get("n:lost", 0))),
+        "in_flight": in_flight,
+        "parked": parked,
+    }
+
+
+def _top_within(counts: dict[str, int], n: int, total: int) -> dict[str, int]:
+    """``_top`` of ``counts``, a part of ``total``: the rest of the total is under OTHER."""
+    return _top(counts, n, total - sum(counts.values()))
+
+
 def snapshot(
     limiter: Limiter,
     *,
@@ -372,111 +578,26 @@ def snapshot(
             max_queues=max_queues,
             max_priorities=max_priorities,
         )
-    client = limiter.client
-    keys = limiter.keys
     read = _read_base(limiter, max_tenants)
-    now_us, config, shared = read.now_us, read.config, read.shared
-    limits = limiter._core.limits(dict(config))  # type: ignore[arg-type]
-    caps = limiter._core.concurrency(dict(config))  # type: ignore[arg-type]
-    exemptions = limiter._core.exemptions(dict(config))  # type: ignore[arg-type]
-    pauses = limiter._core.pauses(dict(config), now_us / 1000)  # type: ignore[arg-type]
-    lane_stats, backlogged, large_lanes = _read_lanes(
-        limiter, read.lanes, now_us / 1000, max_tenants
+    settings = _Settings.of(limiter, read)
+    lanes, backlogged, large_lanes = _read_lanes(
+        limiter, read.lanes, read.now_us / 1000, max_tenants
     )
     tenants, _ = _chosen_tenants(read, backlogged, max_tenants)
+    capped = _capped_scopes(tenants, settings)
+    shown = _read_shown(limiter, read.now_us, tenants, large_lanes, capped)
+    backlogged = _added(backlogged, shown.backlog)
 
-    # The last round trip: the shown tenants' hashes, their parked jobs in the lanes too
-    # large to read whole, and the jobs holding each concurrency cap's slots.
-    cap_scopes = [
-        (scope, source)
-        for scope in _concrete_scopes(tenants, caps)
-        if (source := scope.limit_source(caps, exemptions.get(scope.tenant or ""))) is not None
-    ]
-    large_lanes = large_lanes if tenants else []
-    pipe = client.pipeline(transaction=False)
-    for tenant in tenants:
-        pipe.hgetall(keys.tenant(tenant))
-    for lane in large_lanes:
-        pipe.hmget(keys.counts(lane), tenants)
-    for scope, _ in cap_scopes:
-        pipe.zcount(keys.slots(str(scope)), f"({int(now_us)}", "+inf")
-    replies = pipe.execute() if len(pipe) else []
-    tenant_hashes = [_decoded(raw) for raw in replies[: len(tenants)]]
-    for counts in replies[len(tenants) : len(tenants) + len(large_lanes)]:
-        for tenant, count in zip(tenants, counts, strict=True):
-            if count is not None and int(count) > 0:
-                backlogged[tenant] = backlogged.get(tenant, 0) + int(count)
-    running = replies[len(tenants) + len(large_lanes) :]
-    concurrency = {
-        str(scope): {"cap": caps[source], "running": int(n), "limit": source}
-        for (scope, source), n in zip(cap_scopes, running, strict=True)
-    }
-
-    # Every bucket a limit governs: shared ones (global, queues), and each shown tenant's
-    # (its own limits, and the defaults it has a bucket under).
-    by_tenant = dict(zip(tenants, tenant_hashes, strict=True))
-    buckets: dict[str, dict[str, Any]] = {}
-    for scope in _concrete_scopes(tenants, limits):
-        source = scope.limit_source(limits, exemptions.get(scope.tenant or ""))
-        location = keys.bucket_location(scope)
-        if source is None or location is None:
-            continue
-        if scope.tenant is not None and scope.tenant not in by_tenant:
-            continue  # a configured tenant past the cap
-        field = location[1]
-        fields = by_tenant[scope.tenant] if scope.tenant is not None else shared
-        if scope.kind == "tenant_queue" and source != str(scope) and field not in fields:
-            continue  # a default tenant-queue bucket this tenant never used
-        buckets.update(scope_buckets(str(scope), limits[source], fields, field, now_us))
-
-    denials = dict(read.tenant_denials)
-    tenant_stats = {
-        tenant: _tenant_entry(
-            fields, backlogged.get(tenant, 0), exemptions.get(tenant), denials.get(tenant, 0)
-        )
-        for tenant, fields in by_tenant.items()
-    }
-    histogram = [int(shared.get(f"h:{b}", 0)) for b in WAIT_BOUNDS_MS] + [
-        int(shared.get("h:inf", 0))
-    ]
-    denied = sum(histogram)
-    parked = sum(s["backlog"] for s in lane_stats.values())
+    shared = read.shared
+    histogram = _wait_histogram(shared)
     # Totals are sums of the finer counters (one counter less per decision, lua/buckets.lua):
-    # every admission counts under its queue ("-" for none), every denial in the histogram.
-    by_queue = _counters(shared, "a:q:")
-    allowed = sum(by_queue.values())
-    by_queue.pop("-", None)
-    by_priority = _counters(shared, "a:p:")
-    shown_denials = {t: int(n) for t, n in read.tenant_denials}
-    shown_backlog = {t: backlogged[t] for t in tenants if backlogged.get(t)}
+    # every denial counts in the histogram, every admission under its queue (_admissions).
+    denied = sum(histogram["counts"])
+    parked = sum(s["backlog"] for s in lanes.values())
+    allowed, by_queue, by_priority = _admissions(shared, max_queues, max_priorities)
     return {
-        "at_ms": now_us / 1000,
-        "namespace": limiter.namespace,
-        # The server's maxmemory-policy: {"policy", "maxmemory", "evicting"} (design.md).
-        "eviction": limiter.eviction_status().as_dict(),
-        "config_version": int(config.get("_version", 0)),
-        "shadow": config.get("mode:shadow") == "1",
-        # Seconds of traffic kept for previews, None when recording is off.
-        "recording_s": float(config["mode:record"]) if "mode:record" in config else None,
-        "limits": {scope: _limit_summary(s) for scope, s in limits.items()},
-        "caps": caps,
-        "exemptions": exemptions,
-        # Pauses running at the snapshot's time (Limiter.pause), by scope.
-        "pauses": {
-            scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
-            for scope, p in pauses.items()
-        },
-        "totals": {
-            "allowed": allowed,
-            "allowed_tokens": allowed + float(shared.get("n:ax", 0)),
-            "denied": denied,
-            "would_deny": int(float(shared.get("n:w", 0))),
-            "reaped": int(float(shared.get("n:reaped", 0))),
-            # Parked items dropped because Redis evicted their data (FairScheduler.lost).
-            "lost": int(float(shared.get("n:lost", 0))),
-            "in_flight": read.in_flight,
-            "parked": parked,
-        },
+        **_configuration(limiter, read, settings),
+        "totals": _totals(shared, allowed, denied, read.in_flight, parked),
         # Decisions the fail mode made while Redis was unreachable, added by each process
         # once it is back (Limiter.report_fail_mode).
         "fail_mode": {mode: int(float(shared.get(f"f:{mode}", 0))) for mode in FAIL_MODES},
@@ -485,23 +606,25 @@ def snapshot(
         "denied_by": _counters(shared, "d:"),
         "would_deny_by": _counters(shared, "w:"),
         # The most denied tenants, the rest of the denials under "~other".
-        "tenant_denials": _top(shown_denials, max_tenants, denied - sum(shown_denials.values())),
+        "tenant_denials": _top_within(
+            {t: int(n) for t, n in read.tenant_denials}, max_tenants, denied
+        ),
         # Parked jobs of the shown tenants, the rest under "~other".
-        "tenant_backlog": _top(shown_backlog, max_tenants, parked - sum(shown_backlog.values())),
-        "allowed_by_queue": _top(by_queue, max_queues, by_queue.pop("~", 0)),
-        "allowed_by_priority": _top(by_priority, max_priorities, by_priority.pop("~", 0)),
-        "wait_ms_histogram": {
-            "bounds": list(WAIT_BOUNDS_MS),
-            "counts": histogram,
-            "sum": float(shared.get("h:us", 0)) / 1000,
-        },
+        "tenant_backlog": _top_within(
+            {t: backlogged[t] for t in tenants if backlogged.get(t)}, max_tenants, parked
+        ),
+        "allowed_by_queue": by_queue,
+        "allowed_by_priority": by_priority,
+        "wait_ms_histogram": histogram,
         # By concrete scope: tokens, burst, fill and the configured scope it follows.
-        "buckets": buckets,
+        "buckets": _buckets(limiter.keys, settings, read, shown.hashes),
         # Concurrency caps by concrete scope: {"cap": n, "running": jobs holding a slot,
         # "limit": the configured scope} (a tenant default appears under each tenant shown).
-        "concurrency": concurrency,
-        "lanes": _top_lanes(lane_stats, max_queues),
-        "tenants": tenant_stats,
+        "concurrency": _concurrency(capped, settings.caps, shown.running),
+        "lanes": _top_lanes(lanes, max_queues),
+        "tenants": _tenant_stats(
+            shown.hashes, backlogged, settings.exemptions, read.tenant_denials
+        ),
     }
 
 
