@@ -8,13 +8,13 @@ calls through a facade (``Backend``) and must return the same, and leave the sam
 A case is a list of steps run in order. A decision step names its mode (``"acquire"``,
 ``"peek"``, ``"refund"``) with the tenant, optional ``queue`` / ``priority`` / ``cost`` /
 ``hold``, and what it must return (``allowed``, ``denied_by``, ``wait_ms``, ``remaining``,
-``would_deny``) or ``raises``. Other steps configure (``set``, ``delete``, ``exempt``,
-``dry_run``, ``record``), read the configuration back (``get``, ``limits``), write or check
-bucket state directly (``freeze``, ``untouched``, ``stored``, ``tenant_fields``,
-``expires``) or call ``acquire.lua`` with raw arguments (``raw``: what another client, or a
-bug, could send). Cases made with ``frozen`` decide once on frozen bucket state and are
-checked exactly; the others run on buckets of about one token an hour, and allow for the
-refill of a test run.
+``would_deny``) or ``raises`` (``allow`` and ``deny`` write the usual ones). Other steps
+configure (``set``, ``delete``, ``exempt``, ``dry_run``, ``record``), read the configuration
+back (``get``, ``limits``), write or check bucket state directly (``freeze``, ``untouched``,
+``stored``, ``tenant_fields``, ``expires``) or call ``acquire.lua`` with raw arguments
+(``raw``: what another client, or a bug, could send). Cases made with ``frozen`` decide once
+on frozen bucket state and are checked exactly; the others run on buckets of about one token
+an hour, and allow for the refill of a test run.
 """
 
 from __future__ import annotations
@@ -130,6 +130,30 @@ def reference(redis_url: str) -> Iterator[Backend]:
     drop(opened)
 
 
+def allow(
+    tenant: str, remaining: dict[str, float], *, mode: str = "acquire", **fields: Any
+) -> dict[str, Any]:
+    """A decision step (``mode``: acquire, peek or refund) that must be allowed and leave
+    ``remaining``; ``fields``: its other arguments and promises (``queue``, ``cost``,
+    ``would_deny``, ``credit``...)."""
+    return {mode: tenant, **fields, "allowed": True, "remaining": remaining}
+
+
+def deny(
+    tenant: str,
+    denied_by: str,
+    wait_ms: float,
+    remaining: dict[str, float],
+    *,
+    mode: str = "acquire",
+    **fields: Any,
+) -> dict[str, Any]:
+    """A decision step that must be denied by ``denied_by``, with that wait, leaving
+    ``remaining``; ``fields`` as for ``allow``."""
+    step = {mode: tenant, **fields, "allowed": False, "denied_by": denied_by}
+    return {**step, "wait_ms": wait_ms, "remaining": remaining}
+
+
 def frozen(
     id: str,
     limits: dict[str, Limit],
@@ -162,6 +186,25 @@ def frozen(
     return {"id": id, "exact": True, "steps": steps}
 
 
+def one_bucket(
+    id: str,
+    limit: Limit,
+    tokens: float | None,
+    cost: float,
+    left: float,
+    wait_ms: float | None = None,
+) -> dict[str, Any]:
+    """``frozen`` with acme's own limit alone: ``tokens`` in its bucket (None: full),
+    ``left`` after the decision; denied by that bucket, with ``wait_ms``, when it is given."""
+    scope = "tenant:acme"
+    state = {} if tokens is None else {scope: tokens}
+    if wait_ms is None:
+        return frozen(id, {scope: limit}, state, cost, True, {scope: left})
+    return frozen(
+        id, {scope: limit}, state, cost, False, {scope: left}, wait_ms=wait_ms, denied_by=scope
+    )
+
+
 # -- sequences on slow buckets (about a token an hour) -------------------------------------
 
 SEQUENCES: list[dict[str, Any]] = [
@@ -169,18 +212,12 @@ SEQUENCES: list[dict[str, Any]] = [
         "id": "default-tenant-bucket",
         "steps": [
             {"set": "tenant:*", "limit": "3/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 2}},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 1}},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 0}},
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 1_200_000,
-                "remaining": {"tenant:acme": 0},
-            },
+            allow("acme", {"tenant:acme": 2}),
+            allow("acme", {"tenant:acme": 1}),
+            allow("acme", {"tenant:acme": 0}),
+            deny("acme", "tenant:acme", 1_200_000, {"tenant:acme": 0}),
             # Every tenant has a bucket of its own: acme's flood leaves beta's full.
-            {"acquire": "beta", "allowed": True, "remaining": {"tenant:beta": 2}},
+            allow("beta", {"tenant:beta": 2}),
         ],
     },
     {
@@ -188,15 +225,9 @@ SEQUENCES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:*", "limit": "1/h"},
             {"set": "tenant:acme", "limit": "5/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 4}},
-            {"acquire": "beta", "allowed": True, "remaining": {"tenant:beta": 0}},
-            {
-                "acquire": "beta",
-                "allowed": False,
-                "denied_by": "tenant:beta",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:beta": 0},
-            },
+            allow("acme", {"tenant:acme": 4}),
+            allow("beta", {"tenant:beta": 0}),
+            deny("beta", "tenant:beta", 3_600_000, {"tenant:beta": 0}),
         ],
     },
     {
@@ -204,77 +235,43 @@ SEQUENCES: list[dict[str, Any]] = [
         "steps": [
             {"set": "global", "limit": "2/h"},
             {"set": "tenant:*", "limit": "10/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 9, "global": 1}},
-            {"acquire": "beta", "allowed": True, "remaining": {"tenant:beta": 9, "global": 0}},
+            allow("acme", {"tenant:acme": 9, "global": 1}),
+            allow("beta", {"tenant:beta": 9, "global": 0}),
             # Denied by global: acme's own bucket keeps its 9 tokens.
-            {
-                "acquire": "acme",
-                "priority": "high",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 9, "global": 0},
-            },
-            {
-                "peek": "acme",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 9, "global": 0},
-            },
+            deny("acme", "global", 1_800_000, {"tenant:acme": 9, "global": 0}, priority="high"),
+            deny("acme", "global", 1_800_000, {"tenant:acme": 9, "global": 0}, mode="peek"),
         ],
     },
     {
         "id": "cost-and-burst",
         "steps": [
             {"set": "tenant:*", "limit": "10/h"},
-            {"acquire": "acme", "cost": 4, "allowed": True, "remaining": {"tenant:acme": 6}},
-            {
-                "acquire": "acme",
-                "cost": 7,
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 360_000,
-                "remaining": {"tenant:acme": 6},
-            },
-            {"acquire": "acme", "cost": 6, "allowed": True, "remaining": {"tenant:acme": 0}},
+            allow("acme", {"tenant:acme": 6}, cost=4),
+            deny("acme", "tenant:acme", 360_000, {"tenant:acme": 6}, cost=7),
+            allow("acme", {"tenant:acme": 0}, cost=6),
             {"acquire": "acme", "cost": 11, "raises": CostExceedsBurst},
             {"peek": "acme", "cost": 11, "raises": CostExceedsBurst},
-            {
-                "acquire": "acme",
-                "cost": 10,
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme": 0},
-            },
+            deny("acme", "tenant:acme", 3_600_000, {"tenant:acme": 0}, cost=10),
         ],
     },
     {
         "id": "fractional-cost-burst-one",
         "steps": [
             {"set": "tenant:*", "limit": "1/h"},
-            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 0.5}},
-            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 0}},
-            {
-                "acquire": "acme",
-                "cost": 0.5,
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 0},
-            },
+            allow("acme", {"tenant:acme": 0.5}, cost=0.5),
+            allow("acme", {"tenant:acme": 0}, cost=0.5),
+            deny("acme", "tenant:acme", 1_800_000, {"tenant:acme": 0}, cost=0.5),
         ],
     },
     {
         "id": "peek-and-refund",
         "steps": [
             {"set": "tenant:*", "limit": "5/h"},
-            {"peek": "acme", "cost": 2, "allowed": True, "remaining": {"tenant:acme": 5}},
-            {"acquire": "acme", "cost": 3, "allowed": True, "remaining": {"tenant:acme": 2}},
-            {"peek": "acme", "cost": 2, "allowed": True, "remaining": {"tenant:acme": 2}},
-            {"refund": "acme", "cost": 2, "allowed": True, "remaining": {"tenant:acme": 4}},
-            {"refund": "acme", "cost": 5, "allowed": True, "remaining": {"tenant:acme": 5}},
+            allow("acme", {"tenant:acme": 5}, mode="peek", cost=2),
+            allow("acme", {"tenant:acme": 2}, cost=3),
+            allow("acme", {"tenant:acme": 2}, mode="peek", cost=2),
+            allow("acme", {"tenant:acme": 4}, mode="refund", cost=2),
+            allow("acme", {"tenant:acme": 5}, mode="refund", cost=5),
         ],
     },
     {
@@ -282,107 +279,52 @@ SEQUENCES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:acme", "limit": "5/h"},
             {"set": "tenant:acme:queue:emails", "limit": "2/h"},
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:emails": 1, "tenant:acme": 4},
-            },
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:emails": 0, "tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": False,
-                "denied_by": "tenant:acme:queue:emails",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme:queue:emails": 0, "tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "queue": "reports",
-                "allowed": True,
-                "remaining": {"tenant:acme": 2},
-            },
+            allow("acme", {"tenant:acme:queue:emails": 1, "tenant:acme": 4}, queue="emails"),
+            allow("acme", {"tenant:acme:queue:emails": 0, "tenant:acme": 3}, queue="emails"),
+            deny(
+                "acme",
+                "tenant:acme:queue:emails",
+                1_800_000,
+                {"tenant:acme:queue:emails": 0, "tenant:acme": 3},
+                queue="emails",
+            ),
+            allow("acme", {"tenant:acme": 2}, queue="reports"),
             # No limit applies to beta at all.
-            {"acquire": "beta", "queue": "emails", "allowed": True, "remaining": {}},
+            allow("beta", {}, queue="emails"),
         ],
     },
     {
         "id": "default-tenant-queue",
         "steps": [
             {"set": "tenant:*:queue:emails", "limit": "1/h"},
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:emails": 0},
-            },
-            {
-                "acquire": "beta",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {"tenant:beta:queue:emails": 0},
-            },
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": False,
-                "denied_by": "tenant:acme:queue:emails",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme:queue:emails": 0},
-            },
+            allow("acme", {"tenant:acme:queue:emails": 0}, queue="emails"),
+            allow("beta", {"tenant:beta:queue:emails": 0}, queue="emails"),
+            deny(
+                "acme",
+                "tenant:acme:queue:emails",
+                3_600_000,
+                {"tenant:acme:queue:emails": 0},
+                queue="emails",
+            ),
         ],
     },
     {
         "id": "queue-scope-is-shared",
         "steps": [
             {"set": "queue:emails", "limit": "2/h"},
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {"queue:emails": 1},
-            },
-            {
-                "acquire": "beta",
-                "queue": "emails",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"queue:emails": 0},
-            },
-            {
-                "acquire": "gamma",
-                "queue": "emails",
-                "allowed": False,
-                "denied_by": "queue:emails",
-                "wait_ms": 1_800_000,
-                "remaining": {"queue:emails": 0},
-            },
+            allow("acme", {"queue:emails": 1}, queue="emails"),
+            allow("beta", {"queue:emails": 0}, queue="emails", priority="low"),
+            deny("gamma", "queue:emails", 1_800_000, {"queue:emails": 0}, queue="emails"),
         ],
     },
     {
         "id": "shadow-scope",
         "steps": [
             {"set": "tenant:*", "limit": "1/h", "shadow": True},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 0}},
+            allow("acme", {"tenant:acme": 0}),
             # Would deny, is allowed; the shadow bucket spends only what it could grant.
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "would_deny": ("tenant:acme",),
-                "remaining": {"tenant:acme": 0},
-            },
-            {
-                "peek": "acme",
-                "allowed": True,
-                "would_deny": ("tenant:acme",),
-                "remaining": {"tenant:acme": 0},
-            },
+            allow("acme", {"tenant:acme": 0}, would_deny=("tenant:acme",)),
+            allow("acme", {"tenant:acme": 0}, mode="peek", would_deny=("tenant:acme",)),
         ],
     },
     {
@@ -390,21 +332,10 @@ SEQUENCES: list[dict[str, Any]] = [
         "steps": [
             {"set": "global", "limit": "1/h"},
             {"dry_run": True},
-            {"acquire": "acme", "allowed": True, "remaining": {"global": 0}},
-            {
-                "acquire": "beta",
-                "allowed": True,
-                "would_deny": ("global",),
-                "remaining": {"global": 0},
-            },
+            allow("acme", {"global": 0}),
+            allow("beta", {"global": 0}, would_deny=("global",)),
             {"dry_run": False},
-            {
-                "acquire": "gamma",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 3_600_000,
-                "remaining": {"global": 0},
-            },
+            deny("gamma", "global", 3_600_000, {"global": 0}),
         ],
     },
     {
@@ -413,57 +344,39 @@ SEQUENCES: list[dict[str, Any]] = [
             {"set": "global", "limit": "3/h"},
             {"set": "tenant:*", "limit": "1/h"},
             {"exempt": "vip", "mode": "tenant"},
-            {"acquire": "vip", "allowed": True, "remaining": {"global": 2}},
-            {"acquire": "vip", "allowed": True, "remaining": {"global": 1}},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 0, "global": 0}},
-            {
-                "acquire": "vip",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 1_200_000,
-                "remaining": {"global": 0},
-            },
+            allow("vip", {"global": 2}),
+            allow("vip", {"global": 1}),
+            allow("acme", {"tenant:acme": 0, "global": 0}),
+            deny("vip", "global", 1_200_000, {"global": 0}),
             {"exempt": "boss", "mode": "all"},
-            {"acquire": "boss", "allowed": True, "remaining": {}},
+            allow("boss", {}),
             {"exempt": "vip", "mode": None},
-            {
-                "acquire": "vip",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 1_200_000,
-                "remaining": {"tenant:vip": 1, "global": 0},
-            },
+            deny("vip", "global", 1_200_000, {"tenant:vip": 1, "global": 0}),
         ],
     },
     {
         "id": "limit-lowered-then-raised",
         "steps": [
             {"set": "tenant:*", "limit": "10/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 9}},
+            allow("acme", {"tenant:acme": 9}),
             {"set": "tenant:*", "limit": "5/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 4}},
+            allow("acme", {"tenant:acme": 4}),
             # A raised limit grants no windfall: the bucket refills at the new rate.
             {"set": "tenant:*", "limit": "20/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 3}},
+            allow("acme", {"tenant:acme": 3}),
         ],
     },
     {
         "id": "delete-and-set-again",
         "steps": [
             {"set": "tenant:acme", "limit": "2/h"},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 1}},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 0}},
+            allow("acme", {"tenant:acme": 1}),
+            allow("acme", {"tenant:acme": 0}),
             {"delete": "tenant:acme"},
-            {"acquire": "acme", "allowed": True, "remaining": {}},
+            allow("acme", {}),
             # Deleting a limit keeps its bucket: setting it again hands out no fresh burst.
             {"set": "tenant:acme", "limit": "2/h", "burst": 3},
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 0},
-            },
+            deny("acme", "tenant:acme", 1_800_000, {"tenant:acme": 0}),
         ],
     },
 ]
@@ -477,58 +390,40 @@ SEQUENCES.append(
             {"set": "global", "limit": "10/h", "shadow": True},
             {"set": "tenant:acme:queue:q", "limit": Limit(1, per=HOUR, burst=2)},
             {"get": "tenant:*", "is": ScopeLimit("tenant:*", Limit(1, per=HOUR, burst=3))},
-            {
-                "acquire": "acme",
-                "queue": "q",
-                "priority": "high",
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:q": 1, "tenant:acme": 2, "global": 9},
-            },
-            {
-                "peek": "acme",
-                "queue": "q",
-                "cost": 2,
-                "allowed": False,
-                "denied_by": "tenant:acme:queue:q",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme:queue:q": 1, "tenant:acme": 2, "global": 9},
-            },
-            {
-                "acquire": "acme",
-                "queue": "q",
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:q": 0, "tenant:acme": 1, "global": 8},
-            },
-            {
-                "acquire": "acme",
-                "queue": "q",
-                "allowed": False,
-                "denied_by": "tenant:acme:queue:q",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme:queue:q": 0, "tenant:acme": 1, "global": 8},
-            },
-            {
-                "refund": "acme",
-                "queue": "q",
-                "cost": 0.5,
-                "allowed": True,
-                "remaining": {"tenant:acme:queue:q": 0.5, "tenant:acme": 1.5, "global": 8.5},
-            },
-            {
-                "acquire": "acme",
-                "cost": 1.5,
-                "allowed": True,
-                "remaining": {"tenant:acme": 0, "global": 7},
-            },
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme": 0, "global": 7},
-            },
+            allow(
+                "acme",
+                {"tenant:acme:queue:q": 1, "tenant:acme": 2, "global": 9},
+                queue="q",
+                priority="high",
+            ),
+            deny(
+                "acme",
+                "tenant:acme:queue:q",
+                3_600_000,
+                {"tenant:acme:queue:q": 1, "tenant:acme": 2, "global": 9},
+                mode="peek",
+                queue="q",
+                cost=2,
+            ),
+            allow("acme", {"tenant:acme:queue:q": 0, "tenant:acme": 1, "global": 8}, queue="q"),
+            deny(
+                "acme",
+                "tenant:acme:queue:q",
+                3_600_000,
+                {"tenant:acme:queue:q": 0, "tenant:acme": 1, "global": 8},
+                queue="q",
+            ),
+            allow(
+                "acme",
+                {"tenant:acme:queue:q": 0.5, "tenant:acme": 1.5, "global": 8.5},
+                mode="refund",
+                queue="q",
+                cost=0.5,
+            ),
+            allow("acme", {"tenant:acme": 0, "global": 7}, cost=1.5),
+            deny("acme", "tenant:acme", 3_600_000, {"tenant:acme": 0, "global": 7}),
             {"exempt": "acme", "mode": "tenant"},
-            {"acquire": "acme", "cost": 2, "allowed": True, "remaining": {"global": 5}},
+            allow("acme", {"global": 5}, cost=2),
             {"delete": "tenant:acme:queue:q"},
             {
                 "limits": {
@@ -544,102 +439,20 @@ SEQUENCES.append(
 
 FROZEN = [
     frozen("no limits", {}, {}, 1, True, {}),
-    frozen("1/hour fresh", {"tenant:acme": Limit(1, per=HOUR)}, {}, 1, True, {"tenant:acme": 0}),
-    frozen(
-        "1/hour empty",
-        {"tenant:acme": Limit(1, per=HOUR)},
-        {"tenant:acme": 0},
-        1,
-        False,
-        {"tenant:acme": 0},
-        wait_ms=3_600_000,
-        denied_by="tenant:acme",
-    ),
-    frozen(
-        "1/hour half a token",
-        {"tenant:acme": Limit(1, per=HOUR)},
-        {"tenant:acme": 0.5},
-        1,
-        False,
-        {"tenant:acme": 0.5},
-        wait_ms=1_800_000,
-        denied_by="tenant:acme",
-    ),
-    frozen("1e6/s cost = burst", {"tenant:acme": Limit(1e6)}, {}, 1e6, True, {"tenant:acme": 0}),
-    frozen(
-        "1e6/s empty, cost = burst",
-        {"tenant:acme": Limit(1e6)},
-        {"tenant:acme": 0},
-        1e6,
-        False,
-        {"tenant:acme": 0},
-        wait_ms=1000,
-        denied_by="tenant:acme",
-    ),
-    frozen(
-        "1e6/s one token short",
-        {"tenant:acme": Limit(1e6)},
-        {"tenant:acme": 0},
-        1,
-        False,
-        {"tenant:acme": 0},
-        wait_ms=0.001,
-        denied_by="tenant:acme",
-    ),
-    frozen("burst 1 fresh", {"tenant:acme": Limit(10, burst=1)}, {}, 1, True, {"tenant:acme": 0}),
-    frozen(
-        "burst 1 empty",
-        {"tenant:acme": Limit(10, burst=1)},
-        {"tenant:acme": 0},
-        1,
-        False,
-        {"tenant:acme": 0},
-        wait_ms=100,
-        denied_by="tenant:acme",
-    ),
-    frozen(
-        "cost = burst",
-        {"tenant:acme": Limit(5, per=60, burst=5)},
-        {},
-        5,
-        True,
-        {"tenant:acme": 0},
-    ),
-    frozen(
-        "cost = burst, one token short",
-        {"tenant:acme": Limit(5, per=60, burst=5)},
-        {"tenant:acme": 4},
-        5,
-        False,
-        {"tenant:acme": 4},
-        wait_ms=12_000,
-        denied_by="tenant:acme",
-    ),
-    frozen(
-        "fractional cost fits",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 0.75},
-        0.25,
-        True,
-        {"tenant:acme": 0.5},
-    ),
-    frozen(
-        "fractional cost short",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 0.1},
-        0.35,
-        False,
-        {"tenant:acme": 0.1},
-        wait_ms=250,
-        denied_by="tenant:acme",
-    ),
-    frozen(
-        "float rounding: 0.1 + 0.2 tokens admit a cost of 0.3",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 0.1 + 0.2},
-        0.3,
-        True,
-        {"tenant:acme": 0},
+    one_bucket("1/hour fresh", Limit(1, per=HOUR), None, 1, 0),
+    one_bucket("1/hour empty", Limit(1, per=HOUR), 0, 1, 0, wait_ms=3_600_000),
+    one_bucket("1/hour half a token", Limit(1, per=HOUR), 0.5, 1, 0.5, wait_ms=1_800_000),
+    one_bucket("1e6/s cost = burst", Limit(1e6), None, 1e6, 0),
+    one_bucket("1e6/s empty, cost = burst", Limit(1e6), 0, 1e6, 0, wait_ms=1000),
+    one_bucket("1e6/s one token short", Limit(1e6), 0, 1, 0, wait_ms=0.001),
+    one_bucket("burst 1 fresh", Limit(10, burst=1), None, 1, 0),
+    one_bucket("burst 1 empty", Limit(10, burst=1), 0, 1, 0, wait_ms=100),
+    one_bucket("cost = burst", Limit(5, per=60, burst=5), None, 5, 0),
+    one_bucket("cost = burst, one token short", Limit(5, per=60, burst=5), 4, 5, 4, wait_ms=12_000),
+    one_bucket("fractional cost fits", Limit(1, burst=1), 0.75, 0.25, 0.5),
+    one_bucket("fractional cost short", Limit(1, burst=1), 0.1, 0.35, 0.1, wait_ms=250),
+    one_bucket(
+        "float rounding: 0.1 + 0.2 tokens admit a cost of 0.3", Limit(1, burst=1), 0.1 + 0.2, 0.3, 0
     ),
     frozen(
         "global waits longest",
@@ -761,70 +574,38 @@ FROZEN = [
 
 SLOWEST = {"rate": 1e-7}  # Limit's minimum: a token every 116 days
 EDGES: list[dict[str, Any]] = [
-    frozen(
-        "slowest rate: one token short waits 1e10 ms",
-        {"tenant:acme": Limit(1e-7, burst=1)},
-        {"tenant:acme": 0},
-        1,
-        False,
-        {"tenant:acme": 0},
-        wait_ms=1e10,
-        denied_by="tenant:acme",
+    one_bucket(
+        "slowest rate: one token short waits 1e10 ms", Limit(1e-7, burst=1), 0, 1, 0, wait_ms=1e10
     ),
-    frozen(
-        "fastest rate, largest burst: all of it at once",
-        {"tenant:acme": Limit(1e9, burst=1e12)},
-        {},
-        1e12,
-        True,
-        {"tenant:acme": 0},
+    one_bucket(
+        "fastest rate, largest burst: all of it at once", Limit(1e9, burst=1e12), None, 1e12, 0
     ),
-    frozen(
+    one_bucket(
         "fastest rate: one token short waits a microsecond",
-        {"tenant:acme": Limit(1e9, burst=1e12)},
-        {"tenant:acme": 0},
+        Limit(1e9, burst=1e12),
+        0,
         1,
-        False,
-        {"tenant:acme": 0},
+        0,
         wait_ms=1e-6,
-        denied_by="tenant:acme",
     ),
-    frozen(
+    one_bucket(
         "a wait longer than MAX_WAIT is reported as MAX_WAIT",
-        {"tenant:acme": Limit(1e-7, burst=1e12)},
-        {"tenant:acme": 0},
+        Limit(1e-7, burst=1e12),
+        0,
         1e12,
-        False,
-        {"tenant:acme": 0},
+        0,
         wait_ms=MAX_WAIT_MS,
-        denied_by="tenant:acme",
     ),
-    frozen(
-        "cost 0.5 of a one-token bucket",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 1},
-        0.5,
-        True,
-        {"tenant:acme": 0.5},
-    ),
-    frozen(
+    one_bucket("cost 0.5 of a one-token bucket", Limit(1, burst=1), 1, 0.5, 0.5),
+    one_bucket(
         "cost 0.5 with a quarter token left waits 250 ms",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 0.25},
+        Limit(1, burst=1),
+        0.25,
         0.5,
-        False,
-        {"tenant:acme": 0.25},
+        0.25,
         wait_ms=250,
-        denied_by="tenant:acme",
     ),
-    frozen(
-        "the smallest cost, one token left",
-        {"tenant:acme": Limit(1, burst=1)},
-        {"tenant:acme": 1},
-        1e-6,
-        True,
-        {"tenant:acme": 1 - 1e-6},
-    ),
+    one_bucket("the smallest cost, one token left", Limit(1, burst=1), 1, 1e-6, 1 - 1e-6),
     {
         # A wait of 9.9e+17 us once reached Redis as text it refused, after the bucket was
         # written (the tokens were gone, the call raised).
@@ -832,37 +613,12 @@ EDGES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:attacker", "limit": "1/115d", "burst": 100_000},
             {"set": "tenant:*", "limit": Limit(1, per=HOUR, burst=1)},
-            {
-                "acquire": "attacker",
-                "cost": 1e5,
-                "allowed": True,
-                "remaining": {"tenant:attacker": 0},
-            },
-            {
-                "acquire": "attacker",
-                "cost": 1e5,
-                "allowed": False,
-                "wait_ms": MAX_WAIT_MS,
-                "denied_by": "tenant:attacker",
-                "remaining": {"tenant:attacker": 0},
-            },
-            {
-                "acquire": "attacker",
-                "cost": 1e5,
-                "allowed": False,
-                "wait_ms": MAX_WAIT_MS,
-                "denied_by": "tenant:attacker",
-                "remaining": {"tenant:attacker": 0},
-            },
+            allow("attacker", {"tenant:attacker": 0}, cost=1e5),
+            deny("attacker", "tenant:attacker", MAX_WAIT_MS, {"tenant:attacker": 0}, cost=1e5),
+            deny("attacker", "tenant:attacker", MAX_WAIT_MS, {"tenant:attacker": 0}, cost=1e5),
             {"expires": "attacker", "within_ms": 2 * MAX_WAIT_MS},
-            {"acquire": "quiet", "allowed": True, "remaining": {"tenant:quiet": 0}},
-            {
-                "acquire": "quiet",
-                "allowed": False,
-                "wait_ms": 3_600_000,
-                "denied_by": "tenant:quiet",
-                "remaining": {"tenant:quiet": 0},
-            },
+            allow("quiet", {"tenant:quiet": 0}),
+            deny("quiet", "tenant:quiet", 3_600_000, {"tenant:quiet": 0}),
         ],
     },
     {
@@ -871,17 +627,10 @@ EDGES: list[dict[str, Any]] = [
         "id": "largest burst on the slowest rate: admitted, the tenant hash expires",
         "steps": [
             {"set": "tenant:acme", "limit": Limit(1e-7, burst=1e12)},
-            {"acquire": "acme", "cost": 1e12, "allowed": True, "remaining": {"tenant:acme": 0}},
+            allow("acme", {"tenant:acme": 0}, cost=1e12),
             {"stored": {"tenant:acme": 0}},
             {"expires": "acme", "within_ms": 2 * MAX_WAIT_MS},
-            {
-                "acquire": "acme",
-                "cost": 1e12,
-                "allowed": False,
-                "wait_ms": MAX_WAIT_MS,
-                "denied_by": "tenant:acme",
-                "remaining": {"tenant:acme": 0},
-            },
+            deny("acme", "tenant:acme", MAX_WAIT_MS, {"tenant:acme": 0}, cost=1e12),
         ],
     },
     {
@@ -890,7 +639,7 @@ EDGES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:acme", "limit": "10/h"},
             {"tenant_fields": ("acme", {"x": "9.9360000017965085e+21", "n:a": "1"})},
-            {"acquire": "acme", "allowed": True, "remaining": {"tenant:acme": 9}},
+            allow("acme", {"tenant:acme": 9}),
             {"expires": "acme", "within_ms": 2 * MAX_WAIT_MS},
         ],
     },
@@ -901,10 +650,10 @@ EDGES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:*", "limit": "10/h"},
             {"record": 120},
-            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 9.5}},
-            {"acquire": "acme", "cost": 1, "allowed": True, "remaining": {"tenant:acme": 8.5}},
-            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 8}},
-            {"acquire": "acme", "cost": 1, "allowed": True, "remaining": {"tenant:acme": 7}},
+            allow("acme", {"tenant:acme": 9.5}, cost=0.5),
+            allow("acme", {"tenant:acme": 8.5}, cost=1),
+            allow("acme", {"tenant:acme": 8}, cost=0.5),
+            allow("acme", {"tenant:acme": 7}, cost=1),
         ],
     },
     {
@@ -1068,58 +817,14 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
         "id": "credit-spends-bucket-then-bank",
         "steps": [
             {"set": "tenant:*", "limit": credit_limit(2, 2, 3)},
-            {
-                "peek": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 5},
-                "credit": {"tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 4},
-                "credit": {"tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 3},
-                "credit": {"tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 2},
-                "credit": {"tenant:acme": 2},
-            },
-            {
-                "acquire": "acme",
-                "cost": 2,
-                "allowed": True,
-                "remaining": {"tenant:acme": 0},
-                "credit": {"tenant:acme": 0},
-            },
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 0},
-                "credit": {"tenant:acme": 0},
-            },
-            {
-                "refund": "acme",
-                "cost": 3,
-                "allowed": True,
-                "remaining": {"tenant:acme": 3},
-                "credit": {"tenant:acme": 1},
-            },
-            {
-                "acquire": "beta",
-                "allowed": True,
-                "remaining": {"tenant:beta": 4},
-                "credit": {"tenant:beta": 3},
-            },
+            allow("acme", {"tenant:acme": 5}, mode="peek", credit={"tenant:acme": 3}),
+            allow("acme", {"tenant:acme": 4}, credit={"tenant:acme": 3}),
+            allow("acme", {"tenant:acme": 3}, credit={"tenant:acme": 3}),
+            allow("acme", {"tenant:acme": 2}, credit={"tenant:acme": 2}),
+            allow("acme", {"tenant:acme": 0}, cost=2, credit={"tenant:acme": 0}),
+            deny("acme", "tenant:acme", 1_800_000, {"tenant:acme": 0}, credit={"tenant:acme": 0}),
+            allow("acme", {"tenant:acme": 3}, mode="refund", cost=3, credit={"tenant:acme": 1}),
+            allow("beta", {"tenant:beta": 4}, credit={"tenant:beta": 3}),
         ],
     },
     {
@@ -1127,13 +832,7 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
         "id": "credit-admits-costs-up-to-burst-plus-credit",
         "steps": [
             {"set": "global", "limit": credit_limit(1, 2, 3)},
-            {
-                "acquire": "acme",
-                "cost": 4,
-                "allowed": True,
-                "remaining": {"global": 1},
-                "credit": {"global": 1},
-            },
+            allow("acme", {"global": 1}, cost=4, credit={"global": 1}),
             {"acquire": "acme", "cost": 6, "raises": CostExceedsBurst},
         ],
     },
@@ -1152,24 +851,15 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
         "id": "windows-all-or-nothing",
         "steps": [
             {"set": "tenant:acme", "limit": ["2/h", "3/d"]},
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 1, "tenant:acme (3/d)": 2},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 0, "tenant:acme (3/d)": 1},
-            },
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "window": "2/h",
-                "wait_ms": 1_800_000,
-                "remaining": {"tenant:acme": 0, "tenant:acme (3/d)": 1},
-            },
+            allow("acme", {"tenant:acme": 1, "tenant:acme (3/d)": 2}),
+            allow("acme", {"tenant:acme": 0, "tenant:acme (3/d)": 1}),
+            deny(
+                "acme",
+                "tenant:acme",
+                1_800_000,
+                {"tenant:acme": 0, "tenant:acme (3/d)": 1},
+                window="2/h",
+            ),
             {
                 "get": "tenant:acme",
                 "is": ScopeLimit(
@@ -1187,32 +877,23 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
         "id": "windows-the-long-one-binds",
         "steps": [
             {"set": "tenant:*", "limit": ["2/d", "5/h"]},
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme (2/d)": 1, "tenant:acme": 4},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
-            },
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "window": "2/d",
-                "wait_ms": 43_200_000,
-                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
-            },
-            {
-                "peek": "acme",
-                "allowed": False,
-                "denied_by": "tenant:acme",
-                "window": "2/d",
-                "wait_ms": 43_200_000,
-                "remaining": {"tenant:acme (2/d)": 0, "tenant:acme": 3},
-            },
+            allow("acme", {"tenant:acme (2/d)": 1, "tenant:acme": 4}),
+            allow("acme", {"tenant:acme (2/d)": 0, "tenant:acme": 3}),
+            deny(
+                "acme",
+                "tenant:acme",
+                43_200_000,
+                {"tenant:acme (2/d)": 0, "tenant:acme": 3},
+                window="2/d",
+            ),
+            deny(
+                "acme",
+                "tenant:acme",
+                43_200_000,
+                {"tenant:acme (2/d)": 0, "tenant:acme": 3},
+                mode="peek",
+                window="2/d",
+            ),
         ],
     },
     {
@@ -1223,11 +904,9 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
             {"set": "queue:emails", "limit": ["3/h", "4/h", "9/d"]},
             {"set": "global", "limit": [credit_limit(1, 1, 1), "5/d"]},
             {"set": "tenant:*", "limit": "5/h"},
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "allowed": True,
-                "remaining": {
+            allow(
+                "acme",
+                {
                     "tenant:acme": 4,
                     "queue:emails": 2,
                     "queue:emails (4/h)": 3,
@@ -1235,23 +914,18 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
                     "global": 1,
                     "global (5/d)": 4,
                 },
-                "credit": {"global": 1},
-            },
-            {
-                "acquire": "acme",
-                "allowed": True,
-                "remaining": {"tenant:acme": 3, "global": 0, "global (5/d)": 3},
-                "credit": {"global": 0},
-            },
-            {
-                "acquire": "acme",
-                "allowed": False,
-                "denied_by": "global",
-                "window": "1/h",
-                "wait_ms": 3_600_000,
-                "remaining": {"tenant:acme": 3, "global": 0, "global (5/d)": 3},
-                "credit": {"global": 0},
-            },
+                queue="emails",
+                credit={"global": 1},
+            ),
+            allow("acme", {"tenant:acme": 3, "global": 0, "global (5/d)": 3}, credit={"global": 0}),
+            deny(
+                "acme",
+                "global",
+                3_600_000,
+                {"tenant:acme": 3, "global": 0, "global (5/d)": 3},
+                window="1/h",
+                credit={"global": 0},
+            ),
         ],
     },
     {

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from test_decisions import (
     BACKENDS,
     Backend,
+    allow,
     assert_same,
+    deny,
     drop,
     expected,
     open_backend,
@@ -52,30 +54,19 @@ CASES: list[dict[str, Any]] = [
         "id": "one-bucket-per-priority-across-tenants",
         "steps": [
             {"set": "priority:low", "limit": "2/h"},
-            {
-                "acquire": "acme",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"priority:low": 1},
-            },
-            {
-                "acquire": "beta",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"priority:low": 0},
-            },
-            {
-                "acquire": "gamma",
-                "priority": "low",
-                "queue": "emails",
-                "allowed": False,
-                "denied_by": "priority:low",
-                "wait_ms": 1_800_000,
-                "remaining": {"priority:low": 0},
-            },
+            allow("acme", {"priority:low": 1}, priority="low"),
+            allow("beta", {"priority:low": 0}, priority="low"),
+            deny(
+                "gamma",
+                "priority:low",
+                1_800_000,
+                {"priority:low": 0},
+                priority="low",
+                queue="emails",
+            ),
             # Other priorities, and work without one, are not in that bucket.
-            {"acquire": "acme", "priority": "high", "allowed": True, "remaining": {}},
-            {"acquire": "acme", "allowed": True, "remaining": {}},
+            allow("acme", {}, priority="high"),
+            allow("acme", {}),
         ],
     },
     {
@@ -86,47 +77,44 @@ CASES: list[dict[str, Any]] = [
             {"set": "tenant:*", "limit": "10/h"},
             {"set": "tenant:*:queue:emails", "limit": "10/h"},
             {"set": "priority:low", "limit": "1/h"},
-            {
-                "acquire": "acme",
-                "queue": "emails",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {
+            allow(
+                "acme",
+                {
                     "tenant:acme:queue:emails": 9,
                     "tenant:acme": 9,
                     "queue:emails": 9,
                     "priority:low": 0,
                     "global": 9,
                 },
-            },
+                queue="emails",
+                priority="low",
+            ),
             # Denied by the priority: no other bucket is charged.
-            {
-                "acquire": "beta",
-                "queue": "emails",
-                "priority": "low",
-                "allowed": False,
-                "denied_by": "priority:low",
-                "wait_ms": 3_600_000,
-                "remaining": {
+            deny(
+                "beta",
+                "priority:low",
+                3_600_000,
+                {
                     "tenant:beta:queue:emails": 10,
                     "tenant:beta": 10,
                     "queue:emails": 9,
                     "priority:low": 0,
                     "global": 9,
                 },
-            },
-            {
-                "acquire": "beta",
-                "queue": "emails",
-                "priority": "high",
-                "allowed": True,
-                "remaining": {
+                queue="emails",
+                priority="low",
+            ),
+            allow(
+                "beta",
+                {
                     "tenant:beta:queue:emails": 9,
                     "tenant:beta": 9,
                     "queue:emails": 8,
                     "global": 8,
                 },
-            },
+                queue="emails",
+                priority="high",
+            ),
         ],
     },
     {
@@ -134,20 +122,8 @@ CASES: list[dict[str, Any]] = [
         "steps": [
             {"set": "global", "limit": "1/h"},
             {"set": "priority:low", "limit": "5/h"},
-            {
-                "acquire": "acme",
-                "priority": "high",
-                "allowed": True,
-                "remaining": {"global": 0},
-            },
-            {
-                "acquire": "acme",
-                "priority": "low",
-                "allowed": False,
-                "denied_by": "global",
-                "wait_ms": 3_600_000,
-                "remaining": {"priority:low": 5, "global": 0},
-            },
+            allow("acme", {"global": 0}, priority="high"),
+            deny("acme", "global", 3_600_000, {"priority:low": 5, "global": 0}, priority="low"),
         ],
     },
     {
@@ -157,68 +133,27 @@ CASES: list[dict[str, Any]] = [
             {"exempt": "vip", "mode": "tenant"},
             {"exempt": "ops", "mode": "all"},
             # Exempt from tenant limits only: the priority still applies.
-            {
-                "acquire": "vip",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"priority:low": 0},
-            },
-            {
-                "acquire": "vip",
-                "priority": "low",
-                "allowed": False,
-                "denied_by": "priority:low",
-                "wait_ms": 3_600_000,
-                "remaining": {"priority:low": 0},
-            },
+            allow("vip", {"priority:low": 0}, priority="low"),
+            deny("vip", "priority:low", 3_600_000, {"priority:low": 0}, priority="low"),
             # Exempt from everything: no priority bucket either.
-            {"acquire": "ops", "priority": "low", "allowed": True, "remaining": {}},
+            allow("ops", {}, priority="low"),
         ],
     },
     {
         "id": "shadow-priority-only-would-deny",
         "steps": [
             {"set": "priority:low", "limit": "1/h", "shadow": True},
-            {
-                "acquire": "acme",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"priority:low": 0},
-            },
-            {
-                "acquire": "acme",
-                "priority": "low",
-                "allowed": True,
-                "remaining": {"priority:low": 0},
-                "would_deny": ("priority:low",),
-            },
+            allow("acme", {"priority:low": 0}, priority="low"),
+            allow("acme", {"priority:low": 0}, priority="low", would_deny=("priority:low",)),
         ],
     },
     {
         "id": "peek-refund-and-cost",
         "steps": [
             {"set": "priority:batch", "limit": "4/h"},
-            {
-                "peek": "acme",
-                "priority": "batch",
-                "cost": 3,
-                "allowed": True,
-                "remaining": {"priority:batch": 4},
-            },
-            {
-                "acquire": "acme",
-                "priority": "batch",
-                "cost": 3,
-                "allowed": True,
-                "remaining": {"priority:batch": 1},
-            },
-            {
-                "refund": "beta",
-                "priority": "batch",
-                "cost": 2,
-                "allowed": True,
-                "remaining": {"priority:batch": 3},
-            },
+            allow("acme", {"priority:batch": 4}, mode="peek", priority="batch", cost=3),
+            allow("acme", {"priority:batch": 1}, priority="batch", cost=3),
+            allow("beta", {"priority:batch": 3}, mode="refund", priority="batch", cost=2),
             {"acquire": "beta", "priority": "batch", "cost": 5, "raises": CostExceedsBurst},
         ],
     },
@@ -229,7 +164,7 @@ CASES: list[dict[str, Any]] = [
             {"get": "priority:low", "is": ScopeLimit("priority:low", Limit.parse("20/s"))},
             {"limits": {"priority:low": ScopeLimit("priority:low", Limit.parse("20/s"))}},
             {"delete": "priority:low"},
-            {"acquire": "acme", "priority": "low", "allowed": True, "remaining": {}},
+            allow("acme", {}, priority="low"),
         ],
     },
 ]
