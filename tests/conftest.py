@@ -43,6 +43,15 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """One client for a whole module: for hypothesis tests, whose examples all run within
+    one call of the test (a function-scoped fixture would not be fresh for each)."""
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
 @pytest.fixture
 def namespace() -> str:
     """A namespace of its own for each test, so tests never see each other's keys."""

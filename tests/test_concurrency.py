@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 import multiprocessing
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
+from bucket_state import server_us
 from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,11 +33,6 @@ from queue_ratelimit import (
 from queue_ratelimit._embedded import embedded_client
 
 HOUR_US = 3600 * 1_000_000
-
-
-def server_us(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1_000_000 + int(micros)
 
 
 def slots_key(lim: Limiter, scope: str) -> str:
@@ -618,13 +613,6 @@ def test_async_limiter_has_the_same_caps(redis_url: str, namespace: str) -> None
 
 
 # -- a reference model, under hypothesis ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 OPS = st.lists(

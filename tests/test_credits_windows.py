@@ -10,34 +10,21 @@ tokens first, then the bank's. Over any interval T a window admits at most
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import redis
+from bucket_state import server_us
 from conftest import RedisProcess
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from race_support import race
+from test_properties import TOLERANCE, check_windows
 
 from queue_ratelimit import CostExceedsBurst, Limit, Limiter, Scope
-
-TOLERANCE = 1e-6
-
-
-@pytest.fixture(scope="module")
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-def server_us(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1_000_000 + int(micros)
 
 
 @dataclass
@@ -92,19 +79,6 @@ class VirtualClock:
                 self.lim.client.hset(key, mapping=moved)
 
 
-def check_cap(admitted: list[tuple[int, float]], limit: Limit) -> None:
-    """Every interval between two admissions holds at most R*T + B + C tokens."""
-    for i, (start_us, _) in enumerate(admitted):
-        total = 0.0
-        for end_us, cost in admitted[i:]:
-            total += cost
-            span_s = (end_us - start_us) / 1e6
-            bound = limit.rate_per_second * span_s + limit.capacity + limit.credit_cap
-            assert total <= bound + TOLERANCE, (
-                f"admitted {total} in {span_s}s, above R*T + B + C = {bound}"
-            )
-
-
 def replay(
     client: redis.Redis, scope: str, windows: list[Limit], ops: list[tuple[float, float]]
 ) -> int:
@@ -150,7 +124,7 @@ def replay(
                     first.own + first.bank, abs=TOLERANCE
                 )
         for limit, times in zip(windows, admitted, strict=True):
-            check_cap(times, limit)
+            check_windows(times, limit)
         return len(admitted[0])
     finally:
         keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
@@ -252,52 +226,11 @@ PROCESSES = 6
 SECONDS = 2.0
 
 
-def hammer(url: str, namespace: str, start: Any, seconds: float, results: Any) -> None:
-    """Acquire as fast as possible for ``seconds`` once ``start`` is set; report the
-    admissions and the Redis times just before the first call and just after the last."""
-    lim = Limiter.from_url(url, namespace=namespace)
-    lim.peek("acme")  # connect and load the code before the clock starts
-    start.wait(60)
-    first = server_us(lim.client)
-    admitted = 0
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        if lim.acquire("acme").allowed:
-            admitted += 1
-    last = server_us(lim.client)
-    results.put((admitted, first, last))
-    lim.close()
-
-
-def race(limiter: Limiter, redis_url: str) -> tuple[int, float]:
-    """PROCESSES workers for SECONDS: (admitted, seconds from the first call to the last)."""
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=hammer, args=(redis_url, limiter.namespace, start, SECONDS, results))
-        for _ in range(PROCESSES)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        start.set()
-        reports = [results.get(timeout=60) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs)
-    elapsed = (max(r[2] for r in reports) - min(r[1] for r in reports)) / 1e6
-    return sum(r[0] for r in reports), elapsed
-
-
 @pytest.mark.slow
 def test_processes_never_overspend_bucket_and_bank(limiter: Limiter, redis_url: str) -> None:
     limit = Limit(100, burst=20, credit=80)
     limiter.set_limit("tenant:acme", limit)
-    admitted, elapsed = race(limiter, redis_url)
+    admitted, _, elapsed = race(limiter, redis_url, PROCESSES, SECONDS)
     assert admitted <= limit.rate_per_second * elapsed + 20 + 80, f"{admitted} in {elapsed:.3f}s"
     # The bank was full at the start: it was spent, not left over.
     assert admitted >= 100 + 0.8 * limit.rate_per_second * SECONDS, admitted
@@ -311,7 +244,7 @@ def test_processes_never_overspend_the_tighter_window(limiter: Limiter, redis_ur
     # 200/s binds at first; 150 per 10 s (burst 150) once the first 150 are taken.
     windows = [Limit(200, burst=20), Limit(150, per=10)]
     limiter.set_limit("tenant:acme", windows)
-    admitted, elapsed = race(limiter, redis_url)
+    admitted, _, elapsed = race(limiter, redis_url, PROCESSES, SECONDS)
     assert admitted <= 15 * elapsed + 150, f"{admitted} in {elapsed:.3f}s"
     assert admitted <= 200 * elapsed + 20
     assert admitted >= 150, "the long window's burst was taken"

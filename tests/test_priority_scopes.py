@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from bucket_state import server_us
 from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +26,7 @@ from test_decisions import (
     open_backend,
     run_case,
 )
-from test_properties import TOLERANCE, Model, VirtualClock, check_windows, server_us
+from test_properties import TOLERANCE, Model, VirtualClock, check_windows
 from test_scheduler import backlogged, budget, shares, take
 
 from queue_ratelimit import (
@@ -245,13 +246,6 @@ def run_priorities(
         keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
         if keys:
             client.delete(*keys)
-
-
-@pytest.fixture(scope="module")
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 @settings(max_examples=100, deadline=None, database=None)
