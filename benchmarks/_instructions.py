@@ -38,7 +38,7 @@ import redis
 
 from queue_ratelimit import Limit, Limiter, Slot
 
-from .decisions import HIGH, QUEUE, TENANT, TIGHT
+from .decisions import HIGH, PRIORITY_AND_PAUSE_KINDS, QUEUE, TENANT, TIGHT, set_up_kind
 
 CLOCK = ("999999", "1764355012345678")  # a token count and a clock in microseconds
 # --drained: buckets that never fill (a burst of 1e9), so that their tokens are fractions,
@@ -190,28 +190,10 @@ def _fcalls(
     return server.count(pipe.execute) / calls
 
 
-# Priority scopes and pauses (issue #13), as in benchmarks/decisions.py's _ours_kinds.
-KINDS = ("priority", "priority_denied", "paused", "pause_ended", "pause_elsewhere")
-
-
 def _kind(server: Callgrind, kind: str, calls: int) -> float:
+    """A priority scope or a pause (issue #13), set up as benchmarks/decisions.py does."""
     limiter = Limiter(server.client, namespace=f"qrl-instructions-{kind}")
-    limiter.set_limit("tenant:*", HIGH)
-    priority = None
-    if kind.startswith("priority"):
-        limiter.set_limit("priority:low", TIGHT if kind.endswith("denied") else HIGH)
-        priority = "low"
-    elif kind == "paused":
-        limiter.pause(f"tenant:{TENANT}", 30 * 86400)
-    elif kind == "pause_ended":
-        ends = limiter.pause(f"tenant:{TENANT}", 0.001).until_ms
-        while True:  # (until Redis's clock passes it: a millisecond)
-            seconds, micros = server.client.time()
-            if seconds * 1000 + micros / 1000 > ends:
-                break
-    else:
-        limiter.pause("tenant:someone-else", 30 * 86400)
-    return _fcalls(server, limiter, None, priority, calls)
+    return _fcalls(server, limiter, None, set_up_kind(limiter, kind), calls)
 
 
 def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
@@ -335,7 +317,7 @@ def main() -> None:
             result[name] = round(count)
             print(f"{name:16s} {result[name]:>9,} instructions per decision", file=sys.stderr)
         if options.kinds:
-            for kind in KINDS:
+            for kind in PRIORITY_AND_PAUSE_KINDS:
                 result[kind] = round(_kind(server, kind, options.calls))
                 print(f"{kind:16s} {result[kind]:>9,} instructions per decision", file=sys.stderr)
         if options.caps:

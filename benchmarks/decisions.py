@@ -150,20 +150,28 @@ def _ours_kind(kind: str, denied: bool, url: str, prefix: str) -> Prepared:
     return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
 
 
-def _ours_kinds(kind: str, url: str, prefix: str) -> Prepared:
-    """Our decision with a priority scope or a pause (issue #13): ``priority`` and
-    ``priority_denied`` (tenant:* and priority:low, the latter exhausted); ``paused`` (the
-    tenant paused for the whole run: every decision is denied by the pause);
-    ``pause_ended`` (a pause of the tenant that ran out: the plan still holds it, and each
-    decision compares it with the clock); ``pause_elsewhere`` (another tenant paused)."""
-    limiter = Limiter.from_url(url, namespace=prefix)
+# Decisions with a priority scope or a pause (issue #13), set up by set_up_kind.
+PRIORITY_AND_PAUSE_KINDS = (
+    "priority",
+    "priority_denied",
+    "paused",
+    "pause_ended",
+    "pause_elsewhere",
+)
+
+
+def set_up_kind(limiter: Limiter, kind: str) -> str | None:
+    """Configure ``limiter``'s namespace for one of PRIORITY_AND_PAUSE_KINDS: ``priority``
+    and ``priority_denied`` (tenant:* and priority:low, the latter to be exhausted by the
+    first decision); ``paused`` (the tenant paused for the whole run: every decision is
+    denied by the pause); ``pause_ended`` (a pause of the tenant that ran out: the plan
+    still holds it, and each decision compares it with the clock); ``pause_elsewhere``
+    (another tenant paused). Returns the priority the decisions are made with."""
     limiter.set_limit("tenant:*", HIGH)
-    call: Callable[[], Decision] = partial(limiter.acquire, TENANT)
     if kind.startswith("priority"):
         limiter.set_limit("priority:low", TIGHT if kind.endswith("denied") else HIGH)
-        call = partial(limiter.acquire, TENANT, None, "low")
-        call()  # exhausts the tight bucket of the denied case
-    elif kind == "paused":
+        return "low"
+    if kind == "paused":
         limiter.pause(f"tenant:{TENANT}", 30 * 86400)
     elif kind == "pause_ended":
         ends = limiter.pause(f"tenant:{TENANT}", 0.001).until_ms
@@ -173,6 +181,16 @@ def _ours_kinds(kind: str, url: str, prefix: str) -> Prepared:
                 break
     else:
         limiter.pause("tenant:someone-else", 30 * 86400)
+    return None
+
+
+def _ours_kinds(kind: str, url: str, prefix: str) -> Prepared:
+    """Our decision with a priority scope or a pause (``set_up_kind``)."""
+    limiter = Limiter.from_url(url, namespace=prefix)
+    priority = set_up_kind(limiter, kind)
+    call: Callable[[], Decision] = partial(limiter.acquire, TENANT, None, priority)
+    if priority is not None:
+        call()  # exhausts the tight bucket of the denied case
     return Prepared(call=call, is_allowed=_allowed_decision, close=limiter.close)
 
 
