@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,13 +59,29 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
+def drop_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of ``namespace`` (a real server outlives the test)."""
+    keys = list(client.scan_iter(match=f"qrl:{{{namespace}}}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@contextmanager
+def scratch_limiter(client: redis.Redis) -> Iterator[Limiter]:
+    """A limiter in a namespace of its own, dropped afterwards: for each example of a
+    hypothesis test (its fixtures are made once for all of them)."""
+    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
+    try:
+        yield lim
+    finally:
+        drop_namespace(client, lim.namespace)
+
+
 @pytest.fixture
 def limiter(redis_client: redis.Redis, namespace: str) -> Iterator[Limiter]:
     lim = Limiter(redis_client, namespace=namespace)
     yield lim
-    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
+    drop_namespace(redis_client, namespace)
 
 
 def free_port(*, also_free: int | None = None) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from click.testing import CliRunner, Result
+from conftest import drop_namespace
 
 from queue_ratelimit import AsyncLimiter, ConfigError, Limiter, __version__
 from queue_ratelimit._demo import NAMESPACE as DEMO_NAMESPACE
@@ -31,9 +32,7 @@ NO_ENV = {
 def cli(redis_url: str, namespace: str, redis_client: redis.Redis) -> Iterator[CliRunner]:
     """A runner whose environment points the command at the test server and namespace."""
     yield CliRunner(env={**NO_ENV, "REDIS_URL": redis_url, "QUEUE_RATELIMIT_NAMESPACE": namespace})
-    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*"))
-    if keys:
-        redis_client.delete(*keys)
+    drop_namespace(redis_client, namespace)
 
 
 def ok(runner: CliRunner, *args: str) -> str:

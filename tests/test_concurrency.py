@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
 from bucket_state import server_us
-from conftest import wait_until
+from conftest import scratch_limiter, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -634,8 +633,7 @@ def test_running_never_exceeds_the_cap_nor_releases_twice(
     """A global cap and a per-tenant default under random acquires, releases, expiries and
     renewals, against a model of which holders are live: admissions, running counts and the
     replies of release and extend agree with it at every step."""
-    lim = Limiter(client, namespace=f"h{uuid.uuid4().hex[:12]}")
-    try:
+    with scratch_limiter(client) as lim:
         lim.set_concurrency("global", cap)
         lim.set_concurrency("tenant:*", tenant_cap)
         taken: list[tuple[str, Decision]] = []
@@ -664,10 +662,6 @@ def test_running_never_exceeds_the_cap_nor_releases_twice(
             for tenant in ("acme", "bigco"):
                 count = sum(1 for i in live if taken[i][0] == tenant)
                 assert lim.running(f"tenant:{tenant}") == count <= tenant_cap
-    finally:
-        keys = list(client.scan_iter(match=f"{lim.keys.base}:*"))
-        if keys:
-            client.delete(*keys)
 
 
 # -- many processes ----------------------------------------------------------------------

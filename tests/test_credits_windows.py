@@ -11,14 +11,13 @@ tokens first, then the bank's. Over any interval T a window admits at most
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import redis
 from bucket_state import server_us
-from conftest import RedisProcess
+from conftest import RedisProcess, scratch_limiter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from race_support import race
@@ -84,8 +83,7 @@ def replay(
 ) -> int:
     """(cost, pause) steps against one scope of tenant acme; every decision compared with
     the model, every window's cap checked at the end. Returns the admissions."""
-    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
-    try:
+    with scratch_limiter(client) as lim:
         lim.set_limit(scope, windows if len(windows) > 1 else windows[0])
         location = lim.keys.bucket_location(Scope.parse(scope))
         assert location is not None
@@ -126,10 +124,6 @@ def replay(
         for limit, times in zip(windows, admitted, strict=True):
             check_windows(times, limit)
         return len(admitted[0])
-    finally:
-        keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
-        if keys:
-            client.delete(*keys)
 
 
 costs = st.one_of(
@@ -192,8 +186,7 @@ def test_quiet_for_ten_seconds_then_sixty_at_once_then_ten_a_second(
     """The issue's example, on the virtual clock: 10/s, burst 10, credit 50. (Jobs of cost
     60 and 10 stand for as many jobs at once: the real time between 60 calls would refill
     a fraction of a token.)"""
-    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
-    try:
+    with scratch_limiter(client) as lim:
         lim.set_limit("tenant:*", Limit.parse("10/s", burst=10, credit=50))
         assert lim.acquire("acme", cost=60).allowed, "a new tenant: bucket and bank full"
         assert not lim.acquire("acme").allowed
@@ -216,8 +209,6 @@ def test_quiet_for_ten_seconds_then_sixty_at_once_then_ten_a_second(
         extra = 10 * (time.monotonic() - started) + 0.01
         assert 20 - 0.01 <= decision.remaining["tenant:acme"] <= 20 + extra
         assert 10 - 0.01 <= decision.credit["tenant:acme"] <= 10 + extra
-    finally:
-        client.delete(*client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
 
 
 # -- processes racing on Redis's real clock ---------------------------------------------

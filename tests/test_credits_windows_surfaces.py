@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import drop_namespace
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,9 +38,7 @@ def cli(redis_url: str, namespace: str, redis_client: redis.Redis) -> Iterator[C
             "QUEUE_RATELIMIT_CONFIG": None,
         }
     )
-    keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*"))
-    if keys:
-        redis_client.delete(*keys)
+    drop_namespace(redis_client, namespace)
 
 
 def ok(runner: CliRunner, *args: str) -> str:

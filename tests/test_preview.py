@@ -4,10 +4,10 @@ property-based), which traffic a scope governs, and the whole path on a real Red
 from __future__ import annotations
 
 import math
-import uuid
 
 import pytest
 import redis
+from conftest import scratch_limiter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_credits_windows import VirtualClock
@@ -192,8 +192,7 @@ def test_the_replay_admits_what_the_lua_admits(
     each a single decision, are all admitted by acquire.lua exactly as long as the replay
     delays none of them (up to the first, both are the same buckets; from it on, the
     script denies and the replay makes it wait)."""
-    lim = Limiter(redis_client, namespace=f"p{uuid.uuid4().hex[:12]}")
-    try:
+    with scratch_limiter(redis_client) as lim:
         lim.set_limit("tenant:acme", windows)
         most = min(w.capacity + w.credit_cap for w in windows)
         clock = VirtualClock(lim, "acme")
@@ -209,10 +208,6 @@ def test_the_replay_admits_what_the_lua_admits(
             assert allowed == (delayed == 0), (arrivals, delayed)
             if not allowed:
                 break
-    finally:
-        keys = list(redis_client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
-        if keys:
-            redis_client.delete(*keys)
 
 
 # -- which traffic a scope's limit governs ---------------------------------------------------

@@ -5,14 +5,13 @@ allow by weight, passing over a priority its cap holds back."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from bucket_state import server_us
-from conftest import wait_until
+from conftest import scratch_limiter, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decisions import (
@@ -206,9 +205,8 @@ def run_priorities(
     """Replay (tenant, priority, cost, pause) steps: each scope's bucket (priority:low takes
     only low work, global everything) is fed with the decisions it saw, compared with its
     model, and every window of its admissions holds R·T + B."""
-    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
     scopes = list(limits)
-    try:
+    with scratch_limiter(client) as lim:
         for scope, limit in limits.items():
             lim.set_limit(scope, limit)
         clock = VirtualClock(lim, scopes)
@@ -242,10 +240,6 @@ def run_priorities(
                 assert decision.denied_by in short
         for scope, limit in limits.items():
             check_windows(admitted[scope], limit)
-    finally:
-        keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
-        if keys:
-            client.delete(*keys)
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import pytest
 import redis
 from bucket_state import server_us
+from conftest import scratch_limiter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,9 +89,8 @@ def run(client: redis.Redis, limits: dict[str, Limit], ops: list[tuple[float, fl
         limits: the scopes that apply to tenant "acme", with their limits.
         ops: (cost, seconds of virtual pause before the call) steps.
     """
-    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
     scopes = list(limits)
-    try:
+    with scratch_limiter(client) as lim:
         for scope, limit in limits.items():
             lim.set_limit(scope, limit)
         clock = VirtualClock(lim, scopes)
@@ -118,10 +117,6 @@ def run(client: redis.Redis, limits: dict[str, Limit], ops: list[tuple[float, fl
                 assert decision.wait_ms > 0
         for scope, limit in limits.items():
             check_windows(admitted[scope], limit)
-    finally:
-        keys = list(client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))
-        if keys:
-            client.delete(*keys)
 
 
 costs = st.one_of(
@@ -169,9 +164,8 @@ def test_two_buckets_each_hold_their_bound(
 
 def test_real_clock_high_rate_never_exceeds_the_bound(client: redis.Redis) -> None:
     """No simulation: a fast bucket on Redis's real clock, hammered for a few hundred ms."""
-    lim = Limiter(client, namespace=f"p{uuid.uuid4().hex[:12]}")
     limit = Limit(2000, burst=5)
-    try:
+    with scratch_limiter(client) as lim:
         lim.set_limit("tenant:acme", limit)
         start = server_us(client)
         admitted = 0.0
@@ -182,5 +176,3 @@ def test_real_clock_high_rate_never_exceeds_the_bound(client: redis.Redis) -> No
         elapsed_s = (server_us(client) - start) / 1e6
         assert admitted <= limit.rate_per_second * elapsed_s + limit.capacity + TOLERANCE
         assert admitted > 0
-    finally:
-        client.delete(*client.scan_iter(match=f"qrl:{{{lim.namespace}}}:*"))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import drop_namespace
 
 from queue_ratelimit import Decision, Limit, Limiter, ScopeLimit, load_config_file
 
@@ -58,9 +59,7 @@ def run_block(redis_url: str, redis_client: redis.Redis) -> Iterator[Run]:
 
     yield run
     for namespace in namespaces:
-        keys = list(redis_client.scan_iter(match=f"qrl:{{{namespace}}}:*"))
-        if keys:
-            redis_client.delete(*keys)
+        drop_namespace(redis_client, namespace)
     redis_client.delete("celery", "_kombu.binding.celery")
 
 
