@@ -84,16 +84,16 @@ class Case:
     queue: str | None = "q"
 
 
+def full(id: str, caps: dict[str, int], scope: str, live: int, **fields: Any) -> Case:
+    """A case denied by the cap of ``scope``, whose slots ``live`` holders hold."""
+    return Case(
+        id, caps, False, denied_by=scope, concurrency=True, held={scope: (live, 0)}, **fields
+    )
+
+
 CASES = [
     Case("cap1-free", {"tenant:acme": 1}, True, ("tenant:acme",)),
-    Case(
-        "cap1-full",
-        {"tenant:acme": 1},
-        False,
-        denied_by="tenant:acme",
-        concurrency=True,
-        held={"tenant:acme": (1, 0)},
-    ),
+    full("cap1-full", {"tenant:acme": 1}, "tenant:acme", 1),
     Case(
         "cap1-expired-holder-reclaimed",
         {"tenant:acme": 1},
@@ -102,14 +102,7 @@ CASES = [
         held={"tenant:acme": (0, 1)},
     ),
     Case("capn-below", {"tenant:acme": 3}, True, ("tenant:acme",), held={"tenant:acme": (2, 0)}),
-    Case(
-        "capn-full",
-        {"tenant:acme": 3},
-        False,
-        denied_by="tenant:acme",
-        concurrency=True,
-        held={"tenant:acme": (3, 0)},
-    ),
+    full("capn-full", {"tenant:acme": 3}, "tenant:acme", 3),
     Case(
         "capn-full-but-one-expired",
         {"tenant:acme": 3},
@@ -126,13 +119,11 @@ CASES = [
         limits={"tenant:acme": "1/h"},
         empty_buckets=True,
     ),
-    Case(
+    full(
         "cap-denies-while-rate-admits",
         {"tenant:acme": 1},
-        False,
-        denied_by="tenant:acme",
-        concurrency=True,
-        held={"tenant:acme": (1, 0)},
+        "tenant:acme",
+        1,
         limits={"tenant:acme": "100/s"},
     ),
     Case(
@@ -142,14 +133,7 @@ CASES = [
         ("tenant:acme",),
         held={"tenant:bigco": (1, 0)},
     ),
-    Case(
-        "tenant-default-full",
-        {"tenant:*": 1},
-        False,
-        denied_by="tenant:acme",
-        concurrency=True,
-        held={"tenant:acme": (1, 0)},
-    ),
+    full("tenant-default-full", {"tenant:*": 1}, "tenant:acme", 1),
     Case(
         "own-cap-overrides-default",
         {"tenant:*": 1, "tenant:acme": 2},
@@ -172,40 +156,18 @@ CASES = [
         held={"tenant:acme:queue:q": (1, 0)},
         queue="other",
     ),
-    Case(
-        "queue-cap-full",
-        {"queue:q": 2},
-        False,
-        denied_by="queue:q",
-        concurrency=True,
-        held={"queue:q": (2, 0)},
-    ),
+    full("queue-cap-full", {"queue:q": 2}, "queue:q", 2),
     Case(
         "queue-cap-without-a-queue", {"queue:q": 1}, True, (), held={"queue:q": (1, 0)}, queue=None
     ),
-    Case(
-        "global-cap-full",
-        {"global": 1},
-        False,
-        denied_by="global",
-        concurrency=True,
-        held={"global": (1, 0)},
-        queue=None,
-    ),
+    full("global-cap-full", {"global": 1}, "global", 1, queue=None),
     Case(
         "every-cap-at-once",
         {"tenant:acme:queue:q": 1, "tenant:acme": 2, "queue:q": 3, "global": 4},
         True,
         ("tenant:acme:queue:q", "tenant:acme", "queue:q", "global"),
     ),
-    Case(
-        "all-or-nothing-global-full",
-        {"tenant:acme": 2, "global": 1},
-        False,
-        denied_by="global",
-        concurrency=True,
-        held={"global": (1, 0)},
-    ),
+    full("all-or-nothing-global-full", {"tenant:acme": 2, "global": 1}, "global", 1),
     Case(
         "exempt-tenant-skips-tenant-caps-only",
         {"tenant:acme": 1, "global": 2},
@@ -214,13 +176,11 @@ CASES = [
         held={"tenant:acme": (1, 0)},
         exempt="tenant",
     ),
-    Case(
+    full(
         "exempt-tenant-still-meets-the-global-cap",
         {"tenant:acme": 1, "global": 1},
-        False,
-        denied_by="global",
-        concurrency=True,
-        held={"global": (1, 0)},
+        "global",
+        1,
         exempt="tenant",
     ),
     Case(
