@@ -21,7 +21,7 @@ from conftest import RedisProcess, scratch_limiter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from race_support import race
-from test_properties import TOLERANCE, check_windows
+from test_properties import TOLERANCE, check_windows, costs, pauses
 
 from queue_ratelimit import CostExceedsBurst, Limit, Limiter, Scope
 
@@ -124,13 +124,6 @@ def replay(
         for limit, times in zip(windows, admitted, strict=True):
             check_windows(times, limit)
         return len(admitted[0])
-
-
-costs = st.one_of(
-    st.sampled_from([0.1, 0.25, 0.5, 1.0]),
-    st.floats(min_value=0.01, max_value=1.0, allow_nan=False),
-)
-pauses = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1.0), st.just(1e-6))
 
 
 @settings(max_examples=150, deadline=None, database=None)
