@@ -13,6 +13,7 @@ from conftest import drop_namespace
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_cli import NO_ENV, ok
 
 from queue_ratelimit import CostExceedsBurst, InvalidLimit, Limit, Limiter, ScopeLimit
 from queue_ratelimit._config import config_from_env, parse_config
@@ -30,21 +31,9 @@ DAY = 86400.0
 
 @pytest.fixture
 def cli(redis_url: str, namespace: str, redis_client: redis.Redis) -> Iterator[CliRunner]:
-    yield CliRunner(
-        env={
-            "REDIS_URL": redis_url,
-            "QUEUE_RATELIMIT_NAMESPACE": namespace,
-            "QUEUE_RATELIMIT_URL": None,
-            "QUEUE_RATELIMIT_CONFIG": None,
-        }
-    )
+    env = {**NO_ENV, "REDIS_URL": redis_url, "QUEUE_RATELIMIT_NAMESPACE": namespace}
+    yield CliRunner(env={**env, "QUEUE_RATELIMIT_CONFIG": None})
     drop_namespace(redis_client, namespace)
-
-
-def ok(runner: CliRunner, *args: str) -> str:
-    result = runner.invoke(main, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_get_limit_returns_what_was_set(limiter: Limiter) -> None:
