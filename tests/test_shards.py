@@ -547,7 +547,8 @@ def test_a_preview_replays_every_shards_recorded_traffic(sharded: ShardedLimiter
             assert sharded.acquire(tenant, queue="q").allowed
     preview = sharded.preview("global", Limit(1, per=HOUR, burst=3))
     assert preview.work == 15  # every shard's traffic, not the home slot's (none)
-    assert preview.delayed == 12
+    # (Recorded by the second: 1/h refills 1/3600 a second straddled, see test_async_shards.)
+    assert 12 - 60 / 3600 <= preview.delayed <= 12
     assert sharded.preview("tenant:*", Limit(1, per=HOUR, burst=5)).delayed == 0
 
 
