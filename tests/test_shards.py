@@ -461,6 +461,12 @@ def test_the_metrics_snapshot_adds_up_the_shards(
     assert snap["lanes"]["q"]["backlog"] == 1
     assert snap["tenant_backlog"] == {tenants[1]: 1}
     assert sum(snap["wait_ms_histogram"]["counts"]) == 3
+    # The pauses as set at home, in the snapshot's shape (the Prometheus collector reads it).
+    assert snap["pauses"] == {}
+    sharded.pause("tenant:" + tenants[0], 60)
+    paused = snapshot(sharded)["pauses"]
+    assert list(paused) == ["tenant:" + tenants[0]]
+    assert 59 < paused["tenant:" + tenants[0]]["remaining_s"] <= 60
 
 
 def test_windows_and_burst_credits_are_sliced_and_settled_window_by_window(
