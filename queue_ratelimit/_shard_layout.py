@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._client import queue_time
 from ._core import LimiterBase, LimiterCore, Mode, ScriptCall
 from ._decision import PAUSE_PREFIX, Decision, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
@@ -174,7 +175,7 @@ class ShardLayout(LimiterBase):
     # longer holds after it are deleted on every shard, at the version read after it (any
     # later change of those fields has a newer one, and wins on the shards, lua/shards.lua).
     def queue_pause_index_read(self, pipe: Any) -> None:
-        pipe.time()
+        queue_time(pipe, self._core.keys.pauses)
         pipe.zrangebyscore(self._core.keys.pauses, "-inf", "+inf", withscores=True)
 
     @staticmethod
