@@ -215,6 +215,12 @@ class ShardLayout(LimiterBase):
         keys = self.shard_keys[shard]
         return [keys.config, keys.shared], [version, epoch, mode, *triples]
 
+    def state_call(self, epoch: str, state: Mapping[str, str]) -> tuple[list[str], list[object]]:
+        """Keys and arguments of lua/shards.lua writing a round's state at home (the lease
+        hash): refused (-1) once a newer round has taken an epoch."""
+        pairs = [part for field, value in state.items() for part in (field, value)]
+        return [self._core.keys.share], [0, epoch, "state", *pairs]
+
     def shard_fields(
         self, config: Mapping[str, str], shares: Mapping[str, Sequence[float]], shard: int
     ) -> list[str]:
