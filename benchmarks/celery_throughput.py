@@ -23,7 +23,9 @@ and with it and hints on (one pipelined peek per publish), in interleaved rounds
 Environment: ``QRL_BENCH_ROUNDS`` (default 3), ``QRL_CELERY_TASKS`` (N, default 2000),
 ``QRL_CELERY_PUBLISHES`` (calls per latency round, default 2000), ``QRL_CELERY_MODES`` (the
 worker modes to run, comma-separated: of ``MODES`` and ``EXTRA_MODES``; plain always runs),
-``QRL_CELERY_SHARDS`` (the shards of the ``fair_shards`` mode, default 3).
+``QRL_CELERY_SHARDS`` (the shards of the ``fair_shards`` modes, default 3),
+``QRL_CELERY_CLUSTER`` (a ``redis+cluster://`` URL for the ``fair_shards_cluster`` modes; by
+default they start a cluster of three primaries of their own, ``benchmarks/shards.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.signals import before_task_publish, worker_ready
+from redis.cluster import RedisCluster
 
 from queue_ratelimit import Limit, Limiter
 from queue_ratelimit.celery import install
@@ -68,8 +72,15 @@ def done_key_of(namespace: str) -> str:
 MODES = ("plain", "fair", "fair_no_limits", "rate_only")
 # Run when named in QRL_CELERY_MODES: "fair" on a namespace over QRL_CELERY_SHARDS shards
 # (default 3; docs/design.md, "Shards"), its gate's calls on the event-loop wire; and the
-# same with the calls made the ordinary way, waited for (as before the wire took them).
-EXTRA_MODES = ("fair_shards", "fair_shards_sync")
+# same with the calls made the ordinary way, waited for (as before the wire took them). The
+# "_cluster" ones keep the limiter on a 3-primary Redis Cluster (the broker and the
+# benchmark's own counters stay on the one server): a wire per primary, or waited-for calls.
+EXTRA_MODES = (
+    "fair_shards",
+    "fair_shards_sync",
+    "fair_shards_cluster",
+    "fair_shards_cluster_sync",
+)
 
 
 def shards_of(mode: str) -> int:
@@ -77,7 +88,7 @@ def shards_of(mode: str) -> int:
 
 
 def _no_wire() -> None:
-    """The gate's calls made the ordinary way (the worker of "fair_shards_sync")."""
+    """The gate's calls made the ordinary way (the workers of the "_sync" modes)."""
     from queue_ratelimit.celery import _settler
 
     _settler.usable = lambda scheduler: False  # type: ignore[assignment]
@@ -93,8 +104,10 @@ def make_app(
     hints: bool = True,
     fair_capacity: bool = True,
     shards: int = 1,
+    limiter_url: str | None = None,
 ) -> Celery:
-    """The benchmark's app: one no-op task; the integration installed when ``gate``."""
+    """The benchmark's app: one no-op task; the integration installed when ``gate``, its
+    limiter at ``limiter_url`` (default ``redis_url``, where the counters are kept)."""
     app = Celery(f"bench-{namespace}", broker=broker)
     app.conf.update(
         task_default_queue=queue,
@@ -105,7 +118,7 @@ def make_app(
     if gate:
         install(
             app,
-            redis_url=redis_url,
+            redis_url=limiter_url or redis_url,
             namespace=namespace,
             hints=hints,
             fair_capacity=fair_capacity,
@@ -137,7 +150,7 @@ def _app_from_env() -> Celery | None:
     env = os.environ
     if "QRL_BENCH_CELERY_BROKER" not in env:
         return None
-    if env.get("QRL_BENCH_CELERY_MODE") == "fair_shards_sync":
+    if env.get("QRL_BENCH_CELERY_MODE", "").endswith("_sync"):
         _no_wire()
     return make_app(
         broker=env["QRL_BENCH_CELERY_BROKER"],
@@ -147,6 +160,7 @@ def _app_from_env() -> Celery | None:
         gate=env.get("QRL_BENCH_CELERY_MODE") != "plain",
         fair_capacity=env.get("QRL_BENCH_CELERY_MODE") != "rate_only",
         shards=shards_of(env.get("QRL_BENCH_CELERY_MODE", "")),
+        limiter_url=env.get("QRL_BENCH_CELERY_LIMITER") or None,
     )
 
 
@@ -182,9 +196,18 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _server_cpu(client: redis.Redis) -> float:
+def _server_cpu(client: Any) -> float:
+    """CPU seconds of the server, or of every primary of a cluster client."""
+    if isinstance(client, RedisCluster):
+        return sum(_server_cpu(node.redis_connection) for node in client.get_primaries())
     info = client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _limiter_cpu(limiter: Limiter) -> float:
+    """The limiter's servers' CPU seconds when they are not the counters' server (a
+    cluster's primaries)."""
+    return _server_cpu(limiter.client) if isinstance(limiter.client, RedisCluster) else 0.0
 
 
 def _fill(producer: Celery, count: int) -> None:
@@ -195,19 +218,20 @@ def _fill(producer: Celery, count: int) -> None:
 
 
 def _worker_round(
-    *, broker: str, redis_url: str, mode: str, count: int, logdir: Path
+    *, broker: str, redis_url: str, mode: str, count: int, logdir: Path, cluster_url: str = ""
 ) -> dict[str, float]:
     """Queue ``count`` tasks, start a worker, time it until the queue is drained."""
     namespace = f"bc{uuid.uuid4().hex[:8]}"
     queue = f"bench-{namespace}"
-    limiter = Limiter.from_url(redis_url, namespace=namespace, shards=shards_of(mode))
+    limiter_url = cluster_url if "_cluster" in mode else redis_url
+    limiter = Limiter.from_url(limiter_url, namespace=namespace, shards=shards_of(mode))
     if mode != "fair_no_limits":
         limiter.set_limit("global", NEVER_BINDS)
         limiter.set_limit("tenant:*", NEVER_BINDS)
     # Both modes get the same messages (with rate headers), from a hook without hints.
     producer = make_app(
         broker=broker, redis_url=redis_url, namespace=namespace, queue=queue, gate=True,
-        hints=False,
+        hints=False, shards=shards_of(mode), limiter_url=limiter_url,
     )  # fmt: skip
     _fill(producer, count)
     _uninstall(producer)
@@ -222,6 +246,7 @@ def _worker_round(
         QRL_BENCH_CELERY_NAMESPACE=namespace,
         QRL_BENCH_CELERY_QUEUE=queue,
         QRL_BENCH_CELERY_MODE=mode,
+        QRL_BENCH_CELERY_LIMITER=limiter_url,
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     log_path = logdir / f"{namespace}-{mode}.log"
@@ -234,7 +259,7 @@ def _worker_round(
         proc = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    client = limiter.client
+    client = redis.Redis.from_url(redis_url)  # the counters, on the one server
     try:
         deadline = time.monotonic() + 120
         started = None
@@ -249,11 +274,11 @@ def _worker_round(
                 if started is not None:
                     pool = _children(proc.pid)
                     cpu0 = (_cpu_seconds(proc.pid), sum(map(_cpu_seconds, pool)))
-                    server0 = _server_cpu(client)
+                    server0 = _server_cpu(client) + _limiter_cpu(limiter)
             elif int(client.get(done_key_of(namespace)) or 0) >= count:
                 ended = _redis_time(client)
                 cpu1 = (_cpu_seconds(proc.pid), sum(map(_cpu_seconds, pool)))
-                server1 = _server_cpu(client)
+                server1 = _server_cpu(client) + _limiter_cpu(limiter)
                 break
             time.sleep(DRAIN_POLL_S)
     finally:
@@ -266,9 +291,10 @@ def _worker_round(
                 proc.wait()
         broker_client.delete(queue)
         broker_client.close()
-        keys = list(client.scan_iter(match=f"*{namespace}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        for target in (client, limiter.client):
+            for key in list(target.scan_iter(match=f"*{namespace}*", count=1000)):
+                target.delete(key)
+        client.close()
         limiter.close()
     seconds = ended - started
     return {
@@ -357,6 +383,29 @@ def run(redis_url: str) -> dict[str, Any]:
     modes = [m for m in MODES + EXTRA_MODES if m in chosen]
     if "plain" not in modes:
         modes.insert(0, "plain")
+    with ExitStack() as stack:
+        cluster_url = os.environ.get("QRL_CELERY_CLUSTER", "")
+        if not cluster_url and any("_cluster" in m for m in modes):
+            from .shards import cluster
+
+            cluster_url = f"redis+cluster://127.0.0.1:{stack.enter_context(cluster())[0]}/0"
+        per_mode, ratios = _worker_rounds(
+            broker, redis_url, modes, rounds, count, logdir, cluster_url
+        )
+    latency = _publish_latency(broker, redis_url, rounds, calls)
+    return _report(per_mode, ratios, latency, redis_url, rounds, count, calls)
+
+
+def _worker_rounds(
+    broker: str,
+    redis_url: str,
+    modes: list[str],
+    rounds: int,
+    count: int,
+    logdir: Path,
+    cluster_url: str,
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[float]]]:
+    """``rounds`` rounds of every mode: the results by mode, and each round's ratio to plain."""
     per_mode: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     ratios: dict[str, list[float]] = {m: [] for m in modes if m != "plain"}
     for r in range(rounds):
@@ -366,8 +415,9 @@ def run(redis_url: str) -> dict[str, Any]:
         got = {}
         for mode in order:
             result = _worker_round(
-                broker=broker, redis_url=redis_url, mode=mode, count=count, logdir=logdir
-            )
+                broker=broker, redis_url=redis_url, mode=mode, count=count, logdir=logdir,
+                cluster_url=cluster_url,
+            )  # fmt: skip
             got[mode] = result["tasks_per_s"]
             per_mode[mode].append(result)
             log(
@@ -376,8 +426,18 @@ def run(redis_url: str) -> dict[str, Any]:
             )
         for mode, per_round in ratios.items():
             per_round.append(got[mode] / got["plain"])
+    return per_mode, ratios
 
-    latency = _publish_latency(broker, redis_url, rounds, calls)
+
+def _report(
+    per_mode: dict[str, list[dict[str, float]]],
+    ratios: dict[str, list[float]],
+    latency: dict[str, Any],
+    redis_url: str,
+    rounds: int,
+    count: int,
+    calls: int,
+) -> dict[str, Any]:
     admin = redis.Redis.from_url(redis_url)
     return {
         "worker_throughput": {

@@ -12,6 +12,10 @@
 --       limit changes) or "".
 -- Reply: the fields changed (for "fence": the decisions whose counts it wrote), or -1 when
 -- a newer rebalancer's lease is on the shard.
+-- "state" instead writes the rebalancer's state at the namespace's home: KEYS[1] is the
+-- home lease hash, the triples are pairs (field, value), version is unused; refused (-1)
+-- unless the hash's `epoch` is still the round's, so a round that a newer one started after
+-- never overwrites the newer round's state (shares, counters seen) with its own.
 -- Runs with buckets.lua (fmt, flush_counts).
 --
 -- Each field is a last-writer-wins register ordered by home version: `_v:<field>` keeps the
@@ -32,6 +36,14 @@
 -- rests on.
 local config_key, shared_key = KEYS[1], KEYS[2]
 local version, epoch, sync = tonumber(ARGV[1]), ARGV[2], ARGV[3] == 'sync'
+
+if ARGV[3] == 'state' then
+  if tonumber(redis.call('HGET', config_key, 'epoch') or '0') ~= tonumber(epoch) then
+    return -1
+  end
+  if #ARGV > 3 then redis.call('HSET', config_key, unpack(ARGV, 4)) end
+  return (#ARGV - 3) / 2
+end
 
 if epoch ~= '' then
   local seen = tonumber(redis.call('HGET', config_key, '_lease') or '0')

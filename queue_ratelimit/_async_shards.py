@@ -10,7 +10,7 @@ do; a configuration change is written at home, then to every shard.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -81,9 +81,8 @@ class AsyncRebalancer(RoundClock):
             if await lim.write_shard(shard, plan.version, str(epoch), mode, triples) < 0:
                 return plan.report(epoch, writes, time.perf_counter() - started, True)
             writes += 1
-        with redis_errors():
-            await lim.client.hset(lim.keys.share, mapping=plan.state)
-        return plan.report(epoch, writes, time.perf_counter() - started, False)
+        fenced = await lim.write_state(str(epoch), plan.state) < 0  # (as Rebalancer.run)
+        return plan.report(epoch, writes, time.perf_counter() - started, fenced)
 
 
 class AsyncShardedLimiter(ShardLayout, AsyncLimiter):
@@ -195,9 +194,15 @@ class AsyncShardedLimiter(ShardLayout, AsyncLimiter):
         self, shard: int, version: int, epoch: str, mode: str, triples: Sequence[str]
     ) -> int:
         """Write fields of one shard's configuration (lua/shards.lua)."""
-        keys, args = self.write_call(shard, version, epoch, mode, triples)
+        return await self._shards_lua(self.write_call(shard, version, epoch, mode, triples))
+
+    async def write_state(self, epoch: str, state: Mapping[str, str]) -> int:
+        """As ``ShardedLimiter.write_state``."""
+        return await self._shards_lua(self.state_call(epoch, state))
+
+    async def _shards_lua(self, call: tuple[list[str], list[object]]) -> int:
         with redis_errors():
-            return int(await self._scripts.acall("shards.lua", keys, args))
+            return int(await self._scripts.acall("shards.lua", *call))
 
     async def shares(self) -> dict[str, list[float]]:
         """As ``ShardedLimiter.shares``."""

@@ -349,18 +349,36 @@ def _probe_of(base: type, kwargs: dict[str, Any]) -> Callable[[], bool]:
     return probe
 
 
-def guarded_client(url: str, backoff: Backoff, **options: Any) -> redis.Redis:
-    """``redis.Redis.from_url(url, **options)`` whose pool has a breaker (see the module)."""
-    pool = GuardedPool.from_url(url, **options)
+def _guard(pool: GuardedPool, backoff: Backoff) -> None:
+    """Give ``pool`` a breaker of its own, and connections that tell it of timeouts."""
     base = pool.connection_class
     kwargs = dict(pool.connection_kwargs)
     where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
     breaker = Breaker(backoff, probe=_probe_of(base, kwargs), name=str(where))
     pool.breaker = breaker
     pool.connection_class = type(f"Guarded{base.__name__}", (_Guarded, base), {"breaker": breaker})
+
+
+def guarded_client(url: str, backoff: Backoff, **options: Any) -> redis.Redis:
+    """``redis.Redis.from_url(url, **options)`` whose pool has a breaker (see the module)."""
+    pool = GuardedPool.from_url(url, **options)
+    _guard(pool, backoff)
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
+
+
+def node_pool_class(backoff: Backoff) -> type[GuardedPool]:
+    """A pool class for ``RedisCluster(connection_pool_class=...)``: each primary's pool gets
+    a breaker of its own, so a primary that stops answering is an outage for the calls to
+    its slots only (the others' go on)."""
+
+    class NodePool(GuardedPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _guard(self, backoff)
+
+    return NodePool
 
 
 def breaker_of(client: Any) -> Breaker | None:

@@ -18,11 +18,14 @@ import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from ._async_breaker import async_guarded_client
-from ._breaker import DEFAULT_BACKOFF, Backoff, check_backoff, guarded_client
+from ._breaker import DEFAULT_BACKOFF, Backoff, check_backoff, guarded_client, node_pool_class
+from ._errors import ConfigError
+from ._urls import is_cluster_url, mask_url, node_url
 
 # Seconds to connect, and to wait for any one reply, before a call gives up and the caller's
 # fail mode decides. No command of this package blocks on the server (RQ's dequeue blocks
@@ -47,24 +50,60 @@ def _options(timeout: float | None, retry: Any) -> dict[str, Any]:
 
 def redis_client(
     url: str, timeout: float | None = REDIS_TIMEOUT, backoff: Backoff | None = DEFAULT_BACKOFF
-) -> redis.Redis:
+) -> redis.Redis | RedisCluster:
     """A client for ``url`` whose connects and replies wait at most ``timeout`` seconds
     (None: redis-py's defaults, no bound). Timeouts set in the URL
     (``?socket_timeout=5&socket_connect_timeout=1``) win over ``timeout``.
 
     After a call has waited out its timeout, calls fail at once (an outage) until Redis
     answers a probe, sent ``backoff[0]`` seconds later, then at intervals doubling up to
-    ``backoff[1]`` (None: every call waits out its own timeout)."""
+    ``backoff[1]`` (None: every call waits out its own timeout).
+
+    A cluster URL (``redis+cluster://host:port``, any node) gives a ``RedisCluster``
+    whose primaries each have their own breaker: one that stops answering is an outage for
+    the calls to its slots only."""
+    if is_cluster_url(url):
+        return cluster_client(url, timeout, backoff)
     if backoff is None or timeout is None:
         return redis.Redis.from_url(url, **_options(timeout, Retry))
     return guarded_client(url, check_backoff(backoff), **_options(timeout, Retry))
+
+
+def cluster_client(
+    url: str, timeout: float | None = REDIS_TIMEOUT, backoff: Backoff | None = DEFAULT_BACKOFF
+) -> RedisCluster:
+    """``redis_client`` for a Redis Cluster: ``url`` names any node (its plain or cluster
+    scheme); the client finds the others and follows the slots as they move."""
+    options = _options(timeout, Retry)
+    if backoff is not None and timeout is not None:
+        options["connection_pool_class"] = node_pool_class(check_backoff(backoff))
+    # The cluster client retries at its own level (its nodes' clients do not): once at
+    # once, as a plain client does, not redis-py's default of 3 with pauses of up to 10 s.
+    return RedisCluster.from_url(node_url(url), **options)
 
 
 def async_redis_client(
     url: str, timeout: float | None = REDIS_TIMEOUT, backoff: Backoff | None = DEFAULT_BACKOFF
 ) -> redis.asyncio.Redis:
     """``redis_client`` for asyncio. Its breaker has no thread: while Redis is known down,
-    the first call after each back-off window is the probe, and the others fail at once."""
+    the first call after each back-off window is the probe, and the others fail at once.
+    Not for a cluster URL (``ConfigError``)."""
+    if is_cluster_url(url):
+        raise ConfigError(
+            f"{mask_url(url)}: a cluster URL is for the sync clients only (Limiter, the "
+            "integrations, the CLI), not for AsyncLimiter.from_url"
+        )
     if backoff is None or timeout is None:
         return redis.asyncio.Redis.from_url(url, **_options(timeout, AsyncRetry))
     return async_guarded_client(url, check_backoff(backoff), **_options(timeout, AsyncRetry))
+
+
+def queue_time(pipe: Any, key: str) -> None:
+    """Queue ``TIME`` on ``pipe``, answered by the server that holds ``key``: a cluster
+    pipeline routes each command by its key and refuses ``TIME`` (it has none), so there it
+    is sent by name to ``key``'s primary (whose clock the scripts on ``key`` read)."""
+    if not isinstance(pipe, ClusterPipeline):
+        pipe.time()
+        return
+    cluster: Any = pipe  # (redis-py's cluster methods carry no types)
+    cluster.execute_command("TIME", target_nodes=cluster.get_node_from_key(key))

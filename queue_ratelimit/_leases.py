@@ -450,9 +450,10 @@ class Rebalancer(RoundClock):
             if lim.write_shard(shard, plan.version, str(epoch), mode, triples) < 0:
                 return plan.report(epoch, writes, time.perf_counter() - started, True)
             writes += 1
-        with redis_errors():
-            lim.client.hset(lim.keys.share, mapping=plan.state)
-        return plan.report(epoch, writes, time.perf_counter() - started, False)
+        # Only while this round's epoch is the newest: a newer round that started meanwhile
+        # writes its own state, which this one's must not overwrite if it lands later.
+        fenced = lim.write_state(str(epoch), plan.state) < 0
+        return plan.report(epoch, writes, time.perf_counter() - started, fenced)
 
 
 def _delta(now: float, before: float) -> float:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from ._breaker import DEFAULT_BACKOFF
-from ._client import REDIS_TIMEOUT, redis_client
+from ._client import REDIS_TIMEOUT, queue_time, redis_client
 from ._concurrency import CONCURRENCY_PREFIX
 from ._config import ConfigSpec, parse_config, seed_calls
 from ._core import (
@@ -307,7 +307,7 @@ class Limiter(LimiterBase):
         """The pauses running now, by scope."""
         with redis_errors():
             pipe = self.client.pipeline(transaction=False)
-            pipe.time()
+            queue_time(pipe, self._core.keys.config)
             pipe.hgetall(self._core.keys.config)
             (seconds, micros), raw = pipe.execute()
         return self._core.pauses(raw, seconds * 1000 + micros / 1000)

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._client import queue_time
 from ._core import LimiterBase, LimiterCore, Mode, ScriptCall
 from ._decision import PAUSE_PREFIX, Decision, Slot, decode_limit
 from ._errors import CostExceedsBurst, InvalidName
@@ -174,7 +175,7 @@ class ShardLayout(LimiterBase):
     # longer holds after it are deleted on every shard, at the version read after it (any
     # later change of those fields has a newer one, and wins on the shards, lua/shards.lua).
     def queue_pause_index_read(self, pipe: Any) -> None:
-        pipe.time()
+        queue_time(pipe, self._core.keys.pauses)
         pipe.zrangebyscore(self._core.keys.pauses, "-inf", "+inf", withscores=True)
 
     @staticmethod
@@ -213,6 +214,12 @@ class ShardLayout(LimiterBase):
         """Keys and arguments of lua/shards.lua writing fields of one shard."""
         keys = self.shard_keys[shard]
         return [keys.config, keys.shared], [version, epoch, mode, *triples]
+
+    def state_call(self, epoch: str, state: Mapping[str, str]) -> tuple[list[str], list[object]]:
+        """Keys and arguments of lua/shards.lua writing a round's state at home (the lease
+        hash): refused (-1) once a newer round has taken an epoch."""
+        pairs = [part for field, value in state.items() for part in (field, value)]
+        return [self._core.keys.share], [0, epoch, "state", *pairs]
 
     def shard_fields(
         self, config: Mapping[str, str], shares: Mapping[str, Sequence[float]], shard: int

@@ -16,7 +16,7 @@ every change is written there first (config.lua), then to each shard (lua/shards
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -167,9 +167,16 @@ class ShardedLimiter(ShardLayout, Limiter):
         self, shard: int, version: int, epoch: str, mode: str, triples: Sequence[str]
     ) -> int:
         """Write fields of one shard's configuration (lua/shards.lua)."""
-        keys, args = self.write_call(shard, version, epoch, mode, triples)
+        return self._shards_lua(self.write_call(shard, version, epoch, mode, triples))
+
+    def write_state(self, epoch: str, state: Mapping[str, str]) -> int:
+        """Write a rebalance round's state at home (lua/shards.lua "state"): the fields
+        written, or -1 when a newer round took an epoch since ``epoch`` (nothing written)."""
+        return self._shards_lua(self.state_call(epoch, state))
+
+    def _shards_lua(self, call: tuple[list[str], list[object]]) -> int:
         with redis_errors():
-            return int(self._scripts.call("shards.lua", keys, args))
+            return int(self._scripts.call("shards.lua", *call))
 
     def shares(self) -> dict[str, list[float]]:
         """Each shared scope's shares now (by shard), as the last rebalance left them;

@@ -8,7 +8,11 @@ from urllib.parse import urlsplit
 
 from ._errors import ConfigError
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+# A URL of these schemes names one node of a Redis Cluster (any: the client learns the rest
+# from it); the client is a ``RedisCluster``, and the URL is otherwise read as its plain
+# scheme's (``redis+cluster://`` as ``redis://``).
+CLUSTER_SUFFIX = "+cluster"
 # Query options redis-py reads as socket timeouts: each must be a finite number of seconds
 # > 0 (socket.settimeout raises deep inside a connect on a negative one, and 0 would make
 # every socket non-blocking).
@@ -45,13 +49,30 @@ def mask_url(url: str) -> str:
     return _SECRET_OPTION.sub(rf"\g<head>{MASK}", _USERINFO.sub(_userinfo, url))
 
 
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower().endswith(CLUSTER_SUFFIX)
+
+
+def node_url(url: str) -> str:
+    """``url`` with its plain scheme, as redis-py reads it (``redis+cluster://h:7000`` is
+    ``redis://h:7000``); any other URL as it is."""
+    if not is_cluster_url(url):
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme[: -len(CLUSTER_SUFFIX)]}://{rest}"
+
+
 def check_redis_url(url: object) -> str:
     """Return ``url`` if redis-py can connect with it as given, else raise ``ConfigError``
     with a one-line reason (the URL shown masked).
 
     Checks what redis-py would otherwise report late or as a traceback: an empty URL, an
     unknown scheme or query option, an unparsable host or port, a database that is not a
-    number, and timeouts that are not a positive number of seconds.
+    number, and timeouts that are not a positive number of seconds. A cluster URL
+    (``redis+cluster://``) is checked as its plain scheme's, and its database must be 0
+    (a Redis Cluster has no other).
     """
     if not isinstance(url, str):
         raise ConfigError(f"a Redis URL must be a string, got {type(url).__name__}")
@@ -65,7 +86,7 @@ def check_redis_url(url: object) -> str:
         if parts.scheme not in REDIS_SCHEMES:
             raise ValueError(f"the scheme must be one of {', '.join(REDIS_SCHEMES)}")
         _ = parts.port  # raises for a port that is not a number in 0-65535
-        pool = ConnectionPool.from_url(url)
+        pool = ConnectionPool.from_url(node_url(url))
         options = pool.connection_kwargs
         # Building a connection opens no socket, but rejects what redis-py would only
         # reject at the first command: an option it does not know (?sentinel_password=).
@@ -76,6 +97,8 @@ def check_redis_url(url: object) -> str:
         raise ConfigError(f"bad Redis URL {shown}: the database must be a number, as in /0")
     if options.get("db", 0) < 0:
         raise ConfigError(f"bad Redis URL {shown}: the database must be a number >= 0")
+    if is_cluster_url(url) and options.get("db", 0) != 0:
+        raise ConfigError(f"bad Redis URL {shown}: a Redis Cluster has database 0 only")
     for name in _SECONDS_OPTIONS:
         seconds = options.get(name)
         if seconds is not None and not (math.isfinite(seconds) and seconds > 0):

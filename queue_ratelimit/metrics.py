@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 from redis.exceptions import RedisError
 
+from ._client import queue_time
 from ._core import ExemptMode, redis_errors
 from ._counters import queue_flush_counters
 from ._decision import Pause, ScopeLimit, format_limit
@@ -239,7 +240,7 @@ def _read_base(limiter: Limiter, max_tenants: int) -> _Read:
     pipe = limiter.client.pipeline(transaction=False)
     # Counts the server keeps in memory for a moment are written first (_counters.py).
     flushed = queue_flush_counters(limiter, pipe)
-    pipe.time()
+    queue_time(pipe, keys.config)
     pipe.hgetall(keys.config)
     pipe.hgetall(keys.shared)
     pipe.smembers(keys.lanes)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,17 @@ class E2E:
             with contextlib.suppress(redis.RedisError):
                 client.flushdb()  # the broker's database is this suite's alone
             client.close()
+
+
+@contextlib.contextmanager
+def opened_e2e(request: pytest.FixtureRequest, **fields: Any) -> Iterator[E2E]:
+    """An ``E2E(**fields)`` whose workers' logs show when the test fails, closed after."""
+    report_logs_on_failure(request.config)
+    env = E2E(**fields)
+    try:
+        yield env
+    finally:
+        env.close()
 
 
 def report_logs_on_failure(config: pytest.Config) -> None:

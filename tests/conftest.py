@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from queue_ratelimit import Limiter
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from queue_ratelimit._shard_layout import ShardLayout
 
 REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 # redis-py retries a refused connection with backoff by default; probes should not wait.
 NO_RETRY = Retry(NoBackoff(), 0)
 
@@ -211,3 +213,70 @@ def tenants_on(lim: ShardLayout, shard: int, count: int = 1) -> list[str]:
     """The first ``count`` tenant names (tenant0, tenant1...) that live on ``shard``."""
     found = [t for t in (f"tenant{i}" for i in range(10_000)) if lim.shard_of(t) == shard]
     return found[:count]
+
+
+# -- a Redis Cluster of the tests' own (tests/test_cluster.py, tests/test_celery_cluster.py) ---
+def cluster_ok(port: int) -> bool:
+    probe = redis.Redis(port=port, socket_timeout=1, retry=NO_RETRY)
+    try:
+        return probe.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+    finally:
+        probe.close()
+
+
+def start_cluster(base: Path, nodes: list[RedisProcess], extra: Sequence[str] = ()) -> None:
+    """Start three primaries (no replicas) on free loopback ports under ``base``, appended
+    to ``nodes`` as they start (the caller stops them, by pid), and join them as a cluster."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server and redis-cli are needed for a cluster")
+    for i in range(3):
+        # A cluster node also listens on port + 10000 (the cluster bus).
+        node = RedisProcess(
+            Path(base, f"node{i}"),
+            port=free_port(also_free=10000),
+            extra=["--cluster-enabled", "yes", "--cluster-node-timeout", "3000", *extra],
+        )
+        nodes.append(node.start())
+    create = [REDIS_CLI, "--cluster", "create"]
+    create += [f"127.0.0.1:{n.port}" for n in nodes]
+    create += ["--cluster-replicas", "0", "--cluster-yes"]
+    result = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in nodes:
+        wait_until(lambda n=node: cluster_ok(n.port), timeout=30, what="cluster_state:ok")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProcess]]:
+    """Three masters on free loopback ports, no replicas; killed by pid afterwards."""
+    nodes: list[RedisProcess] = []
+    try:
+        start_cluster(tmp_path_factory.mktemp("cluster"), nodes)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def cluster_client(cluster: list[RedisProcess]) -> Iterator[RedisCluster]:
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_url(cluster: list[RedisProcess]) -> str:
+    """The cluster's URL as the package reads it (any node names the whole cluster)."""
+    return f"redis+cluster://127.0.0.1:{cluster[0].port}/0"
+
+
+def cleanup_sharded(client: RedisCluster, namespace: str) -> None:
+    for node in client.get_primaries():
+        direct = redis.Redis(port=int(node.port), retry=NO_RETRY)
+        try:
+            keys = list(direct.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
+            for key in keys:
+                direct.delete(key)
+        finally:
+            direct.close()

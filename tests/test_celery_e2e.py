@@ -118,28 +118,37 @@ def test_tenant_and_global_caps_hold_across_workers(e2e: E2E) -> None:
     assert 115 / 25 * 0.9 <= span <= 115 / 25 * 1.5
 
 
+SHARDED_TENANTS = ["t0", "t1", "t3", "t4", "t7", "t8"]  # two on each of 3 shards
+
+
+def run_under_sharded_caps(e2e: E2E, sharded: Any, timeout: float) -> None:
+    """Two workers run 20 tasks of each of ``SHARDED_TENANTS`` under ``tenant:*`` 10/s and
+    ``global`` 25/s (sliced over the shards: bound R*T + B + N): each exactly once."""
+    sharded.set_limit("tenant:*", Limit(10, burst=5))
+    sharded.set_limit("global", Limit(25, burst=5))
+    assert {sharded.shard_of(t) for t in SHARDED_TENANTS} == {0, 1, 2}
+    e2e.start_workers("w1", "w2")
+    work = e2e.app().tasks["e2e.work"]
+    tenants = {}
+    for _ in range(20):
+        for tenant in SHARDED_TENANTS:
+            tenants[work.apply_async(("cap",), rate_tenant=tenant).id] = tenant
+
+    rows = e2e.wait_runs(len(tenants), timeout=timeout)
+    assert_exactly_once(rows, set(tenants))
+    assert all(r["tenant"] == tenants[r["id"]] for r in rows)
+    assert_cap([r["t"] for r in rows], 25, 5 + 3, "global (sharded)")
+    for tenant in SHARDED_TENANTS:
+        assert_cap([r["t"] for r in rows if r["tenant"] == tenant], 10, 5, f"tenant {tenant}")
+
+
 def test_a_sharded_namespace_runs_every_task_once_under_its_caps(e2e: E2E) -> None:
     """Workers and producer with ``shards=3``: each tenant decided and parked on its shard,
     the global cap sliced between the shards (its bound: R*T + B + N; docs/design.md)."""
     e2e.settings["shards"] = 3
     sharded = Limiter.from_url(e2e.redis_url, namespace=e2e.namespace, shards=3)
-    sharded.set_limit("tenant:*", Limit(10, burst=5))
-    sharded.set_limit("global", Limit(25, burst=5))
-    tenants_of = ["t0", "t1", "t3", "t4", "t7", "t8"]  # two on each shard
-    assert {sharded.shard_of(t) for t in tenants_of} == {0, 1, 2}
-    e2e.start_workers("w1", "w2")
-    work = e2e.app().tasks["e2e.work"]
-    tenants = {}
-    for _ in range(20):
-        for tenant in tenants_of:
-            tenants[work.apply_async(("cap",), rate_tenant=tenant).id] = tenant
-
-    rows = e2e.wait_runs(len(tenants), timeout=40)
-    assert_exactly_once(rows, set(tenants))
-    assert all(r["tenant"] == tenants[r["id"]] for r in rows)
-    assert_cap([r["t"] for r in rows], 25, 5 + 3, "global (sharded)")
-    for tenant in tenants_of:
-        assert_cap([r["t"] for r in rows if r["tenant"] == tenant], 10, 5, f"tenant {tenant}")
+    run_under_sharded_caps(e2e, sharded, timeout=40)
+    for tenant in SHARDED_TENANTS:
         shard = sharded.shard_keys[sharded.shard_of(tenant)]
         sharded.flush_counters()
         assert int(e2e.limiter.client.hget(shard.tenant(tenant), "n:a") or 0) >= 1

@@ -291,7 +291,12 @@ def test_unreachable_redis_is_one_clean_line(args: list[str]) -> None:
         ("redis://127.0.0.1:1/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
         ("redis://127.0.0.1:99999/0", "Port out of range"),
         ("redis://127.0.0.1:1/zero", "the database must be a number"),
-        ("http://127.0.0.1:1/0", "the scheme must be one of redis, rediss, unix"),
+        (
+            "http://127.0.0.1:1/0",
+            "the scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster",
+        ),
+        ("redis+cluster://127.0.0.1:1/3", "a Redis Cluster has database 0 only"),
+        ("redis+cluster://127.0.0.1:1/0?db=2", "a Redis Cluster has database 0 only"),
     ],
 )
 @pytest.mark.parametrize("args", [["limits", "list"], ["demo", "--duration", "1"]])
@@ -333,6 +338,12 @@ def test_no_form_of_password_is_printed(url: str) -> None:
 def test_the_python_api_refuses_a_bad_url_with_a_typed_error(make: Any, url: str) -> None:
     with pytest.raises(ConfigError) as info:
         make(url)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_cluster_url_is_for_the_sync_clients_only() -> None:
+    with pytest.raises(ConfigError, match="not for AsyncLimiter") as info:
+        AsyncLimiter.from_url("redis+cluster://:hunter2@127.0.0.1:1/0")
     assert "hunter2" not in str(info.value)
 
 

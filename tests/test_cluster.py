@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
-from conftest import NO_RETRY, REDIS_SERVER, RedisProcess, free_port, wait_until
+from conftest import NO_RETRY, RedisProcess, cleanup_sharded
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -20,52 +16,7 @@ from queue_ratelimit import CostExceedsBurst, FairScheduler, Limit, Limiter, Lim
 
 pytestmark = pytest.mark.cluster
 
-REDIS_CLI = shutil.which("redis-cli")
 HOUR = 3600.0
-
-
-def cluster_ok(port: int) -> bool:
-    probe = redis.Redis(port=port, socket_timeout=1, retry=NO_RETRY)
-    try:
-        return probe.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
-    finally:
-        probe.close()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProcess]]:
-    """Three masters on free loopback ports, no replicas; killed by pid afterwards."""
-    if REDIS_SERVER is None or REDIS_CLI is None:
-        pytest.skip("redis-server and redis-cli are needed for a cluster")
-    base = tmp_path_factory.mktemp("cluster")
-    nodes: list[RedisProcess] = []
-    try:
-        for i in range(3):
-            # A cluster node also listens on port + 10000 (the cluster bus).
-            node = RedisProcess(
-                Path(base, f"node{i}"),
-                port=free_port(also_free=10000),
-                extra=["--cluster-enabled", "yes", "--cluster-node-timeout", "3000"],
-            )
-            nodes.append(node.start())
-        create = [REDIS_CLI, "--cluster", "create"]
-        create += [f"127.0.0.1:{n.port}" for n in nodes]
-        create += ["--cluster-replicas", "0", "--cluster-yes"]
-        result = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        for node in nodes:
-            wait_until(lambda n=node: cluster_ok(n.port), timeout=30, what="cluster_state:ok")
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-@pytest.fixture
-def cluster_client(cluster: list[RedisProcess]) -> Iterator[RedisCluster]:
-    client = RedisCluster(host="127.0.0.1", port=cluster[0].port, socket_timeout=5)
-    yield client
-    client.close()
 
 
 def owner_port(client: RedisCluster, namespace: str) -> int:
@@ -157,17 +108,6 @@ def test_lost_scripts_are_loaded_again_on_a_cluster(
 
 
 # -- a namespace over shards (Limiter(..., shards=N)) ------------------------------------------
-def cleanup_sharded(client: RedisCluster, namespace: str) -> None:
-    for node in client.get_primaries():
-        direct = redis.Redis(port=int(node.port), retry=NO_RETRY)
-        try:
-            keys = list(direct.scan_iter(match=f"qrl:{{{namespace}*", count=1000))
-            for key in keys:
-                direct.delete(key)
-        finally:
-            direct.close()
-
-
 def test_shards_spread_a_namespace_over_every_primary(
     cluster: list[RedisProcess], cluster_client: RedisCluster
 ) -> None:
@@ -303,5 +243,48 @@ def test_a_sharded_fair_scheduler_runs_every_item_once_on_a_cluster(
         assert sorted(ran) == sorted(items)
         assert scheduler.backlog("q") == 0
         assert scheduler.in_flight() == 0
+    finally:
+        cleanup_sharded(cluster_client, namespace)
+
+
+def test_the_cli_admin_api_and_metrics_work_on_a_cluster_url(
+    cluster: list[RedisProcess], cluster_client: RedisCluster, cluster_url: str
+) -> None:
+    """``redis+cluster://`` (any node) with ``--shards 3``: the CLI's changes reach every
+    shard's primary; the admin API and the metrics snapshot read them back."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from queue_ratelimit.admin import create_app
+    from queue_ratelimit.cli import main
+    from queue_ratelimit.metrics import snapshot
+
+    namespace = f"c{uuid.uuid4().hex[:10]}"
+    runner = CliRunner(env={"REDIS_URL": None, "QUEUE_RATELIMIT_URL": None})
+    base = ["--url", cluster_url, "--namespace", namespace, "--shards", "3"]
+    try:
+        for args in (["limits", "set", "global", "300/h"], ["limits", "set", "tenant:*", "2/h"]):
+            result = runner.invoke(main, [*base, *args])
+            assert result.exit_code == 0, result.output
+        listed = runner.invoke(main, [*base, "limits", "list"])
+        assert listed.exit_code == 0, listed.output
+        assert "global" in listed.output
+        assert "tenant:*" in listed.output
+        lim = Limiter.from_url(cluster_url, namespace=namespace, shards=3)
+        tenants = [next(t for t in (f"t{i}" for i in range(99)) if lim.shard_of(t) == s)
+                   for s in range(3)]  # fmt: skip
+        for tenant in tenants:
+            assert [lim.acquire(tenant).allowed for _ in range(3)] == [True, True, False]
+        snap = snapshot(lim)
+        assert (snap["shards"], snap["totals"]["allowed"], snap["totals"]["denied"]) == (3, 6, 3)
+        assert snap["denied_by"] == {"tenant:*": 3}
+        with TestClient(create_app(lim, token="s3cret")) as api:
+            auth = {"Authorization": "Bearer s3cret"}
+            limits = api.get("/limits", headers=auth)
+            assert limits.status_code == 200, limits.text
+            assert {row["scope"] for row in limits.json()} >= {"global", "tenant:*"}
+            metrics = api.get("/metrics", headers=auth)
+            assert metrics.status_code == 200, metrics.text
+        lim.close()
     finally:
         cleanup_sharded(cluster_client, namespace)

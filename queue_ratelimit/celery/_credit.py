@@ -25,7 +25,8 @@ from .._limiter import Limiter
 from .._shard_layout import tenant_keys
 
 if TYPE_CHECKING:
-    from ._wire import Reply, Wire
+    from ._cluster_wire import AnyWire
+    from ._wire import Reply
 
 log = logging.getLogger("queue_ratelimit.celery")
 
@@ -52,7 +53,7 @@ class CreditLedger:
         self._spent: dict[tuple[str, str], list[str]] = {}
         # The gate's wire while it is in use (set by the gate), and transit keys by
         # (lane, tenant).
-        self.wire: Callable[[], Wire | None] = lambda: None
+        self.wire: Callable[[], AnyWire | None] = lambda: None
         self._transit_keys: dict[tuple[str, str], str] = {}
 
     def spend(self, key: CreditKey, item_id: str = "") -> bool:

@@ -35,6 +35,7 @@ from .._scopes import _shown, check_name
 from .._slot_keeper import SlotKeeper
 from .._throttle_log import ThrottleLog
 from ._broker_ack import ack_all, is_plain_ack
+from ._cluster_wire import make_wire
 from ._credit import CreditKey, CreditLedger
 from ._health import REDIS_FAILURES, RedisHealth
 from ._identity import (
@@ -49,7 +50,7 @@ from ._parking import BacklogChannel, decode_message, encode_message, from_backl
 from ._runtime import Runtime, runtime_of
 from ._settler import AsyncSettler, Settlement
 from ._slots import PoolSlots, Wakeup
-from ._wire import NotSent, Reply, Wire
+from ._wire import NotSent, Reply
 
 log = logging.getLogger("queue_ratelimit.celery")
 Strategy = Callable[..., Any]
@@ -183,7 +184,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.slots = PoolSlots(c, settings.reserve, self._slot_freed)
             self.slots.watch()
             # Scheduler calls whose replies the event loop reads when they come.
-            self.wire = Wire(self.runtime.scheduler.client, getattr(c, "hub", None))
+            self.wire = make_wire(self.runtime.scheduler.client, getattr(c, "hub", None))
             self.settler = AsyncSettler(self.runtime.scheduler, self.wire, self._on_settled)
             self.credit.wire = lambda: self.wire if self._on_wire() else None
             self.throttled = ThrottleLog(log, settings.log_interval)
@@ -370,11 +371,9 @@ class RateLimitGate(bootsteps.StartStopStep):
         started = time.monotonic()
         if self._on_wire():
             calls = scheduler.submit_calls(items, max_backlog=bound)
-
-            def parked(result: list[Reply] | RedisError) -> None:
-                self._parked(batch, items, wait_ms, result, started)
-
-            self.wire.send([scheduler.command(keys, args) for keys, args in calls], parked)
+            # (On a cluster, one send per slot: a primary down fails its own part only.)
+            for group in self.wire.groups([keys for keys, _ in calls]):
+                self._park_on_wire(batch, items, calls, group, wait_ms, started)
             return
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
@@ -383,6 +382,24 @@ class RateLimitGate(bootsteps.StartStopStep):
             return
         self.health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
+
+    def _park_on_wire(
+        self,
+        batch: list[Delivery],
+        items: list[SubmitItem],
+        calls: list[tuple[list[str], list[Any]]],
+        group: list[int],
+        wait_ms: float,
+        started: float,
+    ) -> None:
+        """Send the park of ``batch[i]`` for each ``i`` in ``group`` (one send)."""
+        part, part_items = [batch[i] for i in group], [items[i] for i in group]
+
+        def parked(result: list[Reply] | RedisError) -> None:
+            self._parked(part, part_items, wait_ms, result, started)
+
+        command = self._rt.scheduler.command
+        self.wire.send([command(*calls[i]) for i in group], parked)
 
     def _park_failed(
         self,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery.worker.control import inspect_command
 from redis.exceptions import RedisError
 
+from .._client import queue_time
 from .._errors import RateLimitError
 from .._shard_layout import layouts
 
@@ -46,7 +47,7 @@ def backlog_report(gate: RateLimitGate) -> dict[str, Any]:
     scheduler = gate._rt.scheduler
     spaces = layouts(scheduler.limiter)
     pipe = scheduler.client.pipeline(transaction=False)
-    pipe.time()
+    queue_time(pipe, spaces[0].inflight)
     for keys in spaces:
         pipe.zcard(keys.inflight)
         for lane in gate.lanes:

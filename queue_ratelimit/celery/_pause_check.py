@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .._client import queue_time
 from .._errors import RateLimitError
 from ._options import HEADER_PRIORITY, HEADER_TENANT, gated
 from ._runtime import runtime_of
@@ -53,7 +54,7 @@ def pause_left_ms(client: Any, config_key: str, fields: list[str]) -> float:
     Redis's clock (one round trip)."""
     pipe = client.pipeline(transaction=False)
     pipe.hmget(config_key, fields)
-    pipe.time()
+    queue_time(pipe, config_key)
     ends, (seconds, micros) = pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) / 1000
     return max([0.0] + [float(end) - now_ms for end in ends if end is not None])

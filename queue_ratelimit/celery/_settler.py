@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Literal
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from .._scheduler import DispatchedItem, FairScheduler
-from ._wire import Reply, Wire
+from ._cluster_wire import AnyWire
+from ._wire import Reply
 
 # How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
 # the head of its backlog, or dropped (an invalid message).
@@ -31,22 +33,24 @@ OnSettled = Callable[[str, "DispatchedItem | str", Settlement, "bool | None"], N
 
 
 def usable(scheduler: FairScheduler) -> bool:
-    """Whether the scheduler's calls can go over a ``Wire``: a plain ``redis.Redis`` client
-    on a server with Functions (the raw ``FCALL``). A sharded namespace's calls too: on one
-    server every shard's slot is on the one connection (a dispatch there is one call per
-    shard, sent turn by turn: ``FairScheduler.dispatch_turn``)."""
+    """Whether the scheduler's calls can go over a ``Wire``: a plain ``redis.Redis`` client,
+    or a ``RedisCluster`` (a ``ClusterWire``: a connection per primary), on servers with
+    Functions (the raw ``FCALL``). A sharded namespace's calls too: on one server every
+    shard's slot is on the one connection, on a cluster each on its primary's (a dispatch
+    is one call per shard, sent turn by turn: ``FairScheduler.dispatch_turn``)."""
     scripts = scheduler._scripts
-    return (
-        bool(scripts._direct)
-        and scripts.transport == "fcall"
-        and isinstance(scheduler.client, redis.Redis)
+    if scripts.transport != "fcall":
+        return False
+    client = scheduler.client
+    return isinstance(client, RedisCluster) or (
+        bool(scripts._direct) and isinstance(client, redis.Redis)
     )
 
 
 class AsyncSettler:
     """Sends settlements now; ``on_settled`` hears of each outcome when its reply comes."""
 
-    def __init__(self, scheduler: FairScheduler, wire: Wire, on_settled: OnSettled) -> None:
+    def __init__(self, scheduler: FairScheduler, wire: AnyWire, on_settled: OnSettled) -> None:
         self.scheduler = scheduler
         self.wire = wire
         self._on_settled = on_settled

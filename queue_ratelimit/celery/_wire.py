@@ -117,6 +117,11 @@ class Wire:
         if self.hub is None:
             self.flush()
 
+    def groups(self, keys: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Calls that may go in one send, by position: all of them (one server holds every
+        slot; ``ClusterWire`` groups them by slot)."""
+        return [list(range(len(keys)))] if keys else []
+
     def flush(self) -> None:
         """Write every send made since the last write, in one go (runs on the loop each
         turn, and from the gate's timer: it also writes what the socket refused before)."""
