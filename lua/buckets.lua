@@ -52,8 +52,8 @@
 -- decision (every field above but the buckets, x and _rev, and the denials zset) are first
 -- added up in the library's memory and written at most a second later (see "Counters kept
 -- in memory" below); readers flush them first (counters.lua). A bucket is two numbers in
--- two fields: its tokens (field F) and the Redis TIME in microseconds they were counted at
--- (field F:u); a bucket with credit has its bank in F:c (with_credit), a scope's further
+-- two fields: its tokens (field F, as tokens_text prints them) and the Redis TIME in
+-- microseconds they were counted at (field F:u); a bucket with credit has its bank in F:c (with_credit), a scope's further
 -- windows their own F:w<seconds> (add_buckets). A missing bucket is a full one, which is
 -- why a tenant hash may expire as soon as all its buckets would have refilled.
 --
