@@ -13,7 +13,7 @@ pipeline and dumps the counters: instructions per call, the same for the same co
 run. ``--record`` counts them with traffic recording on. ``--caps`` also counts the 1-bucket
 decision under a concurrency cap (``tenant:*``, high enough never to deny: the slot is taken)
 and the release of the slot (``slots.lua``). ``--drained`` also counts the allowed decisions
-on buckets that never fill, whose tokens are fractions printed in full on every decision.
+on buckets that never fill, whose tokens are fractions printed on every decision.
 ``--ops`` also prices single Lua operations (a ``tonumber``, a table, a ``redis.call`` ...),
 each in a loop of 1,000 inside one ``EVAL``, net of an empty loop. Prints JSON on stdout;
 the server's dumps are left in a temporary folder, named on stderr, for
@@ -42,7 +42,8 @@ from .decisions import HIGH, PRIORITY_AND_PAUSE_KINDS, QUEUE, TENANT, TIGHT, set
 
 CLOCK = ("999999", "1764355012345678")  # a token count and a clock in microseconds
 # --drained: buckets that never fill (a burst of 1e9), so that their tokens are fractions,
-# printed in full (17 digits) by every decision; HIGH's stay full, and print as integers.
+# printed by every decision (in millionths at that size: tokens_text in lua/buckets.lua);
+# HIGH's stay full, and are not printed again.
 DRAINED = Limit(1000.5, per=1.0, burst=1e9)
 # Lua operations priced by --ops: (name, loop body, ARGV).
 OPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (

@@ -52,8 +52,8 @@
 -- decision (every field above but the buckets, x and _rev, and the denials zset) are first
 -- added up in the library's memory and written at most a second later (see "Counters kept
 -- in memory" below); readers flush them first (counters.lua). A bucket is two numbers in
--- two fields: its tokens (field F) and the Redis TIME in microseconds they were counted at
--- (field F:u); a bucket with credit has its bank in F:c (with_credit), a scope's further
+-- two fields: its tokens (field F, as tokens_text prints them) and the Redis TIME in
+-- microseconds they were counted at (field F:u); a bucket with credit has its bank in F:c (with_credit), a scope's further
 -- windows their own F:w<seconds> (add_buckets). A missing bucket is a full one, which is
 -- why a tenant hash may expire as soon as all its buckets would have refilled.
 --
@@ -135,6 +135,33 @@ local function fmt(n)
     return string.format('%d', n)
   end
   return string.format('%.17g', n)
+end
+
+-- A bucket's tokens as stored and replied, and the number that text reads back as. A
+-- fraction printed in full (%.17g) costs about 5,300 CPU instructions inside Redis, an
+-- integer (%d) about 2,000 (callgrind: docs/benchmarks.md, "Fractional tokens"). So a
+-- positive fraction is rounded *down* to a grid of 1e-9 tokens (1e-6 from 9e6 tokens,
+-- 1e-3 from 9e9: the count of steps stays below 9e15, whole and exact in a double) and
+-- printed as that count with its exponent, "1500000001e-9". Every reader of a bucket
+-- (tonumber and `+ 0` in Lua, float() in Python, this code before the change) reads it as
+-- the number it is, correctly rounded: the same double as `count / scale` here. Rounding
+-- down never gives a bucket a token it did not have: each write keeps less than 1e-9
+-- tokens back (below the 1e-9 tolerance of judge), or less than 1.2e-13 of the tokens in
+-- a bucket of more than 9e6; a full bucket forgets it. Whole numbers print as fmt does
+-- (a bucket that stays full stores what it always stored), others (zero or below, from
+-- the tolerance; 9e12 and beyond, above any valid burst) in full.
+local function tokens_text(t)
+  if t % 1 == 0 or not (t > 0 and t < 9e12) then return fmt(t), t end
+  local scale, form = 1e9, '%de-9'
+  if t >= 9e6 then
+    if t < 9e9 then scale, form = 1e6, '%de-6' else scale, form = 1e3, '%de-3' end
+  end
+  local steps = t * scale
+  steps = steps - steps % 1  -- (floor: exact for a positive double below 2^53)
+  local value = steps / scale
+  -- The product may have rounded up to the next whole step: one step down then.
+  if value > t then steps = steps - 1; value = steps / scale end
+  return string.format(form, steps), value
 end
 
 -- A number the caller passed, checked before anything is written: `text` (nil or "" for
@@ -745,9 +772,9 @@ local function split_credit(ctx, i, texts)
   local b, total = ctx.buckets[i], ctx.tokens[i]
   local own = total - ctx.banked[i]
   if own < 0 then own = 0 elseif own > b.bucket then own = b.bucket end
-  local bank = fmt(total - own)
+  local bank = tokens_text(total - own)
   texts[i] = (total > 0 and texts[i] or '0') .. ':' .. bank
-  return fmt(own), bank
+  return (tokens_text(own)), bank
 end
 
 -- Stores every bucket (tokens as of now) plus the tenant-hash fields already in targs.
@@ -758,7 +785,7 @@ local function write(ctx, keep_ms, targs)
   local sargs, texts, nt, ns = NONE, {}, #targs, 0
   for i = 1, #buckets do
     local b = buckets[i]
-    local text = fmt(tokens[i])
+    local text = tokens_text(tokens[i])
     texts[i] = text
     local bank
     if b.bank then text, bank = split_credit(ctx, i, texts) end
@@ -1037,11 +1064,11 @@ local function remaining_text(ctx, i)
     -- A credit bucket: "<tokens>:<bank>", as written (split_credit) or as loaded.
     if texts then return texts[i] end
     local left = ctx.tokens[i]
-    return (left > 0 and fmt(left) or '0') .. ':' .. fmt(banked[i])
+    return (left > 0 and tokens_text(left) or '0') .. ':' .. tokens_text(banked[i])
   end
   local left = ctx.tokens[i]
   if not (left > 0) then return '0' end
-  return texts and texts[i] or fmt(left)
+  return texts and texts[i] or (tokens_text(left))
 end
 
 -- The denied_by of a reply: "!<scope>" for a concurrency cap, "~<scope>" for a pause,
@@ -1268,6 +1295,7 @@ local rcall, sformat, srep = L.rcall, L.sformat, L.srep
 local PENDING, pending, flush_counts = L.PENDING, L.pending, L.flush_counts
 local bump, expiry_fields, fmt, wait_bucket, mfloor = L.bump, L.expiry_fields, L.fmt,
                                                      L.wait_bucket, L.mfloor
+local tokens_text = L.tokens_text
 
 return function(P)
   local plan, tenant_key, shared_key, rev, pid = P.plan, P.tenant_key, P.shared_key, P.rev,
@@ -1413,17 +1441,28 @@ return function(P)
     p.n = p.n + 1
     local now_ms, x, xargs = now / 1000, false, false
     if fits then
+      local scale, form, steps, value
       na = na + 1
       if cost ~= 1 then bump(p, sk, 'n:ax', cost - 1, true) end
-      -- Taken, and printed (as fmt) unless as last time.
+      -- Taken, and printed (as tokens_text, inline) unless as last time.
       {{t# = t# - cost
       if t# ~= num# then
-        if t# % 1 == 0 and t# ~= 0 and t# < @TWO_53@ and t# > -@TWO_53@ then
-          text# = sformat('%d', t#)
+        if t# % 1 ~= 0 and t# > 0 and t# < 9e12 then
+          if t# < 9e6 then
+            scale, form = 1e9, '%de-9'
+          elseif t# < 9e9 then
+            scale, form = 1e6, '%de-6'
+          else
+            scale, form = 1e3, '%de-3'
+          end
+          steps = t# * scale
+          steps = steps - steps % 1
+          value = steps / scale
+          if value > t# then steps = steps - 1; value = steps / scale end
+          text#, num# = sformat(form, steps), value
         else
-          text# = sformat('%.17g', t#)
+          text#, num# = fmt(t#), t#
         end
-        num# = t#
       end
       }}
       -- Written (as write), the expiry first.
@@ -1467,7 +1506,7 @@ return function(P)
     sc[field] = (sc[field] or 0) + 1
     fc['h:us'] = (fc['h:us'] or 0) + mfloor(wait_ms * 1000 + 0.5)
     -- The reply (as decision_reply, with what each bucket has now).
-    return '0 ' .. fmt(wait_ms) .. ' ' .. denial[3]{{ .. head# .. (t# > 0 and fmt(t#) or '0')}} .. ' |'
+    return '0 ' .. fmt(wait_ms) .. ' ' .. denial[3]{{ .. head# .. (t# > 0 and tokens_text(t#) or '0')}} .. ' |'
   end
 end
 ]=]
@@ -1537,7 +1576,8 @@ local function lean_maker(nt, ns)
       maker = chunk({rcall = redis.call, sformat = string.format,
                      srep = string.rep, PENDING = PENDING, pending = pending,
                      flush_counts = flush_counts, bump = bump, expiry_fields = expiry_fields,
-                     fmt = fmt, wait_bucket = wait_bucket, mfloor = math.floor})
+                     fmt = fmt, wait_bucket = wait_bucket, mfloor = math.floor,
+                     tokens_text = tokens_text})
     end
     LEAN_SHAPES[shape] = maker
   end

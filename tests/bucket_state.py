@@ -40,13 +40,24 @@ def bucket_at(lim: Store, scope: str) -> tuple[str, str]:
     return location
 
 
-def write_bucket(lim: Store, scope: str, tokens: float, *, age_s: float | None = None) -> None:
-    """Store a bucket's state directly: ``tokens`` as of ``age_s`` seconds ago on Redis's
-    clock, or frozen (no refill on the next decision) when ``age_s`` is None."""
+def write_bucket(
+    lim: Store, scope: str, tokens: float | str, *, age_s: float | None = None
+) -> None:
+    """Store a bucket's state directly: ``tokens`` (a number, or the text to store as is) as
+    of ``age_s`` seconds ago on Redis's clock, or frozen (no refill on the next decision)
+    when ``age_s`` is None."""
     key, hfield = bucket_at(lim, scope)
     now = server_us(lim.client)
     updated = now + FROZEN_US if age_s is None else now - round(age_s * 1_000_000)
-    lim.client.hset(key, mapping={hfield: repr(tokens), f"{hfield}:u": updated})
+    text = tokens if isinstance(tokens, str) else repr(tokens)
+    lim.client.hset(key, mapping={hfield: text, f"{hfield}:u": updated})
+
+
+def stored_text(lim: Store, scope: str) -> str | None:
+    """A bucket's tokens as the scripts stored them (the text), or None when it has none."""
+    key, hfield = bucket_at(lim, scope)
+    raw = lim.client.hget(key, hfield)
+    return None if raw is None else raw.decode()
 
 
 def read_bucket(lim: Store, scope: str) -> tuple[float, int] | None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-from bucket_state import approx, read_bucket, write_bucket
+from bucket_state import approx, read_bucket, stored_text, write_bucket
 
 from queue_ratelimit import (
     AsyncLimiter,
@@ -949,7 +950,86 @@ CREDITS_AND_WINDOWS: list[dict[str, Any]] = [
     },
 ]
 
-CASES = SEQUENCES + FROZEN + EDGES + COUNTING + CREDITS_AND_WINDOWS
+# -- the stored form of tokens (lua/buckets.lua, tokens_text) ------------------------------
+
+
+def stored_form(
+    id: str, limit: Limit, text: str, cost: float, remaining: float, stored: str
+) -> dict[str, Any]:
+    """One admission of ``cost`` from acme's bucket frozen at ``text`` (as stored, perhaps in
+    the form of an earlier version): what is left, and its text as stored now."""
+    return {
+        "id": id,
+        "exact": True,
+        "steps": [
+            {"set": "tenant:*", "limit": limit},
+            {"freeze": {"tenant:acme": text}},
+            {
+                "acquire": "acme",
+                "cost": cost,
+                "allowed": True,
+                "remaining": {"tenant:acme": remaining},
+            },
+            {"stored_text": {"tenant:acme": stored}},
+        ],
+    }
+
+
+DAY = 86400.0
+STORED_FORMS: list[dict[str, Any]] = [
+    # A fraction as the previous version stored it (%.17g), read as the number it is; what
+    # is left is stored rounded down to a billionth.
+    stored_form("old form read", Limit(3, per=HOUR), "2.7000000000000002", 1, 1.7, "1700000000e-9"),
+    stored_form("less than a step left", Limit(3, per=HOUR), "1.0000000005", 1, 0, "0e-9"),
+    # Past 9e6 tokens, millionths; past 9e9 (2^53 millionths is 9007199254.740992),
+    # thousandths: the count of steps stays a whole double.
+    stored_form(
+        "millionths past 9e6",
+        Limit(1e7, per=DAY, burst=1e7),
+        "9000000.875",
+        0.5,
+        9000000.375,
+        "9000000375000e-6",
+    ),
+    stored_form(
+        "millionths up to 9e9",
+        Limit(1e10, per=DAY, burst=1e10),
+        "8999999999.75",
+        0.5,
+        8999999999.25,
+        "8999999999250000e-6",
+    ),
+    stored_form(
+        "thousandths around 2^53 millionths",
+        Limit(1e10, per=DAY, burst=1e10),
+        "9007199254.75",
+        0.5,
+        9007199254.25,
+        "9007199254250e-3",
+    ),
+    stored_form(
+        "a burst near 1e12",
+        Limit(1e12, per=DAY, burst=1e12),
+        "999999999999.75",
+        0.5,
+        999999999999.25,
+        "999999999999250e-3",
+    ),
+    {
+        # One token every 115 days: 0.5 over 57.5 days, and 1e-13 a microsecond of the
+        # test's own run (a second of it adds 1e-7), counted in billionths all the same.
+        "id": "a tiny rate refills by billionths",
+        "exact": True,
+        "steps": [
+            {"set": "tenant:*", "limit": Limit(1, per=115 * DAY, burst=2)},
+            {"aged": {"tenant:acme": (1.25, 57.5 * DAY)}},
+            {"acquire": "acme", "cost": 0.5, "allowed": True, "remaining": {"tenant:acme": 1.25}},
+            {"stored_match": {"tenant:acme": r"12500\d{5}e-9"}},
+        ],
+    },
+]
+
+CASES = SEQUENCES + FROZEN + EDGES + COUNTING + CREDITS_AND_WINDOWS + STORED_FORMS
 
 
 def bucket_fields(backend: Backend) -> dict[str, dict[bytes, bytes]]:
@@ -1026,6 +1106,15 @@ def run_step(
         frozen_state.update(bucket_fields(backend))
     elif "untouched" in step:
         assert bucket_fields(backend) == frozen_state, "a denial must write no bucket"
+    elif "aged" in step:
+        for scope, (value, age_s) in step["aged"].items():
+            write_bucket(backend, scope, value, age_s=age_s)
+    elif "stored_match" in step:
+        for scope, pattern in step["stored_match"].items():
+            assert re.fullmatch(pattern, stored_text(backend, scope) or ""), scope
+    elif "stored_text" in step:
+        for scope, text in step["stored_text"].items():
+            assert stored_text(backend, scope) == text, scope
     elif "stored" in step:
         for scope, value in step["stored"].items():
             state = read_bucket(backend, scope)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+from bucket_state import stored_text, write_bucket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_decisions import Backend, drop, open_backend, store_state
@@ -291,6 +292,40 @@ def test_a_configuration_change_binds_the_next_lean_decision(
     steps += [("set", "tenant:*", 7, 1), ("acquire", "acme", None, 1)]
     steps += [("set", "global", 19, 1), ("acquire", "beta", None, 1), ("acquire", "beta", None, 1)]
     run_both(pair, steps)
+
+
+# -- tokens as stored (lua/buckets.lua, tokens_text): the lean path prints them inline ------
+
+# (burst, stored text, cost): fractions of each grid (1e-9, 1e-6, 1e-3 tokens), products that
+# round up to a step (test_token_texts.py), a cost near the bucket, whole numbers.
+STORED_TEXTS = [
+    (3, "2.7000000000000002", 1),
+    (3, "1.0000000005", 1),
+    (3, "0.9999999995", 1),
+    (3, "2.5", 0.5),
+    (1e7, "9000000.875", 0.5),
+    (1e10, "8999999999.75", 0.5),
+    (1e10, "9007199254.75", 0.5),
+    (1e12, "999999999999.75", 0.5),
+    (2e6, repr(1797086.3454948459 + 0.5), 0.5),
+    (5e9, repr(4960769592.3751955 + 0.5), 0.5),
+    (7e11, repr(688568549218.7369 + 0.5), 0.5),
+]
+
+
+@pytest.mark.parametrize(("burst", "text", "cost"), STORED_TEXTS)
+def test_the_lean_path_stores_tokens_as_the_general_one(
+    pair: tuple[Backend, Backend], burst: float, text: str, cost: float
+) -> None:
+    for backend in pair:
+        backend.call("set_limit", "tenant:*", Limit(burst, per=HOUR, burst=burst))
+        backend.call("acquire", "acme")  # (the plan cached: the next decision is lean)
+        write_bucket(backend, "tenant:acme", text)  # frozen: no refill
+        assert backend.call("acquire", "acme", cost=cost).allowed
+    assert path_of(pair[0], "acme") == "lean"
+    _, tokens_text = library_function("tokens_text")
+    want, _ = tokens_text(float(text) - cost)
+    assert [stored_text(backend, "tenant:acme") for backend in pair] == [want, want]
 
 
 # -- the selection, read in the library's own Lua (lupa) --------------------------------
