@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .._breaker import Backoff
 from .._client import redis_client
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
@@ -35,9 +36,7 @@ class Runtime:
                     # answering (rather than refusing connections) trips the fail mode
                     # instead of freezing the consumer loop; timeouts in the URL win. After
                     # one timeout, calls fail at once until Redis answers a probe.
-                    client = redis_client(
-                        self.settings.redis_url or "", backoff=self.settings.redis_backoff
-                    )
+                    client = redis_client(self.settings.redis_url or "", backoff=self._backoff())
                     self._limiter = Limiter(
                         client,
                         namespace=self.settings.namespace,
@@ -47,6 +46,16 @@ class Runtime:
                         shards=self.settings.shards,
                     )
         return self._limiter
+
+    def _backoff(self) -> Backoff | None:
+        """``redis_backoff``, probing at least every third of ``lease``: after an outage the
+        gate must renew its leases (and send the settlements it held) within the grace the
+        scheduler gives leases that ran out in it, one lease (lua/buckets.lua, "Silences")."""
+        backoff = self.settings.redis_backoff
+        if backoff is None:
+            return None
+        most = min(backoff[1], max(self.settings.lease / 3, 0.1))
+        return min(backoff[0], most), most
 
     @property
     def scheduler(self) -> FairScheduler:

@@ -15,7 +15,7 @@ from typing import Literal
 import redis
 from redis.exceptions import RedisError, ResponseError
 
-from .._scheduler import DispatchedItem, FairScheduler
+from .._scheduler import DispatchedItem, FairScheduler, is_closed
 from ._wire import Reply, Wire
 
 # How a re-admitted job's in-flight record is closed: ran (remembered as done), back to
@@ -75,7 +75,7 @@ class AsyncSettler:
         def settled(result: list[Reply] | RedisError) -> None:
             self.pending -= 1
             reply = result if isinstance(result, RedisError) else result[0]
-            closed = None if isinstance(reply, RedisError | ResponseError) else reply == 1
+            closed = None if isinstance(reply, RedisError | ResponseError) else is_closed(reply)
             self._on_settled(item_id, item, how, closed)
 
         self.pending += 1
