@@ -579,11 +579,13 @@ end
 -- time in the shared hash (field s:seen: "<seen ms> <lease ms> <from ms> <until ms>"), and
 -- one that finds none came for more than SILENCE of a lease has found a silence: from the
 -- last call noted to now, nobody reached Redis (or nobody called). Half a lease: holders
--- renew every third of one (a live holder's renewals alone leave no such gap, with room
--- for a late timer), and one whose renewals failed and who renews as soon as Redis answers
--- loses its lease only to an outage of two thirds of one, which is found. A shorter outage
--- must not cost a lease: the workers call again within a third of a lease of Redis
--- answering (docs/tuning.md).
+-- renew every third of one, so a live holder's renewals alone leave no such gap (with room
+-- for a late timer; a lower bound would find silences between the renewals of a lone
+-- worker, and keep a dead one's leases for as long as that goes on), and a holder that
+-- renews as soon as Redis answers loses its lease only to an outage of two thirds of one,
+-- which is found. A shorter outage (undetected) costs no live holder its lease if it is
+-- back within a sixth of a lease of Redis answering (the worst case: the outage began as
+-- it renewed): the Celery gate probes at least that often, RQ's calls wait for Redis.
 -- A silence opens a grace window: until one lease after it ended (`until`), only deadlines
 -- up to its start (`from`) may be taken back. Leases that ran out earlier, while Redis was
 -- being called, belonged to dead holders and go as before; those that ran out in the
@@ -594,7 +596,8 @@ end
 -- moves `until`: a dead holder's lease is taken back at most one lease after the last of
 -- such silences ended, one lease later than without them. The lease is the one the last
 -- call that gave one used (dispatch, extend: a namespace's callers are expected to share
--- one); `fallback_ms` until one is known.
+-- one: with two, the shorter finds silences and the longer sets the grace); `fallback_ms`
+-- until one is known.
 local SILENCE = 0.5
 local DEFAULT_LEASE_MS = 60000
 
@@ -610,10 +613,13 @@ local function lease_horizon(shared_key, now, lease_ms, fallback_ms)
   end
   from, untl = tonumber(from) or 0, tonumber(untl) or 0
   local lease = lease_ms or known or fallback_ms or DEFAULT_LEASE_MS
-  if seen and now - seen > lease * SILENCE then
+  -- (Callers with different leases, e.g. Celery's 30 s and RQ's 60 s: the shorter of this
+  -- call's and the last one's decides a silence, the longer the grace.)
+  local other = known or lease
+  if seen and now - seen > math.min(lease, other) * SILENCE then
     -- (A window still open when the silence began keeps its start: merged.)
     if untl < seen then from = seen end
-    untl = math.floor(now + lease)
+    untl = math.floor(now + math.max(lease, other))
   end
   redis.call('HSET', shared_key, 's:seen',
     string.format('%d %d %d %d', math.floor(now), math.floor(lease), from, untl))

@@ -19,6 +19,9 @@ from kombu.asynchronous import Hub
 
 from queue_ratelimit import DispatchedItem, FairScheduler, Limiter
 from queue_ratelimit.celery._gate import _lease_ran_out
+from queue_ratelimit.celery._health import RedisHealth
+from queue_ratelimit.celery._runtime import Runtime
+from queue_ratelimit.celery._settings import CelerySettings
 from queue_ratelimit.celery._settler import AsyncSettler, Settlement
 from queue_ratelimit.celery._wire import Wire
 
@@ -361,3 +364,43 @@ def test_an_items_slots_ride_its_lease_through_a_silence(limiter: Limiter) -> No
 
     assert scheduler.extend(item) is True
     assert slot_holders(limiter, "tenant:acme")[item.slot.token] >= (now + LEASE_MS) * 1000
+
+
+# -- the Celery worker back within the grace ---------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("lease", "backoff", "probes"),
+    [
+        (5.0, (0.25, 5.0), (0.25, 5 / 6)),  # a short lease: probed every sixth of it
+        (30.0, (0.25, 5.0), (0.25, 5.0)),  # the defaults: as set
+        (0.3, (0.25, 5.0), (0.1, 0.1)),  # no busier than every 0.1 s
+        (30.0, None, None),  # no breaker: none made
+    ],
+)
+def test_the_celery_breaker_probes_within_a_sixth_of_the_lease(
+    lease: float,
+    backoff: tuple[float, float] | None,
+    probes: tuple[float, float] | None,
+) -> None:
+    """After an outage the gate must renew its leases soon after Redis answers: a lease
+    that ran out in an outage too short to be found as a silence is not kept longer."""
+    runtime = Runtime(None, CelerySettings(lease=lease, redis_backoff=backoff))
+    assert runtime._backoff() == probes
+
+
+def test_the_gate_rests_at_most_a_sixth_of_the_lease_after_a_failed_call() -> None:
+    clock = Clock()
+    health = RedisHealth("open", clock=clock, max_rest=5 / 6)
+    health.failed(redis.TimeoutError("Timeout reading from socket"), clock.now - 2.0)
+    assert health.resting()
+    clock.now += 5 / 6
+    assert not health.resting(), "not the 8 s of 4x a 2 s timeout"

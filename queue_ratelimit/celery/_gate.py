@@ -168,7 +168,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.health = RedisHealth(
             self.runtime.settings.fail_mode if self.runtime else "open",
             on_back=self._redis_back if self.runtime else None,
-            max_rest=self.runtime.settings.lease / 3 if self.runtime else MAX_REST,
+            max_rest=self.runtime.settings.lease / 6 if self.runtime else MAX_REST,
         )
         self._durability_checked = False
         # What the broker's messages tell about redeliveries (set in start, see _identity).

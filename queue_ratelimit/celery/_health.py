@@ -36,8 +36,8 @@ class RedisHealth:
         clock: seconds, monotonic (tests pass their own).
         on_back: called when a call succeeds after failures (Redis is back).
         max_rest: the longest rest (seconds; at most MAX_REST): a gate holding leases
-            must be back within a third of one after an outage (the scheduler's grace
-            for leases that ran out in it lasts one lease: lua/buckets.lua, "Silences").
+            must be back within a sixth of one after an outage (lua/buckets.lua,
+            "Silences").
     """
 
     def __init__(

@@ -48,13 +48,14 @@ class Runtime:
         return self._limiter
 
     def _backoff(self) -> Backoff | None:
-        """``redis_backoff``, probing at least every third of ``lease``: after an outage the
-        gate must renew its leases (and send the settlements it held) within the grace the
-        scheduler gives leases that ran out in it, one lease (lua/buckets.lua, "Silences")."""
+        """``redis_backoff``, probing at least every sixth of ``lease``: after an outage the
+        gate renews its leases (and sends the settlements it held) as soon as Redis answers,
+        which must be within a sixth of a lease for the outages too short to be found as a
+        silence (lua/buckets.lua, "Silences"), and within a lease for the others."""
         backoff = self.settings.redis_backoff
         if backoff is None:
             return None
-        most = min(backoff[1], max(self.settings.lease / 3, 0.1))
+        most = min(backoff[1], max(self.settings.lease / 6, 0.1))
         return min(backoff[0], most), most
 
     @property
