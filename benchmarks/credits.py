@@ -95,10 +95,10 @@ def _allowed(reply: object) -> bool:
     return isinstance(reply, bytes) and reply.startswith(b"1 ")
 
 
-def run(redis_url: str) -> dict[str, Any]:
-    rev = os.environ.get("QRL_BENCH_BASE", "main")
-    seconds = env_float("QRL_BENCH_SECONDS", 0.1)
-    rounds = env_int("QRL_BENCH_ROUNDS", 30)
+def beside_base(redis_url: str, rev: str, script: str) -> tuple[redis.Redis, redis.Redis, str, str]:
+    """The server flushed, with the Lua at ``rev`` loaded beside the current library: an
+    admin client, a client for the calls, and ``script``'s function in the base library and
+    in the current one."""
     admin = redis.Redis.from_url(redis_url)
     client = redis.Redis.from_url(redis_url)
     admin.flushdb()
@@ -106,12 +106,19 @@ def run(redis_url: str) -> dict[str, Any]:
     admin.function_load(source, replace=True)
     current = Limiter(client, namespace="bench-current")
     current.peek("x")  # loads the current library
-    current_fn = current._scripts.functions["acquire.lua"]
+    return admin, client, base_names[script], current._scripts.functions[script]
+
+
+def run(redis_url: str) -> dict[str, Any]:
+    rev = os.environ.get("QRL_BENCH_BASE", "main")
+    seconds = env_float("QRL_BENCH_SECONDS", 0.1)
+    rounds = env_int("QRL_BENCH_ROUNDS", 30)
+    admin, client, base_fn, current_fn = beside_base(redis_url, rev, "acquire.lua")
     calls: dict[str, Callable[[], Any]] = {}
     for case in ("1bucket", "1bucket_denied", "3bucket", "3bucket_denied"):
         base = Limiter(client, namespace=f"bench-base-{case}")
         now = Limiter(client, namespace=f"bench-now-{case}")
-        calls[f"base_{case}"] = _caller(client, base, base_names["acquire.lua"], case)
+        calls[f"base_{case}"] = _caller(client, base, base_fn, case)
         calls[f"current_{case}"] = _caller(client, now, current_fn, case)
     for case in ("credit", "credit_denied", "2window", "2window_denied"):
         now = Limiter(client, namespace=f"bench-now-{case}")

@@ -597,6 +597,68 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   return ctx
 end
 
+-- Silences. A lease (an in-flight item's: scheduler.lua; a concurrency slot's: below) runs
+-- out when its holder stops renewing it, and what it held is taken back: its holder is
+-- taken to be dead. But no holder can renew while Redis itself cannot be reached (stopped,
+-- paused, cut off from every worker): leases that run out then are live holders', and
+-- taking them back runs their work twice (or lets more jobs hold a cap's slots than the
+-- cap). So each call that renews, settles or takes back leases or slots notes Redis's
+-- time in the shared hash (field s:seen: "<seen ms> <lease ms> <from ms> <until ms>"), and
+-- one that finds none came for more than SILENCE of a lease has found a silence: from the
+-- last call noted to now, nobody reached Redis (or nobody called). Half a lease: holders
+-- renew every third of one, so a live holder's renewals alone leave no such gap (with room
+-- for a late timer; a lower bound would find silences between the renewals of a lone
+-- worker, and keep a dead one's leases for as long as that goes on), and a holder that
+-- renews as soon as Redis answers loses its lease only to an outage of two thirds of one,
+-- which is found. A shorter outage (undetected) costs no live holder its lease if it is
+-- back within a sixth of a lease of Redis answering (the worst case: the outage began as
+-- it renewed): the Celery gate probes at least that often, RQ's calls wait for Redis.
+-- A silence opens a grace window: until one lease after it ended (`until`), only deadlines
+-- up to its start (`from`) may be taken back. Leases that ran out earlier, while Redis was
+-- being called, belonged to dead holders and go as before; those that ran out in the
+-- silence, or run out within the grace (holders that could not renew in the silence, and
+-- may need a moment once it ends), are left to their holders to renew or settle until
+-- `until`. One HGET (and now and then an HSET) per call, whatever is in flight. A silence found while
+-- a window is open (Redis stopped again before the holders were back) keeps its `from` and
+-- moves `until`: a dead holder's lease is taken back at most one lease after the last of
+-- such silences ended, one lease later than without them. The lease is the one the last
+-- call that gave one used (dispatch, extend: a namespace's callers are expected to share
+-- one: with two, the shorter finds silences and the longer sets the grace); `fallback_ms`
+-- until one is known.
+local SILENCE, NOTE_STEP = 0.5, 1 / 16
+local DEFAULT_LEASE_MS = 60000
+
+-- Notes this call at Redis time `now` (ms) and returns the latest deadline (ms) that may
+-- be taken back now, and the end of the grace window (ms; false when none is open).
+-- `lease_ms`: the lease this call gives (nil: none).
+local function lease_horizon(shared_key, now, lease_ms, fallback_ms)
+  local seen, known, from, untl
+  local rec = redis.call('HGET', shared_key, 's:seen')
+  if rec then
+    seen, known, from, untl = string.match(rec, '^(%S+) (%S+) (%S+) (%S+)$')
+    seen, known = tonumber(seen), tonumber(known)
+  end
+  from, untl = tonumber(from) or 0, tonumber(untl) or 0
+  local lease = lease_ms or known or fallback_ms or DEFAULT_LEASE_MS
+  -- (Callers with different leases, e.g. Celery's 30 s and RQ's 60 s: the shorter of this
+  -- call's and the last one's decides a silence, the longer the grace.)
+  local other = known or lease
+  local gap, silence = seen and now - seen, math.min(lease, other) * SILENCE
+  if gap and gap > silence then
+    -- (A window still open when the silence began keeps its start: merged.)
+    if untl < seen then from = seen end
+    untl = math.floor(now + math.max(lease, other))
+  end
+  -- Busy callers write the note at most every NOTE_STEP of a silence: the note runs that
+  -- much behind at most, which finds a silence that little sooner.
+  if not (gap and gap >= 0 and gap < silence * NOTE_STEP and lease == known) then
+    redis.call('HSET', shared_key, 's:seen',
+      string.format('%d %d %d %d', math.floor(now), math.floor(lease), from, untl))
+  end
+  if now < untl then return from, untl end
+  return now, false
+end
+
 -- Concurrency caps of a decision whose plan has any: a slot is free when fewer holders
 -- than the cap hold one. A full set is first rid of holders whose deadline passed (their
 -- worker died or never released): at most the cap's worth, since a set is added to only
@@ -607,9 +669,20 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
   local caps, now, by_cap, free = ctx.plan.caps, ctx.now, false, {}
   for i = 1, #caps do
     local c = caps[i]
-    local running = redis.call('ZCARD', c.key)
+    local running, first, grace = redis.call('ZCARD', c.key), nil, false
     if running >= c.n then
-      running = running - redis.call('ZREMRANGEBYSCORE', c.key, '-inf', now)
+      first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
+      if first[2] and first[2] + 0 <= now then
+        -- Holders whose deadline passed are taken back, but not those whose lease ran
+        -- out in a silence (lease_horizon): they count until its grace ends.
+        local horizon, untl = lease_horizon(ctx.shared_key, now / 1000)
+        local gone = redis.call('ZREMRANGEBYSCORE', c.key, '-inf', untl and horizon * 1000 or now)
+        if gone > 0 then
+          running = running - gone
+          first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
+        end
+        grace = untl and untl * 1000
+      end
     end
     local ok = running < c.n
     free[i] = ok
@@ -620,8 +693,9 @@ local function judge_caps(ctx, allowed, wait, denied_by, would_deny)
         ctx.would_src[#would_deny] = c.src
       else
         allowed = 0
-        local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
+        -- (A holder in a silence's grace still counts: its slot is due when the grace ends.)
         local need = first[2] - now
+        if need <= 0 and grace then need = grace - now end
         if need > MAX_WAIT_US then need = MAX_WAIT_US end
         if need > wait or not denied_by then
           wait, denied_by, by_cap, ctx.src = need, c.scope, true, c.src

@@ -25,7 +25,9 @@
 --                            (dispatch), ':cv' -> config version the parked tenants were
 --                            judged under; expires after the lane empties (forget_lane)
 --   S:age:<lane>             zset item id -> ms it was first queued (oldest waiting job)
---   S:inflight               zset item id -> lease deadline (ms)
+--   S:inflight               zset item id -> lease deadline (ms); one that ran out is taken
+--                            back (reap), unless it ran out in a silence (buckets.lua,
+--                            "Silences": shared hash field s:seen)
 --   S:lease                  hash item id -> lease token of its current lease: a worker
 --                            whose lease ran out cannot close or renew the next holder's;
 --                            "<token> <cap scope> ..." when the item holds concurrency
@@ -36,7 +38,8 @@
 --                            <p or ->" (p: a payload is stored)
 --   S:payload                hash item id -> opaque payload
 --   S:lanes                  set of the lanes with work (metrics find them without SCAN)
---   S:done:<id>              "this item already ran" (ack with remember), checked by submit
+--   S:done:<id>              "this item already ran" (ack with remember), checked by submit;
+--                            its value is the lease token it was closed under ("1": none)
 --   S:receipt:<owner>        "<nonce> <id>..." of a caller's last dispatch
 --   S:wake:<scope>           set "<lane> <tenant>" parked by the concurrency cap <scope>
 --   S:tr:<lane>:<tenant>     zset item id -> ms its entry lapses: the tenant's jobs in
@@ -247,10 +250,19 @@ local function lose(id)
   count_lost(1)
 end
 
--- Return items whose lease ran out (their worker died) to the head of their backlog.
--- Newest first: each goes to the head, so the oldest ends up in front, where it was.
-local function reap(now)
-  local expired = redis.call('ZREVRANGEBYSCORE', inflight_key, now, '-inf', 'LIMIT', 0, REAP_BATCH)
+-- Notes this call (buckets.lua, "Silences"); returns Redis time (ms) and the latest lease
+-- deadline that may be taken back now (earlier than now while a silence's grace lasts).
+-- `lease_ms`: the lease the call gives, if any.
+local function lease_clock(lease_ms)
+  local now = now_ms()
+  return now, lease_horizon(shared_key, now, lease_ms)
+end
+
+-- Return items whose lease ran out (their worker died) to the head of their backlog: those
+-- whose deadline is at most `horizon` (lease_clock). Newest first: each goes to the head,
+-- so the oldest ends up in front, where it was.
+local function reap(now, horizon)
+  local expired = redis.call('ZREVRANGEBYSCORE', inflight_key, horizon, '-inf', 'LIMIT', 0, REAP_BATCH)
   for _, id in ipairs(expired) do
     redis.call('ZREM', inflight_key, id)
     if not enqueue(id, true) then lose(id) end
@@ -409,8 +421,8 @@ if mode == 'dispatch' then
   local lease_ms, hold_ms = string.match(ARGV[A + 2], '^(%S+) ?(%S*)$')
   lease_ms = tonumber(lease_ms)
   hold_ms = lease_ms > 0 and lease_ms or tonumber(hold_ms) or 60000
-  local now = now_ms()
-  if reap(now) == REAP_BATCH and redis.call('ZCOUNT', inflight_key, '-inf', now) > 0 then
+  local now, horizon = lease_clock(hold_ms)
+  if reap(now, horizon) == REAP_BATCH and redis.call('ZCOUNT', inflight_key, '-inf', horizon) > 0 then
     -- More leases ran out than one call hands back. They go back newest first, each to the
     -- head of its backlog, so the oldest end up in front as they were; serving before the
     -- rest are back would serve newer work first. Nothing now; the caller comes back at once.
@@ -665,27 +677,37 @@ local function holds(id, token)
 end
 
 -- The item's concurrency slots go back (once: the in-flight record is closed with them).
-local function release_item_slots(id, lease, scopes)
-  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, now_ms() * 1000, waking()) end
+-- `horizon`: lease_clock's (slots whose hold ran out in a silence are still live).
+local function release_item_slots(id, lease, scopes, horizon)
+  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, horizon * 1000, waking()) end
 end
 
 if mode == 'ack' or mode == 'nack' then
   -- KEYS[8] (ack): the item's done marker. ARGV: item id, requeue ("1"/"0"), refund
   -- ("1"/"0"), done-marker ttl ms ("0": none), lease token (optional), keep slots ("1", ack
   -- only). Reply: 1 closed, 0 not in flight for this caller (its lease ran out: the item
-  -- was handed back, maybe to another worker since; or the id is unknown). The done marker
-  -- lets submit recognise a broker redelivery of work that already ran through the backlog.
+  -- was handed back, maybe to another worker since; or the id is unknown), 2 (ack) closed
+  -- already under this same lease token: an ack sent again because the reply to the first
+  -- was lost (the first closed it). The done marker lets submit recognise a broker
+  -- redelivery of work that already ran through the backlog; it holds the lease token.
   local id, requeue, refund = ARGV[A + 1], ARGV[A + 2] == '1', ARGV[A + 3] == '1'
   local done_ms = tonumber(ARGV[A + 4] or '0')
-  local held, lease, scopes = holds(id, ARGV[A + 5])
-  if not held then return 0 end
+  local token = ARGV[A + 5]
+  local _, horizon = lease_clock()
+  local held, lease, scopes = holds(id, token)
+  if not held then
+    if mode == 'ack' and token and token ~= '' and KEYS[8] and redis.call('GET', KEYS[8]) == token then
+      return 2
+    end
+    return 0
+  end
   redis.call('ZREM', inflight_key, id)
   redis.call('HDEL', lease_key, id)
   -- ARGV "keep slots" = "1": the job has started and runs on; its slots stay held (the
   -- worker renews them, and gives them back when the job ends: Limiter.extend_slot / release).
-  if mode == 'nack' or ARGV[A + 6] ~= '1' then release_item_slots(id, lease, scopes) end
+  if mode == 'nack' or ARGV[A + 6] ~= '1' then release_item_slots(id, lease, scopes, horizon) end
   if done_ms and done_ms > 0 and not requeue and KEYS[8] then
-    redis.call('SET', KEYS[8], '1', 'PX', done_ms)
+    redis.call('SET', KEYS[8], lease ~= '' and lease or '1', 'PX', done_ms)
   end
   if mode == 'nack' and refund then
     local lane, tenant, priority, cost = split_meta(redis.call('HGET', meta_key, id))
@@ -706,19 +728,21 @@ if mode == 'extend' then
   -- ARGV: item id, lease ms, lease token (optional). Reply: 1 extended, 0 not in flight
   -- for this caller.
   -- The item's concurrency slots are renewed with it (while they are still held).
+  -- A lease that ran out in a silence and was not taken back yet (its grace lasts) is
+  -- renewed as any other: nothing else holds it.
   local id, lease_ms = ARGV[A + 1], tonumber(ARGV[A + 2])
+  local now, horizon = lease_clock(lease_ms)
   local held, lease, scopes = holds(id, ARGV[A + 3])
   if not held then return 0 end
-  local now = now_ms()
   redis.call('ZADD', inflight_key, now + lease_ms, id)
   if scopes ~= '' then
-    extend_slots(prefix, lease .. '/' .. id, scopes, now * 1000, (now + lease_ms) * 1000, waking())
+    extend_slots(prefix, lease .. '/' .. id, scopes, horizon * 1000, (now + lease_ms) * 1000, waking())
   end
   return 1
 end
 
 if mode == 'reap' then
-  return reap(now_ms())
+  return reap(lease_clock())
 end
 
 if mode == 'purge' then

@@ -3,19 +3,24 @@
 -- EVALSHA script).
 --
 -- KEYS: config hash, shared hash (the namespace's; the slot sets are named from them)
--- ARGV: slot token, "release" | "extend", hold in ms (for extend), the scheduler's waiter
---       and parked prefixes (KeySpace: tenants parked by a released cap are woken), cap
---       scopes...
+-- ARGV: slot token, "release" | "extend", hold in ms (for extend; release sends 0), the
+--       scheduler's waiter and parked prefixes (KeySpace: tenants parked by a released cap
+--       are woken), cap scopes...
 -- Reply: 1 released / renewed; 0 not held (released already, or its lease ran out: then
 -- nothing changes but the removal of what is left of it).
 local prefix, now = ns_prefix(KEYS[1]), now_us()
 local sched = {wake = ARGV[4], parked = ARGV[5]}
 local scopes = table.concat(ARGV, ' ', 6)
-if ARGV[2] == 'release' then
-  return release_slots(prefix, ARGV[1], scopes, now, sched) and 1 or 0
+local op = ARGV[2]
+if op ~= 'release' and op ~= 'extend' then
+  return redis.error_reply('queue-ratelimit: unknown slot operation ' .. tostring(op))
 end
-if ARGV[2] == 'extend' then
-  local hold = arg_number(ARGV[3], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)')
-  return extend_slots(prefix, ARGV[1], scopes, now, now + hold * 1000, sched) and 1 or 0
+local hold = op == 'extend' and arg_number(ARGV[3], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)') or nil
+-- A holder whose hold ran out in a silence still holds its slots until the grace ends
+-- (buckets.lua, "Silences"): it may renew or release them.
+local horizon, untl = lease_horizon(KEYS[2], now / 1000, nil, hold)
+local live_after = untl and horizon * 1000 or now
+if op == 'release' then
+  return release_slots(prefix, ARGV[1], scopes, live_after, sched) and 1 or 0
 end
-return redis.error_reply('queue-ratelimit: unknown slot operation ' .. tostring(ARGV[2]))
+return extend_slots(prefix, ARGV[1], scopes, live_after, now + hold * 1000, sched) and 1 or 0

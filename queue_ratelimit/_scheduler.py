@@ -211,6 +211,12 @@ def _check_weight(weight: object) -> float:
     return number
 
 
+def is_closed(reply: object) -> bool:
+    """Whether a settlement's reply (``settle_call``'s script) says the item is closed: 1
+    closed now, 2 closed already under the same lease (an ack sent again)."""
+    return reply in (1, 2)
+
+
 def _check_lease(lease: object) -> int:
     """A lease in seconds, as whole milliseconds."""
     return max(1, int(check_positive("lease (seconds)", lease, MAX_LEASE) * 1000))
@@ -604,7 +610,9 @@ class FairScheduler:
         self, item: str | DispatchedItem, *, remember: float = 0, keep_slot: bool = False
     ) -> bool:
         """Close an in-flight record after the work ran. False if it was not in flight, or
-        (given the ``DispatchedItem``) no longer under this hand-out's lease.
+        (given the ``DispatchedItem``) no longer under this hand-out's lease. True also for
+        an item this hand-out's lease closed already (with ``remember``): an ack sent again
+        because the reply to the first was lost.
 
         With ``remember`` (seconds), ``gate`` treats the id as a duplicate for that long, so
         a broker redelivery of work that already ran through the backlog is not run again.
@@ -615,7 +623,7 @@ class FairScheduler:
         """
         keys, args = self.settle_call(item, "ack", remember, keep_slot=keep_slot)
         with redis_errors():
-            return bool(self._scripts.call("scheduler.lua", keys, args) == 1)
+            return is_closed(self._scripts.call("scheduler.lua", keys, args))
 
     def hint(
         self,

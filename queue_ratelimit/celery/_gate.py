@@ -37,7 +37,7 @@ from .._throttle_log import ThrottleLog
 from ._broker_ack import ack_all, is_plain_ack
 from ._cluster_wire import make_wire
 from ._credit import CreditKey, CreditLedger
-from ._health import REDIS_FAILURES, RedisHealth
+from ._health import MAX_REST, REDIS_FAILURES, RedisHealth
 from ._identity import (
     FLAGGED_REDELIVERY_TRANSPORTS,
     STABLE_TAG_TRANSPORTS,
@@ -168,8 +168,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         # Whether Redis answers, is out (the fail mode decides) or is broken (work is held).
         self.health = RedisHealth(
             self.runtime.settings.fail_mode if self.runtime else "open",
-            # What the fail mode decided meanwhile, into the namespace's counters.
-            on_back=self.runtime.limiter.report_fail_mode if self.runtime else None,
+            on_back=self._redis_back if self.runtime else None,
+            max_rest=self.runtime.settings.lease / 6 if self.runtime else MAX_REST,
         )
         self._durability_checked = False
         # What the broker's messages tell about redeliveries (set in start, see _identity).
@@ -885,6 +885,14 @@ class RateLimitGate(bootsteps.StartStopStep):
         with contextlib.suppress(*REDIS_FAILURES, RateLimitError):
             self.slots.capped = bool(self._rt.limiter.concurrency())
 
+    def _redis_back(self) -> None:
+        """Redis answers again after failures: what the fail mode decided meanwhile goes
+        into the namespace's counters, and the leases are renewed (and what the outage
+        left unsettled settled) now rather than at the next tick: leases that ran out
+        during the outage are kept for their holders for one lease after it, no longer."""
+        self._rt.limiter.report_fail_mode()
+        self.consumer.timer.call_after(0.0, self._renew_leases)
+
     def _renew_leases(self) -> None:
         """Keep the leases of re-admitted jobs that are still waiting or running alive, and
         the concurrency slots of running jobs."""
@@ -913,6 +921,13 @@ class RateLimitGate(bootsteps.StartStopStep):
 
 
 def _lease_ran_out(item_id: str, how: Settlement) -> None:
+    """A settlement found the job no longer in flight under its lease. Only an ack says so:
+    the job ran here, and ran out of lease first, so it may run again. (A requeue or a drop
+    did not run it: whoever has it now runs it once. An ack sent again after its reply was
+    lost, and found closed by its first sending, is no such case: the scheduler tells it
+    apart, ``is_closed``.)"""
+    if how != "ack":
+        return
     log.warning(
         "queue-ratelimit: %s was no longer in flight when settled (%s): its lease ran out "
         "first, so it may run again (or has, on another worker); raise 'lease' above the "

@@ -35,6 +35,9 @@ class RedisHealth:
         fail_mode: the gate's fail mode, for the log.
         clock: seconds, monotonic (tests pass their own).
         on_back: called when a call succeeds after failures (Redis is back).
+        max_rest: the longest rest (seconds; at most MAX_REST): a gate holding leases
+            must be back within a sixth of one after an outage (lua/buckets.lua,
+            "Silences").
     """
 
     def __init__(
@@ -42,10 +45,12 @@ class RedisHealth:
         fail_mode: str,
         clock: Callable[[], float] = time.monotonic,
         on_back: Callable[[], None] | None = None,
+        max_rest: float = MAX_REST,
     ) -> None:
         self.fail_mode = fail_mode
         self._clock = clock
         self._on_back = on_back
+        self.max_rest = min(max(max_rest, MIN_REST), MAX_REST)
         self.down_since: float | None = None
         self.broken = False  # the last failure was an error Redis answered with
         self._probe_at = 0.0
@@ -61,7 +66,7 @@ class RedisHealth:
     def failed(self, exc: BaseException, started: float) -> None:
         """A call that began at ``started`` (on the clock) failed with ``exc``."""
         now = self._clock()
-        self._probe_at = now + min(max(REST_FACTOR * (now - started), MIN_REST), MAX_REST)
+        self._probe_at = now + min(max(REST_FACTOR * (now - started), MIN_REST), self.max_rest)
         broken = not (isinstance(exc, BackendUnavailable) or is_outage(exc))
         changed = self.down_since is None or broken != self.broken
         self.broken = broken

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .._breaker import Backoff
 from .._client import redis_client
 from .._limiter import Limiter
 from .._scheduler import FairScheduler
@@ -35,9 +36,7 @@ class Runtime:
                     # answering (rather than refusing connections) trips the fail mode
                     # instead of freezing the consumer loop; timeouts in the URL win. After
                     # one timeout, calls fail at once until Redis answers a probe.
-                    client = redis_client(
-                        self.settings.redis_url or "", backoff=self.settings.redis_backoff
-                    )
+                    client = redis_client(self.settings.redis_url or "", backoff=self._backoff())
                     self._limiter = Limiter(
                         client,
                         namespace=self.settings.namespace,
@@ -47,6 +46,17 @@ class Runtime:
                         shards=self.settings.shards,
                     )
         return self._limiter
+
+    def _backoff(self) -> Backoff | None:
+        """``redis_backoff``, probing at least every sixth of ``lease``: after an outage the
+        gate renews its leases (and sends the settlements it held) as soon as Redis answers,
+        which must be within a sixth of a lease for the outages too short to be found as a
+        silence (lua/buckets.lua, "Silences"), and within a lease for the others."""
+        backoff = self.settings.redis_backoff
+        if backoff is None:
+            return None
+        most = min(backoff[1], max(self.settings.lease / 6, 0.1))
+        return min(backoff[0], most), most
 
     @property
     def scheduler(self) -> FairScheduler:

@@ -36,7 +36,9 @@ class CelerySettings:
         hints: predict when each published job would start, behind the same tenant's jobs
             already waiting (one round trip); off saves it.
         lease: seconds a re-admitted job may stay unacknowledged before it is handed back;
-            the worker renews it while the job runs.
+            the worker renews it while the job runs. A lease that runs out while nobody
+            can reach Redis is kept a lease longer (docs/design.md, "Silences"), so it need
+            not outlast an outage; it bounds how soon a dead worker's jobs come back.
         poll_interval: how often an idle worker looks for re-admissible work (seconds).
         max_held: jobs a worker holds in memory at once: re-admitted work not yet settled,
             and messages kept unacknowledged (closed fail mode, a full backlog); default the
@@ -81,7 +83,9 @@ class CelerySettings:
             waited out its timeout (2 s), every call of the process fails at once (the
             fail mode decides: ``"open"`` runs work, ``"closed"`` holds it) until Redis
             answers a probe, sent in the background after ``first`` seconds and then at
-            intervals doubling up to ``most``. None: each call waits out its own timeout.
+            intervals doubling up to ``most``, and at most a sixth of ``lease`` (so the
+            gate renews its leases soon after an outage). None: each call waits out its
+            own timeout.
         shards: hash slots the namespace is spread over (``Limiter``'s ``shards``; every
             worker and producer of a namespace must use the same number).
         strict_pauses: every gated task looks for a pause of its scopes as it starts, in

@@ -16,7 +16,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from .._scheduler import DispatchedItem, FairScheduler
+from .._scheduler import DispatchedItem, FairScheduler, is_closed
 from ._cluster_wire import AnyWire
 from ._wire import Reply
 
@@ -79,7 +79,7 @@ class AsyncSettler:
         def settled(result: list[Reply] | RedisError) -> None:
             self.pending -= 1
             reply = result if isinstance(result, RedisError) else result[0]
-            closed = None if isinstance(reply, RedisError | ResponseError) else reply == 1
+            closed = None if isinstance(reply, RedisError | ResponseError) else is_closed(reply)
             self._on_settled(item_id, item, how, closed)
 
         self.pending += 1
