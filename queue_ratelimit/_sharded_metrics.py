@@ -106,8 +106,9 @@ def sharded_snapshot(
 
     histograms = [p["wait_ms_histogram"] for p in parts]
     first = parts[0]
+    at_ms = max(p["at_ms"] for p in parts)
     return {
-        "at_ms": max(p["at_ms"] for p in parts),
+        "at_ms": at_ms,
         "namespace": limiter.namespace,
         "shards": limiter.shards,
         "eviction": next(
@@ -126,6 +127,8 @@ def sharded_snapshot(
         },
         "caps": caps,
         "exemptions": core.exemptions(dict(config)),  # type: ignore[arg-type]
+        # (Pauses are configuration: the home slot's, as set.)
+        **metrics.pauses_shown(core.pauses(dict(config), at_ms)),  # type: ignore[arg-type]
         "totals": _summed(p["totals"] for p in parts),
         # (Fail-mode decisions are added to the home slot's shared hash.)
         "fail_mode": {
