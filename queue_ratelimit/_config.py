@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._core import LimiterCore, ScriptCall
-from ._decision import check_windows
+from ._decision import check_window_count, check_windows
 from ._errors import ConfigError, InvalidLimit
 from ._limit import Limit
 from ._preview import RECORD_FIELD, recording_call, recording_value
@@ -73,6 +73,7 @@ def _window(scope: str, value: object) -> Limit:
 
 
 def _windows(scope: str, value: list[object] | tuple[object, ...]) -> tuple[Limit, ...]:
+    check_window_count(scope, len(value))
     return check_windows(scope, tuple(_window(scope, item) for item in value))
 
 
@@ -169,6 +170,9 @@ def _env_pairs(name: str, text: str, example: str) -> dict[str, str]:
         scope, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"{ENV_PREFIX}{name} entry {_shown(item)} must look like {example!r}")
+        if scope.strip() in pairs:
+            # (The last one silently won: a pasted line left in place changed the limit.)
+            raise ConfigError(f"{ENV_PREFIX}{name} gives {_shown(scope.strip())} twice")
         pairs[scope.strip()] = value.strip()
     return pairs
 

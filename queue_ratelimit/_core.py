@@ -36,6 +36,7 @@ from ._decision import (
     Pause,
     ScopeLimit,
     Slot,
+    check_window_count,
     check_windows,
     decode_limit,
     encode_limit,
@@ -250,6 +251,7 @@ LimitSpec = Limit | str | Sequence[Limit | str]
 def limit_windows(scope: str, limit: object) -> tuple[Limit, ...]:
     """A scope's limit as its windows: one ``Limit`` (or its text), or a list of them."""
     if isinstance(limit, (list, tuple)):
+        check_window_count(scope, len(limit))
         return check_windows(scope, tuple(_as_limit(item) for item in limit))
     return (_as_limit(limit),)
 

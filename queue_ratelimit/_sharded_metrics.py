@@ -107,7 +107,6 @@ def sharded_snapshot(
     histograms = [p["wait_ms_histogram"] for p in parts]
     first = parts[0]
     at_ms = max(p["at_ms"] for p in parts)
-    pauses = core.pauses(dict(config), at_ms)  # type: ignore[arg-type]
     return {
         "at_ms": at_ms,
         "namespace": limiter.namespace,
@@ -128,11 +127,8 @@ def sharded_snapshot(
         },
         "caps": caps,
         "exemptions": core.exemptions(dict(config)),  # type: ignore[arg-type]
-        # (Pauses are set at home and copied to every shard: the home slot's, as set.)
-        "pauses": {
-            scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
-            for scope, p in pauses.items()
-        },
+        # (Pauses are configuration: the home slot's, as set.)
+        **metrics.pauses_shown(core.pauses(dict(config), at_ms)),  # type: ignore[arg-type]
         "totals": _summed(p["totals"] for p in parts),
         # (Fail-mode decisions are added to the home slot's shared hash.)
         "fail_mode": {

@@ -41,6 +41,9 @@ MAX_TENANT_SERIES = 200
 # Per-queue and per-priority series: the busiest this many, the rest summed under OTHER.
 MAX_QUEUE_SERIES = 100
 MAX_PRIORITY_SERIES = 20
+# Pauses shown one by one (those ending last); the rest are counted in "paused_scopes".
+# Tasks pause their own tenant on a 429 (pause_and_retry): as many may run as tenants.
+MAX_PAUSE_SERIES = 100
 # Names that get an admission counter of their own in Redis (lua/buckets.lua); later ones
 # are counted under "~" there, and reported under OTHER.
 MAX_QUEUE_COUNTERS = 512
@@ -492,10 +495,20 @@ def _configuration(limiter: Limiter, read: _Read, settings: _Settings) -> dict[s
         "limits": {scope: _limit_summary(s) for scope, s in settings.limits.items()},
         "caps": settings.caps,
         "exemptions": settings.exemptions,
-        # Pauses running at the snapshot's time (Limiter.pause), by scope.
+        **pauses_shown(settings.pauses),
+    }
+
+
+def pauses_shown(pauses: dict[str, Pause]) -> dict[str, Any]:
+    """The snapshot's pauses: ``paused_scopes``, how many run at the snapshot's time
+    (Limiter.pause), and ``pauses``, the MAX_PAUSE_SERIES of them that end last, by scope
+    (100,000 one-off pauses were as many series on /metrics: 10.6 MB a scrape)."""
+    last = sorted(pauses.values(), key=lambda p: (-p.until_ms, p.scope))[:MAX_PAUSE_SERIES]
+    return {
+        "paused_scopes": len(pauses),
         "pauses": {
-            scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
-            for scope, p in settings.pauses.items()
+            p.scope: {"until_ms": p.until_ms, "remaining_s": p.remaining}
+            for p in sorted(last, key=lambda p: p.scope)
         },
     }
 
@@ -817,9 +830,17 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "gauge",
         "pause_remaining_seconds",
-        "Seconds left of a scope's pause (Limiter.pause): nothing of it is admitted meanwhile",
+        "Seconds left of a scope's pause (Limiter.pause): nothing of it is admitted meanwhile; "
+        f"the {MAX_PAUSE_SERIES} pauses ending last",
         ("scope",),
         _each("pauses", "remaining_s"),
+    ),
+    Family(
+        "gauge",
+        "paused_scopes",
+        "Scopes paused now (Limiter.pause), shown or not in pause_remaining_seconds",
+        (),
+        lambda snap: [((), snap["paused_scopes"])],
     ),
     Family(
         "gauge",

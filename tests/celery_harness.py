@@ -237,8 +237,8 @@ class E2E:
         self._apps.append(app)
         return app
 
-    def publish_raw(self, messages: list[dict[str, Any]]) -> list[str]:
-        """Publish ``e2e.work`` messages as a producer without the plugin does: from a
+    def publish_raw(self, messages: list[dict[str, Any]], task: str = "e2e.work") -> list[str]:
+        """Publish ``task`` messages as a producer without the plugin does: from a
         process of its own (this one has the plugin's publish hook, which would rewrite the
         headers and add a nonce). Each message is ``{"task_id", "args", "headers"}``; a header
         value ``"HUGE"`` is sent as ``2**1100``. Returns the ids published: one the broker
@@ -250,14 +250,14 @@ class E2E:
             "for m in json.loads(sys.argv[3]):\n"
             "    h = {k: (2**1100 if v == 'HUGE' else v) for k, v in m['headers'].items()}\n"
             "    try:\n"
-            "        app.send_task('e2e.work', args=m['args'], queue=sys.argv[2], headers=h,\n"
+            "        app.send_task(sys.argv[4], args=m['args'], queue=sys.argv[2], headers=h,\n"
             "                      task_id=m['task_id'])\n"
             "    except Exception:\n"
             "        continue\n"
             "    print(json.dumps(m['task_id']))\n"
         )
         published = subprocess.run(
-            [sys.executable, "-c", script, self.broker, self.queue, json.dumps(messages)],
+            [sys.executable, "-c", script, self.broker, self.queue, json.dumps(messages), task],
             check=True,
             timeout=60,
             capture_output=True,

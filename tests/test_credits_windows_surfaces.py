@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import NO_ENV, ok
 
-from queue_ratelimit import CostExceedsBurst, InvalidLimit, Limit, Limiter, ScopeLimit
+from queue_ratelimit import ConfigError, CostExceedsBurst, InvalidLimit, Limit, Limiter, ScopeLimit
 from queue_ratelimit._config import config_from_env, parse_config
 from queue_ratelimit._counters import flush_counters
 from queue_ratelimit._decision import parse_reply
@@ -84,7 +84,10 @@ def test_bad_credit_is_a_clear_error(credit: object, fragment: str) -> None:
         (["1/s", "1/s"], "gives the window 1/s twice"),
         (["60/m", "60/60s"], "gives the window 60/m twice"),
         (["1/s", "1/m", "1/h", "1/d", "1/2d"], "at most 4 are allowed"),
+        # A megabyte of windows is refused for its length before any is parsed.
+        (["1/s"] * 4 + ["not a limit"] * 250_000, "has 250004 windows; at most 4"),
     ],
+    ids=["none", "twice", "twice-spelt-apart", "five", "a-megabyte"],
 )
 def test_bad_window_lists_are_clear_errors(
     limiter: Limiter, windows: list[str], fragment: str
@@ -160,6 +163,23 @@ def test_static_config_takes_credit_and_windows(limiter: Limiter) -> None:
     assert env.limits["tenant:acme"] == ((Limit(100), Limit(10000, per=DAY)), False)
     with pytest.raises(InvalidLimit, match="without burst and credit, a list of windows"):
         parse_config({"limits": {"global": {"rate": ["1/s", "1/d"], "burst": 3}}})
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "fragment"),
+    [
+        # (The last one silently won.)
+        ("tenant:acme=1/s;global=5/s;tenant:acme=100/s", ConfigError, "'tenant:acme' twice"),
+        (" global = 1/s ; global=2/s", ConfigError, "'global' twice"),
+        ("tenant:acme=" + ",".join(["nope"] * 250_000), InvalidLimit, "has 250000 windows"),
+    ],
+    ids=["scope-twice", "spaced-scope-twice", "a-megabyte-of-windows"],
+)
+def test_the_environment_form_refuses_what_it_would_have_dropped_or_parsed_at_length(
+    text: str, error: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(error, match=fragment):
+        config_from_env({"QUEUE_RATELIMIT_LIMITS": text})
 
 
 def test_cli_sets_windows_and_credit_and_shows_them(cli: CliRunner, limiter: Limiter) -> None:

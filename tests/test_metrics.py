@@ -16,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.scrape import count_requests
 from queue_ratelimit import FairScheduler, Limit, Limiter
 from queue_ratelimit._counters import flush_counters
+from queue_ratelimit._shards import ShardedLimiter
 from queue_ratelimit.metrics import (
+    MAX_PAUSE_SERIES,
     MAX_PRIORITY_COUNTERS,
     MAX_PRIORITY_SERIES,
     MAX_QUEUE_COUNTERS,
@@ -94,6 +96,32 @@ def test_one_off_lanes_are_reported_within_the_cap(limiter: Limiter) -> None:
     backlog = series(limiter, "queue_ratelimit_queue_parked_jobs", max_queues=5)
     assert len(backlog) == 6
     assert sum(backlog.values()) == 43
+
+
+def test_one_off_pauses_are_counted_and_the_series_stay_bounded(limiter: Limiter) -> None:
+    """A task pauses its own tenant on a 429 (pause_and_retry): 100,000 one-off tenants
+    made 100,000 series of pause_remaining_seconds (10.6 MB a scrape) and a 7.6 MB
+    snapshot. Now the pauses ending last are shown, and all of them counted."""
+    count = MAX_PAUSE_SERIES + 50
+    for i in range(count):
+        limiter.pause(f"tenant:t{i}", 600 + i)  # t50... end last
+    snap = snapshot(limiter)
+    assert snap["paused_scopes"] == count
+    assert set(snap["pauses"]) == {f"tenant:t{i}" for i in range(50, count)}
+    remaining = series(limiter, "queue_ratelimit_pause_remaining_seconds")
+    assert set(remaining) == set(snap["pauses"])
+    assert samples(limiter)["queue_ratelimit_paused_scopes"] == {(): count}
+
+
+def test_a_sharded_namespace_is_scraped_with_its_pauses(sharded: ShardedLimiter) -> None:
+    """The sharded snapshot had no "pauses": every scrape of a namespace with shards
+    raised KeyError in the collector (the admin API's /metrics answered 500)."""
+    sharded.set_limit("tenant:*", Limit(10))
+    sharded.acquire("a")
+    sharded.pause("tenant:b", 60)
+    assert set(series(sharded, "queue_ratelimit_pause_remaining_seconds")) == {"tenant:b"}
+    assert samples(sharded)["queue_ratelimit_paused_scopes"] == {(): 1}
+    assert snapshot(sharded)["pauses"]["tenant:b"]["remaining_s"] > 59
 
 
 # -- #12: denials by deciding scope, per tenant, Prometheus conventions --------------------

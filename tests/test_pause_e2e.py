@@ -6,8 +6,9 @@ first of its tenant's waiting work once the pause ends; nothing is counted as a 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery_harness import E2E, report_logs_on_failure, wait_for
@@ -25,23 +26,34 @@ FAILS_AT = 6
 
 
 @pytest.fixture
-def e2e(
+def open_e2e(
     broker: str,  # noqa: F811 (the fixture imported above)
     redis_url: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
-) -> Iterator[E2E]:
+) -> Iterator[Callable[..., E2E]]:
+    """Opens an E2E run with the gate settings given; closed (workers stopped) at the end."""
     report_logs_on_failure(request.config)
+    opened: list[E2E] = []
+
+    def open_with(**settings: Any) -> E2E:
+        opened.append(E2E(broker=broker, redis_url=redis_url, workdir=tmp_path, settings=settings))
+        return opened[-1]
+
+    try:
+        yield open_with
+    finally:
+        for run in opened:
+            run.close()
+
+
+@pytest.fixture
+def e2e(open_e2e: Callable[..., E2E]) -> E2E:
     # A pause stops every admission after it; work admitted before it still runs. A
     # worker takes on up to `reserve` jobs ahead of its pool and holds `credit` admissions
     # (docs/tuning.md): with neither, whatever starts after the 429 was admitted after it,
     # so start times can be checked against the pause window.
-    settings = {"credit": 0, "reserve": 1}
-    opened = E2E(broker=broker, redis_url=redis_url, workdir=tmp_path, settings=settings)
-    try:
-        yield opened
-    finally:
-        opened.close()
+    return open_e2e(credit=0, reserve=1)
 
 
 def check_pause_window(
@@ -126,22 +138,10 @@ def test_rq_job_pauses_its_tenant_on_a_429_and_runs_once_after(env: RQEnv, simpl
 
 
 @pytest.fixture
-def e2e_defaults(
-    broker: str,  # noqa: F811 (the fixture imported above)
-    redis_url: str,
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
-) -> Iterator[E2E]:
-    report_logs_on_failure(request.config)
+def e2e_defaults(open_e2e: Callable[..., E2E]) -> E2E:
     # The default gate credit (16) and reserve (4 x the pool): a worker holds admissions
     # ahead of its pool when the pause comes; strict_pauses makes each look as it starts.
-    opened = E2E(
-        broker=broker, redis_url=redis_url, workdir=tmp_path, settings={"strict_pauses": True}
-    )
-    try:
-        yield opened
-    finally:
-        opened.close()
+    return open_e2e(strict_pauses=True)
 
 
 def test_celery_work_admitted_before_a_pause_does_not_start_during_it(
@@ -201,3 +201,42 @@ def test_tasks_look_for_pauses_as_they_start_only_with_strict_pauses(
     sender.app = app  # type: ignore[attr-defined]
     worker_init.send(sender=sender)
     assert getattr(app.tasks[name], "_qrl_pause_guarded", False) is strict
+
+
+@pytest.fixture
+def e2e_credit(open_e2e: Callable[..., E2E]) -> E2E:
+    # The default gate credit (16): the first admission of an uncontended tenant grants it.
+    return open_e2e()
+
+
+@pytest.mark.parametrize("producer", ["plugin", "foreign-malformed-tenant"])
+def test_a_handed_back_task_waits_out_the_pause_with_the_default_credit(
+    e2e_credit: E2E, producer: str
+) -> None:
+    """A task that pauses its tenant is handed back and runs once, after the pause: never
+    on gate credit taken before it (it ran again at once, into the downstream that said
+    429, up to ``credit`` times in a row), and also when its message came from a producer
+    without the plugin with a tenant header the gate cannot use (the gate ran it as the
+    default tenant; the pause went to the header's text and the copy was refused by the
+    publish hook: the task failed)."""
+    e2e = e2e_credit
+    e2e.limiter.set_limit("tenant:*", Limit(1000))  # uncontended: credit is granted
+    e2e.records.set(f"e2e:{e2e.namespace}:partner:fails_at", 1)
+    e2e.start_worker("w1", concurrency=1)
+    wait_for(e2e.ready_hosts, timeout=30, what="worker ready", on_timeout=e2e.logs)
+    if producer == "plugin":
+        task_id = e2e.app().tasks["e2e.partner"].apply_async(("a", RETRY_AFTER), rate_tenant="a").id
+        tenant = "tenant:a"
+    else:
+        message = {"task_id": f"raw-{e2e.queue}", "args": ["x", RETRY_AFTER]}
+        [task_id] = e2e.publish_raw(
+            [{**message, "headers": {"qrl_tenant": "a:queue:b"}}], task="e2e.partner"
+        )
+        tenant = "tenant:default"  # what the gate ran it as
+
+    [run] = e2e.wait_runs(1, timeout=30)
+    [hit] = e2e.runs("429")
+    assert run["id"] == hit["id"] == task_id
+    assert run["t"] >= hit["until_ms"] / 1000, "the handed-back task ran during the pause"
+    assert ("pause", f"pause:{tenant}") in [(e.op, e.field) for e in e2e.limiter.audit_log()]
+    assert "Traceback" not in e2e.logs()

@@ -540,8 +540,13 @@ class RateLimitGate(bootsteps.StartStopStep):
             return self._wait(d, 0.0)
         redelivered = _redelivered(d.message)
         # A redelivered message always asks Redis: only Redis can tell whether it already
-        # ran through the backlog.
-        if not (redelivered or d.in_doubt) and self.credit.spend(d.job.credit_key, d.job.item_id):
+        # ran through the backlog. So does a task handed back by a pause (pause_and_retry,
+        # strict_pauses): credit taken before the pause would run it again at once, into
+        # the downstream that just said 429, up to `credit` times in a row.
+        handed_back = (d.message.headers or {}).get(HEADER_FRONT) == "1"
+        if not (redelivered or d.in_doubt or handed_back) and self.credit.spend(
+            d.job.credit_key, d.job.item_id
+        ):
             self.stats["admitted"] += 1
             self.stats["admitted_on_credit"] += 1
             return d.run()

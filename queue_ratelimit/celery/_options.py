@@ -96,6 +96,27 @@ def gated(task: Any) -> bool:
     return getattr(task, GATE_ATTRIBUTE, True) is not False
 
 
+def running_options(request: Any, settings: CelerySettings) -> RateOptions:
+    """The rate options the gate judged a running task's message by: its headers as
+    ``HeaderOptions`` reads them, and every default when one of them is malformed (as the
+    gate does). What a task pauses or looks up must be what the gate decided under: a
+    tenant header the gate could not use (``"a:queue:b"``, a list) ran the task as the
+    default tenant, and pausing the header's text instead would never hold it back."""
+    headers = getattr(request, "headers", None) or {}
+    found = []
+    for header in (HEADER_TENANT, HEADER_PRIORITY, HEADER_COST):
+        value = getattr(request, header, None)
+        found.append(headers.get(header) if value is None else value)
+    defaults = {
+        "default_tenant": settings.default_tenant,
+        "default_priority": settings.default_priority,
+    }
+    try:
+        return RateOptions(*read_rate_options(*found, **defaults))
+    except RateLimitError:
+        return RateOptions(*read_rate_options(None, None, None, **defaults))
+
+
 _PLAIN = (str, int, float, type(None))
 
 

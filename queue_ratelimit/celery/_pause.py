@@ -11,7 +11,7 @@ from celery.exceptions import Ignore
 
 from .._decision import Pause
 from .._errors import ConfigError
-from ._options import HEADER_FRONT, HEADER_HINT, HEADER_NONCE, HEADER_TENANT
+from ._options import HEADER_FRONT, HEADER_HINT, HEADER_NONCE, gated, running_options
 from ._runtime import runtime_of
 
 # Shorthands for the scopes of the running task.
@@ -20,17 +20,18 @@ _OWN_SCOPES = ("tenant", "queue", "tenant_queue")
 
 def own_scope(task: Any, scope: str) -> str:
     """``scope`` as a scope name: ``"tenant"``, ``"queue"`` and ``"tenant_queue"`` name the
-    running task's own; anything else is taken as a scope name as it is."""
+    running task's own (its tenant as the gate read it: the default when the message has
+    none or a malformed one); anything else is taken as a scope name as it is."""
     if scope not in _OWN_SCOPES:
         return scope
     request = task.request
-    headers = request.headers or {}
-    tenant = getattr(request, HEADER_TENANT, None) or headers.get(HEADER_TENANT)
     queue = (request.delivery_info or {}).get("routing_key") or task.app.conf.task_default_queue
     if scope == "queue":
         return f"queue:{queue}"
-    if not tenant:
-        raise ConfigError(f"{task.name}: no tenant in the task's headers to pause")
+    runtime = runtime_of(task.app)
+    if runtime is None:
+        raise ConfigError(f"{task.name}: queue-ratelimit is not installed on its app")
+    tenant = running_options(request, runtime.settings).tenant
     return f"tenant:{tenant}" if scope == "tenant" else f"tenant:{tenant}:queue:{queue}"
 
 
@@ -64,7 +65,9 @@ def pause_and_retry(task: Any, seconds: float, *, scope: str = "tenant") -> NoRe
     Raises:
         celery.exceptions.Ignore: always, once the task is handed back.
         ConfigError: queue-ratelimit is not installed on the app, the task is not running
-            in a worker, or the pause is refused (a bad scope or length).
+            in a worker, it opts out of the gate (``rate_gate=False``: nothing would hold
+            its copy back), or the pause is refused (a bad scope or length); nothing is
+            paused then.
     """
     runtime = runtime_of(task.app)
     if runtime is None:
@@ -72,6 +75,13 @@ def pause_and_retry(task: Any, seconds: float, *, scope: str = "tenant") -> NoRe
     request = task.request
     if getattr(request, "called_directly", True):
         raise ConfigError("pause_and_retry hands back a task running in a worker")
+    if not gated(task):
+        # Nothing would hold the copy back: it would run again at once, call the downstream
+        # that said 429, and hand itself back again, as fast as the worker goes.
+        raise ConfigError(
+            f"{task.name} is not gated (rate_gate=False): no pause holds it back; "
+            f"use pause_scope and Task.retry(countdown=...)"
+        )
     pause_scope(task, seconds, scope)
     hand_back(task)
 
@@ -86,6 +96,11 @@ def hand_back(task: Any) -> NoReturn:
     # A new nonce: this is a new publish of the task, not a redelivery of the one running.
     headers[HEADER_NONCE] = uuid.uuid4().hex
     headers[HEADER_FRONT] = "1"
+    runtime = runtime_of(task.app)
+    if runtime is not None:
+        # The options the gate ran it with: another producer's malformed header would make
+        # the publish hook refuse the copy, after the pause was set (the task then failed).
+        headers.update(running_options(request, runtime.settings).headers())
     task.signature_from_request(request, headers=headers).apply_async()
     raise Ignore()
 

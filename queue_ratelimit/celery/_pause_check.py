@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from .._client import queue_time
 from .._errors import RateLimitError
-from ._options import HEADER_PRIORITY, HEADER_TENANT, gated
+from ._options import gated, running_options
 from ._runtime import runtime_of
 
 log = logging.getLogger("queue_ratelimit.celery")
@@ -93,16 +93,11 @@ def _paused(task: Any) -> bool:
     runtime = runtime_of(task.app)
     if runtime is None:
         return False
-    headers = request.headers or {}
-    tenant = getattr(request, HEADER_TENANT, None) or headers.get(HEADER_TENANT)
-    priority = getattr(request, HEADER_PRIORITY, None) or headers.get(HEADER_PRIORITY)
-    settings = runtime.settings
+    # (The tenant and priority the gate judged the message by: a malformed header ran it
+    # as the default, and only the default's pauses hold it back.)
+    options = running_options(request, runtime.settings)
     queue = (request.delivery_info or {}).get("routing_key") or task.app.conf.task_default_queue
-    fields = pause_fields(
-        tenant if isinstance(tenant, str) else settings.default_tenant,
-        queue,
-        priority if isinstance(priority, str) else settings.default_priority,
-    )
+    fields = pause_fields(options.tenant, queue, options.priority)
     try:
         limiter = runtime.limiter
         return pause_left_ms(limiter.client, limiter.keys.config, fields) > 0
