@@ -31,6 +31,7 @@ from ._durability import EvictionStatus, aeviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
+from ._shard_count import judge_shards, queue_shard_record
 from ._urls import check_redis_url
 
 
@@ -72,6 +73,11 @@ class AsyncLimiter(LimiterBase):
 
     async def _eviction_check(self) -> None:
         judge_eviction(await self.eviction_status(), self.eviction)
+
+    async def _shard_check(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        queue_shard_record(pipe, self.keys, self.shards)
+        judge_shards(self.keys, self.shards, (await pipe.execute())[1])
 
     # -- decisions ---------------------------------------------------------------------
     async def acquire(

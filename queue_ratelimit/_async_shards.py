@@ -52,8 +52,9 @@ class AsyncRebalancer(RoundClock):
         self._busy = True
         try:
             self.started()
-            key, owner, ms = self.lock_args()
-            if await self.limiter.client.set(key, owner, nx=True, px=ms):
+            pipe = self.limiter.client.pipeline(transaction=False)
+            self.queue_lock(pipe)
+            if self.locked(await pipe.execute()):
                 self.last = await self.run()
             self.failed(None)
         except Exception as exc:  # (a round is best effort: decisions must go on)

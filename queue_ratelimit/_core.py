@@ -613,10 +613,24 @@ class LimiterBase:
         if self.eviction != "ignore":
             # One look at the server's maxmemory-policy, before the first script call.
             self._scripts.before_first_call(self._eviction_check)
+        # The shard count the namespace is used with, recorded or compared (_shard_count):
+        # one round trip before the first script call (self.shards is read then, once a
+        # sharded class has set it).
+        self._scripts.before_first_call(self._shard_check)
 
     def _eviction_check(self) -> Any:
         """Warn about (or refuse) a server that evicts keys: ``Limiter``/``AsyncLimiter``."""
         raise NotImplementedError
+
+    def _shard_check(self) -> Any:
+        """Record this limiter's shard count at the namespace's home, or raise
+        ``ShardCountMismatch`` when another is recorded: ``Limiter``/``AsyncLimiter``."""
+        raise NotImplementedError
+
+    def recheck_shards(self) -> None:
+        """Check the namespace's recorded shard count again before the next script call
+        (a sharded limiter's rebalance tick saw it change)."""
+        self._scripts.before_first_call(self._shard_check)
 
     def _queue_record_reads(self, pipe: Any, keys: Sequence[str]) -> None:
         """``preview``'s reads of the recorded minutes ``keys`` (a sharded limiter reads

@@ -10,6 +10,7 @@
     │   ├── InvalidCost                cost not a number in [1e-6, 1e12]
     │   ├── InvalidWeight              a fair-scheduling weight outside [0.001, 1e6]
     │   └── BackendError               Redis answered with an error: what it holds is broken
+    │       └── ShardCountMismatch     the namespace is recorded with another shard count
     ├── CostExceedsBurst               cost can never fit the bucket (would deny forever)
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
     ├── BackendUnavailable             Redis unreachable or not serving: an outage
@@ -97,6 +98,26 @@ class LimitNotFound(RateLimitError, KeyError):
 class BackendError(ConfigError):
     """Redis answered with an error that is not an outage: the data or configuration it
     holds is broken (a key of the wrong type, a corrupt limit, a script that fails)."""
+
+
+class ShardCountMismatch(BackendError):
+    """The namespace was recorded (at its home, by the first limiter that used it) with
+    another shard count than this limiter's: each count keeps a tenant's buckets in a slot
+    of its own, so the two would each enforce every limit on their own (docs/design.md,
+    "Shards"). Nothing is decided until they agree."""
+
+    def __init__(self, namespace: str, recorded: int, configured: int) -> None:
+        self.namespace = namespace
+        self.recorded = recorded
+        self.configured = configured
+        super().__init__(
+            f"namespace {namespace!r} is used with {recorded} shard(s) and this limiter has "
+            f"{configured}: every process of a namespace must use the same count (each count "
+            f"keeps a tenant's buckets apart: together they would admit more than the "
+            f"limits). Use shards={recorded}; or, to change the count, stop the processes "
+            f"using {recorded} and let their fair backlogs drain, then record the new one: "
+            f"queue-ratelimit --namespace {namespace} shards set {configured} --force"
+        )
 
 
 class BackendUnavailable(RateLimitError):

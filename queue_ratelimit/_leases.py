@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._core import redis_errors
+from ._errors import BackendError
+from ._shard_count import judge_shards, queue_shard_record
 
 if TYPE_CHECKING:
     from ._keys import KeySpace
@@ -282,6 +284,8 @@ class Sharded(Protocol):
     @property
     def keys(self) -> KeySpace: ...
 
+    def recheck_shards(self) -> None: ...
+
 
 class RoundClock:
     """The part of a rebalancer that is no I/O: when the next round is due in this process,
@@ -302,6 +306,26 @@ class RoundClock:
 
     def started(self) -> None:
         self.due = time.monotonic() + self.interval
+
+    def queue_lock(self, pipe: Any) -> None:
+        """A tick's one round trip (sync or asyncio pipeline): try the lock, and record or
+        read the namespace's shard count (``_shard_count``) on the way."""
+        key, owner, ms = self.lock_args()
+        pipe.set(key, owner, nx=True, px=ms)
+        queue_shard_record(pipe, self.limiter.keys, self.limiter.shards)
+
+    def locked(self, replies: Sequence[Any]) -> bool:
+        """Whether this tick runs a round: it took the lock and the namespace is still
+        recorded with this limiter's count. Another count recorded since (``shards set
+        --force``): no round (it would cut the slices for the wrong count), and the
+        limiter checks again before its next script call, which then refuses."""
+        took, _, recorded = replies
+        try:
+            judge_shards(self.limiter.keys, self.limiter.shards, recorded)
+        except BackendError:
+            self.limiter.recheck_shards()
+            return False
+        return bool(took)
 
     def failed(self, exc: Exception | None) -> None:
         """A round's outcome: logged once per streak of failures (Redis away: every
@@ -416,8 +440,9 @@ class Rebalancer(RoundClock):
             return
         try:
             self.started()
-            key, owner, ms = self.lock_args()
-            if self.limiter.client.set(key, owner, nx=True, px=ms):
+            pipe = self.limiter.client.pipeline(transaction=False)
+            self.queue_lock(pipe)
+            if self.locked(pipe.execute()):
                 self.last = self.run()
             self.failed(None)
         except Exception as exc:  # (a round is best effort: decisions must go on)

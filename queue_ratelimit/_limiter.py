@@ -28,6 +28,7 @@ from ._durability import EvictionStatus, eviction_status, judge_eviction
 from ._errors import LimitNotFound
 from ._preview import RECORD_FIELD, Preview, preview_read, preview_reads, recording_call
 from ._scopes import Scope, scope_name
+from ._shard_count import judge_shards, queue_shard_record
 from ._urls import check_redis_url
 
 
@@ -101,6 +102,11 @@ class Limiter(LimiterBase):
 
     def _eviction_check(self) -> None:
         judge_eviction(self.eviction_status(), self.eviction)
+
+    def _shard_check(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        queue_shard_record(pipe, self.keys, self.shards)
+        judge_shards(self.keys, self.shards, pipe.execute()[1])
 
     # -- decisions ---------------------------------------------------------------------
     def acquire(

@@ -160,8 +160,10 @@ class Scripts:
     def before_first_call(self, check: Callable[[], Any]) -> None:
         """Run ``check`` (a function, or a coroutine function for asyncio clients) before
         the next script call. A check that raises stays pending: the next call runs it
-        again (an ``eviction="refuse"`` limiter keeps refusing)."""
-        self._pending.append(check)
+        again (an ``eviction="refuse"`` limiter keeps refusing). A check already pending is
+        not added twice."""
+        if check not in self._pending:
+            self._pending.append(check)
 
     def run_checks(self) -> None:
         """Run the pending checks now (a worker's start), not at the first script call."""

@@ -419,13 +419,17 @@ def test_every_key_a_sharded_namespace_writes_is_named_by_its_layouts(
     assert {"config", "shared", "tenant", "share", "rebalance", "done", "audit"} <= kinds
 
 
-def test_a_change_made_without_the_shards_reaches_them_at_the_next_rebalance(
+def test_a_change_that_reached_home_only_reaches_the_shards_at_the_next_rebalance(
     sharded: ShardedLimiter, redis_client: redis.Redis, namespace: str
 ) -> None:
-    """The CLI and the admin API write the home slot only (a Limiter without shards): the
-    next rebalance finds the shards behind its version and copies the configuration."""
+    """A change written at home by a process that stopped before writing the shards: the
+    next rebalance finds the shards behind its version and copies the configuration. (A
+    Limiter without the shards is refused: tests/test_shard_count.py.)"""
     sharded.set_limit("tenant:*", "5/s")
-    Limiter(redis_client, namespace=namespace).set_limit("global", Limit(30, per=1, burst=30))
+    call = sharded._core.set_limit_call("global", Limit(30, per=1, burst=30), False, "api")
+    Limiter._run_config(sharded, call)  # (the home write only)
+    with pytest.raises(ConfigError, match="used with 3 shard"):
+        Limiter(redis_client, namespace=namespace).set_limit("global", "1/s")
     assert redis_client.hget(sharded.shard_keys[0].config, "global") is None
     assert sharded.rebalance().synced == 3
     for keys in sharded.shard_keys:

@@ -236,7 +236,12 @@ class RateLimitGate(bootsteps.StartStopStep):
                 log.warning("queue-ratelimit: %s", warning)
             # The eviction policy (settings.eviction: warn, or refuse to start) and work
             # left by an older key layout, now rather than at the first script call.
-            self._rt.limiter._scripts.run_checks()
+            # Another shard count recorded for the namespace (or Redis away) leaves the
+            # check pending: every call meets it and the gate holds the work meanwhile.
+            try:
+                self._rt.limiter._scripts.run_checks()
+            except REDIS_FAILURES as exc:
+                self.health.failed(exc, time.monotonic())
 
     def stop(self, c: Any) -> None:
         self._wakeup.cancel()
