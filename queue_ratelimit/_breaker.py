@@ -354,8 +354,16 @@ def _guard(pool: GuardedPool, backoff: Backoff) -> None:
     base = pool.connection_class
     kwargs = dict(pool.connection_kwargs)
     where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    # A probe is one attempt: its outcome is the answer, and the client's retry policy
+    # would only delay it (and draw on the random module for its jitter, from a thread).
+    kwargs["retry"] = None
+    kwargs.pop("retry_on_error", None)
+    kwargs.pop("retry_on_timeout", None)
     breaker = Breaker(backoff, probe=_probe_of(base, kwargs), name=str(where))
     pool.breaker = breaker
+    # A client dropped while Redis is down leaves no prober behind (it holds the breaker,
+    # not the pool).
+    weakref.finalize(pool, breaker.close)
     pool.connection_class = type(f"Guarded{base.__name__}", (_Guarded, base), {"breaker": breaker})
 
 

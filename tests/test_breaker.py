@@ -234,3 +234,53 @@ def test_the_celery_gate_holds_work_on_refused_credentials(
 
 def test_refusal_is_a_connection_error_nothing_sent() -> None:
     assert issubclass(RedisDown, redis.ConnectionError)
+
+
+# -- the prober ------------------------------------------------------------------------------
+class _CountedConnection(redis.Connection):
+    """A connection whose every connect attempt is refused, and counted."""
+
+    attempts = 0
+
+    def _connect(self) -> Any:
+        type(self).attempts += 1
+        raise redis.ConnectionError("refused (test)")
+
+
+def test_a_probe_is_one_attempt_whatever_the_clients_retry_policy() -> None:
+    """The probe's connection leaves out the client's retries: one refusal is the answer
+    (with them, a probe of a hung server took the retries' timeouts and pauses, and drew
+    on the random module for their jitter from the prober's thread)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from queue_ratelimit._breaker import GuardedPool, _guard
+
+    pool = GuardedPool(
+        connection_class=_CountedConnection,
+        retry=Retry(NoBackoff(), 3),
+        retry_on_error=[redis.ConnectionError],
+    )
+    _guard(pool, (0.25, 5.0))
+    probe = pool.breaker._probe
+    assert probe is not None
+    _CountedConnection.attempts = 0
+    assert probe() is True  # (refused at once: an answer)
+    assert _CountedConnection.attempts == 1
+
+
+def test_a_dropped_client_leaves_no_prober_behind() -> None:
+    """The breaker outlives its client only as long as a prober thread holds it: dropping
+    the client closes the breaker, so a prober that is running ends at its next turn."""
+    import gc
+
+    from queue_ratelimit._breaker import guarded_client
+
+    client = guarded_client("redis://127.0.0.1:9/0", (0.25, 5.0))
+    breaker = breaker_of(client)
+    assert breaker is not None
+    assert breaker._probe is not None
+    del client
+    gc.collect()
+    assert breaker._probe is None
+    assert breaker.caller_probes
