@@ -27,6 +27,7 @@ from ._scheduler import (
     DispatchOptions,
     FairScheduler,
     GateVerdict,
+    HeldBack,
     Hint,
     SubmitItem,
 )
@@ -158,19 +159,23 @@ class ShardedScheduler(FairScheduler):
     def dispatch(self, queues: Sequence[str], **options: Unpack[DispatchOptions]) -> Dispatch:
         """``FairScheduler.dispatch`` over the shards in turn: the items of the first shard
         (from one further on than the last call) that has any admissible now. With
-        ``receipt``, the one call that hands anything over writes it, as unsharded."""
+        ``receipt``, the one call that hands anything over writes it, as unsharded.
+        ``held_back``: what every shard asked held back."""
         self._tick()
         n = len(self.parts)
         start, self._turn = self._turn, (self._turn + 1) % n
         waits: list[float] = []
+        held_back: tuple[HeldBack, ...] = ()
         for k in range(n):
             shard = (start + k) % n
             got = self.parts[shard].dispatch(queues, **options)
+            held_back += got.held_back
             if got.items:
-                return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), 0.0)
+                items = tuple(_item_in_shard(i, shard) for i in got.items)
+                return Dispatch(items, 0.0, held_back)
             if got.wait_ms is not None:
                 waits.append(got.wait_ms)
-        return Dispatch((), min(waits) if waits else None)
+        return Dispatch((), min(waits) if waits else None, held_back)
 
     def dispatch_call(self, queues: Sequence[str], **options: Any) -> tuple[list[str], list[Any]]:
         raise NotImplementedError("a sharded dispatch is one call per shard: use dispatch()")
@@ -190,7 +195,8 @@ class ShardedScheduler(FairScheduler):
 
         def read(reply: object) -> Dispatch:
             got = FairScheduler.dispatch_result(reply)
-            return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), got.wait_ms)
+            items = tuple(_item_in_shard(i, shard) for i in got.items)
+            return Dispatch(items, got.wait_ms, got.held_back)
 
         return keys, args, read
 
