@@ -264,6 +264,19 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _hint_result(reply: object) -> Hint:
+    """The ``Hint`` a hint.lua reply stands for."""
+    starts, wait_ms, denied_by, ahead, by_cap, *window = _text(reply).split(" ")
+    return Hint(
+        starts == "1",
+        float(wait_ms),
+        None if denied_by == "-" else denied_by,
+        int(ahead),
+        by_cap == "1",
+        window[0] if window else None,
+    )
+
+
 class FairScheduler:
     """Backlogs per (tenant, priority) in each queue, served in weighted-fair order.
 
@@ -688,6 +701,33 @@ class FairScheduler:
             count: ``"if_allowed"`` counts the job only when it would start at once (a
                 producer that refuses the others).
         """
+        keys, args = self._hint_call(tenant, queue, priority, cost, item_id, count)
+        with redis_errors():
+            return _hint_result(self._scripts.call("hint.lua", keys, args))
+
+    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+        """``hint`` for the next job (priority ``normal``, cost 1, counted nowhere) of each
+        of ``tenants`` in one queue, in one round trip: what holds each one's work back now
+        (``Hint.binding``), e.g. for ``queue-ratelimit rq info``."""
+        calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
+        if not calls:
+            return []
+
+        def fill(pipe: Any) -> None:
+            for keys, args in calls:
+                self._scripts.queue(pipe, "hint.lua", keys, args)
+
+        return [_hint_result(reply) for reply in self._pipelined(fill)]
+
+    def _hint_call(
+        self,
+        tenant: str,
+        queue: str,
+        priority: str,
+        cost: float,
+        item_id: str | None,
+        count: Literal["always", "if_allowed"],
+    ) -> tuple[list[str], list[Any]]:
         args = [
             check_name("queue", queue),
             check_name("tenant", tenant),
@@ -706,17 +746,7 @@ class FairScheduler:
             k.active(queue),
             k.transit(queue, tenant),
         ]
-        with redis_errors():
-            reply = self._scripts.call("hint.lua", keys, args)
-        starts, wait_ms, denied_by, ahead, by_cap, *window = _text(reply).split(" ")
-        return Hint(
-            starts == "1",
-            float(wait_ms),
-            None if denied_by == "-" else denied_by,
-            int(ahead),
-            by_cap == "1",
-            window[0] if window else None,
-        )
+        return keys, args
 
     def route(
         self,

@@ -156,6 +156,17 @@ class ShardedScheduler(FairScheduler):
     def hint(self, tenant: str, **options: Any) -> Hint:
         return self.part(tenant)[1].hint(tenant, **options)
 
+    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+        """``FairScheduler.hints``: one round trip per shard that has any of ``tenants``."""
+        by_shard: dict[int, list[int]] = {}
+        for n, tenant in enumerate(tenants):
+            by_shard.setdefault(self.sharded.shard_of(tenant), []).append(n)
+        found: dict[int, Hint] = {}
+        for shard, positions in by_shard.items():
+            got = self.parts[shard].hints([tenants[n] for n in positions], queue=queue)
+            found.update(zip(positions, got, strict=True))
+        return [found[n] for n in range(len(tenants))]
+
     def dispatch(self, queues: Sequence[str], **options: Unpack[DispatchOptions]) -> Dispatch:
         """``FairScheduler.dispatch`` over the shards in turn: the items of the first shard
         (from one further on than the last call) that has any admissible now. With

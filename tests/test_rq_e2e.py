@@ -913,6 +913,7 @@ def test_rq_info_shows_running_and_parked_per_tenant(env: RQEnv) -> None:
     (q,) = [q for q in shown["queues"] if q["queue"] == env.queue_name]
     assert (q["waiting"], q["parked"], q["running"]) == (0, 2, 1)
     assert q["tenants"] == {"capped": {"waiting": 0, "parked": 2, "running": 1}}
+    assert q["held_back_by"] == {"capped": "tenant:capped"}  # (its cap: the running job)
     assert shown["slots"] == {"tenant:capped": {"cap": 1, "held": 1}}
     assert StartedJobRegistry(env.queue_name, connection=env.conn).get_job_ids() == [running.id]
 
