@@ -825,9 +825,15 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
         return sum(held_back(s["queue_ratelimit"]) for s in stats.values())
 
     # The gate counts a message parked when Redis's reply reaches it, which may come a
-    # moment after the backlog shows it: wait for the gate's own count.
-    wait_for(lambda: parked_by_the_gate() == 4, timeout=20, what="the gate's count of 4 parked",
-             on_timeout=e2e.logs)  # fmt: skip
+    # moment after the backlog shows it: wait for the gate's own count. (And a job parked
+    # for a slot is held back by the first dispatch that judges it, a poll later.)
+    app = e2e.app()
+    wait_for(
+        lambda: held_back((r := qrl_gate(app, host))["counters"]) == 4 and r["held_back_by"],
+        timeout=20,
+        what="the gate's count of 4 parked, and what held them back",
+        on_timeout=e2e.logs,
+    )
     command = [sys.executable, "-m", "celery", "-A", "celery_e2e_app", "inspect", "qrl_gate",
                "--json", "--timeout", "10", "--destination", host]  # fmt: skip
     done = subprocess.run(
@@ -853,6 +859,12 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
     assert parked_by_the_gate() == 4  # (inspect stats carries the counters too)
     said_with_window(e2e, "slow", "tenant:slow (1/h)")
     assert worker.alive()
+
+
+def qrl_gate(app: Any, host: str) -> dict[str, Any]:
+    """The worker's ``qrl_gate`` reply (as ``celery inspect qrl_gate`` asks it)."""
+    replies = app.control.inspect(timeout=10, destination=[host])._request("qrl_gate")
+    return dict((replies or {})[host])
 
 
 def said_with_window(e2e: E2E, tenant: str, binding: str) -> None:
@@ -881,14 +893,10 @@ def test_work_parked_for_a_slot_is_said_to_be_held_back_by_the_window_that_binds
     (host,) = e2e.ready_hosts()
     app = e2e.app()
 
-    def gate() -> dict[str, Any]:
-        replies = app.control.inspect(timeout=10, destination=[host])._request("qrl_gate")
-        return dict((replies or {})[host])
-
     hold = app.tasks["e2e.hold"]
     for n in range(4):
         hold.apply_async((f"busy-{n}",), rate_tenant="busy")
-    wait_for(lambda: gate()["worker"]["taken"] == 4, timeout=20,
+    wait_for(lambda: qrl_gate(app, host)["worker"]["taken"] == 4, timeout=20,
              what="four jobs taken on: every process busy, one queued each",
              on_timeout=e2e.logs)  # fmt: skip
     work = app.tasks["e2e.work"]
@@ -898,7 +906,7 @@ def test_work_parked_for_a_slot_is_said_to_be_held_back_by_the_window_that_binds
     seen: list[dict[str, Any]] = [{}]
 
     def held_back_at_dispatch() -> dict[str, Any] | None:
-        reply = seen[0] = gate()
+        reply = seen[0] = qrl_gate(app, host)
         waiting = reply["queues"][e2e.queue]["tenants"]
         return reply if waiting == {"slow": 3} and reply["held_back_by"] else None
 
