@@ -297,8 +297,8 @@ end
 
 -- The backlogged priority of a tenant to serve next: its lowest pass among those not held
 -- (`held`: priority -> ms its priority scope admits again, learnt by this dispatch call).
--- Nothing when the tenant has no backlogged priority; false and the ms the first held one
--- is due when every one is held.
+-- Nothing when the tenant has no backlogged priority; false, the ms the first held one
+-- is due and that priority when every one is held.
 local function pick_priority(tp, held)
   if next(held) == nil then
     local top = redis.call('ZRANGE', tp, 0, 0, 'WITHSCORES')
@@ -307,13 +307,13 @@ local function pick_priority(tp, held)
   end
   local all = redis.call('ZRANGE', tp, 0, -1, 'WITHSCORES')
   if #all == 0 then return nil end
-  local soonest = false
+  local soonest, first = false, false
   for i = 1, #all, 2 do
     local due = held[all[i]]
     if not due then return all[i], finite(tonumber(all[i + 1])) end
-    if not soonest or due < soonest then soonest = due end
+    if not soonest or due < soonest then soonest, first = due, all[i] end
   end
-  return false, soonest
+  return false, soonest, first
 end
 
 if mode == 'submit' then
@@ -417,6 +417,11 @@ if mode == 'dispatch' then
   -- extend present for the item ("" without a lease): one per dispatch call, never reused.
   -- An item under concurrency caps takes their slots with its tokens, held as long as its
   -- lease (or the slot hold), and carries an 8th element "<slot token> <cap scope> ...".
+  -- The first element goes on, after a space, with " <lane> <tenant> <binding>" for each
+  -- tenant this call held back (parked, or met a queue, global or priority scope that
+  -- denied): the binding as a decision names it (denied_text: "tenant:acme(10000/d)",
+  -- "!<cap scope>", "~<paused scope>"), so a worker can say which window holds its parked
+  -- work back without asking again. Bounded: a lane judges at most max_skips + 1 tenants.
   local max_items, max_skips, want_payload = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 3]), ARGV[A + 4] == '1'
   local lease_ms, hold_ms = string.match(ARGV[A + 2], '^(%S+) ?(%S*)$')
   lease_ms = tonumber(lease_ms)
@@ -433,8 +438,15 @@ if mode == 'dispatch' then
   -- Priorities denied by their priority scope (a cap on all work of that priority, or its
   -- pause) in this call: priority -> ms it admits again. Their classes are passed over, so
   -- the other priorities share what the caps leave (priority scopes span every lane).
-  local held = {}
+  local held, held_by = {}, {}
   local lease, leases, token = '', {}, ''
+  -- " <lane> <tenant> <binding>" per tenant held back, appended to the reply's first element
+  -- (once in a row: a tenant denied by a priority scope is then parked for it).
+  local why = {}
+  local function held_back(lane, tenant, binding)
+    local entry = ' ' .. lane .. ' ' .. tenant .. ' ' .. binding
+    if why[#why] ~= entry then why[#why + 1] = entry end
+  end
   local function note_wait(w)
     if not wait or w < wait then wait = w end
   end
@@ -479,13 +491,14 @@ if mode == 'dispatch' then
       end
       local tenant, pass = top[1], finite(tonumber(top[2]))
       local tp = classes_key(lane, tenant)
-      local priority, ppass = pick_priority(tp, held)
+      local priority, ppass, first_held = pick_priority(tp, held)
       if priority == nil then
         redis.call('ZREM', active, tenant)  -- nothing left: defensive, keeps the set honest
         settle_tenant(counts, tenant)
       elseif not priority then
         -- Every priority the tenant has waiting is held by its priority scope: the tenant
         -- is parked until the first is due (ppass), as one held back by its own caps.
+        held_back(lane, tenant, held_by[first_held])
         park(tenant, ppass)
       else
         local bl = backlog_key(lane, tenant, priority)
@@ -585,6 +598,7 @@ if mode == 'dispatch' then
           elseif is_tenant_scope(denied_by) then
             -- Held back by its own cap: park it so it costs nothing until its tokens return
             -- (a concurrency cap: until its earliest slot lease runs out, or a release).
+            held_back(lane, tenant, denied_text(ctx, denied_by))
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             if ctx.by_cap then
               -- Woken by a release of that cap's slots; kept at least until the wait ends.
@@ -596,10 +610,13 @@ if mode == 'dispatch' then
           elseif is_priority_scope(denied_by) then
             -- A priority scope binds that priority everywhere: its classes are passed
             -- over (this call) until it admits again; the tenant's others go on.
+            held_by[priority] = denied_text(ctx, denied_by)
+            held_back(lane, tenant, held_by[priority])
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             held[priority] = now + wait_us / 1000
           else
             -- A queue or global cap binds everyone in this lane (global: every lane).
+            held_back(lane, tenant, denied_text(ctx, denied_by))
             deny(ctx, denied_by, wait_us / 1000, keep_ms)
             note_wait(wait_us / 1000)
             blocked = true
@@ -656,7 +673,7 @@ if mode == 'dispatch' then
   end
   local head
   if #items > 0 then head = '0' elseif wait then head = fmt(wait) elseif backlogged then head = '0' else head = '-1' end
-  local reply = {head}
+  local reply = {#why > 0 and head .. table.concat(why) or head}
   for _, item in ipairs(items) do reply[#reply + 1] = item end
   return reply
 end

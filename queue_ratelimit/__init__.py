@@ -36,7 +36,7 @@ from ._keys import KeySpace
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import BucketPreview, Preview
-from ._scheduler import Dispatch, DispatchedItem, FairScheduler, GateVerdict, Hint
+from ._scheduler import Dispatch, DispatchedItem, FairScheduler, GateVerdict, HeldBack, Hint
 from ._scopes import Scope
 
 __version__ = "0.1.0"
@@ -56,6 +56,7 @@ __all__ = [
     "DispatchedItem",
     "FairScheduler",
     "GateVerdict",
+    "HeldBack",
     "Hint",
     "InvalidCost",
     "InvalidLimit",

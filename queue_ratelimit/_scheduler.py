@@ -169,6 +169,45 @@ class GateVerdict:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldBack:
+    """A tenant whose parked work a dispatch held back, and the scope that did.
+
+    Attributes:
+        queue: the lane.
+        tenant: the tenant whose next item was judged.
+        denied_by: the binding scope: the tenant's own (it is parked until its tokens
+            return), a priority scope, or a queue or global scope (the lane waits).
+        window: when ``denied_by`` has several windows, the one that bound (``"10000/d"``);
+            None otherwise.
+        concurrency: ``denied_by`` is a concurrency cap.
+        paused: ``denied_by`` is a paused scope.
+    """
+
+    queue: str
+    tenant: str
+    denied_by: str
+    window: str | None = None
+    concurrency: bool = False
+    paused: bool = False
+
+    @property
+    def binding(self) -> str:
+        """``denied_by`` with its window, as people read it: ``tenant:acme (10000/d)``."""
+        return binding_text(self.denied_by, self.window) or self.denied_by
+
+    @classmethod
+    def parse(cls, queue: str, tenant: str, text: str) -> HeldBack:
+        """One from a binding as scripts name it (lua/buckets.lua ``denied_text``):
+        ``tenant:acme(10000/d)``, ``!<cap scope>``, ``~<paused scope>`` or the scope."""
+        if text[:1] in ("!", "~"):
+            return cls(queue, tenant, text[1:], None, text[0] == "!", text[0] == "~")
+        if text.endswith(")"):
+            scope, _, window = text[:-1].partition("(")
+            return cls(queue, tenant, scope, window)
+        return cls(queue, tenant, text)
+
+
+@dataclass(frozen=True, slots=True)
 class Dispatch:
     """The result of ``FairScheduler.dispatch``.
 
@@ -176,10 +215,15 @@ class Dispatch:
         items: what was admitted, in fair order (possibly fewer than asked for).
         wait_ms: 0 when something was dispatched or may be now; otherwise how long until the
             earliest item could be admitted; None when every lane asked about is empty.
+        held_back: the tenants this call held back and why (the scope and window that
+            bound), in the order it judged them: a worker says so where it reports what its
+            gate parks (its work may have been parked for want of a worker slot, before
+            any budget was asked). A tenant already parked is not judged again until due.
     """
 
     items: tuple[DispatchedItem, ...]
     wait_ms: float | None
+    held_back: tuple[HeldBack, ...] = ()
 
 
 class DispatchOptions(TypedDict, total=False):
@@ -224,6 +268,19 @@ def _check_lease(lease: object) -> int:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _hint_result(reply: object) -> Hint:
+    """The ``Hint`` a hint.lua reply stands for."""
+    starts, wait_ms, denied_by, ahead, by_cap, *window = _text(reply).split(" ")
+    return Hint(
+        starts == "1",
+        float(wait_ms),
+        None if denied_by == "-" else denied_by,
+        int(ahead),
+        by_cap == "1",
+        window[0] if window else None,
+    )
 
 
 class FairScheduler:
@@ -586,7 +643,9 @@ class FairScheduler:
     def dispatch_result(reply: object) -> Dispatch:
         """The ``Dispatch`` a dispatch call's reply stands for."""
         assert isinstance(reply, list)
-        head = float(_text(reply[0]))
+        # "<wait ms>", then " <lane> <tenant> <binding>" per tenant held back.
+        wait, *why = _text(reply[0]).split(" ")
+        head = float(wait)
         items = tuple(
             DispatchedItem(
                 id=_text(i[0]),
@@ -600,7 +659,10 @@ class FairScheduler:
             )
             for i in reply[1:]
         )
-        return Dispatch(items=items, wait_ms=None if head < 0 else head)
+        held_back = tuple(
+            HeldBack.parse(why[n], why[n + 1], why[n + 2]) for n in range(0, len(why) - 2, 3)
+        )
+        return Dispatch(items=items, wait_ms=None if head < 0 else head, held_back=held_back)
 
     def receipt_key(self, owner: str) -> str:
         """A key for ``dispatch(receipt=...)`` receipts of one caller (e.g. one process)."""
@@ -647,6 +709,33 @@ class FairScheduler:
             count: ``"if_allowed"`` counts the job only when it would start at once (a
                 producer that refuses the others).
         """
+        keys, args = self._hint_call(tenant, queue, priority, cost, item_id, count)
+        with redis_errors():
+            return _hint_result(self._scripts.call("hint.lua", keys, args))
+
+    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+        """``hint`` for the next job (priority ``normal``, cost 1, counted nowhere) of each
+        of ``tenants`` in one queue, in one round trip: what holds each one's work back now
+        (``Hint.binding``), e.g. for ``queue-ratelimit rq info``."""
+        calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
+        if not calls:
+            return []
+
+        def fill(pipe: Any) -> None:
+            for keys, args in calls:
+                self._scripts.queue(pipe, "hint.lua", keys, args)
+
+        return [_hint_result(reply) for reply in self._pipelined(fill)]
+
+    def _hint_call(
+        self,
+        tenant: str,
+        queue: str,
+        priority: str,
+        cost: float,
+        item_id: str | None,
+        count: Literal["always", "if_allowed"],
+    ) -> tuple[list[str], list[Any]]:
         args = [
             check_name("queue", queue),
             check_name("tenant", tenant),
@@ -665,17 +754,7 @@ class FairScheduler:
             k.active(queue),
             k.transit(queue, tenant),
         ]
-        with redis_errors():
-            reply = self._scripts.call("hint.lua", keys, args)
-        starts, wait_ms, denied_by, ahead, by_cap, *window = _text(reply).split(" ")
-        return Hint(
-            starts == "1",
-            float(wait_ms),
-            None if denied_by == "-" else denied_by,
-            int(ahead),
-            by_cap == "1",
-            window[0] if window else None,
-        )
+        return keys, args
 
     def route(
         self,

@@ -27,6 +27,7 @@ from ._scheduler import (
     DispatchOptions,
     FairScheduler,
     GateVerdict,
+    HeldBack,
     Hint,
     SubmitItem,
 )
@@ -155,22 +156,37 @@ class ShardedScheduler(FairScheduler):
     def hint(self, tenant: str, **options: Any) -> Hint:
         return self.part(tenant)[1].hint(tenant, **options)
 
+    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+        """``FairScheduler.hints``: one round trip per shard that has any of ``tenants``."""
+        by_shard: dict[int, list[int]] = {}
+        for n, tenant in enumerate(tenants):
+            by_shard.setdefault(self.sharded.shard_of(tenant), []).append(n)
+        found: dict[int, Hint] = {}
+        for shard, positions in by_shard.items():
+            got = self.parts[shard].hints([tenants[n] for n in positions], queue=queue)
+            found.update(zip(positions, got, strict=True))
+        return [found[n] for n in range(len(tenants))]
+
     def dispatch(self, queues: Sequence[str], **options: Unpack[DispatchOptions]) -> Dispatch:
         """``FairScheduler.dispatch`` over the shards in turn: the items of the first shard
         (from one further on than the last call) that has any admissible now. With
-        ``receipt``, the one call that hands anything over writes it, as unsharded."""
+        ``receipt``, the one call that hands anything over writes it, as unsharded.
+        ``held_back``: what every shard asked held back."""
         self._tick()
         n = len(self.parts)
         start, self._turn = self._turn, (self._turn + 1) % n
         waits: list[float] = []
+        held_back: tuple[HeldBack, ...] = ()
         for k in range(n):
             shard = (start + k) % n
             got = self.parts[shard].dispatch(queues, **options)
+            held_back += got.held_back
             if got.items:
-                return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), 0.0)
+                items = tuple(_item_in_shard(i, shard) for i in got.items)
+                return Dispatch(items, 0.0, held_back)
             if got.wait_ms is not None:
                 waits.append(got.wait_ms)
-        return Dispatch((), min(waits) if waits else None)
+        return Dispatch((), min(waits) if waits else None, held_back)
 
     def dispatch_call(self, queues: Sequence[str], **options: Any) -> tuple[list[str], list[Any]]:
         raise NotImplementedError("a sharded dispatch is one call per shard: use dispatch()")
@@ -190,7 +206,8 @@ class ShardedScheduler(FairScheduler):
 
         def read(reply: object) -> Dispatch:
             got = FairScheduler.dispatch_result(reply)
-            return Dispatch(tuple(_item_in_shard(i, shard) for i in got.items), got.wait_ms)
+            items = tuple(_item_in_shard(i, shard) for i in got.items)
+            return Dispatch(items, got.wait_ms, got.held_back)
 
         return keys, args, read
 

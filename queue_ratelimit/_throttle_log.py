@@ -4,7 +4,9 @@ Workers park throttled jobs and wait for their budgets without a word otherwise 
 30-second silent gap was seen). Logging each park would flood the log; this summarises:
 every ``interval`` seconds in which something was held back, one line per tenant (the
 busiest ``max_tenants``), with the jobs parked in that time, the scope that held them back
-and the jobs of the tenant waiting in the lane's fair backlog now.
+and the jobs of the tenant waiting in the lane's fair backlog now. The scope comes from
+the gate's verdict for work it parks for a budget, and from the dispatch that held the
+work back for work parked before any budget was asked (for want of a worker slot).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ class ThrottleLog:
         self._start()
         key = (lane, tenant)
         self._parked[key] += 1
+        self._note(key, denied_by)
+
+    def held_back(self, lane: str, tenant: str, denied_by: str) -> None:
+        """A dispatch held back the parked work of ``tenant`` (``denied_by`` as for
+        ``parked``; ``HeldBack.binding``): work parked for want of a worker slot, before
+        any budget was asked, is held back there, and the summary and ``bindings`` say
+        by what as they do for the gate's parks."""
+        self.waited()
+        self._note((lane, tenant), denied_by)
+
+    def _note(self, key: Lane, denied_by: str | None) -> None:
+        """The scope that held the work of ``key`` back (None: others were ahead of it)."""
         # Jobs queued behind the tenant's own first one, held back by a scope, are held
         # back by that scope too: the summary names it rather than the queue. And the
         # gate parks them behind it by its tenant scope alone, without judging the
@@ -84,8 +98,8 @@ class ThrottleLog:
 
     def bindings(self) -> dict[str, dict[str, str]]:
         """The scope (and window) that last held each tenant back, by lane and tenant: the
-        latest ``MAX_REMEMBERED`` tenants parked for a budget, whether or not a summary
-        has said so since."""
+        latest ``MAX_REMEMBERED`` tenants parked or held back at dispatch for a budget,
+        whether or not a summary has said so since."""
         out: dict[str, dict[str, str]] = {}
         for (lane, tenant), scope in sorted(self._bound.items()):
             out.setdefault(lane, {})[tenant] = scope

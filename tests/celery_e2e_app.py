@@ -49,6 +49,11 @@ def ready_key(namespace: str) -> str:
     return f"e2e:{namespace}:ready"
 
 
+def release_key(namespace: str) -> str:
+    """The list ``e2e.hold`` tasks wait on: each item pushed lets one go."""
+    return f"e2e:{namespace}:release"
+
+
 class _Recorder:
     """A Redis client per process, made on first use (prefork children connect after fork)."""
 
@@ -128,6 +133,14 @@ def build_app(
         if sleep:
             time.sleep(sleep)
             recorder.record(self, "done", tag=tag)
+
+    @app.task(bind=True, shared=False, name="e2e.hold")
+    def hold(self: Any, tag: str = "", timeout: float = 120.0) -> None:
+        """Record the execution, then keep the process busy until the test lets one held
+        task go (an item pushed onto ``release_key``), at most ``timeout`` seconds."""
+        recorder.record(self, "run", tag=tag)
+        recorder.client.blpop([release_key(namespace)], timeout)
+        recorder.record(self, "done", tag=tag)
 
     @app.task(bind=True, shared=False, name="e2e.replaced")
     def replaced(self: Any, tag: str = "") -> Any:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from celery import chain, chord, group
+from celery_e2e_app import release_key
 from celery_harness import (
     AMQP_URL,
     E2E,
@@ -833,9 +834,15 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
         return sum(held_back(s["queue_ratelimit"]) for s in stats.values())
 
     # The gate counts a message parked when Redis's reply reaches it, which may come a
-    # moment after the backlog shows it: wait for the gate's own count.
-    wait_for(lambda: parked_by_the_gate() == 4, timeout=20, what="the gate's count of 4 parked",
-             on_timeout=e2e.logs)  # fmt: skip
+    # moment after the backlog shows it: wait for the gate's own count. (And a job parked
+    # for a slot is held back by the first dispatch that judges it, a poll later.)
+    app = e2e.app()
+    wait_for(
+        lambda: held_back((r := qrl_gate(app, host))["counters"]) == 4 and r["held_back_by"],
+        timeout=20,
+        what="the gate's count of 4 parked, and what held them back",
+        on_timeout=e2e.logs,
+    )
     command = [sys.executable, "-m", "celery", "-A", "celery_e2e_app", "inspect", "qrl_gate",
                "--json", "--timeout", "10", "--destination", host]  # fmt: skip
     done = subprocess.run(
@@ -854,23 +861,76 @@ def test_inspect_qrl_gate_reads_each_workers_gate_and_the_worker_logs_throttling
     queue = reply["queues"][e2e.queue]
     assert (queue["waiting"], queue["tenants"]) == (4, {"slow": 4})
     assert queue["parked_tenants"]["slow"] > 60, "until its next token, in seconds"
-    if counters["readmitted"] == 0:
-        # (Parked by the gate for the budget. On the other path, parked for a slot and
-        # held back at dispatch, the gate never hears which window binds: held_back_by
-        # stays empty, a gap noted in #11's closing note.)
-        assert reply["held_back_by"] == {e2e.queue: {"slow": "tenant:slow (1/h)"}}
+    # Whichever path the jobs took (parked by the gate for the budget; or, on RabbitMQ,
+    # parked for a slot and held back at dispatch, whose reply names the window too).
+    assert reply["held_back_by"] == {e2e.queue: {"slow": "tenant:slow (1/h)"}}
 
     assert parked_by_the_gate() == 4  # (inspect stats carries the counters too)
-
-    def said() -> bool:
-        logs = e2e.full_logs()
-        # (The window is named on the path where the gate parks for the budget, as above.)
-        return f"queue-ratelimit: throttled: tenant slow on {e2e.queue}: " in logs and (
-            counters["readmitted"] != 0 or "(tenant:slow (1/h))" in logs
-        )
-
-    wait_for(said, timeout=20, what="a throttling line at INFO", on_timeout=e2e.logs)
+    said_with_window(e2e, "slow", "tenant:slow (1/h)")
     assert worker.alive()
+
+
+def qrl_gate(app: Any, host: str) -> dict[str, Any]:
+    """The worker's ``qrl_gate`` reply (as ``celery inspect qrl_gate`` asks it)."""
+    replies = app.control.inspect(timeout=10, destination=[host])._request("qrl_gate")
+    return dict((replies or {})[host])
+
+
+def said_with_window(e2e: E2E, tenant: str, binding: str) -> None:
+    """Wait for the worker's throttling line at INFO that names the binding window."""
+    line = f"queue-ratelimit: throttled: tenant {tenant} on {e2e.queue}: "
+    wait_for(
+        lambda: any(line in x and f"({binding})" in x for x in e2e.full_logs().splitlines()),
+        timeout=20,
+        what=f"a throttling line at INFO naming {binding}",
+        on_timeout=e2e.logs,
+    )
+
+
+def test_work_parked_for_a_slot_is_said_to_be_held_back_by_the_window_that_binds(
+    e2e: E2E,
+) -> None:
+    """A job that arrives while every process is busy is parked for a slot before any
+    budget is asked; it meets its budget at dispatch. The worker still says which scope
+    and window holds it back: ``held_back_by`` in ``inspect qrl_gate`` and the throttling
+    line (the dispatch's reply names them; the gate never judged the job)."""
+    e2e.settings = {"log_interval": 0.5}
+    e2e.limiter.set_limit("tenant:slow", [Limit(100), Limit(1, per=3600, burst=2)])
+    assert e2e.limiter.acquire("slow").allowed
+    assert e2e.limiter.acquire("slow").allowed  # the hour's budget is spent
+    e2e.start_workers("w1")  # two processes: saturated with four jobs taken on
+    (host,) = e2e.ready_hosts()
+    app = e2e.app()
+
+    hold = app.tasks["e2e.hold"]
+    for n in range(4):
+        hold.apply_async((f"busy-{n}",), rate_tenant="busy")
+    wait_for(lambda: qrl_gate(app, host)["worker"]["taken"] == 4, timeout=20,
+             what="four jobs taken on: every process busy, one queued each",
+             on_timeout=e2e.logs)  # fmt: skip
+    work = app.tasks["e2e.work"]
+    for _ in range(3):
+        work.apply_async(("slot",), rate_tenant="slow")
+
+    seen: list[dict[str, Any]] = [{}]
+
+    def held_back_at_dispatch() -> dict[str, Any] | None:
+        reply = seen[0] = qrl_gate(app, host)
+        waiting = reply["queues"][e2e.queue]["tenants"]
+        return reply if waiting == {"slow": 3} and reply["held_back_by"] else None
+
+    reply = wait_for(
+        held_back_at_dispatch,
+        timeout=20,
+        what="three jobs parked for a slot, and held back at dispatch",
+        on_timeout=lambda: f"the last reply: {seen[0]}\n{e2e.logs()}",
+    )
+    # (On RabbitMQ a job on hold may have been parked for a slot too, and taken back.)
+    assert reply["counters"]["parked_for_slots"] >= 3
+    assert reply["held_back_by"] == {e2e.queue: {"slow": "tenant:slow (1/h)"}}
+    said_with_window(e2e, "slow", "tenant:slow (1/h)")
+    assert {r["tenant"] for r in e2e.runs()} == {"busy"}
+    e2e.records.rpush(release_key(e2e.namespace), *["go"] * 4)
 
 
 def test_metrics_task_publishes_a_snapshot_and_the_collector_reads_it(e2e: E2E) -> None:

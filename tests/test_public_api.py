@@ -29,6 +29,7 @@ EXPECTED = {
     "DispatchedItem",
     "FairScheduler",
     "GateVerdict",
+    "HeldBack",
     "Hint",
     "InvalidCost",
     "InvalidLimit",

@@ -810,20 +810,30 @@ def test_hints_count_the_jobs_ahead_and_workers_take_them_off(env: RQEnv) -> Non
     assert scheduler.hint("acme", queue=env.queue_name).backlog == 0
 
 
+@pytest.mark.parametrize("path", ["gate", "dispatch"])
 def test_a_worker_says_at_info_what_it_holds_back(
-    env: RQEnv, monkeypatch: pytest.MonkeyPatch
+    env: RQEnv, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    """A worker waiting for the budgets is not silent: a line per tenant per interval."""
+    """A worker waiting for the budgets is not silent: a line per tenant per interval,
+    naming the scope and window that bind, whether its gate parked the job for them
+    (``gate``: the jobs wait on RQ's list, one tenant's) or the dispatch held the job
+    back (``dispatch``: two tenants' jobs on the list, moved into the fair backlog first,
+    where the limited tenant's meet their budget)."""
     monkeypatch.setenv("QUEUE_RATELIMIT_LOG_INTERVAL", "0.5")
-    env.limiter.set_limit("tenant:acme", Limit(1, per=3600, burst=1))
+    env.limiter.set_limit("tenant:acme", [Limit(100), Limit(1, per=3600, burst=1)])
     env.enqueue("acme", 4)
+    if path == "dispatch":
+        env.enqueue("other")
     worker = env.start_worker("w")
-    env.wait_runs(1, timeout=30)
+    env.wait_runs(2 if path == "dispatch" else 1, timeout=30)
     line = f"queue-ratelimit: throttled: tenant acme on {env.queue_name}: "
-    env.wait(lambda: line in worker.log.read_text(errors="replace"), timeout=30,
-             what="a throttling line")  # fmt: skip
-    said = [x for x in worker.log.read_text(errors="replace").splitlines() if line in x]
-    assert said[-1].endswith("3 waiting"), said[-1]
+
+    def said() -> list[str]:
+        return [x for x in worker.log.read_text(errors="replace").splitlines() if line in x]
+
+    env.wait(lambda: any("(tenant:acme (1/h))" in x for x in said()), timeout=30,
+             what="a throttling line naming the window")  # fmt: skip
+    env.wait(lambda: said()[-1].endswith("3 waiting"), timeout=30, what="3 waiting")
 
 
 # -- a lost reply strands nothing (in process, deterministic) ---------------------------------
@@ -903,6 +913,7 @@ def test_rq_info_shows_running_and_parked_per_tenant(env: RQEnv) -> None:
     (q,) = [q for q in shown["queues"] if q["queue"] == env.queue_name]
     assert (q["waiting"], q["parked"], q["running"]) == (0, 2, 1)
     assert q["tenants"] == {"capped": {"waiting": 0, "parked": 2, "running": 1}}
+    assert q["held_back_by"] == {"capped": "tenant:capped"}  # (its cap: the running job)
     assert shown["slots"] == {"tenant:capped": {"cap": 1, "held": 1}}
     assert StartedJobRegistry(env.queue_name, connection=env.conn).get_job_ids() == [running.id]
 

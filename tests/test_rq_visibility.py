@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from rq.cli.cli import main as rq_main
 from rq.job import JobStatus
 
+from queue_ratelimit import Limit
 from queue_ratelimit.cli import main
 from queue_ratelimit.rq import Queue
 
@@ -131,7 +132,7 @@ def test_rq_info_counts_waiting_and_parked_per_tenant(
     assert shown["slots"] == {}
     text = rq_info(redis_url, namespace, queue.name)
     assert [line.split() for line in text.splitlines()[1:]] == [
-        ["queue", "tenant", "waiting", "parked", "running"],
+        ["queue", "tenant", "waiting", "parked", "running", "held", "back", "by"],
         [queue.name, "(all)", "2", "4", "0"],
         ["acme", "0", "3", "0"],
         ["default", "2", "0", "0"],
@@ -140,6 +141,29 @@ def test_rq_info_counts_waiting_and_parked_per_tenant(
     # Without QUEUES: every queue RQ knows, ours among them.
     every = json.loads(rq_info(redis_url, namespace, "--json"))
     assert queue.name in [found["queue"] for found in every["queues"]]
+
+
+def test_rq_info_says_what_holds_back_each_tenants_parked_jobs(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    """The scope, with the window that binds when it has several, of each tenant with
+    parked jobs, as its next job would be judged now; one that no budget holds back (its
+    jobs wait for a worker) is not named."""
+    waiting_in_both(queue)
+    limiter = queue.rate_scheduler.limiter  # (with the queue's shards)
+    limiter.set_limit("tenant:acme", [Limit(100), Limit(1, per=3600, burst=1)])
+    assert limiter.acquire("acme", queue.name).allowed  # its hour's budget is spent
+    (q,) = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))["queues"]
+    assert q["held_back_by"] == {"acme": "tenant:acme (1/h)"}
+    limiter.set_concurrency("tenant:other", 1)
+    assert limiter.acquire("other", queue.name).allowed  # its one slot is held
+    text = rq_info(redis_url, namespace, queue.name)
+    assert [line.split() for line in text.splitlines()[2:5]] == [
+        [queue.name, "(all)", "2", "4", "0"],
+        ["acme", "0", "3", "0", "tenant:acme", "(1/h)"],
+        ["default", "2", "0", "0"],
+    ]
+    assert ["other", "0", "1", "0", "tenant:other"] in [line.split() for line in text.splitlines()]
 
 
 def test_rq_info_reads_tenants_as_a_worker_does(
@@ -197,7 +221,7 @@ def test_rq_info_with_no_queue_and_without_redis(namespace: str, redis_url: str)
     )
     assert result.exit_code == 0, result.output
     assert [line.split() for line in result.output.splitlines()[1:]] == [
-        ["queue", "tenant", "waiting", "parked", "running"],
+        ["queue", "tenant", "waiting", "parked", "running", "held", "back", "by"],
         [f"none-{namespace}", "(all)", "0", "0", "0"],
     ]
     down = CliRunner().invoke(main, ["--url", "redis://127.0.0.1:1/0", "rq", "info"])

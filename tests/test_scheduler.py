@@ -26,7 +26,7 @@ from queue_ratelimit import (
     Limiter,
 )
 from queue_ratelimit._counters import flush_counters
-from queue_ratelimit._scheduler import MAX_WEIGHT, MIN_WEIGHT, SubmitItem
+from queue_ratelimit._scheduler import MAX_WEIGHT, MIN_WEIGHT, HeldBack, SubmitItem
 
 # A rate so slow that no token comes back while a test runs: the burst is the whole budget.
 HOURLY = 3600.0
@@ -405,6 +405,84 @@ def test_a_tenant_held_back_by_its_own_cap_is_parked_and_blocks_nobody(
         what="the capped tenant to be dispatched again",
     )
     assert found
+
+
+def held(scope: str, window: str | None = None, **flags: bool) -> HeldBack:
+    return HeldBack("default", "a", scope, window, **flags)
+
+
+# What a dispatch held back, and the scope (and window) that did: (the limiter's method and
+# its arguments, items admitted of two, the reply's held_back). A worker reports it where
+# it reports its gate's parks.
+TWO_WINDOWS = [Limit(100), budget(1)]
+HELD_BACK_CASES = {
+    "its own bucket": ("set_limit", "tenant:a", budget(1), 1, held("tenant:a")),
+    "one of its windows": ("set_limit", "tenant:a", TWO_WINDOWS, 1, held("tenant:a", "1/h")),
+    "its concurrency cap": (
+        "set_concurrency",
+        "tenant:a",
+        1,
+        1,
+        held("tenant:a", concurrency=True),
+    ),
+    "a pause": ("pause", "tenant:a", 600, 0, held("tenant:a", paused=True)),
+    "its priority's scope": ("set_limit", "priority:normal", budget(1), 1, held("priority:normal")),
+    "the queue's cap": ("set_limit", "queue:default", TWO_WINDOWS, 1, held("queue:default", "1/h")),
+    "the global cap": ("set_limit", "global", budget(1), 1, held("global")),
+}
+
+
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+@pytest.mark.parametrize(
+    ("method", "scope", "value", "admitted", "expected"),
+    HELD_BACK_CASES.values(),
+    ids=list(HELD_BACK_CASES),
+)
+def test_a_dispatch_says_what_it_held_back_and_why(
+    limiter: Limiter,
+    scheduler: FairScheduler,
+    method: str,
+    scope: str,
+    value: object,
+    admitted: int,
+    expected: HeldBack,
+    transport: str,
+) -> None:
+    limiter._scripts.transport = transport
+    getattr(limiter, method)(scope, value)
+    backlogged(scheduler, "a", 2)
+
+    batch = scheduler.dispatch(["default"], max_items=5)
+
+    assert len(batch.items) == admitted
+    assert batch.held_back == (expected,)
+    shown = f"{expected.denied_by} ({expected.window})" if expected.window else expected.denied_by
+    assert expected.binding == shown
+
+
+def test_a_parked_tenant_is_reported_once_and_others_with_it(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """Each tenant the call judged and held back, in the order judged; a tenant parked
+    until its tokens return is not judged, nor reported, again before then; a dispatch
+    that holds nothing back reports nothing."""
+    limiter.set_limit("tenant:*", budget(1))
+    limiter.set_limit("tenant:b", [Limit(100), budget(1)])
+    backlogged(scheduler, "a", 2)
+    backlogged(scheduler, "b", 2)
+    backlogged(scheduler, "c", 1, queue="other")
+
+    batch = scheduler.dispatch(["default", "other"], max_items=10)
+
+    assert shares(batch.items) == {"a": 1, "b": 1, "c": 1}
+    assert sorted(batch.held_back, key=lambda h: h.tenant) == [
+        HeldBack("default", "a", "tenant:a"),
+        HeldBack("default", "b", "tenant:b", "1/h"),
+    ]
+    again = scheduler.dispatch(["default", "other"], max_items=10)
+    assert (again.items, again.held_back) == ((), ())
+    assert again.wait_ms is not None
+    assert again.wait_ms > 0
 
 
 def test_only_parked_tenants_left_reports_when_their_tokens_return(

@@ -19,6 +19,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from queue_ratelimit import ConfigError, CostExceedsBurst, FairScheduler, KeySpace, Limit, Limiter
 from queue_ratelimit._leases import FLOOR, allocate, slices
+from queue_ratelimit._scheduler import HeldBack
 from queue_ratelimit._sharded_scheduler import ShardedScheduler
 from queue_ratelimit._shards import ShardedLimiter
 from queue_ratelimit.cli import main as cli_main
@@ -390,6 +391,38 @@ def test_the_scheduler_under_a_sharded_cap_and_slots(
     assert batch.wait_ms is not None
     assert batch.wait_ms > 0
     assert scheduler.nack("s1") is False
+
+
+def test_a_sharded_dispatch_says_what_every_shard_it_asked_held_back(
+    sharded: ShardedLimiter, redis_client: redis.Redis
+) -> None:
+    """``held_back`` of a sharded dispatch: that of every shard it asked, up to the one
+    that hands out items; a dispatch turn's reader gives its shard's."""
+    scheduler = FairScheduler(sharded)
+    sharded.set_limit("tenant:*", [Limit(100), Limit(1, per=HOUR, burst=1)])
+    spent = [tenants_on(sharded, shard)[0] for shard in (0, 1)]
+    one, other = tenants_on(sharded, 2, 2)
+    for tenant in spent:
+        assert sharded.acquire(tenant).allowed  # its hour's budget is gone
+    for tenant in (*spent, one, other):
+        for i in range(2):
+            scheduler.submit(tenant, f"{tenant}-{i}", queue="q")
+    # A turn (as the Celery gate sends them) on shard 0: its tenant held back, nothing out.
+    keys, args, read = scheduler.dispatch_turn(["q"], max_items=5)
+    turn = read(redis_client.execute_command(*scheduler.command(keys, args)))
+    assert turn.items == ()
+    assert [(h.tenant, h.binding) for h in turn.held_back] == [
+        (spent[0], f"tenant:{spent[0]} (1/h)")
+    ]
+    # Then shards 1 (its tenant held back) and 2 (one of each tenant out, both held back).
+    batch = scheduler.dispatch(["q"], max_items=5)
+    assert sorted(i.tenant for i in batch.items) == sorted([one, other])
+    assert batch.held_back[0] == HeldBack("q", spent[1], f"tenant:{spent[1]}", "1/h")
+    assert sorted(h.tenant for h in batch.held_back[1:]) == sorted([one, other])
+    # Every tenant is parked now: none is judged anew, none said to be held back.
+    for _ in range(3):
+        batch = scheduler.dispatch(["q"], max_items=5)
+        assert (batch.items, batch.held_back) == ((), ())
 
 
 def test_every_key_a_sharded_namespace_writes_is_named_by_its_layouts(

@@ -7,7 +7,7 @@ import logging
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from queue_ratelimit import FairScheduler, Limiter
+from queue_ratelimit import FairScheduler, Limit, Limiter
 from queue_ratelimit._throttle_log import ThrottleLog
 
 log = logging.getLogger("test.throttle")
@@ -198,3 +198,35 @@ def test_jobs_parked_behind_a_windowed_first_keep_its_window(
         "(tenant:acme (2/d)), 0 waiting"
     ]
     assert throttled.bindings() == {"q": {"acme": "tenant:acme (2/d)"}}
+
+
+def test_work_held_back_at_dispatch_is_said_with_its_window(
+    limiter: Limiter, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Work parked before any budget was asked (for want of a worker slot) meets its
+    budget at dispatch: the dispatch's reply names the scope and window, and the summary
+    and ``bindings`` say so as for the gate's own parks (which then keep the window)."""
+    limiter.set_limit("tenant:acme", [Limit(100), Limit(1, per=86400, burst=1)])
+    scheduler = FairScheduler(limiter)
+    for i in range(3):
+        scheduler.submit("acme", f"a{i}", queue="q")  # parked as a saturated worker does
+    batch = scheduler.dispatch(["q"], max_items=3)
+    assert [i.id for i in batch.items] == ["a0"]
+    (held,) = batch.held_back
+    assert (held.queue, held.tenant, held.binding) == ("q", "acme", "tenant:acme (1/d)")
+
+    throttled = ThrottleLog(log, 10, clock=clock)
+    caplog.set_level(logging.INFO, logger=log.name)
+    throttled.held_back(held.queue, held.tenant, held.binding)
+    assert throttled.bindings() == {"q": {"acme": "tenant:acme (1/d)"}}
+    clock.now += 10
+    throttled.report(scheduler, ["q"])
+    assert lines(caplog) == [
+        "queue-ratelimit: throttled: tenant acme on q: 0 parked in the last 10 s "
+        "(tenant:acme (1/d)), 2 waiting"
+    ]
+    # The gate parks the tenant's next job behind its parked ones by the scope alone.
+    verdict = scheduler.gate("acme", "a3", queue="q")
+    assert (verdict.action, verdict.binding) == ("park", "tenant:acme")
+    throttled.parked("q", "acme", verdict.binding)
+    assert throttled.bindings() == {"q": {"acme": "tenant:acme (1/d)"}}

@@ -721,6 +721,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 self.health.ok()
                 batch = read(reply)
+                self._heard(batch)
                 if not batch.items and turns > 1:
                     if batch.wait_ms is not None:
                         waits.append(batch.wait_ms)
@@ -744,7 +745,15 @@ class RateLimitGate(bootsteps.StartStopStep):
             self.health.failed(exc, started)
             return self._rt.settings.poll_interval
         self.health.ok()
+        self._heard(batch)
         return self._dispatched(batch, want)
+
+    def _heard(self, batch: Dispatch) -> None:
+        """Note what a dispatch held back and why, where the gate's own parks are noted
+        (the throttling summary, ``held_back_by``): work parked for want of a slot meets
+        its budget only there."""
+        for held in batch.held_back:
+            self.throttled.held_back(held.queue, held.tenant, held.binding)
 
     def _dispatched(self, batch: Dispatch, want: int) -> float:
         """Hand the dispatched jobs to the pool; the delay until the next look."""

@@ -100,8 +100,9 @@ def rq_info(
 ) -> None:
     """Jobs of each RQ queue (QUEUES, default: every queue RQ knows) and of each tenant in
     it: waiting on RQ's list, parked in the fair backlog, running (RQ's started registry),
-    and the concurrency slots held against each cap that applies. RQ's own `rq info`
-    shows a queue's waiting and parked jobs together (with --queue-class
+    what holds back each tenant's parked jobs (the scope, and the window that binds when
+    it has several), and the concurrency slots held against each cap that applies. RQ's
+    own `rq info` shows a queue's waiting and parked jobs together (with --queue-class
     queue_ratelimit.rq.Queue), not per tenant. Reads only.
 
     The limits' Redis (--url) is taken to be RQ's, as the integration requires.
@@ -133,13 +134,15 @@ def rq_info(
     rows: list[list[str]] = []
     for q in infos:
         t = q.total
-        rows.append([q.name, "(all)", str(t.waiting), str(t.parked), str(t.running)])
+        rows.append([q.name, "(all)", str(t.waiting), str(t.parked), str(t.running), ""])
         for tenant, c in sorted(q.tenants.items()):
-            rows.append(["", tenant, str(c.waiting), str(c.parked), str(c.running)])
+            held = q.held_back_by.get(tenant, "")
+            rows.append(["", tenant, str(c.waiting), str(c.parked), str(c.running), held])
         u = q.unread
         if u.waiting or u.running:
-            rows.append(["", "(unread)", str(u.waiting), "", str(u.running)])
-    for line in _table(["queue", "tenant", "waiting", "parked", "running"], rows, "llrrr"):
+            rows.append(["", "(unread)", str(u.waiting), "", str(u.running), ""])
+    headers = ["queue", "tenant", "waiting", "parked", "running", "held back by"]
+    for line in _table(headers, rows, "llrrrl"):
         click.echo(line)
     if slots:
         held = ", ".join(f"{s} {n}/{cap}" for s, (cap, n) in slots.items())

@@ -112,6 +112,8 @@ class FairDequeue:
             HOLDING.check_stop()
             throttled.report(self.scheduler, self.by_name)
             batch = self._dispatch()
+            for held in batch.held_back:  # (parked jobs meet their budgets here)
+                throttled.held_back(held.queue, held.tenant, held.binding)
             for n, item in enumerate(batch.items):
                 queue = self.by_name[item.queue]
                 self.slots.keep(item.id, item.slot)

@@ -19,6 +19,7 @@ from rq.registry import StartedJobRegistry
 from .._errors import RateLimitError
 from .._keys import KeySpace
 from .._limiter import Limiter
+from .._scheduler import FairScheduler
 from .._scopes import Scope
 from .._shard_layout import layouts
 from ._dequeue import _text
@@ -50,6 +51,10 @@ class QueueInfo:
     total: Counts = field(default_factory=Counts)
     tenants: dict[str, Counts] = field(default_factory=dict)
     unread: Counts = field(default_factory=Counts)
+    # What holds back each tenant with parked jobs: the scope, with the window that binds
+    # when it has several ("tenant:acme (10000/d)"); a tenant no budget holds back (its
+    # jobs wait for a worker) is not named.
+    held_back_by: dict[str, str] = field(default_factory=dict)
 
     def tenant(self, name: str) -> Counts:
         found = self.tenants.get(name)
@@ -63,6 +68,7 @@ class QueueInfo:
             **self.total.as_dict(),
             "unread": self.unread.as_dict(),
             "tenants": {t: c.as_dict() for t, c in sorted(self.tenants.items())},
+            "held_back_by": dict(sorted(self.held_back_by.items())),
         }
 
 
@@ -78,14 +84,24 @@ def queue_info(
     serializer: Any = None,
     max_read: int = 10_000,
 ) -> list[QueueInfo]:
-    """Waiting, parked and running jobs of each queue in ``names``, per tenant.
+    """Waiting, parked and running jobs of each queue in ``names``, per tenant, and what
+    holds back each tenant with parked jobs (``QueueInfo.held_back_by``).
 
     ``limiter`` names the namespace of the fair backlog, and its client is RQ's Redis (the
     integration keeps both on one server). Reads only: nothing is cleaned up or moved.
     """
     connection = limiter.client
     spaces = layouts(limiter)  # (a sharded namespace's backlog is on every shard)
-    return [_one(connection, spaces, name, serializer, max_read) for name in sorted(set(names))]
+    infos = [_one(connection, spaces, name, serializer, max_read) for name in sorted(set(names))]
+    scheduler = FairScheduler(limiter)
+    for info in infos:
+        parked = [t for t, c in sorted(info.tenants.items()) if c.parked > 0]
+        # (What a producer's hint says of the tenant's next job, as a worker's dispatch
+        # would judge it now; one pipelined round trip per queue.)
+        for tenant, hint in zip(parked, scheduler.hints(parked, queue=info.name), strict=True):
+            if hint.binding is not None:
+                info.held_back_by[tenant] = hint.binding
+    return infos
 
 
 def _one(

@@ -66,25 +66,10 @@ TIMEOUT_LINE = re.compile(r"^TIMEOUT = (\d+)$", re.MULTILINE)
 
 # Differences we know of and have not fixed yet: reported on every run, not failing it.
 # Each says why; delete an entry once the difference is gone.
-_LEFTOVERS = (
-    "runs after test_revoked_by_headers_complex_canvas (which fails stock too) and waits at "
-    "most 5-10 s for its task; that test leaves dozens of 2-4 s sleeping tasks queued. "
-    "Celery's harness purges the broker queue between tests (control.purge), but with the "
-    "plugin most of them were parked in the fair backlog, which no purge reached, so they "
-    "kept the one-process worker busy for the next tests. Passes alone. Since #11 the "
-    "harness's purge reaches the backlog too (plugins/qrl_celery_suite.py); in a run of "
-    "test_tasks.py alone none of these differed: delete once a full run agrees."
-)
-KNOWN: dict[str, str] = {
-    f"t/integration/test_tasks.py::test_tasks::{name}": _LEFTOVERS
-    for name in (
-        "test_wrong_arguments",
-        "test_retry",
-        "test_retry_switches_from_kwargs_to_args",
-        "test_retry_switches_from_args_to_kwargs",
-        "test_retry_with_unpickleable_exception",
-    )
-}
+# (The five test_tasks.py tests that failed after test_revoked_by_headers_complex_canvas
+# left its tasks parked, where Celery's purge did not reach, were deleted once a full run
+# agreed: since #11 the harness's purge reaches the backlog too.)
+KNOWN: dict[str, str] = {}
 KNOWN["t/integration/test_tasks.py::test_task_replacement::test_replaced_task_nesting_level_0"] = (
     "a race in the test: it sets assertion_result = False after publishing, so when the "
     "worker's task_received handler (which sets it True) runs first, the test fails. It "
