@@ -71,16 +71,23 @@ class SlotKeeper:
             gone = [k for k in self._slots if k not in alive]
         return sum(self.release(k) for k in gone)
 
-    def renew(self) -> None:
-        """Hold every tracked slot ``hold`` seconds from now."""
+    def renew(self, route: Callable[[Slot], object] = lambda slot: None) -> None:
+        """Hold every tracked slot ``hold`` seconds from now. After a renewal fails, the
+        slots ``route`` sends to the same place are left for the next time (by default
+        all; on a Redis Cluster, the Celery gate routes by primary, so the others go on)."""
         with self._lock:
             slots = list(self._slots.items())
+        failed: set[object] = set()
         for key, slot in slots:
+            where = route(slot)
+            if where in failed:
+                continue
             try:
                 held = self._limiter().extend_slot(slot, hold=self.hold)
             except RateLimitError as exc:
                 log.warning("queue-ratelimit: could not renew concurrency slots: %s", exc)
-                return
+                failed.add(where)
+                continue
             if not held:
                 # Its hold ran out first (a Redis outage longer than the hold, or a stalled
                 # worker): the cap no longer counts this job. Say so; nothing to give back.

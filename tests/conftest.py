@@ -259,6 +259,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProc
 
 
 @pytest.fixture
+def partial_cluster(tmp_path: Path) -> Iterator[list[RedisProcess]]:
+    """A cluster of the test's own that keeps serving the slots it has when a primary is
+    gone (``cluster-require-full-coverage no``); killed by pid afterwards."""
+    nodes: list[RedisProcess] = []
+    try:
+        start_cluster(tmp_path, nodes, ["--cluster-require-full-coverage", "no"])
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
 def cluster_client(cluster: list[RedisProcess]) -> Iterator[RedisCluster]:
     client = RedisCluster(host="127.0.0.1", port=cluster[0].port, socket_timeout=5)
     yield client

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import NO_RETRY, RedisProcess, cleanup_sharded, start_cluster
+from conftest import NO_RETRY, RedisProcess, cleanup_sharded
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 
@@ -162,18 +162,6 @@ def test_a_migrating_slot_is_asked_once_without_moving_the_map(
     assert slot.node() == slot.owner
     on_every_node(cluster, slot.target, "CLUSTER", "SETSLOT", slot.slot, "NODE", slot.target_id)
     assert sent(slot.wire, [("GET", slot.key)]) == [b"v"], "the key went where it was asked"
-
-
-@pytest.fixture
-def partial_cluster(tmp_path: Any) -> Iterator[list[RedisProcess]]:
-    """A cluster of its own that keeps serving the slots it has when a primary is gone."""
-    nodes: list[RedisProcess] = []
-    try:
-        start_cluster(tmp_path, nodes, ["--cluster-require-full-coverage", "no"])
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def test_a_primary_down_fails_the_calls_to_it_only(partial_cluster: list[RedisProcess]) -> None:

@@ -37,7 +37,7 @@ from .._throttle_log import ThrottleLog
 from ._broker_ack import ack_all, is_plain_ack
 from ._cluster_wire import make_wire
 from ._credit import CreditKey, CreditLedger
-from ._health import MAX_REST, REDIS_FAILURES, RedisHealth
+from ._health import MAX_REST, REDIS_FAILURES, GateHealth, RedisHealth
 from ._identity import (
     FLAGGED_REDELIVERY_TRANSPORTS,
     STABLE_TAG_TRANSPORTS,
@@ -165,11 +165,15 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.backlog_seen = True
         self._wakeup = Wakeup(lambda: self.consumer.timer, self._readmit)
         self._renew_timer: Any = None
-        # Whether Redis answers, is out (the fail mode decides) or is broken (work is held).
-        self.health = RedisHealth(
-            self.runtime.settings.fail_mode if self.runtime else "open",
-            on_back=self._redis_back if self.runtime else None,
-            max_rest=self.runtime.settings.lease / 6 if self.runtime else MAX_REST,
+        # Whether Redis answers, is out (the fail mode decides) or is broken (work is held):
+        # one view per primary of a cluster, one in all on one server.
+        self.health = GateHealth(
+            lambda: RedisHealth(
+                self.runtime.settings.fail_mode if self.runtime else "open",
+                on_back=self._redis_back if self.runtime else None,
+                max_rest=self.runtime.settings.lease / 6 if self.runtime else MAX_REST,
+            ),
+            self.runtime.limiter if self.runtime else None,
         )
         self._durability_checked = False
         # What the broker's messages tell about redeliveries (set in start, see _identity).
@@ -241,7 +245,7 @@ class RateLimitGate(bootsteps.StartStopStep):
             try:
                 self._rt.limiter._scripts.run_checks()
             except REDIS_FAILURES as exc:
-                self.health.failed(exc, time.monotonic())
+                self.health.home.failed(exc, time.monotonic())
 
     def stop(self, c: Any) -> None:
         self._wakeup.cancel()
@@ -311,10 +315,11 @@ class RateLimitGate(bootsteps.StartStopStep):
         return item_id_of(task_fields(message), tag)
 
     def _verdict(self, job: Job) -> GateVerdict | None:
-        """Ask Redis; None when it failed (``health`` says how)."""
-        if self.health.resting():
-            return None
+        """Ask Redis; None when it failed (the tenant's ``health`` says how)."""
         o = job.options
+        health = self.health.of_tenant(o.tenant)
+        if health.resting():
+            return None
         started = time.monotonic()
         try:
             verdict = self._rt.scheduler.gate(
@@ -326,9 +331,9 @@ class RateLimitGate(bootsteps.StartStopStep):
                 credit=self._rt.settings.credit,
             )
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
+            health.failed(exc, started)
             return None
-        self.health.ok()
+        health.ok()
         return verdict
 
     def _park(self, d: Delivery, wait_ms: float) -> None:
@@ -368,9 +373,20 @@ class RateLimitGate(bootsteps.StartStopStep):
             )
             for d in batch
         ]
+        # (On a cluster, each primary's part on its own: one resting is not asked.)
+        by_health: dict[RedisHealth, list[int]] = {}
+        for n, d in enumerate(batch):
+            by_health.setdefault(self.health.of_tenant(d.job.options.tenant), []).append(n)
+        for health, group in by_health.items():
+            self._park_part(health, [batch[n] for n in group], [items[n] for n in group], wait_ms)
+
+    def _park_part(
+        self, health: RedisHealth, batch: list[Delivery], items: list[SubmitItem], wait_ms: float
+    ) -> None:
+        """Submit the part of a batch whose shards live where ``health`` looks."""
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
-        if self.health.resting():  # Redis failed a moment ago: the fail mode decides
-            self._park_failed(batch)
+        if health.resting():  # Redis failed a moment ago: the fail mode decides
+            self._park_failed(batch, health)
             return
         self.stats["park_calls"] += 1
         started = time.monotonic()
@@ -378,18 +394,19 @@ class RateLimitGate(bootsteps.StartStopStep):
             calls = scheduler.submit_calls(items, max_backlog=bound)
             # (On a cluster, one send per slot: a primary down fails its own part only.)
             for group in self.wire.groups([keys for keys, _ in calls]):
-                self._park_on_wire(batch, items, calls, group, wait_ms, started)
+                self._park_on_wire(health, batch, items, calls, group, wait_ms, started)
             return
         try:
             outcomes = scheduler.submit_many(items, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self._park_failed(batch, exc, started, in_doubt=not refused(exc, NotSent))
+            self._park_failed(batch, health, exc, started, in_doubt=not refused(exc, NotSent))
             return
-        self.health.ok()
+        health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
 
     def _park_on_wire(
         self,
+        health: RedisHealth,
         batch: list[Delivery],
         items: list[SubmitItem],
         calls: list[tuple[list[str], list[Any]]],
@@ -401,7 +418,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         part, part_items = [batch[i] for i in group], [items[i] for i in group]
 
         def parked(result: list[Reply] | RedisError) -> None:
-            self._parked(part, part_items, wait_ms, result, started)
+            self._parked(health, part, part_items, wait_ms, result, started)
 
         command = self._rt.scheduler.command
         self.wire.send([command(*calls[i]) for i in group], parked)
@@ -409,6 +426,7 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _park_failed(
         self,
         batch: list[Delivery],
+        health: RedisHealth,
         exc: BaseException | None = None,
         started: float = 0.0,
         in_doubt: bool = False,
@@ -419,7 +437,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         answers (it then tells a duplicate), whatever the fail mode; otherwise the fail mode
         decides."""
         if exc is not None:
-            self.health.failed(exc, started)
+            health.failed(exc, started)
         for d in batch:
             self._uncount(d)
             d.in_doubt = d.in_doubt or in_doubt
@@ -427,6 +445,7 @@ class RateLimitGate(bootsteps.StartStopStep):
 
     def _parked(
         self,
+        health: RedisHealth,
         batch: list[Delivery],
         items: list[SubmitItem],
         wait_ms: float,
@@ -439,7 +458,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             # connection after it was written: whether each went in is unknown. Kept, each
             # is tried again once Redis answers; one that did go in is then recognised as
             # a duplicate.
-            self._park_failed(batch, result, started, in_doubt=not isinstance(result, NotSent))
+            self._park_failed(
+                batch, health, result, started, in_doubt=not isinstance(result, NotSent)
+            )
             return
         scheduler, bound = self._rt.scheduler, self._rt.settings.max_backlog
         try:
@@ -451,9 +472,9 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 outcomes = scheduler.submit_outcomes(items, result, max_backlog=bound)
         except REDIS_FAILURES as exc:
-            self._park_failed(batch, exc, started, in_doubt=True)
+            self._park_failed(batch, health, exc, started, in_doubt=True)
             return
-        self.health.ok()
+        health.ok()
         self._apply_parked(batch, outcomes, wait_ms)
 
     def _apply_parked(self, batch: list[Delivery], outcomes: Sequence[str], wait_ms: float) -> None:
@@ -602,7 +623,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         unchecked; and a message that may be in the backlog already (a park in doubt, a
         broker redelivery), which only Redis can tell from a new one (run now, it could
         run again from the backlog)."""
-        if self.health.broken or d.in_doubt or _redelivered(d.message):
+        broken = self.health.of_tenant(d.job.options.tenant).broken
+        if broken or d.in_doubt or _redelivered(d.message):
             return self._keep(d)
         self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
         if self._rt.settings.fail_mode == "open":
@@ -638,15 +660,20 @@ class RateLimitGate(bootsteps.StartStopStep):
             d.counted = False
             self.consumer.qos.decrement_eventually()
 
-    def _retry_waiting(self) -> None:
-        """Give the messages kept back another try, oldest first, while Redis answers."""
+    def _retry_waiting(self, blocked: set[RedisHealth]) -> None:
+        """Give the messages kept back another try, oldest first, while Redis answers
+        (on a cluster: while their shard's primary does)."""
         waiting, self.waiting = self.waiting, []
-        for n, d in enumerate(waiting):
+        down = set(blocked)
+        for d in waiting:
+            health = self.health.of_tenant(d.job.options.tenant)
+            if health in down:
+                self.waiting.append(d)
+                continue
             self._uncount(d)
             self._decide(d)
-            if self.health.down_since is not None:
-                self.waiting.extend(waiting[n + 1 :])
-                return
+            if health.down_since is not None:
+                down.add(health)
 
     # -- re-admission ----------------------------------------------------------------------
     def _slot_freed(self, request: Any) -> None:
@@ -667,24 +694,24 @@ class RateLimitGate(bootsteps.StartStopStep):
     def _readmit(self) -> None:
         poll = self._rt.settings.poll_interval
         self._check_wire()
-        if self.health.resting():  # (Redis failed a moment ago: try again after a rest)
-            self._schedule(poll)
-            return
-        # What an outage left open is closed before anything new is taken.
-        if self.unsettled and not self._settle_pending():
+        # What an outage left open is closed before anything new is taken (on a cluster:
+        # from the primary it lives on). A Redis that failed a moment ago is let rest.
+        blocked = self._settle_pending() if self.unsettled else set()
+        if self.health.everywhere(lambda h: h in blocked or h.resting()):
             self._schedule(poll)  # Redis is still unreachable: nothing to dispatch either
             return
-        delay = self._dispatch()
+        delay = self._dispatch(blocked)
         if self.waiting:
-            self._retry_waiting()
+            self._retry_waiting(blocked)
         self.throttled.report(self._rt.scheduler, self.lanes)
         # While a dispatch is on the wire its reply schedules what comes next; this is a
         # watchdog in case it never comes.
         self._schedule(poll if delay is None else delay)
 
-    def _dispatch(self) -> float | None:
-        """Ask the backlog for as many jobs as the worker may take now: the delay until
-        the next look, or None when the reply will come on the wire."""
+    def _dispatch(self, blocked: set[RedisHealth]) -> float | None:
+        """Ask the backlog for as many jobs as the worker may take now (not where
+        ``blocked``: settlements are left there): the delay until the next look, or None
+        when the reply will come on the wire."""
         if self._dispatching:
             return None  # one at a time: its reply knows what it brought
         free = self._capacity()
@@ -695,16 +722,38 @@ class RateLimitGate(bootsteps.StartStopStep):
         self.stats["dispatch_calls"] += 1
         if self._on_wire():
             self._dispatching = want
-            self._dispatch_on_wire(want, scheduler.dispatch_turns, [])
+            self._dispatch_on_wire(want, scheduler.dispatch_turns, [], set(blocked))
             return None
+        if self.health.one.resting():
+            return self._rt.settings.poll_interval
         return self._dispatch_now(want)
 
-    def _dispatch_on_wire(self, want: int, turns: int, waits: list[float]) -> None:
+    def _dispatch_on_wire(
+        self, want: int, turns: int, waits: list[float], skip: set[RedisHealth]
+    ) -> None:
         """Send the scheduler's next dispatch turn on the wire; its reply hands the jobs to
         the pool. A turn that found nothing is followed by the next while ``turns`` last
-        (a sharded namespace: one shard per turn), from the reply, without a poll."""
+        (a sharded namespace: one shard per turn), from the reply, without a poll; so is a
+        turn that failed, or is not sent because its primary rests or is in ``skip`` (on
+        a cluster the other primaries' shards go on; on one server every turn is then
+        skipped)."""
         scheduler = self._rt.scheduler
         keys, args, read = scheduler.dispatch_turn(self.lanes, max_items=want)
+        health = self.health.of_key(keys[0])
+        poll = self._rt.settings.poll_interval
+
+        def missed() -> None:
+            """This turn brought nothing and said no wait: the next, or the end."""
+            skip.add(health)
+            if turns > 1:
+                self._dispatch_on_wire(want, turns - 1, waits, skip)
+                return
+            self._dispatching = 0
+            self._schedule(min([poll, *(w / 1000 for w in waits)]))
+
+        if health in skip or health.resting():
+            missed()
+            return
         started = time.monotonic()
 
         def dispatched(result: list[Reply] | RedisError) -> None:
@@ -713,19 +762,19 @@ class RateLimitGate(bootsteps.StartStopStep):
                 # Functions flushed (the ordinary way reloads them), or broken data (the
                 # ordinary way says so).
                 self._dispatching = 0
-                delay = self._dispatch_now(want)
+                delay = self._dispatch_now(want, health)
             elif isinstance(reply, RedisError):
-                self._dispatching = 0
-                self.health.failed(reply, started)
-                delay = self._rt.settings.poll_interval
+                health.failed(reply, started)
+                missed()
+                return
             else:
-                self.health.ok()
+                health.ok()
                 batch = read(reply)
                 self._heard(batch)
                 if not batch.items and turns > 1:
                     if batch.wait_ms is not None:
                         waits.append(batch.wait_ms)
-                    self._dispatch_on_wire(want, turns - 1, waits)
+                    self._dispatch_on_wire(want, turns - 1, waits, skip)
                     return
                 if not batch.items and waits:
                     wait = min([*waits, *([] if batch.wait_ms is None else [batch.wait_ms])])
@@ -736,15 +785,18 @@ class RateLimitGate(bootsteps.StartStopStep):
 
         self.wire.send([scheduler.command(keys, args)], dispatched)
 
-    def _dispatch_now(self, want: int) -> float:
-        """``_dispatch`` waiting for the reply."""
+    def _dispatch_now(self, want: int, health: RedisHealth | None = None) -> float:
+        """``_dispatch`` waiting for the reply (a failure rests ``health``: by default the
+        one server's; a sharded dispatch goes over every shard, so on a cluster it cannot
+        tell which primary failed)."""
+        health = health or self.health.one
         started = time.monotonic()
         try:
             batch = self._rt.scheduler.dispatch(self.lanes, max_items=want)
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
+            health.failed(exc, started)
             return self._rt.settings.poll_interval
-        self.health.ok()
+        health.ok()
         self._heard(batch)
         return self._dispatched(batch, want)
 
@@ -852,7 +904,8 @@ class RateLimitGate(bootsteps.StartStopStep):
         item = self.held.get(item_id, item_id)
         # A job acknowledged as it starts keeps its concurrency slots until it ends.
         keep_slot = how == "ack" and isinstance(item, DispatchedItem) and item.slot is not None
-        if self.health.resting():  # settled when Redis is back
+        health = self._health_of(item)
+        if health.resting():  # settled when Redis is back
             self.unsettled[item_id] = how
             return False
         if item_id not in self.unsettled and self.settler.sendable(item):
@@ -868,10 +921,10 @@ class RateLimitGate(bootsteps.StartStopStep):
             else:
                 closed = scheduler.nack(item, requeue=how == "requeue")
         except REDIS_FAILURES as exc:
-            self.health.failed(exc, started)
+            health.failed(exc, started)
             self.unsettled[item_id] = how
             return False
-        self.health.ok()
+        health.ok()
         self.unsettled.pop(item_id, None)
         self.held.pop(item_id, None)
         if not closed:
@@ -891,15 +944,28 @@ class RateLimitGate(bootsteps.StartStopStep):
         elif not closed:
             _lease_ran_out(item_id, how)
 
-    def _settle_pending(self) -> bool:
-        """Settle what an outage left open; True when nothing is left."""
-        return all(self._settle(item_id, how) for item_id, how in list(self.unsettled.items()))
+    def _settle_pending(self) -> set[RedisHealth]:
+        """Settle what an outage left open: the healths of the primaries where some is
+        left (after a failure there, the rest there is not tried; empty: all settled)."""
+        left: set[RedisHealth] = set()
+        for item_id, how in list(self.unsettled.items()):
+            health = self._health_of(self.held.get(item_id, item_id))
+            if health not in left and not self._settle(item_id, how):
+                left.add(health)
+        return left
+
+    def _health_of(self, item: DispatchedItem | str) -> RedisHealth:
+        """The health of the primary a settlement of ``item`` goes to (a bare id: asked
+        of every shard in turn, judged by the home slot's)."""
+        if isinstance(item, DispatchedItem):
+            return self.health.of_tenant(item.tenant)
+        return self.health.home
 
     def _look_for_caps(self) -> None:
         """Whether concurrency caps are configured: a worker then takes on no more jobs
         than it has processes (a job queued here would hold a cap's slot idle)."""
         # Redis unreachable: keep what was known; the next renewal looks again.
-        if self.health.resting():
+        if self.health.home.resting():
             return
         with contextlib.suppress(*REDIS_FAILURES, RateLimitError):
             self.slots.capped = bool(self._rt.limiter.concurrency())
@@ -916,7 +982,7 @@ class RateLimitGate(bootsteps.StartStopStep):
         """Keep the leases of re-admitted jobs that are still waiting or running alive, and
         the concurrency slots of running jobs."""
         self._look_for_caps()
-        if self.health.resting():  # (renewed at the next tick after the rest)
+        if self.health.everywhere(RedisHealth.resting):  # (renewed at the next tick after)
             return
         if len(self.running):
             from celery.worker.state import requests
@@ -926,17 +992,21 @@ class RateLimitGate(bootsteps.StartStopStep):
                 for r in list(requests.values())
                 if getattr(r, "message", None) is not None
             )
-            self.running.renew()
-        if self.unsettled and not self._settle_pending():
-            return
+            self.running.renew(self.health.of_slot)
+        # Where settlements are left, or a call fails, the rest waits (on a cluster: the
+        # rest of that primary's; the others go on).
+        blocked = self._settle_pending() if self.unsettled else set()
         for item_id, item in list(self.held.items()):
+            health = self.health.of_tenant(item.tenant)
+            if health in blocked or health.resting():
+                continue
             started = time.monotonic()
             try:
                 if not self._rt.scheduler.extend(item):
                     self.held.pop(item_id, None)
             except REDIS_FAILURES as exc:
-                self.health.failed(exc, started)
-                return
+                health.failed(exc, started)
+                blocked.add(health)
 
 
 def _lease_ran_out(item_id: str, how: Settlement) -> None:

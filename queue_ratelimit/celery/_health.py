@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from redis.exceptions import RedisError
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from .._core import is_outage
-from .._errors import BackendError, BackendUnavailable
+from .._decision import Slot
+from .._errors import BackendError, BackendUnavailable, RateLimitError
 
 log = logging.getLogger("queue_ratelimit.celery")
 
@@ -109,3 +112,98 @@ class RedisHealth:
                     self._on_back()
                 except Exception:  # (on the event loop: nothing may escape)
                     log.exception("queue-ratelimit: error after Redis came back")
+
+
+class GateHealth:
+    """The gate's ``RedisHealth``, one per primary when its calls go to a Redis Cluster.
+
+    On one server (``shards`` or not) every call shares one health, as ever: a failure rests
+    them all. On a cluster each primary has its own, found from the slot a call's first key
+    lives in (a tenant's shard, a dispatch turn's keys, the namespace's home): a primary that
+    fails rests only the calls routed to it, and the fail mode decides only for the tenants
+    whose shards live there. The slot map is read at each look, so a slot that moved (a
+    failover) is judged by its new owner's health.
+
+    Args:
+        make: a new ``RedisHealth`` (the gate's settings; ``on_back`` hears of each one).
+        limiter: the gate's limiter (its client says whether it is a cluster's).
+    """
+
+    def __init__(self, make: Callable[[], RedisHealth], limiter: Any = None) -> None:
+        self._make = make
+        # One server's health; on a cluster, that of a call no primary is known for.
+        self.one = make()
+        client = getattr(limiter, "client", None)
+        self._cluster: RedisCluster | None = client if isinstance(client, RedisCluster) else None
+        self._limiter = limiter
+        self._by_node: dict[str, RedisHealth] = {}
+        self._shard_slots: dict[int, int] = {}
+
+    def __iter__(self) -> Iterator[RedisHealth]:
+        return iter([self.one, *self._by_node.values()])
+
+    def of_tenant(self, tenant: str) -> RedisHealth:
+        """The health of the primary that holds ``tenant``'s shard."""
+        if self._cluster is None:
+            return self.one
+        limiter = self._limiter
+        return self._of_shard(limiter.shard_of(tenant) if getattr(limiter, "shards", 1) > 1 else -1)
+
+    def _of_shard(self, shard: int) -> RedisHealth:
+        """Shard ``shard``'s primary's (-1: an unsharded namespace's, all in one slot)."""
+        assert self._cluster is not None
+        slot = self._shard_slots.get(shard)
+        if slot is None:
+            keys = self._limiter.shard_keys[shard] if shard >= 0 else self._limiter.keys
+            slot = self._shard_slots[shard] = self._cluster.keyslot(keys.config)
+        return self._of_slot(slot)
+
+    def of_slot(self, slot: Slot) -> RedisHealth:
+        """The health of the primary that holds a concurrency ``slot`` (its shard's)."""
+        if self._cluster is None:
+            return self.one
+        limiter = self._limiter
+        try:
+            shard = limiter.shard_slot(slot)[0] if getattr(limiter, "shards", 1) > 1 else -1
+        except RateLimitError:  # not one of this namespace's: the shared one
+            return self.one
+        return self._of_shard(shard)
+
+    def of_key(self, key: str) -> RedisHealth:
+        """The health of the primary that holds ``key``."""
+        if self._cluster is None:
+            return self.one
+        return self._of_slot(self._cluster.keyslot(key))
+
+    @property
+    def home(self) -> RedisHealth:
+        """The health of the namespace's home slot (its configuration)."""
+        if self._cluster is None:
+            return self.one
+        return self.of_key(self._limiter.keys.config)
+
+    def _of_slot(self, slot: int) -> RedisHealth:
+        assert self._cluster is not None
+        try:
+            name = self._cluster.nodes_manager.get_node_from_slot(slot).name
+        except (RedisError, RedisClusterException):  # no owner known: the shared one
+            return self.one
+        health = self._by_node.get(name)
+        if health is None:
+            health = self._by_node[name] = self._make()
+        return health
+
+    # -- the worker as a whole (``celery inspect qrl_gate``) --------------------------------
+    def everywhere(self, out: Callable[[RedisHealth], bool]) -> bool:
+        """Whether ``out`` holds for every primary seen so far (one server: the one)."""
+        return all(out(h) for h in (list(self._by_node.values()) or [self.one]))
+
+    @property
+    def down_since(self) -> float | None:
+        """Since when some primary has been failing (None: every one answers)."""
+        return min((h.down_since for h in self if h.down_since is not None), default=None)
+
+    @property
+    def broken(self) -> bool:
+        """Whether some primary answers with errors."""
+        return any(h.broken for h in self)
