@@ -20,11 +20,12 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from ._async_breaker import async_guarded_client
 from ._breaker import DEFAULT_BACKOFF, Backoff, check_backoff, guarded_client, node_pool_class
-from ._errors import ConfigError
+from ._errors import BackendUnavailable, ConfigError
 from ._urls import is_cluster_url, mask_url, node_url
 
 # Seconds to connect, and to wait for any one reply, before a call gives up and the caller's
@@ -79,7 +80,14 @@ def cluster_client(
         options["connection_pool_class"] = node_pool_class(check_backoff(backoff))
     # The cluster client retries at its own level (its nodes' clients do not): once at
     # once, as a plain client does, not redis-py's default of 3 with pauses of up to 10 s.
-    return RedisCluster.from_url(node_url(url), **options)
+    try:
+        return RedisCluster.from_url(node_url(url), **options)
+    except RedisClusterException as exc:
+        # (The client asks the node it is given for the others as it is made: with that node
+        # down there is no client yet, and this is an outage like any other.)
+        raise BackendUnavailable(
+            f"Redis Cluster unreachable through {mask_url(url)}: {exc}"
+        ) from exc
 
 
 def async_redis_client(

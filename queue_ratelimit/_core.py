@@ -23,6 +23,7 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     TryAgainError,
 )
@@ -116,8 +117,11 @@ _OUTAGE_CLASSES = (
     RedisConnectionError,  # (a loading server too: BusyLoadingError)
     RedisTimeoutError,
     ReadOnlyError,
+    RedisClusterException,
     OutOfMemoryError,
     ClusterDownError,  # (MasterDownError too)
+    # redis-py's cluster client when no node it knows answers (not one of its RedisErrors).
+    RedisClusterException,
     TryAgainError,
 )
 _OUTAGE_REPLIES = re.compile(
@@ -168,7 +172,7 @@ def redis_errors() -> Iterator[None]:
     """Redis's errors as ours: one root exception for callers to catch."""
     try:
         yield
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         raise translated(exc) from exc
 
 

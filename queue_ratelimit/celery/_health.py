@@ -18,7 +18,7 @@ log = logging.getLogger("queue_ratelimit.celery")
 
 # What a call of the gate to Redis may raise: the scheduler's errors (and, from the calls
 # the gate makes on a connection itself, redis-py's).
-REDIS_FAILURES = (BackendUnavailable, BackendError, RedisError)
+REDIS_FAILURES = (BackendUnavailable, BackendError, RedisError, RedisClusterException)
 # After a failure, Redis is left alone this many times as long as the failed call took
 # (within the bounds below) before the next call: a Redis that stops answering then costs
 # the consumer's event loop one timeout per probe, not one per message.

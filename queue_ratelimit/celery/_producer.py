@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Task
 from kombu.utils.uuid import uuid as celery_uuid
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .._breaker import refused
 from .._errors import RateLimited, RateLimitError
@@ -62,7 +62,7 @@ def _hint(
             item_id=item_id,
             count="if_allowed" if reject else "always",
         )
-    except (RedisError, RateLimitError) as exc:
+    except (RedisError, RedisClusterException, RateLimitError) as exc:
         # Publishing never fails because advice could not be had. While Redis is known not
         # to answer the hint is refused at once (the client's breaker), and that is said
         # once, when the breaker opens.
