@@ -272,7 +272,7 @@ local function reap(now, horizon)
     local held = redis.call('HMGET', lease_key, unpack(expired))
     for i, id in ipairs(expired) do
       local token, scopes = string.match(held[i] or '', '^(%S*) ?(.*)$')
-      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, scopes, now * 1000, waking()) end
+      if scopes ~= '' then release_slots(prefix, token .. '/' .. id, words(scopes), now * 1000, waking()) end
     end
     redis.call('HDEL', lease_key, unpack(expired))
     redis.call('HINCRBY', shared_key, 'n:reaped', #expired)
@@ -696,7 +696,7 @@ end
 -- The item's concurrency slots go back (once: the in-flight record is closed with them).
 -- `horizon`: lease_clock's (slots whose hold ran out in a silence are still live).
 local function release_item_slots(id, lease, scopes, horizon)
-  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, scopes, horizon * 1000, waking()) end
+  if scopes ~= '' then release_slots(prefix, lease .. '/' .. id, words(scopes), horizon * 1000, waking()) end
 end
 
 if mode == 'ack' or mode == 'nack' then
@@ -753,7 +753,8 @@ if mode == 'extend' then
   if not held then return 0 end
   redis.call('ZADD', inflight_key, now + lease_ms, id)
   if scopes ~= '' then
-    extend_slots(prefix, lease .. '/' .. id, scopes, horizon * 1000, (now + lease_ms) * 1000, waking())
+    extend_slots(prefix, lease .. '/' .. id, words(scopes), horizon * 1000, (now + lease_ms) * 1000,
+                 waking())
   end
   return 1
 end

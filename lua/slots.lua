@@ -10,7 +10,7 @@
 -- nothing changes but the removal of what is left of it).
 local prefix, now = ns_prefix(KEYS[1]), now_us()
 local sched = {wake = ARGV[4], parked = ARGV[5]}
-local scopes = table.concat(ARGV, ' ', 6)
+local scopes = {unpack(ARGV, 6)}  -- (a list: no text joined only to be split again)
 local op = ARGV[2]
 if op ~= 'release' and op ~= 'extend' then
   return redis.error_reply('queue-ratelimit: unknown slot operation ' .. tostring(op))
@@ -18,6 +18,12 @@ end
 local hold = op == 'extend' and arg_number(ARGV[3], 60000, 1, MAX_HOLD_MS, 'slot hold (ms)') or nil
 -- A holder whose hold ran out in a silence still holds its slots until the grace ends
 -- (buckets.lua, "Silences"): it may renew or release them.
+-- (A release of slots still live, the usual one, would not need the horizon: their
+-- deadlines are after now, hence after any horizon. It still notes the call: it shows
+-- that Redis was reached. Where slots are only taken and given back (no renewals: short
+-- jobs under a cap), releases are the only calls that note; without them the next full
+-- cap with a dead holder would find a silence, and keep that holder's slot a lease longer.
+-- The note costs its HGET, rarely more: lease_horizon's memo.)
 local horizon, untl = lease_horizon(KEYS[2], now / 1000, nil, hold)
 local live_after = untl and horizon * 1000 or now
 if op == 'release' then

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from conftest import scratch_limiter
 from kombu.asynchronous import Hub
 
 from queue_ratelimit import DispatchedItem, FairScheduler, Limiter
@@ -144,6 +145,26 @@ def test_reap_keeps_leases_that_ran_out_in_a_silence(
         assert start == now + case.window_after[0]
         # (until: one lease after the call that found the silence, on Redis's clock)
         assert now + case.window_after[1] <= until <= after + case.window_after[1]
+
+
+def test_each_namespace_reaps_by_its_own_note(scheduler: FairScheduler) -> None:
+    """The library keeps the last note text it read with its numbers (lease_horizon's
+    memo): calls that alternate between a namespace in a silence's grace and one in none,
+    each with a lease that ran out 10 s ago, go by their own note, round after round."""
+    with scratch_limiter(scheduler.client) as lim:
+        other = FairScheduler(lim, lease=LEASE_MS / 1000)
+        kept, taken = dispatch_one(scheduler), dispatch_one(other)
+        for _ in range(3):
+            now = redis_ms(scheduler.client)
+            write_record(scheduler.limiter, now, -100, (-40_000, 30_000))
+            write_record(other.limiter, now, -100)
+            run_out_at(scheduler, kept.id, now - 10_000)
+            run_out_at(other, taken.id, now - 10_000)
+            assert scheduler.reap() == 0
+            assert scheduler.reap() == 0
+            assert other.reap() == 1
+            (taken,) = other.dispatch(["default"]).items
+            assert scheduler.reap() == 0
 
 
 # -- a lease in the grace: renewed, settled, or taken back when it ends -----------------------
