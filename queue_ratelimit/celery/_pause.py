@@ -68,6 +68,8 @@ def pause_and_retry(task: Any, seconds: float, *, scope: str = "tenant") -> NoRe
             in a worker, it opts out of the gate (``rate_gate=False``: nothing would hold
             its copy back), or the pause is refused (a bad scope or length); nothing is
             paused then.
+        TooManyPauses: a new pause while the namespace runs the most it may: nothing is
+            paused and the task is not handed back (it fails, or retries if it asks to).
     """
     runtime = runtime_of(task.app)
     if runtime is None:
