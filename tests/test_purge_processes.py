@@ -84,6 +84,7 @@ def test_purge_racing_dispatch_in_other_processes(redis_url: str, namespace: str
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     reports: dict[str, list[Any]] = {"submitted": [], "served": [], "purged": []}
