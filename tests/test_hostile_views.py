@@ -1,18 +1,24 @@
 """What operators read, fed by whoever writes to Redis: ``queue-ratelimit rq info`` with
 hostile RQ queue names (RQ takes any name; anyone enqueuing adds one) and hostile job metas
 (megabyte values, control characters, names colliding with the backlog's own fields, not
-a dict, not loadable). Probed in docs/reliability.md, "Probed in session 8"."""
+a dict, not loadable); ``celery inspect qrl_gate``'s backlog report with many tenants and
+a corrupt count. Probed in docs/reliability.md, "Probed in session 8"."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
 import rq
 from click.testing import CliRunner
+from conftest import drop_namespace
 
+from queue_ratelimit import BackendError, FairScheduler, Limiter
+from queue_ratelimit.celery._inspect import TOP_TENANTS, backlog_report
 from queue_ratelimit.cli import main
 
 HOSTILE_QUEUES = {
@@ -94,3 +100,27 @@ def test_hostile_metas_count_under_the_default_tenant_or_unread(
     finally:
         queue.empty()
         queue.delete(delete_jobs=True)
+
+
+def test_qrl_gate_reports_a_corrupt_backlog_count_instead_of_failing(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """``celery inspect qrl_gate`` reads each lane's counts: a count another client wrote
+    (not an integer) made the whole command answer an error (ValueError); it is now a
+    typed error the report shows as ``backlog_error``. Tenants and lanes are checked
+    names (a hostile one is refused before it is stored), and at most 20 tenants a lane
+    are reported (5,000 parked tenants: a 2.3 KB report)."""
+    limiter = Limiter(redis_client, namespace=namespace)
+    scheduler = FairScheduler(limiter)
+    gate: Any = SimpleNamespace(_rt=SimpleNamespace(scheduler=scheduler), lanes=["mail"])
+    try:
+        for i in range(300):
+            scheduler.submit(f"t{i}-" + "x" * 100, f"id{i}", queue="mail")
+        report = backlog_report(gate)
+        assert report["queues"]["mail"]["waiting"] == 300
+        assert len(report["queues"]["mail"]["tenants"]) == TOP_TENANTS
+        redis_client.hset(scheduler.keys.counts("mail"), "t0-" + "x" * 100, "not a count")
+        with pytest.raises(BackendError, match="corrupt backlog count"):
+            backlog_report(gate)
+    finally:
+        drop_namespace(redis_client, namespace)
