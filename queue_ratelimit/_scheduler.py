@@ -645,8 +645,15 @@ class FairScheduler:
                 nothing (a producer whose jobs reach the queue counted otherwise, e.g.
                 ``route``).
             count: ``"if_allowed"`` counts the job only when it would start at once (a
-                producer that refuses the others).
+                producer that refuses the others); ``"always"`` counts it whatever.
+
+        Raises:
+            ConfigError: ``count`` is neither (a misspelt ``"if_allowed"`` counted every
+                job, refused ones too: each stood in the tenant's way until it lapsed,
+                twice its predicted wait later).
         """
+        if count not in ("always", "if_allowed"):
+            raise ConfigError(f"count must be 'always' or 'if_allowed', got {_shown(count)}")
         args = [
             check_name("queue", queue),
             check_name("tenant", tenant),
