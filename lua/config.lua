@@ -14,10 +14,12 @@
 --
 -- KEYS: config hash, audit stream, shared hash; for "pause" and "resume", the pause index
 -- ARGV: op ("set" | "del" | "pause" | "resume"), field, value (for set; for pause: its
---       length in ms), actor, audit length
+--       length in ms), actor, audit length; for "pause", the most pauses that may run at
+--       once in the namespace (10000 when left out)
 -- Reply: {version, old value or false}; for "del" of an absent field: {-1, false}; for
--- "pause": {version, old value or false, until (ms), now (ms)}; for "resume" of a scope not paused
--- (or whose pause ran out): {-1, false}
+-- "pause": {version, old value or false, until (ms), now (ms)}, or {-2, false, the bound} for a
+-- new pause while as many as the bound run; for "resume" of a scope not paused (or whose
+-- pause ran out): {-1, false}
 local config_key, audit_key, shared_key = KEYS[1], KEYS[2], KEYS[3]
 local op, field, value, actor, audit_len = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
@@ -26,6 +28,10 @@ local op, field, value, actor, audit_len = ARGV[1], ARGV[2], ARGV[3], ARGV[4], A
 -- -> that time) that lets a pause that ran out be forgotten by the next pause or resume,
 -- so the config hash holds no more of them than are running. A pause only ever grows: a
 -- shorter one (another task's 429 with a smaller Retry-After) leaves the longer as it is.
+-- The running pauses are bounded: each is a field of the config hash, which scrapes, the
+-- listings, the Celery gate's look for caps and the shard rebalancer read whole (100,000
+-- pauses: 8 MB, each read blocking Redis over 100 ms). A pause that ran out does not count
+-- (forgotten first); lengthening a running one is always possible.
 local MAX_PAUSE_MS = 30 * 86400000
 if op == 'pause' or op == 'resume' then
   local index = KEYS[4]
@@ -48,6 +54,8 @@ if op == 'pause' or op == 'resume' then
       return redis.error_reply('queue-ratelimit: a pause must last 1 ms to 30 days, got ' ..
                                string.sub(tostring(value), 1, 40))
     end
+    local bound = tonumber(ARGV[6]) or 10000
+    if not old and redis.call('ZCARD', index) >= bound then return {-2, false, bound} end
     untl = now + math.ceil(ms)
     if old and tonumber(old) >= untl then
       return {tonumber(redis.call('HGET', config_key, '_version') or 0), old, tonumber(old), now}

@@ -31,6 +31,7 @@ from ._errors import (
     LimitNotFound,
     RateLimited,
     RateLimitError,
+    TooManyPauses,
 )
 from ._keys import KeySpace
 from ._limit import Limit
@@ -74,6 +75,7 @@ __all__ = [
     "Scope",
     "ScopeLimit",
     "Slot",
+    "TooManyPauses",
     "config_from_env",
     "load_config_file",
     "parse_config",

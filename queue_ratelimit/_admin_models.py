@@ -282,7 +282,10 @@ _ANSWERS = {
     401: "No valid bearer token.",
     403: "A change asked with the read-only token.",
     404: "Nothing is set there.",
-    409: "The namespace's state refuses it (recording is off, or keeps less than asked).",
+    409: (
+        "The namespace's state refuses it (recording is off, or keeps less than asked; "
+        "a new pause while the most it may run already)."
+    ),
     413: "A request body over 16 KiB, refused before it is read.",
     503: "Redis is unreachable.",
 }

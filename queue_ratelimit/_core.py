@@ -53,6 +53,7 @@ from ._errors import (
     InvalidName,
     InvalidScope,
     LimitNotFound,
+    TooManyPauses,
 )
 from ._keys import DEFAULT_NAMESPACE, DEFAULT_PREFIX, KeySpace, check_shards
 from ._limit import Limit
@@ -85,6 +86,10 @@ MAX_HOLD = 7 * 86400.0
 # The longest pause (MAX_PAUSE_MS in lua/config.lua, which checks it again): a downstream's
 # Retry-After longer than a month is better handled by an operator than by a timer.
 MAX_PAUSE = 30 * 86400.0
+# The most pauses that may run at once in a namespace (lua/config.lua applies it, 10,000
+# too when the argument is left out): each is a field of the config hash, read whole by
+# listings, scrapes, each Celery worker's look for caps and the shard rebalancer.
+MAX_PAUSES = 10_000
 
 
 @dataclass(slots=True)
@@ -486,7 +491,7 @@ class LimiterCore:
         # At least 1 ms (lua/config.lua refuses less); a float's digits as they are.
         return ScriptCall(
             [k.config, k.audit, k.shared, k.pauses],
-            ["pause", field, repr(max(1.0, ms)), actor, AUDIT_LENGTH],
+            ["pause", field, repr(max(1.0, ms)), actor, AUDIT_LENGTH, MAX_PAUSES],
         )
 
     def resume_call(self, scope: str | Scope, actor: str) -> ScriptCall:
@@ -496,11 +501,16 @@ class LimiterCore:
             [k.config, k.audit, k.shared, k.pauses], ["resume", field, "", actor, AUDIT_LENGTH]
         )
 
-    @staticmethod
-    def pause_result(call: ScriptCall, reply: list[object]) -> Pause:
-        """The pause a pause call left in place (longer than asked when one was running)."""
-        until_ms, now_ms = int(reply[2]), int(reply[3])  # type: ignore[call-overload]
+    def pause_result(self, call: ScriptCall, reply: list[object]) -> Pause:
+        """The pause a pause call left in place (longer than asked when one was running).
+
+        Raises:
+            TooManyPauses: a new pause was refused, as many as the bound run already.
+        """
         scope = str(call.args[1])[len(PAUSE_PREFIX) :]
+        if int(reply[0]) == -2:  # type: ignore[call-overload]
+            raise TooManyPauses(self.keys.namespace, scope, int(reply[2]))  # type: ignore[call-overload]
+        until_ms, now_ms = int(reply[2]), int(reply[3])  # type: ignore[call-overload]
         return Pause(scope, until_ms, float(max(0, until_ms - now_ms)))
 
     @staticmethod

@@ -15,6 +15,7 @@
     ├── LimitNotFound (KeyError)       get/delete of a scope (or weight) that is not set
     ├── BackendUnavailable             Redis unreachable or not serving: an outage
     ├── BacklogFull                    a fair backlog holds as many items as it may
+    ├── TooManyPauses                  a namespace runs as many pauses as it may
     └── RateLimited                    raised only where a caller asked for "reject"
 
 Being throttled is normally a result (``Decision.allowed`` is False), not an exception;
@@ -131,6 +132,22 @@ class BacklogFull(RateLimitError):
         self.queue = queue
         self.bound = bound
         super().__init__(f"the fair backlog of queue {queue!r} holds {bound} items already")
+
+
+class TooManyPauses(RateLimitError):
+    """A new pause while the namespace already runs the most it may (pauses that ran out
+    do not count; a running pause can still be lengthened). Each running pause is a field
+    of the configuration, which every listing, scrape and Celery worker reads whole."""
+
+    def __init__(self, namespace: str, scope: str, bound: int) -> None:
+        self.namespace = namespace
+        self.scope = scope
+        self.bound = bound
+        super().__init__(
+            f"namespace {namespace!r} runs {bound} pauses already (the most it may): "
+            f"{scope!r} was not paused; pause a wider scope (a queue, a priority, global) "
+            f"or resume pauses no longer needed"
+        )
 
 
 class RateLimited(RateLimitError):

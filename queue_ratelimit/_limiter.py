@@ -296,6 +296,9 @@ class Limiter(LimiterBase):
         Raises:
             InvalidScope / InvalidName: a scope that names nothing that can be paused.
             ConfigError: ``seconds`` not a finite number in (0, 30 days].
+            TooManyPauses: a new pause (not the lengthening of a running one) while the
+                namespace runs the most it may (10,000; those that ran out
+                do not count).
         """
         call = self._core.pause_call(scope, seconds, actor)
         with redis_errors():

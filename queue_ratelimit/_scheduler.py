@@ -707,7 +707,12 @@ class FairScheduler:
                 nothing (a producer whose jobs reach the queue counted otherwise, e.g.
                 ``route``).
             count: ``"if_allowed"`` counts the job only when it would start at once (a
-                producer that refuses the others).
+                producer that refuses the others); ``"always"`` counts it whatever.
+
+        Raises:
+            ConfigError: ``count`` is neither (a misspelt ``"if_allowed"`` counted every
+                job, refused ones too: each stood in the tenant's way until it lapsed,
+                twice its predicted wait later).
         """
         keys, args = self._hint_call(tenant, queue, priority, cost, item_id, count)
         with redis_errors():
@@ -736,6 +741,8 @@ class FairScheduler:
         item_id: str | None,
         count: Literal["always", "if_allowed"],
     ) -> tuple[list[str], list[Any]]:
+        if count not in ("always", "if_allowed"):
+            raise ConfigError(f"count must be 'always' or 'if_allowed', got {_shown(count)}")
         args = [
             check_name("queue", queue),
             check_name("tenant", tenant),

@@ -17,7 +17,8 @@ fix>}``, with any input they quote cut short: 400 for any bad input (a malformed
 value out of range, an invalid name or limit), 401 without a valid token, 403 for a change
 asked with the read-only token, 404 for something that is not set (a ``GET`` or a
 ``DELETE`` of it: a delete never answers 200 for nothing), 409 for a preview the namespace's
-state refuses (recording off, or a window longer than it keeps), 413 for a body over 16 KiB
+state refuses (recording off, or a window longer than it keeps) and for a new pause while
+the namespace runs the most pauses it may (``TooManyPauses``), 413 for a body over 16 KiB
 (refused before it is read), 503 while Redis is unreachable (the served client waits at
 most its timeout: ``Limiter.from_url``), 500 when Redis answers with an error
 (``BackendError``: broken data, not the request's fault). Names may hold ``/``
@@ -86,7 +87,13 @@ from ._admin_models import (
 )
 from ._core import redis_errors
 from ._decision import Pause, ScopeLimit, limit_fields
-from ._errors import BackendError, BackendUnavailable, LimitNotFound, RateLimitError
+from ._errors import (
+    BackendError,
+    BackendUnavailable,
+    LimitNotFound,
+    RateLimitError,
+    TooManyPauses,
+)
 from ._limit import Limit
 from ._limiter import Limiter
 from ._preview import RECORD_FIELD, preview_fields
@@ -391,7 +398,12 @@ def create_app(
         with redis_errors():
             return [_pause_out(p) for p in limiter.pauses().values()]
 
-    @route.put("/pauses/{scope:name}", "Pause a scope (a downstream's 429): only ever lengthened")
+    @route.put(
+        "/pauses/{scope:name}",
+        "Pause a scope (a downstream's 429): only ever lengthened",
+        # 409: a new pause while the namespace runs the most it may (TooManyPauses).
+        responses=answers(400, 403, 409, 413),
+    )
     def pause(scope: ConcreteScopePath, body: PauseIn, who: Actor) -> PauseOut:
         return _pause_out(limiter.pause(scope, body.seconds, actor=who))
 
@@ -483,9 +495,11 @@ class _Routes:
         return self.app.post(path, dependencies=[Auth], summary=summary, responses=responses)
 
     def put(
-        self, path: str, summary: str, name: str | None = None
+        self, path: str, summary: str, name: str | None = None, responses: Answers = WRITES
     ) -> Callable[[DecoratedCallable], DecoratedCallable]:
-        return self.app.put(path, dependencies=[Auth], summary=summary, responses=WRITES, name=name)
+        return self.app.put(
+            path, dependencies=[Auth], summary=summary, responses=responses, name=name
+        )
 
     def delete(
         self, path: str, summary: str, name: str | None = None
@@ -572,6 +586,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             return _error(503, type(exc).__name__, str(exc))
         if isinstance(exc, BackendError):  # broken data in Redis, not the request's fault
             return _error(500, type(exc).__name__, str(exc))
+        if isinstance(exc, TooManyPauses):  # a sound request the namespace's state refuses
+            return _error(409, type(exc).__name__, str(exc))
         return _error(400, type(exc).__name__, str(exc))
 
 

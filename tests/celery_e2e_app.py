@@ -15,6 +15,9 @@ Environment (for the worker's module-level ``app``):
     QRL_E2E_SETTINGS: JSON object merged into ``app.conf.queue_ratelimit``.
     QRL_E2E_BACKEND: a result backend URL (results are stored only when it is set; chords
         need one).
+    QRL_E2E_ROUTING_KEY: when set, the queue is bound to a topic exchange of its own
+        (``<queue>-x``) as ``<key>.#``, and tasks are published to it as ``<key>.jobs``:
+        routing keys that are not queue names.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import worker_ready
+from kombu import Exchange, Queue
 
 from queue_ratelimit.celery import install
 
@@ -107,9 +111,26 @@ def build_app(
     settings: Mapping[str, Any] | None = None,
     enabled: bool = True,
     backend: str | None = None,
+    routing_key: str = "",
 ) -> Celery:
     """A Celery app with queue-ratelimit installed and the recording tasks registered."""
     app = Celery(f"e2e-{namespace}", broker=broker, backend=backend or None)
+    if routing_key:
+        # (Celery publishes to a direct exchange's queue by its name, through the default
+        # exchange, unless a route names the exchange: hence a topic exchange and a route.
+        # The route declares the queue: a Redis producer routes by the exchanges it knows.)
+        bound = Queue(queue, Exchange(f"{queue}-x", type="topic"), routing_key=f"{routing_key}.#")
+        app.conf.update(
+            task_queues=[bound],
+            task_routes={
+                "e2e.*": {
+                    "exchange": bound.exchange.name,
+                    "exchange_type": "topic",
+                    "routing_key": f"{routing_key}.jobs",
+                    "declare": [bound],
+                }
+            },
+        )
     app.conf.update(
         task_default_queue=queue,
         task_acks_late=acks_late,
@@ -169,19 +190,20 @@ def build_app(
         recorder.record(self, "run", tag=tag)
 
     @app.task(bind=True, shared=False, name="e2e.partner", max_retries=0)
-    def partner(self: Any, tag: str = "", retry_after: float = 1.5) -> None:
+    def partner(self: Any, tag: str = "", retry_after: float = 1.5, scope: str = "tenant") -> None:
         """Call a fake partner API (a counter in Redis) that answers 429 to the call
-        numbered ``tag``'s key says (once): then pause the tenant and hand the task back
-        (event "429", with the pause's end on Redis's clock); else record the run."""
+        numbered ``tag``'s key says (once): then pause ``scope`` (the tenant by default)
+        and hand the task back (event "429", with the pause's end on Redis's clock and
+        the scope paused); else record the run."""
         client = recorder.client
         if client.incr(f"e2e:{namespace}:partner:calls") == int(
             client.get(f"e2e:{namespace}:partner:fails_at") or 0
         ):
             from queue_ratelimit.celery import pause_and_retry, pause_scope
 
-            pause = pause_scope(self, retry_after)
-            recorder.record(self, "429", tag=tag, until_ms=pause.until_ms)
-            pause_and_retry(self, retry_after)
+            pause = pause_scope(self, retry_after, scope=scope)
+            recorder.record(self, "429", tag=tag, until_ms=pause.until_ms, scope=pause.scope)
+            pause_and_retry(self, retry_after, scope=scope)
         recorder.record(self, "run", tag=tag)
 
     @app.task(shared=False, name="e2e.noop")
@@ -213,6 +235,7 @@ def _from_env() -> Celery | None:
         settings=json.loads(env.get("QRL_E2E_SETTINGS") or "{}"),
         enabled=env.get("QRL_E2E_INSTALL", "1") == "1",
         backend=env.get("QRL_E2E_BACKEND") or None,
+        routing_key=env.get("QRL_E2E_ROUTING_KEY") or "",
     )
 
 

@@ -133,6 +133,9 @@ class E2E:
         namespace: the limiter namespace (unique per test); also names the test's queue.
         backend: a result backend URL for workers and producers; none (no results) when
             empty.
+        routing_key: publish tasks as ``<routing_key>.jobs`` to a topic exchange of the
+            queue's own (a routing key that is not the queue's name); Celery's default
+            routing when empty.
     """
 
     broker: str
@@ -142,6 +145,7 @@ class E2E:
     namespace: str = field(default_factory=lambda: f"e2e{uuid.uuid4().hex[:10]}")
     acks_late: bool = False
     backend: str = ""
+    routing_key: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     _apps: list[Any] = field(default_factory=list)
@@ -167,6 +171,7 @@ class E2E:
             QRL_E2E_ACKS_LATE="1" if self.acks_late else "0",
             QRL_E2E_SETTINGS=json.dumps(self.settings),
             QRL_E2E_BACKEND=self.backend,
+            QRL_E2E_ROUTING_KEY=self.routing_key,
             PYTHONPATH=os.pathsep.join(
                 [str(TESTS_DIR), str(TESTS_DIR.parent), env.get("PYTHONPATH", "")]
             ),
@@ -233,6 +238,7 @@ class E2E:
             acks_late=self.acks_late,
             settings={**self.settings, **settings},
             backend=self.backend or None,
+            routing_key=self.routing_key,
         )
         self._apps.append(app)
         return app
@@ -334,6 +340,8 @@ class E2E:
             try:
                 with Connection(self.broker, connect_timeout=3) as conn:
                     conn.default_channel.queue_delete(self.queue)
+                    if self.routing_key:
+                        conn.default_channel.exchange_delete(f"{self.queue}-x")
             except Exception:  # best effort: the queue may never have been declared
                 pass
         else:

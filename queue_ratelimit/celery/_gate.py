@@ -45,6 +45,7 @@ from ._identity import (
     item_id_of,
     task_fields,
 )
+from ._lane import gate_lane
 from ._options import HEADER_FRONT, HEADER_NONCE, HeaderOptions, RateOptions, gated
 from ._parking import BacklogChannel, decode_message, encode_message, from_backlog
 from ._runtime import Runtime, runtime_of
@@ -303,8 +304,8 @@ class RateLimitGate(bootsteps.StartStopStep):
             # Another producer's headers (any type, any size): run it with the defaults.
             log.error("queue-ratelimit: %s in message %s; using defaults", exc, item_id)
             options = self.header_options({})
-        routing_key = (message.delivery_info or {}).get("routing_key")
-        lane = routing_key if routing_key in self.lanes else self.lanes[0]
+        # (Also written into the message's headers: the task pauses what the gate used.)
+        lane = gate_lane(message, self.lanes, getattr(self.consumer, "task_consumer", None))
         return Job(item_id, lane, options, exact)
 
     def _item_id(self, message: Any) -> str:

@@ -17,7 +17,7 @@ from celery.worker.control import inspect_command
 from redis.exceptions import RedisError
 
 from .._client import queue_time
-from .._errors import RateLimitError
+from .._errors import BackendError, RateLimitError
 from .._shard_layout import layouts
 
 if TYPE_CHECKING:
@@ -43,7 +43,21 @@ def gate_of(consumer: Any) -> RateLimitGate | None:
 
 def backlog_report(gate: RateLimitGate) -> dict[str, Any]:
     """What waits in the gate's queues, from Redis (one pipelined read; on a sharded
-    namespace every shard's lanes, added up)."""
+    namespace every shard's lanes, added up).
+
+    Raises:
+        BackendError: a count that is no integer (another client wrote it): the report
+            says so (``backlog_error``) instead of the command failing as a whole.
+    """
+    try:
+        return _backlog_report(gate)
+    except RateLimitError:
+        raise
+    except ValueError as exc:
+        raise BackendError(f"queue-ratelimit: a corrupt backlog count: {exc}") from exc
+
+
+def _backlog_report(gate: RateLimitGate) -> dict[str, Any]:
     scheduler = gate._rt.scheduler
     spaces = layouts(scheduler.limiter)
     pipe = scheduler.client.pipeline(transaction=False)

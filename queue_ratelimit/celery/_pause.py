@@ -11,6 +11,7 @@ from celery.exceptions import Ignore
 
 from .._decision import Pause
 from .._errors import ConfigError
+from ._lane import HEADER_LANE, running_queue
 from ._options import HEADER_FRONT, HEADER_HINT, HEADER_NONCE, gated, running_options
 from ._runtime import runtime_of
 
@@ -21,11 +22,12 @@ _OWN_SCOPES = ("tenant", "queue", "tenant_queue")
 def own_scope(task: Any, scope: str) -> str:
     """``scope`` as a scope name: ``"tenant"``, ``"queue"`` and ``"tenant_queue"`` name the
     running task's own (its tenant as the gate read it: the default when the message has
-    none or a malformed one); anything else is taken as a scope name as it is."""
+    none or a malformed one; its queue as the gate found it, not the routing key);
+    anything else is taken as a scope name as it is."""
     if scope not in _OWN_SCOPES:
         return scope
     request = task.request
-    queue = (request.delivery_info or {}).get("routing_key") or task.app.conf.task_default_queue
+    queue = running_queue(request, task.app.conf.task_default_queue)
     if scope == "queue":
         return f"queue:{queue}"
     runtime = runtime_of(task.app)
@@ -68,6 +70,8 @@ def pause_and_retry(task: Any, seconds: float, *, scope: str = "tenant") -> NoRe
             in a worker, it opts out of the gate (``rate_gate=False``: nothing would hold
             its copy back), or the pause is refused (a bad scope or length); nothing is
             paused then.
+        TooManyPauses: a new pause while the namespace runs the most it may: nothing is
+            paused and the task is not handed back (it fails, or retries if it asks to).
     """
     runtime = runtime_of(task.app)
     if runtime is None:
@@ -90,9 +94,9 @@ def hand_back(task: Any) -> NoReturn:
     """Publish the running task again, marked for the head of its class in the fair
     backlog, and end this execution with ``Ignore`` (see ``pause_and_retry``)."""
     request = task.request
-    headers = {
-        k: v for k, v in (request.headers or {}).items() if k not in (HEADER_HINT, HEADER_NONCE)
-    }
+    # (The gate that takes the copy writes its own lane.)
+    dropped = (HEADER_HINT, HEADER_NONCE, HEADER_LANE)
+    headers = {k: v for k, v in (request.headers or {}).items() if k not in dropped}
     # A new nonce: this is a new publish of the task, not a redelivery of the one running.
     headers[HEADER_NONCE] = uuid.uuid4().hex
     headers[HEADER_FRONT] = "1"

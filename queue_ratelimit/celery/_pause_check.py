@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from .._client import queue_time
 from .._errors import RateLimitError
+from ._lane import running_queue
 from ._options import gated, running_options
 from ._runtime import runtime_of
 
@@ -96,7 +97,7 @@ def _paused(task: Any) -> bool:
     # (The tenant and priority the gate judged the message by: a malformed header ran it
     # as the default, and only the default's pauses hold it back.)
     options = running_options(request, runtime.settings)
-    queue = (request.delivery_info or {}).get("routing_key") or task.app.conf.task_default_queue
+    queue = running_queue(request, task.app.conf.task_default_queue)  # the gate's lane
     fields = pause_fields(options.tenant, queue, options.priority)
     try:
         limiter = runtime.limiter

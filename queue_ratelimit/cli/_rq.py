@@ -8,7 +8,7 @@ import os
 import click
 
 from ._app import Settings, main
-from ._format import _table
+from ._format import _cell, _table
 
 
 @main.group("rq", short_help="Run RQ workers that fetch jobs fairly within the budgets.")
@@ -134,7 +134,7 @@ def rq_info(
     rows: list[list[str]] = []
     for q in infos:
         t = q.total
-        rows.append([q.name, "(all)", str(t.waiting), str(t.parked), str(t.running), ""])
+        rows.append([_cell(q.name), "(all)", str(t.waiting), str(t.parked), str(t.running), ""])
         for tenant, c in sorted(q.tenants.items()):
             held = q.held_back_by.get(tenant, "")
             rows.append(["", tenant, str(c.waiting), str(c.parked), str(c.running), held])

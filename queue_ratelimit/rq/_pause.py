@@ -76,5 +76,7 @@ def pause_and_requeue(seconds: float, *, scope: str = "tenant") -> NoReturn:
     Raises:
         PauseRequested: always, once the pause is in place.
         ConfigError: not inside a running RQ job, or the pause is refused.
+        TooManyPauses: a new pause while the namespace runs the most it may (nothing
+            paused; the job fails as for any other error).
     """
     raise PauseRequested(pause_current_scope(seconds, scope=scope))
