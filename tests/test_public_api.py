@@ -47,6 +47,7 @@ EXPECTED = {
     "Scope",
     "ScopeLimit",
     "Slot",
+    "TooManyPauses",
     "config_from_env",
     "load_config_file",
     "parse_config",
