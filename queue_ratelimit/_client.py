@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis._parsers import CommandsParser
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterPipeline, RedisCluster
@@ -81,13 +82,29 @@ def cluster_client(
     # The cluster client retries at its own level (its nodes' clients do not): once at
     # once, as a plain client does, not redis-py's default of 3 with pauses of up to 10 s.
     try:
-        return RedisCluster.from_url(node_url(url), **options)
+        client = RedisCluster.from_url(node_url(url), **options)
     except RedisClusterException as exc:
         # (The client asks the node it is given for the others as it is made: with that node
         # down there is no client yet, and this is an outage like any other.)
         raise BackendUnavailable(
             f"Redis Cluster unreachable through {mask_url(url)}: {exc}"
         ) from exc
+    # (The parser has no state of its own beyond its base's: its class can be swapped.)
+    client.commands_parser.__class__ = _FunctionKeysParser
+    return client
+
+
+class _FunctionKeysParser(CommandsParser):
+    """redis-py's key parser for a cluster client, reading an ``FCALL``'s keys from its
+    arguments (as redis-py does for ``EVAL``) instead of asking the cluster's default node
+    (``COMMAND GETKEYS``) before each call: with that node stopped, every script call, to
+    whichever primary, failed or waited out its timeout, and the gate rested the healthy
+    primaries' tenants with the stopped one's (docs/reliability.md)."""
+
+    def get_keys(self, redis_conn: Any, *args: Any) -> Any:
+        if len(args) > 2 and str(args[0]).upper() in ("FCALL", "FCALL_RO"):
+            return list(args[3 : 3 + int(args[2])])
+        return super().get_keys(redis_conn, *args)  # type: ignore[no-untyped-call]
 
 
 def async_redis_client(

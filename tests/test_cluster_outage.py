@@ -91,3 +91,25 @@ def test_a_publish_goes_out_while_the_cluster_cannot_be_reached(url_of_a_stopped
         with conn.SimpleQueue("celery") as queue:
             assert queue.qsize() == 2
     assert all(r.id for r in sent)
+
+
+def test_a_stopped_way_in_does_not_hold_the_other_primaries_tenants(
+    stopped_primary: tuple[Limiter, str],
+) -> None:
+    """The stopped primary is the node the URL names (the client's default node): redis-py
+    asked it for every ``FCALL``'s keys (``COMMAND GETKEYS``) before sending the call to
+    the key's own primary, so every tenant, on whichever primary, met its outage."""
+    limiter, tenant = stopped_primary
+    with pytest.raises(BackendUnavailable):  # (waits out its timeout: the node is down)
+        limiter.acquire(tenant)
+    stopped_port = limiter.client.get_node_from_key(
+        limiter.shard_keys[limiter.shard_of(tenant)].config
+    ).port
+    others = [
+        t
+        for t in (f"t{i}" for i in range(1000))
+        if limiter.client.get_node_from_key(limiter.shard_keys[limiter.shard_of(t)].config).port
+        != stopped_port
+    ][:10]
+    assert [limiter.acquire(t).allowed for t in others] == [True] * len(others)
+    assert limiter._scripts.transport == "fcall"  # (what redis-py looked the keys of up)
