@@ -40,9 +40,11 @@ class CelerySettings:
             can reach Redis is kept a lease longer (docs/design.md, "Silences"), so it need
             not outlast an outage; it bounds how soon a dead worker's jobs come back.
         poll_interval: how often an idle worker looks for re-admissible work (seconds).
-        max_held: jobs a worker holds in memory at once: re-admitted work not yet settled,
-            and messages kept unacknowledged (closed fail mode, a full backlog); default the
-            reserve.
+        max_held: re-admitted jobs a worker holds at once (not yet settled), and how many
+            messages it keeps while Redis cannot yet say whether they are in the backlog
+            may raise its prefetch window (a park in doubt, a redelivery); default the
+            reserve. Messages kept by the closed fail mode or a full backlog stay within the
+            window, and the broker keeps the rest.
         dedupe_window: seconds a job that ran through the backlog is remembered, so that a
             broker redelivery of its original message is not run again.
         counter_retention: seconds an idle tenant's counters (and its pass in the fair
