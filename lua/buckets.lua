@@ -1275,10 +1275,17 @@ end
 -- A job is in transit until a gate sees it (hint.lua, scheduler.lua "route"): `id` joins the tenant's set, its entry lapsing
 -- at `lapse_ms`; entries lapsed by `now` (ms) are dropped, and the set itself goes when its
 -- last entry lapses.
+-- Bounded, so that jobs that never arrive (a purged broker queue) cost little: an entry
+-- lapses within TRANSIT_MAX_MS (a predicted wait may be years on a slow limit), and a set
+-- keeps at most TRANSIT_MAX_ENTRIES, the soonest to lapse going first. Past either, a hint
+-- counts fewer jobs ahead than there are (it says "sooner"); nothing else reads the set.
+local TRANSIT_MAX_MS, TRANSIT_MAX_ENTRIES = 7 * 86400000, 100000
 local function in_transit(key, id, now, lapse_ms)
-  lapse_ms = math.ceil(lapse_ms)
+  lapse_ms = math.ceil(math.min(lapse_ms, now + TRANSIT_MAX_MS))
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, lapse_ms, id)
+  local over = redis.call('ZCARD', key) - TRANSIT_MAX_ENTRIES
+  if over > 0 then redis.call('ZPOPMIN', key, over) end
   if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
 end
 

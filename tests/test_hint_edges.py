@@ -1,6 +1,7 @@
 """Producer hints (``FairScheduler.hint``, lua/hint.lua) with hostile inputs: costs at the
 float edges, huge counts of jobs ahead, names and ids that are not ours, the ``count``
-switch misspelt. Probed in docs/reliability.md, "Probed in session 8"."""
+switch misspelt, the transit set's bounds. Probed in docs/reliability.md, "Probed in session 7,
+second round"."""
 
 from __future__ import annotations
 
@@ -80,3 +81,39 @@ def test_the_largest_cost_behind_many_jobs_waits_at_most_the_longest_wait(
     # 1e-6 fit the one token there is, so the cheapest is told it starts at once.)
     smallest = scheduler.hint("acme", cost=1e-6)
     assert (smallest.allowed, smallest.wait_ms) == (True, 0.0)
+
+
+def server_ms(limiter: Limiter) -> int:
+    seconds, micros = limiter.client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def test_a_job_in_transit_stops_counting_within_seven_days(scheduler: FairScheduler) -> None:
+    """On a limit of one job every 115 days the predicted wait is months, and an entry of a
+    job that never arrives (a purged broker queue) stayed counted for twice that."""
+    limiter = scheduler.limiter
+    limiter.set_limit("tenant:*", Limit(1, per=115 * 86400, burst=1))
+    scheduler.hint("acme", item_id="first", count="always")
+    before = server_ms(limiter)
+    hint = scheduler.hint("acme", item_id="second", count="always")
+    assert hint.wait_ms > 30 * 86400 * 1000  # (months: far past the bound)
+    lapses = limiter.client.zscore(scheduler.keys.transit("default", "acme"), "second")
+    assert lapses is not None
+    assert lapses <= server_ms(limiter) + 7 * 86400 * 1000 + 1  # (rounded up to a ms)
+    assert lapses >= before + 7 * 86400 * 1000 - 1000
+
+
+def test_a_tenants_transit_set_keeps_at_most_100000_jobs_the_soonest_to_lapse_going_first(
+    scheduler: FairScheduler,
+) -> None:
+    limiter = scheduler.limiter
+    limiter.set_limit("tenant:*", Limit(1, per=3600, burst=1))
+    transit = scheduler.keys.transit("default", "acme")
+    soon = server_ms(limiter) + 60_000  # each lapses sooner than the hinted job below
+    for start in range(0, 100_000, 10_000):
+        limiter.client.zadd(transit, {f"j{i}": soon + i for i in range(start, start + 10_000)})
+    scheduler.hint("acme", item_id="new", count="always")
+    assert limiter.client.zcard(transit) == 100_000
+    assert limiter.client.zscore(transit, "new") is not None
+    assert limiter.client.zscore(transit, "j0") is None  # (the soonest to lapse went)
+    assert limiter.client.zscore(transit, "j1") is not None
