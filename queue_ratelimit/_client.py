@@ -89,9 +89,17 @@ def cluster_client(
         raise BackendUnavailable(
             f"Redis Cluster unreachable through {mask_url(url)}: {exc}"
         ) from exc
-    # (The parser has no state of its own beyond its base's: its class can be swapped.)
-    client.commands_parser.__class__ = _FunctionKeysParser
+    read_function_keys_locally(client)
     return client
+
+
+def read_function_keys_locally(client: Any) -> None:
+    """Have a sync ``RedisCluster`` read an ``FCALL``'s keys from its arguments
+    (``_FunctionKeysParser``), whoever made it; any other client is left as it is."""
+    parser = getattr(client, "commands_parser", None)
+    if isinstance(client, RedisCluster) and type(parser) is CommandsParser:
+        # (The parser has no state of its own beyond its base's: its class can be swapped.)
+        parser.__class__ = _FunctionKeysParser
 
 
 class _FunctionKeysParser(CommandsParser):

@@ -30,6 +30,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._client import read_function_keys_locally
 from ._concurrency import CONCURRENCY_PREFIX, check_concurrency
 from ._decision import (
     PAUSE_PREFIX,
@@ -622,6 +623,8 @@ class LimiterBase:
             counter_retention=counter_retention,
         )
         self.client = client
+        # A cluster client made elsewhere reads its script calls' keys as ours do (_client).
+        read_function_keys_locally(client)
         self._scripts = Scripts(client)
         self.eviction = check_eviction_mode(eviction)
         if self.eviction != "ignore":

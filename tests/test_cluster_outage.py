@@ -113,3 +113,31 @@ def test_a_stopped_way_in_does_not_hold_the_other_primaries_tenants(
     ][:10]
     assert [limiter.acquire(t).allowed for t in others] == [True] * len(others)
     assert limiter._scripts.transport == "fcall"  # (what redis-py looked the keys of up)
+
+
+def test_a_cluster_client_made_elsewhere_reads_its_script_keys_too(
+    partial_cluster: list[RedisProcess],
+) -> None:
+    """``Limiter(RedisCluster(...))``: a client the caller built reads an ``FCALL``'s keys
+    from its arguments as ours does, so its default node stopped holds no other tenant."""
+    from redis.cluster import RedisCluster
+
+    stopped = partial_cluster[0]  # (the client's way in, its default node)
+    client = RedisCluster(
+        host="127.0.0.1", port=stopped.port, socket_timeout=1, socket_connect_timeout=1
+    )
+    limiter = Limiter(client, namespace=f"e{uuid.uuid4().hex[:8]}", shards=3)
+    limiter.set_limit("tenant:*", Limit(100, burst=100))
+
+    def port_of(tenant: str) -> int:
+        key = limiter.shard_keys[limiter.shard_of(tenant)].config
+        return int(client.get_node_from_key(key).port)
+
+    others = [t for t in (f"t{i}" for i in range(1000)) if port_of(t) != stopped.port][:10]
+    assert all(limiter.acquire(t).allowed for t in others)  # (each primary has the scripts)
+    stopped.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert [limiter.acquire(t).allowed for t in others] == [True] * len(others)
+    finally:
+        stopped.proc.send_signal(signal.SIGCONT)
+        client.close()
