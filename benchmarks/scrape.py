@@ -97,8 +97,8 @@ def _fill(limiter: Limiter, tenants: int, queues: int) -> None:
                 limiter._scripts.queue(
                     pipe,
                     "acquire.lua",
-                    [limiter.keys.config, limiter.keys.tenant(tenant), limiter.keys.shared],
-                    [tenant, "acquire", "", queue, "1", "", "3600000"],
+                    [limiter.keys.tenant(tenant), limiter.keys.shared],
+                    [queue, "", "1", "", "acquire", "3600000"],
                 )
         pipe.execute()
         scheduler.submit_many([SubmitItem(t, f"job-{t}", queue=q) for t, q in names])

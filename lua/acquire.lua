@@ -3,13 +3,14 @@
 -- releases and renews the concurrency slots taken). Runs with buckets.lua (one Functions
 -- library, or prefixed to it as an EVALSHA script).
 --
--- KEYS: config hash, tenant hash, shared hash
--- ARGV: tenant, then optionally mode ("acquire" (default) | "peek" | "refund"), counter
---       retention in ms ("" for the default, 15 minutes: DEFAULT_RETENTION_MS in
---       _core.py), queue ("" for none), cost (default 1), priority ("" for none), slot
---       hold in ms (default 60 s: DEFAULT_HOLD in _core.py; used only where a concurrency
---       cap applies). Every argument costs the client time to send, so trailing defaults
---       are left out.
+-- KEYS: tenant hash, shared hash (the config hash and the tenant are read from their names:
+--       buckets.lua, config_key_of and tenant_of)
+-- ARGV, all optional: queue ("" for none), priority ("" for none), cost (default 1),
+--       counter retention in ms ("" for the default, 15 minutes: DEFAULT_RETENTION_MS in
+--       _core.py), mode ("acquire" (default) | "peek" | "refund"), slot hold in ms
+--       (default 60 s: DEFAULT_HOLD in _core.py; used only where a concurrency cap
+--       applies). Every argument costs the client time to send and Redis time to parse, so
+--       trailing defaults are left out: most calls send none, or the queue alone.
 -- Reply: one string (a flat reply costs the client far less to parse than nested arrays;
 -- names never contain spaces):
 --   "<status> <wait_ms> <denied_by or -> <scope> <remaining> ... | <would-deny scope> ..."
@@ -18,22 +19,24 @@
 --   " # <slot token> <cap scope> ...". A denial by a concurrency cap names the scope as
 --   "!<scope>" (its wait: until the earliest lease of that cap runs out), one by a pause
 --   as "~<scope>" (its wait: the time left of the pause).
-local tenant, mode = ARGV[1], ARGV[2] or 'acquire'
-local queue, priority = ARGV[4] or '', ARGV[6] or ''
+local tenant_key, shared_key = KEYS[1], KEYS[2]
+local config_key = config_key_of(shared_key)
+local queue, priority = ARGV[1] or '', ARGV[2] or ''
 -- Numbers are checked before anything is read or written: a call that fails changes nothing.
 -- (Most calls leave the trailing defaults out, and pay for no check.)
-local keep_ms, cost, hold, nargs = 900000, 1, 60000, #ARGV
-if nargs > 1 then
-  if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'refund' then
-    error('queue-ratelimit: unknown decision mode ' .. string.sub(mode, 1, 40))
-  end
-  if nargs > 2 then
-    if ARGV[3] ~= '' then
-      keep_ms = arg_number(ARGV[3], keep_ms, 1, MAX_KEEP_MS, 'counter retention (ms)')
+local keep_ms, cost, hold, mode, nargs = 900000, 1, 60000, 'acquire', #ARGV
+if nargs > 2 then
+  cost = arg_number(ARGV[3], cost, MIN_COST, MAX_COST, 'cost')
+  if nargs > 3 then
+    if ARGV[4] ~= '' then
+      keep_ms = arg_number(ARGV[4], keep_ms, 1, MAX_KEEP_MS, 'counter retention (ms)')
     end
     if nargs > 4 then
-      cost = arg_number(ARGV[5], cost, MIN_COST, MAX_COST, 'cost')
-      if nargs > 6 then hold = arg_number(ARGV[7], hold, 1, MAX_HOLD_MS, 'slot hold (ms)') end
+      mode = ARGV[5]
+      if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'refund' then
+        error('queue-ratelimit: unknown decision mode ' .. string.sub(mode, 1, 40))
+      end
+      if nargs > 5 then hold = arg_number(ARGV[6], hold, 1, MAX_HOLD_MS, 'slot hold (ms)') end
     end
   end
 end
@@ -43,10 +46,11 @@ end
 local ctx
 if mode == 'acquire' then
   local reply
-  reply, ctx = lean_acquire(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority, cost, keep_ms)
+  reply, ctx = lean_acquire(config_key, tenant_key, shared_key, queue, priority, cost, keep_ms)
   if reply then return reply end
 end
-if not ctx then ctx = load(KEYS[1], KEYS[2], KEYS[3], tenant, queue, priority) end
+-- (The tenant, false: read from the tenant hash's name if a plan must be built.)
+if not ctx then ctx = load(config_key, tenant_key, shared_key, false, queue, priority) end
 
 if mode == 'refund' then
   credit(ctx, cost, keep_ms)
@@ -67,7 +71,7 @@ if status == 0 then
 end
 if status == 2 then
   -- One token for every slot this decision takes (a counter no holder had before).
-  local token = fmt(redis.call('HINCRBY', KEYS[3], 'n:lease', 1))
+  local token = fmt(redis.call('HINCRBY', shared_key, 'n:lease', 1))
   local scopes = take_slots(ctx, token, ctx.now + hold * 1000)
   admit(ctx, cost, would_deny, keep_ms, {})
   if scopes == '' then return decision_reply(ctx, '1', '0', false, would_deny) end

@@ -329,6 +329,43 @@ local function config_at(config_key, rev)
   return c
 end
 
+-- A decision (acquire.lua) names two keys, the tenant hash and the shared hash: the config
+-- hash and the tenant are read from their names (_keys.py: `<base>:shared`,
+-- `<base>:config`, `<base>:t:<tenant>`, one hash tag, so one slot on a cluster). Every key
+-- and argument of a call costs Redis about 1,300 instructions to parse and hand to Lua
+-- (2-3% of a lean decision), and these two only repeated what the other keys say
+-- (docs/benchmarks.md, "Two keys, no tenant argument").
+-- The config hash is kept by shared hash (at most CONFIG_KEYS_MAX; past that the memo
+-- starts over), so that a call pays a table read rather than string work; the tenant is
+-- read from the name only to build a plan (plans are cached by tenant hash: cached_plan).
+local CONFIG_KEYS_MAX = 4096
+local config_keys, config_keys_n = {}, 0
+
+-- The config hash of a shared hash, by its name.
+local function config_key_of(shared_key)
+  local config_key = config_keys[shared_key]
+  if config_key then return config_key end
+  if string.sub(shared_key, -7) ~= ':shared' then
+    error('queue-ratelimit: not a shared hash: ' .. string.sub(shared_key, 1, 200))
+  end
+  config_key = string.sub(shared_key, 1, -7) .. 'config'
+  if config_keys_n >= CONFIG_KEYS_MAX then config_keys, config_keys_n = {}, 0 end
+  config_keys[shared_key], config_keys_n = config_key, config_keys_n + 1
+  return config_key
+end
+
+-- The tenant a tenant hash belongs to, by its name; an error unless that hash is in the
+-- shared hash's namespace (its name: the shared hash's base, ':t:', the tenant).
+local function tenant_of(tenant_key, shared_key)
+  local base_len = #shared_key - 7
+  if #tenant_key <= base_len + 3 or
+      string.sub(tenant_key, 1, base_len + 3) ~= string.sub(shared_key, 1, base_len) .. ':t:' then
+    error('queue-ratelimit: not a tenant hash of this namespace: ' ..
+          string.sub(tenant_key, 1, 200))
+  end
+  return string.sub(tenant_key, base_len + 4)
+end
+
 -- Priority scopes (config priority:<p>): one bucket per priority, across every tenant and
 -- queue, kept in the shared hash (b:priority:<p>, b:priority:<p>:u). It caps what work of
 -- that priority may take, whatever its weight in the fair scheduler; exempt "all" tenants
@@ -475,21 +512,23 @@ local function build_plan(config_key, tenant, queue, priority)
           caps = #caps > 0 and caps or false}
 end
 
-local function cached_plan(c, tenant, queue, priority)
-  local by_tenant = c.plans[tenant]
+-- Plans are cached by tenant hash (one per tenant in a namespace), so that the decision's
+-- lean path finds its plan from KEYS alone (acquire.lua takes no tenant argument).
+local function cached_plan(c, tenant_key, queue, priority)
+  local by_tenant = c.plans[tenant_key]
   local by_queue = by_tenant and by_tenant[queue]
   return by_queue and by_queue[priority]
 end
 
-local function new_plan(c, config_key, tenant, queue, priority)
+local function new_plan(c, config_key, tenant_key, tenant, queue, priority)
   local plan = build_plan(config_key, tenant, queue, priority)
   plan.pauses = plan_pauses(config_key, tenant, queue, priority)
   -- Its estimated size (names appear in several strings of the plan, hence twice).
   local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority)
   if plan.caps then bytes = bytes + CAP_BYTES * #plan.caps end
   charge(c, bytes)  -- (may start over: the plan is added to what is left)
-  local by_tenant = c.plans[tenant]
-  if not by_tenant then by_tenant = {}; c.plans[tenant] = by_tenant end
+  local by_tenant = c.plans[tenant_key]
+  if not by_tenant then by_tenant = {}; c.plans[tenant_key] = by_tenant end
   local by_queue = by_tenant[queue]
   if not by_queue then by_queue = {}; by_tenant[queue] = by_queue end
   by_queue[priority] = plan
@@ -538,11 +577,12 @@ end
 
 -- Reads the bucket states of one decision (one HMGET per hash, and TIME) and refills every
 -- bucket to now. `cfg_extra` names more config fields to read (ctx.cfg_extra: their values).
+-- `tenant` false: read from the tenant hash's name, if a plan must be built (tenant_of).
 local function load(config_key, tenant_key, shared_key, tenant, queue, priority, cfg_extra)
   -- The plan cached for the revision last seen; its shared-hash read says whether the
   -- revision is still current. If not (or nothing is cached), plan again.
   local c = CONFIGS[config_key]
-  local plan = c and cached_plan(c, tenant, queue, priority)
+  local plan = c and cached_plan(c, tenant_key, queue, priority)
   local sv
   if plan then
     if plan.rev_at == 1 then
@@ -556,7 +596,8 @@ local function load(config_key, tenant_key, shared_key, tenant, queue, priority,
   end
   if not plan then
     c = config_at(config_key, redis.call('HGET', shared_key, '_rev'))
-    plan = new_plan(c, config_key, tenant, queue, priority)
+    plan = new_plan(c, config_key, tenant_key, tenant or tenant_of(tenant_key, shared_key), queue,
+                    priority)
     sv = redis.call('HMGET', shared_key, unpack(plan.sf))
   end
   local tv = redis.call('HMGET', tenant_key, unpack(plan.tf))
@@ -1713,11 +1754,10 @@ end
 -- A decision's `acquire` (acquire.lua) on the lean path: its reply when the lean path
 -- decided it; else nothing (no lean plan cached: load() from scratch), or false and the
 -- ctx load() would have built (the general path decides on it: judge and what follows).
-local function lean_acquire(config_key, tenant_key, shared_key, tenant, queue, priority, cost,
-                            keep_ms)
+local function lean_acquire(config_key, tenant_key, shared_key, queue, priority, cost, keep_ms)
   local c = CONFIGS[config_key]
   if not c then return end
-  local by_tenant = c.plans[tenant]
+  local by_tenant = c.plans[tenant_key]
   local by_queue = by_tenant and by_tenant[queue]
   local plan = by_queue and by_queue[priority]
   if not plan then return end
@@ -1730,10 +1770,10 @@ local function lean_acquire(config_key, tenant_key, shared_key, tenant, queue, p
 end
 
 -- What lean.lua reports for a (tenant, queue, priority): "lean", "general" or "none".
-local function lean_status(config_key, tenant_key, shared_key, tenant, queue, priority)
+local function lean_status(config_key, tenant_key, shared_key, queue, priority)
   local c = CONFIGS[config_key]
   if not c or redis.call('HGET', shared_key, '_rev') ~= c.rev then return 'none' end
-  local by_tenant = c.plans[tenant]
+  local by_tenant = c.plans[tenant_key]
   local by_queue = by_tenant and by_tenant[queue]
   local plan = by_queue and by_queue[priority]
   if not plan then return 'none' end

@@ -3,6 +3,6 @@
 -- or "none" when no plan is cached yet for the configuration now in force (always, as an
 -- EVALSHA script: that form keeps no plan between calls). Reads the revision only.
 --
--- KEYS: config hash, tenant hash, shared hash
--- ARGV: tenant, queue ("" for none), priority ("" for none)
-return lean_status(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2] or '', ARGV[3] or '')
+-- KEYS: tenant hash, shared hash (as acquire.lua's)
+-- ARGV: queue ("" for none), priority ("" for none)
+return lean_status(config_key_of(KEYS[2]), KEYS[1], KEYS[2], ARGV[1] or '', ARGV[2] or '')

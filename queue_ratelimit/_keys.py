@@ -13,10 +13,13 @@ The Lua scripts never spell a key themselves: they get the names (KEYS) or, wher
 part is only known inside the script (a tenant read from a sorted set, a lane from an item's
 record), the prefix of the kind (``scheduler_prefixes``), and append the parts joined by
 ':' exactly as the methods here do. The one exception is the limiter's decision script
-(``acquire.lua``, the hot path): ``buckets.lua`` names the concurrency slot sets and the
-recording hashes from the config key (``<base>:config`` -> ``<base>:c:<scope>``,
-``<base>:rec:<minute>``) rather than take two more arguments on every decision; the test
-suite checks that every key the scripts write is one ``parse`` recognises.
+(``acquire.lua``, the hot path), which takes the tenant hash and the shared hash alone:
+``buckets.lua`` reads the config key and the tenant from their names (``<base>:shared`` ->
+``<base>:config``; ``<base>:t:<tenant>`` -> the tenant, refused unless under the same base),
+and names the concurrency slot sets and the recording hashes from the config key
+(``<base>:config`` -> ``<base>:c:<scope>``, ``<base>:rec:<minute>``), rather than take
+more keys and arguments on every decision; the test suite checks that every key the
+scripts write is one ``parse`` recognises.
 
 The fair scheduler's keys carry the layout's version in their tag (``s2``). Version 1
 (queue-ratelimit 0.1) named them ``<base>:s:<lane>:...``, where a queue called ``done`` or

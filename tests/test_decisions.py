@@ -703,21 +703,27 @@ EDGES: list[dict[str, Any]] = [
         "steps": [
             {"set": "tenant:acme", "limit": Limit(1, per=HOUR, burst=5)},
             {"freeze": {"tenant:acme": 2}},
-            {"raw": ["acme", "acquire", "", "", "-1"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "nan"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "inf"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "1e13"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "1e-10"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "1e300"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "0"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "1", "", "1e300"], "raises": BackendError},
-            {"raw": ["acme", "acquire", "", "", "1", "", "-5"], "raises": BackendError},
-            {"raw": ["acme", "take"], "raises": BackendError},
+            {"raw": ["acme", "", "", "-1"], "raises": BackendError},
+            {"raw": ["acme", "", "", "nan"], "raises": BackendError},
+            {"raw": ["acme", "", "", "inf"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1e13"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1e-10"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1", "1e300"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1", "0"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1", "", "acquire", "1e300"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1", "", "acquire", "-5"], "raises": BackendError},
+            {"raw": ["acme", "", "", "1", "", "take"], "raises": BackendError},
+            # The keys name the tenant and the config hash: a tenant hash of another
+            # namespace, or a key that is no shared hash, is refused.
+            {"raw": ["acme"], "tenant_key": "qrl:{elsewhere}:t:acme", "raises": BackendError},
+            {"raw": ["acme"], "tenant_key": "BASE:t:", "raises": BackendError},
+            {"raw": ["acme"], "tenant_key": "BASE:x:acme", "raises": BackendError},
+            {"raw": ["acme"], "shared_key": "BASE:config", "raises": BackendError},
             {"untouched": True},
-            {"raw": ["nobody", "refund", "", "", "inf"], "raises": BackendError},
-            {"raw": ["nobody", "acquire", "", "", "nan"], "raises": BackendError},
+            {"raw": ["nobody", "", "", "inf", "", "refund"], "raises": BackendError},
+            {"raw": ["nobody", "", "", "nan"], "raises": BackendError},
             {"limits": {"tenant:acme": ScopeLimit("tenant:acme", Limit(1, per=HOUR, burst=5))}},
-            {"raw": ["acme", "acquire", "", "", "2"], "reply": "1"},
+            {"raw": ["acme", "", "", "2"], "reply": "1"},
             {"stored": {"tenant:acme": 0}},
         ],
     },
@@ -1128,9 +1134,13 @@ def run_step(
         assert 0 < ttl_ms <= step["within_ms"], "the tenant hash must expire, and not too late"
     elif "raw" in step:
         keys = backend.keys
-        call_keys = [keys.config, keys.tenant(step["raw"][0]), keys.shared]
+        # lua/acquire.lua: the tenant hash, the shared hash; the arguments after the tenant.
+        call_keys = [
+            step.get("tenant_key", keys.tenant(step["raw"][0])).replace("BASE", keys.base),
+            step.get("shared_key", keys.shared).replace("BASE", keys.base),
+        ]
         try:
-            reply = backend.raw("acquire.lua", call_keys, step["raw"])
+            reply = backend.raw("acquire.lua", call_keys, step["raw"][1:])
         except redis.RedisError as exc:
             error = translated(exc)
             if error is exc:

@@ -56,9 +56,7 @@ def pair(redis_url: str) -> Iterator[tuple[Backend, Backend]]:
 def path_of(backend: Backend, tenant: str, queue: str | None = None) -> str:
     """Which path decides the tenant's admissions: "lean", "general" or "none"."""
     keys = backend.keys
-    reply = backend.raw(
-        "lean.lua", [keys.config, keys.tenant(tenant), keys.shared], [tenant, queue or ""]
-    )
+    reply = backend.raw("lean.lua", [keys.tenant(tenant), keys.shared], [queue or ""])
     return str(reply.decode() if isinstance(reply, bytes) else reply)
 
 

@@ -43,12 +43,14 @@ def test_one_shard_keeps_every_key_name_and_the_plain_limiter(
         f"qrl:{{{namespace}}}:t:acme",
     )
     assert KeySpace(namespace="ns", shards=1) == KeySpace(namespace="ns")
+    # (A decision names the tenant hash and the shared hash; the config hash is read from
+    # the shared hash's name: lua/acquire.lua.)
     call = lim._core.decision_call("acquire", "acme", "q", None, 1)
     assert list(call.keys) == [
-        f"qrl:{{{namespace}}}:config".encode(),
         f"qrl:{{{namespace}}}:t:acme".encode(),
         f"qrl:{{{namespace}}}:shared".encode(),
     ]
+    assert list(call.args) == [b"q"]
     # The same method: one packed FCALL per decision, nothing added on its path.
     assert type(lim)._decide is Limiter._decide
     lim.set_limit("tenant:*", "10/s")
