@@ -11,6 +11,10 @@ equivalent), on the same Redis server, in the same run:
 - ``acquire_1bucket[_denied]``: ``Limiter.acquire(tenant)`` with only ``tenant:*`` set;
 - ``acquire_3bucket[_denied]``: ``Limiter.acquire(tenant, queue)`` with ``tenant:*:queue:q``,
   ``tenant:*`` and ``global`` set;
+- ``acquire_1bucket_drained``, ``acquire_3bucket_drained``: the same, allowed, on buckets that
+  never fill (burst 1e9 at 1000.5/s), so their tokens are fractions the decision prints and
+  writes every time (the allowed cases' buckets stay full, which the lean path writes
+  cheaply: issue #14's targets are checked on both);
 - ``acquire_credit[_denied]``: ``acquire(tenant)`` with ``tenant:*`` a limit with burst
   credits (#13); ``acquire_2window[_denied]``: ``tenant:*`` two windows, a second and a day
   (denied: the daily one exhausted);
@@ -56,6 +60,9 @@ HIGH_RATE = 1_000_000
 HIGH = Limit(HIGH_RATE, per=1.0)
 # One token an hour, burst 1: exhausted by a single acquire, stays exhausted for the run.
 TIGHT = Limit(1, per=3600.0)
+# Never fills (a day of HIGH-like demand takes 1e8 of its 1e9) and never binds: its tokens
+# are fractions, written in full by every decision (as benchmarks/_instructions.py --drained).
+DRAINED = Limit(1000.5, per=1.0, burst=1e9)
 
 TENANT = "acme"
 QUEUE = "emails"
@@ -113,16 +120,17 @@ def _allowed_decision(reply: object) -> bool:
     return isinstance(reply, Decision) and reply.allowed
 
 
-def _ours(buckets: int, denied: bool, url: str, prefix: str) -> Prepared:
+def _ours(buckets: int, denied: bool, url: str, prefix: str, drained: bool = False) -> Prepared:
     limiter = Limiter.from_url(url, namespace=prefix)
     call: Callable[[], Decision]
+    high = DRAINED if drained else HIGH
     if buckets == 1:
-        limiter.set_limit("tenant:*", TIGHT if denied else HIGH)
+        limiter.set_limit("tenant:*", TIGHT if denied else high)
         call = partial(limiter.acquire, TENANT)
     else:
-        limiter.set_limit("global", HIGH)
-        limiter.set_limit("tenant:*", HIGH)
-        limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else HIGH)
+        limiter.set_limit("global", high)
+        limiter.set_limit("tenant:*", high)
+        limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else high)
         call = partial(limiter.acquire, TENANT, QUEUE)
     first = call()  # exhausts the tight bucket of a denied case
     if len(first.remaining) != buckets:
@@ -296,6 +304,16 @@ CASES: tuple[Case, ...] = (
         expect_allowed=False,
     ),
     Case(
+        "acquire_1bucket_drained",
+        "Limiter.acquire(tenant): tenant:* bucket that never fills (fractional tokens), allowed",
+        partial(_ours, 1, False, drained=True),
+    ),
+    Case(
+        "acquire_3bucket_drained",
+        "Limiter.acquire(tenant, queue): 3 buckets that never fill (fractional tokens), allowed",
+        partial(_ours, 3, False, drained=True),
+    ),
+    Case(
         "acquire_credit",
         "Limiter.acquire(tenant): tenant:* bucket with burst credits, allowed",
         partial(_ours_kind, "credit", False),
@@ -395,6 +413,15 @@ KINDS = (
     "acquire_1bucket_pause_elsewhere",
 )
 REFERENCE = "throttled_token_bucket"  # the single-bucket script our server time is held to
+# Issue #14: server time against the cheapest other library's decision (at most 1x for one
+# bucket, 1.5x for three), on full and on draining buckets.
+PEER = "limits_sliding_window_counter"
+PEER_BOUNDS = {
+    "acquire_1bucket": 1.0,
+    "acquire_3bucket": 1.5,
+    "acquire_1bucket_drained": 1.0,
+    "acquire_3bucket_drained": 1.5,
+}
 
 
 def _prepare(case: Case, url: str) -> Prepared:
@@ -463,6 +490,8 @@ def _ratios(samples: dict[str, list[Sample]], cases: dict[str, Case]) -> dict[st
             ratios[f"{ours}_vs_{lib}"] = _paired(samples, ours, lib, _rate, cases)
     for ours in OURS:
         ratios[f"server_{ours}_vs_{REFERENCE}"] = _paired(samples, ours, REFERENCE, _server, cases)
+    for ours in PEER_BOUNDS:
+        ratios[f"server_{ours}_vs_{PEER}"] = _paired(samples, ours, PEER, _server, cases)
     # Priority scopes and pauses against the one-bucket decision, server time (issue #13).
     for kind in KINDS:
         ratios[f"server_{kind}_vs_acquire_1bucket"] = _paired(
@@ -476,11 +505,21 @@ def _target(value: float | None, bound: float, above: bool) -> dict[str, Any]:
     return {"value": value, "bound": bound, "met": met}
 
 
+def _at_most(value: float | None, bound: float) -> dict[str, Any]:
+    return {"value": value, "bound": bound, "met": None if value is None else value <= bound}
+
+
 def _targets(ratios: dict[str, float | None]) -> dict[str, dict[str, Any]]:
     """The issue's targets (allowed path), then the same checked on the denied path."""
     leads = [ratios.get(f"acquire_1bucket_vs_{lib}") for lib in LIBRARIES]
     known = [v for v in leads if v is not None]
-    return {
+    peer = {
+        f"server_us({ours}) <= {bound}x {PEER}": _at_most(
+            ratios.get(f"server_{ours}_vs_{PEER}"), bound
+        )
+        for ours, bound in PEER_BOUNDS.items()
+    }
+    return peer | {
         "acquire_1bucket >= 0.8x floor": _target(ratios.get("acquire_1bucket_vs_floor"), 0.8, True),
         "acquire_1bucket ahead of every other library": _target(
             min(known) if known else None, 1.0, True
