@@ -523,8 +523,10 @@ end
 local function new_plan(c, config_key, tenant_key, tenant, queue, priority)
   local plan = build_plan(config_key, tenant, queue, priority)
   plan.pauses = plan_pauses(config_key, tenant, queue, priority)
-  -- Its estimated size (names appear in several strings of the plan, hence twice).
-  local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority)
+  -- Its estimated size (names appear in several strings of the plan, hence twice; the
+  -- tenant hash's name is the cache's key).
+  local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority) +
+                #tenant_key
   if plan.caps then bytes = bytes + CAP_BYTES * #plan.caps end
   charge(c, bytes)  -- (may start over: the plan is added to what is left)
   local by_tenant = c.plans[tenant_key]
