@@ -204,9 +204,11 @@ class E2E:
     def ready_hosts(self) -> set[str]:
         return {h.decode() for h in self.records.hkeys(ready_key(self.namespace))}
 
-    def start_workers(self, *names: str, timeout: float = 30.0) -> list[Worker]:
+    def start_workers(
+        self, *names: str, timeout: float = 30.0, concurrency: int = 2
+    ) -> list[Worker]:
         """Start workers and wait until each one consumes (its ``worker_ready`` signal)."""
-        started = [self.start_worker(n) for n in names]
+        started = [self.start_worker(n, concurrency=concurrency) for n in names]
 
         def all_ready() -> bool:
             for w in started:

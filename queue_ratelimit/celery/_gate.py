@@ -615,28 +615,34 @@ class RateLimitGate(bootsteps.StartStopStep):
         unchecked; and a message that may be in the backlog already (a park in doubt, a
         broker redelivery), which only Redis can tell from a new one (run now, it could
         run again from the backlog)."""
-        broken = self.health.of_tenant(d.job.options.tenant).broken
-        if broken or d.in_doubt or _redelivered(d.message):
-            return self._keep(d)
+        health = self.health.of_tenant(d.job.options.tenant)
+        if health.broken or d.in_doubt or _redelivered(d.message):
+            return self._keep(d, health)
         self._rt.limiter._core.count_fail_mode(self._rt.settings.fail_mode)
         if self._rt.settings.fail_mode == "open":
             self.stats["failed_open"] += 1
             return d.run()
-        return self._keep(d)
+        return self._keep(d, health)
 
-    def _keep(self, d: Delivery) -> Any:
-        """Hold the message unacknowledged and try again on the next tick.
+    def _keep(self, d: Delivery, out: RedisHealth | None = None) -> Any:
+        """Hold the message unacknowledged and try again on the next tick (``out``: the
+        health of its primary, which failed; None: kept for a full backlog).
 
-        One held only until Redis can say whether it is in the backlog already (in doubt,
-        a redelivery) raises the prefetch count while it waits, so that new work keeps
-        coming (and meets the fail mode) during an outage, up to max_held such raises; one
-        held by the fail mode or a full backlog does not: the broker keeps the rest. So
-        what is held stays bounded by the broker's prefetch window plus max_held.
+        Up to max_held kept messages raise the prefetch count while they wait, so that new
+        work keeps coming: one held only until Redis can say whether it is in the backlog
+        already (in doubt, a redelivery), and on a cluster one held for its own primary
+        while another answers (the fail mode, or broken data there): else one stopped
+        primary's tenants' messages could fill the window, and the live primaries' tenants
+        would get no work until it is back. Any other (one server, every primary out, a
+        full backlog) does not raise it: new work would only be held too, and the broker
+        keeps the rest. So what is held stays bounded by the prefetch window plus max_held.
 
         (Past max_held a message used to be handed back to the broker, which delivered it
         again at once: with the window raised, that was a loop between the gate and the
         broker for as long as the outage lasted, 97,845 hand-backs in one run.)"""
-        if (d.in_doubt or _redelivered(d.message)) and self._counted() < self._max_held:
+        vet = d.in_doubt or _redelivered(d.message)
+        partial = out is not None and self.health.answers_besides(out)
+        if (vet or partial) and self._counted() < self._max_held:
             self._count(d)
         self.waiting.append(d)
         return None

@@ -193,6 +193,11 @@ class GateHealth:
             health = self._by_node[name] = self._make()
         return health
 
+    def answers_besides(self, health: RedisHealth) -> bool:
+        """Whether a primary other than ``health``'s (of those seen so far) answers: a
+        partial outage of a cluster (never on one server, where there is no other)."""
+        return any(h is not health and h.down_since is None for h in self._by_node.values())
+
     # -- the worker as a whole (``celery inspect qrl_gate``) --------------------------------
     def everywhere(self, out: Callable[[RedisHealth], bool]) -> bool:
         """Whether ``out`` holds for every primary seen so far (one server: the one)."""

@@ -42,9 +42,10 @@ class CelerySettings:
         poll_interval: how often an idle worker looks for re-admissible work (seconds).
         max_held: re-admitted jobs a worker holds at once (not yet settled), and how many
             messages it keeps while Redis cannot yet say whether they are in the backlog
-            may raise its prefetch window (a park in doubt, a redelivery); default the
-            reserve. Messages kept by the closed fail mode or a full backlog stay within the
-            window, and the broker keeps the rest.
+            may raise its prefetch window (a park in doubt, a redelivery; on a cluster, too,
+            one kept for its own primary's outage while another primary answers); default
+            the reserve. Other messages kept by the closed fail mode or a full backlog stay
+            within the window, and the broker keeps the rest.
         dedupe_window: seconds a job that ran through the backlog is remembered, so that a
             broker redelivery of its original message is not run again.
         counter_retention: seconds an idle tenant's counters (and its pass in the fair
