@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -71,6 +71,16 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class Server(Protocol):
+    """A private redis-server and a measure of what it does while a run runs (Callgrind's
+    instructions; _server_time.py's microseconds)."""
+
+    client: redis.Redis
+    port: int
+
+    def count(self, run: Callable[[], object]) -> float: ...
 
 
 class Callgrind:
@@ -160,10 +170,18 @@ def callgrind() -> Iterator[Callgrind]:
 
 
 def _decision(
-    server: Callgrind, buckets: int, denied: bool, calls: int, record: bool, drained: bool = False
+    server: Server, buckets: int, denied: bool, calls: int, record: bool, drained: bool = False
 ) -> float:
+    limiter, queue = _decision_limiter(server.client, buckets, denied, record, drained)
+    return _fcalls(server, limiter, queue, None, calls)
+
+
+def _decision_limiter(
+    client: redis.Redis, buckets: int, denied: bool, record: bool, drained: bool
+) -> tuple[Limiter, str | None]:
+    """A limiter set up for one of the benchmark's decisions, and the queue it is made on."""
     name = f"qrl-instructions-{buckets}{'d' * denied}{'r' * drained}"
-    limiter = Limiter(server.client, namespace=name)
+    limiter = Limiter(client, namespace=name)
     limiter.set_recording(900 if record else None)
     queue = None
     high = DRAINED if drained else HIGH
@@ -174,24 +192,31 @@ def _decision(
         limiter.set_limit("tenant:*", high)
         limiter.set_limit(f"tenant:*:queue:{QUEUE}", TIGHT if denied else high)
         queue = QUEUE
-    return _fcalls(server, limiter, queue, None, calls)
+    return limiter, queue
 
 
 def _fcalls(
-    server: Callgrind, limiter: Limiter, queue: str | None, priority: str | None, calls: int
+    server: Server, limiter: Limiter, queue: str | None, priority: str | None, calls: int
 ) -> float:
     """Instructions per ``acquire`` FCALL of ``TENANT`` (in a pipeline of ``calls``)."""
-    for _ in range(50):  # the library loaded, its plan cached, a denied bucket emptied
-        limiter.acquire(TENANT, queue, priority)
-    call = limiter._core.decision_call("acquire", TENANT, queue, priority, 1)
-    function = limiter._scripts.functions["acquire.lua"]
+    command = warm_fcall(limiter, queue, priority)
     pipe = server.client.pipeline(transaction=False)
     for _ in range(calls):
-        pipe.execute_command("FCALL", function, len(call.keys), *call.keys, *call.args)
+        pipe.execute_command(*command)
     return server.count(pipe.execute) / calls
 
 
-def _kind(server: Callgrind, kind: str, calls: int) -> float:
+def warm_fcall(limiter: Limiter, queue: str | None, priority: str | None) -> tuple[Any, ...]:
+    """The ``FCALL`` of an ``acquire`` of ``TENANT``, after 50 real ones (the library
+    loaded, its plan cached, a denied bucket emptied)."""
+    for _ in range(50):
+        limiter.acquire(TENANT, queue, priority)
+    call = limiter._core.decision_call("acquire", TENANT, queue, priority, 1)
+    function = limiter._scripts.functions["acquire.lua"]
+    return ("FCALL", function, len(call.keys), *call.keys, *call.args)
+
+
+def _kind(server: Server, kind: str, calls: int) -> float:
     """A priority scope or a pause (issue #13), set up as benchmarks/decisions.py does."""
     limiter = Limiter(server.client, namespace=f"qrl-instructions-{kind}")
     return _fcalls(server, limiter, None, set_up_kind(limiter, kind), calls)
@@ -236,15 +261,20 @@ def _capped(server: Callgrind, calls: int) -> tuple[float, float]:
     return both - released / calls, released / calls
 
 
-def _peer_sliding_window(server: Callgrind, calls: int) -> float:
+def _peer_sliding_window(server: Server, calls: int) -> float:
     """Instructions of ``limits``' ``SlidingWindowCounterRateLimiter.hit`` (the cheapest
     other library in ``benchmarks/decisions.py``): its script call, captured from one real
     ``hit`` with the benchmark's limit and tenant, sent ``calls`` times in one pipeline."""
+    return _evalsha_count(server, *peer_evalsha(server.port), calls)
+
+
+def peer_evalsha(port: int) -> tuple[str, Any, Any]:
+    """The script, keys and arguments of one real ``hit`` of the peer (after 50)."""
     from limits import RateLimitItemPerSecond
     from limits.storage import RedisStorage
     from limits.strategies import SlidingWindowCounterRateLimiter
 
-    storage = RedisStorage(f"redis://127.0.0.1:{server.port}", key_prefix="qrl-peer")
+    storage = RedisStorage(f"redis://127.0.0.1:{port}", key_prefix="qrl-peer")
     script = storage.lua_acquire_sliding_window
     captured: list[tuple[Any, Any]] = []
 
@@ -258,10 +288,10 @@ def _peer_sliding_window(server: Callgrind, calls: int) -> float:
     for _ in range(50):
         assert limiter.hit(item, TENANT)
     keys, args = captured[-1]
-    return _evalsha_count(server, script.sha, keys, args, calls)
+    return script.sha, keys, args
 
 
-def _evalsha_count(server: Callgrind, sha: str, keys: Any, args: Any, calls: int) -> float:
+def _evalsha_count(server: Server, sha: str, keys: Any, args: Any, calls: int) -> float:
     pipe = server.client.pipeline(transaction=False)
     for _ in range(calls):
         pipe.evalsha(sha, len(keys), *keys, *args)
@@ -271,7 +301,7 @@ def _evalsha_count(server: Callgrind, sha: str, keys: Any, args: Any, calls: int
     return count / calls
 
 
-def _floor(server: Callgrind, calls: int) -> float:
+def _floor(server: Server, calls: int) -> float:
     sha = server.client.script_load("return 1")
     return _evalsha_count(server, sha, (), (), calls)
 
