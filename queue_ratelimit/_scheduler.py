@@ -718,11 +718,33 @@ class FairScheduler:
         with redis_errors():
             return _hint_result(self._scripts.call("hint.lua", keys, args))
 
-    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+    def hints(
+        self, tenants: Sequence[str], *, queue: str = "default", served_next: bool = False
+    ) -> list[Hint]:
         """``hint`` for the next job (priority ``normal``, cost 1, counted nowhere) of each
         of ``tenants`` in one queue, in one round trip: what holds each one's work back now
-        (``Hint.binding``), e.g. for ``queue-ratelimit rq info``."""
-        calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
+        (``Hint.binding``).
+
+        Args:
+            served_next: judge instead the job the dispatch would serve next from each
+                tenant's backlog in the queue (e.g. for ``queue-ratelimit rq info``): of
+                the tenant's backlogged priorities, the one it serves first (lowest pass;
+                one its priority scope holds back is passed over, as the dispatch does),
+                at the cost of that class's oldest item, with nothing ahead of it
+                (``Hint.backlog`` 0). A tenant with nothing in the backlog is judged as
+                a job of priority ``normal`` and cost 1. Counts nothing in transit.
+        """
+        if served_next:
+            prefix = self.keys.scheduler_prefixes.backlog
+            k = self.keys
+            calls = []
+            for t in tenants:
+                keys, args = self._hint_call(t, queue, "normal", 1, None, "always")
+                calls.append(
+                    ([*keys, k.classes(queue, t), k.meta], [*args, f"{prefix}{queue}:{t}:"])
+                )
+        else:
+            calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
         if not calls:
             return []
 
