@@ -428,7 +428,9 @@ class FairScheduler:
         if the id is already known (queued, in flight, or remembered as done by
         ``ack(remember=...)``), which makes a redelivered submit harmless. A priority that
         has no weight (not high, normal or low, nor given one with ``set_priority_weight``)
-        is queued as ``normal``, with a warning logged: the item is never refused for it.
+        and no limit or pause of its own (``priority:<p>``) is queued as ``normal``, with a
+        warning logged: the item is never refused for it. (One with a limit or pause but no
+        weight keeps its name, with weight 1, so that its scope holds its waiting work.)
 
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
