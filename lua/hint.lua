@@ -11,6 +11,16 @@
 -- ARGV: lane, tenant, priority, cost, item id ("" for none), count it ("1": as in transit;
 --       "2": only if it would start at once; "0"/absent: no), grace (ms; see below).
 -- Writes nothing but the transit set.
+--
+-- Served next (KEYS 7-8: the tenant's classes zset in the lane and the items' record hash;
+-- ARGV[8]: the prefix of its backlog lists in the lane, "<...>:bl:<lane>:<tenant>:"): the
+-- job judged is the one dispatch would serve next for the tenant (scheduler.lua,
+-- pick_priority), not a new one: the tenant's backlogged priority of lowest pass that its
+-- priority scope does not hold back (one it holds is passed over, as dispatch does; when
+-- every one is held, the one due first is named), at the cost of that class's head item,
+-- with nothing ahead of it (its buckets judged as dispatch judges them now). ARGV's
+-- priority and cost are used for a tenant with nothing in the backlog (or a head item whose
+-- record is gone). Writes nothing.
 -- Reply: "<1 starts at once | 0> <wait ms> <binding scope or -> <jobs ahead> <1 | 0>"
 -- (the last: the scope is a concurrency cap, whose wait is an upper bound), then the
 -- window that binds ("10000/d") when the binding scope has several.
@@ -31,6 +41,75 @@ local lane, tenant, priority, id = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local cost = arg_number(ARGV[4], 1, MIN_COST, MAX_COST, 'cost')
 local count = ARGV[6] or '0'
 local grace = arg_number(ARGV[7], 300000, 0, MAX_KEEP_MS, 'grace (ms)')
+local backlogs = ARGV[8]
+
+-- The wait (us), the binding scope (false: none), whether it is a concurrency cap and the
+-- window that binds, for a job of `job_cost` under the buckets `ctx` loaded, behind `ahead`
+-- jobs of the tenant and `others` of other tenants (those only under a queue or global
+-- bucket).
+local function judge_hint(ctx, job_cost, ahead, others)
+  local wait, denied_by, by_cap, window = 0, false, false, false
+  for i, b in ipairs(ctx.buckets) do
+    if not b.shadow then
+      -- (A cost above the burst is charged as the whole burst, as the gate does.)
+      local charge = math.min(job_cost, b.burst)
+      local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
+      if short > EPSILON * math.max(1, charge) then
+        local need = math.min(short / b.rate, MAX_WAIT_US)
+        if need > wait then wait, denied_by, window = need, b.scope, b.window end
+      end
+    end
+  end
+  if ctx.plan.caps then
+    local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
+    if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
+      wait, denied_by, by_cap, window = cap_wait, cap_scope, true, false
+    end
+  end
+  if ctx.plan.pauses then
+    -- A paused scope: the job starts no sooner than the pause ends.
+    local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
+    if ctx.paused then wait, denied_by, by_cap, window = pause_wait, pause_scope, false, false end
+  end
+  return wait, denied_by, by_cap, window
+end
+
+local function reply(wait, denied_by, ahead, by_cap, window)
+  return (denied_by and '0 ' or '1 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
+    ahead .. (by_cap and ' 1' or ' 0') .. (window and ' ' .. window or '')
+end
+
+if backlogs and backlogs ~= '' then
+  local classes_key, meta_key = KEYS[7], KEYS[8]
+  -- A head item's cost as dispatch charges it: at most the smallest enforced burst (a
+  -- costlier item is admitted when that bucket is full).
+  local function charged(ctx, head_cost)
+    for _, b in ipairs(ctx.buckets) do
+      if not b.shadow and b.burst < head_cost then head_cost = b.burst end
+    end
+    return head_cost
+  end
+  local first = false  -- {wait, denied_by, by_cap, window} of the held class due first
+  for _, prio in ipairs(redis.call('ZRANGE', classes_key, 0, -1)) do
+    local head = redis.call('LINDEX', backlogs .. prio, 0)
+    if head then
+      local rec = redis.call('HGET', meta_key, head)
+      local head_cost = tonumber(rec and string.match(rec, '^%S+ %S+ %S+ (%S+) ') or '') or cost
+      local ctx = load(config_key, tenant_key, shared_key, tenant, lane, prio)
+      local wait, denied_by, by_cap, window = judge_hint(ctx, charged(ctx, head_cost), 0, 0)
+      if not (denied_by and string.sub(denied_by, 1, 9) == 'priority:') then
+        return reply(wait, denied_by, 0, by_cap, window)
+      end
+      -- Its priority scope holds it back: dispatch passes the class over this time.
+      if not first or wait < first[1] then first = {wait, denied_by, by_cap, window} end
+    end
+  end
+  if first then return reply(first[1], first[2], 0, first[3], first[4]) end
+  local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
+  local wait, denied_by, by_cap, window = judge_hint(ctx, charged(ctx, cost), 0, 0)
+  return reply(wait, denied_by, 0, by_cap, window)
+end
+
 local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
 local now = ctx.now / 1000  -- ms, on the clock load read (one TIME per call)
 local ahead = redis.call('ZCOUNT', transit, '(' .. now, '+inf')
@@ -41,32 +120,8 @@ ahead = ahead + queued
 local rivals = redis.call('ZCARD', active)
 if rivals > 0 and redis.call('ZSCORE', active, tenant) then rivals = rivals - 1 end
 local others = math.min(math.max(0, (tonumber(counted[2]) or 0) - queued), rivals * (ahead + 1))
-local wait, denied_by, by_cap, window = 0, false, false, false
-for i, b in ipairs(ctx.buckets) do
-  if not b.shadow then
-    -- (A cost above the burst is charged as the whole burst, as the gate does.)
-    local charge = math.min(cost, b.burst)
-    local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
-    if short > EPSILON * math.max(1, charge) then
-      local need = math.min(short / b.rate, MAX_WAIT_US)
-      if need > wait then wait, denied_by, window = need, b.scope, b.window end
-    end
-  end
-end
-if ctx.plan.caps then
-  local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
-  if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
-    wait, denied_by, by_cap, window = cap_wait, cap_scope, true, false
-  end
-end
-if ctx.plan.pauses then
-  -- A paused scope: the job starts no sooner than the pause ends.
-  local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
-  if ctx.paused then wait, denied_by, by_cap, window = pause_wait, pause_scope, false, false end
-end
-local starts = not denied_by
-if id ~= '' and (count == '1' or (count == '2' and starts)) then
+local wait, denied_by, by_cap, window = judge_hint(ctx, cost, ahead, others)
+if id ~= '' and (count == '1' or (count == '2' and not denied_by)) then
   in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
 end
-return (starts and '1 ' or '0 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
-  ahead .. (by_cap and ' 1' or ' 0') .. (window and ' ' .. window or '')
+return reply(wait, denied_by, ahead, by_cap, window)

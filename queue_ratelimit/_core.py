@@ -325,7 +325,8 @@ class LimiterCore:
         if cacheable:
             try:
                 call = self._calls.get(memo_key)
-            except TypeError:  # an unhashable name, refused below
+            except Exception:  # an unhashable name (refused below), or one whose hash or
+                # == raise (a str subclass: judged by its text below, as everywhere else)
                 cacheable = False
             else:
                 if call is not None:

@@ -428,7 +428,9 @@ class FairScheduler:
         if the id is already known (queued, in flight, or remembered as done by
         ``ack(remember=...)``), which makes a redelivered submit harmless. A priority that
         has no weight (not high, normal or low, nor given one with ``set_priority_weight``)
-        is queued as ``normal``, with a warning logged: the item is never refused for it.
+        and no limit or pause of its own (``priority:<p>``) is queued as ``normal``, with a
+        warning logged: the item is never refused for it. (One with a limit or pause but no
+        weight keeps its name, with weight 1, so that its scope holds its waiting work.)
 
         Args:
             max_backlog: when > 0, refuse the item if the queue's backlog already holds
@@ -718,11 +720,33 @@ class FairScheduler:
         with redis_errors():
             return _hint_result(self._scripts.call("hint.lua", keys, args))
 
-    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+    def hints(
+        self, tenants: Sequence[str], *, queue: str = "default", served_next: bool = False
+    ) -> list[Hint]:
         """``hint`` for the next job (priority ``normal``, cost 1, counted nowhere) of each
         of ``tenants`` in one queue, in one round trip: what holds each one's work back now
-        (``Hint.binding``), e.g. for ``queue-ratelimit rq info``."""
-        calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
+        (``Hint.binding``).
+
+        Args:
+            served_next: judge instead the job the dispatch would serve next from each
+                tenant's backlog in the queue (e.g. for ``queue-ratelimit rq info``): of
+                the tenant's backlogged priorities, the one it serves first (lowest pass;
+                one its priority scope holds back is passed over, as the dispatch does),
+                at the cost of that class's oldest item, with nothing ahead of it
+                (``Hint.backlog`` 0). A tenant with nothing in the backlog is judged as
+                a job of priority ``normal`` and cost 1. Counts nothing in transit.
+        """
+        if served_next:
+            prefix = self.keys.scheduler_prefixes.backlog
+            k = self.keys
+            calls = []
+            for t in tenants:
+                keys, args = self._hint_call(t, queue, "normal", 1, None, "always")
+                calls.append(
+                    ([*keys, k.classes(queue, t), k.meta], [*args, f"{prefix}{queue}:{t}:"])
+                )
+        else:
+            calls = [self._hint_call(t, queue, "normal", 1, None, "always") for t in tenants]
         if not calls:
             return []
 

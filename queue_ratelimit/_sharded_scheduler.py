@@ -156,14 +156,18 @@ class ShardedScheduler(FairScheduler):
     def hint(self, tenant: str, **options: Any) -> Hint:
         return self.part(tenant)[1].hint(tenant, **options)
 
-    def hints(self, tenants: Sequence[str], *, queue: str = "default") -> list[Hint]:
+    def hints(
+        self, tenants: Sequence[str], *, queue: str = "default", served_next: bool = False
+    ) -> list[Hint]:
         """``FairScheduler.hints``: one round trip per shard that has any of ``tenants``."""
         by_shard: dict[int, list[int]] = {}
         for n, tenant in enumerate(tenants):
             by_shard.setdefault(self.sharded.shard_of(tenant), []).append(n)
         found: dict[int, Hint] = {}
         for shard, positions in by_shard.items():
-            got = self.parts[shard].hints([tenants[n] for n in positions], queue=queue)
+            got = self.parts[shard].hints(
+                [tenants[n] for n in positions], queue=queue, served_next=served_next
+            )
             found.update(zip(positions, got, strict=True))
         return [found[n] for n in range(len(tenants))]
 

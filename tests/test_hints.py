@@ -168,6 +168,118 @@ def test_lanes_and_tenants_are_counted_apart(limiter: Limiter, scheduler: FairSc
     assert scheduler.hint("other", queue="emails").backlog == 0
 
 
+# -- the job served next (hints(served_next=True), table-driven) -------------------------------
+@dataclass(frozen=True)
+class Next:
+    """Limits, buckets spent, then acme's parked jobs (priority, cost) in this order: what
+    ``hints(served_next=True)`` names, and the priority a dispatch then serves (None: it
+    serves nothing and holds acme back by the scope the hint names)."""
+
+    name: str
+    limits: dict[str, Limit]
+    parked: list[tuple[str, float]]
+    binding: str | None
+    served: str | None = None
+    spent: list[dict[str, object]] = field(default_factory=list)  # acquires by acme, each
+    # until denied
+
+
+LOW1 = {"priority:low": hourly(1, 1)}
+NEXT = [
+    Next(
+        "its priority scope spent", LOW1, [("low", 1)], "priority:low", spent=[{"priority": "low"}]
+    ),
+    Next(
+        "a spent priority is passed over for the next one",
+        LOW1,
+        [("low", 1), ("normal", 1)],
+        None,
+        "normal",
+        spent=[{"priority": "low"}],
+    ),
+    Next(
+        "every priority held: the one due first",
+        {**LOW1, "priority:normal": Limit(1, per=600, burst=1)},
+        [("low", 1), ("normal", 1)],
+        "priority:normal",
+        spent=[{"priority": "low"}, {"priority": "normal"}],
+    ),
+    Next(
+        "its priority's scope binds longer than its own",
+        {**LOW1, ACME: Limit(1, per=600, burst=1)},
+        [("low", 1)],
+        "priority:low",
+        spent=[{"priority": "low"}],
+    ),
+    Next(
+        "its head job's cost: 5 with 2 tokens",
+        {ACME: hourly(10, 10)},
+        [("normal", 5)],
+        ACME,
+        spent=[{"cost": 8}],
+    ),
+    Next(
+        "its head job's cost: 1 with 2 tokens",
+        {ACME: hourly(10, 10)},
+        [("normal", 1)] * 3,
+        None,
+        "normal",
+        spent=[{"cost": 8}],
+    ),
+    Next(
+        "a cost above the burst, bucket full", {ACME: hourly(3, 3)}, [("normal", 5)], None, "normal"
+    ),
+    Next("nothing binds", {}, [("high", 2)], None, "high"),
+]
+
+
+@pytest.mark.parametrize("transport", ["fcall", "evalsha"])
+@pytest.mark.parametrize("case", NEXT, ids=[c.name for c in NEXT])
+def test_hints_of_the_job_served_next_say_what_the_dispatch_does(
+    limiter: Limiter, scheduler: FairScheduler, case: Next, transport: str
+) -> None:
+    limiter._scripts.transport = transport  # type: ignore[assignment]
+    for scope, limit in case.limits.items():
+        limiter.set_limit(scope, limit)
+    for options in case.spent:
+        if "cost" in options:
+            assert limiter.acquire("acme", "default", **options).allowed  # type: ignore[arg-type]
+            continue
+        while limiter.acquire("acme", "default", **options).allowed:  # type: ignore[arg-type]
+            pass
+    for i, (priority, cost) in enumerate(case.parked):
+        assert scheduler.submit("acme", f"job-{i}", priority=priority, cost=cost)
+    parked = scheduler.client.hgetall(scheduler.keys.counts("default"))
+
+    (hint,) = scheduler.hints(["acme"], served_next=True)
+
+    assert scheduler.client.hgetall(scheduler.keys.counts("default")) == parked  # (reads)
+    assert hint.binding == case.binding
+    assert hint.allowed is (case.binding is None)
+    assert hint.backlog == 0
+    served = scheduler.dispatch(["default"], max_items=1)
+    assert [i.priority for i in served.items] == ([case.served] if case.served else [])
+    if case.binding is not None:
+        assert served.held_back[-1].binding == case.binding
+
+
+def test_hints_of_the_job_served_next_for_tenants_without_a_backlog(
+    limiter: Limiter, scheduler: FairScheduler
+) -> None:
+    """A tenant with nothing parked is judged as a job of priority normal and cost 1, and
+    several tenants are judged in one call, each its own next job."""
+    limiter.set_limit("tenant:*", hourly(2, 2))
+    limiter.set_limit("priority:low", hourly(1, 1))
+    assert limiter.acquire("bare", "default", cost=2).allowed
+    assert limiter.acquire("lowly", "default", priority="low").allowed
+    scheduler.submit("lowly", "l-1", priority="low")
+    scheduler.submit("costly", "c-1", cost=2)
+    scheduler.submit("costly", "c-2", cost=2)
+    got = scheduler.hints(["bare", "lowly", "costly", "idle"], served_next=True)
+    assert [h.binding for h in got] == ["tenant:bare", "priority:low", None, None]
+    assert scheduler.hints([], served_next=True) == []
+
+
 # -- what counts a job, and what stops counting it ---------------------------------------------
 def test_a_hint_without_an_id_counts_nothing(limiter: Limiter, scheduler: FairScheduler) -> None:
     for _ in range(3):

@@ -38,6 +38,7 @@ from queue_ratelimit import (
     Scope,
     ScopeLimit,
 )
+from queue_ratelimit._scheduler import SubmitItem
 
 
 @pytest.fixture(params=BACKENDS)
@@ -389,3 +390,45 @@ def test_on_the_real_clock_low_never_exceeds_its_cap_and_everything_runs_once(
         for j in range(i, len(low_at)):
             span = (low_at[j] - start) / 1e6
             assert j - i + 1 <= low_limit.rate_per_second * (span + 0.01) + low_limit.capacity
+
+
+@pytest.mark.parametrize("held", ["limit", "pause"])
+@pytest.mark.parametrize("parked_by", ["submit", "submit_many", "route", "adopt"])
+def test_a_priority_with_a_scope_but_no_weight_waits_for_it_in_the_backlog(
+    limiter: Limiter, scheduler: FairScheduler, held: str, parked_by: str
+) -> None:
+    """A priority capped or paused (``priority:urgent``, e.g. from a producer's header) that
+    was given no weight: the gate parks its job for that scope, and the backlog serves it
+    no sooner. (It was queued as ``normal``, where its scope does not apply: the job the
+    gate held back for ``priority:urgent`` ran at the next dispatch.)"""
+    if held == "limit":
+        limiter.set_limit("priority:urgent", Limit(1, per=3600, burst=1))
+        assert limiter.acquire("acme", "default", priority="urgent").allowed
+    else:
+        limiter.pause("priority:urgent", 3600)
+    verdict = scheduler.gate("acme", "j1", priority="urgent")
+    assert (verdict.action, verdict.denied_by) == ("park", "priority:urgent")
+    assert scheduler.submit("beta", "beta-1")  # (the lane is contended: route parks)
+    plain = f"{scheduler.keys.config}:list"  # (a queue system's own list, e.g. RQ's)
+    if parked_by == "submit":
+        assert scheduler.submit("acme", "j1", priority="urgent")
+    elif parked_by == "submit_many":
+        assert scheduler.submit_many([SubmitItem("acme", "j1", priority="urgent")]) == ["queued"]
+    elif parked_by == "route":
+        assert scheduler.route("acme", "j1", plain, priority="urgent") is True
+    else:
+        limiter.client.rpush(plain, "j1")
+        assert scheduler.adopt("default", plain, [("j1", "acme", "urgent", 1)]) == 1
+
+    got = scheduler.dispatch(["default"], max_items=5)
+
+    assert [i.id for i in got.items] == ["beta-1"]
+    assert [(h.tenant, h.denied_by) for h in got.held_back] == [("acme", "priority:urgent")]
+    (hint,) = scheduler.hints(["acme"], served_next=True)
+    assert hint.denied_by == "priority:urgent"
+    if held == "limit":
+        limiter.delete_limit("priority:urgent")
+    else:
+        limiter.resume("priority:urgent")
+    (item,) = scheduler.dispatch(["default"], max_items=5).items
+    assert (item.id, item.priority) == ("j1", "urgent")

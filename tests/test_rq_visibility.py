@@ -166,6 +166,53 @@ def test_rq_info_says_what_holds_back_each_tenants_parked_jobs(
     assert ["other", "0", "1", "0", "tenant:other"] in [line.split() for line in text.splitlines()]
 
 
+def park(queue: Queue, tenant: str, *, priority: str = "normal", cost: float = 1) -> str:
+    """A job of ``tenant`` parked in the fair backlog through the scheduler's API."""
+    job = rq.Queue(queue.name, connection=queue.connection).create_job(
+        len, args=("a",), meta={"rate_tenant": tenant}
+    )
+    job.save()
+    assert queue.rate_scheduler.submit(
+        tenant, job.id, queue=queue.name, priority=priority, cost=cost
+    )
+    return job.id
+
+
+def spend(queue: Queue, tenant: str, **kw: object) -> None:
+    """Take what the buckets of ``tenant``'s work (of ``kw``) hold until one denies."""
+    limiter = queue.rate_scheduler.limiter
+    for _ in range(100):
+        if not limiter.acquire(tenant, queue.name, **kw).allowed:  # type: ignore[arg-type]
+            return
+    raise AssertionError("never denied")
+
+
+def test_rq_info_names_the_priority_scope_of_the_job_served_next(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    """A tenant whose parked work is of priority ``low``, with ``priority:low`` spent: its
+    next job is held back by that scope (a job judged as of priority ``normal`` was not)."""
+    queue.rate_scheduler.limiter.set_limit("priority:low", Limit(1, per=3600, burst=1))
+    spend(queue, "acme", priority="low")  # (on its shard: a share of the scope)
+    park(queue, "acme", priority="low")
+    (q,) = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))["queues"]
+    assert q["tenants"]["acme"]["parked"] == 1
+    assert q["held_back_by"] == {"acme": "priority:low"}
+
+
+def test_rq_info_judges_the_next_job_at_its_own_cost(
+    queue: Queue, redis_url: str, namespace: str
+) -> None:
+    """A tenant whose bucket holds 2 tokens and whose next job costs 5 is held back by its
+    own scope (a job judged at cost 1 would pass)."""
+    limiter = queue.rate_scheduler.limiter
+    limiter.set_limit("tenant:acme", Limit(10, per=3600, burst=10))
+    assert limiter.acquire("acme", queue.name, cost=8).allowed  # 2 tokens left
+    park(queue, "acme", cost=5)
+    (q,) = json.loads(rq_info(redis_url, namespace, queue.name, "--json"))["queues"]
+    assert q["held_back_by"] == {"acme": "tenant:acme"}
+
+
 def test_rq_info_reads_tenants_as_a_worker_does(
     queue: Queue, redis_url: str, namespace: str
 ) -> None:

@@ -52,8 +52,9 @@ class QueueInfo:
     tenants: dict[str, Counts] = field(default_factory=dict)
     unread: Counts = field(default_factory=Counts)
     # What holds back each tenant with parked jobs: the scope, with the window that binds
-    # when it has several ("tenant:acme (10000/d)"); a tenant no budget holds back (its
-    # jobs wait for a worker) is not named.
+    # when it has several ("tenant:acme (10000/d)"), that holds back the job the dispatch
+    # would serve next for the tenant (at its own priority and cost); a tenant no budget
+    # holds back (its jobs wait for a worker) is not named.
     held_back_by: dict[str, str] = field(default_factory=dict)
 
     def tenant(self, name: str) -> Counts:
@@ -96,9 +97,11 @@ def queue_info(
     scheduler = FairScheduler(limiter)
     for info in infos:
         parked = [t for t, c in sorted(info.tenants.items()) if c.parked > 0]
-        # (What a producer's hint says of the tenant's next job, as a worker's dispatch
-        # would judge it now; one pipelined round trip per queue.)
-        for tenant, hint in zip(parked, scheduler.hints(parked, queue=info.name), strict=True):
+        # (The job a worker's dispatch would serve next for the tenant, its priority and
+        # cost, judged as the dispatch would judge it now; one pipelined round trip per
+        # queue.)
+        hints = scheduler.hints(parked, queue=info.name, served_next=True)
+        for tenant, hint in zip(parked, hints, strict=True):
             if hint.binding is not None:
                 info.held_back_by[tenant] = hint.binding
     return infos
