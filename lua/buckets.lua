@@ -1332,6 +1332,43 @@ local function in_transit(key, id, now, lapse_ms)
   if redis.call('PTTL', key) < lapse_ms - now then redis.call('PEXPIREAT', key, lapse_ms) end
 end
 
+-- hint.lua's judgement (here, made once with the library rather than on every hint): the
+-- wait (us), the binding scope (false: none), whether it is a concurrency cap and the window
+-- that binds, for a job of `job_cost` under the buckets `ctx` loaded, behind `ahead` jobs of
+-- the tenant and `others` of other tenants (those only under a queue or global bucket).
+local function hint_judge(ctx, job_cost, ahead, others)
+  local wait, denied_by, by_cap, window = 0, false, false, false
+  for i, b in ipairs(ctx.buckets) do
+    if not b.shadow then
+      -- (A cost above the burst is charged as the whole burst, as the gate does.)
+      local charge = math.min(job_cost, b.burst)
+      local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
+      if short > EPSILON * math.max(1, charge) then
+        local need = math.min(short / b.rate, MAX_WAIT_US)
+        if need > wait then wait, denied_by, window = need, b.scope, b.window end
+      end
+    end
+  end
+  if ctx.plan.caps then
+    local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
+    if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
+      wait, denied_by, by_cap, window = cap_wait, cap_scope, true, false
+    end
+  end
+  if ctx.plan.pauses then
+    -- A paused scope: the job starts no sooner than the pause ends.
+    local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
+    if ctx.paused then wait, denied_by, by_cap, window = pause_wait, pause_scope, false, false end
+  end
+  return wait, denied_by, by_cap, window
+end
+
+-- hint.lua's reply (see there) for what hint_judge found.
+local function hint_reply(wait, denied_by, ahead, by_cap, window)
+  return (denied_by and '0 ' or '1 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
+    ahead .. (by_cap and ' 1' or ' 0') .. (window and ' ' .. window or '')
+end
+
 -- The lean path. An `acquire` whose plan uses none of the features above but plain
 -- buckets (no shadow, no credit, no windows, no concurrency cap, no recording, no priority
 -- bucket, no feature this code does not know) is decided, admitted or denied, by code

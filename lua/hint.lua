@@ -43,42 +43,6 @@ local count = ARGV[6] or '0'
 local grace = arg_number(ARGV[7], 300000, 0, MAX_KEEP_MS, 'grace (ms)')
 local backlogs = ARGV[8]
 
--- The wait (us), the binding scope (false: none), whether it is a concurrency cap and the
--- window that binds, for a job of `job_cost` under the buckets `ctx` loaded, behind `ahead`
--- jobs of the tenant and `others` of other tenants (those only under a queue or global
--- bucket).
-local function judge_hint(ctx, job_cost, ahead, others)
-  local wait, denied_by, by_cap, window = 0, false, false, false
-  for i, b in ipairs(ctx.buckets) do
-    if not b.shadow then
-      -- (A cost above the burst is charged as the whole burst, as the gate does.)
-      local charge = math.min(job_cost, b.burst)
-      local short = ((b.in_tenant and ahead or ahead + others) + 1) * charge - ctx.tokens[i]
-      if short > EPSILON * math.max(1, charge) then
-        local need = math.min(short / b.rate, MAX_WAIT_US)
-        if need > wait then wait, denied_by, window = need, b.scope, b.window end
-      end
-    end
-  end
-  if ctx.plan.caps then
-    local status, cap_wait, cap_scope = judge_caps(ctx, 1, 0, false, NONE)
-    if status == 0 and ctx.by_cap and (cap_wait > wait or not denied_by) then
-      wait, denied_by, by_cap, window = cap_wait, cap_scope, true, false
-    end
-  end
-  if ctx.plan.pauses then
-    -- A paused scope: the job starts no sooner than the pause ends.
-    local _, pause_wait, pause_scope = judge_pauses(ctx, 1, wait, denied_by, NONE)
-    if ctx.paused then wait, denied_by, by_cap, window = pause_wait, pause_scope, false, false end
-  end
-  return wait, denied_by, by_cap, window
-end
-
-local function reply(wait, denied_by, ahead, by_cap, window)
-  return (denied_by and '0 ' or '1 ') .. fmt(wait / 1000) .. ' ' .. (denied_by or '-') .. ' ' ..
-    ahead .. (by_cap and ' 1' or ' 0') .. (window and ' ' .. window or '')
-end
-
 if backlogs and backlogs ~= '' then
   local classes_key, meta_key = KEYS[7], KEYS[8]
   -- A head item's cost as dispatch charges it: at most the smallest enforced burst (a
@@ -96,18 +60,18 @@ if backlogs and backlogs ~= '' then
       local rec = redis.call('HGET', meta_key, head)
       local head_cost = tonumber(rec and string.match(rec, '^%S+ %S+ %S+ (%S+) ') or '') or cost
       local ctx = load(config_key, tenant_key, shared_key, tenant, lane, prio)
-      local wait, denied_by, by_cap, window = judge_hint(ctx, charged(ctx, head_cost), 0, 0)
+      local wait, denied_by, by_cap, window = hint_judge(ctx, charged(ctx, head_cost), 0, 0)
       if not (denied_by and string.sub(denied_by, 1, 9) == 'priority:') then
-        return reply(wait, denied_by, 0, by_cap, window)
+        return hint_reply(wait, denied_by, 0, by_cap, window)
       end
       -- Its priority scope holds it back: dispatch passes the class over this time.
       if not first or wait < first[1] then first = {wait, denied_by, by_cap, window} end
     end
   end
-  if first then return reply(first[1], first[2], 0, first[3], first[4]) end
+  if first then return hint_reply(first[1], first[2], 0, first[3], first[4]) end
   local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
-  local wait, denied_by, by_cap, window = judge_hint(ctx, charged(ctx, cost), 0, 0)
-  return reply(wait, denied_by, 0, by_cap, window)
+  local wait, denied_by, by_cap, window = hint_judge(ctx, charged(ctx, cost), 0, 0)
+  return hint_reply(wait, denied_by, 0, by_cap, window)
 end
 
 local ctx = load(config_key, tenant_key, shared_key, tenant, lane, priority)
@@ -120,8 +84,8 @@ ahead = ahead + queued
 local rivals = redis.call('ZCARD', active)
 if rivals > 0 and redis.call('ZSCORE', active, tenant) then rivals = rivals - 1 end
 local others = math.min(math.max(0, (tonumber(counted[2]) or 0) - queued), rivals * (ahead + 1))
-local wait, denied_by, by_cap, window = judge_hint(ctx, cost, ahead, others)
+local wait, denied_by, by_cap, window = hint_judge(ctx, cost, ahead, others)
 if id ~= '' and (count == '1' or (count == '2' and not denied_by)) then
   in_transit(transit, id, now, now + 2 * wait / 1000 + grace)
 end
-return reply(wait, denied_by, ahead, by_cap, window)
+return hint_reply(wait, denied_by, ahead, by_cap, window)
