@@ -520,9 +520,27 @@ local function cached_plan(c, tenant_key, queue, priority)
   return by_queue and by_queue[priority]
 end
 
+-- The priorities weighted by default (scheduler.lua's DEFAULT_PRIORITY_WEIGHTS).
+local DEFAULT_PRIORITIES = {high = true, normal = true, low = true}
+
+-- The priority a job of `priority` is judged and queued under: its own when it is weighted
+-- by default, or has a weight, a limit or a pause of its own; else 'normal'. The same rule
+-- for a decision (its priority scope and pauses: new_plan) and for the fair backlog
+-- (scheduler.lua, known_priority), so that a name nobody configured (say `bulk`) is held
+-- back by priority:normal at the gate as it is once parked. ('': no priority.)
+local function priority_as(config_key, priority)
+  if priority == '' or DEFAULT_PRIORITIES[priority] then return priority end
+  local scope = 'priority:' .. priority
+  local v = redis.call('HMGET', config_key, 'weight:' .. scope, scope, 'pause:' .. scope)
+  if v[1] or v[2] or v[3] then return priority end
+  return 'normal'
+end
+
 local function new_plan(c, config_key, tenant_key, tenant, queue, priority)
-  local plan = build_plan(config_key, tenant, queue, priority)
-  plan.pauses = plan_pauses(config_key, tenant, queue, priority)
+  -- (Cached under the priority asked for; built for the one it is judged under.)
+  local judged = priority_as(config_key, priority)
+  local plan = build_plan(config_key, tenant, queue, judged)
+  plan.pauses = plan_pauses(config_key, tenant, queue, judged)
   -- Its estimated size (names appear in several strings of the plan, hence twice; the
   -- tenant hash's name is the cache's key).
   local bytes = PLAN_BYTES + BUCKET_BYTES * #plan.buckets + 2 * (#tenant + #queue + #priority) +

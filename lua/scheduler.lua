@@ -85,16 +85,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 
--- A priority the backlog keeps as it is: one with a weight (high, normal, low, or one
--- given with set_priority_weight), or a scope of its own (a limit or a pause of
--- priority:<p>), so that the scope holds its parked work back as the gate held it back
--- (queued as 'normal', such a job was served past its spent or paused scope). A priority
--- without a weight weighs 1 (dispatch). Any other name is queued as 'normal'.
+-- A priority the backlog keeps as it is: one weighted by default or with a weight, a limit
+-- or a pause of its own (buckets.lua, priority_as: the rule decisions follow too, so that a
+-- scope holds its parked work back as it held it at the gate). A priority without a weight
+-- weighs 1 (dispatch). Any other name is queued as 'normal'.
 local function known_priority(priority)
-  if DEFAULT_PRIORITY_WEIGHTS[priority] then return true end
-  local scope = 'priority:' .. priority
-  local v = redis.call('HMGET', config_key, 'weight:' .. scope, scope, 'pause:' .. scope)
-  return v[1] or v[2] or v[3]
+  return priority_as(config_key, priority) == priority
 end
 
 local function record(lane, tenant, priority, cost, queued, with_payload)

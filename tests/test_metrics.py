@@ -50,6 +50,10 @@ def test_one_off_queue_and_priority_names_stay_bounded(limiter: Limiter) -> None
     and 2,024 series to /metrics."""
     for _ in range(3):
         limiter.acquire("steady", queue="emails", priority="high")
+    # (Each priority given a weight: one nobody configured is counted as normal.)
+    weights = FairScheduler(limiter)
+    for i in range(NAMES):
+        weights.set_priority_weight(f"p{i}", 1)
     for i in range(NAMES):
         assert limiter.acquire(f"t{i}", queue=f"q{i}", priority=f"p{i}").allowed
     flush_counters(limiter)  # (the bound holds where the counts are written)

@@ -392,6 +392,16 @@ def test_on_the_real_clock_low_never_exceeds_its_cap_and_everything_runs_once(
             assert j - i + 1 <= low_limit.rate_per_second * (span + 0.01) + low_limit.capacity
 
 
+def hold_priority(limiter: Limiter, priority: str, held: str) -> None:
+    """Hold ``priority:<priority>`` back for the next hour: its limit spent ("limit"), or
+    paused ("pause")."""
+    if held == "limit":
+        limiter.set_limit(f"priority:{priority}", Limit(1, per=3600, burst=1))
+        assert limiter.acquire("acme", "default", priority=priority).allowed
+    else:
+        limiter.pause(f"priority:{priority}", 3600)
+
+
 @pytest.mark.parametrize("held", ["limit", "pause"])
 @pytest.mark.parametrize("parked_by", ["submit", "submit_many", "route", "adopt"])
 def test_a_priority_with_a_scope_but_no_weight_waits_for_it_in_the_backlog(
@@ -401,11 +411,7 @@ def test_a_priority_with_a_scope_but_no_weight_waits_for_it_in_the_backlog(
     was given no weight: the gate parks its job for that scope, and the backlog serves it
     no sooner. (It was queued as ``normal``, where its scope does not apply: the job the
     gate held back for ``priority:urgent`` ran at the next dispatch.)"""
-    if held == "limit":
-        limiter.set_limit("priority:urgent", Limit(1, per=3600, burst=1))
-        assert limiter.acquire("acme", "default", priority="urgent").allowed
-    else:
-        limiter.pause("priority:urgent", 3600)
+    hold_priority(limiter, "urgent", held)
     verdict = scheduler.gate("acme", "j1", priority="urgent")
     assert (verdict.action, verdict.denied_by) == ("park", "priority:urgent")
     assert scheduler.submit("beta", "beta-1")  # (the lane is contended: route parks)
@@ -432,3 +438,41 @@ def test_a_priority_with_a_scope_but_no_weight_waits_for_it_in_the_backlog(
         limiter.resume("priority:urgent")
     (item,) = scheduler.dispatch(["default"], max_items=5).items
     assert (item.id, item.priority) == ("j1", "urgent")
+
+
+@pytest.mark.parametrize("held", ["limit", "pause"])
+def test_a_priority_nobody_configured_is_judged_as_normal_at_the_gate_too(
+    limiter: Limiter, scheduler: FairScheduler, held: str
+) -> None:
+    """A priority with no weight, limit or pause (``bulk``, from a producer's header) waits
+    in the backlog as ``normal``; the gate and ``acquire`` judge it as ``normal`` too, so
+    ``priority:normal`` holds it back wherever it is. (The gate judged it under its own
+    name, with no priority scope: with ``priority:normal`` spent or paused it ran while the
+    lane was uncontended, and was held back by ``priority:normal`` only once parked.)"""
+    hold_priority(limiter, "normal", held)
+    denied = limiter.acquire("acme", "default", priority="bulk")
+    assert (denied.allowed, denied.denied_by) == (False, "priority:normal")
+    verdict = scheduler.gate("acme", "j1", priority="bulk")
+    assert (verdict.action, verdict.denied_by) == ("park", "priority:normal")
+    assert scheduler.submit("acme", "j1", priority="bulk")
+    got = scheduler.dispatch(["default"], max_items=5)
+    assert list(got.items) == []
+    assert [h.denied_by for h in got.held_back] == ["priority:normal"]
+    # Given a weight, it is a priority of its own, which priority:normal does not hold.
+    scheduler.set_priority_weight("bulk", 2)
+    assert limiter.acquire("acme", "default", priority="bulk").allowed
+    assert "priority:normal" not in limiter.peek("acme", "default", priority="bulk").remaining
+
+
+def test_a_refund_under_an_unconfigured_priority_goes_back_to_priority_normal(
+    limiter: Limiter,
+) -> None:
+    """What an unconfigured priority took from ``priority:normal`` (the Celery gate's
+    credit, say) is given back there when refunded under the same name."""
+    limiter.set_limit("priority:normal", Limit(1, per=3600, burst=2))
+    taken = limiter.acquire("acme", "default", priority="bulk", cost=2)
+    assert taken.allowed
+    assert taken.remaining["priority:normal"] == 0
+    assert not limiter.acquire("acme", "default", priority="normal").allowed
+    limiter.refund("acme", "default", priority="bulk", cost=1)
+    assert limiter.acquire("acme", "default", priority="normal").allowed
