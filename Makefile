@@ -15,7 +15,7 @@ help:
 	@echo "make test   - lint, type-check and run the whole test suite against a real Redis"
 	@echo "make bench  - run the benchmarks (JSON on stdout, see docs/benchmarks.md)"
 	@echo "make soak   - patterned load through real workers for SOAK_SECONDS (default 600; docs/reliability.md)"
-	@echo "make faults - the fault scenarios through real workers (about 2 minutes; not in make test)"
+	@echo "make faults - the fault scenarios through real workers (about 3.5 minutes; not in make test)"
 	@echo "make rq-suite - RQ's own test suite, stock and with our classes (README, RQ)"
 	@echo "make screenshot - redraw docs/top.svg, the top dashboard at 80x24 (no Redis needed)"
 	@echo "make celery-suite - Celery's canvas and task integration tests, stock and with the"
@@ -55,7 +55,9 @@ test: lint typecheck
 	tests/run_with_redis.sh $(PY) -m pytest -m "not soak and not faults" $(PYTEST_ARGS)
 
 # The fault scenarios through real workers (tests/test_faults.py: SIGSTOP, restarts,
-# CLIENT KILL, FUNCTION FLUSH, a killed worker; about 2 minutes; docs/reliability.md).
+# CLIENT KILL, FUNCTION FLUSH, a killed worker; and one broker's variant of three Celery
+# scenarios that make test runs on the other: tests/test_celery_e2e.py,
+# FAULTS_ON_ONE_BROKER; about 3.5 minutes; docs/reliability.md).
 faults: $(STAMP)
 	tests/run_with_redis.sh $(PY) -m pytest -m faults $(PYTEST_ARGS)
 
