@@ -186,6 +186,33 @@ def test_calls_to_an_unreachable_server_are_reported_as_never_sent(
     assert isinstance(error, NotSent)
 
 
+def test_a_refused_connect_is_one_attempt_whatever_the_clients_retry_policy(
+    hub: Hub, replies: Replies, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wire connects on the worker's event loop: a client's retry policy would sleep
+    through its backoff there (redis-py's default: about 10 s against a server that
+    refuses, the loop stopped meanwhile). One attempt; the callers hear NotSent."""
+    from conftest import free_port
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    attempts: list[int] = []
+    connect = redis.connection.Connection._connect
+
+    def counted(self: redis.connection.Connection) -> Any:
+        attempts.append(1)
+        return connect(self)
+
+    monkeypatch.setattr(redis.connection.Connection, "_connect", counted)
+    client = redis.Redis(port=free_port(), retry=Retry(ExponentialBackoff(cap=0.01), 3))
+    wire = Wire(client, hub)
+    wire.send([("PING",)], replies.to("refused"))
+    run_until(hub, lambda: replies.got)
+    [(_, error)] = replies.got
+    assert isinstance(error, NotSent)
+    assert len(attempts) == 1
+
+
 def test_the_stall_limit_is_ten_seconds_or_the_clients_timeout_if_longer() -> None:
     """A reply the client's other calls would still wait for is never given up on; a
     shorter timeout does not shorten the 10 s (a short stall of the server would leave

@@ -29,8 +29,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
 
 from .._breaker import breaker_of
 
@@ -290,6 +292,10 @@ class Wire:
     def _connection(self) -> Any:
         if self._conn is None:
             conn: Any = self.client.connection_pool.make_connection()
+            # One attempt: a failure reaches the callers (NotSent) and the breaker. The
+            # client's retry policy would sleep through its backoff on the event loop
+            # (about 10 s against a server that refuses, with redis-py's default policy).
+            conn.retry = Retry(NoBackoff(), 0)
             conn.connect()
             self._conn = conn
             self._fd = conn._sock.fileno()
