@@ -73,6 +73,22 @@ def _free_port() -> int:
         return port
 
 
+def wait_until_up(
+    client: redis.Redis, process: subprocess.Popen[bytes], seconds: float, what: str
+) -> None:
+    """Until ``client`` gets an answer from the server ``process`` started (or it exits, or
+    ``seconds`` pass: a RuntimeError naming ``what``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
 class Server(Protocol):
     """A private redis-server and a measure of what it does while a run runs (Callgrind's
     instructions; _server_time.py's microseconds)."""
@@ -107,15 +123,7 @@ class Callgrind:
         )
         self.client = redis.Redis(port=self.port)
         self.dumps = 0
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start under valgrind") from None
-                time.sleep(0.2)
+        wait_until_up(self.client, self.process, 120, "redis-server under valgrind")
 
     def _control(self, *args: str) -> None:
         # Valgrind reads the request when the server next runs: keep it busy until done.

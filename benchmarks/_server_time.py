@@ -25,14 +25,19 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from statistics import median
 from typing import Any
 
 import redis
 
-from ._instructions import _decision_limiter, _free_port, peer_evalsha, warm_fcall
+from ._instructions import (
+    _decision_limiter,
+    _free_port,
+    peer_evalsha,
+    wait_until_up,
+    warm_fcall,
+)
 
 # (name, buckets, drained) of the allowed decisions timed, as _instructions names them.
 CASES = (
@@ -54,15 +59,7 @@ class TimedServer:
             stdout=subprocess.DEVNULL,
         )
         self.client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
+        wait_until_up(self.client, self.process, 30, "redis-server")
         self.cpu_us = 0.0  # the server's CPU time over the last count
 
     def _cpu(self) -> float:
